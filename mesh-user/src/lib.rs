@@ -1,0 +1,4 @@
+//! The mesh node agent: kernel dataplane loader, catalog, identity, intentions and proxy.
+//!
+//! `unsafe` lives only in [`sys`], the one module that talks to the kernel directly; every other
+//! module is `#![forbid(unsafe_code)]`.
