@@ -1,1 +1,265 @@
+//! Types shared by the kernel programs (`mesh-ebpf`) and the agent (`mesh-user`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields, so that a key built in the
+//! kernel and one built in user space are byte-identical (no uninitialised padding in hash keys).
+//!
+//! Byte order conventions, the same in every map:
+//! - IPv4 addresses are kept exactly as the kernel hands them to programs: network byte order,
+//!   stored in a `u32` (so `u32::from_ne_bytes(addr.octets())` in user space).
+//! - Ports are kept in host byte order.
 #![no_std]
+
+/// The pod-local transparent outbound listener (`127.0.0.1:15001`), as in Consul.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The pod's inbound mTLS listener (`<pod IP>:20000`), as in Consul.
+pub const INBOUND_PORT: u16 = 20000;
+/// `SO_MARK` the agent puts on its own sockets, so that the iptables mode can exclude them.
+pub const PROXY_MARK: u32 = 0x4d45_5348;
+/// `127.0.0.1` as the kernel hands it to programs (network byte order in a `u32`).
+pub const LOOPBACK_IP4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// `SOL_IP` / `SO_ORIGINAL_DST`, the getsockopt the proxy uses in both redirect modes.
+pub const SOL_IP: i32 = 0;
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// Default bound, in bytes, on what one redirected socket may have queued and unread before the
+/// sender falls back to the normal TCP path (see [`SockState`]).
+pub const DEFAULT_BACKLOG_LIMIT: u32 = 4 << 20;
+
+/// Map capacities.
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_PODS: u32 = 4_096;
+pub const MAX_VERDICTS: u32 = 262_144;
+pub const MAX_SOCKETS: u32 = 131_072;
+pub const MAX_LOCAL_PORTS: u32 = 65_536;
+pub const MAX_INBOUND_LISTENERS: u32 = 4_096;
+
+/// A service address: a virtual IP:port or one of its endpoints' pod IP:port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl ServiceKey {
+    pub const fn new(ip: u32, port: u16) -> Self {
+        Self { ip, port, _pad: 0 }
+    }
+}
+
+/// What a [`ServiceKey`] belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Interned destination service id (never 0).
+    pub service: u32,
+    /// [`SERVICE_VIP`] or [`SERVICE_ENDPOINT`].
+    pub kind: u32,
+}
+
+pub const SERVICE_VIP: u32 = 1;
+pub const SERVICE_ENDPOINT: u32 = 2;
+
+/// A meshed pod, keyed by its cgroup v2 id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodValue {
+    /// Interned service id of the pod's identity (the source of its connections).
+    pub identity: u32,
+    /// The pod's outbound listener port (host order), normally [`OUTBOUND_PORT`].
+    pub outbound_port: u16,
+    pub _pad: u16,
+}
+
+/// Verdict-map key: may `src` (a pod identity) connect to `dst` (a service)?
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub src: u32,
+    pub dst: u32,
+}
+
+pub const VERDICT_DENY: u32 = 0;
+pub const VERDICT_ALLOW: u32 = 1;
+
+/// Global switches, in a one-element array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`]: the verdict when no verdict entry matches.
+    pub default_verdict: u32,
+    /// Bytes a redirected socket may have queued unread before its sender falls back to TCP.
+    pub backlog_limit: u32,
+    /// 1: sk_msg redirects app⇄proxy messages; 0: it passes everything to the TCP stack.
+    pub msg_redirect: u32,
+    pub _pad: u32,
+}
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        default_verdict: VERDICT_ALLOW,
+        backlog_limit: DEFAULT_BACKLOG_LIMIT,
+        msg_redirect: 1,
+        _pad: 0,
+    };
+}
+
+/// The address a connection dialled before `connect4` rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A TCP socket as seen from itself: (network namespace cookie, local, remote).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local_ip: u32,
+    pub remote_ip: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    pub const fn new(
+        netns: u64,
+        local_ip: u32,
+        local_port: u16,
+        remote_ip: u32,
+        remote_port: u16,
+    ) -> Self {
+        Self {
+            netns,
+            local_ip,
+            remote_ip,
+            local_port,
+            remote_port,
+            _pad: 0,
+        }
+    }
+
+    /// The key of the other end of the same connection.
+    pub const fn peer(&self) -> Self {
+        Self::new(
+            self.netns,
+            self.remote_ip,
+            self.remote_port,
+            self.local_ip,
+            self.local_port,
+        )
+    }
+}
+
+/// Per-socket state of a socket in the sockhash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockState {
+    /// The socket's cookie, the key of its unread-bytes counter in the backlog map.
+    pub cookie: u64,
+    /// Set once this socket's writes have fallen back to the TCP stack because its peer fell
+    /// behind. One-way for the life of the connection: going back to redirecting could deliver
+    /// new bytes ahead of bytes still in flight on the TCP path.
+    pub fallback: u32,
+    pub _pad: u32,
+}
+
+/// A port in a pod's network namespace whose loopback connections are redirected by sk_msg.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalPortKey {
+    pub netns: u64,
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+impl LocalPortKey {
+    pub const fn new(netns: u64, port: u16) -> Self {
+        Self {
+            netns,
+            port,
+            _pad: [0; 3],
+        }
+    }
+}
+
+pub const LOCAL_PORT_PROXY: u32 = 1;
+pub const LOCAL_PORT_APP: u32 = 2;
+
+/// A pod's application port, as reached from outside the pod: (pod IP, port).
+/// Its value is the slot of the pod's inbound listener in the inbound sockmap.
+pub type InboundKey = ServiceKey;
+
+/// Per-CPU counters, indices into the counters array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect4 rewrote a connection to the outbound listener.
+    Redirects = 0,
+    /// connect4 refused a connection because its verdict is deny.
+    ConnectsDenied = 1,
+    /// sk_msg messages delivered straight into the peer socket.
+    MsgsRedirected = 2,
+    /// Bytes of those messages.
+    BytesRedirected = 3,
+    /// sk_msg found no peer (or the redirect failed) and passed the message to the TCP stack.
+    LookupsMissed = 4,
+    /// Sockets whose sender fell back to TCP because the peer's unread bytes hit the bound.
+    BacklogFallbacks = 5,
+    /// Sockets added to the sockhash by sockops.
+    SocketsAdded = 6,
+    /// Connections from outside a pod to an app port that sk_lookup steered to the proxy.
+    InboundSteered = 7,
+    /// getsockopt(SO_ORIGINAL_DST) answered from the original-destination map.
+    OrigDstAnswered = 8,
+}
+
+pub const COUNTER_COUNT: u32 = 9;
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers, with explicit padding
+    // fields, so any bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for PodValue {}
+    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for LocalPortKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<PodValue>(), 8);
+        assert_eq!(size_of::<VerdictKey>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<OrigDst>(), 8);
+        assert_eq!(size_of::<SockKey>(), 24);
+        assert_eq!(size_of::<SockState>(), 16);
+        assert_eq!(size_of::<LocalPortKey>(), 16);
+    }
+
+    #[test]
+    fn peer_key_swaps_ends() {
+        let k = SockKey::new(7, 1, 1000, 2, 15001);
+        let p = k.peer();
+        assert_eq!((p.local_ip, p.local_port, p.remote_ip, p.remote_port), (2, 15001, 1, 1000));
+        assert_eq!(p.peer(), k);
+    }
+}

@@ -1,0 +1,712 @@
+//! Loads, attaches, pins and re-adopts the kernel programs, and gives typed access to their maps.
+//!
+//! Everything of one agent instance lives under `/sys/fs/bpf/mesh/<instance>/`:
+//! `maps/<MAP>` (every map), `links/{sockops,getsockopt,recvmsg}` (mesh-wide attachments on the
+//! mesh cgroup) and `pods/<pod>/{connect4,sk_lookup}` (per pod). Because links and maps are pinned,
+//! the programs stay attached and keep answering from the same maps when the agent stops or
+//! crashes; a restarted agent opens the same pins ("re-adopts") instead of attaching again, so
+//! there is never a window with programs detached. [`uninstall`] removes the whole tree.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+use std::net::{SocketAddrV4, TcpListener};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash, SockMap};
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
+use aya::programs::{
+    CgroupSockAddr, CgroupSockopt, FExit, ProgramError, SkLookup, SkMsg, SockOps,
+};
+use aya::{Btf, Ebpf, EbpfLoader};
+use mesh_common::{
+    Config, Counter, LocalPortKey, OrigDst, PodValue, ServiceKey, ServiceValue, SockKey,
+    SockState, VerdictKey, COUNTER_COUNT, VERDICT_ALLOW, VERDICT_DENY,
+};
+
+use crate::netns::NetNs;
+
+/// The kernel object, built by `cargo xtask build` (empty when built with `MESH_SKIP_EBPF=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
+
+/// Root of every instance's pins.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/mesh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "this agent was built without its kernel programs (MESH_SKIP_EBPF); build it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("instance name {0:?} must be 1-64 characters of [a-z0-9-_.]")]
+    BadName(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("kernel BTF (/sys/kernel/btf/vmlinux): {0}")]
+    Btf(#[from] aya::BtfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("the kernel object has no {0}")]
+    Missing(&'static str),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadName(name.to_string()))
+    }
+}
+
+/// Mounts the BPF filesystem on `/sys/fs/bpf` if nothing is mounted there.
+pub fn ensure_bpffs() -> Result<(), Error> {
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(io_err("/proc/self/mounts"))?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mnt, fstype) = (f.next(), f.next(), f.next());
+        mnt == Some("/sys/fs/bpf") && fstype == Some("bpf")
+    });
+    if !mounted {
+        nix::mount::mount(
+            Some("bpf"),
+            "/sys/fs/bpf",
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| io_err("mounting bpffs on /sys/fs/bpf")(e.into()))?;
+    }
+    Ok(())
+}
+
+/// The pin directory of an instance.
+pub fn instance_dir(instance: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(instance)
+}
+
+/// Summed per-CPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub redirects: u64,
+    pub connects_denied: u64,
+    pub msgs_redirected: u64,
+    pub bytes_redirected: u64,
+    pub lookups_missed: u64,
+    pub backlog_fallbacks: u64,
+    pub sockets_added: u64,
+    pub inbound_steered: u64,
+    pub orig_dst_answered: u64,
+}
+
+/// How many entries the per-connection maps hold (all must go back to their size when the
+/// connections close).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ConnMapSizes {
+    pub orig_by_cookie: usize,
+    pub orig_dst: usize,
+    pub sockets: usize,
+    pub sock_state: usize,
+    pub backlog: usize,
+}
+
+/// The loaded kernel dataplane of one agent instance.
+pub struct Dataplane {
+    instance: String,
+    dir: PathBuf,
+    ebpf: Ebpf,
+    adopted: bool,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("instance", &self.instance)
+            .field("adopted", &self.adopted)
+            .finish()
+    }
+}
+
+const MESH_LINKS: [&str; 3] = ["sockops", "getsockopt", "recvmsg"];
+
+impl Dataplane {
+    /// Loads the programs for `instance`, reusing its pinned maps if they exist, and makes sure
+    /// the mesh-wide programs are attached to `mesh_cgroup`, the cgroup that holds both the
+    /// agent and every pod. Attachments that are already pinned are adopted, not repeated.
+    pub fn open(instance: &str, mesh_cgroup: &Path) -> Result<Self, Error> {
+        check_name(instance)?;
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        ensure_bpffs()?;
+        let dir = instance_dir(instance);
+        let maps_dir = dir.join("maps");
+        let links_dir = dir.join("links");
+        for d in [&maps_dir, &links_dir, &dir.join("pods")] {
+            fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        let adopted = MESH_LINKS.iter().all(|l| links_dir.join(l).exists());
+        let btf = Btf::from_sys_fs()?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)?;
+
+        load_prog::<CgroupSockAddr>(&mut ebpf, "mesh_connect4", |p| p.load())?;
+        load_prog::<SkLookup>(&mut ebpf, "mesh_sk_lookup", |p| p.load())?;
+        load_prog::<SockOps>(&mut ebpf, "mesh_sockops", |p| p.load())?;
+        load_prog::<CgroupSockopt>(&mut ebpf, "mesh_getsockopt", |p| p.load())?;
+        load_prog::<SkMsg>(&mut ebpf, "mesh_sk_msg", |p| p.load())?;
+        load_prog::<FExit>(&mut ebpf, "mesh_recvmsg", |p| p.load("sk_msg_recvmsg", &btf))?;
+
+        let mut dp = Self {
+            instance: instance.to_string(),
+            dir,
+            ebpf,
+            adopted,
+        };
+        dp.attach_mesh(mesh_cgroup)?;
+        Ok(dp)
+    }
+
+    fn attach_mesh(&mut self, mesh_cgroup: &Path) -> Result<(), Error> {
+        let links = self.dir.join("links");
+        let cgroup = File::open(mesh_cgroup)
+            .map_err(io_err(format!("opening cgroup {}", mesh_cgroup.display())))?;
+
+        // The sk_msg program hangs off the pinned sockhash itself (no link), so it lives as long
+        // as the map does. Re-attaching replaces it atomically.
+        let socks_fd = {
+            let map = self.ebpf.map("SOCKS").ok_or(Error::Missing("map SOCKS"))?;
+            let socks: SockHash<&MapData, SockKey> =
+                SockHash::try_from(map).map_err(|source| Error::Map {
+                    name: "SOCKS",
+                    source,
+                })?;
+            socks
+                .fd()
+                .try_clone()
+                .map_err(io_err("duplicating the sockhash fd"))?
+        };
+        let prog = prog_mut::<SkMsg>(&mut self.ebpf, "mesh_sk_msg")?;
+        let id = prog.attach(&socks_fd).map_err(|source| Error::Program {
+            name: "mesh_sk_msg",
+            source,
+        })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program {
+            name: "mesh_sk_msg",
+            source,
+        })?;
+        // Dropping the link would detach the program; the map keeps it instead.
+        std::mem::forget(link);
+
+        let path = links.join("sockops");
+        if !path.exists() {
+            let prog = prog_mut::<SockOps>(&mut self.ebpf, "mesh_sockops")?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| Error::Program {
+                    name: "mesh_sockops",
+                    source,
+                })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|source| Error::Program {
+                    name: "mesh_sockops",
+                    source,
+                })?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| Error::Link {
+                    path: path.clone(),
+                    source: e,
+                })?;
+            pin(link, &path)?;
+        }
+        let path = links.join("getsockopt");
+        if !path.exists() {
+            // aya cannot turn a cgroup-sockopt link into a pinnable fd link; create it directly.
+            let prog = prog_mut::<CgroupSockopt>(&mut self.ebpf, "mesh_getsockopt")?;
+            let prog_fd = prog.fd().map_err(|source| Error::Program {
+                name: "mesh_getsockopt",
+                source,
+            })?;
+            let link = crate::sys::link_create(
+                prog_fd.as_fd(),
+                cgroup.as_fd(),
+                crate::sys::BPF_CGROUP_GETSOCKOPT,
+                crate::sys::BPF_F_ALLOW_MULTI,
+            )
+            .map_err(io_err("attaching mesh_getsockopt"))?;
+            crate::sys::obj_pin(link.as_fd(), &path)
+                .map_err(io_err(format!("pinning {}", path.display())))?;
+        }
+        let path = links.join("recvmsg");
+        if !path.exists() {
+            let prog = prog_mut::<FExit>(&mut self.ebpf, "mesh_recvmsg")?;
+            let id = prog.attach().map_err(|source| Error::Program {
+                name: "mesh_recvmsg",
+                source,
+            })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|source| Error::Program {
+                    name: "mesh_recvmsg",
+                    source,
+                })?
+                .into();
+            pin(link, &path)?;
+        }
+        Ok(())
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// True when this agent found its programs already attached and pinned, and took them over.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Attaches connect4 to the pod's cgroup and sk_lookup to its network namespace, unless
+    /// pinned attachments for this pod exist already (then they are adopted).
+    pub fn attach_pod(&mut self, pod: &str, cgroup: &Path, netns: &NetNs) -> Result<(), Error> {
+        check_name(pod)?;
+        let dir = self.dir.join("pods").join(pod);
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let path = dir.join("connect4");
+        if !path.exists() {
+            let cg = File::open(cgroup)
+                .map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
+            let prog = prog_mut::<CgroupSockAddr>(&mut self.ebpf, "mesh_connect4")?;
+            let id = prog
+                .attach(&cg, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| Error::Program {
+                    name: "mesh_connect4",
+                    source,
+                })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|source| Error::Program {
+                    name: "mesh_connect4",
+                    source,
+                })?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| Error::Link {
+                    path: path.clone(),
+                    source: e,
+                })?;
+            pin(link, &path)?;
+        }
+        let path = dir.join("sk_lookup");
+        if !path.exists() {
+            let prog = prog_mut::<SkLookup>(&mut self.ebpf, "mesh_sk_lookup")?;
+            let id = prog.attach(netns.file()).map_err(|source| Error::Program {
+                name: "mesh_sk_lookup",
+                source,
+            })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|source| Error::Program {
+                    name: "mesh_sk_lookup",
+                    source,
+                })?
+                .into();
+            pin(link, &path)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the pod's programs (removes its pinned links).
+    pub fn detach_pod(&mut self, pod: &str) -> Result<(), Error> {
+        check_name(pod)?;
+        remove_pins(&self.dir.join("pods").join(pod))
+    }
+
+    /// The pods whose programs are pinned under this instance.
+    pub fn attached_pods(&self) -> Result<Vec<String>, Error> {
+        let dir = self.dir.join("pods");
+        let mut pods = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))? {
+            let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
+            pods.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        pods.sort();
+        Ok(pods)
+    }
+
+    /// Kernel ids of the links pinned for this instance, by pin path (used to prove that a
+    /// restart adopts attachments rather than repeating them).
+    pub fn link_ids(&self) -> Result<BTreeMap<String, u32>, Error> {
+        let mut ids = BTreeMap::new();
+        collect_link_ids(&self.dir.join("links"), &self.dir, &mut ids)?;
+        collect_link_ids(&self.dir.join("pods"), &self.dir, &mut ids)?;
+        Ok(ids)
+    }
+
+    pub fn set_config(&mut self, config: Config) -> Result<(), Error> {
+        let mut map: Array<&mut MapData, Config> = typed(&mut self.ebpf, "CONFIG")?;
+        map.set(0, config, 0).map_err(|source| Error::Map {
+            name: "CONFIG",
+            source,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config, Error> {
+        let map: Array<&MapData, Config> = typed_ref(&self.ebpf, "CONFIG")?;
+        map.get(&0, 0).map_err(|source| Error::Map {
+            name: "CONFIG",
+            source,
+        })
+    }
+
+    /// Registers a service address (virtual IP:port or endpoint IP:port) as `service`.
+    pub fn set_service(&mut self, addr: SocketAddrV4, value: ServiceValue) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            typed(&mut self.ebpf, "SERVICES")?;
+        map.insert(service_key(addr), value, 0)
+            .map_err(|source| Error::Map {
+                name: "SERVICES",
+                source,
+            })
+    }
+
+    pub fn remove_service(&mut self, addr: SocketAddrV4) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            typed(&mut self.ebpf, "SERVICES")?;
+        ignore_missing(map.remove(&service_key(addr)), "SERVICES")
+    }
+
+    /// Every registered service address.
+    pub fn services(&self) -> Result<Vec<(SocketAddrV4, ServiceValue)>, Error> {
+        let map: HashMap<&MapData, ServiceKey, ServiceValue> = typed_ref(&self.ebpf, "SERVICES")?;
+        map.iter()
+            .map(|r| {
+                r.map(|(k, v)| (key_addr(k), v)).map_err(|source| Error::Map {
+                    name: "SERVICES",
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Marks the cgroup as a meshed pod whose connections carry `identity`.
+    pub fn set_pod(&mut self, cgroup_id: u64, value: PodValue) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, "PODS")?;
+        map.insert(cgroup_id, value, 0).map_err(|source| Error::Map {
+            name: "PODS",
+            source,
+        })
+    }
+
+    pub fn remove_pod(&mut self, cgroup_id: u64) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, "PODS")?;
+        ignore_missing(map.remove(&cgroup_id), "PODS")
+    }
+
+    /// Sets the verdict for connections from `src` (a pod identity) to `dst` (a service).
+    pub fn set_verdict(&mut self, src: u32, dst: u32, allow: bool) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, VerdictKey, u32> = typed(&mut self.ebpf, "VERDICTS")?;
+        let v = if allow { VERDICT_ALLOW } else { VERDICT_DENY };
+        map.insert(VerdictKey { src, dst }, v, 0)
+            .map_err(|source| Error::Map {
+                name: "VERDICTS",
+                source,
+            })
+    }
+
+    pub fn remove_verdict(&mut self, src: u32, dst: u32) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, VerdictKey, u32> = typed(&mut self.ebpf, "VERDICTS")?;
+        ignore_missing(map.remove(&VerdictKey { src, dst }), "VERDICTS")
+    }
+
+    /// Marks a port in a pod's network namespace (by cookie) as a proxy listener or app port:
+    /// loopback connections to it are redirected by sk_msg.
+    pub fn set_local_port(&mut self, netns: u64, port: u16, kind: u32) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, LocalPortKey, u32> =
+            typed(&mut self.ebpf, "LOCAL_PORTS")?;
+        map.insert(LocalPortKey::new(netns, port), kind, 0)
+            .map_err(|source| Error::Map {
+                name: "LOCAL_PORTS",
+                source,
+            })
+    }
+
+    pub fn remove_local_port(&mut self, netns: u64, port: u16) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, LocalPortKey, u32> =
+            typed(&mut self.ebpf, "LOCAL_PORTS")?;
+        ignore_missing(map.remove(&LocalPortKey::new(netns, port)), "LOCAL_PORTS")
+    }
+
+    /// Puts a pod's inbound listener in slot `slot` and steers connections from outside the pod
+    /// to `pod_ip:port`, for each app port, to it.
+    pub fn set_inbound(
+        &mut self,
+        slot: u32,
+        listener: &TcpListener,
+        pod_ip: std::net::Ipv4Addr,
+        app_ports: &[u16],
+    ) -> Result<(), Error> {
+        {
+            let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, "INBOUND_SOCKS")?;
+            socks
+                .set(slot, listener, 0)
+                .map_err(|source| Error::Map {
+                    name: "INBOUND_SOCKS",
+                    source,
+                })?;
+        }
+        let mut ports: HashMap<&mut MapData, ServiceKey, u32> =
+            typed(&mut self.ebpf, "INBOUND_PORTS")?;
+        for &port in app_ports {
+            ports
+                .insert(service_key(SocketAddrV4::new(pod_ip, port)), slot, 0)
+                .map_err(|source| Error::Map {
+                    name: "INBOUND_PORTS",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stops steering the pod's app ports and frees its listener slot.
+    pub fn remove_inbound(
+        &mut self,
+        slot: u32,
+        pod_ip: std::net::Ipv4Addr,
+        app_ports: &[u16],
+    ) -> Result<(), Error> {
+        {
+            let mut ports: HashMap<&mut MapData, ServiceKey, u32> =
+                typed(&mut self.ebpf, "INBOUND_PORTS")?;
+            for &port in app_ports {
+                ignore_missing(
+                    ports.remove(&service_key(SocketAddrV4::new(pod_ip, port))),
+                    "INBOUND_PORTS",
+                )?;
+            }
+        }
+        let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, "INBOUND_SOCKS")?;
+        ignore_missing(socks.clear_index(&slot), "INBOUND_SOCKS")
+    }
+
+    /// The kernel counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        let map: PerCpuArray<&MapData, u64> = typed_ref(&self.ebpf, "COUNTERS")?;
+        let mut sums = [0u64; COUNTER_COUNT as usize];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            let values = map.get(&(i as u32), 0).map_err(|source| Error::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+            *sum = values.iter().sum();
+        }
+        let c = |c: Counter| sums[c as usize];
+        Ok(Counters {
+            redirects: c(Counter::Redirects),
+            connects_denied: c(Counter::ConnectsDenied),
+            msgs_redirected: c(Counter::MsgsRedirected),
+            bytes_redirected: c(Counter::BytesRedirected),
+            lookups_missed: c(Counter::LookupsMissed),
+            backlog_fallbacks: c(Counter::BacklogFallbacks),
+            sockets_added: c(Counter::SocketsAdded),
+            inbound_steered: c(Counter::InboundSteered),
+            orig_dst_answered: c(Counter::OrigDstAnswered),
+        })
+    }
+
+    /// Entry counts of the per-connection maps.
+    pub fn conn_map_sizes(&self) -> Result<ConnMapSizes, Error> {
+        fn count<K: aya::Pod, V: aya::Pod>(
+            ebpf: &Ebpf,
+            name: &'static str,
+        ) -> Result<usize, Error> {
+            let map: HashMap<&MapData, K, V> = typed_ref(ebpf, name)?;
+            Ok(map.keys().filter(|k| k.is_ok()).count())
+        }
+        let socks: SockHash<&MapData, SockKey> = typed_ref(&self.ebpf, "SOCKS")?;
+        Ok(ConnMapSizes {
+            orig_by_cookie: count::<u64, OrigDst>(&self.ebpf, "ORIG_BY_COOKIE")?,
+            orig_dst: count::<SockKey, OrigDst>(&self.ebpf, "ORIG_DST")?,
+            sockets: socks.keys().filter(|k| k.is_ok()).count(),
+            sock_state: count::<SockKey, SockState>(&self.ebpf, "SOCK_STATE")?,
+            backlog: count::<u64, i64>(&self.ebpf, "BACKLOG")?,
+        })
+    }
+}
+
+/// Removes every pin of `instance`: its programs are detached once no process holds them.
+/// Removing an instance that does not exist is not an error.
+pub fn uninstall(instance: &str) -> Result<(), Error> {
+    check_name(instance)?;
+    remove_pins(&instance_dir(instance))
+}
+
+/// The instances that have pins on this host.
+pub fn instances() -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(PIN_ROOT) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(format!("reading {PIN_ROOT}"))(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(format!("reading {PIN_ROOT}")))?;
+        out.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn remove_pins(dir: &Path) -> Result<(), Error> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(format!("reading {}", dir.display()))(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
+        let path = entry.path();
+        if entry
+            .file_type()
+            .map_err(io_err(format!("stat {}", path.display())))?
+            .is_dir()
+        {
+            remove_pins(&path)?;
+        } else {
+            fs::remove_file(&path).map_err(io_err(format!("unpinning {}", path.display())))?;
+        }
+    }
+    fs::remove_dir(dir).map_err(io_err(format!("removing {}", dir.display())))
+}
+
+fn collect_link_ids(dir: &Path, base: &Path, out: &mut BTreeMap<String, u32>) -> Result<(), Error> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(format!("reading {}", dir.display()))(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
+        let path = entry.path();
+        if path.is_dir() {
+            collect_link_ids(&path, base, out)?;
+            continue;
+        }
+        let link = PinnedLink::from_pin(&path).map_err(|source| Error::Link {
+            path: path.clone(),
+            source,
+        })?;
+        let link: FdLink = link.into();
+        let info = link.info().map_err(|source| Error::Link {
+            path: path.clone(),
+            source,
+        })?;
+        let rel = path.strip_prefix(base).unwrap_or(&path);
+        out.insert(rel.display().to_string(), info.id());
+    }
+    Ok(())
+}
+
+fn pin(link: FdLink, path: &Path) -> Result<(), Error> {
+    link.pin(path).map_err(|source| Error::Pin {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn service_key(addr: SocketAddrV4) -> ServiceKey {
+    ServiceKey::new(u32::from_ne_bytes(addr.ip().octets()), addr.port())
+}
+
+fn key_addr(key: ServiceKey) -> SocketAddrV4 {
+    SocketAddrV4::new(key.ip.to_ne_bytes().into(), key.port)
+}
+
+fn ignore_missing(r: Result<(), MapError>, name: &'static str) -> Result<(), Error> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(Error::Map { name, source }),
+    }
+}
+
+fn load_prog<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
+) -> Result<(), Error>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = prog_mut::<P>(ebpf, name)?;
+    load(prog).map_err(|source| Error::Program { name, source })
+}
+
+fn prog_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, Error>
+where
+    for<'b> &'b mut P: TryFrom<&'b mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    T::try_from(ebpf.map_mut(name).ok_or(Error::Missing(name))?)
+        .map_err(|source| Error::Map { name, source })
+}
+
+fn typed_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+{
+    T::try_from(ebpf.map(name).ok_or(Error::Missing(name))?)
+        .map_err(|source| Error::Map { name, source })
+}
