@@ -93,6 +93,12 @@ pub struct Config {
     pub backlog_limit: u32,
     /// 1: sk_msg redirects app⇄proxy messages; 0: it passes everything to the TCP stack.
     pub msg_redirect: u32,
+    /// Byte offset of `sk_user_data` in the running kernel's `struct sock` (from its BTF).
+    pub off_sk_user_data: u32,
+    /// Byte offset of `msg_tot_len` in the running kernel's `struct sk_psock` (from its BTF).
+    /// sk_msg redirects only when both offsets are known: without them it cannot see how far
+    /// behind a peer is, and an unbounded redirect is worse than the TCP path.
+    pub off_psock_msg_tot_len: u32,
     pub _pad: u32,
 }
 
@@ -101,6 +107,8 @@ impl Config {
         default_verdict: VERDICT_ALLOW,
         backlog_limit: DEFAULT_BACKLOG_LIMIT,
         msg_redirect: 1,
+        off_sk_user_data: 0,
+        off_psock_msg_tot_len: 0,
         _pad: 0,
     };
 }
@@ -160,8 +168,9 @@ impl SockKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockState {
-    /// The socket's cookie, the key of its unread-bytes counter in the backlog map.
-    pub cookie: u64,
+    /// The kernel address of the socket (`struct sock *`), through which a sender reads how many
+    /// redirected bytes this socket holds unread (`sk_user_data` → `sk_psock.msg_tot_len`).
+    pub sk: u64,
     /// Set once this socket's writes have fallen back to the TCP stack because its peer fell
     /// behind. One-way for the life of the connection: going back to redirecting could deliver
     /// new bytes ahead of bytes still in flight on the TCP path.
@@ -248,7 +257,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<PodValue>(), 8);
         assert_eq!(size_of::<VerdictKey>(), 8);
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<OrigDst>(), 8);
         assert_eq!(size_of::<SockKey>(), 24);
         assert_eq!(size_of::<SockState>(), 16);

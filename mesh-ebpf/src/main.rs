@@ -7,20 +7,12 @@
 //!   destination keyed by 4-tuple, cleanup when a socket closes.
 //! - `mesh_sk_msg` (sk_msg on the sockhash): deliver a message straight into the peer's receive
 //!   queue, bounded by how much the peer has left unread.
-//! - `mesh_recvmsg` (fexit on `sk_msg_recvmsg`): a redirected socket read bytes; lower its backlog.
 //! - `mesh_getsockopt` (cgroup/getsockopt, mesh cgroup): `SO_ORIGINAL_DST` like iptables REDIRECT.
 //! - `mesh_sk_lookup` (sk_lookup, per pod netns): outside → app port goes to the inbound listener.
 #![no_std]
 #![no_main]
-// BPF has atomic add, but core only offers it through the intrinsic on this target.
-#![allow(internal_features)]
-#![feature(core_intrinsics)]
 
-use core::{
-    ffi::c_void,
-    intrinsics::{atomic_xadd, AtomicOrdering},
-    ptr,
-};
+use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{
@@ -28,20 +20,21 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, cgroup_sockopt, fexit, map, sk_lookup, sk_msg, sock_ops},
-    maps::{Array, HashMap, PerCpuArray, SockHash, SockMap},
-    programs::{
-        FExitContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext,
-        SockoptContext,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_probe_read_kernel,
     },
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    maps::{Array, HashMap, PerCpuArray, SockHash, SockMap},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use mesh_common::*;
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const LOOPBACK_IFINDEX: u32 = 1;
-const MSG_PEEK: i32 = 2;
+/// Low bits of `sk_user_data` that are flags, not pointer.
+const SK_USER_DATA_FLAGS: u64 = 7;
 
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
@@ -60,8 +53,6 @@ static SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_SOCKETS, 0);
 #[map]
 static SOCK_STATE: HashMap<SockKey, SockState> = HashMap::pinned(MAX_SOCKETS, 0);
 #[map]
-static BACKLOG: HashMap<u64, i64> = HashMap::pinned(MAX_SOCKETS, 0);
-#[map]
 static LOCAL_PORTS: HashMap<LocalPortKey, u32> = HashMap::pinned(MAX_LOCAL_PORTS, 0);
 #[map]
 static INBOUND_PORTS: HashMap<InboundKey, u32> = HashMap::pinned(MAX_LOCAL_PORTS, 0);
@@ -76,13 +67,6 @@ fn count(counter: Counter, n: u64) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *slot += n };
     }
-}
-
-/// Atomic add on a map value shared by every CPU (the result is unused, so this is BPF's xadd).
-#[inline(always)]
-fn atomic_add(value: *mut i64, delta: i64) {
-    // SAFETY: `value` points into a map value, 8-byte aligned, live for the program run.
-    unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(value, delta) };
 }
 
 #[inline(always)]
@@ -198,7 +182,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             if is_loopback(key.local_ip) && is_loopback(key.remote_ip) {
                 let port = LocalPortKey::new(netns, key.remote_port);
                 if unsafe { LOCAL_PORTS.get(port) }.is_some() {
-                    add_socket(ctx, key, cookie);
+                    add_socket(ctx, key);
                 }
             }
         }
@@ -208,8 +192,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             if is_loopback(key.local_ip) && is_loopback(key.remote_ip) {
                 let port = LocalPortKey::new(netns, key.local_port);
                 if unsafe { LOCAL_PORTS.get(port) }.is_some() {
-                    let cookie = unsafe { bpf_get_socket_cookie(raw) };
-                    add_socket(ctx, key, cookie);
+                    add_socket(ctx, key);
                 }
             }
         }
@@ -224,30 +207,26 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             let _ = ORIG_BY_COOKIE.remove(cookie);
             let _ = ORIG_DST.remove(key);
             let _ = SOCK_STATE.remove(key);
-            let _ = BACKLOG.remove(cookie);
         }
         _ => {}
     }
 }
 
 #[inline(always)]
-fn add_socket(ctx: &SockOpsContext, mut key: SockKey, cookie: u64) {
+fn add_socket(ctx: &SockOpsContext, mut key: SockKey) {
+    // SAFETY: `ctx.ops` is the live bpf_sock_ops of this program run; `sk` is its socket.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as u64;
     let state = SockState {
-        cookie,
+        sk,
         fallback: 0,
         _pad: 0,
     };
     if SOCK_STATE.insert(key, state, 0).is_err() {
         return;
     }
-    if BACKLOG.insert(cookie, 0i64, 0).is_err() {
-        let _ = SOCK_STATE.remove(key);
-        return;
-    }
-    // SAFETY: `ctx.ops` is the live bpf_sock_ops of this program run.
+    // SAFETY: as above.
     if SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0).is_err() {
         let _ = SOCK_STATE.remove(key);
-        let _ = BACKLOG.remove(cookie);
         return;
     }
     watch_close(ctx);
@@ -292,48 +271,41 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         count(Counter::LookupsMissed, 1);
         return;
     };
-    let Some(backlog) = BACKLOG.get_ptr_mut(peer_state.cookie) else {
+    let Some(queued) = (unsafe { unread_bytes(peer_state.sk, &cfg) }) else {
         count(Counter::LookupsMissed, 1);
         return;
     };
-    let size = i64::from(md.size);
-    // SAFETY: map values are 8-byte aligned and live for the program run.
-    if unsafe { ptr::read_volatile(backlog) } + size > i64::from(cfg.backlog_limit) {
+    let size = md.size;
+    if queued.saturating_add(size) > cfg.backlog_limit {
         // The peer is behind: from now on this socket's bytes take the TCP path, which has
         // real flow control. Bytes already queued are read first, so order is kept.
         unsafe { (*own_state).fallback = 1 };
         count(Counter::BacklogFallbacks, 1);
         return;
     }
-    atomic_add(backlog, size);
     if SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
-        atomic_add(backlog, -size);
         count(Counter::LookupsMissed, 1);
         return;
     }
     count(Counter::MsgsRedirected, 1);
-    count(Counter::BytesRedirected, size as u64);
+    count(Counter::BytesRedirected, u64::from(size));
 }
 
-// ---------------------------------------------------------------------------------------------
-// fexit/sk_msg_recvmsg: bytes a redirected socket has read leave its backlog.
-
-#[fexit(function = "sk_msg_recvmsg")]
-pub fn mesh_recvmsg(ctx: FExitContext) -> i32 {
-    // int sk_msg_recvmsg(struct sock *sk, struct sk_psock *psock, struct msghdr *msg,
-    //                    int len, int flags)
-    let sk: *mut c_void = ctx.arg(0);
-    let flags: i32 = ctx.arg(4);
-    let copied: i32 = ctx.arg(5);
-    if copied <= 0 || flags & MSG_PEEK != 0 {
-        return 0;
+/// Bytes redirected into the socket at kernel address `sk` that it has not read yet:
+/// `((struct sk_psock *)(sk->sk_user_data & ~flags))->msg_tot_len`, with offsets from the
+/// running kernel's BTF. `None` when that cannot be read.
+#[inline(always)]
+unsafe fn unread_bytes(sk: u64, cfg: &Config) -> Option<u32> {
+    if sk == 0 || cfg.off_sk_user_data == 0 || cfg.off_psock_msg_tot_len == 0 {
+        return None;
     }
-    // SAFETY: `sk` is the traced function's socket argument.
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
-    if let Some(backlog) = BACKLOG.get_ptr_mut(cookie) {
-        atomic_add(backlog, -i64::from(copied));
+    let user_data = (sk + u64::from(cfg.off_sk_user_data)) as *const u64;
+    let psock = unsafe { bpf_probe_read_kernel(user_data) }.ok()? & !SK_USER_DATA_FLAGS;
+    if psock == 0 {
+        return None;
     }
-    0
+    let tot = (psock + u64::from(cfg.off_psock_msg_tot_len)) as *const u32;
+    unsafe { bpf_probe_read_kernel(tot) }.ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -395,8 +367,11 @@ unsafe fn try_getsockopt(ctx: &SockoptContext) {
         0,
     ];
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), optval, 16) };
-    so.optlen = 16;
-    so.retval = 0;
+    // Two separate 4-byte stores: the verifier refuses one 8-byte store across both fields.
+    unsafe {
+        ptr::write_volatile(&mut so.optlen, 16);
+        ptr::write_volatile(&mut so.retval, 0);
+    }
     count(Counter::OrigDstAnswered, 1);
 }
 

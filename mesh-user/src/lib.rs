@@ -5,5 +5,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod iptables;
 pub mod netns;
+pub mod socket;
 pub mod sys;

@@ -49,8 +49,6 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `BPF_CGROUP_GETSOCKOPT`, the attach type of cgroup/getsockopt programs.
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
-/// `BPF_F_ALLOW_MULTI`.
-pub const BPF_F_ALLOW_MULTI: u32 = 2;
 
 /// `union bpf_attr`, as a zeroed buffer larger than any command we use (the kernel requires the
 /// bytes it does not know to be zero).

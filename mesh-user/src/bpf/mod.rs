@@ -1,12 +1,14 @@
 //! Loads, attaches, pins and re-adopts the kernel programs, and gives typed access to their maps.
 //!
 //! Everything of one agent instance lives under `/sys/fs/bpf/mesh/<instance>/`:
-//! `maps/<MAP>` (every map), `links/{sockops,getsockopt,recvmsg}` (mesh-wide attachments on the
+//! `maps/<MAP>` (every map), `links/{sockops,getsockopt}` (mesh-wide attachments on the
 //! mesh cgroup) and `pods/<pod>/{connect4,sk_lookup}` (per pod). Because links and maps are pinned,
 //! the programs stay attached and keep answering from the same maps when the agent stops or
 //! crashes; a restarted agent opens the same pins ("re-adopts") instead of attaching again, so
 //! there is never a window with programs detached. [`uninstall`] removes the whole tree.
 #![forbid(unsafe_code)]
+
+pub mod btf;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -17,10 +19,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash, SockMap};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
-use aya::programs::{
-    CgroupSockAddr, CgroupSockopt, FExit, ProgramError, SkLookup, SkMsg, SockOps,
-};
-use aya::{Btf, Ebpf, EbpfLoader};
+use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
+use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
     Config, Counter, LocalPortKey, OrigDst, PodValue, ServiceKey, ServiceValue, SockKey,
     SockState, VerdictKey, COUNTER_COUNT, VERDICT_ALLOW, VERDICT_DENY,
@@ -50,8 +50,6 @@ pub enum Error {
     },
     #[error("loading the kernel programs: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("kernel BTF (/sys/kernel/btf/vmlinux): {0}")]
-    Btf(#[from] aya::BtfError),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -148,7 +146,6 @@ pub struct ConnMapSizes {
     pub orig_dst: usize,
     pub sockets: usize,
     pub sock_state: usize,
-    pub backlog: usize,
 }
 
 /// The loaded kernel dataplane of one agent instance.
@@ -157,6 +154,8 @@ pub struct Dataplane {
     dir: PathBuf,
     ebpf: Ebpf,
     adopted: bool,
+    /// (`sock.sk_user_data`, `sk_psock.msg_tot_len`) offsets of the running kernel.
+    offsets: Option<(u32, u32)>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -168,7 +167,7 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
-const MESH_LINKS: [&str; 3] = ["sockops", "getsockopt", "recvmsg"];
+const MESH_LINKS: [&str; 2] = ["sockops", "getsockopt"];
 
 impl Dataplane {
     /// Loads the programs for `instance`, reusing its pinned maps if they exist, and makes sure
@@ -187,9 +186,8 @@ impl Dataplane {
             fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
         }
         let adopted = MESH_LINKS.iter().all(|l| links_dir.join(l).exists());
-        let btf = Btf::from_sys_fs()?;
+        let offsets = kernel_offsets();
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
 
@@ -198,13 +196,13 @@ impl Dataplane {
         load_prog::<SockOps>(&mut ebpf, "mesh_sockops", |p| p.load())?;
         load_prog::<CgroupSockopt>(&mut ebpf, "mesh_getsockopt", |p| p.load())?;
         load_prog::<SkMsg>(&mut ebpf, "mesh_sk_msg", |p| p.load())?;
-        load_prog::<FExit>(&mut ebpf, "mesh_recvmsg", |p| p.load("sk_msg_recvmsg", &btf))?;
 
         let mut dp = Self {
             instance: instance.to_string(),
             dir,
             ebpf,
             adopted,
+            offsets,
         };
         dp.attach_mesh(mesh_cgroup)?;
         Ok(dp)
@@ -241,11 +239,13 @@ impl Dataplane {
         // Dropping the link would detach the program; the map keeps it instead.
         std::mem::forget(link);
 
+        // cgroup links are always multi-attach (the kernel wants no attach flags with a link), so
+        // several instances and other tools' programs coexist on the same cgroup.
         let path = links.join("sockops");
         if !path.exists() {
             let prog = prog_mut::<SockOps>(&mut self.ebpf, "mesh_sockops")?;
             let id = prog
-                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| Error::Program {
                     name: "mesh_sockops",
                     source,
@@ -275,27 +275,11 @@ impl Dataplane {
                 prog_fd.as_fd(),
                 cgroup.as_fd(),
                 crate::sys::BPF_CGROUP_GETSOCKOPT,
-                crate::sys::BPF_F_ALLOW_MULTI,
+                0,
             )
             .map_err(io_err("attaching mesh_getsockopt"))?;
             crate::sys::obj_pin(link.as_fd(), &path)
                 .map_err(io_err(format!("pinning {}", path.display())))?;
-        }
-        let path = links.join("recvmsg");
-        if !path.exists() {
-            let prog = prog_mut::<FExit>(&mut self.ebpf, "mesh_recvmsg")?;
-            let id = prog.attach().map_err(|source| Error::Program {
-                name: "mesh_recvmsg",
-                source,
-            })?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|source| Error::Program {
-                    name: "mesh_recvmsg",
-                    source,
-                })?
-                .into();
-            pin(link, &path)?;
         }
         Ok(())
     }
@@ -321,7 +305,7 @@ impl Dataplane {
                 .map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
             let prog = prog_mut::<CgroupSockAddr>(&mut self.ebpf, "mesh_connect4")?;
             let id = prog
-                .attach(&cg, CgroupAttachMode::AllowMultiple)
+                .attach(&cg, CgroupAttachMode::Single)
                 .map_err(|source| Error::Program {
                     name: "mesh_connect4",
                     source,
@@ -385,7 +369,12 @@ impl Dataplane {
         Ok(ids)
     }
 
-    pub fn set_config(&mut self, config: Config) -> Result<(), Error> {
+    /// Sets the global switches. The kernel offsets the sk_msg backlog bound needs are filled in
+    /// from the running kernel's BTF; without them sk_msg never redirects.
+    pub fn set_config(&mut self, mut config: Config) -> Result<(), Error> {
+        let (ud, tot) = self.offsets.unwrap_or((0, 0));
+        config.off_sk_user_data = ud;
+        config.off_psock_msg_tot_len = tot;
         let mut map: Array<&mut MapData, Config> = typed(&mut self.ebpf, "CONFIG")?;
         map.set(0, config, 0).map_err(|source| Error::Map {
             name: "CONFIG",
@@ -571,9 +560,17 @@ impl Dataplane {
             orig_dst: count::<SockKey, OrigDst>(&self.ebpf, "ORIG_DST")?,
             sockets: socks.keys().filter(|k| k.is_ok()).count(),
             sock_state: count::<SockKey, SockState>(&self.ebpf, "SOCK_STATE")?,
-            backlog: count::<u64, i64>(&self.ebpf, "BACKLOG")?,
         })
     }
+}
+
+/// Where `sock.sk_user_data` and `sk_psock.msg_tot_len` sit in the running kernel.
+fn kernel_offsets() -> Option<(u32, u32)> {
+    let blob = fs::read("/sys/kernel/btf/vmlinux").ok()?;
+    Some((
+        btf::member_offset(&blob, "sock", "sk_user_data")?,
+        btf::member_offset(&blob, "sk_psock", "msg_tot_len")?,
+    ))
 }
 
 /// Removes every pin of `instance`: its programs are detached once no process holds them.
