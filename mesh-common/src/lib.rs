@@ -23,7 +23,7 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 
 /// Default bound, in bytes, on what one redirected socket may have queued and unread before the
 /// sender falls back to the normal TCP path (see [`SockState`]).
-pub const DEFAULT_BACKLOG_LIMIT: u32 = 4 << 20;
+pub const DEFAULT_BACKLOG_LIMIT: u32 = 8 << 20;
 
 /// Map capacities.
 pub const MAX_SERVICES: u32 = 65_536;
@@ -83,6 +83,29 @@ pub struct VerdictKey {
 pub const VERDICT_DENY: u32 = 0;
 pub const VERDICT_ALLOW: u32 = 1;
 
+/// Where fields the sk_msg and sockops programs read sit in the running kernel's structs, in
+/// bytes, from its BTF (`/sys/kernel/btf/vmlinux`). 0 means unknown; a program that needs an
+/// unknown offset does not redirect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock.sk_user_data` (the `struct sk_psock *` of a socket in a sockmap).
+    pub sk_user_data: u32,
+    /// `struct sk_psock.msg_tot_len`: bytes redirected into the socket and not read yet.
+    pub psock_msg_tot_len: u32,
+    /// `struct tcp_sock.write_seq` and `.copied_seq`.
+    pub tcp_write_seq: u32,
+    pub tcp_copied_seq: u32,
+    /// `struct sock.sk_socket`, `struct socket.file`, `struct file.f_flags`: is it O_NONBLOCK?
+    pub sk_socket: u32,
+    pub socket_file: u32,
+    pub file_f_flags: u32,
+    /// `struct sock.__sk_common.skc_prot` and `struct proto.memory_pressure`.
+    pub sk_prot: u32,
+    pub proto_memory_pressure: u32,
+    pub _pad: u32,
+}
+
 /// Global switches, in a one-element array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,13 +116,8 @@ pub struct Config {
     pub backlog_limit: u32,
     /// 1: sk_msg redirects app⇄proxy messages; 0: it passes everything to the TCP stack.
     pub msg_redirect: u32,
-    /// Byte offset of `sk_user_data` in the running kernel's `struct sock` (from its BTF).
-    pub off_sk_user_data: u32,
-    /// Byte offset of `msg_tot_len` in the running kernel's `struct sk_psock` (from its BTF).
-    /// sk_msg redirects only when both offsets are known: without them it cannot see how far
-    /// behind a peer is, and an unbounded redirect is worse than the TCP path.
-    pub off_psock_msg_tot_len: u32,
     pub _pad: u32,
+    pub offsets: KernelOffsets,
 }
 
 impl Config {
@@ -107,9 +125,19 @@ impl Config {
         default_verdict: VERDICT_ALLOW,
         backlog_limit: DEFAULT_BACKLOG_LIMIT,
         msg_redirect: 1,
-        off_sk_user_data: 0,
-        off_psock_msg_tot_len: 0,
         _pad: 0,
+        offsets: KernelOffsets {
+            sk_user_data: 0,
+            psock_msg_tot_len: 0,
+            tcp_write_seq: 0,
+            tcp_copied_seq: 0,
+            sk_socket: 0,
+            socket_file: 0,
+            file_f_flags: 0,
+            sk_prot: 0,
+            proto_memory_pressure: 0,
+            _pad: 0,
+        },
     };
 }
 
@@ -171,9 +199,9 @@ pub struct SockState {
     /// The kernel address of the socket (`struct sock *`), through which a sender reads how many
     /// redirected bytes this socket holds unread (`sk_user_data` → `sk_psock.msg_tot_len`).
     pub sk: u64,
-    /// Set once this socket's writes have fallen back to the TCP stack because its peer fell
-    /// behind. One-way for the life of the connection: going back to redirecting could deliver
-    /// new bytes ahead of bytes still in flight on the TCP path.
+    /// Set while this socket's writes take the TCP path because its peer fell behind. Cleared
+    /// only when the peer has read every byte sent over TCP (its `copied_seq` equals our
+    /// `write_seq`) and its redirect queue is short again, so bytes are never reordered.
     pub fallback: u32,
     pub _pad: u32,
 }
@@ -226,9 +254,15 @@ pub enum Counter {
     InboundSteered = 7,
     /// getsockopt(SO_ORIGINAL_DST) answered from the original-destination map.
     OrigDstAnswered = 8,
+    /// Sockets that went back from the TCP path to the redirect once their peer caught up.
+    RedirectsResumed = 9,
+    /// App sockets left out of the sockhash because they are blocking (see `mesh_sockops`).
+    BlockingSkipped = 10,
+    /// Messages sent over TCP because the host is under TCP memory pressure.
+    PressurePassed = 11,
 }
 
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 12;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -240,6 +274,7 @@ mod pod_impls {
     unsafe impl aya::Pod for PodValue {}
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockState {}
@@ -257,7 +292,8 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<PodValue>(), 8);
         assert_eq!(size_of::<VerdictKey>(), 8);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<KernelOffsets>(), 40);
+        assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<OrigDst>(), 8);
         assert_eq!(size_of::<SockKey>(), 24);
         assert_eq!(size_of::<SockState>(), 16);

@@ -35,6 +35,7 @@ const IPPROTO_TCP: u32 = 6;
 const LOOPBACK_IFINDEX: u32 = 1;
 /// Low bits of `sk_user_data` that are flags, not pointer.
 const SK_USER_DATA_FLAGS: u64 = 7;
+const O_NONBLOCK: u32 = 0o4000;
 
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
@@ -182,18 +183,21 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             if is_loopback(key.local_ip) && is_loopback(key.remote_ip) {
                 let port = LocalPortKey::new(netns, key.remote_port);
                 if unsafe { LOCAL_PORTS.get(port) }.is_some() {
-                    add_socket(ctx, key);
+                    add_socket(ctx, key, true);
                 }
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let netns = unsafe { bpf_get_netns_cookie(raw) };
             let key = sockops_key(ctx, netns);
-            if is_loopback(key.local_ip) && is_loopback(key.remote_ip) {
-                let port = LocalPortKey::new(netns, key.local_port);
-                if unsafe { LOCAL_PORTS.get(port) }.is_some() {
-                    add_socket(ctx, key);
-                }
+            // The listener's side joins only if the connecting side did: a pair is redirected
+            // whole or not at all.
+            if is_loopback(key.local_ip)
+                && is_loopback(key.remote_ip)
+                && unsafe { LOCAL_PORTS.get(LocalPortKey::new(netns, key.local_port)) }.is_some()
+                && unsafe { SOCK_STATE.get(key.peer()) }.is_some()
+            {
+                add_socket(ctx, key, false);
             }
         }
         BPF_SOCK_OPS_STATE_CB => {
@@ -212,17 +216,76 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
     }
 }
 
+/// The kernel address of the sockops context's socket.
 #[inline(always)]
-fn add_socket(ctx: &SockOpsContext, mut key: SockKey) {
+fn sock_ptr(ctx: &SockOpsContext) -> u64 {
     // SAFETY: `ctx.ops` is the live bpf_sock_ops of this program run; `sk` is its socket.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as u64;
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as u64 }
+}
+
+/// Whether the socket's file is O_NONBLOCK (`sk->sk_socket->file->f_flags`).
+#[inline(always)]
+unsafe fn is_nonblocking(sk: u64, cfg: &Config) -> bool {
+    let o = &cfg.offsets;
+    let Some(socket) = (unsafe { read_kernel::<u64>(sk, o.sk_socket) }) else {
+        return false;
+    };
+    let Some(file) = (unsafe { read_kernel::<u64>(socket, o.socket_file) }) else {
+        return false;
+    };
+    match unsafe { read_kernel::<u32>(file, o.file_f_flags) } {
+        Some(flags) => flags & O_NONBLOCK != 0,
+        None => false,
+    }
+}
+
+/// Whether TCP is under memory pressure on this host (`*sk->sk_prot->memory_pressure`).
+/// Unknown counts as pressure: never redirect blind.
+#[inline(always)]
+unsafe fn tcp_memory_pressure(sk: u64, cfg: &Config) -> bool {
+    let o = &cfg.offsets;
+    let Some(prot) = (unsafe { read_kernel::<u64>(sk, o.sk_prot) }) else {
+        return true;
+    };
+    let Some(flag) = (unsafe { read_kernel::<u64>(prot, o.proto_memory_pressure) }) else {
+        return true;
+    };
+    // `flag` is the address of the protocol's pressure flag (`tcp_memory_pressure`).
+    if flag == 0 {
+        return true;
+    }
+    match unsafe { bpf_probe_read_kernel(flag as *const u64) } {
+        Ok(v) => v != 0,
+        Err(_) => true,
+    }
+}
+
+/// Puts the socket in the sockhash with its state. With `app_side`, only if it is non-blocking:
+/// a socket in a sockmap reads through tcp_bpf_recvmsg, which returns EAGAIN to a *blocking*
+/// reader woken without data (an ACK, a state change), so only sockets whose callers expect
+/// EAGAIN are redirected.
+#[inline(always)]
+fn add_socket(ctx: &SockOpsContext, mut key: SockKey, app_side: bool) {
     let state = SockState {
-        sk,
+        sk: sock_ptr(ctx),
         fallback: 0,
         _pad: 0,
     };
     if SOCK_STATE.insert(key, state, 0).is_err() {
         return;
+    }
+    if app_side {
+        // Read the address back from the map: the verifier allows no arithmetic on the
+        // context's socket pointer, but a map value is a plain number.
+        let sk = match unsafe { SOCK_STATE.get(key) } {
+            Some(s) => s.sk,
+            None => return,
+        };
+        if !unsafe { is_nonblocking(sk, &config()) } {
+            let _ = SOCK_STATE.remove(key);
+            count(Counter::BlockingSkipped, 1);
+            return;
+        }
     }
     // SAFETY: as above.
     if SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0).is_err() {
@@ -262,23 +325,41 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         count(Counter::LookupsMissed, 1);
         return;
     };
-    // SAFETY: map value pointer, valid for the program run.
-    if unsafe { (*own_state).fallback } != 0 {
-        return;
-    }
     let mut peer = own.peer();
     let Some(peer_state) = (unsafe { SOCK_STATE.get(peer) }) else {
         count(Counter::LookupsMissed, 1);
         return;
     };
-    let Some(queued) = (unsafe { unread_bytes(peer_state.sk, &cfg) }) else {
+    let psock = unsafe { psock_of(peer_state.sk, &cfg) };
+    let Some(queued) = (unsafe { read_kernel::<u32>(psock, cfg.offsets.psock_msg_tot_len) }) else {
         count(Counter::LookupsMissed, 1);
         return;
     };
     let size = md.size;
-    if queued.saturating_add(size) > cfg.backlog_limit {
-        // The peer is behind: from now on this socket's bytes take the TCP path, which has
-        // real flow control. Bytes already queued are read first, so order is kept.
+    if unsafe { tcp_memory_pressure(own_state_sk(own_state), &cfg) } {
+        // Redirected bytes are charged to host TCP memory without per-socket limits; under
+        // pressure they would fail with ENOMEM. TCP's own path knows how to wait.
+        count(Counter::PressurePassed, 1);
+        unsafe { (*own_state).fallback = 1 };
+        return;
+    }
+    // SAFETY: map value pointer, valid for the program run.
+    if unsafe { (*own_state).fallback } != 0 {
+        // On the TCP path. Come back only when the peer has read every byte we sent over TCP
+        // (nothing of ours is left to be overtaken) and its redirect queue has drained to half
+        // the bound (no flapping).
+        let sent = unsafe { read_kernel::<u32>(own_state_sk(own_state), cfg.offsets.tcp_write_seq) };
+        let read = unsafe { read_kernel::<u32>(peer_state.sk, cfg.offsets.tcp_copied_seq) };
+        match (sent, read) {
+            (Some(sent), Some(read)) if sent == read && queued <= cfg.backlog_limit / 2 => {
+                unsafe { (*own_state).fallback = 0 };
+                count(Counter::RedirectsResumed, 1);
+            }
+            _ => return,
+        }
+    } else if queued.saturating_add(size) > cfg.backlog_limit {
+        // The peer is behind: this socket's bytes take the TCP path, which has real flow
+        // control, until the peer catches up. Bytes already queued are read first.
         unsafe { (*own_state).fallback = 1 };
         count(Counter::BacklogFallbacks, 1);
         return;
@@ -291,21 +372,29 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     count(Counter::BytesRedirected, u64::from(size));
 }
 
-/// Bytes redirected into the socket at kernel address `sk` that it has not read yet:
-/// `((struct sk_psock *)(sk->sk_user_data & ~flags))->msg_tot_len`, with offsets from the
-/// running kernel's BTF. `None` when that cannot be read.
 #[inline(always)]
-unsafe fn unread_bytes(sk: u64, cfg: &Config) -> Option<u32> {
-    if sk == 0 || cfg.off_sk_user_data == 0 || cfg.off_psock_msg_tot_len == 0 {
+unsafe fn own_state_sk(state: *mut SockState) -> u64 {
+    unsafe { (*state).sk }
+}
+
+/// The `struct sk_psock *` of the socket at kernel address `sk` (`sk->sk_user_data` without its
+/// flag bits), or 0.
+#[inline(always)]
+unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
+    match unsafe { read_kernel::<u64>(sk, cfg.offsets.sk_user_data) } {
+        Some(p) => p & !SK_USER_DATA_FLAGS,
+        None => 0,
+    }
+}
+
+/// Reads a `T` at `base + off` in kernel memory; `None` if either is unknown or unreadable.
+/// Offsets come from the running kernel's BTF (see `Config`).
+#[inline(always)]
+unsafe fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 || off == 0 {
         return None;
     }
-    let user_data = (sk + u64::from(cfg.off_sk_user_data)) as *const u64;
-    let psock = unsafe { bpf_probe_read_kernel(user_data) }.ok()? & !SK_USER_DATA_FLAGS;
-    if psock == 0 {
-        return None;
-    }
-    let tot = (psock + u64::from(cfg.off_psock_msg_tot_len)) as *const u32;
-    unsafe { bpf_probe_read_kernel(tot) }.ok()
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,6 +477,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
 unsafe fn try_sk_lookup(ctx: &SkLookupContext) {
     let l = unsafe { &*ctx.lookup };
     if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
+        return;
+    }
+    // The pod talking to itself (its own IP or loopback) is inside, not outside; local traffic
+    // to the pod's own address does not always arrive with the loopback ifindex.
+    if l.remote_ip4 == l.local_ip4 || is_loopback(l.remote_ip4) {
         return;
     }
     let key = InboundKey::new(l.local_ip4, l.local_port as u16);

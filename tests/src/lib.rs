@@ -6,7 +6,7 @@
 //! test that cannot get what it needs fails with the reason; it never skips.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -138,6 +138,9 @@ impl Node {
             &["link", "add", &host_if, "netns", &self.bridge_ns, "type", "veth", "peer", "name", "eth0", "netns", &netns_name],
         )?;
         run("ip", &["-n", &self.bridge_ns, "link", "set", &host_if, "master", "br0", "up"])?;
+        // Pods are IPv4 only: no IPv6 router solicitations or DAD on the uplink.
+        run("ip", &["netns", "exec", &netns_name, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        run("ip", &["netns", "exec", &netns_name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])?;
         run("ip", &["-n", &netns_name, "link", "set", "lo", "up"])?;
         run("ip", &["-n", &netns_name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         run("ip", &["-n", &netns_name, "link", "set", "eth0", "up"])?;
@@ -257,10 +260,24 @@ impl Drop for Node {
 /// Each 8-byte block is a hash of (seed, block index), so a reordered, lost or foreign chunk
 /// does not verify.
 pub fn pattern(seed: u64, offset: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let pos = offset + i as u64;
-        let block = splitmix(seed ^ (pos / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        *b = block.to_le_bytes()[(pos % 8) as usize];
+    let block = |k: u64| splitmix(seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes();
+    let mut pos = offset;
+    let mut rest = buf;
+    // Unaligned head, then whole blocks, then the tail.
+    while pos % 8 != 0 && !rest.is_empty() {
+        rest[0] = block(pos / 8)[(pos % 8) as usize];
+        rest = &mut rest[1..];
+        pos += 1;
+    }
+    let whole = rest.len() / 8 * 8;
+    let (body, tail) = rest.split_at_mut(whole);
+    for chunk in body.chunks_exact_mut(8) {
+        chunk.copy_from_slice(&block(pos / 8));
+        pos += 8;
+    }
+    for b in tail {
+        *b = block(pos / 8)[(pos % 8) as usize];
+        pos += 1;
     }
 }
 
@@ -324,4 +341,113 @@ pub fn tcp_mem_pages() -> Result<u64> {
         }
     }
     bail!("no mem field in {line:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_the_same_whatever_the_chunking() {
+        let mut whole = vec![0u8; 1000];
+        pattern(9, 3, &mut whole);
+        let mut pieces = vec![0u8; 1000];
+        let (mut off, mut at) = (3u64, 0usize);
+        for len in [1usize, 7, 8, 13, 64, 907] {
+            pattern(9, off, &mut pieces[at..at + len]);
+            off += len as u64;
+            at += len;
+        }
+        assert_eq!(whole, pieces);
+        let mut other = vec![0u8; 1000];
+        pattern(10, 3, &mut other);
+        assert_ne!(whole, other, "different seeds give different streams");
+    }
+
+    #[test]
+    fn read_pattern_detects_corruption() {
+        let mut data = Vec::new();
+        write_pattern(&mut data, 5, 100_000).unwrap();
+        assert_eq!(read_pattern(&mut &data[..], 5).unwrap(), (100_000, true));
+        data[77_777] ^= 1;
+        assert_eq!(read_pattern(&mut &data[..], 5).unwrap(), (100_000, false));
+    }
+}
+
+/// A TCP stream used the way event-loop applications use one: non-blocking, waiting in `poll`
+/// when the kernel says EAGAIN. Reads and writes block the calling thread, never the socket.
+pub struct NbStream(pub TcpStream);
+
+impl NbStream {
+    /// Wraps a connected stream, switching it to non-blocking.
+    pub fn new(s: TcpStream) -> io::Result<Self> {
+        s.set_nonblocking(true)?;
+        Ok(Self(s))
+    }
+
+    /// Connects without blocking the socket: O_NONBLOCK is set before the handshake.
+    pub fn connect(addr: SocketAddr, local_port: Option<u16>) -> io::Result<Self> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        if let Some(port) = local_port {
+            sock.set_reuse_address(true)?;
+            sock.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+        }
+        sock.set_nonblocking(true)?;
+        match sock.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                wait_fd(&sock, nix::poll::PollFlags::POLLOUT)?;
+                if let Some(e) = sock.take_error()? {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(Self(sock.into()))
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+}
+
+fn wait_fd(fd: &impl std::os::fd::AsFd, events: nix::poll::PollFlags) -> io::Result<()> {
+    let mut fds = [nix::poll::PollFd::new(fd.as_fd(), events)];
+    loop {
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Read for NbStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_fd(&self.0, nix::poll::PollFlags::POLLIN)?
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for NbStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_fd(&self.0, nix::poll::PollFlags::POLLOUT)?
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }

@@ -137,6 +137,8 @@ mod tests {
         if let Ok(b) = std::fs::read("/sys/kernel/btf/vmlinux") {
             assert!(member_offset(&b, "sock", "sk_user_data").is_some());
             assert!(member_offset(&b, "sk_psock", "msg_tot_len").is_some());
+            assert!(member_offset(&b, "sock_common", "skc_prot").is_some());
+            assert!(member_offset(&b, "file", "f_flags").is_some());
         }
     }
 }

@@ -22,7 +22,7 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    Config, Counter, LocalPortKey, OrigDst, PodValue, ServiceKey, ServiceValue, SockKey,
+    Config, Counter, KernelOffsets, LocalPortKey, OrigDst, PodValue, ServiceKey, ServiceValue, SockKey,
     SockState, VerdictKey, COUNTER_COUNT, VERDICT_ALLOW, VERDICT_DENY,
 };
 
@@ -136,6 +136,9 @@ pub struct Counters {
     pub sockets_added: u64,
     pub inbound_steered: u64,
     pub orig_dst_answered: u64,
+    pub redirects_resumed: u64,
+    pub blocking_skipped: u64,
+    pub pressure_passed: u64,
 }
 
 /// How many entries the per-connection maps hold (all must go back to their size when the
@@ -154,8 +157,8 @@ pub struct Dataplane {
     dir: PathBuf,
     ebpf: Ebpf,
     adopted: bool,
-    /// (`sock.sk_user_data`, `sk_psock.msg_tot_len`) offsets of the running kernel.
-    offsets: Option<(u32, u32)>,
+    /// Struct member offsets of the running kernel the sk_msg program needs.
+    offsets: Option<KernelOffsets>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -372,9 +375,7 @@ impl Dataplane {
     /// Sets the global switches. The kernel offsets the sk_msg backlog bound needs are filled in
     /// from the running kernel's BTF; without them sk_msg never redirects.
     pub fn set_config(&mut self, mut config: Config) -> Result<(), Error> {
-        let (ud, tot) = self.offsets.unwrap_or((0, 0));
-        config.off_sk_user_data = ud;
-        config.off_psock_msg_tot_len = tot;
+        config.offsets = self.offsets.unwrap_or_default();
         let mut map: Array<&mut MapData, Config> = typed(&mut self.ebpf, "CONFIG")?;
         map.set(0, config, 0).map_err(|source| Error::Map {
             name: "CONFIG",
@@ -542,6 +543,9 @@ impl Dataplane {
             sockets_added: c(Counter::SocketsAdded),
             inbound_steered: c(Counter::InboundSteered),
             orig_dst_answered: c(Counter::OrigDstAnswered),
+            redirects_resumed: c(Counter::RedirectsResumed),
+            blocking_skipped: c(Counter::BlockingSkipped),
+            pressure_passed: c(Counter::PressurePassed),
         })
     }
 
@@ -564,13 +568,24 @@ impl Dataplane {
     }
 }
 
-/// Where `sock.sk_user_data` and `sk_psock.msg_tot_len` sit in the running kernel.
-fn kernel_offsets() -> Option<(u32, u32)> {
+/// Where the fields the sk_msg and sockops programs read sit in the running kernel's structs.
+/// `None` when the kernel has no BTF or lacks one of them: then nothing is redirected by sk_msg.
+pub fn kernel_offsets() -> Option<KernelOffsets> {
     let blob = fs::read("/sys/kernel/btf/vmlinux").ok()?;
-    Some((
-        btf::member_offset(&blob, "sock", "sk_user_data")?,
-        btf::member_offset(&blob, "sk_psock", "msg_tot_len")?,
-    ))
+    let off = |s: &str, m: &str| btf::member_offset(&blob, s, m);
+    Some(KernelOffsets {
+        sk_user_data: off("sock", "sk_user_data")?,
+        psock_msg_tot_len: off("sk_psock", "msg_tot_len")?,
+        tcp_write_seq: off("tcp_sock", "write_seq")?,
+        tcp_copied_seq: off("tcp_sock", "copied_seq")?,
+        sk_socket: off("sock", "sk_socket")?,
+        socket_file: off("socket", "file")?,
+        file_f_flags: off("file", "f_flags")?,
+        // `struct sock` starts with its `struct sock_common`.
+        sk_prot: off("sock_common", "skc_prot")?,
+        proto_memory_pressure: off("proto", "memory_pressure")?,
+        _pad: 0,
+    })
 }
 
 /// Removes every pin of `instance`: its programs are detached once no process holds them.

@@ -2,13 +2,16 @@
 //! network namespace, then does one thing and reports it on stdout.
 //!
 //! ```text
-//! mesh-probe --netns PATH --cgroup PATH <command>
+//! mesh-probe --netns PATH --cgroup PATH [--blocking] <command>
+//!
+//! Sockets are non-blocking with `poll` (as event-loop applications use them) unless `--blocking`.
 //!   dial-many ADDR[,ADDR...] COUNT   connect COUNT times, round robin; send "<addr>\n", read to EOF
 //!   exchange ADDR BYTES SEED [LOCAL_PORT]
 //!                                     send BYTES of stream SEED then half-close, read stream SEED+1
 //!                                     to EOF; print "sent=N received=M ok=BOOL"
 //!   connect ADDR                      print "connected" or "error <errno> <message>"
 //!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
+//!   fetch ADDR                        connect, read to EOF, print what was read
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
 //! ```
 use std::io::{Read, Write};
@@ -16,8 +19,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use mesh_tests::{read_pattern, write_pattern};
+use anyhow::{bail, ensure, Context, Result};
+use mesh_tests::{read_pattern, write_pattern, NbStream};
 
 fn main() {
     if let Err(e) = real_main() {
@@ -30,9 +33,16 @@ fn real_main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut netns = None;
     let mut cgroup = None;
-    while args.len() >= 2 && args[0].starts_with("--") {
-        let value = args.remove(1);
-        match args.remove(0).as_str() {
+    let mut blocking = false;
+    while !args.is_empty() && args[0].starts_with("--") {
+        let opt = args.remove(0);
+        if opt == "--blocking" {
+            blocking = true;
+            continue;
+        }
+        ensure!(!args.is_empty(), "{opt} needs a value");
+        let value = args.remove(0);
+        match opt.as_str() {
             "--netns" => netns = Some(PathBuf::from(value)),
             "--cgroup" => cgroup = Some(PathBuf::from(value)),
             other => bail!("unknown option {other}"),
@@ -73,23 +83,22 @@ fn real_main() -> Result<()> {
             let addr: SocketAddr = arg(1)?.parse()?;
             let bytes: u64 = arg(2)?.parse()?;
             let seed: u64 = arg(3)?.parse()?;
-            let s = match args.get(4) {
-                Some(port) => {
-                    let sock = socket2_bind(port.parse()?)?;
-                    sock.connect(&addr.into())?;
-                    TcpStream::from(sock)
-                }
-                None => TcpStream::connect(addr)?,
+            let local_port = args.get(4).map(|p| p.parse()).transpose()?;
+            let (sent, received, ok) = if blocking {
+                let s = match local_port {
+                    Some(port) => {
+                        let sock = socket2_bind(port)?;
+                        sock.connect(&addr.into())?;
+                        TcpStream::from(sock)
+                    }
+                    None => TcpStream::connect(addr)?,
+                };
+                exchange(s.try_clone()?, s, bytes, seed)?
+            } else {
+                let s = NbStream::connect(addr, local_port)?;
+                exchange(s.try_clone()?, s, bytes, seed)?
             };
-            let mut w = s.try_clone()?;
-            let writer = std::thread::spawn(move || -> std::io::Result<()> {
-                write_pattern(&mut w, seed, bytes)?;
-                w.shutdown(Shutdown::Write)
-            });
-            let mut r = s;
-            let (received, ok) = read_pattern(&mut r, seed + 1)?;
-            writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-            println!("sent={bytes} received={received} ok={ok}");
+            println!("sent={sent} received={received} ok={ok}");
         }
         "connect" => {
             let addr: SocketAddr = arg(1)?.parse()?;
@@ -98,16 +107,24 @@ fn real_main() -> Result<()> {
                 Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
             }
         }
+        "fetch" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            println!("{text}");
+        }
         "push" => {
             let addr: SocketAddr = arg(1)?.parse()?;
             let bytes: u64 = arg(2)?.parse()?;
-            let mut s = TcpStream::connect(addr)?;
-            match write_pattern(&mut s, 7, bytes).and_then(|()| s.shutdown(Shutdown::Write)) {
-                Ok(()) => {
-                    let mut rest = Vec::new();
-                    s.read_to_end(&mut rest)?;
-                    println!("pushed {bytes}");
-                }
+            let result = if blocking {
+                push(TcpStream::connect(addr)?, bytes)
+            } else {
+                let s = NbStream::connect(addr, None)?;
+                push(s, bytes)
+            };
+            match result {
+                Ok(()) => println!("pushed {bytes}"),
                 Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
             }
         }
@@ -125,6 +142,48 @@ fn real_main() -> Result<()> {
         other => bail!("unknown command {other:?}"),
     }
     Ok(())
+}
+
+/// Writes `bytes` of stream `seed` on `w` and half-closes while reading stream `seed + 1` from
+/// `r` to EOF. Returns (sent, received, whether what was received is exact).
+fn exchange<S: Read + Write + HalfClose + Send + 'static>(
+    mut w: S,
+    mut r: S,
+    bytes: u64,
+    seed: u64,
+) -> Result<(u64, u64, bool)> {
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        write_pattern(&mut w, seed, bytes)?;
+        w.half_close()
+    });
+    let (received, ok) = read_pattern(&mut r, seed + 1)?;
+    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    Ok((bytes, received, ok))
+}
+
+/// Writes `bytes` of stream 7, half-closes, and reads to EOF; any error is the app's error.
+fn push<S: Read + Write + HalfClose>(mut s: S, bytes: u64) -> std::io::Result<()> {
+    write_pattern(&mut s, 7, bytes)?;
+    s.half_close()?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    Ok(())
+}
+
+trait HalfClose {
+    fn half_close(&self) -> std::io::Result<()>;
+}
+
+impl HalfClose for TcpStream {
+    fn half_close(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl HalfClose for NbStream {
+    fn half_close(&self) -> std::io::Result<()> {
+        self.0.shutdown(Shutdown::Write)
+    }
 }
 
 /// A TCP socket bound to 127.0.0.1:`port` with SO_REUSEADDR, not yet connected.
