@@ -14,14 +14,24 @@
 //!   [`peer_identity`] gives the proxy the caller's identity after the handshake.
 #![forbid(unsafe_code)]
 
+mod ca;
+mod leaf;
 mod spiffe;
+mod tls;
+mod trust;
 
 use std::path::PathBuf;
 
+pub use ca::{CertificateAuthority, RootCert, DEFAULT_ROOT_TTL};
+pub use leaf::{renewal_instant, LeafCert, LeafStore, DEFAULT_LEAF_TTL};
 pub use spiffe::{
     new_trust_domain, trust_domain_uri, validate_trust_domain, SpiffeId, SpiffeIdReason,
     DEFAULT_PARTITION,
 };
+pub use tls::{
+    client_config, peer_identity, server_config, spiffe_id_from_cert, ClientConfigCache,
+};
+pub use trust::TrustBundle;
 
 /// Errors of the identity module.
 #[derive(Debug, thiserror::Error)]
