@@ -20,6 +20,9 @@ mod spiffe;
 mod tls;
 mod trust;
 
+#[cfg(test)]
+mod tests;
+
 use std::path::PathBuf;
 
 pub use ca::{CertificateAuthority, RootCert, DEFAULT_ROOT_TTL};
