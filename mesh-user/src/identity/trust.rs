@@ -36,6 +36,8 @@ pub(crate) struct BundleState {
     pub(crate) generation: u64,
     /// The roots; the last one is active.
     pub(crate) roots: Vec<RootCert>,
+    /// The root that signs new leaves (the last of `roots`).
+    pub(crate) active: RootCert,
     /// The roots as webpki trust anchors.
     pub(crate) anchors: Vec<TrustAnchor<'static>>,
     /// rustls' chain verifier for client certificates over these roots.
@@ -44,6 +46,10 @@ pub(crate) struct BundleState {
 
 impl BundleState {
     fn new(generation: u64, roots: Vec<RootCert>) -> Result<Self, Error> {
+        let active = roots
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::Bundle("a bundle needs at least one root".into()))?;
         let mut store = RootCertStore::empty();
         let mut anchors = Vec::with_capacity(roots.len());
         for root in &roots {
@@ -59,6 +65,7 @@ impl BundleState {
         Ok(Self {
             generation,
             roots,
+            active,
             anchors,
             client_verifier,
         })
@@ -88,10 +95,7 @@ impl TrustBundle {
 
     /// The root that signs new leaves.
     pub fn active_root(&self) -> RootCert {
-        let state = self.state.load();
-        // A bundle always holds at least one root: `new` starts with one and `retire_root`
-        // never removes the active one.
-        state.roots[state.roots.len() - 1].clone()
+        self.state.load().active.clone()
     }
 
     /// Trusts `root` beside the current roots and makes it the active one. Adding a root that is
@@ -127,7 +131,7 @@ impl TrustBundle {
                 root.fingerprint()
             )));
         };
-        if pos == current.roots.len() - 1 {
+        if *root == current.active {
             return Err(Error::Bundle(format!(
                 "root {} is the active root",
                 root.fingerprint()
