@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod identity;
 pub mod iptables;
 pub mod netns;
 pub mod socket;

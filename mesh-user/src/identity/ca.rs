@@ -1,0 +1,709 @@
+//! The mesh certificate authority: an ECDSA P-256 self-signed root, persisted in a state
+//! directory, that signs leaf certificates.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngExt;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::CertificateDer;
+
+use super::leaf::LeafCert;
+use super::spiffe::{self, SpiffeId};
+use super::Error;
+
+/// How long a new root certificate is valid (10 years, as Consul's default).
+pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start this long before they are made, to absorb clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+const KEY_FILE: &str = "root-key.pem";
+const CERT_FILE: &str = "root-cert.pem";
+
+/// A trusted root certificate of the mesh.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RootCert {
+    der: CertificateDer<'static>,
+    trust_domain: String,
+    fingerprint: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+impl RootCert {
+    /// Parses a root certificate: it must be a CA certificate whose URI SAN is the trust-domain
+    /// SPIFFE ID `spiffe://<trust-domain>`.
+    pub fn from_der(der: CertificateDer<'static>) -> Result<Self, Error> {
+        let (trust_domain, not_before, not_after) = {
+            let cert = parse_cert(&der)?;
+            if !cert.is_ca() {
+                return Err(Error::BadCertificate("root is not a CA certificate".into()));
+            }
+            let td = uris(&cert)?
+                .into_iter()
+                .find_map(|u| spiffe::parse_trust_domain_uri(u).ok())
+                .ok_or_else(|| {
+                    Error::BadCertificate("root has no spiffe://<trust-domain> URI SAN".into())
+                })?
+                .to_owned();
+            let (nb, na) = validity(&cert)?;
+            (td, nb, na)
+        };
+        let fingerprint = ring::digest::digest(&ring::digest::SHA256, &der)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self {
+            der,
+            trust_domain,
+            fingerprint,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// The certificate, DER-encoded.
+    pub fn der(&self) -> &CertificateDer<'static> {
+        &self.der
+    }
+
+    /// The certificate, PEM-encoded.
+    pub fn pem(&self) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", self.der.to_vec()))
+    }
+
+    /// The trust domain named by the root's URI SAN.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Lower-case hex SHA-256 of the DER: the root's ID.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Start of validity.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// End of validity.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+}
+
+impl fmt::Debug for RootCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RootCert")
+            .field("trust_domain", &self.trust_domain)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+/// The mesh CA: signs leaf certificates with its active root key.
+///
+/// Persisted state (when made by [`load_or_create`](Self::load_or_create)): `root-key.pem`
+/// (PKCS#8, mode 0600) and `root-cert.pem` in the state directory. Files are written durably
+/// (temporary file, fsync, rename, fsync of the directory), the certificate before the key. The
+/// key is the source of truth: a certificate that is missing or does not match the key (a crash
+/// in the middle of [`rotate`](Self::rotate)) is re-made from the key on the next start.
+pub struct CertificateAuthority {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    root: RootCert,
+    state_dir: Option<PathBuf>,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .field("root", &self.root)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Loads the CA from `state_dir`, or creates it there on first start.
+    ///
+    /// `trust_domain`: `None` keeps the persisted one, or makes a fresh `<uuid>.consul` on first
+    /// start; `Some(td)` must equal the persisted one (else [`Error::TrustDomainMismatch`]).
+    /// A key file readable by group or others is refused.
+    pub fn load_or_create(state_dir: &Path, trust_domain: Option<&str>) -> Result<Self, Error> {
+        if let Some(td) = trust_domain {
+            spiffe::validate_trust_domain(td)?;
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|source| io_err(state_dir, source))?;
+        let key_path = state_dir.join(KEY_FILE);
+        let cert_path = state_dir.join(CERT_FILE);
+        let state_err = |reason: String| Error::CaState {
+            dir: state_dir.to_owned(),
+            reason,
+        };
+
+        let cert_pem = read_optional(&cert_path)?;
+        let persisted_cert = match &cert_pem {
+            Some(pem) => Some(parse_root_pem(pem).map_err(|e| state_err(e.to_string()))?),
+            None => None,
+        };
+        // The trust domain survives even a certificate that no longer matches the key.
+        let trust_domain = match (trust_domain, &persisted_cert) {
+            (Some(td), Some(root)) if td != root.trust_domain() => {
+                return Err(Error::TrustDomainMismatch {
+                    expected: root.trust_domain().to_owned(),
+                    got: td.to_owned(),
+                })
+            }
+            (Some(td), _) => Some(td.to_owned()),
+            (None, Some(root)) => Some(root.trust_domain().to_owned()),
+            (None, None) => None,
+        };
+
+        let Some(key) = read_key(&key_path, state_dir)? else {
+            // First start (or a crash before the key landed): make both, certificate first.
+            let trust_domain = trust_domain.unwrap_or_else(spiffe::new_trust_domain);
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            let root = self_signed_root(&trust_domain, &key)?;
+            write_durably(&cert_path, root.pem().as_bytes(), 0o644)?;
+            write_durably(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            return Self::from_parts(trust_domain, key, root, Some(state_dir.to_owned()));
+        };
+        // The certificate is written before the key, so a key without a certificate means the
+        // certificate was removed: the trust domain must then be given again.
+        let trust_domain = trust_domain.ok_or_else(|| {
+            state_err(format!(
+                "{KEY_FILE} exists without {CERT_FILE}; pass the trust domain to re-make the root"
+            ))
+        })?;
+
+        let root = match persisted_cert {
+            Some(root) if cert_matches_key(root.der(), &key)? => {
+                if root.not_after() <= SystemTime::now() {
+                    return Err(state_err(format!(
+                        "root certificate {} has expired",
+                        root.fingerprint()
+                    )));
+                }
+                root
+            }
+            _ => {
+                let root = self_signed_root(&trust_domain, &key)?;
+                write_durably(&cert_path, root.pem().as_bytes(), 0o644)?;
+                root
+            }
+        };
+        Self::from_parts(trust_domain, key, root, Some(state_dir.to_owned()))
+    }
+
+    /// A CA that lives in memory only (nothing is persisted), with a new root.
+    pub fn ephemeral(trust_domain: &str) -> Result<Self, Error> {
+        spiffe::validate_trust_domain(trust_domain)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root = self_signed_root(trust_domain, &key)?;
+        Self::from_parts(trust_domain.to_owned(), key, root, None)
+    }
+
+    fn from_parts(
+        trust_domain: String,
+        key: KeyPair,
+        root: RootCert,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self, Error> {
+        let issuer = Issuer::from_ca_cert_der(root.der(), key)?;
+        Ok(Self {
+            trust_domain,
+            issuer,
+            root,
+            state_dir,
+        })
+    }
+
+    /// The trust domain of every identity this CA signs.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The active root certificate.
+    pub fn root(&self) -> &RootCert {
+        &self.root
+    }
+
+    /// Replaces the root with a new key and certificate (persisted if the CA has a state
+    /// directory) and returns the new root. Leaves signed afterwards chain to it; add it to the
+    /// [`TrustBundle`](super::TrustBundle) before handing them out.
+    pub fn rotate(&mut self) -> Result<RootCert, Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root = self_signed_root(&self.trust_domain, &key)?;
+        if let Some(dir) = &self.state_dir {
+            write_durably(&dir.join(CERT_FILE), root.pem().as_bytes(), 0o644)?;
+            write_durably(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+        }
+        self.issuer = Issuer::from_ca_cert_der(root.der(), key)?;
+        self.root = root.clone();
+        Ok(root)
+    }
+
+    /// Issues a leaf for `id`, valid from now (back-dated one minute for clock skew) for `ttl`
+    /// ([`DEFAULT_LEAF_TTL`](super::DEFAULT_LEAF_TTL) is the usual value).
+    pub fn issue_leaf(&self, id: &SpiffeId, ttl: Duration) -> Result<LeafCert, Error> {
+        if ttl.is_zero() {
+            return Err(Error::InvalidValidity("TTL must not be zero".into()));
+        }
+        let now = SystemTime::now();
+        let not_after = now
+            .checked_add(ttl)
+            .ok_or_else(|| Error::InvalidValidity(format!("TTL {ttl:?} is out of range")))?;
+        self.issue_leaf_with_validity(id, now.checked_sub(BACKDATE).unwrap_or(now), not_after)
+    }
+
+    /// Issues a leaf for `id` with an explicit validity period, which must lie within the
+    /// root's.
+    pub fn issue_leaf_with_validity(
+        &self,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<LeafCert, Error> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(Error::TrustDomainMismatch {
+                expected: self.trust_domain.clone(),
+                got: id.trust_domain().to_owned(),
+            });
+        }
+        if not_after <= not_before {
+            return Err(Error::InvalidValidity(
+                "not_after must be later than not_before".into(),
+            ));
+        }
+        if not_after > self.root.not_after() {
+            return Err(Error::InvalidValidity(
+                "a leaf cannot outlive its root".into(),
+            ));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        // A common name is at most 64 characters; the identity is in the URI SAN anyway.
+        let cn: String = id.service().chars().take(64).collect();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = to_offset(not_before)?;
+        params.not_after = to_offset(not_after)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        LeafCert::new(id.clone(), cert.der().clone(), key.serialize_der())
+    }
+}
+
+#[cfg(test)]
+impl CertificateAuthority {
+    /// Signs arbitrary parameters with the active root, bypassing every check: tests use it to
+    /// make certificates the CA would never issue.
+    pub(crate) fn sign_unchecked(
+        &self,
+        params: &CertificateParams,
+        key: &KeyPair,
+    ) -> Result<CertificateDer<'static>, Error> {
+        Ok(params.signed_by(key, &self.issuer)?.der().clone())
+    }
+}
+
+fn self_signed_root(trust_domain: &str, key: &KeyPair) -> Result<RootCert, Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let tag: u32 = rand::rng().random();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("Mesh CA Root {tag:08x}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(
+        spiffe::trust_domain_uri(trust_domain).try_into()?,
+    )];
+    params.serial_number = Some(random_serial());
+    let now = SystemTime::now();
+    let not_after = now
+        .checked_add(DEFAULT_ROOT_TTL)
+        .ok_or_else(|| Error::InvalidValidity("root validity out of range".into()))?;
+    params.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(now))?;
+    params.not_after = to_offset(not_after)?;
+    let cert = params.self_signed(key)?;
+    RootCert::from_der(cert.der().clone())
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill(&mut bytes[..]);
+    // Positive and exactly 16 bytes long.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+pub(crate) fn to_offset(t: SystemTime) -> Result<time::OffsetDateTime, Error> {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| Error::InvalidValidity("time before 1970".into()))?
+        .as_secs();
+    let secs =
+        i64::try_from(secs).map_err(|_| Error::InvalidValidity("time out of range".into()))?;
+    let t = time::OffsetDateTime::from_unix_timestamp(secs)
+        .map_err(|e| Error::InvalidValidity(e.to_string()))?;
+    if t.year() > 9999 {
+        return Err(Error::InvalidValidity("time after year 9999".into()));
+    }
+    Ok(t)
+}
+
+pub(crate) fn parse_cert<'a>(
+    der: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, Error> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| Error::BadCertificate(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(Error::BadCertificate(
+            "trailing data after certificate".into(),
+        ));
+    }
+    Ok(cert)
+}
+
+/// Every URI SAN of `cert`.
+pub(crate) fn uris<'a>(
+    cert: &'a x509_parser::certificate::X509Certificate<'_>,
+) -> Result<Vec<&'a str>, Error> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| Error::BadCertificate(format!("subject alternative names: {e}")))?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+pub(crate) fn validity(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<(SystemTime, SystemTime), Error> {
+    let v = cert.validity();
+    let at = |ts: i64| {
+        u64::try_from(ts)
+            .ok()
+            .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+            .ok_or_else(|| Error::BadCertificate(format!("validity time {ts} out of range")))
+    };
+    Ok((at(v.not_before.timestamp())?, at(v.not_after.timestamp())?))
+}
+
+fn cert_matches_key(der: &CertificateDer<'_>, key: &KeyPair) -> Result<bool, Error> {
+    let cert = parse_cert(der)?;
+    Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
+fn parse_root_pem(pem_text: &str) -> Result<RootCert, Error> {
+    let p = pem::parse(pem_text).map_err(|e| Error::BadCertificate(format!("PEM: {e}")))?;
+    if p.tag() != "CERTIFICATE" {
+        return Err(Error::BadCertificate(format!(
+            "PEM block {:?}, expected CERTIFICATE",
+            p.tag()
+        )));
+    }
+    RootCert::from_der(CertificateDer::from(p.into_contents()))
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, Error> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(io_err(path, source)),
+    }
+}
+
+fn read_key(path: &Path, dir: &Path) -> Result<Option<KeyPair>, Error> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io_err(path, source)),
+    };
+    let state_err = |reason: String| Error::CaState {
+        dir: dir.to_owned(),
+        reason,
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(state_err(format!(
+            "{KEY_FILE} has mode {mode:04o}; it must not be readable by group or others (0600)"
+        )));
+    }
+    let text = fs::read_to_string(path).map_err(|source| io_err(path, source))?;
+    let key = KeyPair::from_pem(&text).map_err(|e| state_err(format!("{KEY_FILE}: {e}")))?;
+    if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        return Err(state_err(format!("{KEY_FILE} is not an ECDSA P-256 key")));
+    }
+    Ok(Some(key))
+}
+
+/// Writes `contents` to `path` so that a crash leaves either the old or the new file: a
+/// temporary file in the same directory, fsync, rename over `path`, fsync of the directory.
+fn write_durably(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let dir = path.parent().ok_or_else(|| {
+        io_err(
+            path,
+            std::io::Error::new(ErrorKind::InvalidInput, "no parent directory"),
+        )
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => return Err(io_err(&tmp, source)),
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|source| io_err(&tmp, source))?;
+    // The umask may have narrowed or (for 0644) kept the mode; set it exactly.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(contents))
+        .and_then(|()| f.sync_all())
+        .map_err(|source| io_err(&tmp, source))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|source| io_err(path, source))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| io_err(dir, source))
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn creates_then_reloads_the_same_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("ca");
+        let ca = CertificateAuthority::load_or_create(&state, None).unwrap();
+        let td = ca.trust_domain().to_owned();
+        assert!(td.ends_with(".consul"), "{td}");
+        assert_eq!(mode(&state.join(KEY_FILE)), 0o600);
+        assert_eq!(mode(&state), 0o700);
+        assert!(!state.join(format!(".{KEY_FILE}.tmp")).exists());
+
+        let again = CertificateAuthority::load_or_create(&state, None).unwrap();
+        assert_eq!(again.root(), ca.root());
+        assert_eq!(again.trust_domain(), td);
+        let named = CertificateAuthority::load_or_create(&state, Some(&td)).unwrap();
+        assert_eq!(named.root(), ca.root());
+
+        // A leaf from the reloaded CA chains to the persisted root.
+        let id = SpiffeId::new(&td, "default", "dc1", "web").unwrap();
+        let leaf = again.issue_leaf(&id, Duration::from_secs(3600)).unwrap();
+        let cert = parse_cert(leaf.cert_der()).unwrap();
+        let root = parse_cert(ca.root().der()).unwrap();
+        cert.verify_signature(Some(root.public_key())).unwrap();
+    }
+
+    #[test]
+    fn root_is_a_p256_ca_with_trust_domain_uri() {
+        let ca = CertificateAuthority::ephemeral("example.consul").unwrap();
+        let cert = parse_cert(ca.root().der()).unwrap();
+        assert!(cert.is_ca());
+        assert_eq!(uris(&cert).unwrap(), vec!["spiffe://example.consul"]);
+        assert_eq!(
+            cert.public_key().algorithm.algorithm,
+            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        let curve = cert
+            .public_key()
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .unwrap();
+        assert_eq!(curve, x509_parser::oid_registry::OID_EC_P256);
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.key_cert_sign());
+        assert_eq!(ca.root().trust_domain(), "example.consul");
+        assert_eq!(ca.root().fingerprint().len(), 64);
+        assert!(ca.root().pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn refuses_other_trust_domain_and_open_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), Some("one.consul")).unwrap();
+        assert_eq!(ca.trust_domain(), "one.consul");
+        match CertificateAuthority::load_or_create(dir.path(), Some("two.consul")) {
+            Err(Error::TrustDomainMismatch { expected, got }) => {
+                assert_eq!(expected, "one.consul");
+                assert_eq!(got, "two.consul");
+            }
+            other => panic!("{other:?}"),
+        }
+        fs::set_permissions(dir.path().join(KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        let err = CertificateAuthority::load_or_create(dir.path(), None).unwrap_err();
+        assert!(matches!(err, Error::CaState { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_state_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        fs::write(dir.path().join(CERT_FILE), "not a pem").unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(dir.path(), None),
+            Err(Error::CaState { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        write_durably(&dir.path().join(KEY_FILE), b"junk", 0o600).unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(dir.path(), Some("a.consul")),
+            Err(Error::CaState { .. })
+        ));
+    }
+
+    #[test]
+    fn certificate_that_does_not_match_the_key_is_remade_from_the_key() {
+        // As after a crash between the certificate and key renames of a rotation.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        let other = CertificateAuthority::ephemeral(ca.trust_domain()).unwrap();
+        write_durably(
+            &dir.path().join(CERT_FILE),
+            other.root().pem().as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        let reloaded = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(reloaded.trust_domain(), ca.trust_domain());
+        assert_ne!(reloaded.root(), other.root());
+        let key =
+            KeyPair::from_pem(&fs::read_to_string(dir.path().join(KEY_FILE)).unwrap()).unwrap();
+        assert!(cert_matches_key(reloaded.root().der(), &key).unwrap());
+        // And it is stable from then on.
+        let third = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(third.root(), reloaded.root());
+    }
+
+    #[test]
+    fn key_without_certificate_needs_the_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        let td = ca.trust_domain().to_owned();
+        fs::remove_file(dir.path().join(CERT_FILE)).unwrap();
+        assert!(matches!(
+            CertificateAuthority::load_or_create(dir.path(), None),
+            Err(Error::CaState { .. })
+        ));
+        // Given the trust domain, the root is re-made from the same key.
+        let remade = CertificateAuthority::load_or_create(dir.path(), Some(&td)).unwrap();
+        assert_eq!(remade.trust_domain(), td);
+        let key =
+            KeyPair::from_pem(&fs::read_to_string(dir.path().join(KEY_FILE)).unwrap()).unwrap();
+        assert!(cert_matches_key(remade.root().der(), &key).unwrap());
+        assert!(cert_matches_key(ca.root().der(), &key).unwrap());
+    }
+
+    #[test]
+    fn certificate_without_key_is_a_crashed_first_start() {
+        // The certificate is written first; a crash before the key leaves only it behind. The
+        // next start keeps its trust domain and makes a fresh root.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        let again = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(again.trust_domain(), ca.trust_domain());
+        assert_ne!(again.root(), ca.root());
+        assert_eq!(mode(&dir.path().join(KEY_FILE)), 0o600);
+    }
+
+    #[test]
+    fn rotation_persists_the_new_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        let old = ca.root().clone();
+        let new = ca.rotate().unwrap();
+        assert_ne!(old, new);
+        assert_eq!(ca.root(), &new);
+        assert_eq!(mode(&dir.path().join(KEY_FILE)), 0o600);
+        let reloaded = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(reloaded.root(), &new);
+    }
+
+    #[test]
+    fn leaf_validity_is_checked() {
+        let ca = CertificateAuthority::ephemeral("a.consul").unwrap();
+        let id = SpiffeId::new("a.consul", "default", "dc1", "web").unwrap();
+        let now = SystemTime::now();
+        assert!(matches!(
+            ca.issue_leaf_with_validity(&id, now, now),
+            Err(Error::InvalidValidity(_))
+        ));
+        assert!(matches!(
+            ca.issue_leaf(&id, Duration::ZERO),
+            Err(Error::InvalidValidity(_))
+        ));
+        assert!(matches!(
+            ca.issue_leaf(&id, Duration::MAX),
+            Err(Error::InvalidValidity(_))
+        ));
+        assert!(matches!(
+            ca.issue_leaf(&id, DEFAULT_ROOT_TTL * 2),
+            Err(Error::InvalidValidity(_))
+        ));
+        let other = SpiffeId::new("b.consul", "default", "dc1", "web").unwrap();
+        assert!(matches!(
+            ca.issue_leaf(&other, Duration::from_secs(60)),
+            Err(Error::TrustDomainMismatch { .. })
+        ));
+    }
+}
