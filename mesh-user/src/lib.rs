@@ -2,3 +2,4 @@
 //!
 //! `unsafe` lives only in [`sys`], the one module that talks to the kernel directly; every other
 //! module is `#![forbid(unsafe_code)]`.
+pub mod intentions;
