@@ -46,6 +46,7 @@
 //! only when empty or `default`.
 #![forbid(unsafe_code)]
 
+mod compile;
 mod decode;
 mod entry;
 mod intention;
@@ -55,6 +56,10 @@ mod ruleset;
 
 use std::fmt;
 
+pub use compile::{
+    compile, compile_with, kernel_lookup_order, simulate_kernel_check, CompiledRules, Interner,
+    KernelKey, KernelValue, KernelVerdict, KeyPattern, UNKNOWN_ID, WILDCARD_ID,
+};
 pub use entry::{ServiceIntentionsEntry, SourceIntention, SERVICE_INTENTIONS_KIND};
 pub use intention::{precedence, Action, Intention, IntentionSpec};
 pub use name::{ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
