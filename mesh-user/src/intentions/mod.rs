@@ -53,6 +53,8 @@ mod intention;
 mod name;
 mod ruleset;
 
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 
