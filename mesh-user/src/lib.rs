@@ -6,6 +6,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod identity;
+pub mod intentions;
 pub mod iptables;
 pub mod netns;
 pub mod socket;

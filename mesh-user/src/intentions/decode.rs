@@ -1,0 +1,113 @@
+//! Strict JSON and HCL decoding that reports the path of the field that went wrong.
+
+use serde::de::DeserializeOwned;
+
+use super::{Format, IntentionError, Result};
+
+fn malformed(format: Format, field: String, message: impl ToString) -> IntentionError {
+    IntentionError::Malformed {
+        format,
+        field,
+        message: message.to_string().trim().to_owned(),
+    }
+}
+
+/// The path serde_path_to_error reports, completed for errors it reports at the enclosing
+/// struct: "duplicate field `Name`" at `Sources[0]` is about `Sources[0].Name`.
+fn error_path(path: &serde_path_to_error::Path, message: &str) -> String {
+    let mut field = path.to_string();
+    if field == "." {
+        field.clear();
+    }
+    if let Some(rest) = message.strip_prefix("duplicate field `") {
+        if let Some((name, _)) = rest.split_once('`') {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(name);
+        }
+    }
+    field
+}
+
+/// Decodes JSON into `T`, rejecting trailing data; errors carry the field path
+/// (`Sources[1].Foo`).
+pub(crate) fn json<T: DeserializeOwned>(input: &str) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_str(input);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let message = e.inner().to_string();
+        malformed(Format::Json, error_path(e.path(), &message), message)
+    })?;
+    de.end()
+        .map_err(|e| malformed(Format::Json, String::new(), e))?;
+    Ok(value)
+}
+
+/// Decodes HCL into `T`. The document is parsed, checked for attributes given twice (which
+/// the HCL-to-JSON mapping would silently merge), evaluated without variables or functions
+/// (so heredocs and plain literals work, references are errors), mapped to its JSON form, and
+/// then decoded like JSON. `wrap_in_array` names top-level keys whose single-block form
+/// (`Sources { ... }`) must become a one-element list.
+pub(crate) fn hcl<T: DeserializeOwned>(input: &str, wrap_in_array: &[&str]) -> Result<T> {
+    use hcl::eval::{Context, Evaluate};
+
+    let body: hcl::Body =
+        hcl::parse(input).map_err(|e| malformed(Format::Hcl, String::new(), e))?;
+    check_duplicates(&body, "")?;
+    let body = body
+        .evaluate(&Context::new())
+        .map_err(|e| malformed(Format::Hcl, String::new(), e))?;
+    let mut value: serde_json::Value =
+        hcl::from_body(body).map_err(|e| malformed(Format::Hcl, String::new(), e))?;
+    if let serde_json::Value::Object(map) = &mut value {
+        for key in wrap_in_array {
+            if let Some(v) = map.get_mut(*key) {
+                if v.is_object() {
+                    *v = serde_json::Value::Array(vec![v.take()]);
+                }
+            }
+        }
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let message = e.inner().to_string();
+        malformed(Format::Hcl, error_path(e.path(), &message), message)
+    })
+}
+
+/// Rejects an attribute or block name used twice at one level (blocks may repeat: repeated
+/// blocks form a list).
+fn check_duplicates(body: &hcl::Body, prefix: &str) -> Result<()> {
+    use std::collections::HashMap;
+
+    let mut attrs: HashMap<&str, ()> = HashMap::new();
+    let mut blocks: HashMap<&str, usize> = HashMap::new();
+    for structure in body.iter() {
+        match structure {
+            hcl::Structure::Attribute(attr) => {
+                let key = attr.key();
+                if attrs.insert(key, ()).is_some() || blocks.contains_key(key) {
+                    return Err(malformed(
+                        Format::Hcl,
+                        format!("{prefix}{key}"),
+                        format!("{prefix}{key} is defined more than once"),
+                    ));
+                }
+            }
+            hcl::Structure::Block(block) => {
+                let key = block.identifier();
+                if attrs.contains_key(key) {
+                    return Err(malformed(
+                        Format::Hcl,
+                        format!("{prefix}{key}"),
+                        format!("{prefix}{key} is defined both as an attribute and as a block"),
+                    ));
+                }
+                let n = blocks.entry(key).or_insert(0);
+                let here = format!("{prefix}{key}[{n}].");
+                *n += 1;
+                check_duplicates(block.body(), &here)?;
+            }
+        }
+    }
+    Ok(())
+}
