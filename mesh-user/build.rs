@@ -11,15 +11,18 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=MESH_EBPF_OBJECT");
     println!("cargo:rerun-if-env-changed=MESH_SKIP_EBPF");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("mesh-ebpf.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("mesh-ebpf.o");
     if env::var_os("MESH_SKIP_EBPF").is_some_and(|v| v == "1") {
         std::fs::write(&out, []).expect("writing the empty kernel object");
         return;
     }
-    let src = env::var_os("MESH_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-            .join("../target/bpfel-unknown-none/release/mesh-ebpf")
-    });
+    let src = env::var_os("MESH_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+                .join("../target/bpfel-unknown-none/release/mesh-ebpf")
+        });
     println!("cargo:rerun-if-changed={}", src.display());
     if let Err(e) = std::fs::copy(&src, &out) {
         panic!(

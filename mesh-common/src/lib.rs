@@ -304,7 +304,10 @@ mod tests {
     fn peer_key_swaps_ends() {
         let k = SockKey::new(7, 1, 1000, 2, 15001);
         let p = k.peer();
-        assert_eq!((p.local_ip, p.local_port, p.remote_ip, p.remote_port), (2, 15001, 1, 1000));
+        assert_eq!(
+            (p.local_ip, p.local_port, p.remote_ip, p.remote_port),
+            (2, 15001, 1, 1000)
+        );
         assert_eq!(p.peer(), k);
     }
 }

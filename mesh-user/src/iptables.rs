@@ -143,7 +143,9 @@ pub fn remove(netns: &Path) -> Result<(), Error> {
     ] {
         while nsenter(
             netns,
-            &["iptables", "-w", "-t", "nat", "-D", hook, "-p", "tcp", "-j", chain],
+            &[
+                "iptables", "-w", "-t", "nat", "-D", hook, "-p", "tcp", "-j", chain,
+            ],
             None,
         )
         .is_ok()
@@ -176,16 +178,25 @@ mod tests {
         };
         let s = r.restore_input();
         for chain in CHAINS {
-            assert!(s.contains(&format!(":{chain} - [0:0]")), "{chain} missing:\n{s}");
+            assert!(
+                s.contains(&format!(":{chain} - [0:0]")),
+                "{chain} missing:\n{s}"
+            );
         }
         assert!(s.contains("-A CONSUL_PROXY_REDIRECT -p tcp -j REDIRECT --to-ports 15001"));
         assert!(s.contains("-A CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 20000"));
         assert!(s.contains("--dport 9090 -j CONSUL_PROXY_IN_REDIRECT"));
         assert!(s.contains("--dport 8080 -j CONSUL_PROXY_IN_REDIRECT"));
         // The proxy's own sockets and loopback are excluded before the redirect.
-        let mark = s.find("--mark 0x4d455348 -j RETURN").expect("mark exclusion");
-        let lo = s.find("-d 127.0.0.1/32 -j RETURN").expect("loopback exclusion");
-        let redirect = s.find("-A CONSUL_PROXY_OUTPUT -j CONSUL_PROXY_REDIRECT").expect("jump");
+        let mark = s
+            .find("--mark 0x4d455348 -j RETURN")
+            .expect("mark exclusion");
+        let lo = s
+            .find("-d 127.0.0.1/32 -j RETURN")
+            .expect("loopback exclusion");
+        let redirect = s
+            .find("-A CONSUL_PROXY_OUTPUT -j CONSUL_PROXY_REDIRECT")
+            .expect("jump");
         assert!(mark < redirect && lo < redirect);
         assert!(s.ends_with("COMMIT\n"));
     }

@@ -62,7 +62,16 @@ impl Pod {
     pub fn eth0_tx_packets(&self) -> Result<u64> {
         let out = run(
             "ip",
-            &["-n", &self.netns_name, "-j", "-s", "link", "show", "dev", "eth0"],
+            &[
+                "-n",
+                &self.netns_name,
+                "-j",
+                "-s",
+                "link",
+                "show",
+                "dev",
+                "eth0",
+            ],
         )?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
         v[0]["stats64"]["tx"]["packets"]
@@ -135,17 +144,86 @@ impl Node {
         let host_if = format!("v{}p{idx}", self.id);
         run(
             "ip",
-            &["link", "add", &host_if, "netns", &self.bridge_ns, "type", "veth", "peer", "name", "eth0", "netns", &netns_name],
+            &[
+                "link",
+                "add",
+                &host_if,
+                "netns",
+                &self.bridge_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns_name,
+            ],
         )?;
-        run("ip", &["-n", &self.bridge_ns, "link", "set", &host_if, "master", "br0", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.bridge_ns,
+                "link",
+                "set",
+                &host_if,
+                "master",
+                "br0",
+                "up",
+            ],
+        )?;
         // Pods are IPv4 only: no IPv6 router solicitations or DAD on the uplink.
-        run("ip", &["netns", "exec", &netns_name, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
-        run("ip", &["netns", "exec", &netns_name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns_name,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns_name,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
         run("ip", &["-n", &netns_name, "link", "set", "lo", "up"])?;
-        run("ip", &["-n", &netns_name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns_name,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
         run("ip", &["-n", &netns_name, "link", "set", "eth0", "up"])?;
         // Service virtual IPs route out of the pod, as on a real node.
-        run("ip", &["-n", &netns_name, "route", "add", "10.96.0.0/16", "dev", "eth0"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns_name,
+                "route",
+                "add",
+                "10.96.0.0/16",
+                "dev",
+                "eth0",
+            ],
+        )?;
         let cgroup = self.mesh_cgroup.join("pods").join(name);
         cgroup::create(&cgroup)?;
         let pod = Pod {
@@ -202,7 +280,11 @@ pub fn probe_path() -> Result<PathBuf> {
         .and_then(Path::parent)
         .context("test binary has no target directory")?;
     let path = dir.join("mesh-probe");
-    ensure!(path.exists(), "{} is missing: build the mesh-tests package first", path.display());
+    ensure!(
+        path.exists(),
+        "{} is missing: build the mesh-tests package first",
+        path.display()
+    );
     Ok(path)
 }
 

@@ -63,20 +63,34 @@ fn outbound_listener(pod: &Pod) -> Result<TcpListener> {
 fn redirect_1000_connections(mode: Mode) -> Result<()> {
     let mut node = Node::new()?;
     let web = node.add_pod("web")?;
-    let vips = [vip(&node, 10, 9091), vip(&node, 11, 80), vip(&node, 12, 443)];
+    let vips = [
+        vip(&node, 10, 9091),
+        vip(&node, 11, 80),
+        vip(&node, 12, 443),
+    ];
     let dp = match mode {
         Mode::Ebpf => {
             let mut dp = open_dataplane(&node)?;
             mesh_pod(&mut dp, &web, WEB_ID)?;
             for v in vips {
-                dp.set_service(v, ServiceValue { service: API_ID, kind: SERVICE_VIP })?;
+                dp.set_service(
+                    v,
+                    ServiceValue {
+                        service: API_ID,
+                        kind: SERVICE_VIP,
+                    },
+                )?;
             }
             Some(dp)
         }
         Mode::Iptables => {
             iptables::install(
                 &web.netns_path,
-                &iptables::Rules { outbound_port: OUTBOUND_PORT, inbound_port: 20000, app_ports: vec![] },
+                &iptables::Rules {
+                    outbound_port: OUTBOUND_PORT,
+                    inbound_port: 20000,
+                    app_ports: vec![],
+                },
             )?;
             None
         }
@@ -88,27 +102,49 @@ fn redirect_1000_connections(mode: Mode) -> Result<()> {
         let mut ok = 0;
         for i in 0..N {
             let (conn, _) = listener.accept()?;
-            let orig = original_dst(&conn).with_context(|| format!("SO_ORIGINAL_DST of connection {i}"))?;
+            let orig = original_dst(&conn)
+                .with_context(|| format!("SO_ORIGINAL_DST of connection {i}"))?;
             let mut line = String::new();
             BufReader::new(&conn).read_line(&mut line)?;
             let dialled: SocketAddr = line.trim().parse()?;
-            ensure!(SocketAddr::V4(orig) == dialled, "connection {i}: original dst {orig}, app dialled {dialled}");
+            ensure!(
+                SocketAddr::V4(orig) == dialled,
+                "connection {i}: original dst {orig}, app dialled {dialled}"
+            );
             ok += 1;
         }
         Ok(ok)
     });
     let targets = vips.map(|v| v.to_string()).join(",");
-    let out = node.probe_in(&web, &["dial-many", &targets, &N.to_string()], Duration::from_secs(60))?;
-    ensure!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = node.probe_in(
+        &web,
+        &["dial-many", &targets, &N.to_string()],
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let landed = acceptor.join().expect("acceptor")?;
     assert_eq!(landed, N, "every connection lands on the outbound listener");
     if let Some(dp) = &dp {
         let c = dp.counters()?;
-        assert!(c.redirects >= N as u64, "connect4 counted {} redirects", c.redirects);
-        assert!(c.orig_dst_answered >= N as u64, "getsockopt answered {}", c.orig_dst_answered);
+        assert!(
+            c.redirects >= N as u64,
+            "connect4 counted {} redirects",
+            c.redirects
+        );
+        assert!(
+            c.orig_dst_answered >= N as u64,
+            "getsockopt answered {}",
+            c.orig_dst_answered
+        );
         // Every per-connection entry is gone once the connections are closed.
-        wait_for(Duration::from_secs(5), || Ok(dp.conn_map_sizes()? == before.unwrap()))
-            .context("per-connection maps did not return to their size before the test")?;
+        wait_for(Duration::from_secs(5), || {
+            Ok(dp.conn_map_sizes()? == before.unwrap())
+        })
+        .context("per-connection maps did not return to their size before the test")?;
     }
     Ok(())
 }
@@ -119,7 +155,10 @@ fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> 
         if f()? {
             return Ok(());
         }
-        ensure!(start.elapsed() < limit, "condition not met within {limit:?}");
+        ensure!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -136,7 +175,11 @@ fn iptables_redirects_1000_connections_with_original_destination() -> Result<()>
 
 /// Accepts one connection on `listener`, checks it received stream `seed_in` to EOF, and answers
 /// with `len` bytes of stream `seed_in + 1` and a half-close.
-fn serve_exchange(listener: TcpListener, seed_in: u64, len: u64) -> thread::JoinHandle<Result<(u64, bool)>> {
+fn serve_exchange(
+    listener: TcpListener,
+    seed_in: u64,
+    len: u64,
+) -> thread::JoinHandle<Result<(u64, bool)>> {
     thread::spawn(move || {
         let (conn, _) = listener.accept()?;
         let conn = NbStream::new(conn)?;
@@ -180,7 +223,13 @@ fn sk_msg_carries_64_mib_each_way_with_half_close() -> Result<()> {
     let api = vip(&node, 10, 9091);
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &web, WEB_ID)?;
-    dp.set_service(api, ServiceValue { service: API_ID, kind: SERVICE_VIP })?;
+    dp.set_service(
+        api,
+        ServiceValue {
+            service: API_ID,
+            kind: SERVICE_VIP,
+        },
+    )?;
     let before = dp.counters()?;
     let server = serve_exchange(outbound_listener(&web)?, 42, LEN);
     let out = node.probe_in(
@@ -188,9 +237,17 @@ fn sk_msg_carries_64_mib_each_way_with_half_close() -> Result<()> {
         &["exchange", &api.to_string(), &LEN.to_string(), "42"],
         Duration::from_secs(120),
     )?;
-    ensure!(out.status.success(), "probe: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (sent, received, ok) = parse_exchange(&out.stdout)?;
-    assert_eq!((sent, received, ok), (LEN, LEN, true), "app side of the exchange");
+    assert_eq!(
+        (sent, received, ok),
+        (LEN, LEN, true),
+        "app side of the exchange"
+    );
     let (got, got_ok) = server.join().expect("server")?;
     assert_eq!((got, got_ok), (LEN, true), "proxy side of the exchange");
     let after = dp.counters()?;
@@ -200,7 +257,10 @@ fn sk_msg_carries_64_mib_each_way_with_half_close() -> Result<()> {
         "only {redirected} of {} bytes took the sk_msg redirect ({after:?})",
         2 * LEN
     );
-    assert_eq!(after.backlog_fallbacks, before.backlog_fallbacks, "a fast reader never falls back");
+    assert_eq!(
+        after.backlog_fallbacks, before.backlog_fallbacks,
+        "a fast reader never falls back"
+    );
     Ok(())
 }
 
@@ -214,29 +274,71 @@ fn identical_loopback_tuples_in_two_pods_stay_apart() -> Result<()> {
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &a, WEB_ID)?;
     mesh_pod(&mut dp, &b, WEB_ID)?;
-    dp.set_service(api, ServiceValue { service: API_ID, kind: SERVICE_VIP })?;
+    dp.set_service(
+        api,
+        ServiceValue {
+            service: API_ID,
+            kind: SERVICE_VIP,
+        },
+    )?;
     let server_a = serve_exchange(outbound_listener(&a)?, 100, LEN);
     let server_b = serve_exchange(outbound_listener(&b)?, 200, LEN);
     // Both apps use local port 40000: both pairs are 127.0.0.1:40000 <-> 127.0.0.1:15001.
-    let args = |seed: &'static str| ["exchange".to_string(), api.to_string(), LEN.to_string(), seed.to_string(), "40000".to_string()];
+    let args = |seed: &'static str| {
+        [
+            "exchange".to_string(),
+            api.to_string(),
+            LEN.to_string(),
+            seed.to_string(),
+            "40000".to_string(),
+        ]
+    };
     let pa = args("100");
     let pb = args("200");
-    let child_a = node.probe(&a.netns_path, &a.cgroup, &pa.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let child_b = node.probe(&b.netns_path, &b.cgroup, &pb.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let child_a = node.probe(
+        &a.netns_path,
+        &a.cgroup,
+        &pa.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let child_b = node.probe(
+        &b.netns_path,
+        &b.cgroup,
+        &pb.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
     let out_a = mesh_tests::wait_limit(child_a, Duration::from_secs(60))?;
     let out_b = mesh_tests::wait_limit(child_b, Duration::from_secs(60))?;
     for (name, out) in [("a", &out_a), ("b", &out_b)] {
-        ensure!(out.status.success(), "probe {name}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(parse_exchange(&out.stdout)?, (LEN, LEN, true), "pod {name} got only its own bytes");
+        ensure!(
+            out.status.success(),
+            "probe {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            parse_exchange(&out.stdout)?,
+            (LEN, LEN, true),
+            "pod {name} got only its own bytes"
+        );
     }
-    assert_eq!(server_a.join().expect("a")?, (LEN, true), "pod a's proxy got only pod a's bytes");
-    assert_eq!(server_b.join().expect("b")?, (LEN, true), "pod b's proxy got only pod b's bytes");
+    assert_eq!(
+        server_a.join().expect("a")?,
+        (LEN, true),
+        "pod a's proxy got only pod a's bytes"
+    );
+    assert_eq!(
+        server_b.join().expect("b")?,
+        (LEN, true),
+        "pod b's proxy got only pod b's bytes"
+    );
     assert!(dp.counters()?.bytes_redirected >= 4 * LEN);
     Ok(())
 }
 
 /// Answers every connection on `listener` with `reply` until `stop`.
-fn answer(listener: TcpListener, reply: &'static str, stop: Arc<AtomicBool>) -> thread::JoinHandle<usize> {
+fn answer(
+    listener: TcpListener,
+    reply: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<usize> {
     listener.set_nonblocking(true).expect("nonblocking");
     thread::spawn(move || {
         let mut n = 0;
@@ -254,10 +356,19 @@ fn answer(listener: TcpListener, reply: &'static str, stop: Arc<AtomicBool>) -> 
     })
 }
 
-fn fetch(node: &mut Node, netns: &std::path::Path, cgroup: &std::path::Path, addr: SocketAddrV4) -> Result<String> {
+fn fetch(
+    node: &mut Node,
+    netns: &std::path::Path,
+    cgroup: &std::path::Path,
+    addr: SocketAddrV4,
+) -> Result<String> {
     let child = node.probe(netns, cgroup, &["fetch", &addr.to_string()])?;
     let out = mesh_tests::wait_limit(child, Duration::from_secs(20))?;
-    ensure!(out.status.success(), "fetch {addr}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "fetch {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
@@ -269,15 +380,30 @@ fn agent_and_unmeshed_sockets_are_never_redirected() -> Result<()> {
     let endpoint = SocketAddrV4::new(api.ip, 9000);
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &web, WEB_ID)?;
-    dp.set_service(endpoint, ServiceValue { service: API_ID, kind: SERVICE_ENDPOINT })?;
-    let server = node.probe(&api.netns_path, &api.cgroup, &["serve", "0.0.0.0:9000", "app"])?;
+    dp.set_service(
+        endpoint,
+        ServiceValue {
+            service: API_ID,
+            kind: SERVICE_ENDPOINT,
+        },
+    )?;
+    let server = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9000", "app"],
+    )?;
     node.keep(server);
     let stop = Arc::new(AtomicBool::new(false));
     let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
-    wait_for(Duration::from_secs(5), || Ok(api.netns().connect(v4(api.ip, 9000).into()).is_ok()))?;
+    wait_for(Duration::from_secs(5), || {
+        Ok(api.netns().connect(v4(api.ip, 9000).into()).is_ok())
+    })?;
 
     // A meshed app is redirected to the proxy...
-    assert_eq!(fetch(&mut node, &web.netns_path, &web.cgroup, endpoint)?, "proxy");
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, endpoint)?,
+        "proxy"
+    );
     // ...a process of a cgroup without the mesh's programs is not...
     let plain = node.plain_cgroup()?;
     assert_eq!(fetch(&mut node, &web.netns_path, &plain, endpoint)?, "app");
@@ -285,9 +411,16 @@ fn agent_and_unmeshed_sockets_are_never_redirected() -> Result<()> {
     let mut s = web.netns().connect(SocketAddr::V4(endpoint))?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    assert_eq!(text, "app", "the agent's own connection reached the app directly");
+    assert_eq!(
+        text, "app",
+        "the agent's own connection reached the app directly"
+    );
     stop.store(true, Ordering::Relaxed);
-    assert_eq!(proxy.join().expect("proxy"), 1, "only the meshed app's connection hit the proxy");
+    assert_eq!(
+        proxy.join().expect("proxy"),
+        1,
+        "only the meshed app's connection hit the proxy"
+    );
     Ok(())
 }
 
@@ -299,24 +432,53 @@ fn deny_verdict_fails_connect_with_eperm_before_any_packet() -> Result<()> {
     let other = vip(&node, 11, 9091);
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &web, WEB_ID)?;
-    dp.set_service(api, ServiceValue { service: API_ID, kind: SERVICE_VIP })?;
-    dp.set_service(other, ServiceValue { service: API_ID + 1, kind: SERVICE_VIP })?;
+    dp.set_service(
+        api,
+        ServiceValue {
+            service: API_ID,
+            kind: SERVICE_VIP,
+        },
+    )?;
+    dp.set_service(
+        other,
+        ServiceValue {
+            service: API_ID + 1,
+            kind: SERVICE_VIP,
+        },
+    )?;
     dp.set_verdict(WEB_ID, API_ID, false)?;
     let stop = Arc::new(AtomicBool::new(false));
     let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
 
     let tx_before = web.eth0_tx_packets()?;
     let denied_before = dp.counters()?.connects_denied;
-    let out = node.probe_in(&web, &["connect", &api.to_string()], Duration::from_secs(10))?;
+    let out = node.probe_in(
+        &web,
+        &["connect", &api.to_string()],
+        Duration::from_secs(10),
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with(&format!("error {} ", libc::EPERM)), "denied connect: {text}");
-    assert_eq!(web.eth0_tx_packets()?, tx_before, "a denied connect sent packets");
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "denied connect: {text}"
+    );
+    assert_eq!(
+        web.eth0_tx_packets()?,
+        tx_before,
+        "a denied connect sent packets"
+    );
     assert_eq!(dp.counters()?.connects_denied, denied_before + 1);
 
     // The verdict is per destination service, and flipping it takes effect at once.
-    assert_eq!(fetch(&mut node, &web.netns_path, &web.cgroup, other)?, "proxy");
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, other)?,
+        "proxy"
+    );
     dp.set_verdict(WEB_ID, API_ID, true)?;
-    assert_eq!(fetch(&mut node, &web.netns_path, &web.cgroup, api)?, "proxy");
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, api)?,
+        "proxy"
+    );
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
     Ok(())
@@ -332,19 +494,37 @@ fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Resu
     let inbound = api.netns().listen(v4(api.ip, mesh_common::INBOUND_PORT))?;
     dp.set_inbound(0, &inbound, api.ip, &[9000])?;
     dp.set_local_port(api.netns().cookie()?, 9000, LOCAL_PORT_APP)?;
-    let server = node.probe(&api.netns_path, &api.cgroup, &["serve", "0.0.0.0:9000", "app"])?;
+    let server = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9000", "app"],
+    )?;
     node.keep(server);
     let stop = Arc::new(AtomicBool::new(false));
     let proxy = answer(inbound, "inbound", stop.clone());
     let app = SocketAddrV4::new(api.ip, 9000);
     // Inside the pod, the app port is the app (the proxy's own inbound leg depends on it).
-    wait_for(Duration::from_secs(5), || Ok(api.netns().connect(v4(Ipv4Addr::LOCALHOST, 9000)).is_ok()))?;
-    assert_eq!(fetch(&mut node, &api.netns_path, &api.cgroup, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000))?, "app");
+    wait_for(Duration::from_secs(5), || {
+        Ok(api.netns().connect(v4(Ipv4Addr::LOCALHOST, 9000)).is_ok())
+    })?;
+    assert_eq!(
+        fetch(
+            &mut node,
+            &api.netns_path,
+            &api.cgroup,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000)
+        )?,
+        "app"
+    );
     assert_eq!(fetch(&mut node, &api.netns_path, &api.cgroup, app)?, "app");
 
     let steered_before = dp.counters()?.inbound_steered;
     let plain = node.plain_cgroup()?;
-    assert_eq!(fetch(&mut node, &client.netns_path, &plain, app)?, "inbound", "outside → app port");
+    assert_eq!(
+        fetch(&mut node, &client.netns_path, &plain, app)?,
+        "inbound",
+        "outside → app port"
+    );
     assert_eq!(dp.counters()?.inbound_steered, steered_before + 1);
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
@@ -359,19 +539,38 @@ fn uninstall_leaves_nothing_attached_or_pinned() -> Result<()> {
         let mut dp = open_dataplane(&node)?;
         mesh_pod(&mut dp, &web, WEB_ID)?;
         let ids = dp.link_ids()?;
-        assert_eq!(ids.len(), 4, "sockops, getsockopt, connect4, sk_lookup: {ids:?}");
+        assert_eq!(
+            ids.len(),
+            4,
+            "sockops, getsockopt, connect4, sk_lookup: {ids:?}"
+        );
         ids
     };
     // The agent is gone but its programs stay attached through their pins.
-    let live: Vec<u32> = aya::programs::loaded_links().filter_map(|l| l.ok()).map(|l| l.id()).collect();
+    let live: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(|l| l.ok())
+        .map(|l| l.id())
+        .collect();
     for (name, id) in &ids {
-        assert!(live.contains(id), "{name} (link {id}) detached when the agent let go");
+        assert!(
+            live.contains(id),
+            "{name} (link {id}) detached when the agent let go"
+        );
     }
     mesh_user::bpf::uninstall(&node.instance())?;
-    assert!(!mesh_user::bpf::instance_dir(&node.instance()).exists(), "pins left behind");
-    let live: Vec<u32> = aya::programs::loaded_links().filter_map(|l| l.ok()).map(|l| l.id()).collect();
+    assert!(
+        !mesh_user::bpf::instance_dir(&node.instance()).exists(),
+        "pins left behind"
+    );
+    let live: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(|l| l.ok())
+        .map(|l| l.id())
+        .collect();
     for (name, id) in &ids {
-        assert!(!live.contains(id), "{name} (link {id}) still attached after uninstall");
+        assert!(
+            !live.contains(id),
+            "{name} (link {id}) still attached after uninstall"
+        );
     }
     Ok(())
 }
@@ -389,7 +588,13 @@ fn backpressure(blocking: bool) -> Result<mesh_user::bpf::Counters> {
     let api = vip(&node, 10, 9091);
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &web, WEB_ID)?;
-    dp.set_service(api, ServiceValue { service: API_ID, kind: SERVICE_VIP })?;
+    dp.set_service(
+        api,
+        ServiceValue {
+            service: API_ID,
+            kind: SERVICE_VIP,
+        },
+    )?;
     let listener = outbound_listener(&web)?;
     let page = 4096u64;
     for run in 0..RUNS {
@@ -415,27 +620,60 @@ fn backpressure(blocking: bool) -> Result<mesh_user::bpf::Counters> {
             })
         };
         // A slow reader: 64 KiB at a time with a pause every 4 MiB, slower than the writer.
-        let mut slow = SlowReader { inner: NbStream::new(conn)?, reads: 0 };
+        let mut slow = SlowReader {
+            inner: NbStream::new(conn)?,
+            reads: 0,
+        };
         let (got, ok) = read_pattern(&mut slow, 7)?;
         drop(slow);
         done.store(true, Ordering::Relaxed);
         let peak = sampler.join().expect("sampler")?;
         let out = mesh_tests::wait_limit(child, Duration::from_secs(120))?;
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "run {run}: writer failed: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(text.trim(), format!("pushed {LEN}"), "run {run}: the writer saw an error");
-        assert_eq!((got, ok), (LEN, true), "run {run}: every byte arrives, in order");
+        assert!(
+            out.status.success(),
+            "run {run}: writer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            text.trim(),
+            format!("pushed {LEN}"),
+            "run {run}: the writer saw an error"
+        );
+        assert_eq!(
+            (got, ok),
+            (LEN, true),
+            "run {run}: every byte arrives, in order"
+        );
         let grown = peak.saturating_sub(base) * page;
-        assert!(grown <= BOUND_BYTES, "run {run}: TCP memory grew {} MiB (bound {} MiB)", grown >> 20, BOUND_BYTES >> 20);
+        assert!(
+            grown <= BOUND_BYTES,
+            "run {run}: TCP memory grew {} MiB (bound {} MiB)",
+            grown >> 20,
+            BOUND_BYTES >> 20
+        );
         let after = dp.counters()?;
         if blocking {
-            assert_eq!(after.sockets_added, before.sockets_added, "run {run}: a blocking socket joined the sockhash");
+            assert_eq!(
+                after.sockets_added, before.sockets_added,
+                "run {run}: a blocking socket joined the sockhash"
+            );
             assert_eq!(after.blocking_skipped, before.blocking_skipped + 1);
         } else {
-            assert!(after.bytes_redirected > before.bytes_redirected, "run {run}: nothing was redirected");
-            assert!(after.backlog_fallbacks > before.backlog_fallbacks, "run {run}: the bound never engaged");
+            assert!(
+                after.bytes_redirected > before.bytes_redirected,
+                "run {run}: nothing was redirected"
+            );
+            assert!(
+                after.backlog_fallbacks > before.backlog_fallbacks,
+                "run {run}: the bound never engaged"
+            );
         }
-        eprintln!("run {run}: 2 GiB, TCP memory peak +{} KiB, {:?}", grown >> 10, after);
+        eprintln!(
+            "run {run}: 2 GiB, TCP memory peak +{} KiB, {:?}",
+            grown >> 10,
+            after
+        );
     }
     Ok(dp.counters()?)
 }

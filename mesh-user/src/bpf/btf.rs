@@ -43,12 +43,12 @@ pub fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Option<u32> {
         let kind_flag = info >> 31 == 1;
         at += 12;
         let extra = match kind {
-            1 | 14 | 17 => 4,               // INT, VAR, DECL_TAG
-            3 => 12,                        // ARRAY
-            4 | 5 => 12 * vlen,             // STRUCT, UNION
-            6 | 13 => 8 * vlen,             // ENUM, FUNC_PROTO
-            15 | 19 => 12 * vlen,           // DATASEC, ENUM64
-            2 | 7..=12 | 16 | 18 => 0,      // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+            1 | 14 | 17 => 4,          // INT, VAR, DECL_TAG
+            3 => 12,                   // ARRAY
+            4 | 5 => 12 * vlen,        // STRUCT, UNION
+            6 | 13 => 8 * vlen,        // ENUM, FUNC_PROTO
+            15 | 19 => 12 * vlen,      // DATASEC, ENUM64
+            2 | 7..=12 | 16 | 18 => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
             _ => return None,
         };
         if (kind == KIND_STRUCT || kind == KIND_UNION)
@@ -125,7 +125,10 @@ mod tests {
     #[test]
     fn rejects_garbage_without_panicking() {
         assert_eq!(member_offset(&[], "pair", "a"), None);
-        assert_eq!(member_offset(&[0x9f, 0xeb, 1, 0, 200, 0, 0, 0], "pair", "a"), None);
+        assert_eq!(
+            member_offset(&[0x9f, 0xeb, 1, 0, 200, 0, 0, 0], "pair", "a"),
+            None
+        );
         let mut b = blob();
         b.truncate(40);
         assert_eq!(member_offset(&b, "pair", "b"), None);

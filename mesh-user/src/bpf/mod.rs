@@ -22,8 +22,8 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    Config, Counter, KernelOffsets, LocalPortKey, OrigDst, PodValue, ServiceKey, ServiceValue, SockKey,
-    SockState, VerdictKey, COUNTER_COUNT, VERDICT_ALLOW, VERDICT_DENY,
+    Config, Counter, KernelOffsets, LocalPortKey, OrigDst, PodValue, ServiceKey, ServiceValue,
+    SockKey, SockState, VerdictKey, COUNTER_COUNT, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::netns::NetNs;
@@ -413,10 +413,11 @@ impl Dataplane {
         let map: HashMap<&MapData, ServiceKey, ServiceValue> = typed_ref(&self.ebpf, "SERVICES")?;
         map.iter()
             .map(|r| {
-                r.map(|(k, v)| (key_addr(k), v)).map_err(|source| Error::Map {
-                    name: "SERVICES",
-                    source,
-                })
+                r.map(|(k, v)| (key_addr(k), v))
+                    .map_err(|source| Error::Map {
+                        name: "SERVICES",
+                        source,
+                    })
             })
             .collect()
     }
@@ -424,10 +425,11 @@ impl Dataplane {
     /// Marks the cgroup as a meshed pod whose connections carry `identity`.
     pub fn set_pod(&mut self, cgroup_id: u64, value: PodValue) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, "PODS")?;
-        map.insert(cgroup_id, value, 0).map_err(|source| Error::Map {
-            name: "PODS",
-            source,
-        })
+        map.insert(cgroup_id, value, 0)
+            .map_err(|source| Error::Map {
+                name: "PODS",
+                source,
+            })
     }
 
     pub fn remove_pod(&mut self, cgroup_id: u64) -> Result<(), Error> {
@@ -480,12 +482,10 @@ impl Dataplane {
     ) -> Result<(), Error> {
         {
             let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, "INBOUND_SOCKS")?;
-            socks
-                .set(slot, listener, 0)
-                .map_err(|source| Error::Map {
-                    name: "INBOUND_SOCKS",
-                    source,
-                })?;
+            socks.set(slot, listener, 0).map_err(|source| Error::Map {
+                name: "INBOUND_SOCKS",
+                source,
+            })?;
         }
         let mut ports: HashMap<&mut MapData, ServiceKey, u32> =
             typed(&mut self.ebpf, "INBOUND_PORTS")?;

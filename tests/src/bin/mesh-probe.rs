@@ -157,7 +157,9 @@ fn exchange<S: Read + Write + HalfClose + Send + 'static>(
         w.half_close()
     });
     let (received, ok) = read_pattern(&mut r, seed + 1)?;
-    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     Ok((bytes, received, ok))
 }
 
