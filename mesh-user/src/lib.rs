@@ -4,6 +4,7 @@
 //! module is `#![forbid(unsafe_code)]`.
 
 pub mod bpf;
+pub mod catalog;
 pub mod cgroup;
 pub mod identity;
 pub mod intentions;
