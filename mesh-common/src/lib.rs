@@ -225,8 +225,9 @@ impl LocalPortKey {
     }
 }
 
+/// A proxy listener port (outbound or explicit upstream). App ports are never registered: the
+/// app's accepted socket could be a blocking one (see `mesh_sockops`).
 pub const LOCAL_PORT_PROXY: u32 = 1;
-pub const LOCAL_PORT_APP: u32 = 2;
 
 /// A pod's application port, as reached from outside the pod: (pod IP, port).
 /// Its value is the slot of the pod's inbound listener in the inbound sockmap.

@@ -6,6 +6,7 @@
 pub mod bpf;
 pub mod catalog;
 pub mod cgroup;
+pub mod durable;
 pub mod identity;
 pub mod intentions;
 pub mod iptables;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_common::{
-    Config, PodValue, ServiceValue, LOCAL_PORT_APP, LOCAL_PORT_PROXY, OUTBOUND_PORT,
+    Config, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
     SERVICE_ENDPOINT, SERVICE_VIP,
 };
 use mesh_tests::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
@@ -493,7 +493,6 @@ fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Resu
     mesh_pod(&mut dp, &api, API_ID)?;
     let inbound = api.netns().listen(v4(api.ip, mesh_common::INBOUND_PORT))?;
     dp.set_inbound(0, &inbound, api.ip, &[9000])?;
-    dp.set_local_port(api.netns().cookie()?, 9000, LOCAL_PORT_APP)?;
     let server = node.probe(
         &api.netns_path,
         &api.cgroup,

@@ -437,6 +437,42 @@ impl Dataplane {
         ignore_missing(map.remove(&cgroup_id), "PODS")
     }
 
+    /// Every meshed pod: (cgroup id, value).
+    pub fn pods(&self) -> Result<Vec<(u64, PodValue)>, Error> {
+        entries(&self.ebpf, "PODS")
+    }
+
+    /// Every verdict: ((src, dst), allowed).
+    pub fn verdicts(&self) -> Result<Vec<((u32, u32), bool)>, Error> {
+        Ok(entries::<VerdictKey, u32>(&self.ebpf, "VERDICTS")?
+            .into_iter()
+            .map(|(k, v)| ((k.src, k.dst), v == VERDICT_ALLOW))
+            .collect())
+    }
+
+    /// Every redirected local port: (netns cookie, port).
+    pub fn local_ports(&self) -> Result<Vec<(u64, u16)>, Error> {
+        Ok(entries::<LocalPortKey, u32>(&self.ebpf, "LOCAL_PORTS")?
+            .into_iter()
+            .map(|(k, _)| (k.netns, k.port))
+            .collect())
+    }
+
+    /// Every steered app port: (pod IP:port, listener slot).
+    pub fn inbound_ports(&self) -> Result<Vec<(SocketAddrV4, u32)>, Error> {
+        Ok(entries::<ServiceKey, u32>(&self.ebpf, "INBOUND_PORTS")?
+            .into_iter()
+            .map(|(k, v)| (key_addr(k), v))
+            .collect())
+    }
+
+    /// Removes a steered app port.
+    pub fn remove_inbound_port(&mut self, addr: SocketAddrV4) -> Result<(), Error> {
+        let mut ports: HashMap<&mut MapData, ServiceKey, u32> =
+            typed(&mut self.ebpf, "INBOUND_PORTS")?;
+        ignore_missing(ports.remove(&service_key(addr)), "INBOUND_PORTS")
+    }
+
     /// Sets the verdict for connections from `src` (a pod identity) to `dst` (a service).
     pub fn set_verdict(&mut self, src: u32, dst: u32, allow: bool) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, VerdictKey, u32> = typed(&mut self.ebpf, "VERDICTS")?;
@@ -659,6 +695,13 @@ fn collect_link_ids(dir: &Path, base: &Path, out: &mut BTreeMap<String, u32>) ->
         out.insert(rel.display().to_string(), info.id());
     }
     Ok(())
+}
+
+fn entries<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<(K, V)>, Error> {
+    let map: HashMap<&MapData, K, V> = typed_ref(ebpf, name)?;
+    map.iter()
+        .map(|r| r.map_err(|source| Error::Map { name, source }))
+        .collect()
 }
 
 fn pin(link: FdLink, path: &Path) -> Result<(), Error> {

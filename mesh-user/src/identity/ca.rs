@@ -2,9 +2,9 @@
 //! directory, that signs leaf certificates.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -475,41 +475,9 @@ fn read_key(path: &Path, dir: &Path) -> Result<Option<KeyPair>, Error> {
     Ok(Some(key))
 }
 
-/// Writes `contents` to `path` so that a crash leaves either the old or the new file: a
-/// temporary file in the same directory, fsync, rename over `path`, fsync of the directory.
+/// Writes `contents` to `path` durably (see [`crate::durable::write`]).
 fn write_durably(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
-    let dir = path.parent().ok_or_else(|| {
-        io_err(
-            path,
-            std::io::Error::new(ErrorKind::InvalidInput, "no parent directory"),
-        )
-    })?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(source) => return Err(io_err(&tmp, source)),
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|source| io_err(&tmp, source))?;
-    // The umask may have narrowed or (for 0644) kept the mode; set it exactly.
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .and_then(|()| f.write_all(contents))
-        .and_then(|()| f.sync_all())
-        .map_err(|source| io_err(&tmp, source))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|source| io_err(path, source))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| io_err(dir, source))
+    crate::durable::write(path, contents, mode).map_err(|source| io_err(path, source))
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
