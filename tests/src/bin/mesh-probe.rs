@@ -12,6 +12,8 @@
 //!   connect ADDR                      print "connected" or "error <errno> <message>"
 //!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
 //!   fetch ADDR                        connect, read to EOF, print what was read
+//!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
+//!                                     send BYTES of stream SEED+1, half-close; print each result
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
 //! ```
 use std::io::{Read, Write};
@@ -126,6 +128,35 @@ fn real_main() -> Result<()> {
             match result {
                 Ok(()) => println!("pushed {bytes}"),
                 Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
+            }
+        }
+        "exchange-server" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let bytes: u64 = arg(2)?.parse()?;
+            let seed: u64 = arg(3)?.parse()?;
+            let listener = TcpListener::bind(addr)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for conn in listener.incoming() {
+                let conn = NbStream::new(conn?)?;
+                std::thread::spawn(move || {
+                    let result = (|| -> std::io::Result<(u64, bool)> {
+                        let mut w = conn.try_clone()?;
+                        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                            write_pattern(&mut w, seed + 1, bytes)?;
+                            w.half_close()
+                        });
+                        let mut r = conn;
+                        let got = read_pattern(&mut r, seed)?;
+                        writer.join().map_err(|_| std::io::Error::other("writer panicked"))??;
+                        Ok(got)
+                    })();
+                    match result {
+                        Ok((n, ok)) => println!("served received={n} ok={ok}"),
+                        Err(e) => println!("served error {e}"),
+                    }
+                    let _ = std::io::stdout().flush();
+                });
             }
         }
         "serve" => {
