@@ -9,5 +9,6 @@ pub mod identity;
 pub mod intentions;
 pub mod iptables;
 pub mod netns;
+pub mod proxy;
 pub mod socket;
 pub mod sys;
