@@ -626,6 +626,10 @@ async fn transparent_listener_passes_non_mesh_destinations_through_plain() {
         expect_refused(transparent).await;
         eventually("both refusals counted", || web.stats().errors == 2).await;
         assert_eq!(outside.accepted() + app.accepted(), 2);
+        // Four client connections, no connection of the proxy to itself.
+        let stats = web.stats();
+        assert_eq!(stats.outbound_connections, 4, "{stats:?}");
+        assert_eq!(stats.passthrough_connections, 1, "{stats:?}");
     })
     .await;
 }
