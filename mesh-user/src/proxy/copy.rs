@@ -1,6 +1,7 @@
 //! Copying bytes both ways between the app side and the network side of a connection: half-close,
 //! idle timeout, fixed buffers, byte counts.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -111,20 +112,22 @@ pub(crate) struct Transferred {
 }
 
 /// Copies between `app` and `remote` until both directions have ended (an end of stream on one
-/// side shuts down writing on the other), an error, or `idle` without a byte either way. Bytes
-/// written to the app are added to `to_app`, bytes written to the remote side to `from_app`.
-/// Both streams are dropped (closed) on return.
-pub(crate) async fn relay<A, R>(
+/// side shuts down writing on the other), an error, `idle` without a byte either way, or `stop`
+/// completes (with the reason). Bytes written to the app are added to `to_app`, bytes written
+/// to the remote side to `from_app`. Both streams are dropped (closed) on return.
+pub(crate) async fn relay<A, R, S>(
     app: A,
     remote: R,
     buffer_size: usize,
     idle: Duration,
     to_app: &AtomicU64,
     from_app: &AtomicU64,
+    stop: S,
 ) -> (Transferred, Result<(), Error>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + AsyncWrite + Unpin,
+    S: Future<Output = Error>,
 {
     let activity = Activity::new();
     let mut app = Metered {
@@ -147,6 +150,7 @@ where
             r.map(|_| ()).map_err(Error::Copy)
         }
         () = activity.idle(idle) => Err(Error::Idle(idle)),
+        e = stop => Err(e),
     };
     let transferred = Transferred {
         to_app: app.written,

@@ -83,6 +83,15 @@ pub(crate) async fn serve(
         pod = %pod.name, caller = %caller, port, resumed = info.resumed,
         "inbound connection authorized: {}", verdict.reason
     );
+    // Registered until this function returns, so that a rule change can close it.
+    let (_registration, revoked) = pod.inbound.register(caller);
+    let stop = async move {
+        match revoked.await {
+            Ok(reason) => Error::Revoked { reason },
+            // The registry went away with the pod: the task is being aborted anyway.
+            Err(_) => std::future::pending().await,
+        }
+    };
     let (transferred, result) = relay(
         app,
         tls,
@@ -90,6 +99,7 @@ pub(crate) async fn serve(
         shared.config.idle_timeout,
         &pod.stats.bytes_in,
         &pod.stats.bytes_out,
+        stop,
     )
     .await;
     info.transferred = transferred;

@@ -43,7 +43,8 @@
 //! [`ProxyConfig::handshake_timeout`], the caller's SPIFFE ID from its certificate, the port from
 //! the server name, the [`Authorizer`]'s verdict for (caller, the pod's service), the port must
 //! be one of the pod's app ports, then a connection to the app on `127.0.0.1:<port>` through
-//! the [`Dialer`].
+//! the [`Dialer`]. After a rule change, [`PodProxy::reauthorize`] asks the [`Authorizer`] again
+//! about every established inbound connection of the pod and closes those it now denies.
 //!
 //! # Copy, limits, failures
 //!
@@ -239,6 +240,12 @@ pub enum Error {
     /// The [`Authorizer`] denied the caller.
     #[error("denied by intentions: {reason}")]
     Denied {
+        /// The authorizer's reason.
+        reason: String,
+    },
+    /// An established inbound connection is no longer allowed (see [`PodProxy::reauthorize`]).
+    #[error("no longer allowed by intentions: {reason}")]
+    Revoked {
         /// The authorizer's reason.
         reason: String,
     },

@@ -80,6 +80,7 @@ async fn passthrough(
         shared.config.idle_timeout,
         &pod.stats.bytes_in,
         &pod.stats.bytes_out,
+        std::future::pending(),
     )
     .await;
     info.transferred = transferred;
@@ -142,6 +143,7 @@ async fn mesh(
         shared.config.idle_timeout,
         &pod.stats.bytes_in,
         &pod.stats.bytes_out,
+        std::future::pending(),
     )
     .await;
     info.transferred = transferred;

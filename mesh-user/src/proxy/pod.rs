@@ -5,14 +5,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Level;
 
@@ -126,6 +127,7 @@ pub(crate) struct PodState {
     app_ports: ArcSwap<Vec<u16>>,
     limit: Arc<Semaphore>,
     pub(crate) stats: Arc<PodStats>,
+    pub(crate) inbound: InboundRegistry,
 }
 
 impl PodState {
@@ -268,6 +270,7 @@ impl Proxy {
             app_ports: ArcSwap::from_pointee(spec.app_ports),
             limit: Arc::new(Semaphore::new(limit)),
             stats: Arc::new(PodStats::default()),
+            inbound: InboundRegistry::default(),
         };
         Ok(PodProxy {
             shared: Arc::clone(&self.shared),
@@ -394,6 +397,28 @@ impl PodProxy {
         self.pod.app_ports.load().as_ref().clone()
     }
 
+    /// Asks the [`Authorizer`] again about every established inbound connection of the pod (call
+    /// it after a rule change) and closes those it now denies, each with a log line. Returns how
+    /// many it closed; they end (and leave the active count) shortly after.
+    pub fn reauthorize(&self) -> usize {
+        let service = self.pod.id();
+        let authorizer = &self.shared.authorizer;
+        let denied: Vec<(u64, String)> = self
+            .pod
+            .inbound
+            .callers()
+            .into_iter()
+            .filter_map(|(id, caller)| {
+                let verdict = authorizer.authorize(&caller, service);
+                (!verdict.allow).then_some((id, verdict.reason))
+            })
+            .collect();
+        denied
+            .into_iter()
+            .filter(|(id, reason)| self.pod.inbound.revoke(*id, reason.clone()))
+            .count()
+    }
+
     /// The pod's counters now.
     pub fn stats(&self) -> PodStatsSnapshot {
         self.pod.stats.snapshot()
@@ -427,6 +452,58 @@ impl PodProxy {
 impl Drop for PodProxy {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The established inbound connections of a pod, by caller, with a channel to close each.
+#[derive(Default)]
+pub(crate) struct InboundRegistry {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, (SpiffeId, oneshot::Sender<String>)>>,
+}
+
+impl InboundRegistry {
+    /// Registers a connection from `caller`; the receiver yields a reason when it is revoked.
+    /// The registration ends when the returned guard drops.
+    pub(crate) fn register(
+        &self,
+        caller: SpiffeId,
+    ) -> (Registration<'_>, oneshot::Receiver<String>) {
+        let id = self.next.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(id, (caller, tx));
+        (Registration { registry: self, id }, rx)
+    }
+
+    fn callers(&self) -> Vec<(u64, SpiffeId)> {
+        self.lock()
+            .iter()
+            .map(|(id, (caller, _))| (*id, caller.clone()))
+            .collect()
+    }
+
+    /// Closes connection `id` with `reason`; false if it already ended.
+    fn revoke(&self, id: u64, reason: String) -> bool {
+        match self.lock().remove(&id) {
+            Some((_, tx)) => tx.send(reason).is_ok(),
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (SpiffeId, oneshot::Sender<String>)>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a connection from the [`InboundRegistry`] on drop.
+pub(crate) struct Registration<'a> {
+    registry: &'a InboundRegistry,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
     }
 }
 
@@ -607,7 +684,10 @@ async fn connection(
     };
     pod.stats.count_error(&error);
     match error {
-        Error::Denied { .. } | Error::PortNotServed { .. } | Error::BadServerName { .. } => {
+        Error::Denied { .. }
+        | Error::Revoked { .. }
+        | Error::PortNotServed { .. }
+        | Error::BadServerName { .. } => {
             conn_event!(
                 Level::INFO,
                 pod,

@@ -44,7 +44,8 @@ pub struct PodStatsSnapshot {
     pub bytes_out: u64,
     /// Connections reset on accept because the pod or agent limit was reached.
     pub refused_by_limit: u64,
-    /// Inbound connections refused after authentication: intentions, port, server name.
+    /// Inbound connections refused after authentication (intentions, port, server name) or
+    /// closed by [`super::PodProxy::reauthorize`].
     pub denied: u64,
     /// TLS handshakes that failed or timed out (either direction).
     pub tls_failures: u64,
@@ -98,9 +99,10 @@ impl PodStats {
             Error::HandshakeTimeout(_) | Error::Handshake(_) => &self.tls_failures,
             // A verified peer without a usable SPIFFE ID.
             Error::Identity(_) => &self.tls_failures,
-            Error::Denied { .. } | Error::PortNotServed { .. } | Error::BadServerName { .. } => {
-                &self.denied
-            }
+            Error::Denied { .. }
+            | Error::Revoked { .. }
+            | Error::PortNotServed { .. }
+            | Error::BadServerName { .. } => &self.denied,
             Error::Idle(_) => &self.idle_timeouts,
             _ => &self.errors,
         };

@@ -528,6 +528,42 @@ async fn an_authorizer_deny_closes_the_connection_before_the_app() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauthorize_closes_established_connections_that_are_now_denied() {
+    within(30, async {
+        let env = Env::new(test_config());
+        let app = App::echo().await;
+        let (api, inbound) = env.server("api", &[app.port]);
+        let mut web = env.client("web", None);
+        let mut admin = env.client("admin", None);
+        let from_web = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
+        let from_admin = env.upstream(&mut admin, "api", "api", app.port, vec![inbound]);
+        let mut web_conn = echo_through(from_web, b"web before").await;
+        let mut admin_conn = echo_through(from_admin, b"admin before").await;
+        assert_eq!(api.reauthorize(), 0, "nothing is denied yet");
+
+        env.authz
+            .deny
+            .lock()
+            .unwrap()
+            .insert(("web".into(), "api".into()));
+        assert_eq!(api.reauthorize(), 1);
+        assert!(read_until_closed(&mut web_conn).await.is_empty());
+        eventually("revocation counted", || api.stats().denied == 1).await;
+        // The allowed caller's connection is untouched.
+        assert_eq!(
+            round_trip(&mut admin_conn, b"admin after").await.unwrap(),
+            b"admin after"
+        );
+        eventually("only the admin connection left", || {
+            api.stats().active_connections == 1
+        })
+        .await;
+        assert_eq!(api.reauthorize(), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_that_is_not_an_app_port_is_denied() {
     within(30, async {
         let env = Env::new(test_config());
