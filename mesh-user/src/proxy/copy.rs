@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::Error;
 
@@ -102,6 +103,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
     }
 }
 
+/// A connection that can be closed with a reset, so that a broken connection does not look
+/// like a clean end of stream to the other side.
+pub(crate) trait Reset {
+    /// Makes the coming close a reset (`SO_LINGER` 0).
+    fn arm_reset(&self);
+}
+
+impl Reset for TcpStream {
+    fn arm_reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Reset for tokio_rustls::client::TlsStream<TcpStream> {
+    fn arm_reset(&self) {
+        self.get_ref().0.arm_reset();
+    }
+}
+
+impl Reset for tokio_rustls::server::TlsStream<TcpStream> {
+    fn arm_reset(&self) {
+        self.get_ref().0.arm_reset();
+    }
+}
+
 /// Byte counts of one connection.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Transferred {
@@ -114,7 +140,9 @@ pub(crate) struct Transferred {
 /// Copies between `app` and `remote` until both directions have ended (an end of stream on one
 /// side shuts down writing on the other), an error, `idle` without a byte either way, or `stop`
 /// completes (with the reason). Bytes written to the app are added to `to_app`, bytes written
-/// to the remote side to `from_app`. Both streams are dropped (closed) on return.
+/// to the remote side to `from_app`. Both streams are closed on return: with a reset after a
+/// copy error or a revocation (the other side must not take a truncated stream for a complete
+/// one), normally otherwise.
 pub(crate) async fn relay<A, R, S>(
     app: A,
     remote: R,
@@ -125,8 +153,8 @@ pub(crate) async fn relay<A, R, S>(
     stop: S,
 ) -> (Transferred, Result<(), Error>)
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    R: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin + Reset,
+    R: AsyncRead + AsyncWrite + Unpin + Reset,
     S: Future<Output = Error>,
 {
     let activity = Activity::new();
@@ -152,6 +180,10 @@ where
         () = activity.idle(idle) => Err(Error::Idle(idle)),
         e = stop => Err(e),
     };
+    if matches!(result, Err(Error::Copy(_) | Error::Revoked { .. })) {
+        app.inner.arm_reset();
+        remote.inner.arm_reset();
+    }
     let transferred = Transferred {
         to_app: app.written,
         from_app: remote.written,

@@ -454,6 +454,42 @@ async fn explicit_upstream_10_mib_each_way_with_half_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_by_the_app_reaches_the_caller_as_a_reset() {
+    within(30, async {
+        let env = Env::new(test_config());
+        // The app answers part of a reply, then aborts its connection.
+        let app = App::start(|mut stream| async move {
+            let mut first = [0u8; 1];
+            let _ = stream.read_exact(&mut first).await;
+            let _ = stream.write_all(b"partial").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = stream.set_zero_linger();
+        })
+        .await;
+        let (_api, inbound) = env.server("api", &[app.port]);
+        let mut web = env.client("web", None);
+        let to_api = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
+        let mut stream = TcpStream::connect(to_api).await.unwrap();
+        stream.write_all(b"?").await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut buf = [0u8; 64];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("connection still open after 3 s");
+        let error = ended.expect_err("an aborted connection ended like a complete one");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_sees_the_callers_spiffe_id() {
     within(30, async {
         let env = Env::new(test_config());
