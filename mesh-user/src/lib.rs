@@ -11,5 +11,6 @@ pub mod identity;
 pub mod intentions;
 pub mod iptables;
 pub mod netns;
+pub mod proxy;
 pub mod socket;
 pub mod sys;
