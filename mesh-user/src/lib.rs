@@ -3,6 +3,7 @@
 //! `unsafe` lives only in [`sys`], the one module that talks to the kernel directly; every other
 //! module is `#![forbid(unsafe_code)]`.
 
+pub mod agent;
 pub mod bpf;
 pub mod catalog;
 pub mod cgroup;

@@ -121,3 +121,92 @@ impl NetNs {
         })
     }
 }
+
+/// A thread that lives inside one network namespace and creates sockets there on request, so
+/// that the agent can open connections from a pod without entering its namespace each time.
+/// Sockets are created non-blocking; the caller connects them from any thread.
+#[derive(Clone, Debug)]
+pub struct SocketFactory {
+    tx: std::sync::mpsc::Sender<Request>,
+    path: PathBuf,
+}
+
+type Request = tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>;
+
+impl SocketFactory {
+    /// Starts the factory thread for `netns`. The thread ends when every handle is dropped.
+    pub fn spawn(netns: &NetNs, mark: Option<u32>) -> Result<Self, Error> {
+        let file = netns.file().try_clone().map_err(|source| Error::Open {
+            path: netns.path.clone(),
+            source,
+        })?;
+        let path = netns.path.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("netns-sockets".into())
+            .spawn(move || {
+                let entered =
+                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| Error::Enter {
+                        path: thread_path,
+                        source,
+                    });
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
+                    return;
+                }
+                for reply in rx {
+                    let _ = reply.send(new_tcp_socket(mark));
+                }
+            })
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| Error::Panicked(path.clone()))??;
+        Ok(Self { tx, path })
+    }
+
+    /// A new, unconnected, non-blocking TCP socket in the namespace.
+    pub async fn tcp_socket(&self) -> io::Result<socket2::Socket> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(reply).map_err(|_| {
+            io::Error::other(format!(
+                "socket factory for {} stopped",
+                self.path.display()
+            ))
+        })?;
+        rx.await.map_err(|_| {
+            io::Error::other(format!(
+                "socket factory for {} stopped",
+                self.path.display()
+            ))
+        })?
+    }
+
+    /// Connects from inside the namespace.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+        let sock = self.tcp_socket().await?;
+        let std_stream: TcpStream = sock.into();
+        tokio::net::TcpSocket::from_std_stream(std_stream)
+            .connect(addr)
+            .await
+    }
+}
+
+fn new_tcp_socket(mark: Option<u32>) -> io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    if let Some(mark) = mark {
+        sock.set_mark(mark)?;
+    }
+    sock.set_tcp_nodelay(true)?;
+    Ok(sock)
+}

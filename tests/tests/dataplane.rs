@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_common::{
-    Config, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
-    SERVICE_ENDPOINT, SERVICE_VIP,
+    Config, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP,
 };
 use mesh_tests::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
 use mesh_user::bpf::Dataplane;

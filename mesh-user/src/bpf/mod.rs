@@ -366,10 +366,7 @@ impl Dataplane {
     /// Kernel ids of the links pinned for this instance, by pin path (used to prove that a
     /// restart adopts attachments rather than repeating them).
     pub fn link_ids(&self) -> Result<BTreeMap<String, u32>, Error> {
-        let mut ids = BTreeMap::new();
-        collect_link_ids(&self.dir.join("links"), &self.dir, &mut ids)?;
-        collect_link_ids(&self.dir.join("pods"), &self.dir, &mut ids)?;
-        Ok(ids)
+        pinned_link_ids(&self.instance)
     }
 
     /// Sets the global switches. The kernel offsets the sk_msg backlog bound needs are filled in
@@ -631,6 +628,16 @@ pub fn uninstall(instance: &str) -> Result<(), Error> {
     remove_pins(&instance_dir(instance))
 }
 
+/// Kernel ids of the links pinned for `instance`, by pin path, without loading anything.
+pub fn pinned_link_ids(instance: &str) -> Result<BTreeMap<String, u32>, Error> {
+    check_name(instance)?;
+    let dir = instance_dir(instance);
+    let mut ids = BTreeMap::new();
+    collect_link_ids(&dir.join("links"), &dir, &mut ids)?;
+    collect_link_ids(&dir.join("pods"), &dir, &mut ids)?;
+    Ok(ids)
+}
+
 /// The instances that have pins on this host.
 pub fn instances() -> Result<Vec<String>, Error> {
     let mut out = Vec::new();
@@ -697,7 +704,10 @@ fn collect_link_ids(dir: &Path, base: &Path, out: &mut BTreeMap<String, u32>) ->
     Ok(())
 }
 
-fn entries<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<(K, V)>, Error> {
+fn entries<K: aya::Pod, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, Error> {
     let map: HashMap<&MapData, K, V> = typed_ref(ebpf, name)?;
     map.iter()
         .map(|r| r.map_err(|source| Error::Map { name, source }))

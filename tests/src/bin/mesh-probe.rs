@@ -148,7 +148,9 @@ fn real_main() -> Result<()> {
                         });
                         let mut r = conn;
                         let got = read_pattern(&mut r, seed)?;
-                        writer.join().map_err(|_| std::io::Error::other("writer panicked"))??;
+                        writer
+                            .join()
+                            .map_err(|_| std::io::Error::other("writer panicked"))??;
                         Ok(got)
                     })();
                     match result {

@@ -1,0 +1,177 @@
+//! What the proxy asks of the agent: where a service is (directory), who may call whom
+//! (authorizer), and how to open a socket inside a pod (dialer).
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwap;
+
+use crate::catalog::{Catalog, Service};
+use crate::identity::SpiffeId;
+use crate::intentions::{Matched, RuleSet, ServiceName};
+use crate::netns::SocketFactory;
+use crate::proxy::{Destination, DialFuture, DialKind, Dialer, Directory, Verdict};
+
+/// The catalog as the outbound proxy reads it: swapped whole on every catalog change.
+#[derive(Default)]
+pub struct MeshDirectory {
+    view: ArcSwap<View>,
+}
+
+#[derive(Default)]
+struct View {
+    by_addr: HashMap<SocketAddrV4, Destination>,
+    /// (pod id, upstream namespace/name) → destination.
+    upstreams: HashMap<(String, ServiceName), Destination>,
+}
+
+fn destination(s: &Service, port: u16, trust_domain: &str) -> Option<Destination> {
+    Some(Destination {
+        id: s.service_ref().spiffe_id(trust_domain).ok()?,
+        port,
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| SocketAddr::V4(e.addr()))
+            .collect(),
+    })
+}
+
+impl MeshDirectory {
+    pub fn update(&self, catalog: &Catalog, trust_domain: &str) {
+        let mut view = View::default();
+        for s in &catalog.services {
+            for &port in &s.ports {
+                let Some(d) = destination(s, port, trust_domain) else {
+                    continue;
+                };
+                if let Some(vip) = s.vip {
+                    view.by_addr.insert(SocketAddrV4::new(vip, port), d.clone());
+                }
+                for e in &s.endpoints {
+                    view.by_addr
+                        .insert(SocketAddrV4::new(e.ip, port), d.clone());
+                }
+            }
+        }
+        for w in &catalog.workloads {
+            for u in &w.upstreams {
+                let Some(s) = catalog.service(&u.service_ref()) else {
+                    continue;
+                };
+                // An explicit upstream reaches the service's first port, as a Consul upstream
+                // reaches the service's one port.
+                let Some(&port) = s.ports.first() else {
+                    continue;
+                };
+                let (Ok(name), Some(d)) = (
+                    ServiceName::new(u.namespace.clone(), u.service.clone()),
+                    destination(s, port, trust_domain),
+                ) else {
+                    continue;
+                };
+                view.upstreams.insert((w.id(), name), d);
+            }
+        }
+        self.view.store(Arc::new(view));
+    }
+}
+
+impl Directory for MeshDirectory {
+    fn by_address(&self, _pod: &str, addr: SocketAddrV4) -> Option<Destination> {
+        self.view.load().by_addr.get(&addr).cloned()
+    }
+
+    fn by_upstream(&self, pod: &str, upstream: &ServiceName) -> Option<Destination> {
+        self.view
+            .load()
+            .upstreams
+            .get(&(pod.to_string(), upstream.clone()))
+            .cloned()
+    }
+}
+
+/// The inbound proxy's authoritative intention check, against the caller's certificate.
+pub struct IntentionAuthorizer {
+    rules: ArcSwap<RuleSet>,
+}
+
+impl IntentionAuthorizer {
+    pub fn new(rules: RuleSet) -> Self {
+        Self {
+            rules: ArcSwap::from_pointee(rules),
+        }
+    }
+
+    pub fn set(&self, rules: RuleSet) {
+        self.rules.store(Arc::new(rules));
+    }
+}
+
+impl crate::proxy::Authorizer for IntentionAuthorizer {
+    fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Verdict {
+        let (Ok(src), Ok(dst)) = (
+            ServiceName::new(source.namespace(), source.service()),
+            ServiceName::new(destination.namespace(), destination.service()),
+        ) else {
+            return Verdict::deny("identity is not a valid service name");
+        };
+        let decision = self.rules.load().check(&src, &dst);
+        let why = match &decision.matched {
+            Matched::Intention { id, precedence } => {
+                format!("intention {id} (precedence {precedence})")
+            }
+            Matched::Default => "default intention policy".to_string(),
+        };
+        if decision.allowed {
+            Verdict::allow(why)
+        } else {
+            Verdict::deny(why)
+        }
+    }
+}
+
+/// Opens the proxy's connections from inside each pod's network namespace, marked as the
+/// agent's own.
+#[derive(Default)]
+pub struct NetnsDialer {
+    pods: RwLock<HashMap<String, SocketFactory>>,
+}
+
+impl NetnsDialer {
+    pub fn add(&self, pod: &str, sockets: SocketFactory) {
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.to_string(), sockets);
+    }
+
+    pub fn remove(&self, pod: &str) {
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(pod);
+    }
+}
+
+impl Dialer for NetnsDialer {
+    fn connect<'a>(&'a self, pod: &'a str, _kind: DialKind, addr: SocketAddr) -> DialFuture<'a> {
+        let factory = self
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pod)
+            .cloned();
+        Box::pin(async move {
+            match factory {
+                Some(f) => f.connect(addr).await,
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("pod {pod} is not served by this agent"),
+                )),
+            }
+        })
+    }
+}

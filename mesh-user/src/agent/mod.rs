@@ -1,0 +1,457 @@
+//! The node agent: turns the catalog into kernel steering, per-pod listeners inside each pod's
+//! network namespace, workload certificates, and proxies.
+#![forbid(unsafe_code)]
+
+mod glue;
+pub mod steering;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use crate::catalog::{Catalog, Diff, ServiceRef, Update, Workload};
+use crate::identity::{
+    CertificateAuthority, ClientConfigCache, LeafStore, TrustBundle, DEFAULT_LEAF_TTL,
+};
+use crate::intentions::{Action, RuleSet};
+use crate::netns::{NetNs, SocketFactory};
+use steering::{Mode, PodKernel, Steering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bpf(#[from] crate::bpf::Error),
+    #[error(transparent)]
+    Iptables(#[from] crate::iptables::Error),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::Error),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::Error),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::Error),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::Error),
+    #[error(transparent)]
+    Intentions(#[from] crate::intentions::IntentionError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the eBPF dataplane was asked for but cannot run here: {0}")]
+    NoEbpf(crate::bpf::Error),
+    #[error("{0}")]
+    Limit(String),
+    #[error("proxy: {0}")]
+    Proxy(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Which steering the agent should use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// eBPF when the kernel supports it, iptables otherwise.
+    Auto,
+    Ebpf,
+    Iptables,
+}
+
+impl std::str::FromStr for Redirect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Redirect::Auto),
+            "ebpf" => Ok(Redirect::Ebpf),
+            "iptables" => Ok(Redirect::Iptables),
+            other => Err(format!(
+                "redirect mode {other:?}: expected auto, ebpf or iptables"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Names the agent's pins (`/sys/fs/bpf/mesh/<instance>`).
+    pub instance: String,
+    /// CA, service ids and other state that survives restarts.
+    pub state_dir: PathBuf,
+    /// The cgroup that holds the agent and every pod (mesh-wide programs attach there).
+    pub mesh_cgroup: PathBuf,
+    pub redirect: Redirect,
+    /// The verdict when no intention matches (`default_intention_policy`).
+    pub default_policy: Action,
+    /// sk_msg redirect of app⇄proxy bytes; off leaves connect4 redirecting alone.
+    pub msg_redirect: bool,
+    /// The proxy's limits and timeouts.
+    pub proxy: crate::proxy::ProxyConfig,
+}
+
+/// Service ids used as keys in the kernel maps, kept stable across restarts (the maps outlive
+/// the agent, so a restarted agent must mean the same service by the same id).
+#[derive(Debug)]
+pub struct Ids {
+    path: PathBuf,
+    ids: BTreeMap<String, u32>,
+}
+
+impl Ids {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let ids = match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Io {
+                what: format!("service ids in {}", path.display()),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            ids,
+        })
+    }
+
+    /// The id of `namespace/name`, assigning (and durably recording) a new one if needed.
+    pub fn get_or_assign(&mut self, namespace: &str, name: &str) -> Result<u32, Error> {
+        let key = format!("{namespace}/{name}");
+        if let Some(&id) = self.ids.get(&key) {
+            return Ok(id);
+        }
+        let next = self.ids.values().max().copied().unwrap_or(0) + 1;
+        self.ids.insert(key, next);
+        let text = serde_json::to_string_pretty(&self.ids).expect("a map of strings to numbers");
+        crate::durable::write(&self.path, text.as_bytes(), 0o644)
+            .map_err(io_err(format!("writing {}", self.path.display())))?;
+        Ok(next)
+    }
+}
+
+/// Workload certificates: one CA, one renewing leaf per service identity.
+pub struct Identity {
+    ca: Mutex<CertificateAuthority>,
+    pub bundle: Arc<TrustBundle>,
+    pub clients: ClientConfigCache,
+    leaves: Mutex<BTreeMap<ServiceRef, Arc<LeafStore>>>,
+}
+
+impl Identity {
+    pub fn load(state_dir: &Path) -> Result<Arc<Self>, Error> {
+        let ca = CertificateAuthority::load_or_create(&state_dir.join("ca"), None)?;
+        let bundle = Arc::new(TrustBundle::new(ca.root().clone())?);
+        Ok(Arc::new(Self {
+            clients: ClientConfigCache::new(bundle.clone()),
+            bundle,
+            ca: Mutex::new(ca),
+            leaves: Mutex::new(BTreeMap::new()),
+        }))
+    }
+
+    pub fn trust_domain(&self) -> String {
+        self.bundle.trust_domain().to_string()
+    }
+
+    /// The leaf store of `service`, issuing its first certificate (and starting its renewal)
+    /// when needed.
+    pub fn leaf(self: &Arc<Self>, service: &ServiceRef) -> Result<Arc<LeafStore>, Error> {
+        let mut leaves = self.leaves.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(store) = leaves.get(service) {
+            return Ok(store.clone());
+        }
+        let id = service.spiffe_id(&self.trust_domain())?;
+        let leaf = self
+            .ca
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .issue_leaf(&id, DEFAULT_LEAF_TTL)?;
+        let store = Arc::new(LeafStore::new(leaf));
+        leaves.insert(service.clone(), store.clone());
+        let me = Arc::downgrade(self);
+        let renewing = store.clone();
+        tokio::spawn(async move {
+            loop {
+                let at = renewing.current().renew_at();
+                let wait = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(wait).await;
+                let Some(identity) = me.upgrade() else { return };
+                let issued = identity
+                    .ca
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .issue_leaf(renewing.id(), DEFAULT_LEAF_TTL);
+                match issued.and_then(|leaf| renewing.replace(leaf)) {
+                    Ok(_) => info!(id = %renewing.id(), "renewed the leaf certificate"),
+                    Err(e) => {
+                        warn!(id = %renewing.id(), error = %e, "leaf renewal failed; retrying in 60 s");
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    /// Issues and installs a new leaf for `service` now (what the renewal task does at its
+    /// time); established connections keep theirs.
+    pub fn renew_now(self: &Arc<Self>, service: &ServiceRef) -> Result<(), Error> {
+        let store = self.leaf(service)?;
+        let leaf = self
+            .ca
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .issue_leaf(store.id(), DEFAULT_LEAF_TTL)?;
+        store.replace(leaf)?;
+        Ok(())
+    }
+}
+
+/// A pod the agent serves.
+pub struct Pod {
+    pub workload: Workload,
+    pub kernel: PodKernel,
+    pub netns: NetNs,
+    pub proxy: crate::proxy::PodProxy,
+}
+
+/// The running agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    steering: Steering,
+    catalog: Catalog,
+    rules: RuleSet,
+    ids: Ids,
+    identity: Arc<Identity>,
+    pods: BTreeMap<String, Pod>,
+    proxy: crate::proxy::Proxy,
+    directory: Arc<glue::MeshDirectory>,
+    authorizer: Arc<glue::IntentionAuthorizer>,
+    dialer: Arc<glue::NetnsDialer>,
+}
+
+impl Agent {
+    /// Starts the agent on `catalog`: picks the steering mode, adopts or installs the kernel
+    /// programs, and brings up every pod.
+    pub async fn start(cfg: AgentConfig, catalog: Catalog, rules: RuleSet) -> Result<Self, Error> {
+        catalog.validate()?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        let steering = match cfg.redirect {
+            Redirect::Iptables => Steering::Iptables,
+            Redirect::Ebpf => Steering::Ebpf(Box::new(
+                crate::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup)
+                    .map_err(Error::NoEbpf)?,
+            )),
+            Redirect::Auto => match crate::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup) {
+                Ok(dp) => Steering::Ebpf(Box::new(dp)),
+                Err(e) => {
+                    warn!(error = %e, "the eBPF dataplane cannot run here; using iptables");
+                    Steering::Iptables
+                }
+            },
+        };
+        let mut steering = steering;
+        if let Steering::Ebpf(dp) = &mut steering {
+            let mut config = mesh_common::Config::DEFAULT;
+            config.msg_redirect = u32::from(cfg.msg_redirect);
+            dp.set_config(config)?;
+            info!(
+                mode = "ebpf",
+                adopted = dp.adopted(),
+                instance = %cfg.instance,
+                "steering pod traffic with the kernel programs"
+            );
+        } else {
+            info!(
+                mode = "iptables",
+                "steering pod traffic with iptables REDIRECT (Consul's chains)"
+            );
+        }
+        let ids = Ids::load(&cfg.state_dir.join("service-ids.json"))?;
+        let identity = Identity::load(&cfg.state_dir)?;
+        let directory = Arc::new(glue::MeshDirectory::default());
+        let authorizer = Arc::new(glue::IntentionAuthorizer::new(rules.clone()));
+        let dialer = Arc::new(glue::NetnsDialer::default());
+        let proxy = crate::proxy::Proxy::builder(
+            identity.bundle.clone(),
+            directory.clone(),
+            authorizer.clone(),
+        )
+        .config(cfg.proxy.clone())
+        .dialer(dialer.clone())
+        .build()
+        .map_err(|e| Error::Proxy(e.to_string()))?;
+        let mut agent = Agent {
+            cfg,
+            steering,
+            catalog: Catalog::default(),
+            rules,
+            ids,
+            identity,
+            pods: BTreeMap::new(),
+            proxy,
+            directory,
+            authorizer,
+            dialer,
+        };
+        agent.apply(Update::Full(catalog)).await?;
+        let keep_cgroups: BTreeSet<u64> = agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
+        let keep_pods: BTreeSet<String> = agent.pods.keys().cloned().collect();
+        agent
+            .steering
+            .forget_stale_pods(&keep_cgroups, &keep_pods)?;
+        Ok(agent)
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.steering.mode()
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    /// Replaces the intentions: the kernel verdicts and the inbound proxies follow, and
+    /// established inbound connections that the new rules deny are closed. Returns how many.
+    pub fn set_rules(&mut self, rules: RuleSet) -> Result<usize, Error> {
+        self.rules = rules.clone();
+        self.authorizer.set(rules);
+        self.steering
+            .sync_services(&self.catalog, &self.rules, &mut self.ids)?;
+        Ok(self.pods.values().map(|p| p.proxy.reauthorize()).sum())
+    }
+
+    pub fn dataplane(&self) -> Option<&crate::bpf::Dataplane> {
+        self.steering.dataplane()
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
+    }
+
+    pub fn pod(&self, id: &str) -> Option<&Pod> {
+        self.pods.get(id)
+    }
+
+    /// Applies a catalog update: the maps and the pods follow without a restart. On error the
+    /// catalog stays as it was.
+    pub async fn apply(&mut self, update: Update) -> Result<Diff, Error> {
+        let mut next = self.catalog.clone();
+        let diff = next.apply(update)?;
+        // Pods that went away or changed: stop them first (their listeners close).
+        for id in diff.workloads_removed.iter().chain(&diff.workloads_changed) {
+            if let Some(pod) = self.pods.remove(id) {
+                self.stop_pod(pod);
+            }
+        }
+        self.catalog = next;
+        self.steering
+            .sync_services(&self.catalog, &self.rules, &mut self.ids)?;
+        self.directory
+            .update(&self.catalog, &self.identity.trust_domain());
+        for id in &diff.workloads_changed {
+            let Some(w) = self.catalog.workload(id).cloned() else {
+                continue;
+            };
+            match self.start_pod(&w).await {
+                Ok(pod) => {
+                    self.pods.insert(id.clone(), pod);
+                }
+                Err(e) => warn!(pod = %id, error = %e, "pod not meshed"),
+            }
+        }
+        Ok(diff)
+    }
+
+    fn free_slot(&self) -> Result<u32, Error> {
+        let used: BTreeSet<u32> = self.pods.values().map(|p| p.kernel.slot).collect();
+        (0..mesh_common::MAX_INBOUND_LISTENERS)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| Error::Limit("no free inbound listener slot".into()))
+    }
+
+    async fn start_pod(&mut self, w: &Workload) -> Result<Pod, Error> {
+        let netns = NetNs::open(&w.netns)?;
+        let cgroup_id = crate::cgroup::id(&w.cgroup)?;
+        let netns_cookie = netns.cookie()?;
+        let kernel = PodKernel {
+            cgroup_id,
+            netns_cookie,
+            slot: self.free_slot()?,
+        };
+        let outbound = netns.listen(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            mesh_common::OUTBOUND_PORT,
+        )))?;
+        let mut upstreams = Vec::new();
+        for u in &w.upstreams {
+            let l = netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, u.bind_port)))?;
+            upstreams.push((u.service_ref(), l));
+        }
+        let inbound = netns.listen(SocketAddr::V4(SocketAddrV4::new(
+            w.ip,
+            mesh_common::INBOUND_PORT,
+        )))?;
+        let identity_id = self.ids.get_or_assign(&w.namespace, &w.service)?;
+        self.steering
+            .add_pod(w, &kernel, &netns, &inbound, identity_id)?;
+
+        let sockets = SocketFactory::spawn(&netns, Some(mesh_common::PROXY_MARK))?;
+        self.dialer.add(&w.id(), sockets);
+        let leaf = self.identity.leaf(&w.service_ref())?;
+        let proxy_err = |e: crate::proxy::Error| Error::Proxy(format!("pod {}: {e}", w.id()));
+        let mut proxy = self
+            .proxy
+            .add_pod(crate::proxy::PodSpec::new(
+                w.id(),
+                leaf,
+                w.app_ports.clone(),
+            ))
+            .map_err(proxy_err)?;
+        proxy
+            .listen(crate::proxy::ListenerKind::Transparent, outbound)
+            .map_err(proxy_err)?;
+        for (service, listener) in upstreams {
+            let name = crate::intentions::ServiceName::new(service.namespace, service.name)?;
+            proxy
+                .listen(crate::proxy::ListenerKind::Upstream(name), listener)
+                .map_err(proxy_err)?;
+        }
+        proxy
+            .listen(crate::proxy::ListenerKind::Inbound, inbound)
+            .map_err(proxy_err)?;
+        info!(pod = %w.id(), ip = %w.ip, mode = %self.steering.mode(), "pod meshed");
+        Ok(Pod {
+            workload: w.clone(),
+            kernel,
+            netns,
+            proxy,
+        })
+    }
+
+    fn stop_pod(&mut self, mut pod: Pod) {
+        pod.proxy.stop();
+        self.dialer.remove(&pod.workload.id());
+        if let Err(e) = self.steering.remove_pod(&pod.workload, &pod.kernel) {
+            warn!(pod = %pod.workload.id(), error = %e, "removing the pod's steering");
+        }
+        info!(pod = %pod.workload.id(), "pod no longer meshed");
+    }
+}
