@@ -346,7 +346,7 @@ pub fn pattern(seed: u64, offset: u64, buf: &mut [u8]) {
     let mut pos = offset;
     let mut rest = buf;
     // Unaligned head, then whole blocks, then the tail.
-    while pos % 8 != 0 && !rest.is_empty() {
+    while !pos.is_multiple_of(8) && !rest.is_empty() {
         rest[0] = block(pos / 8)[(pos % 8) as usize];
         rest = &mut rest[1..];
         pos += 1;
@@ -425,37 +425,6 @@ pub fn tcp_mem_pages() -> Result<u64> {
     bail!("no mem field in {line:?}")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pattern_is_the_same_whatever_the_chunking() {
-        let mut whole = vec![0u8; 1000];
-        pattern(9, 3, &mut whole);
-        let mut pieces = vec![0u8; 1000];
-        let (mut off, mut at) = (3u64, 0usize);
-        for len in [1usize, 7, 8, 13, 64, 907] {
-            pattern(9, off, &mut pieces[at..at + len]);
-            off += len as u64;
-            at += len;
-        }
-        assert_eq!(whole, pieces);
-        let mut other = vec![0u8; 1000];
-        pattern(10, 3, &mut other);
-        assert_ne!(whole, other, "different seeds give different streams");
-    }
-
-    #[test]
-    fn read_pattern_detects_corruption() {
-        let mut data = Vec::new();
-        write_pattern(&mut data, 5, 100_000).unwrap();
-        assert_eq!(read_pattern(&mut &data[..], 5).unwrap(), (100_000, true));
-        data[77_777] ^= 1;
-        assert_eq!(read_pattern(&mut &data[..], 5).unwrap(), (100_000, false));
-    }
-}
-
 /// A TCP stream used the way event-loop applications use one: non-blocking, waiting in `poll`
 /// when the kernel says EAGAIN. Reads and writes block the calling thread, never the socket.
 pub struct NbStream(pub TcpStream);
@@ -531,5 +500,36 @@ impl Write for NbStream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_the_same_whatever_the_chunking() {
+        let mut whole = vec![0u8; 1000];
+        pattern(9, 3, &mut whole);
+        let mut pieces = vec![0u8; 1000];
+        let (mut off, mut at) = (3u64, 0usize);
+        for len in [1usize, 7, 8, 13, 64, 907] {
+            pattern(9, off, &mut pieces[at..at + len]);
+            off += len as u64;
+            at += len;
+        }
+        assert_eq!(whole, pieces);
+        let mut other = vec![0u8; 1000];
+        pattern(10, 3, &mut other);
+        assert_ne!(whole, other, "different seeds give different streams");
+    }
+
+    #[test]
+    fn read_pattern_detects_corruption() {
+        let mut data = Vec::new();
+        write_pattern(&mut data, 5, 100_000).unwrap();
+        assert_eq!(read_pattern(&mut &data[..], 5).unwrap(), (100_000, true));
+        data[77_777] ^= 1;
+        assert_eq!(read_pattern(&mut &data[..], 5).unwrap(), (100_000, false));
     }
 }

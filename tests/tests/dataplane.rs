@@ -395,7 +395,7 @@ fn agent_and_unmeshed_sockets_are_never_redirected() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
     wait_for(Duration::from_secs(5), || {
-        Ok(api.netns().connect(v4(api.ip, 9000).into()).is_ok())
+        Ok(api.netns().connect(v4(api.ip, 9000)).is_ok())
     })?;
 
     // A meshed app is redirected to the proxy...
@@ -694,7 +694,7 @@ struct SlowReader {
 impl Read for SlowReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.reads += 1;
-        if self.reads % 64 == 0 {
+        if self.reads.is_multiple_of(64) {
             thread::sleep(Duration::from_micros(300));
         }
         let n = buf.len().min(64 * 1024);

@@ -439,8 +439,8 @@ impl Dataplane {
         entries(&self.ebpf, "PODS")
     }
 
-    /// Every verdict: ((src, dst), allowed).
-    pub fn verdicts(&self) -> Result<Vec<((u32, u32), bool)>, Error> {
+    /// Every verdict: (source, destination) → allowed.
+    pub fn verdicts(&self) -> Result<BTreeMap<(u32, u32), bool>, Error> {
         Ok(entries::<VerdictKey, u32>(&self.ebpf, "VERDICTS")?
             .into_iter()
             .map(|(k, v)| ((k.src, k.dst), v == VERDICT_ALLOW))
