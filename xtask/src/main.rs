@@ -289,6 +289,11 @@ fn test(filter: Option<&str>, lint: bool) -> Result<()> {
         unit.args(["--", f]);
     }
     status(unit)?;
+    // The root tests run the agent binary too.
+    let mut bins = cmd("cargo");
+    bins.args(["build", "--workspace", "--bins"])
+        .env("MESH_EBPF_OBJECT", &obj);
+    status(bins)?;
     // Root tests: real programs in real namespaces, one at a time (they move the test process
     // between cgroups).
     let mut rooted = cmd("cargo");

@@ -141,9 +141,12 @@ pub struct Identity {
     pub bundle: Arc<TrustBundle>,
     pub clients: ClientConfigCache,
     leaves: Mutex<BTreeMap<ServiceRef, Arc<LeafStore>>>,
+    /// Runs the renewal tasks, whichever thread asks for a leaf.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Identity {
+    /// Loads (or creates) the CA. Must be called inside the agent's tokio runtime.
     pub fn load(state_dir: &Path) -> Result<Arc<Self>, Error> {
         let ca = CertificateAuthority::load_or_create(&state_dir.join("ca"), None)?;
         let bundle = Arc::new(TrustBundle::new(ca.root().clone())?);
@@ -152,6 +155,7 @@ impl Identity {
             bundle,
             ca: Mutex::new(ca),
             leaves: Mutex::new(BTreeMap::new()),
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -176,7 +180,7 @@ impl Identity {
         leaves.insert(service.clone(), store.clone());
         let me = Arc::downgrade(self);
         let renewing = store.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             loop {
                 let at = renewing.current().renew_at();
                 let wait = at
@@ -305,7 +309,8 @@ impl Agent {
         };
         agent.apply(Update::Full(catalog)).await?;
         let keep_cgroups: BTreeSet<u64> = agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
-        let keep_pods: BTreeSet<String> = agent.pods.keys().cloned().collect();
+        let keep_pods: BTreeSet<String> =
+            agent.pods.values().map(|p| p.workload.pin_name()).collect();
         agent
             .steering
             .forget_stale_pods(&keep_cgroups, &keep_pods)?;

@@ -73,7 +73,7 @@ impl Steering {
     ) -> Result<(), Error> {
         match self {
             Steering::Ebpf(dp) => {
-                dp.attach_pod(&w.id(), &w.cgroup, netns)?;
+                dp.attach_pod(&w.pin_name(), &w.cgroup, netns)?;
                 dp.set_local_port(pod.netns_cookie, OUTBOUND_PORT, LOCAL_PORT_PROXY)?;
                 for u in &w.upstreams {
                     dp.set_local_port(pod.netns_cookie, u.bind_port, LOCAL_PORT_PROXY)?;
@@ -108,7 +108,7 @@ impl Steering {
         match self {
             Steering::Ebpf(dp) => {
                 dp.remove_pod(pod.cgroup_id)?;
-                dp.detach_pod(&w.id())?;
+                dp.detach_pod(&w.pin_name())?;
                 dp.remove_local_port(pod.netns_cookie, OUTBOUND_PORT)?;
                 for u in &w.upstreams {
                     dp.remove_local_port(pod.netns_cookie, u.bind_port)?;

@@ -40,7 +40,7 @@ pub enum Error {
         "this agent was built without its kernel programs (MESH_SKIP_EBPF); build it with `cargo xtask build`"
     )]
     NoObject,
-    #[error("instance name {0:?} must be 1-64 characters of [a-z0-9-_.]")]
+    #[error("pin name {0:?} must be 1-64 characters of [a-z0-9-_] (bpffs allows no '.')")]
     BadName(String),
     #[error("{what}: {source}")]
     Io {
@@ -88,9 +88,7 @@ fn check_name(name: &str) -> Result<(), Error> {
         && name.len() <= 64
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-        && name != "."
-        && name != "..";
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b));
     if ok {
         Ok(())
     } else {

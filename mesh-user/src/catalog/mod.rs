@@ -179,6 +179,11 @@ impl Workload {
     pub fn service_ref(&self) -> ServiceRef {
         ServiceRef::new(&self.service, &self.namespace, &self.datacenter)
     }
+
+    /// `namespace_name`: the name of the pod's kernel pins (bpffs allows no '.' in names).
+    pub fn pin_name(&self) -> String {
+        format!("{}_{}", self.namespace, self.name)
+    }
 }
 
 /// The whole desired state.

@@ -12,6 +12,8 @@
 //!   connect ADDR                      print "connected" or "error <errno> <message>"
 //!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
 //!   fetch ADDR                        connect, read to EOF, print what was read
+//!   http-get ADDR                     send a plaintext HTTP request, print what comes back (or
+//!                                     the error)
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
 //!                                     send BYTES of stream SEED+1, half-close; print each result
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
@@ -115,6 +117,16 @@ fn real_main() -> Result<()> {
             let mut text = String::new();
             s.read_to_string(&mut text)?;
             println!("{text}");
+        }
+        "http-get" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")?;
+            let mut text = Vec::new();
+            match s.read_to_end(&mut text) {
+                Ok(_) => println!("{}", String::from_utf8_lossy(&text)),
+                Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
+            }
         }
         "push" => {
             let addr: SocketAddr = arg(1)?.parse()?;
