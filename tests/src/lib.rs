@@ -274,15 +274,21 @@ impl Node {
 
 /// The `mesh-probe` binary cargo built beside the test binary (`target/<profile>/mesh-probe`).
 pub fn probe_path() -> Result<PathBuf> {
+    bin_path("mesh-probe")
+}
+
+/// A workspace binary beside the test binary (`target/<profile>/<name>`); `cargo xtask test`
+/// builds them all first.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .context("test binary has no target directory")?;
-    let path = dir.join("mesh-probe");
+    let path = dir.join(name);
     ensure!(
         path.exists(),
-        "{} is missing: build the mesh-tests package first",
+        "{} is missing: build the workspace binaries first (cargo xtask test does)",
         path.display()
     );
     Ok(path)
