@@ -10,6 +10,7 @@ pub mod durable;
 pub mod identity;
 pub mod intentions;
 pub mod iptables;
+pub mod k8s;
 pub mod netns;
 pub mod socket;
 pub mod sys;
