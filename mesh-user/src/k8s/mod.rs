@@ -51,7 +51,7 @@ pub use manifest::{IgnoredObject, Manifest, ParseOptions};
 pub use objects::{
     Container, ContainerPort, Deployment, EnvValue, EnvVar, LabelSelector, MeshAnnotations,
     Namespace, Object, Pod, PodSpec, PodTemplate, Protocol, SelectorOperator, SelectorRequirement,
-    Service, ServiceAccount, ServicePort, TargetPort,
+    Service, ServiceAccount, ServicePort, TargetPort, MAX_REPLICAS,
 };
 pub use state::{DesiredState, IdentitySource, MeshWorkload, Owner, Workload};
 pub use upstreams::{

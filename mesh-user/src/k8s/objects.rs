@@ -474,6 +474,9 @@ pub(super) struct RawContainerPort {
 // Validation: serde form -> model
 // ---------------------------------------------------------------------------------------------
 
+/// Each replica is a network namespace and a cgroup on this machine.
+pub const MAX_REPLICAS: u32 = 256;
+
 /// Builds errors about one object.
 pub(super) struct Ctx<'a> {
     pub object: &'a str,
@@ -630,12 +633,21 @@ pub(super) fn deployment(
     check_rfc1123_subdomain(name).map_err(|m| ctx.field("metadata.name", m))?;
     let replicas = match raw.spec.replicas {
         None => 1,
-        Some(n) => u32::try_from(n).map_err(|_| {
-            ctx.field(
+        Some(n) if n < 0 => {
+            return Err(ctx.field(
                 "spec.replicas",
                 format!("{n}: must be greater than or equal to 0"),
-            )
-        })?,
+            ))
+        }
+        Some(n) => match u32::try_from(n) {
+            Ok(r) if r <= MAX_REPLICAS => r,
+            _ => {
+                return Err(ctx.field(
+                    "spec.replicas",
+                    format!("{n}: the local runner runs at most {MAX_REPLICAS} replicas"),
+                ))
+            }
+        },
     };
     let Some(selector) = raw.spec.selector else {
         return Err(ctx.field("spec.selector", "required (apps/v1)"));

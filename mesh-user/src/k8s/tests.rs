@@ -299,6 +299,12 @@ fn wrong_types_name_the_object_and_field() {
         err(&text),
         "Deployment default/web: spec.replicas: -2: must be greater than or equal to 0"
     );
+    let text =
+        deployment("web", 1, "        a: b").replace("  replicas: 1\n", "  replicas: 100000000\n");
+    assert_eq!(
+        err(&text),
+        "Deployment default/web: spec.replicas: 100000000: the local runner runs at most 256 replicas"
+    );
     let e = err("apiVersion: v1\nkind: Service\nmetadata:\n  name: a\nspec:\n  ports:\n    - targetPort: 80\n");
     assert_eq!(e, "Service default/a: spec.ports[0]: missing field `port`");
 }
