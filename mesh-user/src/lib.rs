@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod catalog;
 pub mod cgroup;
 pub mod durable;
+pub mod fakeservice;
 pub mod identity;
 pub mod intentions;
 pub mod iptables;
