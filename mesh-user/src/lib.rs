@@ -13,6 +13,7 @@ pub mod identity;
 pub mod intentions;
 pub mod iptables;
 pub mod k8s;
+pub mod local;
 pub mod netns;
 pub mod proxy;
 pub mod socket;
