@@ -54,8 +54,8 @@ enum Cmd {
     },
     /// Start a single-node mesh on this machine (Ctrl-C stops and removes it).
     Run {
-        /// Extra arguments for `meshd local`.
-        #[arg(trailing_var_arg = true)]
+        /// Extra arguments for `meshd local` (e.g. `--redirect iptables`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Measure the mesh against its baselines.
