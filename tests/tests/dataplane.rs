@@ -38,7 +38,7 @@ fn set_intention(dp: &mut Dataplane, dst: u32, allow: bool) -> Result<()> {
     };
     let action = if allow { VERDICT_ALLOW } else { VERDICT_DENY };
     let entries = HashMap::from([(key, IntentionValue { action, counter: 7 })]);
-    dp.replace_intentions(&entries, true)?;
+    dp.replace_intentions(entries, true)?;
     Ok(())
 }
 

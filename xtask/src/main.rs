@@ -321,15 +321,22 @@ fn bench(which: Option<&str>, quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks need root: BPF programs, cgroups and network namespaces");
     }
-    let all = ["redirect"];
+    let all = ["redirect", "intentions"];
     let chosen: Vec<&str> = match which {
         Some(w) if all.contains(&w) => vec![w],
         Some(w) => bail!("unknown benchmark {w:?}; known: {}", all.join(", ")),
         None => all.to_vec(),
     };
     for b in chosen {
-        let mut c = Command::new(root().join("target/release/mesh-bench"));
-        c.arg(b).current_dir(root());
+        let mut c = match b {
+            "intentions" => Command::new(root().join("target/release/bench-intentions")),
+            _ => {
+                let mut c = Command::new(root().join("target/release/mesh-bench"));
+                c.arg(b);
+                c
+            }
+        };
+        c.current_dir(root());
         if quick {
             c.arg("--quick");
         }

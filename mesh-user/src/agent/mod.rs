@@ -104,6 +104,8 @@ pub struct AgentConfig {
 pub struct Names {
     path: PathBuf,
     interner: Interner,
+    /// How many names the file holds.
+    saved: usize,
 }
 
 impl Names {
@@ -122,9 +124,11 @@ impl Names {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         }
+        let saved = interner.len();
         Ok(Self {
             path: path.to_path_buf(),
             interner,
+            saved,
         })
     }
 
@@ -142,9 +146,17 @@ impl Names {
         &self.interner
     }
 
-    /// Takes over an interner that extends this one (as `compile_with` returns it).
+    /// Lends the interner out (to `compile_with`, which extends it); give it back with
+    /// [`Names::extend`].
+    pub fn take_interner(&mut self) -> Interner {
+        self.saved = self.interner.len();
+        std::mem::take(&mut self.interner)
+    }
+
+    /// Takes back an interner that extends this one (as `compile_with` returns it), recording
+    /// it if it grew.
     pub fn extend(&mut self, interner: Interner) -> Result<(), Error> {
-        let grew = interner.len() > self.interner.len();
+        let grew = interner.len() > self.saved.max(self.interner.len());
         self.interner = interner;
         if grew {
             self.save()?;
@@ -152,7 +164,8 @@ impl Names {
         Ok(())
     }
 
-    fn save(&self) -> Result<(), Error> {
+    fn save(&mut self) -> Result<(), Error> {
+        self.saved = self.interner.len();
         let strings: Vec<&str> = (0..self.interner.len() as u32)
             .filter_map(|id| self.interner.resolve(id))
             .collect();
@@ -259,7 +272,7 @@ pub struct Agent {
     cfg: AgentConfig,
     steering: Steering,
     catalog: Catalog,
-    rules: RuleSet,
+    rules: Arc<RuleSet>,
     names: Names,
     identity: Arc<Identity>,
     pods: BTreeMap<String, Pod>,
@@ -316,6 +329,7 @@ impl Agent {
         let names = Names::load(&cfg.state_dir.join("names.json"))?;
         let identity = Identity::load(&cfg.state_dir)?;
         let directory = Arc::new(glue::MeshDirectory::default());
+        let rules = Arc::new(rules);
         let authorizer = Arc::new(glue::IntentionAuthorizer::new(rules.clone()));
         let dialer = Arc::new(glue::NetnsDialer::default());
         let proxy = crate::proxy::Proxy::builder(
@@ -365,10 +379,11 @@ impl Agent {
     /// Replaces the intentions: the kernel verdicts and the inbound proxies follow, and
     /// established inbound connections that the new rules deny are closed. Returns how many.
     pub fn set_rules(&mut self, rules: RuleSet) -> Result<usize, Error> {
+        self.steering
+            .sync_services(&self.catalog, &rules, &mut self.names)?;
+        let rules = Arc::new(rules);
         self.rules = rules.clone();
         self.authorizer.set(rules);
-        self.steering
-            .sync_services(&self.catalog, &self.rules, &mut self.names)?;
         Ok(self.pods.values().map(|p| p.proxy.reauthorize()).sum())
     }
 

@@ -141,7 +141,7 @@ impl Steering {
             names.id(&s.namespace)?;
             names.id(&s.name)?;
         }
-        let compiled = compile_with(rules, names.interner().clone())?;
+        let compiled = compile_with(rules, names.take_interner())?;
         let entries: HashMap<IntentionKey, IntentionValue> = compiled
             .entries()
             .iter()
@@ -165,7 +165,8 @@ impl Steering {
             })
             .collect();
         names.extend(compiled.into_interner())?;
-        dp.replace_intentions(&entries, rules.default_policy() == Action::Allow)?;
+        let count = entries.len();
+        dp.replace_intentions(entries, rules.default_policy() == Action::Allow)?;
 
         let mut addrs = BTreeMap::new();
         for s in &catalog.services {
@@ -191,7 +192,7 @@ impl Steering {
         info!(
             services = catalog.services.len(),
             addresses = addrs.len(),
-            intentions = entries.len(),
+            intentions = count,
             "kernel service and intention maps in sync"
         );
         Ok(())

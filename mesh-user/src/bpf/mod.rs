@@ -159,6 +159,8 @@ pub struct Dataplane {
     offsets: Option<KernelOffsets>,
     /// When the intention set last flipped.
     last_flip: Option<std::time::Instant>,
+    /// What each intention set holds, as last written by this agent.
+    shadow: [Option<std::collections::HashMap<IntentionKey, IntentionValue>>; 2],
 }
 
 /// How long after flipping the intention set the agent waits before rewriting the set it
@@ -211,6 +213,7 @@ impl Dataplane {
             adopted,
             offsets,
             last_flip: None,
+            shadow: [None, None],
         };
         dp.attach_mesh(mesh_cgroup)?;
         Ok(dp)
@@ -473,7 +476,7 @@ impl Dataplane {
     /// the default verdict. A connection sees the old rules or the new ones, never a mix.
     pub fn replace_intentions(
         &mut self,
-        entries: &std::collections::HashMap<IntentionKey, IntentionValue>,
+        entries: std::collections::HashMap<IntentionKey, IntentionValue>,
         default_allow: bool,
     ) -> Result<(), Error> {
         let mut config = self.config()?;
@@ -491,8 +494,12 @@ impl Dataplane {
         } else {
             "INTENTIONS_1"
         };
-        let current: std::collections::HashMap<IntentionKey, IntentionValue> =
-            entries_of(&self.ebpf, name)?.into_iter().collect();
+        // What the set holds: known from our own last write, read from the kernel otherwise
+        // (the first change after a start, when the maps were adopted).
+        let current = match self.shadow[next as usize].take() {
+            Some(known) => known,
+            None => entries_of(&self.ebpf, name)?.into_iter().collect(),
+        };
         {
             let mut map: HashMap<&mut MapData, IntentionKey, IntentionValue> =
                 typed(&mut self.ebpf, name)?;
@@ -501,7 +508,7 @@ impl Dataplane {
                     ignore_missing(map.remove(key), name)?;
                 }
             }
-            for (key, value) in entries {
+            for (key, value) in &entries {
                 if current.get(key) != Some(value) {
                     map.insert(key, value, 0)
                         .map_err(|source| Error::Map { name, source })?;
@@ -516,6 +523,7 @@ impl Dataplane {
         };
         self.set_config(config)?;
         self.last_flip = Some(std::time::Instant::now());
+        self.shadow[next as usize] = Some(entries);
         Ok(())
     }
 
