@@ -24,14 +24,21 @@ use mesh_user::intentions::{Action, IntentionSpec, RuleSet, ServiceName};
 use serde_json::json;
 
 fn spec(src: &str, dst: &str, action: Action) -> Result<IntentionSpec> {
-    Ok(IntentionSpec::new(&ServiceName::parse(src)?, &ServiceName::parse(dst)?, action))
+    Ok(IntentionSpec::new(
+        &ServiceName::parse(src)?,
+        &ServiceName::parse(dst)?,
+        action,
+    ))
 }
 
 /// `n` intentions between services that web and api are not.
 fn unrelated(n: usize) -> Result<RuleSet> {
     let mut rules = RuleSet::with_default_policy(Action::Allow);
     for i in 0..n {
-        rules.create(&spec(&format!("s{i}"), &format!("d{i}"), Action::Allow)?, false)?;
+        rules.create(
+            &spec(&format!("s{i}"), &format!("d{i}"), Action::Allow)?,
+            false,
+        )?;
     }
     Ok(rules)
 }
@@ -84,12 +91,18 @@ fn main() -> Result<()> {
             vip: Some(*vip.ip()),
             ports: vec![9091],
             protocol: Protocol::Tcp,
-            endpoints: vec![Endpoint { ip: api.ip, port: mesh_common::INBOUND_PORT }],
+            endpoints: vec![Endpoint {
+                ip: api.ip,
+                port: mesh_common::INBOUND_PORT,
+            }],
         }],
         workloads: vec![workload(&web, "web"), workload(&api, "api")],
     };
     let state = tempfile::tempdir()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let cfg = AgentConfig {
         instance: node.instance(),
         state_dir: state.path().to_path_buf(),
@@ -99,14 +112,26 @@ fn main() -> Result<()> {
         msg_redirect: true,
         proxy: mesh_user::proxy::ProxyConfig::default(),
     };
-    let mut agent = rt.block_on(Agent::start(cfg, catalog, RuleSet::with_default_policy(Action::Allow)))?;
+    let mut agent = rt.block_on(Agent::start(
+        cfg,
+        catalog,
+        RuleSet::with_default_policy(Action::Allow),
+    ))?;
 
     let small = unrelated(10)?;
     let large = unrelated(100_000)?;
     let connect = |node: &mut Node, label: &str| -> Result<(f64, f64)> {
-        let out = node.probe_in(&web, &["connect-latency", &vip.to_string(), &connects.to_string()], Duration::from_secs(300))?;
+        let out = node.probe_in(
+            &web,
+            &["connect-latency", &vip.to_string(), &connects.to_string()],
+            Duration::from_secs(300),
+        )?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        ensure!(out.status.success(), "{label}: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "{label}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let field = |k: &str| -> Result<f64> {
             text.split_whitespace()
                 .find_map(|w| w.strip_prefix(k))
@@ -119,13 +144,16 @@ fn main() -> Result<()> {
     };
 
     let mut records = Vec::new();
-    let (mut p50_small, mut p50_large, mut p99_small, mut p99_large) = (vec![], vec![], vec![], vec![]);
+    let (mut p50_small, mut p50_large, mut p99_small, mut p99_large) =
+        (vec![], vec![], vec![], vec![]);
     let mut load_times = Vec::new();
     for round in 0..rounds {
         agent.set_rules(small.clone())?;
         let (p50, p99) = connect(&mut node, "10 intentions")?;
         eprintln!("round {round}: 10 intentions: connect p50 {p50:.1} µs p99 {p99:.1} µs");
-        records.push(json!({"round": round, "intentions": 10, "connect_p50_us": p50, "connect_p99_us": p99}));
+        records.push(
+            json!({"round": round, "intentions": 10, "connect_p50_us": p50, "connect_p99_us": p99}),
+        );
         p50_small.push(p50);
         p99_small.push(p99);
 
@@ -140,13 +168,20 @@ fn main() -> Result<()> {
         p99_large.push(p99);
     }
     let dp = agent.dataplane().context("ebpf dataplane")?;
-    ensure!(dp.intentions()?.len() == 100_000, "the kernel holds the 100,000 intentions");
+    ensure!(
+        dp.intentions()?.len() == 100_000,
+        "the kernel holds the 100,000 intentions"
+    );
 
     // A one-intention change among 100,000, from the agent call to the kernel holding it.
     let mut rules = large.clone();
     let mut change = Vec::new();
     for i in 0..changes {
-        let action = if i % 2 == 0 { Action::Deny } else { Action::Allow };
+        let action = if i % 2 == 0 {
+            Action::Deny
+        } else {
+            Action::Allow
+        };
         rules.create(&spec("web", "api", action)?, true)?;
         let started = Instant::now();
         agent.set_rules(rules.clone())?;
@@ -172,7 +207,10 @@ fn main() -> Result<()> {
     });
     println!("\nintentions, medians of {rounds} interleaved rounds ({connects} connects each):");
     println!("  connect() p50: {s50:.1} µs with 10, {l50:.1} µs with 100,000 intentions: {:.2}x (target ≤ 1.1x)", l50 / s50);
-    println!("  connect() p99: {s99:.1} µs with 10, {l99:.1} µs with 100,000 intentions: {:.2}x", l99 / s99);
+    println!(
+        "  connect() p99: {s99:.1} µs with 10, {l99:.1} µs with 100,000 intentions: {:.2}x",
+        l99 / s99
+    );
     println!("  compile and load 100,000 intentions: {load:.2} s");
     println!("  one change among 100,000 to the kernel: p50 {change_p50:.1} ms, p99 {change_p99:.1} ms (target ≤ 10 ms)");
 
@@ -182,7 +220,10 @@ fn main() -> Result<()> {
         .context("target dir")?
         .join("bench");
     std::fs::create_dir_all(&target)?;
-    std::fs::write(target.join("intentions.json"), serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(
+        target.join("intentions.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     let section = format!(
         "## Intentions in the kernel (`cargo xtask bench intentions`)\n\n\
          Kernel {}, {} CPUs, medians of {rounds} interleaved rounds of {connects} connects. No intention \

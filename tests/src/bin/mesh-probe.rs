@@ -119,7 +119,8 @@ fn real_main() -> Result<()> {
             let mut times = Vec::with_capacity(count);
             let mut failed = 0;
             for _ in 0..count {
-                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                let sock =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
                 let start = std::time::Instant::now();
                 let r = sock.connect(&addr.into());
                 let took = start.elapsed();
@@ -129,7 +130,12 @@ fn real_main() -> Result<()> {
                 }
             }
             times.sort_unstable();
-            let at = |q: f64| times.get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1))).copied().unwrap_or(0);
+            let at = |q: f64| {
+                times
+                    .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(0)
+            };
             println!("p50_ns={} p99_ns={} failed={failed}", at(0.5), at(0.99));
         }
         "fetch" => {
