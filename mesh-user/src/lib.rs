@@ -4,6 +4,7 @@
 //! module is `#![forbid(unsafe_code)]`.
 
 pub mod agent;
+pub mod api;
 pub mod bpf;
 pub mod catalog;
 pub mod cgroup;

@@ -65,7 +65,7 @@ pub use compile::{
 pub use entry::{ServiceIntentionsEntry, SourceIntention, SERVICE_INTENTIONS_KIND};
 pub use intention::{precedence, Action, Intention, IntentionSpec};
 pub use name::{ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
-pub use ruleset::{Decision, MatchType, Matched, RuleSet};
+pub use ruleset::{Decision, EntryIndexes, MatchType, Matched, RuleSet};
 
 /// The input format a document was read from, for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,10 +1,11 @@
 //! The set of all intentions, with Consul's operations and the config-entry view.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::SystemTime;
 
-use super::intention::{precedence, Normalized};
+use super::intention::{precedence, validate_description, validate_meta, Normalized};
+use super::name::validate_wildcards;
 use super::{
     Action, Intention, IntentionError, IntentionSpec, Result, ServiceIntentionsEntry, ServiceName,
     SourceIntention,
@@ -40,6 +41,31 @@ pub struct Decision {
     pub allowed: bool,
     /// What decided.
     pub matched: Matched,
+}
+
+/// The entry-level state of one destination's `service-intentions` entry, as saved and given
+/// back to [`RuleSet::restore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryIndexes {
+    /// The entry's destination.
+    pub destination: ServiceName,
+    /// The entry's `Meta`.
+    pub meta: BTreeMap<String, String>,
+    /// Write index at which the entry appeared.
+    pub create_index: u64,
+    /// Write index of the entry's last change.
+    pub modify_index: u64,
+}
+
+impl From<&ServiceIntentionsEntry> for EntryIndexes {
+    fn from(e: &ServiceIntentionsEntry) -> Self {
+        EntryIndexes {
+            destination: e.destination.clone(),
+            meta: e.meta.clone(),
+            create_index: e.create_index,
+            modify_index: e.modify_index,
+        }
+    }
 }
 
 /// (source, destination): the identity of an intention.
@@ -441,6 +467,141 @@ impl RuleSet {
         removed
     }
 
+    /// The counter index the next new intention will get: every counter index below it has
+    /// been handed out (some perhaps to intentions deleted since). Saved with the rules so
+    /// that a restored rule set never reuses one.
+    pub fn counter_watermark(&self) -> u32 {
+        self.next_counter
+    }
+
+    /// Rebuilds a rule set exactly as it was saved: IDs, times, write indexes, counter
+    /// indexes and entry metadata as given, for durable storage. `index` is the saved
+    /// [`index`](Self::index), `counter_watermark` the saved
+    /// [`counter_watermark`](Self::counter_watermark), and `entries` one
+    /// [`EntryIndexes`] per destination that has intentions (as [`entries`](Self::entries)
+    /// lists them).
+    ///
+    /// Everything is checked, so that a damaged file is an error rather than a rule set that
+    /// answers differently: names and lengths as on write, precedence as computed, IDs,
+    /// source/destination pairs and counter indexes unique, counter indexes below the
+    /// watermark, write indexes not above `index`, and exactly one entry per destination.
+    /// Errors name the offending element (`Intentions[3].Precedence`, `Entries[0]`).
+    pub fn restore(
+        default_policy: Action,
+        index: u64,
+        counter_watermark: u32,
+        intentions: Vec<Intention>,
+        entries: Vec<EntryIndexes>,
+    ) -> Result<RuleSet> {
+        let mut rules = RuleSet::with_default_policy(default_policy);
+        let mut counters = HashSet::new();
+        for (i, it) in intentions.into_iter().enumerate() {
+            let at = |field: &str| format!("Intentions[{i}].{field}");
+            let bad = |field: &str, what: String| {
+                let field = at(field);
+                IntentionError::invalid(field.clone(), format!("{field}: {what}"))
+            };
+            if it.id.is_empty() {
+                return Err(bad("ID", "must be set".into()));
+            }
+            if rules.ids.contains_key(&it.id) {
+                return Err(bad("ID", format!("{:?} is used twice", it.id)));
+            }
+            validate_wildcards(
+                it.source.namespace(),
+                it.source.name(),
+                &at("SourceNS"),
+                &at("SourceName"),
+            )?;
+            validate_wildcards(
+                it.destination.namespace(),
+                it.destination.name(),
+                &at("DestinationNS"),
+                &at("DestinationName"),
+            )?;
+            validate_description(&it.description, &at("Description"))?;
+            validate_meta(&it.meta, &at("Meta"))?;
+            let want = precedence(&it.source, &it.destination);
+            if it.precedence != want {
+                return Err(bad(
+                    "Precedence",
+                    format!("is {} but must be {want}", it.precedence),
+                ));
+            }
+            if rules.get_exact(&it.source, &it.destination).is_some() {
+                return Err(bad(
+                    "SourceName",
+                    format!(
+                        "a second intention from {} to {}",
+                        it.source, it.destination
+                    ),
+                ));
+            }
+            if it.counter_index >= counter_watermark || !counters.insert(it.counter_index) {
+                return Err(bad(
+                    "CounterIndex",
+                    format!(
+                        "{} is used twice or not below the watermark {counter_watermark}",
+                        it.counter_index
+                    ),
+                ));
+            }
+            if it.create_index > it.modify_index || it.modify_index > index {
+                return Err(bad(
+                    "ModifyIndex",
+                    format!(
+                        "CreateIndex {} <= ModifyIndex {} <= index {index} does not hold",
+                        it.create_index, it.modify_index
+                    ),
+                ));
+            }
+            rules.insert_raw(it);
+        }
+        for (i, e) in entries.into_iter().enumerate() {
+            let field = format!("Entries[{i}]");
+            if !rules.by_dst.contains_key(&e.destination) {
+                return Err(IntentionError::invalid(
+                    field.clone(),
+                    format!("{field}: no intention has destination {}", e.destination),
+                ));
+            }
+            if e.create_index > e.modify_index || e.modify_index > index {
+                return Err(IntentionError::invalid(
+                    field.clone(),
+                    format!(
+                        "{field}: CreateIndex {} <= ModifyIndex {} <= index {index} does not hold",
+                        e.create_index, e.modify_index
+                    ),
+                ));
+            }
+            validate_meta(&e.meta, &format!("{field}.Meta"))?;
+            let state = EntryState {
+                meta: e.meta,
+                create_index: e.create_index,
+                modify_index: e.modify_index,
+            };
+            if rules.entries.insert(e.destination.clone(), state).is_some() {
+                return Err(IntentionError::invalid(
+                    field.clone(),
+                    format!("{field}: a second entry for {}", e.destination),
+                ));
+            }
+        }
+        if let Some(dst) = rules
+            .by_dst
+            .keys()
+            .find(|d| !rules.entries.contains_key(*d))
+        {
+            return Err(IntentionError::invalid(
+                "Entries",
+                format!("Entries: none for destination {dst}, which has intentions"),
+            ));
+        }
+        rules.index = index;
+        rules.next_counter = counter_watermark;
+        Ok(rules)
+    }
+
     fn next_counter_index(&mut self) -> Result<u32> {
         if self.next_counter == u32::MAX {
             return Err(IntentionError::Exhausted {
@@ -630,5 +791,119 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, IntentionError::Exhausted { .. }), "{err}");
         assert_eq!(rules.len(), 2);
+    }
+
+    fn saved(rules: &RuleSet) -> (Vec<Intention>, Vec<EntryIndexes>) {
+        (
+            rules.list().into_iter().cloned().collect(),
+            rules.entries().iter().map(EntryIndexes::from).collect(),
+        )
+    }
+
+    #[test]
+    fn restore_gives_back_the_same_rules() {
+        let mut rules = RuleSet::new();
+        rules
+            .create(
+                &IntentionSpec::new(&sn("web"), &sn("api"), Action::Deny),
+                false,
+            )
+            .unwrap();
+        let gone = rules
+            .create(
+                &IntentionSpec::new(&sn("old"), &sn("api"), Action::Deny),
+                false,
+            )
+            .unwrap()
+            .id
+            .clone();
+        rules.delete(&gone).unwrap();
+        let mut entry = ServiceIntentionsEntry::new(sn("ns1/db"), vec![source("ns1/*")]);
+        entry.meta.insert("team".into(), "a".into());
+        rules.apply_entry(&entry).unwrap();
+        let (intentions, entries) = saved(&rules);
+        let back = RuleSet::restore(
+            Action::Allow,
+            rules.index(),
+            rules.counter_watermark(),
+            intentions,
+            entries,
+        )
+        .unwrap();
+        assert_eq!(saved(&back), saved(&rules));
+        assert_eq!(back.index(), rules.index());
+        assert_eq!(back.counter_watermark(), 3);
+        assert_eq!(back.default_policy(), Action::Allow);
+        assert_eq!(back.len(), 2);
+        assert!(!back.check(&sn("web"), &sn("api")).allowed);
+        // The restored set goes on where the saved one stopped.
+        let mut back = back;
+        let it = back
+            .create(
+                &IntentionSpec::new(&sn("x"), &sn("api"), Action::Deny),
+                false,
+            )
+            .unwrap();
+        assert_eq!(it.counter_index, 3);
+        assert_eq!(it.create_index, rules.index() + 1);
+    }
+
+    #[test]
+    fn restore_refuses_damaged_state_naming_the_element() {
+        let mut rules = RuleSet::new();
+        for src in ["a", "b"] {
+            rules
+                .create(
+                    &IntentionSpec::new(&sn(src), &sn("api"), Action::Deny),
+                    false,
+                )
+                .unwrap();
+        }
+        let (intentions, entries) = saved(&rules);
+        let try_restore = |its: Vec<Intention>, ents: Vec<EntryIndexes>| {
+            RuleSet::restore(Action::Deny, rules.index(), 2, its, ents).unwrap_err()
+        };
+        let mut its = intentions.clone();
+        its[1].id = its[0].id.clone();
+        assert_eq!(
+            try_restore(its, entries.clone()).field(),
+            Some("Intentions[1].ID")
+        );
+        let mut its = intentions.clone();
+        its[0].precedence = 3;
+        assert_eq!(
+            try_restore(its, entries.clone()).field(),
+            Some("Intentions[0].Precedence")
+        );
+        let mut its = intentions.clone();
+        its[1].counter_index = its[0].counter_index;
+        assert_eq!(
+            try_restore(its, entries.clone()).field(),
+            Some("Intentions[1].CounterIndex")
+        );
+        let mut its = intentions.clone();
+        its[0].modify_index = rules.index() + 1;
+        assert_eq!(
+            try_restore(its, entries.clone()).field(),
+            Some("Intentions[0].ModifyIndex")
+        );
+        let mut its = intentions.clone();
+        its[1].source = its[0].source.clone();
+        assert_eq!(
+            try_restore(its, entries.clone()).field(),
+            Some("Intentions[1].SourceName")
+        );
+        assert_eq!(
+            try_restore(intentions.clone(), vec![]).field(),
+            Some("Entries")
+        );
+        let twice = vec![entries[0].clone(), entries[0].clone()];
+        assert_eq!(
+            try_restore(intentions.clone(), twice).field(),
+            Some("Entries[1]")
+        );
+        let mut stray = entries.clone();
+        stray[0].destination = sn("other");
+        assert_eq!(try_restore(intentions, stray).field(), Some("Entries[0]"));
     }
 }

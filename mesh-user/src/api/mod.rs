@@ -1,0 +1,316 @@
+//! The agent's HTTP API: Consul-compatible intention, config-entry, authorize and ACL token
+//! endpoints, their durable store, and a small HTTP client for `meshctl`.
+//!
+//! # Serving
+//!
+//! [`Server::start`] opens the [`Store`] in the state directory and serves the API on TCP
+//! (`127.0.0.1:8500` unless [`ServerConfig::http_addr`] or `MESH_HTTP_ADDR` says otherwise)
+//! and on the Unix socket `<state dir>/api.sock`. Paths and JSON shapes are Consul's, so
+//! Consul's HTTP clients work against it:
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/v1/connect/intentions` | every intention, in precedence order |
+//! | POST | `/v1/connect/intentions` | create (legacy, by body): `{"ID": …}` |
+//! | GET, PUT, DELETE | `/v1/connect/intentions/exact?source=&destination=` | one intention; PUT upserts and answers `true` |
+//! | GET, PUT, DELETE | `/v1/connect/intentions/<id>` | legacy, by ID |
+//! | GET | `/v1/connect/intentions/check?source=&destination=` | `{"Allowed": bool}` |
+//! | GET | `/v1/connect/intentions/match?by=source\|destination&name=…` | `{"<name>": [intentions]}` |
+//! | GET | `/v1/connect/intentions/counters` | per-intention allowed/denied counts |
+//! | PUT | `/v1/config` | write a `service-intentions` entry (`?cas=`) |
+//! | GET | `/v1/config/service-intentions` | every entry |
+//! | GET, DELETE | `/v1/config/service-intentions/<name>` | one entry |
+//! | POST | `/v1/agent/connect/authorize` | `{"Authorized": bool, "Reason": …}` |
+//! | PUT | `/v1/acl/token` | create a token |
+//! | GET | `/v1/acl/tokens` | every token, without secrets |
+//! | GET | `/v1/acl/token/self`, `/v1/acl/token/<AccessorID>` | one token |
+//! | DELETE | `/v1/acl/token/<AccessorID>` | delete a token |
+//!
+//! `?ns=` gives the namespace of names written without one, as in Consul Enterprise.
+//!
+//! # ACL
+//!
+//! Every endpoint but `/v1/acl/bootstrap` needs a token (`X-Consul-Token` or
+//! `Authorization: Bearer`): none is 401, an unknown one or one without the right is 403, with
+//! a JSON body `{"Error": …}`. A token holds [policies](Policy): `operator` (everything),
+//! `read-only`, and `intention-write:<destination pattern>` (read, and write intentions and
+//! entries whose destination the pattern covers). On first start the store makes an operator
+//! token, the *bootstrap token*: [`Server::bootstrap_token`] returns it that once, and it is
+//! saved in the state file and in `<state dir>/acl-bootstrap-token` (both mode 0600).
+//!
+//! # Durability
+//!
+//! Everything lives in one JSON file, `<state dir>/api-state.json`, rewritten with
+//! [`durable::write`](crate::durable::write) after each change while writes are serialized: a
+//! `kill -9` at any moment leaves the state before or after a change, never half of one. A
+//! damaged file is an error at start naming the file and the field, never a silent reset. An
+//! exclusive lock on `<state dir>/api.lock` keeps a second server off the same state.
+//!
+//! # The agent's side
+//!
+//! The agent implements [`RulesSink`], told the whole new [`RuleSet`] after every change of the
+//! rules (and once at start), and [`CountersSource`], asked for per-intention counts.
+//! [`NoSink`], [`MemorySink`], [`NoCounters`] and [`MemoryCounters`] serve tests.
+#![forbid(unsafe_code)]
+
+mod acl;
+pub mod client;
+mod server;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::intentions::{IntentionError, RuleSet};
+
+pub use acl::{Policy, Token, TokenRequest, OPERATOR_POLICY_ID, READ_ONLY_POLICY_ID};
+pub use client::{Address, Client, Response};
+pub use server::{
+    Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV,
+    SOCKET_FILE,
+};
+pub use store::{State, Store, LOCK_FILE, STATE_FILE};
+
+/// Told about every change of the intentions. The agent compiles the rule set into its kernel
+/// maps and closes established connections that it now denies.
+pub trait RulesSink: Send + Sync {
+    /// Called with the whole new rule set after each successful change, in the order of the
+    /// changes, and once when the server starts. Writes wait while it runs (it is called on a
+    /// blocking thread): do the work or hand it off, but do not call back into the API.
+    fn rules_changed(&self, rules: &RuleSet);
+}
+
+/// A [`RulesSink`] that ignores every change.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoSink;
+
+impl RulesSink for NoSink {
+    fn rules_changed(&self, _rules: &RuleSet) {}
+}
+
+/// A [`RulesSink`] that keeps the last rule set it was given, for tests.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    latest: Mutex<Option<RuleSet>>,
+    calls: AtomicUsize,
+}
+
+impl MemorySink {
+    /// The last rule set given, if any.
+    pub fn latest(&self) -> Option<RuleSet> {
+        self.latest.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// How many times [`RulesSink::rules_changed`] was called.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl RulesSink for MemorySink {
+    fn rules_changed(&self, rules: &RuleSet) {
+        if let Ok(mut g) = self.latest.lock() {
+            *g = Some(rules.clone());
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// How often one intention allowed and denied a connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IntentionCounters {
+    /// The intention's ID.
+    pub id: String,
+    /// Connections it allowed.
+    pub allowed: u64,
+    /// Connections it denied.
+    pub denied: u64,
+}
+
+/// Where `GET /v1/connect/intentions/counters` gets its numbers: the agent reads them from its
+/// kernel maps and proxies. Counts for IDs that are no longer intentions are ignored;
+/// intentions without counts show zeros.
+pub trait CountersSource: Send + Sync {
+    /// The counts now, one element per intention that has any.
+    fn counters(&self) -> Vec<IntentionCounters>;
+}
+
+/// A [`CountersSource`] with no counts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoCounters;
+
+impl CountersSource for NoCounters {
+    fn counters(&self) -> Vec<IntentionCounters> {
+        Vec::new()
+    }
+}
+
+/// A [`CountersSource`] that counts what it is told, for tests.
+#[derive(Debug, Default)]
+pub struct MemoryCounters {
+    counts: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl MemoryCounters {
+    /// Counts one connection that intention `id` allowed (or denied).
+    pub fn record(&self, id: &str, allowed: bool) {
+        if let Ok(mut m) = self.counts.lock() {
+            let c = m.entry(id.to_owned()).or_default();
+            if allowed {
+                c.0 += 1;
+            } else {
+                c.1 += 1;
+            }
+        }
+    }
+}
+
+impl CountersSource for MemoryCounters {
+    fn counters(&self) -> Vec<IntentionCounters> {
+        let Ok(m) = self.counts.lock() else {
+            return Vec::new();
+        };
+        m.iter()
+            .map(|(id, &(allowed, denied))| IntentionCounters {
+                id: id.clone(),
+                allowed,
+                denied,
+            })
+            .collect()
+    }
+}
+
+/// Shared handle types, for brevity.
+pub type SharedSink = Arc<dyn RulesSink>;
+/// See [`SharedSink`].
+pub type SharedCounters = Arc<dyn CountersSource>;
+
+/// Everything that can go wrong in this module. A request that fails has changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request is not acceptable: a missing or malformed parameter or body. `field` names
+    /// what is wrong (`source`, `SourceName`, `Policies[0].Name`, …) when one thing is.
+    #[error("{message}")]
+    BadRequest {
+        /// The offending parameter or field.
+        field: Option<String>,
+        /// The message, naming the field.
+        message: String,
+    },
+    /// The intentions module refused the change (validation, duplicates, unknown ID).
+    #[error(transparent)]
+    Intention(#[from] IntentionError),
+    /// Nothing by that name or ID.
+    #[error("{0}")]
+    NotFound(String),
+    /// No token was given.
+    #[error("ACL token required: send it as X-Consul-Token or Authorization: Bearer")]
+    Unauthenticated,
+    /// The token given is not one this server knows (Consul's wording).
+    #[error("ACL not found")]
+    UnknownToken,
+    /// The token lacks the permission the request needs (Consul's wording).
+    #[error(
+        "Permission denied: token with AccessorID '{accessor}' lacks permission '{permission}' on {resource}"
+    )]
+    PermissionDenied {
+        /// The token's AccessorID (never its secret).
+        accessor: String,
+        /// E.g. `intentions:write`.
+        permission: &'static str,
+        /// What it was about, e.g. `"default/api"`.
+        resource: String,
+    },
+    /// The request is refused for another reason than a missing permission.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A file operation failed.
+    #[error("{what} {}: {source}", .path.display())]
+    Io {
+        /// What was being done (`writing`, `reading`, …).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The state file exists but cannot be loaded: a clear error rather than a silent reset.
+    #[error("the API state file {} is damaged ({message}); move it away to start empty, or restore it from a backup", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// Another process serves this state directory.
+    #[error("the state directory {} is in use by another process (lock {} held)", .dir.display(), .lock.display())]
+    Locked {
+        /// The state directory.
+        dir: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address or socket path.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A client-side failure: the address, the connection or the HTTP exchange.
+    #[error("{0}")]
+    Client(String),
+    /// A server-side task failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A [`ApiError::BadRequest`] about `field`.
+    pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    /// The field or parameter this error is about, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ApiError::BadRequest { field, .. } => field.as_deref(),
+            ApiError::Intention(e) => e.field(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest { .. } => 400,
+            ApiError::Intention(e) => match e {
+                IntentionError::Invalid { .. } | IntentionError::Malformed { .. } => 400,
+                IntentionError::Duplicate { .. } => 409,
+                IntentionError::NotFound { .. } => 404,
+                _ => 500,
+            },
+            ApiError::NotFound(_) => 404,
+            ApiError::Unauthenticated => 401,
+            ApiError::UnknownToken | ApiError::PermissionDenied { .. } | ApiError::Forbidden(_) => {
+                403
+            }
+            ApiError::Io { .. }
+            | ApiError::Corrupt { .. }
+            | ApiError::Locked { .. }
+            | ApiError::Bind { .. }
+            | ApiError::Client(_)
+            | ApiError::Internal(_) => 500,
+        }
+    }
+}
