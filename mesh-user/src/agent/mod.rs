@@ -2,7 +2,7 @@
 //! network namespace, workload certificates, and proxies.
 #![forbid(unsafe_code)]
 
-mod glue;
+pub mod glue;
 pub mod steering;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -389,6 +389,28 @@ impl Agent {
 
     pub fn dataplane(&self) -> Option<&crate::bpf::Dataplane> {
         self.steering.dataplane()
+    }
+
+    /// Connections each intention allowed and denied in the kernel (eBPF mode), by intention.
+    pub fn intention_counters(&self) -> Result<Vec<crate::api::IntentionCounters>, Error> {
+        let Some(dp) = self.steering.dataplane() else {
+            return Ok(Vec::new());
+        };
+        let counts = dp.intention_counts()?;
+        Ok(self
+            .rules
+            .list()
+            .into_iter()
+            .filter_map(|it| {
+                counts
+                    .get(&it.counter_index)
+                    .map(|c| crate::api::IntentionCounters {
+                        id: it.id.clone(),
+                        allowed: c.allowed,
+                        denied: c.denied,
+                    })
+            })
+            .collect())
     }
 
     pub fn catalog(&self) -> &Catalog {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use mesh_user::agent::glue::ApiHooks;
 use mesh_user::agent::{Agent, AgentConfig, Redirect};
 use mesh_user::catalog::{Catalog, Update};
 use mesh_user::intentions::{Action, RuleSet};
@@ -219,16 +220,59 @@ fn main() -> Result<()> {
     }
 }
 
+/// Starts the HTTP API on the state directory and returns it with the rules it holds, so that
+/// the agent starts with the stored intentions (never a moment with none), and the channel of
+/// later changes.
+async fn start_api(
+    state_dir: &std::path::Path,
+    policy: Action,
+) -> Result<(
+    mesh_user::api::Server,
+    std::sync::Arc<ApiHooks>,
+    RuleSet,
+    tokio::sync::mpsc::UnboundedReceiver<RuleSet>,
+)> {
+    std::fs::create_dir_all(state_dir)?;
+    let mut api_cfg = mesh_user::api::ServerConfig::from_env(state_dir)?;
+    api_cfg.default_intention_policy = policy;
+    let (hooks, mut changes) = ApiHooks::new();
+    let server = mesh_user::api::Server::start(
+        api_cfg,
+        mesh_user::api::Hooks {
+            rules: hooks.clone(),
+            counters: hooks.clone(),
+        },
+    )
+    .await?;
+    let rules = changes
+        .recv()
+        .await
+        .context("the API did not hand over its stored intentions")?;
+    if let Some(token) = server.bootstrap_token() {
+        println!(
+            "Bootstrap (operator) ACL token, shown once (also in {}): {token}",
+            state_dir
+                .join(mesh_user::api::BOOTSTRAP_TOKEN_FILE)
+                .display()
+        );
+    }
+    info!(addr = ?server.http_addr(), socket = ?server.socket_path(), "HTTP API serving");
+    Ok((server, hooks, rules, changes))
+}
+
 async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     let catalog = read_catalog(&catalog_path)?;
-    let rules = RuleSet::with_default_policy(cfg.default_policy);
+    let (api, hooks, rules, mut changes) = start_api(&cfg.state_dir, cfg.default_policy).await?;
     let mut agent = Agent::start(cfg, catalog, rules).await?;
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
+            Some(rules) = changes.recv() => apply_rules(&mut agent, rules),
+            _ = tick.tick() => publish_counters(&agent, &hooks),
             _ = hup.recv() => {
                 match read_catalog(&catalog_path) {
                     Ok(c) => match agent.apply(Update::Full(c)).await {
@@ -242,8 +286,29 @@ async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
             _ = int.recv() => break,
         }
     }
+    api.shutdown().await;
     info!("meshd stopping; kernel programs stay attached until `meshd uninstall`");
     Ok(())
+}
+
+fn apply_rules(agent: &mut Agent, rules: RuleSet) {
+    let started = std::time::Instant::now();
+    let count = rules.len();
+    match agent.set_rules(rules) {
+        Ok(closed) => {
+            info!(intentions = count, closed, took = ?started.elapsed(), "intentions in force")
+        }
+        Err(e) => {
+            error!(error = %e, "applying intentions failed; the kernel keeps the previous set")
+        }
+    }
+}
+
+fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
+    match agent.intention_counters() {
+        Ok(c) => hooks.publish_counters(c),
+        Err(e) => error!(error = %e, "reading intention counters"),
+    }
 }
 
 /// `meshd local`: the demo node.
@@ -307,7 +372,8 @@ async fn local(state_dir: PathBuf, redirect: Redirect, policy: Action, port: u16
             msg_redirect: true,
             proxy: mesh_user::proxy::ProxyConfig::default(),
         };
-        let agent = Agent::start(cfg, catalog, RuleSet::with_default_policy(policy)).await?;
+        let (server, hooks, rules, mut changes) = start_api(&cfg.state_dir, policy).await?;
+        let mut agent = Agent::start(cfg, catalog, rules).await?;
         let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
         };
@@ -338,17 +404,26 @@ async fn local(state_dir: PathBuf, redirect: Redirect, policy: Action, port: u16
             web.netns_name
         );
         println!("Ctrl-C stops the mesh and removes its namespaces, cgroups and programs.");
+        println!("Intentions: meshctl intention create -deny web api   (MESH_HTTP_TOKEN=<the token>)");
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            r = forward => {
-                if let Ok(Err(e)) = r {
-                    error!(error = %e, "port-forward stopped");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut forward = forward;
+        loop {
+            tokio::select! {
+                Some(rules) = changes.recv() => apply_rules(&mut agent, rules),
+                _ = tick.tick() => publish_counters(&agent, &hooks),
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                r = &mut forward => {
+                    if let Ok(Err(e)) = r {
+                        error!(error = %e, "port-forward stopped");
+                    }
+                    break;
                 }
             }
         }
+        server.shutdown().await;
         drop(agent);
         Ok::<(), anyhow::Error>(())
     }
