@@ -28,7 +28,7 @@ pub const DEFAULT_BACKLOG_LIMIT: u32 = 8 << 20;
 /// Map capacities.
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_PODS: u32 = 4_096;
-pub const MAX_VERDICTS: u32 = 262_144;
+pub const MAX_INTENTIONS: u32 = 262_144;
 pub const MAX_SOCKETS: u32 = 131_072;
 pub const MAX_LOCAL_PORTS: u32 = 65_536;
 pub const MAX_INBOUND_LISTENERS: u32 = 4_096;
@@ -48,12 +48,13 @@ impl ServiceKey {
     }
 }
 
-/// What a [`ServiceKey`] belongs to.
+/// What a [`ServiceKey`] belongs to: the destination service as interned (namespace, name)
+/// ids, the ids intention keys use.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Interned destination service id (never 0).
-    pub service: u32,
+    pub ns: u32,
+    pub name: u32,
     /// [`SERVICE_VIP`] or [`SERVICE_ENDPOINT`].
     pub kind: u32,
 }
@@ -65,20 +66,58 @@ pub const SERVICE_ENDPOINT: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodValue {
-    /// Interned service id of the pod's identity (the source of its connections).
-    pub identity: u32,
+    /// The pod's service identity (the source of its connections), as interned (namespace,
+    /// name) ids.
+    pub ns: u32,
+    pub name: u32,
     /// The pod's outbound listener port (host order), normally [`OUTBOUND_PORT`].
     pub outbound_port: u16,
     pub _pad: u16,
 }
 
-/// Verdict-map key: may `src` (a pod identity) connect to `dst` (a service)?
+/// An intention as the kernel sees it: interned (namespace, name) ids of source and
+/// destination, 0 for a wildcard part. connect4 probes the nine keys a connection could match,
+/// from precedence 9 down to 1 (see [`INTENTION_PATTERNS`]); the first hit decides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct VerdictKey {
-    pub src: u32,
-    pub dst: u32,
+pub struct IntentionKey {
+    pub src_ns: u32,
+    pub src_name: u32,
+    pub dst_ns: u32,
+    pub dst_name: u32,
 }
+
+/// An intention's action and the index of its counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntentionValue {
+    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`].
+    pub action: u32,
+    /// Key of the intention's counters in the counters map (stable for the intention's life).
+    pub counter: u32,
+}
+
+/// Allowed and denied connections decided by one intention, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntentionCounts {
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+/// Which parts of a connection's key each probe keeps (precedence 9 first):
+/// (source namespace, source name, destination namespace, destination name).
+pub const INTENTION_PATTERNS: [(bool, bool, bool, bool); 9] = [
+    (true, true, true, true),
+    (true, false, true, true),
+    (false, false, true, true),
+    (true, true, true, false),
+    (true, false, true, false),
+    (false, false, true, false),
+    (true, true, false, false),
+    (true, false, false, false),
+    (false, false, false, false),
+];
 
 pub const VERDICT_DENY: u32 = 0;
 pub const VERDICT_ALLOW: u32 = 1;
@@ -116,7 +155,9 @@ pub struct Config {
     pub backlog_limit: u32,
     /// 1: sk_msg redirects app⇄proxy messages; 0: it passes everything to the TCP stack.
     pub msg_redirect: u32,
-    pub _pad: u32,
+    /// Which of the two intention maps is in force (0 or 1). The agent fills the other one,
+    /// then flips this: a connection sees the old rules or the new ones, never a mix.
+    pub intention_set: u32,
     pub offsets: KernelOffsets,
 }
 
@@ -125,7 +166,7 @@ impl Config {
         default_verdict: VERDICT_ALLOW,
         backlog_limit: DEFAULT_BACKLOG_LIMIT,
         msg_redirect: 1,
-        _pad: 0,
+        intention_set: 0,
         offsets: KernelOffsets {
             sk_user_data: 0,
             psock_msg_tot_len: 0,
@@ -261,9 +302,11 @@ pub enum Counter {
     BlockingSkipped = 10,
     /// Messages sent over TCP because the host is under TCP memory pressure.
     PressurePassed = 11,
+    /// Connections to a service that no intention matched (the default policy decided).
+    DefaultDecisions = 12,
 }
 
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 13;
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -273,7 +316,9 @@ mod pod_impls {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for PodValue {}
-    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for IntentionKey {}
+    unsafe impl aya::Pod for IntentionValue {}
+    unsafe impl aya::Pod for IntentionCounts {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for OrigDst {}
@@ -290,9 +335,11 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 8);
-        assert_eq!(size_of::<PodValue>(), 8);
-        assert_eq!(size_of::<VerdictKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<PodValue>(), 12);
+        assert_eq!(size_of::<IntentionKey>(), 16);
+        assert_eq!(size_of::<IntentionValue>(), 8);
+        assert_eq!(size_of::<IntentionCounts>(), 16);
         assert_eq!(size_of::<KernelOffsets>(), 40);
         assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<OrigDst>(), 8);

@@ -25,7 +25,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{Array, HashMap, PerCpuArray, SockHash, SockMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use mesh_common::*;
@@ -42,7 +42,12 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICE
 #[map]
 static PODS: HashMap<u64, PodValue> = HashMap::pinned(MAX_PODS, 0);
 #[map]
-static VERDICTS: HashMap<VerdictKey, u32> = HashMap::pinned(MAX_VERDICTS, 0);
+static INTENTIONS_0: HashMap<IntentionKey, IntentionValue> = HashMap::pinned(MAX_INTENTIONS, 0);
+#[map]
+static INTENTIONS_1: HashMap<IntentionKey, IntentionValue> = HashMap::pinned(MAX_INTENTIONS, 0);
+#[map]
+static INTENTION_COUNTS: PerCpuHashMap<u32, IntentionCounts> =
+    PerCpuHashMap::pinned(MAX_INTENTIONS, 0);
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
@@ -104,15 +109,19 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let Some(pod) = (unsafe { PODS.get(cgroup) }) else {
         return 1;
     };
-    let key = VerdictKey {
-        src: pod.identity,
-        dst: service.service,
+    let cfg = config();
+    let allowed = match unsafe { decide(pod, service, cfg.intention_set) } {
+        Some(v) => {
+            let allowed = v.action == VERDICT_ALLOW;
+            count_intention(v.counter, allowed);
+            allowed
+        }
+        None => {
+            count(Counter::DefaultDecisions, 1);
+            cfg.default_verdict == VERDICT_ALLOW
+        }
     };
-    let verdict = match unsafe { VERDICTS.get(key) } {
-        Some(v) => *v,
-        None => config().default_verdict,
-    };
-    if verdict != VERDICT_ALLOW {
+    if !allowed {
         count(Counter::ConnectsDenied, 1);
         return 0;
     }
@@ -128,6 +137,46 @@ unsafe fn try_connect4(ctx: &SockAddrContext) -> i32 {
     sa.user_port = u32::from(pod.outbound_port.to_be());
     count(Counter::Redirects, 1);
     1
+}
+
+/// The intention that decides a connection from `pod` to `service`: at most nine lookups, from
+/// precedence 9 down to 1, whatever the number of intentions.
+#[inline(always)]
+unsafe fn decide(pod: &PodValue, service: &ServiceValue, set: u32) -> Option<IntentionValue> {
+    let map = if set == 0 { &INTENTIONS_0 } else { &INTENTIONS_1 };
+    for (src_ns, src_name, dst_ns, dst_name) in INTENTION_PATTERNS {
+        let key = IntentionKey {
+            src_ns: if src_ns { pod.ns } else { 0 },
+            src_name: if src_name { pod.name } else { 0 },
+            dst_ns: if dst_ns { service.ns } else { 0 },
+            dst_name: if dst_name { service.name } else { 0 },
+        };
+        if let Some(v) = unsafe { map.get(key) } {
+            return Some(*v);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn count_intention(counter: u32, allowed: bool) {
+    if let Some(c) = INTENTION_COUNTS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU while the program runs.
+        unsafe {
+            if allowed {
+                (*c).allowed += 1;
+            } else {
+                (*c).denied += 1;
+            }
+        }
+    } else {
+        let first = if allowed {
+            IntentionCounts { allowed: 1, denied: 0 }
+        } else {
+            IntentionCounts { allowed: 0, denied: 1 }
+        };
+        let _ = INTENTION_COUNTS.insert(counter, first, 0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -274,15 +274,22 @@ impl Node {
 
 /// The `mesh-probe` binary cargo built beside the test binary (`target/<profile>/mesh-probe`).
 pub fn probe_path() -> Result<PathBuf> {
+    bin_path("mesh-probe")
+}
+
+/// A workspace binary beside the test binary (`target/<profile>/<name>`); `cargo xtask test`
+/// builds them all first.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target directory")?;
-    let path = dir.join("mesh-probe");
+    let mut dir = exe.parent().context("binary has no directory")?;
+    // Test binaries live in target/<profile>/deps, the others in target/<profile>.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().context("deps has no parent")?;
+    }
+    let path = dir.join(name);
     ensure!(
         path.exists(),
-        "{} is missing: build the mesh-tests package first",
+        "{} is missing: build the workspace binaries first (cargo xtask test does)",
         path.display()
     );
     Ok(path)
@@ -402,6 +409,24 @@ pub fn read_pattern(r: &mut impl Read, seed: u64) -> io::Result<(u64, bool)> {
         }
         off += n as u64;
     }
+}
+
+/// Writes `text` between `<!-- name:begin -->` and `<!-- name:end -->` in the markdown file at
+/// `path`, replacing what was there (or appending the section), leaving the rest as it is.
+pub fn write_doc_section(path: &Path, name: &str, text: &str) -> Result<()> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    let block = format!("{begin}\n{}\n{end}", text.trim_end());
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{block}{}", &old[..b], &old[e + end.len()..]),
+        _ => format!("{}\n\n{block}\n", old.trim_end()),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, new)?;
+    Ok(())
 }
 
 /// `addr` as a `SocketAddr`.

@@ -388,3 +388,110 @@ fn plaintext_from_outside_a_pod_never_reaches_its_app() -> Result<()> {
     m.exchange(upstream(), 1024)?;
     Ok(())
 }
+
+fn intention(src: &str, dst: &str, action: Action) -> Result<mesh_user::intentions::IntentionSpec> {
+    Ok(mesh_user::intentions::IntentionSpec::new(
+        &mesh_user::intentions::ServiceName::parse(src)?,
+        &mesh_user::intentions::ServiceName::parse(dst)?,
+        action,
+    ))
+}
+
+/// What the web app's `connect` to the api VIP says.
+fn connect_vip(m: &mut Mesh) -> Result<String> {
+    let web = m.web.clone();
+    let out = m.node.probe_in(
+        &web,
+        &["connect", &m.vip.to_string()],
+        Duration::from_secs(10),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn intentions_decide_in_the_kernel_even_with_100000_of_them() -> Result<()> {
+    let mut m = mesh(Redirect::Ebpf, 1024)?;
+    let eperm = format!("error {} ", libc::EPERM);
+    // Deny web → api: connect() fails at once with EPERM.
+    let mut rules = RuleSet::with_default_policy(Action::Allow);
+    let deny = rules
+        .create(&intention("web", "api", Action::Deny)?, false)?
+        .clone();
+    m.agent.as_mut().expect("agent").set_rules(rules.clone())?;
+    assert!(connect_vip(&mut m)?.starts_with(&eperm), "denied");
+    let counts = m.agent().dataplane().context("ebpf")?.intention_counts()?;
+    assert_eq!(
+        counts.get(&deny.counter_index).map(|c| c.denied),
+        Some(1),
+        "per-intention counter"
+    );
+
+    // 100,000 intentions: a precedence-7 wildcard deny and an exact allow among them.
+    let mut rules = RuleSet::with_default_policy(Action::Deny);
+    for i in 0..100_000 {
+        rules.create(
+            &intention(&format!("s{i}"), &format!("d{i}"), Action::Allow)?,
+            false,
+        )?;
+    }
+    rules.create(&intention("*/*", "api", Action::Deny)?, false)?;
+    rules.create(&intention("web", "api", Action::Allow)?, false)?;
+    let started = std::time::Instant::now();
+    m.agent.as_mut().expect("agent").set_rules(rules.clone())?;
+    eprintln!(
+        "compiled and loaded {} intentions in {:?}",
+        rules.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        connect_vip(&mut m)?,
+        "connected",
+        "the exact allow (precedence 9) decides"
+    );
+    let exact = rules
+        .get_exact(
+            &mesh_user::intentions::ServiceName::parse("web")?,
+            &mesh_user::intentions::ServiceName::parse("api")?,
+        )
+        .context("exact intention")?
+        .id
+        .clone();
+    rules.delete(&exact)?;
+    m.agent.as_mut().expect("agent").set_rules(rules)?;
+    assert!(
+        connect_vip(&mut m)?.starts_with(&eperm),
+        "then the wildcard deny (precedence 7)"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_new_deny_closes_a_live_connection_within_a_second() -> Result<()> {
+    const LEN: u64 = 1 << 40; // never finishes on its own
+    let mut m = mesh(Redirect::Ebpf, LEN)?;
+    let web = m.web.clone();
+    let child = m.node.probe(
+        &web.netns_path,
+        &web.cgroup,
+        &[
+            "exchange",
+            &upstream().to_string(),
+            &LEN.to_string(),
+            &SEED.to_string(),
+        ],
+    )?;
+    thread::sleep(Duration::from_millis(500));
+    let mut rules = RuleSet::with_default_policy(Action::Allow);
+    rules.create(&intention("web", "api", Action::Deny)?, false)?;
+    let denied_at = std::time::Instant::now();
+    let closed = m.agent.as_mut().expect("agent").set_rules(rules)?;
+    assert_eq!(closed, 1, "the inbound proxy closed the live connection");
+    let out = wait_limit(child, Duration::from_secs(1))
+        .context("the app's connection was not closed within a second of the deny")?;
+    eprintln!("closed {:?} after the deny", denied_at.elapsed());
+    assert!(
+        !out.status.success(),
+        "the app saw its connection end abnormally"
+    );
+    Ok(())
+}

@@ -4,7 +4,7 @@
 //! - `build [--release]`: the kernel programs, then the agent with them embedded.
 //! - `test`: lint, unit tests, root tests (real programs in real namespaces).
 //! - `run`: a single-node mesh on this machine, in the foreground until Ctrl-C.
-//! - `bench [redirect|e2e] [--quick]`: side-by-side measurements, written to `docs/benchmarks.md`.
+//! - `bench [redirect|intentions|e2e] [--quick]`: side-by-side measurements, written to `docs/benchmarks.md`.
 //!
 //! Every command except `setup` runs the setup first when something it needs is missing.
 
@@ -54,13 +54,13 @@ enum Cmd {
     },
     /// Start a single-node mesh on this machine (Ctrl-C stops and removes it).
     Run {
-        /// Extra arguments for `meshd local`.
-        #[arg(trailing_var_arg = true)]
+        /// Extra arguments for `meshd local` (e.g. `--redirect iptables`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Measure the mesh against its baselines.
     Bench {
-        /// Which benchmark (`redirect`, `e2e`); all when omitted.
+        /// Which benchmark (`redirect`, `intentions`, `e2e`); all when omitted.
         which: Option<String>,
         /// A short smoke run.
         #[arg(long)]
@@ -321,15 +321,22 @@ fn bench(which: Option<&str>, quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks need root: BPF programs, cgroups and network namespaces");
     }
-    let all = ["redirect", "e2e"];
+    let all = ["redirect", "intentions", "e2e"];
     let chosen: Vec<&str> = match which {
         Some(w) if all.contains(&w) => vec![w],
         Some(w) => bail!("unknown benchmark {w:?}; known: {}", all.join(", ")),
         None => all.to_vec(),
     };
     for b in chosen {
-        let mut c = Command::new(root().join("target/release/mesh-bench"));
-        c.arg(b).current_dir(root());
+        let mut c = match b {
+            "intentions" => Command::new(root().join("target/release/bench-intentions")),
+            _ => {
+                let mut c = Command::new(root().join("target/release/mesh-bench"));
+                c.arg(b);
+                c
+            }
+        };
+        c.current_dir(root());
         if quick {
             c.arg("--quick");
         }

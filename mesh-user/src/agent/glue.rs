@@ -99,14 +99,14 @@ pub struct IntentionAuthorizer {
 }
 
 impl IntentionAuthorizer {
-    pub fn new(rules: RuleSet) -> Self {
+    pub fn new(rules: Arc<RuleSet>) -> Self {
         Self {
-            rules: ArcSwap::from_pointee(rules),
+            rules: ArcSwap::new(rules),
         }
     }
 
-    pub fn set(&self, rules: RuleSet) {
-        self.rules.store(Arc::new(rules));
+    pub fn set(&self, rules: Arc<RuleSet>) {
+        self.rules.store(rules);
     }
 }
 

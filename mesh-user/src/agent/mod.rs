@@ -17,7 +17,7 @@ use crate::catalog::{Catalog, Diff, ServiceRef, Update, Workload};
 use crate::identity::{
     CertificateAuthority, ClientConfigCache, LeafStore, TrustBundle, DEFAULT_LEAF_TTL,
 };
-use crate::intentions::{Action, RuleSet};
+use crate::intentions::{Action, Interner, RuleSet};
 use crate::netns::{NetNs, SocketFactory};
 use steering::{Mode, PodKernel, Steering};
 
@@ -96,42 +96,82 @@ pub struct AgentConfig {
     pub proxy: crate::proxy::ProxyConfig,
 }
 
-/// Service ids used as keys in the kernel maps, kept stable across restarts (the maps outlive
-/// the agent, so a restarted agent must mean the same service by the same id).
+/// Interned namespace and service names: the ids in the kernel's service, pod and intention
+/// maps. Kept stable across restarts (the maps outlive the agent, so a restarted agent must
+/// mean the same name by the same id): the strings are recorded, in id order, in the state
+/// directory.
 #[derive(Debug)]
-pub struct Ids {
+pub struct Names {
     path: PathBuf,
-    ids: BTreeMap<String, u32>,
+    interner: Interner,
+    /// How many names the file holds.
+    saved: usize,
 }
 
-impl Ids {
+impl Names {
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let ids = match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Io {
-                what: format!("service ids in {}", path.display()),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        let mut interner = Interner::new();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let strings: Vec<String> = serde_json::from_str(&text).map_err(|e| Error::Io {
+                    what: format!("interned names in {}", path.display()),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?;
+                for s in strings.iter().skip(1) {
+                    interner.intern(s)?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
-        };
+        }
+        let saved = interner.len();
         Ok(Self {
             path: path.to_path_buf(),
-            ids,
+            interner,
+            saved,
         })
     }
 
-    /// The id of `namespace/name`, assigning (and durably recording) a new one if needed.
-    pub fn get_or_assign(&mut self, namespace: &str, name: &str) -> Result<u32, Error> {
-        let key = format!("{namespace}/{name}");
-        if let Some(&id) = self.ids.get(&key) {
+    /// The id of `s`, assigning (and durably recording) a new one if needed.
+    pub fn id(&mut self, s: &str) -> Result<u32, Error> {
+        if let Some(id) = self.interner.get(s) {
             return Ok(id);
         }
-        let next = self.ids.values().max().copied().unwrap_or(0) + 1;
-        self.ids.insert(key, next);
-        let text = serde_json::to_string_pretty(&self.ids).expect("a map of strings to numbers");
+        let id = self.interner.intern(s)?;
+        self.save()?;
+        Ok(id)
+    }
+
+    pub fn interner(&self) -> &Interner {
+        &self.interner
+    }
+
+    /// Lends the interner out (to `compile_with`, which extends it); give it back with
+    /// [`Names::extend`].
+    pub fn take_interner(&mut self) -> Interner {
+        self.saved = self.interner.len();
+        std::mem::take(&mut self.interner)
+    }
+
+    /// Takes back an interner that extends this one (as `compile_with` returns it), recording
+    /// it if it grew.
+    pub fn extend(&mut self, interner: Interner) -> Result<(), Error> {
+        let grew = interner.len() > self.saved.max(self.interner.len());
+        self.interner = interner;
+        if grew {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn save(&mut self) -> Result<(), Error> {
+        self.saved = self.interner.len();
+        let strings: Vec<&str> = (0..self.interner.len() as u32)
+            .filter_map(|id| self.interner.resolve(id))
+            .collect();
+        let text = serde_json::to_string(&strings).expect("a list of strings");
         crate::durable::write(&self.path, text.as_bytes(), 0o644)
-            .map_err(io_err(format!("writing {}", self.path.display())))?;
-        Ok(next)
+            .map_err(io_err(format!("writing {}", self.path.display())))
     }
 }
 
@@ -232,8 +272,8 @@ pub struct Agent {
     cfg: AgentConfig,
     steering: Steering,
     catalog: Catalog,
-    rules: RuleSet,
-    ids: Ids,
+    rules: Arc<RuleSet>,
+    names: Names,
     identity: Arc<Identity>,
     pods: BTreeMap<String, Pod>,
     proxy: crate::proxy::Proxy,
@@ -265,7 +305,13 @@ impl Agent {
         };
         let mut steering = steering;
         if let Steering::Ebpf(dp) = &mut steering {
-            let mut config = mesh_common::Config::DEFAULT;
+            // An adopted dataplane keeps its intention set and default until the catalog sync
+            // replaces them; a fresh one starts from the defaults.
+            let mut config = if dp.adopted() {
+                dp.config()?
+            } else {
+                mesh_common::Config::DEFAULT
+            };
             config.msg_redirect = u32::from(cfg.msg_redirect);
             dp.set_config(config)?;
             info!(
@@ -280,9 +326,10 @@ impl Agent {
                 "steering pod traffic with iptables REDIRECT (Consul's chains)"
             );
         }
-        let ids = Ids::load(&cfg.state_dir.join("service-ids.json"))?;
+        let names = Names::load(&cfg.state_dir.join("names.json"))?;
         let identity = Identity::load(&cfg.state_dir)?;
         let directory = Arc::new(glue::MeshDirectory::default());
+        let rules = Arc::new(rules);
         let authorizer = Arc::new(glue::IntentionAuthorizer::new(rules.clone()));
         let dialer = Arc::new(glue::NetnsDialer::default());
         let proxy = crate::proxy::Proxy::builder(
@@ -299,7 +346,7 @@ impl Agent {
             steering,
             catalog: Catalog::default(),
             rules,
-            ids,
+            names,
             identity,
             pods: BTreeMap::new(),
             proxy,
@@ -332,10 +379,11 @@ impl Agent {
     /// Replaces the intentions: the kernel verdicts and the inbound proxies follow, and
     /// established inbound connections that the new rules deny are closed. Returns how many.
     pub fn set_rules(&mut self, rules: RuleSet) -> Result<usize, Error> {
+        self.steering
+            .sync_services(&self.catalog, &rules, &mut self.names)?;
+        let rules = Arc::new(rules);
         self.rules = rules.clone();
         self.authorizer.set(rules);
-        self.steering
-            .sync_services(&self.catalog, &self.rules, &mut self.ids)?;
         Ok(self.pods.values().map(|p| p.proxy.reauthorize()).sum())
     }
 
@@ -368,7 +416,7 @@ impl Agent {
         }
         self.catalog = next;
         self.steering
-            .sync_services(&self.catalog, &self.rules, &mut self.ids)?;
+            .sync_services(&self.catalog, &self.rules, &mut self.names)?;
         self.directory
             .update(&self.catalog, &self.identity.trust_domain());
         for id in &diff.workloads_changed {
@@ -414,9 +462,9 @@ impl Agent {
             w.ip,
             mesh_common::INBOUND_PORT,
         )))?;
-        let identity_id = self.ids.get_or_assign(&w.namespace, &w.service)?;
+        let identity = (self.names.id(&w.namespace)?, self.names.id(&w.service)?);
         self.steering
-            .add_pod(w, &kernel, &netns, &inbound, identity_id)?;
+            .add_pod(w, &kernel, &netns, &inbound, identity)?;
 
         let sockets = SocketFactory::spawn(&netns, Some(mesh_common::PROXY_MARK))?;
         self.dialer.add(&w.id(), sockets);

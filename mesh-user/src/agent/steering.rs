@@ -2,19 +2,19 @@
 //! eBPF mode, Consul's iptables chains in iptables mode.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{SocketAddrV4, TcpListener};
 
 use mesh_common::{
-    Config, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP,
-    VERDICT_ALLOW, VERDICT_DENY,
+    IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
+    SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
 use tracing::info;
 
-use super::{Error, Ids};
+use super::{Error, Names};
 use crate::bpf::Dataplane;
 use crate::catalog::{Catalog, Workload};
-use crate::intentions::{RuleSet, ServiceName};
+use crate::intentions::{compile_with, Action, RuleSet};
 use crate::iptables;
 
 /// How the agent steers pod traffic into its proxy.
@@ -69,7 +69,7 @@ impl Steering {
         pod: &PodKernel,
         netns: &crate::netns::NetNs,
         inbound: &TcpListener,
-        identity: u32,
+        identity: (u32, u32),
     ) -> Result<(), Error> {
         match self {
             Steering::Ebpf(dp) => {
@@ -83,7 +83,8 @@ impl Steering {
                 dp.set_pod(
                     pod.cgroup_id,
                     PodValue {
-                        identity,
+                        ns: identity.0,
+                        name: identity.1,
                         outbound_port: OUTBOUND_PORT,
                         _pad: 0,
                     },
@@ -120,67 +121,63 @@ impl Steering {
         Ok(())
     }
 
-    /// Writes service addresses and verdicts for the whole catalog and removes what is no longer
-    /// in it. Verdicts are written before the addresses that make them reachable.
+    /// Writes the intentions (compiled, replacing the old set atomically) and the service
+    /// addresses of the whole catalog, and removes addresses no longer in it. Intentions go
+    /// first, so an address never becomes reachable under rules older than the catalog.
     pub fn sync_services(
         &mut self,
         catalog: &Catalog,
         rules: &RuleSet,
-        ids: &mut Ids,
+        names: &mut Names,
     ) -> Result<(), Error> {
         let Steering::Ebpf(dp) = self else {
             return Ok(());
         };
-        let allow = rules.default_policy() == crate::intentions::Action::Allow;
-        let mut config = dp.config().unwrap_or(Config::DEFAULT);
-        config.default_verdict = if allow { VERDICT_ALLOW } else { VERDICT_DENY };
-        dp.set_config(config)?;
-
-        let sources: BTreeSet<(String, String)> = catalog
-            .workloads
+        for w in &catalog.workloads {
+            names.id(&w.namespace)?;
+            names.id(&w.service)?;
+        }
+        for s in &catalog.services {
+            names.id(&s.namespace)?;
+            names.id(&s.name)?;
+        }
+        let compiled = compile_with(rules, names.take_interner())?;
+        let entries: HashMap<IntentionKey, IntentionValue> = compiled
+            .entries()
             .iter()
-            .map(|w| (w.namespace.clone(), w.service.clone()))
+            .map(|(k, v)| {
+                (
+                    IntentionKey {
+                        src_ns: k.src_ns,
+                        src_name: k.src_name,
+                        dst_ns: k.dst_ns,
+                        dst_name: k.dst_name,
+                    },
+                    IntentionValue {
+                        action: if v.action == Action::Allow {
+                            VERDICT_ALLOW
+                        } else {
+                            VERDICT_DENY
+                        },
+                        counter: v.counter_index,
+                    },
+                )
+            })
             .collect();
-        let mut verdicts = BTreeMap::new();
-        for (ns, svc) in &sources {
-            let src_id = ids.get_or_assign(ns, svc)?;
-            let src = ServiceName::new(ns.clone(), svc.clone())?;
-            for s in &catalog.services {
-                let dst_id = ids.get_or_assign(&s.namespace, &s.name)?;
-                let dst = ServiceName::new(s.namespace.clone(), s.name.clone())?;
-                verdicts.insert((src_id, dst_id), rules.check(&src, &dst).allowed);
-            }
-        }
-        for (&(src, dst), &allowed) in &verdicts {
-            dp.set_verdict(src, dst, allowed)?;
-        }
-        for ((src, dst), _) in dp.verdicts()? {
-            if !verdicts.contains_key(&(src, dst)) {
-                dp.remove_verdict(src, dst)?;
-            }
-        }
+        names.extend(compiled.into_interner())?;
+        let count = entries.len();
+        dp.replace_intentions(entries, rules.default_policy() == Action::Allow)?;
 
         let mut addrs = BTreeMap::new();
         for s in &catalog.services {
-            let id = ids.get_or_assign(&s.namespace, &s.name)?;
+            let (ns, name) = (names.id(&s.namespace)?, names.id(&s.name)?);
+            let value = |kind| ServiceValue { ns, name, kind };
             for &port in &s.ports {
                 if let Some(vip) = s.vip {
-                    addrs.insert(
-                        SocketAddrV4::new(vip, port),
-                        ServiceValue {
-                            service: id,
-                            kind: SERVICE_VIP,
-                        },
-                    );
+                    addrs.insert(SocketAddrV4::new(vip, port), value(SERVICE_VIP));
                 }
                 for e in &s.endpoints {
-                    addrs.insert(
-                        SocketAddrV4::new(e.ip, port),
-                        ServiceValue {
-                            service: id,
-                            kind: SERVICE_ENDPOINT,
-                        },
-                    );
+                    addrs.insert(SocketAddrV4::new(e.ip, port), value(SERVICE_ENDPOINT));
                 }
             }
         }
@@ -195,8 +192,8 @@ impl Steering {
         info!(
             services = catalog.services.len(),
             addresses = addrs.len(),
-            verdicts = verdicts.len(),
-            "kernel service maps in sync"
+            intentions = count,
+            "kernel service and intention maps in sync"
         );
         Ok(())
     }

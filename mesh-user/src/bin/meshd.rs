@@ -3,6 +3,7 @@
 //! ```text
 //! meshd run --catalog FILE [--redirect auto|ebpf|iptables] ...   serve the pods of a catalog
 //! meshd uninstall [--catalog FILE]                               remove programs, pins, chains
+//! meshd local                                                    a single-node demo mesh
 //! ```
 //!
 //! `run` re-reads the catalog on SIGHUP; SIGINT/SIGTERM stop the agent and leave the kernel
@@ -70,6 +71,32 @@ enum Cmd {
         #[arg(long, default_value_t = 3600)]
         idle_timeout: u64,
     },
+    /// A single-node mesh on this machine: two local pods (web → api, both fake-service) served
+    /// by the agent, with web forwarded to 127.0.0.1:<port>. Ctrl-C removes everything.
+    Local {
+        #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/mesh")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "auto")]
+        redirect: Redirect,
+        #[arg(long, default_value = "allow", value_parser = parse_action)]
+        default_intention_policy: Action,
+        /// Host port forwarded to the web pod.
+        #[arg(long, default_value_t = 9090)]
+        port: u16,
+    },
+    /// Run a program inside a pod, as one of its processes: join its cgroup, then its network
+    /// namespace (the local runner starts pod processes with it).
+    Exec {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        netns: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The built-in twin of nicholasjackson/fake-service (HTTP mode), configured by the same
+    /// environment variables.
+    FakeService,
     /// Remove this instance's programs and pins (and, given the catalog, its pods' iptables
     /// chains).
     Uninstall {
@@ -140,6 +167,43 @@ fn main() -> Result<()> {
                 .build()?
                 .block_on(run(cfg, catalog))
         }
+        Cmd::Local {
+            state_dir,
+            redirect,
+            default_intention_policy,
+            port,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(local(state_dir, redirect, default_intention_policy, port)),
+        Cmd::Exec {
+            cgroup,
+            netns,
+            command,
+        } => {
+            use std::os::unix::process::CommandExt;
+            mesh_user::cgroup::add_process(&cgroup, std::process::id())?;
+            // `ip netns exec` also mounts /etc/netns/<name>/hosts over /etc/hosts.
+            let err = std::process::Command::new("ip")
+                .args(["netns", "exec", &netns])
+                .args(&command)
+                .exec();
+            Err(anyhow::anyhow!("exec {}: {err}", command.join(" ")))
+        }
+        Cmd::FakeService => {
+            let config = mesh_user::fakeservice::Config::from_env(std::env::vars())?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut term = signal(SignalKind::terminate())?;
+                    mesh_user::fakeservice::serve(config, async move {
+                        term.recv().await;
+                    })
+                    .await?;
+                    Ok(())
+                })
+        }
         Cmd::Uninstall { common, catalog } => {
             if let Some(path) = catalog {
                 for w in read_catalog(&path)?.workloads {
@@ -180,4 +244,118 @@ async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     }
     info!("meshd stopping; kernel programs stay attached until `meshd uninstall`");
     Ok(())
+}
+
+/// `meshd local`: the demo node.
+async fn local(state_dir: PathBuf, redirect: Redirect, policy: Action, port: u16) -> Result<()> {
+    use mesh_user::catalog::{Endpoint, Protocol, Service, Upstream, Workload};
+    use mesh_user::local::{LocalNode, VIP_NET};
+    use std::net::Ipv4Addr;
+
+    let meshd = std::env::current_exe()?;
+    let vip = |n| Ipv4Addr::new(VIP_NET[0], VIP_NET[1], VIP_NET[2], n);
+    let hosts = vec![
+        (vip(10), "web web.default".to_string()),
+        (vip(11), "api api.default".to_string()),
+    ];
+    let mut node = LocalNode::create("local")?;
+    let result = async {
+        let web = node.add_pod("web", &hosts)?;
+        let api = node.add_pod("api", &hosts)?;
+        let service = |name: &str, vip: Ipv4Addr, port: u16, pod: &mesh_user::local::LocalPod| Service {
+            name: name.into(),
+            namespace: "default".into(),
+            datacenter: "dc1".into(),
+            vip: Some(vip),
+            ports: vec![port],
+            protocol: Protocol::Http,
+            endpoints: vec![Endpoint { ip: pod.ip, port: mesh_common::INBOUND_PORT }],
+        };
+        let workload = |pod: &mesh_user::local::LocalPod, app: u16, upstreams| Workload {
+            name: pod.name.clone(),
+            namespace: "default".into(),
+            service: pod.name.clone(),
+            datacenter: "dc1".into(),
+            netns: pod.netns.clone(),
+            cgroup: pod.cgroup.clone(),
+            ip: pod.ip,
+            app_ports: vec![app],
+            upstreams,
+        };
+        let catalog = Catalog {
+            services: vec![service("web", vip(10), 9090, &web), service("api", vip(11), 9091, &api)],
+            workloads: vec![
+                workload(
+                    &web,
+                    9090,
+                    vec![Upstream {
+                        service: "api".into(),
+                        namespace: "default".into(),
+                        datacenter: "dc1".into(),
+                        bind_port: 9091,
+                    }],
+                ),
+                workload(&api, 9091, vec![]),
+            ],
+        };
+        let cfg = AgentConfig {
+            instance: "local".into(),
+            state_dir,
+            mesh_cgroup: node.mesh_cgroup.clone(),
+            redirect,
+            default_policy: policy,
+            msg_redirect: true,
+            proxy: mesh_user::proxy::ProxyConfig::default(),
+        };
+        let agent = Agent::start(cfg, catalog, RuleSet::with_default_policy(policy)).await?;
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let fake = meshd.to_string_lossy().into_owned();
+        node.spawn(&meshd, &api, &fake, &["fake-service".into()], &env(&[
+            ("NAME", "api"),
+            ("MESSAGE", "Hello from api"),
+            ("LISTEN_ADDR", "0.0.0.0:9091"),
+        ]))?;
+        node.spawn(&meshd, &web, &fake, &["fake-service".into()], &env(&[
+            ("NAME", "web"),
+            ("MESSAGE", "Hello from web"),
+            ("LISTEN_ADDR", "0.0.0.0:9090"),
+            ("UPSTREAM_URIS", "http://localhost:9091"),
+        ]))?;
+        let web_sockets = mesh_user::netns::SocketFactory::spawn(
+            &mesh_user::netns::NetNs::open(&web.netns)?,
+            None,
+        )?;
+        let forward = tokio::spawn(mesh_user::local::port_forward(port, web_sockets, 9090));
+        println!();
+        println!("The mesh is up ({} mode): pods web ({}) and api ({}), web → api over mTLS.", agent.mode(), web.ip, api.ip);
+        println!("  curl http://127.0.0.1:{port}/          # web answers, with api's reply in upstream_calls");
+        println!(
+            "  {} exec --cgroup {} --netns {} -- curl -s http://api:9091/   # as the web app: api's VIP, transparent mode",
+            meshd.display(),
+            web.cgroup.display(),
+            web.netns_name
+        );
+        println!("Ctrl-C stops the mesh and removes its namespaces, cgroups and programs.");
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            r = forward => {
+                if let Ok(Err(e)) = r {
+                    error!(error = %e, "port-forward stopped");
+                }
+            }
+        }
+        drop(agent);
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    if let Err(e) = mesh_user::bpf::uninstall("local") {
+        error!(error = %e, "removing the local instance's pins");
+    }
+    node.teardown();
+    result
 }

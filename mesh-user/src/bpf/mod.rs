@@ -22,8 +22,8 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    Config, Counter, KernelOffsets, LocalPortKey, OrigDst, PodValue, ServiceKey, ServiceValue,
-    SockKey, SockState, VerdictKey, COUNTER_COUNT, VERDICT_ALLOW, VERDICT_DENY,
+    Config, Counter, IntentionCounts, IntentionKey, IntentionValue, KernelOffsets, LocalPortKey,
+    OrigDst, PodValue, ServiceKey, ServiceValue, SockKey, SockState, COUNTER_COUNT,
 };
 
 use crate::netns::NetNs;
@@ -157,7 +157,15 @@ pub struct Dataplane {
     adopted: bool,
     /// Struct member offsets of the running kernel the sk_msg program needs.
     offsets: Option<KernelOffsets>,
+    /// When the intention set last flipped.
+    last_flip: Option<std::time::Instant>,
+    /// What each intention set holds, as last written by this agent.
+    shadow: [Option<std::collections::HashMap<IntentionKey, IntentionValue>>; 2],
 }
+
+/// How long after flipping the intention set the agent waits before rewriting the set it
+/// flipped away from.
+const FLIP_QUIESCE: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl std::fmt::Debug for Dataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -204,6 +212,8 @@ impl Dataplane {
             ebpf,
             adopted,
             offsets,
+            last_flip: None,
+            shadow: [None, None],
         };
         dp.attach_mesh(mesh_cgroup)?;
         Ok(dp)
@@ -368,7 +378,8 @@ impl Dataplane {
     }
 
     /// Sets the global switches. The kernel offsets the sk_msg backlog bound needs are filled in
-    /// from the running kernel's BTF; without them sk_msg never redirects.
+    /// from the running kernel's BTF; without them sk_msg never redirects. Keep
+    /// `intention_set` as [`Dataplane::config`] returns it unless you wrote that set.
     pub fn set_config(&mut self, mut config: Config) -> Result<(), Error> {
         config.offsets = self.offsets.unwrap_or_default();
         let mut map: Array<&mut MapData, Config> = typed(&mut self.ebpf, "CONFIG")?;
@@ -434,20 +445,12 @@ impl Dataplane {
 
     /// Every meshed pod: (cgroup id, value).
     pub fn pods(&self) -> Result<Vec<(u64, PodValue)>, Error> {
-        entries(&self.ebpf, "PODS")
-    }
-
-    /// Every verdict: (source, destination) → allowed.
-    pub fn verdicts(&self) -> Result<BTreeMap<(u32, u32), bool>, Error> {
-        Ok(entries::<VerdictKey, u32>(&self.ebpf, "VERDICTS")?
-            .into_iter()
-            .map(|(k, v)| ((k.src, k.dst), v == VERDICT_ALLOW))
-            .collect())
+        entries_of(&self.ebpf, "PODS")
     }
 
     /// Every redirected local port: (netns cookie, port).
     pub fn local_ports(&self) -> Result<Vec<(u64, u16)>, Error> {
-        Ok(entries::<LocalPortKey, u32>(&self.ebpf, "LOCAL_PORTS")?
+        Ok(entries_of::<LocalPortKey, u32>(&self.ebpf, "LOCAL_PORTS")?
             .into_iter()
             .map(|(k, _)| (k.netns, k.port))
             .collect())
@@ -455,7 +458,7 @@ impl Dataplane {
 
     /// Every steered app port: (pod IP:port, listener slot).
     pub fn inbound_ports(&self) -> Result<Vec<(SocketAddrV4, u32)>, Error> {
-        Ok(entries::<ServiceKey, u32>(&self.ebpf, "INBOUND_PORTS")?
+        Ok(entries_of::<ServiceKey, u32>(&self.ebpf, "INBOUND_PORTS")?
             .into_iter()
             .map(|(k, v)| (key_addr(k), v))
             .collect())
@@ -468,20 +471,94 @@ impl Dataplane {
         ignore_missing(ports.remove(&service_key(addr)), "INBOUND_PORTS")
     }
 
-    /// Sets the verdict for connections from `src` (a pod identity) to `dst` (a service).
-    pub fn set_verdict(&mut self, src: u32, dst: u32, allow: bool) -> Result<(), Error> {
-        let mut map: HashMap<&mut MapData, VerdictKey, u32> = typed(&mut self.ebpf, "VERDICTS")?;
-        let v = if allow { VERDICT_ALLOW } else { VERDICT_DENY };
-        map.insert(VerdictKey { src, dst }, v, 0)
-            .map_err(|source| Error::Map {
-                name: "VERDICTS",
-                source,
-            })
+    /// Replaces the whole intention set at once: the set not in force is brought to `entries`
+    /// (only the differences are written), then `CONFIG.intention_set` flips to it together with
+    /// the default verdict. A connection sees the old rules or the new ones, never a mix.
+    pub fn replace_intentions(
+        &mut self,
+        entries: std::collections::HashMap<IntentionKey, IntentionValue>,
+        default_allow: bool,
+    ) -> Result<(), Error> {
+        let mut config = self.config()?;
+        let next = 1 - (config.intention_set & 1);
+        // A connect4 run that picked the set we are about to rewrite (before the last flip)
+        // finishes within microseconds; leave it time before touching that set again.
+        if let Some(at) = self.last_flip {
+            let since = at.elapsed();
+            if since < FLIP_QUIESCE {
+                std::thread::sleep(FLIP_QUIESCE - since);
+            }
+        }
+        let name = if next == 0 {
+            "INTENTIONS_0"
+        } else {
+            "INTENTIONS_1"
+        };
+        // What the set holds: known from our own last write, read from the kernel otherwise
+        // (the first change after a start, when the maps were adopted).
+        let current = match self.shadow[next as usize].take() {
+            Some(known) => known,
+            None => entries_of(&self.ebpf, name)?.into_iter().collect(),
+        };
+        {
+            let mut map: HashMap<&mut MapData, IntentionKey, IntentionValue> =
+                typed(&mut self.ebpf, name)?;
+            for key in current.keys() {
+                if !entries.contains_key(key) {
+                    ignore_missing(map.remove(key), name)?;
+                }
+            }
+            for (key, value) in &entries {
+                if current.get(key) != Some(value) {
+                    map.insert(key, value, 0)
+                        .map_err(|source| Error::Map { name, source })?;
+                }
+            }
+        }
+        config.intention_set = next;
+        config.default_verdict = if default_allow {
+            mesh_common::VERDICT_ALLOW
+        } else {
+            mesh_common::VERDICT_DENY
+        };
+        self.set_config(config)?;
+        self.last_flip = Some(std::time::Instant::now());
+        self.shadow[next as usize] = Some(entries);
+        Ok(())
     }
 
-    pub fn remove_verdict(&mut self, src: u32, dst: u32) -> Result<(), Error> {
-        let mut map: HashMap<&mut MapData, VerdictKey, u32> = typed(&mut self.ebpf, "VERDICTS")?;
-        ignore_missing(map.remove(&VerdictKey { src, dst }), "VERDICTS")
+    /// The intentions in force, as the kernel holds them.
+    pub fn intentions(&self) -> Result<Vec<(IntentionKey, IntentionValue)>, Error> {
+        let set = self.config()?.intention_set;
+        entries_of(
+            &self.ebpf,
+            if set == 0 {
+                "INTENTIONS_0"
+            } else {
+                "INTENTIONS_1"
+            },
+        )
+    }
+
+    /// Connections each intention allowed and denied in connect4, by counter index, summed
+    /// over CPUs.
+    pub fn intention_counts(&self) -> Result<BTreeMap<u32, IntentionCounts>, Error> {
+        let map: aya::maps::PerCpuHashMap<&MapData, u32, IntentionCounts> =
+            typed_ref(&self.ebpf, "INTENTION_COUNTS")?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (k, values) = item.map_err(|source| Error::Map {
+                name: "INTENTION_COUNTS",
+                source,
+            })?;
+            let mut sum = IntentionCounts::default();
+            for v in values.iter() {
+                sum.allowed += v.allowed;
+                sum.denied += v.denied;
+            }
+            out.insert(k, sum);
+        }
+        Ok(out)
     }
 
     /// Marks a port in a pod's network namespace (by cookie) as a proxy listener or app port:
@@ -702,7 +779,7 @@ fn collect_link_ids(dir: &Path, base: &Path, out: &mut BTreeMap<String, u32>) ->
     Ok(())
 }
 
-fn entries<K: aya::Pod, V: aya::Pod>(
+fn entries_of<K: aya::Pod, V: aya::Pod>(
     ebpf: &Ebpf,
     name: &'static str,
 ) -> Result<Vec<(K, V)>, Error> {

@@ -402,7 +402,8 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
     dp.set_pod(
         mesh_user::cgroup::id(&web.cgroup)?,
         PodValue {
-            identity: 1,
+            ns: 1,
+            name: 2,
             outbound_port: OUTBOUND_PORT,
             _pad: 0,
         },
@@ -411,7 +412,8 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
     dp.set_service(
         vip,
         ServiceValue {
-            service: 2,
+            ns: 1,
+            name: 3,
             kind: SERVICE_VIP,
         },
     )?;

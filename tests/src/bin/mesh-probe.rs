@@ -11,6 +11,8 @@
 //!                                     to EOF; print "sent=N received=M ok=BOOL"
 //!   connect ADDR                      print "connected" or "error <errno> <message>"
 //!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
+//!   connect-latency ADDR COUNT        time COUNT connect() calls (each then closed); print
+//!                                     "p50_ns=.. p99_ns=.. failed=.."
 //!   fetch ADDR                        connect, read to EOF, print what was read
 //!   http-get ADDR                     send a plaintext HTTP request, print what comes back (or
 //!                                     the error)
@@ -110,6 +112,31 @@ fn real_main() -> Result<()> {
                 Ok(_) => println!("connected"),
                 Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
             }
+        }
+        "connect-latency" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let count: usize = arg(2)?.parse()?;
+            let mut times = Vec::with_capacity(count);
+            let mut failed = 0;
+            for _ in 0..count {
+                let sock =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                let start = std::time::Instant::now();
+                let r = sock.connect(&addr.into());
+                let took = start.elapsed();
+                match r {
+                    Ok(()) => times.push(took.as_nanos() as u64),
+                    Err(_) => failed += 1,
+                }
+            }
+            times.sort_unstable();
+            let at = |q: f64| {
+                times
+                    .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            println!("p50_ns={} p99_ns={} failed={failed}", at(0.5), at(0.99));
         }
         "fetch" => {
             let addr: SocketAddr = arg(1)?.parse()?;

@@ -1,0 +1,332 @@
+//! Manifests → [`DesiredState`]: namespaces, services and one workload per pod.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::manifest::{IgnoredObject, Manifest};
+use super::objects::{Container, EnvValue, Object, PodTemplate, Protocol, Service, ServiceAccount};
+use super::upstreams::Upstream;
+use super::{Error, DEFAULT_NAMESPACE};
+
+/// Namespaces where consul-k8s never injects.
+const SYSTEM_NAMESPACES: [&str; 2] = ["kube-system", "kube-public"];
+
+/// Where a workload comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// Replica `index` (0-based) of a Deployment.
+    Deployment { name: String, index: u32 },
+    /// A bare Pod.
+    Pod,
+}
+
+/// Where a meshed workload's service identity comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// `consul.hashicorp.com/connect-service`.
+    Annotation,
+    /// The Kubernetes Service selecting the pod (consul-k8s's default).
+    Service,
+    /// The pod's service account: the runner's fallback when no Service selects the pod.
+    ServiceAccount,
+}
+
+/// The mesh side of an injected workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshWorkload {
+    /// The Consul service this pod is an instance of (its identity), in the pod's namespace.
+    pub service: String,
+    pub identity_source: IdentitySource,
+    pub upstreams: Vec<Upstream>,
+    /// `consul.hashicorp.com/transparent-proxy`, when the pod sets it.
+    pub transparent_proxy: Option<bool>,
+}
+
+/// One local pod to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// `<deployment>-<index>` or the Pod's name; unique in its namespace.
+    pub name: String,
+    pub namespace: String,
+    pub owner: Owner,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `None` means the namespace's `default` account.
+    pub service_account: Option<String>,
+    /// Environment references to `metadata.name`, `metadata.namespace` and
+    /// `spec.serviceAccountName` are resolved; other field references stay
+    /// [`EnvValue::FieldRef`] for the runner.
+    pub containers: Vec<Container>,
+    /// `Some` when the pod joins the mesh.
+    pub mesh: Option<MeshWorkload>,
+}
+
+impl Workload {
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The TCP ports the pod's containers declare.
+    pub fn tcp_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter())
+            .filter(|p| p.protocol == Protocol::Tcp)
+            .map(|p| p.container_port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+/// Everything the runner should be running, from one or more manifests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// `default`, the declared namespaces and those objects are in.
+    pub namespaces: BTreeSet<String>,
+    pub service_accounts: Vec<ServiceAccount>,
+    pub services: Vec<Service>,
+    /// Sorted by namespace, then name.
+    pub workloads: Vec<Workload>,
+    pub ignored: Vec<IgnoredObject>,
+    pub warnings: Vec<String>,
+}
+
+impl DesiredState {
+    /// Combines manifests (as `kubectl apply -f a.yaml -f b.yaml` would). The same object in two
+    /// manifests is an error.
+    pub fn build(manifests: &[Manifest]) -> Result<DesiredState, Error> {
+        let mut state = DesiredState::default();
+        let mut seen: BTreeMap<(String, Option<String>, String), String> = BTreeMap::new();
+        let mut declared_namespaces = BTreeSet::new();
+        let mut pods: Vec<(&Object, &PodTemplate)> = Vec::new();
+
+        for (m, manifest) in manifests.iter().enumerate() {
+            state.ignored.extend(manifest.ignored().iter().cloned());
+            state.warnings.extend(manifest.warnings().iter().cloned());
+            for (document, object) in manifest.objects_with_documents() {
+                let place = format!("manifest {} document {document}", m + 1);
+                let key = (
+                    object.kind().to_string(),
+                    object.namespace().map(str::to_string),
+                    object.name().to_string(),
+                );
+                if let Some(first) = seen.insert(key, place.clone()) {
+                    return Err(Error::Duplicate {
+                        object: object.label(),
+                        first,
+                        second: place,
+                    });
+                }
+                if let Some(ns) = object.namespace() {
+                    state.namespaces.insert(ns.to_string());
+                }
+                match object {
+                    Object::Namespace(n) => {
+                        declared_namespaces.insert(n.name.clone());
+                        state.namespaces.insert(n.name.clone());
+                    }
+                    Object::ServiceAccount(sa) => state.service_accounts.push(sa.clone()),
+                    Object::Service(s) => state.services.push(s.clone()),
+                    Object::Deployment(d) => pods.push((object, &d.template)),
+                    Object::Pod(p) => pods.push((object, &p.template)),
+                }
+            }
+        }
+        state.namespaces.insert(DEFAULT_NAMESPACE.to_string());
+        for ns in &state.namespaces {
+            if ns != DEFAULT_NAMESPACE
+                && !SYSTEM_NAMESPACES.contains(&ns.as_str())
+                && !declared_namespaces.contains(ns)
+            {
+                state.warnings.push(format!(
+                    "namespace {ns} is used but not declared; the runner creates it"
+                ));
+            }
+        }
+
+        let mut names: BTreeMap<(String, String), String> = BTreeMap::new();
+        for (object, template) in pods {
+            let namespace = object.namespace().unwrap_or(DEFAULT_NAMESPACE).to_string();
+            let label = object.label();
+            let instances: Vec<(String, Owner)> = match object {
+                Object::Deployment(d) => (0..d.replicas)
+                    .map(|i| {
+                        (
+                            format!("{}-{i}", d.name),
+                            Owner::Deployment {
+                                name: d.name.clone(),
+                                index: i,
+                            },
+                        )
+                    })
+                    .collect(),
+                _ => vec![(object.name().to_string(), Owner::Pod)],
+            };
+            if let Some(sa) = &template.spec.service_account {
+                let known = sa == "default"
+                    || state
+                        .service_accounts
+                        .iter()
+                        .any(|a| a.name == *sa && a.namespace == namespace);
+                if !known {
+                    state.warnings.push(format!(
+                        "{label}: service account {sa} is not declared in namespace {namespace}"
+                    ));
+                }
+            }
+            let mesh = state.mesh_workload(&label, &namespace, template)?;
+            for (name, owner) in instances {
+                if let Some(other) = names.insert((namespace.clone(), name.clone()), label.clone())
+                {
+                    return Err(Error::Object {
+                        object: label,
+                        message: format!("pod name {namespace}/{name} is also used by {other}"),
+                    });
+                }
+                state
+                    .workloads
+                    .push(workload(name, &namespace, owner, template, mesh.clone()));
+            }
+        }
+        state
+            .workloads
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Ok(state)
+    }
+
+    /// The Services in `namespace` that select pods labelled `labels` (consul-k8s's view:
+    /// Services labelled `consul.hashicorp.com/service-ignore: "true"` are left out).
+    pub fn mesh_services_selecting<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a Service> + 'a {
+        self.services
+            .iter()
+            .filter(move |s| s.namespace == namespace && !s.mesh_ignored() && s.selects(labels))
+    }
+
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+    }
+
+    fn mesh_workload(
+        &mut self,
+        label: &str,
+        namespace: &str,
+        template: &PodTemplate,
+    ) -> Result<Option<MeshWorkload>, Error> {
+        let Some(mesh) = &template.mesh else {
+            return Ok(None);
+        };
+        if SYSTEM_NAMESPACES.contains(&namespace) {
+            self.warnings.push(format!(
+                "{label}: connect-inject is ignored in namespace {namespace}"
+            ));
+            return Ok(None);
+        }
+        let selecting: Vec<String> = self
+            .mesh_services_selecting(namespace, &template.labels)
+            .map(|s| s.name.clone())
+            .collect();
+        let sa = template.spec.service_account.as_deref();
+        let (service, source) = if let Some(name) = &mesh.service {
+            (name.clone(), IdentitySource::Annotation)
+        } else if selecting.len() > 1 {
+            return Err(Error::Object {
+                object: label.to_string(),
+                message: format!(
+                    "selected by more than one Service ({}); consul-k8s needs exactly one: label \
+                     the others consul.hashicorp.com/service-ignore: \"true\" or set the \
+                     consul.hashicorp.com/connect-service annotation",
+                    selecting.join(", ")
+                ),
+            });
+        } else if let Some(name) = selecting.first() {
+            (name.clone(), IdentitySource::Service)
+        } else if let Some(sa) = sa.filter(|sa| *sa != "default") {
+            self.warnings.push(format!(
+                "{label}: no Service selects this pod (consul-k8s would not register it); \
+                 using its service account {sa} as its service identity"
+            ));
+            (sa.to_string(), IdentitySource::ServiceAccount)
+        } else {
+            return Err(Error::Object {
+                object: label.to_string(),
+                message: "connect-inject is on but no Service selects the pod and it has \
+                          neither a consul.hashicorp.com/connect-service annotation nor a \
+                          service account to name its identity"
+                    .into(),
+            });
+        };
+        if let Some(sa) = sa {
+            if sa != service && sa != "default" {
+                self.warnings.push(format!(
+                    "{label}: service account name {sa} doesn't match Consul service name \
+                     {service} (consul-k8s refuses this pod when ACLs are enabled)"
+                ));
+            }
+        }
+        Ok(Some(MeshWorkload {
+            service,
+            identity_source: source,
+            upstreams: mesh.upstreams.clone(),
+            transparent_proxy: mesh.transparent_proxy,
+        }))
+    }
+}
+
+fn workload(
+    name: String,
+    namespace: &str,
+    owner: Owner,
+    template: &PodTemplate,
+    mesh: Option<MeshWorkload>,
+) -> Workload {
+    let service_account = template.spec.service_account.clone();
+    let sa_name = service_account.clone().unwrap_or_else(|| "default".into());
+    let containers = template
+        .spec
+        .containers
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            for e in &mut c.env {
+                let resolved = match &e.value {
+                    EnvValue::FieldRef(path) => match path.as_str() {
+                        "metadata.name" => Some(name.clone()),
+                        "metadata.namespace" => Some(namespace.to_string()),
+                        "spec.serviceAccountName" => Some(sa_name.clone()),
+                        _ => None,
+                    },
+                    EnvValue::Value(_) => None,
+                };
+                if let Some(v) = resolved {
+                    e.value = EnvValue::Value(v);
+                }
+            }
+            c
+        })
+        .collect();
+    Workload {
+        name,
+        namespace: namespace.to_string(),
+        owner,
+        labels: template.labels.clone(),
+        annotations: template.annotations.clone(),
+        service_account,
+        containers,
+        mesh,
+    }
+}
