@@ -210,24 +210,30 @@ struct Bench {
     setup: Setup,
     all_cpus: CpuSet,
     configs: Vec<Config>,
-    agents: Vec<(AgentProc, std::process::Child)>,
+    agents: AgentSet,
     idle_rss_mib: [Option<f64>; 2],
+    /// After `agents`: dropped once they have exited.
     _state: Vec<tempfile::TempDir>,
 }
 
 impl Bench {
     fn agent(&self, i: usize) -> &AgentProc {
-        &self.agents[i].0
+        &self.agents.0[i].0
     }
 }
 
-impl Drop for Bench {
-    /// The agents stop their proxies and exit before the node (and its namespaces) goes away.
+/// The agent processes, from the moment each starts.
+#[derive(Default)]
+struct AgentSet(Vec<(AgentProc, std::process::Child)>);
+
+impl Drop for AgentSet {
+    /// The agents stop their proxies and exit before the node (and its namespaces) goes away;
+    /// they sit in the node's agent cgroup, which the node does not sweep.
     fn drop(&mut self) {
-        for (agent, _) in &self.agents {
+        for (agent, _) in &self.0 {
             agent.quit();
         }
-        for (_, child) in &mut self.agents {
+        for (_, child) in &mut self.0 {
             let deadline = Instant::now() + Duration::from_secs(5);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
@@ -431,8 +437,9 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
 
     let vip_i = Ipv4Addr::new(10, 96, node.subnet, 20);
     let vip_e = Ipv4Addr::new(10, 96, node.subnet, 21);
-    let mut agents = Vec::new();
+    // Declared first, dropped last (on an error here too): after the agents have exited.
     let mut state_dirs = Vec::new();
+    let mut agents = AgentSet::default();
     for (redirect, instance, web, api, vip) in [
         (
             Redirect::Iptables,
@@ -453,11 +460,11 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
         };
         let agent = AgentProc::start(&exe, &spec)
             .with_context(|| format!("starting the {redirect:?} agent"))?;
-        agents.push(agent);
+        agents.0.push(agent);
         state_dirs.push(state);
     }
-    let ipt = agents[IPTABLES_AGENT].0.stats()?;
-    let ebpf = agents[EBPF_AGENT].0.stats()?;
+    let ipt = agents.0[IPTABLES_AGENT].0.stats()?;
+    let ebpf = agents.0[EBPF_AGENT].0.stats()?;
     ensure!(
         ebpf["counters"].is_object() && ipt["counters"].is_null(),
         "the agents do not run in the modes asked for"
@@ -613,6 +620,22 @@ fn pin_process(pid: u32, cpus: &CpuSet) -> Result<()> {
     Ok(())
 }
 
+/// Gives processes back every CPU when dropped, whichever way a pinned measurement ends.
+struct Unpin<'a> {
+    pids: &'a [u32],
+    all: &'a CpuSet,
+}
+
+impl Drop for Unpin<'_> {
+    fn drop(&mut self) {
+        for &pid in self.pids {
+            if let Err(e) = pin_process(pid, self.all) {
+                eprintln!("mesh-bench e2e: unpinning {pid}: {e:#}");
+            }
+        }
+    }
+}
+
 /// User + system CPU seconds of process `pid` so far (all its threads).
 fn process_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -642,7 +665,7 @@ fn delta(before: &Value, after: &Value) -> Value {
 
 /// Every agent's stats, by agent index.
 fn all_stats(b: &Bench) -> Result<Vec<Value>> {
-    b.agents.iter().map(|(a, _)| a.stats()).collect()
+    b.agents.0.iter().map(|(a, _)| a.stats()).collect()
 }
 
 /// Waits (up to 3 s) until the agent has closed every proxied connection, so that its counters
@@ -723,13 +746,21 @@ fn measure(b: &Bench, i: usize, wl: Wl, pinning: Pinning, round: usize) -> Resul
     if let Some(ai) = c.agent {
         pids.push(b.agent(ai).pid);
     }
-    if let Pinning::Pinned(cpu) = pinning {
-        let mut set = CpuSet::new();
-        set.set(cpu)?;
-        for &pid in &pids {
-            pin_process(pid, &set)?;
+    let unpin = match pinning {
+        Pinning::Pinned(cpu) => {
+            let mut set = CpuSet::new();
+            set.set(cpu)?;
+            let guard = Unpin {
+                pids: &pids,
+                all: &b.all_cpus,
+            };
+            for &pid in &pids {
+                pin_process(pid, &set)?;
+            }
+            Some(guard)
         }
-    }
+        Pinning::Unpinned => None,
+    };
     if let Some(ai) = c.agent {
         b.agent(ai).reset_peak()?;
     }
@@ -741,11 +772,7 @@ fn measure(b: &Bench, i: usize, wl: Wl, pinning: Pinning, round: usize) -> Resul
     }
     let server_cpu = process_cpu_seconds(c.server_pid)? - server0;
     let after = all_stats(b)?;
-    if pinning != Pinning::Unpinned {
-        for &pid in &pids {
-            pin_process(pid, &b.all_cpus)?;
-        }
-    }
+    drop(unpin);
     let client = client?;
 
     let num = |k: &str| client[k].as_f64().with_context(|| format!("client {k}"));

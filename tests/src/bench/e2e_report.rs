@@ -337,8 +337,17 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
                 .filter(|r| r.workload == wl)
                 .filter_map(|r| r.metric("redirected_share"))
                 .collect();
+            let fallbacks: u64 = ebpf
+                .iter()
+                .filter(|r| r.workload == wl)
+                .filter_map(|r| r.counters["backlog_fallbacks"].as_u64())
+                .sum();
             if let Some(min) = fr.iter().copied().reduce(f64::min) {
-                parts.push(format!("{wl} {:.0}%", min * 100.0));
+                let mut p = format!("{wl} {:.0}%", min * 100.0);
+                if fallbacks > 0 {
+                    let _ = write!(p, " ({fallbacks} backlog fallback(s) to TCP)");
+                }
+                parts.push(p);
             }
         }
         if !parts.is_empty() {
@@ -352,7 +361,8 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
     if let [Some(i), Some(e)] = setup.idle_rss_mib {
         notes.push(format!(
             "agent RSS right after start, before any traffic: mesh-iptables {i:.1} MiB, \
-             mesh-ebpf {e:.1} MiB (the difference is the loaded BPF object and kernel BTF)"
+             mesh-ebpf {e:.1} MiB (the eBPF agent also holds its BPF object and, likely most of \
+             the difference, the kernel BTF that the loader reads and parses)"
         ));
     }
     for r in records.iter().filter(|r| !r.valid) {
