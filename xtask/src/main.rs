@@ -4,7 +4,7 @@
 //! - `build [--release]`: the kernel programs, then the agent with them embedded.
 //! - `test`: lint, unit tests, root tests (real programs in real namespaces).
 //! - `run`: a single-node mesh on this machine, in the foreground until Ctrl-C.
-//! - `bench [redirect] [--quick]`: side-by-side measurements, written to `docs/benchmarks.md`.
+//! - `bench [redirect|intentions|e2e] [--quick]`: side-by-side measurements, written to `docs/benchmarks.md`.
 //!
 //! Every command except `setup` runs the setup first when something it needs is missing.
 
@@ -60,7 +60,7 @@ enum Cmd {
     },
     /// Measure the mesh against its baselines.
     Bench {
-        /// Which benchmark (`redirect`); all when omitted.
+        /// Which benchmark (`redirect`, `intentions`, `e2e`); all when omitted.
         which: Option<String>,
         /// A short smoke run.
         #[arg(long)]
@@ -321,7 +321,7 @@ fn bench(which: Option<&str>, quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks need root: BPF programs, cgroups and network namespaces");
     }
-    let all = ["redirect", "intentions"];
+    let all = ["redirect", "intentions", "e2e"];
     let chosen: Vec<&str> = match which {
         Some(w) if all.contains(&w) => vec![w],
         Some(w) => bail!("unknown benchmark {w:?}; known: {}", all.join(", ")),

@@ -145,7 +145,7 @@ struct Cell {
     total: usize,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -506,14 +506,19 @@ pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String 
 /// Puts `section` (markers included) into the markdown file at `path`: replaces the existing
 /// section, or appends it; creates the file (and its directory) if needed.
 pub fn write_section(path: &Path, section: &str) -> Result<()> {
+    write_marked_section(path, BEGIN, END, section)
+}
+
+/// [`write_section`] for the section between `begin` and `end` (each benchmark has its own).
+pub fn write_marked_section(path: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
     let old = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_string(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let new = match (old.find(BEGIN), old.find(END)) {
+    let new = match (old.find(begin), old.find(end)) {
         (Some(b), Some(e)) if e > b => {
-            let tail = &old[e + END.len()..];
+            let tail = &old[e + end.len()..];
             let tail = tail.strip_prefix('\n').unwrap_or(tail);
             format!("{}{section}{tail}", &old[..b])
         }

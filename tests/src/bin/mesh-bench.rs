@@ -1,5 +1,7 @@
 //! `mesh-bench`: speed of the app ⇄ listener hop over plain loopback TCP, the mesh's sk_msg
 //! redirect (the real kernel programs) and an iptables REDIRECT hop, side by side in one run.
+//! `mesh-bench e2e ...` is the end-to-end benchmark (two pods, direct vs the whole mesh in both
+//! redirect modes): see `bench/e2e.rs` for its options.
 //!
 //! ```text
 //! mesh-bench [redirect] [--quick] [--rounds N] [--cpu N] [--json PATH] [--markdown PATH | --no-markdown]
@@ -21,6 +23,14 @@
 //! was invalid (an sk_msg run that redirected nothing, a baseline that was redirected, or a
 //! failure); targets are reported, never asserted.
 
+#[path = "../bench/e2e.rs"]
+mod e2e;
+#[path = "../bench/e2e_agent.rs"]
+mod e2e_agent;
+#[path = "../bench/e2e_app.rs"]
+mod e2e_app;
+#[path = "../bench/e2e_report.rs"]
+mod e2e_report;
 #[path = "../bench/report.rs"]
 mod report;
 #[path = "../bench/workload.rs"]
@@ -54,10 +64,12 @@ const CLIENT_LIMIT: Duration = Duration::from_secs(120);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = if args.first().map(String::as_str) == Some("client") {
-        client_main(&args[1..]).map(|()| 0)
-    } else {
-        bench_main(&args)
+    let result = match args.first().map(String::as_str) {
+        Some("client") => client_main(&args[1..]).map(|()| 0),
+        Some("server") => server_main(&args[1..]).map(|()| 0),
+        Some("agent") => e2e_agent::agent_main(&args[1..]).map(|()| 0),
+        Some("e2e") => e2e::main(&args[1..]),
+        _ => bench_main(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -76,11 +88,30 @@ fn stop_signals() -> SigSet {
     set
 }
 
+/// Call before any thread exists, so that every thread inherits the mask and only the signal
+/// thread receives them: Ctrl-C then cleans up instead of leaving namespaces and pins behind.
+fn watch_stop_signals() -> Result<()> {
+    let signals = stop_signals();
+    signals.thread_block()?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok(sig) = signals.wait() {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+                eprintln!("mesh-bench: {sig}: stopping and cleaning up");
+            }
+        })?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // The app side: `mesh-bench client --netns PATH --cgroup PATH [--cpu N] <workload> ...`
 
-fn client_main(args: &[String]) -> Result<()> {
-    // The benchmark blocks these signals and the mask survives exec: a client must die on them.
+/// Handles `--netns PATH --cgroup PATH [--cpu N]` at the head of `args` for an app process
+/// (client or server): unblocks the stop signals, joins the cgroup, enters the network
+/// namespace, pins itself. Returns the remaining arguments.
+fn enter_pod(args: &[String]) -> Result<Vec<String>> {
+    // The benchmark blocks these signals and the mask survives exec: an app must die on them.
     stop_signals().thread_unblock()?;
     let mut args = args.to_vec();
     let mut netns = None;
@@ -101,6 +132,8 @@ fn client_main(args: &[String]) -> Result<()> {
     if let Some(cg) = cgroup {
         mesh_user::cgroup::add_process(&cg, std::process::id())?;
     }
+    // The main thread enters the namespace before any other thread exists: threads created
+    // later (tokio's) inherit it.
     if let Some(ns) = netns {
         let file = std::fs::File::open(&ns).with_context(|| format!("{}", ns.display()))?;
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
@@ -110,6 +143,25 @@ fn client_main(args: &[String]) -> Result<()> {
         set.set(cpu)?;
         nix::sched::sched_setaffinity(Pid::from_raw(0), &set).context("pinning the client")?;
     }
+    Ok(args)
+}
+
+/// The end-to-end benchmark's server app: `mesh-bench server --netns PATH --cgroup PATH ADDR
+/// THREADS`.
+fn server_main(args: &[String]) -> Result<()> {
+    let args = enter_pod(args)?;
+    ensure!(
+        args.len() == 2,
+        "usage: mesh-bench server [--netns P] [--cgroup P] ADDR THREADS"
+    );
+    e2e_app::server_main(
+        args[0].parse().context("server address")?,
+        args[1].parse().context("server threads")?,
+    )
+}
+
+fn client_main(args: &[String]) -> Result<()> {
+    let args = enter_pod(args)?;
     let arg = |i: usize| -> Result<&str> {
         args.get(i)
             .map(String::as_str)
@@ -122,6 +174,10 @@ fn client_main(args: &[String]) -> Result<()> {
         }
         "bulk" => workload::client_bulk(addr, arg(2)?.parse()?)?,
         "connect" => workload::client_connect(addr, arg(2)?.parse()?)?,
+        // The end-to-end benchmark's workloads.
+        "rr" => e2e_app::client_rr(addr, arg(2)?.parse()?, arg(3)?.parse()?, arg(4)?.parse()?)?,
+        "stream" => e2e_app::client_stream(addr, arg(2)?.parse()?)?,
+        "conns" => e2e_app::client_conns(addr, arg(2)?.parse()?, arg(3)?.parse()?)?,
         other => bail!("unknown workload {other:?}"),
     };
     println!("{result}");
@@ -140,7 +196,8 @@ struct Options {
 }
 
 const USAGE: &str = "usage: mesh-bench [redirect] [--quick] [--rounds N] [--cpu N] \
-                     [--json PATH] [--markdown PATH | --no-markdown]";
+                     [--json PATH] [--markdown PATH | --no-markdown]\n       \
+                     mesh-bench e2e --help";
 
 fn parse_options(args: &[String]) -> Result<Option<Options>> {
     let target = target_dir()?;
@@ -236,18 +293,7 @@ fn bench_main(args: &[String]) -> Result<i32> {
         nix::unistd::geteuid().is_root(),
         "mesh-bench needs root (namespaces, cgroups, BPF, iptables)"
     );
-    // Before any thread exists, so that every thread inherits the mask and only the signal
-    // thread receives them: Ctrl-C then cleans up instead of leaving namespaces and pins behind.
-    let signals = stop_signals();
-    signals.thread_block()?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            while let Ok(sig) = signals.wait() {
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                eprintln!("mesh-bench: {sig}: stopping and cleaning up");
-            }
-        })?;
+    watch_stop_signals()?;
 
     let all_cpus = nix::sched::sched_getaffinity(Pid::from_raw(0))?;
     ensure!(
