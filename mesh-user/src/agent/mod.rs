@@ -399,8 +399,7 @@ impl Agent {
         let counts = dp.intention_counts()?;
         Ok(self
             .rules
-            .list()
-            .into_iter()
+            .iter()
             .filter_map(|it| {
                 counts
                     .get(&it.counter_index)

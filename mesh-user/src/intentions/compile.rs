@@ -239,8 +239,8 @@ impl CompiledRules {
     }
 }
 
-/// Compiles `rules` with a fresh interner. Deterministic: ids are assigned in
-/// [`RuleSet::list`] order.
+/// Compiles `rules` with a fresh interner. Ids are assigned in
+/// [`RuleSet::iter`] order (no particular one); pass a kept interner to keep them stable.
 pub fn compile(rules: &RuleSet) -> Result<CompiledRules> {
     compile_with(rules, Interner::new())
 }
@@ -248,10 +248,9 @@ pub fn compile(rules: &RuleSet) -> Result<CompiledRules> {
 /// Compiles `rules`, reusing (and extending) `interner` so that ids already handed out, e.g.
 /// to workloads, stay valid.
 pub fn compile_with(rules: &RuleSet, mut interner: Interner) -> Result<CompiledRules> {
-    let list = rules.list();
-    let mut entries = HashMap::with_capacity(list.len());
-    let mut ids = HashMap::with_capacity(list.len());
-    for it in list {
+    let mut entries = HashMap::with_capacity(rules.len());
+    let mut ids = HashMap::with_capacity(rules.len());
+    for it in rules.iter() {
         let key = KernelKey {
             src_ns: interner.intern(it.source.namespace())?,
             src_name: interner.intern(it.source.name())?,
