@@ -610,7 +610,9 @@ fn backpressure(blocking: bool) -> Result<mesh_user::bpf::Counters> {
                 Ok(peak)
             })
         };
-        // A slow reader: 64 KiB at a time with a pause every 4 MiB, slower than the writer.
+        // A slow reader: it starts late (the writer meets the bound before the first read,
+        // whatever the machine's speed), then reads 64 KiB at a time with a pause every 4 MiB.
+        std::thread::sleep(Duration::from_millis(300));
         let mut slow = SlowReader {
             inner: NbStream::new(conn)?,
             reads: 0,

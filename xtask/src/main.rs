@@ -298,7 +298,7 @@ fn test(filter: Option<&str>, lint: bool) -> Result<()> {
     // between cgroups).
     let mut rooted = cmd("cargo");
     rooted
-        .args(["test", "-p", "mesh-tests", "--"])
+        .args(["test", "-p", "mesh-tests", "--no-fail-fast", "--"])
         .arg("--test-threads=1")
         .env("MESH_EBPF_OBJECT", &obj);
     if let Some(f) = filter {
