@@ -991,7 +991,10 @@ async fn stopping_a_pod_closes_its_listeners_and_connections() {
         let mut web = env.client("web", None);
         let to_api = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
         let mut open = echo_through(to_api, b"before").await;
+        assert_eq!(web.stats().active_connections, 1);
+        let stats = web.stats_handle();
         web.shutdown().await;
+        assert_eq!(stats.snapshot().active_connections, 0);
         assert!(read_until_closed(&mut open).await.is_empty());
         assert!(
             TcpStream::connect(to_api).await.is_err(),
