@@ -59,6 +59,16 @@ pub(crate) async fn serve(
     };
     info.port = Some(port);
 
+    // Registered before the verdict and until this function returns, so that a rule change
+    // at any point from here on closes the connection (PodProxy::reauthorize).
+    let (_registration, revoked) = pod.inbound.register(caller.clone());
+    let stop = async move {
+        match revoked.await {
+            Ok(reason) => Error::Revoked { reason },
+            // The registry went away with the pod: the task is being aborted anyway.
+            Err(_) => std::future::pending().await,
+        }
+    };
     let verdict = shared.authorizer.authorize(&caller, pod.id());
     if !verdict.allow {
         return refuse(
@@ -83,15 +93,6 @@ pub(crate) async fn serve(
         pod = %pod.name, caller = %caller, port, resumed = info.resumed,
         "inbound connection authorized: {}", verdict.reason
     );
-    // Registered until this function returns, so that a rule change can close it.
-    let (_registration, revoked) = pod.inbound.register(caller);
-    let stop = async move {
-        match revoked.await {
-            Ok(reason) => Error::Revoked { reason },
-            // The registry went away with the pod: the task is being aborted anyway.
-            Err(_) => std::future::pending().await,
-        }
-    };
     let (transferred, result) = relay(
         app,
         tls,

@@ -291,6 +291,8 @@ struct Listening {
     addr: SocketAddr,
     kind: ListenerKind,
     task: JoinHandle<()>,
+    /// Asks the task to close the listener and wait for its connections to end.
+    drain: oneshot::Sender<()>,
 }
 
 /// One pod's proxy: its listeners, their connections and its counters.
@@ -349,14 +351,24 @@ impl PodProxy {
         let id = ListenerId(self.next_id);
         self.next_id += 1;
         tracing::debug!(pod = %self.pod.name, %addr, ?kind, "listening");
+        let (drain, drained) = oneshot::channel();
         let task = self.shared.runtime.spawn(accept_loop(
             Arc::clone(&self.shared),
             Arc::clone(&self.pod),
             Arc::new(kind.clone()),
             listener,
             addr,
+            drained,
         ));
-        self.listeners.insert(id, Listening { addr, kind, task });
+        self.listeners.insert(
+            id,
+            Listening {
+                addr,
+                kind,
+                task,
+                drain,
+            },
+        );
         Ok(id)
     }
 
@@ -436,14 +448,18 @@ impl PodProxy {
         }
     }
 
-    /// Like [`PodProxy::stop`], and waits until the listener tasks have ended, so that their
-    /// sockets are closed when it returns.
+    /// Like [`PodProxy::stop`], and waits until every listener and connection task of the pod
+    /// has ended: when it returns, all the pod's sockets are closed and its connections no longer
+    /// count against the limits.
     pub async fn shutdown(mut self) {
-        let listeners: Vec<_> = self.listeners.drain().map(|(_, l)| l.task).collect();
-        for task in &listeners {
-            task.abort();
+        let listeners: Vec<_> = self.listeners.drain().map(|(_, l)| l).collect();
+        let mut tasks = Vec::with_capacity(listeners.len());
+        for l in listeners {
+            // A task that already ended has dropped its receiver; nothing to drain then.
+            let _ = l.drain.send(());
+            tasks.push(l.task);
         }
-        for task in listeners {
+        for task in tasks {
             let _ = task.await;
         }
     }
@@ -538,11 +554,22 @@ async fn accept_loop(
     kind: Arc<ListenerKind>,
     listener: TcpListener,
     local: SocketAddr,
+    mut drain: oneshot::Receiver<()>,
 ) {
     // Dropped with this task, which aborts every connection of the listener.
     let mut conns = JoinSet::new();
+    // The drain channel is polled until it yields once (a dropped sender comes with an abort).
+    let mut drain_open = true;
     loop {
         tokio::select! {
+            signal = &mut drain, if drain_open => {
+                drain_open = false;
+                if signal.is_ok() {
+                    drop(listener);
+                    conns.shutdown().await;
+                    return;
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match admit(&shared, &pod) {
                     Ok(permits) => {

@@ -710,7 +710,7 @@ async fn transparent_listener_passes_non_mesh_destinations_through_plain() {
 async fn a_refused_endpoint_is_skipped_then_retried_after_the_skip_period() {
     within(30, async {
         let config = ProxyConfig {
-            endpoint_skip: Duration::from_millis(500),
+            endpoint_skip: Duration::from_millis(1500),
             ..test_config()
         };
         let env = Env::new(config);
@@ -732,7 +732,7 @@ async fn a_refused_endpoint_is_skipped_then_retried_after_the_skip_period() {
         assert_eq!(api.stats().inbound_connections, 5);
 
         // After the skip period, round robin reaches it again (within two connections).
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
         for _ in 0..2 {
             drop(echo_through(to_api, b"later").await);
         }
@@ -828,7 +828,7 @@ async fn the_agent_connection_limit_refuses_across_pods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idle_timeout_closes_an_idle_connection() {
     within(30, async {
-        let idle = Duration::from_millis(400);
+        let idle = Duration::from_millis(600);
         let config = ProxyConfig {
             idle_timeout: idle,
             ..test_config()
@@ -839,7 +839,7 @@ async fn the_idle_timeout_closes_an_idle_connection() {
         let mut web = env.client("web", None);
         let to_api = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
 
-        // Traffic every 100 ms for 1.2 s keeps it open, three times longer than the timeout.
+        // Traffic every 100 ms for 1.2 s keeps it open, twice as long as the timeout.
         let mut stream = echo_through(to_api, b"start").await;
         for i in 0..12u8 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -991,7 +991,10 @@ async fn stopping_a_pod_closes_its_listeners_and_connections() {
         let mut web = env.client("web", None);
         let to_api = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
         let mut open = echo_through(to_api, b"before").await;
+        assert_eq!(web.stats().active_connections, 1);
+        let stats = web.stats_handle();
         web.shutdown().await;
+        assert_eq!(stats.snapshot().active_connections, 0);
         assert!(read_until_closed(&mut open).await.is_empty());
         assert!(
             TcpStream::connect(to_api).await.is_err(),
