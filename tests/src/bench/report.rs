@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 
 /// The paths, in table order; the first is the baseline of every ratio.
@@ -510,30 +510,7 @@ pub fn write_section(path: &Path, section: &str) -> Result<()> {
 }
 
 /// [`write_section`] for the section between `begin` and `end` (each benchmark has its own).
-pub fn write_marked_section(path: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
-    let old = match std::fs::read_to_string(path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_string(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let new = match (old.find(begin), old.find(end)) {
-        (Some(b), Some(e)) if e > b => {
-            let tail = &old[e + end.len()..];
-            let tail = tail.strip_prefix('\n').unwrap_or(tail);
-            format!("{}{section}{tail}", &old[..b])
-        }
-        _ => {
-            let mut s = old.trim_end().to_string();
-            s.push_str("\n\n");
-            s.push_str(section);
-            s
-        }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
-}
+pub use mesh_tests::write_marked_section;
 
 #[cfg(test)]
 mod tests {

@@ -239,7 +239,8 @@ fn main() -> Result<()> {
         l99 / s99,
     );
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-    mesh_tests::write_doc_section(&docs, "intentions", &section)?;
+    let (begin, end) = ("<!-- intentions:begin -->", "<!-- intentions:end -->");
+    mesh_tests::write_marked_section(&docs, begin, end, &format!("{begin}\n{section}{end}\n"))?;
     drop(agent);
     drop(rt);
     Ok(())
