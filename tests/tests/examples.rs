@@ -49,7 +49,9 @@ fn the_demo_is_web_calling_api_v1_in_one_namespace() -> Result<()> {
     for w in &state.workloads {
         let mesh = w.mesh.as_ref().expect("every demo pod joins the mesh");
         assert_eq!(format!("{}-0", mesh.service), w.name);
-        assert!(w.containers[0].image.starts_with("nicholasjackson/fake-service:"));
+        assert!(w.containers[0]
+            .image
+            .starts_with("nicholasjackson/fake-service:"));
     }
     assert_eq!(
         upstream_of(&state, "default", "web-0"),
