@@ -71,6 +71,10 @@ enum Cmd {
         /// Seconds without a byte either way before a connection is closed.
         #[arg(long, default_value_t = 3600)]
         idle_timeout: u64,
+        /// Make a full mTLS handshake for every connection between proxies (no session
+        /// tickets, no session cache).
+        #[arg(long)]
+        no_tls_resumption: bool,
     },
     /// A single-node mesh on this machine: two local pods (web → api, both fake-service) served
     /// by the agent, with web forwarded to 127.0.0.1:<port>. Ctrl-C removes everything.
@@ -84,6 +88,9 @@ enum Cmd {
         /// Host port forwarded to the web pod.
         #[arg(long, default_value_t = 9090)]
         port: u16,
+        /// Make a full mTLS handshake for every connection between proxies.
+        #[arg(long)]
+        no_tls_resumption: bool,
     },
     /// Run a program inside a pod, as one of its processes: join its cgroup, then its network
     /// namespace (the local runner starts pod processes with it).
@@ -143,6 +150,7 @@ fn main() -> Result<()> {
             max_connections,
             handshake_timeout,
             idle_timeout,
+            no_tls_resumption,
         } => {
             let mesh_cgroup = match mesh_cgroup {
                 Some(p) => p,
@@ -160,6 +168,7 @@ fn main() -> Result<()> {
                     max_connections_per_agent: max_connections,
                     handshake_timeout: Duration::from_secs(handshake_timeout),
                     idle_timeout: Duration::from_secs(idle_timeout),
+                    tls_resumption: !no_tls_resumption,
                     ..mesh_user::proxy::ProxyConfig::default()
                 },
             };
@@ -173,10 +182,20 @@ fn main() -> Result<()> {
             redirect,
             default_intention_policy,
             port,
+            no_tls_resumption,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(local(state_dir, redirect, default_intention_policy, port)),
+            .block_on(local(
+                state_dir,
+                redirect,
+                default_intention_policy,
+                port,
+                mesh_user::proxy::ProxyConfig {
+                    tls_resumption: !no_tls_resumption,
+                    ..mesh_user::proxy::ProxyConfig::default()
+                },
+            )),
         Cmd::Exec {
             cgroup,
             netns,
@@ -312,7 +331,13 @@ fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
 }
 
 /// `meshd local`: the demo node.
-async fn local(state_dir: PathBuf, redirect: Redirect, policy: Action, port: u16) -> Result<()> {
+async fn local(
+    state_dir: PathBuf,
+    redirect: Redirect,
+    policy: Action,
+    port: u16,
+    proxy: mesh_user::proxy::ProxyConfig,
+) -> Result<()> {
     use mesh_user::catalog::{Endpoint, Protocol, Service, Upstream, Workload};
     use mesh_user::local::{LocalNode, VIP_NET};
     use std::net::Ipv4Addr;
@@ -370,7 +395,7 @@ async fn local(state_dir: PathBuf, redirect: Redirect, policy: Action, port: u16
             redirect,
             default_policy: policy,
             msg_redirect: true,
-            proxy: mesh_user::proxy::ProxyConfig::default(),
+            proxy,
         };
         let (server, hooks, rules, mut changes) = start_api(&cfg.state_dir, policy).await?;
         let mut agent = Agent::start(cfg, catalog, rules).await?;

@@ -32,7 +32,8 @@ pub use spiffe::{
     DEFAULT_PARTITION,
 };
 pub use tls::{
-    client_config, peer_identity, server_config, spiffe_id_from_cert, ClientConfigCache,
+    client_config, client_config_with, peer_identity, server_config, server_config_with,
+    spiffe_id_from_cert, ClientConfigCache, TlsOptions,
 };
 pub use trust::TrustBundle;
 

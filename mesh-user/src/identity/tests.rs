@@ -419,6 +419,46 @@ fn only_tls13_is_negotiated() {
     );
 }
 
+/// The resumption switch: the same pair of configs resumes the second connection with it on,
+/// and makes a full handshake every time with it off (on either side alone too).
+#[test]
+fn resumption_can_be_switched_off() {
+    let mesh = Mesh::new();
+    let web = mesh.leaf("web");
+    let api = mesh.leaf("api");
+    let on = TlsOptions::default();
+    let off = TlsOptions { resumption: false };
+    assert!(on.resumption);
+    let client = |o: TlsOptions| {
+        client_config_with(Arc::clone(&web), Arc::clone(&mesh.trust), svc("api"), o).unwrap()
+    };
+    let server =
+        |o: TlsOptions| server_config_with(Arc::clone(&api), Arc::clone(&mesh.trust), o).unwrap();
+    let kinds = |c: &Arc<ClientConfig>, s: &Arc<ServerConfig>| {
+        (0..3)
+            .map(|_| {
+                let (mut c, mut s) = connect(c, s).unwrap();
+                exchange(&mut c, &mut s, b"ping");
+                assert_eq!(peer_identity(&s).unwrap(), svc("web"));
+                (c.handshake_kind().unwrap(), s.handshake_kind().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    use HandshakeKind::{Full, Resumed};
+    assert_eq!(
+        kinds(&client(on), &server(on)),
+        [(Full, Full), (Resumed, Resumed), (Resumed, Resumed)]
+    );
+    assert_eq!(kinds(&client(off), &server(off)), [(Full, Full); 3]);
+    // Either side alone turns it off: the client offers nothing, or the server issues nothing.
+    assert_eq!(kinds(&client(off), &server(on)), [(Full, Full); 3]);
+    assert_eq!(kinds(&client(on), &server(off)), [(Full, Full); 3]);
+    // The cache builds its configs with its options.
+    let cache = ClientConfigCache::with_options(Arc::clone(&mesh.trust), off);
+    let cached = cache.get(&web, &svc("api")).unwrap();
+    assert_eq!(kinds(&cached, &server(on)), [(Full, Full); 3]);
+}
+
 #[test]
 fn second_connection_resumes_the_session() {
     let mesh = Mesh::new();

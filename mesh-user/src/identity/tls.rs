@@ -10,7 +10,9 @@ use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::server::{
+    NoServerSessionStorage, ProducesTickets, ServerSessionMemoryCache, StoresServerSessions,
+};
 use rustls::{
     CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
     NamedGroup, OtherError, ServerConfig, SignatureScheme,
@@ -52,17 +54,45 @@ pub fn peer_identity(conn: &CommonState) -> Result<SpiffeId, Error> {
     spiffe_id_from_cert(cert)
 }
 
+/// Options of the mesh TLS configs beyond identities and trust. [`Default`] is what production
+/// uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// TLS session resumption: the client keeps session tickets, the server issues tickets and
+    /// keeps a session cache. Off, every connection makes a full handshake (certificate
+    /// signatures and chain checks both ways), which is what the benchmark compares against.
+    pub resumption: bool,
+}
+
+impl Default for TlsOptions {
+    fn default() -> Self {
+        Self { resumption: true }
+    }
+}
+
+/// A client config for connections from `source` to the service `destination`, with the
+/// default [`TlsOptions`] (resumption on).
+pub fn client_config(
+    source: Arc<LeafStore>,
+    trust: Arc<TrustBundle>,
+    destination: SpiffeId,
+) -> Result<Arc<ClientConfig>, Error> {
+    client_config_with(source, trust, destination, TlsOptions::default())
+}
+
 /// A client config for connections from `source` to the service `destination`.
 ///
 /// The server must present a certificate that chains to `trust` and whose SPIFFE ID equals
 /// `destination` (trust domain, partition, namespace, datacenter and service); the TLS server
 /// name is not checked, since mesh endpoints are dialled by IP. The client authenticates with
-/// `source`'s current leaf. Sessions are resumed when the same config is used again (prefer
-/// [`ClientConfigCache`] to share one config per source and destination).
-pub fn client_config(
+/// `source`'s current leaf. With `options.resumption`, sessions are resumed when the same config
+/// is used again (prefer [`ClientConfigCache`] to share one config per source and destination);
+/// without, the config keeps no session and every handshake is a full one.
+pub fn client_config_with(
     source: Arc<LeafStore>,
     trust: Arc<TrustBundle>,
     destination: SpiffeId,
+    options: TlsOptions,
 ) -> Result<Arc<ClientConfig>, Error> {
     same_trust_domain(&trust, source.id())?;
     same_trust_domain(&trust, &destination)?;
@@ -77,19 +107,34 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(source);
-    config.resumption = Resumption::store(Arc::new(BundleBoundClientSessions::new(trust)));
+    config.resumption = if options.resumption {
+        Resumption::store(Arc::new(BundleBoundClientSessions::new(trust)))
+    } else {
+        Resumption::disabled()
+    };
     Ok(Arc::new(config))
+}
+
+/// The server config of a service's inbound listener, with the default [`TlsOptions`]
+/// (resumption on).
+pub fn server_config(
+    service: Arc<LeafStore>,
+    trust: Arc<TrustBundle>,
+) -> Result<Arc<ServerConfig>, Error> {
+    server_config_with(service, trust, TlsOptions::default())
 }
 
 /// The server config of a service's inbound listener.
 ///
 /// It serves `service`'s current leaf and requires a client certificate that chains to `trust`
 /// and carries a SPIFFE ID of the bundle's trust domain; read it with [`peer_identity`] after
-/// the handshake. Resumption uses session tickets and a session cache, so use one config for
-/// all of a service's inbound connections.
-pub fn server_config(
+/// the handshake. With `options.resumption`, resumption uses session tickets and a session
+/// cache, so use one config for all of a service's inbound connections; without, the server
+/// issues no ticket and stores no session.
+pub fn server_config_with(
     service: Arc<LeafStore>,
     trust: Arc<TrustBundle>,
+    options: TlsOptions,
 ) -> Result<Arc<ServerConfig>, Error> {
     same_trust_domain(&trust, service.id())?;
     let provider = provider();
@@ -101,6 +146,13 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(service);
+    if !options.resumption {
+        // The builder's default ticketer issues none; a session store that keeps nothing
+        // leaves nothing to resume.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        return Ok(Arc::new(config));
+    }
     config.session_storage = Arc::new(BundleBoundServerSessions {
         inner: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
         trust: Arc::clone(&trust),
@@ -130,14 +182,21 @@ type ConfigMap = HashMap<(SpiffeId, SpiffeId), (Arc<LeafStore>, Arc<ClientConfig
 /// between the same pair resume their TLS sessions.
 pub struct ClientConfigCache {
     trust: Arc<TrustBundle>,
+    options: TlsOptions,
     configs: Mutex<ConfigMap>,
 }
 
 impl ClientConfigCache {
-    /// An empty cache for configs verifying against `trust`.
+    /// An empty cache for configs verifying against `trust`, with the default [`TlsOptions`].
     pub fn new(trust: Arc<TrustBundle>) -> Self {
+        Self::with_options(trust, TlsOptions::default())
+    }
+
+    /// An empty cache whose configs are made with `options`.
+    pub fn with_options(trust: Arc<TrustBundle>, options: TlsOptions) -> Self {
         Self {
             trust,
+            options,
             configs: Mutex::new(HashMap::new()),
         }
     }
@@ -156,10 +215,11 @@ impl ClientConfigCache {
                 return Ok(Arc::clone(config));
             }
         }
-        let config = client_config(
+        let config = client_config_with(
             Arc::clone(source),
             Arc::clone(&self.trust),
             destination.clone(),
+            self.options,
         )?;
         configs.insert(key, (Arc::clone(source), Arc::clone(&config)));
         Ok(config)
@@ -179,6 +239,7 @@ impl fmt::Debug for ClientConfigCache {
         let n = self.configs.lock().map(|c| c.len()).unwrap_or(0);
         f.debug_struct("ClientConfigCache")
             .field("trust", &self.trust)
+            .field("options", &self.options)
             .field("configs", &n)
             .finish()
     }

@@ -113,6 +113,9 @@ pub struct ProxyConfig {
     /// Copy buffer per direction and connection, in bytes. With rustls' own buffers (64 KiB
     /// each way by default) this bounds a connection's memory.
     pub buffer_size: usize,
+    /// TLS session resumption between proxies (both as client and as server). Off, every
+    /// mesh connection makes a full mTLS handshake.
+    pub tls_resumption: bool,
 }
 
 impl Default for ProxyConfig {
@@ -126,6 +129,7 @@ impl Default for ProxyConfig {
             max_connections_per_pod: 1024,
             max_connections_per_agent: 8192,
             buffer_size: 64 * 1024,
+            tls_resumption: true,
         }
     }
 }
@@ -137,6 +141,13 @@ const MAX_BUFFER_SIZE: usize = 16 * 1024 * 1024;
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl ProxyConfig {
+    /// The TLS options of the proxy's client and server configs.
+    pub fn tls_options(&self) -> crate::identity::TlsOptions {
+        crate::identity::TlsOptions {
+            resumption: self.tls_resumption,
+        }
+    }
+
     /// Checks that every value is usable.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |what: &str| Err(Error::Config(what.to_owned()));

@@ -22,7 +22,7 @@ use super::dial::{DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst
 use super::directory::{Balancer, Directory};
 use super::stats::{PodStats, PodStatsSnapshot};
 use super::{inbound, outbound, Authorizer, Error, LimitScope, ProxyConfig};
-use crate::identity::{server_config, ClientConfigCache, LeafStore, SpiffeId, TrustBundle};
+use crate::identity::{server_config_with, ClientConfigCache, LeafStore, SpiffeId, TrustBundle};
 use crate::intentions::ServiceName;
 
 /// How long to pause accepting after an accept error (e.g. out of file descriptors).
@@ -188,7 +188,10 @@ impl ProxyBuilder {
         let shared = Shared {
             limit: Arc::new(Semaphore::new(self.config.max_connections_per_agent)),
             balancer: Balancer::new(self.config.endpoint_skip),
-            client_configs: ClientConfigCache::new(Arc::clone(&self.trust)),
+            client_configs: ClientConfigCache::with_options(
+                Arc::clone(&self.trust),
+                self.config.tls_options(),
+            ),
             config: self.config,
             trust: self.trust,
             directory: self.directory,
@@ -262,7 +265,11 @@ impl Proxy {
                 Semaphore::MAX_PERMITS
             )));
         }
-        let server = server_config(Arc::clone(&spec.leaf), Arc::clone(&self.shared.trust))?;
+        let server = server_config_with(
+            Arc::clone(&spec.leaf),
+            Arc::clone(&self.shared.trust),
+            self.shared.config.tls_options(),
+        )?;
         let pod = PodState {
             name: spec.name,
             leaf: spec.leaf,

@@ -891,6 +891,30 @@ async fn a_second_connection_between_the_same_services_resumes_the_session() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_resumption_every_connection_makes_a_full_handshake() {
+    within(30, async {
+        let env = Env::new(ProxyConfig {
+            tls_resumption: false,
+            ..test_config()
+        });
+        let app = App::echo().await;
+        let (api, inbound) = env.server("api", &[app.port]);
+        let mut web = env.client("web", None);
+        let to_api = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
+        for i in 1..=3u64 {
+            drop(echo_through(to_api, b"full handshake").await);
+            assert_eq!(
+                (web.stats().tls_handshakes, web.stats().tls_resumed),
+                (i, 0)
+            );
+        }
+        eventually("server side saw three", || api.stats().tls_handshakes == 3).await;
+        assert_eq!(api.stats().tls_resumed, 0);
+    })
+    .await;
+}
+
 /// A TLS server with `api`'s identity outside the proxy that records the client certificate of
 /// each connection and echoes.
 async fn probe_server(

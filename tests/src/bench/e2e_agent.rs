@@ -34,6 +34,10 @@ pub struct Spec<'a> {
     pub state_dir: &'a Path,
     pub mesh_cgroup: &'a Path,
     pub catalog: &'a Catalog,
+    /// sk_msg redirect between app and proxy (eBPF mode).
+    pub msg_redirect: bool,
+    /// TLS session resumption between the proxies.
+    pub tls_resumption: bool,
 }
 
 /// `mesh-bench agent SPEC`: runs until `quit` or the end of stdin.
@@ -58,8 +62,15 @@ pub fn agent_main(args: &[String]) -> Result<()> {
         mesh_cgroup: PathBuf::from(text("mesh_cgroup")?),
         redirect,
         default_policy: Action::Allow,
-        msg_redirect: true,
-        proxy: mesh_user::proxy::ProxyConfig::default(),
+        msg_redirect: spec["msg_redirect"]
+            .as_bool()
+            .context("spec.msg_redirect")?,
+        proxy: mesh_user::proxy::ProxyConfig {
+            tls_resumption: spec["tls_resumption"]
+                .as_bool()
+                .context("spec.tls_resumption")?,
+            ..mesh_user::proxy::ProxyConfig::default()
+        },
     };
     // As meshd: a multi-threaded runtime with one worker per CPU.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -170,6 +181,8 @@ impl AgentProc {
             "state_dir": spec.state_dir,
             "mesh_cgroup": spec.mesh_cgroup,
             "catalog": spec.catalog,
+            "msg_redirect": spec.msg_redirect,
+            "tls_resumption": spec.tls_resumption,
         });
         let mut child = Command::new(exe)
             .arg("agent")

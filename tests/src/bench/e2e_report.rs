@@ -69,7 +69,7 @@ impl Record {
 }
 
 /// How the benchmark ran.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Setup {
     pub rounds: usize,
     pub quick: bool,
@@ -83,8 +83,8 @@ pub struct Setup {
     pub server_threads: usize,
     /// What the mesh clients dial: `vip` (transparent) or `upstream` (127.0.0.1:<port>).
     pub dial: &'static str,
-    /// RSS of the iptables and the eBPF agent right after they started, before any traffic.
-    pub idle_rss_mib: [Option<f64>; 2],
+    /// RSS of each configuration's agent right after its first start, before any traffic.
+    pub idle_rss_mib: Vec<(&'static str, f64)>,
 }
 
 /// What a row compares.
@@ -104,103 +104,150 @@ pub enum Kind {
 /// workloads.
 pub struct Row {
     pub workload: &'static str,
+    /// The workload of `direct` that the ratio to direct compares with, when direct does not
+    /// run this one (the mesh without TLS session resumption: direct has no TLS).
+    pub direct_workload: Option<&'static str>,
     pub metric: &'static str,
     pub label: &'static str,
     pub kind: Kind,
 }
 
-pub const ROWS: [Row; 16] = [
+pub const ROWS: [Row; 20] = [
     Row {
+        direct_workload: None,
         workload: "rr-1",
         metric: "req_per_s",
         label: "1 KiB req/resp, 1 conn: requests/s",
         kind: Kind::Higher,
     },
     Row {
+        direct_workload: None,
         workload: "rr-1",
         metric: "p50_us",
         label: "  p50 (µs)",
         kind: Kind::Lower,
     },
     Row {
+        direct_workload: None,
         workload: "rr-1",
         metric: "p99_us",
         label: "  p99 (µs)",
         kind: Kind::Lower,
     },
     Row {
+        direct_workload: None,
         workload: "rr-many",
         metric: "req_per_s",
         label: "1 KiB req/resp, 64 conns: requests/s",
         kind: Kind::Higher,
     },
     Row {
+        direct_workload: None,
         workload: "rr-many",
         metric: "p50_us",
         label: "  p50 (µs)",
         kind: Kind::Lower,
     },
     Row {
+        direct_workload: None,
         workload: "rr-many",
         metric: "p99_us",
         label: "  p99 (µs)",
         kind: Kind::Lower,
     },
     Row {
+        direct_workload: None,
         workload: "stream",
         metric: "gb_per_s",
         label: "one-way, 64 KiB writes: GB/s",
         kind: Kind::Higher,
     },
     Row {
+        direct_workload: None,
         workload: "connect",
         metric: "conns_per_s",
         label: "new connections/s (1 KiB each way)",
         kind: Kind::Higher,
     },
     Row {
+        direct_workload: None,
         workload: "connect",
         metric: "p99_us",
         label: "  connect+exchange+close p99 (µs)",
         kind: Kind::Lower,
     },
     Row {
+        direct_workload: None,
         workload: "connect",
         metric: "resumed_share",
         label: "  TLS handshakes resumed",
         kind: Kind::Share,
     },
     Row {
+        direct_workload: Some("connect"),
+        workload: "connect-no-resumption",
+        metric: "conns_per_s",
+        label: "new connections/s, TLS resumption off",
+        kind: Kind::Higher,
+    },
+    Row {
+        direct_workload: Some("connect"),
+        workload: "connect-no-resumption",
+        metric: "p99_us",
+        label: "  connect+exchange+close p99 (µs)",
+        kind: Kind::Lower,
+    },
+    Row {
+        direct_workload: None,
+        workload: "connect-no-resumption",
+        metric: "resumed_share",
+        label: "  TLS handshakes resumed",
+        kind: Kind::Share,
+    },
+    Row {
+        direct_workload: None,
         workload: "rr-1",
         metric: "agent_cpu_per_10k",
         label: "agent CPU s / 10k req, 1 conn",
         kind: Kind::AgentCost,
     },
     Row {
+        direct_workload: None,
         workload: "rr-many",
         metric: "agent_cpu_per_10k",
         label: "agent CPU s / 10k req, 64 conns",
         kind: Kind::AgentCost,
     },
     Row {
+        direct_workload: None,
         workload: "connect",
         metric: "agent_cpu_per_10k",
         label: "agent CPU s / 10k connections",
         kind: Kind::AgentCost,
     },
     Row {
+        direct_workload: None,
+        workload: "connect-no-resumption",
+        metric: "agent_cpu_per_10k",
+        label: "agent CPU s / 10k connections, no resumption",
+        kind: Kind::AgentCost,
+    },
+    Row {
+        direct_workload: None,
         workload: "stream",
         metric: "agent_cpu_per_gb",
         label: "agent CPU s / GB streamed",
         kind: Kind::AgentCost,
     },
     Row {
+        direct_workload: None,
         workload: "rr-many",
         metric: "total_cpu_per_10k",
         label: "all CPU s / 10k req, 64 conns",
         kind: Kind::Lower,
     },
     Row {
+        direct_workload: None,
         workload: "*",
         metric: "peak_rss_mib",
         label: "agent peak RSS (MiB)",
@@ -217,10 +264,14 @@ struct Cell {
 }
 
 fn cell(records: &[Record], pinning: &str, config: &str, row: &Row) -> Cell {
+    let workload = match row.direct_workload {
+        Some(w) if config == CONFIGS[0] => w,
+        _ => row.workload,
+    };
     let runs: Vec<&Record> = records
         .iter()
         .filter(|r| r.pinning == pinning && r.config == config)
-        .filter(|r| row.workload == "*" || r.workload == row.workload)
+        .filter(|r| workload == "*" || r.workload == workload)
         .collect();
     let mut values = Vec::new();
     let (mut valid, mut total) = (0, 0);
@@ -299,9 +350,14 @@ fn row_cells(records: &[Record], pinning: &str, row: &Row) -> [String; 3] {
         }
         s
     };
+    let direct_text = if row.direct_workload.is_some() {
+        "-".to_string()
+    } else {
+        text(direct, &[])
+    };
     match row.kind {
         Kind::Higher | Kind::Lower => [
-            text(direct, &[]),
+            direct_text,
             text(ipt, &[ratio(ipt, direct)]),
             text(ebpf, &[ratio(ebpf, direct), ratio(ebpf, ipt)]),
         ],
@@ -331,7 +387,13 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
             .filter(|r| r.config == "mesh-ebpf" && r.pinning == pinning && r.valid)
             .collect();
         let mut parts = Vec::new();
-        for wl in ["rr-1", "rr-many", "stream", "connect"] {
+        for wl in [
+            "rr-1",
+            "rr-many",
+            "stream",
+            "connect",
+            "connect-no-resumption",
+        ] {
             let fr: Vec<f64> = ebpf
                 .iter()
                 .filter(|r| r.workload == wl)
@@ -358,11 +420,17 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
             ));
         }
     }
-    if let [Some(i), Some(e)] = setup.idle_rss_mib {
+    if !setup.idle_rss_mib.is_empty() {
+        let parts: Vec<String> = setup
+            .idle_rss_mib
+            .iter()
+            .map(|(c, v)| format!("{c} {v:.1} MiB"))
+            .collect();
         notes.push(format!(
-            "agent RSS right after start, before any traffic: mesh-iptables {i:.1} MiB, \
-             mesh-ebpf {e:.1} MiB (the eBPF agent also holds its BPF object and, likely most of \
-             the difference, the kernel BTF that the loader reads and parses)"
+            "agent RSS right after start, before any traffic: {} (the eBPF agent also holds its \
+             BPF object and, likely most of the difference, the kernel BTF that the loader reads \
+             and parses)",
+            parts.join(", ")
         ));
     }
     for r in records.iter().filter(|r| !r.valid) {
@@ -378,20 +446,24 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
     notes
 }
 
-const RESUMPTION_NOTE: &str = "Connections without TLS session resumption are not measured: \
-    neither `AgentConfig` nor `ProxyConfig` can turn resumption off (`identity::client_config` \
-    always installs a session store and `server_config` always issues tickets), so the mesh rows \
-    show connection rates with resumption (the default) and the share of handshakes that resumed \
-    (proxy counters `tls_resumed` / `tls_handshakes`, both ends). Every run after the first \
-    connection resumes; the first full handshake of each agent happens in the warm-up.";
+const RESUMPTION_NOTE: &str = "TLS session resumption: the mesh rows run with it on (the \
+    default; every connection after the agent's first resumes, that first full handshake falls in \
+    the warm-up) and, in the rows marked \"TLS resumption off\", with an agent started with \
+    `ProxyConfig::tls_resumption = false` (`meshd --no-tls-resumption`): no session tickets, no \
+    session cache, a full mTLS handshake (certificate signatures and chain checks both ways) for \
+    every connection. The ratio to direct of those rows compares with direct's connection rate \
+    (direct has no TLS). \"Resumed\" is the share of handshakes that resumed (proxy counters \
+    `tls_resumed` / `tls_handshakes`, both ends).";
 
 const COST_NOTE: &str = "Each agent is a process of its own (`mesh-bench agent`, the same \
-    `Agent::start` as meshd, a multi-threaded tokio runtime). Agent CPU is its user+system time \
+    `Agent::start` as meshd, a multi-threaded tokio runtime), started for its configuration's turn \
+    in each round and stopped after it (an eBPF agent's programs and pins are removed then, so \
+    the other configurations run on a node without them). Agent CPU is its user+system time \
     (`getrusage`) from the start of the client to the close of the last proxied connection, per \
     10,000 requests (or connections, or GB) the client made, warm-up included. \"All CPU\" adds the \
     client's and the server's time (direct: those two only). Peak RSS is the agent process's \
     high-water mark during the run (reset before each run through `/proc/self/clear_refs`); it \
-    includes memory the allocator kept from earlier runs of the same agent.";
+    includes memory the allocator kept from earlier runs of the same turn.";
 
 /// The table printed at the end of a run.
 pub fn terminal(records: &[Record], machine: &Machine, setup: &Setup) -> String {
@@ -441,7 +513,7 @@ pub fn to_json(records: &[Record], machine: &Machine, setup: &Setup) -> Value {
     let mut summary = Vec::new();
     for pinning in PINNINGS {
         for row in &ROWS {
-            let direct = cell(records, pinning, "direct", row);
+            let direct = cell(records, pinning, CONFIGS[0], row);
             let ipt = cell(records, pinning, "mesh-iptables", row);
             for config in CONFIGS {
                 let c = cell(records, pinning, config, row);
@@ -489,10 +561,11 @@ pub fn to_json(records: &[Record], machine: &Machine, setup: &Setup) -> Value {
             "connect_warmup_seconds": setup.conn_warmup,
             "server_threads": setup.server_threads,
             "mesh_dial": setup.dial,
-            "agent_idle_rss_mib": {
-                "mesh-iptables": setup.idle_rss_mib[0],
-                "mesh-ebpf": setup.idle_rss_mib[1],
-            },
+            "agent_idle_rss_mib": setup
+                .idle_rss_mib
+                .iter()
+                .map(|(c, v)| (c.to_string(), json!(v)))
+                .collect::<serde_json::Map<String, Value>>(),
         },
         "notes": [RESUMPTION_NOTE, COST_NOTE],
         "records": records.iter().map(Record::to_json).collect::<Vec<_>>(),
