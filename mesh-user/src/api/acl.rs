@@ -99,6 +99,9 @@ pub(crate) enum Need<'a> {
     AclRead,
     /// Creating or deleting tokens.
     AclWrite,
+    /// Changing the local runner's workloads (apply, delete) or reaching into a pod
+    /// (port-forward): operators only.
+    WriteWorkloads,
 }
 
 /// A secret: compared in constant time, never printed by `Debug`.
@@ -161,7 +164,7 @@ impl Token {
                         _ => false,
                     })
             }
-            Need::AclRead | Need::AclWrite => operator,
+            Need::AclRead | Need::AclWrite | Need::WriteWorkloads => operator,
         };
         if ok {
             return Ok(());
@@ -171,6 +174,7 @@ impl Token {
             Need::WriteIntention(dst) => ("intentions:write", format!("{:?}", dst.to_string())),
             Need::AclRead => ("acl:read", "\"tokens\"".to_owned()),
             Need::AclWrite => ("acl:write", "\"tokens\"".to_owned()),
+            Need::WriteWorkloads => ("workloads:write", "\"local\"".to_owned()),
         };
         Err(ApiError::PermissionDenied {
             accessor: self.accessor_id.clone(),

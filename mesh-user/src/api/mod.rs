@@ -25,6 +25,10 @@
 //! | GET | `/v1/acl/tokens` | every token, without secrets |
 //! | GET | `/v1/acl/token/self`, `/v1/acl/token/<AccessorID>` | one token |
 //! | DELETE | `/v1/acl/token/<AccessorID>` | delete a token |
+//! | PUT | `/v1/local/apply`, `/v1/local/delete` | `meshd local`: apply or delete manifests (operator) |
+//! | GET | `/v1/local/pods`, `/v1/local/services` | `meshd local`: kubectl-shaped lists (`?namespace=`) |
+//! | GET | `/v1/local/pods/<ns>/<name>/proxy` | `meshd local`: a pod's identity, listeners, upstreams, intentions |
+//! | GET | `/v1/local/forward?namespace=&target=&port=` | `meshd local`: where to port-forward (operator) |
 //!
 //! `?ns=` gives the namespace of names written without one, as in Consul Enterprise.
 //!
@@ -270,6 +274,9 @@ pub enum ApiError {
     /// A server-side task failed.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The local runner refused or failed a request; its message, verbatim.
+    #[error("{0}")]
+    Runner(#[from] crate::local::ControlError),
 }
 
 impl ApiError {
@@ -301,6 +308,7 @@ impl ApiError {
                 _ => 500,
             },
             ApiError::NotFound(_) => 404,
+            ApiError::Runner(e) => e.status,
             ApiError::Unauthenticated => 401,
             ApiError::UnknownToken | ApiError::PermissionDenied { .. } | ApiError::Forbidden(_) => {
                 403

@@ -21,6 +21,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+mod local;
+
 use super::acl::{decode_json, find_token, Need};
 use super::store::{State, Store};
 use super::{
@@ -121,6 +123,8 @@ pub struct Hooks {
     pub rules: SharedSink,
     /// Asked for per-intention counts.
     pub counters: SharedCounters,
+    /// The local runner (`meshd local`), which serves `/v1/local/*`; `None` elsewhere.
+    pub local: Option<crate::local::Handle>,
 }
 
 impl Default for Hooks {
@@ -128,6 +132,7 @@ impl Default for Hooks {
         Hooks {
             rules: Arc::new(NoSink),
             counters: Arc::new(NoCounters),
+            local: None,
         }
     }
 }
@@ -167,6 +172,7 @@ impl Server {
         let app = router(AppState {
             store: store.clone(),
             counters: hooks.counters,
+            local: hooks.local,
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -300,6 +306,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ApiError> {
 struct AppState {
     store: Arc<Store>,
     counters: Arc<dyn CountersSource>,
+    local: Option<crate::local::Handle>,
 }
 
 fn router(state: AppState) -> Router {
@@ -331,6 +338,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/acl/token/self", get(token_self))
         .route("/v1/acl/token/{id}", get(read_token).delete(delete_token))
         .route("/v1/acl/bootstrap", put(bootstrap))
+        .merge(local::routes())
         .fallback(no_route)
         .with_state(state)
 }

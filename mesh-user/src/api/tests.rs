@@ -31,6 +31,7 @@ async fn start_in(dir: tempfile::TempDir, policy: Action) -> Harness {
     let hooks = Hooks {
         rules: sink.clone(),
         counters: counters.clone(),
+        local: None,
     };
     let server = Server::start(config(dir.path(), policy), hooks)
         .await

@@ -11,7 +11,14 @@
 //! meshctl config list -kind service-intentions
 //! meshctl acl token create [-description D] [-policy operator|read-only|intention-write:PATTERN]...
 //! meshctl acl token list | read -id ID | read -self | delete -id ID
+//!
+//! meshctl apply -f FILE|DIR [-n NS]           meshctl delete -f FILE|DIR [-n NS]
+//! meshctl get pods|services [NAME] [-n NS | -A] [-o wide|json|name]
+//! meshctl port-forward service/web 9090:9090  (also pod/NAME; until interrupted; root)
+//! meshctl proxy read POD [-n NS] [-o json]
 //! ```
+//!
+//! The last four speak to `meshd local`, with kubectl's flags and output.
 //!
 //! Flags take one dash or two (`-allow`, `--allow`, `-http-addr=...`). The agent is found
 //! with `-http-addr` or `MESH_HTTP_ADDR` (`127.0.0.1:8500`, `http://host:port`,
@@ -28,6 +35,9 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mesh_user::api::{Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV};
 use mesh_user::intentions::{ServiceIntentionsEntry, SERVICE_INTENTIONS_KIND};
 use serde_json::{json, Value};
+
+#[path = "meshctl/kube.rs"]
+mod kube;
 
 const TOKEN_ENV: &str = "MESH_HTTP_TOKEN";
 const TOKEN_FILE_ENV: &str = "MESH_HTTP_TOKEN_FILE";
@@ -53,7 +63,7 @@ struct HttpFlags {
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<String>,
     /// The namespace of names given without one
-    #[arg(long, global = true, value_name = "NS")]
+    #[arg(short = 'n', long, global = true, value_name = "NS")]
     namespace: Option<String>,
 }
 
@@ -68,6 +78,17 @@ enum Cmd {
     /// Manage ACL tokens
     #[command(subcommand)]
     Acl(AclCmd),
+    /// Apply Kubernetes manifests to the local runner (meshd local)
+    Apply(kube::FileArgs),
+    /// Delete the objects of Kubernetes manifests from the local runner
+    Delete(kube::FileArgs),
+    /// List pods or services of the local runner
+    Get(kube::GetArgs),
+    /// Forward local ports to a pod or a service's ready pod (needs root)
+    PortForward(kube::ForwardArgs),
+    /// Inspect the agent's proxy for a pod
+    #[command(subcommand)]
+    Proxy(kube::ProxyCmd),
 }
 
 #[derive(Subcommand)]
@@ -218,7 +239,11 @@ fn normalize(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
             let b = s.as_bytes();
             b.len() > 2 && b[0] == b'-' && b[1].is_ascii_alphabetic()
         });
-        if i == 0 || rest || !single_dash_long {
+        // kubectl's `-owide`, `-ojson`: a short flag with its value attached.
+        let short_with_value = a
+            .to_str()
+            .is_some_and(|s| matches!(s, "-owide" | "-ojson" | "-oname"));
+        if i == 0 || rest || !single_dash_long || short_with_value {
             if a == "--" {
                 rest = true;
             }
@@ -323,6 +348,42 @@ impl Ctx {
         }
     }
 
+    /// `path?query`, without the namespace flag.
+    fn url_plain(&self, path: &str, query: &[(&str, &str)]) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in query {
+            q.append_pair(k, v);
+        }
+        let q = q.finish();
+        if q.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}?{q}")
+        }
+    }
+
+    /// Sends a request and decodes a 2xx JSON answer; an error is the agent's message,
+    /// verbatim, or the connection failure.
+    async fn call_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<String>,
+    ) -> Result<T, String> {
+        let resp = self
+            .client
+            .request(method, url, body.map(String::into_bytes))
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.ok() {
+            return Err(match resp.status {
+                401 | 403 => resp.unexpected(),
+                _ => resp.error_message(),
+            });
+        }
+        serde_json::from_slice(&resp.body).map_err(|e| format!("decoding the answer: {e}"))
+    }
+
     /// Sends a request; an error is a connection failure or a non-2xx answer, worded as
     /// Consul's client words it.
     async fn call(
@@ -353,6 +414,11 @@ async fn run(cli: Cli) -> ExitCode {
         Cmd::Intention(c) => intention(&ctx, c).await,
         Cmd::Config(c) => config(&ctx, c).await,
         Cmd::Acl(AclCmd::Token(c)) => token(&ctx, c).await,
+        Cmd::Apply(f) => kube::apply_or_delete(&ctx, f, false).await,
+        Cmd::Delete(f) => kube::apply_or_delete(&ctx, f, true).await,
+        Cmd::Get(g) => kube::get(&ctx, g).await,
+        Cmd::PortForward(f) => kube::port_forward(&ctx, f).await,
+        Cmd::Proxy(p) => kube::proxy(&ctx, p).await,
     }
 }
 

@@ -3,7 +3,7 @@
 //! ```text
 //! meshd run --catalog FILE [--redirect auto|ebpf|iptables] ...   serve the pods of a catalog
 //! meshd uninstall [--catalog FILE]                               remove programs, pins, chains
-//! meshd local                                                    a single-node demo mesh
+//! meshd local [--reset]                                          a single-node mesh for manifests
 //! ```
 //!
 //! `run` re-reads the catalog on SIGHUP; SIGINT/SIGTERM stop the agent and leave the kernel
@@ -76,18 +76,24 @@ enum Cmd {
         #[arg(long)]
         no_tls_resumption: bool,
     },
-    /// A single-node mesh on this machine: two local pods (web → api, both fake-service) served
-    /// by the agent, with web forwarded to 127.0.0.1:<port>. Ctrl-C removes everything.
+    /// A single-node mesh on this machine: Kubernetes manifests applied with `meshctl apply`
+    /// run as local pods (network namespace + cgroup each) served by the agent. The applied
+    /// manifests are kept in the state directory and come back on the next start. Ctrl-C
+    /// removes every pod, namespace, cgroup and program.
     Local {
         #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/mesh")]
         state_dir: PathBuf,
+        /// Names the node's namespaces (`<node>-*`), cgroup (`mesh-<node>`) and kernel pins.
+        #[arg(long, default_value = "local")]
+        node: String,
         #[arg(long, default_value = "auto")]
         redirect: Redirect,
         #[arg(long, default_value = "allow", value_parser = parse_action)]
         default_intention_policy: Action,
-        /// Host port forwarded to the web pod.
-        #[arg(long, default_value_t = 9090)]
-        port: u16,
+        /// Remove everything a previous `meshd local` left (namespaces, cgroups, programs,
+        /// pins, hosts files, the applied manifests) and exit.
+        #[arg(long)]
+        reset: bool,
         /// Make a full mTLS handshake for every connection between proxies.
         #[arg(long)]
         no_tls_resumption: bool,
@@ -179,23 +185,29 @@ fn main() -> Result<()> {
         }
         Cmd::Local {
             state_dir,
+            node,
             redirect,
             default_intention_policy,
-            port,
+            reset,
             no_tls_resumption,
-        } => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(local(
-                state_dir,
-                redirect,
-                default_intention_policy,
-                port,
-                mesh_user::proxy::ProxyConfig {
-                    tls_resumption: !no_tls_resumption,
-                    ..mesh_user::proxy::ProxyConfig::default()
-                },
-            )),
+        } => {
+            if reset {
+                return local_reset(&state_dir, &node);
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(local(
+                    state_dir,
+                    node,
+                    redirect,
+                    default_intention_policy,
+                    mesh_user::proxy::ProxyConfig {
+                        tls_resumption: !no_tls_resumption,
+                        ..mesh_user::proxy::ProxyConfig::default()
+                    },
+                ))
+        }
         Cmd::Exec {
             cgroup,
             netns,
@@ -245,6 +257,7 @@ fn main() -> Result<()> {
 async fn start_api(
     state_dir: &std::path::Path,
     policy: Action,
+    local: Option<mesh_user::local::Handle>,
 ) -> Result<(
     mesh_user::api::Server,
     std::sync::Arc<ApiHooks>,
@@ -260,6 +273,7 @@ async fn start_api(
         mesh_user::api::Hooks {
             rules: hooks.clone(),
             counters: hooks.clone(),
+            local,
         },
     )
     .await?;
@@ -281,7 +295,8 @@ async fn start_api(
 
 async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     let catalog = read_catalog(&catalog_path)?;
-    let (api, hooks, rules, mut changes) = start_api(&cfg.state_dir, cfg.default_policy).await?;
+    let (api, hooks, rules, mut changes) =
+        start_api(&cfg.state_dir, cfg.default_policy, None).await?;
     let mut agent = Agent::start(cfg, catalog, rules).await?;
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
     let mut hup = signal(SignalKind::hangup())?;
@@ -330,132 +345,110 @@ fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
     }
 }
 
-/// `meshd local`: the demo node.
+/// Everything `meshd local` created, under node name `node`: pods' and the bridge's network
+/// namespaces, hosts files, cgroups, the kernel programs' pins, the applied manifests and the
+/// pods' logs.
+fn local_reset(state_dir: &std::path::Path, node: &str) -> Result<()> {
+    mesh_user::local::remove_leftovers(node)?;
+    mesh_user::bpf::uninstall(node)?;
+    mesh_user::local::Applied::remove_file(state_dir)?;
+    let logs = state_dir.join(mesh_user::local::runner::LOG_DIR);
+    if logs.exists() {
+        std::fs::remove_dir_all(&logs).with_context(|| format!("removing {}", logs.display()))?;
+    }
+    println!(
+        "Removed node {node}: its pods, namespaces, cgroups, programs, pins and applied manifests."
+    );
+    Ok(())
+}
+
+/// `meshd local`: the node, its runner and the agent, until SIGINT/SIGTERM.
 async fn local(
     state_dir: PathBuf,
+    node_name: String,
     redirect: Redirect,
     policy: Action,
-    port: u16,
     proxy: mesh_user::proxy::ProxyConfig,
 ) -> Result<()> {
-    use mesh_user::catalog::{Endpoint, Protocol, Service, Upstream, Workload};
-    use mesh_user::local::{LocalNode, VIP_NET};
-    use std::net::Ipv4Addr;
+    use mesh_user::local::{Handle, LocalNode, Runner};
 
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     let meshd = std::env::current_exe()?;
-    let vip = |n| Ipv4Addr::new(VIP_NET[0], VIP_NET[1], VIP_NET[2], n);
-    let hosts = vec![
-        (vip(10), "web web.default".to_string()),
-        (vip(11), "api api.default".to_string()),
-    ];
-    let mut node = LocalNode::create("local")?;
+    // The API first: a second `meshd local` on the same state directory stops here, before
+    // it touches the first one's namespaces.
+    let (handle, mut requests) = Handle::new();
+    let (server, hooks, rules, mut changes) = start_api(&state_dir, policy, Some(handle)).await?;
+    let node = LocalNode::create(&node_name)?;
+    let mut runner = match Runner::new(node, &state_dir, meshd) {
+        Ok(r) => r,
+        Err(e) => {
+            // The node exists; take it down again.
+            if let Err(e) = mesh_user::local::remove_leftovers(&node_name) {
+                error!(error = %e, "removing the node");
+            }
+            return Err(e.into());
+        }
+    };
     let result = async {
-        let web = node.add_pod("web", &hosts)?;
-        let api = node.add_pod("api", &hosts)?;
-        let service = |name: &str, vip: Ipv4Addr, port: u16, pod: &mesh_user::local::LocalPod| Service {
-            name: name.into(),
-            namespace: "default".into(),
-            datacenter: "dc1".into(),
-            vip: Some(vip),
-            ports: vec![port],
-            protocol: Protocol::Http,
-            endpoints: vec![Endpoint { ip: pod.ip, port: mesh_common::INBOUND_PORT }],
-        };
-        let workload = |pod: &mesh_user::local::LocalPod, app: u16, upstreams| Workload {
-            name: pod.name.clone(),
-            namespace: "default".into(),
-            service: pod.name.clone(),
-            datacenter: "dc1".into(),
-            netns: pod.netns.clone(),
-            cgroup: pod.cgroup.clone(),
-            ip: pod.ip,
-            app_ports: vec![app],
-            upstreams,
-        };
-        let catalog = Catalog {
-            services: vec![service("web", vip(10), 9090, &web), service("api", vip(11), 9091, &api)],
-            workloads: vec![
-                workload(
-                    &web,
-                    9090,
-                    vec![Upstream {
-                        service: "api".into(),
-                        namespace: "default".into(),
-                        datacenter: "dc1".into(),
-                        bind_port: 9091,
-                    }],
-                ),
-                workload(&api, 9091, vec![]),
-            ],
-        };
+        let (catalog, errors) = runner.prepare()?;
+        for e in errors {
+            error!(error = %e, "a stored pod could not be created");
+        }
         let cfg = AgentConfig {
-            instance: "local".into(),
-            state_dir,
-            mesh_cgroup: node.mesh_cgroup.clone(),
+            instance: node_name.clone(),
+            state_dir: state_dir.clone(),
+            mesh_cgroup: runner.node().mesh_cgroup.clone(),
             redirect,
             default_policy: policy,
             msg_redirect: true,
             proxy,
         };
-        let (server, hooks, rules, mut changes) = start_api(&cfg.state_dir, policy).await?;
         let mut agent = Agent::start(cfg, catalog, rules).await?;
-        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-        };
-        let fake = meshd.to_string_lossy().into_owned();
-        node.spawn(&meshd, &api, &fake, &["fake-service".into()], &env(&[
-            ("NAME", "api"),
-            ("MESSAGE", "Hello from api"),
-            ("LISTEN_ADDR", "0.0.0.0:9091"),
-        ]))?;
-        node.spawn(&meshd, &web, &fake, &["fake-service".into()], &env(&[
-            ("NAME", "web"),
-            ("MESSAGE", "Hello from web"),
-            ("LISTEN_ADDR", "0.0.0.0:9090"),
-            ("UPSTREAM_URIS", "http://localhost:9091"),
-        ]))?;
-        let web_sockets = mesh_user::netns::SocketFactory::spawn(
-            &mesh_user::netns::NetNs::open(&web.netns)?,
-            None,
-        )?;
-        let forward = tokio::spawn(mesh_user::local::port_forward(port, web_sockets, 9090));
+        runner.start_processes();
+        let pods = agent.catalog().workloads.len();
         println!();
-        println!("The mesh is up ({} mode): pods web ({}) and api ({}), web → api over mTLS.", agent.mode(), web.ip, api.ip);
-        println!("  curl http://127.0.0.1:{port}/          # web answers, with api's reply in upstream_calls");
         println!(
-            "  {} exec --cgroup {} --netns {} -- curl -s http://api:9091/   # as the web app: api's VIP, transparent mode",
-            meshd.display(),
-            web.cgroup.display(),
-            web.netns_name
+            "The local mesh is up ({} mode, node {node_name}, {pods} meshed pod(s) restored).",
+            agent.mode()
         );
-        println!("Ctrl-C stops the mesh and removes its namespaces, cgroups and programs.");
-        println!("Intentions: meshctl intention create -deny web api   (MESH_HTTP_TOKEN=<the token>)");
+        println!(
+            "  meshctl apply -f <manifests>        # Kubernetes YAML: Deployments, Services, ..."
+        );
+        println!("  meshctl get pods                    # status, readiness");
+        println!("  meshctl port-forward service/<svc> <local>:<port>");
+        println!("  meshctl intention create -deny '*' '*'");
+        println!(
+            "meshctl needs the token: export MESH_HTTP_TOKEN=$(cat {})",
+            state_dir
+                .join(mesh_user::api::BOOTSTRAP_TOKEN_FILE)
+                .display()
+        );
+        println!("Ctrl-C stops the mesh and removes its pods, namespaces, cgroups and programs.");
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut forward = forward;
         loop {
             tokio::select! {
                 Some(rules) = changes.recv() => apply_rules(&mut agent, rules),
-                _ = tick.tick() => publish_counters(&agent, &hooks),
+                Some(req) = requests.recv() => runner.handle(req, &mut agent).await,
+                _ = tick.tick() => {
+                    publish_counters(&agent, &hooks);
+                    runner.poll();
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                r = &mut forward => {
-                    if let Ok(Err(e)) = r {
-                        error!(error = %e, "port-forward stopped");
-                    }
-                    break;
-                }
             }
         }
-        server.shutdown().await;
+        runner.stop_all();
         drop(agent);
         Ok::<(), anyhow::Error>(())
     }
     .await;
-    if let Err(e) = mesh_user::bpf::uninstall("local") {
+    server.shutdown().await;
+    if let Err(e) = mesh_user::bpf::uninstall(&node_name) {
         error!(error = %e, "removing the local instance's pins");
     }
-    node.teardown();
+    runner.teardown();
     result
 }
