@@ -14,6 +14,9 @@ use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::{bin_path, require_root};
 use serde_json::Value;
 
+/// The tests' node name, apart from the `local` of a `cargo xtask run` on the same machine.
+const NODE: &str = "lt";
+
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
@@ -84,7 +87,7 @@ impl LocalMesh {
         let log = state.path().join("meshd.log");
         let meshd = bin_path("meshd")?;
         let agent = Command::new(&meshd)
-            .args(["local", "--redirect", redirect])
+            .args(["local", "--node", NODE, "--redirect", redirect])
             .env("MESH_STATE_DIR", state.path())
             .env("MESH_HTTP_ADDR", &http_addr)
             .env("RUST_LOG", "info")
@@ -292,7 +295,7 @@ impl Drop for LocalMesh {
             let _ = agent.wait();
             // A killed agent leaves its pieces: the reset removes them.
             let _ = Command::new(&self.meshd)
-                .args(["local", "--reset"])
+                .args(["local", "--node", NODE, "--reset"])
                 .env("MESH_STATE_DIR", self.state.path())
                 .env("MESH_HTTP_ADDR", &self.http_addr)
                 .status();
@@ -353,13 +356,13 @@ fn upstream_call(body: &str, uri: &str) -> Result<Value> {
         .with_context(|| format!("no upstream call to {uri} in {body}"))
 }
 
-/// The tutorial: deny-all, `upstream` deployed from `upstream_files`, then allow
-/// `web → allow_dst`; `apply_dir` holds the manifests.
+/// The tutorial with the manifests of `dir`: `deny_all`, apply, a 500 from web, `allow`, a
+/// 200 with api-v1's answer, delete, stop.
 fn walkthrough(
     redirect: &str,
     dir: &Path,
     deny_all: (&str, &str),
-    allow_dst: &str,
+    allow: (&str, &str),
     pods: &[&str],
 ) -> Result<()> {
     let before = footprint()?;
@@ -394,6 +397,7 @@ fn walkthrough(
     let web = mesh.port_forward("web", 9090)?;
     let upstream = "http://localhost:9091";
     let (status, body) = get(web)?;
+    eprintln!("denied, web answered {status}:\n{body}");
     ensure!(status == 500, "denied: expected 500, got {status}: {body}");
     let call = upstream_call(&body, upstream)?;
     ensure!(
@@ -404,7 +408,7 @@ fn walkthrough(
         "the failed upstream call carries its error: {call}"
     );
 
-    mesh.meshctl(&["intention", "create", "-allow", "web", allow_dst])?;
+    mesh.meshctl(&["intention", "create", "-allow", allow.0, allow.1])?;
     let body = mesh.wait(
         "a 200 from web after the allow",
         Duration::from_secs(15),
@@ -413,6 +417,7 @@ fn walkthrough(
             Ok((status == 200).then_some(body))
         },
     )?;
+    eprintln!("allowed, web answered 200:\n{body}");
     let call = upstream_call(&body, upstream)?;
     ensure!(call["code"] == 200, "upstream call: {call}");
     ensure!(
@@ -459,7 +464,7 @@ fn tutorial_in_one_namespace_ebpf() -> Result<()> {
         "ebpf",
         &examples(),
         ("*", "*"),
-        "api-v1",
+        ("web", "api-v1"),
         &["default/api-v1-0", "default/web-0"],
     )
 }
@@ -470,7 +475,7 @@ fn tutorial_in_one_namespace_iptables() -> Result<()> {
         "iptables",
         &examples(),
         ("*", "*"),
-        "api-v1",
+        ("web", "api-v1"),
         &["default/api-v1-0", "default/web-0"],
     )
 }
@@ -481,7 +486,7 @@ fn tutorial_across_namespaces_ebpf() -> Result<()> {
         "ebpf",
         &examples().join("namespaces"),
         ("*/*", "*/*"),
-        "backend/api-v1",
+        ("default/web", "backend/api-v1"),
         &["backend/api-v1-0", "default/web-0"],
     )
 }
@@ -492,7 +497,7 @@ fn tutorial_across_namespaces_iptables() -> Result<()> {
         "iptables",
         &examples().join("namespaces"),
         ("*/*", "*/*"),
-        "backend/api-v1",
+        ("default/web", "backend/api-v1"),
         &["backend/api-v1-0", "default/web-0"],
     )
 }

@@ -438,7 +438,7 @@ fn run(args: &[String]) -> Result<()> {
         })?;
         meshctl(
             &token,
-            &["intention", "create", "-deny", "-replace", "*", "*"],
+            &["intention", "create", "-deny", "-replace", "*/*", "*/*"],
         )?;
         print!("{}", meshctl(&token, &["apply", "-f", "examples/"])?);
         wait_for(
@@ -457,7 +457,7 @@ fn run(args: &[String]) -> Result<()> {
         let m = meshctl_path.display();
         println!(
             "
-The mesh is up: web calls api-v1 over mTLS, and every connection is denied by the intention `* => *`.
+The mesh is up: web calls api-v1 over mTLS, and every connection is denied by the intention `*/* => */*`.
 
   export MESH_HTTP_TOKEN={token}    # the bootstrap (operator) token; MESH_HTTP_ADDR={addr}
   {m} port-forward service/web 9090:9090 &

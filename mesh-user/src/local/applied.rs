@@ -399,11 +399,15 @@ impl Applied {
                 } else {
                     Outcome::NotFound
                 };
-                if key.kind == "Namespace" && outcome == Outcome::Deleted {
-                    next.objects
-                        .retain(|k, _| k.namespace.as_deref() != Some(key.name.as_str()));
-                }
                 results.push(ObjectResult { key, outcome });
+            }
+        }
+        // A deleted Namespace takes what is left in it, after the objects named explicitly
+        // (which are reported as deleted, whatever their order in the manifests).
+        for r in &results {
+            if r.key.kind == "Namespace" && r.outcome == Outcome::Deleted {
+                next.objects
+                    .retain(|k, _| k.namespace.as_deref() != Some(r.key.name.as_str()));
             }
         }
         let desired = next.desired()?;

@@ -246,6 +246,13 @@ fn deleting_a_namespace_deletes_what_is_in_it() {
     assert_eq!(lines(&del.results), ["namespace \"backend\" deleted"]);
     assert!(del.next.is_empty());
     assert!(del.desired.workloads.is_empty());
+    // Listed before its objects, a Namespace does not turn them into "not found".
+    let del = applied
+        .delete(&[src("ns.yaml", ns), src("api.yaml", API)], Some("backend"))
+        .unwrap();
+    assert!(del.results.iter().all(|r| r.outcome == Outcome::Deleted));
+    assert_eq!(del.results.len(), 4);
+    assert!(del.next.is_empty());
 }
 
 #[test]

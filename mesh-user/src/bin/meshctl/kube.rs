@@ -322,8 +322,8 @@ pub async fn port_forward(ctx: &Ctx, args: ForwardArgs) -> ExitCode {
         client: ctx.client.clone(),
         ns: ctx.ns.clone(),
     });
-    let factories: std::sync::Arc<tokio::sync::Mutex<HashMap<String, SocketFactory>>> =
-        Default::default();
+    type Factories = HashMap<(String, u64), SocketFactory>;
+    let factories: std::sync::Arc<tokio::sync::Mutex<Factories>> = Default::default();
     let mut tasks = tokio::task::JoinSet::new();
     for (local, remote) in mappings {
         if let Err(e) = resolve(&ctx, &args.target, remote).await {
@@ -368,15 +368,26 @@ pub async fn port_forward(ctx: &Ctx, args: ForwardArgs) -> ExitCode {
                             return;
                         }
                     };
+                    // A pod deleted and created again has a new namespace at the same path:
+                    // the cache is keyed by the namespace's inode too.
+                    use std::os::unix::fs::MetadataExt;
+                    let key = match std::fs::metadata(&dest.netns) {
+                        Ok(m) => (dest.netns.clone(), m.ino()),
+                        Err(e) => {
+                            eprintln!("error forwarding to pod {}: {}: {e}", dest.pod, dest.netns);
+                            return;
+                        }
+                    };
                     let sockets = {
                         let mut f = factories.lock().await;
-                        match f.get(&dest.netns) {
+                        match f.get(&key) {
                             Some(s) => s.clone(),
                             None => match NetNs::open(&dest.netns)
                                 .and_then(|ns| SocketFactory::spawn(&ns, None))
                             {
                                 Ok(s) => {
-                                    f.insert(dest.netns.clone(), s.clone());
+                                    f.retain(|(path, _), _| *path != dest.netns);
+                                    f.insert(key, s.clone());
                                     s
                                 }
                                 Err(e) => {
