@@ -426,10 +426,11 @@ fn walkthrough(
     );
 
     // Deleting the manifests removes every pod with its namespace and cgroup.
-    for f in files.iter().rev() {
-        let out = mesh.meshctl(&["delete", "-f", f.to_str().context("path")?])?;
-        ensure!(out.contains("deleted"), "delete said {out:?}");
-    }
+    let out = mesh.meshctl(&["delete", "-f", dir.to_str().context("path")?])?;
+    ensure!(
+        out.lines().count() >= files.len() && out.lines().all(|l| l.ends_with(" deleted")),
+        "delete said {out:?}"
+    );
     mesh.wait("every pod gone", Duration::from_secs(30), |m| {
         Ok(m.pods()?.is_empty().then_some(()))
     })?;
