@@ -453,21 +453,24 @@ fn run(args: &[String]) -> Result<()> {
             },
         )?;
         print!("{}", meshctl(&token, &["get", "pods", "-o", "wide"])?);
-        let meshctl_path = root().join("target/release/meshctl");
-        let m = meshctl_path.display();
+        let bin = root().join("target/release");
         println!(
             "
-The mesh is up: web calls api-v1 over mTLS, and every connection is denied by the intention `*/* => */*`.
+The mesh is up: web calls api-v1 over mTLS, and the intention `*/* => */*` denies every connection.
+In another shell (as root):
 
-  export MESH_HTTP_TOKEN={token}    # the bootstrap (operator) token; MESH_HTTP_ADDR={addr}
-  {m} port-forward service/web 9090:9090 &
-  curl -s localhost:9090             # 500: web cannot reach its upstream api-v1 (denied)
-  {m} intention create -allow web api-v1
-  curl -s localhost:9090             # 200: api-v1's \"Response from API v1\" inside upstream_calls
+  export PATH={bin}:$PATH
+  export MESH_HTTP_TOKEN={token}   # the bootstrap (operator) ACL token
+  export MESH_HTTP_ADDR={addr}
+  meshctl port-forward service/web 9090:9090 &
+  curl -s localhost:9090          # 500: web's call to its upstream api-v1 is denied
+  meshctl intention create -allow web api-v1
+  curl -s localhost:9090          # 200, with api-v1's \"Response from API v1\" in upstream_calls
 
-  {m} get pods -o wide    {m} get services    {m} proxy read web-0    {m} intention list
+  meshctl get pods -o wide | get services | proxy read web-0 | intention list | apply -f FILE
   Agent log: {log}
   Ctrl-C stops the mesh and removes every namespace, cgroup and program it created.",
+            bin = bin.display(),
             log = log.display()
         );
         while !stop.load(Ordering::SeqCst) {
