@@ -303,6 +303,40 @@ impl Drop for LocalMesh {
     }
 }
 
+/// Runs `mesh-probe` as a process of pod `namespace/name` (its cgroup and network namespace,
+/// as the runner names them); returns what it printed, or its error.
+fn in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
+    let netns = PathBuf::from(format!("/run/netns/{NODE}-{namespace}_{name}"));
+    let cgroup = mesh_user::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
+    ensure!(netns.exists(), "no network namespace {}", netns.display());
+    ensure!(cgroup.exists(), "no cgroup {}", cgroup.display());
+    let out = Command::new(mesh_tests::probe_path()?)
+        .arg("--netns")
+        .arg(&netns)
+        .arg("--cgroup")
+        .arg(&cgroup)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// The virtual IP of service `namespace/name`, from `meshctl get services -o json`.
+fn cluster_ip(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(&mesh.meshctl(&["get", "services", "-A", "-o", "json"])?)?;
+    v["items"]
+        .as_array()
+        .context("no items")?
+        .iter()
+        .find(|s| s["metadata"]["namespace"] == namespace && s["metadata"]["name"] == name)
+        .and_then(|s| s["spec"]["clusterIP"].as_str().map(str::to_owned))
+        .with_context(|| format!("no service {namespace}/{name} in {v}"))
+}
+
 /// `GET /` with `Connection: close`: (status, body).
 fn get(addr: SocketAddr) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -394,6 +428,39 @@ fn walkthrough(
         "re-apply said {again:?}"
     );
 
+    // Service names resolve inside the pods, to the virtual IPs.
+    let api_ns = pods
+        .iter()
+        .find_map(|p| p.strip_suffix("/api-v1-0"))
+        .context("no api-v1 pod expected")?;
+    let vip = cluster_ip(&mesh, api_ns, "api-v1")?;
+    let hosts = std::fs::read_to_string(format!("/etc/netns/{NODE}-default_web-0/hosts"))?;
+    let names: Vec<&str> = hosts
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(vip.as_str()))
+        .with_context(|| format!("no line for {vip} in web's hosts file:\n{hosts}"))?
+        .split_whitespace()
+        .collect();
+    for name in [
+        format!("api-v1.{api_ns}"),
+        format!("api-v1.{api_ns}.svc.cluster.local"),
+    ] {
+        ensure!(
+            names.contains(&name.as_str()),
+            "{name} missing from {names:?}"
+        );
+    }
+    if api_ns == "default" {
+        ensure!(names.contains(&"api-v1"), "api-v1 missing from {names:?}");
+    }
+    let transparent = format!("{vip}:9091");
+    let out = in_pod("default", "web-0", &["http-get", &transparent])?;
+    eprintln!("denied, web's app by api-v1's virtual IP: {out}");
+    ensure!(
+        !out.contains("Response from API v1"),
+        "denied, yet api-v1 answered web's app by its virtual IP: {out}"
+    );
+
     let web = mesh.port_forward("web", 9090)?;
     let upstream = "http://localhost:9091";
     let (status, body) = get(web)?;
@@ -423,6 +490,12 @@ fn walkthrough(
     ensure!(
         call["body"] == "Response from API v1" && call["name"] == "api-v1",
         "api-v1's answer inside upstream_calls: {call}"
+    );
+    // Transparent mode: the app in web dials api-v1's virtual IP itself.
+    let out = in_pod("default", "web-0", &["http-get", &transparent])?;
+    ensure!(
+        out.starts_with("HTTP/1.1 200") && out.contains("Response from API v1"),
+        "allowed: web's app by api-v1's virtual IP got {out}"
     );
 
     // Deleting the manifests removes every pod with its namespace and cgroup.
