@@ -81,9 +81,13 @@ struct LocalMesh {
 
 impl LocalMesh {
     fn start(redirect: &str) -> Result<Self> {
-        require_root();
-        let state = tempfile::tempdir()?;
         let http_addr = format!("127.0.0.1:{}", free_port()?);
+        Self::start_in(redirect, tempfile::tempdir()?, http_addr)
+    }
+
+    /// Starts `meshd local` on an existing state directory.
+    fn start_in(redirect: &str, state: tempfile::TempDir, http_addr: String) -> Result<Self> {
+        require_root();
         let log = state.path().join("meshd.log");
         let meshd = bin_path("meshd")?;
         let agent = Command::new(&meshd)
@@ -263,8 +267,19 @@ impl LocalMesh {
         Ok(SocketAddr::from(([127, 0, 0, 1], local)))
     }
 
+    /// Stops the agent (as Ctrl-C does) and starts it again on the same state directory.
+    fn restart(mut self, redirect: &str) -> Result<Self> {
+        self.stop_agent()?;
+        let state = std::mem::replace(&mut self.state, tempfile::tempdir()?);
+        Self::start_in(redirect, state, self.http_addr.clone())
+    }
+
     /// Stops the agent with SIGTERM (what Ctrl-C does) and waits for it.
     fn stop(mut self) -> Result<()> {
+        self.stop_agent()
+    }
+
+    fn stop_agent(&mut self) -> Result<()> {
         for mut f in self.forwards.drain(..) {
             let _ = f.kill();
             let _ = f.wait();
@@ -623,5 +638,72 @@ fn malformed_manifests_are_refused_and_change_nothing() -> Result<()> {
         mesh.meshctl(&["get", "services", "-A", "-o", "json"])? == services,
         "a refused manifest changed the services"
     );
+    mesh.stop()
+}
+
+#[test]
+fn a_restarted_node_brings_back_pods_intentions_and_tokens() -> Result<()> {
+    let before = footprint()?;
+    let mut mesh = LocalMesh::start("ebpf")?;
+    mesh.meshctl(&["intention", "create", "-deny", "*/*", "*/*"])?;
+    mesh.meshctl(&["intention", "create", "-allow", "web", "api-v1"])?;
+    let created = mesh.meshctl(&[
+        "acl",
+        "token",
+        "create",
+        "-description",
+        "ci",
+        "-policy",
+        "read-only",
+    ])?;
+    mesh.meshctl(&["apply", "-f", examples().to_str().context("path")?])?;
+    let pods = ["default/api-v1-0", "default/web-0"];
+    mesh.wait_ready(&pods)?;
+    let intentions = mesh.meshctl(&["intention", "list"])?;
+    let token = mesh.token.clone();
+
+    let mut mesh = mesh.restart("ebpf")?;
+    ensure!(mesh.token == token, "the bootstrap token changed");
+    mesh.wait_ready(&pods)?;
+    ensure!(
+        mesh.meshctl(&["intention", "list"])? == intentions,
+        "intentions differ after the restart"
+    );
+    let tokens = mesh.meshctl(&["acl", "token", "list"])?;
+    let accessor = created
+        .lines()
+        .find_map(|l| l.strip_prefix("AccessorID:"))
+        .map(str::trim)
+        .with_context(|| format!("no AccessorID in {created}"))?;
+    ensure!(tokens.contains(accessor), "token {accessor} lost: {tokens}");
+    let web = mesh.port_forward("web", 9090)?;
+    let (status, body) = get(web)?;
+    ensure!(
+        status == 200,
+        "after the restart web answered {status}: {body}"
+    );
+    ensure!(
+        upstream_call(&body, "http://localhost:9091")?["body"] == "Response from API v1",
+        "api-v1's answer after the restart: {body}"
+    );
+
+    // `--reset` on a stopped node removes what it kept, so nothing comes back.
+    let (meshd, state_dir, addr) = (
+        mesh.meshd.clone(),
+        mesh.state.path().to_path_buf(),
+        mesh.http_addr.clone(),
+    );
+    mesh.stop_agent()?;
+    let reset = Command::new(&meshd)
+        .args(["local", "--node", NODE, "--reset"])
+        .env("MESH_STATE_DIR", &state_dir)
+        .env("MESH_HTTP_ADDR", &addr)
+        .output()?;
+    ensure!(reset.status.success(), "reset failed: {reset:?}");
+    ensure!(footprint()? == before, "left behind after --reset");
+    let state = std::mem::replace(&mut mesh.state, tempfile::tempdir()?);
+    drop(mesh);
+    let mesh = LocalMesh::start_in("ebpf", state, addr)?;
+    ensure!(mesh.pods()?.is_empty(), "pods came back after --reset");
     mesh.stop()
 }
