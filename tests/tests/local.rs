@@ -707,3 +707,34 @@ fn a_restarted_node_brings_back_pods_intentions_and_tokens() -> Result<()> {
     ensure!(mesh.pods()?.is_empty(), "pods came back after --reset");
     mesh.stop()
 }
+
+#[test]
+fn a_service_port_reaches_its_target_port_in_both_modes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // api-v1 offers port 80 on its virtual IP; its app listens on 9091 (`targetPort`).
+    let api = std::fs::read_to_string(examples().join("api-v1.yaml"))?;
+    let remapped = api.replace(
+        "    - port: 9091\n      targetPort: 9091",
+        "    - port: 80\n      targetPort: 9091",
+    );
+    ensure!(remapped != api, "examples/api-v1.yaml changed shape");
+    std::fs::write(dir.path().join("api-v1.yaml"), remapped)?;
+    std::fs::copy(examples().join("web.yaml"), dir.path().join("web.yaml"))?;
+    for redirect in ["ebpf", "iptables"] {
+        let mut mesh = LocalMesh::start(redirect)?;
+        mesh.meshctl(&["apply", "-f", dir.path().to_str().context("path")?])?;
+        mesh.wait_ready(&["default/api-v1-0", "default/web-0"])?;
+        let vip = cluster_ip(&mesh, "default", "api-v1")?;
+        let out = in_pod("default", "web-0", &["http-get", &format!("{vip}:80")])?;
+        ensure!(
+            out.starts_with("HTTP/1.1 200") && out.contains("Response from API v1"),
+            "{redirect}: api-v1's virtual IP on port 80 gave {out}"
+        );
+        // The explicit upstream reaches the same app.
+        let web = mesh.port_forward("web", 9090)?;
+        let (status, body) = get(web)?;
+        ensure!(status == 200, "{redirect}: web answered {status}: {body}");
+        mesh.stop()?;
+    }
+    Ok(())
+}

@@ -64,6 +64,7 @@ fn mesh(redirect: Redirect, len: u64) -> Result<Mesh> {
                 vip: None,
                 ports: vec![],
                 protocol: Protocol::Tcp,
+                target_ports: Default::default(),
                 endpoints: vec![],
             },
             Service {
@@ -73,6 +74,7 @@ fn mesh(redirect: Redirect, len: u64) -> Result<Mesh> {
                 vip: Some(*vip.ip()),
                 ports: vec![APP_PORT],
                 protocol: Protocol::Tcp,
+                target_ports: Default::default(),
                 endpoints: vec![Endpoint {
                     ip: api.ip,
                     port: mesh_common::INBOUND_PORT,

@@ -111,6 +111,7 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
                 vip: Some(*vip.ip()),
                 ports: vec![9091],
                 protocol: Protocol::Tcp,
+                target_ports: Default::default(),
                 endpoints: vec![Endpoint {
                     ip: api.ip,
                     port: mesh_common::INBOUND_PORT,
@@ -123,6 +124,7 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
                 vip: None,
                 ports: vec![],
                 protocol: Protocol::Tcp,
+                target_ports: Default::default(),
                 endpoints: vec![],
             },
         ],

@@ -44,7 +44,9 @@ impl MeshDirectory {
         let mut view = View::default();
         for s in &catalog.services {
             for &port in &s.ports {
-                let Some(d) = destination(s, port, trust_domain) else {
+                // The destination names the app port: the inbound proxy connects to it.
+                let target = s.target_port(port);
+                let Some(d) = destination(s, target, trust_domain) else {
                     continue;
                 };
                 if let Some(vip) = s.vip {
@@ -52,7 +54,7 @@ impl MeshDirectory {
                 }
                 for e in &s.endpoints {
                     view.by_addr
-                        .insert(SocketAddrV4::new(e.ip, port), d.clone());
+                        .insert(SocketAddrV4::new(e.ip, target), d.clone());
                 }
             }
         }
@@ -68,7 +70,7 @@ impl MeshDirectory {
                 };
                 let (Ok(name), Some(d)) = (
                     ServiceName::new(u.namespace.clone(), u.service.clone()),
-                    destination(s, port, trust_domain),
+                    destination(s, s.target_port(port), trust_domain),
                 ) else {
                     continue;
                 };

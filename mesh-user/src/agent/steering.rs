@@ -177,7 +177,8 @@ impl Steering {
                     addrs.insert(SocketAddrV4::new(vip, port), value(SERVICE_VIP));
                 }
                 for e in &s.endpoints {
-                    addrs.insert(SocketAddrV4::new(e.ip, port), value(SERVICE_ENDPOINT));
+                    let target = s.target_port(port);
+                    addrs.insert(SocketAddrV4::new(e.ip, target), value(SERVICE_ENDPOINT));
                 }
             }
         }

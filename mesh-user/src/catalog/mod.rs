@@ -114,9 +114,13 @@ pub struct Service {
     /// Virtual IP for transparent mode.
     #[serde(default)]
     pub vip: Option<Ipv4Addr>,
-    /// The ports the service offers (on its virtual IP, and on its pods as app ports).
+    /// The ports the service offers on its virtual IP.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Where a port of `ports` lands on the service's pods (the app port), when that differs
+    /// from the port itself, as a Kubernetes Service's `port: 80, targetPort: 9090` does.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub target_ports: BTreeMap<u16, u16>,
     #[serde(default)]
     pub protocol: Protocol,
     #[serde(default)]
@@ -126,6 +130,16 @@ pub struct Service {
 impl Service {
     pub fn service_ref(&self) -> ServiceRef {
         ServiceRef::new(&self.name, &self.namespace, &self.datacenter)
+    }
+
+    /// The app port on the service's pods that `port` (one of [`Service::ports`]) reaches.
+    pub fn target_port(&self, port: u16) -> u16 {
+        self.target_ports.get(&port).copied().unwrap_or(port)
+    }
+
+    /// The app ports of the service's pods: the target of every port.
+    pub fn target_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports.iter().map(|&p| self.target_port(p))
     }
 }
 
@@ -267,13 +281,13 @@ impl Catalog {
         self.workloads.iter().find(|w| w.id() == id)
     }
 
-    /// The service (and whether it was the virtual IP) behind an address a pod dialled: a
-    /// virtual IP:port or an endpoint's pod IP:port.
+    /// The service behind an address a pod dialled: a virtual IP:port, or an endpoint's pod
+    /// IP:app port.
     pub fn service_at(&self, addr: SocketAddrV4) -> Option<&Service> {
         self.services.iter().find(|s| {
             (s.vip == Some(*addr.ip()) && s.ports.contains(&addr.port()))
                 || (s.endpoints.iter().any(|e| e.ip == *addr.ip())
-                    && s.ports.contains(&addr.port()))
+                    && s.target_ports().any(|p| p == addr.port()))
         })
     }
 
@@ -299,6 +313,20 @@ impl Catalog {
             }
             if s.ports.contains(&0) {
                 return Err(invalid(format!("service {}: ports", s.name), "port 0"));
+            }
+            for (port, target) in &s.target_ports {
+                if !s.ports.contains(port) {
+                    return Err(invalid(
+                        format!("service {}: target_ports", s.name),
+                        format!("{port} is not one of the service's ports"),
+                    ));
+                }
+                if *target == 0 {
+                    return Err(invalid(
+                        format!("service {}: target_ports", s.name),
+                        format!("port {port} targets port 0"),
+                    ));
+                }
             }
             if let Some(vip) = s.vip {
                 if let Some(other) = vips.insert(vip, s.service_ref()) {
@@ -450,6 +478,7 @@ mod tests {
             vip: Some(Ipv4Addr::new(10, 96, 0, 10)),
             ports: vec![9091],
             protocol: Protocol::Tcp,
+            target_ports: Default::default(),
             endpoints: vec![Endpoint {
                 ip: Ipv4Addr::new(10, 0, 0, 3),
                 port: 20000,
@@ -609,5 +638,47 @@ mod tests {
         );
         assert!(c.service_at("10.96.0.10:80".parse().unwrap()).is_none());
         assert!(c.service_at("10.9.9.9:9091".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_service_port_can_land_on_another_app_port() {
+        let mut api = api();
+        api.ports = vec![80, 9091];
+        api.target_ports = BTreeMap::from([(80, 8080)]);
+        assert_eq!(api.target_port(80), 8080);
+        assert_eq!(api.target_port(9091), 9091);
+        assert_eq!(api.target_ports().collect::<Vec<_>>(), [8080, 9091]);
+        let c = Catalog {
+            services: vec![api.clone()],
+            workloads: vec![],
+        };
+        c.validate().unwrap();
+        // The virtual IP answers on the service port, a pod on the app port.
+        assert!(c.service_at("10.96.0.10:80".parse().unwrap()).is_some());
+        assert!(c.service_at("10.96.0.10:8080".parse().unwrap()).is_none());
+        assert!(c.service_at("10.0.0.3:8080".parse().unwrap()).is_some());
+        assert!(c.service_at("10.0.0.3:80".parse().unwrap()).is_none());
+        // Catalog files may carry the mapping; without it a port is its own target.
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""target_ports":{"80":8080}"#), "{json}");
+        assert_eq!(Catalog::from_json(&json).unwrap(), c);
+
+        for (bad, why) in [
+            (
+                BTreeMap::from([(81, 8080)]),
+                "81 is not one of the service's ports",
+            ),
+            (BTreeMap::from([(80, 0)]), "port 80 targets port 0"),
+        ] {
+            let mut s = api.clone();
+            s.target_ports = bad;
+            let e = Catalog {
+                services: vec![s],
+                workloads: vec![],
+            }
+            .validate()
+            .unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 }

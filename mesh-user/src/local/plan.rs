@@ -95,13 +95,26 @@ fn tcp_service_ports(s: &k8s::Service) -> Vec<u16> {
     ports
 }
 
+/// The ports of `ports` whose `targetPort` on `w`'s pods is another port.
+fn target_ports(s: &k8s::Service, ports: &[u16], w: &Workload) -> BTreeMap<u16, u16> {
+    ports
+        .iter()
+        .filter_map(|&p| target_port(s, p, w).filter(|&t| t != p).map(|t| (p, t)))
+        .collect()
+}
+
 /// The app ports of a workload: its containers' TCP ports, or, when they declare none, the
-/// ports of the Service it is an instance of. The proxy's own ports are never app ports.
+/// target ports of the Service it is an instance of. The proxy's own ports are never app ports.
 pub fn app_ports(desired: &DesiredState, w: &Workload) -> Vec<u16> {
     let mut ports = w.tcp_ports();
     if ports.is_empty() {
         if let Some(s) = identity_service(desired, w) {
-            ports = tcp_service_ports(s);
+            ports = tcp_service_ports(s)
+                .into_iter()
+                .map(|p| target_port(s, p, w).unwrap_or(p))
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
         }
     }
     let reserved = [mesh_common::OUTBOUND_PORT, mesh_common::INBOUND_PORT];
@@ -139,6 +152,9 @@ pub fn catalog(
                 } else {
                     vips.get(&key).copied()
                 },
+                target_ports: identity_service(desired, w)
+                    .map(|s| target_ports(s, &ports, w))
+                    .unwrap_or_default(),
                 ports,
                 protocol: catalog::Protocol::Tcp,
                 endpoints: Vec::new(),

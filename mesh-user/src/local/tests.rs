@@ -394,6 +394,34 @@ fn the_catalog_has_meshed_pods_their_services_and_upstreams() {
 }
 
 #[test]
+fn a_service_port_maps_to_its_target_port_in_the_catalog() {
+    // `port: 80` reaching the container port named `http` (9091).
+    let api = API
+        .replace(
+            "    - port: 9091\n      targetPort: 9091",
+            "    - port: 80\n      targetPort: http",
+        )
+        .replace(
+            "            - containerPort: 9091",
+            "            - containerPort: 9091\n              name: http",
+        );
+    assert_ne!(api, API);
+    let change = Applied::in_memory()
+        .apply(&[src("api.yaml", &api)], None)
+        .unwrap();
+    let desired = change.desired;
+    let catalog = plan::catalog(&desired, &places(&desired), &BTreeMap::new());
+    catalog.validate().unwrap();
+    let s = &catalog.services[0];
+    assert_eq!(s.ports, [80]);
+    assert_eq!(s.target_port(80), 9091);
+    assert_eq!(
+        catalog.workload("default.api-v1-0").unwrap().app_ports,
+        [9091]
+    );
+}
+
+#[test]
 fn containers_become_host_processes() {
     let meshd = Path::new("/usr/bin/meshd");
     for image in [

@@ -364,6 +364,7 @@ fn service(name: &str, vip: Option<Ipv4Addr>, endpoints: Vec<Endpoint>) -> Servi
             vec![]
         },
         protocol: Protocol::Tcp,
+        target_ports: Default::default(),
         endpoints,
     }
 }

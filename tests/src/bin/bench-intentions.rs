@@ -91,6 +91,7 @@ fn main() -> Result<()> {
             vip: Some(*vip.ip()),
             ports: vec![9091],
             protocol: Protocol::Tcp,
+            target_ports: Default::default(),
             endpoints: vec![Endpoint {
                 ip: api.ip,
                 port: mesh_common::INBOUND_PORT,
