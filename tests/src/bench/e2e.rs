@@ -52,6 +52,10 @@
 //! bytes, failures, resumption) and the kernel's (sk_msg redirect used, or not when switched
 //! off). Everything is removed at the end, also on error or Ctrl-C. The exit status is 2 when a
 //! run was invalid.
+//!
+//! Profiles: with `MESH_BENCH_PERF=<dir>` in the environment, `perf record -e cpu-clock -g`
+//! samples the proxy processes (user and kernel stacks) during each run, one file per
+//! configuration, workload and placement (`perf report -i <dir>/<file> --no-children`).
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -929,7 +933,7 @@ fn run_tool(mut cmd: Command) -> Result<String> {
 struct Profile(Option<std::process::Child>);
 
 impl Profile {
-    fn start(pids: &[u32], name: &str) -> Result<Self> {
+    fn start(exe: &Path, pids: &[u32], name: &str) -> Result<Self> {
         let Some(dir) = std::env::var_os("MESH_BENCH_PERF") else {
             return Ok(Self(None));
         };
@@ -939,8 +943,21 @@ impl Profile {
         let dir = PathBuf::from(dir);
         std::fs::create_dir_all(&dir)?;
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
-        let child = Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-p"])
+        // Through `mesh-bench exec`, which unblocks the stop signals this process blocks (the
+        // mask is inherited): perf must see the SIGINT that ends it.
+        let child = Command::new(exe)
+            .args([
+                "exec",
+                "--",
+                "perf",
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "1999",
+            ])
+            .args(["-g", "-p"])
             .arg(list.join(","))
             .arg("-o")
             .arg(dir.join(format!("{name}.data")))
@@ -1053,6 +1070,7 @@ fn measure(
     }
     let before = agent.map(AgentProc::stats).transpose()?;
     let profile = Profile::start(
+        &b.exe,
         &proxy_pids,
         &format!("{}-{}-{}", c.name, wl.name(), pinning.name()),
     )?;
