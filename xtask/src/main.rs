@@ -25,6 +25,11 @@ const PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    // The end-to-end benchmark's load generators and its HAProxy baseline; perf for profiles.
+    "wrk",
+    "iperf3",
+    "haproxy",
+    "linux-perf",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

@@ -1,14 +1,13 @@
 //! The mesh agent of the end-to-end benchmark, in a process of its own (`mesh-bench agent SPEC`),
 //! as `meshd` would be: the same [`Agent::start`] the root tests use, on a multi-threaded tokio
-//! runtime. A process per agent gives each agent its own CPU time and peak RSS, which one process
-//! holding both agents cannot tell apart (its allocator keeps freed memory for whoever comes next).
+//! runtime. A process per agent gives each agent its own CPU time and peak RSS, which the
+//! benchmark reads from `/proc/<pid>` as it does HAProxy's.
 //!
 //! The benchmark starts it as a child, so it sits in the node's agent cgroup (inherited), and talks
 //! to it over stdin/stdout, one line each way:
 //!
 //! - `stats` → a JSON object: every pod's proxy counters, the kernel counters (eBPF mode), this
 //!   process's CPU seconds (`getrusage`), RSS and peak RSS in MiB, open proxy connections;
-//! - `reset-peak` → resets the peak RSS (`/proc/self/clear_refs`), answers `{}`;
 //! - `quit` or the end of stdin → the proxies stop and the process exits.
 //!
 //! The stop signals stay blocked (the mask is inherited): the benchmark decides when it ends.
@@ -91,10 +90,6 @@ pub fn agent_main(args: &[String]) -> Result<()> {
     for line in std::io::stdin().lock().lines() {
         let answer = match line?.trim() {
             "stats" => stats(&agent, &pod_ids)?,
-            "reset-peak" => {
-                std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")?;
-                json!({})
-            }
             "quit" => break,
             other => json!({ "error": format!("unknown command {other:?}") }),
         };
@@ -226,10 +221,6 @@ impl AgentProc {
 
     pub fn stats(&self) -> Result<Value> {
         self.ask("stats")
-    }
-
-    pub fn reset_peak(&self) -> Result<()> {
-        self.ask("reset-peak").map(|_| ())
     }
 
     /// Asks the agent to stop its proxies and exit.

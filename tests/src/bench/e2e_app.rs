@@ -9,7 +9,9 @@
 //!
 //! Protocol: the first byte of a connection picks what the server does with it. [`SINK`]: read
 //! to the end of the stream, then answer with the byte count (u64, little endian) and close.
-//! Anything else: echo every byte back until the end of the stream, then close. A request is
+//! [`ECHO`]: echo every byte back until the end of the stream, then close. Anything else is
+//! HTTP/1.1 (for `wrk`): each request is answered with 200 and a 1 KiB body, keep-alive unless
+//! the request says `Connection: close`. A request is
 //! [`MSG`] bytes whose first byte is [`ECHO`] and whose next 8 bytes number it, so an answer that
 //! is stale, misplaced or from another connection does not verify.
 
@@ -71,6 +73,9 @@ async fn serve(mut conn: TcpStream) -> std::io::Result<()> {
     if n == 0 {
         return Ok(());
     }
+    if buf[0] != SINK && buf[0] != ECHO {
+        return serve_http(conn, buf, n).await;
+    }
     if buf[0] == SINK {
         let mut total = n as u64;
         loop {
@@ -90,6 +95,62 @@ async fn serve(mut conn: TcpStream) -> std::io::Result<()> {
         }
     }
     conn.shutdown().await
+}
+
+/// The HTTP response to every request: 200 with a 1 KiB body.
+pub fn http_response(close: bool) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {MSG}\r\n{}\r\n",
+        if close { "Connection: close\r\n" } else { "" }
+    )
+    .into_bytes();
+    r.extend(std::iter::repeat_n(b'x', MSG));
+    r
+}
+
+/// Where the head of the first complete HTTP request in `buf` ends (after its blank line), and
+/// whether it asks to close the connection (`Connection: close`, or HTTP/1.0 without
+/// keep-alive).
+pub fn http_request_end(buf: &[u8]) -> Option<(usize, bool)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let http10 = head.lines().next().is_some_and(|l| l.ends_with("http/1.0"));
+    let header = |v: &str| {
+        head.lines()
+            .any(|l| l.starts_with("connection:") && l.contains(v))
+    };
+    let close = header("close") || (http10 && !header("keep-alive"));
+    Some((end, close))
+}
+
+/// HTTP/1.1 keep-alive (what `wrk` speaks): every request without a body (GET), answered with
+/// [`http_response`]; pipelined requests are answered in order.
+async fn serve_http(mut conn: TcpStream, mut buf: Vec<u8>, n: usize) -> std::io::Result<()> {
+    let keep = http_response(false);
+    let mut pending = buf[..n].to_vec();
+    let mut out = Vec::new();
+    loop {
+        while let Some((end, close)) = http_request_end(&pending) {
+            pending.drain(..end);
+            if close {
+                out.extend_from_slice(&http_response(true));
+                conn.write_all(&out).await?;
+                return conn.shutdown().await;
+            }
+            out.extend_from_slice(&keep);
+        }
+        if !out.is_empty() {
+            conn.write_all(&out).await?;
+            out.clear();
+        }
+        if pending.len() > 64 * 1024 {
+            return Err(std::io::Error::other("an HTTP request head over 64 KiB"));
+        }
+        match conn.read(&mut buf).await? {
+            0 => return Ok(()),
+            k => pending.extend_from_slice(&buf[..k]),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,5 +436,42 @@ mod tests {
         assert!(st["gb_per_s"].as_f64().unwrap() > 0.0, "{st}");
         let c = client_conns(addr, 0.2, 0.05).unwrap();
         assert!(c["conns_per_s"].as_f64().unwrap() > 0.0, "{c}");
+
+        // HTTP/1.1: two pipelined keep-alive requests, then one that closes.
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let get = "GET / HTTP/1.1\r\nHost: api\r\n\r\n";
+        s.write_all(format!("{get}{get}").as_bytes()).unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        let expected = [
+            http_response(false),
+            http_response(false),
+            http_response(true),
+        ]
+        .concat();
+        assert_eq!(all, expected);
+    }
+
+    #[test]
+    fn http_request_heads() {
+        assert_eq!(http_request_end(b"GET / HTTP/1.1\r\nHost: a"), None);
+        assert_eq!(
+            http_request_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET"),
+            Some((27, false))
+        );
+        assert_eq!(
+            http_request_end(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"),
+            Some((37, true))
+        );
+        assert_eq!(
+            http_request_end(b"GET / HTTP/1.0\r\n\r\n"),
+            Some((18, true))
+        );
+        let r = String::from_utf8(http_response(false)).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.contains("Content-Length: 1024\r\n"));
+        assert!(r.ends_with(&"x".repeat(MSG)) && !r.contains("close"));
     }
 }

@@ -1,7 +1,8 @@
 //! `mesh-bench`: speed of the app ⇄ listener hop over plain loopback TCP, the mesh's sk_msg
 //! redirect (the real kernel programs) and an iptables REDIRECT hop, side by side in one run.
-//! `mesh-bench e2e ...` is the end-to-end benchmark (two pods, direct vs the whole mesh in both
-//! redirect modes): see `bench/e2e.rs` for its options.
+//! `mesh-bench e2e ...` is the end-to-end benchmark (two pods: direct, the mesh in both redirect
+//! modes and without sk_msg, and an HAProxy mTLS sidecar pair): see `bench/e2e.rs` for its
+//! options.
 //!
 //! ```text
 //! mesh-bench [redirect] [--quick] [--rounds N] [--cpu N] [--json PATH] [--markdown PATH | --no-markdown]
@@ -29,8 +30,14 @@ mod e2e;
 mod e2e_agent;
 #[path = "../bench/e2e_app.rs"]
 mod e2e_app;
+#[path = "../bench/e2e_chart.rs"]
+mod e2e_chart;
+#[path = "../bench/e2e_haproxy.rs"]
+mod e2e_haproxy;
 #[path = "../bench/e2e_report.rs"]
 mod e2e_report;
+#[path = "../bench/e2e_tools.rs"]
+mod e2e_tools;
 #[path = "../bench/report.rs"]
 mod report;
 #[path = "../bench/workload.rs"]
@@ -68,6 +75,7 @@ fn main() {
         Some("client") => client_main(&args[1..]).map(|()| 0),
         Some("server") => server_main(&args[1..]).map(|()| 0),
         Some("agent") => e2e_agent::agent_main(&args[1..]).map(|()| 0),
+        Some("exec") => exec_main(&args[1..]),
         Some("e2e") => e2e::main(&args[1..]),
         _ => bench_main(&args),
     };
@@ -119,6 +127,9 @@ fn enter_pod(args: &[String]) -> Result<Vec<String>> {
     let mut cpu = None;
     while !args.is_empty() && args[0].starts_with("--") {
         let opt = args.remove(0);
+        if opt == "--" {
+            break;
+        }
         ensure!(!args.is_empty(), "{opt} needs a value");
         let value = args.remove(0);
         match opt.as_str() {
@@ -144,6 +155,18 @@ fn enter_pod(args: &[String]) -> Result<Vec<String>> {
         nix::sched::sched_setaffinity(Pid::from_raw(0), &set).context("pinning the client")?;
     }
     Ok(args)
+}
+
+/// `mesh-bench exec --netns PATH --cgroup PATH [--cpu N] -- PROGRAM ARGS...`: runs a program
+/// (wrk, iperf3, haproxy) as a process of a pod, pinned to CPU N if given.
+fn exec_main(args: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let args = enter_pod(args)?;
+    let (program, rest) = args
+        .split_first()
+        .context("usage: mesh-bench exec [--netns P] [--cgroup P] [--cpu N] -- PROGRAM ARGS...")?;
+    let err = Command::new(program).args(rest).exec();
+    bail!("exec {program}: {err}")
 }
 
 /// The end-to-end benchmark's server app: `mesh-bench server --netns PATH --cgroup PATH ADDR
