@@ -547,7 +547,12 @@ const METHOD_NOTE: &str = "Configurations: `direct` dials the server pod's IP, n
     sk_msg redirect off (connect4 + getsockopt only). `haproxy-sidecars` dials `127.0.0.1` in the \
     client pod, where HAProxy (`mode tcp`) forwards over mTLS (TLS 1.3, ECDSA P-256, client \
     certificate required and verified) to a second HAProxy in the server pod, which forwards to \
-    the app.";
+    the app. A run is valid when its client reports no error (wrk: no socket error and no \
+    non-2xx answer) and, for the mesh, the proxies' counters show no TLS failure, denial, limit \
+    or endpoint failure, and the kernel counters show the sk_msg redirect used (or, switched off, \
+    not used). wrk and iperf3 end by closing connections with requests or bytes in flight, which \
+    the proxies count as connection errors: those do not invalidate their runs; our connection \
+    client ends cleanly, so its runs must match the proxies' connection and byte counts exactly.";
 
 const RESUMPTION_NOTE: &str = "TLS session resumption: the mesh runs with it on (the default; \
     the agent's first full handshake falls in the warm-up) and, in the rows \"TLS resumption \
