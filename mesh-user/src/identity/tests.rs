@@ -169,6 +169,11 @@ fn good_handshake_and_server_sees_caller() {
     assert_eq!(c.protocol_version(), Some(ProtocolVersion::TLSv1_3));
     assert_eq!(s.protocol_version(), Some(ProtocolVersion::TLSv1_3));
     assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full));
+    // The SHA-256 suite, as Envoy negotiates between Consul sidecars.
+    assert_eq!(
+        c.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
     exchange(&mut c, &mut s, b"GET / HTTP/1.1\r\n\r\n");
 }
 

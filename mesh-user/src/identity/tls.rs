@@ -30,7 +30,18 @@ const SESSION_CACHE_SIZE: usize = 1024;
 /// The crypto provider of every mesh config: `ring`.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
+    Arc::clone(PROVIDER.get_or_init(|| {
+        let mut provider = rustls::crypto::ring::default_provider();
+        // TLS13_AES_128_GCM_SHA256 first (ring lists the SHA-384 suite first), as BoringSSL
+        // and so Envoy order them: its key schedule and every resumed handshake hash with
+        // SHA-256, which CPUs with SHA extensions run in hardware, where ring's SHA-512 has
+        // no hardware path.
+        let preferred = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != preferred.suite());
+        Arc::new(provider)
+    }))
 }
 
 /// The SPIFFE ID in a certificate's URI SAN. An X.509 SVID carries exactly one URI SAN.
