@@ -195,18 +195,19 @@ fn reach_by_upstream_and_vip(redirect: Redirect) -> Result<()> {
     m.exchange(upstream(), LEN).context("explicit upstream")?;
     let vip = SocketAddr::V4(m.vip);
     m.exchange(vip, LEN).context("virtual IP")?;
-    let web = m
-        .agent()
-        .pod("default.web")
-        .context("web pod")?
-        .proxy
-        .stats();
-    let api = m
-        .agent()
-        .pod("default.api")
-        .context("api pod")?
-        .proxy
-        .stats();
+    let stats =
+        |pod: &str| -> Result<_> { Ok(m.agent().pod(pod).context("no such pod")?.proxy.stats()) };
+    // The client is done once it has read everything; the proxies finish counting (and close)
+    // a moment later.
+    let start = std::time::Instant::now();
+    while (stats("default.web")?.active_connections > 0
+        || stats("default.api")?.active_connections > 0)
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let web = stats("default.web")?;
+    let api = stats("default.api")?;
     assert!(
         web.outbound_connections >= 2,
         "web's proxy carried both connections: {web:?}"
