@@ -25,6 +25,7 @@ use mesh_user::proxy::PodStatsSnapshot;
 use serde_json::{json, Value};
 
 use crate::e2e_app::own_cpu_seconds;
+use crate::e2e_tools::status_mib;
 
 /// What an agent process runs.
 pub struct Spec<'a> {
@@ -115,16 +116,7 @@ fn stats(agent: &Agent, pod_ids: &[String]) -> Result<Value> {
         None => Value::Null,
     };
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let mib = |key: &str| -> Option<f64> {
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(kib / 1024.0)
-    };
+    let mib = |key: &str| status_mib(&status, key);
     Ok(json!({
         "pods": pods,
         "counters": counters,
