@@ -246,18 +246,7 @@ impl Node {
 
     /// Starts `mesh-probe` inside `netns`/`cgroup` with `args`; stdout is piped.
     pub fn probe(&mut self, netns: &Path, cgroup: &Path, args: &[&str]) -> Result<Child> {
-        let child = Command::new(probe_path()?)
-            .arg("--netns")
-            .arg(netns)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning mesh-probe")?;
-        Ok(child)
+        spawn_probe(netns, cgroup, args)
     }
 
     /// Runs `mesh-probe` in a pod and waits for it, with a time limit.
@@ -270,6 +259,22 @@ impl Node {
     pub fn keep(&mut self, child: Child) {
         self.children.push(child);
     }
+}
+
+/// Starts `mesh-probe` as a process of the pod with network namespace `netns` and cgroup
+/// `cgroup`, with `args`; stdout and stderr are piped.
+pub fn spawn_probe(netns: &Path, cgroup: &Path, args: &[&str]) -> Result<Child> {
+    Command::new(probe_path()?)
+        .arg("--netns")
+        .arg(netns)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning mesh-probe")
 }
 
 /// The `mesh-probe` binary cargo built beside the test binary (`target/<profile>/mesh-probe`).

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_tests::{bin_path, require_root};
+use mesh_tests::{bin_path, require_root, spawn_probe, wait_limit};
 use serde_json::Value;
 
 /// The tests' node name, apart from the `local` of a `cargo xtask run` on the same machine.
@@ -325,14 +325,7 @@ fn in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
     let cgroup = mesh_user::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
     ensure!(netns.exists(), "no network namespace {}", netns.display());
     ensure!(cgroup.exists(), "no cgroup {}", cgroup.display());
-    let out = Command::new(mesh_tests::probe_path()?)
-        .arg("--netns")
-        .arg(&netns)
-        .arg("--cgroup")
-        .arg(&cgroup)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
+    let out = wait_limit(spawn_probe(&netns, &cgroup, args)?, Duration::from_secs(30))?;
     Ok(format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
