@@ -174,11 +174,13 @@ fn documents(text: &str) -> Result<Vec<String>, String> {
 }
 
 /// Parses one source; every document that is a modelled object is returned with its key and
-/// normalized YAML. Errors name the source.
+/// normalized YAML, and the parser's warnings are added to `warnings`, prefixed with the
+/// source's name. Errors name the source.
 fn parse_source(
     source: &Source,
     namespace: Option<&str>,
-) -> Result<(Manifest, Vec<(ObjectKey, String)>), Error> {
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(ObjectKey, String)>, Error> {
     let options = ParseOptions {
         namespace: namespace.map(str::to_string),
         ..ParseOptions::default()
@@ -195,7 +197,13 @@ fn parse_source(
             out.push((ObjectKey::of(o), doc.clone()));
         }
     }
-    Ok((manifest, out))
+    warnings.extend(
+        manifest
+            .warnings()
+            .iter()
+            .map(|w| format!("{}: {w}", source.name)),
+    );
+    Ok(out)
 }
 
 /// Re-parses a stored object.
@@ -337,13 +345,7 @@ impl Applied {
         let mut warnings = Vec::new();
         let mut seen = BTreeMap::new();
         for source in sources {
-            let (manifest, objects) = parse_source(source, namespace)?;
-            warnings.extend(
-                manifest
-                    .warnings()
-                    .iter()
-                    .map(|w| format!("{}: {w}", source.name)),
-            );
+            let objects = parse_source(source, namespace, &mut warnings)?;
             for (key, yaml) in objects {
                 if let Some(first) = seen.insert(key.clone(), source.name.clone()) {
                     return Err(Error::Manifest {
@@ -386,13 +388,7 @@ impl Applied {
         let mut results = Vec::new();
         let mut warnings = Vec::new();
         for source in sources {
-            let (manifest, objects) = parse_source(source, namespace)?;
-            warnings.extend(
-                manifest
-                    .warnings()
-                    .iter()
-                    .map(|w| format!("{}: {w}", source.name)),
-            );
+            let objects = parse_source(source, namespace, &mut warnings)?;
             for (key, _) in objects {
                 let outcome = if next.objects.remove(&key).is_some() {
                     Outcome::Deleted
