@@ -1,0 +1,531 @@
+//! The node agent: turns the catalog into kernel steering, per-pod listeners inside each pod's
+//! network namespace, workload certificates, and proxies.
+#![forbid(unsafe_code)]
+
+pub mod glue;
+pub mod steering;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use mesh_core::catalog::{Catalog, Diff, ServiceRef, Update, Workload};
+use mesh_core::identity::{
+    CertificateAuthority, ClientConfigCache, LeafStore, TrustBundle, DEFAULT_LEAF_TTL,
+};
+use mesh_core::intentions::{Action, Interner, RuleSet};
+use mesh_dataplane::netns::{NetNs, SocketFactory};
+use steering::{Mode, PodKernel, Steering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bpf(#[from] mesh_dataplane::bpf::Error),
+    #[error(transparent)]
+    Iptables(#[from] mesh_dataplane::iptables::Error),
+    #[error(transparent)]
+    Netns(#[from] mesh_dataplane::netns::Error),
+    #[error(transparent)]
+    Cgroup(#[from] mesh_dataplane::cgroup::Error),
+    #[error(transparent)]
+    Catalog(#[from] mesh_core::catalog::Error),
+    #[error(transparent)]
+    Identity(#[from] mesh_core::identity::Error),
+    #[error(transparent)]
+    Intentions(#[from] mesh_core::intentions::IntentionError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the eBPF dataplane was asked for but cannot run here: {0}")]
+    NoEbpf(mesh_dataplane::bpf::Error),
+    #[error("{0}")]
+    Limit(String),
+    #[error("proxy: {0}")]
+    Proxy(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Which steering the agent should use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// eBPF when the kernel supports it, iptables otherwise.
+    Auto,
+    Ebpf,
+    Iptables,
+}
+
+impl std::str::FromStr for Redirect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Redirect::Auto),
+            "ebpf" => Ok(Redirect::Ebpf),
+            "iptables" => Ok(Redirect::Iptables),
+            other => Err(format!(
+                "redirect mode {other:?}: expected auto, ebpf or iptables"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Names the agent's pins (`/sys/fs/bpf/mesh/<instance>`).
+    pub instance: String,
+    /// CA, service ids and other state that survives restarts.
+    pub state_dir: PathBuf,
+    /// The cgroup that holds the agent and every pod (mesh-wide programs attach there).
+    pub mesh_cgroup: PathBuf,
+    pub redirect: Redirect,
+    /// The verdict when no intention matches (`default_intention_policy`).
+    pub default_policy: Action,
+    /// sk_msg redirect of app⇄proxy bytes; off leaves connect4 redirecting alone.
+    pub msg_redirect: bool,
+    /// The proxy's limits and timeouts.
+    pub proxy: mesh_proxy::ProxyConfig,
+}
+
+/// Interned namespace and service names: the ids in the kernel's service, pod and intention
+/// maps. Kept stable across restarts (the maps outlive the agent, so a restarted agent must
+/// mean the same name by the same id): the strings are recorded, in id order, in the state
+/// directory.
+#[derive(Debug)]
+pub struct Names {
+    path: PathBuf,
+    interner: Interner,
+    /// How many names the file holds.
+    saved: usize,
+}
+
+impl Names {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let mut interner = Interner::new();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let strings: Vec<String> = serde_json::from_str(&text).map_err(|e| Error::Io {
+                    what: format!("interned names in {}", path.display()),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?;
+                for s in strings.iter().skip(1) {
+                    interner.intern(s)?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        }
+        let saved = interner.len();
+        Ok(Self {
+            path: path.to_path_buf(),
+            interner,
+            saved,
+        })
+    }
+
+    /// The id of `s`, assigning (and durably recording) a new one if needed.
+    pub fn id(&mut self, s: &str) -> Result<u32, Error> {
+        if let Some(id) = self.interner.get(s) {
+            return Ok(id);
+        }
+        let id = self.interner.intern(s)?;
+        self.save()?;
+        Ok(id)
+    }
+
+    pub fn interner(&self) -> &Interner {
+        &self.interner
+    }
+
+    /// Lends the interner out (to `compile_with`, which extends it); give it back with
+    /// [`Names::extend`].
+    pub fn take_interner(&mut self) -> Interner {
+        self.saved = self.interner.len();
+        std::mem::take(&mut self.interner)
+    }
+
+    /// Takes back an interner that extends this one (as `compile_with` returns it), recording
+    /// it if it grew.
+    pub fn extend(&mut self, interner: Interner) -> Result<(), Error> {
+        let grew = interner.len() > self.saved.max(self.interner.len());
+        self.interner = interner;
+        if grew {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn save(&mut self) -> Result<(), Error> {
+        self.saved = self.interner.len();
+        let strings: Vec<&str> = (0..self.interner.len() as u32)
+            .filter_map(|id| self.interner.resolve(id))
+            .collect();
+        let text = serde_json::to_string(&strings).expect("a list of strings");
+        mesh_core::durable::write(&self.path, text.as_bytes(), 0o644)
+            .map_err(io_err(format!("writing {}", self.path.display())))
+    }
+}
+
+/// Workload certificates: one CA, one renewing leaf per service identity.
+pub struct Identity {
+    ca: Mutex<CertificateAuthority>,
+    pub bundle: Arc<TrustBundle>,
+    pub clients: ClientConfigCache,
+    leaves: Mutex<BTreeMap<ServiceRef, Arc<LeafStore>>>,
+    /// Runs the renewal tasks, whichever thread asks for a leaf.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Identity {
+    /// Loads (or creates) the CA. Must be called inside the agent's tokio runtime.
+    pub fn load(state_dir: &Path) -> Result<Arc<Self>, Error> {
+        let ca = CertificateAuthority::load_or_create(&state_dir.join("ca"), None)?;
+        let bundle = Arc::new(TrustBundle::new(ca.root().clone())?);
+        Ok(Arc::new(Self {
+            clients: ClientConfigCache::new(bundle.clone()),
+            bundle,
+            ca: Mutex::new(ca),
+            leaves: Mutex::new(BTreeMap::new()),
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+
+    pub fn trust_domain(&self) -> String {
+        self.bundle.trust_domain().to_string()
+    }
+
+    /// The leaf store of `service`, issuing its first certificate (and starting its renewal)
+    /// when needed.
+    pub fn leaf(self: &Arc<Self>, service: &ServiceRef) -> Result<Arc<LeafStore>, Error> {
+        let mut leaves = self.leaves.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(store) = leaves.get(service) {
+            return Ok(store.clone());
+        }
+        let id = service.spiffe_id(&self.trust_domain())?;
+        let leaf = self
+            .ca
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .issue_leaf(&id, DEFAULT_LEAF_TTL)?;
+        let store = Arc::new(LeafStore::new(leaf));
+        leaves.insert(service.clone(), store.clone());
+        let me = Arc::downgrade(self);
+        let renewing = store.clone();
+        self.runtime.spawn(async move {
+            loop {
+                let at = renewing.current().renew_at();
+                let wait = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(wait).await;
+                let Some(identity) = me.upgrade() else { return };
+                let issued = identity
+                    .ca
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .issue_leaf(renewing.id(), DEFAULT_LEAF_TTL);
+                match issued.and_then(|leaf| renewing.replace(leaf)) {
+                    Ok(_) => info!(id = %renewing.id(), "renewed the leaf certificate"),
+                    Err(e) => {
+                        warn!(id = %renewing.id(), error = %e, "leaf renewal failed; retrying in 60 s");
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    /// Issues and installs a new leaf for `service` now (what the renewal task does at its
+    /// time); established connections keep theirs.
+    pub fn renew_now(self: &Arc<Self>, service: &ServiceRef) -> Result<(), Error> {
+        let store = self.leaf(service)?;
+        let leaf = self
+            .ca
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .issue_leaf(store.id(), DEFAULT_LEAF_TTL)?;
+        store.replace(leaf)?;
+        Ok(())
+    }
+}
+
+/// A pod the agent serves.
+pub struct Pod {
+    pub workload: Workload,
+    pub kernel: PodKernel,
+    pub netns: NetNs,
+    pub proxy: mesh_proxy::PodProxy,
+}
+
+/// The running agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    steering: Steering,
+    catalog: Catalog,
+    rules: Arc<RuleSet>,
+    names: Names,
+    identity: Arc<Identity>,
+    pods: BTreeMap<String, Pod>,
+    proxy: mesh_proxy::Proxy,
+    directory: Arc<glue::MeshDirectory>,
+    authorizer: Arc<glue::IntentionAuthorizer>,
+    dialer: Arc<glue::NetnsDialer>,
+}
+
+impl Agent {
+    /// Starts the agent on `catalog`: picks the steering mode, adopts or installs the kernel
+    /// programs, and brings up every pod.
+    pub async fn start(cfg: AgentConfig, catalog: Catalog, rules: RuleSet) -> Result<Self, Error> {
+        catalog.validate()?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        let steering = match cfg.redirect {
+            Redirect::Iptables => Steering::Iptables,
+            Redirect::Ebpf => Steering::Ebpf(Box::new(
+                mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup)
+                    .map_err(Error::NoEbpf)?,
+            )),
+            Redirect::Auto => match mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup) {
+                Ok(dp) => Steering::Ebpf(Box::new(dp)),
+                Err(e) => {
+                    warn!(error = %e, "the eBPF dataplane cannot run here; using iptables");
+                    Steering::Iptables
+                }
+            },
+        };
+        let mut steering = steering;
+        if let Steering::Ebpf(dp) = &mut steering {
+            // An adopted dataplane keeps its intention set and default until the catalog sync
+            // replaces them; a fresh one starts from the defaults.
+            let mut config = if dp.adopted() {
+                dp.config()?
+            } else {
+                mesh_common::Config::DEFAULT
+            };
+            config.msg_redirect = u32::from(cfg.msg_redirect);
+            dp.set_config(config)?;
+            info!(
+                mode = "ebpf",
+                adopted = dp.adopted(),
+                instance = %cfg.instance,
+                "steering pod traffic with the kernel programs"
+            );
+        } else {
+            info!(
+                mode = "iptables",
+                "steering pod traffic with iptables REDIRECT (Consul's chains)"
+            );
+        }
+        let names = Names::load(&cfg.state_dir.join("names.json"))?;
+        let identity = Identity::load(&cfg.state_dir)?;
+        let directory = Arc::new(glue::MeshDirectory::default());
+        let rules = Arc::new(rules);
+        let authorizer = Arc::new(glue::IntentionAuthorizer::new(rules.clone()));
+        let dialer = Arc::new(glue::NetnsDialer::default());
+        let proxy = mesh_proxy::Proxy::builder(
+            identity.bundle.clone(),
+            directory.clone(),
+            authorizer.clone(),
+        )
+        .config(cfg.proxy.clone())
+        .dialer(dialer.clone())
+        .build()
+        .map_err(|e| Error::Proxy(e.to_string()))?;
+        let mut agent = Agent {
+            cfg,
+            steering,
+            catalog: Catalog::default(),
+            rules,
+            names,
+            identity,
+            pods: BTreeMap::new(),
+            proxy,
+            directory,
+            authorizer,
+            dialer,
+        };
+        agent.apply(Update::Full(catalog)).await?;
+        let keep_cgroups: BTreeSet<u64> = agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
+        let keep_pods: BTreeSet<String> =
+            agent.pods.values().map(|p| p.workload.pin_name()).collect();
+        agent
+            .steering
+            .forget_stale_pods(&keep_cgroups, &keep_pods)?;
+        Ok(agent)
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.steering.mode()
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    /// Replaces the intentions: the kernel verdicts and the inbound proxies follow, and
+    /// established inbound connections that the new rules deny are closed. Returns how many.
+    pub fn set_rules(&mut self, rules: RuleSet) -> Result<usize, Error> {
+        self.steering
+            .sync_services(&self.catalog, &rules, &mut self.names)?;
+        let rules = Arc::new(rules);
+        self.rules = rules.clone();
+        self.authorizer.set(rules);
+        Ok(self.pods.values().map(|p| p.proxy.reauthorize()).sum())
+    }
+
+    pub fn dataplane(&self) -> Option<&mesh_dataplane::bpf::Dataplane> {
+        self.steering.dataplane()
+    }
+
+    /// Connections each intention allowed and denied in the kernel (eBPF mode), by intention.
+    pub fn intention_counters(&self) -> Result<Vec<mesh_core::intentions::ports::IntentionCounters>, Error> {
+        let Some(dp) = self.steering.dataplane() else {
+            return Ok(Vec::new());
+        };
+        let counts = dp.intention_counts()?;
+        Ok(self
+            .rules
+            .iter()
+            .filter_map(|it| {
+                counts
+                    .get(&it.counter_index)
+                    .map(|c| mesh_core::intentions::ports::IntentionCounters {
+                        id: it.id.clone(),
+                        allowed: c.allowed,
+                        denied: c.denied,
+                    })
+            })
+            .collect())
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
+    }
+
+    pub fn pod(&self, id: &str) -> Option<&Pod> {
+        self.pods.get(id)
+    }
+
+    /// Applies a catalog update: the maps and the pods follow without a restart. On error the
+    /// catalog stays as it was.
+    pub async fn apply(&mut self, update: Update) -> Result<Diff, Error> {
+        let mut next = self.catalog.clone();
+        let diff = next.apply(update)?;
+        // Pods that went away or changed: stop them first (their listeners close).
+        for id in diff.workloads_removed.iter().chain(&diff.workloads_changed) {
+            if let Some(pod) = self.pods.remove(id) {
+                self.stop_pod(pod);
+            }
+        }
+        self.catalog = next;
+        self.steering
+            .sync_services(&self.catalog, &self.rules, &mut self.names)?;
+        self.directory
+            .update(&self.catalog, &self.identity.trust_domain());
+        for id in &diff.workloads_changed {
+            let Some(w) = self.catalog.workload(id).cloned() else {
+                continue;
+            };
+            match self.start_pod(&w).await {
+                Ok(pod) => {
+                    self.pods.insert(id.clone(), pod);
+                }
+                Err(e) => warn!(pod = %id, error = %e, "pod not meshed"),
+            }
+        }
+        Ok(diff)
+    }
+
+    fn free_slot(&self) -> Result<u32, Error> {
+        let used: BTreeSet<u32> = self.pods.values().map(|p| p.kernel.slot).collect();
+        (0..mesh_common::MAX_INBOUND_LISTENERS)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| Error::Limit("no free inbound listener slot".into()))
+    }
+
+    async fn start_pod(&mut self, w: &Workload) -> Result<Pod, Error> {
+        let netns = NetNs::open(&w.netns)?;
+        let cgroup_id = mesh_dataplane::cgroup::id(&w.cgroup)?;
+        let netns_cookie = netns.cookie()?;
+        let kernel = PodKernel {
+            cgroup_id,
+            netns_cookie,
+            slot: self.free_slot()?,
+        };
+        let outbound = netns.listen(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            mesh_common::OUTBOUND_PORT,
+        )))?;
+        let mut upstreams = Vec::new();
+        for u in &w.upstreams {
+            let l = netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, u.bind_port)))?;
+            upstreams.push((u.service_ref(), l));
+        }
+        let inbound = netns.listen(SocketAddr::V4(SocketAddrV4::new(
+            w.ip,
+            mesh_common::INBOUND_PORT,
+        )))?;
+        let identity = (self.names.id(&w.namespace)?, self.names.id(&w.service)?);
+        self.steering
+            .add_pod(w, &kernel, &netns, &inbound, identity)?;
+
+        let sockets = SocketFactory::spawn(&netns, Some(mesh_common::PROXY_MARK))?;
+        self.dialer.add(&w.id(), sockets);
+        let leaf = self.identity.leaf(&w.service_ref())?;
+        let proxy_err = |e: mesh_proxy::Error| Error::Proxy(format!("pod {}: {e}", w.id()));
+        let mut proxy = self
+            .proxy
+            .add_pod(mesh_proxy::PodSpec::new(
+                w.id(),
+                leaf,
+                w.app_ports.clone(),
+            ))
+            .map_err(proxy_err)?;
+        proxy
+            .listen(mesh_proxy::ListenerKind::Transparent, outbound)
+            .map_err(proxy_err)?;
+        for (service, listener) in upstreams {
+            let name = mesh_core::intentions::ServiceName::new(service.namespace, service.name)?;
+            proxy
+                .listen(mesh_proxy::ListenerKind::Upstream(name), listener)
+                .map_err(proxy_err)?;
+        }
+        proxy
+            .listen(mesh_proxy::ListenerKind::Inbound, inbound)
+            .map_err(proxy_err)?;
+        info!(pod = %w.id(), ip = %w.ip, mode = %self.steering.mode(), "pod meshed");
+        Ok(Pod {
+            workload: w.clone(),
+            kernel,
+            netns,
+            proxy,
+        })
+    }
+
+    fn stop_pod(&mut self, mut pod: Pod) {
+        pod.proxy.stop();
+        self.dialer.remove(&pod.workload.id());
+        if let Err(e) = self.steering.remove_pod(&pod.workload, &pod.kernel) {
+            warn!(pod = %pod.workload.id(), error = %e, "removing the pod's steering");
+        }
+        info!(pod = %pod.workload.id(), "pod no longer meshed");
+    }
+}

@@ -1,0 +1,225 @@
+//! Keeps the kernel's steering in line with the catalog: the BPF maps and per-pod attachments in
+//! eBPF mode, Consul's iptables chains in iptables mode.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{SocketAddrV4, TcpListener};
+
+use mesh_common::{
+    IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
+    SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
+};
+use tracing::info;
+
+use super::{Error, Names};
+use mesh_dataplane::bpf::Dataplane;
+use mesh_core::catalog::{Catalog, Workload};
+use mesh_core::intentions::{compile_with, Action, RuleSet};
+use mesh_dataplane::iptables;
+
+/// How the agent steers pod traffic into its proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ebpf,
+    Iptables,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+        })
+    }
+}
+
+/// What a pod's steering needs that only exists at run time.
+#[derive(Debug)]
+pub struct PodKernel {
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    /// Slot of the pod's inbound listener in the sk_lookup sockmap.
+    pub slot: u32,
+}
+
+pub enum Steering {
+    Ebpf(Box<Dataplane>),
+    Iptables,
+}
+
+impl Steering {
+    pub fn mode(&self) -> Mode {
+        match self {
+            Steering::Ebpf(_) => Mode::Ebpf,
+            Steering::Iptables => Mode::Iptables,
+        }
+    }
+
+    pub fn dataplane(&self) -> Option<&Dataplane> {
+        match self {
+            Steering::Ebpf(dp) => Some(dp),
+            Steering::Iptables => None,
+        }
+    }
+
+    /// Sets up one pod: attachments and its per-pod map entries, or its iptables chains.
+    pub fn add_pod(
+        &mut self,
+        w: &Workload,
+        pod: &PodKernel,
+        netns: &mesh_dataplane::netns::NetNs,
+        inbound: &TcpListener,
+        identity: (u32, u32),
+    ) -> Result<(), Error> {
+        match self {
+            Steering::Ebpf(dp) => {
+                dp.attach_pod(&w.pin_name(), &w.cgroup, netns)?;
+                dp.set_local_port(pod.netns_cookie, OUTBOUND_PORT, LOCAL_PORT_PROXY)?;
+                for u in &w.upstreams {
+                    dp.set_local_port(pod.netns_cookie, u.bind_port, LOCAL_PORT_PROXY)?;
+                }
+                dp.set_inbound(pod.slot, inbound, w.ip, &w.app_ports)?;
+                // Last: from here on connect4 knows the pod and redirects its connections.
+                dp.set_pod(
+                    pod.cgroup_id,
+                    PodValue {
+                        ns: identity.0,
+                        name: identity.1,
+                        outbound_port: OUTBOUND_PORT,
+                        _pad: 0,
+                    },
+                )?;
+            }
+            Steering::Iptables => {
+                iptables::install(
+                    &w.netns,
+                    &iptables::Rules {
+                        outbound_port: OUTBOUND_PORT,
+                        inbound_port: mesh_common::INBOUND_PORT,
+                        app_ports: w.app_ports.clone(),
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Steering::add_pod`].
+    pub fn remove_pod(&mut self, w: &Workload, pod: &PodKernel) -> Result<(), Error> {
+        match self {
+            Steering::Ebpf(dp) => {
+                dp.remove_pod(pod.cgroup_id)?;
+                dp.detach_pod(&w.pin_name())?;
+                dp.remove_local_port(pod.netns_cookie, OUTBOUND_PORT)?;
+                for u in &w.upstreams {
+                    dp.remove_local_port(pod.netns_cookie, u.bind_port)?;
+                }
+                dp.remove_inbound(pod.slot, w.ip, &w.app_ports)?;
+            }
+            Steering::Iptables => iptables::remove(&w.netns)?,
+        }
+        Ok(())
+    }
+
+    /// Writes the intentions (compiled, replacing the old set atomically) and the service
+    /// addresses of the whole catalog, and removes addresses no longer in it. Intentions go
+    /// first, so an address never becomes reachable under rules older than the catalog.
+    pub fn sync_services(
+        &mut self,
+        catalog: &Catalog,
+        rules: &RuleSet,
+        names: &mut Names,
+    ) -> Result<(), Error> {
+        let Steering::Ebpf(dp) = self else {
+            return Ok(());
+        };
+        for w in &catalog.workloads {
+            names.id(&w.namespace)?;
+            names.id(&w.service)?;
+        }
+        for s in &catalog.services {
+            names.id(&s.namespace)?;
+            names.id(&s.name)?;
+        }
+        let compiled = compile_with(rules, names.take_interner())?;
+        let entries: HashMap<IntentionKey, IntentionValue> = compiled
+            .entries()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    IntentionKey {
+                        src_ns: k.src_ns,
+                        src_name: k.src_name,
+                        dst_ns: k.dst_ns,
+                        dst_name: k.dst_name,
+                    },
+                    IntentionValue {
+                        action: if v.action == Action::Allow {
+                            VERDICT_ALLOW
+                        } else {
+                            VERDICT_DENY
+                        },
+                        counter: v.counter_index,
+                    },
+                )
+            })
+            .collect();
+        names.extend(compiled.into_interner())?;
+        let count = entries.len();
+        dp.replace_intentions(entries, rules.default_policy() == Action::Allow)?;
+
+        let mut addrs = BTreeMap::new();
+        for s in &catalog.services {
+            let (ns, name) = (names.id(&s.namespace)?, names.id(&s.name)?);
+            let value = |kind| ServiceValue { ns, name, kind };
+            for &port in &s.ports {
+                if let Some(vip) = s.vip {
+                    addrs.insert(SocketAddrV4::new(vip, port), value(SERVICE_VIP));
+                }
+                for e in &s.endpoints {
+                    let target = s.target_port(port);
+                    addrs.insert(SocketAddrV4::new(e.ip, target), value(SERVICE_ENDPOINT));
+                }
+            }
+        }
+        for (addr, value) in &addrs {
+            dp.set_service(*addr, *value)?;
+        }
+        for (addr, _) in dp.services()? {
+            if !addrs.contains_key(&addr) {
+                dp.remove_service(addr)?;
+            }
+        }
+        info!(
+            services = catalog.services.len(),
+            addresses = addrs.len(),
+            intentions = count,
+            "kernel service and intention maps in sync"
+        );
+        Ok(())
+    }
+
+    /// After a restart: drops per-pod entries the catalog no longer has (pods removed while the
+    /// agent was down), keeping those of pods it still has.
+    pub fn forget_stale_pods(
+        &mut self,
+        keep_cgroups: &BTreeSet<u64>,
+        keep_pods: &BTreeSet<String>,
+    ) -> Result<(), Error> {
+        let Steering::Ebpf(dp) = self else {
+            return Ok(());
+        };
+        for (cg, _) in dp.pods()? {
+            if !keep_cgroups.contains(&cg) {
+                dp.remove_pod(cg)?;
+            }
+        }
+        for pod in dp.attached_pods()? {
+            if !keep_pods.contains(&pod) {
+                info!(pod, "detaching a pod that is no longer in the catalog");
+                dp.detach_pod(&pod)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The agent's HTTP API: Consul-compatible intention, config-entry, authorize and ACL token
+//! endpoints, their durable store, and a small HTTP client for `meshctl`.
+//!
+//! # Serving
+//!
+//! [`Server::start`] opens the [`Store`] in the state directory and serves the API on TCP
+//! (`127.0.0.1:8500` unless [`ServerConfig::http_addr`] or `MESH_HTTP_ADDR` says otherwise)
+//! and on the Unix socket `<state dir>/api.sock`. Paths and JSON shapes are Consul's, so
+//! Consul's HTTP clients work against it:
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/v1/connect/intentions` | every intention, in precedence order |
+//! | POST | `/v1/connect/intentions` | create (legacy, by body): `{"ID": …}` |
+//! | GET, PUT, DELETE | `/v1/connect/intentions/exact?source=&destination=` | one intention; PUT upserts and answers `true` |
+//! | GET, PUT, DELETE | `/v1/connect/intentions/<id>` | legacy, by ID |
+//! | GET | `/v1/connect/intentions/check?source=&destination=` | `{"Allowed": bool}` |
+//! | GET | `/v1/connect/intentions/match?by=source\|destination&name=…` | `{"<name>": [intentions]}` |
+//! | GET | `/v1/connect/intentions/counters` | per-intention allowed/denied counts |
+//! | PUT | `/v1/config` | write a `service-intentions` entry (`?cas=`) |
+//! | GET | `/v1/config/service-intentions` | every entry |
+//! | GET, DELETE | `/v1/config/service-intentions/<name>` | one entry |
+//! | POST | `/v1/agent/connect/authorize` | `{"Authorized": bool, "Reason": …}` |
+//! | PUT | `/v1/acl/token` | create a token |
+//! | GET | `/v1/acl/tokens` | every token, without secrets |
+//! | GET | `/v1/acl/token/self`, `/v1/acl/token/<AccessorID>` | one token |
+//! | DELETE | `/v1/acl/token/<AccessorID>` | delete a token |
+//! | PUT | `/v1/local/apply`, `/v1/local/delete` | `meshd local`: apply or delete manifests (operator) |
+//! | GET | `/v1/local/pods`, `/v1/local/services` | `meshd local`: kubectl-shaped lists (`?namespace=`) |
+//! | GET | `/v1/local/pods/<ns>/<name>/proxy` | `meshd local`: a pod's identity, listeners, upstreams, intentions |
+//! | GET | `/v1/local/forward?namespace=&target=&port=` | `meshd local`: where to port-forward (operator) |
+//!
+//! `?ns=` gives the namespace of names written without one, as in Consul Enterprise.
+//!
+//! # ACL
+//!
+//! Every endpoint but `/v1/acl/bootstrap` needs a token (`X-Consul-Token` or
+//! `Authorization: Bearer`): none is 401, an unknown one or one without the right is 403, with
+//! a JSON body `{"Error": …}`. A token holds [policies](Policy): `operator` (everything),
+//! `read-only`, and `intention-write:<destination pattern>` (read, and write intentions and
+//! entries whose destination the pattern covers). On first start the store makes an operator
+//! token, the *bootstrap token*: [`Server::bootstrap_token`] returns it that once, and it is
+//! saved in the state file and in `<state dir>/acl-bootstrap-token` (both mode 0600).
+//!
+//! # Durability
+//!
+//! Everything lives in one JSON file, `<state dir>/api-state.json`, rewritten with
+//! [`durable::write`](mesh_core::durable::write) after each change while writes are serialized: a
+//! `kill -9` at any moment leaves the state before or after a change, never half of one. A
+//! damaged file is an error at start naming the file and the field, never a silent reset. An
+//! exclusive lock on `<state dir>/api.lock` keeps a second server off the same state.
+//!
+//! # The agent's side
+//!
+//! The agent implements [`RulesSink`], told the whole new [`RuleSet`] after every change of the
+//! rules (and once at start), and [`CountersSource`], asked for per-intention counts.
+//! [`NoSink`], [`MemorySink`], [`NoCounters`] and [`MemoryCounters`] serve tests.
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "server")]
+mod acl;
+pub mod client;
+pub mod local;
+#[cfg(feature = "server")]
+mod server;
+#[cfg(feature = "server")]
+mod store;
+
+#[cfg(all(test, feature = "server"))]
+mod tests;
+
+use std::path::PathBuf;
+
+use mesh_core::intentions::IntentionError;
+
+#[cfg(feature = "server")]
+pub use acl::{Policy, Token, TokenRequest, OPERATOR_POLICY_ID, READ_ONLY_POLICY_ID};
+pub use client::{Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV,
+    HTTP_TOKEN_FILE_ENV,
+};
+#[cfg(feature = "server")]
+pub use server::{
+    Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, SOCKET_FILE,
+};
+#[cfg(feature = "server")]
+pub use store::{State, Store, LOCK_FILE, STATE_FILE};
+
+pub use mesh_core::intentions::ports::{
+    CountersSource, IntentionCounters, MemoryCounters, MemorySink, NoCounters, NoSink, RulesSink,
+    SharedCounters, SharedSink,
+};
+
+/// Everything that can go wrong in this module. A request that fails has changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request is not acceptable: a missing or malformed parameter or body. `field` names
+    /// what is wrong (`source`, `SourceName`, `Policies[0].Name`, …) when one thing is.
+    #[error("{message}")]
+    BadRequest {
+        /// The offending parameter or field.
+        field: Option<String>,
+        /// The message, naming the field.
+        message: String,
+    },
+    /// The intentions module refused the change (validation, duplicates, unknown ID).
+    #[error(transparent)]
+    Intention(#[from] IntentionError),
+    /// Nothing by that name or ID.
+    #[error("{0}")]
+    NotFound(String),
+    /// No token was given.
+    #[error("ACL token required: send it as X-Consul-Token or Authorization: Bearer")]
+    Unauthenticated,
+    /// The token given is not one this server knows (Consul's wording).
+    #[error("ACL not found")]
+    UnknownToken,
+    /// The token lacks the permission the request needs (Consul's wording).
+    #[error(
+        "Permission denied: token with AccessorID '{accessor}' lacks permission '{permission}' on {resource}"
+    )]
+    PermissionDenied {
+        /// The token's AccessorID (never its secret).
+        accessor: String,
+        /// E.g. `intentions:write`.
+        permission: &'static str,
+        /// What it was about, e.g. `"default/api"`.
+        resource: String,
+    },
+    /// The request is refused for another reason than a missing permission.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A file operation failed.
+    #[error("{what} {}: {source}", .path.display())]
+    Io {
+        /// What was being done (`writing`, `reading`, …).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The state file exists but cannot be loaded: a clear error rather than a silent reset.
+    #[error("the API state file {} is damaged ({message}); move it away to start empty, or restore it from a backup", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// Another process serves this state directory.
+    #[error("the state directory {} is in use by another process (lock {} held)", .dir.display(), .lock.display())]
+    Locked {
+        /// The state directory.
+        dir: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address or socket path.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A client-side failure: the address, the connection or the HTTP exchange.
+    #[error("{0}")]
+    Client(String),
+    /// A server-side task failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The local runner refused or failed a request; its message, verbatim.
+    #[error("{0}")]
+    Runner(#[from] crate::local::ControlError),
+}
+
+impl ApiError {
+    /// A [`ApiError::BadRequest`] about `field`.
+    pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    /// The field or parameter this error is about, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ApiError::BadRequest { field, .. } => field.as_deref(),
+            ApiError::Intention(e) => e.field(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest { .. } => 400,
+            ApiError::Intention(e) => match e {
+                IntentionError::Invalid { .. } | IntentionError::Malformed { .. } => 400,
+                IntentionError::Duplicate { .. } => 409,
+                IntentionError::NotFound { .. } => 404,
+                _ => 500,
+            },
+            ApiError::NotFound(_) => 404,
+            ApiError::Runner(e) => e.status,
+            ApiError::Unauthenticated => 401,
+            ApiError::UnknownToken | ApiError::PermissionDenied { .. } | ApiError::Forbidden(_) => {
+                403
+            }
+            ApiError::Io { .. }
+            | ApiError::Corrupt { .. }
+            | ApiError::Locked { .. }
+            | ApiError::Bind { .. }
+            | ApiError::Client(_)
+            | ApiError::Internal(_) => 500,
+        }
+    }
+}

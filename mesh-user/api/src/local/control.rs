@@ -1,0 +1,119 @@
+//! How the HTTP API reaches the runner: requests over a channel to the loop that owns the
+//! runner and the agent, each with its own reply channel.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use mesh_core::k8s::applied::Source;
+use super::view::{ApplyReply, ForwardTarget, List, PodView, ProxyView, ServiceView};
+
+/// Why a request failed: an HTTP status and a message for the user, verbatim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ControlError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn bad(message: impl Into<String>) -> Self {
+        ControlError {
+            status: 400,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ControlError {
+            status: 404,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        ControlError {
+            status: 500,
+            message: message.into(),
+        }
+    }
+}
+
+/// The body of an apply or delete request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRequest {
+    /// kubectl's `-n`.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub manifests: Vec<Source>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+
+/// A request to the runner.
+#[derive(Debug)]
+pub enum Request {
+    Apply(ManifestRequest, Reply<ApplyReply>),
+    Delete(ManifestRequest, Reply<ApplyReply>),
+    /// Every pod (the API filters by namespace).
+    Pods(Reply<List<PodView>>),
+    Services(Reply<List<ServiceView>>),
+    /// `namespace`, pod name.
+    Proxy(String, String, Reply<ProxyView>),
+    /// `namespace`, `pod/<name>` or `service/<name>`, port.
+    Forward(String, String, u16, Reply<ForwardTarget>),
+}
+
+/// The API's end of the channel.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+}
+
+fn gone() -> ControlError {
+    ControlError::internal("the local runner has stopped")
+}
+
+impl Handle {
+    /// A handle and the receiver the runner's loop serves.
+    pub fn new() -> (Handle, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(64);
+        (Handle { tx }, rx)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    pub async fn apply(&self, req: ManifestRequest) -> Result<ApplyReply, ControlError> {
+        self.ask(|r| Request::Apply(req, r)).await
+    }
+
+    pub async fn delete(&self, req: ManifestRequest) -> Result<ApplyReply, ControlError> {
+        self.ask(|r| Request::Delete(req, r)).await
+    }
+
+    pub async fn pods(&self) -> Result<List<PodView>, ControlError> {
+        self.ask(Request::Pods).await
+    }
+
+    pub async fn services(&self) -> Result<List<ServiceView>, ControlError> {
+        self.ask(Request::Services).await
+    }
+
+    pub async fn proxy(&self, namespace: &str, pod: &str) -> Result<ProxyView, ControlError> {
+        let (ns, pod) = (namespace.to_string(), pod.to_string());
+        self.ask(|r| Request::Proxy(ns, pod, r)).await
+    }
+
+    pub async fn forward(
+        &self,
+        namespace: &str,
+        target: &str,
+        port: u16,
+    ) -> Result<ForwardTarget, ControlError> {
+        let (ns, target) = (namespace.to_string(), target.to_string());
+        self.ask(|r| Request::Forward(ns, target, port, r)).await
+    }
+}

@@ -1,0 +1,654 @@
+//! What the API answers about the runner's pods, services and proxies, in kubectl's JSON
+//! shapes (`{"apiVersion":"v1","kind":"List","items":[…]}`), and the tables `meshctl get`
+//! prints from them, with kubectl's columns.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use mesh_core::k8s::applied::ObjectResult;
+
+fn is_empty_map(m: &BTreeMap<String, String>) -> bool {
+    m.is_empty()
+}
+
+/// `metadata`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "is_empty_map")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "is_empty_map")]
+    pub annotations: BTreeMap<String, String>,
+    /// RFC 3339, seconds.
+    pub creation_timestamp: String,
+}
+
+/// A list, as kubectl prints `-o json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct List<T> {
+    pub api_version: String,
+    pub kind: String,
+    pub items: Vec<T>,
+}
+
+impl<T> List<T> {
+    pub fn new(items: Vec<T>) -> Self {
+        List {
+            api_version: "v1".into(),
+            kind: "List".into(),
+            items,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPortView {
+    pub container_port: u16,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerView {
+    pub name: String,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPortView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpecView {
+    pub node_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    pub containers: Vec<ContainerView>,
+}
+
+/// A condition: `{"type":"Ready","status":"True"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
+}
+
+impl Condition {
+    pub fn new(kind: &str, value: bool) -> Self {
+        Condition {
+            kind: kind.into(),
+            status: if value { "True" } else { "False" }.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Running {
+    pub started_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Terminated {
+    /// The exit code; for a signal, 128 + its number, as Kubernetes reports it.
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// `Completed` (exit 0) or `Error`.
+    pub reason: String,
+    pub finished_at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Waiting {
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Exactly one of the three is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<Running>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminated: Option<Terminated>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    pub name: String,
+    pub image: String,
+    pub ready: bool,
+    pub started: bool,
+    pub restart_count: u32,
+    pub state: ContainerState,
+    /// The host process's id while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// The mesh's part of a pod's status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshStatus {
+    /// The service identity.
+    pub service: String,
+    /// Whether the agent serves the pod (its proxy listeners are up).
+    pub proxy_ready: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatusView {
+    /// `Pending`, `Running`, `Succeeded` or `Failed`.
+    pub phase: String,
+    #[serde(rename = "podIP")]
+    pub pod_ip: String,
+    #[serde(rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+    #[serde(rename = "hostIP")]
+    pub host_ip: String,
+    pub start_time: String,
+    pub conditions: Vec<Condition>,
+    pub container_statuses: Vec<ContainerStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodView {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: PodSpecView,
+    pub status: PodStatusView,
+}
+
+impl PodView {
+    /// The `Ready` condition.
+    pub fn ready(&self) -> bool {
+        self.status
+            .conditions
+            .iter()
+            .any(|c| c.kind == "Ready" && c.status == "True")
+    }
+
+    /// kubectl's STATUS column: a container's waiting or terminated reason, else the phase.
+    pub fn status_text(&self) -> String {
+        for c in &self.status.container_statuses {
+            if let Some(w) = &c.state.waiting {
+                return w.reason.clone();
+            }
+        }
+        for c in &self.status.container_statuses {
+            if let Some(t) = &c.state.terminated {
+                return match t.signal {
+                    Some(s) if t.reason.is_empty() => format!("Signal:{s}"),
+                    _ => t.reason.clone(),
+                };
+            }
+        }
+        self.status.phase.clone()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// A number or a port name.
+    pub target_port: serde_json::Value,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpecView {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: String,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+    pub ports: Vec<ServicePortView>,
+    #[serde(default, skip_serializing_if = "is_empty_map")]
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: ServiceSpecView,
+}
+
+/// The answer to an apply or delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReply {
+    pub results: Vec<ObjectResult>,
+    /// Accepted, but worth telling (ignored kinds and fields, identity fallbacks).
+    pub warnings: Vec<String>,
+    /// The change was made, but something of it failed at run time (a pod that did not
+    /// start): each names the pod.
+    pub errors: Vec<String>,
+}
+
+/// Where `meshctl port-forward` connects: inside `netns`, to `127.0.0.1:port`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardTarget {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    pub netns: String,
+    pub port: u16,
+}
+
+/// One proxy listener of a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerView {
+    /// `outbound`, `upstream` or `inbound`.
+    pub kind: String,
+    pub address: String,
+    /// For `upstream`: the service it serves (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// For `inbound`: the app ports it delivers to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_ports: Vec<u16>,
+}
+
+/// An intention verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerdictView {
+    pub allowed: bool,
+    /// The deciding intention (`source => destination`), or `default policy`.
+    pub decided_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intention_id: Option<String>,
+}
+
+/// A service the pod may call, and what it knows of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamView {
+    /// `namespace/name`.
+    pub service: String,
+    pub spiffe_id: String,
+    /// The local port of an explicit upstream; `None` for transparent mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_ip: Option<String>,
+    pub ports: Vec<u16>,
+    /// `ip:port` of each instance's inbound listener.
+    pub endpoints: Vec<String>,
+    /// Whether this pod's identity may call it.
+    pub intention: VerdictView,
+}
+
+/// An intention that applies to the pod as a destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundIntentionView {
+    pub id: String,
+    pub source: String,
+    pub action: String,
+    pub precedence: u32,
+}
+
+/// `meshctl proxy read`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyView {
+    /// `namespace/name`.
+    pub pod: String,
+    pub service: String,
+    pub spiffe_id: String,
+    #[serde(rename = "podIP")]
+    pub pod_ip: String,
+    /// `ebpf` or `iptables`.
+    pub mode: String,
+    /// Whether the agent serves the pod now.
+    pub proxy_ready: bool,
+    pub listeners: Vec<ListenerView>,
+    pub upstreams: Vec<UpstreamView>,
+    /// Intentions whose destination covers this pod's service, first match first.
+    pub inbound_intentions: Vec<InboundIntentionView>,
+    /// The verdict when none matches.
+    pub default_policy: String,
+}
+
+// ---- text ----------------------------------------------------------------------------------
+
+/// kubectl's `HumanDuration` (k8s.io/apimachinery/pkg/util/duration).
+pub fn human_duration(d: Duration) -> String {
+    let seconds = d.as_secs();
+    if seconds < 60 * 2 {
+        return format!("{seconds}s");
+    }
+    let minutes = seconds / 60;
+    if minutes < 10 {
+        let s = seconds % 60;
+        return if s == 0 {
+            format!("{minutes}m")
+        } else {
+            format!("{minutes}m{s}s")
+        };
+    }
+    if minutes < 60 * 3 {
+        return format!("{minutes}m");
+    }
+    let hours = minutes / 60;
+    if hours < 8 {
+        let m = minutes % 60;
+        return if m == 0 {
+            format!("{hours}h")
+        } else {
+            format!("{hours}h{m}m")
+        };
+    }
+    if hours < 48 {
+        return format!("{hours}h");
+    }
+    if hours < 24 * 8 {
+        let h = hours % 24;
+        return if h == 0 {
+            format!("{}d", hours / 24)
+        } else {
+            format!("{}d{h}h", hours / 24)
+        };
+    }
+    if hours < 24 * 365 * 2 {
+        return format!("{}d", hours / 24);
+    }
+    if hours < 24 * 365 * 8 {
+        let dy = (hours / 24) % 365;
+        return if dy == 0 {
+            format!("{}y", hours / 24 / 365)
+        } else {
+            format!("{}y{dy}d", hours / 24 / 365)
+        };
+    }
+    format!("{}y", hours / 24 / 365)
+}
+
+/// RFC 3339 in UTC, seconds.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The age of an RFC 3339 timestamp at `now`, as kubectl prints it (`<unknown>` if it does
+/// not parse).
+pub fn age(ts: &str, now: SystemTime) -> String {
+    match humantime::parse_rfc3339(ts) {
+        Ok(t) => human_duration(now.duration_since(t).unwrap_or_default()),
+        Err(_) => "<unknown>".into(),
+    }
+}
+
+/// Columns as kubectl's tabwriter lays them out (minimum width 6, padding 3); the last
+/// column is not padded.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            let w = rows
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0);
+            (w + 3).max(6)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            line.push_str(cell);
+            if c + 1 < r.len() {
+                line.push_str(&" ".repeat(widths[c] - cell.chars().count()));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `kubectl get pods` (`wide`: IP and NODE too; `all_namespaces`: NAMESPACE first).
+pub fn pods_table(pods: &[PodView], now: SystemTime, wide: bool, all_namespaces: bool) -> String {
+    let mut header: Vec<&str> = Vec::new();
+    if all_namespaces {
+        header.push("NAMESPACE");
+    }
+    header.extend(["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
+    if wide {
+        header.extend(["IP", "NODE", "NOMINATED NODE", "READINESS GATES"]);
+    }
+    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    for p in pods {
+        let total = p.status.container_statuses.len();
+        let ready = p
+            .status
+            .container_statuses
+            .iter()
+            .filter(|c| c.ready)
+            .count();
+        let restarts: u32 = p
+            .status
+            .container_statuses
+            .iter()
+            .map(|c| c.restart_count)
+            .sum();
+        let mut row = Vec::new();
+        if all_namespaces {
+            row.push(p.metadata.namespace.clone().unwrap_or_default());
+        }
+        row.push(p.metadata.name.clone());
+        row.push(format!("{ready}/{total}"));
+        row.push(p.status_text());
+        row.push(restarts.to_string());
+        row.push(age(&p.metadata.creation_timestamp, now));
+        if wide {
+            row.push(if p.status.pod_ip.is_empty() {
+                "<none>".into()
+            } else {
+                p.status.pod_ip.clone()
+            });
+            row.push(p.spec.node_name.clone());
+            row.push("<none>".into());
+            row.push("<none>".into());
+        }
+        rows.push(row);
+    }
+    table(&rows)
+}
+
+/// `kubectl get services` (`wide`: SELECTOR too).
+pub fn services_table(
+    services: &[ServiceView],
+    now: SystemTime,
+    wide: bool,
+    all_namespaces: bool,
+) -> String {
+    let mut header: Vec<&str> = Vec::new();
+    if all_namespaces {
+        header.push("NAMESPACE");
+    }
+    header.extend([
+        "NAME",
+        "TYPE",
+        "CLUSTER-IP",
+        "EXTERNAL-IP",
+        "PORT(S)",
+        "AGE",
+    ]);
+    if wide {
+        header.push("SELECTOR");
+    }
+    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    for s in services {
+        let mut row = Vec::new();
+        if all_namespaces {
+            row.push(s.metadata.namespace.clone().unwrap_or_default());
+        }
+        row.push(s.metadata.name.clone());
+        row.push(s.spec.kind.clone());
+        row.push(s.spec.cluster_ip.clone());
+        row.push("<none>".into());
+        let ports: Vec<String> = s
+            .spec
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .collect();
+        row.push(if ports.is_empty() {
+            "<none>".into()
+        } else {
+            ports.join(",")
+        });
+        row.push(age(&s.metadata.creation_timestamp, now));
+        if wide {
+            let sel: Vec<String> = s
+                .spec
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            row.push(if sel.is_empty() {
+                "<none>".into()
+            } else {
+                sel.join(",")
+            });
+        }
+        rows.push(row);
+    }
+    table(&rows)
+}
+
+/// `meshctl proxy read` as text.
+pub fn proxy_text(p: &ProxyView) -> String {
+    let mut out = String::new();
+    out += &format!("Pod:       {}\n", p.pod);
+    out += &format!("Service:   {}\n", p.service);
+    out += &format!("Identity:  {}\n", p.spiffe_id);
+    out += &format!("Pod IP:    {}\n", p.pod_ip);
+    out += &format!(
+        "Proxy:     {} ({} mode)\n",
+        if p.proxy_ready { "ready" } else { "not ready" },
+        p.mode
+    );
+    out += "\nListeners:\n";
+    let mut rows = vec![vec!["ADDRESS".to_string(), "KIND".into(), "SERVES".into()]];
+    for l in &p.listeners {
+        let serves = match (&l.upstream, l.kind.as_str()) {
+            (Some(u), _) => u.clone(),
+            (None, "inbound") => format!(
+                "mTLS → app port(s) {}",
+                l.app_ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            (None, _) => "transparent (virtual IPs)".into(),
+        };
+        rows.push(vec![l.address.clone(), l.kind.clone(), serves]);
+    }
+    out += &indent(&table(&rows));
+    out += "\nUpstreams:\n";
+    let mut rows = vec![vec![
+        "SERVICE".to_string(),
+        "LOCAL".into(),
+        "VIRTUAL-IP".into(),
+        "ENDPOINTS".into(),
+        "INTENTION".into(),
+    ]];
+    for u in &p.upstreams {
+        rows.push(vec![
+            u.service.clone(),
+            u.bind_port
+                .map(|b| format!("127.0.0.1:{b}"))
+                .unwrap_or_else(|| "-".into()),
+            match &u.virtual_ip {
+                Some(v) => u
+                    .ports
+                    .iter()
+                    .map(|port| format!("{v}:{port}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                None => "-".into(),
+            },
+            if u.endpoints.is_empty() {
+                "<none>".into()
+            } else {
+                u.endpoints.join(",")
+            },
+            verdict_text(&u.intention),
+        ]);
+    }
+    out += &indent(&table(&rows));
+    out += &format!(
+        "\nIntentions with {} as destination (default policy: {}):\n",
+        p.service, p.default_policy
+    );
+    if p.inbound_intentions.is_empty() {
+        out += "  <none>\n";
+    } else {
+        let mut rows = vec![vec![
+            "SOURCE".to_string(),
+            "ACTION".into(),
+            "PRECEDENCE".into(),
+            "ID".into(),
+        ]];
+        for i in &p.inbound_intentions {
+            rows.push(vec![
+                i.source.clone(),
+                i.action.clone(),
+                i.precedence.to_string(),
+                i.id.clone(),
+            ]);
+        }
+        out += &indent(&table(&rows));
+    }
+    out
+}
+
+fn verdict_text(v: &VerdictView) -> String {
+    format!(
+        "{} ({})",
+        if v.allowed { "allow" } else { "deny" },
+        v.decided_by
+    )
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}

@@ -1,0 +1,114 @@
+//! `/v1/local/*`: the local runner's workloads (`meshd local`), for `meshctl apply`,
+//! `delete`, `get`, `port-forward` and `proxy read`.
+
+use axum::extract::{Path as UrlPath, RawQuery, State as AxState};
+use axum::response::IntoResponse;
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use hyper::body::Bytes;
+
+use super::{text_body, ApiResult, AppState, Caller, Params};
+use crate::acl::Need;
+use crate::ApiError;
+use crate::local::{Handle, ManifestRequest};
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/local/apply", put(apply))
+        .route("/v1/local/delete", put(delete))
+        .route("/v1/local/pods", get(pods))
+        .route("/v1/local/services", get(services))
+        .route("/v1/local/pods/{ns}/{name}/proxy", get(proxy))
+        .route("/v1/local/forward", get(forward))
+}
+
+fn runner(st: &AppState) -> Result<&Handle, ApiError> {
+    st.local.as_ref().ok_or_else(|| {
+        ApiError::NotFound(
+            "this agent runs no local pods (they are served by `meshd local`)".into(),
+        )
+    })
+}
+
+fn manifests(body: &Bytes) -> Result<ManifestRequest, ApiError> {
+    serde_json::from_str(text_body(body)?).map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: format!("Request decode failed: {e}"),
+    })
+}
+
+async fn apply(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> ApiResult {
+    caller.need(Need::WriteWorkloads)?;
+    let req = manifests(&body)?;
+    Ok(Json(runner(&st)?.apply(req).await?).into_response())
+}
+
+async fn delete(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> ApiResult {
+    caller.need(Need::WriteWorkloads)?;
+    let req = manifests(&body)?;
+    Ok(Json(runner(&st)?.delete(req).await?).into_response())
+}
+
+/// `?namespace=`: only that namespace; absent or empty: every namespace.
+fn namespace_filter(q: Option<String>) -> Result<Option<String>, ApiError> {
+    Ok(Params::new(q)
+        .optional("namespace")?
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned))
+}
+
+async fn pods(AxState(st): AxState<AppState>, caller: Caller, RawQuery(q): RawQuery) -> ApiResult {
+    caller.need(Need::Read)?;
+    let ns = namespace_filter(q)?;
+    let mut list = runner(&st)?.pods().await?;
+    list.items
+        .retain(|p| ns.is_none() || p.metadata.namespace == ns);
+    Ok(Json(list).into_response())
+}
+
+async fn services(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    let ns = namespace_filter(q)?;
+    let mut list = runner(&st)?.services().await?;
+    list.items
+        .retain(|s| ns.is_none() || s.metadata.namespace == ns);
+    Ok(Json(list).into_response())
+}
+
+async fn proxy(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    Ok(Json(runner(&st)?.proxy(&ns, &name).await?).into_response())
+}
+
+async fn forward(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    caller.need(Need::WriteWorkloads)?;
+    let params = Params::new(q);
+    let ns = params
+        .optional("namespace")?
+        .filter(|s| !s.is_empty())
+        .unwrap_or(mesh_core::k8s::DEFAULT_NAMESPACE);
+    let target = params.required("target")?;
+    let port: u16 = params
+        .required("port")?
+        .parse()
+        .map_err(|_| ApiError::bad("port", "port must be a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(ApiError::bad(
+            "port",
+            "port must be a number from 1 to 65535",
+        ));
+    }
+    Ok(Json(runner(&st)?.forward(ns, target, port).await?).into_response())
+}

@@ -1,0 +1,714 @@
+//! The API's durable state: intentions, entries and tokens in one JSON file, rewritten
+//! durably after each change while writes are serialized.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::acl::{rfc3339, Secret};
+use super::server::BOOTSTRAP_TOKEN_FILE;
+use super::{ApiError, Policy, SharedSink, Token, TokenRequest};
+use mesh_core::durable;
+use mesh_core::intentions::{Action, EntryIndexes, Intention, RuleSet, ServiceName};
+
+/// The state file in the state directory.
+pub const STATE_FILE: &str = "api-state.json";
+/// The lock file that keeps a second server off the same state directory.
+pub const LOCK_FILE: &str = "api.lock";
+/// The format version this build writes and reads.
+const VERSION: u32 = 1;
+/// The description Consul gives the bootstrap token.
+const BOOTSTRAP_DESCRIPTION: &str = "Bootstrap Token (Global Management)";
+
+/// One consistent view of everything the API stores.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub(crate) rules: Arc<RuleSet>,
+    pub(crate) tokens: Arc<Vec<Token>>,
+    pub(crate) acl_index: u64,
+}
+
+impl State {
+    /// The intentions.
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    /// The tokens, oldest first.
+    pub fn tokens(&self) -> &[Token] {
+        &self.tokens
+    }
+
+    /// The rules, to change them (copied on first change).
+    pub(crate) fn rules_mut(&mut self) -> &mut RuleSet {
+        Arc::make_mut(&mut self.rules)
+    }
+
+    /// Adds a token made from `req`. AccessorID and SecretID are fresh UUIDs unless the
+    /// request names them; named ones must be unused.
+    pub(crate) fn add_token(&mut self, req: TokenRequest) -> Result<Token, ApiError> {
+        let in_use = |f: &dyn Fn(&Token) -> bool| self.tokens.iter().any(f);
+        if let Some(a) = &req.accessor_id {
+            if in_use(&|t| t.accessor_id.eq_ignore_ascii_case(a)) {
+                return Err(ApiError::bad("AccessorID", "AccessorID: already in use"));
+            }
+        }
+        if let Some(s) = &req.secret_id {
+            if in_use(&|t| t.secret_id().eq_ignore_ascii_case(s)) {
+                return Err(ApiError::bad("SecretID", "SecretID: already in use"));
+            }
+        }
+        let fresh = |taken: &dyn Fn(&str) -> bool| loop {
+            let id = uuid::Uuid::new_v4().to_string();
+            if !taken(&id) {
+                return id;
+            }
+        };
+        let accessor_id = req
+            .accessor_id
+            .map(|a| a.to_ascii_lowercase())
+            .unwrap_or_else(|| fresh(&|id| self.tokens.iter().any(|t| t.accessor_id == id)));
+        let secret = req
+            .secret_id
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_else(|| fresh(&|id| self.tokens.iter().any(|t| t.secret_id() == id)));
+        self.acl_index += 1;
+        let token = Token {
+            accessor_id,
+            secret: Secret::new(secret),
+            description: req.description,
+            policies: req.policies,
+            create_time: SystemTime::now(),
+            create_index: self.acl_index,
+            modify_index: self.acl_index,
+        };
+        Arc::make_mut(&mut self.tokens).push(token.clone());
+        Ok(token)
+    }
+
+    /// Removes the token with this AccessorID.
+    pub(crate) fn remove_token(&mut self, accessor_id: &str) -> Result<Token, ApiError> {
+        let pos = self
+            .tokens
+            .iter()
+            .position(|t| t.accessor_id == accessor_id)
+            .ok_or_else(|| ApiError::NotFound("ACL token not found".into()))?;
+        self.acl_index += 1;
+        Ok(Arc::make_mut(&mut self.tokens).remove(pos))
+    }
+}
+
+/// The durable store. Reads see a consistent [`State`] without waiting; writes are serialized
+/// and each is on disk before it is visible.
+pub struct Store {
+    path: PathBuf,
+    _lock: Flock<File>,
+    writer: Mutex<()>,
+    current: ArcSwap<State>,
+    sink: SharedSink,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens the store in `dir` (created if missing): takes the directory's lock, loads the
+    /// state file, or on first start creates it with a bootstrap token, which is returned
+    /// (and written to `<dir>/acl-bootstrap-token`, mode 0600). `default_policy` is the
+    /// default intention policy, a configuration value that is not stored. `sink` is told the
+    /// loaded rules at once and every change after.
+    pub fn open(
+        dir: &Path,
+        default_policy: Action,
+        sink: SharedSink,
+    ) -> Result<(Store, Option<String>), ApiError> {
+        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("opening", &lock_path))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            if e == nix::errno::Errno::EWOULDBLOCK {
+                ApiError::Locked {
+                    dir: dir.to_owned(),
+                    lock: lock_path.clone(),
+                }
+            } else {
+                ApiError::Io {
+                    what: "locking",
+                    path: lock_path.clone(),
+                    source: e.into(),
+                }
+            }
+        })?;
+        let path = dir.join(STATE_FILE);
+        let (mut state, bootstrap) = match std::fs::read(&path) {
+            Ok(bytes) => (decode(&path, &bytes)?, None),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let mut state = State {
+                    rules: Arc::new(RuleSet::with_default_policy(default_policy)),
+                    tokens: Arc::new(Vec::new()),
+                    acl_index: 0,
+                };
+                let token = state.add_token(TokenRequest::new(
+                    BOOTSTRAP_DESCRIPTION,
+                    vec![Policy::Operator],
+                ))?;
+                // The token file first: a crash before the state file exists makes a new
+                // bootstrap token on the next start, which overwrites it.
+                let token_path = dir.join(BOOTSTRAP_TOKEN_FILE);
+                durable::write(
+                    &token_path,
+                    format!("{}\n", token.secret_id()).as_bytes(),
+                    0o600,
+                )
+                .map_err(io_err("writing", &token_path))?;
+                durable::write(&path, &encode(&state), 0o600).map_err(io_err("writing", &path))?;
+                info!(
+                    accessor = %token.accessor_id,
+                    file = %token_path.display(),
+                    "created the ACL bootstrap token"
+                );
+                (state, Some(token.secret_id().to_owned()))
+            }
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        };
+        if state.rules.default_policy() != default_policy {
+            state.rules_mut().set_default_policy(default_policy);
+        }
+        sink.rules_changed(&state.rules);
+        let store = Store {
+            path,
+            _lock: lock,
+            writer: Mutex::new(()),
+            current: ArcSwap::from_pointee(state),
+            sink,
+        };
+        Ok((store, bootstrap))
+    }
+
+    /// The state now.
+    pub fn state(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies `f` to a copy of the state; when it succeeds and changed something, writes the
+    /// new state durably, makes it current and, if the rules changed, tells the sink. When `f`
+    /// or the write fails, nothing changes. Blocks on the disk: call it from a blocking
+    /// thread.
+    pub fn update<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        // The lock only orders writers; a panic while it was held leaves nothing to repair.
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        let mut next = (*old).clone();
+        let out = f(&mut next)?;
+        let rules_changed = next.rules.index() != old.rules.index();
+        if !rules_changed && next.acl_index == old.acl_index {
+            return Ok(out);
+        }
+        durable::write(&self.path, &encode(&next), 0o600).map_err(io_err("writing", &self.path))?;
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        if rules_changed {
+            self.sink.rules_changed(&next.rules);
+        }
+        Ok(out)
+    }
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApiError {
+    let path = path.to_owned();
+    move |source| ApiError::Io { what, path, source }
+}
+
+/// The state file's shape.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    #[serde(rename = "Version")]
+    version: u32,
+    #[serde(rename = "Index")]
+    index: u64,
+    #[serde(rename = "CounterWatermark")]
+    counter_watermark: u32,
+    #[serde(rename = "Intentions")]
+    intentions: Vec<StoredIntention>,
+    #[serde(rename = "Entries")]
+    entries: Vec<StoredEntry>,
+    #[serde(rename = "ACLIndex")]
+    acl_index: u64,
+    #[serde(rename = "Tokens")]
+    tokens: Vec<StoredToken>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredIntention {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "SourceNS")]
+    source_ns: String,
+    #[serde(rename = "SourceName")]
+    source_name: String,
+    #[serde(rename = "DestinationNS")]
+    destination_ns: String,
+    #[serde(rename = "DestinationName")]
+    destination_name: String,
+    #[serde(rename = "Action")]
+    action: Action,
+    #[serde(rename = "Description")]
+    description: String,
+    #[serde(rename = "Meta")]
+    meta: BTreeMap<String, String>,
+    #[serde(rename = "Precedence")]
+    precedence: u8,
+    #[serde(rename = "CreatedAt")]
+    created_at: String,
+    #[serde(rename = "UpdatedAt")]
+    updated_at: String,
+    #[serde(rename = "CreateIndex")]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex")]
+    modify_index: u64,
+    #[serde(rename = "CounterIndex")]
+    counter_index: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredEntry {
+    #[serde(rename = "Namespace")]
+    namespace: String,
+    #[serde(rename = "Name")]
+    name: String,
+    #[serde(rename = "Meta")]
+    meta: BTreeMap<String, String>,
+    #[serde(rename = "CreateIndex")]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex")]
+    modify_index: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredToken {
+    #[serde(rename = "AccessorID")]
+    accessor_id: String,
+    #[serde(rename = "SecretID")]
+    secret_id: String,
+    #[serde(rename = "Description")]
+    description: String,
+    #[serde(rename = "Policies")]
+    policies: Vec<String>,
+    #[serde(rename = "CreateTime")]
+    create_time: String,
+    #[serde(rename = "CreateIndex")]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex")]
+    modify_index: u64,
+}
+
+fn encode(state: &State) -> Vec<u8> {
+    let rules = &state.rules;
+    let file = StateFile {
+        version: VERSION,
+        index: rules.index(),
+        counter_watermark: rules.counter_watermark(),
+        intentions: rules
+            .list()
+            .into_iter()
+            .map(|it| StoredIntention {
+                id: it.id.clone(),
+                source_ns: it.source.namespace().to_owned(),
+                source_name: it.source.name().to_owned(),
+                destination_ns: it.destination.namespace().to_owned(),
+                destination_name: it.destination.name().to_owned(),
+                action: it.action,
+                description: it.description.clone(),
+                meta: it.meta.clone(),
+                precedence: it.precedence,
+                created_at: rfc3339(it.created_at),
+                updated_at: rfc3339(it.updated_at),
+                create_index: it.create_index,
+                modify_index: it.modify_index,
+                counter_index: it.counter_index,
+            })
+            .collect(),
+        entries: rules
+            .entries()
+            .iter()
+            .map(|e| StoredEntry {
+                namespace: e.destination.namespace().to_owned(),
+                name: e.destination.name().to_owned(),
+                meta: e.meta.clone(),
+                create_index: e.create_index,
+                modify_index: e.modify_index,
+            })
+            .collect(),
+        acl_index: state.acl_index,
+        tokens: state
+            .tokens
+            .iter()
+            .map(|t| StoredToken {
+                accessor_id: t.accessor_id.clone(),
+                secret_id: t.secret_id().to_owned(),
+                description: t.description.clone(),
+                policies: t.policies.iter().map(Policy::name).collect(),
+                create_time: rfc3339(t.create_time),
+                create_index: t.create_index,
+                modify_index: t.modify_index,
+            })
+            .collect(),
+    };
+    // Strings, integers and string maps always serialize.
+    let mut out = serde_json::to_vec_pretty(&file).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+fn decode(path: &Path, bytes: &[u8]) -> Result<State, ApiError> {
+    let corrupt = |message: String| ApiError::Corrupt {
+        path: path.to_owned(),
+        message,
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let file: StateFile = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let at = e.path().to_string();
+        if at.is_empty() || at == "." {
+            corrupt(e.inner().to_string())
+        } else {
+            corrupt(format!("{at}: {}", e.inner()))
+        }
+    })?;
+    de.end().map_err(|e| corrupt(e.to_string()))?;
+    if file.version != VERSION {
+        return Err(corrupt(format!(
+            "Version: {} is not the version this build reads ({VERSION})",
+            file.version
+        )));
+    }
+    let time = |field: String, s: &str| {
+        humantime::parse_rfc3339(s).map_err(|e| corrupt(format!("{field}: {e}: {s:?}")))
+    };
+    let name = |field: String, ns: &str, name: &str| {
+        ServiceName::new(ns, name).map_err(|e| corrupt(format!("{field}: {e}")))
+    };
+    let mut intentions = Vec::with_capacity(file.intentions.len());
+    for (i, s) in file.intentions.into_iter().enumerate() {
+        intentions.push(Intention {
+            source: name(
+                format!("Intentions[{i}].Source"),
+                &s.source_ns,
+                &s.source_name,
+            )?,
+            destination: name(
+                format!("Intentions[{i}].Destination"),
+                &s.destination_ns,
+                &s.destination_name,
+            )?,
+            created_at: time(format!("Intentions[{i}].CreatedAt"), &s.created_at)?,
+            updated_at: time(format!("Intentions[{i}].UpdatedAt"), &s.updated_at)?,
+            id: s.id,
+            action: s.action,
+            description: s.description,
+            meta: s.meta,
+            precedence: s.precedence,
+            create_index: s.create_index,
+            modify_index: s.modify_index,
+            counter_index: s.counter_index,
+        });
+    }
+    let mut entries = Vec::with_capacity(file.entries.len());
+    for (i, e) in file.entries.into_iter().enumerate() {
+        entries.push(EntryIndexes {
+            destination: name(format!("Entries[{i}]"), &e.namespace, &e.name)?,
+            meta: e.meta,
+            create_index: e.create_index,
+            modify_index: e.modify_index,
+        });
+    }
+    // The default policy is configuration, set by the caller.
+    let rules = RuleSet::restore(
+        Action::Deny,
+        file.index,
+        file.counter_watermark,
+        intentions,
+        entries,
+    )
+    .map_err(|e| corrupt(e.to_string()))?;
+    let mut tokens = Vec::with_capacity(file.tokens.len());
+    let (mut accessors, mut secrets) = (HashSet::new(), HashSet::new());
+    for (i, t) in file.tokens.into_iter().enumerate() {
+        let at = |f: &str| format!("Tokens[{i}].{f}");
+        if t.accessor_id.is_empty() || !accessors.insert(t.accessor_id.clone()) {
+            return Err(corrupt(format!(
+                "{}: empty or used twice",
+                at("AccessorID")
+            )));
+        }
+        if t.secret_id.is_empty() || !secrets.insert(t.secret_id.clone()) {
+            return Err(corrupt(format!("{}: empty or used twice", at("SecretID"))));
+        }
+        let mut policies = Vec::with_capacity(t.policies.len());
+        for (j, p) in t.policies.iter().enumerate() {
+            policies.push(
+                Policy::parse(p).map_err(|e| corrupt(format!("{}[{j}]: {e}", at("Policies"))))?,
+            );
+        }
+        if t.create_index > t.modify_index || t.modify_index > file.acl_index {
+            return Err(corrupt(format!(
+                "{}: CreateIndex {} <= ModifyIndex {} <= ACLIndex {} does not hold",
+                at("ModifyIndex"),
+                t.create_index,
+                t.modify_index,
+                file.acl_index
+            )));
+        }
+        tokens.push(Token {
+            create_time: time(at("CreateTime"), &t.create_time)?,
+            accessor_id: t.accessor_id,
+            secret: Secret::new(t.secret_id),
+            description: t.description,
+            policies,
+            create_index: t.create_index,
+            modify_index: t.modify_index,
+        });
+    }
+    Ok(State {
+        rules: Arc::new(rules),
+        tokens: Arc::new(tokens),
+        acl_index: file.acl_index,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::NoSink;
+    use mesh_core::intentions::IntentionSpec;
+
+    const CHILD_ENV: &str = "MESH_API_CRASH_CHILD_DIR";
+    const ACK: &str = "WROTE ";
+
+    fn open(dir: &Path) -> Result<(Store, Option<String>), ApiError> {
+        Store::open(dir, Action::Deny, Arc::new(NoSink))
+    }
+
+    fn spec(src: &str, dst: &str) -> IntentionSpec {
+        IntentionSpec::new(
+            &ServiceName::parse(src).unwrap(),
+            &ServiceName::parse(dst).unwrap(),
+            Action::Allow,
+        )
+    }
+
+    #[test]
+    fn first_open_bootstraps_and_later_opens_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, boot) = open(dir.path()).unwrap();
+        let boot = boot.expect("a bootstrap token on first start");
+        let on_disk = std::fs::read_to_string(dir.path().join(BOOTSTRAP_TOKEN_FILE)).unwrap();
+        assert_eq!(on_disk.trim(), boot);
+        for f in [STATE_FILE, BOOTSTRAP_TOKEN_FILE] {
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(dir.path().join(f)).unwrap().permissions(),
+            );
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        store
+            .update(|s| {
+                s.rules_mut()
+                    .create(&spec("web", "api"), false)
+                    .map(|_| ())
+                    .map_err(Into::into)
+            })
+            .unwrap();
+        // A second store on the same directory is refused while the first holds it.
+        let err = open(dir.path()).unwrap_err();
+        assert!(matches!(err, ApiError::Locked { .. }), "{err}");
+        drop(store);
+        let (store, again) = open(dir.path()).unwrap();
+        assert!(again.is_none(), "no second bootstrap token");
+        let state = store.state();
+        assert_eq!(state.rules().len(), 1);
+        assert_eq!(state.tokens().len(), 1);
+        assert_eq!(state.tokens()[0].secret_id(), boot);
+        assert_eq!(state.tokens()[0].policies, vec![Policy::Operator]);
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_naming_the_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        let path = dir.path().join(STATE_FILE);
+        let good = std::fs::read_to_string(&path).unwrap();
+        let cases = [
+            (String::new(), "EOF"),
+            (good[..good.len() / 2].to_owned(), "EOF"),
+            (
+                good.replacen("\"Version\": 1", "\"Version\": 7", 1),
+                "Version",
+            ),
+            (
+                good.replacen("\"operator\"", "\"root\"", 1),
+                "Tokens[0].Policies[0]",
+            ),
+            (good.replacen("\"Tokens\"", "\"Tokenz\"", 1), "Tokenz"),
+        ];
+        for (content, needle) in cases {
+            std::fs::write(&path, &content).unwrap();
+            let err = open(dir.path()).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, ApiError::Corrupt { .. }), "{msg}");
+            assert!(msg.contains(needle), "{needle}: {msg}");
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            // Nothing was reset: the damaged file is still there.
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+        }
+    }
+
+    #[test]
+    fn failed_updates_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open(dir.path()).unwrap();
+        let before = std::fs::read(store.path()).unwrap();
+        let err = store
+            .update(|s| {
+                s.rules_mut().create(&spec("web", "api"), false)?;
+                Err::<(), _>(ApiError::bad("x", "refused after a change"))
+            })
+            .unwrap_err();
+        assert_eq!(err.field(), Some("x"));
+        assert!(store.state().rules().is_empty());
+        assert_eq!(std::fs::read(store.path()).unwrap(), before);
+    }
+
+    /// Not a test on its own: the child process of `kill_9_leaves_a_prefix_of_the_writes`,
+    /// which runs this test binary with `CHILD_ENV` set. It writes intentions `s<n>` → `api`
+    /// one by one, printing an acknowledgement after each durable write, until killed.
+    #[test]
+    fn crash_child() {
+        let Some(dir) = std::env::var_os(CHILD_ENV) else {
+            return;
+        };
+        let (store, _) = open(Path::new(&dir)).unwrap();
+        let first = store.state().rules().len();
+        let mut out = std::io::stdout().lock();
+        for n in first..first + 100_000 {
+            let s = spec(&format!("s{n}"), "api");
+            store
+                .update(|st| {
+                    st.rules_mut()
+                        .create(&s, false)
+                        .map(|_| ())
+                        .map_err(Into::into)
+                })
+                .unwrap();
+            writeln!(out, "{ACK}{n}").unwrap();
+            out.flush().unwrap();
+        }
+    }
+
+    /// A cheap pseudo-random number from the clock (the moments only need to vary).
+    fn jitter(max: u64) -> u64 {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        u64::from(nanos.wrapping_mul(2_654_435_761)) % max.max(1)
+    }
+
+    #[test]
+    fn kill_9_leaves_a_prefix_of_the_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        let exe = std::env::current_exe().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut acked_total = 0usize;
+        let mut rounds = 0;
+        while rounds < 20 && Instant::now() < deadline {
+            rounds += 1;
+            let mut child = Command::new(&exe)
+                .args(["--exact", "api::store::tests::crash_child", "--nocapture"])
+                .args(["--test-threads", "1"])
+                .env(CHILD_ENV, dir.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reader = std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(n) = line.strip_prefix(ACK) {
+                        let _ = tx.send(n.parse::<usize>().unwrap());
+                    }
+                }
+            });
+            // Let it start writing, then kill it at a varying moment, most likely mid-write.
+            let first = rx.recv_timeout(Duration::from_secs(20));
+            assert!(first.is_ok(), "the child wrote nothing");
+            std::thread::sleep(Duration::from_micros(jitter(30_000)));
+            child.kill().unwrap();
+            child.wait().unwrap();
+            reader.join().unwrap();
+            let acked: Vec<usize> = first.into_iter().chain(rx.try_iter()).collect();
+            let last = *acked.last().unwrap();
+
+            let (store, boot) = open(dir.path()).expect("the state loads after kill -9");
+            assert!(boot.is_none());
+            let state = store.state();
+            let n = state.rules().len();
+            // Every acknowledged write is there, plus at most the one in flight.
+            assert!(
+                n == last + 1 || n == last + 2,
+                "{n} intentions, last ack {last}"
+            );
+            let api = ServiceName::parse("api").unwrap();
+            for i in 0..n {
+                let src = ServiceName::parse(&format!("s{i}")).unwrap();
+                assert!(
+                    state.rules().get_exact(&src, &api).is_some(),
+                    "s{i} missing of {n}"
+                );
+            }
+            assert_eq!(state.tokens().len(), 1);
+            acked_total = n;
+        }
+        eprintln!("{rounds} kill -9 rounds, {acked_total} writes survived");
+        assert!(rounds >= 3, "only {rounds} rounds in time");
+        assert!(
+            acked_total >= rounds,
+            "{acked_total} writes in {rounds} rounds"
+        );
+    }
+}

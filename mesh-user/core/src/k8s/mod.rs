@@ -1,0 +1,208 @@
+//! Kubernetes manifests, as people write them for Consul Connect on Kubernetes, turned into the
+//! desired local state of the single-node runner (`meshd local`).
+//!
+//! # Manifests
+//!
+//! [`Manifest::parse`] reads multi-document YAML (`---` separators, empty documents and
+//! `kind: List` allowed) and keeps the kinds that matter locally: `Namespace`, `ServiceAccount`,
+//! `Service`, `Pod` (all `v1`) and `Deployment` (`apps/v1`). Other kinds (ConfigMaps, Consul CRDs
+//! such as `ServiceIntentions`, …) are listed in [`Manifest::ignored`] with a warning. Unknown
+//! fields inside the modelled kinds are ignored, as real manifests carry many; a wrong type or a
+//! missing required field is an error naming the object and the field:
+//! `Deployment default/web: spec.replicas: invalid type: string "three", expected i64`.
+//!
+//! Namespaces follow `kubectl apply -n`: an object without `metadata.namespace` goes to
+//! [`ParseOptions::namespace`] (or `default`); an object whose namespace differs from an
+//! explicit override is refused with kubectl's message.
+//!
+//! Validation refuses names that are not DNS labels (RFC 1123; RFC 1035 for Services; DNS
+//! subdomains for Deployments, Pods and ServiceAccounts), port numbers outside 1..=65535,
+//! invalid port names, pods without containers or images, Deployment selectors that do not
+//! match their template, and duplicate objects.
+//!
+//! # Mesh annotations
+//!
+//! A pod (a Pod's metadata, or a Deployment's `spec.template.metadata`) joins the mesh when
+//! `consul.hashicorp.com/connect-inject` is true (Go `strconv.ParseBool` syntax; anything else is
+//! an error, as in consul-k8s's webhook; never in `kube-system`/`kube-public`). Its upstreams
+//! come from `consul.hashicorp.com/connect-service-upstreams`, parsed with consul-k8s's grammar
+//! (see [`parse_upstreams`]); one malformed entry refuses the whole manifest.
+//!
+//! # Desired state
+//!
+//! [`DesiredState::build`] combines manifests: namespaces, services, and one [`Workload`] per
+//! Pod or Deployment replica (`<deployment>-<index>`). A meshed workload's service identity
+//! follows consul-k8s: the `consul.hashicorp.com/connect-service` annotation if set, else the
+//! name of the (single) Kubernetes Service selecting the pod. When no Service selects it, the
+//! runner falls back to the pod's service account name (with a warning: consul-k8s itself would
+//! never register such a pod); with neither, the build fails. A service account that differs
+//! from the identity draws connect-init's warning (consul-k8s refuses that pod when ACLs are on).
+#![forbid(unsafe_code)]
+
+pub mod applied;
+
+mod manifest;
+mod objects;
+mod state;
+mod upstreams;
+
+#[cfg(test)]
+mod tests;
+
+pub use manifest::{IgnoredObject, Manifest, ParseOptions};
+pub use objects::{
+    Container, ContainerPort, Deployment, EnvValue, EnvVar, LabelSelector, MeshAnnotations,
+    Namespace, Object, Pod, PodSpec, PodTemplate, Protocol, SelectorOperator, SelectorRequirement,
+    Service, ServiceAccount, ServicePort, TargetPort, MAX_REPLICAS,
+};
+pub use state::{DesiredState, IdentitySource, MeshWorkload, Owner, Workload};
+pub use upstreams::{
+    parse_upstream, parse_upstreams, DestinationType, MeshGatewayMode, Upstream, UpstreamSyntax,
+};
+
+/// `consul.hashicorp.com/connect-inject`: `"true"` puts the pod in the mesh.
+pub const ANNOTATION_INJECT: &str = "consul.hashicorp.com/connect-inject";
+/// `consul.hashicorp.com/connect-service`: the Consul service name (identity) of the pod.
+pub const ANNOTATION_SERVICE: &str = "consul.hashicorp.com/connect-service";
+/// `consul.hashicorp.com/connect-service-upstreams`: explicit upstreams.
+pub const ANNOTATION_UPSTREAMS: &str = "consul.hashicorp.com/connect-service-upstreams";
+/// `consul.hashicorp.com/transparent-proxy`: per-pod transparent proxy switch.
+pub const ANNOTATION_TRANSPARENT_PROXY: &str = "consul.hashicorp.com/transparent-proxy";
+/// Label on a Service that consul-k8s must not register (`"true"`).
+pub const LABEL_SERVICE_IGNORE: &str = "consul.hashicorp.com/service-ignore";
+
+/// The namespace of objects that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Errors of manifest parsing and desired-state building.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The YAML itself is malformed.
+    #[error("document {document}: YAML: {message}")]
+    Yaml { document: usize, message: String },
+    /// A document is not a Kubernetes object (no kind, no name, not a mapping).
+    #[error("document {document}: {message}")]
+    Document { document: usize, message: String },
+    /// A field of an object is wrong.
+    #[error("{object}: {field}: {message}")]
+    Field {
+        /// `Kind namespace/name`.
+        object: String,
+        /// The field's path, e.g. `spec.template.spec.containers[0].ports[0].containerPort`.
+        field: String,
+        message: String,
+    },
+    /// An object is wrong as a whole, or conflicts with others.
+    #[error("{object}: {message}")]
+    Object { object: String, message: String },
+    /// The same object twice.
+    #[error("duplicate {object}: {first} and {second}")]
+    Duplicate {
+        object: String,
+        first: String,
+        second: String,
+    },
+    /// A malformed `connect-service-upstreams` entry, with consul-k8s's message.
+    #[error("{0}")]
+    Upstream(String),
+    /// Bad [`ParseOptions`].
+    #[error("options: {0}")]
+    Options(String),
+}
+
+/// `Kind namespace/name` (or `Kind name` for cluster-scoped kinds), as errors name objects.
+pub(crate) fn object_label(kind: &str, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+fn is_label_char(c: u8) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'
+}
+
+/// A lowercase RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
+pub fn check_rfc1123_label(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|&c| is_label_char(c))
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: a lowercase RFC 1123 label must consist of lower case \
+             alphanumeric characters or '-', start and end with an alphanumeric character, \
+             and have at most 63 characters"
+        ))
+    }
+}
+
+/// An RFC 1035 label: an RFC 1123 label that starts with a letter (Service names).
+pub fn check_rfc1035_label(name: &str) -> Result<(), String> {
+    let ok = check_rfc1123_label(name).is_ok() && name.as_bytes()[0].is_ascii_lowercase();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: an RFC 1035 label must consist of lower case alphanumeric \
+             characters or '-', start with a letter, end with an alphanumeric character, and \
+             have at most 63 characters"
+        ))
+    }
+}
+
+/// A lowercase RFC 1123 subdomain: dot-separated labels, at most 253 characters.
+pub fn check_rfc1123_subdomain(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            let b = l.as_bytes();
+            !b.is_empty()
+                && b.iter().all(|&c| is_label_char(c))
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: a lowercase RFC 1123 subdomain must consist of lower case \
+             alphanumeric characters, '-' or '.', start and end with an alphanumeric \
+             character, and have at most 253 characters"
+        ))
+    }
+}
+
+/// A port name (IANA service name): at most 15 characters of `[a-z0-9-]`, at least one
+/// letter, no leading, trailing or doubled `-`.
+pub fn check_port_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 15
+        && b.iter().all(|&c| is_label_char(c))
+        && b.iter().any(|c| c.is_ascii_lowercase())
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid port name {name:?}: at most 15 characters of lower case alphanumerics or \
+             '-', with at least one letter, and no leading, trailing or adjacent '-'"
+        ))
+    }
+}
+
+/// Go's `strconv.ParseBool`, as consul-k8s reads boolean annotations.
+pub(crate) fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}

@@ -1,0 +1,66 @@
+//! The single-node runner behind `meshd local` / `cargo xtask run`: Kubernetes manifests
+//! (applied with `meshctl apply -f`) run as local "pods", each a network namespace with its
+//! own cgroup and an address on a node bridge, with the agent serving them.
+//!
+//! - [`applied`]: the desired state, every object applied so far, persisted in
+//!   `<state dir>/local/applied.json` so that a restarted `meshd local` brings the pods back;
+//!   apply and delete are atomic and report kubectl's `created` / `configured` / `unchanged`.
+//! - [`plan`]: pure parts — address pools (pods on 10.88.0.0/24, Service virtual IPs on
+//!   10.96.0.0/24), hosts files (`svc`, `svc.<ns>`, `svc.<ns>.svc.cluster.local`), the agent's
+//!   catalog, and how a container becomes a host process.
+//! - [`node`]: the kernel objects — the bridge in its own namespace (`<node>-br`), pods'
+//!   namespaces, veths, cgroups and `/etc/netns/<ns>/hosts`.
+//! - [`runner`]: the pods' processes (restarted with back-off), readiness, and the answers to
+//!   the API.
+//! - [`control`]: the channel between the HTTP API and the loop that owns runner and agent.
+//! - [`view`]: kubectl-shaped JSON and tables.
+//!
+//! Nothing touches the host's own network configuration: the bridge lives in a namespace the
+//! runner creates, pods hang off it by veth, and the only host-side sockets are `meshctl
+//! port-forward`'s listeners on `127.0.0.1`.
+#![forbid(unsafe_code)]
+
+pub mod node;
+pub mod plan;
+pub mod runner;
+
+pub use mesh_api::local::{control, view};
+pub use mesh_core::k8s::applied;
+
+#[cfg(test)]
+mod tests;
+
+
+use mesh_dataplane::cgroup;
+
+pub use applied::{Applied, ObjectKey, ObjectResult, Outcome, Source};
+pub use control::{ControlError, Handle, ManifestRequest, Request};
+pub use node::{remove_leftovers, LocalNode, LocalPod};
+pub use runner::Runner;
+
+/// The subnet pods get addresses from (on the node bridge), and the virtual IP range.
+pub const POD_NET: [u8; 3] = [10, 88, 0];
+pub const VIP_NET: [u8; 3] = [10, 96, 0];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{command} failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    #[error("node name {0:?} must be 1-8 lowercase letters or digits")]
+    BadName(String),
+    /// Applying, deleting, loading or saving the applied objects failed.
+    #[error(transparent)]
+    Applied(#[from] applied::Error),
+    /// The desired state cannot run here (addresses exhausted, a container without a
+    /// program, a catalog the agent would refuse).
+    #[error("{0}")]
+    Plan(String),
+}

@@ -1,0 +1,322 @@
+//! The node: a bridge in its own network namespace, the cgroup tree, and pods hanging off the
+//! bridge by veth (each pod a network namespace, a cgroup and an `/etc/netns/<ns>/hosts`).
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::Error;
+use mesh_dataplane::cgroup;
+
+/// Runs `program args`; a non-zero exit is an error carrying its stderr.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), Error> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Io {
+            what: format!("running {program}"),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Where `ip netns exec` finds per-namespace files (`hosts`, bind-mounted over `/etc/hosts`).
+pub const NETNS_ETC: &str = "/etc/netns";
+/// Where named network namespaces are.
+pub const NETNS_RUN: &str = "/run/netns";
+
+/// A local pod's kernel objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    /// `namespace/name`.
+    pub id: String,
+    pub netns_name: String,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub ip: Ipv4Addr,
+    /// The veth end on the bridge.
+    pub host_if: String,
+}
+
+impl LocalPod {
+    /// The pod's hosts file (bind-mounted over `/etc/hosts` for its processes).
+    pub fn hosts_file(&self) -> PathBuf {
+        Path::new(NETNS_ETC).join(&self.netns_name).join("hosts")
+    }
+}
+
+/// The node: its bridge namespace and cgroup tree.
+#[derive(Debug)]
+pub struct LocalNode {
+    pub name: String,
+    pub bridge_ns: String,
+    pub mesh_cgroup: PathBuf,
+    pub agent_cgroup: PathBuf,
+    original_cgroup: PathBuf,
+}
+
+fn check_node_name(name: &str) -> Result<(), Error> {
+    if name.is_empty()
+        || name.len() > 8
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(Error::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+fn mesh_cgroup_of(name: &str) -> Result<PathBuf, Error> {
+    Ok(cgroup::v2_root()?.join(format!("mesh-{name}")))
+}
+
+impl LocalNode {
+    /// Creates the node and moves this process into its agent cgroup (the agent's sockets must
+    /// belong to a cgroup under the mesh cgroup that carries no per-pod programs). Leftovers of
+    /// a previous run that was killed are removed first.
+    pub fn create(name: &str) -> Result<Self, Error> {
+        check_node_name(name)?;
+        let mesh_cgroup = mesh_cgroup_of(name)?;
+        let node = LocalNode {
+            name: name.to_string(),
+            bridge_ns: format!("{name}-br"),
+            agent_cgroup: mesh_cgroup.join("agent"),
+            mesh_cgroup,
+            original_cgroup: cgroup::of_process(std::process::id())?,
+        };
+        remove_leftovers(name)?;
+        cgroup::create(&node.agent_cgroup)?;
+        cgroup::create(&node.mesh_cgroup.join("pods"))?;
+        cgroup::add_process(&node.agent_cgroup, std::process::id())?;
+        run("ip", &["netns", "add", &node.bridge_ns])?;
+        run("ip", &["-n", &node.bridge_ns, "link", "set", "lo", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &node.bridge_ns,
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+            ],
+        )?;
+        run("ip", &["-n", &node.bridge_ns, "link", "set", "br0", "up"])?;
+        info!(node = name, cgroup = %node.mesh_cgroup.display(), "node created");
+        Ok(node)
+    }
+
+    /// The network namespace name of pod `namespace/name`: `<node>-<namespace>_<name>` (`_`
+    /// is in no Kubernetes name, so the split is unambiguous).
+    pub fn netns_name(&self, namespace: &str, name: &str) -> String {
+        format!("{}-{namespace}_{name}", self.name)
+    }
+
+    /// The kernel objects pod `namespace/name` with address `ip` gets (nothing is created).
+    pub fn pod_spec(&self, namespace: &str, name: &str, ip: Ipv4Addr) -> LocalPod {
+        let netns_name = self.netns_name(namespace, name);
+        LocalPod {
+            id: format!("{namespace}/{name}"),
+            netns: Path::new(NETNS_RUN).join(&netns_name),
+            cgroup: self
+                .mesh_cgroup
+                .join("pods")
+                .join(format!("{namespace}_{name}")),
+            host_if: format!("{}v{}", self.name, ip.octets()[3]),
+            netns_name,
+            ip,
+        }
+    }
+
+    /// Creates `pod` (from [`pod_spec`](Self::pod_spec)) on the bridge: network namespace,
+    /// veth, address, route to the virtual IPs, hosts file with `hosts`, cgroup. On error
+    /// whatever was created is removed.
+    pub fn add_pod(&self, pod: &LocalPod, hosts: &str) -> Result<(), Error> {
+        if let Err(e) = self.plumb(pod, hosts) {
+            self.remove_pod(pod);
+            return Err(e);
+        }
+        info!(pod = %pod.id, ip = %pod.ip, "pod created");
+        Ok(())
+    }
+
+    fn plumb(&self, pod: &LocalPod, hosts: &str) -> Result<(), Error> {
+        let ns = pod.netns_name.as_str();
+        // A leftover of the same name (an interrupted earlier attempt) goes first.
+        if Path::new(NETNS_RUN).join(ns).exists() {
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+        let _ = run("ip", &["-n", &self.bridge_ns, "link", "del", &pod.host_if]);
+        run("ip", &["netns", "add", ns])?;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &pod.host_if,
+                "netns",
+                &self.bridge_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.bridge_ns,
+                "link",
+                "set",
+                &pod.host_if,
+                "master",
+                "br0",
+                "up",
+            ],
+        )?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        let cidr = format!("{}/24", pod.ip);
+        run("ip", &["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        let vips = format!("{}.0/24", dotted3(super::VIP_NET));
+        run("ip", &["-n", ns, "route", "add", &vips, "dev", "eth0"])?;
+        write_hosts(&pod.hosts_file(), hosts)?;
+        cgroup::create(&pod.cgroup)?;
+        Ok(())
+    }
+
+    /// Removes a pod: kills what is left in its cgroup, deletes its cgroup, network namespace
+    /// (its veth goes with it) and hosts file. Best effort; problems are logged.
+    pub fn remove_pod(&self, pod: &LocalPod) {
+        kill_tree(&pod.cgroup);
+        for _ in 0..50 {
+            match cgroup::remove_tree(&pod.cgroup) {
+                Ok(()) => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        if pod.cgroup.exists() {
+            warn!(pod = %pod.id, cgroup = %pod.cgroup.display(), "the pod's cgroup would not go");
+        }
+        if pod.netns.exists() {
+            if let Err(e) = run("ip", &["netns", "del", &pod.netns_name]) {
+                warn!(pod = %pod.id, error = %e, "deleting the pod's network namespace");
+            }
+        }
+        let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(&pod.netns_name));
+        info!(pod = %pod.id, "pod removed");
+    }
+
+    /// Leaves the agent cgroup and removes the bridge namespace and the cgroup tree (pods
+    /// must have been removed first; anything left is killed).
+    pub fn teardown(self) {
+        if let Err(e) = cgroup::add_process(&self.original_cgroup, std::process::id()) {
+            warn!(error = %e, "leaving the node's agent cgroup");
+        }
+        if let Err(e) = remove_leftovers(&self.name) {
+            warn!(error = %e, "removing the node");
+        }
+        info!(node = %self.name, "node removed");
+    }
+}
+
+fn dotted3(n: [u8; 3]) -> String {
+    format!("{}.{}.{}", n[0], n[1], n[2])
+}
+
+/// Writes a pod's hosts file *in place*: `ip netns exec` bind-mounts the file over the
+/// process's `/etc/hosts`, so a rename would leave running processes on the old inode.
+pub fn write_hosts(path: &Path, text: &str) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)
+}
+
+/// SIGKILLs every process in the cgroup and below.
+fn kill_tree(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(pids) = cgroup::processes(&dir) {
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+}
+
+/// Removes everything node `name` may have created: pod and bridge namespaces
+/// (`<name>-*`), their `/etc/netns` directories, the processes and cgroups under
+/// `mesh-<name>` (this process is moved out of it first if it is inside).
+pub fn remove_leftovers(name: &str) -> Result<(), Error> {
+    check_node_name(name)?;
+    let prefix = format!("{name}-");
+    for dir in [NETNS_RUN, NETNS_ETC] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let n = entry.file_name().to_string_lossy().into_owned();
+            if !n.starts_with(&prefix) {
+                continue;
+            }
+            if dir == NETNS_RUN {
+                if let Err(e) = run("ip", &["netns", "del", &n]) {
+                    warn!(netns = %n, error = %e, "deleting a network namespace");
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let mesh_cgroup = mesh_cgroup_of(name)?;
+    if !mesh_cgroup.exists() {
+        return Ok(());
+    }
+    let me = cgroup::of_process(std::process::id())?;
+    if me.starts_with(&mesh_cgroup) {
+        cgroup::add_process(&cgroup::v2_root()?, std::process::id())?;
+    }
+    kill_tree(&mesh_cgroup);
+    let mut last = Ok(());
+    for _ in 0..100 {
+        last = cgroup::remove_tree(&mesh_cgroup);
+        if last.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    last.map_err(Error::from)
+}

@@ -1,0 +1,455 @@
+//! `meshd`: the node agent.
+//!
+//! ```text
+//! meshd run --catalog FILE [--redirect auto|ebpf|iptables] ...   serve the pods of a catalog
+//! meshd uninstall [--catalog FILE]                               remove programs, pins, chains
+//! meshd local [--reset]                                          a single-node mesh for manifests
+//! ```
+//!
+//! `run` re-reads the catalog on SIGHUP; SIGINT/SIGTERM stop the agent and leave the kernel
+//! programs attached (a restarted agent re-adopts them; `uninstall` removes them).
+
+mod config;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mesh_agent::glue::ApiHooks;
+use mesh_agent::{Agent, AgentConfig, Redirect};
+use mesh_core::catalog::{Catalog, Update};
+use mesh_core::intentions::{Action, RuleSet};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(name = "meshd", about = "The mesh node agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Names this agent's kernel pins (/sys/fs/bpf/mesh/<instance>).
+    #[arg(long, env = config::INSTANCE_ENV, default_value = config::DEFAULT_INSTANCE)]
+    instance: String,
+    /// Where the CA, service ids and other durable state live.
+    #[arg(long, env = config::STATE_DIR_ENV, default_value = config::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the pods of a catalog (JSON: services and workloads).
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// The catalog file; re-read on SIGHUP.
+        #[arg(long)]
+        catalog: PathBuf,
+        /// The cgroup holding the agent and every pod; defaults to the cgroup v2 root.
+        #[arg(long)]
+        mesh_cgroup: Option<PathBuf>,
+        /// auto: eBPF when the kernel supports it, iptables otherwise.
+        #[arg(long, default_value = "auto")]
+        redirect: Redirect,
+        /// The verdict when no intention matches.
+        #[arg(long, default_value = "deny", value_parser = parse_action)]
+        default_intention_policy: Action,
+        /// Keep connect4 redirection but let app⇄proxy bytes take the TCP stack.
+        #[arg(long)]
+        no_msg_redirect: bool,
+        /// Most connections at once, per pod.
+        #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_POD)]
+        max_connections_per_pod: usize,
+        /// Most connections at once, for the whole agent.
+        #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_AGENT)]
+        max_connections: usize,
+        /// Seconds a TLS handshake may take.
+        #[arg(long, default_value_t = config::DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
+        handshake_timeout: u64,
+        /// Seconds without a byte either way before a connection is closed.
+        #[arg(long, default_value_t = config::DEFAULT_IDLE_TIMEOUT.as_secs())]
+        idle_timeout: u64,
+        /// Make a full mTLS handshake for every connection between proxies (no session
+        /// tickets, no session cache).
+        #[arg(long)]
+        no_tls_resumption: bool,
+    },
+    /// A single-node mesh on this machine: Kubernetes manifests applied with `meshctl apply`
+    /// run as local pods (network namespace + cgroup each) served by the agent. The applied
+    /// manifests are kept in the state directory and come back on the next start. Ctrl-C
+    /// removes every pod, namespace, cgroup and program.
+    Local {
+        #[arg(long, env = config::STATE_DIR_ENV, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Names the node's namespaces (`<node>-*`), cgroup (`mesh-<node>`) and kernel pins.
+        #[arg(long, default_value = config::DEFAULT_LOCAL_NODE)]
+        node: String,
+        #[arg(long, default_value = "auto")]
+        redirect: Redirect,
+        #[arg(long, default_value = "allow", value_parser = parse_action)]
+        default_intention_policy: Action,
+        /// Remove everything a previous `meshd local` left (namespaces, cgroups, programs,
+        /// pins, hosts files, the applied manifests) and exit.
+        #[arg(long)]
+        reset: bool,
+        /// Make a full mTLS handshake for every connection between proxies.
+        #[arg(long)]
+        no_tls_resumption: bool,
+    },
+    /// Run a program inside a pod, as one of its processes: join its cgroup, then its network
+    /// namespace (the local runner starts pod processes with it).
+    Exec {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        netns: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The built-in twin of nicholasjackson/fake-service (HTTP mode), configured by the same
+    /// environment variables.
+    FakeService,
+    /// Remove this instance's programs and pins (and, given the catalog, its pods' iptables
+    /// chains).
+    Uninstall {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+    },
+}
+
+fn parse_action(s: &str) -> Result<Action, String> {
+    match s {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        other => Err(format!("{other:?}: expected allow or deny")),
+    }
+}
+
+fn read_catalog(path: &PathBuf) -> Result<Catalog> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the catalog {}", path.display()))?;
+    Catalog::from_json(&text).with_context(|| format!("catalog {}", path.display()))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config::DEFAULT_LOG_FILTER)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            common,
+            catalog,
+            mesh_cgroup,
+            redirect,
+            default_intention_policy,
+            no_msg_redirect,
+            max_connections_per_pod,
+            max_connections,
+            handshake_timeout,
+            idle_timeout,
+            no_tls_resumption,
+        } => {
+            let mesh_cgroup = match mesh_cgroup {
+                Some(p) => p,
+                None => mesh_dataplane::cgroup::v2_root()?,
+            };
+            let cfg = AgentConfig {
+                instance: common.instance,
+                state_dir: common.state_dir,
+                mesh_cgroup,
+                redirect,
+                default_policy: default_intention_policy,
+                msg_redirect: !no_msg_redirect,
+                proxy: mesh_proxy::ProxyConfig {
+                    max_connections_per_pod,
+                    max_connections_per_agent: max_connections,
+                    handshake_timeout: Duration::from_secs(handshake_timeout),
+                    idle_timeout: Duration::from_secs(idle_timeout),
+                    tls_resumption: !no_tls_resumption,
+                    ..mesh_proxy::ProxyConfig::default()
+                },
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(cfg, catalog))
+        }
+        Cmd::Local {
+            state_dir,
+            node,
+            redirect,
+            default_intention_policy,
+            reset,
+            no_tls_resumption,
+        } => {
+            if reset {
+                return local_reset(&state_dir, &node);
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(local(
+                    state_dir,
+                    node,
+                    redirect,
+                    default_intention_policy,
+                    mesh_proxy::ProxyConfig {
+                        tls_resumption: !no_tls_resumption,
+                        ..mesh_proxy::ProxyConfig::default()
+                    },
+                ))
+        }
+        Cmd::Exec {
+            cgroup,
+            netns,
+            command,
+        } => {
+            use std::os::unix::process::CommandExt;
+            mesh_dataplane::cgroup::add_process(&cgroup, std::process::id())?;
+            // `ip netns exec` also mounts /etc/netns/<name>/hosts over /etc/hosts.
+            let err = std::process::Command::new("ip")
+                .args(["netns", "exec", &netns])
+                .args(&command)
+                .exec();
+            Err(anyhow::anyhow!("exec {}: {err}", command.join(" ")))
+        }
+        Cmd::FakeService => {
+            let config = fake_service::Config::from_env(std::env::vars())?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut term = signal(SignalKind::terminate())?;
+                    fake_service::serve(config, async move {
+                        term.recv().await;
+                    })
+                    .await?;
+                    Ok(())
+                })
+        }
+        Cmd::Uninstall { common, catalog } => {
+            if let Some(path) = catalog {
+                for w in read_catalog(&path)?.workloads {
+                    if let Err(e) = mesh_dataplane::iptables::remove(&w.netns) {
+                        error!(pod = %w.id(), error = %e, "removing iptables chains");
+                    }
+                }
+            }
+            mesh_dataplane::bpf::uninstall(&common.instance)?;
+            info!(instance = %common.instance, "programs detached and pins removed");
+            Ok(())
+        }
+    }
+}
+
+/// Starts the HTTP API on the state directory and returns it with the rules it holds, so that
+/// the agent starts with the stored intentions (never a moment with none), and the channel of
+/// later changes.
+async fn start_api(
+    state_dir: &std::path::Path,
+    policy: Action,
+    local: Option<mesh_local::Handle>,
+) -> Result<(
+    mesh_api::Server,
+    std::sync::Arc<ApiHooks>,
+    RuleSet,
+    tokio::sync::mpsc::UnboundedReceiver<RuleSet>,
+)> {
+    std::fs::create_dir_all(state_dir)?;
+    let api_cfg = config::api_config(state_dir, policy)?;
+    let (hooks, mut changes) = ApiHooks::new();
+    let server = mesh_api::Server::start(
+        api_cfg,
+        mesh_api::Hooks {
+            rules: hooks.clone(),
+            counters: hooks.clone(),
+            local,
+        },
+    )
+    .await?;
+    let rules = changes
+        .recv()
+        .await
+        .context("the API did not hand over its stored intentions")?;
+    if let Some(token) = server.bootstrap_token() {
+        println!(
+            "Bootstrap (operator) ACL token, shown once (also in {}): {token}",
+            state_dir
+                .join(mesh_api::BOOTSTRAP_TOKEN_FILE)
+                .display()
+        );
+    }
+    info!(addr = ?server.http_addr(), socket = ?server.socket_path(), "HTTP API serving");
+    Ok((server, hooks, rules, changes))
+}
+
+async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
+    let catalog = read_catalog(&catalog_path)?;
+    let (api, hooks, rules, mut changes) =
+        start_api(&cfg.state_dir, cfg.default_policy, None).await?;
+    let mut agent = Agent::start(cfg, catalog, rules).await?;
+    info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            Some(rules) = changes.recv() => apply_rules(&mut agent, rules),
+            _ = tick.tick() => publish_counters(&agent, &hooks),
+            _ = hup.recv() => {
+                match read_catalog(&catalog_path) {
+                    Ok(c) => match agent.apply(Update::Full(c)).await {
+                        Ok(diff) => info!(?diff, "catalog reloaded"),
+                        Err(e) => error!(error = %e, "catalog refused; nothing changed"),
+                    },
+                    Err(e) => error!(error = %format!("{e:#}"), "catalog refused; nothing changed"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    api.shutdown().await;
+    info!("meshd stopping; kernel programs stay attached until `meshd uninstall`");
+    Ok(())
+}
+
+fn apply_rules(agent: &mut Agent, rules: RuleSet) {
+    let started = std::time::Instant::now();
+    let count = rules.len();
+    match agent.set_rules(rules) {
+        Ok(closed) => {
+            info!(intentions = count, closed, took = ?started.elapsed(), "intentions in force")
+        }
+        Err(e) => {
+            error!(error = %e, "applying intentions failed; the kernel keeps the previous set")
+        }
+    }
+}
+
+fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
+    match agent.intention_counters() {
+        Ok(c) => hooks.publish_counters(c),
+        Err(e) => error!(error = %e, "reading intention counters"),
+    }
+}
+
+/// Everything `meshd local` created, under node name `node`: pods' and the bridge's network
+/// namespaces, hosts files, cgroups, the kernel programs' pins, the applied manifests and the
+/// pods' logs.
+fn local_reset(state_dir: &std::path::Path, node: &str) -> Result<()> {
+    mesh_local::remove_leftovers(node)?;
+    mesh_dataplane::bpf::uninstall(node)?;
+    mesh_local::Applied::remove_file(state_dir)?;
+    let logs = state_dir.join(mesh_local::runner::LOG_DIR);
+    if logs.exists() {
+        std::fs::remove_dir_all(&logs).with_context(|| format!("removing {}", logs.display()))?;
+    }
+    println!(
+        "Removed node {node}: its pods, namespaces, cgroups, programs, pins and applied manifests."
+    );
+    Ok(())
+}
+
+/// `meshd local`: the node, its runner and the agent, until SIGINT/SIGTERM.
+async fn local(
+    state_dir: PathBuf,
+    node_name: String,
+    redirect: Redirect,
+    policy: Action,
+    proxy: mesh_proxy::ProxyConfig,
+) -> Result<()> {
+    use mesh_local::{Handle, LocalNode, Runner};
+
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let meshd = std::env::current_exe()?;
+    // The API first: a second `meshd local` on the same state directory stops here, before
+    // it touches the first one's namespaces.
+    let (handle, mut requests) = Handle::new();
+    let (server, hooks, rules, mut changes) = start_api(&state_dir, policy, Some(handle)).await?;
+    let node = LocalNode::create(&node_name)?;
+    let mut runner = match Runner::new(node, &state_dir, meshd) {
+        Ok(r) => r,
+        Err(e) => {
+            // The node exists; take it down again.
+            if let Err(e) = mesh_local::remove_leftovers(&node_name) {
+                error!(error = %e, "removing the node");
+            }
+            return Err(e.into());
+        }
+    };
+    let result = async {
+        let (catalog, errors) = runner.prepare()?;
+        for e in errors {
+            error!(error = %e, "a stored pod could not be created");
+        }
+        let cfg = AgentConfig {
+            instance: node_name.clone(),
+            state_dir: state_dir.clone(),
+            mesh_cgroup: runner.node().mesh_cgroup.clone(),
+            redirect,
+            default_policy: policy,
+            msg_redirect: true,
+            proxy,
+        };
+        let mut agent = Agent::start(cfg, catalog, rules).await?;
+        runner.start_processes();
+        let pods = agent.catalog().workloads.len();
+        println!();
+        println!(
+            "The local mesh is up ({} mode, node {node_name}, {pods} meshed pod(s) restored).",
+            agent.mode()
+        );
+        println!(
+            "  meshctl apply -f <manifests>        # Kubernetes YAML: Deployments, Services, ..."
+        );
+        println!("  meshctl get pods                    # status, readiness");
+        println!("  meshctl port-forward service/<svc> <local>:<port>");
+        println!("  meshctl intention create -deny '*' '*'");
+        println!(
+            "meshctl needs the token: export MESH_HTTP_TOKEN=$(cat {})",
+            state_dir
+                .join(mesh_api::BOOTSTRAP_TOKEN_FILE)
+                .display()
+        );
+        println!("Ctrl-C stops the mesh and removes its pods, namespaces, cgroups and programs.");
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                Some(rules) = changes.recv() => apply_rules(&mut agent, rules),
+                Some(req) = requests.recv() => runner.handle(req, &mut agent).await,
+                _ = tick.tick() => {
+                    publish_counters(&agent, &hooks);
+                    runner.poll();
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        runner.stop_all();
+        drop(agent);
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    server.shutdown().await;
+    if let Err(e) = mesh_dataplane::bpf::uninstall(&node_name) {
+        error!(error = %e, "removing the local instance's pins");
+    }
+    runner.teardown();
+    result
+}

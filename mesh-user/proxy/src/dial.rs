@@ -1,0 +1,74 @@
+//! How the proxy opens connections and learns a redirected connection's original destination:
+//! both are the agent's business (network namespaces, socket marks, BPF), so both are traits.
+
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+
+use tokio::net::TcpStream;
+
+/// The future of [`Dialer::connect`]: boxed, so that a dialer can be shared as `Arc<dyn Dialer>`.
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + 'a>>;
+
+/// What a connection is for, so that a dialer can pick the namespace and socket options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DialKind {
+    /// Inbound: to the pod's app on `127.0.0.1:<port>` inside the pod's network namespace.
+    App,
+    /// Outbound: to the inbound listener of an endpoint of a mesh service (mTLS follows).
+    Endpoint,
+    /// Outbound: to a destination outside the mesh, as the pod's app dialled it (plain TCP).
+    Passthrough,
+}
+
+/// Opens TCP connections for a pod.
+///
+/// The agent's implementation creates the socket in the right network namespace (for
+/// [`DialKind::App`]: the pod's, so that `127.0.0.1` is the pod's loopback), marks it as the
+/// proxy's own (`mesh_dataplane::socket::set_proxy_mark`) and connects. The proxy bounds every call with
+/// [`super::ProxyConfig::connect_timeout`]; a dialer needs no timeout of its own.
+pub trait Dialer: Send + Sync + 'static {
+    /// Connects to `addr` on behalf of the pod named `pod`.
+    fn connect<'a>(&'a self, pod: &'a str, kind: DialKind, addr: SocketAddr) -> DialFuture<'a>;
+}
+
+/// Connects from the calling process's namespace with no socket options: for tests, and for an
+/// agent whose pods share its network namespace.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlainDialer;
+
+impl Dialer for PlainDialer {
+    fn connect<'a>(&'a self, _pod: &'a str, _kind: DialKind, addr: SocketAddr) -> DialFuture<'a> {
+        Box::pin(TcpStream::connect(addr))
+    }
+}
+
+/// Finds the address a connection accepted on the transparent listener was originally for.
+///
+/// Closures `Fn(&TcpStream) -> io::Result<SocketAddrV4>` implement it (tests inject addresses
+/// that way).
+pub trait OriginalDst: Send + Sync + 'static {
+    /// The original destination of `stream`.
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddrV4>;
+}
+
+/// `getsockopt(SO_ORIGINAL_DST)`, answered by the mesh's cgroup/getsockopt program or by
+/// iptables REDIRECT's conntrack entry ([`mesh_dataplane::socket::original_dst`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockOptOriginalDst;
+
+impl OriginalDst for SockOptOriginalDst {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddrV4> {
+        mesh_dataplane::socket::original_dst(stream)
+    }
+}
+
+impl<F> OriginalDst for F
+where
+    F: Fn(&TcpStream) -> io::Result<SocketAddrV4> + Send + Sync + 'static,
+{
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddrV4> {
+        self(stream)
+    }
+}

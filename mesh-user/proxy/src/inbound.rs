@@ -1,0 +1,144 @@
+//! The inbound side: TLS accept, caller identity, authorization, app port, copy to the app.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::Acceptor;
+use rustls::HandshakeKind;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::copy::relay;
+use super::dial::DialKind;
+use super::pod::{reset, ConnInfo, PodState, Shared};
+use super::sni::parse_server_name;
+use super::stats::PodStats;
+use super::Error;
+use mesh_core::identity::peer_identity;
+
+/// The content type of a TLS handshake record: the first byte a TLS client sends.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// How long a refused TLS connection gets to take its `close_notify`.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves one connection accepted on a pod's inbound listener.
+pub(crate) async fn serve(
+    shared: &Shared,
+    pod: &PodState,
+    stream: TcpStream,
+    info: &mut ConnInfo,
+) -> Result<(), Error> {
+    info.service = Some(pod.id().clone());
+    let limit = shared.config.handshake_timeout;
+    let tls = match tokio::time::timeout(limit, handshake(pod, stream, info)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(Error::HandshakeTimeout(limit)),
+    };
+    let (_, conn) = tls.get_ref();
+    PodStats::bump(&pod.stats.tls_handshakes);
+    if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+        info.resumed = true;
+        PodStats::bump(&pod.stats.tls_resumed);
+    }
+    let caller = peer_identity(conn)?;
+    info.caller = Some(caller.clone());
+    let port = match conn.server_name() {
+        Some(name) => parse_server_name(name, pod.id()),
+        None => Err(Error::BadServerName {
+            name: String::new(),
+            reason: "no server name",
+        }),
+    };
+    let port = match port {
+        Ok(port) => port,
+        Err(e) => return refuse(tls, e).await,
+    };
+    info.port = Some(port);
+
+    // Registered before the verdict and until this function returns, so that a rule change
+    // at any point from here on closes the connection (PodProxy::reauthorize).
+    let (_registration, revoked) = pod.inbound.register(caller.clone());
+    let stop = async move {
+        match revoked.await {
+            Ok(reason) => Error::Revoked { reason },
+            // The registry went away with the pod: the task is being aborted anyway.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let verdict = shared.authorizer.authorize(&caller, pod.id());
+    if !verdict.allow {
+        return refuse(
+            tls,
+            Error::Denied {
+                reason: verdict.reason,
+            },
+        )
+        .await;
+    }
+    if !pod.serves_port(port) {
+        return refuse(tls, Error::PortNotServed { port }).await;
+    }
+
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    info.target = Some(addr);
+    let app = match shared.dial(&pod.name, DialKind::App, addr).await {
+        Ok(app) => app,
+        Err(source) => return refuse(tls, Error::Connect { addr, source }).await,
+    };
+    tracing::debug!(
+        pod = %pod.name, caller = %caller, port, resumed = info.resumed,
+        "inbound connection authorized: {}", verdict.reason
+    );
+    let (transferred, result) = relay(
+        app,
+        tls,
+        shared.config.buffer_size,
+        shared.config.idle_timeout,
+        &pod.stats.bytes_in,
+        &pod.stats.bytes_out,
+        stop,
+    )
+    .await;
+    info.transferred = transferred;
+    result
+}
+
+/// Refuses plaintext, reads the client hello (for the requested port in logs), completes the
+/// handshake with the pod's server config.
+async fn handshake(
+    pod: &PodState,
+    stream: TcpStream,
+    info: &mut ConnInfo,
+) -> Result<TlsStream<TcpStream>, Error> {
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await.map_err(Error::Handshake)?;
+    if n == 0 {
+        return Err(Error::ClosedBeforeHandshake);
+    }
+    if first[0] != TLS_HANDSHAKE {
+        reset(stream);
+        return Err(Error::NotTls { first: first[0] });
+    }
+    let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
+        .await
+        .map_err(Error::Handshake)?;
+    // For the log lines of failed handshakes; decided only after authentication.
+    if let Some(name) = start.client_hello().server_name() {
+        info.port = parse_server_name(name, pod.id()).ok();
+    }
+    start
+        .into_stream(Arc::clone(&pod.server))
+        .await
+        .map_err(Error::Handshake)
+}
+
+/// Closes an authenticated connection that will not be served (`close_notify`, then FIN) and
+/// returns why.
+async fn refuse(mut tls: TlsStream<TcpStream>, why: Error) -> Result<(), Error> {
+    let _ = tokio::time::timeout(CLOSE_GRACE, tls.shutdown()).await;
+    Err(why)
+}

@@ -1,0 +1,319 @@
+//! The user-space mTLS proxy: one [`Proxy`] per agent serves every pod on the node.
+//!
+//! # Pieces
+//!
+//! - [`Proxy`]: the agent-wide state: configuration ([`ProxyConfig`]), the trust bundle, one
+//!   shared rustls client config per (source, destination) service ([`ClientConfigCache`], so
+//!   TLS sessions resume), the agent connection limit, endpoint health, and the agent's
+//!   collaborators: a [`Directory`] (destination address or upstream name → mesh service), an
+//!   [`Authorizer`] (intentions), a [`Dialer`] (creates and connects sockets, e.g. inside a
+//!   pod's network namespace) and an [`OriginalDst`] lookup (`SO_ORIGINAL_DST`).
+//! - [`PodProxy`]: one pod's handle. The agent creates the pod's listening sockets (inside the
+//!   pod's network namespace) and hands them over with [`PodProxy::listen`], each with its
+//!   [`ListenerKind`]: the inbound listener (`<pod IP>:20000`), the transparent outbound listener
+//!   (`127.0.0.1:15001`) or an explicit upstream listener (`127.0.0.1:<port>` for one upstream
+//!   service). Dropping the handle (or [`PodProxy::stop`]) closes the pod's listeners and aborts
+//!   its connections. [`PodProxy::stats`] reads the pod's counters ([`PodStatsSnapshot`]).
+//!
+//! # Outbound
+//!
+//! The destination is the upstream service of an explicit listener
+//! ([`Directory::by_upstream`]), or, on the transparent listener, the connection's original
+//! destination ([`OriginalDst`]) mapped with [`Directory::by_address`]. A destination outside
+//! the mesh is passed through as plain TCP to the original address. For a mesh destination the
+//! proxy picks an endpoint round robin, skipping endpoints whose connect failed within
+//! [`ProxyConfig::endpoint_skip`] (a failed connect moves on to the next endpoint within the same
+//! client connection, up to [`ProxyConfig::connect_attempts`] endpoints), and opens mTLS with
+//! the pod's leaf certificate, requiring the server to present the destination's SPIFFE ID.
+//!
+//! # The server name
+//!
+//! The outbound side tells the inbound side which app port the caller wants in the TLS server
+//! name (SNI), see [`server_name`]: `p<port>.<service>.<namespace>.<datacenter>.mesh`, in lower
+//! case, `<port>` in decimal (1–65535, no leading zero). When that is not a valid DNS name (a
+//! label over 63 bytes, a name over 253 bytes, a label starting or ending with `-`), the short
+//! form `p<port>.mesh` is used. The inbound side accepts exactly these two forms, and the long
+//! one only for its own service ([`parse_server_name`]). The name carries no identity: the
+//! client checks the server's SPIFFE ID, the server reads the caller's from its certificate.
+//!
+//! # Inbound
+//!
+//! A connection whose first byte is not a TLS handshake record is refused (plaintext that the
+//! kernel steered to the proxy). Otherwise: TLS accept with the pod's server config within
+//! [`ProxyConfig::handshake_timeout`], the caller's SPIFFE ID from its certificate, the port from
+//! the server name, the [`Authorizer`]'s verdict for (caller, the pod's service), the port must
+//! be one of the pod's app ports, then a connection to the app on `127.0.0.1:<port>` through
+//! the [`Dialer`]. After a rule change, [`PodProxy::reauthorize`] asks the [`Authorizer`] again
+//! about every established inbound connection of the pod and closes those it now denies.
+//!
+//! # Copy, limits, failures
+//!
+//! Bytes are copied both ways with fixed buffers of [`ProxyConfig::buffer_size`] per direction;
+//! an end of stream on one side shuts down writing on the other (for TLS: `close_notify`, then
+//! a TCP FIN) and the other direction goes on until it ends too. A connection with no bytes in
+//! either direction for [`ProxyConfig::idle_timeout`] is closed. Connections past the per-pod or
+//! per-agent limit are reset on accept. Every failure is confined to its connection and logged
+//! (with `tracing`) with who (caller SPIFFE ID or peer address), to what (service, port) and why.
+#![forbid(unsafe_code)]
+
+mod authz;
+mod copy;
+mod dial;
+mod directory;
+mod inbound;
+mod outbound;
+mod pod;
+mod sni;
+mod stats;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_core::identity::{self, SpiffeId};
+
+pub use authz::{AllowAll, Authorizer, Verdict};
+pub use dial::{DialFuture, DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst};
+pub use directory::{Destination, Directory};
+pub use pod::{ListenerId, ListenerKind, PodProxy, PodSpec, Proxy, ProxyBuilder};
+pub use sni::{parse_server_name, server_name, SNI_SUFFIX};
+pub use stats::{PodStats, PodStatsSnapshot};
+
+#[doc(no_inline)]
+pub use mesh_core::identity::ClientConfigCache;
+
+/// The port of a pod's inbound listener, on the pod's IP.
+pub const INBOUND_PORT: u16 = 20000;
+
+/// The port of a pod's transparent outbound listener, on `127.0.0.1` in the pod.
+pub const TRANSPARENT_PORT: u16 = 15001;
+
+/// Tunables of the proxy. [`Default`] gives the production values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Limit for a TLS handshake (inbound: from accept to the end of the handshake, including
+    /// the first byte; outbound: per handshake).
+    pub handshake_timeout: Duration,
+    /// Limit for one TCP connect (to an endpoint, an app or a passthrough destination).
+    pub connect_timeout: Duration,
+    /// A connection without a byte in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long an endpoint whose connect failed is skipped.
+    pub endpoint_skip: Duration,
+    /// How many endpoints one client connection tries before giving up (at least 1).
+    pub connect_attempts: usize,
+    /// Connections (inbound and outbound together) per pod, unless the pod's
+    /// [`PodSpec::max_connections`] says otherwise.
+    pub max_connections_per_pod: usize,
+    /// Connections of all pods together.
+    pub max_connections_per_agent: usize,
+    /// Copy buffer per direction and connection, in bytes. With rustls' own buffers (64 KiB
+    /// each way by default) this bounds a connection's memory.
+    pub buffer_size: usize,
+    /// TLS session resumption between proxies (both as client and as server). Off, every
+    /// mesh connection makes a full mTLS handshake.
+    pub tls_resumption: bool,
+}
+
+/// Default [`ProxyConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ProxyConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default [`ProxyConfig::max_connections_per_pod`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 10_000;
+/// Default [`ProxyConfig::max_connections_per_agent`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 100_000;
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            endpoint_skip: Duration::from_secs(10),
+            connect_attempts: 3,
+            max_connections_per_pod: DEFAULT_MAX_CONNECTIONS_PER_POD,
+            max_connections_per_agent: DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            buffer_size: 64 * 1024,
+            tls_resumption: true,
+        }
+    }
+}
+
+/// Largest accepted copy buffer.
+const MAX_BUFFER_SIZE: usize = 16 * 1024 * 1024;
+
+/// Longest accepted timeout or skip period (keeps every deadline computable).
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl ProxyConfig {
+    /// The TLS options of the proxy's client and server configs.
+    pub fn tls_options(&self) -> mesh_core::identity::TlsOptions {
+        mesh_core::identity::TlsOptions {
+            resumption: self.tls_resumption,
+        }
+    }
+
+    /// Checks that every value is usable.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |what: &str| Err(Error::Config(what.to_owned()));
+        for (what, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("endpoint_skip", self.endpoint_skip),
+        ] {
+            if d.is_zero() || d > MAX_DURATION {
+                return Err(Error::Config(format!(
+                    "{what} must be positive and at most {MAX_DURATION:?}"
+                )));
+            }
+        }
+        if self.connect_attempts == 0 {
+            return bad("connect_attempts must be at least 1");
+        }
+        for (what, n) in [
+            ("max_connections_per_pod", self.max_connections_per_pod),
+            ("max_connections_per_agent", self.max_connections_per_agent),
+        ] {
+            if n == 0 || n > tokio::sync::Semaphore::MAX_PERMITS {
+                return Err(Error::Config(format!(
+                    "{what} must be between 1 and {}",
+                    tokio::sync::Semaphore::MAX_PERMITS
+                )));
+            }
+        }
+        if !(1024..=MAX_BUFFER_SIZE).contains(&self.buffer_size) {
+            return Err(Error::Config(format!(
+                "buffer_size must be between 1024 and {MAX_BUFFER_SIZE}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Which connection limit refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitScope {
+    /// The pod's limit.
+    Pod,
+    /// The agent's limit.
+    Agent,
+}
+
+impl std::fmt::Display for LimitScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pod => "pod",
+            Self::Agent => "agent",
+        })
+    }
+}
+
+/// Errors of the proxy module: setting up the proxy, and why one connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A [`ProxyConfig`] value is out of range.
+    #[error("invalid proxy configuration: {0}")]
+    Config(String),
+    /// The proxy was used outside a tokio runtime.
+    #[error("no tokio runtime: the proxy must be started from within one")]
+    NoRuntime,
+    /// A listener could not be taken over.
+    #[error("listener: {0}")]
+    Listener(#[source] io::Error),
+    /// An identity operation failed (TLS config, peer certificate).
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
+    /// A connection limit was reached.
+    #[error("{0} connection limit reached")]
+    LimitReached(LimitScope),
+    /// The client's first byte is not a TLS handshake record.
+    #[error("plaintext (not TLS) client, first byte {first:#04x}")]
+    NotTls {
+        /// The first byte received.
+        first: u8,
+    },
+    /// The peer closed before sending anything.
+    #[error("peer closed before the TLS handshake")]
+    ClosedBeforeHandshake,
+    /// The TLS handshake did not finish in time.
+    #[error("TLS handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The TLS handshake failed (bad certificate, wrong identity, protocol error).
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] io::Error),
+    /// The TLS server name is not one the inbound side accepts.
+    #[error("bad TLS server name {name:?}: {reason}")]
+    BadServerName {
+        /// The name received (at most 253 bytes, a DNS name).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A server name cannot be built for this port.
+    #[error("port 0 cannot be requested")]
+    PortZero,
+    /// The [`Authorizer`] denied the caller.
+    #[error("denied by intentions: {reason}")]
+    Denied {
+        /// The authorizer's reason.
+        reason: String,
+    },
+    /// An established inbound connection is no longer allowed (see [`PodProxy::reauthorize`]).
+    #[error("no longer allowed by intentions: {reason}")]
+    Revoked {
+        /// The authorizer's reason.
+        reason: String,
+    },
+    /// The requested port is not an app port of the pod.
+    #[error("port {port} is not an app port of this pod")]
+    PortNotServed {
+        /// The requested port.
+        port: u16,
+    },
+    /// The explicit upstream has no mesh service in the directory.
+    #[error("unknown upstream {0}")]
+    UnknownUpstream(String),
+    /// The destination service has no endpoints.
+    #[error("{0} has no endpoints")]
+    NoEndpoints(Box<SpiffeId>),
+    /// Every endpoint tried failed to connect.
+    #[error("{service}: {tried} endpoint(s) failed, last {last_addr}: {last}")]
+    EndpointsFailed {
+        /// The destination service.
+        service: Box<SpiffeId>,
+        /// How many endpoints were tried.
+        tried: usize,
+        /// The last endpoint tried.
+        last_addr: SocketAddr,
+        /// Its error.
+        #[source]
+        last: io::Error,
+    },
+    /// The connection to the pod's app (inbound) or to a passthrough destination failed.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The error (kind `TimedOut` after [`ProxyConfig::connect_timeout`]).
+        #[source]
+        source: io::Error,
+    },
+    /// `SO_ORIGINAL_DST` could not be read.
+    #[error("original destination: {0}")]
+    OriginalDst(#[source] io::Error),
+    /// The original destination is the transparent listener itself (a direct connection that
+    /// was not redirected); passing it through would loop.
+    #[error("original destination {0} is the proxy's own listener")]
+    Loop(SocketAddr),
+    /// No byte in either direction for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    /// Copying failed (a reset, a TLS error, a close without `close_notify`).
+    #[error("copy: {0}")]
+    Copy(#[source] io::Error),
+}

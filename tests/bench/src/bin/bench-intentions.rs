@@ -1,0 +1,248 @@
+//! `bench-intentions`: what intentions cost in the kernel and how fast a change gets there.
+//!
+//! ```text
+//! bench-intentions [--quick] [--rounds N]
+//! ```
+//!
+//! Two pods (`web` → `api`), the agent in this process with the eBPF dataplane. Measured in
+//! interleaved rounds with 10 and with 100,000 intentions loaded, none of them matching web →
+//! api, so every connect() makes all nine lookups before the default policy decides (the worst
+//! case): the latency of `connect()` from the web app to api's virtual IP (connect4 runs inside
+//! it). Then: the time to compile and load 100,000 intentions, and the time from handing a
+//! one-intention change to the agent to the kernel maps holding it, p50/p99. Results go to
+//! `target/bench/intentions.json` and to the `intentions` section of `docs/benchmarks.md`.
+//! Targets are reported, not asserted.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use mesh_kit::{Node, Pod};
+use mesh_agent::{Agent, AgentConfig, Redirect};
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Workload};
+use mesh_core::intentions::{Action, IntentionSpec, RuleSet, ServiceName};
+use serde_json::json;
+
+fn spec(src: &str, dst: &str, action: Action) -> Result<IntentionSpec> {
+    Ok(IntentionSpec::new(
+        &ServiceName::parse(src)?,
+        &ServiceName::parse(dst)?,
+        action,
+    ))
+}
+
+/// `n` intentions between services that web and api are not.
+fn unrelated(n: usize) -> Result<RuleSet> {
+    let mut rules = RuleSet::with_default_policy(Action::Allow);
+    for i in 0..n {
+        rules.create(
+            &spec(&format!("s{i}"), &format!("d{i}"), Action::Allow)?,
+            false,
+        )?;
+    }
+    Ok(rules)
+}
+
+fn workload(pod: &Pod, service: &str) -> Workload {
+    Workload {
+        name: pod.name.clone(),
+        namespace: "default".into(),
+        service: service.into(),
+        datacenter: "dc1".into(),
+        netns: pod.netns_path.clone(),
+        cgroup: pod.cgroup.clone(),
+        ip: pod.ip,
+        app_ports: vec![9091],
+        upstreams: vec![],
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let rounds: usize = match args.iter().position(|a| a == "--rounds") {
+        Some(i) => args.get(i + 1).context("--rounds N")?.parse()?,
+        None => 3,
+    };
+    let connects = if quick { 2_000 } else { 20_000 };
+    let changes = if quick { 20 } else { 100 };
+
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = node.add_pod("api")?;
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 40), 9091);
+    let catalog = Catalog {
+        services: vec![Service {
+            name: "api".into(),
+            namespace: "default".into(),
+            datacenter: "dc1".into(),
+            vip: Some(*vip.ip()),
+            ports: vec![9091],
+            protocol: Protocol::Tcp,
+            target_ports: Default::default(),
+            endpoints: vec![Endpoint {
+                ip: api.ip,
+                port: mesh_common::INBOUND_PORT,
+            }],
+        }],
+        workloads: vec![workload(&web, "web"), workload(&api, "api")],
+    };
+    let state = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let cfg = AgentConfig {
+        instance: node.instance(),
+        state_dir: state.path().to_path_buf(),
+        mesh_cgroup: node.mesh_cgroup.clone(),
+        redirect: Redirect::Ebpf,
+        default_policy: Action::Allow,
+        msg_redirect: true,
+        proxy: mesh_proxy::ProxyConfig::default(),
+    };
+    let mut agent = rt.block_on(Agent::start(
+        cfg,
+        catalog,
+        RuleSet::with_default_policy(Action::Allow),
+    ))?;
+
+    let small = unrelated(10)?;
+    let large = unrelated(100_000)?;
+    let connect = |node: &mut Node, label: &str| -> Result<(f64, f64)> {
+        let out = node.probe_in(
+            &web,
+            &["connect-latency", &vip.to_string(), &connects.to_string()],
+            Duration::from_secs(300),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        ensure!(
+            out.status.success(),
+            "{label}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let field = |k: &str| -> Result<f64> {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .context(format!("no {k} in {text:?}"))?
+                .parse::<f64>()
+                .map_err(Into::into)
+        };
+        ensure!(field("failed=")? == 0.0, "{label}: connects failed: {text}");
+        Ok((field("p50_ns=")? / 1000.0, field("p99_ns=")? / 1000.0))
+    };
+
+    let mut records = Vec::new();
+    let (mut p50_small, mut p50_large, mut p99_small, mut p99_large) =
+        (vec![], vec![], vec![], vec![]);
+    let mut load_times = Vec::new();
+    for round in 0..rounds {
+        agent.set_rules(small.clone())?;
+        let (p50, p99) = connect(&mut node, "10 intentions")?;
+        eprintln!("round {round}: 10 intentions: connect p50 {p50:.1} µs p99 {p99:.1} µs");
+        records.push(
+            json!({"round": round, "intentions": 10, "connect_p50_us": p50, "connect_p99_us": p99}),
+        );
+        p50_small.push(p50);
+        p99_small.push(p99);
+
+        let started = Instant::now();
+        agent.set_rules(large.clone())?;
+        let load = started.elapsed().as_secs_f64();
+        load_times.push(load);
+        let (p50, p99) = connect(&mut node, "100,000 intentions")?;
+        eprintln!("round {round}: 100,000 intentions (loaded in {load:.2} s): connect p50 {p50:.1} µs p99 {p99:.1} µs");
+        records.push(json!({"round": round, "intentions": 100_000, "load_s": load, "connect_p50_us": p50, "connect_p99_us": p99}));
+        p50_large.push(p50);
+        p99_large.push(p99);
+    }
+    let dp = agent.dataplane().context("ebpf dataplane")?;
+    ensure!(
+        dp.intentions()?.len() == 100_000,
+        "the kernel holds the 100,000 intentions"
+    );
+
+    // A one-intention change among 100,000, from the agent call to the kernel holding it.
+    let mut rules = large.clone();
+    let mut change = Vec::new();
+    for i in 0..changes {
+        let action = if i % 2 == 0 {
+            Action::Deny
+        } else {
+            Action::Allow
+        };
+        rules.create(&spec("web", "api", action)?, true)?;
+        let started = Instant::now();
+        agent.set_rules(rules.clone())?;
+        change.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    change.sort_by(f64::total_cmp);
+    let (change_p50, change_p99) = (percentile(&change, 0.5), percentile(&change, 0.99));
+
+    let (s50, l50) = (median(p50_small.clone()), median(p50_large.clone()));
+    let (s99, l99) = (median(p99_small), median(p99_large));
+    let load = median(load_times);
+    let uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let summary = json!({
+        "connect_p50_us": {"10": s50, "100000": l50, "ratio": l50 / s50},
+        "connect_p99_us": {"10": s99, "100000": l99, "ratio": l99 / s99},
+        "load_100000_s": load,
+        "change_to_kernel_ms": {"p50": change_p50, "p99": change_p99},
+        "kernel": uname.trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "rounds": rounds,
+        "connects_per_run": connects,
+        "records": records,
+    });
+    println!("\nintentions, medians of {rounds} interleaved rounds ({connects} connects each):");
+    println!("  connect() p50: {s50:.1} µs with 10, {l50:.1} µs with 100,000 intentions: {:.2}x (target ≤ 1.1x)", l50 / s50);
+    println!(
+        "  connect() p99: {s99:.1} µs with 10, {l99:.1} µs with 100,000 intentions: {:.2}x",
+        l99 / s99
+    );
+    println!("  compile and load 100,000 intentions: {load:.2} s");
+    println!("  one change among 100,000 to the kernel: p50 {change_p50:.1} ms, p99 {change_p99:.1} ms (target ≤ 10 ms)");
+
+    let target = std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent())
+        .context("target dir")?
+        .join("bench");
+    std::fs::create_dir_all(&target)?;
+    std::fs::write(
+        target.join("intentions.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    let section = format!(
+        "## Intentions in the kernel (`cargo xtask bench intentions`)\n\n\
+         Kernel {}, {} CPUs, medians of {rounds} interleaved rounds of {connects} connects. No intention \
+         matches the measured connection, so connect4 makes all nine lookups (the worst case).\n\n\
+         | | 10 intentions | 100,000 intentions | ratio (target ≤ 1.1) |\n|---|---|---|---|\n\
+         | connect() p50 | {s50:.1} µs | {l50:.1} µs | {:.2}x |\n| connect() p99 | {s99:.1} µs | {l99:.1} µs | {:.2}x |\n\n\
+         Compile and load 100,000 intentions: {load:.2} s. One change among 100,000, from the agent \
+         call to the kernel holding it (compile, write the differences to the set not in force, flip): \
+         p50 {change_p50:.1} ms, p99 {change_p99:.1} ms (target ≤ 10 ms).\n",
+        uname.trim(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        l50 / s50,
+        l99 / s99,
+    );
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
+    let (begin, end) = ("<!-- intentions:begin -->", "<!-- intentions:end -->");
+    mesh_kit::write_marked_section(&docs, begin, end, &format!("{begin}\n{section}{end}\n"))?;
+    drop(agent);
+    drop(rt);
+    Ok(())
+}

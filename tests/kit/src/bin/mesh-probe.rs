@@ -1,0 +1,269 @@
+//! `mesh-probe`: the application side of the root tests. It moves itself into a pod's cgroup and
+//! network namespace, then does one thing and reports it on stdout.
+//!
+//! ```text
+//! mesh-probe --netns PATH --cgroup PATH [--blocking] <command>
+//!
+//! Sockets are non-blocking with `poll` (as event-loop applications use them) unless `--blocking`.
+//!   dial-many ADDR[,ADDR...] COUNT   connect COUNT times, round robin; send "<addr>\n", read to EOF
+//!   exchange ADDR BYTES SEED [LOCAL_PORT]
+//!                                     send BYTES of stream SEED then half-close, read stream SEED+1
+//!                                     to EOF; print "sent=N received=M ok=BOOL"
+//!   connect ADDR                      print "connected" or "error <errno> <message>"
+//!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
+//!   connect-latency ADDR COUNT        time COUNT connect() calls (each then closed); print
+//!                                     "p50_ns=.. p99_ns=.. failed=.."
+//!   fetch ADDR                        connect, read to EOF, print what was read
+//!   http-get ADDR                     send a plaintext HTTP request, print what comes back (or
+//!                                     the error)
+//!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
+//!                                     send BYTES of stream SEED+1, half-close; print each result
+//!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
+//! ```
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_kit::{read_pattern, write_pattern, NbStream};
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("mesh-probe: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut netns = None;
+    let mut cgroup = None;
+    let mut blocking = false;
+    while !args.is_empty() && args[0].starts_with("--") {
+        let opt = args.remove(0);
+        if opt == "--blocking" {
+            blocking = true;
+            continue;
+        }
+        ensure!(!args.is_empty(), "{opt} needs a value");
+        let value = args.remove(0);
+        match opt.as_str() {
+            "--netns" => netns = Some(PathBuf::from(value)),
+            "--cgroup" => cgroup = Some(PathBuf::from(value)),
+            other => bail!("unknown option {other}"),
+        }
+    }
+    // cgroup first: sockets belong to the cgroup of the process that creates them.
+    if let Some(cg) = cgroup {
+        mesh_dataplane::cgroup::add_process(&cg, std::process::id())?;
+    }
+    if let Some(ns) = netns {
+        let file = std::fs::File::open(&ns).with_context(|| format!("{}", ns.display()))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+    }
+    let cmd = args.first().cloned().unwrap_or_default();
+    let arg = |i: usize| -> Result<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .with_context(|| format!("{cmd}: missing argument {i}"))
+    };
+    match cmd.as_str() {
+        "dial-many" => {
+            let targets: Vec<SocketAddr> = arg(1)?
+                .split(',')
+                .map(|a| a.parse().context("address"))
+                .collect::<Result<_>>()?;
+            let count: usize = arg(2)?.parse()?;
+            for i in 0..count {
+                let target = targets[i % targets.len()];
+                let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                    .with_context(|| format!("connection {i} to {target}"))?;
+                writeln!(s, "{target}")?;
+                let mut sink = Vec::new();
+                s.read_to_end(&mut sink)?;
+            }
+            println!("dialled {count}");
+        }
+        "exchange" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let bytes: u64 = arg(2)?.parse()?;
+            let seed: u64 = arg(3)?.parse()?;
+            let local_port = args.get(4).map(|p| p.parse()).transpose()?;
+            let (sent, received, ok) = if blocking {
+                let s = match local_port {
+                    Some(port) => {
+                        let sock = socket2_bind(port)?;
+                        sock.connect(&addr.into())?;
+                        TcpStream::from(sock)
+                    }
+                    None => TcpStream::connect(addr)?,
+                };
+                exchange(s.try_clone()?, s, bytes, seed)?
+            } else {
+                let s = NbStream::connect(addr, local_port)?;
+                exchange(s.try_clone()?, s, bytes, seed)?
+            };
+            println!("sent={sent} received={received} ok={ok}");
+        }
+        "connect" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(_) => println!("connected"),
+                Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
+            }
+        }
+        "connect-latency" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let count: usize = arg(2)?.parse()?;
+            let mut times = Vec::with_capacity(count);
+            let mut failed = 0;
+            for _ in 0..count {
+                let sock =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                let start = std::time::Instant::now();
+                let r = sock.connect(&addr.into());
+                let took = start.elapsed();
+                match r {
+                    Ok(()) => times.push(took.as_nanos() as u64),
+                    Err(_) => failed += 1,
+                }
+            }
+            times.sort_unstable();
+            let at = |q: f64| {
+                times
+                    .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            println!("p50_ns={} p99_ns={} failed={failed}", at(0.5), at(0.99));
+        }
+        "fetch" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            println!("{text}");
+        }
+        "http-get" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")?;
+            let mut text = Vec::new();
+            match s.read_to_end(&mut text) {
+                Ok(_) => println!("{}", String::from_utf8_lossy(&text)),
+                Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
+            }
+        }
+        "push" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let bytes: u64 = arg(2)?.parse()?;
+            let result = if blocking {
+                push(TcpStream::connect(addr)?, bytes)
+            } else {
+                let s = NbStream::connect(addr, None)?;
+                push(s, bytes)
+            };
+            match result {
+                Ok(()) => println!("pushed {bytes}"),
+                Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
+            }
+        }
+        "exchange-server" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let bytes: u64 = arg(2)?.parse()?;
+            let seed: u64 = arg(3)?.parse()?;
+            let listener = TcpListener::bind(addr)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for conn in listener.incoming() {
+                let conn = NbStream::new(conn?)?;
+                std::thread::spawn(move || {
+                    let result = (|| -> std::io::Result<(u64, bool)> {
+                        let mut w = conn.try_clone()?;
+                        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                            write_pattern(&mut w, seed + 1, bytes)?;
+                            w.half_close()
+                        });
+                        let mut r = conn;
+                        let got = read_pattern(&mut r, seed)?;
+                        writer
+                            .join()
+                            .map_err(|_| std::io::Error::other("writer panicked"))??;
+                        Ok(got)
+                    })();
+                    match result {
+                        Ok((n, ok)) => println!("served received={n} ok={ok}"),
+                        Err(e) => println!("served error {e}"),
+                    }
+                    let _ = std::io::stdout().flush();
+                });
+            }
+        }
+        "serve" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let reply = arg(2)?.to_string();
+            let listener = TcpListener::bind(addr)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for conn in listener.incoming() {
+                let mut conn = conn?;
+                let _ = conn.write_all(reply.as_bytes());
+            }
+        }
+        other => bail!("unknown command {other:?}"),
+    }
+    Ok(())
+}
+
+/// Writes `bytes` of stream `seed` on `w` and half-closes while reading stream `seed + 1` from
+/// `r` to EOF. Returns (sent, received, whether what was received is exact).
+fn exchange<S: Read + Write + HalfClose + Send + 'static>(
+    mut w: S,
+    mut r: S,
+    bytes: u64,
+    seed: u64,
+) -> Result<(u64, u64, bool)> {
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        write_pattern(&mut w, seed, bytes)?;
+        w.half_close()
+    });
+    let (received, ok) = read_pattern(&mut r, seed + 1)?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    Ok((bytes, received, ok))
+}
+
+/// Writes `bytes` of stream 7, half-closes, and reads to EOF; any error is the app's error.
+fn push<S: Read + Write + HalfClose>(mut s: S, bytes: u64) -> std::io::Result<()> {
+    write_pattern(&mut s, 7, bytes)?;
+    s.half_close()?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    Ok(())
+}
+
+trait HalfClose {
+    fn half_close(&self) -> std::io::Result<()>;
+}
+
+impl HalfClose for TcpStream {
+    fn half_close(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl HalfClose for NbStream {
+    fn half_close(&self) -> std::io::Result<()> {
+        self.0.shutdown(Shutdown::Write)
+    }
+}
+
+/// A TCP socket bound to 127.0.0.1:`port` with SO_REUSEADDR, not yet connected.
+fn socket2_bind(port: u16) -> Result<socket2::Socket> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    Ok(sock)
+}

@@ -1,0 +1,698 @@
+//! Root tests of the kernel dataplane: real programs, real namespaces and cgroups.
+//! The test process plays the agent (it sits in the node's agent cgroup); `mesh-probe` plays the
+//! application inside a pod.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use mesh_common::{
+    Config, IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
+    SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
+};
+use mesh_kit::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
+use mesh_dataplane::bpf::Dataplane;
+use mesh_dataplane::{cgroup, iptables, socket::original_dst};
+
+/// Interned ids, as the agent would assign them: one namespace, three service names.
+const NS: u32 = 1;
+const WEB_ID: u32 = 2;
+const API_ID: u32 = 3;
+
+fn api_value(name: u32, kind: u32) -> ServiceValue {
+    ServiceValue { ns: NS, name, kind }
+}
+
+/// Sets one exact intention web → `dst` (and the default allow), as the agent's compiled rules.
+fn set_intention(dp: &mut Dataplane, dst: u32, allow: bool) -> Result<()> {
+    let key = IntentionKey {
+        src_ns: NS,
+        src_name: WEB_ID,
+        dst_ns: NS,
+        dst_name: dst,
+    };
+    let action = if allow { VERDICT_ALLOW } else { VERDICT_DENY };
+    let entries = HashMap::from([(key, IntentionValue { action, counter: 7 })]);
+    dp.replace_intentions(entries, true)?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Ebpf,
+    Iptables,
+}
+
+fn vip(node: &Node, host: u8, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, host), port)
+}
+
+/// Meshes `pod` with the identity `NS/identity`.
+fn mesh_pod(dp: &mut Dataplane, pod: &Pod, identity: u32) -> Result<u64> {
+    dp.attach_pod(&pod.name, &pod.cgroup, &pod.netns())?;
+    dp.set_pod(
+        cgroup::id(&pod.cgroup)?,
+        PodValue {
+            ns: NS,
+            name: identity,
+            outbound_port: OUTBOUND_PORT,
+            _pad: 0,
+        },
+    )?;
+    let cookie = pod.netns().cookie()?;
+    dp.set_local_port(cookie, OUTBOUND_PORT, LOCAL_PORT_PROXY)?;
+    Ok(cookie)
+}
+
+fn open_dataplane(node: &Node) -> Result<Dataplane> {
+    let mut dp = Dataplane::open(&node.instance(), &node.mesh_cgroup)?;
+    dp.set_config(Config::DEFAULT)?;
+    Ok(dp)
+}
+
+/// The pod's outbound listener, blocking.
+fn outbound_listener(pod: &Pod) -> Result<TcpListener> {
+    let l = pod.netns().listen(v4(Ipv4Addr::LOCALHOST, OUTBOUND_PORT))?;
+    l.set_nonblocking(false)?;
+    Ok(l)
+}
+
+fn redirect_1000_connections(mode: Mode) -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let vips = [
+        vip(&node, 10, 9091),
+        vip(&node, 11, 80),
+        vip(&node, 12, 443),
+    ];
+    let dp = match mode {
+        Mode::Ebpf => {
+            let mut dp = open_dataplane(&node)?;
+            mesh_pod(&mut dp, &web, WEB_ID)?;
+            for v in vips {
+                dp.set_service(v, api_value(API_ID, SERVICE_VIP))?;
+            }
+            Some(dp)
+        }
+        Mode::Iptables => {
+            iptables::install(
+                &web.netns_path,
+                &iptables::Rules {
+                    outbound_port: OUTBOUND_PORT,
+                    inbound_port: 20000,
+                    app_ports: vec![],
+                },
+            )?;
+            None
+        }
+    };
+    let before = dp.as_ref().map(|d| d.conn_map_sizes()).transpose()?;
+    let listener = outbound_listener(&web)?;
+    const N: usize = 1000;
+    let acceptor = thread::spawn(move || -> Result<usize> {
+        let mut ok = 0;
+        for i in 0..N {
+            let (conn, _) = listener.accept()?;
+            let orig = original_dst(&conn)
+                .with_context(|| format!("SO_ORIGINAL_DST of connection {i}"))?;
+            let mut line = String::new();
+            BufReader::new(&conn).read_line(&mut line)?;
+            let dialled: SocketAddr = line.trim().parse()?;
+            ensure!(
+                SocketAddr::V4(orig) == dialled,
+                "connection {i}: original dst {orig}, app dialled {dialled}"
+            );
+            ok += 1;
+        }
+        Ok(ok)
+    });
+    let targets = vips.map(|v| v.to_string()).join(",");
+    let out = node.probe_in(
+        &web,
+        &["dial-many", &targets, &N.to_string()],
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let landed = acceptor.join().expect("acceptor")?;
+    assert_eq!(landed, N, "every connection lands on the outbound listener");
+    if let Some(dp) = &dp {
+        let c = dp.counters()?;
+        assert!(
+            c.redirects >= N as u64,
+            "connect4 counted {} redirects",
+            c.redirects
+        );
+        assert!(
+            c.orig_dst_answered >= N as u64,
+            "getsockopt answered {}",
+            c.orig_dst_answered
+        );
+        // Every per-connection entry is gone once the connections are closed.
+        wait_for(Duration::from_secs(5), || {
+            Ok(dp.conn_map_sizes()? == before.unwrap())
+        })
+        .context("per-connection maps did not return to their size before the test")?;
+    }
+    Ok(())
+}
+
+fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ebpf_redirects_1000_connections_with_original_destination() -> Result<()> {
+    redirect_1000_connections(Mode::Ebpf)
+}
+
+#[test]
+fn iptables_redirects_1000_connections_with_original_destination() -> Result<()> {
+    redirect_1000_connections(Mode::Iptables)
+}
+
+/// Accepts one connection on `listener`, checks it received stream `seed_in` to EOF, and answers
+/// with `len` bytes of stream `seed_in + 1` and a half-close.
+fn serve_exchange(
+    listener: TcpListener,
+    seed_in: u64,
+    len: u64,
+) -> thread::JoinHandle<Result<(u64, bool)>> {
+    thread::spawn(move || {
+        let (conn, _) = listener.accept()?;
+        let conn = NbStream::new(conn)?;
+        let mut w = conn.try_clone()?;
+        let writer = thread::spawn(move || -> std::io::Result<()> {
+            write_pattern(&mut w, seed_in + 1, len)?;
+            w.0.shutdown(Shutdown::Write)
+        });
+        let mut r = conn;
+        let got = read_pattern(&mut r, seed_in)?;
+        writer.join().expect("writer")?;
+        Ok(got)
+    })
+}
+
+fn parse_exchange(stdout: &[u8]) -> Result<(u64, u64, bool)> {
+    let text = String::from_utf8_lossy(stdout);
+    let mut sent = None;
+    let mut received = None;
+    let mut ok = None;
+    for word in text.split_whitespace() {
+        match word.split_once('=') {
+            Some(("sent", v)) => sent = Some(v.parse()?),
+            Some(("received", v)) => received = Some(v.parse()?),
+            Some(("ok", v)) => ok = Some(v == "true"),
+            _ => {}
+        }
+    }
+    Ok((
+        sent.context("no sent=")?,
+        received.context("no received=")?,
+        ok.context("no ok=")?,
+    ))
+}
+
+#[test]
+fn sk_msg_carries_64_mib_each_way_with_half_close() -> Result<()> {
+    const LEN: u64 = 64 << 20;
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    // This test is about the redirect carrying every byte, not about the backlog bound (the
+    // backpressure tests are): a bound as large as the transfer keeps a reader descheduled on a
+    // busy machine from sending the pair to the TCP path.
+    dp.set_config(Config {
+        backlog_limit: LEN as u32,
+        ..Config::DEFAULT
+    })?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    let before = dp.counters()?;
+    let server = serve_exchange(outbound_listener(&web)?, 42, LEN);
+    let out = node.probe_in(
+        &web,
+        &["exchange", &api.to_string(), &LEN.to_string(), "42"],
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (sent, received, ok) = parse_exchange(&out.stdout)?;
+    assert_eq!(
+        (sent, received, ok),
+        (LEN, LEN, true),
+        "app side of the exchange"
+    );
+    let (got, got_ok) = server.join().expect("server")?;
+    assert_eq!((got, got_ok), (LEN, true), "proxy side of the exchange");
+    let after = dp.counters()?;
+    let redirected = after.bytes_redirected - before.bytes_redirected;
+    assert!(
+        redirected >= 2 * LEN,
+        "only {redirected} of {} bytes took the sk_msg redirect ({after:?})",
+        2 * LEN
+    );
+    assert_eq!(
+        after.backlog_fallbacks, before.backlog_fallbacks,
+        "a fast reader never falls back"
+    );
+    Ok(())
+}
+
+#[test]
+fn identical_loopback_tuples_in_two_pods_stay_apart() -> Result<()> {
+    const LEN: u64 = 16 << 20;
+    let mut node = Node::new()?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let api = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    // As in the 64 MiB test: the bound is not what this test is about.
+    dp.set_config(Config {
+        backlog_limit: LEN as u32,
+        ..Config::DEFAULT
+    })?;
+    mesh_pod(&mut dp, &a, WEB_ID)?;
+    mesh_pod(&mut dp, &b, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    let server_a = serve_exchange(outbound_listener(&a)?, 100, LEN);
+    let server_b = serve_exchange(outbound_listener(&b)?, 200, LEN);
+    // Both apps use local port 40000: both pairs are 127.0.0.1:40000 <-> 127.0.0.1:15001.
+    let args = |seed: &'static str| {
+        [
+            "exchange".to_string(),
+            api.to_string(),
+            LEN.to_string(),
+            seed.to_string(),
+            "40000".to_string(),
+        ]
+    };
+    let pa = args("100");
+    let pb = args("200");
+    let child_a = node.probe(
+        &a.netns_path,
+        &a.cgroup,
+        &pa.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let child_b = node.probe(
+        &b.netns_path,
+        &b.cgroup,
+        &pb.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let out_a = mesh_kit::wait_limit(child_a, Duration::from_secs(60))?;
+    let out_b = mesh_kit::wait_limit(child_b, Duration::from_secs(60))?;
+    for (name, out) in [("a", &out_a), ("b", &out_b)] {
+        ensure!(
+            out.status.success(),
+            "probe {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            parse_exchange(&out.stdout)?,
+            (LEN, LEN, true),
+            "pod {name} got only its own bytes"
+        );
+    }
+    assert_eq!(
+        server_a.join().expect("a")?,
+        (LEN, true),
+        "pod a's proxy got only pod a's bytes"
+    );
+    assert_eq!(
+        server_b.join().expect("b")?,
+        (LEN, true),
+        "pod b's proxy got only pod b's bytes"
+    );
+    assert!(dp.counters()?.bytes_redirected >= 4 * LEN);
+    Ok(())
+}
+
+/// Answers every connection on `listener` with `reply` until `stop`.
+fn answer(
+    listener: TcpListener,
+    reply: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<usize> {
+    listener.set_nonblocking(true).expect("nonblocking");
+    thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).ok();
+                    let _ = c.write_all(reply.as_bytes());
+                    n += 1;
+                }
+                Err(_) => thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        n
+    })
+}
+
+fn fetch(
+    node: &mut Node,
+    netns: &std::path::Path,
+    cgroup: &std::path::Path,
+    addr: SocketAddrV4,
+) -> Result<String> {
+    let child = node.probe(netns, cgroup, &["fetch", &addr.to_string()])?;
+    let out = mesh_kit::wait_limit(child, Duration::from_secs(20))?;
+    ensure!(
+        out.status.success(),
+        "fetch {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn agent_and_unmeshed_sockets_are_never_redirected() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = node.add_pod("api")?;
+    let endpoint = SocketAddrV4::new(api.ip, 9000);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(endpoint, api_value(API_ID, SERVICE_ENDPOINT))?;
+    let server = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9000", "app"],
+    )?;
+    node.keep(server);
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
+    wait_for(Duration::from_secs(5), || {
+        Ok(api.netns().connect(v4(api.ip, 9000)).is_ok())
+    })?;
+
+    // A meshed app is redirected to the proxy...
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, endpoint)?,
+        "proxy"
+    );
+    // ...a process of a cgroup without the mesh's programs is not...
+    let plain = node.plain_cgroup()?;
+    assert_eq!(fetch(&mut node, &web.netns_path, &plain, endpoint)?, "app");
+    // ...and neither is the agent itself, even from inside the pod's namespace.
+    let mut s = web.netns().connect(SocketAddr::V4(endpoint))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    assert_eq!(
+        text, "app",
+        "the agent's own connection reached the app directly"
+    );
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(
+        proxy.join().expect("proxy"),
+        1,
+        "only the meshed app's connection hit the proxy"
+    );
+    Ok(())
+}
+
+#[test]
+fn deny_verdict_fails_connect_with_eperm_before_any_packet() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let other = vip(&node, 11, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    dp.set_service(other, api_value(API_ID + 1, SERVICE_VIP))?;
+    set_intention(&mut dp, API_ID, false)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
+
+    let tx_before = web.eth0_tx_packets()?;
+    let denied_before = dp.counters()?.connects_denied;
+    let out = node.probe_in(
+        &web,
+        &["connect", &api.to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "denied connect: {text}"
+    );
+    assert_eq!(
+        web.eth0_tx_packets()?,
+        tx_before,
+        "a denied connect sent packets"
+    );
+    assert_eq!(dp.counters()?.connects_denied, denied_before + 1);
+
+    // The verdict is per destination service, and flipping it takes effect at once.
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, other)?,
+        "proxy"
+    );
+    set_intention(&mut dp, API_ID, true)?;
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, api)?,
+        "proxy"
+    );
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
+}
+
+#[test]
+fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &api, API_ID)?;
+    let inbound = api.netns().listen(v4(api.ip, mesh_common::INBOUND_PORT))?;
+    dp.set_inbound(0, &inbound, api.ip, &[9000])?;
+    let server = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9000", "app"],
+    )?;
+    node.keep(server);
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    let app = SocketAddrV4::new(api.ip, 9000);
+    // Inside the pod, the app port is the app (the proxy's own inbound leg depends on it).
+    wait_for(Duration::from_secs(5), || {
+        Ok(api.netns().connect(v4(Ipv4Addr::LOCALHOST, 9000)).is_ok())
+    })?;
+    assert_eq!(
+        fetch(
+            &mut node,
+            &api.netns_path,
+            &api.cgroup,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000)
+        )?,
+        "app"
+    );
+    assert_eq!(fetch(&mut node, &api.netns_path, &api.cgroup, app)?, "app");
+
+    let steered_before = dp.counters()?.inbound_steered;
+    let plain = node.plain_cgroup()?;
+    assert_eq!(
+        fetch(&mut node, &client.netns_path, &plain, app)?,
+        "inbound",
+        "outside → app port"
+    );
+    assert_eq!(dp.counters()?.inbound_steered, steered_before + 1);
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
+}
+
+#[test]
+fn uninstall_leaves_nothing_attached_or_pinned() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let ids = {
+        let mut dp = open_dataplane(&node)?;
+        mesh_pod(&mut dp, &web, WEB_ID)?;
+        let ids = dp.link_ids()?;
+        assert_eq!(
+            ids.len(),
+            4,
+            "sockops, getsockopt, connect4, sk_lookup: {ids:?}"
+        );
+        ids
+    };
+    // The agent is gone but its programs stay attached through their pins.
+    let live: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(|l| l.ok())
+        .map(|l| l.id())
+        .collect();
+    for (name, id) in &ids {
+        assert!(
+            live.contains(id),
+            "{name} (link {id}) detached when the agent let go"
+        );
+    }
+    mesh_dataplane::bpf::uninstall(&node.instance())?;
+    assert!(
+        !mesh_dataplane::bpf::instance_dir(&node.instance()).exists(),
+        "pins left behind"
+    );
+    let live: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(|l| l.ok())
+        .map(|l| l.id())
+        .collect();
+    for (name, id) in &ids {
+        assert!(
+            !live.contains(id),
+            "{name} (link {id}) still attached after uninstall"
+        );
+    }
+    Ok(())
+}
+
+/// 2 GiB from a writer in `web` to a slow reader on the outbound listener, `RUNS` times.
+/// Returns the kernel counters after the runs.
+fn backpressure(blocking: bool) -> Result<mesh_dataplane::bpf::Counters> {
+    const LEN: u64 = 2 << 30;
+    const RUNS: usize = 10;
+    // What a redirected pair may add to host TCP memory: the backlog bound (8 MiB) plus
+    // ordinary socket buffers, far below the ~415 MiB an unbounded redirect reached.
+    const BOUND_BYTES: u64 = 48 << 20;
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    let listener = outbound_listener(&web)?;
+    let page = 4096u64;
+    for run in 0..RUNS {
+        let base = tcp_mem_pages()?;
+        let before = dp.counters()?;
+        let mut args = vec!["push".to_string(), api.to_string(), LEN.to_string()];
+        if blocking {
+            args.insert(0, "--blocking".to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = node.probe(&web.netns_path, &web.cgroup, &args)?;
+        let (conn, _) = listener.accept()?;
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let done = done.clone();
+            thread::spawn(move || -> Result<u64> {
+                let mut peak = 0;
+                while !done.load(Ordering::Relaxed) {
+                    peak = peak.max(tcp_mem_pages()?);
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Ok(peak)
+            })
+        };
+        // A slow reader: it starts late (the writer meets the bound before the first read,
+        // whatever the machine's speed), then reads 64 KiB at a time with a pause every 4 MiB.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut slow = SlowReader {
+            inner: NbStream::new(conn)?,
+            reads: 0,
+        };
+        let (got, ok) = read_pattern(&mut slow, 7)?;
+        drop(slow);
+        done.store(true, Ordering::Relaxed);
+        let peak = sampler.join().expect("sampler")?;
+        let out = mesh_kit::wait_limit(child, Duration::from_secs(120))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "run {run}: writer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            text.trim(),
+            format!("pushed {LEN}"),
+            "run {run}: the writer saw an error"
+        );
+        assert_eq!(
+            (got, ok),
+            (LEN, true),
+            "run {run}: every byte arrives, in order"
+        );
+        let grown = peak.saturating_sub(base) * page;
+        assert!(
+            grown <= BOUND_BYTES,
+            "run {run}: TCP memory grew {} MiB (bound {} MiB)",
+            grown >> 20,
+            BOUND_BYTES >> 20
+        );
+        let after = dp.counters()?;
+        if blocking {
+            assert_eq!(
+                after.sockets_added, before.sockets_added,
+                "run {run}: a blocking socket joined the sockhash"
+            );
+            assert_eq!(after.blocking_skipped, before.blocking_skipped + 1);
+        } else {
+            assert!(
+                after.bytes_redirected > before.bytes_redirected,
+                "run {run}: nothing was redirected"
+            );
+            assert!(
+                after.backlog_fallbacks > before.backlog_fallbacks,
+                "run {run}: the bound never engaged"
+            );
+        }
+        eprintln!(
+            "run {run}: 2 GiB, TCP memory peak +{} KiB, {:?}",
+            grown >> 10,
+            after
+        );
+    }
+    Ok(dp.counters()?)
+}
+
+#[test]
+fn backpressure_2_gib_to_a_slow_reader_ten_times() -> Result<()> {
+    backpressure(false).map(drop)
+}
+
+#[test]
+fn blocking_writer_to_a_slow_reader_stays_on_tcp_ten_times() -> Result<()> {
+    backpressure(true).map(drop)
+}
+
+struct SlowReader {
+    inner: NbStream,
+    reads: u64,
+}
+
+impl Read for SlowReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reads += 1;
+        if self.reads.is_multiple_of(64) {
+            thread::sleep(Duration::from_micros(300));
+        }
+        let n = buf.len().min(64 * 1024);
+        self.inner.read(&mut buf[..n])
+    }
+}

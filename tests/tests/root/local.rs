@@ -1,0 +1,733 @@
+//! Root tests of the local runner, done the way a person does Consul's tutorial: start
+//! `meshd local`, deny everything, apply the manifests of `examples/`, port-forward, watch the
+//! request fail, allow `web → api-v1`, watch it succeed, delete the manifests and find every pod
+//! namespace and cgroup gone. In both redirect modes, and with api-v1 in another namespace.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_kit::{bin_path, require_root, spawn_probe, wait_limit};
+use serde_json::Value;
+
+/// The tests' node name, apart from the `local` of a `cargo xtask run` on the same machine.
+const NODE: &str = "lt";
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Network namespaces, cgroups and BPF pins on the machine: what the runner must leave as it
+/// found it.
+#[derive(Debug, PartialEq, Eq)]
+struct Footprint {
+    netns: BTreeSet<String>,
+    cgroups: BTreeSet<PathBuf>,
+    pins: BTreeSet<PathBuf>,
+}
+
+fn dirs_under(root: &Path, depth: usize, out: &mut BTreeSet<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.insert(e.path());
+            if depth > 1 {
+                dirs_under(&e.path(), depth - 1, out);
+            }
+        }
+    }
+}
+
+fn footprint() -> Result<Footprint> {
+    let list = Command::new("ip").args(["netns", "list"]).output()?;
+    ensure!(list.status.success(), "ip netns list failed");
+    let netns = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    let mut cgroups = BTreeSet::new();
+    dirs_under(&mesh_dataplane::cgroup::v2_root()?, 4, &mut cgroups);
+    let mut pins = BTreeSet::new();
+    dirs_under(Path::new("/sys/fs/bpf"), 3, &mut pins);
+    Ok(Footprint {
+        netns,
+        cgroups,
+        pins,
+    })
+}
+
+/// A `meshd local` child with its own state directory and API port; stopped (and checked to
+/// have removed everything) on [`LocalMesh::stop`], killed and reset on drop.
+struct LocalMesh {
+    meshd: PathBuf,
+    meshctl: PathBuf,
+    agent: Option<Child>,
+    state: tempfile::TempDir,
+    http_addr: String,
+    token: String,
+    log: PathBuf,
+    forwards: Vec<Child>,
+}
+
+impl LocalMesh {
+    fn start(redirect: &str) -> Result<Self> {
+        let http_addr = format!("127.0.0.1:{}", free_port()?);
+        Self::start_in(redirect, tempfile::tempdir()?, http_addr)
+    }
+
+    /// Starts `meshd local` on an existing state directory.
+    fn start_in(redirect: &str, state: tempfile::TempDir, http_addr: String) -> Result<Self> {
+        require_root();
+        let log = state.path().join("meshd.log");
+        let meshd = bin_path("meshd")?;
+        let agent = Command::new(&meshd)
+            .args(["local", "--node", NODE, "--redirect", redirect])
+            .env("MESH_STATE_DIR", state.path())
+            .env("MESH_HTTP_ADDR", &http_addr)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(state.path().join("meshd.err"))?)
+            .spawn()
+            .context("starting meshd local")?;
+        let mut mesh = LocalMesh {
+            meshd,
+            meshctl: bin_path("meshctl")?,
+            agent: Some(agent),
+            state,
+            http_addr,
+            token: String::new(),
+            log,
+            forwards: Vec::new(),
+        };
+        let token_file = mesh.state.path().join("acl-bootstrap-token");
+        mesh.token = mesh.wait(
+            "the API and its bootstrap token",
+            Duration::from_secs(60),
+            |m| {
+                let Ok(token) = std::fs::read_to_string(&token_file) else {
+                    return Ok(None);
+                };
+                let token = token.trim().to_string();
+                let out = m.meshctl_as(&token, &["acl", "token", "read", "-self"])?;
+                Ok(out.status.success().then_some(token))
+            },
+        )?;
+        Ok(mesh)
+    }
+
+    fn logs(&self) -> String {
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let err = read(self.state.path().join("meshd.err"));
+        let lines: Vec<&str> = err.lines().collect();
+        format!(
+            "meshd stdout:\n{}\nmeshd stderr (last 60 lines):\n{}",
+            read(self.log.clone()),
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        )
+    }
+
+    /// Polls `f` every 200 ms until it answers, failing (with the agent's log) past `limit` or
+    /// when the agent exits.
+    fn wait<T>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut(&mut Self) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.try_wait().ok().flatten())
+            {
+                bail!(
+                    "meshd local exited ({st}) waiting for {what}\n{}",
+                    self.logs()
+                );
+            }
+            let last = match f(self) {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => String::new(),
+                Err(e) => format!(": {e:#}"),
+            };
+            if start.elapsed() > limit {
+                bail!("no {what} after {limit:?}{last}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn meshctl_as(&self, token: &str, args: &[&str]) -> Result<Output> {
+        Command::new(&self.meshctl)
+            .args(args)
+            .env("MESH_HTTP_ADDR", &self.http_addr)
+            .env("MESH_HTTP_TOKEN", token)
+            .stdin(Stdio::null())
+            .output()
+            .context("running meshctl")
+    }
+
+    /// `meshctl` with the bootstrap token; fails unless it succeeds. Returns stdout.
+    fn meshctl(&self, args: &[&str]) -> Result<String> {
+        let out = self.meshctl_as(&self.token, args)?;
+        ensure!(
+            out.status.success(),
+            "meshctl {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `meshctl` that must fail; returns its stderr (with stdout).
+    fn meshctl_fails(&self, args: &[&str]) -> Result<String> {
+        let out = self.meshctl_as(&self.token, args)?;
+        ensure!(
+            !out.status.success(),
+            "meshctl {} succeeded but should not have: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    }
+
+    fn pods(&self) -> Result<Vec<Value>> {
+        let out = self.meshctl(&["get", "pods", "-A", "-o", "json"])?;
+        let v: Value = serde_json::from_str(&out).context("meshctl get pods -o json")?;
+        Ok(v["items"].as_array().context("no items")?.clone())
+    }
+
+    /// Waits until exactly `expected` (`namespace/name`) pods exist and all are Ready.
+    fn wait_ready(&mut self, expected: &[&str]) -> Result<()> {
+        let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        self.wait("Ready pods", Duration::from_secs(60), |m| {
+            let pods = m.pods()?;
+            let mut names: Vec<String> = pods
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        p["metadata"]["namespace"].as_str().unwrap_or(""),
+                        p["metadata"]["name"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            names.sort();
+            let ready = pods.iter().all(|p| {
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            });
+            Ok((names == expected && ready).then_some(()))
+        })
+    }
+
+    /// `meshctl port-forward service/<service> <local>:<port>`, kept until the mesh stops.
+    fn port_forward(&mut self, service: &str, port: u16) -> Result<SocketAddr> {
+        let local = free_port()?;
+        let mut child = Command::new(&self.meshctl)
+            .args([
+                "port-forward",
+                &format!("service/{service}"),
+                &format!("{local}:{port}"),
+            ])
+            .env("MESH_HTTP_ADDR", &self.http_addr)
+            .env("MESH_HTTP_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+        self.forwards.push(child);
+        ensure!(
+            line.starts_with(&format!("Forwarding from 127.0.0.1:{local} -> {port}")),
+            "port-forward said {line:?}"
+        );
+        Ok(SocketAddr::from(([127, 0, 0, 1], local)))
+    }
+
+    /// Stops the agent (as Ctrl-C does) and starts it again on the same state directory.
+    fn restart(mut self, redirect: &str) -> Result<Self> {
+        self.stop_agent()?;
+        let state = std::mem::replace(&mut self.state, tempfile::tempdir()?);
+        Self::start_in(redirect, state, self.http_addr.clone())
+    }
+
+    /// Stops the agent with SIGTERM (what Ctrl-C does) and waits for it.
+    fn stop(mut self) -> Result<()> {
+        self.stop_agent()
+    }
+
+    fn stop_agent(&mut self) -> Result<()> {
+        for mut f in self.forwards.drain(..) {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+        let mut agent = self.agent.take().context("already stopped")?;
+        let pid = nix::unistd::Pid::from_raw(agent.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let start = Instant::now();
+        while agent.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = agent.kill();
+                bail!("meshd local did not stop within 60 s\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalMesh {
+    fn drop(&mut self) {
+        for mut f in self.forwards.drain(..) {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            // A killed agent leaves its pieces: the reset removes them.
+            let _ = Command::new(&self.meshd)
+                .args(["local", "--node", NODE, "--reset"])
+                .env("MESH_STATE_DIR", self.state.path())
+                .env("MESH_HTTP_ADDR", &self.http_addr)
+                .status();
+        }
+    }
+}
+
+/// Runs `mesh-probe` as a process of pod `namespace/name` (its cgroup and network namespace,
+/// as the runner names them); returns what it printed, or its error.
+fn in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
+    let netns = PathBuf::from(format!("/run/netns/{NODE}-{namespace}_{name}"));
+    let cgroup = mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
+    ensure!(netns.exists(), "no network namespace {}", netns.display());
+    ensure!(cgroup.exists(), "no cgroup {}", cgroup.display());
+    let out = wait_limit(spawn_probe(&netns, &cgroup, args)?, Duration::from_secs(30))?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// The virtual IP of service `namespace/name`, from `meshctl get services -o json`.
+fn cluster_ip(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(&mesh.meshctl(&["get", "services", "-A", "-o", "json"])?)?;
+    v["items"]
+        .as_array()
+        .context("no items")?
+        .iter()
+        .find(|s| s["metadata"]["namespace"] == namespace && s["metadata"]["name"] == name)
+        .and_then(|s| s["spec"]["clusterIP"].as_str().map(str::to_owned))
+        .with_context(|| format!("no service {namespace}/{name} in {v}"))
+}
+
+/// `GET /` with `Connection: close`: (status, body).
+fn get(addr: SocketAddr) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").context("bad chunk")?;
+        let size = usize::from_str_radix(size.trim(), 16)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..size).context("short chunk")?);
+        body = rest.get(size + 2..).context("short chunk")?;
+    }
+}
+
+/// The `upstream_calls` entry of fake-service's answer for `uri`.
+fn upstream_call(body: &str, uri: &str) -> Result<Value> {
+    let v: Value =
+        serde_json::from_str(body).with_context(|| format!("web's answer is not JSON: {body}"))?;
+    v["upstream_calls"]
+        .get(uri)
+        .cloned()
+        .with_context(|| format!("no upstream call to {uri} in {body}"))
+}
+
+/// The tutorial with the manifests of `dir`: `deny_all`, apply, a 500 from web, `allow`, a
+/// 200 with api-v1's answer, delete, stop.
+fn walkthrough(
+    redirect: &str,
+    dir: &Path,
+    deny_all: (&str, &str),
+    allow: (&str, &str),
+    pods: &[&str],
+) -> Result<()> {
+    let before = footprint()?;
+    let mut mesh = LocalMesh::start(redirect)?;
+    mesh.meshctl(&["intention", "create", "-deny", deny_all.0, deny_all.1])?;
+    let node = footprint()?;
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+    files.sort();
+    for f in &files {
+        let out = mesh.meshctl(&["apply", "-f", f.to_str().context("path")?])?;
+        ensure!(out.contains("created"), "apply said {out:?}");
+    }
+    mesh.wait_ready(pods)?;
+    let running = footprint()?;
+    ensure!(
+        running.netns.len() >= node.netns.len() + pods.len(),
+        "each pod has a network namespace: {:?} then {:?}",
+        node.netns,
+        running.netns
+    );
+    // Applying the same manifests again changes nothing.
+    let again = mesh.meshctl(&["apply", "-f", dir.to_str().context("path")?])?;
+    ensure!(
+        !again.contains("created") && again.contains("unchanged"),
+        "re-apply said {again:?}"
+    );
+
+    // Service names resolve inside the pods, to the virtual IPs.
+    let api_ns = pods
+        .iter()
+        .find_map(|p| p.strip_suffix("/api-v1-0"))
+        .context("no api-v1 pod expected")?;
+    let vip = cluster_ip(&mesh, api_ns, "api-v1")?;
+    let hosts = std::fs::read_to_string(format!("/etc/netns/{NODE}-default_web-0/hosts"))?;
+    let names: Vec<&str> = hosts
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(vip.as_str()))
+        .with_context(|| format!("no line for {vip} in web's hosts file:\n{hosts}"))?
+        .split_whitespace()
+        .collect();
+    for name in [
+        format!("api-v1.{api_ns}"),
+        format!("api-v1.{api_ns}.svc.cluster.local"),
+    ] {
+        ensure!(
+            names.contains(&name.as_str()),
+            "{name} missing from {names:?}"
+        );
+    }
+    if api_ns == "default" {
+        ensure!(names.contains(&"api-v1"), "api-v1 missing from {names:?}");
+    }
+    let transparent = format!("{vip}:9091");
+    let out = in_pod("default", "web-0", &["http-get", &transparent])?;
+    eprintln!("denied, web's app by api-v1's virtual IP: {out}");
+    ensure!(
+        !out.contains("Response from API v1"),
+        "denied, yet api-v1 answered web's app by its virtual IP: {out}"
+    );
+
+    let web = mesh.port_forward("web", 9090)?;
+    let upstream = "http://localhost:9091";
+    let (status, body) = get(web)?;
+    eprintln!("denied, web answered {status}:\n{body}");
+    ensure!(status == 500, "denied: expected 500, got {status}: {body}");
+    let call = upstream_call(&body, upstream)?;
+    ensure!(
+        call["code"] != 200
+            && call
+                .get("error")
+                .is_some_and(|e| e.as_str().is_some_and(|e| !e.is_empty())),
+        "the failed upstream call carries its error: {call}"
+    );
+
+    mesh.meshctl(&["intention", "create", "-allow", allow.0, allow.1])?;
+    let body = mesh.wait(
+        "a 200 from web after the allow",
+        Duration::from_secs(15),
+        |_| {
+            let (status, body) = get(web)?;
+            Ok((status == 200).then_some(body))
+        },
+    )?;
+    eprintln!("allowed, web answered 200:\n{body}");
+    let call = upstream_call(&body, upstream)?;
+    ensure!(call["code"] == 200, "upstream call: {call}");
+    ensure!(
+        call["body"] == "Response from API v1" && call["name"] == "api-v1",
+        "api-v1's answer inside upstream_calls: {call}"
+    );
+    // Transparent mode: the app in web dials api-v1's virtual IP itself.
+    let out = in_pod("default", "web-0", &["http-get", &transparent])?;
+    ensure!(
+        out.starts_with("HTTP/1.1 200") && out.contains("Response from API v1"),
+        "allowed: web's app by api-v1's virtual IP got {out}"
+    );
+
+    // Deleting the manifests removes every pod with its namespace and cgroup.
+    let out = mesh.meshctl(&["delete", "-f", dir.to_str().context("path")?])?;
+    ensure!(
+        out.lines().count() >= files.len() && out.lines().all(|l| l.ends_with(" deleted")),
+        "delete said {out:?}"
+    );
+    mesh.wait("every pod gone", Duration::from_secs(30), |m| {
+        Ok(m.pods()?.is_empty().then_some(()))
+    })?;
+    let emptied = footprint()?;
+    ensure!(
+        emptied.netns == node.netns,
+        "network namespaces left after delete: {:?}",
+        emptied.netns.difference(&node.netns).collect::<Vec<_>>()
+    );
+    ensure!(
+        emptied.cgroups == node.cgroups,
+        "cgroups left after delete: {:?}",
+        emptied
+            .cgroups
+            .difference(&node.cgroups)
+            .collect::<Vec<_>>()
+    );
+
+    // Ctrl-C removes the node too.
+    mesh.stop()?;
+    let after = footprint()?;
+    ensure!(
+        after == before,
+        "left behind by meshd local: {before:?} vs {after:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn tutorial_in_one_namespace_ebpf() -> Result<()> {
+    walkthrough(
+        "ebpf",
+        &examples(),
+        ("*", "*"),
+        ("web", "api-v1"),
+        &["default/api-v1-0", "default/web-0"],
+    )
+}
+
+#[test]
+fn tutorial_in_one_namespace_iptables() -> Result<()> {
+    walkthrough(
+        "iptables",
+        &examples(),
+        ("*", "*"),
+        ("web", "api-v1"),
+        &["default/api-v1-0", "default/web-0"],
+    )
+}
+
+#[test]
+fn tutorial_across_namespaces_ebpf() -> Result<()> {
+    walkthrough(
+        "ebpf",
+        &examples().join("namespaces"),
+        ("*/*", "*/*"),
+        ("default/web", "backend/api-v1"),
+        &["backend/api-v1-0", "default/web-0"],
+    )
+}
+
+#[test]
+fn tutorial_across_namespaces_iptables() -> Result<()> {
+    walkthrough(
+        "iptables",
+        &examples().join("namespaces"),
+        ("*/*", "*/*"),
+        ("default/web", "backend/api-v1"),
+        &["backend/api-v1-0", "default/web-0"],
+    )
+}
+
+#[test]
+fn malformed_manifests_are_refused_and_change_nothing() -> Result<()> {
+    let mut mesh = LocalMesh::start("ebpf")?;
+    let api = examples().join("api-v1.yaml");
+    mesh.meshctl(&["apply", "-f", api.to_str().context("path")?])?;
+    mesh.wait_ready(&["default/api-v1-0"])?;
+    let pods = mesh.pods()?;
+    let services = mesh.meshctl(&["get", "services", "-A", "-o", "json"])?;
+    let dir = tempfile::tempdir()?;
+
+    // A bad upstream entry refuses the whole manifest, with consul-k8s's message.
+    let web = std::fs::read_to_string(examples().join("web.yaml"))?;
+    let bad_upstream = dir.path().join("bad-upstream.yaml");
+    std::fs::write(
+        &bad_upstream,
+        web.replace("'api-v1:9091'", "'api-v1:9091,api-v2'"),
+    )?;
+    let err = mesh.meshctl_fails(&["apply", "-f", bad_upstream.to_str().context("path")?])?;
+    ensure!(
+        err.contains("upstream structured incorrectly: api-v2"),
+        "error for a malformed upstream: {err}"
+    );
+
+    // YAML that does not parse, and a Deployment with a wrong field type.
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "apiVersion: v1\nkind: Service\nmetadata: [name: x\n",
+    )?;
+    let err = mesh.meshctl_fails(&["apply", "-f", broken.to_str().context("path")?])?;
+    ensure!(
+        err.contains("broken.yaml"),
+        "the error names the file: {err}"
+    );
+    let replicas = dir.path().join("replicas.yaml");
+    std::fs::write(&replicas, web.replace("replicas: 1", "replicas: three"))?;
+    let err = mesh.meshctl_fails(&["apply", "-f", replicas.to_str().context("path")?])?;
+    ensure!(
+        err.contains("spec.replicas"),
+        "the error names the field: {err}"
+    );
+
+    ensure!(mesh.pods()? == pods, "a refused manifest changed the pods");
+    ensure!(
+        mesh.meshctl(&["get", "services", "-A", "-o", "json"])? == services,
+        "a refused manifest changed the services"
+    );
+    mesh.stop()
+}
+
+#[test]
+fn a_restarted_node_brings_back_pods_intentions_and_tokens() -> Result<()> {
+    let before = footprint()?;
+    let mut mesh = LocalMesh::start("ebpf")?;
+    mesh.meshctl(&["intention", "create", "-deny", "*/*", "*/*"])?;
+    mesh.meshctl(&["intention", "create", "-allow", "web", "api-v1"])?;
+    let created = mesh.meshctl(&[
+        "acl",
+        "token",
+        "create",
+        "-description",
+        "ci",
+        "-policy",
+        "read-only",
+    ])?;
+    mesh.meshctl(&["apply", "-f", examples().to_str().context("path")?])?;
+    let pods = ["default/api-v1-0", "default/web-0"];
+    mesh.wait_ready(&pods)?;
+    let intentions = mesh.meshctl(&["intention", "list"])?;
+    let token = mesh.token.clone();
+
+    let mut mesh = mesh.restart("ebpf")?;
+    ensure!(mesh.token == token, "the bootstrap token changed");
+    mesh.wait_ready(&pods)?;
+    ensure!(
+        mesh.meshctl(&["intention", "list"])? == intentions,
+        "intentions differ after the restart"
+    );
+    let tokens = mesh.meshctl(&["acl", "token", "list"])?;
+    let accessor = created
+        .lines()
+        .find_map(|l| l.strip_prefix("AccessorID:"))
+        .map(str::trim)
+        .with_context(|| format!("no AccessorID in {created}"))?;
+    ensure!(tokens.contains(accessor), "token {accessor} lost: {tokens}");
+    let web = mesh.port_forward("web", 9090)?;
+    let (status, body) = get(web)?;
+    ensure!(
+        status == 200,
+        "after the restart web answered {status}: {body}"
+    );
+    ensure!(
+        upstream_call(&body, "http://localhost:9091")?["body"] == "Response from API v1",
+        "api-v1's answer after the restart: {body}"
+    );
+
+    // `--reset` on a stopped node removes what it kept, so nothing comes back.
+    let (meshd, state_dir, addr) = (
+        mesh.meshd.clone(),
+        mesh.state.path().to_path_buf(),
+        mesh.http_addr.clone(),
+    );
+    mesh.stop_agent()?;
+    let reset = Command::new(&meshd)
+        .args(["local", "--node", NODE, "--reset"])
+        .env("MESH_STATE_DIR", &state_dir)
+        .env("MESH_HTTP_ADDR", &addr)
+        .output()?;
+    ensure!(reset.status.success(), "reset failed: {reset:?}");
+    ensure!(footprint()? == before, "left behind after --reset");
+    let state = std::mem::replace(&mut mesh.state, tempfile::tempdir()?);
+    drop(mesh);
+    let mesh = LocalMesh::start_in("ebpf", state, addr)?;
+    ensure!(mesh.pods()?.is_empty(), "pods came back after --reset");
+    mesh.stop()
+}
+
+#[test]
+fn a_service_port_reaches_its_target_port_in_both_modes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // api-v1 offers port 80 on its virtual IP; its app listens on 9091 (`targetPort`).
+    let api = std::fs::read_to_string(examples().join("api-v1.yaml"))?;
+    let remapped = api.replace(
+        "    - port: 9091\n      targetPort: 9091",
+        "    - port: 80\n      targetPort: 9091",
+    );
+    ensure!(remapped != api, "examples/api-v1.yaml changed shape");
+    std::fs::write(dir.path().join("api-v1.yaml"), remapped)?;
+    std::fs::copy(examples().join("web.yaml"), dir.path().join("web.yaml"))?;
+    for redirect in ["ebpf", "iptables"] {
+        let mut mesh = LocalMesh::start(redirect)?;
+        mesh.meshctl(&["apply", "-f", dir.path().to_str().context("path")?])?;
+        mesh.wait_ready(&["default/api-v1-0", "default/web-0"])?;
+        let vip = cluster_ip(&mesh, "default", "api-v1")?;
+        let out = in_pod("default", "web-0", &["http-get", &format!("{vip}:80")])?;
+        ensure!(
+            out.starts_with("HTTP/1.1 200") && out.contains("Response from API v1"),
+            "{redirect}: api-v1's virtual IP on port 80 gave {out}"
+        );
+        // The explicit upstream reaches the same app.
+        let web = mesh.port_forward("web", 9090)?;
+        let (status, body) = get(web)?;
+        ensure!(status == 200, "{redirect}: web answered {status}: {body}");
+        mesh.stop()?;
+    }
+    Ok(())
+}

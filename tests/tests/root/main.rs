@@ -1,0 +1,10 @@
+//! The root tests, one binary with a module per area. They load real kernel programs and create
+//! real network namespaces and cgroups, so they need root and run one at a time
+//! (`--test-threads=1`: they move the test process between cgroups). Without root they fail
+//! loudly; they never skip. `cargo xtask test [FILTER]` builds what they need and runs them.
+
+mod dataplane;
+mod examples;
+mod local;
+mod mesh;
+mod restart;

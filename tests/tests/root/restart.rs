@@ -1,0 +1,212 @@
+//! The agent as a real process: `kill -9` it during traffic, start it again. The programs stay
+//! attached throughout (nothing slips past them while the agent is down) and the new agent
+//! adopts them instead of attaching again.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_kit::{bin_path, wait_limit, Node, Pod};
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Workload};
+
+fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>) -> Workload {
+    Workload {
+        name: pod.name.clone(),
+        namespace: "default".into(),
+        service: service.into(),
+        datacenter: "dc1".into(),
+        netns: pod.netns_path.clone(),
+        cgroup: pod.cgroup.clone(),
+        ip: pod.ip,
+        app_ports,
+        upstreams: vec![],
+    }
+}
+
+/// Starts `meshd run` (a child of this process, so in the node's agent cgroup) and waits until
+/// it says it is ready.
+fn start_meshd(node: &Node, catalog: &std::path::Path, state: &std::path::Path) -> Result<Child> {
+    let mut child = Command::new(bin_path("meshd")?)
+        .args([
+            "run",
+            "--redirect",
+            "ebpf",
+            "--default-intention-policy",
+            "allow",
+        ])
+        .arg("--catalog")
+        .arg(catalog)
+        .arg("--instance")
+        .arg(node.instance())
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--mesh-cgroup")
+        .arg(&node.mesh_cgroup)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting meshd")?;
+    let stderr = child.stderr.take().context("meshd stderr")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("meshd: {line}");
+            if line.contains("meshd ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = child.kill();
+        bail!("meshd did not get ready within 30 s");
+    }
+    Ok(child)
+}
+
+fn attached_link_ids() -> Vec<u32> {
+    aya::programs::loaded_links()
+        .filter_map(|l| l.ok())
+        .map(|l| l.id())
+        .collect()
+}
+
+/// What `connect` from the web app to `addr` says: "connected" or "error <errno> ...".
+fn try_connect(node: &mut Node, web: &Pod, addr: SocketAddrV4) -> Result<String> {
+    let out = node.probe_in(
+        web,
+        &["connect", &addr.to_string()],
+        Duration::from_secs(10),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn fetch(node: &mut Node, web: &Pod, addr: SocketAddrV4) -> Result<String> {
+    let out = node.probe_in(web, &["fetch", &addr.to_string()], Duration::from_secs(10))?;
+    ensure!(
+        out.status.success(),
+        "fetch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = node.add_pod("api")?;
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 30), 9091);
+    let catalog = Catalog {
+        services: vec![
+            Service {
+                name: "api".into(),
+                namespace: "default".into(),
+                datacenter: "dc1".into(),
+                vip: Some(*vip.ip()),
+                ports: vec![9091],
+                protocol: Protocol::Tcp,
+                target_ports: Default::default(),
+                endpoints: vec![Endpoint {
+                    ip: api.ip,
+                    port: mesh_common::INBOUND_PORT,
+                }],
+            },
+            Service {
+                name: "web".into(),
+                namespace: "default".into(),
+                datacenter: "dc1".into(),
+                vip: None,
+                ports: vec![],
+                protocol: Protocol::Tcp,
+                target_ports: Default::default(),
+                endpoints: vec![],
+            },
+        ],
+        workloads: vec![
+            workload(&web, "web", vec![]),
+            workload(&api, "api", vec![9091]),
+        ],
+    };
+    let dir = tempfile::tempdir()?;
+    let catalog_path = dir.path().join("catalog.json");
+    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
+    let state = dir.path().join("state");
+    let app = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9091", "api says hello"],
+    )?;
+    node.keep(app);
+
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    assert_eq!(
+        fetch(&mut node, &web, vip)?,
+        "api says hello",
+        "through the mesh"
+    );
+    let before: BTreeMap<String, u32> = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?;
+    assert_eq!(
+        before.len(),
+        6,
+        "sockops, getsockopt and two per pod: {before:?}"
+    );
+
+    // Traffic while the agent dies.
+    let traffic = {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(node.probe(
+                &web.netns_path,
+                &web.cgroup,
+                &["dial-many", &vip.to_string(), "200"],
+            )?);
+        }
+        clients
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    meshd.kill()?; // SIGKILL
+    meshd.wait()?;
+    let killed_at = Instant::now();
+    for c in traffic {
+        // Each client either finished or failed when the proxy vanished; none may hang.
+        wait_limit(c, Duration::from_secs(30))?;
+    }
+
+    // Nothing was detached: every pinned link is still attached.
+    let live = attached_link_ids();
+    for (name, id) in &before {
+        assert!(
+            live.contains(id),
+            "{name} (link {id}) detached when the agent died"
+        );
+    }
+    // And the programs still steer: a connection to the service is redirected to the (now
+    // absent) outbound listener and refused, never sent to the service unproxied.
+    let down = try_connect(&mut node, &web, vip)?;
+    assert!(
+        down.starts_with(&format!("error {} ", libc::ECONNREFUSED)),
+        "with the agent down: {down}"
+    );
+    eprintln!("agent down for {:?} so far", killed_at.elapsed());
+
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    let after = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?;
+    assert_eq!(
+        after, before,
+        "the restarted agent adopted the attachments instead of adding new ones"
+    );
+    assert_eq!(
+        fetch(&mut node, &web, vip)?,
+        "api says hello",
+        "traffic flows again"
+    );
+    meshd.kill()?;
+    meshd.wait()?;
+    Ok(())
+}
