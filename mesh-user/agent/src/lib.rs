@@ -2,7 +2,10 @@
 //! network namespace, workload certificates, and proxies.
 #![forbid(unsafe_code)]
 
-pub mod glue;
+pub mod authorizer;
+pub mod dialer;
+pub mod directory;
+pub mod hooks;
 pub mod steering;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,7 +39,7 @@ pub enum Error {
     #[error(transparent)]
     Identity(#[from] mesh_core::identity::Error),
     #[error(transparent)]
-    Intentions(#[from] mesh_core::intentions::IntentionError),
+    Intentions(#[from] mesh_core::intentions::Error),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -45,10 +48,18 @@ pub enum Error {
     },
     #[error("the eBPF dataplane was asked for but cannot run here: {0}")]
     NoEbpf(mesh_dataplane::bpf::Error),
+    /// A kernel resource the pod needs is exhausted.
     #[error("{0}")]
-    Limit(String),
-    #[error("proxy: {0}")]
-    Proxy(String),
+    Limit(&'static str),
+    /// The proxy refused its configuration or a pod (`pod` is empty for the agent's own proxy).
+    #[error("proxy{}: {source}", if pod.is_empty() { String::new() } else { format!(" (pod {pod})") })]
+    Proxy {
+        /// The pod, or empty.
+        pod: String,
+        /// The proxy's error.
+        #[source]
+        source: mesh_proxy::Error,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -277,9 +288,9 @@ pub struct Agent {
     identity: Arc<Identity>,
     pods: BTreeMap<String, Pod>,
     proxy: mesh_proxy::Proxy,
-    directory: Arc<glue::MeshDirectory>,
-    authorizer: Arc<glue::IntentionAuthorizer>,
-    dialer: Arc<glue::NetnsDialer>,
+    directory: Arc<directory::MeshDirectory>,
+    authorizer: Arc<authorizer::IntentionAuthorizer>,
+    dialer: Arc<dialer::NetnsDialer>,
 }
 
 impl Agent {
@@ -295,13 +306,15 @@ impl Agent {
                 mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup)
                     .map_err(Error::NoEbpf)?,
             )),
-            Redirect::Auto => match mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup) {
-                Ok(dp) => Steering::Ebpf(Box::new(dp)),
-                Err(e) => {
-                    warn!(error = %e, "the eBPF dataplane cannot run here; using iptables");
-                    Steering::Iptables
+            Redirect::Auto => {
+                match mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup) {
+                    Ok(dp) => Steering::Ebpf(Box::new(dp)),
+                    Err(e) => {
+                        warn!(error = %e, "the eBPF dataplane cannot run here; using iptables");
+                        Steering::Iptables
+                    }
                 }
-            },
+            }
         };
         let mut steering = steering;
         if let Steering::Ebpf(dp) = &mut steering {
@@ -328,10 +341,10 @@ impl Agent {
         }
         let names = Names::load(&cfg.state_dir.join("names.json"))?;
         let identity = Identity::load(&cfg.state_dir)?;
-        let directory = Arc::new(glue::MeshDirectory::default());
+        let directory = Arc::new(directory::MeshDirectory::default());
         let rules = Arc::new(rules);
-        let authorizer = Arc::new(glue::IntentionAuthorizer::new(rules.clone()));
-        let dialer = Arc::new(glue::NetnsDialer::default());
+        let authorizer = Arc::new(authorizer::IntentionAuthorizer::new(rules.clone()));
+        let dialer = Arc::new(dialer::NetnsDialer::default());
         let proxy = mesh_proxy::Proxy::builder(
             identity.bundle.clone(),
             directory.clone(),
@@ -340,7 +353,10 @@ impl Agent {
         .config(cfg.proxy.clone())
         .dialer(dialer.clone())
         .build()
-        .map_err(|e| Error::Proxy(e.to_string()))?;
+        .map_err(|source| Error::Proxy {
+            pod: String::new(),
+            source,
+        })?;
         let mut agent = Agent {
             cfg,
             steering,
@@ -392,7 +408,9 @@ impl Agent {
     }
 
     /// Connections each intention allowed and denied in the kernel (eBPF mode), by intention.
-    pub fn intention_counters(&self) -> Result<Vec<mesh_core::intentions::ports::IntentionCounters>, Error> {
+    pub fn intention_counters(
+        &self,
+    ) -> Result<Vec<mesh_core::intentions::ports::IntentionCounters>, Error> {
         let Some(dp) = self.steering.dataplane() else {
             return Ok(Vec::new());
         };
@@ -401,13 +419,13 @@ impl Agent {
             .rules
             .iter()
             .filter_map(|it| {
-                counts
-                    .get(&it.counter_index)
-                    .map(|c| mesh_core::intentions::ports::IntentionCounters {
+                counts.get(&it.counter_index).map(|c| {
+                    mesh_core::intentions::ports::IntentionCounters {
                         id: it.id.clone(),
                         allowed: c.allowed,
                         denied: c.denied,
-                    })
+                    }
+                })
             })
             .collect())
     }
@@ -458,7 +476,7 @@ impl Agent {
         let used: BTreeSet<u32> = self.pods.values().map(|p| p.kernel.slot).collect();
         (0..mesh_common::MAX_INBOUND_LISTENERS)
             .find(|s| !used.contains(s))
-            .ok_or_else(|| Error::Limit("no free inbound listener slot".into()))
+            .ok_or_else(|| Error::Limit("no free inbound listener slot"))
     }
 
     async fn start_pod(&mut self, w: &Workload) -> Result<Pod, Error> {
@@ -490,14 +508,13 @@ impl Agent {
         let sockets = SocketFactory::spawn(&netns, Some(mesh_common::PROXY_MARK))?;
         self.dialer.add(&w.id(), sockets);
         let leaf = self.identity.leaf(&w.service_ref())?;
-        let proxy_err = |e: mesh_proxy::Error| Error::Proxy(format!("pod {}: {e}", w.id()));
+        let proxy_err = |source: mesh_proxy::Error| Error::Proxy {
+            pod: w.id(),
+            source,
+        };
         let mut proxy = self
             .proxy
-            .add_pod(mesh_proxy::PodSpec::new(
-                w.id(),
-                leaf,
-                w.app_ports.clone(),
-            ))
+            .add_pod(mesh_proxy::PodSpec::new(w.id(), leaf, w.app_ports.clone()))
             .map_err(proxy_err)?;
         proxy
             .listen(mesh_proxy::ListenerKind::Transparent, outbound)

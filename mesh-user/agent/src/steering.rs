@@ -12,9 +12,9 @@ use mesh_common::{
 use tracing::info;
 
 use super::{Error, Names};
-use mesh_dataplane::bpf::Dataplane;
 use mesh_core::catalog::{Catalog, Workload};
 use mesh_core::intentions::{compile_with, Action, RuleSet};
+use mesh_dataplane::bpf::Dataplane;
 use mesh_dataplane::iptables;
 
 /// How the agent steers pod traffic into its proxy.

@@ -9,7 +9,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 use subtle::ConstantTimeEq;
 
-use super::ApiError;
+use super::Error;
 use mesh_core::intentions::ServiceName;
 
 /// The ID of Consul's `global-management` policy, which `operator` is here.
@@ -153,7 +153,7 @@ impl Token {
     }
 
     /// Whether the token has the right `need` asks for; otherwise the 403 to answer.
-    pub(crate) fn check(&self, need: Need<'_>) -> Result<(), ApiError> {
+    pub(crate) fn check(&self, need: Need<'_>) -> Result<(), Error> {
         let operator = self.policies.contains(&Policy::Operator);
         let ok = match need {
             Need::Read => !self.policies.is_empty(),
@@ -176,7 +176,7 @@ impl Token {
             Need::AclWrite => ("acl:write", "\"tokens\"".to_owned()),
             Need::WriteWorkloads => ("workloads:write", "\"local\"".to_owned()),
         };
-        Err(ApiError::PermissionDenied {
+        Err(Error::PermissionDenied {
             accessor: self.accessor_id.clone(),
             permission,
             resource,
@@ -317,7 +317,7 @@ struct RawPolicyLink {
 
 impl TokenRequest {
     /// Reads Consul's token JSON. Errors name the field (`Policies[1].Name`).
-    pub fn from_json(input: &str) -> Result<TokenRequest, ApiError> {
+    pub fn from_json(input: &str) -> Result<TokenRequest, Error> {
         let raw: RawTokenRequest = decode_json(input)?;
         let none_or_empty = |v: &Option<Vec<IgnoredAny>>| v.as_ref().is_none_or(|v| v.is_empty());
         for (field, ok) in [
@@ -327,7 +327,7 @@ impl TokenRequest {
             ("Local", raw.local != Some(true)),
         ] {
             if !ok {
-                return Err(ApiError::bad(
+                return Err(Error::bad(
                     field,
                     format!("{field}: not supported by this agent; use Policies"),
                 ));
@@ -335,7 +335,7 @@ impl TokenRequest {
         }
         for (field, v) in [("Namespace", &raw.namespace), ("Partition", &raw.partition)] {
             if let Some(v) = v.as_deref().filter(|v| !v.is_empty() && *v != "default") {
-                return Err(ApiError::bad(
+                return Err(Error::bad(
                     field,
                     format!("{field}: tokens live in \"default\" only, not {v:?}"),
                 ));
@@ -343,14 +343,14 @@ impl TokenRequest {
         }
         let description = raw.description.unwrap_or_default();
         if description.len() > MAX_DESCRIPTION {
-            return Err(ApiError::bad(
+            return Err(Error::bad(
                 "Description",
                 format!("Description exceeds maximum length {MAX_DESCRIPTION}"),
             ));
         }
         let links = raw.policies.unwrap_or_default();
         if links.is_empty() {
-            return Err(ApiError::bad(
+            return Err(Error::bad(
                 "Policies",
                 "Policies: at least one policy is required (operator, read-only, \
                  intention-write:<destination pattern>)",
@@ -360,7 +360,7 @@ impl TokenRequest {
         for (i, link) in links.into_iter().enumerate() {
             let by_id = match link.id.as_deref().filter(|s| !s.is_empty()) {
                 Some(id) => Some(Policy::from_id(id).ok_or_else(|| {
-                    ApiError::bad(
+                    Error::bad(
                         format!("Policies[{i}].ID"),
                         format!(
                             "Policies[{i}].ID: no policy has ID {id:?} (built-in: \
@@ -372,7 +372,7 @@ impl TokenRequest {
             };
             let by_name = match link.name.as_deref().filter(|s| !s.is_empty()) {
                 Some(name) => Some(Policy::parse(name).map_err(|e| {
-                    ApiError::bad(
+                    Error::bad(
                         format!("Policies[{i}].Name"),
                         format!("Policies[{i}].Name: {e}"),
                     )
@@ -381,14 +381,14 @@ impl TokenRequest {
             };
             let policy = match (by_id, by_name) {
                 (Some(a), Some(b)) if a != b => {
-                    return Err(ApiError::bad(
+                    return Err(Error::bad(
                         format!("Policies[{i}]"),
                         format!("Policies[{i}]: ID and Name name different policies"),
                     ))
                 }
                 (Some(p), _) | (None, Some(p)) => p,
                 (None, None) => {
-                    return Err(ApiError::bad(
+                    return Err(Error::bad(
                         format!("Policies[{i}]"),
                         format!("Policies[{i}]: ID or Name must be set"),
                     ))
@@ -398,12 +398,12 @@ impl TokenRequest {
                 policies.push(policy);
             }
         }
-        let uuid_field = |field: &str, v: Option<String>| -> Result<Option<String>, ApiError> {
+        let uuid_field = |field: &str, v: Option<String>| -> Result<Option<String>, Error> {
             match v.filter(|v| !v.is_empty()) {
                 None => Ok(None),
                 Some(v) => match uuid::Uuid::parse_str(&v) {
                     Ok(u) if u.hyphenated().to_string() == v.to_ascii_lowercase() => Ok(Some(v)),
-                    _ => Err(ApiError::bad(field, format!("{field}: invalid UUID {v:?}"))),
+                    _ => Err(Error::bad(field, format!("{field}: invalid UUID {v:?}"))),
                 },
             }
         };
@@ -446,24 +446,24 @@ impl TokenRequest {
 }
 
 /// Strict JSON decoding whose errors name the field.
-pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, ApiError> {
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, Error> {
     let mut de = serde_json::Deserializer::from_str(input);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let message = e.inner().to_string();
         if path.is_empty() || path == "." {
-            ApiError::BadRequest {
+            Error::BadRequest {
                 field: None,
                 message: format!("Request decode failed: {message}"),
             }
         } else {
-            ApiError::bad(
+            Error::bad(
                 path.clone(),
                 format!("Request decode failed: {path}: {message}"),
             )
         }
     })?;
-    de.end().map_err(|e| ApiError::BadRequest {
+    de.end().map_err(|e| Error::BadRequest {
         field: None,
         message: format!("Request decode failed: {e}"),
     })?;

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::ApiError;
+use super::Error;
 
 /// Where the API listens on TCP unless told otherwise (Consul's `127.0.0.1:8500`).
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
@@ -39,10 +39,10 @@ pub enum Address {
 }
 
 impl FromStr for Address {
-    type Err = ApiError;
+    type Err = Error;
 
-    fn from_str(s: &str) -> Result<Self, ApiError> {
-        let bad = |why: &str| ApiError::Client(format!("invalid HTTP address {s:?}: {why}"));
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::Client(format!("invalid HTTP address {s:?}: {why}"));
         if let Some(path) = s.strip_prefix("unix://") {
             if path.is_empty() {
                 return Err(bad("no socket path after unix://"));
@@ -147,11 +147,11 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body))
             .await
             .map_err(|_| {
-                ApiError::Client(format!(
+                Error::Client(format!(
                     "no answer from {} within {}s",
                     self.address,
                     REQUEST_TIMEOUT.as_secs()
@@ -164,9 +164,9 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let connect_err = |e: std::io::Error| {
-            ApiError::Client(format!(
+            Error::Client(format!(
                 "Error connecting to the agent at {}: {e}",
                 self.address
             ))
@@ -190,12 +190,12 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Response, ApiError>
+    ) -> Result<Response, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let http = |e: &dyn fmt::Display| {
-            ApiError::Client(format!("HTTP error talking to {}: {e}", self.address))
+            Error::Client(format!("HTTP error talking to {}: {e}", self.address))
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

@@ -71,17 +71,16 @@ mod tests;
 
 use std::path::PathBuf;
 
-use mesh_core::intentions::IntentionError;
+use mesh_core::intentions::Error as IntentionError;
 
 #[cfg(feature = "server")]
 pub use acl::{Policy, Token, TokenRequest, OPERATOR_POLICY_ID, READ_ONLY_POLICY_ID};
-pub use client::{Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV,
+pub use client::{
+    Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV,
     HTTP_TOKEN_FILE_ENV,
 };
 #[cfg(feature = "server")]
-pub use server::{
-    Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, SOCKET_FILE,
-};
+pub use server::{Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, SOCKET_FILE};
 #[cfg(feature = "server")]
 pub use store::{State, Store, LOCK_FILE, STATE_FILE};
 
@@ -93,7 +92,7 @@ pub use mesh_core::intentions::ports::{
 /// Everything that can go wrong in this module. A request that fails has changed nothing.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ApiError {
+pub enum Error {
     /// The request is not acceptable: a missing or malformed parameter or body. `field` names
     /// what is wrong (`source`, `SourceName`, `Policies[0].Name`, …) when one thing is.
     #[error("{message}")]
@@ -175,10 +174,10 @@ pub enum ApiError {
     Runner(#[from] crate::local::ControlError),
 }
 
-impl ApiError {
-    /// A [`ApiError::BadRequest`] about `field`.
+impl Error {
+    /// A [`Error::BadRequest`] about `field`.
     pub fn bad(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::BadRequest {
+        Error::BadRequest {
             field: Some(field.into()),
             message: message.into(),
         }
@@ -187,8 +186,8 @@ impl ApiError {
     /// The field or parameter this error is about, when there is one.
     pub fn field(&self) -> Option<&str> {
         match self {
-            ApiError::BadRequest { field, .. } => field.as_deref(),
-            ApiError::Intention(e) => e.field(),
+            Error::BadRequest { field, .. } => field.as_deref(),
+            Error::Intention(e) => e.field(),
             _ => None,
         }
     }
@@ -196,25 +195,23 @@ impl ApiError {
     /// The HTTP status this error answers with.
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::BadRequest { .. } => 400,
-            ApiError::Intention(e) => match e {
+            Error::BadRequest { .. } => 400,
+            Error::Intention(e) => match e {
                 IntentionError::Invalid { .. } | IntentionError::Malformed { .. } => 400,
                 IntentionError::Duplicate { .. } => 409,
                 IntentionError::NotFound { .. } => 404,
                 _ => 500,
             },
-            ApiError::NotFound(_) => 404,
-            ApiError::Runner(e) => e.status,
-            ApiError::Unauthenticated => 401,
-            ApiError::UnknownToken | ApiError::PermissionDenied { .. } | ApiError::Forbidden(_) => {
-                403
-            }
-            ApiError::Io { .. }
-            | ApiError::Corrupt { .. }
-            | ApiError::Locked { .. }
-            | ApiError::Bind { .. }
-            | ApiError::Client(_)
-            | ApiError::Internal(_) => 500,
+            Error::NotFound(_) => 404,
+            Error::Runner(e) => e.status,
+            Error::Unauthenticated => 401,
+            Error::UnknownToken | Error::PermissionDenied { .. } | Error::Forbidden(_) => 403,
+            Error::Io { .. }
+            | Error::Corrupt { .. }
+            | Error::Locked { .. }
+            | Error::Bind { .. }
+            | Error::Client(_)
+            | Error::Internal(_) => 500,
         }
     }
 }

@@ -26,13 +26,14 @@ mod local;
 use super::acl::{decode_json, find_token, Need};
 use super::store::{State, Store};
 use super::{
-    client::HTTP_ADDR_ENV, Address, ApiError, CountersSource, NoCounters, NoSink, SharedCounters, SharedSink, Token,
-    TokenRequest,
+    client::HTTP_ADDR_ENV, Address, CountersSource, Error, NoCounters, NoSink, SharedCounters,
+    SharedSink, Token, TokenRequest,
 };
 use mesh_core::identity::SpiffeId;
 use mesh_core::intentions::{
-    Action, IntentionError, IntentionSpec, MatchType, Matched, RuleSet, ServiceIntentionsEntry,
-    ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, SERVICE_INTENTIONS_KIND, WILDCARD,
+    Action, Error as IntentionError, IntentionSpec, MatchType, Matched, RuleSet,
+    ServiceIntentionsEntry, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION,
+    SERVICE_INTENTIONS_KIND, WILDCARD,
 };
 
 /// The Unix socket in the state directory.
@@ -73,8 +74,8 @@ impl ServerConfig {
     /// `unix:///path` for that socket and no TCP) instead of the defaults.
     ///
     /// # Errors
-    /// [`ApiError::Client`] when `addr` is not an IP address and port, or a socket URL.
-    pub fn set_address(&mut self, addr: &str) -> Result<(), ApiError> {
+    /// [`Error::Client`] when `addr` is not an IP address and port, or a socket URL.
+    pub fn set_address(&mut self, addr: &str) -> Result<(), Error> {
         match addr.parse::<Address>()? {
             Address::Unix(p) => {
                 self.unix_socket = Some(p);
@@ -87,14 +88,14 @@ impl ServerConfig {
                     IpAddr::V4(Ipv4Addr::LOCALHOST)
                 } else {
                     host.parse().map_err(|_| {
-                        ApiError::Client(format!(
+                        Error::Client(format!(
                             "{HTTP_ADDR_ENV}={addr:?}: the server needs an IP address to listen on"
                         ))
                     })?
                 };
                 let port = port
                     .parse()
-                    .map_err(|_| ApiError::Client(format!("{HTTP_ADDR_ENV}={addr:?}: bad port")))?;
+                    .map_err(|_| Error::Client(format!("{HTTP_ADDR_ENV}={addr:?}: bad port")))?;
                 self.http_addr = Some(SocketAddr::new(ip, port));
             }
         }
@@ -146,14 +147,14 @@ impl Server {
     /// Opens the store in `cfg.state_dir` and starts serving. On first start the store makes
     /// the bootstrap token, which [`bootstrap_token`](Self::bootstrap_token) returns so the
     /// caller can show it once. `hooks.rules` is told the loaded rules before this returns.
-    pub async fn start(cfg: ServerConfig, hooks: Hooks) -> Result<Server, ApiError> {
+    pub async fn start(cfg: ServerConfig, hooks: Hooks) -> Result<Server, Error> {
         let dir = cfg.state_dir.clone();
         let policy = cfg.default_intention_policy;
         let sink = hooks.rules.clone();
         let (store, bootstrap) =
             tokio::task::spawn_blocking(move || Store::open(&dir, policy, sink))
                 .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??;
+                .map_err(|e| Error::Internal(e.to_string()))??;
         let store = Arc::new(store);
         let app = router(AppState {
             store: store.clone(),
@@ -166,11 +167,11 @@ impl Server {
         if let Some(addr) = cfg.http_addr {
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|source| ApiError::Bind {
+                .map_err(|source| Error::Bind {
                     addr: addr.to_string(),
                     source,
                 })?;
-            let local = listener.local_addr().map_err(|source| ApiError::Bind {
+            let local = listener.local_addr().map_err(|source| Error::Bind {
                 addr: addr.to_string(),
                 source,
             })?;
@@ -268,8 +269,8 @@ impl Drop for Server {
 
 /// Binds the Unix socket, replacing a stale socket file (the store's lock shows that no
 /// other server uses it), and makes it mode 0660.
-fn bind_unix(path: &Path) -> Result<UnixListener, ApiError> {
-    let bind_err = |source| ApiError::Bind {
+fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
+    let bind_err = |source| Error::Bind {
         addr: format!("unix://{}", path.display()),
         source,
     };
@@ -329,7 +330,7 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-impl IntoResponse for ApiError {
+impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -345,7 +346,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+type ApiResult = Result<Response, Error>;
 
 /// A JSON answer with Consul's `X-Consul-Index` header.
 fn indexed<T: Serialize>(index: u64, value: T) -> Response {
@@ -360,44 +361,44 @@ fn indexed<T: Serialize>(index: u64, value: T) -> Response {
 struct Caller(Token);
 
 impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
         let presented = presented_token(&parts.headers)?;
         let st = state.store.state();
         find_token(&st.tokens, &presented)
             .cloned()
             .map(Caller)
-            .ok_or(ApiError::UnknownToken)
+            .ok_or(Error::UnknownToken)
     }
 }
 
 impl Caller {
-    fn need(&self, need: Need<'_>) -> Result<(), ApiError> {
+    fn need(&self, need: Need<'_>) -> Result<(), Error> {
         self.0.check(need)
     }
 }
 
 /// The token sent as `X-Consul-Token` or `Authorization: Bearer`. Empty counts as none; a
 /// value that is not text is a token no one has.
-fn presented_token(headers: &HeaderMap) -> Result<String, ApiError> {
+fn presented_token(headers: &HeaderMap) -> Result<String, Error> {
     if let Some(v) = headers.get("X-Consul-Token") {
-        let v = v.to_str().map_err(|_| ApiError::UnknownToken)?.trim();
+        let v = v.to_str().map_err(|_| Error::UnknownToken)?.trim();
         if !v.is_empty() {
             return Ok(v.to_owned());
         }
     }
     if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v.to_str().map_err(|_| ApiError::UnknownToken)?.trim();
+        let v = v.to_str().map_err(|_| Error::UnknownToken)?.trim();
         let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
         if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
             return Ok(rest.trim().to_owned());
         }
         if !v.is_empty() {
-            return Err(ApiError::UnknownToken);
+            return Err(Error::UnknownToken);
         }
     }
-    Err(ApiError::Unauthenticated)
+    Err(Error::Unauthenticated)
 }
 
 /// The query string's pairs, decoded.
@@ -421,11 +422,11 @@ impl Params {
     }
 
     /// A parameter given at most once.
-    fn optional(&self, key: &str) -> Result<Option<&str>, ApiError> {
+    fn optional(&self, key: &str) -> Result<Option<&str>, Error> {
         match self.all(key).as_slice() {
             [] => Ok(None),
             [v] => Ok(Some(v)),
-            _ => Err(ApiError::bad(
+            _ => Err(Error::bad(
                 key,
                 format!("query parameter '{key}' given more than once"),
             )),
@@ -433,10 +434,10 @@ impl Params {
     }
 
     /// A parameter given exactly once, not empty (Consul's wording when not).
-    fn required(&self, key: &str) -> Result<&str, ApiError> {
+    fn required(&self, key: &str) -> Result<&str, Error> {
         match self.optional(key) {
             Ok(Some(v)) if !v.is_empty() => Ok(v),
-            _ => Err(ApiError::bad(
+            _ => Err(Error::bad(
                 key,
                 format!("required query parameter '{key}' not set"),
             )),
@@ -444,7 +445,7 @@ impl Params {
     }
 
     /// `?ns=`: the namespace of names given without one. `*` only where `wildcard`.
-    fn namespace(&self, wildcard: bool) -> Result<Option<&str>, ApiError> {
+    fn namespace(&self, wildcard: bool) -> Result<Option<&str>, Error> {
         let Some(ns) = self.optional("ns")? else {
             return Ok(None);
         };
@@ -452,24 +453,24 @@ impl Params {
             return Ok(None);
         }
         if ns == WILDCARD && !wildcard {
-            return Err(ApiError::bad(
+            return Err(Error::bad(
                 "ns",
                 "ns: the wildcard namespace \"*\" cannot be used here",
             ));
         }
         if ns != WILDCARD {
             ServiceName::new(ns, "x")
-                .map_err(|e| ApiError::bad("ns", format!("ns {ns:?} is invalid: {e}")))?;
+                .map_err(|e| Error::bad("ns", format!("ns {ns:?} is invalid: {e}")))?;
         }
         Ok(Some(ns))
     }
 
     /// `?cas=`: an index for check-and-set.
-    fn cas(&self) -> Result<Option<u64>, ApiError> {
+    fn cas(&self) -> Result<Option<u64>, Error> {
         match self.optional("cas")? {
             None => Ok(None),
             Some(v) => v.parse().map(Some).map_err(|_| {
-                ApiError::bad(
+                Error::bad(
                     "cas",
                     format!("cas: {v:?} is not an index (an unsigned integer)"),
                 )
@@ -480,17 +481,17 @@ impl Params {
 
 /// Parses `name`, `ns/name`, `*`, `ns/*` or `*/*`; a bare name is in namespace `ns` (or
 /// `default`). `param` names the parameter in errors, as Consul does.
-fn parse_name(input: &str, ns: Option<&str>, param: &str) -> Result<ServiceName, ApiError> {
+fn parse_name(input: &str, ns: Option<&str>, param: &str) -> Result<ServiceName, Error> {
     let parsed = if input.contains('/') {
         ServiceName::parse(input)
     } else {
         ServiceName::new(ns.unwrap_or(DEFAULT_NAMESPACE), input)
     };
-    parsed.map_err(|e| ApiError::bad(param, format!("{param} {input:?} is invalid: {e}")))
+    parsed.map_err(|e| Error::bad(param, format!("{param} {input:?} is invalid: {e}")))
 }
 
-fn text_body(body: &Bytes) -> Result<&str, ApiError> {
-    std::str::from_utf8(body).map_err(|_| ApiError::BadRequest {
+fn text_body(body: &Bytes) -> Result<&str, Error> {
+    std::str::from_utf8(body).map_err(|_| Error::BadRequest {
         field: None,
         message: "Request decode failed: the body is not UTF-8".into(),
     })
@@ -499,16 +500,16 @@ fn text_body(body: &Bytes) -> Result<&str, ApiError> {
 /// Runs a write on a blocking thread (it waits for the disk).
 async fn write<T: Send + 'static>(
     store: &Arc<Store>,
-    f: impl FnOnce(&mut State) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    f: impl FnOnce(&mut State) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || store.update(f))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| Error::Internal(e.to_string()))?
 }
 
-fn intention_not_found() -> ApiError {
-    ApiError::NotFound("Intention not found".into())
+fn intention_not_found() -> Error {
+    Error::NotFound("Intention not found".into())
 }
 
 /// The destination a spec will have once stored, for the permission check; `None` when it
@@ -572,7 +573,7 @@ async fn create_intention(
 }
 
 /// `source` and `destination` of an exact request.
-fn exact_names(params: &Params) -> Result<(ServiceName, ServiceName), ApiError> {
+fn exact_names(params: &Params) -> Result<(ServiceName, ServiceName), Error> {
     let ns = params.namespace(false)?;
     let src = parse_name(params.required("source")?, ns, "source")?;
     let dst = parse_name(params.required("destination")?, ns, "destination")?;
@@ -684,7 +685,7 @@ async fn put_by_id(
         let it = s.rules.get(&id2).map(|it| it.destination.clone());
         // The destination checked above must still be the one being changed.
         if it.as_ref() != Some(&old) {
-            return Err(ApiError::Forbidden(
+            return Err(Error::Forbidden(
                 "the intention changed during the request; try again".into(),
             ));
         }
@@ -734,7 +735,7 @@ async fn check(AxState(st): AxState<AppState>, caller: Caller, RawQuery(q): RawQ
     let params = Params::new(q);
     if let Some(t) = params.optional("source-type")? {
         if t != "consul" {
-            return Err(ApiError::bad(
+            return Err(Error::bad(
                 "source-type",
                 format!("source-type {t:?} is not supported; only \"consul\""),
             ));
@@ -759,11 +760,11 @@ async fn match_intentions(
     caller.need(Need::Read)?;
     let params = Params::new(q);
     let by = match params.all("by").as_slice() {
-        [] => return Err(ApiError::bad("by", "required query parameter 'by' not set")),
+        [] => return Err(Error::bad("by", "required query parameter 'by' not set")),
         ["source"] => MatchType::Source,
         ["destination"] => MatchType::Destination,
         _ => {
-            return Err(ApiError::bad(
+            return Err(Error::bad(
                 "by",
                 "'by' parameter must be one of 'source' or 'destination'",
             ))
@@ -771,7 +772,7 @@ async fn match_intentions(
     };
     let names = params.all("name");
     if names.is_empty() {
-        return Err(ApiError::bad(
+        return Err(Error::bad(
             "name",
             "required query parameter 'name' not set",
         ));
@@ -822,11 +823,11 @@ async fn counters(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
 
 // ---- config entries ------------------------------------------------------------------------
 
-fn check_kind(kind: &str) -> Result<(), ApiError> {
+fn check_kind(kind: &str) -> Result<(), Error> {
     if kind == SERVICE_INTENTIONS_KIND {
         Ok(())
     } else {
-        Err(ApiError::bad(
+        Err(Error::bad(
             "kind",
             format!(
                 "invalid config entry kind: {kind:?}: this agent stores only \
@@ -905,10 +906,10 @@ async fn list_config(
     Ok(indexed(state.rules.index(), entries))
 }
 
-fn entry_name(name: &str, params: &Params) -> Result<ServiceName, ApiError> {
+fn entry_name(name: &str, params: &Params) -> Result<ServiceName, Error> {
     let ns = params.namespace(false)?;
     if name.contains('/') {
-        return Err(ApiError::bad(
+        return Err(Error::bad(
             "name",
             format!("name {name:?} is invalid: give the namespace as ?ns="),
         ));
@@ -927,7 +928,7 @@ async fn get_config(
     let dst = entry_name(&name, &Params::new(q))?;
     let state = st.store.state();
     let entry = state.rules.entry(&dst).ok_or_else(|| {
-        ApiError::NotFound(format!("Config entry not found for {kind:?} / {name:?}"))
+        Error::NotFound(format!("Config entry not found for {kind:?} / {name:?}"))
     })?;
     Ok(indexed(state.rules.index(), entry))
 }
@@ -992,11 +993,11 @@ async fn authorize(
     let req: AuthorizeRequest = decode_json(text_body(&body)?)?;
     let target = req.target.unwrap_or_default();
     if target.is_empty() {
-        return Err(ApiError::bad("Target", "Target service must be specified"));
+        return Err(Error::bad("Target", "Target service must be specified"));
     }
     let uri = req.client_cert_uri.unwrap_or_default();
     let id: SpiffeId = uri.parse().map_err(|e| {
-        ApiError::bad(
+        Error::bad(
             "ClientCertURI",
             format!("ClientCertURI not a valid Connect identifier: {e}"),
         )
@@ -1006,7 +1007,7 @@ async fn authorize(
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| DEFAULT_PARTITION.to_owned());
     if id.partition() != partition || partition != DEFAULT_PARTITION {
-        return Err(ApiError::bad(
+        return Err(Error::bad(
             "Partition",
             format!(
                 "Mismatched partitions: {:?} != {partition:?}",
@@ -1020,15 +1021,15 @@ async fn authorize(
         .or(ns_param)
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
     if target == WILDCARD {
-        return Err(ApiError::bad(
+        return Err(Error::bad(
             "Target",
             "Target must be a service name, not a wildcard",
         ));
     }
     let dst = ServiceName::new(ns, target.clone())
-        .map_err(|e| ApiError::bad("Target", format!("Target {target:?} is invalid: {e}")))?;
+        .map_err(|e| Error::bad("Target", format!("Target {target:?} is invalid: {e}")))?;
     let src = ServiceName::new(id.namespace(), id.service()).map_err(|e| {
-        ApiError::bad(
+        Error::bad(
             "ClientCertURI",
             format!("ClientCertURI not a valid Service identifier: {e}"),
         )
@@ -1080,7 +1081,7 @@ async fn read_token(
         .tokens
         .iter()
         .find(|t| t.accessor_id == id)
-        .ok_or_else(|| ApiError::NotFound("ACL token not found".into()))?;
+        .ok_or_else(|| Error::NotFound("ACL token not found".into()))?;
     Ok(indexed(state.acl_index, token.full()))
 }
 
@@ -1091,7 +1092,7 @@ async fn delete_token(
 ) -> ApiResult {
     caller.need(Need::AclWrite)?;
     if id == caller.0.accessor_id {
-        return Err(ApiError::Forbidden(
+        return Err(Error::Forbidden(
             "Deletion of the request's authorization token is not permitted".into(),
         ));
     }
@@ -1102,13 +1103,13 @@ async fn delete_token(
 }
 
 async fn bootstrap() -> ApiResult {
-    Err(ApiError::Forbidden(
+    Err(Error::Forbidden(
         "Permission denied: ACL bootstrap no longer allowed: the agent made the bootstrap \
          token on its first start (see acl-bootstrap-token in its state directory)"
             .into(),
     ))
 }
 
-async fn no_route(method: Method, uri: Uri) -> ApiError {
-    ApiError::NotFound(format!("no such endpoint: {method} {}", uri.path()))
+async fn no_route(method: Method, uri: Uri) -> Error {
+    Error::NotFound(format!("no such endpoint: {method} {}", uri.path()))
 }

@@ -16,7 +16,7 @@ use tracing::info;
 
 use super::acl::{rfc3339, Secret};
 use super::server::BOOTSTRAP_TOKEN_FILE;
-use super::{ApiError, Policy, SharedSink, Token, TokenRequest};
+use super::{Error, Policy, SharedSink, Token, TokenRequest};
 use mesh_core::durable;
 use mesh_core::intentions::{Action, EntryIndexes, Intention, RuleSet, ServiceName};
 
@@ -55,16 +55,16 @@ impl State {
 
     /// Adds a token made from `req`. AccessorID and SecretID are fresh UUIDs unless the
     /// request names them; named ones must be unused.
-    pub(crate) fn add_token(&mut self, req: TokenRequest) -> Result<Token, ApiError> {
+    pub(crate) fn add_token(&mut self, req: TokenRequest) -> Result<Token, Error> {
         let in_use = |f: &dyn Fn(&Token) -> bool| self.tokens.iter().any(f);
         if let Some(a) = &req.accessor_id {
             if in_use(&|t| t.accessor_id.eq_ignore_ascii_case(a)) {
-                return Err(ApiError::bad("AccessorID", "AccessorID: already in use"));
+                return Err(Error::bad("AccessorID", "AccessorID: already in use"));
             }
         }
         if let Some(s) = &req.secret_id {
             if in_use(&|t| t.secret_id().eq_ignore_ascii_case(s)) {
-                return Err(ApiError::bad("SecretID", "SecretID: already in use"));
+                return Err(Error::bad("SecretID", "SecretID: already in use"));
             }
         }
         let fresh = |taken: &dyn Fn(&str) -> bool| loop {
@@ -96,12 +96,12 @@ impl State {
     }
 
     /// Removes the token with this AccessorID.
-    pub(crate) fn remove_token(&mut self, accessor_id: &str) -> Result<Token, ApiError> {
+    pub(crate) fn remove_token(&mut self, accessor_id: &str) -> Result<Token, Error> {
         let pos = self
             .tokens
             .iter()
             .position(|t| t.accessor_id == accessor_id)
-            .ok_or_else(|| ApiError::NotFound("ACL token not found".into()))?;
+            .ok_or_else(|| Error::NotFound("ACL token not found".into()))?;
         self.acl_index += 1;
         Ok(Arc::make_mut(&mut self.tokens).remove(pos))
     }
@@ -133,7 +133,7 @@ impl Store {
         dir: &Path,
         default_policy: Action,
         sink: SharedSink,
-    ) -> Result<(Store, Option<String>), ApiError> {
+    ) -> Result<(Store, Option<String>), Error> {
         std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock_file = OpenOptions::new()
@@ -145,12 +145,12 @@ impl Store {
             .map_err(io_err("opening", &lock_path))?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
             if e == nix::errno::Errno::EWOULDBLOCK {
-                ApiError::Locked {
+                Error::Locked {
                     dir: dir.to_owned(),
                     lock: lock_path.clone(),
                 }
             } else {
-                ApiError::Io {
+                Error::Io {
                     what: "locking",
                     path: lock_path.clone(),
                     source: e.into(),
@@ -217,10 +217,7 @@ impl Store {
     /// new state durably, makes it current and, if the rules changed, tells the sink. When `f`
     /// or the write fails, nothing changes. Blocks on the disk: call it from a blocking
     /// thread.
-    pub fn update<T>(
-        &self,
-        f: impl FnOnce(&mut State) -> Result<T, ApiError>,
-    ) -> Result<T, ApiError> {
+    pub fn update<T>(&self, f: impl FnOnce(&mut State) -> Result<T, Error>) -> Result<T, Error> {
         // The lock only orders writers; a panic while it was held leaves nothing to repair.
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
@@ -240,9 +237,9 @@ impl Store {
     }
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApiError {
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_owned();
-    move |source| ApiError::Io { what, path, source }
+    move |source| Error::Io { what, path, source }
 }
 
 /// The state file's shape.
@@ -390,8 +387,8 @@ fn encode(state: &State) -> Vec<u8> {
     out
 }
 
-fn decode(path: &Path, bytes: &[u8]) -> Result<State, ApiError> {
-    let corrupt = |message: String| ApiError::Corrupt {
+fn decode(path: &Path, bytes: &[u8]) -> Result<State, Error> {
+    let corrupt = |message: String| Error::Corrupt {
         path: path.to_owned(),
         message,
     };
@@ -518,7 +515,7 @@ mod tests {
     const CHILD_ENV: &str = "MESH_API_CRASH_CHILD_DIR";
     const ACK: &str = "WROTE ";
 
-    fn open(dir: &Path) -> Result<(Store, Option<String>), ApiError> {
+    fn open(dir: &Path) -> Result<(Store, Option<String>), Error> {
         Store::open(dir, Action::Deny, Arc::new(NoSink))
     }
 
@@ -553,7 +550,7 @@ mod tests {
             .unwrap();
         // A second store on the same directory is refused while the first holds it.
         let err = open(dir.path()).unwrap_err();
-        assert!(matches!(err, ApiError::Locked { .. }), "{err}");
+        assert!(matches!(err, Error::Locked { .. }), "{err}");
         drop(store);
         let (store, again) = open(dir.path()).unwrap();
         assert!(again.is_none(), "no second bootstrap token");
@@ -587,7 +584,7 @@ mod tests {
             std::fs::write(&path, &content).unwrap();
             let err = open(dir.path()).unwrap_err();
             let msg = err.to_string();
-            assert!(matches!(err, ApiError::Corrupt { .. }), "{msg}");
+            assert!(matches!(err, Error::Corrupt { .. }), "{msg}");
             assert!(msg.contains(needle), "{needle}: {msg}");
             assert!(msg.contains(&path.display().to_string()), "{msg}");
             // Nothing was reset: the damaged file is still there.
@@ -603,7 +600,7 @@ mod tests {
         let err = store
             .update(|s| {
                 s.rules_mut().create(&spec("web", "api"), false)?;
-                Err::<(), _>(ApiError::bad("x", "refused after a change"))
+                Err::<(), _>(Error::bad("x", "refused after a change"))
             })
             .unwrap_err();
         assert_eq!(err.field(), Some("x"));

@@ -835,7 +835,7 @@ async fn state_survives_a_restart() {
     let err = Server::start(config(h.dir.path(), Action::Deny), Hooks::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, ApiError::Locked { .. }), "{err}");
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
 }
 
 #[tokio::test]

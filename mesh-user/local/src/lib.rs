@@ -30,7 +30,6 @@ pub use mesh_core::k8s::applied;
 #[cfg(test)]
 mod tests;
 
-
 use mesh_dataplane::cgroup;
 
 pub use applied::{Applied, ObjectKey, ObjectResult, Outcome, Source};

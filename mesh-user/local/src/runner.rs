@@ -84,9 +84,8 @@ pub struct Runner {
 
 fn ctl(e: Error) -> ControlError {
     match e {
-        Error::Applied(applied::Error::Manifest { .. } | applied::Error::Build(_)) | Error::Plan(_) => {
-            ControlError::bad(e.to_string())
-        }
+        Error::Applied(applied::Error::Manifest { .. } | applied::Error::Build(_))
+        | Error::Plan(_) => ControlError::bad(e.to_string()),
         e => ControlError::internal(e.to_string()),
     }
 }
@@ -326,7 +325,9 @@ impl Runner {
         let change = change.map_err(|e| ctl(e.into()))?;
         plan::check_runnable(&self.meshd, &change.desired).map_err(ControlError::bad)?;
         let plan = self.plan(change.desired.clone()).map_err(ctl)?;
-        self.applied.commit(change.next).map_err(|e| ctl(e.into()))?;
+        self.applied
+            .commit(change.next)
+            .map_err(|e| ctl(e.into()))?;
         let errors = self.execute(plan, agent).await;
         Ok(ApplyReply {
             results: change.results,

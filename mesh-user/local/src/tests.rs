@@ -323,7 +323,9 @@ fn hosts_files_name_every_service_and_the_bare_name_in_the_own_namespace() {
         .contains("10.96.0.10\tweb web.default web.default.svc web.default.svc.cluster.local\n"));
 }
 
-fn places(desired: &mesh_core::k8s::DesiredState) -> BTreeMap<String, (Ipv4Addr, PathBuf, PathBuf)> {
+fn places(
+    desired: &mesh_core::k8s::DesiredState,
+) -> BTreeMap<String, (Ipv4Addr, PathBuf, PathBuf)> {
     desired
         .workloads
         .iter()

@@ -33,13 +33,13 @@ use std::time::SystemTime;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mesh_api::{
-    Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV, HTTP_TOKEN_FILE_ENV,
+    Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV,
+    HTTP_TOKEN_FILE_ENV,
 };
 use mesh_core::intentions::{ServiceIntentionsEntry, SERVICE_INTENTIONS_KIND};
 use serde_json::{json, Value};
 
 mod kube;
-
 
 #[derive(Parser)]
 #[command(name = "meshctl", about = "The mesh's command-line client", version)]

@@ -46,10 +46,10 @@ pub fn api_config(state_dir: &Path, policy: Action) -> Result<mesh_api::ServerCo
     if let Some(v) = std::env::var_os(HTTP_ADDR_ENV) {
         let v = v.to_string_lossy();
         if !v.is_empty() {
-            cfg.set_address(&v).with_context(|| format!("{HTTP_ADDR_ENV}={v:?}"))?;
+            cfg.set_address(&v)
+                .with_context(|| format!("{HTTP_ADDR_ENV}={v:?}"))?;
         }
     }
     cfg.default_intention_policy = policy;
     Ok(cfg)
 }
-

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use mesh_agent::glue::ApiHooks;
+use mesh_agent::hooks::ApiHooks;
 use mesh_agent::{Agent, AgentConfig, Redirect};
 use mesh_core::catalog::{Catalog, Update};
 use mesh_core::intentions::{Action, RuleSet};
@@ -285,9 +285,7 @@ async fn start_api(
     if let Some(token) = server.bootstrap_token() {
         println!(
             "Bootstrap (operator) ACL token, shown once (also in {}): {token}",
-            state_dir
-                .join(mesh_api::BOOTSTRAP_TOKEN_FILE)
-                .display()
+            state_dir.join(mesh_api::BOOTSTRAP_TOKEN_FILE).display()
         );
     }
     info!(addr = ?server.http_addr(), socket = ?server.socket_path(), "HTTP API serving");
@@ -421,9 +419,7 @@ async fn local(
         println!("  meshctl intention create -deny '*' '*'");
         println!(
             "meshctl needs the token: export MESH_HTTP_TOKEN=$(cat {})",
-            state_dir
-                .join(mesh_api::BOOTSTRAP_TOKEN_FILE)
-                .display()
+            state_dir.join(mesh_api::BOOTSTRAP_TOKEN_FILE).display()
         );
         println!("Ctrl-C stops the mesh and removes its pods, namespaces, cgroups and programs.");
         let mut term = signal(SignalKind::terminate())?;

@@ -2,28 +2,29 @@
 
 use mesh_core::identity::SpiffeId;
 
-/// An authorization verdict with the reason that is logged with it.
+/// The proxy's authorization decision for one connection, with the reason that is logged
+/// with it (the intention that matched, or the default policy).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verdict {
+pub struct Decision {
     /// Whether the connection may proceed.
-    pub allow: bool,
+    pub allowed: bool,
     /// Why (e.g. the intention that matched, or the default policy).
     pub reason: String,
 }
 
-impl Verdict {
-    /// An allow verdict.
+impl Decision {
+    /// Allowed, because of `reason`.
     pub fn allow(reason: impl Into<String>) -> Self {
         Self {
-            allow: true,
+            allowed: true,
             reason: reason.into(),
         }
     }
 
-    /// A deny verdict.
+    /// Denied, because of `reason`.
     pub fn deny(reason: impl Into<String>) -> Self {
         Self {
-            allow: false,
+            allowed: false,
             reason: reason.into(),
         }
     }
@@ -36,7 +37,7 @@ impl Verdict {
 pub trait Authorizer: Send + Sync + 'static {
     /// May `source` (the caller's certificate identity) connect to `destination` (the service
     /// of the pod whose inbound listener accepted the connection)?
-    fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Verdict;
+    fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Decision;
 }
 
 /// Allows every authenticated caller (for tests and for a mesh without intentions).
@@ -44,7 +45,7 @@ pub trait Authorizer: Send + Sync + 'static {
 pub struct AllowAll;
 
 impl Authorizer for AllowAll {
-    fn authorize(&self, _source: &SpiffeId, _destination: &SpiffeId) -> Verdict {
-        Verdict::allow("allow-all authorizer")
+    fn authorize(&self, _source: &SpiffeId, _destination: &SpiffeId) -> Decision {
+        Decision::allow("allow-all authorizer")
     }
 }

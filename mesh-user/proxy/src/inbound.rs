@@ -59,7 +59,7 @@ pub(crate) async fn serve(
     };
     info.port = Some(port);
 
-    // Registered before the verdict and until this function returns, so that a rule change
+    // Registered before the decision and until this function returns, so that a rule change
     // at any point from here on closes the connection (PodProxy::reauthorize).
     let (_registration, revoked) = pod.inbound.register(caller.clone());
     let stop = async move {
@@ -69,12 +69,12 @@ pub(crate) async fn serve(
             Err(_) => std::future::pending().await,
         }
     };
-    let verdict = shared.authorizer.authorize(&caller, pod.id());
-    if !verdict.allow {
+    let decision = shared.authorizer.authorize(&caller, pod.id());
+    if !decision.allowed {
         return refuse(
             tls,
             Error::Denied {
-                reason: verdict.reason,
+                reason: decision.reason,
             },
         )
         .await;
@@ -91,7 +91,7 @@ pub(crate) async fn serve(
     };
     tracing::debug!(
         pod = %pod.name, caller = %caller, port, resumed = info.resumed,
-        "inbound connection authorized: {}", verdict.reason
+        "inbound connection authorized: {}", decision.reason
     );
     let (transferred, result) = relay(
         app,

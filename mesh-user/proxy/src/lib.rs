@@ -41,7 +41,7 @@
 //! A connection whose first byte is not a TLS handshake record is refused (plaintext that the
 //! kernel steered to the proxy). Otherwise: TLS accept with the pod's server config within
 //! [`ProxyConfig::handshake_timeout`], the caller's SPIFFE ID from its certificate, the port from
-//! the server name, the [`Authorizer`]'s verdict for (caller, the pod's service), the port must
+//! the server name, the [`Authorizer`]'s decision for (caller, the pod's service), the port must
 //! be one of the pod's app ports, then a connection to the app on `127.0.0.1:<port>` through
 //! the [`Dialer`]. After a rule change, [`PodProxy::reauthorize`] asks the [`Authorizer`] again
 //! about every established inbound connection of the pod and closes those it now denies.
@@ -75,7 +75,7 @@ use std::time::Duration;
 
 use mesh_core::identity::{self, SpiffeId};
 
-pub use authz::{AllowAll, Authorizer, Verdict};
+pub use authz::{AllowAll, Authorizer, Decision};
 pub use dial::{DialFuture, DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst};
 pub use directory::{Destination, Directory};
 pub use pod::{ListenerId, ListenerKind, PodProxy, PodSpec, Proxy, ProxyBuilder};

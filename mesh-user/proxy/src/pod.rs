@@ -22,7 +22,9 @@ use super::dial::{DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst
 use super::directory::{Balancer, Directory};
 use super::stats::{PodStats, PodStatsSnapshot};
 use super::{inbound, outbound, Authorizer, Error, LimitScope, ProxyConfig};
-use mesh_core::identity::{server_config_with, ClientConfigCache, LeafStore, SpiffeId, TrustBundle};
+use mesh_core::identity::{
+    server_config_with, ClientConfigCache, LeafStore, SpiffeId, TrustBundle,
+};
 use mesh_core::intentions::ServiceName;
 
 /// How long to pause accepting after an accept error (e.g. out of file descriptors).
@@ -428,8 +430,8 @@ impl PodProxy {
             .callers()
             .into_iter()
             .filter_map(|(id, caller)| {
-                let verdict = authorizer.authorize(&caller, service);
-                (!verdict.allow).then_some((id, verdict.reason))
+                let decision = authorizer.authorize(&caller, service);
+                (!decision.allowed).then_some((id, decision.reason))
             })
             .collect();
         denied

@@ -109,7 +109,7 @@ impl RecordingAuthorizer {
 }
 
 impl Authorizer for RecordingAuthorizer {
-    fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Verdict {
+    fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Decision {
         self.seen
             .lock()
             .unwrap()
@@ -119,9 +119,9 @@ impl Authorizer for RecordingAuthorizer {
             destination.service().to_owned(),
         );
         if self.deny.lock().unwrap().contains(&pair) {
-            Verdict::deny(format!("test intention {} => {} deny", pair.0, pair.1))
+            Decision::deny(format!("test intention {} => {} deny", pair.0, pair.1))
         } else {
-            Verdict::allow("test default allow")
+            Decision::allow("test default allow")
         }
     }
 }

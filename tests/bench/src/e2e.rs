@@ -66,9 +66,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_kit::{Node, Pod};
 use mesh_agent::Redirect;
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Upstream, Workload};
+use mesh_kit::{Node, Pod};
 use nix::sched::CpuSet;
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -152,8 +152,7 @@ struct Options {
 }
 
 fn docs_dir() -> Result<PathBuf> {
-    Ok(Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../docs"))
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs"))
 }
 
 fn parse_options(args: &[String]) -> Result<Option<Options>> {

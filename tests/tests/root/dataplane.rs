@@ -15,9 +15,9 @@ use mesh_common::{
     Config, IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
     SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
-use mesh_kit::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
 use mesh_dataplane::bpf::Dataplane;
 use mesh_dataplane::{cgroup, iptables, socket::original_dst};
+use mesh_kit::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
 
 /// Interned ids, as the agent would assign them: one namespace, three service names.
 const NS: u32 = 1;

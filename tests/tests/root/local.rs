@@ -322,7 +322,8 @@ impl Drop for LocalMesh {
 /// as the runner names them); returns what it printed, or its error.
 fn in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
     let netns = PathBuf::from(format!("/run/netns/{NODE}-{namespace}_{name}"));
-    let cgroup = mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
+    let cgroup =
+        mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
     ensure!(netns.exists(), "no network namespace {}", netns.display());
     ensure!(cgroup.exists(), "no cgroup {}", cgroup.display());
     let out = wait_limit(spawn_probe(&netns, &cgroup, args)?, Duration::from_secs(30))?;

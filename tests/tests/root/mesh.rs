@@ -9,10 +9,10 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_kit::{pattern, wait_limit, Node, Pod};
 use mesh_agent::{Agent, AgentConfig, Redirect};
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, ServiceRef, Upstream, Workload};
 use mesh_core::intentions::{Action, RuleSet};
+use mesh_kit::{pattern, wait_limit, Node, Pod};
 
 const APP_PORT: u16 = 9091;
 const SEED: u64 = 500;

@@ -10,8 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_kit::{bin_path, wait_limit, Node, Pod};
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Workload};
+use mesh_kit::{bin_path, wait_limit, Node, Pod};
 
 fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>) -> Workload {
     Workload {

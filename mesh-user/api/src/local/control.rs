@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use mesh_core::k8s::applied::Source;
 use super::view::{ApplyReply, ForwardTarget, List, PodView, ProxyView, ServiceView};
+use mesh_core::k8s::applied::Source;
 
 /// Why a request failed: an HTTP status and a message for the user, verbatim.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

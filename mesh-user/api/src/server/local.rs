@@ -9,8 +9,8 @@ use hyper::body::Bytes;
 
 use super::{text_body, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
-use crate::ApiError;
 use crate::local::{Handle, ManifestRequest};
+use crate::Error;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -22,16 +22,14 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/local/forward", get(forward))
 }
 
-fn runner(st: &AppState) -> Result<&Handle, ApiError> {
+fn runner(st: &AppState) -> Result<&Handle, Error> {
     st.local.as_ref().ok_or_else(|| {
-        ApiError::NotFound(
-            "this agent runs no local pods (they are served by `meshd local`)".into(),
-        )
+        Error::NotFound("this agent runs no local pods (they are served by `meshd local`)".into())
     })
 }
 
-fn manifests(body: &Bytes) -> Result<ManifestRequest, ApiError> {
-    serde_json::from_str(text_body(body)?).map_err(|e| ApiError::BadRequest {
+fn manifests(body: &Bytes) -> Result<ManifestRequest, Error> {
+    serde_json::from_str(text_body(body)?).map_err(|e| Error::BadRequest {
         field: None,
         message: format!("Request decode failed: {e}"),
     })
@@ -50,7 +48,7 @@ async fn delete(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> 
 }
 
 /// `?namespace=`: only that namespace; absent or empty: every namespace.
-fn namespace_filter(q: Option<String>) -> Result<Option<String>, ApiError> {
+fn namespace_filter(q: Option<String>) -> Result<Option<String>, Error> {
     Ok(Params::new(q)
         .optional("namespace")?
         .filter(|s| !s.is_empty())
@@ -103,12 +101,9 @@ async fn forward(
     let port: u16 = params
         .required("port")?
         .parse()
-        .map_err(|_| ApiError::bad("port", "port must be a number from 1 to 65535"))?;
+        .map_err(|_| Error::bad("port", "port must be a number from 1 to 65535"))?;
     if port == 0 {
-        return Err(ApiError::bad(
-            "port",
-            "port must be a number from 1 to 65535",
-        ));
+        return Err(Error::bad("port", "port must be a number from 1 to 65535"));
     }
     Ok(Json(runner(&st)?.forward(ns, target, port).await?).into_response())
 }

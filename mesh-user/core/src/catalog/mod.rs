@@ -14,12 +14,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    /// The catalog is not valid JSON of the catalog's shape.
     #[error("catalog JSON: {0}")]
-    Json(String),
+    Json(#[source] serde_json::Error),
 }
 
 fn invalid(what: impl Into<String>, message: impl Into<String>) -> Error {
@@ -268,7 +269,7 @@ fn check_name(what: &str, value: &str) -> Result<(), Error> {
 
 impl Catalog {
     pub fn from_json(text: &str) -> Result<Self, Error> {
-        let c: Catalog = serde_json::from_str(text).map_err(|e| Error::Json(e.to_string()))?;
+        let c: Catalog = serde_json::from_str(text).map_err(Error::Json)?;
         c.validate()?;
         Ok(c)
     }

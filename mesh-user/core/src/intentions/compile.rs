@@ -33,7 +33,7 @@
 
 use std::collections::HashMap;
 
-use super::{Action, IntentionError, Result, RuleSet, ServiceName, WILDCARD};
+use super::{Action, Error, Result, RuleSet, ServiceName, WILDCARD};
 
 /// The id of the wildcard `*`, in every interner.
 pub const WILDCARD_ID: u32 = 0;
@@ -74,7 +74,7 @@ impl Interner {
         let id = u32::try_from(self.strings.len())
             .ok()
             .filter(|&id| id != UNKNOWN_ID)
-            .ok_or(IntentionError::Exhausted {
+            .ok_or(Error::Exhausted {
                 what: "interned names",
             })?;
         self.ids.insert(s.to_owned(), id);

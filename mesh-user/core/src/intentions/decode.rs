@@ -2,10 +2,10 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{Format, IntentionError, Result};
+use super::{Error, Format, Result};
 
-fn malformed(format: Format, field: String, message: impl ToString) -> IntentionError {
-    IntentionError::Malformed {
+fn malformed(format: Format, field: String, message: impl ToString) -> Error {
+    Error::Malformed {
         format,
         field,
         message: message.to_string().trim().to_owned(),

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::intention::{validate_description, validate_meta};
 use super::name::{validate_partition, validate_wildcards};
 use super::{
-    decode, precedence, Action, IntentionError, Result, ServiceName, DEFAULT_NAMESPACE,
-    DEFAULT_PARTITION, WILDCARD,
+    decode, precedence, Action, Error, Result, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION,
+    WILDCARD,
 };
 
 /// The `Kind` of the entry.
@@ -92,11 +92,11 @@ impl ServiceIntentionsEntry {
     /// the field with its index in `sources` as given.
     pub fn normalized(&self) -> Result<Self> {
         if self.destination.name().is_empty() {
-            return Err(IntentionError::invalid("Name", "Name is required"));
+            return Err(Error::invalid("Name", "Name is required"));
         }
         validate_meta(&self.meta, "Meta")?;
         if self.sources.is_empty() {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 "Sources",
                 "Sources: at least one source is required",
             ));
@@ -122,8 +122,8 @@ impl ServiceIntentionsEntry {
     }
 }
 
-fn duplicate_source(i: usize, source: &ServiceName) -> IntentionError {
-    IntentionError::invalid(
+fn duplicate_source(i: usize, source: &ServiceName) -> Error {
+    Error::invalid(
         format!("Sources[{i}]"),
         format!(
             "Sources[{i}] defines {:?} more than once",
@@ -186,9 +186,9 @@ impl RawEntry {
     fn into_entry(self) -> Result<ServiceIntentionsEntry> {
         match self.kind.as_deref() {
             Some(SERVICE_INTENTIONS_KIND) => {}
-            None | Some("") => return Err(IntentionError::invalid("Kind", "Kind is required")),
+            None | Some("") => return Err(Error::invalid("Kind", "Kind is required")),
             Some(other) => {
-                return Err(IntentionError::invalid(
+                return Err(Error::invalid(
                     "Kind",
                     format!("Kind: expected {SERVICE_INTENTIONS_KIND:?}, got {other:?}"),
                 ))
@@ -196,7 +196,7 @@ impl RawEntry {
         }
         let name = self.name.unwrap_or_default();
         if name.is_empty() {
-            return Err(IntentionError::invalid("Name", "Name is required"));
+            return Err(Error::invalid("Name", "Name is required"));
         }
         let dst_ns = non_empty(&self.namespace)
             .unwrap_or(DEFAULT_NAMESPACE)
@@ -207,7 +207,7 @@ impl RawEntry {
         validate_meta(&meta, "Meta")?;
         let raw_sources = self.sources.unwrap_or_default();
         if raw_sources.is_empty() {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 "Sources",
                 "Sources: at least one source is required",
             ));
@@ -220,7 +220,7 @@ impl RawEntry {
             let field = |f: &str| format!("Sources[{i}].{f}");
             let name = raw.name.clone().unwrap_or_default();
             if name.is_empty() {
-                return Err(IntentionError::invalid(
+                return Err(Error::invalid(
                     field("Name"),
                     format!("Sources[{i}].Name is required"),
                 ));
@@ -240,7 +240,7 @@ impl RawEntry {
                 Some("allow") => Action::Allow,
                 Some("deny") => Action::Deny,
                 _ => {
-                    return Err(IntentionError::invalid(
+                    return Err(Error::invalid(
                         field("Action"),
                         format!("Sources[{i}].Action must be set to 'allow' or 'deny'"),
                     ))
@@ -249,7 +249,7 @@ impl RawEntry {
             match raw.kind.as_deref() {
                 None | Some("") | Some("consul") => {}
                 Some(_) => {
-                    return Err(IntentionError::invalid(
+                    return Err(Error::invalid(
                         field("Type"),
                         format!("Sources[{i}].Type must be set to 'consul'"),
                     ))

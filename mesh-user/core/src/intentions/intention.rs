@@ -10,9 +10,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::name::{validate_partition, validate_wildcards};
-use super::{
-    decode, IntentionError, Result, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD,
-};
+use super::{decode, Error, Result, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
 
 /// Consul's limits on opaque values (`metaKeyMaxLength`, `metaValueMaxLength`,
 /// `metaMaxKeyPairs`).
@@ -52,14 +50,14 @@ impl fmt::Display for Action {
 }
 
 impl FromStr for Action {
-    type Err = IntentionError;
+    type Err = Error;
 
     /// Exactly `allow` or `deny` (case-sensitive, as in Consul).
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "allow" => Ok(Action::Allow),
             "deny" => Ok(Action::Deny),
-            _ => Err(IntentionError::invalid(
+            _ => Err(Error::invalid(
                 "Action",
                 "Action must be set to 'allow' or 'deny'",
             )),
@@ -137,7 +135,7 @@ impl IntentionSpec {
         let action = match raw.action.as_deref() {
             Some(a) => a.parse()?,
             None => {
-                return Err(IntentionError::invalid(
+                return Err(Error::invalid(
                     "Action",
                     "Action must be set to 'allow' or 'deny'",
                 ))
@@ -146,7 +144,7 @@ impl IntentionSpec {
         match raw.source_type.as_deref() {
             None | Some("") | Some("consul") => {}
             Some(_) => {
-                return Err(IntentionError::invalid(
+                return Err(Error::invalid(
                     "SourceType",
                     "SourceType must be set to 'consul'",
                 ))
@@ -168,13 +166,10 @@ impl IntentionSpec {
     /// Validates in Consul's order and applies namespace defaults and inheritance.
     pub(crate) fn normalize(&self) -> Result<Normalized> {
         if self.source_name.is_empty() {
-            return Err(IntentionError::invalid(
-                "SourceName",
-                "SourceName must be set",
-            ));
+            return Err(Error::invalid("SourceName", "SourceName must be set"));
         }
         if self.destination_name.is_empty() {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 "DestinationName",
                 "DestinationName must be set",
             ));
@@ -214,7 +209,7 @@ fn non_empty(s: Option<&str>) -> Option<&str> {
 
 pub(crate) fn validate_description(description: &str, field: &str) -> Result<()> {
     if description.len() > META_VALUE_MAX_LENGTH {
-        return Err(IntentionError::invalid(
+        return Err(Error::invalid(
             field,
             format!("{field} exceeds maximum length {META_VALUE_MAX_LENGTH}"),
         ));
@@ -224,20 +219,20 @@ pub(crate) fn validate_description(description: &str, field: &str) -> Result<()>
 
 pub(crate) fn validate_meta(meta: &BTreeMap<String, String>, field: &str) -> Result<()> {
     if meta.len() > META_MAX_KEY_PAIRS {
-        return Err(IntentionError::invalid(
+        return Err(Error::invalid(
             field,
             format!("{field} exceeds maximum element count {META_MAX_KEY_PAIRS}"),
         ));
     }
     for (k, v) in meta {
         if k.len() > META_KEY_MAX_LENGTH {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 field,
                 format!("{field} key {k:?} exceeds maximum length {META_KEY_MAX_LENGTH}"),
             ));
         }
         if v.len() > META_VALUE_MAX_LENGTH {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 field,
                 format!(
                     "{field} value for key {k:?} exceeds maximum length {META_VALUE_MAX_LENGTH}"
@@ -546,9 +541,9 @@ mod tests {
             assert!(err.to_string().contains(field), "{err}");
         }
         let err = IntentionSpec::from_json(r#"{"SourceName":"web""#).unwrap_err();
-        assert!(matches!(err, IntentionError::Malformed { .. }), "{err}");
+        assert!(matches!(err, Error::Malformed { .. }), "{err}");
         let err =
             IntentionSpec::from_json(r#"{"SourceName":"web","Action":"allow"} x"#).unwrap_err();
-        assert!(matches!(err, IntentionError::Malformed { .. }), "{err}");
+        assert!(matches!(err, Error::Malformed { .. }), "{err}");
     }
 }

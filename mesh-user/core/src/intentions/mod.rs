@@ -90,7 +90,7 @@ impl fmt::Display for Format {
 /// changed any state.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum IntentionError {
+pub enum Error {
     /// A value is not acceptable. `field` is its path as Consul names it (`SourceName`,
     /// `Sources[1].Action`, ...) and `message` is the full, Consul-worded message, which
     /// starts with or contains that path.
@@ -143,13 +143,11 @@ fn at_field(field: &str) -> String {
     }
 }
 
-impl IntentionError {
+impl Error {
     /// The path of the field this error is about, when there is one.
     pub fn field(&self) -> Option<&str> {
         match self {
-            IntentionError::Invalid { field, .. } | IntentionError::Malformed { field, .. }
-                if !field.is_empty() =>
-            {
+            Error::Invalid { field, .. } | Error::Malformed { field, .. } if !field.is_empty() => {
                 Some(field)
             }
             _ => None,
@@ -157,7 +155,7 @@ impl IntentionError {
     }
 
     pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        IntentionError::Invalid {
+        Error::Invalid {
             field: field.into(),
             message: message.into(),
         }
@@ -165,4 +163,4 @@ impl IntentionError {
 }
 
 /// Shorthand for results of this module.
-pub type Result<T, E = IntentionError> = std::result::Result<T, E>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;

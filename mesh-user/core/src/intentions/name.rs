@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{IntentionError, Result};
+use super::{Error, Result};
 
 /// The wildcard: a whole namespace or a whole name.
 pub const WILDCARD: &str = "*";
@@ -29,13 +29,10 @@ impl ServiceName {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Result<Self> {
         let (namespace, name) = (namespace.into(), name.into());
         if namespace.is_empty() {
-            return Err(IntentionError::invalid(
-                "Namespace",
-                "Namespace is required",
-            ));
+            return Err(Error::invalid("Namespace", "Namespace is required"));
         }
         if name.is_empty() {
-            return Err(IntentionError::invalid("Name", "Name is required"));
+            return Err(Error::invalid("Name", "Name is required"));
         }
         validate_wildcards(&namespace, &name, "Namespace", "Name")?;
         Ok(ServiceName { namespace, name })
@@ -98,7 +95,7 @@ impl fmt::Display for ServiceName {
 }
 
 impl FromStr for ServiceName {
-    type Err = IntentionError;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
         ServiceName::parse(s)
@@ -115,20 +112,20 @@ pub(crate) fn validate_wildcards(
     name_field: &str,
 ) -> Result<()> {
     if ns != WILDCARD && ns.contains(WILDCARD) {
-        return Err(IntentionError::invalid(
+        return Err(Error::invalid(
             ns_field,
             format!("{ns_field}: wildcard character '*' cannot be used with partial values"),
         ));
     }
     if name != WILDCARD {
         if name.contains(WILDCARD) {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 name_field,
                 format!("{name_field}: wildcard character '*' cannot be used with partial values"),
             ));
         }
         if ns == WILDCARD {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 name_field,
                 format!("{name_field}: exact value cannot follow wildcard namespace"),
             ));
@@ -136,7 +133,7 @@ pub(crate) fn validate_wildcards(
     }
     for (value, field) in [(ns, ns_field), (name, name_field)] {
         if value.contains('/') {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 field,
                 format!("{field}: '/' is not allowed in a namespace or name: {value:?}"),
             ));
@@ -149,11 +146,11 @@ pub(crate) fn validate_wildcards(
 pub(crate) fn validate_partition(partition: Option<&str>, field: &str) -> Result<()> {
     match partition {
         None | Some("") | Some(DEFAULT_PARTITION) => Ok(()),
-        Some(p) if p.contains(WILDCARD) => Err(IntentionError::invalid(
+        Some(p) if p.contains(WILDCARD) => Err(Error::invalid(
             field,
             format!("{field}: cannot use wildcard '*' in partition"),
         )),
-        Some(p) => Err(IntentionError::invalid(
+        Some(p) => Err(Error::invalid(
             field,
             format!("{field}: partition {p:?} does not exist; this agent serves only partition {DEFAULT_PARTITION:?}"),
         )),

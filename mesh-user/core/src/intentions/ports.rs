@@ -122,4 +122,3 @@ impl CountersSource for MemoryCounters {
 pub type SharedSink = Arc<dyn RulesSink>;
 /// See [`SharedSink`].
 pub type SharedCounters = Arc<dyn CountersSource>;
-

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use super::intention::{precedence, validate_description, validate_meta, Normalized};
 use super::name::validate_wildcards;
 use super::{
-    Action, Intention, IntentionError, IntentionSpec, Result, ServiceIntentionsEntry, ServiceName,
+    Action, Error, Intention, IntentionSpec, Result, ServiceIntentionsEntry, ServiceName,
     SourceIntention,
 };
 
@@ -164,7 +164,7 @@ impl RuleSet {
     }
 
     /// Creates an intention. If one already exists for the same source and destination, this
-    /// fails with [`IntentionError::Duplicate`] unless `replace`, in which case that intention
+    /// fails with [`Error::Duplicate`] unless `replace`, in which case that intention
     /// is updated in place (same ID; as `PUT /v1/connect/intentions/exact` does).
     pub fn create(&mut self, spec: &IntentionSpec, replace: bool) -> Result<&Intention> {
         let n = spec.normalize()?;
@@ -176,7 +176,7 @@ impl RuleSet {
         let now = SystemTime::now();
         if let Some(existing) = self.lookup_mut(&key) {
             if !replace {
-                return Err(IntentionError::Duplicate {
+                return Err(Error::Duplicate {
                     existing: existing.to_string(),
                 });
             }
@@ -195,7 +195,7 @@ impl RuleSet {
     }
 
     /// Replaces the intention with this ID (source and destination may change). Fails with
-    /// [`IntentionError::NotFound`] for an unknown ID and [`IntentionError::Duplicate`] when
+    /// [`Error::NotFound`] for an unknown ID and [`Error::Duplicate`] when
     /// another intention already has the new source/destination pair.
     pub fn update(&mut self, id: &str, spec: &IntentionSpec) -> Result<&Intention> {
         let old_key = self
@@ -210,7 +210,7 @@ impl RuleSet {
         };
         if new_key != old_key {
             if let Some(other) = self.lookup(&new_key) {
-                return Err(IntentionError::Duplicate {
+                return Err(Error::Duplicate {
                     existing: other.to_string(),
                 });
             }
@@ -354,7 +354,7 @@ impl RuleSet {
         // changing anything.
         let base = self.next_counter;
         let Some(end) = u32::try_from(fresh).ok().and_then(|f| base.checked_add(f)) else {
-            return Err(IntentionError::Exhausted {
+            return Err(Error::Exhausted {
                 what: "intention counter indexes",
             });
         };
@@ -505,7 +505,7 @@ impl RuleSet {
             let at = |field: &str| format!("Intentions[{i}].{field}");
             let bad = |field: &str, what: String| {
                 let field = at(field);
-                IntentionError::invalid(field.clone(), format!("{field}: {what}"))
+                Error::invalid(field.clone(), format!("{field}: {what}"))
             };
             if it.id.is_empty() {
                 return Err(bad("ID", "must be set".into()));
@@ -566,13 +566,13 @@ impl RuleSet {
         for (i, e) in entries.into_iter().enumerate() {
             let field = format!("Entries[{i}]");
             if !rules.by_dst.contains_key(&e.destination) {
-                return Err(IntentionError::invalid(
+                return Err(Error::invalid(
                     field.clone(),
                     format!("{field}: no intention has destination {}", e.destination),
                 ));
             }
             if e.create_index > e.modify_index || e.modify_index > index {
-                return Err(IntentionError::invalid(
+                return Err(Error::invalid(
                     field.clone(),
                     format!(
                         "{field}: CreateIndex {} <= ModifyIndex {} <= index {index} does not hold",
@@ -587,7 +587,7 @@ impl RuleSet {
                 modify_index: e.modify_index,
             };
             if rules.entries.insert(e.destination.clone(), state).is_some() {
-                return Err(IntentionError::invalid(
+                return Err(Error::invalid(
                     field.clone(),
                     format!("{field}: a second entry for {}", e.destination),
                 ));
@@ -598,7 +598,7 @@ impl RuleSet {
             .keys()
             .find(|d| !rules.entries.contains_key(*d))
         {
-            return Err(IntentionError::invalid(
+            return Err(Error::invalid(
                 "Entries",
                 format!("Entries: none for destination {dst}, which has intentions"),
             ));
@@ -610,7 +610,7 @@ impl RuleSet {
 
     fn next_counter_index(&mut self) -> Result<u32> {
         if self.next_counter == u32::MAX {
-            return Err(IntentionError::Exhausted {
+            return Err(Error::Exhausted {
                 what: "intention counter indexes",
             });
         }
@@ -695,8 +695,8 @@ impl RuleSet {
     }
 }
 
-fn not_found(op: &'static str, id: &str) -> IntentionError {
-    IntentionError::NotFound {
+fn not_found(op: &'static str, id: &str) -> Error {
+    Error::NotFound {
         op,
         id: id.to_owned(),
     }
@@ -776,7 +776,7 @@ mod tests {
         let entry =
             ServiceIntentionsEntry::new(sn("api"), vec![source("web"), source("a"), source("b")]);
         let err = rules.apply_entry(&entry).unwrap_err();
-        assert!(matches!(err, IntentionError::Exhausted { .. }), "{err}");
+        assert!(matches!(err, Error::Exhausted { .. }), "{err}");
         let after: Vec<Intention> = rules.list().into_iter().cloned().collect();
         assert_eq!(after, before);
         assert_eq!(rules.index(), index);
@@ -795,7 +795,7 @@ mod tests {
                 false,
             )
             .unwrap_err();
-        assert!(matches!(err, IntentionError::Exhausted { .. }), "{err}");
+        assert!(matches!(err, Error::Exhausted { .. }), "{err}");
         assert_eq!(rules.len(), 2);
     }
 

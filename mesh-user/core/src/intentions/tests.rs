@@ -236,7 +236,7 @@ fn create_update_delete() {
     let err = rules
         .create(&spec("web", "api", Action::Deny), false)
         .unwrap_err();
-    assert!(matches!(err, IntentionError::Duplicate { .. }));
+    assert!(matches!(err, Error::Duplicate { .. }));
     assert!(err
         .to_string()
         .starts_with("duplicate intention found: ALLOW default/web => default/api"));
@@ -261,7 +261,7 @@ fn create_update_delete() {
     let err = rules
         .update(&id, &spec("db", "api", Action::Allow))
         .unwrap_err();
-    assert!(matches!(err, IntentionError::Duplicate { .. }), "{err}");
+    assert!(matches!(err, Error::Duplicate { .. }), "{err}");
     let moved = rules
         .update(&id, &spec("web", "*", Action::Allow))
         .unwrap()
@@ -681,7 +681,7 @@ fn hcl_rejections_name_the_field() {
             assert!(
                 matches!(
                     err,
-                    IntentionError::Malformed {
+                    Error::Malformed {
                         format: Format::Hcl,
                         ..
                     }
@@ -706,7 +706,7 @@ fn malformed_json_is_refused() {
         assert!(
             matches!(
                 err,
-                IntentionError::Malformed {
+                Error::Malformed {
                     format: Format::Json,
                     ..
                 }

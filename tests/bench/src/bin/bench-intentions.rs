@@ -17,10 +17,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use mesh_kit::{Node, Pod};
 use mesh_agent::{Agent, AgentConfig, Redirect};
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Workload};
 use mesh_core::intentions::{Action, IntentionSpec, RuleSet, ServiceName};
+use mesh_kit::{Node, Pod};
 use serde_json::json;
 
 fn spec(src: &str, dst: &str, action: Action) -> Result<IntentionSpec> {

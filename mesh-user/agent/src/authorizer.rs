@@ -1,0 +1,48 @@
+//! The inbound proxy's authoritative intention check: the newest rule set, swapped atomically.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mesh_core::identity::SpiffeId;
+use mesh_core::intentions::{Matched, RuleSet, ServiceName};
+use mesh_proxy::Decision;
+
+/// The inbound proxy's authoritative intention check, against the caller's certificate.
+pub struct IntentionAuthorizer {
+    rules: ArcSwap<RuleSet>,
+}
+
+impl IntentionAuthorizer {
+    pub fn new(rules: Arc<RuleSet>) -> Self {
+        Self {
+            rules: ArcSwap::new(rules),
+        }
+    }
+
+    pub fn set(&self, rules: Arc<RuleSet>) {
+        self.rules.store(rules);
+    }
+}
+
+impl mesh_proxy::Authorizer for IntentionAuthorizer {
+    fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Decision {
+        let (Ok(src), Ok(dst)) = (
+            ServiceName::new(source.namespace(), source.service()),
+            ServiceName::new(destination.namespace(), destination.service()),
+        ) else {
+            return Decision::deny("identity is not a valid service name");
+        };
+        let decision = self.rules.load().check(&src, &dst);
+        let why = match &decision.matched {
+            Matched::Intention { id, precedence } => {
+                format!("intention {id} (precedence {precedence})")
+            }
+            Matched::Default => "default intention policy".to_string(),
+        };
+        if decision.allowed {
+            Decision::allow(why)
+        } else {
+            Decision::deny(why)
+        }
+    }
+}

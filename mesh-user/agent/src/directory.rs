@@ -1,0 +1,92 @@
+//! The directory the outbound proxy asks where a service is: the catalog, indexed by service
+//! address and by each pod's explicit upstreams, swapped whole on every catalog change.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mesh_core::catalog::{Catalog, Service};
+use mesh_core::intentions::ServiceName;
+use mesh_proxy::{Destination, Directory};
+
+/// The catalog as the outbound proxy reads it: swapped whole on every catalog change.
+#[derive(Default)]
+pub struct MeshDirectory {
+    view: ArcSwap<View>,
+}
+
+#[derive(Default)]
+struct View {
+    by_addr: HashMap<SocketAddrV4, Destination>,
+    /// (pod id, upstream namespace/name) → destination.
+    upstreams: HashMap<(String, ServiceName), Destination>,
+}
+
+fn destination(s: &Service, port: u16, trust_domain: &str) -> Option<Destination> {
+    Some(Destination {
+        id: s.service_ref().spiffe_id(trust_domain).ok()?,
+        port,
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| SocketAddr::V4(e.addr()))
+            .collect(),
+    })
+}
+
+impl MeshDirectory {
+    pub fn update(&self, catalog: &Catalog, trust_domain: &str) {
+        let mut view = View::default();
+        for s in &catalog.services {
+            for &port in &s.ports {
+                // The destination names the app port: the inbound proxy connects to it.
+                let target = s.target_port(port);
+                let Some(d) = destination(s, target, trust_domain) else {
+                    continue;
+                };
+                if let Some(vip) = s.vip {
+                    view.by_addr.insert(SocketAddrV4::new(vip, port), d.clone());
+                }
+                for e in &s.endpoints {
+                    view.by_addr
+                        .insert(SocketAddrV4::new(e.ip, target), d.clone());
+                }
+            }
+        }
+        for w in &catalog.workloads {
+            for u in &w.upstreams {
+                let Some(s) = catalog.service(&u.service_ref()) else {
+                    continue;
+                };
+                // An explicit upstream reaches the service's first port, as a Consul upstream
+                // reaches the service's one port.
+                let Some(&port) = s.ports.first() else {
+                    continue;
+                };
+                let (Ok(name), Some(d)) = (
+                    ServiceName::new(u.namespace.clone(), u.service.clone()),
+                    destination(s, s.target_port(port), trust_domain),
+                ) else {
+                    continue;
+                };
+                view.upstreams.insert((w.id(), name), d);
+            }
+        }
+        self.view.store(Arc::new(view));
+    }
+}
+
+impl Directory for MeshDirectory {
+    fn by_address(&self, _pod: &str, addr: SocketAddrV4) -> Option<Destination> {
+        self.view.load().by_addr.get(&addr).cloned()
+    }
+
+    fn by_upstream(&self, pod: &str, upstream: &ServiceName) -> Option<Destination> {
+        self.view
+            .load()
+            .upstreams
+            .get(&(pod.to_string(), upstream.clone()))
+            .cloned()
+    }
+}
