@@ -10,6 +10,7 @@
 //! programs attached (a restarted agent re-adopts them; `uninstall` removes them).
 
 mod config;
+mod limits;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -160,6 +161,10 @@ fn main() -> Result<()> {
             idle_timeout,
             no_tls_resumption,
         } => {
+            let nofile = limits::raise_nofile()?;
+            let (mut max_connections, mut max_connections_per_pod) =
+                (max_connections, max_connections_per_pod);
+            limits::clamp(nofile, &mut max_connections, &mut max_connections_per_pod);
             let mesh_cgroup = match mesh_cgroup {
                 Some(p) => p,
                 None => mesh_dataplane::cgroup::v2_root()?,
@@ -196,6 +201,16 @@ fn main() -> Result<()> {
             if reset {
                 return local_reset(&state_dir, &node);
             }
+            let nofile = limits::raise_nofile()?;
+            let mut proxy = mesh_proxy::ProxyConfig {
+                tls_resumption: !no_tls_resumption,
+                ..mesh_proxy::ProxyConfig::default()
+            };
+            limits::clamp(
+                nofile,
+                &mut proxy.max_connections_per_agent,
+                &mut proxy.max_connections_per_pod,
+            );
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -204,10 +219,7 @@ fn main() -> Result<()> {
                     node,
                     redirect,
                     default_intention_policy,
-                    mesh_proxy::ProxyConfig {
-                        tls_resumption: !no_tls_resumption,
-                        ..mesh_proxy::ProxyConfig::default()
-                    },
+                    proxy,
                 ))
         }
         Cmd::Exec {
