@@ -48,6 +48,10 @@ pub enum Error {
     },
     #[error("the eBPF dataplane was asked for but cannot run here: {0}")]
     NoEbpf(mesh_dataplane::bpf::Error),
+    /// The kernel could not take a rule set; it now lets the proxy decide every connection
+    /// (see [`KernelRules::ProxyDecides`]).
+    #[error("the kernel cannot hold the intentions ({0}); the proxy decides every connection")]
+    KernelRules(#[source] Box<Error>),
     /// A kernel resource the pod needs is exhausted.
     #[error("{0}")]
     Limit(&'static str),
@@ -270,6 +274,22 @@ impl Identity {
     }
 }
 
+/// How the kernel holds the intentions in force. The proxy's authorizer always holds the newest
+/// rules; the kernel's copy is only the early, cheap deny.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum KernelRules {
+    /// The kernel holds the newest rules (or the agent runs in iptables mode, where the proxy
+    /// alone decides).
+    #[default]
+    InSync,
+    /// The kernel could not take the newest rules (`reason`); it holds none and lets every
+    /// connection reach the proxy, which decides.
+    ProxyDecides {
+        /// Why, as the kernel write failed.
+        reason: String,
+    },
+}
+
 /// A pod the agent serves.
 pub struct Pod {
     pub workload: Workload,
@@ -291,6 +311,7 @@ pub struct Agent {
     directory: Arc<directory::MeshDirectory>,
     authorizer: Arc<authorizer::IntentionAuthorizer>,
     dialer: Arc<dialer::NetnsDialer>,
+    kernel_rules: KernelRules,
 }
 
 impl Agent {
@@ -369,6 +390,7 @@ impl Agent {
             directory,
             authorizer,
             dialer,
+            kernel_rules: KernelRules::InSync,
         };
         agent.apply(Update::Full(catalog)).await?;
         let keep_cgroups: BTreeSet<u64> = agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
@@ -392,15 +414,42 @@ impl Agent {
         &self.rules
     }
 
-    /// Replaces the intentions: the kernel verdicts and the inbound proxies follow, and
-    /// established inbound connections that the new rules deny are closed. Returns how many.
+    /// Replaces the intentions, proxy first: the inbound proxies' authorizer takes the new
+    /// rules and established inbound connections they deny are closed (returns how many), then
+    /// the kernel's verdicts follow.
+    ///
+    /// # Errors
+    /// [`Error::KernelRules`] when the kernel cannot take the rules: the proxies enforce them
+    /// all the same (the connections were closed), the kernel lets the proxy decide every
+    /// connection, and [`Agent::kernel_rules`] says so until a later rule set fits. Other errors
+    /// are failures to write the service addresses.
     pub fn set_rules(&mut self, rules: RuleSet) -> Result<usize, Error> {
-        self.steering
-            .sync_services(&self.catalog, &rules, &mut self.names)?;
         let rules = Arc::new(rules);
         self.rules = rules.clone();
-        self.authorizer.set(rules);
-        Ok(self.pods.values().map(|p| p.proxy.reauthorize()).sum())
+        self.authorizer.set(rules.clone());
+        let closed = self.pods.values().map(|p| p.proxy.reauthorize()).sum();
+        self.sync_kernel()?;
+        Ok(closed)
+    }
+
+    /// How the kernel holds the intentions now.
+    pub fn kernel_rules(&self) -> &KernelRules {
+        &self.kernel_rules
+    }
+
+    /// Writes the catalog's addresses and the rules in force to the kernel, recording in
+    /// [`Agent::kernel_rules`] whether the kernel took the rules.
+    fn sync_kernel(&mut self) -> Result<(), Error> {
+        let result = self
+            .steering
+            .sync_services(&self.catalog, &self.rules, &mut self.names);
+        self.kernel_rules = match &result {
+            Err(Error::KernelRules(why)) => KernelRules::ProxyDecides {
+                reason: why.to_string(),
+            },
+            _ => KernelRules::InSync,
+        };
+        result
     }
 
     pub fn dataplane(&self) -> Option<&mesh_dataplane::bpf::Dataplane> {
@@ -454,8 +503,13 @@ impl Agent {
             }
         }
         self.catalog = next;
-        self.steering
-            .sync_services(&self.catalog, &self.rules, &mut self.names)?;
+        match self.sync_kernel() {
+            // The proxy decides; the pods still get meshed.
+            Err(Error::KernelRules(e)) => {
+                warn!(error = %e, "the kernel cannot hold the intentions; the proxy decides")
+            }
+            other => other?,
+        }
         self.directory
             .update(&self.catalog, &self.identity.trust_domain());
         for id in &diff.workloads_changed {

@@ -9,7 +9,7 @@ use mesh_common::{
     IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
     SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Error, Names};
 use mesh_core::catalog::{Catalog, Workload};
@@ -124,7 +124,43 @@ impl Steering {
     /// Writes the intentions (compiled, replacing the old set atomically) and the service
     /// addresses of the whole catalog, and removes addresses no longer in it. Intentions go
     /// first, so an address never becomes reachable under rules older than the catalog.
+    ///
+    /// # Errors
+    /// [`Error::KernelRules`] when the kernel cannot take the intentions (a name or intention
+    /// map is full, a map write fails): the kernel then holds no intentions and lets every
+    /// connection reach the proxy, which decides ([`Steering::proxy_decides`]); the service
+    /// addresses are still written. Any other error is a failure to write the addresses.
     pub fn sync_services(
+        &mut self,
+        catalog: &Catalog,
+        rules: &RuleSet,
+        names: &mut Names,
+    ) -> Result<(), Error> {
+        let intentions = self.sync_intentions(catalog, rules, names);
+        if let Err(e) = &intentions {
+            warn!(error = %e, "the kernel cannot hold the intentions; the proxy decides every connection");
+            self.proxy_decides()?;
+        }
+        self.sync_addresses(catalog, names)?;
+        intentions
+    }
+
+    /// Empties the kernel's intentions with a default of allow: connect4 then redirects every
+    /// connection to a service into the proxy, and the inbound proxy's authorizer (which always
+    /// holds the newest rules) decides. The fail-closed fallback when the kernel cannot take
+    /// a rule set.
+    ///
+    /// # Errors
+    /// When even the empty set cannot be written (the config map is unwritable).
+    pub fn proxy_decides(&mut self) -> Result<(), Error> {
+        let Steering::Ebpf(dp) = self else {
+            return Ok(());
+        };
+        dp.replace_intentions(HashMap::new(), true)?;
+        Ok(())
+    }
+
+    fn sync_intentions(
         &mut self,
         catalog: &Catalog,
         rules: &RuleSet,
@@ -133,15 +169,17 @@ impl Steering {
         let Steering::Ebpf(dp) = self else {
             return Ok(());
         };
+        let kernel = |source: Error| Error::KernelRules(Box::new(source));
         for w in &catalog.workloads {
-            names.id(&w.namespace)?;
-            names.id(&w.service)?;
+            names.id(&w.namespace).map_err(kernel)?;
+            names.id(&w.service).map_err(kernel)?;
         }
         for s in &catalog.services {
-            names.id(&s.namespace)?;
-            names.id(&s.name)?;
+            names.id(&s.namespace).map_err(kernel)?;
+            names.id(&s.name).map_err(kernel)?;
         }
-        let compiled = compile_with(rules, names.take_interner())?;
+        let compiled =
+            compile_with(rules, names.take_interner()).map_err(|e| kernel(Error::from(e)))?;
         let entries: HashMap<IntentionKey, IntentionValue> = compiled
             .entries()
             .iter()
@@ -164,10 +202,18 @@ impl Steering {
                 )
             })
             .collect();
-        names.extend(compiled.into_interner())?;
+        names.extend(compiled.into_interner()).map_err(kernel)?;
         let count = entries.len();
-        dp.replace_intentions(entries, rules.default_policy() == Action::Allow)?;
+        dp.replace_intentions(entries, rules.default_policy() == Action::Allow)
+            .map_err(|e| kernel(Error::from(e)))?;
+        info!(intentions = count, "kernel intention map in sync");
+        Ok(())
+    }
 
+    fn sync_addresses(&mut self, catalog: &Catalog, names: &mut Names) -> Result<(), Error> {
+        let Steering::Ebpf(dp) = self else {
+            return Ok(());
+        };
         let mut addrs = BTreeMap::new();
         for s in &catalog.services {
             let (ns, name) = (names.id(&s.namespace)?, names.id(&s.name)?);
@@ -193,8 +239,7 @@ impl Steering {
         info!(
             services = catalog.services.len(),
             addresses = addrs.len(),
-            intentions = count,
-            "kernel service and intention maps in sync"
+            "kernel service map in sync"
         );
         Ok(())
     }

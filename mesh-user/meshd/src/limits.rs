@@ -25,7 +25,11 @@ pub fn raise_nofile() -> Result<u64> {
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
             .with_context(|| format!("setrlimit(RLIMIT_NOFILE, {hard})"))?;
-        info!(from = soft, to = hard, "raised the open-file limit (RLIMIT_NOFILE)");
+        info!(
+            from = soft,
+            to = hard,
+            "raised the open-file limit (RLIMIT_NOFILE)"
+        );
     }
     Ok(hard.max(soft))
 }

@@ -343,9 +343,8 @@ fn apply_rules(agent: &mut Agent, rules: RuleSet) {
         Ok(closed) => {
             info!(intentions = count, closed, took = ?started.elapsed(), "intentions in force")
         }
-        Err(e) => {
-            error!(error = %e, "applying intentions failed; the kernel keeps the previous set")
-        }
+        // The proxies enforce the new rules whatever the kernel did (proxy first).
+        Err(e) => error!(intentions = count, error = %e, "intentions in force in the proxy only"),
     }
 }
 
