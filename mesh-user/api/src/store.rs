@@ -654,7 +654,7 @@ mod tests {
         while rounds < 20 && Instant::now() < deadline {
             rounds += 1;
             let mut child = Command::new(&exe)
-                .args(["--exact", "api::store::tests::crash_child", "--nocapture"])
+                .args(["--exact", "store::tests::crash_child", "--nocapture"])
                 .args(["--test-threads", "1"])
                 .env(CHILD_ENV, dir.path())
                 .stdout(Stdio::piped())
