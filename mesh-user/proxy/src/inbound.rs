@@ -98,8 +98,8 @@ pub(crate) async fn serve(
         tls,
         shared.config.buffer_size,
         shared.config.idle_timeout,
-        &pod.stats.bytes_in,
-        &pod.stats.bytes_out,
+        &pod.stats.bytes_to_app,
+        &pod.stats.bytes_from_app,
         stop,
     )
     .await;

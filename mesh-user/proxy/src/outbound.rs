@@ -78,8 +78,8 @@ async fn passthrough(
         remote,
         shared.config.buffer_size,
         shared.config.idle_timeout,
-        &pod.stats.bytes_in,
-        &pod.stats.bytes_out,
+        &pod.stats.bytes_to_app,
+        &pod.stats.bytes_from_app,
         std::future::pending(),
     )
     .await;
@@ -141,8 +141,8 @@ async fn mesh(
         tls,
         shared.config.buffer_size,
         shared.config.idle_timeout,
-        &pod.stats.bytes_in,
-        &pod.stats.bytes_out,
+        &pod.stats.bytes_to_app,
+        &pod.stats.bytes_from_app,
         std::future::pending(),
     )
     .await;

@@ -667,8 +667,8 @@ macro_rules! conn_event {
             original_dst = %Opt(&$info.original_dst),
             target = %Opt(&$info.target),
             resumed = $info.resumed,
-            bytes_in = $info.transferred.to_app,
-            bytes_out = $info.transferred.from_app,
+            bytes_to_app = $info.transferred.to_app,
+            bytes_from_app = $info.transferred.from_app,
             ms = u64::try_from($started.elapsed().as_millis()).unwrap_or(u64::MAX),
             reason = %$reason,
             $msg

@@ -12,8 +12,8 @@ pub struct PodStats {
     pub(crate) inbound: AtomicU64,
     pub(crate) outbound: AtomicU64,
     pub(crate) passthrough: AtomicU64,
-    pub(crate) bytes_in: AtomicU64,
-    pub(crate) bytes_out: AtomicU64,
+    pub(crate) bytes_to_app: AtomicU64,
+    pub(crate) bytes_from_app: AtomicU64,
     pub(crate) refused_by_limit: AtomicU64,
     pub(crate) denied: AtomicU64,
     pub(crate) tls_failures: AtomicU64,
@@ -39,9 +39,9 @@ pub struct PodStatsSnapshot {
     /// Outbound connections to destinations outside the mesh, passed through as plain TCP.
     pub passthrough_connections: u64,
     /// Bytes written to the pod's app (responses on outbound, requests on inbound).
-    pub bytes_in: u64,
+    pub bytes_to_app: u64,
     /// Bytes read from the pod's app and sent on (requests on outbound, responses on inbound).
-    pub bytes_out: u64,
+    pub bytes_from_app: u64,
     /// Connections reset on accept because the pod or agent limit was reached.
     pub refused_by_limit: u64,
     /// Inbound connections refused after authentication (intentions, port, server name) or
@@ -73,8 +73,8 @@ impl PodStats {
             inbound_connections: self.inbound.load(Relaxed),
             outbound_connections: self.outbound.load(Relaxed),
             passthrough_connections: self.passthrough.load(Relaxed),
-            bytes_in: self.bytes_in.load(Relaxed),
-            bytes_out: self.bytes_out.load(Relaxed),
+            bytes_to_app: self.bytes_to_app.load(Relaxed),
+            bytes_from_app: self.bytes_from_app.load(Relaxed),
             refused_by_limit: self.refused_by_limit.load(Relaxed),
             denied: self.denied.load(Relaxed),
             tls_failures: self.tls_failures.load(Relaxed),

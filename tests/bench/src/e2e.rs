@@ -1193,17 +1193,17 @@ fn measure(
                         n(api, "inbound_connections")
                     ));
                 }
-                if n(web, "bytes_out") != sent || n(web, "bytes_in") != received {
+                if n(web, "bytes_from_app") != sent || n(web, "bytes_to_app") != received {
                     problems.push(format!(
                         "the client sent {sent} and received {received} bytes; web's proxy \
                          forwarded {} and delivered {}",
-                        n(web, "bytes_out"),
-                        n(web, "bytes_in")
+                        n(web, "bytes_from_app"),
+                        n(web, "bytes_to_app")
                     ));
                 }
             }
             None => {
-                if n(web, "outbound_connections") == 0 || n(web, "bytes_in") == 0 {
+                if n(web, "outbound_connections") == 0 || n(web, "bytes_to_app") == 0 {
                     problems.push("the mesh proxies carried nothing of this run".into());
                 }
             }

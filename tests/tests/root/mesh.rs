@@ -217,7 +217,7 @@ fn reach_by_upstream_and_vip(redirect: Redirect) -> Result<()> {
         "api's proxy accepted both: {api:?}"
     );
     assert!(
-        api.bytes_in >= 2 * LEN && api.bytes_out >= 2 * LEN,
+        api.bytes_to_app >= 2 * LEN && api.bytes_from_app >= 2 * LEN,
         "{api:?}"
     );
     Ok(())
@@ -376,7 +376,7 @@ fn plaintext_from_outside_a_pod_never_reaches_its_app() -> Result<()> {
         "the inbound proxy refused it: {api:?}"
     );
     assert_eq!(
-        (api.bytes_in, api.tls_handshakes),
+        (api.bytes_to_app, api.tls_handshakes),
         (0, 0),
         "nothing reached the app: {api:?}"
     );

@@ -195,10 +195,38 @@ impl Workload {
         ServiceRef::new(&self.service, &self.namespace, &self.datacenter)
     }
 
-    /// `namespace_name`: the name of the pod's kernel pins (bpffs allows no '.' in names).
+    /// The name of the pod's kernel pins: `namespace_name` when that fits a pin name (at most
+    /// [`MAX_PIN_NAME`] characters of `[a-z0-9-_]`: bpffs allows no '.'), else the longest
+    /// prefix of it that fits with `-` and 16 hex digits of the SHA-256 of `namespace/name`.
+    /// Every valid Kubernetes namespace (a DNS label, 63 characters) and pod name (a DNS
+    /// subdomain, 253) gets a distinct, valid pin name.
     pub fn pin_name(&self) -> String {
-        format!("{}_{}", self.namespace, self.name)
+        pin_name(&self.namespace, &self.name)
     }
+}
+
+/// The longest pin name the dataplane accepts.
+pub const MAX_PIN_NAME: usize = 64;
+
+/// See [`Workload::pin_name`].
+pub fn pin_name(namespace: &str, name: &str) -> String {
+    let plain = format!("{namespace}_{name}");
+    let fits = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
+    };
+    if plain.len() <= MAX_PIN_NAME && fits(&plain) {
+        return plain;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{namespace}/{name}").as_bytes());
+    let hash: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let prefix: String = plain
+        .chars()
+        .map(|c| if c == '.' { '-' } else { c })
+        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_')
+        .take(MAX_PIN_NAME - 1 - hash.len())
+        .collect();
+    format!("{prefix}-{hash}")
 }
 
 /// The whole desired state.
@@ -470,6 +498,29 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_names_fit_every_valid_namespace_and_pod_name() {
+        // Short names keep their readable form (and the pins of earlier versions).
+        assert_eq!(pin_name("default", "web-0"), "default_web-0");
+        // The longest namespace (63) and pod name (253, dots included) still make a valid,
+        // distinct pin name.
+        let ns = "n".repeat(63);
+        let long = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        let other = format!("{}-{}", "a".repeat(126), "b".repeat(126));
+        let (p1, p2) = (pin_name(&ns, &long), pin_name(&ns, &other));
+        for p in [&p1, &p2] {
+            assert!(p.len() <= MAX_PIN_NAME, "{p}");
+            assert!(p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b)));
+        }
+        assert_ne!(p1, p2);
+        // A dotted short name is hashed too: '.' cannot be in a pin name.
+        let dotted = pin_name("default", "web.v1");
+        assert!(dotted.starts_with("default_web-v1-"), "{dotted}");
+        assert_ne!(dotted, pin_name("default", "web-v1"));
+    }
 
     fn api() -> Service {
         Service {
