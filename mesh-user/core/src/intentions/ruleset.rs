@@ -258,14 +258,14 @@ impl RuleSet {
         self.by_dst.get(destination)?.get(source)
     }
 
-    /// All intentions, highest precedence first, ties by source namespace, source name,
-    /// destination namespace, destination name.
     /// Every intention, in no particular order: for work that does not
     /// need precedence order, such as compiling, without the cost of sorting.
     pub fn iter(&self) -> impl Iterator<Item = &Intention> {
         self.by_dst.values().flat_map(|m| m.values())
     }
 
+    /// All intentions, highest precedence first, ties by source namespace, source name,
+    /// destination namespace, destination name.
     pub fn list(&self) -> Vec<&Intention> {
         let mut all: Vec<&Intention> = self.by_dst.values().flat_map(|m| m.values()).collect();
         all.sort_by(|a, b| precedence_order(a, b));

@@ -79,10 +79,20 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub enum Error {
     /// The YAML itself is malformed.
     #[error("document {document}: YAML: {message}")]
-    Yaml { document: usize, message: String },
+    Yaml {
+        /// 1-based number of the document in its manifest.
+        document: usize,
+        /// The YAML parser's message.
+        message: String,
+    },
     /// A document is not a Kubernetes object (no kind, no name, not a mapping).
     #[error("document {document}: {message}")]
-    Document { document: usize, message: String },
+    Document {
+        /// 1-based number of the document in its manifest.
+        document: usize,
+        /// What is missing or malformed.
+        message: String,
+    },
     /// A field of an object is wrong.
     #[error("{object}: {field}: {message}")]
     Field {
@@ -90,16 +100,26 @@ pub enum Error {
         object: String,
         /// The field's path, e.g. `spec.template.spec.containers[0].ports[0].containerPort`.
         field: String,
+        /// What is wrong with the field's value.
         message: String,
     },
     /// An object is wrong as a whole, or conflicts with others.
     #[error("{object}: {message}")]
-    Object { object: String, message: String },
+    Object {
+        /// `Kind namespace/name`.
+        object: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The same object twice.
     #[error("duplicate {object}: {first} and {second}")]
     Duplicate {
+        /// `Kind namespace/name`.
         object: String,
+        /// Where it first appears: `document <n>`, or `manifest <m> document <n>` across
+        /// manifests (both 1-based).
         first: String,
+        /// Where it appears again, in the same form.
         second: String,
     },
     /// A malformed `connect-service-upstreams` entry, with consul-k8s's message.
