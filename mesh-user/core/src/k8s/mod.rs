@@ -143,6 +143,10 @@ fn is_label_char(c: u8) -> bool {
 }
 
 /// A lowercase RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid label, quoting `name`.
 pub fn check_rfc1123_label(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
@@ -162,6 +166,10 @@ pub fn check_rfc1123_label(name: &str) -> Result<(), String> {
 }
 
 /// An RFC 1035 label: an RFC 1123 label that starts with a letter (Service names).
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid RFC 1035 label, quoting `name`.
 pub fn check_rfc1035_label(name: &str) -> Result<(), String> {
     let ok = check_rfc1123_label(name).is_ok() && name.as_bytes()[0].is_ascii_lowercase();
     if ok {
@@ -176,6 +184,10 @@ pub fn check_rfc1035_label(name: &str) -> Result<(), String> {
 }
 
 /// A lowercase RFC 1123 subdomain: dot-separated labels, at most 253 characters.
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid subdomain, quoting `name`.
 pub fn check_rfc1123_subdomain(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
@@ -199,6 +211,10 @@ pub fn check_rfc1123_subdomain(name: &str) -> Result<(), String> {
 
 /// A port name (IANA service name): at most 15 characters of `[a-z0-9-]`, at least one
 /// letter, no leading, trailing or doubled `-`.
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid port name, quoting `name`.
 pub fn check_port_name(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
