@@ -79,8 +79,9 @@ pub fn of_process(pid: u32) -> Result<PathBuf, Error> {
 }
 
 /// The cgroup id kernel programs see (`bpf_get_current_cgroup_id`, Linux 4.18): the
-/// directory's inode number. The two agree on 64-bit hosts since Linux 5.5, when kernfs
-/// switched to 64-bit ids; older kernels fold a generation number into the BPF-side id.
+/// directory's inode number. The two agree on 64-bit hosts since Linux 5.5, when the cgroup id
+/// became the kernfs node id, which is the 64-bit inode number; on older kernels they can
+/// differ.
 ///
 /// # Errors
 ///
