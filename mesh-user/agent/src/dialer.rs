@@ -25,8 +25,8 @@ impl NetnsDialer {
             .insert(pod.to_string(), sockets);
     }
 
-    /// Forgets the pod; its factory thread ends once no connection holds it, and dials for
-    /// the pod fail with `NotFound`.
+    /// Forgets the pod: later dials for it fail with `NotFound`. Its factory thread ends once
+    /// the dials in flight (which hold a handle) are done.
     pub fn remove(&self, pod: &str) {
         self.pods
             .write()

@@ -8,10 +8,10 @@
 //! sockets carry [`mesh_common::PROXY_MARK`] and the chains exclude that mark.
 //!
 //! The chains run through `nsenter --net=<netns>` and the `iptables` / `iptables-restore`
-//! binaries (`--wait` needs iptables 1.6.2 or newer), so the host needs util-linux, iptables,
-//! `CAP_SYS_ADMIN` + `CAP_NET_ADMIN`, and the kernel's nat table with the `REDIRECT` and
-//! `mark` matches (`nf_nat`, `xt_REDIRECT`, `xt_mark`). IPv4 only: no `ip6tables` rules are
-//! written.
+//! binaries (`iptables-restore --wait` needs iptables 1.6.2 or newer), so the host needs
+//! util-linux, iptables, `CAP_SYS_ADMIN` + `CAP_NET_ADMIN`, and the kernel's nat table with the
+//! `REDIRECT` target and the `mark` match (`nf_nat`, `xt_REDIRECT`, `xt_mark`). IPv4 only: no
+//! `ip6tables` rules are written.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

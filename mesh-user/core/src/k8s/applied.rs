@@ -161,8 +161,7 @@ struct Stored {
 /// A manifest to apply or delete: its text and where it came from (a file name, for errors).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
-    /// Where the manifest came from (a file name, `-` for standard input); errors and
-    /// warnings are prefixed with it.
+    /// Where the manifest came from (a file name); errors and warnings are prefixed with it.
     pub name: String,
     /// The manifest: multi-document YAML, `kind: List` documents expanded.
     pub text: String,
@@ -413,8 +412,9 @@ impl Applied {
     ///
     /// # Errors
     ///
-    /// [`Error::Manifest`] naming the source that does not parse, [`Error::Build`] if the
-    /// result is not a valid desired state. Nothing changes either way.
+    /// [`Error::Manifest`] naming the source that does not parse or repeats an object of an
+    /// earlier source, [`Error::Build`] if the result is not a valid desired state. Nothing
+    /// changes either way.
     pub fn apply(&self, sources: &[Source], namespace: Option<&str>) -> Result<Change, Error> {
         let mut next = self.clone();
         let mut results = Vec::new();
@@ -459,11 +459,13 @@ impl Applied {
     }
 
     /// `kubectl delete -f` of `sources`. Deleting a Namespace deletes every object in it.
-    /// Works on a copy, as [`Applied::apply`].
+    /// Works on a copy, as [`Applied::apply`]; objects that are not applied come back as
+    /// [`Outcome::NotFound`].
     ///
     /// # Errors
     ///
-    /// As [`Applied::apply`].
+    /// [`Error::Manifest`] naming the source that does not parse, [`Error::Build`] if what
+    /// remains is not a valid desired state. Nothing changes either way.
     pub fn delete(&self, sources: &[Source], namespace: Option<&str>) -> Result<Change, Error> {
         let mut next = self.clone();
         let mut results = Vec::new();

@@ -264,7 +264,8 @@ pub struct ContainerPort {
 pub struct Container {
     /// `name`, unique in the pod.
     pub name: String,
-    /// `image` (required); the local runner maps it to a program.
+    /// `image` (required). The local runner has no images: it runs fake-service images as its
+    /// built-in twin, and anything else as `command` + `args` from the host.
     pub image: String,
     /// `command`: replaces the image's entry point when non-empty.
     pub command: Vec<String>,
