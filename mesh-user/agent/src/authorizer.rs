@@ -1,4 +1,5 @@
 //! The inbound proxy's authoritative intention check: the newest rule set, swapped atomically.
+#![warn(missing_docs)]
 
 use std::sync::Arc;
 
@@ -13,12 +14,14 @@ pub struct IntentionAuthorizer {
 }
 
 impl IntentionAuthorizer {
+    /// An authorizer that checks against `rules` until [`IntentionAuthorizer::set`].
     pub fn new(rules: Arc<RuleSet>) -> Self {
         Self {
             rules: ArcSwap::new(rules),
         }
     }
 
+    /// Swaps in a new rule set; checks already under way finish on the old one.
     pub fn set(&self, rules: Arc<RuleSet>) {
         self.rules.store(rules);
     }

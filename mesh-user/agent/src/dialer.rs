@@ -1,4 +1,5 @@
 //! How the proxy opens sockets inside a pod: a socket factory per pod network namespace.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,6 +16,8 @@ pub struct NetnsDialer {
 }
 
 impl NetnsDialer {
+    /// Dials for pod `pod` (its workload id) through `sockets` from now on, replacing any
+    /// factory it had.
     pub fn add(&self, pod: &str, sockets: SocketFactory) {
         self.pods
             .write()
@@ -22,6 +25,8 @@ impl NetnsDialer {
             .insert(pod.to_string(), sockets);
     }
 
+    /// Forgets the pod: later dials for it fail with `NotFound`. Its factory thread ends once
+    /// the dials in flight (which hold a handle) are done.
     pub fn remove(&self, pod: &str) {
         self.pods
             .write()

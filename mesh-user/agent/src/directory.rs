@@ -1,5 +1,6 @@
 //! The directory the outbound proxy asks where a service is: the catalog, indexed by service
 //! address and by each pod's explicit upstreams, swapped whole on every catalog change.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -36,6 +37,10 @@ fn destination(s: &Service, port: u16, trust_domain: &str) -> Option<Destination
 }
 
 impl MeshDirectory {
+    /// Rebuilds the view from `catalog`: every service's VIP and endpoint addresses, and each
+    /// workload's explicit upstreams (which reach the service's first port). Destinations name
+    /// the app (target) port and SPIFFE IDs in `trust_domain`; services whose name makes no
+    /// valid SPIFFE ID are left out.
     pub fn update(&self, catalog: &Catalog, trust_domain: &str) {
         let mut view = View::default();
         for s in &catalog.services {

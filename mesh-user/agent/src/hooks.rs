@@ -1,5 +1,6 @@
 //! The agent's side of the API's ports: new rule sets reach the agent's loop over a channel,
 //! per-intention counters come from the last snapshot the loop published.
+#![warn(missing_docs)]
 
 use std::sync::Arc;
 
@@ -15,6 +16,8 @@ pub struct ApiHooks {
 }
 
 impl ApiHooks {
+    /// The hooks for the API, and the receiving end the agent's loop reads new rule sets
+    /// from. Counters start empty.
     pub fn new() -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<RuleSet>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (

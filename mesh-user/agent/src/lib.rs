@@ -1,6 +1,7 @@
 //! The node agent: turns the catalog into kernel steering, per-pod listeners inside each pod's
 //! network namespace, workload certificates, and proxies.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod authorizer;
 pub mod dialer;
@@ -24,28 +25,41 @@ use mesh_core::intentions::{Action, Interner, RuleSet};
 use mesh_dataplane::netns::{NetNs, SocketFactory};
 use steering::{Mode, PodKernel, Steering};
 
+/// What can go wrong running the agent; each layer's error is kept as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Loading, attaching or updating the kernel programs and their maps (eBPF mode).
     #[error(transparent)]
     Bpf(#[from] mesh_dataplane::bpf::Error),
+    /// Installing or removing a pod's iptables chains (iptables mode).
     #[error(transparent)]
     Iptables(#[from] mesh_dataplane::iptables::Error),
+    /// Opening, entering or working in a pod's network namespace.
     #[error(transparent)]
     Netns(#[from] mesh_dataplane::netns::Error),
+    /// Reading a pod's cgroup (its id).
     #[error(transparent)]
     Cgroup(#[from] mesh_dataplane::cgroup::Error),
+    /// The catalog or an update of it is invalid.
     #[error(transparent)]
     Catalog(#[from] mesh_core::catalog::Error),
+    /// The CA, a leaf certificate or a SPIFFE ID.
     #[error(transparent)]
     Identity(#[from] mesh_core::identity::Error),
+    /// Interning names or compiling the intentions.
     #[error(transparent)]
     Intentions(#[from] mesh_core::intentions::Error),
+    /// A file of the state directory could not be read, parsed or written.
     #[error("{what}: {source}")]
     Io {
+        /// What the agent was doing, with the path.
         what: String,
+        /// The underlying error (`InvalidData` for a file that does not parse).
         #[source]
         source: std::io::Error,
     },
+    /// `--redirect ebpf` was asked for and the kernel programs cannot be loaded; the error says
+    /// why. (`auto` falls back to iptables instead.)
     #[error("the eBPF dataplane was asked for but cannot run here: {0}")]
     NoEbpf(mesh_dataplane::bpf::Error),
     /// The kernel could not take a rule set; it now lets the proxy decide every connection
@@ -76,7 +90,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 pub enum Redirect {
     /// eBPF when the kernel supports it, iptables otherwise.
     Auto,
+    /// The kernel programs, or fail to start ([`Error::NoEbpf`]).
     Ebpf,
+    /// Consul's iptables chains in every pod, and no kernel programs.
     Iptables,
 }
 
@@ -94,6 +110,7 @@ impl std::str::FromStr for Redirect {
     }
 }
 
+/// How an agent runs: where it keeps its pins and state, and how it steers and proxies.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// Names the agent's pins (`/sys/fs/bpf/mesh/<instance>`).
@@ -102,6 +119,7 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// The cgroup that holds the agent and every pod (mesh-wide programs attach there).
     pub mesh_cgroup: PathBuf,
+    /// How pod traffic reaches the proxy (`--redirect`).
     pub redirect: Redirect,
     /// The verdict when no intention matches (`default_intention_policy`).
     pub default_policy: Action,
@@ -124,6 +142,13 @@ pub struct Names {
 }
 
 impl Names {
+    /// Loads the names recorded at `path` (a JSON array of strings in id order, id 0 first);
+    /// a missing file is an empty table. New names will be recorded there.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file cannot be read or is not a JSON array of strings,
+    /// [`Error::Intentions`] if a recorded name cannot be interned.
     pub fn load(path: &Path) -> Result<Self, Error> {
         let mut interner = Interner::new();
         match std::fs::read_to_string(path) {
@@ -148,6 +173,11 @@ impl Names {
     }
 
     /// The id of `s`, assigning (and durably recording) a new one if needed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Intentions`] if the interner is full, [`Error::Io`] if the grown table cannot
+    /// be written.
     pub fn id(&mut self, s: &str) -> Result<u32, Error> {
         if let Some(id) = self.interner.get(s) {
             return Ok(id);
@@ -157,6 +187,7 @@ impl Names {
         Ok(id)
     }
 
+    /// The names interned so far, for resolving ids back to strings.
     pub fn interner(&self) -> &Interner {
         &self.interner
     }
@@ -170,6 +201,10 @@ impl Names {
 
     /// Takes back an interner that extends this one (as `compile_with` returns it), recording
     /// it if it grew.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the grown table cannot be written; the interner is taken back anyway.
     pub fn extend(&mut self, interner: Interner) -> Result<(), Error> {
         let grew = interner.len() > self.saved.max(self.interner.len());
         self.interner = interner;
@@ -193,7 +228,9 @@ impl Names {
 /// Workload certificates: one CA, one renewing leaf per service identity.
 pub struct Identity {
     ca: Mutex<CertificateAuthority>,
+    /// The mesh's trust bundle (the CA's root) every proxy verifies peers against.
     pub bundle: Arc<TrustBundle>,
+    /// TLS client configurations by leaf, built once and shared by outbound connections.
     pub clients: ClientConfigCache,
     leaves: Mutex<BTreeMap<ServiceRef, Arc<LeafStore>>>,
     /// Runs the renewal tasks, whichever thread asks for a leaf.
@@ -201,7 +238,17 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Loads (or creates) the CA. Must be called inside the agent's tokio runtime.
+    /// Loads (or creates) the CA, kept in `<state_dir>/ca`. Must be called inside the agent's
+    /// tokio runtime (renewals run on it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Identity`] if the CA cannot be read, created or written, or its root does not
+    /// make a trust bundle.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     pub fn load(state_dir: &Path) -> Result<Arc<Self>, Error> {
         let ca = CertificateAuthority::load_or_create(&state_dir.join("ca"), None)?;
         let bundle = Arc::new(TrustBundle::new(ca.root().clone())?);
@@ -214,12 +261,20 @@ impl Identity {
         }))
     }
 
+    /// The trust domain of the CA's root (a fresh CA makes `<uuid>.consul`), the host part of
+    /// every SPIFFE ID.
     pub fn trust_domain(&self) -> String {
         self.bundle.trust_domain().to_string()
     }
 
     /// The leaf store of `service`, issuing its first certificate (and starting its renewal)
-    /// when needed.
+    /// when needed. The renewal task re-issues at the leaf's renewal time (retrying every 60
+    /// seconds on failure) and stops once the `Identity` is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Identity`] if `service` does not make a valid SPIFFE ID or the first leaf
+    /// cannot be issued.
     pub fn leaf(self: &Arc<Self>, service: &ServiceRef) -> Result<Arc<LeafStore>, Error> {
         let mut leaves = self.leaves.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(store) = leaves.get(service) {
@@ -262,6 +317,10 @@ impl Identity {
 
     /// Issues and installs a new leaf for `service` now (what the renewal task does at its
     /// time); established connections keep theirs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Identity`] if the leaf cannot be issued or installed.
     pub fn renew_now(self: &Arc<Self>, service: &ServiceRef) -> Result<(), Error> {
         let store = self.leaf(service)?;
         let leaf = self
@@ -292,9 +351,13 @@ pub enum KernelRules {
 
 /// A pod the agent serves.
 pub struct Pod {
+    /// The catalog's entry for the pod, as the pod was started with.
     pub workload: Workload,
+    /// The pod's cgroup id, netns cookie and sk_lookup slot.
     pub kernel: PodKernel,
+    /// The pod's network namespace, held open while the pod is served.
     pub netns: NetNs,
+    /// The pod's listeners and connections in the proxy.
     pub proxy: mesh_proxy::PodProxy,
 }
 
@@ -316,7 +379,15 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent on `catalog`: picks the steering mode, adopts or installs the kernel
-    /// programs, and brings up every pod.
+    /// programs, and brings up every pod. Per-pod state the kernel kept for pods no longer in
+    /// the catalog is dropped. A pod that cannot be meshed is logged and left out; it does not
+    /// fail the start.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Catalog`] for an invalid catalog, [`Error::NoEbpf`] if eBPF was required and
+    /// cannot run, [`Error::Io`] if the state directory cannot be created, and the errors of
+    /// loading names and the CA, configuring the proxy and writing the kernel maps.
     pub async fn start(cfg: AgentConfig, catalog: Catalog, rules: RuleSet) -> Result<Self, Error> {
         catalog.validate()?;
         std::fs::create_dir_all(&cfg.state_dir)
@@ -402,14 +473,17 @@ impl Agent {
         Ok(agent)
     }
 
+    /// The steering mode the agent settled on (`Auto` resolved).
     pub fn mode(&self) -> Mode {
         self.steering.mode()
     }
 
+    /// The configuration the agent was started with.
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
     }
 
+    /// The intentions in force.
     pub fn rules(&self) -> &RuleSet {
         &self.rules
     }
@@ -452,11 +526,17 @@ impl Agent {
         result
     }
 
+    /// The kernel programs and maps, in eBPF mode; `None` in iptables mode.
     pub fn dataplane(&self) -> Option<&mesh_dataplane::bpf::Dataplane> {
         self.steering.dataplane()
     }
 
     /// Connections each intention allowed and denied in the kernel (eBPF mode), by intention.
+    /// Empty in iptables mode; intentions with no counter entry are left out.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if the counters map cannot be read.
     pub fn intention_counters(
         &self,
     ) -> Result<Vec<mesh_core::intentions::ports::IntentionCounters>, Error> {
@@ -479,20 +559,29 @@ impl Agent {
             .collect())
     }
 
+    /// The desired state the agent serves.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }
 
+    /// The CA and the workloads' leaf certificates.
     pub fn identity(&self) -> &Arc<Identity> {
         &self.identity
     }
 
+    /// The meshed pod with workload id `id` (`namespace.name`), if it is running.
     pub fn pod(&self, id: &str) -> Option<&Pod> {
         self.pods.get(id)
     }
 
     /// Applies a catalog update: the maps and the pods follow without a restart. On error the
-    /// catalog stays as it was.
+    /// catalog stays as it was. Pods are restarted only when their entry changed; a changed pod
+    /// that cannot be meshed is logged and left out, it does not fail the update.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Catalog`] if the update makes the catalog invalid (nothing changes); the errors
+    /// of syncing the kernel maps ([`Error::Bpf`], [`Error::Intentions`], [`Error::Io`]).
     pub async fn apply(&mut self, update: Update) -> Result<Diff, Error> {
         let mut next = self.catalog.clone();
         let diff = next.apply(update)?;

@@ -1,6 +1,7 @@
 //! Keeps the kernel's steering in line with the catalog: the BPF maps and per-pod attachments in
 //! eBPF mode, Consul's iptables chains in iptables mode.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{SocketAddrV4, TcpListener};
@@ -20,7 +21,9 @@ use mesh_dataplane::iptables;
 /// How the agent steers pod traffic into its proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// The kernel programs: connect4/sk_lookup/sk_msg and the BPF maps.
     Ebpf,
+    /// Consul's iptables chains in each pod's network namespace.
     Iptables,
 }
 
@@ -36,18 +39,24 @@ impl std::fmt::Display for Mode {
 /// What a pod's steering needs that only exists at run time.
 #[derive(Debug)]
 pub struct PodKernel {
+    /// The pod's cgroup id (its cgroup v2 directory's inode), the key of the pod map.
     pub cgroup_id: u64,
+    /// The cookie of the pod's network namespace, the first half of its local-port keys.
     pub netns_cookie: u64,
     /// Slot of the pod's inbound listener in the sk_lookup sockmap.
     pub slot: u32,
 }
 
+/// The steering in force, with the kernel dataplane it drives in eBPF mode.
 pub enum Steering {
+    /// The loaded (or adopted) kernel programs and their maps.
     Ebpf(Box<Dataplane>),
+    /// iptables chains, installed per pod; nothing mesh-wide.
     Iptables,
 }
 
 impl Steering {
+    /// Which mode this is.
     pub fn mode(&self) -> Mode {
         match self {
             Steering::Ebpf(_) => Mode::Ebpf,
@@ -55,6 +64,7 @@ impl Steering {
         }
     }
 
+    /// The kernel dataplane in eBPF mode, `None` in iptables mode.
     pub fn dataplane(&self) -> Option<&Dataplane> {
         match self {
             Steering::Ebpf(dp) => Some(dp),
@@ -63,6 +73,14 @@ impl Steering {
     }
 
     /// Sets up one pod: attachments and its per-pod map entries, or its iptables chains.
+    /// `identity` is the pod's (namespace, service) name ids from [`Names`]. In eBPF mode the
+    /// pod map entry goes last, so the pod is steered only once everything else is in place.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if an attachment or map write fails (a full map included),
+    /// [`Error::Iptables`] if the chains cannot be installed. What was set up before the
+    /// failure stays; undo it with [`Steering::remove_pod`].
     pub fn add_pod(
         &mut self,
         w: &Workload,
@@ -105,6 +123,11 @@ impl Steering {
     }
 
     /// Undoes [`Steering::add_pod`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if a detach or map removal fails (the steps after it are not done);
+    /// none in iptables mode, where removal tolerates what is gone.
     pub fn remove_pod(&mut self, w: &Workload, pod: &PodKernel) -> Result<(), Error> {
         match self {
             Steering::Ebpf(dp) => {
@@ -245,7 +268,14 @@ impl Steering {
     }
 
     /// After a restart: drops per-pod entries the catalog no longer has (pods removed while the
-    /// agent was down), keeping those of pods it still has.
+    /// agent was down), keeping those of pods it still has: pod map entries by cgroup id
+    /// (`keep_cgroups`) and attachments by pin name (`keep_pods`). Does nothing in iptables
+    /// mode.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if the maps or pins cannot be listed, or an entry or attachment cannot
+    /// be removed.
     pub fn forget_stale_pods(
         &mut self,
         keep_cgroups: &BTreeSet<u64>,

@@ -8,7 +8,15 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Writes `contents` to `path` with permissions `mode`: a temporary file in the same
-/// directory, fsync, rename over `path`, fsync of the directory.
+/// directory, fsync, rename over `path`, fsync of the directory. `mode` is a Unix permission
+/// mode (`0o600`), set exactly (the umask does not narrow it). Readers see the old contents or
+/// the new, never a mix.
+///
+/// # Errors
+///
+/// `InvalidInput` if `path` has no parent directory; otherwise the first I/O error of removing
+/// a stale temporary file, creating, writing or syncing it, renaming it, or syncing the
+/// directory. After an error `path` still holds its old contents.
 pub fn write(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path
         .parent()

@@ -8,6 +8,7 @@
 //!   to the catalog.
 //! - [`durable`]: crash-safe file writes.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod catalog;
 pub mod durable;

@@ -6,7 +6,14 @@
 //! to the outbound listener, and inbound TCP to the pod's app ports goes to the inbound listener.
 //! Consul excludes the proxy by its UID; the agent here serves every pod from one process, so its
 //! sockets carry [`mesh_common::PROXY_MARK`] and the chains exclude that mark.
+//!
+//! The chains run through `nsenter --net=<netns>` and the `iptables` / `iptables-restore`
+//! binaries (`iptables-restore --wait` needs iptables 1.6.2 or newer), so the host needs
+//! util-linux, iptables, `CAP_SYS_ADMIN` + `CAP_NET_ADMIN`, and the kernel's nat table with the
+//! `REDIRECT` target and the `mark` match (`nf_nat`, `xt_REDIRECT`, `xt_mark`). IPv4 only: no
+//! `ip6tables` rules are written.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,24 +21,34 @@ use std::process::{Command, Stdio};
 
 use mesh_common::PROXY_MARK;
 
+/// What can go wrong running iptables in a namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `nsenter` could not be started, fed its standard input, or waited for (not installed,
+    /// no permission).
     #[error("running {command} in {netns}: {source}")]
     Spawn {
+        /// The command run under `nsenter`, its words joined by spaces.
         command: String,
+        /// The network namespace file it ran in.
         netns: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The command ran and exited unsuccessfully (also when `nsenter` cannot enter `netns`).
     #[error("{command} in {netns} failed: {stderr}")]
     Failed {
+        /// The command run under `nsenter`, its words joined by spaces.
         command: String,
+        /// The network namespace file it ran in.
         netns: PathBuf,
+        /// What the command wrote to standard error, trimmed.
         stderr: String,
     },
 }
 
-/// Consul's chain names.
+/// Consul's chain names in the nat table, in the order they are declared and flushed.
 pub const CHAINS: [&str; 4] = [
     "CONSUL_PROXY_INBOUND",
     "CONSUL_PROXY_IN_REDIRECT",
@@ -39,11 +56,16 @@ pub const CHAINS: [&str; 4] = [
     "CONSUL_PROXY_REDIRECT",
 ];
 
-/// What to steer in one pod.
+/// What to steer in one pod. Ports are host-order TCP port numbers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rules {
+    /// The proxy's outbound listener in the pod: every outbound TCP connection not to
+    /// 127.0.0.1 and not marked [`PROXY_MARK`] is redirected here.
     pub outbound_port: u16,
+    /// The proxy's inbound listener in the pod: inbound TCP to one of `app_ports` is
+    /// redirected here.
     pub inbound_port: u16,
+    /// The app's ports whose inbound TCP goes through the proxy; other ports are untouched.
     pub app_ports: Vec<u16>,
 }
 
@@ -114,7 +136,14 @@ fn nsenter(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, E
 }
 
 /// Installs (or replaces) the chains in the namespace at `netns` and hooks them into
-/// PREROUTING and OUTPUT once.
+/// PREROUTING and OUTPUT once. The chains are replaced in one `iptables-restore --noflush`
+/// commit; the jumps are added only if `iptables -C` does not find them.
+///
+/// # Errors
+///
+/// [`Error::Spawn`] if `nsenter` cannot be run, [`Error::Failed`] if `iptables-restore` or
+/// adding a jump fails (namespace gone, nat table or `REDIRECT` unavailable, no permission).
+/// A failure after the restore leaves the chains filled but possibly not hooked.
 pub fn install(netns: &Path, rules: &Rules) -> Result<(), Error> {
     nsenter(
         netns,
@@ -136,6 +165,11 @@ pub fn install(netns: &Path, rules: &Rules) -> Result<(), Error> {
 }
 
 /// Removes the hooks and chains from the namespace; what is already gone is not an error.
+///
+/// # Errors
+///
+/// None today: every failure (including a namespace that cannot be entered) is taken for
+/// "already gone" and the function returns `Ok(())`. The `Result` leaves room for reporting.
 pub fn remove(netns: &Path) -> Result<(), Error> {
     for (hook, chain) in [
         ("PREROUTING", "CONSUL_PROXY_INBOUND"),
@@ -160,7 +194,11 @@ pub fn remove(netns: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// The nat table of the namespace as `iptables -S` prints it.
+/// The nat table of the namespace as `iptables -S` prints it (one rule a line).
+///
+/// # Errors
+///
+/// [`Error::Spawn`] if `nsenter` cannot be run, [`Error::Failed`] if `iptables -S` fails.
 pub fn list(netns: &Path) -> Result<String, Error> {
     nsenter(netns, &["iptables", "-w", "-t", "nat", "-S"], None)
 }

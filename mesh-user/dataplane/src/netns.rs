@@ -3,7 +3,10 @@
 //! `setns(CLONE_NEWNET)` changes only the calling thread, so the agent enters a pod's namespace on a
 //! short-lived thread, creates sockets there (they stay in that namespace for life), and hands them
 //! back to the caller; the agent's other threads never change namespace.
+//!
+//! Needs `setns(2)` (Linux 3.0) and `CAP_SYS_ADMIN`; [`NetNs::cookie`] needs more (see there).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::fs::File;
 use std::io;
@@ -13,26 +16,39 @@ use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
 
+/// What can go wrong working in a network namespace. Every variant names the namespace file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The namespace file could not be opened (or its descriptor duplicated).
     #[error("network namespace {path}: {source}")]
     Open {
+        /// The namespace file.
         path: PathBuf,
+        /// The underlying error (`NotFound` when the namespace is gone).
         #[source]
         source: io::Error,
     },
+    /// `setns(CLONE_NEWNET)` refused: `EPERM` without `CAP_SYS_ADMIN`, `EINVAL` when the file
+    /// is not a network namespace.
     #[error("entering network namespace {path}: {source}")]
     Enter {
+        /// The namespace file.
         path: PathBuf,
+        /// The errno from `setns`.
         #[source]
         source: nix::Error,
     },
+    /// The work done inside the namespace failed, or the worker thread could not be spawned.
     #[error("in network namespace {path}: {source}")]
     Io {
+        /// The namespace file.
         path: PathBuf,
+        /// The error the work (or `std::thread::Builder::spawn`) returned.
         #[source]
         source: io::Error,
     },
+    /// The thread working inside the namespace panicked, or died before reporting whether it
+    /// entered the namespace.
     #[error("the thread working in network namespace {0} panicked")]
     Panicked(PathBuf),
 }
@@ -45,6 +61,13 @@ pub struct NetNs {
 }
 
 impl NetNs {
+    /// Opens the namespace file at `path` (`/run/netns/<name>`, `/proc/<pid>/ns/net`, or a
+    /// bind mount of one). Opening does not enter it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Open`] if the file cannot be opened. A file that is not a network namespace is
+    /// only noticed when entered ([`Error::Enter`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|source| Error::Open {
@@ -54,20 +77,32 @@ impl NetNs {
         Ok(Self { path, file })
     }
 
-    /// The namespace named `name` by `ip netns add`.
+    /// The namespace named `name` by `ip netns add`, that is `/run/netns/<name>`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Open`] if there is no such namespace or it cannot be opened.
     pub fn named(name: &str) -> Result<Self, Error> {
         Self::open(Path::new("/run/netns").join(name))
     }
 
+    /// The path the namespace was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The open namespace file, the descriptor `setns` and `nsenter`-style callers take.
     pub fn file(&self) -> &File {
         &self.file
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace, and returns its result.
+    /// The calling thread stays where it is; sockets `f` creates stay in this namespace.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Enter`] if `setns` fails (then `f` does not run), [`Error::Io`] wrapping the
+    /// error `f` returns, [`Error::Panicked`] if `f` panics.
     pub fn run<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send,
@@ -92,7 +127,13 @@ impl NetNs {
         })
     }
 
-    /// A TCP listener bound inside this namespace.
+    /// A TCP listener bound to `addr` inside this namespace, already non-blocking (ready for
+    /// `tokio::net::TcpListener::from_std`).
+    ///
+    /// # Errors
+    ///
+    /// As [`NetNs::run`]; [`Error::Io`] carries the bind error (`AddrInUse`, `AddrNotAvailable`
+    /// when the namespace has no such address, ...).
     pub fn listen(&self, addr: SocketAddr) -> Result<TcpListener, Error> {
         self.run(|| {
             let listener = TcpListener::bind(addr)?;
@@ -101,12 +142,25 @@ impl NetNs {
         })
     }
 
-    /// A blocking TCP connection made from inside this namespace.
+    /// A blocking TCP connection to `addr` made from inside this namespace; the call blocks
+    /// until the connection is established or refused.
+    ///
+    /// # Errors
+    ///
+    /// As [`NetNs::run`]; [`Error::Io`] carries the connect error.
     pub fn connect(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
         self.run(|| TcpStream::connect(addr))
     }
 
-    /// The namespace's cookie, as kernel programs see it (`bpf_get_netns_cookie`).
+    /// The namespace's cookie, as kernel programs see it (`bpf_get_netns_cookie`): a 64-bit
+    /// id unique for the boot, read through a throwaway UDP socket created inside the
+    /// namespace.
+    ///
+    /// Needs `SO_NETNS_COOKIE` (Linux 5.14); on older kernels the read fails with `ENOPROTOOPT`.
+    ///
+    /// # Errors
+    ///
+    /// As [`NetNs::run`]; [`Error::Io`] carries the socket or `getsockopt` error.
     pub fn cookie(&self) -> Result<u64, Error> {
         self.run(|| {
             use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -135,6 +189,15 @@ type Request = tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>;
 
 impl SocketFactory {
     /// Starts the factory thread for `netns`. The thread ends when every handle is dropped.
+    /// Every socket it makes carries `mark` as `SO_MARK` when given (setting a mark needs
+    /// `CAP_NET_ADMIN`), and has `TCP_NODELAY` set.
+    ///
+    /// Returns once the thread has entered the namespace.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Open`] if the namespace descriptor cannot be duplicated, [`Error::Io`] if the
+    /// thread cannot be spawned, [`Error::Enter`] if it cannot enter the namespace.
     pub fn spawn(netns: &NetNs, mark: Option<u32>) -> Result<Self, Error> {
         let file = netns.file().try_clone().map_err(|source| Error::Open {
             path: netns.path.clone(),
@@ -171,7 +234,13 @@ impl SocketFactory {
         Ok(Self { tx, path })
     }
 
-    /// A new, unconnected, non-blocking TCP socket in the namespace.
+    /// A new, unconnected, non-blocking IPv4 TCP socket in the namespace.
+    ///
+    /// # Errors
+    ///
+    /// `io::ErrorKind::Other` if the factory thread has stopped; otherwise the error of
+    /// creating the socket or setting its options (`EPERM` for the mark without
+    /// `CAP_NET_ADMIN`).
     pub async fn tcp_socket(&self) -> io::Result<socket2::Socket> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.send(reply).map_err(|_| {
@@ -188,7 +257,12 @@ impl SocketFactory {
         })?
     }
 
-    /// Connects from inside the namespace.
+    /// Connects to `addr` (IPv4) from inside the namespace with a socket from
+    /// [`SocketFactory::tcp_socket`].
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`SocketFactory::tcp_socket`], then the connect error.
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpStream> {
         let sock = self.tcp_socket().await?;
         let std_stream: TcpStream = sock.into();

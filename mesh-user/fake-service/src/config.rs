@@ -203,6 +203,11 @@ impl Vars {
 impl Config {
     /// Reads fake-service's variables from `vars` (for example `std::env::vars()`); every other
     /// variable is ignored. Errors name the malformed variable; nothing here panics.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Env`] for the first malformed variable: a number, duration, status code or
+    /// address that does not parse, or a value out of range.
     pub fn from_env<I, K, V>(vars: I) -> Result<Config, Error>
     where
         I: IntoIterator<Item = (K, V)>,
@@ -376,6 +381,13 @@ fn parse_go_int(s: &str) -> Option<i64> {
 }
 
 /// Go's `time.ParseDuration`, for non-negative durations: `300ms`, `1.5s`, `1h2m`, `0`.
+/// Units `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h`; the result is rounded to the nanosecond.
+///
+/// # Errors
+///
+/// A message quoting `s` when it is negative, empty, has a number without a unit (other than a
+/// bare `0`) or an unknown unit, or exceeds Go's limit of `i64::MAX` nanoseconds (about 292
+/// years).
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     let invalid = || format!("invalid duration {s:?} (expected e.g. 100ms, 1.5s, 1m30s)");
     let rest = s.strip_prefix('+').unwrap_or(s);

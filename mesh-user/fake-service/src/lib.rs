@@ -52,6 +52,7 @@
 //!
 //! [fake-service]: https://github.com/nicholasjackson/fake-service
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod client;
 mod config;
@@ -73,14 +74,19 @@ pub enum Error {
     /// A malformed environment variable.
     #[error("{name}: {message} (got {value:?})")]
     Env {
+        /// The variable, as fake-service spells it (`TIMING_50_PERCENTILE`, ...).
         name: &'static str,
+        /// Its value as found in the environment.
         value: String,
+        /// What is wrong with the value.
         message: String,
     },
     /// The listening socket could not be opened.
     #[error("unable to listen at {addr}: {source}")]
     Listen {
+        /// The address asked for (`LISTEN_ADDR`).
         addr: SocketAddr,
+        /// The bind or listen error.
         source: std::io::Error,
     },
 }

@@ -36,12 +36,22 @@ pub struct Server {
 
 /// Binds `config.listen_addr` and serves until `shutdown` completes; then lets requests in
 /// flight finish (for at most 30 seconds).
+///
+/// # Errors
+///
+/// [`Error::Listen`] if the address cannot be bound; once serving, failures stay with their
+/// request or connection.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     Server::bind(config).await?.run(shutdown).await
 }
 
 impl Server {
     /// Opens the listening socket (port 0 picks a free one: see [`Server::local_addr`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Listen`] if `config.listen_addr` cannot be bound (in use, not an address of
+    /// this host, a privileged port without the capability).
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let addr = config.listen_addr;
         let listener = TcpListener::bind(addr)
@@ -67,7 +77,13 @@ impl Server {
             .unwrap_or(self.state.config.listen_addr)
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes, then stops accepting and gives requests in flight up
+    /// to 30 seconds before aborting them.
+    ///
+    /// # Errors
+    ///
+    /// None today: accept failures are logged and retried after 50 ms. The `Result` keeps
+    /// [`serve`]'s shape.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
         let (stop, stopped) = watch::channel(false);
         let mut connections = JoinSet::new();

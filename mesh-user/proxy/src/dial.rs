@@ -49,7 +49,13 @@ impl Dialer for PlainDialer {
 /// Closures `Fn(&TcpStream) -> io::Result<SocketAddrV4>` implement it (tests inject addresses
 /// that way).
 pub trait OriginalDst: Send + Sync + 'static {
-    /// The original destination of `stream`.
+    /// The original destination of `stream` (host byte order, IPv4).
+    ///
+    /// # Errors
+    ///
+    /// Whatever the lookup reports: for [`SockOptOriginalDst`], the `getsockopt` errno
+    /// (`ENOENT` when the connection was not redirected). The proxy closes the connection
+    /// ([`crate::Error::OriginalDst`]).
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddrV4>;
 }
 

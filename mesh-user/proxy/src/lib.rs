@@ -55,6 +55,7 @@
 //! per-agent limit are reset on accept. Every failure is confined to its connection and logged
 //! (with `tracing`) with who (caller SPIFFE ID or peer address), to what (service, port) and why.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod authz;
 mod copy;
@@ -158,6 +159,12 @@ impl ProxyConfig {
     }
 
     /// Checks that every value is usable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the first bad field: a timeout or skip period that is zero or
+    /// over 30 days, `connect_attempts` 0, a connection limit 0 or above tokio's semaphore
+    /// maximum, `buffer_size` outside 1 KiB–16 MiB.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |what: &str| Err(Error::Config(what.to_owned()));
         for (what, d) in [

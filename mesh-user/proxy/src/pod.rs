@@ -181,6 +181,11 @@ impl ProxyBuilder {
     }
 
     /// Checks the configuration and makes the proxy.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] as [`ProxyConfig::validate`], [`Error::NoRuntime`] if no runtime was
+    /// given and `build` is not called inside one.
     pub fn build(self) -> Result<Proxy, Error> {
         self.config.validate()?;
         let runtime = match self.runtime {
@@ -256,6 +261,12 @@ impl Proxy {
 
     /// Starts serving a pod: builds its TLS server config. Its listeners are added with
     /// [`PodProxy::listen`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the pod's connection limit is 0 or too large,
+    /// [`Error::Identity`] if the pod's leaf and the trust bundle do not make a TLS server
+    /// config.
     pub fn add_pod(&self, spec: PodSpec) -> Result<PodProxy, Error> {
         let limit = spec
             .max_connections
@@ -337,6 +348,11 @@ impl PodProxy {
 
     /// Serves `listener` (created by the agent, e.g. inside the pod's network namespace) as
     /// `kind`. The socket is switched to non-blocking mode. Callable from any thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Listener`] if the socket cannot be made non-blocking or registered with the
+    /// runtime, or its local address cannot be read.
     pub fn listen(
         &mut self,
         kind: ListenerKind,
@@ -351,6 +367,10 @@ impl PodProxy {
     }
 
     /// Serves an already registered tokio listener as `kind`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Listener`] if the listener's local address cannot be read.
     pub fn listen_tokio(
         &mut self,
         kind: ListenerKind,

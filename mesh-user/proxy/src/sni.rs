@@ -14,6 +14,10 @@ pub const SNI_SUFFIX: &str = "mesh";
 ///
 /// The long form `p<port>.<service>.<namespace>.<datacenter>.mesh` (lower case) when it is a
 /// valid DNS name, else the short form `p<port>.mesh`. Port 0 is refused.
+///
+/// # Errors
+///
+/// [`Error::PortZero`] for port 0.
 pub fn server_name(service: &SpiffeId, port: u16) -> Result<ServerName<'static>, Error> {
     if port == 0 {
         return Err(Error::PortZero);
@@ -33,6 +37,12 @@ pub fn server_name(service: &SpiffeId, port: u16) -> Result<ServerName<'static>,
 /// Accepts exactly `p<port>.<service>.<namespace>.<datacenter>.mesh` naming `own` (ASCII case
 /// ignored), or `p<port>.mesh`; `<port>` is 1–65535 in decimal without a leading zero or sign.
 /// Everything else is an error naming what is wrong.
+///
+/// # Errors
+///
+/// [`Error::BadServerName`] with the reason: not a mesh name, a first label that is not
+/// `p<port>`, a leading zero or port 0, a port above 65535, a name not ending in `.mesh`, or
+/// a long form naming another service than `own`.
 pub fn parse_server_name(name: &str, own: &SpiffeId) -> Result<u16, Error> {
     let bad = |reason| Error::BadServerName {
         name: name.chars().take(253).collect(),

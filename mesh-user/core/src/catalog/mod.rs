@@ -14,10 +14,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 
+/// Why a catalog was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The catalog parsed but breaks a rule (a bad name, a duplicate, a reserved port, ...).
     #[error("{what}: {message}")]
-    Invalid { what: String, message: String },
+    Invalid {
+        /// Where: the item and field (`workload default.web: app_ports`).
+        what: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The catalog is not valid JSON of the catalog's shape.
     #[error("catalog JSON: {0}")]
     Json(#[source] serde_json::Error),
@@ -30,7 +37,9 @@ fn invalid(what: impl Into<String>, message: impl Into<String>) -> Error {
     }
 }
 
+/// The namespace of an entry that names none, as in Consul and Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// The datacenter of an entry that names none, Consul's default.
 pub const DEFAULT_DATACENTER: &str = "dc1";
 
 fn default_namespace() -> String {
@@ -48,14 +57,18 @@ fn default_inbound_port() -> u16 {
 /// A service's name in its namespace and datacenter.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServiceRef {
+    /// The service's name (1–63 lowercase letters, digits or `-`).
     pub name: String,
+    /// Its namespace; [`DEFAULT_NAMESPACE`] when absent in JSON.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// Its datacenter; [`DEFAULT_DATACENTER`] when absent in JSON.
     #[serde(default = "default_datacenter")]
     pub datacenter: String,
 }
 
 impl ServiceRef {
+    /// A reference from its three parts, taken as they are (not validated).
     pub fn new(name: &str, namespace: &str, datacenter: &str) -> Self {
         Self {
             name: name.to_string(),
@@ -69,7 +82,12 @@ impl ServiceRef {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// The service's SPIFFE identity in `trust_domain`.
+    /// The service's SPIFFE identity in `trust_domain`
+    /// (`spiffe://<trust domain>/ns/<namespace>/dc/<datacenter>/svc/<name>`).
+    ///
+    /// # Errors
+    ///
+    /// [`crate::identity::Error`] if a part is not allowed in a SPIFFE ID.
     pub fn spiffe_id(&self, trust_domain: &str) -> Result<SpiffeId, crate::identity::Error> {
         SpiffeId::new(trust_domain, &self.namespace, &self.datacenter, &self.name)
     }
@@ -81,11 +99,14 @@ impl std::fmt::Display for ServiceRef {
     }
 }
 
+/// A service's protocol, Consul's `protocol` (`"tcp"` or `"http"` in JSON).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Opaque TCP: intentions apply at L4 only. The default.
     #[default]
     Tcp,
+    /// HTTP: intentions with HTTP permissions (L7: paths, methods, headers) can apply.
     Http,
 }
 
@@ -93,23 +114,31 @@ pub enum Protocol {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
+    /// The pod's IP.
     pub ip: Ipv4Addr,
+    /// The pod's inbound mTLS listener port; [`mesh_common::INBOUND_PORT`] (20000) when absent
+    /// in JSON.
     #[serde(default = "default_inbound_port")]
     pub port: u16,
 }
 
 impl Endpoint {
+    /// `ip:port`, where the outbound proxy connects.
     pub fn addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.ip, self.port)
     }
 }
 
+/// A mesh service: its name, its addresses (virtual IP and ports) and its instances.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
+    /// The service's name (1–63 lowercase letters, digits or `-`).
     pub name: String,
+    /// Its namespace; [`DEFAULT_NAMESPACE`] when absent in JSON.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// Its datacenter; [`DEFAULT_DATACENTER`] when absent in JSON.
     #[serde(default = "default_datacenter")]
     pub datacenter: String,
     /// Virtual IP for transparent mode.
@@ -122,13 +151,16 @@ pub struct Service {
     /// from the port itself, as a Kubernetes Service's `port: 80, targetPort: 9090` does.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub target_ports: BTreeMap<u16, u16>,
+    /// TCP unless said otherwise.
     #[serde(default)]
     pub protocol: Protocol,
+    /// The service's instances (pods), in no particular order.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
 }
 
 impl Service {
+    /// The service's name, namespace and datacenter.
     pub fn service_ref(&self) -> ServiceRef {
         ServiceRef::new(&self.name, &self.namespace, &self.datacenter)
     }
@@ -148,15 +180,21 @@ impl Service {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
+    /// The destination service's name.
     pub service: String,
+    /// Its namespace; [`DEFAULT_NAMESPACE`] when absent in JSON.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// Its datacenter; [`DEFAULT_DATACENTER`] when absent in JSON.
     #[serde(default = "default_datacenter")]
     pub datacenter: String,
+    /// The port the app dials on `127.0.0.1` in its pod to reach the service (Consul's
+    /// `local_bind_port`); not 0, 15001 or 20000, and not one of the pod's app ports.
     pub bind_port: u16,
 }
 
 impl Upstream {
+    /// The destination service's name, namespace and datacenter.
     pub fn service_ref(&self) -> ServiceRef {
         ServiceRef::new(&self.service, &self.namespace, &self.datacenter)
     }
@@ -168,19 +206,26 @@ impl Upstream {
 pub struct Workload {
     /// Pod name, unique within its namespace.
     pub name: String,
+    /// The pod's namespace; [`DEFAULT_NAMESPACE`] when absent in JSON.
     #[serde(default = "default_namespace")]
     pub namespace: String,
     /// The service this pod implements (in the pod's namespace): its identity.
     pub service: String,
+    /// The pod's datacenter; [`DEFAULT_DATACENTER`] when absent in JSON.
     #[serde(default = "default_datacenter")]
     pub datacenter: String,
     /// The pod's network namespace (`/run/netns/<name>` or `/proc/<pid>/ns/net`).
     pub netns: PathBuf,
     /// The pod's cgroup v2 directory.
     pub cgroup: PathBuf,
+    /// The pod's IP, where its inbound listener (`ip:20000`) is bound; unique in the catalog,
+    /// not loopback or `0.0.0.0`.
     pub ip: Ipv4Addr,
+    /// The ports the app listens on inside the pod, which inbound connections may request;
+    /// distinct, not 0, 15001 or 20000.
     #[serde(default)]
     pub app_ports: Vec<u16>,
+    /// The pod's explicit upstreams, each with its own local port.
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
 }
@@ -191,6 +236,7 @@ impl Workload {
         format!("{}.{}", self.namespace, self.name)
     }
 
+    /// The service the pod implements, in the pod's namespace and datacenter.
     pub fn service_ref(&self) -> ServiceRef {
         ServiceRef::new(&self.service, &self.namespace, &self.datacenter)
     }
@@ -233,8 +279,10 @@ pub fn pin_name(namespace: &str, name: &str) -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalog {
+    /// Every service, each key (name, namespace, datacenter) once.
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Every meshed pod of the node, each id (`namespace.name`) once.
     #[serde(default)]
     pub workloads: Vec<Workload>,
 }
@@ -247,10 +295,13 @@ pub enum Update {
     Full(Catalog),
     /// Add or replace, and remove, services and workloads by key.
     Delta {
+        /// Services to add, or to replace when one with the same key exists.
         #[serde(default)]
         upsert_services: Vec<Service>,
+        /// Services to remove; unknown keys are ignored.
         #[serde(default)]
         remove_services: Vec<ServiceRef>,
+        /// Workloads to add, or to replace when one with the same id exists.
         #[serde(default)]
         upsert_workloads: Vec<Workload>,
         /// Workload ids (`namespace.name`).
@@ -262,13 +313,18 @@ pub enum Update {
 /// What an update changed, by key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Diff {
+    /// Services added or whose entry differs.
     pub services_changed: BTreeSet<ServiceRef>,
+    /// Services no longer in the catalog.
     pub services_removed: BTreeSet<ServiceRef>,
+    /// Workload ids (`namespace.name`) added or whose entry differs.
     pub workloads_changed: BTreeSet<String>,
+    /// Workload ids no longer in the catalog.
     pub workloads_removed: BTreeSet<String>,
 }
 
 impl Diff {
+    /// Whether the update changed nothing.
     pub fn is_empty(&self) -> bool {
         self.services_changed.is_empty()
             && self.services_removed.is_empty()
@@ -296,16 +352,24 @@ fn check_name(what: &str, value: &str) -> Result<(), Error> {
 }
 
 impl Catalog {
+    /// Parses a catalog from JSON (the shape of [`Catalog`]'s fields, unknown fields refused)
+    /// and validates it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] if `text` is not a catalog, [`Error::Invalid`] as [`Catalog::validate`].
     pub fn from_json(text: &str) -> Result<Self, Error> {
         let c: Catalog = serde_json::from_str(text).map_err(Error::Json)?;
         c.validate()?;
         Ok(c)
     }
 
+    /// The service with key `r`.
     pub fn service(&self, r: &ServiceRef) -> Option<&Service> {
         self.services.iter().find(|s| &s.service_ref() == r)
     }
 
+    /// The workload with id `id` (`namespace.name`).
     pub fn workload(&self, id: &str) -> Option<&Workload> {
         self.workloads.iter().find(|w| w.id() == id)
     }
@@ -321,6 +385,14 @@ impl Catalog {
     }
 
     /// Checks the catalog as a whole; the first problem is the error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for: a name, namespace or datacenter that is not 1–63 lowercase
+    /// letters, digits or `-`; a service or workload defined twice; a virtual IP without
+    /// ports or shared by two services; port 0 or a target port that is not one of the ports;
+    /// a pod IP used twice, loopback or unspecified; an app or upstream bind port that is 0,
+    /// 15001, 20000 or used twice in the pod.
     pub fn validate(&self) -> Result<(), Error> {
         let mut services = BTreeSet::new();
         let mut vips = BTreeMap::new();
@@ -429,6 +501,10 @@ impl Catalog {
     }
 
     /// Applies an update. The result is validated as a whole; on error the catalog is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] if the resulting catalog does not pass [`Catalog::validate`].
     pub fn apply(&mut self, update: Update) -> Result<Diff, Error> {
         let next = match update {
             Update::Full(c) => c,

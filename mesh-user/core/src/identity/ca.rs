@@ -40,6 +40,12 @@ pub struct RootCert {
 impl RootCert {
     /// Parses a root certificate: it must be a CA certificate whose URI SAN is the trust-domain
     /// SPIFFE ID `spiffe://<trust-domain>`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadCertificate`] if the DER does not parse as one X.509 certificate, is not a
+    /// CA, has no `spiffe://<trust-domain>` URI SAN, or has a validity outside what
+    /// `SystemTime` holds.
     pub fn from_der(der: CertificateDer<'static>) -> Result<Self, Error> {
         let (trust_domain, not_before, not_after) = {
             let cert = parse_cert(&der)?;
@@ -140,6 +146,18 @@ impl CertificateAuthority {
     /// `trust_domain`: `None` keeps the persisted one, or makes a fresh `<uuid>.consul` on first
     /// start; `Some(td)` must equal the persisted one (else [`Error::TrustDomainMismatch`]).
     /// A key file readable by group or others is refused.
+    ///
+    /// Files: `root-key.pem` (PEM, ECDSA P-256, mode 0600) and `root-cert.pem` (PEM, 0644) in
+    /// `state_dir` (created 0700). A certificate that no longer matches the key is re-made
+    /// from the key.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSpiffeId`] for an invalid `trust_domain`, [`Error::TrustDomainMismatch`]
+    /// if it differs from the persisted one, [`Error::Io`] if the directory or files cannot be
+    /// created, read or written, [`Error::CaState`] for a key file that is too open, not a P-256
+    /// key, without its certificate and no trust domain given, a damaged certificate, or an
+    /// expired root; [`Error::Generate`] if a key or certificate cannot be made.
     pub fn load_or_create(state_dir: &Path, trust_domain: Option<&str>) -> Result<Self, Error> {
         if let Some(td) = trust_domain {
             spiffe::validate_trust_domain(td)?;
@@ -211,6 +229,11 @@ impl CertificateAuthority {
     }
 
     /// A CA that lives in memory only (nothing is persisted), with a new root.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSpiffeId`] for an invalid trust domain, [`Error::Generate`] if the key
+    /// or root cannot be made.
     pub fn ephemeral(trust_domain: &str) -> Result<Self, Error> {
         spiffe::validate_trust_domain(trust_domain)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -246,6 +269,12 @@ impl CertificateAuthority {
     /// Replaces the root with a new key and certificate (persisted if the CA has a state
     /// directory) and returns the new root. Leaves signed afterwards chain to it; add it to the
     /// [`TrustBundle`](super::TrustBundle) before handing them out.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Generate`] if the key or certificate cannot be made, [`Error::Io`] if they
+    /// cannot be persisted. The CA keeps its old root on error (files may already hold the new
+    /// certificate if only the key write failed).
     pub fn rotate(&mut self) -> Result<RootCert, Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let root = self_signed_root(&self.trust_domain, &key)?;
@@ -260,6 +289,12 @@ impl CertificateAuthority {
 
     /// Issues a leaf for `id`, valid from now (back-dated one minute for clock skew) for `ttl`
     /// ([`DEFAULT_LEAF_TTL`](super::DEFAULT_LEAF_TTL) is the usual value).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidValidity`] for a zero or unrepresentable TTL, and the errors of
+    /// [`CertificateAuthority::issue_leaf_with_validity`] (a TTL reaching past the root's
+    /// expiry included).
     pub fn issue_leaf(&self, id: &SpiffeId, ttl: Duration) -> Result<LeafCert, Error> {
         if ttl.is_zero() {
             return Err(Error::InvalidValidity("TTL must not be zero".into()));
@@ -273,6 +308,13 @@ impl CertificateAuthority {
 
     /// Issues a leaf for `id` with an explicit validity period, which must lie within the
     /// root's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TrustDomainMismatch`] if `id` is of another trust domain,
+    /// [`Error::InvalidValidity`] if `not_after` is not after `not_before` or is past the
+    /// root's expiry, [`Error::Generate`] / [`Error::Tls`] if the key or certificate cannot be
+    /// made.
     pub fn issue_leaf_with_validity(
         &self,
         id: &SpiffeId,

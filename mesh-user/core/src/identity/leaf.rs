@@ -158,6 +158,10 @@ impl LeafStore {
 
     /// Makes `leaf` the current one and returns the previous one. A leaf for another identity
     /// is refused.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::IdentityMismatch`] if `leaf` is for another SPIFFE ID; the current leaf stays.
     pub fn replace(&self, leaf: LeafCert) -> Result<Arc<LeafCert>, Error> {
         if leaf.id() != &self.id {
             return Err(Error::IdentityMismatch {

@@ -98,7 +98,14 @@ pub struct SpiffeId {
 }
 
 impl SpiffeId {
-    /// A service identity in the `default` partition.
+    /// A service identity in the `default` partition:
+    /// `spiffe://<trust domain>/ns/<namespace>/dc/<datacenter>/svc/<service>`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSpiffeId`] naming the first part that is not allowed: a trust domain
+    /// outside `[a-z0-9._-]` or longer than 255 bytes, or a namespace, datacenter or service
+    /// name that is empty, `.` or `..`, or has a character outside `[A-Za-z0-9._-]`.
     pub fn new(
         trust_domain: &str,
         namespace: &str,
@@ -123,6 +130,10 @@ impl SpiffeId {
     }
 
     /// The same identity in admin partition `partition` (stored in lower case, like Consul).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidSpiffeId`] if `partition` is not a valid name.
     pub fn with_partition(mut self, partition: &str) -> Result<Self, Error> {
         check_name("partition", partition).map_err(|reason| Error::InvalidSpiffeId {
             input: partition.to_owned(),
@@ -286,6 +297,10 @@ fn check_trust_domain(td: &str) -> Result<(), SpiffeIdReason> {
 }
 
 /// Checks that `trust_domain` is a valid SPIFFE trust domain (`[a-z0-9._-]`, 1 to 255 bytes).
+///
+/// # Errors
+///
+/// [`Error::InvalidSpiffeId`] with the reason (empty, too long, or the first bad character).
 pub fn validate_trust_domain(trust_domain: &str) -> Result<(), Error> {
     check_trust_domain(trust_domain).map_err(|reason| Error::InvalidSpiffeId {
         input: trust_domain.chars().take(256).collect(),

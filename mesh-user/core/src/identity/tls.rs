@@ -45,6 +45,11 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The SPIFFE ID in a certificate's URI SAN. An X.509 SVID carries exactly one URI SAN.
+///
+/// # Errors
+///
+/// [`Error::BadCertificate`] if the DER does not parse or has no URI SAN or more than one,
+/// [`Error::InvalidSpiffeId`] if the URI is not a service SPIFFE ID.
 pub fn spiffe_id_from_cert(cert: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
     let parsed = parse_cert(cert)?;
     match uris(&parsed)?.as_slice() {
@@ -57,6 +62,11 @@ pub fn spiffe_id_from_cert(cert: &CertificateDer<'_>) -> Result<SpiffeId, Error>
 /// The identity of the peer of an established connection (client or server side): the SPIFFE
 /// ID of its verified end-entity certificate. On the server side this is the caller whose
 /// intentions apply.
+///
+/// # Errors
+///
+/// [`Error::NoPeerCertificate`] before the handshake completes or without a client
+/// certificate, and the errors of [`spiffe_id_from_cert`].
 pub fn peer_identity(conn: &CommonState) -> Result<SpiffeId, Error> {
     let cert = conn
         .peer_certificates()
@@ -83,6 +93,10 @@ impl Default for TlsOptions {
 
 /// A client config for connections from `source` to the service `destination`, with the
 /// default [`TlsOptions`] (resumption on).
+///
+/// # Errors
+///
+/// As [`client_config_with`].
 pub fn client_config(
     source: Arc<LeafStore>,
     trust: Arc<TrustBundle>,
@@ -99,6 +113,11 @@ pub fn client_config(
 /// `source`'s current leaf. With `options.resumption`, sessions are resumed when the same config
 /// is used again (prefer [`ClientConfigCache`] to share one config per source and destination);
 /// without, the config keeps no session and every handshake is a full one.
+///
+/// # Errors
+///
+/// [`Error::TrustDomainMismatch`] if `source` or `destination` is not of the bundle's trust
+/// domain, [`Error::Tls`] if rustls refuses the configuration.
 pub fn client_config_with(
     source: Arc<LeafStore>,
     trust: Arc<TrustBundle>,
@@ -128,6 +147,10 @@ pub fn client_config_with(
 
 /// The server config of a service's inbound listener, with the default [`TlsOptions`]
 /// (resumption on).
+///
+/// # Errors
+///
+/// As [`server_config_with`].
 pub fn server_config(
     service: Arc<LeafStore>,
     trust: Arc<TrustBundle>,
@@ -142,6 +165,11 @@ pub fn server_config(
 /// the handshake. With `options.resumption`, resumption uses session tickets and a session
 /// cache, so use one config for all of a service's inbound connections; without, the server
 /// issues no ticket and stores no session.
+///
+/// # Errors
+///
+/// [`Error::TrustDomainMismatch`] if `service` is not of the bundle's trust domain,
+/// [`Error::Tls`] if rustls refuses the configuration.
 pub fn server_config_with(
     service: Arc<LeafStore>,
     trust: Arc<TrustBundle>,
@@ -214,6 +242,10 @@ impl ClientConfigCache {
 
     /// The config for connections from `source` to `destination`, made on first use. A new
     /// [`LeafStore`] for the same source identity replaces the cached config.
+    ///
+    /// # Errors
+    ///
+    /// As [`client_config_with`]; nothing is cached then.
     pub fn get(
         &self,
         source: &Arc<LeafStore>,

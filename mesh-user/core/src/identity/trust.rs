@@ -74,6 +74,11 @@ impl BundleState {
 
 impl TrustBundle {
     /// A bundle trusting `root` only, for `root`'s trust domain.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`] / [`Error::BadCertificate`] if `root` cannot serve as a trust anchor,
+    /// [`Error::Bundle`] if the client verifier cannot be built from it.
     pub fn new(root: RootCert) -> Result<Self, Error> {
         let trust_domain = root.trust_domain().to_owned();
         Ok(Self {
@@ -100,6 +105,11 @@ impl TrustBundle {
 
     /// Trusts `root` beside the current roots and makes it the active one. Adding a root that is
     /// already trusted only makes it active.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TrustDomainMismatch`] if `root` is of another trust domain, and the errors of
+    /// [`TrustBundle::new`] for the new set of roots. The bundle is unchanged on error.
     pub fn add_active_root(&self, root: RootCert) -> Result<(), Error> {
         if root.trust_domain() != self.trust_domain {
             return Err(Error::TrustDomainMismatch {
@@ -122,6 +132,11 @@ impl TrustBundle {
     }
 
     /// Stops trusting `root`. The active root cannot be retired.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bundle`] if `root` is not in the bundle or is the active root, and the errors
+    /// of [`TrustBundle::new`] for the remaining roots.
     pub fn retire_root(&self, root: &RootCert) -> Result<(), Error> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.state.load();

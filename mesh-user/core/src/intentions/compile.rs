@@ -67,6 +67,10 @@ impl Interner {
 
     /// The id of `s`, assigning the next one if it is new. Fails only when `u32::MAX - 1`
     /// strings are already interned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Exhausted`] when no id is left; the interner is unchanged.
     pub fn intern(&mut self, s: &str) -> Result<u32> {
         if let Some(&id) = self.ids.get(s) {
             return Ok(id);
@@ -241,12 +245,20 @@ impl CompiledRules {
 
 /// Compiles `rules` with a fresh interner. Ids are assigned in
 /// [`RuleSet::iter`] order (no particular one); pass a kept interner to keep them stable.
+///
+/// # Errors
+///
+/// As [`compile_with`].
 pub fn compile(rules: &RuleSet) -> Result<CompiledRules> {
     compile_with(rules, Interner::new())
 }
 
 /// Compiles `rules`, reusing (and extending) `interner` so that ids already handed out, e.g.
 /// to workloads, stay valid.
+///
+/// # Errors
+///
+/// [`Error::Exhausted`] if the interner runs out of ids.
 pub fn compile_with(rules: &RuleSet, mut interner: Interner) -> Result<CompiledRules> {
     let mut entries = HashMap::with_capacity(rules.len());
     let mut ids = HashMap::with_capacity(rules.len());

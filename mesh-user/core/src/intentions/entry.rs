@@ -68,6 +68,12 @@ impl ServiceIntentionsEntry {
     /// Reads an entry from JSON (`consul config write x.json`). Unknown fields are refused by
     /// path (`Sources[1].Foo`); `Precedence`, `CreateIndex`, `ModifyIndex` and `Hash` are
     /// accepted and ignored, as Consul recomputes them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Malformed`] for JSON that does not parse or has the wrong shape (unknown or
+    /// mistyped field, trailing data), [`Error::Invalid`] for values Consul refuses, as
+    /// [`ServiceIntentionsEntry::normalized`].
     pub fn from_json(input: &str) -> Result<Self> {
         let raw: RawEntry = decode::json(input)?;
         raw.into_entry()
@@ -76,6 +82,11 @@ impl ServiceIntentionsEntry {
     /// Reads an entry from HCL (`consul config write x.hcl`). `Sources` may be a list of
     /// objects (`Sources = [{ ... }]`) or repeated `Sources { ... }` blocks. Attributes given
     /// twice, references to variables and unknown fields are errors naming the field.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Malformed`] (format HCL) for HCL that does not parse, uses variables or has
+    /// the wrong shape, [`Error::Invalid`] for values Consul refuses.
     pub fn from_hcl(input: &str) -> Result<Self> {
         let raw: RawEntry = decode::hcl(input, &["Sources", "sources"])?;
         raw.into_entry()
@@ -90,6 +101,11 @@ impl ServiceIntentionsEntry {
     /// Checks what can be wrong with an entry built in code (empty sources, duplicate
     /// sources, lengths), recomputes precedence and sorts sources by it (stable). Errors name
     /// the field with its index in `sources` as given.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] with Consul's message and the field's path: a missing `Name`, bad
+    /// `Meta`, no sources, a source given twice, or a source value Consul refuses.
     pub fn normalized(&self) -> Result<Self> {
         if self.destination.name().is_empty() {
             return Err(Error::invalid("Name", "Name is required"));

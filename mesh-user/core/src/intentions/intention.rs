@@ -130,6 +130,12 @@ impl IntentionSpec {
     /// that Consul returns (`ID`, `Precedence`, `CreatedAt`, `UpdatedAt`, `CreateIndex`,
     /// `ModifyIndex`, `Hash`) are accepted and ignored, so a read intention can be written back.
     /// Names are validated when the spec is applied to a [`RuleSet`](super::RuleSet).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Malformed`] for JSON that does not parse or has the wrong shape,
+    /// [`Error::Invalid`] for a missing or unknown `Action`, an unsupported `SourceType`, or
+    /// another value Consul refuses.
     pub fn from_json(input: &str) -> Result<Self> {
         let raw: RawIntention = decode::json(input)?;
         let action = match raw.action.as_deref() {

@@ -26,6 +26,11 @@ pub struct ServiceName {
 
 impl ServiceName {
     /// A validated service name. Errors name the field `Namespace` or `Name`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] if a part is empty or its wildcard use is not allowed (a partial
+    /// wildcard like `web*`, or `*` as namespace with a named service).
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Result<Self> {
         let (namespace, name) = (namespace.into(), name.into());
         if namespace.is_empty() {
@@ -41,6 +46,10 @@ impl ServiceName {
     /// Parses the forms the API accepts: `svc`, `*` (namespace `default`), `ns/svc`, `ns/*`
     /// and `*/*`. `*/svc`, partial wildcards, empty parts and extra `/` are errors naming the
     /// field (`Namespace` or `Name`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`], as [`ServiceName::new`] on the two parts.
     pub fn parse(input: &str) -> Result<Self> {
         match input.split_once('/') {
             None => ServiceName::new(DEFAULT_NAMESPACE, input),

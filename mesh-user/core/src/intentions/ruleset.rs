@@ -166,6 +166,11 @@ impl RuleSet {
     /// Creates an intention. If one already exists for the same source and destination, this
     /// fails with [`Error::Duplicate`] unless `replace`, in which case that intention
     /// is updated in place (same ID; as `PUT /v1/connect/intentions/exact` does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] if the spec does not validate, [`Error::Duplicate`] as said,
+    /// [`Error::Exhausted`] when no counter index is left. Nothing changes on error.
     pub fn create(&mut self, spec: &IntentionSpec, replace: bool) -> Result<&Intention> {
         let n = spec.normalize()?;
         let key = PairKey {
@@ -197,6 +202,11 @@ impl RuleSet {
     /// Replaces the intention with this ID (source and destination may change). Fails with
     /// [`Error::NotFound`] for an unknown ID and [`Error::Duplicate`] when
     /// another intention already has the new source/destination pair.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and [`Error::Duplicate`] as said, [`Error::Invalid`] if the spec
+    /// does not validate. Nothing changes on error.
     pub fn update(&mut self, id: &str, spec: &IntentionSpec) -> Result<&Intention> {
         let old_key = self
             .ids
@@ -233,6 +243,10 @@ impl RuleSet {
     }
 
     /// Deletes the intention with this ID and returns it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] (op `delete`) for an unknown ID.
     pub fn delete(&mut self, id: &str) -> Result<Intention> {
         let key = self
             .ids
@@ -258,14 +272,14 @@ impl RuleSet {
         self.by_dst.get(destination)?.get(source)
     }
 
-    /// All intentions, highest precedence first, ties by source namespace, source name,
-    /// destination namespace, destination name.
     /// Every intention, in no particular order: for work that does not
     /// need precedence order, such as compiling, without the cost of sorting.
     pub fn iter(&self) -> impl Iterator<Item = &Intention> {
         self.by_dst.values().flat_map(|m| m.values())
     }
 
+    /// All intentions, highest precedence first, ties by source namespace, source name,
+    /// destination namespace, destination name.
     pub fn list(&self) -> Vec<&Intention> {
         let mut all: Vec<&Intention> = self.by_dst.values().flat_map(|m| m.values()).collect();
         all.sort_by(|a, b| precedence_order(a, b));
@@ -342,6 +356,11 @@ impl RuleSet {
     /// intention to this destination keeps its ID, creation time and counter index. The
     /// entry is validated first ([`ServiceIntentionsEntry::normalized`]); on error nothing
     /// changes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] as [`ServiceIntentionsEntry::normalized`], [`Error::Exhausted`] when
+    /// the new sources need more counter indexes than are left.
     pub fn apply_entry(&mut self, entry: &ServiceIntentionsEntry) -> Result<()> {
         let entry = entry.normalized()?;
         let dst = entry.destination.clone();
@@ -492,6 +511,10 @@ impl RuleSet {
     /// source/destination pairs and counter indexes unique, counter indexes below the
     /// watermark, write indexes not above `index`, and exactly one entry per destination.
     /// Errors name the offending element (`Intentions[3].Precedence`, `Entries[0]`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for the first check that fails.
     pub fn restore(
         default_policy: Action,
         index: u64,

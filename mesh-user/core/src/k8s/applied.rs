@@ -55,8 +55,11 @@ pub const APPLIED_FILE: &str = "local/applied.json";
 /// An object's identity: kind, namespace (none for Namespaces), name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectKey {
+    /// The object's `kind` (`Deployment`).
     pub kind: String,
+    /// Its namespace; `None` for cluster-scoped kinds (Namespace).
     pub namespace: Option<String>,
+    /// Its `metadata.name`.
     pub name: String,
 }
 
@@ -87,15 +90,20 @@ impl ObjectKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
+    /// Applied and not there before.
     Created,
+    /// Applied over a different stored document.
     Configured,
+    /// Applied with the document already stored.
     Unchanged,
+    /// Removed by a delete.
     Deleted,
     /// Delete of an object that is not there.
     NotFound,
 }
 
 impl Outcome {
+    /// The word kubectl prints: `created`, `configured`, `unchanged`, `deleted`, `not found`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Created => "created",
@@ -110,8 +118,10 @@ impl Outcome {
 /// One object's outcome.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectResult {
+    /// The object (flattened into this JSON object).
     #[serde(flatten)]
     pub key: ObjectKey,
+    /// What happened to it.
     pub outcome: Outcome,
 }
 
@@ -151,7 +161,9 @@ struct Stored {
 /// A manifest to apply or delete: its text and where it came from (a file name, for errors).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
+    /// Where the manifest came from (a file name); errors and warnings are prefixed with it.
     pub name: String,
+    /// The manifest: multi-document YAML, `kind: List` documents expanded.
     pub text: String,
 }
 
@@ -253,8 +265,11 @@ fn parse_stored(key: &ObjectKey, stored: &Stored) -> Result<Manifest, Error> {
 /// The result of an apply or delete, not yet committed.
 #[derive(Clone, Debug)]
 pub struct Change {
+    /// The applied set after the change, for [`Applied::commit`].
     pub next: Applied,
+    /// What happened to each object of the manifests, in manifest order.
     pub results: Vec<ObjectResult>,
+    /// The desired state `next` builds.
     pub desired: DesiredState,
     /// Warnings of the manifests given (ignored kinds, fields).
     pub warnings: Vec<String>,
@@ -267,6 +282,12 @@ impl Applied {
     }
 
     /// Loads `<state_dir>/local/applied.json` (empty if absent). A damaged file is an error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file exists but cannot be read, [`Error::Corrupt`] if it is not
+    /// the expected JSON, a stored object no longer parses, or the objects no longer build a
+    /// desired state.
     pub fn load(state_dir: &Path) -> Result<Self, Error> {
         let path = state_dir.join(APPLIED_FILE);
         let mut applied = Applied {
@@ -328,14 +349,23 @@ impl Applied {
         crate::durable::write(path, &text, 0o600).map_err(io)
     }
 
-    /// Makes `next` (from a [`Change`]) the applied set, and persists it.
+    /// Makes `next` (from a [`Change`]) the applied set, and persists it (durably, mode
+    /// 0600). On error nothing changes in memory.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the state directory or file cannot be written.
     pub fn commit(&mut self, next: Applied) -> Result<(), Error> {
         next.save()?;
         *self = next;
         Ok(())
     }
 
-    /// Removes the file (`meshd local --reset`).
+    /// Removes the file (`meshd local --reset`); a missing file is not an error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file exists and cannot be removed.
     pub fn remove_file(state_dir: &Path) -> Result<(), Error> {
         let path = state_dir.join(APPLIED_FILE);
         match std::fs::remove_file(&path) {
@@ -347,10 +377,12 @@ impl Applied {
         }
     }
 
+    /// Whether no object is applied.
     pub fn is_empty(&self) -> bool {
         self.objects.is_empty()
     }
 
+    /// The applied objects' keys, sorted by kind, namespace, name.
     pub fn keys(&self) -> impl Iterator<Item = &ObjectKey> {
         self.objects.keys()
     }
@@ -361,6 +393,11 @@ impl Applied {
     }
 
     /// The desired state the applied objects build.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Manifest`] if a stored object no longer parses, [`Error::Build`] if the
+    /// objects together are invalid.
     pub fn desired(&self) -> Result<DesiredState, Error> {
         let manifests = self
             .objects
@@ -370,7 +407,14 @@ impl Applied {
         DesiredState::build(&manifests).map_err(Error::Build)
     }
 
-    /// `kubectl apply -f` of `sources` (with `-n namespace`).
+    /// `kubectl apply -f` of `sources` (with `-n namespace`), on a copy: commit
+    /// [`Change::next`] to keep it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Manifest`] naming the source that does not parse or repeats an object of an
+    /// earlier source, [`Error::Build`] if the result is not a valid desired state. Nothing
+    /// changes either way.
     pub fn apply(&self, sources: &[Source], namespace: Option<&str>) -> Result<Change, Error> {
         let mut next = self.clone();
         let mut results = Vec::new();
@@ -415,6 +459,13 @@ impl Applied {
     }
 
     /// `kubectl delete -f` of `sources`. Deleting a Namespace deletes every object in it.
+    /// Works on a copy, as [`Applied::apply`]; objects that are not applied come back as
+    /// [`Outcome::NotFound`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Manifest`] naming the source that does not parse, [`Error::Build`] if what
+    /// remains is not a valid desired state. Nothing changes either way.
     pub fn delete(&self, sources: &[Source], namespace: Option<&str>) -> Result<Change, Error> {
         let mut next = self.clone();
         let mut results = Vec::new();

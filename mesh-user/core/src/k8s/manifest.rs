@@ -26,9 +26,13 @@ pub struct ParseOptions {
 pub struct IgnoredObject {
     /// 1-based document number in its manifest.
     pub document: usize,
+    /// Its `apiVersion`.
     pub api_version: String,
+    /// Its `kind`.
     pub kind: String,
+    /// Its `metadata.name`, if it has one.
     pub name: Option<String>,
+    /// Its `metadata.namespace`, if it names one.
     pub namespace: Option<String>,
 }
 
@@ -50,7 +54,16 @@ fn modelled_api_version(kind: &str) -> Option<&'static str> {
 }
 
 impl Manifest {
-    /// Parses multi-document YAML. Any error refuses the whole manifest.
+    /// Parses multi-document YAML. Any error refuses the whole manifest. Empty documents are
+    /// skipped; YAML merge keys (`<<`) are applied.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Options`] for a `namespace` option that is not an RFC 1123 label,
+    /// [`Error::Yaml`] for malformed YAML, [`Error::Document`] for a document that is not a
+    /// Kubernetes object, [`Error::Field`] / [`Error::Object`] / [`Error::Upstream`] for a
+    /// modelled object that is invalid, [`Error::Duplicate`] for the same kind, namespace and
+    /// name twice.
     pub fn parse(text: &str, options: &ParseOptions) -> Result<Manifest, Error> {
         if let Some(ns) = &options.namespace {
             check_rfc1123_label(ns).map_err(Error::Options)?;

@@ -79,10 +79,20 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub enum Error {
     /// The YAML itself is malformed.
     #[error("document {document}: YAML: {message}")]
-    Yaml { document: usize, message: String },
+    Yaml {
+        /// 1-based number of the document in its manifest.
+        document: usize,
+        /// The YAML parser's message.
+        message: String,
+    },
     /// A document is not a Kubernetes object (no kind, no name, not a mapping).
     #[error("document {document}: {message}")]
-    Document { document: usize, message: String },
+    Document {
+        /// 1-based number of the document in its manifest.
+        document: usize,
+        /// What is missing or malformed.
+        message: String,
+    },
     /// A field of an object is wrong.
     #[error("{object}: {field}: {message}")]
     Field {
@@ -90,16 +100,26 @@ pub enum Error {
         object: String,
         /// The field's path, e.g. `spec.template.spec.containers[0].ports[0].containerPort`.
         field: String,
+        /// What is wrong with the field's value.
         message: String,
     },
     /// An object is wrong as a whole, or conflicts with others.
     #[error("{object}: {message}")]
-    Object { object: String, message: String },
+    Object {
+        /// `Kind namespace/name`.
+        object: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The same object twice.
     #[error("duplicate {object}: {first} and {second}")]
     Duplicate {
+        /// `Kind namespace/name`.
         object: String,
+        /// Where it first appears: `document <n>`, or `manifest <m> document <n>` across
+        /// manifests (both 1-based).
         first: String,
+        /// Where it appears again, in the same form.
         second: String,
     },
     /// A malformed `connect-service-upstreams` entry, with consul-k8s's message.
@@ -123,6 +143,10 @@ fn is_label_char(c: u8) -> bool {
 }
 
 /// A lowercase RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid label, quoting `name`.
 pub fn check_rfc1123_label(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
@@ -142,6 +166,10 @@ pub fn check_rfc1123_label(name: &str) -> Result<(), String> {
 }
 
 /// An RFC 1035 label: an RFC 1123 label that starts with a letter (Service names).
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid RFC 1035 label, quoting `name`.
 pub fn check_rfc1035_label(name: &str) -> Result<(), String> {
     let ok = check_rfc1123_label(name).is_ok() && name.as_bytes()[0].is_ascii_lowercase();
     if ok {
@@ -156,6 +184,10 @@ pub fn check_rfc1035_label(name: &str) -> Result<(), String> {
 }
 
 /// A lowercase RFC 1123 subdomain: dot-separated labels, at most 253 characters.
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid subdomain, quoting `name`.
 pub fn check_rfc1123_subdomain(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
@@ -179,6 +211,10 @@ pub fn check_rfc1123_subdomain(name: &str) -> Result<(), String> {
 
 /// A port name (IANA service name): at most 15 characters of `[a-z0-9-]`, at least one
 /// letter, no leading, trailing or doubled `-`.
+///
+/// # Errors
+///
+/// Kubernetes' message for an invalid port name, quoting `name`.
 pub fn check_port_name(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let ok = !b.is_empty()

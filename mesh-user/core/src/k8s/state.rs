@@ -14,7 +14,12 @@ const SYSTEM_NAMESPACES: [&str; 2] = ["kube-system", "kube-public"];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Owner {
     /// Replica `index` (0-based) of a Deployment.
-    Deployment { name: String, index: u32 },
+    Deployment {
+        /// The Deployment's name.
+        name: String,
+        /// Which replica, `0..replicas`.
+        index: u32,
+    },
     /// A bare Pod.
     Pod,
 }
@@ -35,7 +40,9 @@ pub enum IdentitySource {
 pub struct MeshWorkload {
     /// The Consul service this pod is an instance of (its identity), in the pod's namespace.
     pub service: String,
+    /// How `service` was chosen.
     pub identity_source: IdentitySource,
+    /// The pod's explicit upstreams (`connect-service-upstreams`), in annotation order.
     pub upstreams: Vec<Upstream>,
     /// `consul.hashicorp.com/transparent-proxy`, when the pod sets it.
     pub transparent_proxy: Option<bool>,
@@ -46,9 +53,13 @@ pub struct MeshWorkload {
 pub struct Workload {
     /// `<deployment>-<index>` or the Pod's name; unique in its namespace.
     pub name: String,
+    /// The pod's namespace.
     pub namespace: String,
+    /// The Deployment (and replica) or bare Pod it comes from.
     pub owner: Owner,
+    /// The pod's labels (a Deployment's template labels).
     pub labels: BTreeMap<String, String>,
+    /// The pod's annotations.
     pub annotations: BTreeMap<String, String>,
     /// `None` means the namespace's `default` account.
     pub service_account: Option<String>,
@@ -86,17 +97,29 @@ impl Workload {
 pub struct DesiredState {
     /// `default`, the declared namespaces and those objects are in.
     pub namespaces: BTreeSet<String>,
+    /// The declared ServiceAccounts.
     pub service_accounts: Vec<ServiceAccount>,
+    /// The declared Services.
     pub services: Vec<Service>,
     /// Sorted by namespace, then name.
     pub workloads: Vec<Workload>,
+    /// Objects of kinds that are not modelled, from every manifest.
     pub ignored: Vec<IgnoredObject>,
+    /// What was accepted but is worth telling the user, from the manifests and the build
+    /// (for example an identity taken from a service account).
     pub warnings: Vec<String>,
 }
 
 impl DesiredState {
     /// Combines manifests (as `kubectl apply -f a.yaml -f b.yaml` would). The same object in two
     /// manifests is an error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Duplicate`] for the same object in two places, [`Error::Object`] for two pods
+    /// with one name in a namespace, or a meshed pod whose service identity cannot be chosen
+    /// (selected by several Services, or by none and without annotation or service account),
+    /// and the other errors of the objects' cross-checks.
     pub fn build(manifests: &[Manifest]) -> Result<DesiredState, Error> {
         let mut state = DesiredState::default();
         let mut seen: BTreeMap<(String, Option<String>, String), String> = BTreeMap::new();
@@ -209,12 +232,14 @@ impl DesiredState {
             .filter(move |s| s.namespace == namespace && !s.mesh_ignored() && s.selects(labels))
     }
 
+    /// The workload (pod) `name` in `namespace`.
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.workloads
             .iter()
             .find(|w| w.namespace == namespace && w.name == name)
     }
 
+    /// The Service `name` in `namespace`.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         self.services
             .iter()

@@ -25,6 +25,7 @@ use crate::catalog;
 /// What an upstream points at.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DestinationType {
+    /// A Consul service (every entry but `prepared_query:`). The default.
     #[default]
     Service,
     /// `prepared_query:<name>:<port>`: [`Upstream::service`] holds the query name.
@@ -34,8 +35,11 @@ pub enum DestinationType {
 /// Consul's mesh gateway modes for an upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MeshGatewayMode {
+    /// `none`: connect to the destination directly.
     None,
+    /// `local`: through the mesh gateway of the local datacenter.
     Local,
+    /// `remote`: through the mesh gateway of the destination's datacenter.
     Remote,
 }
 
@@ -43,17 +47,27 @@ pub enum MeshGatewayMode {
 /// namespace, partition and datacenter.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Upstream {
+    /// A service or a prepared query.
     pub destination_type: DestinationType,
     /// Destination service name (or prepared query name).
     pub service: String,
+    /// The destination's Consul namespace (`.<ns>.ns` or `<svc>.<ns>`).
     pub namespace: Option<String>,
+    /// The destination's admin partition (`.<x>.ap` or `<svc>.<ns>.<partition>`).
     pub partition: Option<String>,
+    /// The cluster peer the destination is imported from (`.<x>.peer`).
     pub peer: Option<String>,
+    /// The destination's datacenter (`.<x>.dc` or the unlabelled `:<dc>`).
     pub datacenter: Option<String>,
     /// The local port the application connects to (`127.0.0.1:<bind_port>` in the pod).
     pub bind_port: u16,
+    /// The destination port, as written (a number or a port name), from `<extra>` or the
+    /// `destination_port` option.
     pub destination_port: Option<String>,
+    /// The `local_bind_address` option, as written (an IP address the app dials instead of
+    /// `127.0.0.1`).
     pub local_bind_address: Option<String>,
+    /// The `mesh_gateway_mode` option.
     pub mesh_gateway_mode: Option<MeshGatewayMode>,
 }
 
@@ -111,6 +125,11 @@ impl UpstreamSyntax {
 /// Parses a whole annotation value. An empty value means no upstreams; any malformed entry
 /// (including an empty one, as in `a:1,,b:2` or a trailing comma) refuses the whole value.
 /// `containers` resolves named ports.
+///
+/// # Errors
+///
+/// [`Error::Upstream`] with consul-k8s's message for the first malformed entry, as
+/// [`parse_upstream`].
 pub fn parse_upstreams(
     annotation: &str,
     containers: &[Container],
@@ -125,7 +144,14 @@ pub fn parse_upstreams(
         .collect()
 }
 
-/// Parses one (already trimmed) entry.
+/// Parses one (already trimmed) entry; the grammar is the module's.
+///
+/// # Errors
+///
+/// [`Error::Upstream`]: `upstream structured incorrectly: <entry>` for an entry of no known
+/// form (or an empty name part), `invalid upstream local bind port ...` for a port that is
+/// neither a number in 1–65535 nor a container port's name, and a message naming an unknown
+/// mesh gateway mode.
 pub fn parse_upstream(
     raw: &str,
     containers: &[Container],
