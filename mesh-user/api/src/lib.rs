@@ -56,6 +56,7 @@
 //! rules (and once at start), and [`CountersSource`], asked for per-intention counts.
 //! [`NoSink`], [`MemorySink`], [`NoCounters`] and [`MemoryCounters`] serve tests.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 #[cfg(feature = "server")]
 mod acl;

@@ -132,6 +132,10 @@ impl Store {
     /// (and written to `<dir>/acl-bootstrap-token`, mode 0600). `default_policy` is the
     /// default intention policy, a configuration value that is not stored. `sink` is told the
     /// loaded rules at once and every change after.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] when another process holds the lock, [`Error::Corrupt`] when the
+    /// state file cannot be loaded, [`Error::Io`] when a file cannot be made or read.
     pub fn open(
         dir: &Path,
         default_policy: Action,
@@ -220,6 +224,9 @@ impl Store {
     /// new state durably, makes it current and, if the rules changed, tells the sink. When `f`
     /// or the write fails, nothing changes. Blocks on the disk: call it from a blocking
     /// thread.
+    ///
+    /// # Errors
+    /// `f`'s error, or [`Error::Io`] when the state file cannot be written.
     pub fn update<T>(&self, f: impl FnOnce(&mut State) -> Result<T, Error>) -> Result<T, Error> {
         // The lock only orders writers; a panic while it was held leaves nothing to repair.
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());

@@ -17,11 +17,15 @@ fn is_empty_map(m: &BTreeMap<String, String>) -> bool {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
+    /// The object's name.
     pub name: String,
+    /// Its namespace; `None` for objects without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// `metadata.labels`.
     #[serde(default, skip_serializing_if = "is_empty_map")]
     pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
     #[serde(default, skip_serializing_if = "is_empty_map")]
     pub annotations: BTreeMap<String, String>,
     /// RFC 3339, seconds.
@@ -32,12 +36,16 @@ pub struct Metadata {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct List<T> {
+    /// Always `v1`.
     pub api_version: String,
+    /// Always `List`.
     pub kind: String,
+    /// The objects, in the order given.
     pub items: Vec<T>,
 }
 
 impl<T> List<T> {
+    /// A `v1` `List` of `items`.
     pub fn new(items: Vec<T>) -> Self {
         List {
             api_version: "v1".into(),
@@ -47,40 +55,54 @@ impl<T> List<T> {
     }
 }
 
+/// A container port: `{"containerPort":9090,"protocol":"TCP"}`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerPortView {
+    /// The port the container listens on.
     pub container_port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
     pub protocol: String,
 }
 
+/// A container of `spec.containers`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerView {
+    /// The container's name.
     pub name: String,
+    /// Its image, as the manifest gives it.
     pub image: String,
+    /// Its declared ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPortView>,
 }
 
+/// A pod's `spec`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpecView {
+    /// The node the pod runs on (the runner's node name).
     pub node_name: String,
+    /// The pod's service account (`default` when the manifest names none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// The pod's containers, in the manifest's order.
     pub containers: Vec<ContainerView>,
 }
 
 /// A condition: `{"type":"Ready","status":"True"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Condition {
+    /// `Initialized`, `Ready`, `ContainersReady` or `PodScheduled` (JSON `type`).
     #[serde(rename = "type")]
     pub kind: String,
+    /// `True` or `False`.
     pub status: String,
 }
 
 impl Condition {
+    /// The condition `kind`, `True` when `value`.
     pub fn new(kind: &str, value: bool) -> Self {
         Condition {
             kind: kind.into(),
@@ -89,28 +111,36 @@ impl Condition {
     }
 }
 
+/// `state.running`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Running {
+    /// When the process started, RFC 3339 (seconds).
     pub started_at: String,
 }
 
+/// `state.terminated`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Terminated {
     /// The exit code; for a signal, 128 + its number, as Kubernetes reports it.
     pub exit_code: i32,
+    /// The signal that ended it, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
     /// `Completed` (exit 0) or `Error`.
     pub reason: String,
+    /// When it exited, RFC 3339 (seconds).
     pub finished_at: String,
 }
 
+/// `state.waiting`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Waiting {
+    /// `ContainerCreating`, `CrashLoopBackOff` or `RunContainerError`.
     pub reason: String,
+    /// What went wrong, when something did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -119,22 +149,32 @@ pub struct Waiting {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerState {
+    /// Set while the process runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<Running>,
+    /// Set when it exited and will not be restarted (yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminated: Option<Terminated>,
+    /// Set before it starts, between restarts, or when it cannot start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
 }
 
+/// One of `status.containerStatuses`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStatus {
+    /// The container's name.
     pub name: String,
+    /// Its image.
     pub image: String,
+    /// Whether every TCP port it declares is listening.
     pub ready: bool,
+    /// Whether its process runs.
     pub started: bool,
+    /// How often it was restarted.
     pub restart_count: u32,
+    /// What it is doing now.
     pub state: ContainerState,
     /// The host process's id while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,36 +191,52 @@ pub struct MeshStatus {
     pub proxy_ready: bool,
 }
 
+/// One of `status.podIPs`: `{"ip":"10.88.0.2"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodIp {
+    /// The address, dotted IPv4.
     pub ip: String,
 }
 
+/// A pod's `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatusView {
     /// `Pending`, `Running`, `Succeeded` or `Failed`.
     pub phase: String,
+    /// The pod's address on the node bridge (JSON `podIP`).
     #[serde(rename = "podIP")]
     pub pod_ip: String,
+    /// The same, as a list (JSON `podIPs`).
     #[serde(rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,
+    /// The address kubectl shows as the host's: the pod's own (JSON `hostIP`).
     #[serde(rename = "hostIP")]
     pub host_ip: String,
+    /// When the pod was created, RFC 3339 (seconds).
     pub start_time: String,
+    /// The pod's conditions (`Ready` among them).
     pub conditions: Vec<Condition>,
+    /// One per container, in the spec's order.
     pub container_statuses: Vec<ContainerStatus>,
+    /// For a pod in the mesh: its service and whether the agent serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshStatus>,
 }
 
+/// A pod, as `kubectl get pod -o json` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodView {
+    /// Always `v1`.
     pub api_version: String,
+    /// Always `Pod`.
     pub kind: String,
+    /// Name, namespace, labels, annotations, creation time.
     pub metadata: Metadata,
+    /// The pod's node, service account and containers.
     pub spec: PodSpecView,
+    /// Phase, addresses, conditions, containers' states.
     pub status: PodStatusView,
 }
 
@@ -212,43 +268,59 @@ impl PodView {
     }
 }
 
+/// One of a Service's `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePortView {
+    /// The port's name, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The port on the Service's virtual IP.
     pub port: u16,
     /// A number or a port name.
     pub target_port: serde_json::Value,
+    /// `TCP`, `UDP` or `SCTP`.
     pub protocol: String,
 }
 
+/// A Service's `spec`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpecView {
+    /// Always `ClusterIP` (JSON `type`).
     #[serde(rename = "type")]
     pub kind: String,
+    /// The virtual IP, or `None` when it has none (JSON `clusterIP`).
     #[serde(rename = "clusterIP")]
     pub cluster_ip: String,
+    /// The same, as a list (JSON `clusterIPs`).
     #[serde(rename = "clusterIPs")]
     pub cluster_ips: Vec<String>,
+    /// The Service's ports.
     pub ports: Vec<ServicePortView>,
+    /// The labels a pod needs to be behind it.
     #[serde(default, skip_serializing_if = "is_empty_map")]
     pub selector: BTreeMap<String, String>,
 }
 
+/// A Service, as `kubectl get service -o json` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceView {
+    /// Always `v1`.
     pub api_version: String,
+    /// Always `Service`.
     pub kind: String,
+    /// Name, namespace, labels, annotations, creation time.
     pub metadata: Metadata,
+    /// Virtual IP, ports and selector.
     pub spec: ServiceSpecView,
 }
 
 /// The answer to an apply or delete.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReply {
+    /// One per object, with kubectl's outcome (`created`, `configured`, `unchanged`, `deleted`).
     pub results: Vec<ObjectResult>,
     /// Accepted, but worth telling (ignored kinds and fields, identity fallbacks).
     pub warnings: Vec<String>,
@@ -263,7 +335,9 @@ pub struct ApplyReply {
 pub struct ForwardTarget {
     /// `namespace/name` of the pod.
     pub pod: String,
+    /// The path of the pod's network namespace.
     pub netns: String,
+    /// The port to connect to on `127.0.0.1` inside it.
     pub port: u16,
 }
 
@@ -273,6 +347,7 @@ pub struct ForwardTarget {
 pub struct ListenerView {
     /// `outbound`, `upstream` or `inbound`.
     pub kind: String,
+    /// `ip:port` it listens on.
     pub address: String,
     /// For `upstream`: the service it serves (`namespace/name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,9 +361,11 @@ pub struct ListenerView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VerdictView {
+    /// Whether the connection is allowed.
     pub allowed: bool,
     /// The deciding intention (`source => destination`), or `default policy`.
     pub decided_by: String,
+    /// The deciding intention's ID; `None` for the default policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intention_id: Option<String>,
 }
@@ -299,12 +376,15 @@ pub struct VerdictView {
 pub struct UpstreamView {
     /// `namespace/name`.
     pub service: String,
+    /// Its SPIFFE ID (`spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<name>`).
     pub spiffe_id: String,
     /// The local port of an explicit upstream; `None` for transparent mode only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_port: Option<u16>,
+    /// Its virtual IP, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_ip: Option<String>,
+    /// Its ports.
     pub ports: Vec<u16>,
     /// `ip:port` of each instance's inbound listener.
     pub endpoints: Vec<String>,
@@ -316,9 +396,13 @@ pub struct UpstreamView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InboundIntentionView {
+    /// The intention's ID.
     pub id: String,
+    /// Its source, `namespace/name` (`*` for any).
     pub source: String,
+    /// `allow` or `deny`.
     pub action: String,
+    /// Its precedence (higher is evaluated first).
     pub precedence: u32,
 }
 
@@ -328,15 +412,20 @@ pub struct InboundIntentionView {
 pub struct ProxyView {
     /// `namespace/name`.
     pub pod: String,
+    /// The pod's service identity, `namespace/name`.
     pub service: String,
+    /// Its SPIFFE ID.
     pub spiffe_id: String,
+    /// The pod's address (JSON `podIP`).
     #[serde(rename = "podIP")]
     pub pod_ip: String,
     /// `ebpf` or `iptables`.
     pub mode: String,
     /// Whether the agent serves the pod now.
     pub proxy_ready: bool,
+    /// The proxy's listeners for the pod: outbound, one per explicit upstream, inbound.
     pub listeners: Vec<ListenerView>,
+    /// The services the pod may call: explicit upstreams first, then every other Service with a virtual IP.
     pub upstreams: Vec<UpstreamView>,
     /// Intentions whose destination covers this pod's service, first match first.
     pub inbound_intentions: Vec<InboundIntentionView>,

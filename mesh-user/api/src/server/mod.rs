@@ -2,11 +2,11 @@
 //! and the extractors every handler uses ([`Caller`], [`Params`]). The handlers live in one
 //! module per route group:
 //!
-//! - [`intentions`]: `/v1/connect/intentions*`;
-//! - [`config_entries`]: `/v1/config*`;
-//! - [`authorize`]: `/v1/agent/connect/authorize`;
-//! - [`acl`]: `/v1/acl/*`;
-//! - [`local`]: `/v1/local/*` (`meshd local`).
+//! - `/v1/connect/intentions*` in [`intentions`];
+//! - `/v1/config*` in [`config_entries`];
+//! - `/v1/agent/connect/authorize` in [`authorize`];
+//! - `/v1/acl/*` in [`acl`];
+//! - `/v1/local/*` (`meshd local`) in [`local`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

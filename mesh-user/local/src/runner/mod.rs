@@ -5,9 +5,10 @@
 //! This module holds the runner's state and how a change is planned (addresses, catalog
 //! check, nothing touched) and then executed (pods, agent, hosts files, processes). The rest:
 //!
-//! - [`process`]: starting, stopping and restarting (with back-off) the pods' processes;
-//! - [`ready`]: when a container and a pod are ready;
-//! - [`views`]: the answers to the API (pods, Services, a pod's proxy, port-forward targets).
+//! - [`process`] starts, stops and restarts (with back-off) the pods' processes;
+//! - [`ready`] tells when a container and a pod are ready;
+//! - [`views`] makes the answers to the API (pods, Services, a pod's proxy, port-forward
+//!   targets).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
