@@ -5,9 +5,9 @@
 //! This module holds the runner's state and how a change is planned (addresses, catalog
 //! check, nothing touched) and then executed (pods, agent, hosts files, processes). The rest:
 //!
-//! - [`process`] starts, stops and restarts (with back-off) the pods' processes;
-//! - [`ready`] tells when a container and a pod are ready;
-//! - [`views`] makes the answers to the API (pods, Services, a pod's proxy, port-forward
+//! - `process` starts, stops and restarts (with back-off) the pods' processes;
+//! - `ready` tells when a container and a pod are ready;
+//! - `views` makes the answers to the API (pods, Services, a pod's proxy, port-forward
 //!   targets).
 
 use std::collections::{BTreeMap, BTreeSet};
