@@ -38,6 +38,9 @@ pub enum Policy {
 impl Policy {
     /// Parses a policy name: `operator`, `global-management`, `read-only`,
     /// `builtin/global-read-only` or `intention-write:<pattern>`.
+    ///
+    /// # Errors
+    /// A message naming an unknown policy or a bad destination pattern.
     pub fn parse(name: &str) -> Result<Policy, String> {
         match name {
             "operator" | "global-management" => Ok(Policy::Operator),
@@ -316,7 +319,11 @@ struct RawPolicyLink {
 }
 
 impl TokenRequest {
-    /// Reads Consul's token JSON. Errors name the field (`Policies[1].Name`).
+    /// Reads Consul's token JSON.
+    ///
+    /// # Errors
+    /// [`Error::BadRequest`] naming the field (`Policies[1].Name`) when the JSON is not a
+    /// token request, has unknown fields or names an unknown policy.
     pub fn from_json(input: &str) -> Result<TokenRequest, Error> {
         let raw: RawTokenRequest = decode_json(input)?;
         let none_or_empty = |v: &Option<Vec<IgnoredAny>>| v.as_ref().is_none_or(|v| v.is_empty());

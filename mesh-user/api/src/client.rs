@@ -142,6 +142,9 @@ impl Client {
 
     /// Sends one request. `path` includes the query string. Any status is a response; only
     /// failing to connect or to exchange is an error.
+    ///
+    /// # Errors
+    /// [`Error::Client`] when the agent cannot be reached or the HTTP exchange fails.
     pub async fn request(
         &self,
         method: &str,

@@ -52,10 +52,12 @@
 //!
 //! # The agent's side
 //!
-//! The agent implements [`RulesSink`], told the whole new [`RuleSet`] after every change of the
-//! rules (and once at start), and [`CountersSource`], asked for per-intention counts.
+//! The agent implements [`RulesSink`], told the whole new
+//! [`RuleSet`](mesh_core::intentions::RuleSet) after every change of the rules (and once at
+//! start), and [`CountersSource`], asked for per-intention counts.
 //! [`NoSink`], [`MemorySink`], [`NoCounters`] and [`MemoryCounters`] serve tests.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 #[cfg(feature = "server")]
 mod acl;

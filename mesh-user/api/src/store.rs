@@ -1,5 +1,8 @@
 //! The API's durable state: intentions, entries and tokens in one JSON file, rewritten
 //! durably after each change while writes are serialized.
+//!
+//! It stays one file: about 500 lines of code (the rest are its tests), and the store, the
+//! file's format (`encode`/`decode`) and the crash tests that prove them change together.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -129,6 +132,10 @@ impl Store {
     /// (and written to `<dir>/acl-bootstrap-token`, mode 0600). `default_policy` is the
     /// default intention policy, a configuration value that is not stored. `sink` is told the
     /// loaded rules at once and every change after.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] when another process holds the lock, [`Error::Corrupt`] when the
+    /// state file cannot be loaded, [`Error::Io`] when a file cannot be made or read.
     pub fn open(
         dir: &Path,
         default_policy: Action,
@@ -217,6 +224,9 @@ impl Store {
     /// new state durably, makes it current and, if the rules changed, tells the sink. When `f`
     /// or the write fails, nothing changes. Blocks on the disk: call it from a blocking
     /// thread.
+    ///
+    /// # Errors
+    /// `f`'s error, or [`Error::Io`] when the state file cannot be written.
     pub fn update<T>(&self, f: impl FnOnce(&mut State) -> Result<T, Error>) -> Result<T, Error> {
         // The lock only orders writers; a panic while it was held leaves nothing to repair.
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -648,13 +658,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(open(dir.path()).unwrap());
         let exe = std::env::current_exe().unwrap();
+        // libtest names tests by their path without the crate's name.
+        let child_test = format!(
+            "{}::crash_child",
+            module_path!().split_once("::").map_or("", |(_, path)| path)
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut acked_total = 0usize;
         let mut rounds = 0;
         while rounds < 20 && Instant::now() < deadline {
             rounds += 1;
             let mut child = Command::new(&exe)
-                .args(["--exact", "store::tests::crash_child", "--nocapture"])
+                .args(["--exact", &child_test, "--nocapture"])
                 .args(["--test-threads", "1"])
                 .env(CHILD_ENV, dir.path())
                 .stdout(Stdio::piped())

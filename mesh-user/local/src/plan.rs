@@ -22,6 +22,7 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// An empty pool of `<net>.first ..= <net>.254`.
     pub fn new(net: [u8; 3], first: u8) -> Self {
         Pool {
             net,
@@ -198,7 +199,9 @@ pub fn catalog_id(pod_id: &str) -> String {
 /// How a container runs on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessSpec {
+    /// The program: meshd itself, or the first word of the container's `command` + `args`.
     pub program: PathBuf,
+    /// Its arguments.
     pub args: Vec<String>,
 }
 
@@ -218,6 +221,9 @@ pub fn is_fake_service(image: &str) -> bool {
 /// The host process for a container: the built-in fake-service twin (`meshd fake-service`)
 /// for its image, else `command` + `args` from the host (there is no image to supply an
 /// entrypoint, so `command` or `args` must name the program).
+///
+/// # Errors
+/// A message naming the container when neither `command` nor `args` names a program.
 pub fn process_spec(meshd: &Path, c: &Container) -> Result<ProcessSpec, String> {
     if is_fake_service(&c.image) {
         return Ok(ProcessSpec {
@@ -259,6 +265,9 @@ pub fn environment(c: &Container, pod_ip: Ipv4Addr, node: &str) -> Vec<(String, 
 }
 
 /// Checks, before anything changes, that every container of the desired state can run.
+///
+/// # Errors
+/// The first container that cannot, its message prefixed with `pod <namespace>/<name>`.
 pub fn check_runnable(meshd: &Path, desired: &DesiredState) -> Result<(), String> {
     for w in &desired.workloads {
         for c in &w.containers {

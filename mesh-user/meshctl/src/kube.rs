@@ -266,8 +266,8 @@ pub async fn proxy(ctx: &Ctx, cmd: ProxyCmd) -> ExitCode {
     let ProxyCmd::Read { pod, output } = cmd;
     let path = format!(
         "/v1/local/pods/{}/{}/proxy",
-        super::enc(namespace(ctx)),
-        super::enc(&pod)
+        super::format::enc(namespace(ctx)),
+        super::format::enc(&pod)
     );
     let view: ProxyView = match ctx.call_json("GET", &path, None).await {
         Ok(v) => v,

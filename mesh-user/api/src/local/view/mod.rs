@@ -1,9 +1,12 @@
 //! What the API answers about the runner's pods, services and proxies, in kubectl's JSON
-//! shapes (`{"apiVersion":"v1","kind":"List","items":[…]}`), and the tables `meshctl get`
-//! prints from them, with kubectl's columns.
+//! shapes (`{"apiVersion":"v1","kind":"List","items":[…]}`), and (in `text`) the tables
+//! `meshctl get` prints from them, with kubectl's columns.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+
+mod text;
+
+pub use text::{age, human_duration, pods_table, proxy_text, services_table, table, timestamp};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,11 +20,15 @@ fn is_empty_map(m: &BTreeMap<String, String>) -> bool {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
+    /// The object's name.
     pub name: String,
+    /// Its namespace; `None` for objects without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// `metadata.labels`.
     #[serde(default, skip_serializing_if = "is_empty_map")]
     pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
     #[serde(default, skip_serializing_if = "is_empty_map")]
     pub annotations: BTreeMap<String, String>,
     /// RFC 3339, seconds.
@@ -32,12 +39,16 @@ pub struct Metadata {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct List<T> {
+    /// Always `v1`.
     pub api_version: String,
+    /// Always `List`.
     pub kind: String,
+    /// The objects, in the order given.
     pub items: Vec<T>,
 }
 
 impl<T> List<T> {
+    /// A `v1` `List` of `items`.
     pub fn new(items: Vec<T>) -> Self {
         List {
             api_version: "v1".into(),
@@ -47,40 +58,54 @@ impl<T> List<T> {
     }
 }
 
+/// A container port: `{"containerPort":9090,"protocol":"TCP"}`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerPortView {
+    /// The port the container listens on.
     pub container_port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
     pub protocol: String,
 }
 
+/// A container of `spec.containers`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerView {
+    /// The container's name.
     pub name: String,
+    /// Its image, as the manifest gives it.
     pub image: String,
+    /// Its declared ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPortView>,
 }
 
+/// A pod's `spec`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpecView {
+    /// The node the pod runs on (the runner's node name).
     pub node_name: String,
+    /// The pod's service account (`default` when the manifest names none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// The pod's containers, in the manifest's order.
     pub containers: Vec<ContainerView>,
 }
 
 /// A condition: `{"type":"Ready","status":"True"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Condition {
+    /// `Initialized`, `Ready`, `ContainersReady` or `PodScheduled` (JSON `type`).
     #[serde(rename = "type")]
     pub kind: String,
+    /// `True` or `False`.
     pub status: String,
 }
 
 impl Condition {
+    /// The condition `kind`, `True` when `value`.
     pub fn new(kind: &str, value: bool) -> Self {
         Condition {
             kind: kind.into(),
@@ -89,28 +114,36 @@ impl Condition {
     }
 }
 
+/// `state.running`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Running {
+    /// When the process started, RFC 3339 (seconds).
     pub started_at: String,
 }
 
+/// `state.terminated`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Terminated {
     /// The exit code; for a signal, 128 + its number, as Kubernetes reports it.
     pub exit_code: i32,
+    /// The signal that ended it, if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
     /// `Completed` (exit 0) or `Error`.
     pub reason: String,
+    /// When it exited, RFC 3339 (seconds).
     pub finished_at: String,
 }
 
+/// `state.waiting`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Waiting {
+    /// `ContainerCreating`, `CrashLoopBackOff` or `RunContainerError`.
     pub reason: String,
+    /// What went wrong, when something did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -119,22 +152,32 @@ pub struct Waiting {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerState {
+    /// Set while the process runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<Running>,
+    /// Set when it exited and will not be restarted (yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminated: Option<Terminated>,
+    /// Set before it starts, between restarts, or when it cannot start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
 }
 
+/// One of `status.containerStatuses`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStatus {
+    /// The container's name.
     pub name: String,
+    /// Its image.
     pub image: String,
+    /// Whether every TCP port it declares is listening.
     pub ready: bool,
+    /// Whether its process runs.
     pub started: bool,
+    /// How often it was restarted.
     pub restart_count: u32,
+    /// What it is doing now.
     pub state: ContainerState,
     /// The host process's id while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,36 +194,52 @@ pub struct MeshStatus {
     pub proxy_ready: bool,
 }
 
+/// One of `status.podIPs`: `{"ip":"10.88.0.2"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodIp {
+    /// The address, dotted IPv4.
     pub ip: String,
 }
 
+/// A pod's `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatusView {
     /// `Pending`, `Running`, `Succeeded` or `Failed`.
     pub phase: String,
+    /// The pod's address on the node bridge (JSON `podIP`).
     #[serde(rename = "podIP")]
     pub pod_ip: String,
+    /// The same, as a list (JSON `podIPs`).
     #[serde(rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,
+    /// The address kubectl shows as the host's: the pod's own (JSON `hostIP`).
     #[serde(rename = "hostIP")]
     pub host_ip: String,
+    /// When the pod was created, RFC 3339 (seconds).
     pub start_time: String,
+    /// The pod's conditions (`Ready` among them).
     pub conditions: Vec<Condition>,
+    /// One per container, in the spec's order.
     pub container_statuses: Vec<ContainerStatus>,
+    /// For a pod in the mesh: its service and whether the agent serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshStatus>,
 }
 
+/// A pod, as `kubectl get pod -o json` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodView {
+    /// Always `v1`.
     pub api_version: String,
+    /// Always `Pod`.
     pub kind: String,
+    /// Name, namespace, labels, annotations, creation time.
     pub metadata: Metadata,
+    /// The pod's node, service account and containers.
     pub spec: PodSpecView,
+    /// Phase, addresses, conditions, containers' states.
     pub status: PodStatusView,
 }
 
@@ -212,43 +271,59 @@ impl PodView {
     }
 }
 
+/// One of a Service's `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePortView {
+    /// The port's name, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The port on the Service's virtual IP.
     pub port: u16,
     /// A number or a port name.
     pub target_port: serde_json::Value,
+    /// `TCP`, `UDP` or `SCTP`.
     pub protocol: String,
 }
 
+/// A Service's `spec`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpecView {
+    /// Always `ClusterIP` (JSON `type`).
     #[serde(rename = "type")]
     pub kind: String,
+    /// The virtual IP, or `None` when it has none (JSON `clusterIP`).
     #[serde(rename = "clusterIP")]
     pub cluster_ip: String,
+    /// The same, as a list (JSON `clusterIPs`).
     #[serde(rename = "clusterIPs")]
     pub cluster_ips: Vec<String>,
+    /// The Service's ports.
     pub ports: Vec<ServicePortView>,
+    /// The labels a pod needs to be behind it.
     #[serde(default, skip_serializing_if = "is_empty_map")]
     pub selector: BTreeMap<String, String>,
 }
 
+/// A Service, as `kubectl get service -o json` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceView {
+    /// Always `v1`.
     pub api_version: String,
+    /// Always `Service`.
     pub kind: String,
+    /// Name, namespace, labels, annotations, creation time.
     pub metadata: Metadata,
+    /// Virtual IP, ports and selector.
     pub spec: ServiceSpecView,
 }
 
 /// The answer to an apply or delete.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReply {
+    /// One per object, with kubectl's outcome (`created`, `configured`, `unchanged`, `deleted`).
     pub results: Vec<ObjectResult>,
     /// Accepted, but worth telling (ignored kinds and fields, identity fallbacks).
     pub warnings: Vec<String>,
@@ -263,7 +338,9 @@ pub struct ApplyReply {
 pub struct ForwardTarget {
     /// `namespace/name` of the pod.
     pub pod: String,
+    /// The path of the pod's network namespace.
     pub netns: String,
+    /// The port to connect to on `127.0.0.1` inside it.
     pub port: u16,
 }
 
@@ -273,6 +350,7 @@ pub struct ForwardTarget {
 pub struct ListenerView {
     /// `outbound`, `upstream` or `inbound`.
     pub kind: String,
+    /// `ip:port` it listens on.
     pub address: String,
     /// For `upstream`: the service it serves (`namespace/name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,9 +364,11 @@ pub struct ListenerView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VerdictView {
+    /// Whether the connection is allowed.
     pub allowed: bool,
     /// The deciding intention (`source => destination`), or `default policy`.
     pub decided_by: String,
+    /// The deciding intention's ID; `None` for the default policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intention_id: Option<String>,
 }
@@ -299,12 +379,15 @@ pub struct VerdictView {
 pub struct UpstreamView {
     /// `namespace/name`.
     pub service: String,
+    /// Its SPIFFE ID (`spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<name>`).
     pub spiffe_id: String,
     /// The local port of an explicit upstream; `None` for transparent mode only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_port: Option<u16>,
+    /// Its virtual IP, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_ip: Option<String>,
+    /// Its ports.
     pub ports: Vec<u16>,
     /// `ip:port` of each instance's inbound listener.
     pub endpoints: Vec<String>,
@@ -316,9 +399,13 @@ pub struct UpstreamView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InboundIntentionView {
+    /// The intention's ID.
     pub id: String,
+    /// Its source, `namespace/name` (`*` for any).
     pub source: String,
+    /// `allow` or `deny`.
     pub action: String,
+    /// Its precedence (higher is evaluated first).
     pub precedence: u32,
 }
 
@@ -328,327 +415,23 @@ pub struct InboundIntentionView {
 pub struct ProxyView {
     /// `namespace/name`.
     pub pod: String,
+    /// The pod's service identity, `namespace/name`.
     pub service: String,
+    /// Its SPIFFE ID.
     pub spiffe_id: String,
+    /// The pod's address (JSON `podIP`).
     #[serde(rename = "podIP")]
     pub pod_ip: String,
     /// `ebpf` or `iptables`.
     pub mode: String,
     /// Whether the agent serves the pod now.
     pub proxy_ready: bool,
+    /// The proxy's listeners for the pod: outbound, one per explicit upstream, inbound.
     pub listeners: Vec<ListenerView>,
+    /// The services the pod may call: explicit upstreams first, then every other Service with a virtual IP.
     pub upstreams: Vec<UpstreamView>,
     /// Intentions whose destination covers this pod's service, first match first.
     pub inbound_intentions: Vec<InboundIntentionView>,
     /// The verdict when none matches.
     pub default_policy: String,
-}
-
-// ---- text ----------------------------------------------------------------------------------
-
-/// kubectl's `HumanDuration` (k8s.io/apimachinery/pkg/util/duration).
-pub fn human_duration(d: Duration) -> String {
-    let seconds = d.as_secs();
-    if seconds < 60 * 2 {
-        return format!("{seconds}s");
-    }
-    let minutes = seconds / 60;
-    if minutes < 10 {
-        let s = seconds % 60;
-        return if s == 0 {
-            format!("{minutes}m")
-        } else {
-            format!("{minutes}m{s}s")
-        };
-    }
-    if minutes < 60 * 3 {
-        return format!("{minutes}m");
-    }
-    let hours = minutes / 60;
-    if hours < 8 {
-        let m = minutes % 60;
-        return if m == 0 {
-            format!("{hours}h")
-        } else {
-            format!("{hours}h{m}m")
-        };
-    }
-    if hours < 48 {
-        return format!("{hours}h");
-    }
-    if hours < 24 * 8 {
-        let h = hours % 24;
-        return if h == 0 {
-            format!("{}d", hours / 24)
-        } else {
-            format!("{}d{h}h", hours / 24)
-        };
-    }
-    if hours < 24 * 365 * 2 {
-        return format!("{}d", hours / 24);
-    }
-    if hours < 24 * 365 * 8 {
-        let dy = (hours / 24) % 365;
-        return if dy == 0 {
-            format!("{}y", hours / 24 / 365)
-        } else {
-            format!("{}y{dy}d", hours / 24 / 365)
-        };
-    }
-    format!("{}y", hours / 24 / 365)
-}
-
-/// RFC 3339 in UTC, seconds.
-pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// The age of an RFC 3339 timestamp at `now`, as kubectl prints it (`<unknown>` if it does
-/// not parse).
-pub fn age(ts: &str, now: SystemTime) -> String {
-    match humantime::parse_rfc3339(ts) {
-        Ok(t) => human_duration(now.duration_since(t).unwrap_or_default()),
-        Err(_) => "<unknown>".into(),
-    }
-}
-
-/// Columns as kubectl's tabwriter lays them out (minimum width 6, padding 3); the last
-/// column is not padded.
-pub fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            let w = rows
-                .iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0);
-            (w + 3).max(6)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            line.push_str(cell);
-            if c + 1 < r.len() {
-                line.push_str(&" ".repeat(widths[c] - cell.chars().count()));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// `kubectl get pods` (`wide`: IP and NODE too; `all_namespaces`: NAMESPACE first).
-pub fn pods_table(pods: &[PodView], now: SystemTime, wide: bool, all_namespaces: bool) -> String {
-    let mut header: Vec<&str> = Vec::new();
-    if all_namespaces {
-        header.push("NAMESPACE");
-    }
-    header.extend(["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
-    if wide {
-        header.extend(["IP", "NODE", "NOMINATED NODE", "READINESS GATES"]);
-    }
-    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
-    for p in pods {
-        let total = p.status.container_statuses.len();
-        let ready = p
-            .status
-            .container_statuses
-            .iter()
-            .filter(|c| c.ready)
-            .count();
-        let restarts: u32 = p
-            .status
-            .container_statuses
-            .iter()
-            .map(|c| c.restart_count)
-            .sum();
-        let mut row = Vec::new();
-        if all_namespaces {
-            row.push(p.metadata.namespace.clone().unwrap_or_default());
-        }
-        row.push(p.metadata.name.clone());
-        row.push(format!("{ready}/{total}"));
-        row.push(p.status_text());
-        row.push(restarts.to_string());
-        row.push(age(&p.metadata.creation_timestamp, now));
-        if wide {
-            row.push(if p.status.pod_ip.is_empty() {
-                "<none>".into()
-            } else {
-                p.status.pod_ip.clone()
-            });
-            row.push(p.spec.node_name.clone());
-            row.push("<none>".into());
-            row.push("<none>".into());
-        }
-        rows.push(row);
-    }
-    table(&rows)
-}
-
-/// `kubectl get services` (`wide`: SELECTOR too).
-pub fn services_table(
-    services: &[ServiceView],
-    now: SystemTime,
-    wide: bool,
-    all_namespaces: bool,
-) -> String {
-    let mut header: Vec<&str> = Vec::new();
-    if all_namespaces {
-        header.push("NAMESPACE");
-    }
-    header.extend([
-        "NAME",
-        "TYPE",
-        "CLUSTER-IP",
-        "EXTERNAL-IP",
-        "PORT(S)",
-        "AGE",
-    ]);
-    if wide {
-        header.push("SELECTOR");
-    }
-    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
-    for s in services {
-        let mut row = Vec::new();
-        if all_namespaces {
-            row.push(s.metadata.namespace.clone().unwrap_or_default());
-        }
-        row.push(s.metadata.name.clone());
-        row.push(s.spec.kind.clone());
-        row.push(s.spec.cluster_ip.clone());
-        row.push("<none>".into());
-        let ports: Vec<String> = s
-            .spec
-            .ports
-            .iter()
-            .map(|p| format!("{}/{}", p.port, p.protocol))
-            .collect();
-        row.push(if ports.is_empty() {
-            "<none>".into()
-        } else {
-            ports.join(",")
-        });
-        row.push(age(&s.metadata.creation_timestamp, now));
-        if wide {
-            let sel: Vec<String> = s
-                .spec
-                .selector
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            row.push(if sel.is_empty() {
-                "<none>".into()
-            } else {
-                sel.join(",")
-            });
-        }
-        rows.push(row);
-    }
-    table(&rows)
-}
-
-/// `meshctl proxy read` as text.
-pub fn proxy_text(p: &ProxyView) -> String {
-    let mut out = String::new();
-    out += &format!("Pod:       {}\n", p.pod);
-    out += &format!("Service:   {}\n", p.service);
-    out += &format!("Identity:  {}\n", p.spiffe_id);
-    out += &format!("Pod IP:    {}\n", p.pod_ip);
-    out += &format!(
-        "Proxy:     {} ({} mode)\n",
-        if p.proxy_ready { "ready" } else { "not ready" },
-        p.mode
-    );
-    out += "\nListeners:\n";
-    let mut rows = vec![vec!["ADDRESS".to_string(), "KIND".into(), "SERVES".into()]];
-    for l in &p.listeners {
-        let serves = match (&l.upstream, l.kind.as_str()) {
-            (Some(u), _) => u.clone(),
-            (None, "inbound") => format!(
-                "mTLS → app port(s) {}",
-                l.app_ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            (None, _) => "transparent (virtual IPs)".into(),
-        };
-        rows.push(vec![l.address.clone(), l.kind.clone(), serves]);
-    }
-    out += &indent(&table(&rows));
-    out += "\nUpstreams:\n";
-    let mut rows = vec![vec![
-        "SERVICE".to_string(),
-        "LOCAL".into(),
-        "VIRTUAL-IP".into(),
-        "ENDPOINTS".into(),
-        "INTENTION".into(),
-    ]];
-    for u in &p.upstreams {
-        rows.push(vec![
-            u.service.clone(),
-            u.bind_port
-                .map(|b| format!("127.0.0.1:{b}"))
-                .unwrap_or_else(|| "-".into()),
-            match &u.virtual_ip {
-                Some(v) => u
-                    .ports
-                    .iter()
-                    .map(|port| format!("{v}:{port}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
-                None => "-".into(),
-            },
-            if u.endpoints.is_empty() {
-                "<none>".into()
-            } else {
-                u.endpoints.join(",")
-            },
-            verdict_text(&u.intention),
-        ]);
-    }
-    out += &indent(&table(&rows));
-    out += &format!(
-        "\nIntentions with {} as destination (default policy: {}):\n",
-        p.service, p.default_policy
-    );
-    if p.inbound_intentions.is_empty() {
-        out += "  <none>\n";
-    } else {
-        let mut rows = vec![vec![
-            "SOURCE".to_string(),
-            "ACTION".into(),
-            "PRECEDENCE".into(),
-            "ID".into(),
-        ]];
-        for i in &p.inbound_intentions {
-            rows.push(vec![
-                i.source.clone(),
-                i.action.clone(),
-                i.precedence.to_string(),
-                i.id.clone(),
-            ]);
-        }
-        out += &indent(&table(&rows));
-    }
-    out
-}
-
-fn verdict_text(v: &VerdictView) -> String {
-    format!(
-        "{} ({})",
-        if v.allowed { "allow" } else { "deny" },
-        v.decided_by
-    )
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("  {l}\n")).collect()
 }

@@ -1,0 +1,168 @@
+//! `/v1/config*`: `service-intentions` config entries (write with `?cas=`, list, read, delete).
+
+use axum::extract::{Path as UrlPath, RawQuery, State as AxState};
+use axum::response::IntoResponse;
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use hyper::body::Bytes;
+use serde_json::json;
+use tracing::info;
+
+use super::{indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
+use crate::acl::Need;
+use crate::Error;
+use mesh_core::intentions::{
+    ServiceIntentionsEntry, ServiceName, SERVICE_INTENTIONS_KIND, WILDCARD,
+};
+
+/// The routes of this module.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/config", put(put_config))
+        .route("/v1/config/{kind}", get(list_config))
+        .route(
+            "/v1/config/{kind}/{name}",
+            get(get_config).delete(delete_config),
+        )
+}
+
+fn check_kind(kind: &str) -> Result<(), Error> {
+    if kind == SERVICE_INTENTIONS_KIND {
+        Ok(())
+    } else {
+        Err(Error::bad(
+            "kind",
+            format!(
+                "invalid config entry kind: {kind:?}: this agent stores only \
+                 {SERVICE_INTENTIONS_KIND:?} entries"
+            ),
+        ))
+    }
+}
+
+async fn put_config(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult {
+    let params = Params::new(q);
+    let ns = params.namespace(false)?;
+    let cas = params.cas()?;
+    let text = text_body(&body)?;
+    // `?ns=` fills in a namespace the entry does not give, as Consul merges it.
+    let merged;
+    let text = match (ns, serde_json::from_str::<serde_json::Value>(text)) {
+        (Some(ns), Ok(serde_json::Value::Object(mut m)))
+            if ["Namespace", "namespace"]
+                .iter()
+                .all(|k| m.get(*k).and_then(|v| v.as_str()).is_none_or(str::is_empty)) =>
+        {
+            m.remove("namespace");
+            m.insert("Namespace".into(), ns.into());
+            merged = serde_json::Value::Object(m).to_string();
+            merged.as_str()
+        }
+        _ => text,
+    };
+    let entry = ServiceIntentionsEntry::from_json(text)?;
+    let dst = entry.destination.clone();
+    caller.need(Need::WriteIntention(&dst))?;
+    let written = write(&st.store, move |s| {
+        if let Some(cas) = cas {
+            let current = s.rules.entry(&entry.destination).map(|e| e.modify_index);
+            let matches = match current {
+                None => cas == 0,
+                Some(m) => cas == m,
+            };
+            if !matches {
+                return Ok(false);
+            }
+        }
+        s.rules_mut().apply_entry(&entry)?;
+        Ok(true)
+    })
+    .await?;
+    if written {
+        info!(destination = %dst, "service-intentions entry written");
+    }
+    Ok(Json(written).into_response())
+}
+
+async fn list_config(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    UrlPath(kind): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    check_kind(&kind)?;
+    let params = Params::new(q);
+    let ns = params.namespace(true)?;
+    let state = st.store.state();
+    let entries: Vec<_> = state
+        .rules
+        .entries()
+        .into_iter()
+        .filter(|e| ns.is_none_or(|ns| ns == WILDCARD || e.destination.namespace() == ns))
+        .collect();
+    Ok(indexed(state.rules.index(), entries))
+}
+
+fn entry_name(name: &str, params: &Params) -> Result<ServiceName, Error> {
+    let ns = params.namespace(false)?;
+    if name.contains('/') {
+        return Err(Error::bad(
+            "name",
+            format!("name {name:?} is invalid: give the namespace as ?ns="),
+        ));
+    }
+    parse_name(name, ns, "name")
+}
+
+async fn get_config(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    UrlPath((kind, name)): UrlPath<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    check_kind(&kind)?;
+    let dst = entry_name(&name, &Params::new(q))?;
+    let state = st.store.state();
+    let entry = state.rules.entry(&dst).ok_or_else(|| {
+        Error::NotFound(format!("Config entry not found for {kind:?} / {name:?}"))
+    })?;
+    Ok(indexed(state.rules.index(), entry))
+}
+
+async fn delete_config(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    UrlPath((kind, name)): UrlPath<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    check_kind(&kind)?;
+    let params = Params::new(q);
+    let dst = entry_name(&name, &params)?;
+    let cas = params.cas()?;
+    caller.need(Need::WriteIntention(&dst))?;
+    let dst2 = dst.clone();
+    let deleted = write(&st.store, move |s| {
+        if let Some(cas) = cas {
+            if s.rules.entry(&dst2).map(|e| e.modify_index) != Some(cas) {
+                return Ok(false);
+            }
+        }
+        Ok(s.rules_mut().delete_entry(&dst2) > 0)
+    })
+    .await?;
+    if deleted {
+        info!(destination = %dst, "service-intentions entry deleted");
+    }
+    // Consul answers a CAS delete with whether it deleted, a plain one with `{}`.
+    Ok(match cas {
+        Some(_) => Json(json!(deleted)).into_response(),
+        None => Json(json!({})).into_response(),
+    })
+}

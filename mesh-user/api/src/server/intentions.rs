@@ -1,0 +1,350 @@
+//! `/v1/connect/intentions*`: intentions by source and destination (`exact`), by ID (legacy),
+//! `check`, `match` and the per-intention `counters`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path as UrlPath, RawQuery, State as AxState};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use hyper::body::Bytes;
+use serde_json::json;
+use tracing::info;
+
+use super::{indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
+use crate::acl::Need;
+use crate::Error;
+use mesh_core::intentions::{
+    Error as IntentionError, IntentionSpec, MatchType, ServiceName, DEFAULT_NAMESPACE, WILDCARD,
+};
+
+/// The routes of this module.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/connect/intentions",
+            get(list_intentions).post(create_intention),
+        )
+        .route(
+            "/v1/connect/intentions/exact",
+            get(get_exact).put(put_exact).delete(delete_exact),
+        )
+        .route("/v1/connect/intentions/check", get(check))
+        .route("/v1/connect/intentions/match", get(match_intentions))
+        .route("/v1/connect/intentions/counters", get(counters))
+        .route(
+            "/v1/connect/intentions/{id}",
+            get(get_by_id).put(put_by_id).delete(delete_by_id),
+        )
+}
+
+fn intention_not_found() -> Error {
+    Error::NotFound("Intention not found".into())
+}
+
+/// The destination a spec will have once stored, for the permission check; `None` when it
+/// is not valid (the write then fails with the intentions module's message).
+fn spec_destination(spec: &IntentionSpec) -> Option<ServiceName> {
+    let ns = spec
+        .destination_namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE);
+    ServiceName::new(ns, spec.destination_name.clone()).ok()
+}
+
+async fn list_intentions(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    let params = Params::new(q);
+    let ns = params.namespace(true)?;
+    let state = st.store.state();
+    let list: Vec<_> = state
+        .rules
+        .list()
+        .into_iter()
+        .filter(|it| ns.is_none_or(|ns| ns == WILDCARD || it.destination.namespace() == ns))
+        .collect();
+    Ok(indexed(state.rules.index(), list))
+}
+
+async fn create_intention(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult {
+    let params = Params::new(q);
+    let ns = params.namespace(false)?.map(str::to_owned);
+    let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
+    if spec
+        .destination_namespace
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        spec.destination_namespace = ns;
+    }
+    if let Some(dst) = spec_destination(&spec) {
+        caller.need(Need::WriteIntention(&dst))?;
+    } else {
+        caller.need(Need::WriteIntention(&ServiceName::wildcard()))?;
+    }
+    let id = write(&st.store, move |s| {
+        Ok(s.rules_mut().create(&spec, false)?.id.clone())
+    })
+    .await?;
+    info!(%id, "intention created");
+    Ok(Json(json!({ "ID": id })).into_response())
+}
+
+/// `source` and `destination` of an exact request.
+fn exact_names(params: &Params) -> Result<(ServiceName, ServiceName), Error> {
+    let ns = params.namespace(false)?;
+    let src = parse_name(params.required("source")?, ns, "source")?;
+    let dst = parse_name(params.required("destination")?, ns, "destination")?;
+    Ok((src, dst))
+}
+
+async fn get_exact(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    let (src, dst) = exact_names(&Params::new(q))?;
+    let state = st.store.state();
+    let it = state
+        .rules
+        .get_exact(&src, &dst)
+        .ok_or_else(intention_not_found)?;
+    Ok(indexed(state.rules.index(), it))
+}
+
+async fn put_exact(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult {
+    let (src, dst) = exact_names(&Params::new(q))?;
+    caller.need(Need::WriteIntention(&dst))?;
+    let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
+    // The URL names the intention, as in Consul.
+    spec.source_namespace = Some(src.namespace().to_owned());
+    spec.source_name = src.name().to_owned();
+    spec.destination_namespace = Some(dst.namespace().to_owned());
+    spec.destination_name = dst.name().to_owned();
+    let id = write(&st.store, move |s| {
+        Ok(s.rules_mut().create(&spec, true)?.id.clone())
+    })
+    .await?;
+    info!(%id, source = %src, destination = %dst, "intention written");
+    Ok(Json(true).into_response())
+}
+
+async fn delete_exact(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let (src, dst) = exact_names(&Params::new(q))?;
+    caller.need(Need::WriteIntention(&dst))?;
+    let deleted = write(&st.store, move |s| {
+        let Some(id) = s.rules.get_exact(&src, &dst).map(|it| it.id.clone()) else {
+            return Ok(None);
+        };
+        s.rules_mut().delete(&id)?;
+        Ok(Some(id))
+    })
+    .await?;
+    if let Some(id) = deleted {
+        info!(%id, "intention deleted");
+    }
+    Ok(Json(true).into_response())
+}
+
+async fn get_by_id(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    let state = st.store.state();
+    let it = state.rules.get(&id).ok_or_else(intention_not_found)?;
+    Ok(indexed(state.rules.index(), it))
+}
+
+async fn put_by_id(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult {
+    let params = Params::new(q);
+    let ns = params.namespace(false)?.map(str::to_owned);
+    let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
+    if spec
+        .destination_namespace
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        spec.destination_namespace = ns;
+    }
+    let old = st
+        .store
+        .state()
+        .rules
+        .get(&id)
+        .map(|it| it.destination.clone())
+        .ok_or_else(|| IntentionError::NotFound {
+            op: "modify",
+            id: id.clone(),
+        })?;
+    caller.need(Need::WriteIntention(&old))?;
+    if let Some(dst) = spec_destination(&spec) {
+        caller.need(Need::WriteIntention(&dst))?;
+    }
+    let id2 = id.clone();
+    write(&st.store, move |s| {
+        let it = s.rules.get(&id2).map(|it| it.destination.clone());
+        // The destination checked above must still be the one being changed.
+        if it.as_ref() != Some(&old) {
+            return Err(Error::Forbidden(
+                "the intention changed during the request; try again".into(),
+            ));
+        }
+        s.rules_mut().update(&id2, &spec)?;
+        Ok(())
+    })
+    .await?;
+    info!(%id, "intention updated");
+    Ok(Json(json!({ "ID": id })).into_response())
+}
+
+async fn delete_by_id(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult {
+    let dst = st
+        .store
+        .state()
+        .rules
+        .get(&id)
+        .map(|it| it.destination.clone())
+        .ok_or_else(|| IntentionError::NotFound {
+            op: "delete",
+            id: id.clone(),
+        })?;
+    caller.need(Need::WriteIntention(&dst))?;
+    let id2 = id.clone();
+    write(&st.store, move |s| {
+        if s.rules.get(&id2).map(|it| &it.destination) != Some(&dst) {
+            return Err(IntentionError::NotFound {
+                op: "delete",
+                id: id2,
+            }
+            .into());
+        }
+        s.rules_mut().delete(&id2)?;
+        Ok(())
+    })
+    .await?;
+    info!(%id, "intention deleted");
+    Ok(Json(true).into_response())
+}
+
+async fn check(AxState(st): AxState<AppState>, caller: Caller, RawQuery(q): RawQuery) -> ApiResult {
+    caller.need(Need::Read)?;
+    let params = Params::new(q);
+    if let Some(t) = params.optional("source-type")? {
+        if t != "consul" {
+            return Err(Error::bad(
+                "source-type",
+                format!("source-type {t:?} is not supported; only \"consul\""),
+            ));
+        }
+    }
+    let ns = params.namespace(false)?;
+    let src = parse_name(params.required("source")?, ns, "source")?;
+    let dst = parse_name(params.required("destination")?, ns, "destination")?;
+    let state = st.store.state();
+    let decision = state.rules.check(&src, &dst);
+    Ok(indexed(
+        state.rules.index(),
+        json!({ "Allowed": decision.allowed }),
+    ))
+}
+
+async fn match_intentions(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    let params = Params::new(q);
+    let by = match params.all("by").as_slice() {
+        [] => return Err(Error::bad("by", "required query parameter 'by' not set")),
+        ["source"] => MatchType::Source,
+        ["destination"] => MatchType::Destination,
+        _ => {
+            return Err(Error::bad(
+                "by",
+                "'by' parameter must be one of 'source' or 'destination'",
+            ))
+        }
+    };
+    let names = params.all("name");
+    if names.is_empty() {
+        return Err(Error::bad(
+            "name",
+            "required query parameter 'name' not set",
+        ));
+    }
+    let ns = params.namespace(false)?;
+    let parsed = names
+        .iter()
+        .map(|n| parse_name(n, ns, "name").map(|p| (*n, p)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = st.store.state();
+    let out: BTreeMap<&str, Vec<_>> = parsed
+        .iter()
+        .map(|(n, p)| (*n, state.rules.match_by(by, p)))
+        .collect();
+    Ok(indexed(state.rules.index(), out))
+}
+
+async fn counters(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
+    caller.need(Need::Read)?;
+    let state = st.store.state();
+    let counts: std::collections::HashMap<String, (u64, u64)> = st
+        .counters
+        .counters()
+        .into_iter()
+        .map(|c| (c.id, (c.allowed, c.denied)))
+        .collect();
+    let out: Vec<_> = state
+        .rules
+        .list()
+        .into_iter()
+        .map(|it| {
+            let (allowed, denied) = counts.get(&it.id).copied().unwrap_or_default();
+            json!({
+                "ID": it.id,
+                "SourceNS": it.source.namespace(),
+                "SourceName": it.source.name(),
+                "DestinationNS": it.destination.namespace(),
+                "DestinationName": it.destination.name(),
+                "Action": it.action,
+                "Precedence": it.precedence,
+                "Allowed": allowed,
+                "Denied": denied,
+            })
+        })
+        .collect();
+    Ok(indexed(state.rules.index(), out))
+}
