@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use mesh_core::k8s::{DesiredState, Manifest, ParseOptions};
 
 fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
 fn build(dir: &Path) -> Result<DesiredState> {

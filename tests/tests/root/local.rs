@@ -18,7 +18,7 @@ use serde_json::Value;
 const NODE: &str = "lt";
 
 fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
 fn free_port() -> Result<u16> {
