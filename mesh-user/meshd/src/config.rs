@@ -36,6 +36,56 @@ pub const DEFAULT_LOCAL_NODE: &str = "local";
 /// The log filter when `RUST_LOG` is unset.
 pub const DEFAULT_LOG_FILTER: &str = "info";
 
+/// What `meshd local` decides when no intention matches: deny, as a production mesh with ACLs
+/// does (Consul's `acl.default_policy = "deny"` with intentions' default deny).
+pub const DEFAULT_LOCAL_INTENTION_POLICY: &str = "deny";
+/// What `meshd run` decides when no intention matches.
+pub const DEFAULT_RUN_INTENTION_POLICY: &str = "deny";
+
+/// Files that show a state directory has been used by an agent before: the CA and the
+/// interned names the kernel maps are keyed by.
+pub const PRIOR_STATE: &[&str] = &["ca", "names.json", "acl-bootstrap-token"];
+
+/// Refuses to start when the API's state file is missing beside other state: the intentions
+/// and tokens were lost (a deleted or unrestored file), and starting afresh would silently
+/// change every decision. With a default of deny the agent starts (nothing is allowed that
+/// was not before) and says so.
+///
+/// # Errors
+/// When the state file is missing beside prior state and `policy` is allow.
+pub fn check_state_dir(state_dir: &Path, policy: Action) -> Result<()> {
+    let state_file = state_dir.join(mesh_api::STATE_FILE);
+    if state_file.exists() {
+        return Ok(());
+    }
+    let prior: Vec<&str> = PRIOR_STATE
+        .iter()
+        .copied()
+        .filter(|f| state_dir.join(f).exists())
+        .collect();
+    if prior.is_empty() {
+        return Ok(());
+    }
+    if policy == Action::Allow {
+        anyhow::bail!(
+            "{} is missing, but {} holds an agent's earlier state ({}): its intentions and \
+             tokens are lost, and starting with the default policy allow would let every \
+             connection through. Restore the file, start with --default-intention-policy deny, \
+             or remove the directory to start afresh.",
+            state_file.display(),
+            state_dir.display(),
+            prior.join(", ")
+        );
+    }
+    tracing::warn!(
+        file = %state_file.display(),
+        prior = %prior.join(", "),
+        "the API's state file is missing beside earlier state: starting with no intentions \
+         (default deny) and a new bootstrap token"
+    );
+    Ok(())
+}
+
 /// The API's configuration: the state directory, `MESH_HTTP_ADDR` when set (else
 /// `127.0.0.1:8500` and `<state_dir>/api.sock`), and the default intention policy.
 ///
@@ -52,4 +102,26 @@ pub fn api_config(state_dir: &Path, policy: Action) -> Result<mesh_api::ServerCo
     }
     cfg.default_intention_policy = policy;
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_state_file_beside_earlier_state_refuses_allow_and_warns_deny() {
+        let dir = tempfile::tempdir().unwrap();
+        // A fresh directory starts either way.
+        check_state_dir(dir.path(), Action::Allow).unwrap();
+        std::fs::write(dir.path().join("names.json"), "[]").unwrap();
+        let err = check_state_dir(dir.path(), Action::Allow)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api-state.json is missing"), "{err}");
+        assert!(err.contains("names.json"), "{err}");
+        check_state_dir(dir.path(), Action::Deny).unwrap();
+        // With the state file back, allow starts again.
+        std::fs::write(dir.path().join(mesh_api::STATE_FILE), "{}").unwrap();
+        check_state_dir(dir.path(), Action::Allow).unwrap();
+    }
 }

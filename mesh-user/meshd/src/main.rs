@@ -56,8 +56,8 @@ enum Cmd {
         /// auto: eBPF when the kernel supports it, iptables otherwise.
         #[arg(long, default_value = "auto")]
         redirect: Redirect,
-        /// The verdict when no intention matches.
-        #[arg(long, default_value = "deny", value_parser = parse_action)]
+        /// The decision when no intention matches.
+        #[arg(long, default_value = config::DEFAULT_RUN_INTENTION_POLICY, value_parser = parse_action)]
         default_intention_policy: Action,
         /// Keep connect4 redirection but let app⇄proxy bytes take the TCP stack.
         #[arg(long)]
@@ -91,7 +91,8 @@ enum Cmd {
         node: String,
         #[arg(long, default_value = "auto")]
         redirect: Redirect,
-        #[arg(long, default_value = "allow", value_parser = parse_action)]
+        /// The decision when no intention matches.
+        #[arg(long, default_value = config::DEFAULT_LOCAL_INTENTION_POLICY, value_parser = parse_action)]
         default_intention_policy: Action,
         /// Remove everything a previous `meshd local` left (namespaces, cgroups, programs,
         /// pins, hosts files, the applied manifests) and exit.
@@ -279,6 +280,7 @@ async fn start_api(
     tokio::sync::mpsc::UnboundedReceiver<RuleSet>,
 )> {
     std::fs::create_dir_all(state_dir)?;
+    config::check_state_dir(state_dir, policy)?;
     let api_cfg = config::api_config(state_dir, policy)?;
     let (hooks, mut changes) = ApiHooks::new();
     let server = mesh_api::Server::start(

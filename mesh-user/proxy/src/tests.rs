@@ -443,8 +443,16 @@ async fn explicit_upstream_10_mib_each_way_with_half_close() {
         .await;
         let (w, a) = (web.stats(), api.stats());
         let twenty = 20 * MIB as u64;
-        assert_eq!((w.bytes_from_app, w.bytes_to_app), (twenty, twenty), "{w:?}");
-        assert_eq!((a.bytes_to_app, a.bytes_from_app), (twenty, twenty), "{a:?}");
+        assert_eq!(
+            (w.bytes_from_app, w.bytes_to_app),
+            (twenty, twenty),
+            "{w:?}"
+        );
+        assert_eq!(
+            (a.bytes_to_app, a.bytes_from_app),
+            (twenty, twenty),
+            "{a:?}"
+        );
         assert_eq!((w.outbound_connections, w.tls_handshakes), (2, 2));
         assert_eq!((a.inbound_connections, a.tls_handshakes), (2, 2));
         assert_eq!(w.errors + a.errors + w.tls_failures + a.tls_failures, 0);

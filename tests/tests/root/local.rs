@@ -719,6 +719,13 @@ fn a_service_port_reaches_its_target_port_in_both_modes() -> Result<()> {
         mesh.meshctl(&["apply", "-f", dir.path().to_str().context("path")?])?;
         mesh.wait_ready(&["default/api-v1-0", "default/web-0"])?;
         let vip = cluster_ip(&mesh, "default", "api-v1")?;
+        // `meshd local` denies by default: nothing answers until the allow.
+        let out = in_pod("default", "web-0", &["http-get", &format!("{vip}:80")])?;
+        ensure!(
+            !out.contains("Response from API v1"),
+            "{redirect}: denied by default, yet api-v1 answered on port 80: {out}"
+        );
+        mesh.meshctl(&["intention", "create", "-allow", "web", "api-v1"])?;
         let out = in_pod("default", "web-0", &["http-get", &format!("{vip}:80")])?;
         ensure!(
             out.starts_with("HTTP/1.1 200") && out.contains("Response from API v1"),

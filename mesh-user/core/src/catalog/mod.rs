@@ -264,8 +264,14 @@ pub fn pin_name(namespace: &str, name: &str) -> String {
     if plain.len() <= MAX_PIN_NAME && fits(&plain) {
         return plain;
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{namespace}/{name}").as_bytes());
-    let hash: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{namespace}/{name}").as_bytes(),
+    );
+    let hash: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let prefix: String = plain
         .chars()
         .map(|c| if c == '.' { '-' } else { c })
