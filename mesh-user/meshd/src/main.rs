@@ -391,6 +391,11 @@ async fn local(
     // it touches the first one's namespaces.
     let (handle, mut requests) = Handle::new();
     let (server, hooks, rules, mut changes) = start_api(&state_dir, policy, Some(handle)).await?;
+    // A node left by a crash is recreated from scratch (new namespaces and cgroups), so its
+    // pinned links point at dead objects: remove them, or the agent would adopt them and mesh
+    // nothing.
+    mesh_dataplane::bpf::uninstall(&node_name)
+        .with_context(|| format!("removing the stale kernel pins of node {node_name}"))?;
     let node = LocalNode::create(&node_name)?;
     let mut runner = match Runner::new(node, &state_dir, meshd) {
         Ok(r) => r,
