@@ -393,7 +393,8 @@ async fn local(
     let (server, hooks, rules, mut changes) = start_api(&state_dir, policy, Some(handle)).await?;
     // A node left by a crash is recreated from scratch (new namespaces and cgroups), so its
     // pinned links point at dead objects: remove them, or the agent would adopt them and mesh
-    // nothing.
+    // nothing. Its pods' processes go first, so that none runs without its programs.
+    mesh_local::remove_leftovers(&node_name)?;
     mesh_dataplane::bpf::uninstall(&node_name)
         .with_context(|| format!("removing the stale kernel pins of node {node_name}"))?;
     let node = LocalNode::create(&node_name)?;
