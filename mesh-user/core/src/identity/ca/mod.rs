@@ -1,23 +1,33 @@
 //! The mesh certificate authority: an ECDSA P-256 self-signed root, persisted in a state
 //! directory, that signs leaf certificates.
+//!
+//! This module holds the root and the authority (creation, persistence, rotation, issuing);
+//! `cert` builds and reads the X.509 certificates themselves.
 
 use std::fmt;
 use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use rand::RngExt;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::CertificateDer;
 
 use super::leaf::LeafCert;
 use super::spiffe::{self, SpiffeId};
 use super::Error;
+
+mod cert;
+
+#[cfg(test)]
+mod tests;
+
+use cert::{cert_matches_key, random_serial, self_signed_root};
+pub(crate) use cert::{parse_cert, to_offset, uris, validity};
 
 /// How long a new root certificate is valid (10 years, as Consul's default).
 pub const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -372,108 +382,6 @@ impl CertificateAuthority {
     }
 }
 
-fn self_signed_root(trust_domain: &str, key: &KeyPair) -> Result<RootCert, Error> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    let tag: u32 = rand::rng().random();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("Mesh CA Root {tag:08x}"));
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.subject_alt_names = vec![SanType::URI(
-        spiffe::trust_domain_uri(trust_domain).try_into()?,
-    )];
-    params.serial_number = Some(random_serial());
-    let now = SystemTime::now();
-    let not_after = now
-        .checked_add(DEFAULT_ROOT_TTL)
-        .ok_or_else(|| Error::InvalidValidity("root validity out of range".into()))?;
-    params.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(now))?;
-    params.not_after = to_offset(not_after)?;
-    let cert = params.self_signed(key)?;
-    RootCert::from_der(cert.der().clone())
-}
-
-fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill(&mut bytes[..]);
-    // Positive and exactly 16 bytes long.
-    bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    SerialNumber::from_slice(&bytes)
-}
-
-pub(crate) fn to_offset(t: SystemTime) -> Result<time::OffsetDateTime, Error> {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| Error::InvalidValidity("time before 1970".into()))?
-        .as_secs();
-    let secs =
-        i64::try_from(secs).map_err(|_| Error::InvalidValidity("time out of range".into()))?;
-    let t = time::OffsetDateTime::from_unix_timestamp(secs)
-        .map_err(|e| Error::InvalidValidity(e.to_string()))?;
-    if t.year() > 9999 {
-        return Err(Error::InvalidValidity("time after year 9999".into()));
-    }
-    Ok(t)
-}
-
-pub(crate) fn parse_cert<'a>(
-    der: &'a CertificateDer<'_>,
-) -> Result<x509_parser::certificate::X509Certificate<'a>, Error> {
-    let (rest, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| Error::BadCertificate(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(Error::BadCertificate(
-            "trailing data after certificate".into(),
-        ));
-    }
-    Ok(cert)
-}
-
-/// Every URI SAN of `cert`.
-pub(crate) fn uris<'a>(
-    cert: &'a x509_parser::certificate::X509Certificate<'_>,
-) -> Result<Vec<&'a str>, Error> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| Error::BadCertificate(format!("subject alternative names: {e}")))?;
-    Ok(san
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-pub(crate) fn validity(
-    cert: &x509_parser::certificate::X509Certificate<'_>,
-) -> Result<(SystemTime, SystemTime), Error> {
-    let v = cert.validity();
-    let at = |ts: i64| {
-        u64::try_from(ts)
-            .ok()
-            .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
-            .ok_or_else(|| Error::BadCertificate(format!("validity time {ts} out of range")))
-    };
-    Ok((at(v.not_before.timestamp())?, at(v.not_after.timestamp())?))
-}
-
-fn cert_matches_key(der: &CertificateDer<'_>, key: &KeyPair) -> Result<bool, Error> {
-    let cert = parse_cert(der)?;
-    Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
-}
-
 fn parse_root_pem(pem_text: &str) -> Result<RootCert, Error> {
     let p = pem::parse(pem_text).map_err(|e| Error::BadCertificate(format!("PEM: {e}")))?;
     if p.tag() != "CERTIFICATE" {
@@ -526,194 +434,5 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.to_owned(),
         source,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn mode(p: &Path) -> u32 {
-        fs::metadata(p).unwrap().permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn creates_then_reloads_the_same_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("ca");
-        let ca = CertificateAuthority::load_or_create(&state, None).unwrap();
-        let td = ca.trust_domain().to_owned();
-        assert!(td.ends_with(".consul"), "{td}");
-        assert_eq!(mode(&state.join(KEY_FILE)), 0o600);
-        assert_eq!(mode(&state), 0o700);
-        assert!(!state.join(format!(".{KEY_FILE}.tmp")).exists());
-
-        let again = CertificateAuthority::load_or_create(&state, None).unwrap();
-        assert_eq!(again.root(), ca.root());
-        assert_eq!(again.trust_domain(), td);
-        let named = CertificateAuthority::load_or_create(&state, Some(&td)).unwrap();
-        assert_eq!(named.root(), ca.root());
-
-        // A leaf from the reloaded CA chains to the persisted root.
-        let id = SpiffeId::new(&td, "default", "dc1", "web").unwrap();
-        let leaf = again.issue_leaf(&id, Duration::from_secs(3600)).unwrap();
-        let cert = parse_cert(leaf.cert_der()).unwrap();
-        let root = parse_cert(ca.root().der()).unwrap();
-        cert.verify_signature(Some(root.public_key())).unwrap();
-    }
-
-    #[test]
-    fn root_is_a_p256_ca_with_trust_domain_uri() {
-        let ca = CertificateAuthority::ephemeral("example.consul").unwrap();
-        let cert = parse_cert(ca.root().der()).unwrap();
-        assert!(cert.is_ca());
-        assert_eq!(uris(&cert).unwrap(), vec!["spiffe://example.consul"]);
-        assert_eq!(
-            cert.public_key().algorithm.algorithm,
-            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
-        );
-        let curve = cert
-            .public_key()
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok())
-            .unwrap();
-        assert_eq!(curve, x509_parser::oid_registry::OID_EC_P256);
-        let ku = cert.key_usage().unwrap().unwrap().value;
-        assert!(ku.key_cert_sign());
-        assert_eq!(ca.root().trust_domain(), "example.consul");
-        assert_eq!(ca.root().fingerprint().len(), 64);
-        assert!(ca.root().pem().starts_with("-----BEGIN CERTIFICATE-----"));
-    }
-
-    #[test]
-    fn refuses_other_trust_domain_and_open_key_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_create(dir.path(), Some("one.consul")).unwrap();
-        assert_eq!(ca.trust_domain(), "one.consul");
-        match CertificateAuthority::load_or_create(dir.path(), Some("two.consul")) {
-            Err(Error::TrustDomainMismatch { expected, got }) => {
-                assert_eq!(expected, "one.consul");
-                assert_eq!(got, "two.consul");
-            }
-            other => panic!("{other:?}"),
-        }
-        fs::set_permissions(dir.path().join(KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
-        let err = CertificateAuthority::load_or_create(dir.path(), None).unwrap_err();
-        assert!(matches!(err, Error::CaState { .. }), "{err}");
-    }
-
-    #[test]
-    fn garbage_state_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        fs::write(dir.path().join(CERT_FILE), "not a pem").unwrap();
-        assert!(matches!(
-            CertificateAuthority::load_or_create(dir.path(), None),
-            Err(Error::CaState { .. })
-        ));
-        let dir = tempfile::tempdir().unwrap();
-        write_durably(&dir.path().join(KEY_FILE), b"junk", 0o600).unwrap();
-        assert!(matches!(
-            CertificateAuthority::load_or_create(dir.path(), Some("a.consul")),
-            Err(Error::CaState { .. })
-        ));
-    }
-
-    #[test]
-    fn certificate_that_does_not_match_the_key_is_remade_from_the_key() {
-        // As after a crash between the certificate and key renames of a rotation.
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        let other = CertificateAuthority::ephemeral(ca.trust_domain()).unwrap();
-        write_durably(
-            &dir.path().join(CERT_FILE),
-            other.root().pem().as_bytes(),
-            0o644,
-        )
-        .unwrap();
-        let reloaded = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        assert_eq!(reloaded.trust_domain(), ca.trust_domain());
-        assert_ne!(reloaded.root(), other.root());
-        let key =
-            KeyPair::from_pem(&fs::read_to_string(dir.path().join(KEY_FILE)).unwrap()).unwrap();
-        assert!(cert_matches_key(reloaded.root().der(), &key).unwrap());
-        // And it is stable from then on.
-        let third = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        assert_eq!(third.root(), reloaded.root());
-    }
-
-    #[test]
-    fn key_without_certificate_needs_the_trust_domain() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        let td = ca.trust_domain().to_owned();
-        fs::remove_file(dir.path().join(CERT_FILE)).unwrap();
-        assert!(matches!(
-            CertificateAuthority::load_or_create(dir.path(), None),
-            Err(Error::CaState { .. })
-        ));
-        // Given the trust domain, the root is re-made from the same key.
-        let remade = CertificateAuthority::load_or_create(dir.path(), Some(&td)).unwrap();
-        assert_eq!(remade.trust_domain(), td);
-        let key =
-            KeyPair::from_pem(&fs::read_to_string(dir.path().join(KEY_FILE)).unwrap()).unwrap();
-        assert!(cert_matches_key(remade.root().der(), &key).unwrap());
-        assert!(cert_matches_key(ca.root().der(), &key).unwrap());
-    }
-
-    #[test]
-    fn certificate_without_key_is_a_crashed_first_start() {
-        // The certificate is written first; a crash before the key leaves only it behind. The
-        // next start keeps its trust domain and makes a fresh root.
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
-        let again = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        assert_eq!(again.trust_domain(), ca.trust_domain());
-        assert_ne!(again.root(), ca.root());
-        assert_eq!(mode(&dir.path().join(KEY_FILE)), 0o600);
-    }
-
-    #[test]
-    fn rotation_persists_the_new_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        let old = ca.root().clone();
-        let new = ca.rotate().unwrap();
-        assert_ne!(old, new);
-        assert_eq!(ca.root(), &new);
-        assert_eq!(mode(&dir.path().join(KEY_FILE)), 0o600);
-        let reloaded = CertificateAuthority::load_or_create(dir.path(), None).unwrap();
-        assert_eq!(reloaded.root(), &new);
-    }
-
-    #[test]
-    fn leaf_validity_is_checked() {
-        let ca = CertificateAuthority::ephemeral("a.consul").unwrap();
-        let id = SpiffeId::new("a.consul", "default", "dc1", "web").unwrap();
-        let now = SystemTime::now();
-        assert!(matches!(
-            ca.issue_leaf_with_validity(&id, now, now),
-            Err(Error::InvalidValidity(_))
-        ));
-        assert!(matches!(
-            ca.issue_leaf(&id, Duration::ZERO),
-            Err(Error::InvalidValidity(_))
-        ));
-        assert!(matches!(
-            ca.issue_leaf(&id, Duration::MAX),
-            Err(Error::InvalidValidity(_))
-        ));
-        assert!(matches!(
-            ca.issue_leaf(&id, DEFAULT_ROOT_TTL * 2),
-            Err(Error::InvalidValidity(_))
-        ));
-        let other = SpiffeId::new("b.consul", "default", "dc1", "web").unwrap();
-        assert!(matches!(
-            ca.issue_leaf(&other, Duration::from_secs(60)),
-            Err(Error::TrustDomainMismatch { .. })
-        ));
     }
 }

@@ -1,34 +1,37 @@
-//! The agent-wide [`Proxy`], the per-pod [`PodProxy`] handle, listeners and the life of one
-//! connection (admission, dispatch, logging).
+//! The agent-wide [`Proxy`], the per-pod [`PodProxy`] handle and its listeners.
+//!
+//! The life of one connection (admission against the limits, dispatch, its log line) is in
+//! `connection`; re-asking the authorizer about established inbound connections after a rule
+//! change is in `reauthorize`.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::Level;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
 
-use super::copy::Transferred;
 use super::dial::{DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst};
 use super::directory::{Balancer, Directory};
 use super::stats::{PodStats, PodStatsSnapshot};
-use super::{inbound, outbound, Authorizer, Error, LimitScope, ProxyConfig};
+use super::{Authorizer, Error, ProxyConfig};
 use mesh_core::identity::{
     server_config_with, ClientConfigCache, LeafStore, SpiffeId, TrustBundle,
 };
 use mesh_core::intentions::ServiceName;
 
-/// How long to pause accepting after an accept error (e.g. out of file descriptors).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+mod connection;
+mod reauthorize;
+
+use connection::accept_loop;
+pub(crate) use connection::{reset, ConnInfo};
+use reauthorize::InboundRegistry;
 
 /// What a listener handed to [`PodProxy::listen`] serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -438,28 +441,6 @@ impl PodProxy {
         self.pod.app_ports.load().as_ref().clone()
     }
 
-    /// Asks the [`Authorizer`] again about every established inbound connection of the pod (call
-    /// it after a rule change) and closes those it now denies, each with a log line. Returns how
-    /// many it closed; they end (and leave the active count) shortly after.
-    pub fn reauthorize(&self) -> usize {
-        let service = self.pod.id();
-        let authorizer = &self.shared.authorizer;
-        let denied: Vec<(u64, String)> = self
-            .pod
-            .inbound
-            .callers()
-            .into_iter()
-            .filter_map(|(id, caller)| {
-                let decision = authorizer.authorize(&caller, service);
-                (!decision.allowed).then_some((id, decision.reason))
-            })
-            .collect();
-        denied
-            .into_iter()
-            .filter(|(id, reason)| self.pod.inbound.revoke(*id, reason.clone()))
-            .count()
-    }
-
     /// The pod's counters now.
     pub fn stats(&self) -> PodStatsSnapshot {
         self.pod.stats.snapshot()
@@ -497,289 +478,5 @@ impl PodProxy {
 impl Drop for PodProxy {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// The established inbound connections of a pod, by caller, with a channel to close each.
-#[derive(Default)]
-pub(crate) struct InboundRegistry {
-    next: AtomicU64,
-    conns: Mutex<HashMap<u64, (SpiffeId, oneshot::Sender<String>)>>,
-}
-
-impl InboundRegistry {
-    /// Registers a connection from `caller`; the receiver yields a reason when it is revoked.
-    /// The registration ends when the returned guard drops.
-    pub(crate) fn register(
-        &self,
-        caller: SpiffeId,
-    ) -> (Registration<'_>, oneshot::Receiver<String>) {
-        let id = self.next.fetch_add(1, Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.lock().insert(id, (caller, tx));
-        (Registration { registry: self, id }, rx)
-    }
-
-    fn callers(&self) -> Vec<(u64, SpiffeId)> {
-        self.lock()
-            .iter()
-            .map(|(id, (caller, _))| (*id, caller.clone()))
-            .collect()
-    }
-
-    /// Closes connection `id` with `reason`; false if it already ended.
-    fn revoke(&self, id: u64, reason: String) -> bool {
-        match self.lock().remove(&id) {
-            Some((_, tx)) => tx.send(reason).is_ok(),
-            None => false,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (SpiffeId, oneshot::Sender<String>)>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Removes a connection from the [`InboundRegistry`] on drop.
-pub(crate) struct Registration<'a> {
-    registry: &'a InboundRegistry,
-    id: u64,
-}
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
-    }
-}
-
-/// The permits a connection holds while it is open.
-struct Permits {
-    _agent: OwnedSemaphorePermit,
-    _pod: OwnedSemaphorePermit,
-}
-
-fn admit(shared: &Shared, pod: &PodState) -> Result<Permits, LimitScope> {
-    let agent = Arc::clone(&shared.limit)
-        .try_acquire_owned()
-        .map_err(|_| LimitScope::Agent)?;
-    let pod = Arc::clone(&pod.limit)
-        .try_acquire_owned()
-        .map_err(|_| LimitScope::Pod)?;
-    Ok(Permits {
-        _agent: agent,
-        _pod: pod,
-    })
-}
-
-/// Closes a connection with a reset (no lingering state), for refusals before any byte moved.
-pub(crate) fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
-}
-
-async fn accept_loop(
-    shared: Arc<Shared>,
-    pod: Arc<PodState>,
-    kind: Arc<ListenerKind>,
-    listener: TcpListener,
-    local: SocketAddr,
-    mut drain: oneshot::Receiver<()>,
-) {
-    // Dropped with this task, which aborts every connection of the listener.
-    let mut conns = JoinSet::new();
-    // The drain channel is polled until it yields once (a dropped sender comes with an abort).
-    let mut drain_open = true;
-    loop {
-        tokio::select! {
-            signal = &mut drain, if drain_open => {
-                drain_open = false;
-                if signal.is_ok() {
-                    drop(listener);
-                    conns.shutdown().await;
-                    return;
-                }
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match admit(&shared, &pod) {
-                    Ok(permits) => {
-                        conns.spawn(connection(
-                            Arc::clone(&shared),
-                            Arc::clone(&pod),
-                            Arc::clone(&kind),
-                            stream,
-                            peer,
-                            local,
-                            permits,
-                        ));
-                    }
-                    Err(scope) => {
-                        reset(stream);
-                        pod.stats.count_error(&Error::LimitReached(scope));
-                        tracing::warn!(
-                            pod = %pod.name,
-                            direction = kind.direction(),
-                            %peer,
-                            listener = %local,
-                            %scope,
-                            "connection refused: {scope} connection limit reached"
-                        );
-                    }
-                },
-                Err(error) => {
-                    tracing::warn!(pod = %pod.name, listener = %local, %error, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-            Some(joined) = conns.join_next(), if !conns.is_empty() => {
-                if let Err(error) = joined {
-                    if error.is_panic() {
-                        tracing::error!(pod = %pod.name, listener = %local, %error, "connection task panicked");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// What is known about a connection, filled in as it progresses; logged when it ends.
-#[derive(Debug, Default)]
-pub(crate) struct ConnInfo {
-    /// The caller's identity (inbound, after the handshake).
-    pub(crate) caller: Option<SpiffeId>,
-    /// The destination service (outbound) or the pod's service (inbound).
-    pub(crate) service: Option<SpiffeId>,
-    /// The app port requested.
-    pub(crate) port: Option<u16>,
-    /// The explicit upstream of the listener.
-    pub(crate) upstream: Option<ServiceName>,
-    /// The original destination (transparent outbound).
-    pub(crate) original_dst: Option<SocketAddrV4>,
-    /// The endpoint (outbound) or app address (inbound) connected to.
-    pub(crate) target: Option<SocketAddr>,
-    /// Whether the TLS session was resumed.
-    pub(crate) resumed: bool,
-    pub(crate) transferred: Transferred,
-}
-
-/// Shows `-` for `None`.
-struct Opt<'a, T>(&'a Option<T>);
-
-impl<T: fmt::Display> fmt::Display for Opt<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
-}
-
-macro_rules! conn_event {
-    ($level:expr, $pod:expr, $direction:expr, $peer:expr, $info:expr, $started:expr, $reason:expr, $msg:literal) => {
-        tracing::event!(
-            $level,
-            pod = %$pod.name,
-            direction = $direction,
-            peer = %$peer,
-            caller = %Opt(&$info.caller),
-            service = %Opt(&$info.service),
-            port = %Opt(&$info.port),
-            upstream = %Opt(&$info.upstream),
-            original_dst = %Opt(&$info.original_dst),
-            target = %Opt(&$info.target),
-            resumed = $info.resumed,
-            bytes_to_app = $info.transferred.to_app,
-            bytes_from_app = $info.transferred.from_app,
-            ms = u64::try_from($started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            reason = %$reason,
-            $msg
-        )
-    };
-}
-
-async fn connection(
-    shared: Arc<Shared>,
-    pod: Arc<PodState>,
-    kind: Arc<ListenerKind>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    _permits: Permits,
-) {
-    let _active = pod.stats.open();
-    let started = Instant::now();
-    let _ = stream.set_nodelay(true);
-    let mut info = ConnInfo::default();
-    let direction = kind.direction();
-    let result = match &*kind {
-        ListenerKind::Inbound => {
-            PodStats::bump(&pod.stats.inbound);
-            inbound::serve(&shared, &pod, stream, &mut info).await
-        }
-        ListenerKind::Transparent => {
-            PodStats::bump(&pod.stats.outbound);
-            outbound::serve(&shared, &pod, None, stream, local, &mut info).await
-        }
-        ListenerKind::Upstream(upstream) => {
-            PodStats::bump(&pod.stats.outbound);
-            info.upstream = Some(upstream.clone());
-            outbound::serve(&shared, &pod, Some(upstream), stream, local, &mut info).await
-        }
-    };
-    let Err(error) = result else {
-        conn_event!(
-            Level::DEBUG,
-            pod,
-            direction,
-            peer,
-            info,
-            started,
-            "end of stream both ways",
-            "connection closed"
-        );
-        return;
-    };
-    pod.stats.count_error(&error);
-    match error {
-        Error::Denied { .. }
-        | Error::Revoked { .. }
-        | Error::PortNotServed { .. }
-        | Error::BadServerName { .. } => {
-            conn_event!(
-                Level::INFO,
-                pod,
-                direction,
-                peer,
-                info,
-                started,
-                error,
-                "connection denied"
-            );
-        }
-        // Copy errors are resets and truncations after bytes moved; a connect-and-close before
-        // a handshake is a port probe or health check.
-        Error::Idle(_) | Error::Copy(_) | Error::ClosedBeforeHandshake => {
-            conn_event!(
-                Level::DEBUG,
-                pod,
-                direction,
-                peer,
-                info,
-                started,
-                error,
-                "connection closed"
-            );
-        }
-        _ => {
-            conn_event!(
-                Level::WARN,
-                pod,
-                direction,
-                peer,
-                info,
-                started,
-                error,
-                "connection refused"
-            );
-        }
     }
 }

@@ -1,0 +1,356 @@
+//! The set of all intentions, with Consul's operations and the config-entry view.
+//!
+//! This module holds the rule set itself (its indexes, Consul's intention CRUD and the write
+//! bookkeeping); `query` answers the read-side questions (match, check) and `entries` keeps
+//! the `service-intentions` config-entry view and the durable restore.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use super::intention::{precedence, Normalized};
+use super::{Action, Error, Intention, IntentionSpec, Result, ServiceName};
+
+mod entries;
+mod query;
+
+#[cfg(test)]
+mod tests;
+
+pub use entries::EntryIndexes;
+pub use query::{Decision, MatchType, Matched};
+
+/// (source, destination): the identity of an intention.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PairKey {
+    src: ServiceName,
+    dst: ServiceName,
+}
+
+/// Entry-level state for one destination: exists while it has intentions.
+#[derive(Clone, Debug)]
+struct EntryState {
+    meta: BTreeMap<String, String>,
+    create_index: u64,
+    modify_index: u64,
+}
+
+/// Consul's sort for intentions: precedence high to low, then source namespace, source name,
+/// destination namespace, destination name.
+fn precedence_order(a: &Intention, b: &Intention) -> Ordering {
+    b.precedence
+        .cmp(&a.precedence)
+        .then_with(|| a.source.cmp(&b.source))
+        .then_with(|| a.destination.cmp(&b.destination))
+}
+
+/// Every intention known to the agent, with a default policy for connections none matches.
+///
+/// Each write operation either succeeds whole or returns an error and changes nothing; each
+/// successful write advances a write index (like Consul's Raft index) recorded in
+/// `CreateIndex`/`ModifyIndex`.
+#[derive(Clone, Debug)]
+pub struct RuleSet {
+    default_policy: Action,
+    /// destination → source → intention: the intentions themselves.
+    by_dst: HashMap<ServiceName, BTreeMap<ServiceName, Intention>>,
+    /// source → destinations that have an intention from it.
+    by_src: HashMap<ServiceName, BTreeSet<ServiceName>>,
+    /// ID → (source, destination).
+    ids: HashMap<String, PairKey>,
+    count: usize,
+    entries: HashMap<ServiceName, EntryState>,
+    index: u64,
+    next_counter: u32,
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        RuleSet::new()
+    }
+}
+
+impl RuleSet {
+    /// An empty rule set whose default policy is deny (the agent's default).
+    pub fn new() -> Self {
+        RuleSet::with_default_policy(Action::Deny)
+    }
+
+    /// An empty rule set with the given default policy.
+    pub fn with_default_policy(default_policy: Action) -> Self {
+        RuleSet {
+            default_policy,
+            by_dst: HashMap::new(),
+            by_src: HashMap::new(),
+            ids: HashMap::new(),
+            count: 0,
+            entries: HashMap::new(),
+            index: 0,
+            next_counter: 0,
+        }
+    }
+
+    /// What happens to connections no intention matches.
+    pub fn default_policy(&self) -> Action {
+        self.default_policy
+    }
+
+    /// Changes the default policy.
+    pub fn set_default_policy(&mut self, policy: Action) {
+        self.default_policy = policy;
+    }
+
+    /// Number of intentions.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are no intentions.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The index of the last successful write (0 before any).
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Creates an intention. If one already exists for the same source and destination, this
+    /// fails with [`Error::Duplicate`] unless `replace`, in which case that intention
+    /// is updated in place (same ID; as `PUT /v1/connect/intentions/exact` does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] if the spec does not validate, [`Error::Duplicate`] as said,
+    /// [`Error::Exhausted`] when no counter index is left. Nothing changes on error.
+    pub fn create(&mut self, spec: &IntentionSpec, replace: bool) -> Result<&Intention> {
+        let n = spec.normalize()?;
+        let key = PairKey {
+            src: n.source.clone(),
+            dst: n.destination.clone(),
+        };
+        let index = self.index + 1;
+        let now = SystemTime::now();
+        if let Some(existing) = self.lookup_mut(&key) {
+            if !replace {
+                return Err(Error::Duplicate {
+                    existing: existing.to_string(),
+                });
+            }
+            existing.action = n.action;
+            existing.description = n.description;
+            existing.meta = n.meta;
+            existing.updated_at = now;
+            existing.modify_index = index;
+        } else {
+            let counter_index = self.next_counter_index()?;
+            let id = self.fresh_id();
+            self.insert_raw(new_intention(n, id, counter_index, now, index));
+        }
+        self.commit(index, [&key.dst]);
+        self.lookup(&key).ok_or_else(|| not_found("modify", ""))
+    }
+
+    /// Replaces the intention with this ID (source and destination may change). Fails with
+    /// [`Error::NotFound`] for an unknown ID and [`Error::Duplicate`] when
+    /// another intention already has the new source/destination pair.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] and [`Error::Duplicate`] as said, [`Error::Invalid`] if the spec
+    /// does not validate. Nothing changes on error.
+    pub fn update(&mut self, id: &str, spec: &IntentionSpec) -> Result<&Intention> {
+        let old_key = self
+            .ids
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found("modify", id))?;
+        let n = spec.normalize()?;
+        let new_key = PairKey {
+            src: n.source.clone(),
+            dst: n.destination.clone(),
+        };
+        if new_key != old_key {
+            if let Some(other) = self.lookup(&new_key) {
+                return Err(Error::Duplicate {
+                    existing: other.to_string(),
+                });
+            }
+        }
+        let Some(mut it) = self.remove_raw(&old_key) else {
+            return Err(not_found("modify", id));
+        };
+        let index = self.index + 1;
+        it.precedence = precedence(&n.source, &n.destination);
+        it.source = n.source;
+        it.destination = n.destination;
+        it.action = n.action;
+        it.description = n.description;
+        it.meta = n.meta;
+        it.updated_at = SystemTime::now();
+        it.modify_index = index;
+        self.insert_raw(it);
+        self.commit(index, [&old_key.dst, &new_key.dst]);
+        self.lookup(&new_key).ok_or_else(|| not_found("modify", id))
+    }
+
+    /// Deletes the intention with this ID and returns it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] (op `delete`) for an unknown ID.
+    pub fn delete(&mut self, id: &str) -> Result<Intention> {
+        let key = self
+            .ids
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found("delete", id))?;
+        let it = self
+            .remove_raw(&key)
+            .ok_or_else(|| not_found("delete", id))?;
+        let index = self.index + 1;
+        self.commit(index, [&key.dst]);
+        Ok(it)
+    }
+
+    /// The intention with this ID.
+    pub fn get(&self, id: &str) -> Option<&Intention> {
+        self.ids.get(id).and_then(|k| self.lookup(k))
+    }
+
+    /// The intention with exactly this source and destination (wildcards taken literally), as
+    /// `GET /v1/connect/intentions/exact` finds it.
+    pub fn get_exact(&self, source: &ServiceName, destination: &ServiceName) -> Option<&Intention> {
+        self.by_dst.get(destination)?.get(source)
+    }
+
+    /// Every intention, in no particular order: for work that does not
+    /// need precedence order, such as compiling, without the cost of sorting.
+    pub fn iter(&self) -> impl Iterator<Item = &Intention> {
+        self.by_dst.values().flat_map(|m| m.values())
+    }
+
+    /// All intentions, highest precedence first, ties by source namespace, source name,
+    /// destination namespace, destination name.
+    pub fn list(&self) -> Vec<&Intention> {
+        let mut all: Vec<&Intention> = self.by_dst.values().flat_map(|m| m.values()).collect();
+        all.sort_by(|a, b| precedence_order(a, b));
+        all
+    }
+
+    fn next_counter_index(&mut self) -> Result<u32> {
+        if self.next_counter == u32::MAX {
+            return Err(Error::Exhausted {
+                what: "intention counter indexes",
+            });
+        }
+        let c = self.next_counter;
+        self.next_counter += 1;
+        Ok(c)
+    }
+
+    fn fresh_id(&self) -> String {
+        loop {
+            let id = uuid::Uuid::new_v4().to_string();
+            if !self.ids.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn lookup(&self, key: &PairKey) -> Option<&Intention> {
+        self.by_dst.get(&key.dst)?.get(&key.src)
+    }
+
+    fn lookup_mut(&mut self, key: &PairKey) -> Option<&mut Intention> {
+        self.by_dst.get_mut(&key.dst)?.get_mut(&key.src)
+    }
+
+    fn insert_raw(&mut self, it: Intention) {
+        let key = PairKey {
+            src: it.source.clone(),
+            dst: it.destination.clone(),
+        };
+        self.ids.insert(it.id.clone(), key.clone());
+        self.by_src
+            .entry(key.src.clone())
+            .or_default()
+            .insert(key.dst.clone());
+        if self
+            .by_dst
+            .entry(key.dst)
+            .or_default()
+            .insert(key.src, it)
+            .is_none()
+        {
+            self.count += 1;
+        }
+    }
+
+    fn remove_raw(&mut self, key: &PairKey) -> Option<Intention> {
+        let srcs = self.by_dst.get_mut(&key.dst)?;
+        let it = srcs.remove(&key.src)?;
+        if srcs.is_empty() {
+            self.by_dst.remove(&key.dst);
+        }
+        self.count -= 1;
+        self.ids.remove(&it.id);
+        if let Some(dsts) = self.by_src.get_mut(&key.src) {
+            dsts.remove(&key.dst);
+            if dsts.is_empty() {
+                self.by_src.remove(&key.src);
+            }
+        }
+        Some(it)
+    }
+
+    /// Records a successful write at `index` that touched these destinations: their entry
+    /// state is created or advanced, or dropped when no intention to them remains.
+    fn commit<'a>(&mut self, index: u64, touched: impl IntoIterator<Item = &'a ServiceName>) {
+        self.index = index;
+        for dst in touched {
+            if self.by_dst.contains_key(dst) {
+                self.entries
+                    .entry(dst.clone())
+                    .or_insert(EntryState {
+                        meta: BTreeMap::new(),
+                        create_index: index,
+                        modify_index: index,
+                    })
+                    .modify_index = index;
+            } else {
+                self.entries.remove(dst);
+            }
+        }
+    }
+}
+
+fn not_found(op: &'static str, id: &str) -> Error {
+    Error::NotFound {
+        op,
+        id: id.to_owned(),
+    }
+}
+
+fn new_intention(
+    n: Normalized,
+    id: String,
+    counter_index: u32,
+    now: SystemTime,
+    index: u64,
+) -> Intention {
+    Intention {
+        id,
+        precedence: precedence(&n.source, &n.destination),
+        source: n.source,
+        destination: n.destination,
+        action: n.action,
+        description: n.description,
+        meta: n.meta,
+        created_at: now,
+        updated_at: now,
+        create_index: index,
+        modify_index: index,
+        counter_index,
+    }
+}

@@ -1,0 +1,171 @@
+//! Rule-set internals: counter exhaustion and the durable restore.
+
+use super::*;
+use crate::intentions::{ServiceIntentionsEntry, SourceIntention};
+
+fn sn(s: &str) -> ServiceName {
+    ServiceName::parse(s).unwrap()
+}
+
+fn source(s: &str) -> SourceIntention {
+    SourceIntention {
+        source: sn(s),
+        action: Action::Allow,
+        description: String::new(),
+        precedence: 0,
+    }
+}
+
+#[test]
+fn counter_exhaustion_changes_nothing() {
+    let mut rules = RuleSet::new();
+    rules
+        .create(
+            &IntentionSpec::new(&sn("web"), &sn("api"), Action::Deny),
+            false,
+        )
+        .unwrap();
+    rules.next_counter = u32::MAX - 1;
+    let before: Vec<Intention> = rules.list().into_iter().cloned().collect();
+    let index = rules.index();
+
+    // Two new sources need two indexes; only one is left. `web` reuses its own.
+    let entry =
+        ServiceIntentionsEntry::new(sn("api"), vec![source("web"), source("a"), source("b")]);
+    let err = rules.apply_entry(&entry).unwrap_err();
+    assert!(matches!(err, Error::Exhausted { .. }), "{err}");
+    let after: Vec<Intention> = rules.list().into_iter().cloned().collect();
+    assert_eq!(after, before);
+    assert_eq!(rules.index(), index);
+    assert_eq!(rules.next_counter, u32::MAX - 1);
+
+    // One new source fits, and takes the last index.
+    let entry = ServiceIntentionsEntry::new(sn("api"), vec![source("web"), source("a")]);
+    rules.apply_entry(&entry).unwrap();
+    assert_eq!(
+        rules.get_exact(&sn("a"), &sn("api")).unwrap().counter_index,
+        u32::MAX - 1
+    );
+    let err = rules
+        .create(
+            &IntentionSpec::new(&sn("c"), &sn("api"), Action::Deny),
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Exhausted { .. }), "{err}");
+    assert_eq!(rules.len(), 2);
+}
+
+fn saved(rules: &RuleSet) -> (Vec<Intention>, Vec<EntryIndexes>) {
+    (
+        rules.list().into_iter().cloned().collect(),
+        rules.entries().iter().map(EntryIndexes::from).collect(),
+    )
+}
+
+#[test]
+fn restore_gives_back_the_same_rules() {
+    let mut rules = RuleSet::new();
+    rules
+        .create(
+            &IntentionSpec::new(&sn("web"), &sn("api"), Action::Deny),
+            false,
+        )
+        .unwrap();
+    let gone = rules
+        .create(
+            &IntentionSpec::new(&sn("old"), &sn("api"), Action::Deny),
+            false,
+        )
+        .unwrap()
+        .id
+        .clone();
+    rules.delete(&gone).unwrap();
+    let mut entry = ServiceIntentionsEntry::new(sn("ns1/db"), vec![source("ns1/*")]);
+    entry.meta.insert("team".into(), "a".into());
+    rules.apply_entry(&entry).unwrap();
+    let (intentions, entries) = saved(&rules);
+    let back = RuleSet::restore(
+        Action::Allow,
+        rules.index(),
+        rules.counter_watermark(),
+        intentions,
+        entries,
+    )
+    .unwrap();
+    assert_eq!(saved(&back), saved(&rules));
+    assert_eq!(back.index(), rules.index());
+    assert_eq!(back.counter_watermark(), 3);
+    assert_eq!(back.default_policy(), Action::Allow);
+    assert_eq!(back.len(), 2);
+    assert!(!back.check(&sn("web"), &sn("api")).allowed);
+    // The restored set goes on where the saved one stopped.
+    let mut back = back;
+    let it = back
+        .create(
+            &IntentionSpec::new(&sn("x"), &sn("api"), Action::Deny),
+            false,
+        )
+        .unwrap();
+    assert_eq!(it.counter_index, 3);
+    assert_eq!(it.create_index, rules.index() + 1);
+}
+
+#[test]
+fn restore_refuses_damaged_state_naming_the_element() {
+    let mut rules = RuleSet::new();
+    for src in ["a", "b"] {
+        rules
+            .create(
+                &IntentionSpec::new(&sn(src), &sn("api"), Action::Deny),
+                false,
+            )
+            .unwrap();
+    }
+    let (intentions, entries) = saved(&rules);
+    let try_restore = |its: Vec<Intention>, ents: Vec<EntryIndexes>| {
+        RuleSet::restore(Action::Deny, rules.index(), 2, its, ents).unwrap_err()
+    };
+    let mut its = intentions.clone();
+    its[1].id = its[0].id.clone();
+    assert_eq!(
+        try_restore(its, entries.clone()).field(),
+        Some("Intentions[1].ID")
+    );
+    let mut its = intentions.clone();
+    its[0].precedence = 3;
+    assert_eq!(
+        try_restore(its, entries.clone()).field(),
+        Some("Intentions[0].Precedence")
+    );
+    let mut its = intentions.clone();
+    its[1].counter_index = its[0].counter_index;
+    assert_eq!(
+        try_restore(its, entries.clone()).field(),
+        Some("Intentions[1].CounterIndex")
+    );
+    let mut its = intentions.clone();
+    its[0].modify_index = rules.index() + 1;
+    assert_eq!(
+        try_restore(its, entries.clone()).field(),
+        Some("Intentions[0].ModifyIndex")
+    );
+    let mut its = intentions.clone();
+    its[1].source = its[0].source.clone();
+    assert_eq!(
+        try_restore(its, entries.clone()).field(),
+        Some("Intentions[1].SourceName")
+    );
+    assert_eq!(
+        try_restore(intentions.clone(), vec![]).field(),
+        Some("Entries")
+    );
+    let twice = vec![entries[0].clone(), entries[0].clone()];
+    assert_eq!(
+        try_restore(intentions.clone(), twice).field(),
+        Some("Entries[1]")
+    );
+    let mut stray = entries.clone();
+    stray[0].destination = sn("other");
+    assert_eq!(try_restore(intentions, stray).field(), Some("Entries[0]"));
+}

@@ -1,0 +1,254 @@
+//! The life of one connection: admission against the agent's and the pod's limits, the accept
+//! loop, dispatch to inbound or outbound, and the log line when it ends.
+
+use std::fmt;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::task::JoinSet;
+use tracing::Level;
+
+use super::{ListenerKind, PodState, Shared};
+use crate::copy::Transferred;
+use crate::stats::PodStats;
+use crate::{inbound, outbound, Error, LimitScope};
+use mesh_core::identity::SpiffeId;
+use mesh_core::intentions::ServiceName;
+
+/// How long to pause accepting after an accept error (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The permits a connection holds while it is open.
+struct Permits {
+    _agent: OwnedSemaphorePermit,
+    _pod: OwnedSemaphorePermit,
+}
+
+fn admit(shared: &Shared, pod: &PodState) -> Result<Permits, LimitScope> {
+    let agent = Arc::clone(&shared.limit)
+        .try_acquire_owned()
+        .map_err(|_| LimitScope::Agent)?;
+    let pod = Arc::clone(&pod.limit)
+        .try_acquire_owned()
+        .map_err(|_| LimitScope::Pod)?;
+    Ok(Permits {
+        _agent: agent,
+        _pod: pod,
+    })
+}
+
+/// Closes a connection with a reset (no lingering state), for refusals before any byte moved.
+pub(crate) fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+pub(super) async fn accept_loop(
+    shared: Arc<Shared>,
+    pod: Arc<PodState>,
+    kind: Arc<ListenerKind>,
+    listener: TcpListener,
+    local: SocketAddr,
+    mut drain: oneshot::Receiver<()>,
+) {
+    // Dropped with this task, which aborts every connection of the listener.
+    let mut conns = JoinSet::new();
+    // The drain channel is polled until it yields once (a dropped sender comes with an abort).
+    let mut drain_open = true;
+    loop {
+        tokio::select! {
+            signal = &mut drain, if drain_open => {
+                drain_open = false;
+                if signal.is_ok() {
+                    drop(listener);
+                    conns.shutdown().await;
+                    return;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => match admit(&shared, &pod) {
+                    Ok(permits) => {
+                        conns.spawn(connection(
+                            Arc::clone(&shared),
+                            Arc::clone(&pod),
+                            Arc::clone(&kind),
+                            stream,
+                            peer,
+                            local,
+                            permits,
+                        ));
+                    }
+                    Err(scope) => {
+                        reset(stream);
+                        pod.stats.count_error(&Error::LimitReached(scope));
+                        tracing::warn!(
+                            pod = %pod.name,
+                            direction = kind.direction(),
+                            %peer,
+                            listener = %local,
+                            %scope,
+                            "connection refused: {scope} connection limit reached"
+                        );
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(pod = %pod.name, listener = %local, %error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            Some(joined) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(error) = joined {
+                    if error.is_panic() {
+                        tracing::error!(pod = %pod.name, listener = %local, %error, "connection task panicked");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What is known about a connection, filled in as it progresses; logged when it ends.
+#[derive(Debug, Default)]
+pub(crate) struct ConnInfo {
+    /// The caller's identity (inbound, after the handshake).
+    pub(crate) caller: Option<SpiffeId>,
+    /// The destination service (outbound) or the pod's service (inbound).
+    pub(crate) service: Option<SpiffeId>,
+    /// The app port requested.
+    pub(crate) port: Option<u16>,
+    /// The explicit upstream of the listener.
+    pub(crate) upstream: Option<ServiceName>,
+    /// The original destination (transparent outbound).
+    pub(crate) original_dst: Option<SocketAddrV4>,
+    /// The endpoint (outbound) or app address (inbound) connected to.
+    pub(crate) target: Option<SocketAddr>,
+    /// Whether the TLS session was resumed.
+    pub(crate) resumed: bool,
+    pub(crate) transferred: Transferred,
+}
+
+/// Shows `-` for `None`.
+struct Opt<'a, T>(&'a Option<T>);
+
+impl<T: fmt::Display> fmt::Display for Opt<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+macro_rules! conn_event {
+    ($level:expr, $pod:expr, $direction:expr, $peer:expr, $info:expr, $started:expr, $reason:expr, $msg:literal) => {
+        tracing::event!(
+            $level,
+            pod = %$pod.name,
+            direction = $direction,
+            peer = %$peer,
+            caller = %Opt(&$info.caller),
+            service = %Opt(&$info.service),
+            port = %Opt(&$info.port),
+            upstream = %Opt(&$info.upstream),
+            original_dst = %Opt(&$info.original_dst),
+            target = %Opt(&$info.target),
+            resumed = $info.resumed,
+            bytes_to_app = $info.transferred.to_app,
+            bytes_from_app = $info.transferred.from_app,
+            ms = u64::try_from($started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            reason = %$reason,
+            $msg
+        )
+    };
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    pod: Arc<PodState>,
+    kind: Arc<ListenerKind>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    _permits: Permits,
+) {
+    let _active = pod.stats.open();
+    let started = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let mut info = ConnInfo::default();
+    let direction = kind.direction();
+    let result = match &*kind {
+        ListenerKind::Inbound => {
+            PodStats::bump(&pod.stats.inbound);
+            inbound::serve(&shared, &pod, stream, &mut info).await
+        }
+        ListenerKind::Transparent => {
+            PodStats::bump(&pod.stats.outbound);
+            outbound::serve(&shared, &pod, None, stream, local, &mut info).await
+        }
+        ListenerKind::Upstream(upstream) => {
+            PodStats::bump(&pod.stats.outbound);
+            info.upstream = Some(upstream.clone());
+            outbound::serve(&shared, &pod, Some(upstream), stream, local, &mut info).await
+        }
+    };
+    let Err(error) = result else {
+        conn_event!(
+            Level::DEBUG,
+            pod,
+            direction,
+            peer,
+            info,
+            started,
+            "end of stream both ways",
+            "connection closed"
+        );
+        return;
+    };
+    pod.stats.count_error(&error);
+    match error {
+        Error::Denied { .. }
+        | Error::Revoked { .. }
+        | Error::PortNotServed { .. }
+        | Error::BadServerName { .. } => {
+            conn_event!(
+                Level::INFO,
+                pod,
+                direction,
+                peer,
+                info,
+                started,
+                error,
+                "connection denied"
+            );
+        }
+        // Copy errors are resets and truncations after bytes moved; a connect-and-close before
+        // a handshake is a port probe or health check.
+        Error::Idle(_) | Error::Copy(_) | Error::ClosedBeforeHandshake => {
+            conn_event!(
+                Level::DEBUG,
+                pod,
+                direction,
+                peer,
+                info,
+                started,
+                error,
+                "connection closed"
+            );
+        }
+        _ => {
+            conn_event!(
+                Level::WARN,
+                pod,
+                direction,
+                peer,
+                info,
+                started,
+                error,
+                "connection refused"
+            );
+        }
+    }
+}

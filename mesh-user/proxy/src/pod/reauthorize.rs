@@ -1,0 +1,87 @@
+//! Re-asking the authorizer about a pod's established inbound connections after a rule
+//! change, and the registry of those connections that makes it possible.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use super::PodProxy;
+use mesh_core::identity::SpiffeId;
+
+impl PodProxy {
+    /// Asks the [`Authorizer`](crate::Authorizer) again about every established inbound connection
+    /// of the pod (call it after a rule change) and closes those it now denies, each with a log
+    /// line. Returns how many it closed; they end (and leave the active count) shortly after.
+    pub fn reauthorize(&self) -> usize {
+        let service = self.pod.id();
+        let authorizer = &self.shared.authorizer;
+        let denied: Vec<(u64, String)> = self
+            .pod
+            .inbound
+            .callers()
+            .into_iter()
+            .filter_map(|(id, caller)| {
+                let decision = authorizer.authorize(&caller, service);
+                (!decision.allowed).then_some((id, decision.reason))
+            })
+            .collect();
+        denied
+            .into_iter()
+            .filter(|(id, reason)| self.pod.inbound.revoke(*id, reason.clone()))
+            .count()
+    }
+}
+
+/// The established inbound connections of a pod, by caller, with a channel to close each.
+#[derive(Default)]
+pub(crate) struct InboundRegistry {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, (SpiffeId, oneshot::Sender<String>)>>,
+}
+
+impl InboundRegistry {
+    /// Registers a connection from `caller`; the receiver yields a reason when it is revoked.
+    /// The registration ends when the returned guard drops.
+    pub(crate) fn register(
+        &self,
+        caller: SpiffeId,
+    ) -> (Registration<'_>, oneshot::Receiver<String>) {
+        let id = self.next.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(id, (caller, tx));
+        (Registration { registry: self, id }, rx)
+    }
+
+    fn callers(&self) -> Vec<(u64, SpiffeId)> {
+        self.lock()
+            .iter()
+            .map(|(id, (caller, _))| (*id, caller.clone()))
+            .collect()
+    }
+
+    /// Closes connection `id` with `reason`; false if it already ended.
+    fn revoke(&self, id: u64, reason: String) -> bool {
+        match self.lock().remove(&id) {
+            Some((_, tx)) => tx.send(reason).is_ok(),
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (SpiffeId, oneshot::Sender<String>)>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a connection from the [`InboundRegistry`] on drop.
+pub(crate) struct Registration<'a> {
+    registry: &'a InboundRegistry,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
