@@ -62,6 +62,8 @@
 #[cfg(feature = "server")]
 mod acl;
 pub mod client;
+#[cfg(feature = "server")]
+pub mod filter;
 pub mod local;
 #[cfg(feature = "server")]
 mod server;
