@@ -178,7 +178,10 @@ fn select<'v>(sel: &Selector, item: &'v Value) -> Result<Option<&'v Value>, Erro
     let invalid = || Error::Selector(sel.to_string());
     let mut parts = sel.0.iter();
     let first = parts.next().ok_or_else(invalid)?;
-    let mut cur = item.as_object().and_then(|o| o.get(first)).ok_or_else(invalid)?;
+    let mut cur = item
+        .as_object()
+        .and_then(|o| o.get(first))
+        .ok_or_else(invalid)?;
     for part in parts {
         match cur {
             Value::Object(o) => match o.get(part) {
@@ -265,7 +268,9 @@ struct Parser<'a> {
     pos: usize,
 }
 
-const KEYWORDS: [&str; 8] = ["and", "or", "not", "in", "is", "empty", "contains", "matches"];
+const KEYWORDS: [&str; 8] = [
+    "and", "or", "not", "in", "is", "empty", "contains", "matches",
+];
 
 impl Parser<'_> {
     fn err(&self, message: impl Into<String>) -> Error {
@@ -395,7 +400,10 @@ impl Parser<'_> {
             return Err(self.err("expected a selector, found a quoted value"));
         }
         let selector = {
-            let mut p = Parser { s: self.s, pos: start };
+            let mut p = Parser {
+                s: self.s,
+                pos: start,
+            };
             let sel = p.selector()?;
             if p.pos != first_end {
                 return Err(p.err(format!("invalid selector {first:?}")));
@@ -629,7 +637,10 @@ mod tests {
             ["admin"]
         );
         assert_eq!(names("not SourceName == web"), ["admin"]);
-        assert_eq!(names("not (Action == allow or Action == deny)"), Vec::<String>::new());
+        assert_eq!(
+            names("not (Action == allow or Action == deny)"),
+            Vec::<String>::new()
+        );
         assert_eq!(names("SourceNS == ops AND Action == deny"), ["admin"]);
     }
 
