@@ -259,12 +259,24 @@ mod tests {
     #[test]
     fn a_bare_name_is_in_the_requests_namespace() {
         let p = |s: &str, ns: &str| ServiceName::parse_in(s, ns).unwrap();
-        assert_eq!(p("web", "backend"), ServiceName::new("backend", "web").unwrap());
+        assert_eq!(
+            p("web", "backend"),
+            ServiceName::new("backend", "web").unwrap()
+        );
         assert_eq!(p("*", "backend"), ServiceName::new("backend", "*").unwrap());
-        assert_eq!(p("ns1/web", "backend"), ServiceName::new("ns1", "web").unwrap());
-        assert_eq!(p("default/ns1/web", "x"), ServiceName::new("ns1", "web").unwrap());
+        assert_eq!(
+            p("ns1/web", "backend"),
+            ServiceName::new("ns1", "web").unwrap()
+        );
+        assert_eq!(
+            p("default/ns1/web", "x"),
+            ServiceName::new("ns1", "web").unwrap()
+        );
         assert_eq!(p("/ns1/web", "x"), ServiceName::new("ns1", "web").unwrap());
-        assert_eq!(ServiceName::parse("web").unwrap(), p("web", DEFAULT_NAMESPACE));
+        assert_eq!(
+            ServiceName::parse("web").unwrap(),
+            p("web", DEFAULT_NAMESPACE)
+        );
     }
 
     #[test]
