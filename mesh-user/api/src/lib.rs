@@ -126,7 +126,7 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
     /// No token was given.
-    #[error("ACL token required: send it as X-Consul-Token or Authorization: Bearer")]
+    #[error("ACL token required: send it as X-Consul-Token, Authorization: Bearer or ?token=")]
     Unauthenticated,
     /// The token given is not one this server knows (Consul's wording).
     #[error("ACL not found")]

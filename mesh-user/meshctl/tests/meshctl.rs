@@ -786,6 +786,26 @@ async fn the_same_arguments_name_the_same_intention_in_every_verb() {
         "source \"peer:other/web\" is invalid: Peer: peer \"other\" is not served",
     );
     expect(
+        &e.run(&["intention", "list", "-partition", "p3"]).await,
+        1,
+        "",
+        "partition \"p3\" does not exist",
+    );
+    expect(
+        &e.run(&[
+            "intention",
+            "check",
+            "-partition",
+            "default",
+            "ns1/web",
+            "ns1/db",
+        ])
+        .await,
+        0,
+        "Allowed",
+        "",
+    );
+    expect(
         &e.run(&["intention", "get", "web", "p2/ns1/db"]).await,
         1,
         "",
