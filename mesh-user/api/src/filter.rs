@@ -17,9 +17,11 @@
 //! value    = "double-quoted" | `raw` | bare word
 //! ```
 //!
-//! A selector whose first field the objects do not have is an error (Consul checks
-//! selectors against the type it filters); a missing key further in (a `Meta` key) is a
-//! value that equals nothing and is empty.
+//! Selectors are checked against the fields of the type being filtered, as Consul checks
+//! them against its Go type: [`Filter::parse_for`] refuses a selector whose first field the
+//! type does not have, whatever the data. A field the type has but an object leaves out (an
+//! empty `Meta`), or a missing key further in (a `Meta` key), is a value that equals nothing
+//! and is empty.
 
 use std::fmt;
 
@@ -140,11 +142,38 @@ impl Filter {
         Ok(Filter { expr })
     }
 
+    /// Parses an expression for objects with these top-level `fields` (the JSON names of
+    /// the filtered type): a selector that starts with another name is refused.
+    ///
+    /// # Errors
+    /// As [`Filter::parse`], and [`Error::Selector`] for a selector the type does not have.
+    pub fn parse_for(input: &str, fields: &[&str]) -> Result<Filter, Error> {
+        let filter = Filter::parse(input)?;
+        let mut stack = vec![&filter.expr];
+        while let Some(e) = stack.pop() {
+            match e {
+                Expr::Or(a, b) | Expr::And(a, b) => stack.extend([&**a, &**b]),
+                Expr::Not(a) => stack.push(a),
+                Expr::Match(m) => {
+                    if !m
+                        .selector
+                        .0
+                        .first()
+                        .is_some_and(|f| fields.contains(&f.as_str()))
+                    {
+                        return Err(Error::Selector(m.selector.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(filter)
+    }
+
     /// Whether `item` (one object of a list) passes.
     ///
     /// # Errors
-    /// [`Error::Selector`] when a selector names a field `item` does not have;
-    /// [`Error::Operator`] when an operator does not apply to the field's type.
+    /// [`Error::Selector`] when a selector goes into a field that is neither an object nor
+    /// absent; [`Error::Operator`] when an operator does not apply to the field's type.
     pub fn matches(&self, item: &Value) -> Result<bool, Error> {
         eval(&self.expr, item)
     }
@@ -178,10 +207,9 @@ fn select<'v>(sel: &Selector, item: &'v Value) -> Result<Option<&'v Value>, Erro
     let invalid = || Error::Selector(sel.to_string());
     let mut parts = sel.0.iter();
     let first = parts.next().ok_or_else(invalid)?;
-    let mut cur = item
-        .as_object()
-        .and_then(|o| o.get(first))
-        .ok_or_else(invalid)?;
+    let Some(mut cur) = item.as_object().ok_or_else(invalid)?.get(first) else {
+        return Ok(None);
+    };
     for part in parts {
         match cur {
             Value::Object(o) => match o.get(part) {
@@ -663,11 +691,16 @@ mod tests {
         syntax("SourceName matches \"(\"", "invalid regular expression");
         syntax("\"web\" == SourceName", "expected a selector");
         syntax("SourceName is full", "expected \"empty\"");
-        let f = Filter::parse("Nope == x").unwrap();
+        let fields = ["SourceName", "Meta", "Tags", "Description"];
         assert_eq!(
-            f.apply(items()).unwrap_err().to_string(),
+            Filter::parse_for("SourceName == a or (Nope == x)", &fields)
+                .unwrap_err()
+                .to_string(),
             "Selector \"Nope\" is not valid"
         );
+        // A field of the type that an object leaves out is absent, not an error.
+        let f = Filter::parse_for("Description is empty and not Meta.x == y", &fields).unwrap();
+        assert!(f.matches(&json!({"SourceName": "web"})).unwrap());
         let f = Filter::parse("Tags == a").unwrap();
         assert!(f.apply(items()).unwrap_err().to_string().contains("\"==\""));
         let f = Filter::parse("SourceName.x == a").unwrap();

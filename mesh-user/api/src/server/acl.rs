@@ -21,6 +21,26 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/acl/bootstrap", put(bootstrap))
 }
 
+/// The fields of Consul's `ACLTokenListStub` a `?filter=` may select.
+const TOKEN_FIELDS: &[&str] = &[
+    "AccessorID",
+    "SecretID",
+    "Description",
+    "Policies",
+    "Roles",
+    "ServiceIdentities",
+    "NodeIdentities",
+    "TemplatedPolicies",
+    "Local",
+    "AuthMethod",
+    "ExpirationTime",
+    "CreateTime",
+    "Hash",
+    "CreateIndex",
+    "ModifyIndex",
+    "Legacy",
+];
+
 async fn create_token(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> ApiResult {
     caller.need(Need::AclWrite)?;
     let req = TokenRequest::from_json(text_body(&body)?)?;
@@ -31,7 +51,7 @@ async fn create_token(AxState(st): AxState<AppState>, caller: Caller, body: Byte
 
 async fn list_tokens(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
     caller.need(Need::AclRead)?;
-    let filter = params.filter()?;
+    let filter = params.filter(TOKEN_FIELDS)?;
     let state = st.store.state();
     let stubs: Vec<_> = state.tokens.iter().map(Token::stub).collect();
     let stubs = filtered(filter.as_ref(), &stubs)?;

@@ -26,6 +26,20 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
+/// The fields of Consul's `ServiceIntentionsConfigEntry` a `?filter=` may select.
+const ENTRY_FIELDS: &[&str] = &[
+    "Kind",
+    "Name",
+    "Partition",
+    "Namespace",
+    "Sources",
+    "JWT",
+    "Meta",
+    "Hash",
+    "CreateIndex",
+    "ModifyIndex",
+];
+
 fn check_kind(kind: &str) -> Result<(), Error> {
     if kind == SERVICE_INTENTIONS_KIND {
         Ok(())
@@ -97,7 +111,7 @@ async fn list_config(
     caller.need(Need::Read)?;
     check_kind(&kind)?;
     let ns = params.namespace(true)?;
-    let filter = params.filter()?;
+    let filter = params.filter(ENTRY_FIELDS)?;
     let state = st.store.state();
     let entries: Vec<_> = state
         .rules

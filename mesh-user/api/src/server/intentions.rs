@@ -38,6 +38,31 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
+/// The fields of Consul's `Intention` a `?filter=` may select (those this agent returns and
+/// those it leaves out, which are absent).
+const INTENTION_FIELDS: &[&str] = &[
+    "ID",
+    "Description",
+    "SourcePeer",
+    "SourcePartition",
+    "SourceNS",
+    "SourceName",
+    "SourceSamenessGroup",
+    "DestinationPartition",
+    "DestinationNS",
+    "DestinationName",
+    "SourceType",
+    "Action",
+    "Permissions",
+    "Meta",
+    "Precedence",
+    "CreatedAt",
+    "UpdatedAt",
+    "Hash",
+    "CreateIndex",
+    "ModifyIndex",
+];
+
 fn intention_not_found() -> Error {
     Error::NotFound("Intention not found".into())
 }
@@ -60,7 +85,7 @@ async fn list_intentions(
 ) -> ApiResult {
     caller.need(Need::Read)?;
     let ns = params.namespace(true)?;
-    let filter = params.filter()?;
+    let filter = params.filter(INTENTION_FIELDS)?;
     let state = st.store.state();
     let list: Vec<_> = state
         .rules

@@ -512,12 +512,13 @@ impl Params {
         Ok(Some(ns))
     }
 
-    /// `?filter=`: a [`Filter`] expression (go-bexpr), or `None` when absent or empty. A
-    /// 400 naming the problem when it does not parse.
-    fn filter(&self) -> Result<Option<Filter>, Error> {
+    /// `?filter=`: a [`Filter`] expression (go-bexpr) over objects with these top-level
+    /// `fields`, or `None` when absent or empty. A 400 naming the problem when it does not
+    /// parse or selects a field the type does not have.
+    fn filter(&self, fields: &[&str]) -> Result<Option<Filter>, Error> {
         match self.optional("filter")? {
             None | Some("") => Ok(None),
-            Some(f) => Filter::parse(f)
+            Some(f) => Filter::parse_for(f, fields)
                 .map(Some)
                 .map_err(|e| Error::bad("filter", e.to_string())),
         }

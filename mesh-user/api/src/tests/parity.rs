@@ -415,6 +415,26 @@ async fn list_endpoints_take_consul_filter_expressions() {
     assert_eq!(tokens.as_array().unwrap().len(), 1);
     assert!(tokens[0].get("SecretID").is_none());
 
+    // A field of the type that an entry leaves out (an empty Meta) is absent, not an error.
+    let entries = h
+        .ok(
+            "GET",
+            &f("/v1/config/service-intentions", "Meta.team == web"),
+            None,
+        )
+        .await;
+    assert_eq!(entries, json!([]));
+    // A selector the type does not have is refused even when nothing would be filtered.
+    let (status, v) = h
+        .call(
+            Some(&h.root),
+            "GET",
+            &format!("{}&ns=empty", f("/v1/connect/intentions", "Bogus == 1")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+
     // Bad expressions: 400 naming the problem.
     for (expr, want) in [
         (
