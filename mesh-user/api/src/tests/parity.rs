@@ -174,6 +174,19 @@ async fn a_bare_source_is_in_the_requests_namespace_not_the_destinations() {
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["SourceNS"], "backend");
 
+    // authorize reads the header for its Target as well.
+    let (status, v) = with_headers(
+        &h,
+        "POST",
+        "/v1/agent/connect/authorize",
+        &[("X-Consul-Token", &h.root), ("X-Consul-Namespace", "backend")],
+        Some(json!({"Target": "api-v1",
+                    "ClientCertURI": "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/backend/dc/dc1/svc/web"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["Authorized"], true, "{v}");
+
     // The legacy update by ID fills an empty SourceNS the same way.
     h.ok(
         "PUT",
