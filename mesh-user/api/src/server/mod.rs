@@ -382,6 +382,11 @@ fn presented_token(query: Option<&str>, headers: &HeaderMap) -> Result<String, E
         .find(|(k, v)| k == "token" && !v.trim().is_empty())
         .map(|(_, v)| v.trim().to_owned());
     if let Some(t) = from_query {
+        // As Consul does; the URL is not logged (it holds the secret).
+        warn!(
+            "a request used the ?token= query parameter, which Consul deprecates; \
+             send X-Consul-Token or Authorization: Bearer instead"
+        );
         return Ok(t);
     }
     if let Some(v) = headers.get("X-Consul-Token") {
