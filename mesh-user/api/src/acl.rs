@@ -29,8 +29,8 @@ pub enum Policy {
     /// Read intentions, entries, checks, counters (`read-only`, alias Consul's
     /// `builtin/global-read-only`).
     ReadOnly,
-    /// Read, and write the intentions and `service-intentions` entries whose destination the
-    /// pattern covers (`intention-write:api`, `intention-write:ns/*`, `intention-write:*/*`).
+    /// Read and write the intentions and `service-intentions` entries whose destination the
+    /// pattern covers (lists show it only those) (`intention-write:api`, `intention-write:ns/*`, `intention-write:*/*`).
     /// A bare name means namespace `default`.
     IntentionWrite(ServiceName),
 }
@@ -96,6 +96,8 @@ impl fmt::Display for Policy {
 pub(crate) enum Need<'a> {
     /// Reading intentions, entries, checks, counters.
     Read,
+    /// Reading the intentions (or the entry) of this destination.
+    ReadIntention(&'a ServiceName),
     /// Writing intentions to this destination.
     WriteIntention(&'a ServiceName),
     /// Reading tokens.
@@ -160,6 +162,7 @@ impl Token {
         let operator = self.policies.contains(&Policy::Operator);
         let ok = match need {
             Need::Read => !self.policies.is_empty(),
+            Need::ReadIntention(dst) => self.may_read(dst),
             Need::WriteIntention(dst) => {
                 operator
                     || self.policies.iter().any(|p| match p {
@@ -174,6 +177,7 @@ impl Token {
         }
         let (permission, resource) = match need {
             Need::Read => ("intentions:read", "\"*/*\"".to_owned()),
+            Need::ReadIntention(dst) => ("intentions:read", format!("{:?}", dst.to_string())),
             Need::WriteIntention(dst) => ("intentions:write", format!("{:?}", dst.to_string())),
             Need::AclRead => ("acl:read", "\"tokens\"".to_owned()),
             Need::AclWrite => ("acl:write", "\"tokens\"".to_owned()),
@@ -183,6 +187,17 @@ impl Token {
             accessor: self.accessor_id.clone(),
             permission,
             resource,
+        })
+    }
+
+    /// Whether the token may read the intentions whose destination is `dst`, as Consul's
+    /// `intentions = "read"` on the destination: operators and `read-only` read every one,
+    /// `intention-write:<pattern>` those whose destination the pattern covers. Lists show a
+    /// token only these.
+    pub(crate) fn may_read(&self, dst: &ServiceName) -> bool {
+        self.policies.iter().any(|p| match p {
+            Policy::Operator | Policy::ReadOnly => true,
+            Policy::IntentionWrite(pattern) => pattern.matches(dst),
         })
     }
 

@@ -30,15 +30,28 @@
 //! | GET | `/v1/local/pods/<ns>/<name>/proxy` | `meshd local`: a pod's identity, listeners, upstreams, intentions |
 //! | GET | `/v1/local/forward?namespace=&target=&port=` | `meshd local`: where to port-forward (operator) |
 //!
-//! `?ns=` gives the namespace of names written without one, as in Consul Enterprise.
+//! `?ns=` (or the `X-Consul-Namespace` header) gives the namespace of names written without
+//! one, as in Consul Enterprise: a bare `source`, `destination` or `name` is in that
+//! namespace (else `default`), and so is an empty `SourceNS`/`DestinationNS` of a single
+//! intention; only a `service-intentions` entry's sources inherit the entry's namespace. Names
+//! may also be written `partition/ns/name` for partition `default`; another partition
+//! (`?partition=`, `X-Consul-Partition`, or in a name) and `peer:` names are refused with a
+//! 400 naming them: this agent serves one partition and has no cluster peers.
+//!
+//! The list endpoints (`/v1/connect/intentions`, `/v1/config/service-intentions`,
+//! `/v1/acl/tokens`) take Consul's `?filter=` expressions ([`filter`]); one that does not
+//! parse or apply is a 400 naming the problem.
 //!
 //! # ACL
 //!
-//! Every endpoint but `/v1/acl/bootstrap` needs a token (`X-Consul-Token` or
-//! `Authorization: Bearer`): none is 401, an unknown one or one without the right is 403, with
+//! Every endpoint but `/v1/acl/bootstrap` needs a token, read as Consul's `agent/http.go`
+//! reads it: the deprecated `?token=` query parameter first, then `X-Consul-Token`, then
+//! `Authorization: Bearer`. None is 401, an unknown one or one without the right is 403, with
 //! a JSON body `{"Error": …}`. A token holds [policies](Policy): `operator` (everything),
-//! `read-only`, and `intention-write:<destination pattern>` (read, and write intentions and
-//! entries whose destination the pattern covers). On first start the store makes an operator
+//! `read-only`, and `intention-write:<destination pattern>` (read and write the intentions and
+//! entries whose destination the pattern covers). Reads are filtered as Consul filters them:
+//! lists, `match` and `counters` show a token only the intentions and entries whose
+//! destination it may read, and reading one it may not is a 403. On first start the store makes an operator
 //! token, the *bootstrap token*: [`Server::bootstrap_token`] returns it that once, and it is
 //! saved in the state file and in `<state dir>/acl-bootstrap-token` (both mode 0600).
 //!
@@ -62,6 +75,8 @@
 #[cfg(feature = "server")]
 mod acl;
 pub mod client;
+#[cfg(feature = "server")]
+pub mod filter;
 pub mod local;
 #[cfg(feature = "server")]
 mod server;
@@ -111,7 +126,7 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
     /// No token was given.
-    #[error("ACL token required: send it as X-Consul-Token or Authorization: Bearer")]
+    #[error("ACL token required: send it as X-Consul-Token, Authorization: Bearer or ?token=")]
     Unauthenticated,
     /// The token given is not one this server knows (Consul's wording).
     #[error("ACL not found")]

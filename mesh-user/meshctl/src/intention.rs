@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use mesh_core::intentions::{ServiceName, DEFAULT_NAMESPACE};
 use serde_json::{json, Value};
 
 use super::format::{columnize, field, json_body, rfc850};
@@ -62,13 +63,38 @@ pub(crate) enum IntentionCmd {
     },
 }
 
-/// `ns/name` → (ns, name); a bare name has no namespace (the agent fills it in).
-fn split_target(s: &str) -> Result<(String, String), String> {
-    match s.split_once('/') {
-        None => Ok((String::new(), s.to_owned())),
-        Some((_, name)) if name.contains('/') => Err("target can contain at most one '/'".into()),
-        Some((ns, name)) => Ok((ns.to_owned(), name.to_owned())),
+/// A `create` argument split as Consul's `ParseIntentionTarget` splits it.
+struct Target {
+    partition: String,
+    namespace: String,
+    name: String,
+}
+
+/// `name`, `ns/name` or `partition/ns/name`. A bare name has no namespace: the agent puts it
+/// in the request's namespace (`-namespace`, else `default`) with the same rule
+/// ([`ServiceName::parse_in`]) it reads `get`, `check`, `delete` and `-replace` arguments
+/// with, so the same arguments always name the same intention. `peer:` names and more than
+/// two `/` are refused with that parser's message; a partition other than `default` is
+/// refused by the agent, naming it.
+fn split_target(s: &str) -> Result<Target, String> {
+    if s.starts_with("peer:") || s.matches('/').count() > 2 {
+        return Err(match ServiceName::parse_in(s, DEFAULT_NAMESPACE) {
+            Err(e) => e.to_string(),
+            Ok(_) => format!("{s:?} is not a service name"),
+        });
     }
+    let parts: Vec<&str> = s.split('/').collect();
+    let (partition, namespace, name) = match parts.as_slice() {
+        [name] => ("", "", *name),
+        [ns, name] => ("", *ns, *name),
+        [partition, ns, name] => (*partition, *ns, *name),
+        _ => unreachable!("at most two '/' checked above"),
+    };
+    Ok(Target {
+        partition: partition.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
 }
 
 /// Consul's short form: the name alone in namespace `default`, `ns/name` otherwise.
@@ -108,11 +134,11 @@ pub(crate) async fn intention(ctx: &Ctx, cmd: IntentionCmd) -> ExitCode {
             let [src, dst] = args.as_slice() else {
                 return fail("Error: Must specify two arguments: source and destination");
             };
-            let (src_ns, src_name) = match split_target(src) {
+            let source = match split_target(src) {
                 Ok(p) => p,
                 Err(e) => return fail(format!("Error: Invalid intention source: {e}")),
             };
-            let (dst_ns, dst_name) = match split_target(dst) {
+            let destination = match split_target(dst) {
                 Ok(p) => p,
                 Err(e) => return fail(format!("Error: Invalid intention destination: {e}")),
             };
@@ -127,8 +153,8 @@ pub(crate) async fn intention(ctx: &Ctx, cmd: IntentionCmd) -> ExitCode {
             }
             let shown = format!(
                 "{} => {} ({action})",
-                part_string(&src_ns, &src_name),
-                part_string(&dst_ns, &dst_name)
+                part_string(&source.namespace, &source.name),
+                part_string(&destination.namespace, &destination.name)
             );
             let result = if replace {
                 let body = json!({
@@ -149,16 +175,24 @@ pub(crate) async fn intention(ctx: &Ctx, cmd: IntentionCmd) -> ExitCode {
                         )
                     })
             } else {
-                let body = json!({
-                    "SourceNS": src_ns,
-                    "SourceName": src_name,
-                    "DestinationNS": dst_ns,
-                    "DestinationName": dst_name,
+                let mut body = json!({
+                    "SourceNS": source.namespace,
+                    "SourceName": source.name,
+                    "DestinationNS": destination.namespace,
+                    "DestinationName": destination.name,
                     "SourceType": "consul",
                     "Action": action,
                     "Description": description.unwrap_or_default(),
                     "Meta": meta_map,
                 });
+                for (key, value) in [
+                    ("SourcePartition", source.partition),
+                    ("DestinationPartition", destination.partition),
+                ] {
+                    if !value.is_empty() {
+                        body[key] = value.into();
+                    }
+                }
                 ctx.call(
                     "POST",
                     &ctx.url("/v1/connect/intentions", &[]),

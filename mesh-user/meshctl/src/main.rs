@@ -23,7 +23,8 @@
 //! Flags take one dash or two (`-allow`, `--allow`, `-http-addr=...`). The agent is found
 //! with `-http-addr` or `MESH_HTTP_ADDR` (`127.0.0.1:8500`, `http://host:port`,
 //! `unix:///path/api.sock`); the token with `-token`, `-token-file`, `MESH_HTTP_TOKEN` or
-//! `MESH_HTTP_TOKEN_FILE`, in that order.
+//! `MESH_HTTP_TOKEN_FILE`, in that order. `-partition` other than `default` is refused: the
+//! agent serves one admin partition.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -34,6 +35,7 @@ use mesh_api::{
     Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV,
     HTTP_TOKEN_FILE_ENV,
 };
+use mesh_core::intentions::DEFAULT_PARTITION;
 
 mod acl;
 mod config;
@@ -64,6 +66,9 @@ struct HttpFlags {
     /// The namespace of names given without one
     #[arg(short = 'n', long, global = true, value_name = "NS")]
     namespace: Option<String>,
+    /// The admin partition: only "default" is served (Consul's -partition)
+    #[arg(long, global = true, value_name = "PARTITION")]
+    partition: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -188,6 +193,16 @@ impl Ctx {
                 (None, None) => None,
             },
         };
+        if let Some(p) = flags
+            .partition
+            .as_deref()
+            .filter(|p| !p.is_empty() && *p != DEFAULT_PARTITION)
+        {
+            return Err(format!(
+                "Error: partition {p:?} does not exist; this agent serves only partition \
+                 {DEFAULT_PARTITION:?}"
+            ));
+        }
         Ok(Ctx {
             client: Client::new(address, token),
             ns: flags.namespace.clone().filter(|s| !s.is_empty()),

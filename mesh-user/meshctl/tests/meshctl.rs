@@ -610,3 +610,205 @@ async fn tokens_addresses_and_errors() {
     expect(&e.run(&["intention", "-help"]).await, 0, "check", "");
     assert!(Path::new(&e.dir.path().join("api-state.json")).exists());
 }
+
+/// The same arguments name the same intention for every verb: a bare name is in the
+/// request's namespace (`-namespace`, else `default`), never the other argument's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_arguments_name_the_same_intention_in_every_verb() {
+    let e = start().await;
+    expect(
+        &e.run(&["intention", "create", "-allow", "web", "backend/api-v1"])
+            .await,
+        0,
+        "Created: web => backend/api-v1 (allow)",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "get", "web", "backend/api-v1"]).await,
+        0,
+        "Source:       web\nDestination:  backend/api-v1\nAction:       allow",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "check", "web", "backend/api-v1"])
+            .await,
+        0,
+        "Allowed",
+        "",
+    );
+    // backend/web is another service: no rule, denied.
+    expect(
+        &e.run(&["intention", "check", "backend/web", "backend/api-v1"])
+            .await,
+        2,
+        "Denied",
+        "",
+    );
+    // -replace replaces that intention rather than adding a second one.
+    expect(
+        &e.run(&[
+            "intention",
+            "create",
+            "-replace",
+            "-deny",
+            "web",
+            "backend/api-v1",
+        ])
+        .await,
+        0,
+        "Created: web => backend/api-v1 (deny)",
+        "",
+    );
+    let r = e.run(&["intention", "list"]).await;
+    expect(&r, 0, "", "");
+    assert_eq!(r.stdout.lines().count(), 2, "{}", r.stdout);
+    assert!(r.stdout.contains("deny"), "{}", r.stdout);
+    expect(
+        &e.run(&["intention", "match", "-source", "web"]).await,
+        0,
+        "web => backend/api-v1 (deny)",
+        "",
+    );
+
+    // With -namespace the bare names are in that namespace, for every verb.
+    expect(
+        &e.run(&[
+            "intention",
+            "create",
+            "-namespace",
+            "backend",
+            "-allow",
+            "web",
+            "api-v1",
+        ])
+        .await,
+        0,
+        "Created: web => api-v1 (allow)",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "get", "-namespace", "backend", "web", "api-v1"])
+            .await,
+        0,
+        "Source:       backend/web\nDestination:  backend/api-v1\nAction:       allow",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "check", "backend/web", "backend/api-v1"])
+            .await,
+        0,
+        "Allowed",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "check", "web", "backend/api-v1"])
+            .await,
+        2,
+        "Denied",
+        "",
+    );
+    // delete takes the same arguments; the other intention stays.
+    expect(
+        &e.run(&["intention", "delete", "web", "backend/api-v1"])
+            .await,
+        0,
+        "Intention deleted.",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "get", "web", "backend/api-v1"]).await,
+        1,
+        "",
+        "404",
+    );
+    expect(
+        &e.run(&["intention", "get", "backend/web", "backend/api-v1"])
+            .await,
+        0,
+        "Source:       backend/web",
+        "",
+    );
+    expect(
+        &e.run(&[
+            "intention",
+            "delete",
+            "-namespace",
+            "backend",
+            "web",
+            "api-v1",
+        ])
+        .await,
+        0,
+        "Intention deleted.",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "list"]).await,
+        2,
+        "",
+        "There are no intentions.",
+    );
+
+    // partition/ns/name for partition default; another partition and peers are refused,
+    // naming them.
+    expect(
+        &e.run(&["intention", "create", "default/ns1/web", "default/ns1/db"])
+            .await,
+        0,
+        "Created: ns1/web => ns1/db (allow)",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "check", "ns1/web", "ns1/db"]).await,
+        0,
+        "Allowed",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "create", "p1/ns1/web", "ns1/db"])
+            .await,
+        1,
+        "",
+        "partition \"p1\" does not exist",
+    );
+    expect(
+        &e.run(&["intention", "create", "peer:other/web", "ns1/db"])
+            .await,
+        1,
+        "",
+        "Error: Invalid intention source: Peer: peer \"other\" is not served",
+    );
+    expect(
+        &e.run(&["intention", "check", "peer:other/web", "ns1/db"])
+            .await,
+        1,
+        "",
+        "source \"peer:other/web\" is invalid: Peer: peer \"other\" is not served",
+    );
+    expect(
+        &e.run(&["intention", "list", "-partition", "p3"]).await,
+        1,
+        "",
+        "partition \"p3\" does not exist",
+    );
+    expect(
+        &e.run(&[
+            "intention",
+            "check",
+            "-partition",
+            "default",
+            "ns1/web",
+            "ns1/db",
+        ])
+        .await,
+        0,
+        "Allowed",
+        "",
+    );
+    expect(
+        &e.run(&["intention", "get", "web", "p2/ns1/db"]).await,
+        1,
+        "",
+        "destination \"p2/ns1/db\" is invalid: Partition: partition \"p2\" does not exist",
+    );
+}

@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use hyper::body::Bytes;
 use tracing::info;
 
-use super::{indexed, text_body, write, ApiResult, AppState, Caller};
+use super::{filtered, indexed, text_body, write, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::{Error, Token, TokenRequest};
 
@@ -21,6 +21,26 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/acl/bootstrap", put(bootstrap))
 }
 
+/// The fields of Consul's `ACLTokenListStub` a `?filter=` may select.
+const TOKEN_FIELDS: &[&str] = &[
+    "AccessorID",
+    "SecretID",
+    "Description",
+    "Policies",
+    "Roles",
+    "ServiceIdentities",
+    "NodeIdentities",
+    "TemplatedPolicies",
+    "Local",
+    "AuthMethod",
+    "ExpirationTime",
+    "CreateTime",
+    "Hash",
+    "CreateIndex",
+    "ModifyIndex",
+    "Legacy",
+];
+
 async fn create_token(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> ApiResult {
     caller.need(Need::AclWrite)?;
     let req = TokenRequest::from_json(text_body(&body)?)?;
@@ -29,10 +49,12 @@ async fn create_token(AxState(st): AxState<AppState>, caller: Caller, body: Byte
     Ok(Json(token.full()).into_response())
 }
 
-async fn list_tokens(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
+async fn list_tokens(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
     caller.need(Need::AclRead)?;
+    let filter = params.filter(TOKEN_FIELDS)?;
     let state = st.store.state();
     let stubs: Vec<_> = state.tokens.iter().map(Token::stub).collect();
+    let stubs = filtered(filter.as_ref(), &stubs)?;
     Ok(indexed(state.acl_index, stubs))
 }
 

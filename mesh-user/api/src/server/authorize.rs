@@ -1,6 +1,6 @@
 //! `/v1/agent/connect/authorize`: may a client certificate's service connect to a target.
 
-use axum::extract::{RawQuery, State as AxState};
+use axum::extract::State as AxState;
 use axum::routing::post;
 use axum::Router;
 use hyper::body::Bytes;
@@ -36,11 +36,10 @@ struct AuthorizeRequest {
 async fn authorize(
     AxState(st): AxState<AppState>,
     caller: Caller,
-    RawQuery(q): RawQuery,
+    params: Params,
     body: Bytes,
 ) -> ApiResult {
     caller.need(Need::Read)?;
-    let params = Params::new(q);
     let ns_param = params.namespace(false)?.map(str::to_owned);
     let req: AuthorizeRequest = decode_json(text_body(&body)?)?;
     let target = req.target.unwrap_or_default();

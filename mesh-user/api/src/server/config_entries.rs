@@ -1,6 +1,6 @@
 //! `/v1/config*`: `service-intentions` config entries (write with `?cas=`, list, read, delete).
 
-use axum::extract::{Path as UrlPath, RawQuery, State as AxState};
+use axum::extract::{Path as UrlPath, State as AxState};
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -8,7 +8,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 use tracing::info;
 
-use super::{indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
+use super::{filtered, indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::Error;
 use mesh_core::intentions::{
@@ -25,6 +25,20 @@ pub(super) fn routes() -> Router<AppState> {
             get(get_config).delete(delete_config),
         )
 }
+
+/// The fields of Consul's `ServiceIntentionsConfigEntry` a `?filter=` may select.
+const ENTRY_FIELDS: &[&str] = &[
+    "Kind",
+    "Name",
+    "Partition",
+    "Namespace",
+    "Sources",
+    "JWT",
+    "Meta",
+    "Hash",
+    "CreateIndex",
+    "ModifyIndex",
+];
 
 fn check_kind(kind: &str) -> Result<(), Error> {
     if kind == SERVICE_INTENTIONS_KIND {
@@ -43,10 +57,9 @@ fn check_kind(kind: &str) -> Result<(), Error> {
 async fn put_config(
     AxState(st): AxState<AppState>,
     caller: Caller,
-    RawQuery(q): RawQuery,
+    params: Params,
     body: Bytes,
 ) -> ApiResult {
-    let params = Params::new(q);
     let ns = params.namespace(false)?;
     let cas = params.cas()?;
     let text = text_body(&body)?;
@@ -93,19 +106,21 @@ async fn list_config(
     AxState(st): AxState<AppState>,
     caller: Caller,
     UrlPath(kind): UrlPath<String>,
-    RawQuery(q): RawQuery,
+    params: Params,
 ) -> ApiResult {
     caller.need(Need::Read)?;
     check_kind(&kind)?;
-    let params = Params::new(q);
     let ns = params.namespace(true)?;
+    let filter = params.filter(ENTRY_FIELDS)?;
     let state = st.store.state();
     let entries: Vec<_> = state
         .rules
         .entries()
         .into_iter()
         .filter(|e| ns.is_none_or(|ns| ns == WILDCARD || e.destination.namespace() == ns))
+        .filter(|e| caller.0.may_read(&e.destination))
         .collect();
+    let entries = filtered(filter.as_ref(), &entries)?;
     Ok(indexed(state.rules.index(), entries))
 }
 
@@ -124,11 +139,12 @@ async fn get_config(
     AxState(st): AxState<AppState>,
     caller: Caller,
     UrlPath((kind, name)): UrlPath<(String, String)>,
-    RawQuery(q): RawQuery,
+    params: Params,
 ) -> ApiResult {
     caller.need(Need::Read)?;
     check_kind(&kind)?;
-    let dst = entry_name(&name, &Params::new(q))?;
+    let dst = entry_name(&name, &params)?;
+    caller.need(Need::ReadIntention(&dst))?;
     let state = st.store.state();
     let entry = state.rules.entry(&dst).ok_or_else(|| {
         Error::NotFound(format!("Config entry not found for {kind:?} / {name:?}"))
@@ -140,10 +156,9 @@ async fn delete_config(
     AxState(st): AxState<AppState>,
     caller: Caller,
     UrlPath((kind, name)): UrlPath<(String, String)>,
-    RawQuery(q): RawQuery,
+    params: Params,
 ) -> ApiResult {
     check_kind(&kind)?;
-    let params = Params::new(q);
     let dst = entry_name(&name, &params)?;
     let cas = params.cas()?;
     caller.need(Need::WriteIntention(&dst))?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path as UrlPath, RawQuery, State as AxState};
+use axum::extract::{Path as UrlPath, State as AxState};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -11,7 +11,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 use tracing::info;
 
-use super::{indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
+use super::{filtered, indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::Error;
 use mesh_core::intentions::{
@@ -38,6 +38,31 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
+/// The fields of Consul's `Intention` a `?filter=` may select (those this agent returns and
+/// those it leaves out, which are absent).
+const INTENTION_FIELDS: &[&str] = &[
+    "ID",
+    "Description",
+    "SourcePeer",
+    "SourcePartition",
+    "SourceNS",
+    "SourceName",
+    "SourceSamenessGroup",
+    "DestinationPartition",
+    "DestinationNS",
+    "DestinationName",
+    "SourceType",
+    "Action",
+    "Permissions",
+    "Meta",
+    "Precedence",
+    "CreatedAt",
+    "UpdatedAt",
+    "Hash",
+    "CreateIndex",
+    "ModifyIndex",
+];
+
 fn intention_not_found() -> Error {
     Error::NotFound("Intention not found".into())
 }
@@ -56,37 +81,31 @@ fn spec_destination(spec: &IntentionSpec) -> Option<ServiceName> {
 async fn list_intentions(
     AxState(st): AxState<AppState>,
     caller: Caller,
-    RawQuery(q): RawQuery,
+    params: Params,
 ) -> ApiResult {
     caller.need(Need::Read)?;
-    let params = Params::new(q);
     let ns = params.namespace(true)?;
+    let filter = params.filter(INTENTION_FIELDS)?;
     let state = st.store.state();
     let list: Vec<_> = state
         .rules
         .list()
         .into_iter()
         .filter(|it| ns.is_none_or(|ns| ns == WILDCARD || it.destination.namespace() == ns))
+        .filter(|it| caller.0.may_read(&it.destination))
         .collect();
+    let list = filtered(filter.as_ref(), &list)?;
     Ok(indexed(state.rules.index(), list))
 }
 
 async fn create_intention(
     AxState(st): AxState<AppState>,
     caller: Caller,
-    RawQuery(q): RawQuery,
+    params: Params,
     body: Bytes,
 ) -> ApiResult {
-    let params = Params::new(q);
-    let ns = params.namespace(false)?.map(str::to_owned);
     let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
-    if spec
-        .destination_namespace
-        .as_deref()
-        .is_none_or(str::is_empty)
-    {
-        spec.destination_namespace = ns;
-    }
+    fill_namespaces(&mut spec, params.namespace(false)?);
     if let Some(dst) = spec_destination(&spec) {
         caller.need(Need::WriteIntention(&dst))?;
     } else {
@@ -100,6 +119,19 @@ async fn create_intention(
     Ok(Json(json!({ "ID": id })).into_response())
 }
 
+/// Consul's `FillPartitionAndNamespace` for a single intention: an empty `SourceNS` or
+/// `DestinationNS` is the request's namespace (`?ns=`, `X-Consul-Namespace`, else
+/// `default`). A source never inherits the destination's namespace here; only a
+/// `service-intentions` entry's sources do.
+fn fill_namespaces(spec: &mut IntentionSpec, ns: Option<&str>) {
+    let ns = ns.unwrap_or(DEFAULT_NAMESPACE);
+    for field in [&mut spec.source_namespace, &mut spec.destination_namespace] {
+        if field.as_deref().is_none_or(str::is_empty) {
+            *field = Some(ns.to_owned());
+        }
+    }
+}
+
 /// `source` and `destination` of an exact request.
 fn exact_names(params: &Params) -> Result<(ServiceName, ServiceName), Error> {
     let ns = params.namespace(false)?;
@@ -108,14 +140,11 @@ fn exact_names(params: &Params) -> Result<(ServiceName, ServiceName), Error> {
     Ok((src, dst))
 }
 
-async fn get_exact(
-    AxState(st): AxState<AppState>,
-    caller: Caller,
-    RawQuery(q): RawQuery,
-) -> ApiResult {
+async fn get_exact(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
     caller.need(Need::Read)?;
-    let (src, dst) = exact_names(&Params::new(q))?;
+    let (src, dst) = exact_names(&params)?;
     let state = st.store.state();
+    caller.need(Need::ReadIntention(&dst))?;
     let it = state
         .rules
         .get_exact(&src, &dst)
@@ -126,10 +155,10 @@ async fn get_exact(
 async fn put_exact(
     AxState(st): AxState<AppState>,
     caller: Caller,
-    RawQuery(q): RawQuery,
+    params: Params,
     body: Bytes,
 ) -> ApiResult {
-    let (src, dst) = exact_names(&Params::new(q))?;
+    let (src, dst) = exact_names(&params)?;
     caller.need(Need::WriteIntention(&dst))?;
     let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
     // The URL names the intention, as in Consul.
@@ -145,12 +174,8 @@ async fn put_exact(
     Ok(Json(true).into_response())
 }
 
-async fn delete_exact(
-    AxState(st): AxState<AppState>,
-    caller: Caller,
-    RawQuery(q): RawQuery,
-) -> ApiResult {
-    let (src, dst) = exact_names(&Params::new(q))?;
+async fn delete_exact(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
+    let (src, dst) = exact_names(&params)?;
     caller.need(Need::WriteIntention(&dst))?;
     let deleted = write(&st.store, move |s| {
         let Some(id) = s.rules.get_exact(&src, &dst).map(|it| it.id.clone()) else {
@@ -174,6 +199,7 @@ async fn get_by_id(
     caller.need(Need::Read)?;
     let state = st.store.state();
     let it = state.rules.get(&id).ok_or_else(intention_not_found)?;
+    caller.need(Need::ReadIntention(&it.destination))?;
     Ok(indexed(state.rules.index(), it))
 }
 
@@ -181,19 +207,11 @@ async fn put_by_id(
     AxState(st): AxState<AppState>,
     caller: Caller,
     UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
+    params: Params,
     body: Bytes,
 ) -> ApiResult {
-    let params = Params::new(q);
-    let ns = params.namespace(false)?.map(str::to_owned);
     let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
-    if spec
-        .destination_namespace
-        .as_deref()
-        .is_none_or(str::is_empty)
-    {
-        spec.destination_namespace = ns;
-    }
+    fill_namespaces(&mut spec, params.namespace(false)?);
     let old = st
         .store
         .state()
@@ -258,9 +276,8 @@ async fn delete_by_id(
     Ok(Json(true).into_response())
 }
 
-async fn check(AxState(st): AxState<AppState>, caller: Caller, RawQuery(q): RawQuery) -> ApiResult {
+async fn check(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
     caller.need(Need::Read)?;
-    let params = Params::new(q);
     if let Some(t) = params.optional("source-type")? {
         if t != "consul" {
             return Err(Error::bad(
@@ -283,10 +300,9 @@ async fn check(AxState(st): AxState<AppState>, caller: Caller, RawQuery(q): RawQ
 async fn match_intentions(
     AxState(st): AxState<AppState>,
     caller: Caller,
-    RawQuery(q): RawQuery,
+    params: Params,
 ) -> ApiResult {
     caller.need(Need::Read)?;
-    let params = Params::new(q);
     let by = match params.all("by").as_slice() {
         [] => return Err(Error::bad("by", "required query parameter 'by' not set")),
         ["source"] => MatchType::Source,
@@ -313,7 +329,11 @@ async fn match_intentions(
     let state = st.store.state();
     let out: BTreeMap<&str, Vec<_>> = parsed
         .iter()
-        .map(|(n, p)| (*n, state.rules.match_by(by, p)))
+        .map(|(n, p)| {
+            let mut found = state.rules.match_by(by, p);
+            found.retain(|it| caller.0.may_read(&it.destination));
+            (*n, found)
+        })
         .collect();
     Ok(indexed(state.rules.index(), out))
 }
@@ -331,6 +351,7 @@ async fn counters(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
         .rules
         .list()
         .into_iter()
+        .filter(|it| caller.0.may_read(&it.destination))
         .map(|it| {
             let (allowed, denied) = counts.get(&it.id).copied().unwrap_or_default();
             json!({

@@ -34,11 +34,14 @@ mod local;
 
 use crate::acl::{find_token, Need};
 use crate::client::HTTP_ADDR_ENV;
+use crate::filter::Filter;
 use crate::store::{State, Store};
 use crate::{
     Address, CountersSource, Error, NoCounters, NoSink, SharedCounters, SharedSink, Token,
 };
-use mesh_core::intentions::{Action, RuleSet, ServiceName, DEFAULT_NAMESPACE, WILDCARD};
+use mesh_core::intentions::{
+    Action, RuleSet, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD,
+};
 
 /// The Unix socket in the state directory.
 pub const SOCKET_FILE: &str = "api.sock";
@@ -354,7 +357,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        let presented = presented_token(&parts.headers)?;
+        let presented = presented_token(parts.uri.query(), &parts.headers)?;
         let st = state.store.state();
         find_token(&st.tokens, &presented)
             .cloned()
@@ -370,9 +373,22 @@ impl Caller {
     }
 }
 
-/// The token sent as `X-Consul-Token` or `Authorization: Bearer`. Empty counts as none; a
-/// value that is not text is a token no one has.
-fn presented_token(headers: &HeaderMap) -> Result<String, Error> {
+/// The token a request presents, as Consul's `agent/http.go` reads it: the `?token=` query
+/// parameter (deprecated, still accepted) first, then `X-Consul-Token`, then
+/// `Authorization: Bearer`. Empty counts as none; a value that is not text, or an
+/// `Authorization` header of another scheme, is a token no one has.
+fn presented_token(query: Option<&str>, headers: &HeaderMap) -> Result<String, Error> {
+    let from_query = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, v)| k == "token" && !v.trim().is_empty())
+        .map(|(_, v)| v.trim().to_owned());
+    if let Some(t) = from_query {
+        // As Consul does; the URL is not logged (it holds the secret).
+        warn!(
+            "a request used the ?token= query parameter, which Consul deprecates; \
+             send X-Consul-Token or Authorization: Bearer instead"
+        );
+        return Ok(t);
+    }
     if let Some(v) = headers.get("X-Consul-Token") {
         let v = v.to_str().map_err(|_| Error::UnknownToken)?.trim();
         if !v.is_empty() {
@@ -392,22 +408,62 @@ fn presented_token(headers: &HeaderMap) -> Result<String, Error> {
     Err(Error::Unauthenticated)
 }
 
-/// The query string's pairs, decoded.
-struct Params(Vec<(String, String)>);
+/// The query string's pairs, decoded, and the request's namespace header
+/// (`X-Consul-Namespace`). As an extractor it refuses a partition other than `default`
+/// (`?partition=` or `X-Consul-Partition`): this agent serves one partition.
+struct Params {
+    pairs: Vec<(String, String)>,
+    header_ns: Option<String>,
+}
+
+impl FromRequestParts<AppState> for Params {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Error> {
+        let header = |name: &str| -> Result<Option<String>, Error> {
+            match parts.headers.get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_str()
+                    .map(|v| Some(v.trim().to_owned()).filter(|v| !v.is_empty()))
+                    .map_err(|_| Error::bad(name, format!("Invalid header: {name:?}: not text"))),
+            }
+        };
+        let mut params = Params::new(parts.uri.query().map(str::to_owned));
+        params.header_ns = header("X-Consul-Namespace")?;
+        let partition = match params.optional("partition")? {
+            Some(p) if !p.is_empty() => Some(("partition", p.to_owned())),
+            _ => header("X-Consul-Partition")?.map(|p| ("X-Consul-Partition", p)),
+        };
+        if let Some((source, p)) = partition {
+            if p != DEFAULT_PARTITION {
+                return Err(Error::bad(
+                    source,
+                    format!(
+                        "{source}: partition {p:?} does not exist; this agent serves only \
+                         partition {DEFAULT_PARTITION:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(params)
+    }
+}
 
 impl Params {
-    /// The pairs of a raw query string (none when there is none).
+    /// The pairs of a raw query string (none when there is none), no header.
     fn new(raw: Option<String>) -> Self {
-        Params(
-            form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        Params {
+            pairs: form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
                 .into_owned()
                 .collect(),
-        )
+            header_ns: None,
+        }
     }
 
     /// Every value given for `key`, in order.
     fn all(&self, key: &str) -> Vec<&str> {
-        self.0
+        self.pairs
             .iter()
             .filter(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
@@ -437,25 +493,40 @@ impl Params {
         }
     }
 
-    /// `?ns=`: the namespace of names given without one. `*` only where `wildcard`.
+    /// The request's namespace, for names given without one: `?ns=`, else the
+    /// `X-Consul-Namespace` header (as Consul reads them), else `None` (`default`). `*` only
+    /// where `wildcard`.
     fn namespace(&self, wildcard: bool) -> Result<Option<&str>, Error> {
-        let Some(ns) = self.optional("ns")? else {
-            return Ok(None);
+        let (key, ns) = match self.optional("ns")? {
+            Some(ns) if !ns.is_empty() => ("ns", ns),
+            _ => match self.header_ns.as_deref() {
+                Some(ns) => ("X-Consul-Namespace", ns),
+                None => return Ok(None),
+            },
         };
-        if ns.is_empty() {
-            return Ok(None);
-        }
         if ns == WILDCARD && !wildcard {
             return Err(Error::bad(
-                "ns",
-                "ns: the wildcard namespace \"*\" cannot be used here",
+                key,
+                format!("{key}: the wildcard namespace \"*\" cannot be used here"),
             ));
         }
         if ns != WILDCARD {
             ServiceName::new(ns, "x")
-                .map_err(|e| Error::bad("ns", format!("ns {ns:?} is invalid: {e}")))?;
+                .map_err(|e| Error::bad(key, format!("{key} {ns:?} is invalid: {e}")))?;
         }
         Ok(Some(ns))
+    }
+
+    /// `?filter=`: a [`Filter`] expression (go-bexpr) over objects with these top-level
+    /// `fields`, or `None` when absent or empty. A 400 naming the problem when it does not
+    /// parse or selects a field the type does not have.
+    fn filter(&self, fields: &[&str]) -> Result<Option<Filter>, Error> {
+        match self.optional("filter")? {
+            None | Some("") => Ok(None),
+            Some(f) => Filter::parse_for(f, fields)
+                .map(Some)
+                .map_err(|e| Error::bad("filter", e.to_string())),
+        }
     }
 
     /// `?cas=`: an index for check-and-set.
@@ -472,15 +543,32 @@ impl Params {
     }
 }
 
-/// Parses `name`, `ns/name`, `*`, `ns/*` or `*/*`; a bare name is in namespace `ns` (or
-/// `default`). `param` names the parameter in errors, as Consul does.
+/// Parses a single intention's source or destination with the one parser,
+/// [`ServiceName::parse_in`]: a bare name is in the request's namespace `ns` (or `default`).
+/// `param` names the parameter in errors, as Consul does (`source "x" is invalid: …`).
 fn parse_name(input: &str, ns: Option<&str>, param: &str) -> Result<ServiceName, Error> {
-    let parsed = if input.contains('/') {
-        ServiceName::parse(input)
-    } else {
-        ServiceName::new(ns.unwrap_or(DEFAULT_NAMESPACE), input)
+    ServiceName::parse_in(input, ns.unwrap_or(DEFAULT_NAMESPACE))
+        .map_err(|e| Error::bad(param, format!("{param} {input:?} is invalid: {e}")))
+}
+
+/// The JSON of `items`, without those `filter` rejects (a 400 naming the problem when the
+/// expression does not apply to them, e.g. a selector they do not have).
+fn filtered<T: Serialize>(
+    filter: Option<&Filter>,
+    items: &[T],
+) -> Result<serde_json::Value, Error> {
+    let values = items
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let values = match filter {
+        None => values,
+        Some(f) => f
+            .apply(values)
+            .map_err(|e| Error::bad("filter", e.to_string()))?,
     };
-    parsed.map_err(|e| Error::bad(param, format!("{param} {input:?} is invalid: {e}")))
+    Ok(serde_json::Value::Array(values))
 }
 
 /// The body as text: a 400 when it is not UTF-8.

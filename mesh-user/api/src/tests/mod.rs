@@ -15,6 +15,7 @@ mod acl;
 mod config_entries;
 mod intentions;
 mod local;
+mod parity;
 mod serving;
 
 struct Harness {

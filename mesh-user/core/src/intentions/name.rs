@@ -11,6 +11,8 @@ pub const WILDCARD: &str = "*";
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// The only admin partition this agent serves.
 pub const DEFAULT_PARTITION: &str = "default";
+/// The prefix of Consul's cluster-peer names (`peer:NAME/svc`), which this agent refuses.
+const PEER_PREFIX: &str = "peer:";
 
 /// A service (or service pattern) as intentions name it: a namespace and a name, each either
 /// exact or the wildcard `*`.
@@ -51,9 +53,44 @@ impl ServiceName {
     ///
     /// [`Error::Invalid`], as [`ServiceName::new`] on the two parts.
     pub fn parse(input: &str) -> Result<Self> {
-        match input.split_once('/') {
-            None => ServiceName::new(DEFAULT_NAMESPACE, input),
-            Some((ns, name)) => ServiceName::new(ns, name),
+        ServiceName::parse_in(input, DEFAULT_NAMESPACE)
+    }
+
+    /// The one parser of a single intention's source or destination as a request names it
+    /// (CLI arguments, `source`/`destination`/`name` query parameters, ACL patterns): `svc`
+    /// and `*` are in `namespace` (the request's: `-namespace`, `?ns=`, `X-Consul-Namespace`,
+    /// else `default`); `ns/svc`, `ns/*` and `*/*` name theirs; `partition/ns/svc` is
+    /// accepted for partition `default` (or empty) only. Only a `service-intentions` config
+    /// entry's sources inherit another namespace (the entry's), and they do not come here.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`]: a `peer:` name (field `Peer`; this agent has no cluster peers), a
+    /// partition other than `default` (field `Partition`), more than two `/` (field `Name`),
+    /// and what [`ServiceName::new`] refuses in the two parts.
+    pub fn parse_in(input: &str, namespace: &str) -> Result<Self> {
+        if let Some(rest) = input.strip_prefix(PEER_PREFIX) {
+            let peer = rest.split('/').next().unwrap_or_default();
+            return Err(Error::invalid(
+                "Peer",
+                format!(
+                    "Peer: peer {peer:?} is not served: this agent has no cluster peers \
+                     (name the service as ns/name or partition/ns/name)"
+                ),
+            ));
+        }
+        let parts: Vec<&str> = input.split('/').collect();
+        match parts.as_slice() {
+            [name] => ServiceName::new(namespace, *name),
+            [ns, name] => ServiceName::new(*ns, *name),
+            [partition, ns, name] => {
+                validate_partition(Some(partition), "Partition")?;
+                ServiceName::new(*ns, *name)
+            }
+            _ => Err(Error::invalid(
+                "Name",
+                format!("Name: input can contain at most two '/': {input:?}"),
+            )),
         }
     }
 
@@ -206,7 +243,10 @@ mod tests {
             ("", "Name", "Name is required"),
             ("ns/", "Name", "Name is required"),
             ("/web", "Namespace", "Namespace is required"),
-            ("a/b/c", "Name", "'/' is not allowed"),
+            ("a/b/c", "Partition", "partition \"a\" does not exist"),
+            ("a/b/c/d", "Name", "at most two '/'"),
+            ("peer:other/web", "Peer", "peer \"other\" is not served"),
+            ("default/n*/web", "Namespace", "partial values"),
         ];
         for (input, field, msg) in cases {
             let err = ServiceName::parse(input).unwrap_err();
@@ -214,6 +254,29 @@ mod tests {
             assert!(err.to_string().contains(msg), "{input}: {err}");
             assert!(err.to_string().contains(field), "{input}: {err}");
         }
+    }
+
+    #[test]
+    fn a_bare_name_is_in_the_requests_namespace() {
+        let p = |s: &str, ns: &str| ServiceName::parse_in(s, ns).unwrap();
+        assert_eq!(
+            p("web", "backend"),
+            ServiceName::new("backend", "web").unwrap()
+        );
+        assert_eq!(p("*", "backend"), ServiceName::new("backend", "*").unwrap());
+        assert_eq!(
+            p("ns1/web", "backend"),
+            ServiceName::new("ns1", "web").unwrap()
+        );
+        assert_eq!(
+            p("default/ns1/web", "x"),
+            ServiceName::new("ns1", "web").unwrap()
+        );
+        assert_eq!(p("/ns1/web", "x"), ServiceName::new("ns1", "web").unwrap());
+        assert_eq!(
+            ServiceName::parse("web").unwrap(),
+            p("web", DEFAULT_NAMESPACE)
+        );
     }
 
     #[test]
