@@ -10,7 +10,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::name::{validate_partition, validate_wildcards};
-use super::{decode, Error, Result, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
+use super::{decode, Error, Result, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION};
 
 /// Consul's limits on opaque values (`metaKeyMaxLength`, `metaValueMaxLength`,
 /// `metaMaxKeyPairs`).
@@ -181,11 +181,11 @@ impl IntentionSpec {
             ));
         }
         let dst_ns = non_empty(self.destination_namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE);
-        let src_ns = non_empty(self.source_namespace.as_deref()).unwrap_or(if dst_ns == WILDCARD {
-            DEFAULT_NAMESPACE
-        } else {
-            dst_ns
-        });
+        // A single intention's bare source is in the request's namespace, which the API fills
+        // in before it gets here (Consul's `FillPartitionAndNamespace`); without one it is the
+        // default namespace, never the destination's. Only a `service-intentions` config
+        // entry's sources inherit the entry's namespace (see `ServiceIntentionsEntry`).
+        let src_ns = non_empty(self.source_namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE);
         validate_wildcards(src_ns, &self.source_name, "SourceNS", "SourceName")?;
         validate_wildcards(
             dst_ns,
@@ -408,14 +408,15 @@ mod tests {
     }
 
     #[test]
-    fn normalize_inherits_destination_namespace() {
+    fn normalize_puts_a_bare_source_in_the_default_namespace_never_the_destinations() {
         let mut spec = IntentionSpec::new(&sn("web"), &sn("ns2/api"), Action::Allow);
         spec.source_namespace = None;
         let n = spec.normalize().unwrap();
-        assert_eq!(n.source, sn("ns2/web"));
+        assert_eq!(n.source, sn("default/web"));
+        assert_eq!(n.destination, sn("ns2/api"));
         spec.source_namespace = Some(String::new());
-        assert_eq!(spec.normalize().unwrap().source, sn("ns2/web"));
-        // A wildcard destination namespace is not inherited.
+        assert_eq!(spec.normalize().unwrap().source, sn("default/web"));
+        // Nor a wildcard destination namespace.
         let mut spec = IntentionSpec::new(&sn("web"), &sn("*/*"), Action::Deny);
         spec.source_namespace = None;
         assert_eq!(spec.normalize().unwrap().source, sn("default/web"));
