@@ -30,12 +30,11 @@ pub use mesh_core::k8s::applied;
 #[cfg(test)]
 mod tests;
 
-
 use mesh_dataplane::cgroup;
 
 pub use applied::{Applied, ObjectKey, ObjectResult, Outcome, Source};
 pub use control::{ControlError, Handle, ManifestRequest, Request};
-pub use node::{remove_leftovers, LocalNode, LocalPod};
+pub use node::{remove_leftovers, LocalNode, LocalPod, NodeOptions, PodNet};
 pub use runner::Runner;
 
 /// The subnet pods get addresses from (on the node bridge), and the virtual IP range.
