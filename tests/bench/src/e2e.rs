@@ -66,9 +66,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_kit::{Node, Pod};
 use mesh_agent::Redirect;
-use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Upstream, Workload};
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Upstream};
+use mesh_kit::{workload, Node, Pod};
 use nix::sched::CpuSet;
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -152,8 +152,7 @@ struct Options {
 }
 
 fn docs_dir() -> Result<PathBuf> {
-    Ok(Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../docs"))
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs"))
 }
 
 fn parse_options(args: &[String]) -> Result<Option<Options>> {
@@ -446,20 +445,6 @@ fn service(name: &str, vip: Option<Ipv4Addr>, endpoints: Vec<Endpoint>) -> Servi
         protocol: Protocol::Tcp,
         target_ports: Default::default(),
         endpoints,
-    }
-}
-
-fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>, upstreams: Vec<Upstream>) -> Workload {
-    Workload {
-        name: pod.name.clone(),
-        namespace: "default".into(),
-        service: service.into(),
-        datacenter: "dc1".into(),
-        netns: pod.netns_path.clone(),
-        cgroup: pod.cgroup.clone(),
-        ip: pod.ip,
-        app_ports,
-        upstreams,
     }
 }
 

@@ -17,10 +17,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use mesh_kit::{Node, Pod};
 use mesh_agent::{Agent, AgentConfig, Redirect};
-use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Workload};
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service};
 use mesh_core::intentions::{Action, IntentionSpec, RuleSet, ServiceName};
+use mesh_kit::{workload, Node};
 use serde_json::json;
 
 fn spec(src: &str, dst: &str, action: Action) -> Result<IntentionSpec> {
@@ -41,20 +41,6 @@ fn unrelated(n: usize) -> Result<RuleSet> {
         )?;
     }
     Ok(rules)
-}
-
-fn workload(pod: &Pod, service: &str) -> Workload {
-    Workload {
-        name: pod.name.clone(),
-        namespace: "default".into(),
-        service: service.into(),
-        datacenter: "dc1".into(),
-        netns: pod.netns_path.clone(),
-        cgroup: pod.cgroup.clone(),
-        ip: pod.ip,
-        app_ports: vec![9091],
-        upstreams: vec![],
-    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -97,7 +83,10 @@ fn main() -> Result<()> {
                 port: mesh_common::INBOUND_PORT,
             }],
         }],
-        workloads: vec![workload(&web, "web"), workload(&api, "api")],
+        workloads: vec![
+            workload(&web, "web", vec![9091], vec![]),
+            workload(&api, "api", vec![9091], vec![]),
+        ],
     };
     let state = tempfile::tempdir()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -53,8 +53,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use mesh_common::{
     Config, PodValue, ServiceValue, INBOUND_PORT, LOCAL_PORT_PROXY, OUTBOUND_PORT, SERVICE_VIP,
 };
-use mesh_kit::{Node, Pod};
 use mesh_dataplane::bpf::Dataplane;
+use mesh_kit::{Node, Pod};
 use nix::sched::CpuSet;
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
@@ -230,10 +230,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         cpu: 0,
         json: target.join("bench").join("redirect.json"),
         // The source tree's docs/ (the workspace root is two levels up: tests/bench).
-        markdown: Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../docs/benchmarks.md"),
-        ),
+        markdown: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md")),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
