@@ -393,34 +393,6 @@ pub fn read_pattern(r: &mut impl Read, seed: u64) -> io::Result<(u64, bool)> {
     }
 }
 
-/// Puts `section` (its `begin` and `end` markers included) into the markdown file at `path`:
-/// replaces the text from `begin` to `end`, or appends the section; other text is kept, and the
-/// file (and its directory) is created if needed. Every benchmark writes its own section.
-pub fn write_marked_section(path: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
-    let old = match std::fs::read_to_string(path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_string(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let new = match (old.find(begin), old.find(end)) {
-        (Some(b), Some(e)) if e > b => {
-            let tail = &old[e + end.len()..];
-            let tail = tail.strip_prefix('\n').unwrap_or(tail);
-            format!("{}{section}{tail}", &old[..b])
-        }
-        _ => {
-            let mut s = old.trim_end().to_string();
-            s.push_str("\n\n");
-            s.push_str(section);
-            s
-        }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
-}
-
 /// `addr` as a `SocketAddr`.
 pub fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, port))
