@@ -17,8 +17,9 @@ use serde_json::Value;
 /// The tests' node name, apart from the `local` of a `cargo xtask run` on the same machine.
 const NODE: &str = "lt";
 
+/// The `examples/` of the source tree (this crate is `tests/`, one level below the root).
 fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
 fn free_port() -> Result<u16> {
