@@ -38,7 +38,7 @@ use mesh_dataplane::cgroup;
 
 pub use applied::{Applied, ObjectKey, ObjectResult, Outcome, Source};
 pub use control::{ControlError, Handle, ManifestRequest, Request};
-pub use node::{remove_leftovers, LocalNode, LocalPod};
+pub use node::{remove_leftovers, LocalNode, LocalPod, NodeOptions, PodNet};
 pub use runner::Runner;
 
 /// The subnet pods get addresses from (on the node bridge): `10.88.0.0/24`.

@@ -1,5 +1,9 @@
 //! The node: a bridge in its own network namespace, the cgroup tree, and pods hanging off the
 //! bridge by veth (each pod a network namespace, a cgroup and an `/etc/netns/<ns>/hosts`).
+//!
+//! The runner's node is [`LocalNode::create`]; the root tests' and benchmarks' fixture node
+//! (`mesh-kit`) is the same code through [`LocalNode::create_with`], with its own names and
+//! [`PodNet`] (addressing, the route to the virtual IPs, IPv6 on or off).
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -41,9 +45,13 @@ pub const NETNS_RUN: &str = "/run/netns";
 pub struct LocalPod {
     /// `namespace/name`.
     pub id: String,
+    /// The network namespace's name (`ip netns`).
     pub netns_name: String,
+    /// The network namespace's path (under [`NETNS_RUN`]).
     pub netns: PathBuf,
+    /// The pod's cgroup (under the node's `pods`).
     pub cgroup: PathBuf,
+    /// The pod's address on the bridge.
     pub ip: Ipv4Addr,
     /// The veth end on the bridge.
     pub host_if: String,
@@ -56,13 +64,65 @@ impl LocalPod {
     }
 }
 
+/// How pods are wired onto the node bridge: what differs between the runner's pods and the
+/// test fixtures' pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodNet {
+    /// Prefix length of a pod's address on its `eth0` (the subnet it shares with the bridge).
+    pub prefix_len: u8,
+    /// The Service virtual IP range, routed out of the pod's `eth0`, as on a real node.
+    pub vip_net: Ipv4Addr,
+    /// Prefix length of [`vip_net`](Self::vip_net).
+    pub vip_prefix_len: u8,
+    /// Whether pods have IPv6; off, the pod's namespace has IPv6 disabled (no router
+    /// solicitations or duplicate address detection on the uplink).
+    pub ipv6: bool,
+}
+
+impl PodNet {
+    /// The runner's pods: `/24` addresses ([`POD_NET`](super::POD_NET)), a route to the
+    /// virtual IPs `10.96.0.0/24` ([`VIP_NET`](super::VIP_NET)), IPv6 on.
+    pub fn runner() -> Self {
+        let [a, b, c] = super::VIP_NET;
+        PodNet {
+            prefix_len: 24,
+            vip_net: Ipv4Addr::new(a, b, c, 0),
+            vip_prefix_len: 24,
+            ipv6: true,
+        }
+    }
+
+    /// The route to the virtual IPs, `a.b.c.d/len`.
+    pub fn vip_route(&self) -> String {
+        format!("{}/{}", self.vip_net, self.vip_prefix_len)
+    }
+}
+
+/// What [`LocalNode::create_with`] makes: the names of the node's objects and how its pods are
+/// wired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeOptions {
+    /// The node's name; its bridge namespace is `<name>-br`.
+    pub name: String,
+    /// The node's cgroup (the agent's is `agent` below it, pods' are under `pods`).
+    pub mesh_cgroup: PathBuf,
+    /// How pods are wired.
+    pub pod_net: PodNet,
+}
+
 /// The node: its bridge namespace and cgroup tree.
 #[derive(Debug)]
 pub struct LocalNode {
+    /// The node's name: the prefix of its network namespaces (`<name>-...`).
     pub name: String,
+    /// The namespace that holds the bridge `br0`.
     pub bridge_ns: String,
+    /// The node's cgroup: `agent` and `pods/*` below it.
     pub mesh_cgroup: PathBuf,
+    /// The cgroup this process is moved into (carries no per-pod programs).
     pub agent_cgroup: PathBuf,
+    /// How pods are wired.
+    pub pod_net: PodNet,
     original_cgroup: PathBuf,
 }
 
@@ -85,28 +145,60 @@ fn mesh_cgroup_of(name: &str) -> Result<PathBuf, Error> {
 impl LocalNode {
     /// Creates the node and moves this process into its agent cgroup (the agent's sockets must
     /// belong to a cgroup under the mesh cgroup that carries no per-pod programs). Leftovers of
-    /// a previous run that was killed are removed first.
+    /// a previous run that was killed are removed first. Pods are wired as
+    /// [`PodNet::runner`].
     pub fn create(name: &str) -> Result<Self, Error> {
         check_node_name(name)?;
-        let mesh_cgroup = mesh_cgroup_of(name)?;
-        let node = LocalNode {
+        let node = Self::unbuilt(NodeOptions {
             name: name.to_string(),
-            bridge_ns: format!("{name}-br"),
-            agent_cgroup: mesh_cgroup.join("agent"),
-            mesh_cgroup,
-            original_cgroup: cgroup::of_process(std::process::id())?,
-        };
+            mesh_cgroup: mesh_cgroup_of(name)?,
+            pod_net: PodNet::runner(),
+        })?;
         remove_leftovers(name)?;
-        cgroup::create(&node.agent_cgroup)?;
-        cgroup::create(&node.mesh_cgroup.join("pods"))?;
-        cgroup::add_process(&node.agent_cgroup, std::process::id())?;
-        run("ip", &["netns", "add", &node.bridge_ns])?;
-        run("ip", &["-n", &node.bridge_ns, "link", "set", "lo", "up"])?;
+        node.build()?;
+        info!(node = name, cgroup = %node.mesh_cgroup.display(), "node created");
+        Ok(node)
+    }
+
+    /// Creates a node with the names and pod wiring of `options` and moves this process into
+    /// its agent cgroup. No leftovers are looked for (the caller picks names no one else
+    /// uses); on error, whatever was created is removed and this process moved back.
+    pub fn create_with(options: NodeOptions) -> Result<Self, Error> {
+        let node = Self::unbuilt(options)?;
+        if let Err(e) = node.build() {
+            let _ = node.leave();
+            let _ = run("ip", &["netns", "del", &node.bridge_ns]);
+            let _ = cgroup::remove_tree(&node.mesh_cgroup);
+            return Err(e);
+        }
+        info!(node = %node.name, cgroup = %node.mesh_cgroup.display(), "node created");
+        Ok(node)
+    }
+
+    /// The node as `options` describe it; nothing is created yet.
+    fn unbuilt(options: NodeOptions) -> Result<Self, Error> {
+        Ok(LocalNode {
+            bridge_ns: format!("{}-br", options.name),
+            agent_cgroup: options.mesh_cgroup.join("agent"),
+            mesh_cgroup: options.mesh_cgroup,
+            name: options.name,
+            pod_net: options.pod_net,
+            original_cgroup: cgroup::of_process(std::process::id())?,
+        })
+    }
+
+    /// Creates the cgroup tree, moves this process into the agent cgroup, creates the bridge.
+    fn build(&self) -> Result<(), Error> {
+        cgroup::create(&self.agent_cgroup)?;
+        cgroup::create(&self.mesh_cgroup.join("pods"))?;
+        cgroup::add_process(&self.agent_cgroup, std::process::id())?;
+        run("ip", &["netns", "add", &self.bridge_ns])?;
+        run("ip", &["-n", &self.bridge_ns, "link", "set", "lo", "up"])?;
         run(
             "ip",
             &[
                 "-n",
-                &node.bridge_ns,
+                &self.bridge_ns,
                 "link",
                 "add",
                 "br0",
@@ -114,9 +206,16 @@ impl LocalNode {
                 "bridge",
             ],
         )?;
-        run("ip", &["-n", &node.bridge_ns, "link", "set", "br0", "up"])?;
-        info!(node = name, cgroup = %node.mesh_cgroup.display(), "node created");
-        Ok(node)
+        run("ip", &["-n", &self.bridge_ns, "link", "set", "br0", "up"])?;
+        Ok(())
+    }
+
+    /// Moves this process back to the cgroup it was in before the node was created.
+    pub fn leave(&self) -> Result<(), Error> {
+        Ok(cgroup::add_process(
+            &self.original_cgroup,
+            std::process::id(),
+        )?)
     }
 
     /// The network namespace name of pod `namespace/name`: `<node>-<namespace>_<name>` (`_`
@@ -145,6 +244,13 @@ impl LocalNode {
     /// veth, address, route to the virtual IPs, hosts file with `hosts`, cgroup. On error
     /// whatever was created is removed.
     pub fn add_pod(&self, pod: &LocalPod, hosts: &str) -> Result<(), Error> {
+        self.add_pod_with(pod, Some(hosts))
+    }
+
+    /// [`add_pod`](Self::add_pod), with the hosts file optional: without one, the pod's
+    /// processes see the host's `/etc/hosts`. The pod is wired as the node's
+    /// [`PodNet`] says.
+    pub fn add_pod_with(&self, pod: &LocalPod, hosts: Option<&str>) -> Result<(), Error> {
         if let Err(e) = self.plumb(pod, hosts) {
             self.remove_pod(pod);
             return Err(e);
@@ -153,7 +259,7 @@ impl LocalNode {
         Ok(())
     }
 
-    fn plumb(&self, pod: &LocalPod, hosts: &str) -> Result<(), Error> {
+    fn plumb(&self, pod: &LocalPod, hosts: Option<&str>) -> Result<(), Error> {
         let ns = pod.netns_name.as_str();
         // A leftover of the same name (an interrupted earlier attempt) goes first.
         if Path::new(NETNS_RUN).join(ns).exists() {
@@ -191,13 +297,21 @@ impl LocalNode {
                 "up",
             ],
         )?;
+        if !self.pod_net.ipv6 {
+            for conf in ["all", "default"] {
+                let key = format!("net.ipv6.conf.{conf}.disable_ipv6=1");
+                run("ip", &["netns", "exec", ns, "sysctl", "-q", "-w", &key])?;
+            }
+        }
         run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-        let cidr = format!("{}/24", pod.ip);
+        let cidr = format!("{}/{}", pod.ip, self.pod_net.prefix_len);
         run("ip", &["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
         run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
-        let vips = format!("{}.0/24", dotted3(super::VIP_NET));
+        let vips = self.pod_net.vip_route();
         run("ip", &["-n", ns, "route", "add", &vips, "dev", "eth0"])?;
-        write_hosts(&pod.hosts_file(), hosts)?;
+        if let Some(hosts) = hosts {
+            write_hosts(&pod.hosts_file(), hosts)?;
+        }
         cgroup::create(&pod.cgroup)?;
         Ok(())
     }
@@ -227,18 +341,14 @@ impl LocalNode {
     /// Leaves the agent cgroup and removes the bridge namespace and the cgroup tree (pods
     /// must have been removed first; anything left is killed).
     pub fn teardown(self) {
-        if let Err(e) = cgroup::add_process(&self.original_cgroup, std::process::id()) {
+        if let Err(e) = self.leave() {
             warn!(error = %e, "leaving the node's agent cgroup");
         }
-        if let Err(e) = remove_leftovers(&self.name) {
+        if let Err(e) = remove_node(&self.name, &self.mesh_cgroup) {
             warn!(error = %e, "removing the node");
         }
         info!(node = %self.name, "node removed");
     }
-}
-
-fn dotted3(n: [u8; 3]) -> String {
-    format!("{}.{}.{}", n[0], n[1], n[2])
 }
 
 /// Writes a pod's hosts file *in place*: `ip netns exec` bind-mounts the file over the
@@ -285,6 +395,13 @@ fn kill_tree(dir: &Path) {
 /// `mesh-<name>` (this process is moved out of it first if it is inside).
 pub fn remove_leftovers(name: &str) -> Result<(), Error> {
     check_node_name(name)?;
+    remove_node(name, &mesh_cgroup_of(name)?)
+}
+
+/// Removes the objects of node `name` with cgroup `mesh_cgroup`: its namespaces
+/// (`<name>-*`), their `/etc/netns` directories, the processes and cgroups under
+/// `mesh_cgroup`.
+fn remove_node(name: &str, mesh_cgroup: &Path) -> Result<(), Error> {
     let prefix = format!("{name}-");
     for dir in [NETNS_RUN, NETNS_ETC] {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -301,22 +418,34 @@ pub fn remove_leftovers(name: &str) -> Result<(), Error> {
             }
         }
     }
-    let mesh_cgroup = mesh_cgroup_of(name)?;
     if !mesh_cgroup.exists() {
         return Ok(());
     }
     let me = cgroup::of_process(std::process::id())?;
-    if me.starts_with(&mesh_cgroup) {
+    if me.starts_with(mesh_cgroup) {
         cgroup::add_process(&cgroup::v2_root()?, std::process::id())?;
     }
-    kill_tree(&mesh_cgroup);
+    kill_tree(mesh_cgroup);
     let mut last = Ok(());
     for _ in 0..100 {
-        last = cgroup::remove_tree(&mesh_cgroup);
+        last = cgroup::remove_tree(mesh_cgroup);
         if last.is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     last.map_err(Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_pods_route_the_virtual_ip_range_and_keep_ipv6() {
+        let net = PodNet::runner();
+        assert_eq!(net.vip_route(), "10.96.0.0/24");
+        assert_eq!(net.prefix_len, 24);
+        assert!(net.ipv6);
+    }
 }

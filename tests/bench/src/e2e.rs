@@ -67,8 +67,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mesh_agent::Redirect;
-use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Upstream, Workload};
-use mesh_kit::{Node, Pod};
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Upstream};
+use mesh_kit::{workload, Node, Pod};
 use nix::sched::CpuSet;
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -77,8 +77,8 @@ use crate::e2e_agent::{AgentProc, Spec};
 use crate::e2e_haproxy::{self as hap, Forward, Haproxy};
 use crate::e2e_report::{self as rep, Record, Setup, CONFIGS};
 use crate::e2e_tools as tools;
-use crate::report::Machine;
-use crate::{Pinning, INTERRUPTED};
+use crate::harness::{self, Pinning, INTERRUPTED};
+use crate::report::{self, Machine};
 
 /// The server app's port in every api pod (HTTP and the connection workload).
 const APP_PORT: u16 = 9091;
@@ -163,7 +163,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
     let mut dial = "vip";
     let mut server_threads = 2usize;
     let (mut wrk_secs, mut iperf_secs, mut conn_secs) = (None, None, None);
-    let mut json = crate::target_dir()?.join("bench").join("results.json");
+    let mut json = harness::target_dir()?.join("bench").join("results.json");
     let mut markdown = Some(docs_dir()?.join("benchmarks.md"));
     let mut chart = Some(docs_dir()?.join("bench-e2e.svg"));
     let mut it = args.iter();
@@ -366,7 +366,7 @@ pub fn main(args: &[String]) -> Result<i32> {
             "{tool} is not installed (`cargo xtask setup` installs it)"
         );
     }
-    crate::watch_stop_signals()?;
+    harness::watch_stop_signals()?;
     let all_cpus = nix::sched::sched_getaffinity(Pid::from_raw(0))?;
     let mut setup = opts.setup;
     ensure!(
@@ -374,7 +374,7 @@ pub fn main(args: &[String]) -> Result<i32> {
         "CPU {} is not available to this process",
         setup.cpu
     );
-    let load_start = crate::load_average();
+    let load_start = report::load_average();
     let started = Instant::now();
 
     // Dropped in reverse order on every way out: the bench (HAProxy, the last agent), then the
@@ -389,14 +389,7 @@ pub fn main(args: &[String]) -> Result<i32> {
     preflight(&bench)?;
     let records = run_rounds(&bench, &opts.pinnings)?;
     setup.idle_rss_mib = bench.idle_rss_mib.borrow().clone();
-    let machine = Machine {
-        kernel: crate::read_trimmed("/proc/sys/kernel/osrelease"),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model: crate::cpu_model(),
-        date: crate::utc_date(),
-        load_start,
-        load_end: crate::load_average(),
-    };
+    let machine = Machine::now(load_start);
     drop(bench);
     drop(node);
 
@@ -414,12 +407,7 @@ pub fn main(args: &[String]) -> Result<i32> {
         println!("chart: {}", chart.display());
     }
     if let Some(md) = &opts.markdown {
-        crate::report::write_marked_section(
-            md,
-            rep::BEGIN,
-            rep::END,
-            &rep::markdown(&records, &machine, &setup),
-        )?;
+        rep::SECTION.write(md, &rep::markdown(&records, &machine, &setup))?;
         println!("markdown section: {}", md.display());
     }
     println!("took {:.0} s", started.elapsed().as_secs_f64());
@@ -445,20 +433,6 @@ fn service(name: &str, vip: Option<Ipv4Addr>, endpoints: Vec<Endpoint>) -> Servi
         protocol: Protocol::Tcp,
         target_ports: Default::default(),
         endpoints,
-    }
-}
-
-fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>, upstreams: Vec<Upstream>) -> Workload {
-    Workload {
-        name: pod.name.clone(),
-        namespace: "default".into(),
-        service: service.into(),
-        datacenter: "dc1".into(),
-        netns: pod.netns_path.clone(),
-        cgroup: pod.cgroup.clone(),
-        ip: pod.ip,
-        app_ports,
-        upstreams,
     }
 }
 
@@ -916,7 +890,7 @@ fn run_tool(mut cmd: Command) -> Result<String> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting the client process")?;
-    let out = crate::wait_client(child)?;
+    let out = harness::wait_client(child)?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         out.status.success(),

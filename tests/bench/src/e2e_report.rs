@@ -1,13 +1,15 @@
 //! Results of the end-to-end benchmark: one record per (configuration, workload, round,
 //! pinning), medians over rounds, ratios to `direct` and to `mesh-iptables`, the targets of
-//! issue #6, and the outputs (terminal table, JSON, markdown section, SVG chart).
+//! issue #6, and the outputs (terminal table, JSON, markdown section, SVG chart), on the shared
+//! [report core](crate::report).
 
 use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
 use crate::e2e_chart::{self, Panel, Series};
-use crate::report::{median, Machine};
+use crate::report::{self, median, Machine, Section};
+pub use crate::report::{ratio, Cell, PINNINGS};
 
 /// The configurations, in table order: the first is the baseline of the first ratio, the second
 /// the baseline of the second.
@@ -18,15 +20,21 @@ pub const CONFIGS: [&str; 5] = [
     "mesh-ebpf-no-skmsg",
     "haproxy-sidecars",
 ];
-pub const PINNINGS: [&str; 2] = ["pinned", "unpinned"];
 
 const DIRECT: &str = CONFIGS[0];
 const IPTABLES: &str = CONFIGS[1];
 const EBPF: &str = CONFIGS[2];
 const HAPROXY: &str = CONFIGS[4];
 
+/// The opening marker of the e2e section of `docs/benchmarks.md`.
 pub const BEGIN: &str = "<!-- e2e:begin -->";
+/// Its closing marker.
 pub const END: &str = "<!-- e2e:end -->";
+/// The e2e benchmark's section.
+pub const SECTION: Section = Section {
+    begin: BEGIN,
+    end: END,
+};
 
 /// One measurement.
 #[derive(Clone, Debug)]
@@ -51,19 +59,14 @@ pub struct Record {
 }
 
 impl Record {
+    /// The figure `name` of this run.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| *v)
+        report::metric(&self.metrics, name)
     }
 
+    /// The record as it appears in the JSON output.
     pub fn to_json(&self) -> Value {
-        let metrics: serde_json::Map<String, Value> = self
-            .metrics
-            .iter()
-            .map(|(n, v)| (n.clone(), json!(v)))
-            .collect();
+        let metrics = report::metrics_json(&self.metrics);
         json!({
             "config": self.config,
             "workload": self.workload,
@@ -253,14 +256,6 @@ pub const ROWS: [Row; 27] = [
     ),
 ];
 
-/// A cell of the table: the median over valid rounds.
-#[derive(Clone, Copy, Debug)]
-pub struct Cell {
-    pub median: Option<f64>,
-    pub valid: usize,
-    pub total: usize,
-}
-
 /// The median over rounds of `metric` of `config`'s `workload` runs (`*`: per round, the
 /// largest over all workloads). A round with an invalid run of that workload does not count.
 pub fn median_of(
@@ -311,13 +306,6 @@ fn cell(records: &[Record], pinning: &str, config: &str, row: &Row) -> Cell {
         _ => row.workload,
     };
     median_of(records, pinning, config, workload, row.metric)
-}
-
-pub fn ratio(c: Cell, base: Cell) -> Option<f64> {
-    match (c.median, base.median) {
-        (Some(v), Some(b)) if b > 0.0 => Some(v / b),
-        _ => None,
-    }
 }
 
 fn fmt_value(row: &Row, v: f64) -> String {
@@ -528,13 +516,12 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
         ));
     }
     for r in records.iter().filter(|r| !r.valid) {
-        notes.push(format!(
-            "INVALID: {} {} {} round {}: {}",
+        notes.push(report::invalid_note(
             r.config,
             r.workload,
             r.pinning,
-            r.round + 1,
-            r.note.as_deref().unwrap_or("?")
+            r.round,
+            r.note.as_deref(),
         ));
     }
     notes
@@ -584,16 +571,7 @@ pub fn terminal(records: &[Record], machine: &Machine, setup: &Setup) -> String 
          ratio to mesh-iptables",
         setup.rounds
     );
-    let _ = writeln!(
-        out,
-        "machine: Linux {}, {} CPUs ({}), {}; load average {} at start, {} at end",
-        machine.kernel,
-        machine.cpus,
-        machine.cpu_model,
-        machine.date,
-        machine.load_start,
-        machine.load_end
-    );
+    let _ = writeln!(out, "{}", machine.terminal_line());
     for pinning in PINNINGS {
         if !records.iter().any(|r| r.pinning == pinning) {
             continue;
@@ -672,20 +650,14 @@ pub fn to_json(records: &[Record], machine: &Machine, setup: &Setup) -> Value {
     json!({
         "benchmark": "e2e",
         "date": machine.date,
-        "machine": {
-            "kernel": machine.kernel,
-            "cpus": machine.cpus,
-            "cpu_model": machine.cpu_model,
-            "load_average_start": machine.load_start,
-            "load_average_end": machine.load_end,
-        },
+        "machine": machine.to_json(),
         "setup": {
             "rounds": setup.rounds,
             "quick": setup.quick,
             "pinned_cpu": setup.cpu,
             "configs": CONFIGS,
-            "response_bytes": super::e2e_app::MSG,
-            "wrk_connections": super::e2e::HTTP_CONNS,
+            "response_bytes": crate::e2e_app::MSG,
+            "wrk_connections": crate::e2e::HTTP_CONNS,
             "wrk_seconds": setup.wrk_secs,
             "iperf3_seconds": setup.iperf_secs,
             "connect_seconds": setup.conn_secs,
@@ -714,7 +686,7 @@ pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> String {
         for (metric, what) in [("req_per_s", "requests/s"), ("p99_us", "p99 latency (µs)")] {
             panels.push(Panel {
                 title: format!("HTTP 1 KiB, {what}, {pinning}"),
-                groups: super::e2e::HTTP_CONNS
+                groups: crate::e2e::HTTP_CONNS
                     .iter()
                     .map(|c| format!("{c} conn{}", if *c == 1 { "" } else { "s" }))
                     .collect(),
@@ -759,17 +731,10 @@ pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String 
     );
     let _ = writeln!(
         md,
-        "Generated by `mesh-bench e2e{}` on {} — Linux {}, {} CPUs ({}), load average {} at start \
-         and {} at end. {} interleaved round(s) (every configuration in every round, the order \
-         rotating); each figure is the median over rounds, with in parentheses its ratio to \
-         `direct` and to `mesh-iptables` (proxy costs: to `mesh-iptables` only).\n",
-        if setup.quick { " --quick" } else { "" },
-        machine.date,
-        machine.kernel,
-        machine.cpus,
-        machine.cpu_model,
-        machine.load_start,
-        machine.load_end,
+        "{} {} interleaved round(s) (every configuration in every round, the order rotating); \
+         each figure is the median over rounds, with in parentheses its ratio to `direct` and to \
+         `mesh-iptables` (proxy costs: to `mesh-iptables` only).\n",
+        machine.generated_by("e2e", setup.quick),
         setup.rounds
     );
     let _ = writeln!(md, "- {METHOD_NOTE}");

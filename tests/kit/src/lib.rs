@@ -1,6 +1,7 @@
-//! Support for the root tests: a throwaway node (a bridge namespace, pods as network namespaces
-//! with their own cgroups, the test process as the agent), and `mesh-probe`, the app that runs
-//! inside a pod.
+//! Support for the root tests and benchmarks: a throwaway node (a bridge namespace, pods as
+//! network namespaces with their own cgroups, the test process as the agent) built by the local
+//! runner's node code (`mesh_local::node`), `mesh-probe` (the app that runs inside a pod), the
+//! catalog [`workload`] of a pod, [`wait_for`], and byte patterns.
 //!
 //! Every resource a [`Node`] creates is removed when it drops, also when the test panics. A root
 //! test that cannot get what it needs fails with the reason; it never skips.
@@ -14,7 +15,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use mesh_core::catalog::{Upstream, Workload};
 use mesh_dataplane::{cgroup, netns::NetNs};
+use mesh_local::{LocalNode, LocalPod, NodeOptions, PodNet};
 
 /// Root tests move the whole test process between cgroups; one at a time.
 static NODE_LOCK: Mutex<()> = Mutex::new(());
@@ -46,14 +49,20 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
 /// A pod: network namespace + cgroup + an address on the node bridge.
 #[derive(Clone, Debug)]
 pub struct Pod {
+    /// The pod's name within the node (`web`, `api`, ...).
     pub name: String,
+    /// The network namespace's name (`ip netns`): `<node id>-<name>`.
     pub netns_name: String,
+    /// The network namespace's path (`/run/netns/<netns_name>`).
     pub netns_path: PathBuf,
+    /// The pod's cgroup: `<node cgroup>/pods/<name>`.
     pub cgroup: PathBuf,
+    /// The pod's address on the bridge: `10.213.<subnet>.<index + 2>`.
     pub ip: Ipv4Addr,
 }
 
 impl Pod {
+    /// Opens the pod's network namespace.
     pub fn netns(&self) -> NetNs {
         NetNs::open(&self.netns_path).expect("pod netns")
     }
@@ -80,15 +89,35 @@ impl Pod {
     }
 }
 
-/// A throwaway node: cgroup tree `<v2>/mesh-test-<id>/{agent,pods/*}`, a bridge namespace, pods.
+/// How the fixture's pods are wired: `/24` addresses in `10.213.<subnet>.0/24`, a route to
+/// the virtual IPs `10.96.0.0/16` (the tests pick VIPs `10.96.<subnet>.x`), IPv4 only (no
+/// IPv6 router solicitations or DAD on the uplink).
+pub const TEST_POD_NET: PodNet = PodNet {
+    prefix_len: 24,
+    vip_net: Ipv4Addr::new(10, 96, 0, 0),
+    vip_prefix_len: 16,
+    ipv6: false,
+};
+
+/// A throwaway node: cgroup tree `<v2>/mesh-test-<id>/{agent,pods/*}`, a bridge namespace
+/// `<id>-br`, pods `<id>-<name>`. Built by the local runner's node code
+/// ([`mesh_local::LocalNode::create_with`]) with the names above and [`TEST_POD_NET`].
 pub struct Node {
+    /// The node's id, `t<pid>x<n>`: the prefix of its namespaces and interfaces.
     pub id: String,
+    /// The third octet of the pods' addresses (`10.213.<subnet>.x`), unique per node.
     pub subnet: u8,
+    /// The node's cgroup.
     pub mesh_cgroup: PathBuf,
+    /// The cgroup the test process sits in while the node lives.
     pub agent_cgroup: PathBuf,
+    /// The namespace of the node's bridge.
     pub bridge_ns: String,
+    /// The pods, in the order they were added.
     pub pods: Vec<Pod>,
-    original_cgroup: PathBuf,
+    /// The kernel objects of `pods`, same order.
+    local_pods: Vec<LocalPod>,
+    local: Option<LocalNode>,
     children: Vec<Child>,
     _lock: MutexGuard<'static, ()>,
 }
@@ -102,31 +131,23 @@ impl Node {
         let pid = std::process::id();
         let id = format!("t{}x{}", pid % 100_000, n);
         let subnet = ((pid.wrapping_mul(7) + n * 13) % 200 + 20) as u8;
-        let root = cgroup::v2_root()?;
-        let mesh_cgroup = root.join(format!("mesh-test-{id}"));
-        let agent_cgroup = mesh_cgroup.join("agent");
-        let original_cgroup = cgroup::of_process(pid)?;
-        let bridge_ns = format!("{id}-br");
-        let node = Node {
+        let local = LocalNode::create_with(NodeOptions {
+            name: id.clone(),
+            mesh_cgroup: cgroup::v2_root()?.join(format!("mesh-test-{id}")),
+            pod_net: TEST_POD_NET,
+        })?;
+        Ok(Node {
             id,
             subnet,
-            mesh_cgroup,
-            agent_cgroup,
-            bridge_ns,
+            mesh_cgroup: local.mesh_cgroup.clone(),
+            agent_cgroup: local.agent_cgroup.clone(),
+            bridge_ns: local.bridge_ns.clone(),
             pods: Vec::new(),
-            original_cgroup,
+            local_pods: Vec::new(),
+            local: Some(local),
             children: Vec::new(),
             _lock: lock,
-        };
-        cgroup::create(&node.agent_cgroup)?;
-        cgroup::create(&node.mesh_cgroup.join("pods"))?;
-        cgroup::add_process(&node.agent_cgroup, pid)?;
-        run("ip", &["netns", "add", &node.bridge_ns])?;
-        let ns = node.bridge_ns.clone();
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-        run("ip", &["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
-        run("ip", &["-n", &ns, "link", "set", "br0", "up"])?;
-        Ok(node)
+        })
     }
 
     /// The node's agent instance name (pins live under /sys/fs/bpf/mesh/<instance>).
@@ -139,101 +160,28 @@ impl Node {
         let idx = self.pods.len() as u8;
         let ip = Ipv4Addr::new(10, 213, self.subnet, idx + 2);
         let netns_name = format!("{}-{name}", self.id);
-        run("ip", &["netns", "add", &netns_name])?;
-        // Interface names have at most 15 characters; ids are at most 10.
-        let host_if = format!("v{}p{idx}", self.id);
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &host_if,
-                "netns",
-                &self.bridge_ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns_name,
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &self.bridge_ns,
-                "link",
-                "set",
-                &host_if,
-                "master",
-                "br0",
-                "up",
-            ],
-        )?;
-        // Pods are IPv4 only: no IPv6 router solicitations or DAD on the uplink.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &netns_name,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &netns_name,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-        )?;
-        run("ip", &["-n", &netns_name, "link", "set", "lo", "up"])?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns_name,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ],
-        )?;
-        run("ip", &["-n", &netns_name, "link", "set", "eth0", "up"])?;
-        // Service virtual IPs route out of the pod, as on a real node.
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns_name,
-                "route",
-                "add",
-                "10.96.0.0/16",
-                "dev",
-                "eth0",
-            ],
-        )?;
-        let cgroup = self.mesh_cgroup.join("pods").join(name);
-        cgroup::create(&cgroup)?;
+        let local = LocalPod {
+            id: name.to_string(),
+            netns: Path::new(mesh_local::node::NETNS_RUN).join(&netns_name),
+            cgroup: self.mesh_cgroup.join("pods").join(name),
+            // Interface names have at most 15 characters; ids are at most 10.
+            host_if: format!("v{}p{idx}", self.id),
+            netns_name,
+            ip,
+        };
+        self.local
+            .as_ref()
+            .context("the node is gone")?
+            .add_pod_with(&local, None)?;
         let pod = Pod {
             name: name.to_string(),
-            netns_path: Path::new("/run/netns").join(&netns_name),
-            netns_name,
-            cgroup,
+            netns_name: local.netns_name.clone(),
+            netns_path: local.netns.clone(),
+            cgroup: local.cgroup.clone(),
             ip,
         };
         self.pods.push(pod.clone());
+        self.local_pods.push(local);
         Ok(pod)
     }
 
@@ -258,6 +206,45 @@ impl Node {
     /// Keeps a background process to be killed when the node drops.
     pub fn keep(&mut self, child: Child) {
         self.children.push(child);
+    }
+}
+
+/// The catalog workload of `pod` as the tests declare it: service `service` in namespace
+/// `default` of datacenter `dc1`, serving `app_ports`, calling `upstreams`.
+pub fn workload(
+    pod: &Pod,
+    service: &str,
+    app_ports: Vec<u16>,
+    upstreams: Vec<Upstream>,
+) -> Workload {
+    Workload {
+        name: pod.name.clone(),
+        namespace: "default".into(),
+        service: service.into(),
+        datacenter: "dc1".into(),
+        netns: pod.netns_path.clone(),
+        cgroup: pod.cgroup.clone(),
+        ip: pod.ip,
+        app_ports,
+        upstreams,
+    }
+}
+
+/// Calls `f` every `every` until it answers `Some`, and returns that. An error from `f` ends
+/// the wait with that error; past `limit` it fails with "no {what} after {limit:?}".
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        ensure!(start.elapsed() < limit, "no {what} after {limit:?}");
+        std::thread::sleep(every);
     }
 }
 
@@ -325,28 +312,18 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = cgroup::add_process(&self.original_cgroup, std::process::id());
+        let Some(local) = self.local.take() else {
+            return;
+        };
+        let _ = local.leave();
         let _ = mesh_dataplane::bpf::uninstall(&self.instance());
-        for pod in &self.pods {
-            let _ = mesh_dataplane::iptables::remove(&pod.netns_path);
+        for pod in &self.local_pods {
+            let _ = mesh_dataplane::iptables::remove(&pod.netns);
             // Whatever is still in the pod's cgroup dies with the pod.
-            if let Ok(pids) = cgroup::processes(&pod.cgroup) {
-                for pid in pids {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-            let _ = run("ip", &["netns", "del", &pod.netns_name]);
+            local.remove_pod(pod);
         }
-        let _ = run("ip", &["netns", "del", &self.bridge_ns]);
-        for _ in 0..50 {
-            if cgroup::remove_tree(&self.mesh_cgroup).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // The bridge namespace, and whatever is left in the node's cgroups.
+        local.teardown();
     }
 }
 
@@ -414,34 +391,6 @@ pub fn read_pattern(r: &mut impl Read, seed: u64) -> io::Result<(u64, bool)> {
         }
         off += n as u64;
     }
-}
-
-/// Puts `section` (its `begin` and `end` markers included) into the markdown file at `path`:
-/// replaces the text from `begin` to `end`, or appends the section; other text is kept, and the
-/// file (and its directory) is created if needed. Every benchmark writes its own section.
-pub fn write_marked_section(path: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
-    let old = match std::fs::read_to_string(path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_string(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let new = match (old.find(begin), old.find(end)) {
-        (Some(b), Some(e)) if e > b => {
-            let tail = &old[e + end.len()..];
-            let tail = tail.strip_prefix('\n').unwrap_or(tail);
-            format!("{}{section}{tail}", &old[..b])
-        }
-        _ => {
-            let mut s = old.trim_end().to_string();
-            s.push_str("\n\n");
-            s.push_str(section);
-            s
-        }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `addr` as a `SocketAddr`.

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use mesh_common::{
@@ -17,7 +17,10 @@ use mesh_common::{
 };
 use mesh_dataplane::bpf::Dataplane;
 use mesh_dataplane::{cgroup, iptables, socket::original_dst};
-use mesh_kit::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
+use mesh_kit::{read_pattern, tcp_mem_pages, v4, wait_for, write_pattern, NbStream, Node, Pod};
+
+/// How often [`wait_for`] looks again.
+const POLL: Duration = Duration::from_millis(20);
 
 /// Interned ids, as the agent would assign them: one namespace, three service names.
 const NS: u32 = 1;
@@ -157,26 +160,15 @@ fn redirect_1000_connections(mode: Mode) -> Result<()> {
             c.orig_dst_answered
         );
         // Every per-connection entry is gone once the connections are closed.
-        wait_for(Duration::from_secs(5), || {
-            Ok(dp.conn_map_sizes()? == before.unwrap())
-        })
+        wait_for(
+            "empty per-connection maps",
+            Duration::from_secs(5),
+            POLL,
+            || Ok((dp.conn_map_sizes()? == before.unwrap()).then_some(())),
+        )
         .context("per-connection maps did not return to their size before the test")?;
     }
     Ok(())
-}
-
-fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        if f()? {
-            return Ok(());
-        }
-        ensure!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -405,8 +397,8 @@ fn agent_and_unmeshed_sockets_are_never_redirected() -> Result<()> {
     node.keep(server);
     let stop = Arc::new(AtomicBool::new(false));
     let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
-    wait_for(Duration::from_secs(5), || {
-        Ok(api.netns().connect(v4(api.ip, 9000)).is_ok())
+    wait_for("the app on 9000", Duration::from_secs(5), POLL, || {
+        Ok(api.netns().connect(v4(api.ip, 9000)).is_ok().then_some(()))
     })?;
 
     // A meshed app is redirected to the proxy...
@@ -501,9 +493,18 @@ fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Resu
     let proxy = answer(inbound, "inbound", stop.clone());
     let app = SocketAddrV4::new(api.ip, 9000);
     // Inside the pod, the app port is the app (the proxy's own inbound leg depends on it).
-    wait_for(Duration::from_secs(5), || {
-        Ok(api.netns().connect(v4(Ipv4Addr::LOCALHOST, 9000)).is_ok())
-    })?;
+    wait_for(
+        "the app on 127.0.0.1:9000",
+        Duration::from_secs(5),
+        POLL,
+        || {
+            Ok(api
+                .netns()
+                .connect(v4(Ipv4Addr::LOCALHOST, 9000))
+                .is_ok()
+                .then_some(()))
+        },
+    )?;
     assert_eq!(
         fetch(
             &mut node,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use mesh_core::k8s::{DesiredState, Manifest, ParseOptions};
 
+/// The `examples/` of the source tree (this crate is `tests/`, one level below the root).
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }

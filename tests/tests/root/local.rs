@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
-use mesh_kit::{bin_path, require_root, spawn_probe, wait_limit};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use mesh_kit::{bin_path, require_root, spawn_probe, wait_for, wait_limit};
 use serde_json::Value;
 
 /// The tests' node name, apart from the `local` of a `cargo xtask run` on the same machine.
 const NODE: &str = "lt";
 
+/// The `examples/` of the source tree (this crate is `tests/`, one level below the root).
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
@@ -145,28 +146,29 @@ impl LocalMesh {
         limit: Duration,
         mut f: impl FnMut(&mut Self) -> Result<Option<T>>,
     ) -> Result<T> {
-        let start = Instant::now();
-        loop {
+        // `f`'s errors are retried (the API may not be up yet); the last one is reported.
+        let mut last = String::new();
+        let waited = wait_for(what, limit, Duration::from_millis(200), || {
             if let Some(st) = self
                 .agent
                 .as_mut()
                 .and_then(|a| a.try_wait().ok().flatten())
             {
-                bail!(
-                    "meshd local exited ({st}) waiting for {what}\n{}",
-                    self.logs()
-                );
+                last.clear();
+                bail!("meshd local exited ({st}) waiting for {what}");
             }
-            let last = match f(self) {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => String::new(),
-                Err(e) => format!(": {e:#}"),
-            };
-            if start.elapsed() > limit {
-                bail!("no {what} after {limit:?}{last}\n{}", self.logs());
+            match f(self) {
+                Ok(v) => {
+                    last.clear();
+                    Ok(v)
+                }
+                Err(e) => {
+                    last = format!(": {e:#}");
+                    Ok(None)
+                }
             }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        });
+        waited.map_err(|e| anyhow!("{e}{last}\n{}", self.logs()))
     }
 
     fn meshctl_as(&self, token: &str, args: &[&str]) -> Result<Output> {

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use mesh_agent::{Agent, AgentConfig, Redirect};
-use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, ServiceRef, Upstream, Workload};
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, ServiceRef, Upstream};
 use mesh_core::intentions::{Action, RuleSet};
-use mesh_kit::{pattern, wait_limit, Node, Pod};
+use mesh_kit::{pattern, wait_limit, workload, Node, Pod};
 
 const APP_PORT: u16 = 9091;
 const SEED: u64 = 500;
@@ -25,20 +25,6 @@ struct Mesh {
     rt: tokio::runtime::Runtime,
     agent: Option<Agent>,
     _state: tempfile::TempDir,
-}
-
-fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>, upstreams: Vec<Upstream>) -> Workload {
-    Workload {
-        name: pod.name.clone(),
-        namespace: "default".into(),
-        service: service.into(),
-        datacenter: "dc1".into(),
-        netns: pod.netns_path.clone(),
-        cgroup: pod.cgroup.clone(),
-        ip: pod.ip,
-        app_ports,
-        upstreams,
-    }
 }
 
 /// `web` (upstream api on 127.0.0.1:9091) and `api` (app on 9091, an exchange server of

@@ -10,22 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Workload};
-use mesh_kit::{bin_path, wait_limit, Node, Pod};
-
-fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>) -> Workload {
-    Workload {
-        name: pod.name.clone(),
-        namespace: "default".into(),
-        service: service.into(),
-        datacenter: "dc1".into(),
-        netns: pod.netns_path.clone(),
-        cgroup: pod.cgroup.clone(),
-        ip: pod.ip,
-        app_ports,
-        upstreams: vec![],
-    }
-}
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service};
+use mesh_kit::{bin_path, wait_limit, workload, Node, Pod};
 
 /// Starts `meshd run` (a child of this process, so in the node's agent cgroup) and waits until
 /// it says it is ready.
@@ -129,8 +115,8 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
             },
         ],
         workloads: vec![
-            workload(&web, "web", vec![]),
-            workload(&api, "api", vec![9091]),
+            workload(&web, "web", vec![], vec![]),
+            workload(&api, "api", vec![9091], vec![]),
         ],
     };
     let dir = tempfile::tempdir()?;

@@ -18,10 +18,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_agent::{Agent, AgentConfig, Redirect};
-use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, Workload};
+use mesh_bench::report::{self, percentile, Section};
+use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service};
 use mesh_core::intentions::{Action, IntentionSpec, RuleSet, ServiceName};
-use mesh_kit::{Node, Pod};
+use mesh_kit::{workload, Node};
 use serde_json::json;
+
+/// This benchmark's section of `docs/benchmarks.md`.
+const SECTION: Section = Section {
+    begin: "<!-- intentions:begin -->",
+    end: "<!-- intentions:end -->",
+};
 
 fn spec(src: &str, dst: &str, action: Action) -> Result<IntentionSpec> {
     Ok(IntentionSpec::new(
@@ -43,27 +50,7 @@ fn unrelated(n: usize) -> Result<RuleSet> {
     Ok(rules)
 }
 
-fn workload(pod: &Pod, service: &str) -> Workload {
-    Workload {
-        name: pod.name.clone(),
-        namespace: "default".into(),
-        service: service.into(),
-        datacenter: "dc1".into(),
-        netns: pod.netns_path.clone(),
-        cgroup: pod.cgroup.clone(),
-        ip: pod.ip,
-        app_ports: vec![9091],
-        upstreams: vec![],
-    }
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
-}
-
+/// The upper median (rank-based, as the p50 of [`percentile`]).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     percentile(&v, 0.5)
@@ -97,7 +84,10 @@ fn main() -> Result<()> {
                 port: mesh_common::INBOUND_PORT,
             }],
         }],
-        workloads: vec![workload(&web, "web"), workload(&api, "api")],
+        workloads: vec![
+            workload(&web, "web", vec![9091], vec![]),
+            workload(&api, "api", vec![9091], vec![]),
+        ],
     };
     let state = tempfile::tempdir()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -194,14 +184,14 @@ fn main() -> Result<()> {
     let (s50, l50) = (median(p50_small.clone()), median(p50_large.clone()));
     let (s99, l99) = (median(p99_small), median(p99_large));
     let load = median(load_times);
-    let uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kernel = report::kernel_release();
     let summary = json!({
         "connect_p50_us": {"10": s50, "100000": l50, "ratio": l50 / s50},
         "connect_p99_us": {"10": s99, "100000": l99, "ratio": l99 / s99},
         "load_100000_s": load,
         "change_to_kernel_ms": {"p50": change_p50, "p99": change_p99},
-        "kernel": uname.trim(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel,
+        "cpus": report::cpu_count(),
         "rounds": rounds,
         "connects_per_run": connects,
         "records": records,
@@ -234,14 +224,16 @@ fn main() -> Result<()> {
          Compile and load 100,000 intentions: {load:.2} s. One change among 100,000, from the agent \
          call to the kernel holding it (compile, write the differences to the set not in force, flip): \
          p50 {change_p50:.1} ms, p99 {change_p99:.1} ms (target ≤ 10 ms).\n",
-        uname.trim(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        kernel,
+        report::cpu_count(),
         l50 / s50,
         l99 / s99,
     );
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
-    let (begin, end) = ("<!-- intentions:begin -->", "<!-- intentions:end -->");
-    mesh_kit::write_marked_section(&docs, begin, end, &format!("{begin}\n{section}{end}\n"))?;
+    SECTION.write(
+        &docs,
+        &format!("{}\n{section}{}\n", SECTION.begin, SECTION.end),
+    )?;
     drop(agent);
     drop(rt);
     Ok(())

@@ -1,7 +1,7 @@
 //! `mesh-bench`: speed of the app ⇄ listener hop over plain loopback TCP, the mesh's sk_msg
 //! redirect (the real kernel programs) and an iptables REDIRECT hop, side by side in one run.
 //! `mesh-bench e2e ...` is the end-to-end benchmark (two pods: direct, the mesh in both redirect
-//! modes and without sk_msg, and an HAProxy mTLS sidecar pair): see `bench/e2e.rs` for its
+//! modes and without sk_msg, and an HAProxy mTLS sidecar pair): see `mesh_bench::e2e` for its
 //! options.
 //!
 //! ```text
@@ -24,30 +24,11 @@
 //! was invalid (an sk_msg run that redirected nothing, a baseline that was redirected, or a
 //! failure); targets are reported, never asserted.
 
-#[path = "../e2e.rs"]
-mod e2e;
-#[path = "../e2e_agent.rs"]
-mod e2e_agent;
-#[path = "../e2e_app.rs"]
-mod e2e_app;
-#[path = "../e2e_chart.rs"]
-mod e2e_chart;
-#[path = "../e2e_haproxy.rs"]
-mod e2e_haproxy;
-#[path = "../e2e_report.rs"]
-mod e2e_report;
-#[path = "../e2e_tools.rs"]
-mod e2e_tools;
-#[path = "../report.rs"]
-mod report;
-#[path = "../workload.rs"]
-mod workload;
-
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use mesh_common::{
@@ -56,18 +37,16 @@ use mesh_common::{
 use mesh_dataplane::bpf::Dataplane;
 use mesh_kit::{Node, Pod};
 use nix::sched::CpuSet;
-use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-use report::{Machine, Record, Setup};
-use workload::Workload;
-
-/// Set by the signal thread on SIGINT/SIGTERM/SIGHUP: stop, clean up, exit.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Longest a client may take for one measurement before it is killed and the run fails.
-const CLIENT_LIMIT: Duration = Duration::from_secs(120);
+use mesh_bench::harness::{
+    stop_signals, target_dir, wait_client, watch_stop_signals, Pinning, INTERRUPTED,
+};
+use mesh_bench::redirect_report::{self, Record, Setup};
+use mesh_bench::report::{self, Machine};
+use mesh_bench::workload::{self, Workload};
+use mesh_bench::{e2e, e2e_agent, e2e_app};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -86,30 +65,6 @@ fn main() {
             std::process::exit(1);
         }
     }
-}
-
-fn stop_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(sig);
-    }
-    set
-}
-
-/// Call before any thread exists, so that every thread inherits the mask and only the signal
-/// thread receives them: Ctrl-C then cleans up instead of leaving namespaces and pins behind.
-fn watch_stop_signals() -> Result<()> {
-    let signals = stop_signals();
-    signals.thread_block()?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            while let Ok(sig) = signals.wait() {
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                eprintln!("mesh-bench: {sig}: stopping and cleaning up");
-            }
-        })?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -258,31 +213,6 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
     Ok(Some(o))
 }
 
-/// `target/` of the build that produced this binary (`target/<profile>/mesh-bench`).
-fn target_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .context("the binary has no target directory")
-}
-
-/// Pinned runs put the app and the listener on one CPU; unpinned ones let the scheduler choose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pinning {
-    Pinned(usize),
-    Unpinned,
-}
-
-impl Pinning {
-    fn name(self) -> &'static str {
-        match self {
-            Pinning::Pinned(_) => "pinned",
-            Pinning::Unpinned => "unpinned",
-        }
-    }
-}
-
 /// One way from the app to the listener.
 struct PathSetup {
     name: &'static str,
@@ -339,7 +269,7 @@ fn bench_main(args: &[String]) -> Result<i32> {
             connect_secs: 2.0,
         }
     };
-    let load_start = load_average();
+    let load_start = report::load_average();
     let started = Instant::now();
 
     // The node: dropped (namespaces, cgroups, pins, iptables, stray clients removed) on every
@@ -347,19 +277,12 @@ fn bench_main(args: &[String]) -> Result<i32> {
     let mut node = Node::new()?;
     let bench = build(&mut node, setup, all_cpus)?;
     let records = run_rounds(&bench)?;
-    let machine = Machine {
-        kernel: read_trimmed("/proc/sys/kernel/osrelease"),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model: cpu_model(),
-        date: utc_date(),
-        load_start,
-        load_end: load_average(),
-    };
+    let machine = Machine::now(load_start);
     drop(bench);
     drop(node);
 
-    print!("{}", report::terminal(&records, &machine, &setup));
-    let json = report::to_json(&records, &machine, &setup);
+    print!("{}", redirect_report::terminal(&records, &machine, &setup));
+    let json = redirect_report::to_json(&records, &machine, &setup);
     if let Some(dir) = opts.json.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -367,7 +290,7 @@ fn bench_main(args: &[String]) -> Result<i32> {
         .with_context(|| format!("writing {}", opts.json.display()))?;
     println!("\nrecords: {}", opts.json.display());
     if let Some(md) = &opts.markdown {
-        report::write_section(md, &report::markdown(&records, &machine, &setup))?;
+        redirect_report::write_section(md, &redirect_report::markdown(&records, &machine, &setup))?;
         println!("markdown section: {}", md.display());
     }
     println!("took {:.0} s", started.elapsed().as_secs_f64());
@@ -471,7 +394,7 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
             orig_dst: Some(vip),
         },
     ];
-    debug_assert!(paths.iter().map(|p| p.name).eq(report::PATHS));
+    debug_assert!(paths.iter().map(|p| p.name).eq(redirect_report::PATHS));
     Ok(Bench {
         exe: std::env::current_exe()?,
         setup,
@@ -695,91 +618,4 @@ fn run_client(bench: &Bench, p: &PathSetup, wl: Workload, pinning: Pinning) -> R
         .last()
         .context("the app process printed nothing")?;
     serde_json::from_str(line).with_context(|| format!("the app's report {line:?}"))
-}
-
-/// Waits for the app process; kills it past [`CLIENT_LIMIT`] or when interrupted.
-fn wait_client(mut child: Child) -> Result<Output> {
-    let start = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if interrupted || start.elapsed() > CLIENT_LIMIT {
-            let _ = child.kill();
-            let out = child.wait_with_output()?;
-            bail!(
-                "{}; stderr: {}",
-                if interrupted {
-                    "interrupted".to_string()
-                } else {
-                    format!("the app process did not finish within {CLIENT_LIMIT:?}")
-                },
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".to_string())
-}
-
-/// The 1-minute load average.
-fn load_average() -> String {
-    read_trimmed("/proc/loadavg")
-        .split_whitespace()
-        .next()
-        .unwrap_or("?")
-        .to_string()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
-}
-
-/// Today's date (UTC) as YYYY-MM-DD.
-fn utc_date() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    format!("{y:04}-{m:02}-{d:02} UTC")
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(20_000), (2024, 10, 4));
-    }
 }

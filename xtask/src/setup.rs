@@ -1,0 +1,122 @@
+//! `cargo xtask setup`: the Debian packages, the nightly toolchain with `rust-src` and the
+//! `bpf-linker` the build, the tests and the benchmarks need. Idempotent; every other command
+//! runs it first and it only acts when something is missing.
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::{is_root, status};
+
+/// Debian packages the build, the tests and the benchmarks use.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "util-linux",
+    "procps",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // The end-to-end benchmark's load generators and its HAProxy baseline; perf for profiles.
+    "wrk",
+    "iperf3",
+    "haproxy",
+    "linux-perf",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn has_nightly_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false)
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+/// Installs what is missing. With `verbose`, says what was already there.
+pub fn setup(verbose: bool) -> Result<()> {
+    let packages = missing_packages();
+    let rust_src = has_nightly_rust_src();
+    let linker = bpf_linker_ok();
+    if packages.is_empty() && rust_src && linker {
+        if verbose {
+            eprintln!("setup: everything is installed");
+        }
+        return Ok(());
+    }
+    if !packages.is_empty() {
+        if !is_root() {
+            bail!(
+                "setup needs root to install {} (run `sudo cargo xtask setup`)",
+                packages.join(" ")
+            );
+        }
+        eprintln!("setup: installing {}", packages.join(" "));
+        let mut update = Command::new("apt-get");
+        update
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(update)?;
+        let mut install = Command::new("apt-get");
+        install
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(install)?;
+    }
+    if !rust_src {
+        eprintln!("setup: adding the nightly toolchain with rust-src");
+        let mut c = Command::new("rustup");
+        c.args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]);
+        status(c)?;
+    }
+    if !linker {
+        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+        let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+        let mut c = Command::new("cargo");
+        c.args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("PATH", path);
+        status(c)?;
+    }
+    Ok(())
+}
