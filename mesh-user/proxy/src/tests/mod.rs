@@ -384,6 +384,7 @@ async fn expect_refused(addr: SocketAddr) {
     assert!(got.is_empty(), "refused connection answered {got:?}");
 }
 
+mod bounds;
 mod inbound;
 mod lifecycle;
 mod limits;
