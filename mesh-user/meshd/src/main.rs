@@ -62,15 +62,24 @@ enum Cmd {
         /// Keep connect4 redirection but let app⇄proxy bytes take the TCP stack.
         #[arg(long)]
         no_msg_redirect: bool,
-        /// Most connections at once, per pod.
-        #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_POD)]
-        max_connections_per_pod: usize,
+        /// Most inbound connections at once, per pod (a budget separate from outbound).
+        #[arg(long, default_value_t = config::DEFAULT_MAX_INBOUND_CONNECTIONS_PER_POD)]
+        max_inbound_connections_per_pod: usize,
+        /// Most outbound connections at once, per pod (a budget separate from inbound).
+        #[arg(long, default_value_t = config::DEFAULT_MAX_OUTBOUND_CONNECTIONS_PER_POD)]
+        max_outbound_connections_per_pod: usize,
         /// Most connections at once, for the whole agent.
         #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_AGENT)]
         max_connections: usize,
         /// Seconds a TLS handshake may take.
         #[arg(long, default_value_t = config::DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
         handshake_timeout: u64,
+        /// Seconds an inbound peer has to send its TLS ClientHello.
+        #[arg(long, default_value_t = config::DEFAULT_PRE_HANDSHAKE_TIMEOUT.as_secs())]
+        pre_handshake_timeout: u64,
+        /// Inbound connections of a pod still in the TLS handshake, per source address.
+        #[arg(long, default_value_t = config::DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE)]
+        max_pending_handshakes_per_source: usize,
         /// Seconds without a byte either way before a connection is closed.
         #[arg(long, default_value_t = config::DEFAULT_IDLE_TIMEOUT.as_secs())]
         idle_timeout: u64,
@@ -156,16 +165,23 @@ fn main() -> Result<()> {
             redirect,
             default_intention_policy,
             no_msg_redirect,
-            max_connections_per_pod,
+            max_inbound_connections_per_pod,
+            max_outbound_connections_per_pod,
             max_connections,
             handshake_timeout,
+            pre_handshake_timeout,
+            max_pending_handshakes_per_source,
             idle_timeout,
             no_tls_resumption,
         } => {
             let nofile = limits::raise_nofile()?;
-            let (mut max_connections, mut max_connections_per_pod) =
-                (max_connections, max_connections_per_pod);
-            limits::clamp(nofile, &mut max_connections, &mut max_connections_per_pod);
+            let (mut max_connections, mut max_inbound, mut max_outbound) = (
+                max_connections,
+                max_inbound_connections_per_pod,
+                max_outbound_connections_per_pod,
+            );
+            limits::clamp(nofile, &mut max_connections, &mut max_inbound);
+            max_outbound = max_outbound.min(max_connections);
             let mesh_cgroup = match mesh_cgroup {
                 Some(p) => p,
                 None => mesh_dataplane::cgroup::v2_root()?,
@@ -178,9 +194,12 @@ fn main() -> Result<()> {
                 default_policy: default_intention_policy,
                 msg_redirect: !no_msg_redirect,
                 proxy: mesh_proxy::ProxyConfig {
-                    max_connections_per_pod,
+                    max_inbound_connections_per_pod: max_inbound,
+                    max_outbound_connections_per_pod: max_outbound,
                     max_connections_per_agent: max_connections,
                     handshake_timeout: Duration::from_secs(handshake_timeout),
+                    pre_handshake_timeout: Duration::from_secs(pre_handshake_timeout),
+                    max_pending_handshakes_per_source,
                     idle_timeout: Duration::from_secs(idle_timeout),
                     tls_resumption: !no_tls_resumption,
                     ..mesh_proxy::ProxyConfig::default()
@@ -210,8 +229,11 @@ fn main() -> Result<()> {
             limits::clamp(
                 nofile,
                 &mut proxy.max_connections_per_agent,
-                &mut proxy.max_connections_per_pod,
+                &mut proxy.max_inbound_connections_per_pod,
             );
+            proxy.max_outbound_connections_per_pod = proxy
+                .max_outbound_connections_per_pod
+                .min(proxy.max_connections_per_agent);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?

@@ -8,12 +8,14 @@ use rustls::server::Acceptor;
 use rustls::HandshakeKind;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use super::copy::relay;
 use super::dial::DialKind;
 use super::pod::{reset, ConnInfo, PodState, Shared};
+use super::ratelimit::PendingGuard;
 use super::sni::parse_server_name;
 use super::stats::PodStats;
 use super::Error;
@@ -25,19 +27,29 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// How long a refused TLS connection gets to take its `close_notify`.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Serves one connection accepted on a pod's inbound listener.
+/// Serves one connection accepted on a pod's inbound listener. `pending` is the connection's
+/// slot among its source's pending handshakes: freed as soon as the handshake ends.
 pub(crate) async fn serve(
     shared: &Shared,
     pod: &PodState,
     stream: TcpStream,
+    pending: Option<PendingGuard>,
     info: &mut ConnInfo,
 ) -> Result<(), Error> {
     info.service = Some(pod.id().clone());
     let limit = shared.config.handshake_timeout;
-    let tls = match tokio::time::timeout(limit, handshake(pod, stream, info)).await {
+    let deadline = Instant::now() + limit;
+    let pre_limit = shared.config.pre_handshake_timeout.min(limit);
+    let start = match tokio::time::timeout(pre_limit, client_hello(pod, stream, info)).await {
         Ok(result) => result?,
+        Err(_) => return Err(Error::PreHandshakeTimeout(pre_limit)),
+    };
+    let handshake = start.into_stream(Arc::clone(&pod.server));
+    let tls = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(result) => result.map_err(Error::Handshake)?,
         Err(_) => return Err(Error::HandshakeTimeout(limit)),
     };
+    drop(pending);
     let (_, conn) = tls.get_ref();
     PodStats::bump(&pod.stats.tls_handshakes);
     if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
@@ -107,13 +119,13 @@ pub(crate) async fn serve(
     result
 }
 
-/// Refuses plaintext, reads the client hello (for the requested port in logs), completes the
-/// handshake with the pod's server config.
-async fn handshake(
+/// Refuses plaintext, reads the client hello (for the requested port in logs); the handshake
+/// goes on with the pod's server config.
+async fn client_hello(
     pod: &PodState,
     stream: TcpStream,
     info: &mut ConnInfo,
-) -> Result<TlsStream<TcpStream>, Error> {
+) -> Result<StartHandshake<TcpStream>, Error> {
     let mut first = [0u8; 1];
     let n = stream.peek(&mut first).await.map_err(Error::Handshake)?;
     if n == 0 {
@@ -130,10 +142,7 @@ async fn handshake(
     if let Some(name) = start.client_hello().server_name() {
         info.port = parse_server_name(name, pod.id()).ok();
     }
-    start
-        .into_stream(Arc::clone(&pod.server))
-        .await
-        .map_err(Error::Handshake)
+    Ok(start)
 }
 
 /// Closes an authenticated connection that will not be served (`close_notify`, then FIN) and

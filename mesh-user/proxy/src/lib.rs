@@ -40,7 +40,8 @@
 //!
 //! A connection whose first byte is not a TLS handshake record is refused (plaintext that the
 //! kernel steered to the proxy). Otherwise: TLS accept with the pod's server config within
-//! [`ProxyConfig::handshake_timeout`], the caller's SPIFFE ID from its certificate, the port from
+//! [`ProxyConfig::handshake_timeout`] (and the ClientHello within the shorter
+//! [`ProxyConfig::pre_handshake_timeout`]), the caller's SPIFFE ID from its certificate, the port from
 //! the server name, the [`Authorizer`]'s decision for (caller, the pod's service), the port must
 //! be one of the pod's app ports, then a connection to the app on `127.0.0.1:<port>` through
 //! the [`Dialer`]. After a rule change, [`PodProxy::reauthorize`] asks the [`Authorizer`] again
@@ -51,9 +52,13 @@
 //! Bytes are copied both ways with fixed buffers of [`ProxyConfig::buffer_size`] per direction;
 //! an end of stream on one side shuts down writing on the other (for TLS: `close_notify`, then
 //! a TCP FIN) and the other direction goes on until it ends too. A connection with no bytes in
-//! either direction for [`ProxyConfig::idle_timeout`] is closed. Connections past the per-pod or
-//! per-agent limit are reset on accept. Every failure is confined to its connection and logged
-//! (with `tracing`) with who (caller SPIFFE ID or peer address), to what (service, port) and why.
+//! either direction for [`ProxyConfig::idle_timeout`] is closed. Each pod has separate inbound
+//! and outbound connection budgets; connections past the pod's budget for their side, or the
+//! agent's limit, are reset on accept, as are inbound connections from a source that already
+//! has [`ProxyConfig::max_pending_handshakes_per_source`] handshakes in progress. Every failure
+//! is confined to its connection and logged (with `tracing`) with who (caller SPIFFE ID or peer
+//! address), to what (service, port) and why; refusals are rate-limited per pod and kind
+//! ([`ProxyConfig::refusal_log_interval`]), the counters keep the totals.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -64,6 +69,7 @@ mod directory;
 mod inbound;
 mod outbound;
 mod pod;
+mod ratelimit;
 mod sni;
 mod stats;
 
@@ -98,6 +104,15 @@ pub struct ProxyConfig {
     /// Limit for a TLS handshake (inbound: from accept to the end of the handshake, including
     /// the first byte; outbound: per handshake).
     pub handshake_timeout: Duration,
+    /// Inbound: limit from accept to the first complete TLS ClientHello, so a peer that sends
+    /// a byte and stalls is closed long before [`ProxyConfig::handshake_timeout`] (which still
+    /// bounds the whole handshake). Capped by `handshake_timeout` when larger.
+    pub pre_handshake_timeout: Duration,
+    /// Inbound connections of one pod still in the TLS handshake, per source IP address
+    /// (v4-mapped IPv6 counts as IPv4). A connection over the cap is reset at accept and
+    /// counted ([`PodStatsSnapshot::refused_pending_handshakes`]); a finished handshake frees
+    /// its slot at once.
+    pub max_pending_handshakes_per_source: usize,
     /// Limit for one TCP connect (to an endpoint, an app or a passthrough destination).
     pub connect_timeout: Duration,
     /// A connection without a byte in either direction for this long is closed.
@@ -106,9 +121,13 @@ pub struct ProxyConfig {
     pub endpoint_skip: Duration,
     /// How many endpoints one client connection tries before giving up (at least 1).
     pub connect_attempts: usize,
-    /// Connections (inbound and outbound together) per pod, unless the pod's
-    /// [`PodSpec::max_connections`] says otherwise.
-    pub max_connections_per_pod: usize,
+    /// Inbound connections per pod, unless the pod's [`PodSpec::max_inbound_connections`]
+    /// says otherwise. A separate budget from the outbound one: a flood on one side cannot
+    /// starve the other.
+    pub max_inbound_connections_per_pod: usize,
+    /// Outbound connections (transparent and explicit upstreams together) per pod, unless the
+    /// pod's [`PodSpec::max_outbound_connections`] says otherwise.
+    pub max_outbound_connections_per_pod: usize,
     /// Connections of all pods together.
     pub max_connections_per_agent: usize,
     /// Copy buffer per direction and connection, in bytes. With rustls' own buffers (64 KiB
@@ -117,14 +136,31 @@ pub struct ProxyConfig {
     /// TLS session resumption between proxies (both as client and as server). Off, every
     /// mesh connection makes a full mTLS handshake.
     pub tls_resumption: bool,
+    /// Refusal log lines (limits, denials, plaintext, TLS failures, ...) are rate-limited per
+    /// pod and kind: at most [`ProxyConfig::refusal_log_burst`] lines per this interval; the
+    /// next line written says how many were suppressed. The counters keep the totals.
+    pub refusal_log_interval: Duration,
+    /// Lines of one kind per pod written per [`ProxyConfig::refusal_log_interval`] (at least 1).
+    pub refusal_log_burst: u32,
 }
 
 /// Default [`ProxyConfig::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`ProxyConfig::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Default [`ProxyConfig::max_connections_per_pod`].
-pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = 10_000;
+/// Default [`ProxyConfig::pre_handshake_timeout`].
+pub const DEFAULT_PRE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default [`ProxyConfig::max_pending_handshakes_per_source`].
+pub const DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE: usize = 32;
+/// Default [`ProxyConfig::max_inbound_connections_per_pod`]: with the outbound default, the
+/// 10,000 per pod that inbound and outbound used to share.
+pub const DEFAULT_MAX_INBOUND_CONNECTIONS_PER_POD: usize = 5_000;
+/// Default [`ProxyConfig::max_outbound_connections_per_pod`].
+pub const DEFAULT_MAX_OUTBOUND_CONNECTIONS_PER_POD: usize = 5_000;
+/// Default [`ProxyConfig::refusal_log_interval`].
+pub const DEFAULT_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Default [`ProxyConfig::refusal_log_burst`].
+pub const DEFAULT_REFUSAL_LOG_BURST: u32 = 1;
 /// Default [`ProxyConfig::max_connections_per_agent`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 100_000;
 
@@ -132,14 +168,19 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            pre_handshake_timeout: DEFAULT_PRE_HANDSHAKE_TIMEOUT,
+            max_pending_handshakes_per_source: DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             endpoint_skip: Duration::from_secs(10),
             connect_attempts: 3,
-            max_connections_per_pod: DEFAULT_MAX_CONNECTIONS_PER_POD,
+            max_inbound_connections_per_pod: DEFAULT_MAX_INBOUND_CONNECTIONS_PER_POD,
+            max_outbound_connections_per_pod: DEFAULT_MAX_OUTBOUND_CONNECTIONS_PER_POD,
             max_connections_per_agent: DEFAULT_MAX_CONNECTIONS_PER_AGENT,
             buffer_size: 64 * 1024,
             tls_resumption: true,
+            refusal_log_interval: DEFAULT_REFUSAL_LOG_INTERVAL,
+            refusal_log_burst: DEFAULT_REFUSAL_LOG_BURST,
         }
     }
 }
@@ -163,15 +204,18 @@ impl ProxyConfig {
     /// # Errors
     ///
     /// [`Error::Config`] naming the first bad field: a timeout or skip period that is zero or
-    /// over 30 days, `connect_attempts` 0, a connection limit 0 or above tokio's semaphore
-    /// maximum, `buffer_size` outside 1 KiB–16 MiB.
+    /// over 30 days, `connect_attempts`, `max_pending_handshakes_per_source` or
+    /// `refusal_log_burst` 0, a connection limit 0 or above tokio's semaphore maximum,
+    /// `buffer_size` outside 1 KiB–16 MiB.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |what: &str| Err(Error::Config(what.to_owned()));
         for (what, d) in [
             ("handshake_timeout", self.handshake_timeout),
+            ("pre_handshake_timeout", self.pre_handshake_timeout),
             ("connect_timeout", self.connect_timeout),
             ("idle_timeout", self.idle_timeout),
             ("endpoint_skip", self.endpoint_skip),
+            ("refusal_log_interval", self.refusal_log_interval),
         ] {
             if d.is_zero() || d > MAX_DURATION {
                 return Err(Error::Config(format!(
@@ -182,8 +226,21 @@ impl ProxyConfig {
         if self.connect_attempts == 0 {
             return bad("connect_attempts must be at least 1");
         }
+        if self.max_pending_handshakes_per_source == 0 {
+            return bad("max_pending_handshakes_per_source must be at least 1");
+        }
+        if self.refusal_log_burst == 0 {
+            return bad("refusal_log_burst must be at least 1");
+        }
         for (what, n) in [
-            ("max_connections_per_pod", self.max_connections_per_pod),
+            (
+                "max_inbound_connections_per_pod",
+                self.max_inbound_connections_per_pod,
+            ),
+            (
+                "max_outbound_connections_per_pod",
+                self.max_outbound_connections_per_pod,
+            ),
             ("max_connections_per_agent", self.max_connections_per_agent),
         ] {
             if n == 0 || n > tokio::sync::Semaphore::MAX_PERMITS {
@@ -205,7 +262,7 @@ impl ProxyConfig {
 /// Which connection limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LimitScope {
-    /// The pod's limit.
+    /// The pod's budget for the connection's side (inbound or outbound).
     Pod,
     /// The agent's limit.
     Agent,
@@ -250,6 +307,14 @@ pub enum Error {
     /// The TLS handshake did not finish in time.
     #[error("TLS handshake timed out after {0:?}")]
     HandshakeTimeout(Duration),
+    /// An inbound peer sent no complete TLS ClientHello within
+    /// [`ProxyConfig::pre_handshake_timeout`].
+    #[error("no TLS ClientHello within {0:?}")]
+    PreHandshakeTimeout(Duration),
+    /// The source already has [`ProxyConfig::max_pending_handshakes_per_source`] inbound
+    /// connections of the pod in the TLS handshake.
+    #[error("too many pending TLS handshakes from {0}")]
+    PendingHandshakes(std::net::IpAddr),
     /// The TLS handshake failed (bad certificate, wrong identity, protocol error).
     #[error("TLS handshake failed: {0}")]
     Handshake(#[source] io::Error),

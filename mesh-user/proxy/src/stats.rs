@@ -14,7 +14,11 @@ pub struct PodStats {
     pub(crate) passthrough: AtomicU64,
     pub(crate) bytes_to_app: AtomicU64,
     pub(crate) bytes_from_app: AtomicU64,
-    pub(crate) refused_by_limit: AtomicU64,
+    pub(crate) refused_by_limit_inbound: AtomicU64,
+    pub(crate) refused_by_limit_outbound: AtomicU64,
+    pub(crate) refused_pending_handshakes: AtomicU64,
+    pub(crate) pre_handshake_timeouts: AtomicU64,
+    pub(crate) logs_suppressed: AtomicU64,
     pub(crate) denied: AtomicU64,
     pub(crate) tls_failures: AtomicU64,
     pub(crate) plaintext_refused: AtomicU64,
@@ -42,12 +46,28 @@ pub struct PodStatsSnapshot {
     pub bytes_to_app: u64,
     /// Bytes read from the pod's app and sent on (requests on outbound, responses on inbound).
     pub bytes_from_app: u64,
-    /// Connections reset on accept because the pod or agent limit was reached.
+    /// Connections reset on accept because the pod's budget for their side or the agent's
+    /// limit was reached: `refused_by_limit_inbound + refused_by_limit_outbound`.
     pub refused_by_limit: u64,
+    /// Of those, on the inbound listener.
+    pub refused_by_limit_inbound: u64,
+    /// Of those, on an outbound listener.
+    pub refused_by_limit_outbound: u64,
+    /// Inbound connections reset on accept because their source already had
+    /// [`crate::ProxyConfig::max_pending_handshakes_per_source`] handshakes in progress (not
+    /// in `refused_by_limit`).
+    pub refused_pending_handshakes: u64,
+    /// Inbound connections closed because no complete TLS ClientHello arrived within
+    /// [`crate::ProxyConfig::pre_handshake_timeout`] (not in `tls_failures`).
+    pub pre_handshake_timeouts: u64,
+    /// Refusal log lines not written because of the rate limit
+    /// ([`crate::ProxyConfig::refusal_log_interval`]).
+    pub refusal_logs_suppressed: u64,
     /// Inbound connections refused after authentication (intentions, port, server name) or
     /// closed by [`super::PodProxy::reauthorize`].
     pub denied: u64,
-    /// TLS handshakes that failed or timed out (either direction).
+    /// TLS handshakes that failed or timed out (either direction; pre-handshake timeouts are
+    /// counted apart).
     pub tls_failures: u64,
     /// Inbound connections refused because the client spoke plaintext.
     pub plaintext_refused: u64,
@@ -75,7 +95,15 @@ impl PodStats {
             passthrough_connections: self.passthrough.load(Relaxed),
             bytes_to_app: self.bytes_to_app.load(Relaxed),
             bytes_from_app: self.bytes_from_app.load(Relaxed),
-            refused_by_limit: self.refused_by_limit.load(Relaxed),
+            refused_by_limit: {
+                let inbound = self.refused_by_limit_inbound.load(Relaxed);
+                inbound.saturating_add(self.refused_by_limit_outbound.load(Relaxed))
+            },
+            refused_by_limit_inbound: self.refused_by_limit_inbound.load(Relaxed),
+            refused_by_limit_outbound: self.refused_by_limit_outbound.load(Relaxed),
+            refused_pending_handshakes: self.refused_pending_handshakes.load(Relaxed),
+            pre_handshake_timeouts: self.pre_handshake_timeouts.load(Relaxed),
+            refusal_logs_suppressed: self.logs_suppressed.load(Relaxed),
             denied: self.denied.load(Relaxed),
             tls_failures: self.tls_failures.load(Relaxed),
             plaintext_refused: self.plaintext_refused.load(Relaxed),
@@ -91,10 +119,13 @@ impl PodStats {
         counter.fetch_add(1, Relaxed);
     }
 
-    /// Counts how a connection ended.
-    pub(crate) fn count_error(&self, error: &Error) {
+    /// Counts how a connection ended (a limit refusal on the `inbound` side or not).
+    pub(crate) fn count_error(&self, error: &Error, inbound: bool) {
         let counter = match error {
-            Error::LimitReached(_) => &self.refused_by_limit,
+            Error::LimitReached(_) if inbound => &self.refused_by_limit_inbound,
+            Error::LimitReached(_) => &self.refused_by_limit_outbound,
+            Error::PendingHandshakes(_) => &self.refused_pending_handshakes,
+            Error::PreHandshakeTimeout(_) => &self.pre_handshake_timeouts,
             Error::NotTls { .. } => &self.plaintext_refused,
             Error::HandshakeTimeout(_) | Error::Handshake(_) => &self.tls_failures,
             // A verified peer without a usable SPIFFE ID.

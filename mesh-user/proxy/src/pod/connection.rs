@@ -13,6 +13,7 @@ use tracing::Level;
 
 use super::{ListenerKind, PodState, Shared};
 use crate::copy::Transferred;
+use crate::ratelimit::{LogKind, PendingGuard, Suppressed, Verdict};
 use crate::stats::PodStats;
 use crate::{inbound, outbound, Error, LimitScope};
 use mesh_core::identity::SpiffeId;
@@ -27,17 +28,120 @@ struct Permits {
     _pod: OwnedSemaphorePermit,
 }
 
-fn admit(shared: &Shared, pod: &PodState) -> Result<Permits, LimitScope> {
+/// Takes an agent slot and a slot of the pod's budget for the connection's side.
+fn admit(shared: &Shared, pod: &PodState, inbound: bool) -> Result<Permits, LimitScope> {
     let agent = Arc::clone(&shared.limit)
         .try_acquire_owned()
         .map_err(|_| LimitScope::Agent)?;
-    let pod = Arc::clone(&pod.limit)
+    let budget = if inbound {
+        &pod.inbound_limit
+    } else {
+        &pod.outbound_limit
+    };
+    let pod = Arc::clone(budget)
         .try_acquire_owned()
         .map_err(|_| LimitScope::Pod)?;
     Ok(Permits {
         _agent: agent,
         _pod: pod,
     })
+}
+
+/// Asks the pod's log limiter about a line of `kind`: `Some(suppressed)` to write it (with the
+/// count of lines dropped before it), `None` (counted) to drop it.
+pub(crate) fn may_log(pod: &PodState, kind: LogKind) -> Option<u64> {
+    match pod.logs.check(kind) {
+        Verdict::Emit { suppressed } => Some(suppressed),
+        Verdict::Suppress => {
+            PodStats::bump(&pod.stats.logs_suppressed);
+            None
+        }
+    }
+}
+
+/// The rate-limit kind of a refusal log line.
+fn log_kind(error: &Error, inbound: bool) -> LogKind {
+    match error {
+        Error::LimitReached(_) if inbound => LogKind::InboundLimit,
+        Error::LimitReached(_) => LogKind::OutboundLimit,
+        Error::PendingHandshakes(_) => LogKind::PendingHandshakes,
+        Error::PreHandshakeTimeout(_) => LogKind::PreHandshakeTimeout,
+        Error::NotTls { .. } => LogKind::Plaintext,
+        Error::HandshakeTimeout(_) | Error::Handshake(_) | Error::Identity(_) => LogKind::Tls,
+        Error::Denied { .. }
+        | Error::Revoked { .. }
+        | Error::PortNotServed { .. }
+        | Error::BadServerName { .. } => LogKind::Denied,
+        _ => LogKind::Failed,
+    }
+}
+
+/// Admits an accepted connection (per-source pending handshakes, then the limits) and starts
+/// its task, or resets it.
+fn on_accept(
+    shared: &Arc<Shared>,
+    pod: &Arc<PodState>,
+    kind: &Arc<ListenerKind>,
+    conns: &mut JoinSet<()>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let inbound = kind.is_inbound();
+    let pending = if inbound {
+        match pod.pending.try_acquire(peer.ip()) {
+            Some(guard) => Some(guard),
+            None => {
+                let error = Error::PendingHandshakes(peer.ip());
+                return refuse_at_accept(pod, kind, stream, peer, local, &error);
+            }
+        }
+    } else {
+        None
+    };
+    match admit(shared, pod, inbound) {
+        Ok(permits) => {
+            conns.spawn(connection(
+                Arc::clone(shared),
+                Arc::clone(pod),
+                Arc::clone(kind),
+                stream,
+                peer,
+                local,
+                permits,
+                pending,
+            ));
+        }
+        Err(scope) => {
+            refuse_at_accept(pod, kind, stream, peer, local, &Error::LimitReached(scope));
+        }
+    }
+}
+
+/// Resets a connection refused at accept, counts it and logs it (rate-limited).
+fn refuse_at_accept(
+    pod: &PodState,
+    kind: &ListenerKind,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    error: &Error,
+) {
+    reset(stream);
+    let inbound = kind.is_inbound();
+    pod.stats.count_error(error, inbound);
+    if let Some(suppressed) = may_log(pod, log_kind(error, inbound)) {
+        tracing::warn!(
+            pod = %pod.name,
+            direction = kind.direction(),
+            %peer,
+            listener = %local,
+            reason = %error,
+            suppressed,
+            "connection refused: {error}{}",
+            Suppressed(suppressed)
+        );
+    }
 }
 
 /// Closes a connection with a reset (no lingering state), for refusals before any byte moved.
@@ -69,31 +173,9 @@ pub(super) async fn accept_loop(
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match admit(&shared, &pod) {
-                    Ok(permits) => {
-                        conns.spawn(connection(
-                            Arc::clone(&shared),
-                            Arc::clone(&pod),
-                            Arc::clone(&kind),
-                            stream,
-                            peer,
-                            local,
-                            permits,
-                        ));
-                    }
-                    Err(scope) => {
-                        reset(stream);
-                        pod.stats.count_error(&Error::LimitReached(scope));
-                        tracing::warn!(
-                            pod = %pod.name,
-                            direction = kind.direction(),
-                            %peer,
-                            listener = %local,
-                            %scope,
-                            "connection refused: {scope} connection limit reached"
-                        );
-                    }
-                },
+                Ok((stream, peer)) => {
+                    on_accept(&shared, &pod, &kind, &mut conns, stream, peer, local);
+                }
                 Err(error) => {
                     tracing::warn!(pod = %pod.name, listener = %local, %error, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -143,7 +225,7 @@ impl<T: fmt::Display> fmt::Display for Opt<'_, T> {
 }
 
 macro_rules! conn_event {
-    ($level:expr, $pod:expr, $direction:expr, $peer:expr, $info:expr, $started:expr, $reason:expr, $msg:literal) => {
+    ($level:expr, $pod:expr, $direction:expr, $peer:expr, $info:expr, $started:expr, $reason:expr, $suppressed:expr, $msg:literal) => {
         tracing::event!(
             $level,
             pod = %$pod.name,
@@ -160,11 +242,15 @@ macro_rules! conn_event {
             bytes_from_app = $info.transferred.from_app,
             ms = u64::try_from($started.elapsed().as_millis()).unwrap_or(u64::MAX),
             reason = %$reason,
-            $msg
+            suppressed = $suppressed,
+            "{}{}",
+            $msg,
+            Suppressed($suppressed)
         )
     };
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     shared: Arc<Shared>,
     pod: Arc<PodState>,
@@ -173,6 +259,7 @@ async fn connection(
     peer: SocketAddr,
     local: SocketAddr,
     _permits: Permits,
+    pending: Option<PendingGuard>,
 ) {
     let _active = pod.stats.open();
     let started = Instant::now();
@@ -182,7 +269,7 @@ async fn connection(
     let result = match &*kind {
         ListenerKind::Inbound => {
             PodStats::bump(&pod.stats.inbound);
-            inbound::serve(&shared, &pod, stream, &mut info).await
+            inbound::serve(&shared, &pod, stream, pending, &mut info).await
         }
         ListenerKind::Transparent => {
             PodStats::bump(&pod.stats.outbound);
@@ -203,26 +290,30 @@ async fn connection(
             info,
             started,
             "end of stream both ways",
+            0,
             "connection closed"
         );
         return;
     };
-    pod.stats.count_error(&error);
+    pod.stats.count_error(&error, kind.is_inbound());
     match error {
         Error::Denied { .. }
         | Error::Revoked { .. }
         | Error::PortNotServed { .. }
         | Error::BadServerName { .. } => {
-            conn_event!(
-                Level::INFO,
-                pod,
-                direction,
-                peer,
-                info,
-                started,
-                error,
-                "connection denied"
-            );
+            if let Some(suppressed) = may_log(&pod, LogKind::Denied) {
+                conn_event!(
+                    Level::INFO,
+                    pod,
+                    direction,
+                    peer,
+                    info,
+                    started,
+                    error,
+                    suppressed,
+                    "connection denied"
+                );
+            }
         }
         // Copy errors are resets and truncations after bytes moved; a connect-and-close before
         // a handshake is a port probe or health check.
@@ -235,20 +326,24 @@ async fn connection(
                 info,
                 started,
                 error,
+                0,
                 "connection closed"
             );
         }
         _ => {
-            conn_event!(
-                Level::WARN,
-                pod,
-                direction,
-                peer,
-                info,
-                started,
-                error,
-                "connection refused"
-            );
+            if let Some(suppressed) = may_log(&pod, log_kind(&error, kind.is_inbound())) {
+                conn_event!(
+                    Level::WARN,
+                    pod,
+                    direction,
+                    peer,
+                    info,
+                    started,
+                    error,
+                    suppressed,
+                    "connection refused"
+                );
+            }
         }
     }
 }

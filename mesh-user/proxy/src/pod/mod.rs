@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::dial::{DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst};
 use super::directory::{Balancer, Directory};
+use super::ratelimit::{LogLimiter, PendingHandshakes};
 use super::stats::{PodStats, PodStatsSnapshot};
 use super::{Authorizer, Error, ProxyConfig};
 use mesh_core::identity::{
@@ -46,6 +47,10 @@ pub enum ListenerKind {
 }
 
 impl ListenerKind {
+    fn is_inbound(&self) -> bool {
+        matches!(self, Self::Inbound)
+    }
+
     fn direction(&self) -> &'static str {
         match self {
             Self::Inbound => "inbound",
@@ -69,18 +74,23 @@ pub struct PodSpec {
     /// The ports the pod's app listens on (`127.0.0.1:<port>` in the pod); inbound connections
     /// may only request these.
     pub app_ports: Vec<u16>,
-    /// The pod's connection limit; `None` uses [`ProxyConfig::max_connections_per_pod`].
-    pub max_connections: Option<usize>,
+    /// The pod's inbound connection budget; `None` uses
+    /// [`ProxyConfig::max_inbound_connections_per_pod`].
+    pub max_inbound_connections: Option<usize>,
+    /// The pod's outbound connection budget (transparent and upstream listeners together);
+    /// `None` uses [`ProxyConfig::max_outbound_connections_per_pod`].
+    pub max_outbound_connections: Option<usize>,
 }
 
 impl PodSpec {
-    /// A pod with the default connection limit.
+    /// A pod with the default connection budgets.
     pub fn new(name: impl Into<String>, leaf: Arc<LeafStore>, app_ports: Vec<u16>) -> Self {
         Self {
             name: name.into(),
             leaf,
             app_ports,
-            max_connections: None,
+            max_inbound_connections: None,
+            max_outbound_connections: None,
         }
     }
 }
@@ -130,7 +140,12 @@ pub(crate) struct PodState {
     pub(crate) leaf: Arc<LeafStore>,
     pub(crate) server: Arc<ServerConfig>,
     app_ports: ArcSwap<Vec<u16>>,
-    limit: Arc<Semaphore>,
+    inbound_limit: Arc<Semaphore>,
+    outbound_limit: Arc<Semaphore>,
+    /// Inbound connections still in the TLS handshake, per source.
+    pub(crate) pending: PendingHandshakes,
+    /// Rate limits of the pod's refusal log lines.
+    pub(crate) logs: LogLimiter,
     pub(crate) stats: Arc<PodStats>,
     pub(crate) inbound: InboundRegistry,
 }
@@ -267,19 +282,28 @@ impl Proxy {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if the pod's connection limit is 0 or too large,
+    /// [`Error::Config`] if one of the pod's connection budgets is 0 or too large,
     /// [`Error::Identity`] if the pod's leaf and the trust bundle do not make a TLS server
     /// config.
     pub fn add_pod(&self, spec: PodSpec) -> Result<PodProxy, Error> {
-        let limit = spec
-            .max_connections
-            .unwrap_or(self.shared.config.max_connections_per_pod);
-        if limit == 0 || limit > Semaphore::MAX_PERMITS {
-            return Err(Error::Config(format!(
-                "pod {}: max_connections must be between 1 and {}",
-                spec.name,
-                Semaphore::MAX_PERMITS
-            )));
+        let config = &self.shared.config;
+        let inbound = spec
+            .max_inbound_connections
+            .unwrap_or(config.max_inbound_connections_per_pod);
+        let outbound = spec
+            .max_outbound_connections
+            .unwrap_or(config.max_outbound_connections_per_pod);
+        for (what, limit) in [
+            ("max_inbound_connections", inbound),
+            ("max_outbound_connections", outbound),
+        ] {
+            if limit == 0 || limit > Semaphore::MAX_PERMITS {
+                return Err(Error::Config(format!(
+                    "pod {}: {what} must be between 1 and {}",
+                    spec.name,
+                    Semaphore::MAX_PERMITS
+                )));
+            }
         }
         let server = server_config_with(
             Arc::clone(&spec.leaf),
@@ -291,7 +315,13 @@ impl Proxy {
             leaf: spec.leaf,
             server,
             app_ports: ArcSwap::from_pointee(spec.app_ports),
-            limit: Arc::new(Semaphore::new(limit)),
+            inbound_limit: Arc::new(Semaphore::new(inbound)),
+            outbound_limit: Arc::new(Semaphore::new(outbound)),
+            pending: PendingHandshakes::new(self.shared.config.max_pending_handshakes_per_source),
+            logs: LogLimiter::new(
+                self.shared.config.refusal_log_interval,
+                self.shared.config.refusal_log_burst,
+            ),
             stats: Arc::new(PodStats::default()),
             inbound: InboundRegistry::default(),
         };

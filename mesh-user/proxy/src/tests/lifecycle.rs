@@ -51,7 +51,27 @@ fn bad_configurations_are_refused() {
             ..ok.clone()
         },
         ProxyConfig {
-            max_connections_per_pod: 0,
+            max_inbound_connections_per_pod: 0,
+            ..ok.clone()
+        },
+        ProxyConfig {
+            max_outbound_connections_per_pod: 0,
+            ..ok.clone()
+        },
+        ProxyConfig {
+            pre_handshake_timeout: Duration::ZERO,
+            ..ok.clone()
+        },
+        ProxyConfig {
+            max_pending_handshakes_per_source: 0,
+            ..ok.clone()
+        },
+        ProxyConfig {
+            refusal_log_interval: Duration::ZERO,
+            ..ok.clone()
+        },
+        ProxyConfig {
+            refusal_log_burst: 0,
             ..ok.clone()
         },
         ProxyConfig {

@@ -14,6 +14,8 @@ async fn the_pod_connection_limit_refuses_the_extra_connection() {
         let held = echo_through(to_api, b"holding the only slot").await;
         expect_refused(to_api).await;
         assert_eq!(web.stats().refused_by_limit, 1);
+        assert_eq!(web.stats().refused_by_limit_outbound, 1);
+        assert_eq!(web.stats().refused_by_limit_inbound, 0);
         assert_eq!(app.accepted(), 1);
 
         drop(held);

@@ -230,7 +230,7 @@ impl Env {
         (pod, addr)
     }
 
-    /// A pod of service `name` without listeners.
+    /// A pod of service `name` without listeners; `max_connections` is its outbound budget.
     fn client(&self, name: &str, max_connections: Option<usize>) -> PodProxy {
         self.client_with_leaf(name, self.leaf(name), max_connections)
     }
@@ -242,7 +242,7 @@ impl Env {
         max_connections: Option<usize>,
     ) -> PodProxy {
         let mut spec = PodSpec::new(format!("{name}-pod"), leaf, vec![]);
-        spec.max_connections = max_connections;
+        spec.max_outbound_connections = max_connections;
         self.proxy.add_pod(spec).unwrap()
     }
 
@@ -384,6 +384,7 @@ async fn expect_refused(addr: SocketAddr) {
     assert!(got.is_empty(), "refused connection answered {got:?}");
 }
 
+mod bounds;
 mod inbound;
 mod lifecycle;
 mod limits;
