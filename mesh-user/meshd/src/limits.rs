@@ -8,6 +8,7 @@
 //! both.
 
 use anyhow::{Context, Result};
+use mesh_proxy::ProxyConfig;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tracing::{info, warn};
 
@@ -39,25 +40,27 @@ pub fn connections_for(nofile: u64) -> usize {
     usize::try_from(nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION).unwrap_or(usize::MAX)
 }
 
-/// Lowers `per_agent` and `per_pod` to what `nofile` descriptors carry, logging any change.
-pub fn clamp(nofile: u64, per_agent: &mut usize, per_pod: &mut usize) {
+/// Lowers the proxy's agent-wide limit to what `nofile` descriptors carry, and each per-pod
+/// budget (inbound, outbound) to the agent-wide limit, logging any change and the result.
+pub fn clamp(nofile: u64, proxy: &mut ProxyConfig) {
     let most = connections_for(nofile).max(1);
-    if *per_agent > most {
+    if proxy.max_connections_per_agent > most {
         warn!(
-            requested = *per_agent,
+            requested = proxy.max_connections_per_agent,
             clamped = most,
             nofile,
             "the connection limit needs more open files than RLIMIT_NOFILE allows; lowered"
         );
-        *per_agent = most;
+        proxy.max_connections_per_agent = most;
     }
-    if *per_pod > *per_agent {
-        *per_pod = *per_agent;
-    }
+    let agent = proxy.max_connections_per_agent;
+    proxy.max_inbound_connections_per_pod = proxy.max_inbound_connections_per_pod.min(agent);
+    proxy.max_outbound_connections_per_pod = proxy.max_outbound_connections_per_pod.min(agent);
     info!(
         nofile,
-        max_connections = *per_agent,
-        max_connections_per_pod = *per_pod,
+        max_connections = agent,
+        max_inbound_connections_per_pod = proxy.max_inbound_connections_per_pod,
+        max_outbound_connections_per_pod = proxy.max_outbound_connections_per_pod,
         "connection limits"
     );
 }
@@ -69,16 +72,23 @@ mod tests {
     #[test]
     fn a_1024_file_limit_carries_384_connections() {
         assert_eq!(connections_for(1024), 384);
-        let (mut agent, mut pod) = (100_000, 10_000);
-        clamp(1024, &mut agent, &mut pod);
-        assert_eq!((agent, pod), (384, 384));
+        let mut proxy = ProxyConfig::default();
+        clamp(1024, &mut proxy);
+        assert_eq!(
+            (
+                proxy.max_connections_per_agent,
+                proxy.max_inbound_connections_per_pod,
+                proxy.max_outbound_connections_per_pod
+            ),
+            (384, 384, 384)
+        );
     }
 
     #[test]
     fn a_large_file_limit_keeps_the_configured_limits() {
-        let (mut agent, mut pod) = (100_000, 10_000);
-        clamp(1 << 20, &mut agent, &mut pod);
-        assert_eq!((agent, pod), (100_000, 10_000));
+        let mut proxy = ProxyConfig::default();
+        clamp(1 << 20, &mut proxy);
+        assert_eq!(proxy, ProxyConfig::default());
     }
 
     #[test]

@@ -175,17 +175,22 @@ fn main() -> Result<()> {
             no_tls_resumption,
         } => {
             let nofile = limits::raise_nofile()?;
-            let (mut max_connections, mut max_inbound, mut max_outbound) = (
-                max_connections,
-                max_inbound_connections_per_pod,
-                max_outbound_connections_per_pod,
-            );
-            limits::clamp(nofile, &mut max_connections, &mut max_inbound);
-            max_outbound = max_outbound.min(max_connections);
             let mesh_cgroup = match mesh_cgroup {
                 Some(p) => p,
                 None => mesh_dataplane::cgroup::v2_root()?,
             };
+            let mut proxy = mesh_proxy::ProxyConfig {
+                max_inbound_connections_per_pod,
+                max_outbound_connections_per_pod,
+                max_connections_per_agent: max_connections,
+                handshake_timeout: Duration::from_secs(handshake_timeout),
+                pre_handshake_timeout: Duration::from_secs(pre_handshake_timeout),
+                max_pending_handshakes_per_source,
+                idle_timeout: Duration::from_secs(idle_timeout),
+                tls_resumption: !no_tls_resumption,
+                ..mesh_proxy::ProxyConfig::default()
+            };
+            limits::clamp(nofile, &mut proxy);
             let cfg = AgentConfig {
                 instance: common.instance,
                 state_dir: common.state_dir,
@@ -193,17 +198,7 @@ fn main() -> Result<()> {
                 redirect,
                 default_policy: default_intention_policy,
                 msg_redirect: !no_msg_redirect,
-                proxy: mesh_proxy::ProxyConfig {
-                    max_inbound_connections_per_pod: max_inbound,
-                    max_outbound_connections_per_pod: max_outbound,
-                    max_connections_per_agent: max_connections,
-                    handshake_timeout: Duration::from_secs(handshake_timeout),
-                    pre_handshake_timeout: Duration::from_secs(pre_handshake_timeout),
-                    max_pending_handshakes_per_source,
-                    idle_timeout: Duration::from_secs(idle_timeout),
-                    tls_resumption: !no_tls_resumption,
-                    ..mesh_proxy::ProxyConfig::default()
-                },
+                proxy,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -226,14 +221,7 @@ fn main() -> Result<()> {
                 tls_resumption: !no_tls_resumption,
                 ..mesh_proxy::ProxyConfig::default()
             };
-            limits::clamp(
-                nofile,
-                &mut proxy.max_connections_per_agent,
-                &mut proxy.max_inbound_connections_per_pod,
-            );
-            proxy.max_outbound_connections_per_pod = proxy
-                .max_outbound_connections_per_pod
-                .min(proxy.max_connections_per_agent);
+            limits::clamp(nofile, &mut proxy);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?

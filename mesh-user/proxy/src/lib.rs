@@ -150,8 +150,11 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default [`ProxyConfig::pre_handshake_timeout`].
 pub const DEFAULT_PRE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Default [`ProxyConfig::max_pending_handshakes_per_source`].
-pub const DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE: usize = 32;
+/// Default [`ProxyConfig::max_pending_handshakes_per_source`]. A source is a calling pod's
+/// address (the agent dials from inside the caller's netns), and a client that opens many
+/// connections at once (wrk -c64, a connection pool filling up) has that many handshakes in
+/// flight: the cap is there against peers that stall, not against busy clients.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE: usize = 256;
 /// Default [`ProxyConfig::max_inbound_connections_per_pod`]: with the outbound default, the
 /// 10,000 per pod that inbound and outbound used to share.
 pub const DEFAULT_MAX_INBOUND_CONNECTIONS_PER_POD: usize = 5_000;
