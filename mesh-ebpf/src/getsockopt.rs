@@ -1,12 +1,13 @@
-//! `cgroup/getsockopt` (attached to the mesh cgroup): answers `SO_ORIGINAL_DST` for redirected
-//! connections, as iptables REDIRECT's conntrack entry would.
+//! `cgroup/getsockopt` (attached to the mesh cgroup; kernel ≥ 5.3): answers
+//! `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on the proxy's accepted socket of a redirected
+//! connection from that socket's own storage, as iptables REDIRECT's conntrack entry would.
+//!
+//! The proxy's listeners are IPv4 sockets, so even an `AF_INET6` app dialling a v4-mapped
+//! address gives the proxy an `AF_INET` socket: `SOL_IPV6`/`IP6T_SO_ORIGINAL_DST` is never asked.
 
-use core::{ffi::c_void, ptr};
+use core::ptr;
 
-use aya_ebpf::{
-    bindings::bpf_sock, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
-    programs::SockoptContext,
-};
+use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 use mesh_common::*;
 
 use crate::maps::*;
@@ -23,23 +24,15 @@ unsafe fn try_getsockopt(ctx: &SockoptContext) {
     if so.level != SOL_IP || so.optname != SO_ORIGINAL_DST {
         return;
     }
-    let sk: *mut bpf_sock = unsafe { so.__bindgen_anon_1.sk };
+    let sk = unsafe { so.__bindgen_anon_1.sk };
     if sk.is_null() {
         return;
     }
-    let sk = unsafe { &*sk };
-    let netns = unsafe { bpf_get_netns_cookie(ctx.sockopt as *mut c_void) };
-    // This is the proxy's accepted socket; the record is keyed by the app's socket.
-    let app = SockKey::new(
-        netns,
-        sk.dst_ip4,
-        u16::from_be(sk.dst_port),
-        sk.src_ip4,
-        sk.src_port as u16,
-    );
-    let Some(orig) = (unsafe { ORIG_DST.get(app) }) else {
+    let Some(orig) = (unsafe { ORIG_DST_SK.get(sk.cast()) }) else {
         return;
     };
+    // SAFETY: this socket's storage, valid for the program run.
+    let orig = unsafe { *orig };
     let optval = unsafe { so.__bindgen_anon_2.optval } as *mut u8;
     let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as *mut u8;
     // struct sockaddr_in: family, port (network order), address, 8 bytes of zero.

@@ -1,6 +1,6 @@
 //! `sk_msg` (attached to the sockhash): a message of a redirected app⇄proxy socket goes straight
 //! into the peer's receive queue, bounded by how much the peer has left unread; otherwise it
-//! takes the TCP path.
+//! takes the TCP path (kernel ≥ 5.10).
 
 use core::ffi::c_void;
 
@@ -31,12 +31,23 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         return;
     }
     let md = unsafe { &*ctx.msg };
+    // Keyed as sockops keyed the socket: v4-mapped `AF_INET6` sockets by their IPv4 addresses.
+    let (local_ip, remote_ip) = if md.family == AF_INET6 {
+        // SAFETY: fields of the live context, read one word at a time.
+        let (l, r) = unsafe { (read_ip6(&md.local_ip6), read_ip6(&md.remote_ip6)) };
+        if !is_v4_mapped(&l) || !is_v4_mapped(&r) {
+            return;
+        }
+        (l[3], r[3])
+    } else {
+        (md.local_ip4, md.remote_ip4)
+    };
     let netns = unsafe { bpf_get_netns_cookie(ctx.msg as *mut c_void) };
     let own = SockKey::new(
         netns,
-        md.local_ip4,
+        local_ip,
         md.local_port as u16,
-        md.remote_ip4,
+        remote_ip,
         u16::from_be((md.remote_port >> 16) as u16),
     );
     let Some(own_state) = SOCK_STATE.get_ptr_mut(own) else {

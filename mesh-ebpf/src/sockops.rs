@@ -1,16 +1,25 @@
-//! `sockops` (attached to the mesh cgroup): app⇄proxy loopback sockets go into the sockhash,
-//! the original destination is re-keyed by 4-tuple once a redirected connection is established,
-//! and a socket's entries are removed when it closes.
+//! `sockops` (attached to the mesh cgroup; kernel ≥ 5.10 for socket storage from sockops with
+//! a null-checked `sk`): app⇄proxy loopback sockets go into the sockhash; the original
+//! destination of a redirected connection is handed from the app's socket storage to the
+//! proxy's accepted socket's storage; a socket's map entries are removed when it closes.
+//!
+//! `AF_INET6` sockets with v4-mapped addresses are IPv4 connections: they are keyed by their
+//! IPv4 addresses, exactly as their `AF_INET` peers key them. Native IPv6 sockets are never
+//! redirected.
+//!
+//! The hand-off: when the app's side is established (before it sends the ACK that makes the
+//! proxy's side), its original destination goes into [`ORIG_HANDOFF`] under the proxy side's
+//! key, with the app socket's close callback armed; when the proxy's side is established it
+//! moves into that socket's storage. The entry is gone by the time either socket is.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -27,15 +36,28 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// (local, remote) IPv4 addresses of the socket: its own for `AF_INET`, the embedded ones for
+/// `AF_INET6` with v4-mapped addresses; `None` for native IPv6.
 #[inline(always)]
-fn sockops_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
-    SockKey::new(
-        netns,
-        ctx.local_ip4(),
-        ctx.local_port() as u16,
-        ctx.remote_ip4(),
-        u16::from_be((ctx.remote_port() >> 16) as u16),
-    )
+unsafe fn sock_ips(ctx: &SockOpsContext) -> Option<(u32, u32)> {
+    match ctx.family() {
+        AF_INET => Some((ctx.local_ip4(), ctx.remote_ip4())),
+        AF_INET6 => {
+            // SAFETY: fields of the live context, read one word at a time.
+            let (l, r) = unsafe {
+                (
+                    read_ip6(&(*ctx.ops).local_ip6),
+                    read_ip6(&(*ctx.ops).remote_ip6),
+                )
+            };
+            if is_v4_mapped(&l) && is_v4_mapped(&r) {
+                Some((l[3], r[3]))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
 }
 
 #[inline(always)]
@@ -43,29 +65,47 @@ fn watch_close(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
+/// The context's socket as the socket-storage helpers take it, or null.
+#[inline(always)]
+unsafe fn storage_sock(ctx: &SockOpsContext) -> *mut c_void {
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as *mut c_void }
+}
+
 unsafe fn try_sockops(ctx: &SockOpsContext) {
-    if ctx.family() != AF_INET {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
         return;
     }
+    let Some((local_ip, remote_ip)) = (unsafe { sock_ips(ctx) }) else {
+        return;
+    };
     let raw = ctx.ops as *mut c_void;
-    match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            // An active open is starting; if connect4 redirected it, hear about its close even if
-            // it never gets established, so its record cannot outlive it.
-            let cookie = unsafe { bpf_get_socket_cookie(raw) };
-            if unsafe { ORIG_BY_COOKIE.get(cookie) }.is_some() {
-                watch_close(ctx);
-            }
-        }
+    let netns = unsafe { bpf_get_netns_cookie(raw) };
+    let key = SockKey::new(
+        netns,
+        local_ip,
+        ctx.local_port() as u16,
+        remote_ip,
+        u16::from_be((ctx.remote_port() >> 16) as u16),
+    );
+    match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let netns = unsafe { bpf_get_netns_cookie(raw) };
-            let key = sockops_key(ctx, netns);
-            let cookie = unsafe { bpf_get_socket_cookie(raw) };
-            if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) } {
-                let orig = *orig;
-                let _ = ORIG_DST.insert(key, orig, 0);
-                let _ = ORIG_BY_COOKIE.remove(cookie);
-                watch_close(ctx);
+            let sk = unsafe { storage_sock(ctx) };
+            if !sk.is_null() {
+                if let Some(orig) = unsafe { ORIG_DST_SK.get(sk) } {
+                    // SAFETY: this socket's storage, valid for the program run.
+                    let orig = unsafe { *orig };
+                    // Armed first: the entry cannot outlive this socket.
+                    watch_close(ctx);
+                    if ORIG_HANDOFF.insert(key.peer(), orig, 0).is_err() {
+                        // The proxy will find no original destination and close this one
+                        // connection.
+                        count(Counter::ConnStateFailed, 1);
+                    }
+                }
             }
             if is_loopback(key.local_ip) && is_loopback(key.remote_ip) {
                 let port = LocalPortKey::new(netns, key.remote_port);
@@ -75,8 +115,21 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let netns = unsafe { bpf_get_netns_cookie(raw) };
-            let key = sockops_key(ctx, netns);
+            if let Some(orig) = unsafe { ORIG_HANDOFF.get(key) } {
+                let orig = *orig;
+                let _ = ORIG_HANDOFF.remove(key);
+                let sk = unsafe { storage_sock(ctx) };
+                let stored = if sk.is_null() {
+                    None
+                } else {
+                    unsafe { ORIG_DST_SK.get_or_create(sk) }
+                };
+                match stored {
+                    // SAFETY: this socket's storage, valid for the program run.
+                    Some(p) => unsafe { *p = orig },
+                    None => count(Counter::ConnStateFailed, 1),
+                }
+            }
             // The listener's side joins only if the connecting side did: a pair is redirected
             // whole or not at all.
             if is_loopback(key.local_ip)
@@ -87,19 +140,15 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
                 add_socket(ctx, key, false);
             }
         }
-        BPF_SOCK_OPS_STATE_CB => {
+        _ => {
             if ctx.arg(1) != BPF_TCP_CLOSE {
                 return;
             }
-            let netns = unsafe { bpf_get_netns_cookie(raw) };
-            let key = sockops_key(ctx, netns);
-            let cookie = unsafe { bpf_get_socket_cookie(raw) };
-            // The kernel removes a closing socket from the sockhash itself; the rest is ours.
-            let _ = ORIG_BY_COOKIE.remove(cookie);
-            let _ = ORIG_DST.remove(key);
+            // The kernel removes a closing socket from the sockhash and frees its storage
+            // itself; the rest is ours.
+            let _ = ORIG_HANDOFF.remove(key.peer());
             let _ = SOCK_STATE.remove(key);
         }
-        _ => {}
     }
 }
 

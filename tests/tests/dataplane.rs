@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_common::{
-    Config, IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
-    SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
+    Config, Counter, IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY,
+    OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
 use mesh_tests::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
 use mesh_user::bpf::Dataplane;
@@ -147,14 +147,14 @@ fn redirect_1000_connections(mode: Mode) -> Result<()> {
     if let Some(dp) = &dp {
         let c = dp.counters()?;
         assert!(
-            c.redirects >= N as u64,
+            c.get(Counter::Redirects) >= N as u64,
             "connect4 counted {} redirects",
-            c.redirects
+            c.get(Counter::Redirects)
         );
         assert!(
-            c.orig_dst_answered >= N as u64,
+            c.get(Counter::OrigDstAnswered) >= N as u64,
             "getsockopt answered {}",
-            c.orig_dst_answered
+            c.get(Counter::OrigDstAnswered)
         );
         // Every per-connection entry is gone once the connections are closed.
         wait_for(Duration::from_secs(5), || {
@@ -268,14 +268,15 @@ fn sk_msg_carries_64_mib_each_way_with_half_close() -> Result<()> {
     let (got, got_ok) = server.join().expect("server")?;
     assert_eq!((got, got_ok), (LEN, true), "proxy side of the exchange");
     let after = dp.counters()?;
-    let redirected = after.bytes_redirected - before.bytes_redirected;
+    let redirected = after.get(Counter::BytesRedirected) - before.get(Counter::BytesRedirected);
     assert!(
         redirected >= 2 * LEN,
         "only {redirected} of {} bytes took the sk_msg redirect ({after:?})",
         2 * LEN
     );
     assert_eq!(
-        after.backlog_fallbacks, before.backlog_fallbacks,
+        after.get(Counter::BacklogFallbacks),
+        before.get(Counter::BacklogFallbacks),
         "a fast reader never falls back"
     );
     Ok(())
@@ -345,7 +346,7 @@ fn identical_loopback_tuples_in_two_pods_stay_apart() -> Result<()> {
         (LEN, true),
         "pod b's proxy got only pod b's bytes"
     );
-    assert!(dp.counters()?.bytes_redirected >= 4 * LEN);
+    assert!(dp.counters()?.get(Counter::BytesRedirected) >= 4 * LEN);
     Ok(())
 }
 
@@ -449,7 +450,7 @@ fn deny_verdict_fails_connect_with_eperm_before_any_packet() -> Result<()> {
     let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
 
     let tx_before = web.eth0_tx_packets()?;
-    let denied_before = dp.counters()?.connects_denied;
+    let denied_before = dp.counters()?.get(Counter::ConnectsDenied);
     let out = node.probe_in(
         &web,
         &["connect", &api.to_string()],
@@ -465,7 +466,10 @@ fn deny_verdict_fails_connect_with_eperm_before_any_packet() -> Result<()> {
         tx_before,
         "a denied connect sent packets"
     );
-    assert_eq!(dp.counters()?.connects_denied, denied_before + 1);
+    assert_eq!(
+        dp.counters()?.get(Counter::ConnectsDenied),
+        denied_before + 1
+    );
 
     // The verdict is per destination service, and flipping it takes effect at once.
     assert_eq!(
@@ -490,7 +494,7 @@ fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Resu
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &api, API_ID)?;
     let inbound = api.netns().listen(v4(api.ip, mesh_common::INBOUND_PORT))?;
-    dp.set_inbound(0, &inbound, api.ip, &[9000])?;
+    dp.set_inbound(0, &inbound, api.netns().cookie()?, &[api.ip.into()], &[])?;
     let server = node.probe(
         &api.netns_path,
         &api.cgroup,
@@ -515,14 +519,17 @@ fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Resu
     );
     assert_eq!(fetch(&mut node, &api.netns_path, &api.cgroup, app)?, "app");
 
-    let steered_before = dp.counters()?.inbound_steered;
+    let steered_before = dp.counters()?.get(Counter::InboundSteered);
     let plain = node.plain_cgroup()?;
     assert_eq!(
         fetch(&mut node, &client.netns_path, &plain, app)?,
         "inbound",
         "outside → app port"
     );
-    assert_eq!(dp.counters()?.inbound_steered, steered_before + 1);
+    assert_eq!(
+        dp.counters()?.get(Counter::InboundSteered),
+        steered_before + 1
+    );
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
     Ok(())
@@ -538,8 +545,8 @@ fn uninstall_leaves_nothing_attached_or_pinned() -> Result<()> {
         let ids = dp.link_ids()?;
         assert_eq!(
             ids.len(),
-            4,
-            "sockops, getsockopt, connect4, sk_lookup: {ids:?}"
+            5,
+            "sockops, getsockopt, connect4, connect6, sk_lookup: {ids:?}"
         );
         ids
     };
@@ -648,17 +655,21 @@ fn backpressure(blocking: bool) -> Result<mesh_user::bpf::Counters> {
         let after = dp.counters()?;
         if blocking {
             assert_eq!(
-                after.sockets_added, before.sockets_added,
+                after.get(Counter::SocketsAdded),
+                before.get(Counter::SocketsAdded),
                 "run {run}: a blocking socket joined the sockhash"
             );
-            assert_eq!(after.blocking_skipped, before.blocking_skipped + 1);
+            assert_eq!(
+                after.get(Counter::BlockingSkipped),
+                before.get(Counter::BlockingSkipped) + 1
+            );
         } else {
             assert!(
-                after.bytes_redirected > before.bytes_redirected,
+                after.get(Counter::BytesRedirected) > before.get(Counter::BytesRedirected),
                 "run {run}: nothing was redirected"
             );
             assert!(
-                after.backlog_fallbacks > before.backlog_fallbacks,
+                after.get(Counter::BacklogFallbacks) > before.get(Counter::BacklogFallbacks),
                 "run {run}: the bound never engaged"
             );
         }

@@ -385,7 +385,7 @@ fn plaintext_from_outside_a_pod_never_reaches_its_app() -> Result<()> {
         .dataplane()
         .context("ebpf")?
         .counters()?
-        .inbound_steered;
+        .get(mesh_common::Counter::InboundSteered);
     assert!(steered >= 1, "sk_lookup steered the connection");
     // The mesh path still works for meshed callers.
     m.exchange(upstream(), 1024)?;

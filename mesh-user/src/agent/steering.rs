@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, TcpListener};
 
 use mesh_common::{
     IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
@@ -16,6 +16,32 @@ use crate::bpf::Dataplane;
 use crate::catalog::{Catalog, Workload};
 use crate::intentions::{compile_with, Action, RuleSet};
 use crate::iptables;
+
+/// The pod's addresses as its inbound side must steer them: `ip` and every IPv6 address of the
+/// pod's network namespace (`/proc/net/if_inet6` read inside it: link-local, global, tentative
+/// ones included), except loopback.
+fn pod_addresses(netns: &crate::netns::NetNs, ip: Ipv4Addr) -> Result<Vec<IpAddr>, Error> {
+    let text = netns.run(|| match std::fs::read_to_string("/proc/net/if_inet6") {
+        Ok(text) => Ok(text),
+        // IPv6 disabled in the kernel: the namespace has no IPv6 address.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e),
+    })?;
+    let mut addrs = vec![IpAddr::V4(ip)];
+    for line in text.lines() {
+        let Some(hex) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Ok(bits) = u128::from_str_radix(hex, 16) else {
+            continue;
+        };
+        let v6 = Ipv6Addr::from(bits);
+        if !v6.is_loopback() && hex.len() == 32 {
+            addrs.push(IpAddr::V6(v6));
+        }
+    }
+    Ok(addrs)
+}
 
 /// How the agent steers pod traffic into its proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,7 +104,10 @@ impl Steering {
                 for u in &w.upstreams {
                     dp.set_local_port(pod.netns_cookie, u.bind_port, LOCAL_PORT_PROXY)?;
                 }
-                dp.set_inbound(pod.slot, inbound, w.ip, &w.app_ports)?;
+                // Every address of the pod, IPv6 link-local included: every port of each is
+                // steered to the inbound listener (or dropped), not only the app's.
+                let addrs = pod_addresses(netns, w.ip)?;
+                dp.set_inbound(pod.slot, inbound, pod.netns_cookie, &addrs, &[])?;
                 // Last: from here on connect4 knows the pod and redirects its connections.
                 dp.set_pod(
                     pod.cgroup_id,
@@ -114,7 +143,7 @@ impl Steering {
                 for u in &w.upstreams {
                     dp.remove_local_port(pod.netns_cookie, u.bind_port)?;
                 }
-                dp.remove_inbound(pod.slot, w.ip, &w.app_ports)?;
+                dp.remove_inbound(pod.slot)?;
             }
             Steering::Iptables => iptables::remove(&w.netns)?,
         }
