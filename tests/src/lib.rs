@@ -59,6 +59,49 @@ impl Pod {
     }
 
     /// Transmitted packets on the pod's uplink (`eth0`).
+    /// Turns IPv6 on in the pod (the fixture turns it off) and adds `addrs` (`addr/len`) to
+    /// eth0 without duplicate address detection, so they are usable at once.
+    pub fn enable_ipv6(&self, addrs: &[&str]) -> Result<()> {
+        for conf in ["all", "default", "eth0"] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &self.netns_name,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.ipv6.conf.{conf}.disable_ipv6=0"),
+                ],
+            )?;
+        }
+        for addr in addrs {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &self.netns_name,
+                    "-6",
+                    "addr",
+                    "add",
+                    addr,
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The index of the pod's eth0 (the scope of its link-local addresses), as seen inside it.
+    pub fn eth0_index(&self) -> Result<u32> {
+        Ok(self
+            .netns()
+            .run(|| nix::net::if_::if_nametoindex("eth0").map_err(std::io::Error::from))?)
+    }
+
     pub fn eth0_tx_packets(&self) -> Result<u64> {
         let out = run(
             "ip",

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_common::{
-    Config, Counter, IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY,
-    OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
+    Config, Counter, IntentionKey, IntentionValue, PodValue, ServiceValue, INBOUND_PORT,
+    LOCAL_PORT_PROXY, OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
 use mesh_tests::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
 use mesh_user::bpf::Dataplane;
@@ -377,7 +377,7 @@ fn fetch(
     node: &mut Node,
     netns: &std::path::Path,
     cgroup: &std::path::Path,
-    addr: SocketAddrV4,
+    addr: impl std::fmt::Display,
 ) -> Result<String> {
     let child = node.probe(netns, cgroup, &["fetch", &addr.to_string()])?;
     let out = mesh_tests::wait_limit(child, Duration::from_secs(20))?;
@@ -706,4 +706,329 @@ impl Read for SlowReader {
         let n = buf.len().min(64 * 1024);
         self.inner.read(&mut buf[..n])
     }
+}
+
+/// Connects from inside `from`'s network namespace (as a client in another pod) to `addr` and
+/// reads what comes back: `Ok(text)`, or the error that stopped the connect or the read.
+fn reach(from: &Pod, addr: SocketAddr) -> Result<std::io::Result<String>> {
+    Ok(from.netns().run(|| {
+        Ok((|| {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })())
+    })?)
+}
+
+/// Asserts that a connection from `from` to `addr` gets no byte from anyone.
+fn assert_unreachable(from: &Pod, addr: SocketAddr, why: &str) -> Result<()> {
+    match reach(from, addr)? {
+        Ok(text) if !text.is_empty() => panic!("{why}: {addr} answered {text:?}"),
+        _ => Ok(()),
+    }
+}
+
+/// Starts `serve ADDR REPLY` in `pod` and waits until `probe` (an address inside the pod)
+/// accepts connections.
+fn serve_in(node: &mut Node, pod: &Pod, addr: &str, reply: &str, probe: SocketAddr) -> Result<()> {
+    let server = node.probe(&pod.netns_path, &pod.cgroup, &["serve", addr, reply])?;
+    node.keep(server);
+    wait_for(Duration::from_secs(5), || {
+        Ok(pod.netns().connect(probe).is_ok())
+    })
+}
+
+#[test]
+fn without_a_live_inbound_listener_no_port_of_a_pod_answers_from_outside() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &api, API_ID)?;
+    let inbound = api.netns().listen(v4(api.ip, INBOUND_PORT))?;
+    dp.set_inbound(0, &inbound, api.netns().cookie()?, &[api.ip.into()], &[])?;
+    // 9000 is the declared app port, 9001 one the app serves without declaring it.
+    for port in [9000, 9001] {
+        let addr = format!("0.0.0.0:{port}");
+        serve_in(&mut node, &api, &addr, "app", v4(Ipv4Addr::LOCALHOST, port))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    for port in [9000, 9001] {
+        let text = reach(&client, v4(api.ip, port))?
+            .with_context(|| format!("port {port} with the listener up"))?;
+        assert_eq!(text, "inbound", "port {port} with the listener up");
+    }
+
+    // The agent is killed: its listener closes (the kernel empties the slot); its programs and
+    // maps stay, pinned.
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    drop(dp);
+    for port in [9000, 9001] {
+        assert_unreachable(
+            &client,
+            v4(api.ip, port),
+            "plaintext from another pod reached the app with the agent gone",
+        )?;
+    }
+    // Inside the pod the app still answers (the proxy's own inbound leg dials it there).
+    assert_eq!(
+        fetch(
+            &mut node,
+            &api.netns_path,
+            &api.cgroup,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000)
+        )?,
+        "app"
+    );
+    // A restarted agent finds the drops counted.
+    let dp = open_dataplane(&node)?;
+    assert!(dp.counters()?.get(Counter::InboundDropped) >= 2);
+    Ok(())
+}
+
+#[test]
+fn an_excluded_inbound_port_reaches_the_app_directly() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &api, API_ID)?;
+    let inbound = api.netns().listen(v4(api.ip, INBOUND_PORT))?;
+    dp.set_inbound(
+        0,
+        &inbound,
+        api.netns().cookie()?,
+        &[api.ip.into()],
+        &[9001],
+    )?;
+    for port in [9000, 9001] {
+        let addr = format!("0.0.0.0:{port}");
+        serve_in(&mut node, &api, &addr, "app", v4(Ipv4Addr::LOCALHOST, port))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    assert_eq!(reach(&client, v4(api.ip, 9001))??, "app", "excluded port");
+    assert_eq!(
+        reach(&client, v4(api.ip, 9000))??,
+        "inbound",
+        "steered port"
+    );
+    assert_eq!(dp.inbound_excluded()?, vec![(api.ip.into(), 9001)]);
+    assert_eq!(dp.inbound_addrs()?, vec![(api.ip.into(), 0)]);
+
+    // Forgetting the pod's inbound side leaves nothing behind; the address is then unknown and
+    // every port of it dropped while sk_lookup is still attached.
+    dp.remove_inbound(0)?;
+    assert!(dp.inbound_addrs()?.is_empty());
+    assert!(dp.inbound_excluded()?.is_empty());
+    for port in [9000, 9001] {
+        assert_unreachable(&client, v4(api.ip, port), "an unregistered address")?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
+}
+
+#[test]
+fn ipv6_to_a_pod_link_local_included_lands_on_the_inbound_listener_or_nowhere() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let s = node.subnet;
+    let link_local: Ipv6Addr = "fe80::a".parse()?;
+    let unregistered: Ipv6Addr = "fe80::c".parse()?;
+    let global: Ipv6Addr = format!("fd00:{s:x}::a").parse()?;
+    api.enable_ipv6(&[
+        &format!("{link_local}/64"),
+        &format!("{unregistered}/64"),
+        &format!("{global}/64"),
+    ])?;
+    client.enable_ipv6(&["fe80::b/64", &format!("fd00:{s:x}::b/64")])?;
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &api, API_ID)?;
+    mesh_pod(&mut dp, &client, WEB_ID)?;
+    let scope = client.eth0_index()?;
+    let ll = |ip: Ipv6Addr, port: u16| SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope));
+    let addrs = [api.ip.into(), link_local.into(), global.into()];
+    let cookie = api.netns().cookie()?;
+
+    // The app listens on [::] (IPv4 and IPv6).
+    serve_in(
+        &mut node,
+        &api,
+        "[::]:9000",
+        "app",
+        v4(Ipv4Addr::LOCALHOST, 9000),
+    )?;
+    // A dual-stack listener takes IPv4 and IPv6 lookups alike.
+    let inbound = api
+        .netns()
+        .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT)))?;
+    dp.set_inbound(0, &inbound, cookie, &addrs, &[])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    wait_for(Duration::from_secs(10), || {
+        Ok(reach(&client, ll(link_local, 9000))?.is_ok())
+    })
+    .context("IPv6 between the pods never came up")?;
+    assert_eq!(
+        reach(&client, ll(link_local, 9000))??,
+        "inbound",
+        "link-local"
+    );
+    assert_eq!(
+        reach(&client, ll(link_local, 9001))??,
+        "inbound",
+        "link-local, undeclared port"
+    );
+    assert_eq!(reach(&client, ll(global, 9000))??, "inbound", "global");
+    assert_eq!(reach(&client, v4(api.ip, 9000))??, "inbound", "IPv4");
+    // An address of the pod the agent did not register is dropped, not passed.
+    assert_unreachable(&client, ll(unregistered, 9000), "unregistered address")?;
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+
+    // An IPv4-only listener cannot take an IPv6 connection: IPv6 is dropped, IPv4 steered.
+    let inbound = api.netns().listen(v4(api.ip, INBOUND_PORT))?;
+    dp.set_inbound(0, &inbound, cookie, &addrs, &[])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    assert_eq!(reach(&client, v4(api.ip, 9000))??, "inbound", "IPv4");
+    assert_unreachable(
+        &client,
+        ll(link_local, 9000),
+        "IPv6 with an IPv4-only listener",
+    )?;
+    // The agent is gone: nothing answers over IPv6 either.
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    assert_unreachable(&client, ll(link_local, 9000), "IPv6 with the agent gone")?;
+    assert_unreachable(&client, ll(global, 9000), "IPv6 with the agent gone")?;
+
+    // A meshed app dialling another meshed pod's native IPv6 address is refused at connect().
+    let denied = dp.counters()?.get(Counter::Native6Denied);
+    let out = node.probe_in(
+        &client,
+        &["connect", &SocketAddr::from((global, 9000)).to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "native IPv6 to a meshed pod: {text}"
+    );
+    assert_eq!(dp.counters()?.get(Counter::Native6Denied), denied + 1);
+    Ok(())
+}
+
+#[test]
+fn af_inet6_to_a_v4_mapped_vip_is_redirected_like_af_inet_and_denied_with_eperm() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let other = vip(&node, 11, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    dp.set_service(other, api_value(API_ID + 1, SERVICE_VIP))?;
+    set_intention(&mut dp, API_ID, false)?;
+    let mapped = |a: SocketAddrV4| SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0);
+    let listener = outbound_listener(&web)?;
+    let acceptor = thread::spawn(move || -> Result<SocketAddrV4> {
+        let (mut conn, _) = listener.accept()?;
+        let orig = original_dst(&conn)?;
+        conn.write_all(b"proxy")?;
+        Ok(orig)
+    });
+    let before = dp.counters()?;
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, mapped(other))?,
+        "proxy"
+    );
+    assert_eq!(
+        acceptor.join().expect("acceptor")?,
+        other,
+        "SO_ORIGINAL_DST of a v4-mapped connection"
+    );
+    let out = node.probe_in(
+        &web,
+        &["connect", &mapped(api).to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "denied v4-mapped connect: {text}"
+    );
+    let after = dp.counters()?;
+    assert_eq!(
+        after.get(Counter::Redirects),
+        before.get(Counter::Redirects) + 1
+    );
+    assert_eq!(
+        after.get(Counter::ConnectsDenied),
+        before.get(Counter::ConnectsDenied) + 1
+    );
+    Ok(())
+}
+
+#[test]
+fn two_hundred_thousand_failed_connects_leave_no_state_and_allowed_ones_still_work() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let service = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(service, api_value(API_ID, SERVICE_VIP))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
+    let sizes = dp.conn_map_sizes()?;
+    let before = dp.counters()?;
+
+    // More than any per-connection map could hold: each connect is redirected by connect4 (which
+    // records its original destination), then refused by the kernel (the 4-tuple is taken).
+    const N: u64 = 200_000;
+    let out = node.probe_in(
+        &web,
+        &[
+            "fail-connects",
+            &service.to_string(),
+            "40123",
+            &N.to_string(),
+        ],
+        Duration::from_secs(300),
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), format!("failed={N} other=0"));
+    let after = dp.counters()?;
+    assert!(
+        after.get(Counter::Redirects) > before.get(Counter::Redirects) + N,
+        "the failed connects went through connect4's redirect"
+    );
+    assert_eq!(
+        after.get(Counter::ConnStateFailed),
+        before.get(Counter::ConnStateFailed),
+        "no connection lost its state"
+    );
+    wait_for(Duration::from_secs(5), || Ok(dp.conn_map_sizes()? == sizes))
+        .context("per-connection maps did not return to their size")?;
+    // Allowed connections still work.
+    for _ in 0..3 {
+        assert_eq!(
+            fetch(&mut node, &web.netns_path, &web.cgroup, service)?,
+            "proxy"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
 }
