@@ -306,6 +306,29 @@ impl Node {
 
 /// Starts `mesh-probe` as a process of the pod with network namespace `netns` and cgroup
 /// `cgroup`, with `args`; stdout and stderr are piped.
+/// Connects from inside `from`'s network namespace (as a client in another pod would, from
+/// the calling process's cgroup) to `addr` and reads what comes back until EOF: `Ok(text)`, or
+/// the error that stopped the connect (2 s) or the read (3 s).
+pub fn reach(from: &Pod, addr: SocketAddr) -> Result<io::Result<String>> {
+    reach_sending(from, addr, b"")
+}
+
+/// [`reach`], sending `first` (when not empty) once connected.
+pub fn reach_sending(from: &Pod, addr: SocketAddr, first: &[u8]) -> Result<io::Result<String>> {
+    Ok(from.netns().run(|| {
+        Ok((|| {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            if !first.is_empty() {
+                s.write_all(first)?;
+            }
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })())
+    })?)
+}
+
 pub fn spawn_probe(netns: &Path, cgroup: &Path, args: &[&str]) -> Result<Child> {
     Command::new(probe_path()?)
         .arg("--netns")

@@ -2,7 +2,7 @@
 //! The test process plays the agent (it sits in the node's agent cgroup); `mesh-probe` plays the
 //! application inside a pod.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,7 @@ use mesh_common::{
     Config, Counter, IntentionKey, IntentionValue, PodValue, ServiceValue, INBOUND_PORT,
     LOCAL_PORT_PROXY, OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
-use mesh_tests::{read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
+use mesh_tests::{reach, read_pattern, tcp_mem_pages, v4, write_pattern, NbStream, Node, Pod};
 use mesh_user::bpf::Dataplane;
 use mesh_user::{cgroup, iptables, socket::original_dst};
 
@@ -708,20 +708,6 @@ impl Read for SlowReader {
     }
 }
 
-/// Connects from inside `from`'s network namespace (as a client in another pod) to `addr` and
-/// reads what comes back: `Ok(text)`, or the error that stopped the connect or the read.
-fn reach(from: &Pod, addr: SocketAddr) -> Result<std::io::Result<String>> {
-    Ok(from.netns().run(|| {
-        Ok((|| {
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
-        })())
-    })?)
-}
-
 /// Asserts that a connection from `from` to `addr` gets no byte from anyone.
 fn assert_unreachable(from: &Pod, addr: SocketAddr, why: &str) -> Result<()> {
     match reach(from, addr)? {
@@ -820,6 +806,12 @@ fn an_excluded_inbound_port_reaches_the_app_directly() -> Result<()> {
     assert_eq!(dp.inbound_excluded()?, vec![(api.ip.into(), 9001)]);
     assert_eq!(dp.inbound_addrs()?, vec![(api.ip.into(), 0)]);
 
+    // A restarted agent keeps the addresses of the pods it still has and forgets the others'
+    // (by network namespace), exclusions included.
+    let cookie = api.netns().cookie()?;
+    assert_eq!(dp.retain_inbound(&BTreeSet::from([cookie]))?, 0);
+    assert_eq!(dp.inbound_addrs()?.len(), 1);
+    assert_eq!(dp.retain_inbound(&BTreeSet::new())?, 1);
     // Forgetting the pod's inbound side leaves nothing behind; the address is then unknown and
     // every port of it dropped while sk_lookup is still attached.
     dp.remove_inbound(0)?;

@@ -23,6 +23,7 @@ fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>) -> Workload {
         cgroup: pod.cgroup.clone(),
         ip: pod.ip,
         app_ports,
+        exclude_inbound_ports: vec![],
         upstreams: vec![],
     }
 }

@@ -358,9 +358,11 @@ impl Agent {
         let keep_cgroups: BTreeSet<u64> = agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
         let keep_pods: BTreeSet<String> =
             agent.pods.values().map(|p| p.workload.pin_name()).collect();
+        let keep_netns: BTreeSet<u64> =
+            agent.pods.values().map(|p| p.kernel.netns_cookie).collect();
         agent
             .steering
-            .forget_stale_pods(&keep_cgroups, &keep_pods)?;
+            .forget_stale_pods(&keep_cgroups, &keep_pods, &keep_netns)?;
         Ok(agent)
     }
 

@@ -18,15 +18,18 @@ use crate::intentions::{compile_with, Action, RuleSet};
 use crate::iptables;
 
 /// The pod's addresses as its inbound side must steer them: `ip` and every IPv6 address of the
-/// pod's network namespace (`/proc/net/if_inet6` read inside it: link-local, global, tentative
-/// ones included), except loopback.
+/// pod's network namespace (`/proc/thread-self/net/if_inet6` read by a thread inside it:
+/// link-local, global, tentative ones included), except loopback. (`/proc/net` would show the
+/// namespace of the process's main thread.)
 fn pod_addresses(netns: &crate::netns::NetNs, ip: Ipv4Addr) -> Result<Vec<IpAddr>, Error> {
-    let text = netns.run(|| match std::fs::read_to_string("/proc/net/if_inet6") {
-        Ok(text) => Ok(text),
-        // IPv6 disabled in the kernel: the namespace has no IPv6 address.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(e) => Err(e),
-    })?;
+    let text = netns.run(
+        || match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
+            Ok(text) => Ok(text),
+            // IPv6 disabled in the kernel: the namespace has no IPv6 address.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e),
+        },
+    )?;
     let mut addrs = vec![IpAddr::V4(ip)];
     for line in text.lines() {
         let Some(hex) = line.split_whitespace().next() else {
@@ -107,7 +110,13 @@ impl Steering {
                 // Every address of the pod, IPv6 link-local included: every port of each is
                 // steered to the inbound listener (or dropped), not only the app's.
                 let addrs = pod_addresses(netns, w.ip)?;
-                dp.set_inbound(pod.slot, inbound, pod.netns_cookie, &addrs, &[])?;
+                dp.set_inbound(
+                    pod.slot,
+                    inbound,
+                    pod.netns_cookie,
+                    &addrs,
+                    &w.exclude_inbound_ports,
+                )?;
                 // Last: from here on connect4 knows the pod and redirects its connections.
                 dp.set_pod(
                     pod.cgroup_id,
@@ -229,15 +238,24 @@ impl Steering {
     }
 
     /// After a restart: drops per-pod entries the catalog no longer has (pods removed while the
-    /// agent was down), keeping those of pods it still has.
+    /// agent was down), keeping those of pods it still has: by cgroup id, pin name and network
+    /// namespace cookie (the owner of each meshed address).
     pub fn forget_stale_pods(
         &mut self,
         keep_cgroups: &BTreeSet<u64>,
         keep_pods: &BTreeSet<String>,
+        keep_netns: &BTreeSet<u64>,
     ) -> Result<(), Error> {
         let Steering::Ebpf(dp) = self else {
             return Ok(());
         };
+        let gone = dp.retain_inbound(keep_netns)?;
+        if gone > 0 {
+            info!(
+                addresses = gone,
+                "forgot the inbound addresses of pods no longer in the catalog"
+            );
+        }
         for (cg, _) in dp.pods()? {
             if !keep_cgroups.contains(&cg) {
                 dp.remove_pod(cg)?;

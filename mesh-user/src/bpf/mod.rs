@@ -10,7 +10,7 @@
 
 pub mod btf;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
 use std::net::{IpAddr, SocketAddrV4, TcpListener};
@@ -128,9 +128,15 @@ pub fn instance_dir(instance: &str) -> PathBuf {
 }
 
 /// The kernel counters, summed over CPUs: one value per entry of [`mesh_common::COUNTERS`]
-/// (serialized as a JSON object by those names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (serialized, and debug-printed, as an object by those names).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Counters([u64; COUNTER_COUNT as usize]);
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
 
 impl Default for Counters {
     fn default() -> Self {
@@ -682,6 +688,43 @@ impl Dataplane {
         )
     }
 
+    /// Forgets the meshed addresses (and their excluded ports) of every pod whose network
+    /// namespace cookie is not in `keep`: after a restart, the pods removed while the agent was
+    /// down. Returns how many addresses went.
+    pub fn retain_inbound(&mut self, keep: &BTreeSet<u64>) -> Result<usize, Error> {
+        let stale: Vec<PodAddrKey> =
+            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+                .into_iter()
+                .filter(|(_, v)| !keep.contains(&v.netns))
+                .map(|(k, _)| k)
+                .collect();
+        self.forget_addrs(&stale)?;
+        Ok(stale.len())
+    }
+
+    /// Removes `addrs` from the meshed addresses, and their excluded ports.
+    fn forget_addrs(&mut self, addrs: &[PodAddrKey]) -> Result<(), Error> {
+        let excluded: Vec<ExcludeKey> =
+            entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| addrs.contains(&k.addr))
+                .collect();
+        {
+            let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
+                typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
+            for k in addrs {
+                ignore_missing(pods.remove(k), MAP_INBOUND_ADDRS)?;
+            }
+        }
+        let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+            typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+        for k in &excluded {
+            ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+        }
+        Ok(())
+    }
+
     /// Forgets every address steered to `slot` and its excluded ports, then frees the slot.
     /// Addresses go first: a connection to them then finds no pod entry and is dropped, never
     /// passed, while the slot empties.
@@ -692,26 +735,7 @@ impl Dataplane {
                 .filter(|(_, v)| v.slot == slot)
                 .map(|(k, _)| k)
                 .collect();
-        let excluded: Vec<ExcludeKey> =
-            entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
-                .into_iter()
-                .map(|(k, _)| k)
-                .filter(|k| addrs.contains(&k.addr))
-                .collect();
-        {
-            let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
-                typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
-            for k in &addrs {
-                ignore_missing(pods.remove(k), MAP_INBOUND_ADDRS)?;
-            }
-        }
-        {
-            let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
-                typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
-            for k in &excluded {
-                ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
-            }
-        }
+        self.forget_addrs(&addrs)?;
         let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, MAP_INBOUND_SOCKS)?;
         ignore_missing(socks.clear_index(&slot), MAP_INBOUND_SOCKS)
     }

@@ -180,6 +180,11 @@ pub struct Workload {
     pub ip: Ipv4Addr,
     #[serde(default)]
     pub app_ports: Vec<u16>,
+    /// Ports whose connections from outside the pod reach the app directly, unproxied
+    /// (`consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`); every other TCP port
+    /// of the pod goes to its inbound listener.
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
 }
@@ -496,6 +501,7 @@ mod tests {
             cgroup: "/sys/fs/cgroup/mesh/web".into(),
             ip: Ipv4Addr::new(10, 0, 0, 2),
             app_ports: vec![9090],
+            exclude_inbound_ports: vec![],
             upstreams: vec![Upstream {
                 service: "api".into(),
                 namespace: "default".into(),

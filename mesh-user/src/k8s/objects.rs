@@ -10,8 +10,8 @@ use serde::{Deserialize, Deserializer};
 use super::upstreams::{parse_upstreams, Upstream, UpstreamSyntax};
 use super::{
     check_port_name, check_rfc1035_label, check_rfc1123_label, check_rfc1123_subdomain,
-    parse_go_bool, Error, ANNOTATION_INJECT, ANNOTATION_SERVICE, ANNOTATION_TRANSPARENT_PROXY,
-    ANNOTATION_UPSTREAMS,
+    parse_go_bool, Error, ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_INJECT, ANNOTATION_SERVICE,
+    ANNOTATION_TRANSPARENT_PROXY, ANNOTATION_UPSTREAMS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -243,6 +243,8 @@ pub struct MeshAnnotations {
     pub upstreams: Vec<Upstream>,
     /// `consul.hashicorp.com/transparent-proxy`, when set.
     pub transparent_proxy: Option<bool>,
+    /// `consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`, sorted, deduplicated.
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -867,6 +869,34 @@ fn annotation_bool(
     }
 }
 
+/// A comma-separated list of TCP ports (1-65535), as consul-k8s reads its port-list
+/// annotations; empty entries are skipped. Anything else is refused, naming the annotation.
+fn annotation_ports(
+    ctx: &Ctx<'_>,
+    path: &str,
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Vec<u16>, Error> {
+    let Some(raw) = annotations.get(key) else {
+        return Ok(Vec::new());
+    };
+    let mut ports = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(p) if p != 0 => ports.push(p),
+            _ => {
+                return Err(ctx.field(
+                    format!("{path}.{key}"),
+                    format!("{item:?} is not a port number (1-65535)"),
+                ))
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
 fn mesh_annotations(
     ctx: &Ctx<'_>,
     path: &str,
@@ -900,6 +930,12 @@ fn mesh_annotations(
         service: names.first().map(|s| s.to_string()),
         upstreams,
         transparent_proxy: annotation_bool(ctx, path, annotations, ANNOTATION_TRANSPARENT_PROXY)?,
+        exclude_inbound_ports: annotation_ports(
+            ctx,
+            path,
+            annotations,
+            ANNOTATION_EXCLUDE_INBOUND_PORTS,
+        )?,
     }))
 }
 

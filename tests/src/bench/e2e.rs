@@ -461,6 +461,7 @@ fn workload(pod: &Pod, service: &str, app_ports: Vec<u16>, upstreams: Vec<Upstre
         cgroup: pod.cgroup.clone(),
         ip: pod.ip,
         app_ports,
+        exclude_inbound_ports: vec![],
         upstreams,
     }
 }

@@ -53,6 +53,7 @@ fn workload(pod: &Pod, service: &str) -> Workload {
         cgroup: pod.cgroup.clone(),
         ip: pod.ip,
         app_ports: vec![9091],
+        exclude_inbound_ports: vec![],
         upstreams: vec![],
     }
 }
