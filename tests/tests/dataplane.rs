@@ -105,7 +105,7 @@ fn redirect_1000_connections(mode: Mode) -> Result<()> {
                 &iptables::Rules {
                     outbound_port: OUTBOUND_PORT,
                     inbound_port: 20000,
-                    app_ports: vec![],
+                    exclude_inbound_ports: vec![],
                 },
             )?;
             None
@@ -1020,6 +1020,50 @@ fn two_hundred_thousand_failed_connects_leave_no_state_and_allowed_ones_still_wo
             "proxy"
         );
     }
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
+}
+
+#[test]
+fn iptables_mode_steers_every_inbound_port_v4_and_v6_except_excluded() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let s = node.subnet;
+    let global: Ipv6Addr = format!("fd00:{s:x}::a").parse()?;
+    api.enable_ipv6(&[&format!("{global}/64")])?;
+    client.enable_ipv6(&[&format!("fd00:{s:x}::b/64")])?;
+    iptables::install(
+        &api.netns_path,
+        &iptables::Rules {
+            outbound_port: OUTBOUND_PORT,
+            inbound_port: INBOUND_PORT,
+            exclude_inbound_ports: vec![9001],
+        },
+    )?;
+    for port in [9000, 9001] {
+        let addr = format!("[::]:{port}");
+        serve_in(&mut node, &api, &addr, "app", v4(Ipv4Addr::LOCALHOST, port))?;
+    }
+    let inbound = api
+        .netns()
+        .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    let v6 = |port: u16| SocketAddr::from((global, port));
+    wait_for(Duration::from_secs(10), || {
+        Ok(reach(&client, v6(9001))?.is_ok())
+    })
+    .context("IPv6 between the pods never came up")?;
+    assert_eq!(reach(&client, v4(api.ip, 9000))??, "inbound", "IPv4");
+    assert_eq!(reach(&client, v6(9000))??, "inbound", "IPv6");
+    assert_eq!(reach(&client, v4(api.ip, 9001))??, "app", "IPv4, excluded");
+    assert_eq!(reach(&client, v6(9001))??, "app", "IPv6, excluded");
+    assert!(iptables::list6(&api.netns_path)?.contains("CONSUL_PROXY_IN_REDIRECT"));
+    iptables::remove(&api.netns_path)?;
+    assert!(!iptables::list6(&api.netns_path)?.contains("CONSUL_PROXY"));
+    assert!(!iptables::list(&api.netns_path)?.contains("CONSUL_PROXY"));
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
     Ok(())

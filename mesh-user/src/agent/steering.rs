@@ -134,7 +134,7 @@ impl Steering {
                     &iptables::Rules {
                         outbound_port: OUTBOUND_PORT,
                         inbound_port: mesh_common::INBOUND_PORT,
-                        app_ports: w.app_ports.clone(),
+                        exclude_inbound_ports: w.exclude_inbound_ports.clone(),
                     },
                 )?;
             }
