@@ -354,6 +354,7 @@ pub struct ExcludeKey {
 }
 
 impl ExcludeKey {
+    /// The key of `port` (host order) of `addr`.
     pub const fn new(addr: PodAddrKey, port: u16) -> Self {
         Self {
             addr,
@@ -364,11 +365,18 @@ impl ExcludeKey {
 }
 
 /// Names of the maps, as pinned under `maps/` and as the loader finds them in the object.
+///
+/// [`ServiceKey`] → [`ServiceValue`]: service addresses (virtual IPs and endpoints).
 pub const MAP_SERVICES: &str = "SERVICES";
+/// cgroup id → [`PodValue`]: meshed pods, as connect4/connect6 know them.
 pub const MAP_PODS: &str = "PODS";
+/// [`IntentionKey`] → [`IntentionValue`]: intention set 0 (see [`Config::intention_set`]).
 pub const MAP_INTENTIONS_0: &str = "INTENTIONS_0";
+/// [`IntentionKey`] → [`IntentionValue`]: intention set 1.
 pub const MAP_INTENTIONS_1: &str = "INTENTIONS_1";
+/// Intention counter index → per-CPU [`IntentionCounts`].
 pub const MAP_INTENTION_COUNTS: &str = "INTENTION_COUNTS";
+/// One [`Config`].
 pub const MAP_CONFIG: &str = "CONFIG";
 /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, value [`OrigDst`]): the original destination
 /// of a redirected connection, on the app's socket (from connect4/connect6) and on the proxy's
@@ -378,20 +386,34 @@ pub const MAP_ORIG_DST: &str = "ORIG_DST_SK";
 /// destination from the app's socket to the proxy's. Inserted when the app's connection is
 /// established, removed when the proxy's side is, or when the app's socket closes.
 pub const MAP_ORIG_HANDOFF: &str = "ORIG_HANDOFF";
+/// Sockhash of redirected app⇄proxy loopback sockets, by [`SockKey`].
 pub const MAP_SOCKS: &str = "SOCKS";
+/// [`SockKey`] → [`SockState`] of each socket in [`MAP_SOCKS`].
 pub const MAP_SOCK_STATE: &str = "SOCK_STATE";
+/// [`LocalPortKey`] → kind ([`LOCAL_PORT_PROXY`]): ports whose loopback pairs sk_msg redirects.
 pub const MAP_LOCAL_PORTS: &str = "LOCAL_PORTS";
+/// [`PodAddrKey`] → [`PodAddrValue`]: meshed pod addresses (see [`PodAddrValue`]).
 pub const MAP_INBOUND_ADDRS: &str = "INBOUND_ADDRS";
+/// [`ExcludeKey`] → 1: ports of a pod address that reach the app unsteered.
 pub const MAP_INBOUND_EXCLUDE: &str = "INBOUND_EXCLUDE";
+/// Sockmap of the pods' inbound listeners, by slot.
 pub const MAP_INBOUND_SOCKS: &str = "INBOUND_SOCKS";
+/// Per-CPU `u64` counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
 
 /// Names of the programs in the object.
+///
+/// cgroup/connect4, per pod cgroup.
 pub const PROG_CONNECT4: &str = "mesh_connect4";
+/// cgroup/connect6, per pod cgroup.
 pub const PROG_CONNECT6: &str = "mesh_connect6";
+/// sockops, on the mesh cgroup.
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
+/// sk_msg, on [`MAP_SOCKS`].
 pub const PROG_SK_MSG: &str = "mesh_sk_msg";
+/// cgroup/getsockopt, on the mesh cgroup.
 pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
+/// sk_lookup, per pod network namespace.
 pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
 
 /// Per-CPU counters, indices into the counters array. [`COUNTERS`] names each one.

@@ -542,12 +542,19 @@ impl NbStream {
         Ok(Self(s))
     }
 
-    /// Connects without blocking the socket: O_NONBLOCK is set before the handshake.
+    /// Connects without blocking the socket: O_NONBLOCK is set before the handshake. The
+    /// socket is `AF_INET6` for an IPv6 (v4-mapped included) `addr`; `local_port` binds it to
+    /// 127.0.0.1 (`::ffff:127.0.0.1`).
     pub fn connect(addr: SocketAddr, local_port: Option<u16>) -> io::Result<Self> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let domain = socket2::Domain::for_address(addr);
+        let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         if let Some(port) = local_port {
             sock.set_reuse_address(true)?;
-            sock.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+            let local = match addr {
+                SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                SocketAddr::V6(_) => SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), port)),
+            };
+            sock.bind(&local.into())?;
         }
         sock.set_nonblocking(true)?;
         match sock.connect(&addr.into()) {

@@ -282,6 +282,55 @@ fn sk_msg_carries_64_mib_each_way_with_half_close() -> Result<()> {
     Ok(())
 }
 
+/// sockops and sk_msg key an `AF_INET6` app socket connected to a v4-mapped service by its IPv4
+/// addresses, as the proxy's `AF_INET` side keys it: the pair joins the sockhash and its bytes
+/// take the redirect.
+#[test]
+fn sk_msg_carries_a_v4_mapped_af_inet6_connection() -> Result<()> {
+    const LEN: u64 = 4 << 20;
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    dp.set_config(Config {
+        backlog_limit: LEN as u32,
+        ..Config::DEFAULT
+    })?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    let mapped = SocketAddrV6::new(api.ip().to_ipv6_mapped(), api.port(), 0, 0);
+    let before = dp.counters()?;
+    let sizes = dp.conn_map_sizes()?;
+    let server = serve_exchange(outbound_listener(&web)?, 43, LEN);
+    let out = node.probe_in(
+        &web,
+        &["exchange", &mapped.to_string(), &LEN.to_string(), "43"],
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(parse_exchange(&out.stdout)?, (LEN, LEN, true), "app side");
+    assert_eq!(server.join().expect("server")?, (LEN, true), "proxy side");
+    let after = dp.counters()?;
+    assert_eq!(
+        after.get(Counter::SocketsAdded) - before.get(Counter::SocketsAdded),
+        2,
+        "both ends joined the sockhash ({after:?})"
+    );
+    let redirected = after.get(Counter::BytesRedirected) - before.get(Counter::BytesRedirected);
+    assert!(
+        redirected >= 2 * LEN,
+        "only {redirected} of {} bytes took the sk_msg redirect ({after:?})",
+        2 * LEN
+    );
+    wait_for(Duration::from_secs(5), || Ok(dp.conn_map_sizes()? == sizes))
+        .context("per-connection maps did not return to their size")?;
+    Ok(())
+}
+
 #[test]
 fn identical_loopback_tuples_in_two_pods_stay_apart() -> Result<()> {
     const LEN: u64 = 16 << 20;
