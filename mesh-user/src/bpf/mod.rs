@@ -6,6 +6,10 @@
 //! the programs stay attached and keep answering from the same maps when the agent stops or
 //! crashes; a restarted agent opens the same pins ("re-adopts") instead of attaching again, so
 //! there is never a window with programs detached. [`uninstall`] removes the whole tree.
+//!
+//! `maps/ORIG_DST_SK` (socket-local storage, [`mesh_common::MAP_ORIG_DST`]) is created and pinned
+//! by [`Dataplane::open`] itself, with hand-written BTF, before the object is loaded: the kernel
+//! creates such a map only with key and value BTF, which the kernel object cannot carry.
 #![forbid(unsafe_code)]
 
 pub mod btf;
