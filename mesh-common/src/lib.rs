@@ -20,6 +20,9 @@ pub const LOOPBACK_IP4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// `SOL_IP` / `SO_ORIGINAL_DST`, the getsockopt the proxy uses in both redirect modes.
 pub const SOL_IP: i32 = 0;
 pub const SO_ORIGINAL_DST: i32 = 80;
+/// `::ffff:127.0.0.1`: where connect6 sends a v4-mapped service connection (the outbound
+/// listener is an IPv4 socket; a v4-mapped connect is an IPv4 connection).
+pub const LOOPBACK_IP4_MAPPED: [u32; 4] = [0, 0, V4_MAPPED_WORD, LOOPBACK_IP4];
 
 /// Default bound, in bytes, on what one redirected socket may have queued and unread before the
 /// sender falls back to the normal TCP path (see [`SockState`]).
@@ -32,6 +35,10 @@ pub const MAX_INTENTIONS: u32 = 262_144;
 pub const MAX_SOCKETS: u32 = 131_072;
 pub const MAX_LOCAL_PORTS: u32 = 65_536;
 pub const MAX_INBOUND_LISTENERS: u32 = 4_096;
+/// Addresses of meshed pods (IPv4, IPv6, link-local), a few per pod.
+pub const MAX_POD_ADDRS: u32 = 16_384;
+/// Excluded inbound ports, per pod address.
+pub const MAX_EXCLUDED_PORTS: u32 = 65_536;
 
 /// A service address: a virtual IP:port or one of its endpoints' pod IP:port.
 #[repr(C)]
@@ -270,17 +277,152 @@ impl LocalPortKey {
 /// app's accepted socket could be a blocking one (see `mesh_sockops`).
 pub const LOCAL_PORT_PROXY: u32 = 1;
 
-/// A pod's application port, as reached from outside the pod: (pod IP, port).
-/// Its value is the slot of the pod's inbound listener in the inbound sockmap.
-pub type InboundKey = ServiceKey;
+/// An address of a meshed pod as sk_lookup and connect6 see it: 16 bytes of IPv6 in network
+/// order, held as four `u32` words exactly as the kernel hands `local_ip6` to programs. An IPv4
+/// address is stored v4-mapped (`::ffff:a.b.c.d`), so one map holds both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodAddrKey {
+    pub addr: [u32; 4],
+}
 
-/// Per-CPU counters, indices into the counters array.
+/// The third word of a v4-mapped address (`::ffff:0:0/96`), as the kernel hands it to programs.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl PodAddrKey {
+    /// The v4-mapped key of an IPv4 address given in network order (see the crate docs).
+    pub const fn v4(ip: u32) -> Self {
+        Self {
+            addr: [0, 0, V4_MAPPED_WORD, ip],
+        }
+    }
+
+    /// The key of an IPv6 address given as 16 bytes in network order.
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        let o = octets;
+        Self {
+            addr: [
+                u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+                u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+                u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+                u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+            ],
+        }
+    }
+
+    /// Whether the address is v4-mapped; then `addr[3]` is the IPv4 address.
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == V4_MAPPED_WORD
+    }
+
+    /// The 16 bytes in network order.
+    pub const fn octets(&self) -> [u8; 16] {
+        let w = [
+            self.addr[0].to_ne_bytes(),
+            self.addr[1].to_ne_bytes(),
+            self.addr[2].to_ne_bytes(),
+            self.addr[3].to_ne_bytes(),
+        ];
+        [
+            w[0][0], w[0][1], w[0][2], w[0][3], w[1][0], w[1][1], w[1][2], w[1][3], w[2][0],
+            w[2][1], w[2][2], w[2][3], w[3][0], w[3][1], w[3][2], w[3][3],
+        ]
+    }
+}
+
+/// A meshed pod's address (map [`MAP_INBOUND_ADDRS`]): every TCP port of it, reached from outside
+/// the pod, goes to the pod's inbound listener, slot `slot` of [`MAP_INBOUND_SOCKS`], except
+/// [`INBOUND_PORT`] itself and the ports in [`MAP_INBOUND_EXCLUDE`]. A connection that cannot be
+/// handed to a live listener is dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodAddrValue {
+    pub slot: u32,
+    pub _pad: u32,
+    /// Cookie of the pod's network namespace: connect6 lets a pod reach its own addresses.
+    pub netns: u64,
+}
+
+/// A port of a pod address that goes straight to the app, unsteered
+/// (`consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExcludeKey {
+    pub addr: PodAddrKey,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl ExcludeKey {
+    /// The key of `port` (host order) of `addr`.
+    pub const fn new(addr: PodAddrKey, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Names of the maps, as pinned under `maps/` and as the loader finds them in the object.
+///
+/// [`ServiceKey`] → [`ServiceValue`]: service addresses (virtual IPs and endpoints).
+pub const MAP_SERVICES: &str = "SERVICES";
+/// cgroup id → [`PodValue`]: meshed pods, as connect4/connect6 know them.
+pub const MAP_PODS: &str = "PODS";
+/// [`IntentionKey`] → [`IntentionValue`]: intention set 0 (see [`Config::intention_set`]).
+pub const MAP_INTENTIONS_0: &str = "INTENTIONS_0";
+/// [`IntentionKey`] → [`IntentionValue`]: intention set 1.
+pub const MAP_INTENTIONS_1: &str = "INTENTIONS_1";
+/// Intention counter index → per-CPU [`IntentionCounts`].
+pub const MAP_INTENTION_COUNTS: &str = "INTENTION_COUNTS";
+/// One [`Config`].
+pub const MAP_CONFIG: &str = "CONFIG";
+/// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, value [`OrigDst`]): the original destination
+/// of a redirected connection, on the app's socket (from connect4/connect6) and on the proxy's
+/// accepted socket (from sockops). The kernel frees it with the socket.
+pub const MAP_ORIG_DST: &str = "ORIG_DST_SK";
+/// [`SockKey`] of a proxy-side socket still to be accepted → [`OrigDst`]: hands the original
+/// destination from the app's socket to the proxy's. Inserted when the app's connection is
+/// established, removed when the proxy's side is, or when the app's socket closes.
+pub const MAP_ORIG_HANDOFF: &str = "ORIG_HANDOFF";
+/// Sockhash of redirected app⇄proxy loopback sockets, by [`SockKey`].
+pub const MAP_SOCKS: &str = "SOCKS";
+/// [`SockKey`] → [`SockState`] of each socket in [`MAP_SOCKS`].
+pub const MAP_SOCK_STATE: &str = "SOCK_STATE";
+/// [`LocalPortKey`] → kind ([`LOCAL_PORT_PROXY`]): ports whose loopback pairs sk_msg redirects.
+pub const MAP_LOCAL_PORTS: &str = "LOCAL_PORTS";
+/// [`PodAddrKey`] → [`PodAddrValue`]: meshed pod addresses (see [`PodAddrValue`]).
+pub const MAP_INBOUND_ADDRS: &str = "INBOUND_ADDRS";
+/// [`ExcludeKey`] → 1: ports of a pod address that reach the app unsteered.
+pub const MAP_INBOUND_EXCLUDE: &str = "INBOUND_EXCLUDE";
+/// Sockmap of the pods' inbound listeners, by slot.
+pub const MAP_INBOUND_SOCKS: &str = "INBOUND_SOCKS";
+/// Per-CPU `u64` counters, indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Names of the programs in the object.
+///
+/// cgroup/connect4, per pod cgroup.
+pub const PROG_CONNECT4: &str = "mesh_connect4";
+/// cgroup/connect6, per pod cgroup.
+pub const PROG_CONNECT6: &str = "mesh_connect6";
+/// sockops, on the mesh cgroup.
+pub const PROG_SOCKOPS: &str = "mesh_sockops";
+/// sk_msg, on [`MAP_SOCKS`].
+pub const PROG_SK_MSG: &str = "mesh_sk_msg";
+/// cgroup/getsockopt, on the mesh cgroup.
+pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
+/// sk_lookup, per pod network namespace.
+pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
+
+/// Per-CPU counters, indices into the counters array. [`COUNTERS`] names each one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// connect4 rewrote a connection to the outbound listener.
+    /// connect4/connect6 rewrote a connection to the outbound listener.
     Redirects = 0,
-    /// connect4 refused a connection because its verdict is deny.
+    /// connect4/connect6 refused a connection because its verdict is deny.
     ConnectsDenied = 1,
     /// sk_msg messages delivered straight into the peer socket.
     MsgsRedirected = 2,
@@ -292,9 +434,9 @@ pub enum Counter {
     BacklogFallbacks = 5,
     /// Sockets added to the sockhash by sockops.
     SocketsAdded = 6,
-    /// Connections from outside a pod to an app port that sk_lookup steered to the proxy.
+    /// Connections from outside a pod to a pod port that sk_lookup steered to the proxy.
     InboundSteered = 7,
-    /// getsockopt(SO_ORIGINAL_DST) answered from the original-destination map.
+    /// getsockopt(SO_ORIGINAL_DST) answered from the socket's original destination.
     OrigDstAnswered = 8,
     /// Sockets that went back from the TCP path to the redirect once their peer caught up.
     RedirectsResumed = 9,
@@ -304,9 +446,39 @@ pub enum Counter {
     PressurePassed = 11,
     /// Connections to a service that no intention matched (the default policy decided).
     DefaultDecisions = 12,
+    /// Connections from outside a pod that sk_lookup dropped: no live inbound listener for a
+    /// meshed address, or an address of the pod the agent never registered.
+    InboundDropped = 13,
+    /// Connections that failed because their per-connection state could not be stored (socket
+    /// storage could not be allocated, or the hand-off map is full): one connection, never the
+    /// node.
+    ConnStateFailed = 14,
+    /// Native IPv6 connects connect6 refused (to a meshed pod's address).
+    Native6Denied = 15,
 }
 
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 16;
+
+/// Every counter with its name (the metric and JSON name user space shows), in index order: the
+/// one list user space iterates.
+pub const COUNTERS: [(Counter, &str); COUNTER_COUNT as usize] = [
+    (Counter::Redirects, "redirects"),
+    (Counter::ConnectsDenied, "connects_denied"),
+    (Counter::MsgsRedirected, "msgs_redirected"),
+    (Counter::BytesRedirected, "bytes_redirected"),
+    (Counter::LookupsMissed, "lookups_missed"),
+    (Counter::BacklogFallbacks, "backlog_fallbacks"),
+    (Counter::SocketsAdded, "sockets_added"),
+    (Counter::InboundSteered, "inbound_steered"),
+    (Counter::OrigDstAnswered, "orig_dst_answered"),
+    (Counter::RedirectsResumed, "redirects_resumed"),
+    (Counter::BlockingSkipped, "blocking_skipped"),
+    (Counter::PressurePassed, "pressure_passed"),
+    (Counter::DefaultDecisions, "default_decisions"),
+    (Counter::InboundDropped, "inbound_dropped"),
+    (Counter::ConnStateFailed, "conn_state_failed"),
+    (Counter::Native6Denied, "native6_denied"),
+];
 
 #[cfg(feature = "user")]
 mod pod_impls {
@@ -325,6 +497,9 @@ mod pod_impls {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for LocalPortKey {}
+    unsafe impl aya::Pod for PodAddrKey {}
+    unsafe impl aya::Pod for PodAddrValue {}
+    unsafe impl aya::Pod for ExcludeKey {}
 }
 
 #[cfg(test)]
@@ -346,6 +521,32 @@ mod tests {
         assert_eq!(size_of::<SockKey>(), 24);
         assert_eq!(size_of::<SockState>(), 16);
         assert_eq!(size_of::<LocalPortKey>(), 16);
+        assert_eq!(size_of::<PodAddrKey>(), 16);
+        assert_eq!(size_of::<PodAddrValue>(), 16);
+        assert_eq!(size_of::<ExcludeKey>(), 20);
+    }
+
+    #[test]
+    fn counter_list_is_in_index_order_and_complete() {
+        for (i, (c, name)) in COUNTERS.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{name}");
+            assert!(!name.is_empty());
+        }
+    }
+
+    #[test]
+    fn v4_mapped_keys_round_trip() {
+        let ip = u32::from_ne_bytes([10, 1, 2, 3]);
+        let k = PodAddrKey::v4(ip);
+        assert!(k.is_v4_mapped());
+        assert_eq!(
+            k.octets(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]
+        );
+        assert_eq!(PodAddrKey::v6(k.octets()), k);
+        let ll = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert!(!PodAddrKey::v6(ll).is_v4_mapped());
+        assert_eq!(PodAddrKey::v6(ll).octets(), ll);
     }
 
     #[test]

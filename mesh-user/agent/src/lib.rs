@@ -467,9 +467,11 @@ impl Agent {
         let keep_cgroups: BTreeSet<u64> = agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
         let keep_pods: BTreeSet<String> =
             agent.pods.values().map(|p| p.workload.pin_name()).collect();
+        let keep_netns: BTreeSet<u64> =
+            agent.pods.values().map(|p| p.kernel.netns_cookie).collect();
         agent
             .steering
-            .forget_stale_pods(&keep_cgroups, &keep_pods)?;
+            .forget_stale_pods(&keep_cgroups, &keep_pods, &keep_netns)?;
         Ok(agent)
     }
 
@@ -640,10 +642,7 @@ impl Agent {
             let l = netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, u.bind_port)))?;
             upstreams.push((u.service_ref(), l));
         }
-        let inbound = netns.listen(SocketAddr::V4(SocketAddrV4::new(
-            w.ip,
-            mesh_common::INBOUND_PORT,
-        )))?;
+        let inbound = inbound_listener(&netns, w.ip)?;
         let identity = (self.names.id(&w.namespace)?, self.names.id(&w.service)?);
         self.steering
             .add_pod(w, &kernel, &netns, &inbound, identity)?;
@@ -687,5 +686,34 @@ impl Agent {
             warn!(pod = %pod.workload.id(), error = %e, "removing the pod's steering");
         }
         info!(pod = %pod.workload.id(), "pod no longer meshed");
+    }
+}
+
+/// The pod's inbound listener on port [`mesh_common::INBOUND_PORT`]: dual-stack (`[::]`, not
+/// IPv6-only) so that sk_lookup can hand it IPv4 and IPv6 connections alike (an IPv6 lookup
+/// cannot be given an IPv4 socket). On a kernel without IPv6 it is `ip:20000`, and IPv6 does
+/// not exist to be steered.
+fn inbound_listener(netns: &NetNs, ip: Ipv4Addr) -> Result<std::net::TcpListener, Error> {
+    use socket2::{Domain, Socket, Type};
+    let dual = netns.run(|| {
+        let socket = match Socket::new(Domain::IPV6, Type::STREAM, None) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        socket.set_only_v6(false)?;
+        socket.set_reuse_address(true)?;
+        let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, mesh_common::INBOUND_PORT));
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        Ok(Some(std::net::TcpListener::from(socket)))
+    })?;
+    match dual {
+        Some(listener) => Ok(listener),
+        None => Ok(netns.listen(SocketAddr::V4(SocketAddrV4::new(
+            ip,
+            mesh_common::INBOUND_PORT,
+        )))?),
     }
 }

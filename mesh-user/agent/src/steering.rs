@@ -4,7 +4,7 @@
 #![warn(missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, TcpListener};
 
 use mesh_common::{
     IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
@@ -17,6 +17,35 @@ use mesh_core::catalog::{Catalog, Workload};
 use mesh_core::intentions::{compile_with, Action, RuleSet};
 use mesh_dataplane::bpf::Dataplane;
 use mesh_dataplane::iptables;
+
+/// The pod's addresses as its inbound side must steer them: `ip` and every IPv6 address of the
+/// pod's network namespace (`/proc/thread-self/net/if_inet6` read by a thread inside it:
+/// link-local, global, tentative ones included), except loopback. (`/proc/net` would show the
+/// namespace of the process's main thread.)
+fn pod_addresses(netns: &mesh_dataplane::netns::NetNs, ip: Ipv4Addr) -> Result<Vec<IpAddr>, Error> {
+    let text = netns.run(
+        || match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
+            Ok(text) => Ok(text),
+            // IPv6 disabled in the kernel: the namespace has no IPv6 address.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e),
+        },
+    )?;
+    let mut addrs = vec![IpAddr::V4(ip)];
+    for line in text.lines() {
+        let Some(hex) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Ok(bits) = u128::from_str_radix(hex, 16) else {
+            continue;
+        };
+        let v6 = Ipv6Addr::from(bits);
+        if !v6.is_loopback() && hex.len() == 32 {
+            addrs.push(IpAddr::V6(v6));
+        }
+    }
+    Ok(addrs)
+}
 
 /// How the agent steers pod traffic into its proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +125,16 @@ impl Steering {
                 for u in &w.upstreams {
                     dp.set_local_port(pod.netns_cookie, u.bind_port, LOCAL_PORT_PROXY)?;
                 }
-                dp.set_inbound(pod.slot, inbound, w.ip, &w.app_ports)?;
+                // Every address of the pod, IPv6 link-local included: every port of each is
+                // steered to the inbound listener (or dropped), not only the app's.
+                let addrs = pod_addresses(netns, w.ip)?;
+                dp.set_inbound(
+                    pod.slot,
+                    inbound,
+                    pod.netns_cookie,
+                    &addrs,
+                    &w.exclude_inbound_ports,
+                )?;
                 // Last: from here on connect4 knows the pod and redirects its connections.
                 dp.set_pod(
                     pod.cgroup_id,
@@ -114,7 +152,7 @@ impl Steering {
                     &iptables::Rules {
                         outbound_port: OUTBOUND_PORT,
                         inbound_port: mesh_common::INBOUND_PORT,
-                        app_ports: w.app_ports.clone(),
+                        exclude_inbound_ports: w.exclude_inbound_ports.clone(),
                     },
                 )?;
             }
@@ -137,7 +175,7 @@ impl Steering {
                 for u in &w.upstreams {
                     dp.remove_local_port(pod.netns_cookie, u.bind_port)?;
                 }
-                dp.remove_inbound(pod.slot, w.ip, &w.app_ports)?;
+                dp.remove_inbound(pod.slot)?;
             }
             Steering::Iptables => iptables::remove(&w.netns)?,
         }
@@ -269,8 +307,9 @@ impl Steering {
 
     /// After a restart: drops per-pod entries the catalog no longer has (pods removed while the
     /// agent was down), keeping those of pods it still has: pod map entries by cgroup id
-    /// (`keep_cgroups`) and attachments by pin name (`keep_pods`). Does nothing in iptables
-    /// mode.
+    /// (`keep_cgroups`), attachments by pin name (`keep_pods`) and meshed addresses by the
+    /// cookie of the network namespace that owns them (`keep_netns`). Does nothing in
+    /// iptables mode.
     ///
     /// # Errors
     ///
@@ -280,10 +319,18 @@ impl Steering {
         &mut self,
         keep_cgroups: &BTreeSet<u64>,
         keep_pods: &BTreeSet<String>,
+        keep_netns: &BTreeSet<u64>,
     ) -> Result<(), Error> {
         let Steering::Ebpf(dp) = self else {
             return Ok(());
         };
+        let gone = dp.retain_inbound(keep_netns)?;
+        if gone > 0 {
+            info!(
+                addresses = gone,
+                "forgot the inbound addresses of pods no longer in the catalog"
+            );
+        }
         for (cg, _) in dp.pods()? {
             if !keep_cgroups.contains(&cg) {
                 dp.remove_pod(cg)?;

@@ -2,16 +2,17 @@
 //! chains inside a pod's network namespace. The fallback for kernels without sk_msg/sk_lookup and
 //! the baseline of every benchmark.
 //!
-//! As in Consul, every outbound TCP connection that is not to loopback and not from the proxy goes
-//! to the outbound listener, and inbound TCP to the pod's app ports goes to the inbound listener.
-//! Consul excludes the proxy by its UID; the agent here serves every pod from one process, so its
-//! sockets carry [`mesh_common::PROXY_MARK`] and the chains exclude that mark.
+//! As in Consul, every outbound IPv4 TCP connection that is not to loopback and not from the proxy
+//! goes to the outbound listener, and every inbound TCP connection, IPv4 and IPv6, goes to the
+//! inbound listener, except to the excluded ports
+//! (`consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`). Consul excludes the proxy by
+//! its UID; the agent here serves every pod from one process, so its sockets carry
+//! [`mesh_common::PROXY_MARK`] and the chains exclude that mark.
 //!
-//! The chains run through `nsenter --net=<netns>` and the `iptables` / `iptables-restore`
-//! binaries (`iptables-restore --wait` needs iptables 1.6.2 or newer), so the host needs
-//! util-linux, iptables, `CAP_SYS_ADMIN` + `CAP_NET_ADMIN`, and the kernel's nat table with the
-//! `REDIRECT` target and the `mark` match (`nf_nat`, `xt_REDIRECT`, `xt_mark`). IPv4 only: no
-//! `ip6tables` rules are written.
+//! IPv6 (ip6tables) gets the inbound chains only, as the kernel programs decide: no mesh service
+//! has a native IPv6 address, so native IPv6 egress is not redirected (an `AF_INET6` socket
+//! dialling a v4-mapped address makes an IPv4 connection, which the IPv4 chains see); inbound
+//! IPv6 lands on the inbound listener (dual-stack), which refuses plaintext.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -65,11 +66,42 @@ pub struct Rules {
     /// The proxy's inbound listener in the pod: inbound TCP to one of `app_ports` is
     /// redirected here.
     pub inbound_port: u16,
-    /// The app's ports whose inbound TCP goes through the proxy; other ports are untouched.
-    pub app_ports: Vec<u16>,
+    /// Inbound ports that reach the app directly; every other inbound TCP port goes to the
+    /// inbound listener.
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
+/// The hooks of the IPv4 chains; IPv6 has only the first.
+const HOOKS: [(&str, &str); 2] = [
+    ("PREROUTING", "CONSUL_PROXY_INBOUND"),
+    ("OUTPUT", "CONSUL_PROXY_OUTPUT"),
+];
+
 impl Rules {
+    /// The inbound chains, as `iptables-restore` and `ip6tables-restore` lines.
+    fn inbound_lines(&self) -> String {
+        let mut s = String::new();
+        s += "-A CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports ";
+        s += &format!("{}\n", self.inbound_port);
+        for port in &self.exclude_inbound_ports {
+            s += &format!("-A CONSUL_PROXY_INBOUND -p tcp -m tcp --dport {port} -j RETURN\n");
+        }
+        s += "-A CONSUL_PROXY_INBOUND -p tcp -j CONSUL_PROXY_IN_REDIRECT\n";
+        s
+    }
+
+    /// The `ip6tables-restore` input for the nat table: the inbound chains only (see the module
+    /// docs), flushed and refilled in one atomic commit.
+    pub fn restore_input6(&self) -> String {
+        let mut s = String::from("*nat\n");
+        for chain in &CHAINS[..2] {
+            s += &format!(":{chain} - [0:0]\n");
+        }
+        s += &self.inbound_lines();
+        s += "COMMIT\n";
+        s
+    }
+
     /// The `iptables-restore` input for the nat table: the chains are flushed and refilled in one
     /// atomic commit.
     pub fn restore_input(&self) -> String {
@@ -77,11 +109,7 @@ impl Rules {
         for chain in CHAINS {
             s += &format!(":{chain} - [0:0]\n");
         }
-        s += "-A CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports ";
-        s += &format!("{}\n", self.inbound_port);
-        for port in &self.app_ports {
-            s += &format!("-A CONSUL_PROXY_INBOUND -p tcp -m tcp --dport {port} -j CONSUL_PROXY_IN_REDIRECT\n");
-        }
+        s += &self.inbound_lines();
         s += &format!(
             "-A CONSUL_PROXY_REDIRECT -p tcp -j REDIRECT --to-ports {}\n",
             self.outbound_port
@@ -135,61 +163,74 @@ fn nsenter(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, E
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Installs (or replaces) the chains in the namespace at `netns` and hooks them into
-/// PREROUTING and OUTPUT once. The chains are replaced in one `iptables-restore --noflush`
-/// commit; the jumps are added only if `iptables -C` does not find them.
-///
-/// # Errors
-///
-/// [`Error::Spawn`] if `nsenter` cannot be run, [`Error::Failed`] if `iptables-restore` or
-/// adding a jump fails (namespace gone, nat table or `REDIRECT` unavailable, no permission).
-/// A failure after the restore leaves the chains filled but possibly not hooked.
+/// One address family's tools and the hooks of its chains.
+struct Family {
+    tool: &'static str,
+    restore: &'static str,
+    hooks: &'static [(&'static str, &'static str)],
+}
+
+const FAMILIES: [Family; 2] = [
+    Family {
+        tool: "iptables",
+        restore: "iptables-restore",
+        hooks: &HOOKS,
+    },
+    Family {
+        tool: "ip6tables",
+        restore: "ip6tables-restore",
+        hooks: &[HOOKS[0]],
+    },
+];
+
+/// Installs (or replaces) the chains in the namespace at `netns`, IPv4 and IPv6, and hooks them
+/// into PREROUTING (and, IPv4, OUTPUT) once. Errors: the failing command and its stderr.
 pub fn install(netns: &Path, rules: &Rules) -> Result<(), Error> {
-    nsenter(
-        netns,
-        &["iptables-restore", "--noflush", "--wait"],
-        Some(&rules.restore_input()),
-    )?;
-    for (hook, chain) in [
-        ("PREROUTING", "CONSUL_PROXY_INBOUND"),
-        ("OUTPUT", "CONSUL_PROXY_OUTPUT"),
-    ] {
-        let rule = ["-p", "tcp", "-j", chain];
-        let check = [&["iptables", "-w", "-t", "nat", "-C", hook][..], &rule].concat();
-        if nsenter(netns, &check, None).is_err() {
-            let add = [&["iptables", "-w", "-t", "nat", "-A", hook][..], &rule].concat();
-            nsenter(netns, &add, None)?;
+    for Family {
+        tool,
+        restore,
+        hooks,
+    } in FAMILIES
+    {
+        let input = if tool == "iptables" {
+            rules.restore_input()
+        } else {
+            rules.restore_input6()
+        };
+        nsenter(netns, &[restore, "--noflush", "--wait"], Some(&input))?;
+        for (hook, chain) in hooks {
+            let rule = ["-p", "tcp", "-j", chain];
+            let check = [&[tool, "-w", "-t", "nat", "-C", hook][..], &rule].concat();
+            if nsenter(netns, &check, None).is_err() {
+                let add = [&[tool, "-w", "-t", "nat", "-A", hook][..], &rule].concat();
+                nsenter(netns, &add, None)?;
+            }
         }
     }
     Ok(())
 }
 
-/// Removes the hooks and chains from the namespace; what is already gone is not an error.
-///
-/// # Errors
-///
-/// None today: every failure (including a namespace that cannot be entered) is taken for
-/// "already gone" and the function returns `Ok(())`. The `Result` leaves room for reporting.
+/// Removes the hooks and chains from the namespace, IPv4 and IPv6; what is already gone is not
+/// an error.
 pub fn remove(netns: &Path) -> Result<(), Error> {
-    for (hook, chain) in [
-        ("PREROUTING", "CONSUL_PROXY_INBOUND"),
-        ("OUTPUT", "CONSUL_PROXY_OUTPUT"),
-    ] {
-        while nsenter(
-            netns,
-            &[
-                "iptables", "-w", "-t", "nat", "-D", hook, "-p", "tcp", "-j", chain,
-            ],
-            None,
-        )
-        .is_ok()
-        {}
-    }
-    for chain in CHAINS {
-        let _ = nsenter(netns, &["iptables", "-w", "-t", "nat", "-F", chain], None);
-    }
-    for chain in CHAINS {
-        let _ = nsenter(netns, &["iptables", "-w", "-t", "nat", "-X", chain], None);
+    for Family { tool, hooks, .. } in FAMILIES {
+        for (hook, chain) in hooks {
+            while nsenter(
+                netns,
+                &[
+                    tool, "-w", "-t", "nat", "-D", hook, "-p", "tcp", "-j", chain,
+                ],
+                None,
+            )
+            .is_ok()
+            {}
+        }
+        for chain in CHAINS {
+            let _ = nsenter(netns, &[tool, "-w", "-t", "nat", "-F", chain], None);
+        }
+        for chain in CHAINS {
+            let _ = nsenter(netns, &[tool, "-w", "-t", "nat", "-X", chain], None);
+        }
     }
     Ok(())
 }
@@ -203,6 +244,11 @@ pub fn list(netns: &Path) -> Result<String, Error> {
     nsenter(netns, &["iptables", "-w", "-t", "nat", "-S"], None)
 }
 
+/// The IPv6 nat table of the namespace as `ip6tables -S` prints it.
+pub fn list6(netns: &Path) -> Result<String, Error> {
+    nsenter(netns, &["ip6tables", "-w", "-t", "nat", "-S"], None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,7 +258,7 @@ mod tests {
         let r = Rules {
             outbound_port: 15001,
             inbound_port: 20000,
-            app_ports: vec![9090, 8080],
+            exclude_inbound_ports: vec![9090, 8080],
         };
         let s = r.restore_input();
         for chain in CHAINS {
@@ -223,8 +269,13 @@ mod tests {
         }
         assert!(s.contains("-A CONSUL_PROXY_REDIRECT -p tcp -j REDIRECT --to-ports 15001"));
         assert!(s.contains("-A CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 20000"));
-        assert!(s.contains("--dport 9090 -j CONSUL_PROXY_IN_REDIRECT"));
-        assert!(s.contains("--dport 8080 -j CONSUL_PROXY_IN_REDIRECT"));
+        // Every inbound port is redirected, after the excluded ones returned.
+        let excluded = s.find("--dport 9090 -j RETURN").expect("exclusion");
+        assert!(s.contains("--dport 8080 -j RETURN"));
+        let all = s
+            .find("-A CONSUL_PROXY_INBOUND -p tcp -j CONSUL_PROXY_IN_REDIRECT")
+            .expect("every inbound port");
+        assert!(excluded < all);
         // The proxy's own sockets and loopback are excluded before the redirect.
         let mark = s
             .find("--mark 0x4d455348 -j RETURN")
@@ -237,5 +288,13 @@ mod tests {
             .expect("jump");
         assert!(mark < redirect && lo < redirect);
         assert!(s.ends_with("COMMIT\n"));
+
+        // IPv6: the same inbound chains, no outbound redirect.
+        let s6 = r.restore_input6();
+        assert!(s6.contains("-A CONSUL_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 20000"));
+        assert!(s6.contains("--dport 8080 -j RETURN"));
+        assert!(s6.contains("-A CONSUL_PROXY_INBOUND -p tcp -j CONSUL_PROXY_IN_REDIRECT"));
+        assert!(!s6.contains("CONSUL_PROXY_OUTPUT") && !s6.contains("--to-ports 15001"));
+        assert!(s6.ends_with("COMMIT\n"));
     }
 }

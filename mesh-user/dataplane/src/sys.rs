@@ -62,7 +62,11 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt_u64(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
 }
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_BTF_LOAD: libc::c_long = 18;
+const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
+const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `BPF_CGROUP_GETSOCKOPT` (`enum bpf_attach_type`), the attach type of cgroup/getsockopt
 /// programs (Linux 5.3); pass it as `attach_type` to [`link_create`].
@@ -137,4 +141,81 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
     attr.0[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_OBJ_PIN, &mut attr)?;
     Ok(())
+}
+
+/// BTF for a socket-storage map: `[1] int` (the key), `[2] u32`, `[3] u16`,
+/// `[4] struct orig_dst { u32 ip; u16 port; u16 _pad; }` (the value, 8 bytes).
+fn sk_storage_btf() -> Vec<u8> {
+    const KIND_INT: u32 = 1;
+    const KIND_STRUCT: u32 = 4;
+    const INT_SIGNED: u32 = 1 << 24;
+    let strings: &[u8] = b"\0int\0u32\0u16\0orig_dst\0ip\0port\0_pad\0";
+    let name = |s: &str| -> u32 {
+        let needle = [s.as_bytes(), b"\0"].concat();
+        strings
+            .windows(needle.len())
+            .position(|w| w == needle.as_slice())
+            .map(|p| p as u32)
+            .expect("name in the string table")
+    };
+    let mut types: Vec<u32> = Vec::new();
+    // INT: name, info, size, then bits/encoding.
+    types.extend([name("int"), KIND_INT << 24, 4, INT_SIGNED | 32]);
+    types.extend([name("u32"), KIND_INT << 24, 4, 32]);
+    types.extend([name("u16"), KIND_INT << 24, 2, 16]);
+    // STRUCT: name, info (kind, member count), size, then (name, type, bit offset) per member.
+    types.extend([name("orig_dst"), KIND_STRUCT << 24 | 3, 8]);
+    types.extend([name("ip"), 2, 0]);
+    types.extend([name("port"), 3, 32]);
+    types.extend([name("_pad"), 3, 48]);
+    let type_bytes: Vec<u8> = types.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut blob = Vec::new();
+    blob.extend(0xeb9f_u16.to_ne_bytes()); // magic
+    blob.push(1); // version
+    blob.push(0); // flags
+    blob.extend(24_u32.to_ne_bytes()); // header length
+    blob.extend(0_u32.to_ne_bytes()); // type section offset
+    blob.extend((type_bytes.len() as u32).to_ne_bytes());
+    blob.extend((type_bytes.len() as u32).to_ne_bytes()); // string section offset
+    blob.extend((strings.len() as u32).to_ne_bytes());
+    blob.extend(type_bytes);
+    blob.extend(strings);
+    blob
+}
+
+/// Creates a `BPF_MAP_TYPE_SK_STORAGE` map named `name` (at most 15 bytes kept) with an `int` key
+/// and an 8-byte value described by [`sk_storage_btf`] (kernel ≥ 5.2). The kernel creates such a
+/// map only with key and value BTF, which the kernel object cannot carry; the caller pins it
+/// where the loader will look for it. Errors: the kernel's, from `BPF_BTF_LOAD` or
+/// `BPF_MAP_CREATE`; `InvalidInput` for a value size other than 8.
+pub fn create_sk_storage(name: &str, value_size: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if value_size != 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the socket storage BTF describes 8-byte values, not {value_size}"),
+        ));
+    }
+    let btf = sk_storage_btf();
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..8].copy_from_slice(&(btf.as_ptr() as u64).to_ne_bytes());
+    attr.0[16..20].copy_from_slice(&(btf.len() as u32).to_ne_bytes());
+    let btf_fd = bpf(BPF_BTF_LOAD, &mut attr)?;
+    // SAFETY: on success BPF_BTF_LOAD returns a new file descriptor that we now own.
+    let btf_fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(btf_fd as i32) };
+
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..4].copy_from_slice(&BPF_MAP_TYPE_SK_STORAGE.to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&4_u32.to_ne_bytes()); // key size
+    attr.0[8..12].copy_from_slice(&value_size.to_ne_bytes());
+    attr.0[12..16].copy_from_slice(&0_u32.to_ne_bytes()); // max entries: per socket
+    attr.0[16..20].copy_from_slice(&BPF_F_NO_PREALLOC.to_ne_bytes());
+    let n = name.len().min(15);
+    attr.0[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
+    attr.0[48..52].copy_from_slice(&(btf_fd.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[52..56].copy_from_slice(&1_u32.to_ne_bytes()); // key type: int
+    attr.0[56..60].copy_from_slice(&4_u32.to_ne_bytes()); // value type: struct orig_dst
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: on success BPF_MAP_CREATE returns a new file descriptor that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }

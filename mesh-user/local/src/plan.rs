@@ -174,6 +174,7 @@ pub fn catalog(
             cgroup: cgroup.clone(),
             ip: *ip,
             app_ports,
+            exclude_inbound_ports: mesh.exclude_inbound_ports.clone(),
             upstreams: mesh
                 .upstreams
                 .iter()

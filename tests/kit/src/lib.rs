@@ -67,6 +67,49 @@ impl Pod {
         NetNs::open(&self.netns_path).expect("pod netns")
     }
 
+    /// Turns IPv6 on in the pod (the fixture turns it off) and adds `addrs` (`addr/len`) to
+    /// eth0 without duplicate address detection, so they are usable at once.
+    pub fn enable_ipv6(&self, addrs: &[&str]) -> Result<()> {
+        for conf in ["all", "default", "eth0"] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &self.netns_name,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.ipv6.conf.{conf}.disable_ipv6=0"),
+                ],
+            )?;
+        }
+        for addr in addrs {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &self.netns_name,
+                    "-6",
+                    "addr",
+                    "add",
+                    addr,
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The index of the pod's eth0 (the scope of its link-local addresses), as seen inside it.
+    pub fn eth0_index(&self) -> Result<u32> {
+        Ok(self
+            .netns()
+            .run(|| nix::net::if_::if_nametoindex("eth0").map_err(std::io::Error::from))?)
+    }
+
     /// Transmitted packets on the pod's uplink (`eth0`).
     pub fn eth0_tx_packets(&self) -> Result<u64> {
         let out = run(
@@ -226,6 +269,7 @@ pub fn workload(
         cgroup: pod.cgroup.clone(),
         ip: pod.ip,
         app_ports,
+        exclude_inbound_ports: vec![],
         upstreams,
     }
 }
@@ -246,6 +290,29 @@ pub fn wait_for<T>(
         ensure!(start.elapsed() < limit, "no {what} after {limit:?}");
         std::thread::sleep(every);
     }
+}
+
+/// Connects from inside `from`'s network namespace (as a client in another pod would, from
+/// the calling process's cgroup) to `addr` and reads what comes back until EOF: `Ok(text)`, or
+/// the error that stopped the connect (2 s) or the read (3 s).
+pub fn reach(from: &Pod, addr: SocketAddr) -> Result<io::Result<String>> {
+    reach_sending(from, addr, b"")
+}
+
+/// [`reach`], sending `first` (when not empty) once connected.
+pub fn reach_sending(from: &Pod, addr: SocketAddr, first: &[u8]) -> Result<io::Result<String>> {
+    Ok(from.netns().run(|| {
+        Ok((|| {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            if !first.is_empty() {
+                s.write_all(first)?;
+            }
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })())
+    })?)
 }
 
 /// Starts `mesh-probe` as a process of the pod with network namespace `netns` and cgroup
@@ -425,12 +492,19 @@ impl NbStream {
         Ok(Self(s))
     }
 
-    /// Connects without blocking the socket: O_NONBLOCK is set before the handshake.
+    /// Connects without blocking the socket: O_NONBLOCK is set before the handshake. The
+    /// socket is `AF_INET6` for an IPv6 (v4-mapped included) `addr`; `local_port` binds it to
+    /// 127.0.0.1 (`::ffff:127.0.0.1`).
     pub fn connect(addr: SocketAddr, local_port: Option<u16>) -> io::Result<Self> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let domain = socket2::Domain::for_address(addr);
+        let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         if let Some(port) = local_port {
             sock.set_reuse_address(true)?;
-            sock.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+            let local = match addr {
+                SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                SocketAddr::V6(_) => SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), port)),
+            };
+            sock.bind(&local.into())?;
         }
         sock.set_nonblocking(true)?;
         match sock.connect(&addr.into()) {

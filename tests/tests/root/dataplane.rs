@@ -2,9 +2,9 @@
 //! The test process plays the agent (it sits in the node's agent cgroup); `mesh-probe` plays the
 //! application inside a pod.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use mesh_common::{
-    Config, IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
-    SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
+    Config, Counter, IntentionKey, IntentionValue, PodValue, ServiceValue, INBOUND_PORT,
+    LOCAL_PORT_PROXY, OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
 use mesh_dataplane::bpf::Dataplane;
 use mesh_dataplane::{cgroup, iptables, socket::original_dst};
-use mesh_kit::{read_pattern, tcp_mem_pages, v4, wait_for, write_pattern, NbStream, Node, Pod};
+use mesh_kit::{
+    reach, read_pattern, tcp_mem_pages, v4, wait_for, write_pattern, NbStream, Node, Pod,
+};
 
 /// How often [`wait_for`] looks again.
 const POLL: Duration = Duration::from_millis(20);
@@ -108,7 +110,7 @@ fn redirect_1000_connections(mode: Mode) -> Result<()> {
                 &iptables::Rules {
                     outbound_port: OUTBOUND_PORT,
                     inbound_port: 20000,
-                    app_ports: vec![],
+                    exclude_inbound_ports: vec![],
                 },
             )?;
             None
@@ -150,14 +152,14 @@ fn redirect_1000_connections(mode: Mode) -> Result<()> {
     if let Some(dp) = &dp {
         let c = dp.counters()?;
         assert!(
-            c.redirects >= N as u64,
+            c.get(Counter::Redirects) >= N as u64,
             "connect4 counted {} redirects",
-            c.redirects
+            c.get(Counter::Redirects)
         );
         assert!(
-            c.orig_dst_answered >= N as u64,
+            c.get(Counter::OrigDstAnswered) >= N as u64,
             "getsockopt answered {}",
-            c.orig_dst_answered
+            c.get(Counter::OrigDstAnswered)
         );
         // Every per-connection entry is gone once the connections are closed.
         wait_for(
@@ -260,16 +262,71 @@ fn sk_msg_carries_64_mib_each_way_with_half_close() -> Result<()> {
     let (got, got_ok) = server.join().expect("server")?;
     assert_eq!((got, got_ok), (LEN, true), "proxy side of the exchange");
     let after = dp.counters()?;
-    let redirected = after.bytes_redirected - before.bytes_redirected;
+    let redirected = after.get(Counter::BytesRedirected) - before.get(Counter::BytesRedirected);
     assert!(
         redirected >= 2 * LEN,
         "only {redirected} of {} bytes took the sk_msg redirect ({after:?})",
         2 * LEN
     );
     assert_eq!(
-        after.backlog_fallbacks, before.backlog_fallbacks,
+        after.get(Counter::BacklogFallbacks),
+        before.get(Counter::BacklogFallbacks),
         "a fast reader never falls back"
     );
+    Ok(())
+}
+
+/// sockops and sk_msg key an `AF_INET6` app socket connected to a v4-mapped service by its IPv4
+/// addresses, as the proxy's `AF_INET` side keys it: the pair joins the sockhash and its bytes
+/// take the redirect.
+#[test]
+fn sk_msg_carries_a_v4_mapped_af_inet6_connection() -> Result<()> {
+    const LEN: u64 = 4 << 20;
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    dp.set_config(Config {
+        backlog_limit: LEN as u32,
+        ..Config::DEFAULT
+    })?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    let mapped = SocketAddrV6::new(api.ip().to_ipv6_mapped(), api.port(), 0, 0);
+    let before = dp.counters()?;
+    let sizes = dp.conn_map_sizes()?;
+    let server = serve_exchange(outbound_listener(&web)?, 43, LEN);
+    let out = node.probe_in(
+        &web,
+        &["exchange", &mapped.to_string(), &LEN.to_string(), "43"],
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(parse_exchange(&out.stdout)?, (LEN, LEN, true), "app side");
+    assert_eq!(server.join().expect("server")?, (LEN, true), "proxy side");
+    let after = dp.counters()?;
+    assert_eq!(
+        after.get(Counter::SocketsAdded) - before.get(Counter::SocketsAdded),
+        2,
+        "both ends joined the sockhash ({after:?})"
+    );
+    let redirected = after.get(Counter::BytesRedirected) - before.get(Counter::BytesRedirected);
+    assert!(
+        redirected >= 2 * LEN,
+        "only {redirected} of {} bytes took the sk_msg redirect ({after:?})",
+        2 * LEN
+    );
+    wait_for(
+        "the per-connection maps at their size before",
+        Duration::from_secs(5),
+        POLL,
+        || Ok((dp.conn_map_sizes()? == sizes).then_some(())),
+    )
+    .context("per-connection maps did not return to their size")?;
     Ok(())
 }
 
@@ -337,7 +394,7 @@ fn identical_loopback_tuples_in_two_pods_stay_apart() -> Result<()> {
         (LEN, true),
         "pod b's proxy got only pod b's bytes"
     );
-    assert!(dp.counters()?.bytes_redirected >= 4 * LEN);
+    assert!(dp.counters()?.get(Counter::BytesRedirected) >= 4 * LEN);
     Ok(())
 }
 
@@ -368,7 +425,7 @@ fn fetch(
     node: &mut Node,
     netns: &std::path::Path,
     cgroup: &std::path::Path,
-    addr: SocketAddrV4,
+    addr: impl std::fmt::Display,
 ) -> Result<String> {
     let child = node.probe(netns, cgroup, &["fetch", &addr.to_string()])?;
     let out = mesh_kit::wait_limit(child, Duration::from_secs(20))?;
@@ -441,7 +498,7 @@ fn deny_verdict_fails_connect_with_eperm_before_any_packet() -> Result<()> {
     let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
 
     let tx_before = web.eth0_tx_packets()?;
-    let denied_before = dp.counters()?.connects_denied;
+    let denied_before = dp.counters()?.get(Counter::ConnectsDenied);
     let out = node.probe_in(
         &web,
         &["connect", &api.to_string()],
@@ -457,7 +514,10 @@ fn deny_verdict_fails_connect_with_eperm_before_any_packet() -> Result<()> {
         tx_before,
         "a denied connect sent packets"
     );
-    assert_eq!(dp.counters()?.connects_denied, denied_before + 1);
+    assert_eq!(
+        dp.counters()?.get(Counter::ConnectsDenied),
+        denied_before + 1
+    );
 
     // The verdict is per destination service, and flipping it takes effect at once.
     assert_eq!(
@@ -482,7 +542,7 @@ fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Resu
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &api, API_ID)?;
     let inbound = api.netns().listen(v4(api.ip, mesh_common::INBOUND_PORT))?;
-    dp.set_inbound(0, &inbound, api.ip, &[9000])?;
+    dp.set_inbound(0, &inbound, api.netns().cookie()?, &[api.ip.into()], &[])?;
     let server = node.probe(
         &api.netns_path,
         &api.cgroup,
@@ -516,14 +576,17 @@ fn plaintext_from_outside_to_an_app_port_lands_on_the_inbound_listener() -> Resu
     );
     assert_eq!(fetch(&mut node, &api.netns_path, &api.cgroup, app)?, "app");
 
-    let steered_before = dp.counters()?.inbound_steered;
+    let steered_before = dp.counters()?.get(Counter::InboundSteered);
     let plain = node.plain_cgroup()?;
     assert_eq!(
         fetch(&mut node, &client.netns_path, &plain, app)?,
         "inbound",
         "outside → app port"
     );
-    assert_eq!(dp.counters()?.inbound_steered, steered_before + 1);
+    assert_eq!(
+        dp.counters()?.get(Counter::InboundSteered),
+        steered_before + 1
+    );
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
     Ok(())
@@ -539,8 +602,8 @@ fn uninstall_leaves_nothing_attached_or_pinned() -> Result<()> {
         let ids = dp.link_ids()?;
         assert_eq!(
             ids.len(),
-            4,
-            "sockops, getsockopt, connect4, sk_lookup: {ids:?}"
+            5,
+            "sockops, getsockopt, connect4, connect6, sk_lookup: {ids:?}"
         );
         ids
     };
@@ -649,17 +712,21 @@ fn backpressure(blocking: bool) -> Result<mesh_dataplane::bpf::Counters> {
         let after = dp.counters()?;
         if blocking {
             assert_eq!(
-                after.sockets_added, before.sockets_added,
+                after.get(Counter::SocketsAdded),
+                before.get(Counter::SocketsAdded),
                 "run {run}: a blocking socket joined the sockhash"
             );
-            assert_eq!(after.blocking_skipped, before.blocking_skipped + 1);
+            assert_eq!(
+                after.get(Counter::BlockingSkipped),
+                before.get(Counter::BlockingSkipped) + 1
+            );
         } else {
             assert!(
-                after.bytes_redirected > before.bytes_redirected,
+                after.get(Counter::BytesRedirected) > before.get(Counter::BytesRedirected),
                 "run {run}: nothing was redirected"
             );
             assert!(
-                after.backlog_fallbacks > before.backlog_fallbacks,
+                after.get(Counter::BacklogFallbacks) > before.get(Counter::BacklogFallbacks),
                 "run {run}: the bound never engaged"
             );
         }
@@ -696,4 +763,376 @@ impl Read for SlowReader {
         let n = buf.len().min(64 * 1024);
         self.inner.read(&mut buf[..n])
     }
+}
+
+/// Asserts that a connection from `from` to `addr` gets no byte from anyone.
+fn assert_unreachable(from: &Pod, addr: SocketAddr, why: &str) -> Result<()> {
+    match reach(from, addr)? {
+        Ok(text) if !text.is_empty() => panic!("{why}: {addr} answered {text:?}"),
+        _ => Ok(()),
+    }
+}
+
+/// Starts `serve ADDR REPLY` in `pod` and waits until `probe` (an address inside the pod)
+/// accepts connections.
+fn serve_in(node: &mut Node, pod: &Pod, addr: &str, reply: &str, probe: SocketAddr) -> Result<()> {
+    let server = node.probe(&pod.netns_path, &pod.cgroup, &["serve", addr, reply])?;
+    node.keep(server);
+    wait_for("the app", Duration::from_secs(5), POLL, || {
+        Ok(pod.netns().connect(probe).is_ok().then_some(()))
+    })
+}
+
+#[test]
+fn without_a_live_inbound_listener_no_port_of_a_pod_answers_from_outside() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &api, API_ID)?;
+    let inbound = api.netns().listen(v4(api.ip, INBOUND_PORT))?;
+    dp.set_inbound(0, &inbound, api.netns().cookie()?, &[api.ip.into()], &[])?;
+    // 9000 is the declared app port, 9001 one the app serves without declaring it.
+    for port in [9000, 9001] {
+        let addr = format!("0.0.0.0:{port}");
+        serve_in(&mut node, &api, &addr, "app", v4(Ipv4Addr::LOCALHOST, port))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    for port in [9000, 9001] {
+        let text = reach(&client, v4(api.ip, port))?
+            .with_context(|| format!("port {port} with the listener up"))?;
+        assert_eq!(text, "inbound", "port {port} with the listener up");
+    }
+
+    // The agent is killed: its listener closes (the kernel empties the slot); its programs and
+    // maps stay, pinned.
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    drop(dp);
+    for port in [9000, 9001] {
+        assert_unreachable(
+            &client,
+            v4(api.ip, port),
+            "plaintext from another pod reached the app with the agent gone",
+        )?;
+    }
+    // Inside the pod the app still answers (the proxy's own inbound leg dials it there).
+    assert_eq!(
+        fetch(
+            &mut node,
+            &api.netns_path,
+            &api.cgroup,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000)
+        )?,
+        "app"
+    );
+    // A restarted agent finds the drops counted.
+    let dp = open_dataplane(&node)?;
+    assert!(dp.counters()?.get(Counter::InboundDropped) >= 2);
+    Ok(())
+}
+
+#[test]
+fn an_excluded_inbound_port_reaches_the_app_directly() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &api, API_ID)?;
+    let inbound = api.netns().listen(v4(api.ip, INBOUND_PORT))?;
+    dp.set_inbound(
+        0,
+        &inbound,
+        api.netns().cookie()?,
+        &[api.ip.into()],
+        &[9001],
+    )?;
+    for port in [9000, 9001] {
+        let addr = format!("0.0.0.0:{port}");
+        serve_in(&mut node, &api, &addr, "app", v4(Ipv4Addr::LOCALHOST, port))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    assert_eq!(reach(&client, v4(api.ip, 9001))??, "app", "excluded port");
+    assert_eq!(
+        reach(&client, v4(api.ip, 9000))??,
+        "inbound",
+        "steered port"
+    );
+    assert_eq!(dp.inbound_excluded()?, vec![(api.ip.into(), 9001)]);
+    assert_eq!(dp.inbound_addrs()?, vec![(api.ip.into(), 0)]);
+
+    // A restarted agent keeps the addresses of the pods it still has and forgets the others'
+    // (by network namespace), exclusions included.
+    let cookie = api.netns().cookie()?;
+    assert_eq!(dp.retain_inbound(&BTreeSet::from([cookie]))?, 0);
+    assert_eq!(dp.inbound_addrs()?.len(), 1);
+    assert_eq!(dp.retain_inbound(&BTreeSet::new())?, 1);
+    // Forgetting the pod's inbound side leaves nothing behind; the address is then unknown and
+    // every port of it dropped while sk_lookup is still attached.
+    dp.remove_inbound(0)?;
+    assert!(dp.inbound_addrs()?.is_empty());
+    assert!(dp.inbound_excluded()?.is_empty());
+    for port in [9000, 9001] {
+        assert_unreachable(&client, v4(api.ip, port), "an unregistered address")?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
+}
+
+#[test]
+fn ipv6_to_a_pod_link_local_included_lands_on_the_inbound_listener_or_nowhere() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let s = node.subnet;
+    let link_local: Ipv6Addr = "fe80::a".parse()?;
+    let unregistered: Ipv6Addr = "fe80::c".parse()?;
+    let global: Ipv6Addr = format!("fd00:{s:x}::a").parse()?;
+    api.enable_ipv6(&[
+        &format!("{link_local}/64"),
+        &format!("{unregistered}/64"),
+        &format!("{global}/64"),
+    ])?;
+    client.enable_ipv6(&["fe80::b/64", &format!("fd00:{s:x}::b/64")])?;
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &api, API_ID)?;
+    mesh_pod(&mut dp, &client, WEB_ID)?;
+    let scope = client.eth0_index()?;
+    let ll = |ip: Ipv6Addr, port: u16| SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope));
+    let addrs = [api.ip.into(), link_local.into(), global.into()];
+    let cookie = api.netns().cookie()?;
+
+    // The app listens on [::] (IPv4 and IPv6).
+    serve_in(
+        &mut node,
+        &api,
+        "[::]:9000",
+        "app",
+        v4(Ipv4Addr::LOCALHOST, 9000),
+    )?;
+    // A dual-stack listener takes IPv4 and IPv6 lookups alike.
+    let inbound = api
+        .netns()
+        .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT)))?;
+    dp.set_inbound(0, &inbound, cookie, &addrs, &[])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    wait_for(
+        "IPv6 between the pods",
+        Duration::from_secs(10),
+        POLL,
+        || Ok(reach(&client, ll(link_local, 9000))?.is_ok().then_some(())),
+    )
+    .context("IPv6 between the pods never came up")?;
+    assert_eq!(
+        reach(&client, ll(link_local, 9000))??,
+        "inbound",
+        "link-local"
+    );
+    assert_eq!(
+        reach(&client, ll(link_local, 9001))??,
+        "inbound",
+        "link-local, undeclared port"
+    );
+    assert_eq!(reach(&client, ll(global, 9000))??, "inbound", "global");
+    assert_eq!(reach(&client, v4(api.ip, 9000))??, "inbound", "IPv4");
+    // An address of the pod the agent did not register is dropped, not passed.
+    assert_unreachable(&client, ll(unregistered, 9000), "unregistered address")?;
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+
+    // An IPv4-only listener cannot take an IPv6 connection: IPv6 is dropped, IPv4 steered.
+    let inbound = api.netns().listen(v4(api.ip, INBOUND_PORT))?;
+    dp.set_inbound(0, &inbound, cookie, &addrs, &[])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    assert_eq!(reach(&client, v4(api.ip, 9000))??, "inbound", "IPv4");
+    assert_unreachable(
+        &client,
+        ll(link_local, 9000),
+        "IPv6 with an IPv4-only listener",
+    )?;
+    // The agent is gone: nothing answers over IPv6 either.
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    assert_unreachable(&client, ll(link_local, 9000), "IPv6 with the agent gone")?;
+    assert_unreachable(&client, ll(global, 9000), "IPv6 with the agent gone")?;
+
+    // A meshed app dialling another meshed pod's native IPv6 address is refused at connect().
+    let denied = dp.counters()?.get(Counter::Native6Denied);
+    let out = node.probe_in(
+        &client,
+        &["connect", &SocketAddr::from((global, 9000)).to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "native IPv6 to a meshed pod: {text}"
+    );
+    assert_eq!(dp.counters()?.get(Counter::Native6Denied), denied + 1);
+    Ok(())
+}
+
+#[test]
+fn af_inet6_to_a_v4_mapped_vip_is_redirected_like_af_inet_and_denied_with_eperm() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let other = vip(&node, 11, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    dp.set_service(other, api_value(API_ID + 1, SERVICE_VIP))?;
+    set_intention(&mut dp, API_ID, false)?;
+    let mapped = |a: SocketAddrV4| SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0);
+    let listener = outbound_listener(&web)?;
+    let acceptor = thread::spawn(move || -> Result<SocketAddrV4> {
+        let (mut conn, _) = listener.accept()?;
+        let orig = original_dst(&conn)?;
+        conn.write_all(b"proxy")?;
+        Ok(orig)
+    });
+    let before = dp.counters()?;
+    assert_eq!(
+        fetch(&mut node, &web.netns_path, &web.cgroup, mapped(other))?,
+        "proxy"
+    );
+    assert_eq!(
+        acceptor.join().expect("acceptor")?,
+        other,
+        "SO_ORIGINAL_DST of a v4-mapped connection"
+    );
+    let out = node.probe_in(
+        &web,
+        &["connect", &mapped(api).to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "denied v4-mapped connect: {text}"
+    );
+    let after = dp.counters()?;
+    assert_eq!(
+        after.get(Counter::Redirects),
+        before.get(Counter::Redirects) + 1
+    );
+    assert_eq!(
+        after.get(Counter::ConnectsDenied),
+        before.get(Counter::ConnectsDenied) + 1
+    );
+    Ok(())
+}
+
+#[test]
+fn two_hundred_thousand_failed_connects_leave_no_state_and_allowed_ones_still_work() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let service = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(service, api_value(API_ID, SERVICE_VIP))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
+    let sizes = dp.conn_map_sizes()?;
+    let before = dp.counters()?;
+
+    // More than any per-connection map could hold: each connect is redirected by connect4 (which
+    // records its original destination), then refused by the kernel (the 4-tuple is taken).
+    const N: u64 = 200_000;
+    let out = node.probe_in(
+        &web,
+        &[
+            "fail-connects",
+            &service.to_string(),
+            "40123",
+            &N.to_string(),
+        ],
+        Duration::from_secs(300),
+    )?;
+    ensure!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), format!("failed={N} other=0"));
+    let after = dp.counters()?;
+    assert!(
+        after.get(Counter::Redirects) > before.get(Counter::Redirects) + N,
+        "the failed connects went through connect4's redirect"
+    );
+    assert_eq!(
+        after.get(Counter::ConnStateFailed),
+        before.get(Counter::ConnStateFailed),
+        "no connection lost its state"
+    );
+    wait_for(
+        "the per-connection maps at their size before",
+        Duration::from_secs(5),
+        POLL,
+        || Ok((dp.conn_map_sizes()? == sizes).then_some(())),
+    )
+    .context("per-connection maps did not return to their size")?;
+    // Allowed connections still work.
+    for _ in 0..3 {
+        assert_eq!(
+            fetch(&mut node, &web.netns_path, &web.cgroup, service)?,
+            "proxy"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
+}
+
+#[test]
+fn iptables_mode_steers_every_inbound_port_v4_and_v6_except_excluded() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let s = node.subnet;
+    let global: Ipv6Addr = format!("fd00:{s:x}::a").parse()?;
+    api.enable_ipv6(&[&format!("{global}/64")])?;
+    client.enable_ipv6(&[&format!("fd00:{s:x}::b/64")])?;
+    iptables::install(
+        &api.netns_path,
+        &iptables::Rules {
+            outbound_port: OUTBOUND_PORT,
+            inbound_port: INBOUND_PORT,
+            exclude_inbound_ports: vec![9001],
+        },
+    )?;
+    for port in [9000, 9001] {
+        let addr = format!("[::]:{port}");
+        serve_in(&mut node, &api, &addr, "app", v4(Ipv4Addr::LOCALHOST, port))?;
+    }
+    let inbound = api
+        .netns()
+        .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    let v6 = |port: u16| SocketAddr::from((global, port));
+    wait_for(
+        "IPv6 between the pods",
+        Duration::from_secs(10),
+        POLL,
+        || Ok(reach(&client, v6(9001))?.is_ok().then_some(())),
+    )
+    .context("IPv6 between the pods never came up")?;
+    assert_eq!(reach(&client, v4(api.ip, 9000))??, "inbound", "IPv4");
+    assert_eq!(reach(&client, v6(9000))??, "inbound", "IPv6");
+    assert_eq!(reach(&client, v4(api.ip, 9001))??, "app", "IPv4, excluded");
+    assert_eq!(reach(&client, v6(9001))??, "app", "IPv6, excluded");
+    assert!(iptables::list6(&api.netns_path)?.contains("CONSUL_PROXY_IN_REDIRECT"));
+    iptables::remove(&api.netns_path)?;
+    assert!(!iptables::list6(&api.netns_path)?.contains("CONSUL_PROXY"));
+    assert!(!iptables::list(&api.netns_path)?.contains("CONSUL_PROXY"));
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Root tests of the whole agent: two pods, the kernel steering on, both proxies, mTLS between
 //! them. The agent runs in this test process (which sits in the node's agent cgroup).
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 use mesh_agent::{Agent, AgentConfig, Redirect};
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, ServiceRef, Upstream};
 use mesh_core::intentions::{Action, RuleSet};
-use mesh_kit::{pattern, wait_limit, workload, Node, Pod};
+use mesh_kit::{pattern, reach, reach_sending, wait_limit, workload, Node, Pod};
 
 const APP_PORT: u16 = 9091;
 const SEED: u64 = 500;
@@ -371,10 +371,116 @@ fn plaintext_from_outside_a_pod_never_reaches_its_app() -> Result<()> {
         .dataplane()
         .context("ebpf")?
         .counters()?
-        .inbound_steered;
+        .get(mesh_common::Counter::InboundSteered);
     assert!(steered >= 1, "sk_lookup steered the connection");
     // The mesh path still works for meshed callers.
     m.exchange(upstream(), 1024)?;
+    Ok(())
+}
+
+/// Every TCP port of a meshed pod, over IPv4 and IPv6 (link-local included), goes to the agent's
+/// inbound listener, which refuses plaintext; an excluded port reaches the app directly.
+#[test]
+fn every_port_of_a_meshed_pod_v4_and_v6_goes_to_the_proxy_unless_excluded() -> Result<()> {
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let s = node.subnet;
+    let link_local: Ipv6Addr = "fe80::a".parse()?;
+    let global: Ipv6Addr = format!("fd00:{s:x}::a").parse()?;
+    api.enable_ipv6(&[&format!("{link_local}/64"), &format!("{global}/64")])?;
+    client.enable_ipv6(&["fe80::b/64", &format!("fd00:{s:x}::b/64")])?;
+    const UNDECLARED: u16 = 9101;
+    const EXCLUDED: u16 = 9102;
+    let mut w = workload(&api, "api", vec![APP_PORT], vec![]);
+    w.exclude_inbound_ports = vec![EXCLUDED];
+    let catalog = Catalog {
+        services: vec![Service {
+            name: "api".into(),
+            namespace: "default".into(),
+            datacenter: "dc1".into(),
+            vip: None,
+            ports: vec![APP_PORT],
+            protocol: Protocol::Tcp,
+            target_ports: Default::default(),
+            endpoints: vec![Endpoint {
+                ip: api.ip,
+                port: mesh_common::INBOUND_PORT,
+            }],
+        }],
+        workloads: vec![w],
+    };
+    for port in [APP_PORT, UNDECLARED, EXCLUDED] {
+        let server = node.probe(
+            &api.netns_path,
+            &api.cgroup,
+            &["serve", &format!("[::]:{port}"), "app"],
+        )?;
+        node.keep(server);
+    }
+    let state = tempfile::tempdir()?;
+    let cfg = AgentConfig {
+        instance: node.instance(),
+        state_dir: state.path().to_path_buf(),
+        mesh_cgroup: node.mesh_cgroup.clone(),
+        redirect: Redirect::Ebpf,
+        default_policy: Action::Allow,
+        msg_redirect: true,
+        proxy: mesh_proxy::ProxyConfig::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let agent = rt.block_on(Agent::start(
+        cfg,
+        catalog,
+        RuleSet::with_default_policy(Action::Allow),
+    ))?;
+    let scope = client.eth0_index()?;
+    let v6 = |ip: Ipv6Addr, port: u16| SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope));
+    let v4 = |port: u16| SocketAddr::from((api.ip, port));
+    // Wait until IPv6 neighbours are up (the excluded port answers directly).
+    let start = std::time::Instant::now();
+    while !matches!(reach(&client, v6(global, EXCLUDED))?, Ok(ref t) if t == "app") {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "IPv6 between the pods never came up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    let steered = [
+        v4(APP_PORT),
+        v4(UNDECLARED),
+        v6(link_local, APP_PORT),
+        v6(link_local, UNDECLARED),
+        v6(global, UNDECLARED),
+    ];
+    for addr in steered {
+        // The listener resets what is not TLS; whatever comes back is not the app's.
+        if let Ok(text) = reach_sending(&client, addr, request)? {
+            assert!(!text.contains("app"), "{addr}: the app answered plaintext");
+        }
+    }
+    // The app answers without reading: nothing is sent, or its close would be a reset.
+    for addr in [v4(EXCLUDED), v6(link_local, EXCLUDED)] {
+        let text = reach(&client, addr)?.with_context(|| format!("excluded {addr}"))?;
+        assert_eq!(text, "app", "excluded {addr}");
+    }
+    let stats = agent.pod("default.api").context("api pod")?.proxy.stats();
+    assert_eq!(
+        stats.plaintext_refused,
+        steered.len() as u64,
+        "each landed on the inbound listener, which refused it: {stats:?}"
+    );
+    assert_eq!(
+        (stats.bytes_to_app, stats.tls_handshakes),
+        (0, 0),
+        "{stats:?}"
+    );
+    // Stop the proxies before the node (and its namespaces) goes away.
+    rt.block_on(async move { drop(agent) });
     Ok(())
 }
 

@@ -139,8 +139,8 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
     let before: BTreeMap<String, u32> = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?;
     assert_eq!(
         before.len(),
-        6,
-        "sockops, getsockopt and two per pod: {before:?}"
+        8,
+        "sockops, getsockopt and three per pod (connect4, connect6, sk_lookup): {before:?}"
     );
 
     // Traffic while the agent dies.

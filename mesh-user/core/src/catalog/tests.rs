@@ -52,6 +52,7 @@ fn web() -> Workload {
         cgroup: "/sys/fs/cgroup/mesh/web".into(),
         ip: Ipv4Addr::new(10, 0, 0, 2),
         app_ports: vec![9090],
+        exclude_inbound_ports: vec![],
         upstreams: vec![Upstream {
             service: "api".into(),
             namespace: "default".into(),

@@ -193,6 +193,11 @@ pub struct Workload {
     /// distinct, not 0, 15001 or 20000.
     #[serde(default)]
     pub app_ports: Vec<u16>,
+    /// Ports whose connections from outside the pod reach the app directly, unproxied
+    /// (`consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`); every other TCP port
+    /// of the pod goes to its inbound listener.
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
     /// The pod's explicit upstreams, each with its own local port.
     #[serde(default)]
     pub upstreams: Vec<Upstream>,

@@ -68,6 +68,10 @@ pub const ANNOTATION_SERVICE: &str = "consul.hashicorp.com/connect-service";
 pub const ANNOTATION_UPSTREAMS: &str = "consul.hashicorp.com/connect-service-upstreams";
 /// `consul.hashicorp.com/transparent-proxy`: per-pod transparent proxy switch.
 pub const ANNOTATION_TRANSPARENT_PROXY: &str = "consul.hashicorp.com/transparent-proxy";
+/// `consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`: comma-separated ports whose
+/// inbound connections reach the app directly, not through the proxy.
+pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str =
+    "consul.hashicorp.com/transparent-proxy-exclude-inbound-ports";
 /// Label on a Service that consul-k8s must not register (`"true"`).
 pub const LABEL_SERVICE_IGNORE: &str = "consul.hashicorp.com/service-ignore";
 

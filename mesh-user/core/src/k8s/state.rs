@@ -46,6 +46,8 @@ pub struct MeshWorkload {
     pub upstreams: Vec<Upstream>,
     /// `consul.hashicorp.com/transparent-proxy`, when the pod sets it.
     pub transparent_proxy: Option<bool>,
+    /// `consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`.
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 /// One local pod to run.
@@ -308,6 +310,7 @@ impl DesiredState {
             identity_source: source,
             upstreams: mesh.upstreams.clone(),
             transparent_proxy: mesh.transparent_proxy,
+            exclude_inbound_ports: mesh.exclude_inbound_ports.clone(),
         }))
     }
 }

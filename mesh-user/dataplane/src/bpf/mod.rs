@@ -2,18 +2,22 @@
 //!
 //! Everything of one agent instance lives under `/sys/fs/bpf/mesh/<instance>/`:
 //! `maps/<MAP>` (every map), `links/{sockops,getsockopt}` (mesh-wide attachments on the
-//! mesh cgroup) and `pods/<pod>/{connect4,sk_lookup}` (per pod). Because links and maps are pinned,
+//! mesh cgroup) and `pods/<pod>/{connect4,connect6,sk_lookup}` (per pod). Because links and maps are pinned,
 //! the programs stay attached and keep answering from the same maps when the agent stops or
 //! crashes; a restarted agent opens the same pins ("re-adopts") instead of attaching again, so
 //! there is never a window with programs detached. [`uninstall`] removes the whole tree.
+//!
+//! `maps/ORIG_DST_SK` (socket-local storage, [`mesh_common::MAP_ORIG_DST`]) is created and pinned
+//! by [`Dataplane::open`] itself, with hand-written BTF, before the object is loaded: the kernel
+//! creates such a map only with key and value BTF, which the kernel object cannot carry.
 #![forbid(unsafe_code)]
 
 pub mod btf;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
-use std::net::{SocketAddrV4, TcpListener};
+use std::net::{IpAddr, SocketAddrV4, TcpListener};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
@@ -22,8 +26,13 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    Config, Counter, IntentionCounts, IntentionKey, IntentionValue, KernelOffsets, LocalPortKey,
-    OrigDst, PodValue, ServiceKey, ServiceValue, SockKey, SockState, COUNTER_COUNT,
+    Config, Counter, ExcludeKey, IntentionCounts, IntentionKey, IntentionValue, KernelOffsets,
+    LocalPortKey, OrigDst, PodAddrKey, PodAddrValue, PodValue, ServiceKey, ServiceValue, SockKey,
+    SockState, COUNTERS, COUNTER_COUNT, MAP_CONFIG, MAP_COUNTERS, MAP_INBOUND_ADDRS,
+    MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS, MAP_INTENTIONS_0, MAP_INTENTIONS_1,
+    MAP_INTENTION_COUNTS, MAP_LOCAL_PORTS, MAP_ORIG_DST, MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES,
+    MAP_SOCKS, MAP_SOCK_STATE, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SK_LOOKUP,
+    PROG_SK_MSG, PROG_SOCKOPS,
 };
 
 use crate::netns::NetNs;
@@ -122,29 +131,54 @@ pub fn instance_dir(instance: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(instance)
 }
 
-/// Summed per-CPU counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    pub redirects: u64,
-    pub connects_denied: u64,
-    pub msgs_redirected: u64,
-    pub bytes_redirected: u64,
-    pub lookups_missed: u64,
-    pub backlog_fallbacks: u64,
-    pub sockets_added: u64,
-    pub inbound_steered: u64,
-    pub orig_dst_answered: u64,
-    pub redirects_resumed: u64,
-    pub blocking_skipped: u64,
-    pub pressure_passed: u64,
+/// The kernel counters, summed over CPUs: one value per entry of [`mesh_common::COUNTERS`]
+/// (serialized, and debug-printed, as an object by those names).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Counters([u64; COUNTER_COUNT as usize]);
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self([0; COUNTER_COUNT as usize])
+    }
+}
+
+impl Counters {
+    /// The value of one counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// Every counter with its name, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        COUNTERS
+            .iter()
+            .map(|(c, name)| (*name, self.0[*c as usize]))
+    }
+}
+
+impl serde::Serialize for Counters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(COUNTERS.len()))?;
+        for (name, value) in self.iter() {
+            map.serialize_entry(name, &value)?;
+        }
+        map.end()
+    }
 }
 
 /// How many entries the per-connection maps hold (all must go back to their size when the
-/// connections close).
+/// connections close). The original destinations themselves live in socket storage, which the
+/// kernel frees with each socket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConnMapSizes {
-    pub orig_by_cookie: usize,
-    pub orig_dst: usize,
+    pub orig_handoff: usize,
     pub sockets: usize,
     pub sock_state: usize,
 }
@@ -196,15 +230,28 @@ impl Dataplane {
         }
         let adopted = MESH_LINKS.iter().all(|l| links_dir.join(l).exists());
         let offsets = kernel_offsets();
+        // The loader opens this pin rather than creating the map, which it could not (see
+        // `crate::sys::create_sk_storage`).
+        let storage = maps_dir.join(MAP_ORIG_DST);
+        if !storage.exists() {
+            let map =
+                crate::sys::create_sk_storage(MAP_ORIG_DST, std::mem::size_of::<OrigDst>() as u32)
+                    .map_err(io_err(format!(
+                        "creating the socket storage map {MAP_ORIG_DST}"
+                    )))?;
+            crate::sys::obj_pin(map.as_fd(), &storage)
+                .map_err(io_err(format!("pinning {}", storage.display())))?;
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
 
-        load_prog::<CgroupSockAddr>(&mut ebpf, "mesh_connect4", |p| p.load())?;
-        load_prog::<SkLookup>(&mut ebpf, "mesh_sk_lookup", |p| p.load())?;
-        load_prog::<SockOps>(&mut ebpf, "mesh_sockops", |p| p.load())?;
-        load_prog::<CgroupSockopt>(&mut ebpf, "mesh_getsockopt", |p| p.load())?;
-        load_prog::<SkMsg>(&mut ebpf, "mesh_sk_msg", |p| p.load())?;
+        load_prog::<CgroupSockAddr>(&mut ebpf, PROG_CONNECT4, |p| p.load())?;
+        load_prog::<CgroupSockAddr>(&mut ebpf, PROG_CONNECT6, |p| p.load())?;
+        load_prog::<SkLookup>(&mut ebpf, PROG_SK_LOOKUP, |p| p.load())?;
+        load_prog::<SockOps>(&mut ebpf, PROG_SOCKOPS, |p| p.load())?;
+        load_prog::<CgroupSockopt>(&mut ebpf, PROG_GETSOCKOPT, |p| p.load())?;
+        load_prog::<SkMsg>(&mut ebpf, PROG_SK_MSG, |p| p.load())?;
 
         let mut dp = Self {
             instance: instance.to_string(),
@@ -227,10 +274,10 @@ impl Dataplane {
         // The sk_msg program hangs off the pinned sockhash itself (no link), so it lives as long
         // as the map does. Re-attaching replaces it atomically.
         let socks_fd = {
-            let map = self.ebpf.map("SOCKS").ok_or(Error::Missing("map SOCKS"))?;
+            let map = self.ebpf.map(MAP_SOCKS).ok_or(Error::Missing(MAP_SOCKS))?;
             let socks: SockHash<&MapData, SockKey> =
                 SockHash::try_from(map).map_err(|source| Error::Map {
-                    name: "SOCKS",
+                    name: MAP_SOCKS,
                     source,
                 })?;
             socks
@@ -238,13 +285,13 @@ impl Dataplane {
                 .try_clone()
                 .map_err(io_err("duplicating the sockhash fd"))?
         };
-        let prog = prog_mut::<SkMsg>(&mut self.ebpf, "mesh_sk_msg")?;
+        let prog = prog_mut::<SkMsg>(&mut self.ebpf, PROG_SK_MSG)?;
         let id = prog.attach(&socks_fd).map_err(|source| Error::Program {
-            name: "mesh_sk_msg",
+            name: PROG_SK_MSG,
             source,
         })?;
         let link = prog.take_link(id).map_err(|source| Error::Program {
-            name: "mesh_sk_msg",
+            name: PROG_SK_MSG,
             source,
         })?;
         // Dropping the link would detach the program; the map keeps it instead.
@@ -254,17 +301,17 @@ impl Dataplane {
         // several instances and other tools' programs coexist on the same cgroup.
         let path = links.join("sockops");
         if !path.exists() {
-            let prog = prog_mut::<SockOps>(&mut self.ebpf, "mesh_sockops")?;
+            let prog = prog_mut::<SockOps>(&mut self.ebpf, PROG_SOCKOPS)?;
             let id = prog
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| Error::Program {
-                    name: "mesh_sockops",
+                    name: PROG_SOCKOPS,
                     source,
                 })?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|source| Error::Program {
-                    name: "mesh_sockops",
+                    name: PROG_SOCKOPS,
                     source,
                 })?
                 .try_into()
@@ -277,9 +324,9 @@ impl Dataplane {
         let path = links.join("getsockopt");
         if !path.exists() {
             // aya cannot turn a cgroup-sockopt link into a pinnable fd link; create it directly.
-            let prog = prog_mut::<CgroupSockopt>(&mut self.ebpf, "mesh_getsockopt")?;
+            let prog = prog_mut::<CgroupSockopt>(&mut self.ebpf, PROG_GETSOCKOPT)?;
             let prog_fd = prog.fd().map_err(|source| Error::Program {
-                name: "mesh_getsockopt",
+                name: PROG_GETSOCKOPT,
                 source,
             })?;
             let link = crate::sys::link_create(
@@ -304,27 +351,31 @@ impl Dataplane {
         self.adopted
     }
 
-    /// Attaches connect4 to the pod's cgroup and sk_lookup to its network namespace, unless
-    /// pinned attachments for this pod exist already (then they are adopted).
+    /// Attaches connect4 and connect6 to the pod's cgroup and sk_lookup to its network
+    /// namespace, unless pinned attachments for this pod exist already (then they are adopted).
+    /// Kernel ≥ 5.10 (sk_lookup links, socket storage from every program kind used).
     pub fn attach_pod(&mut self, pod: &str, cgroup: &Path, netns: &NetNs) -> Result<(), Error> {
         check_name(pod)?;
         let dir = self.dir.join("pods").join(pod);
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let path = dir.join("connect4");
-        if !path.exists() {
+        for (pin_name, prog_name) in [("connect4", PROG_CONNECT4), ("connect6", PROG_CONNECT6)] {
+            let path = dir.join(pin_name);
+            if path.exists() {
+                continue;
+            }
             let cg = File::open(cgroup)
                 .map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
-            let prog = prog_mut::<CgroupSockAddr>(&mut self.ebpf, "mesh_connect4")?;
+            let prog = prog_mut::<CgroupSockAddr>(&mut self.ebpf, prog_name)?;
             let id = prog
                 .attach(&cg, CgroupAttachMode::Single)
                 .map_err(|source| Error::Program {
-                    name: "mesh_connect4",
+                    name: prog_name,
                     source,
                 })?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|source| Error::Program {
-                    name: "mesh_connect4",
+                    name: prog_name,
                     source,
                 })?
                 .try_into()
@@ -336,15 +387,15 @@ impl Dataplane {
         }
         let path = dir.join("sk_lookup");
         if !path.exists() {
-            let prog = prog_mut::<SkLookup>(&mut self.ebpf, "mesh_sk_lookup")?;
+            let prog = prog_mut::<SkLookup>(&mut self.ebpf, PROG_SK_LOOKUP)?;
             let id = prog.attach(netns.file()).map_err(|source| Error::Program {
-                name: "mesh_sk_lookup",
+                name: PROG_SK_LOOKUP,
                 source,
             })?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|source| Error::Program {
-                    name: "mesh_sk_lookup",
+                    name: PROG_SK_LOOKUP,
                     source,
                 })?
                 .into();
@@ -382,17 +433,17 @@ impl Dataplane {
     /// `intention_set` as [`Dataplane::config`] returns it unless you wrote that set.
     pub fn set_config(&mut self, mut config: Config) -> Result<(), Error> {
         config.offsets = self.offsets.unwrap_or_default();
-        let mut map: Array<&mut MapData, Config> = typed(&mut self.ebpf, "CONFIG")?;
+        let mut map: Array<&mut MapData, Config> = typed(&mut self.ebpf, MAP_CONFIG)?;
         map.set(0, config, 0).map_err(|source| Error::Map {
-            name: "CONFIG",
+            name: MAP_CONFIG,
             source,
         })
     }
 
     pub fn config(&self) -> Result<Config, Error> {
-        let map: Array<&MapData, Config> = typed_ref(&self.ebpf, "CONFIG")?;
+        let map: Array<&MapData, Config> = typed_ref(&self.ebpf, MAP_CONFIG)?;
         map.get(&0, 0).map_err(|source| Error::Map {
-            name: "CONFIG",
+            name: MAP_CONFIG,
             source,
         })
     }
@@ -400,28 +451,28 @@ impl Dataplane {
     /// Registers a service address (virtual IP:port or endpoint IP:port) as `service`.
     pub fn set_service(&mut self, addr: SocketAddrV4, value: ServiceValue) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            typed(&mut self.ebpf, "SERVICES")?;
+            typed(&mut self.ebpf, MAP_SERVICES)?;
         map.insert(service_key(addr), value, 0)
             .map_err(|source| Error::Map {
-                name: "SERVICES",
+                name: MAP_SERVICES,
                 source,
             })
     }
 
     pub fn remove_service(&mut self, addr: SocketAddrV4) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            typed(&mut self.ebpf, "SERVICES")?;
-        ignore_missing(map.remove(&service_key(addr)), "SERVICES")
+            typed(&mut self.ebpf, MAP_SERVICES)?;
+        ignore_missing(map.remove(&service_key(addr)), MAP_SERVICES)
     }
 
     /// Every registered service address.
     pub fn services(&self) -> Result<Vec<(SocketAddrV4, ServiceValue)>, Error> {
-        let map: HashMap<&MapData, ServiceKey, ServiceValue> = typed_ref(&self.ebpf, "SERVICES")?;
+        let map: HashMap<&MapData, ServiceKey, ServiceValue> = typed_ref(&self.ebpf, MAP_SERVICES)?;
         map.iter()
             .map(|r| {
                 r.map(|(k, v)| (key_addr(k), v))
                     .map_err(|source| Error::Map {
-                        name: "SERVICES",
+                        name: MAP_SERVICES,
                         source,
                     })
             })
@@ -430,45 +481,32 @@ impl Dataplane {
 
     /// Marks the cgroup as a meshed pod whose connections carry `identity`.
     pub fn set_pod(&mut self, cgroup_id: u64, value: PodValue) -> Result<(), Error> {
-        let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, "PODS")?;
+        let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, MAP_PODS)?;
         map.insert(cgroup_id, value, 0)
             .map_err(|source| Error::Map {
-                name: "PODS",
+                name: MAP_PODS,
                 source,
             })
     }
 
     pub fn remove_pod(&mut self, cgroup_id: u64) -> Result<(), Error> {
-        let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, "PODS")?;
-        ignore_missing(map.remove(&cgroup_id), "PODS")
+        let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, MAP_PODS)?;
+        ignore_missing(map.remove(&cgroup_id), MAP_PODS)
     }
 
     /// Every meshed pod: (cgroup id, value).
     pub fn pods(&self) -> Result<Vec<(u64, PodValue)>, Error> {
-        entries_of(&self.ebpf, "PODS")
+        entries_of(&self.ebpf, MAP_PODS)
     }
 
     /// Every redirected local port: (netns cookie, port).
     pub fn local_ports(&self) -> Result<Vec<(u64, u16)>, Error> {
-        Ok(entries_of::<LocalPortKey, u32>(&self.ebpf, "LOCAL_PORTS")?
-            .into_iter()
-            .map(|(k, _)| (k.netns, k.port))
-            .collect())
-    }
-
-    /// Every steered app port: (pod IP:port, listener slot).
-    pub fn inbound_ports(&self) -> Result<Vec<(SocketAddrV4, u32)>, Error> {
-        Ok(entries_of::<ServiceKey, u32>(&self.ebpf, "INBOUND_PORTS")?
-            .into_iter()
-            .map(|(k, v)| (key_addr(k), v))
-            .collect())
-    }
-
-    /// Removes a steered app port.
-    pub fn remove_inbound_port(&mut self, addr: SocketAddrV4) -> Result<(), Error> {
-        let mut ports: HashMap<&mut MapData, ServiceKey, u32> =
-            typed(&mut self.ebpf, "INBOUND_PORTS")?;
-        ignore_missing(ports.remove(&service_key(addr)), "INBOUND_PORTS")
+        Ok(
+            entries_of::<LocalPortKey, u32>(&self.ebpf, MAP_LOCAL_PORTS)?
+                .into_iter()
+                .map(|(k, _)| (k.netns, k.port))
+                .collect(),
+        )
     }
 
     /// Replaces the whole intention set at once: the set not in force is brought to `entries`
@@ -490,9 +528,9 @@ impl Dataplane {
             }
         }
         let name = if next == 0 {
-            "INTENTIONS_0"
+            MAP_INTENTIONS_0
         } else {
-            "INTENTIONS_1"
+            MAP_INTENTIONS_1
         };
         // What the set holds: known from our own last write, read from the kernel otherwise
         // (the first change after a start, when the maps were adopted).
@@ -533,9 +571,9 @@ impl Dataplane {
         entries_of(
             &self.ebpf,
             if set == 0 {
-                "INTENTIONS_0"
+                MAP_INTENTIONS_0
             } else {
-                "INTENTIONS_1"
+                MAP_INTENTIONS_1
             },
         )
     }
@@ -544,11 +582,11 @@ impl Dataplane {
     /// over CPUs.
     pub fn intention_counts(&self) -> Result<BTreeMap<u32, IntentionCounts>, Error> {
         let map: aya::maps::PerCpuHashMap<&MapData, u32, IntentionCounts> =
-            typed_ref(&self.ebpf, "INTENTION_COUNTS")?;
+            typed_ref(&self.ebpf, MAP_INTENTION_COUNTS)?;
         let mut out = BTreeMap::new();
         for item in map.iter() {
             let (k, values) = item.map_err(|source| Error::Map {
-                name: "INTENTION_COUNTS",
+                name: MAP_INTENTION_COUNTS,
                 source,
             })?;
             let mut sum = IntentionCounts::default();
@@ -565,96 +603,159 @@ impl Dataplane {
     /// loopback connections to it are redirected by sk_msg.
     pub fn set_local_port(&mut self, netns: u64, port: u16, kind: u32) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, LocalPortKey, u32> =
-            typed(&mut self.ebpf, "LOCAL_PORTS")?;
+            typed(&mut self.ebpf, MAP_LOCAL_PORTS)?;
         map.insert(LocalPortKey::new(netns, port), kind, 0)
             .map_err(|source| Error::Map {
-                name: "LOCAL_PORTS",
+                name: MAP_LOCAL_PORTS,
                 source,
             })
     }
 
     pub fn remove_local_port(&mut self, netns: u64, port: u16) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, LocalPortKey, u32> =
-            typed(&mut self.ebpf, "LOCAL_PORTS")?;
-        ignore_missing(map.remove(&LocalPortKey::new(netns, port)), "LOCAL_PORTS")
+            typed(&mut self.ebpf, MAP_LOCAL_PORTS)?;
+        ignore_missing(map.remove(&LocalPortKey::new(netns, port)), MAP_LOCAL_PORTS)
     }
 
-    /// Puts a pod's inbound listener in slot `slot` and steers connections from outside the pod
-    /// to `pod_ip:port`, for each app port, to it.
+    /// Puts a pod's inbound listener in slot `slot` and marks each of the pod's addresses
+    /// (IPv4 and IPv6, link-local included) as meshed: from then on every TCP connection from
+    /// outside the pod to any port of those addresses goes to the listener, except to
+    /// [`mesh_common::INBOUND_PORT`] and to `excluded_ports`, which reach the app directly. A
+    /// connection that cannot be handed to a live listener in `slot` is dropped. `netns` is the
+    /// cookie of the pod's network namespace (it lets connect6 tell the pod's own addresses).
+    ///
+    /// The listener goes in first and the exclusions before the addresses, so no moment steers
+    /// a port the pod excludes or finds an empty slot.
     pub fn set_inbound(
         &mut self,
         slot: u32,
         listener: &TcpListener,
-        pod_ip: std::net::Ipv4Addr,
-        app_ports: &[u16],
+        netns: u64,
+        addrs: &[IpAddr],
+        excluded_ports: &[u16],
     ) -> Result<(), Error> {
         {
-            let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, "INBOUND_SOCKS")?;
+            let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, MAP_INBOUND_SOCKS)?;
             socks.set(slot, listener, 0).map_err(|source| Error::Map {
-                name: "INBOUND_SOCKS",
+                name: MAP_INBOUND_SOCKS,
                 source,
             })?;
         }
-        let mut ports: HashMap<&mut MapData, ServiceKey, u32> =
-            typed(&mut self.ebpf, "INBOUND_PORTS")?;
-        for &port in app_ports {
-            ports
-                .insert(service_key(SocketAddrV4::new(pod_ip, port)), slot, 0)
+        {
+            let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+                typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+            for addr in addrs {
+                for &port in excluded_ports {
+                    exclude
+                        .insert(ExcludeKey::new(addr_key(*addr), port), 1, 0)
+                        .map_err(|source| Error::Map {
+                            name: MAP_INBOUND_EXCLUDE,
+                            source,
+                        })?;
+                }
+            }
+        }
+        let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
+            typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
+        let value = PodAddrValue {
+            slot,
+            _pad: 0,
+            netns,
+        };
+        for addr in addrs {
+            pods.insert(addr_key(*addr), value, 0)
                 .map_err(|source| Error::Map {
-                    name: "INBOUND_PORTS",
+                    name: MAP_INBOUND_ADDRS,
                     source,
                 })?;
         }
         Ok(())
     }
 
-    /// Stops steering the pod's app ports and frees its listener slot.
-    pub fn remove_inbound(
-        &mut self,
-        slot: u32,
-        pod_ip: std::net::Ipv4Addr,
-        app_ports: &[u16],
-    ) -> Result<(), Error> {
+    /// Every meshed pod address: (address, listener slot).
+    pub fn inbound_addrs(&self) -> Result<Vec<(IpAddr, u32)>, Error> {
+        Ok(
+            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+                .into_iter()
+                .map(|(k, v)| (key_ip(k), v.slot))
+                .collect(),
+        )
+    }
+
+    /// Every excluded inbound port: (pod address, port).
+    pub fn inbound_excluded(&self) -> Result<Vec<(IpAddr, u16)>, Error> {
+        Ok(
+            entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
+                .into_iter()
+                .map(|(k, _)| (key_ip(k.addr), k.port))
+                .collect(),
+        )
+    }
+
+    /// Forgets the meshed addresses (and their excluded ports) of every pod whose network
+    /// namespace cookie is not in `keep`: after a restart, the pods removed while the agent was
+    /// down. Returns how many addresses went.
+    pub fn retain_inbound(&mut self, keep: &BTreeSet<u64>) -> Result<usize, Error> {
+        let stale: Vec<PodAddrKey> =
+            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+                .into_iter()
+                .filter(|(_, v)| !keep.contains(&v.netns))
+                .map(|(k, _)| k)
+                .collect();
+        self.forget_addrs(&stale)?;
+        Ok(stale.len())
+    }
+
+    /// Removes `addrs` from the meshed addresses, and their excluded ports.
+    fn forget_addrs(&mut self, addrs: &[PodAddrKey]) -> Result<(), Error> {
+        let excluded: Vec<ExcludeKey> =
+            entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| addrs.contains(&k.addr))
+                .collect();
         {
-            let mut ports: HashMap<&mut MapData, ServiceKey, u32> =
-                typed(&mut self.ebpf, "INBOUND_PORTS")?;
-            for &port in app_ports {
-                ignore_missing(
-                    ports.remove(&service_key(SocketAddrV4::new(pod_ip, port))),
-                    "INBOUND_PORTS",
-                )?;
+            let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
+                typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
+            for k in addrs {
+                ignore_missing(pods.remove(k), MAP_INBOUND_ADDRS)?;
             }
         }
-        let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, "INBOUND_SOCKS")?;
-        ignore_missing(socks.clear_index(&slot), "INBOUND_SOCKS")
+        let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+            typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+        for k in &excluded {
+            ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every address steered to `slot` and its excluded ports, then frees the slot.
+    /// Addresses go first: a connection to them then finds no pod entry and is dropped, never
+    /// passed, while the slot empties.
+    pub fn remove_inbound(&mut self, slot: u32) -> Result<(), Error> {
+        let addrs: Vec<PodAddrKey> =
+            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+                .into_iter()
+                .filter(|(_, v)| v.slot == slot)
+                .map(|(k, _)| k)
+                .collect();
+        self.forget_addrs(&addrs)?;
+        let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, MAP_INBOUND_SOCKS)?;
+        ignore_missing(socks.clear_index(&slot), MAP_INBOUND_SOCKS)
     }
 
     /// The kernel counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
-        let map: PerCpuArray<&MapData, u64> = typed_ref(&self.ebpf, "COUNTERS")?;
-        let mut sums = [0u64; COUNTER_COUNT as usize];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            let values = map.get(&(i as u32), 0).map_err(|source| Error::Map {
-                name: "COUNTERS",
+        let map: PerCpuArray<&MapData, u64> = typed_ref(&self.ebpf, MAP_COUNTERS)?;
+        let mut sums = Counters::default();
+        for (c, _) in COUNTERS {
+            let values = map.get(&(c as u32), 0).map_err(|source| Error::Map {
+                name: MAP_COUNTERS,
                 source,
             })?;
-            *sum = values.iter().sum();
+            sums.0[c as usize] = values.iter().sum();
         }
-        let c = |c: Counter| sums[c as usize];
-        Ok(Counters {
-            redirects: c(Counter::Redirects),
-            connects_denied: c(Counter::ConnectsDenied),
-            msgs_redirected: c(Counter::MsgsRedirected),
-            bytes_redirected: c(Counter::BytesRedirected),
-            lookups_missed: c(Counter::LookupsMissed),
-            backlog_fallbacks: c(Counter::BacklogFallbacks),
-            sockets_added: c(Counter::SocketsAdded),
-            inbound_steered: c(Counter::InboundSteered),
-            orig_dst_answered: c(Counter::OrigDstAnswered),
-            redirects_resumed: c(Counter::RedirectsResumed),
-            blocking_skipped: c(Counter::BlockingSkipped),
-            pressure_passed: c(Counter::PressurePassed),
-        })
+        Ok(sums)
     }
 
     /// Entry counts of the per-connection maps.
@@ -666,12 +767,11 @@ impl Dataplane {
             let map: HashMap<&MapData, K, V> = typed_ref(ebpf, name)?;
             Ok(map.keys().filter(|k| k.is_ok()).count())
         }
-        let socks: SockHash<&MapData, SockKey> = typed_ref(&self.ebpf, "SOCKS")?;
+        let socks: SockHash<&MapData, SockKey> = typed_ref(&self.ebpf, MAP_SOCKS)?;
         Ok(ConnMapSizes {
-            orig_by_cookie: count::<u64, OrigDst>(&self.ebpf, "ORIG_BY_COOKIE")?,
-            orig_dst: count::<SockKey, OrigDst>(&self.ebpf, "ORIG_DST")?,
+            orig_handoff: count::<SockKey, OrigDst>(&self.ebpf, MAP_ORIG_HANDOFF)?,
             sockets: socks.keys().filter(|k| k.is_ok()).count(),
-            sock_state: count::<SockKey, SockState>(&self.ebpf, "SOCK_STATE")?,
+            sock_state: count::<SockKey, SockState>(&self.ebpf, MAP_SOCK_STATE)?,
         })
     }
 }
@@ -799,6 +899,22 @@ fn pin(link: FdLink, path: &Path) -> Result<(), Error> {
 
 fn service_key(addr: SocketAddrV4) -> ServiceKey {
     ServiceKey::new(u32::from_ne_bytes(addr.ip().octets()), addr.port())
+}
+
+/// The map key of a pod address: IPv4 v4-mapped, IPv6 as is.
+fn addr_key(addr: IpAddr) -> PodAddrKey {
+    match addr {
+        IpAddr::V4(ip) => PodAddrKey::v4(u32::from_ne_bytes(ip.octets())),
+        IpAddr::V6(ip) => PodAddrKey::v6(ip.octets()),
+    }
+}
+
+fn key_ip(key: PodAddrKey) -> IpAddr {
+    let ip = std::net::Ipv6Addr::from(key.octets());
+    match ip.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(ip),
+    }
 }
 
 fn key_addr(key: ServiceKey) -> SocketAddrV4 {

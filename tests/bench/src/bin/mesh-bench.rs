@@ -362,7 +362,7 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
         &mesh_dataplane::iptables::Rules {
             outbound_port: OUTBOUND_PORT,
             inbound_port: INBOUND_PORT,
-            app_ports: vec![],
+            exclude_inbound_ports: vec![],
         },
     )?;
 

@@ -14,6 +14,11 @@
 //!   connect-latency ADDR COUNT        time COUNT connect() calls (each then closed); print
 //!                                     "p50_ns=.. p99_ns=.. failed=.."
 //!   fetch ADDR                        connect, read to EOF, print what was read
+//!   fail-connects ADDR LOCAL_PORT COUNT
+//!                                     connect once from 127.0.0.1:LOCAL_PORT and keep it, then
+//!                                     COUNT more connects from the same port (SO_REUSEADDR), which
+//!                                     the kernel refuses after connect4 ran (EADDRNOTAVAIL: the
+//!                                     4-tuple is taken); print "failed=N other=M"
 //!   http-get ADDR                     send a plaintext HTTP request, print what comes back (or
 //!                                     the error)
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
@@ -137,6 +142,24 @@ fn real_main() -> Result<()> {
                     .unwrap_or(0)
             };
             println!("p50_ns={} p99_ns={} failed={failed}", at(0.5), at(0.99));
+        }
+        "fail-connects" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let port: u16 = arg(2)?.parse()?;
+            let count: usize = arg(3)?.parse()?;
+            let keep = socket2_bind(port)?;
+            keep.connect(&addr.into())
+                .context("the first connect, which must succeed")?;
+            let (mut failed, mut other) = (0, 0);
+            for _ in 0..count {
+                let s = socket2_bind(port)?;
+                match s.connect(&addr.into()) {
+                    Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => failed += 1,
+                    _ => other += 1,
+                }
+            }
+            drop(keep);
+            println!("failed={failed} other={other}");
         }
         "fetch" => {
             let addr: SocketAddr = arg(1)?.parse()?;

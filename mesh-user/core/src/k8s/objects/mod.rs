@@ -311,6 +311,8 @@ pub struct MeshAnnotations {
     pub upstreams: Vec<Upstream>,
     /// `consul.hashicorp.com/transparent-proxy`, when set.
     pub transparent_proxy: Option<bool>,
+    /// `consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`, sorted, deduplicated.
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 /// An `apps/v1` Deployment: a pod template run `replicas` times.

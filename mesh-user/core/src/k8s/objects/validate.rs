@@ -6,8 +6,8 @@ use std::fmt;
 use super::super::upstreams::{parse_upstreams, UpstreamSyntax};
 use super::super::{
     check_port_name, check_rfc1035_label, check_rfc1123_label, check_rfc1123_subdomain,
-    parse_go_bool, Error, ANNOTATION_INJECT, ANNOTATION_SERVICE, ANNOTATION_TRANSPARENT_PROXY,
-    ANNOTATION_UPSTREAMS,
+    parse_go_bool, Error, ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_INJECT, ANNOTATION_SERVICE,
+    ANNOTATION_TRANSPARENT_PROXY, ANNOTATION_UPSTREAMS,
 };
 use super::raw::{
     IntOrString, RawContainer, RawDeployment, RawLabelSelector, RawMeta, RawNamespace, RawPod,
@@ -412,6 +412,34 @@ fn annotation_bool(
     }
 }
 
+/// A comma-separated list of TCP ports (1-65535), as consul-k8s reads its port-list
+/// annotations; empty entries are skipped. Anything else is refused, naming the annotation.
+fn annotation_ports(
+    ctx: &Ctx<'_>,
+    path: &str,
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Vec<u16>, Error> {
+    let Some(raw) = annotations.get(key) else {
+        return Ok(Vec::new());
+    };
+    let mut ports = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(p) if p != 0 => ports.push(p),
+            _ => {
+                return Err(ctx.field(
+                    format!("{path}.{key}"),
+                    format!("{item:?} is not a port number (1-65535)"),
+                ))
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
 fn mesh_annotations(
     ctx: &Ctx<'_>,
     path: &str,
@@ -445,6 +473,12 @@ fn mesh_annotations(
         service: names.first().map(|s| s.to_string()),
         upstreams,
         transparent_proxy: annotation_bool(ctx, path, annotations, ANNOTATION_TRANSPARENT_PROXY)?,
+        exclude_inbound_ports: annotation_ports(
+            ctx,
+            path,
+            annotations,
+            ANNOTATION_EXCLUDE_INBOUND_PORTS,
+        )?,
     }))
 }
 

@@ -170,3 +170,47 @@ fn identity_needs_exactly_one_selecting_service() {
         IdentitySource::ServiceAccount
     );
 }
+
+#[test]
+fn excluded_inbound_ports_are_parsed_and_bad_ones_refused() {
+    let text = format!(
+        "{}---{}",
+        service("web", 9090),
+        deployment(
+            "web",
+            1,
+            &format!(
+                "{INJECT}\n        consul.hashicorp.com/transparent-proxy-exclude-inbound-ports: \"9102, 8080,,9102\""
+            )
+        )
+    );
+    let s = state(&text);
+    let mesh = s.workloads[0].mesh.as_ref().expect("meshed");
+    assert_eq!(mesh.exclude_inbound_ports, [8080, 9102]);
+    assert!(state(&format!(
+        "{}---{}",
+        service("web", 9090),
+        deployment("web", 1, INJECT)
+    ))
+    .workloads[0]
+        .mesh
+        .as_ref()
+        .expect("meshed")
+        .exclude_inbound_ports
+        .is_empty());
+    for bad in ["http", "0", "70000"] {
+        let text = deployment(
+            "web",
+            1,
+            &format!(
+                "{INJECT}\n        consul.hashicorp.com/transparent-proxy-exclude-inbound-ports: \"{bad}\""
+            ),
+        );
+        let e = err(&text);
+        assert!(
+            e.contains("consul.hashicorp.com/transparent-proxy-exclude-inbound-ports")
+                && e.contains("is not a port number"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! `cgroup/connect4` and `cgroup/connect6` (attached to each pod's cgroup; kernel ≥ 5.2 for the
+//! socket-storage helpers in these programs, ≥ 5.7 for links).
+//!
+//! A TCP connection to a service address is either refused (`EPERM`, deny verdict) or rewritten
+//! to the pod's outbound listener, with its original destination kept in the socket's own
+//! storage ([`ORIG_DST_SK`]), which the kernel frees with the socket whether or not `connect()`
+//! then succeeds. If that storage cannot be allocated the one connection is refused
+//! ([`Counter::ConnStateFailed`]), never passed unproxied.
+//!
+//! An `AF_INET6` socket dialling a v4-mapped address (`::ffff:a.b.c.d`) makes an IPv4
+//! connection: connect6 steers it exactly like connect4, to `::ffff:127.0.0.1:<outbound>`.
+//! A native IPv6 destination cannot be a mesh service (services and endpoints are IPv4). It is
+//! refused when it is another meshed pod's address on this node (its inbound side would drop it
+//! anyway; `EPERM` says so at once), and otherwise left alone, like an IPv4 address that is no
+//! service: a meshed pod on another node drops or steers it in its own sk_lookup.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use mesh_common::*;
+
+use crate::maps::*;
+
+/// `connect()` proceeds (possibly rewritten).
+const PROCEED: i32 = 1;
+/// `connect()` fails with `EPERM`.
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe {
+        let sa = &*ctx.sock_addr;
+        if sa.protocol != IPPROTO_TCP {
+            return PROCEED;
+        }
+        let ip = sa.user_ip4;
+        let port = u16::from_be(sa.user_port as u16);
+        steer(&ctx, ip, port, false)
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { try_connect6(&ctx) }
+}
+
+unsafe fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return PROCEED;
+    }
+    let ip6 = unsafe { read_ip6(&sa.user_ip6) };
+    let port = u16::from_be(sa.user_port as u16);
+    if is_v4_mapped(&ip6) {
+        return unsafe { steer(ctx, ip6[3], port, true) };
+    }
+    if is_loopback6(&ip6) {
+        return PROCEED;
+    }
+    let Some(owner) = (unsafe { INBOUND_ADDRS.get(PodAddrKey { addr: ip6 }) }) else {
+        unsafe { forget_orig(ctx) };
+        return PROCEED;
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
+    if owner.netns == netns {
+        // The pod's own address: inside the pod.
+        unsafe { forget_orig(ctx) };
+        return PROCEED;
+    }
+    count(Counter::Native6Denied, 1);
+    REFUSE
+}
+
+/// The socket of a sock_addr context, as the socket-storage helpers take it.
+#[inline(always)]
+unsafe fn ctx_sock(ctx: &SockAddrContext) -> *mut c_void {
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk as *mut c_void }
+}
+
+/// A socket that connected to a service before and now connects elsewhere carries no stale
+/// original destination.
+#[inline(always)]
+unsafe fn forget_orig(ctx: &SockAddrContext) {
+    let sk = unsafe { ctx_sock(ctx) };
+    if unsafe { ORIG_DST_SK.get(sk) }.is_some() {
+        unsafe { ORIG_DST_SK.delete(sk) };
+    }
+}
+
+/// The common part of connect4 and connect6: `ip` (network order) and `port` (host order) are
+/// the IPv4 destination; `mapped` says the socket is `AF_INET6` (its address is rewritten as
+/// `::ffff:127.0.0.1`).
+#[inline(always)]
+unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 {
+    let Some(service) = (unsafe { SERVICES.get(ServiceKey::new(ip, port)) }) else {
+        unsafe { forget_orig(ctx) };
+        return PROCEED;
+    };
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let Some(pod) = (unsafe { PODS.get(cgroup) }) else {
+        return PROCEED;
+    };
+    let cfg = config();
+    let allowed = match unsafe { decide(pod, service, cfg.intention_set) } {
+        Some(v) => {
+            let allowed = v.action == VERDICT_ALLOW;
+            count_intention(v.counter, allowed);
+            allowed
+        }
+        None => {
+            count(Counter::DefaultDecisions, 1);
+            cfg.default_verdict == VERDICT_ALLOW
+        }
+    };
+    if !allowed {
+        count(Counter::ConnectsDenied, 1);
+        return REFUSE;
+    }
+    let Some(orig) = (unsafe { ORIG_DST_SK.get_or_create(ctx_sock(ctx)) }) else {
+        // Without a record of the original destination the proxy could not serve the connection:
+        // refuse this one rather than let it reach the service unproxied.
+        count(Counter::ConnStateFailed, 1);
+        return REFUSE;
+    };
+    // SAFETY: socket storage of this socket, valid for the program run.
+    unsafe { *orig = OrigDst { ip, port, _pad: 0 } };
+    let sa = ctx.sock_addr;
+    // SAFETY: stores into the live context, one aligned u32 each (the verifier allows no wider
+    // store to these fields).
+    unsafe {
+        if mapped {
+            let w = ptr::addr_of_mut!((*sa).user_ip6) as *mut u32;
+            for (i, word) in LOOPBACK_IP4_MAPPED.iter().enumerate() {
+                ptr::write_volatile(w.add(i), *word);
+            }
+        } else {
+            ptr::write_volatile(ptr::addr_of_mut!((*sa).user_ip4), LOOPBACK_IP4);
+        }
+        ptr::write_volatile(
+            ptr::addr_of_mut!((*sa).user_port),
+            u32::from(pod.outbound_port.to_be()),
+        );
+    }
+    count(Counter::Redirects, 1);
+    PROCEED
+}
+
+/// The intention that decides a connection from `pod` to `service`: at most nine lookups, from
+/// precedence 9 down to 1, whatever the number of intentions.
+#[inline(always)]
+unsafe fn decide(pod: &PodValue, service: &ServiceValue, set: u32) -> Option<IntentionValue> {
+    let map = if set == 0 {
+        &INTENTIONS_0
+    } else {
+        &INTENTIONS_1
+    };
+    for (src_ns, src_name, dst_ns, dst_name) in INTENTION_PATTERNS {
+        let key = IntentionKey {
+            src_ns: if src_ns { pod.ns } else { 0 },
+            src_name: if src_name { pod.name } else { 0 },
+            dst_ns: if dst_ns { service.ns } else { 0 },
+            dst_name: if dst_name { service.name } else { 0 },
+        };
+        if let Some(v) = unsafe { map.get(key) } {
+            return Some(*v);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn count_intention(counter: u32, allowed: bool) {
+    if let Some(c) = INTENTION_COUNTS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU while the program runs.
+        unsafe {
+            if allowed {
+                (*c).allowed += 1;
+            } else {
+                (*c).denied += 1;
+            }
+        }
+    } else {
+        let first = if allowed {
+            IntentionCounts {
+                allowed: 1,
+                denied: 0,
+            }
+        } else {
+            IntentionCounts {
+                allowed: 0,
+                denied: 1,
+            }
+        };
+        let _ = INTENTION_COUNTS.insert(counter, first, 0);
+    }
+}

@@ -1,0 +1,196 @@
+//! Every map the kernel programs share, and the small helpers several programs use (counters,
+//! the global config, kernel reads, socket storage).
+//!
+//! Maps are pinned by name under the agent instance's `maps/` directory, so that a restarted
+//! agent (and the programs still attached through pinned links) keep using the same ones. Each
+//! static's name is the map's name; `mesh_common::MAP_*` spells the same names for user space.
+//!
+//! Per-connection state lives where the kernel frees it with the socket: [`ORIG_DST_SK`] is
+//! socket-local storage; [`ORIG_HANDOFF`] and [`SOCK_STATE`] entries are removed by sockops'
+//! close callback, armed before an entry is inserted.
+
+use core::{cell::UnsafeCell, ffi::c_void, marker::PhantomData, mem, ptr};
+
+use aya_ebpf::{
+    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
+    helpers::{bpf_probe_read_kernel, bpf_sk_storage_delete, bpf_sk_storage_get},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap},
+};
+use mesh_common::*;
+
+pub(crate) const AF_INET: u32 = 2;
+pub(crate) const AF_INET6: u32 = 10;
+pub(crate) const IPPROTO_TCP: u32 = 6;
+pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
+/// `BPF_SK_STORAGE_GET_F_CREATE`.
+const SK_STORAGE_CREATE: u64 = 1;
+/// libbpf's `LIBBPF_PIN_BY_NAME`.
+const PIN_BY_NAME: u32 = 1;
+
+#[map]
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+#[map]
+pub(crate) static PODS: HashMap<u64, PodValue> = HashMap::pinned(MAX_PODS, 0);
+#[map]
+pub(crate) static INTENTIONS_0: HashMap<IntentionKey, IntentionValue> =
+    HashMap::pinned(MAX_INTENTIONS, 0);
+#[map]
+pub(crate) static INTENTIONS_1: HashMap<IntentionKey, IntentionValue> =
+    HashMap::pinned(MAX_INTENTIONS, 0);
+#[map]
+pub(crate) static INTENTION_COUNTS: PerCpuHashMap<u32, IntentionCounts> =
+    PerCpuHashMap::pinned(MAX_INTENTIONS, 0);
+#[map]
+pub(crate) static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+pub(crate) static ORIG_HANDOFF: HashMap<SockKey, OrigDst> = HashMap::pinned(MAX_SOCKETS, 0);
+#[map]
+pub(crate) static SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_SOCKETS, 0);
+#[map]
+pub(crate) static SOCK_STATE: HashMap<SockKey, SockState> = HashMap::pinned(MAX_SOCKETS, 0);
+#[map]
+pub(crate) static LOCAL_PORTS: HashMap<LocalPortKey, u32> = HashMap::pinned(MAX_LOCAL_PORTS, 0);
+#[map]
+pub(crate) static INBOUND_ADDRS: HashMap<PodAddrKey, PodAddrValue> =
+    HashMap::pinned(MAX_POD_ADDRS, 0);
+#[map]
+pub(crate) static INBOUND_EXCLUDE: HashMap<ExcludeKey, u32> =
+    HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+#[map]
+pub(crate) static INBOUND_SOCKS: SockMap = SockMap::pinned(MAX_INBOUND_LISTENERS, 0);
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+/// A socket-storage map (`BPF_MAP_TYPE_SK_STORAGE`, key `i32`, value `V`), declared the legacy
+/// way and pinned by name. The kernel creates such a map only with key and value BTF, which this
+/// object cannot carry (bpf-linker's LLVM cannot read the nightly compiler's debug info), so the
+/// agent creates and pins it with hand-written BTF before loading the object
+/// (`mesh_user::bpf`), and the loader then opens the pin instead of creating the map.
+#[repr(transparent)]
+pub(crate) struct SkStorageDef<V> {
+    def: UnsafeCell<bpf_map_def>,
+    _value: PhantomData<V>,
+}
+
+// SAFETY: the definition is only read by the loader; programs pass its address to helpers.
+unsafe impl<V> Sync for SkStorageDef<V> {}
+
+impl<V> SkStorageDef<V> {
+    const fn pinned() -> Self {
+        Self {
+            def: UnsafeCell::new(bpf_map_def {
+                type_: BPF_MAP_TYPE_SK_STORAGE,
+                key_size: 4,
+                value_size: mem::size_of::<V>() as u32,
+                max_entries: 0,
+                map_flags: BPF_F_NO_PREALLOC,
+                id: 0,
+                pinning: PIN_BY_NAME,
+            }),
+            _value: PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut c_void {
+        self.def.get().cast()
+    }
+
+    /// The socket's value, if it has one. `sk` must be a socket pointer the verifier knows as
+    /// one (a context's `sk` field, null-checked).
+    #[inline(always)]
+    pub(crate) unsafe fn get(&self, sk: *mut c_void) -> Option<*mut V> {
+        // SAFETY: helper call on a map definition and a socket pointer; the kernel checks both.
+        let p = unsafe { bpf_sk_storage_get(self.as_ptr(), sk, ptr::null_mut(), 0) };
+        if p.is_null() {
+            None
+        } else {
+            Some(p.cast())
+        }
+    }
+
+    /// The socket's value, created (zeroed) if it has none; `None` when the kernel cannot
+    /// allocate it.
+    #[inline(always)]
+    pub(crate) unsafe fn get_or_create(&self, sk: *mut c_void) -> Option<*mut V> {
+        // SAFETY: as in `get`.
+        let p =
+            unsafe { bpf_sk_storage_get(self.as_ptr(), sk, ptr::null_mut(), SK_STORAGE_CREATE) };
+        if p.is_null() {
+            None
+        } else {
+            Some(p.cast())
+        }
+    }
+
+    /// Removes the socket's value, if any.
+    #[inline(always)]
+    pub(crate) unsafe fn delete(&self, sk: *mut c_void) {
+        // SAFETY: as in `get`.
+        let _ = unsafe { bpf_sk_storage_delete(self.as_ptr(), sk) };
+    }
+}
+
+/// The original destination of a redirected connection, on its app socket (connect4/connect6)
+/// and on the proxy's accepted socket (sockops). Freed by the kernel with the socket.
+#[link_section = "maps"]
+#[export_name = "ORIG_DST_SK"]
+pub(crate) static ORIG_DST_SK: SkStorageDef<OrigDst> = SkStorageDef::pinned();
+
+#[inline(always)]
+pub(crate) fn count(counter: Counter, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += n };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or(Config::DEFAULT)
+}
+
+#[inline(always)]
+pub(crate) fn is_loopback(ip: u32) -> bool {
+    // Network byte order: the first octet is the lowest byte.
+    ip & 0xff == 127
+}
+
+/// Whether four IPv6 words (as programs see them) are a v4-mapped address.
+#[inline(always)]
+pub(crate) fn is_v4_mapped(ip6: &[u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD
+}
+
+/// Whether four IPv6 words are `::1`.
+#[inline(always)]
+pub(crate) fn is_loopback6(ip6: &[u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1])
+}
+
+/// Reads an IPv6 address from a program context one 32-bit word at a time: the verifier allows
+/// only 4-byte (or narrower) loads of these context fields.
+#[inline(always)]
+pub(crate) unsafe fn read_ip6(field: *const [u32; 4]) -> [u32; 4] {
+    let w = field as *const u32;
+    // SAFETY: `field` points into the live context; each load is one aligned u32.
+    unsafe {
+        [
+            ptr::read_volatile(w),
+            ptr::read_volatile(w.add(1)),
+            ptr::read_volatile(w.add(2)),
+            ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
+
+/// Reads a `T` at `base + off` in kernel memory; `None` if either is unknown or unreadable.
+/// Offsets come from the running kernel's BTF (see `Config`).
+#[inline(always)]
+pub(crate) unsafe fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 || off == 0 {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.ok()
+}

@@ -1,0 +1,139 @@
+//! `sk_msg` (attached to the sockhash): a message of a redirected app⇄proxy socket goes straight
+//! into the peer's receive queue, bounded by how much the peer has left unread; otherwise it
+//! takes the TCP path (kernel ≥ 5.10).
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
+    helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use mesh_common::*;
+
+use crate::maps::*;
+
+/// Low bits of `sk_user_data` that are flags, not pointer.
+const SK_USER_DATA_FLAGS: u64 = 7;
+
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { try_sk_msg(&ctx) };
+    // SK_PASS either applies the redirect chosen above or sends the message through TCP.
+    SK_PASS
+}
+
+unsafe fn try_sk_msg(ctx: &SkMsgContext) {
+    let cfg = config();
+    if cfg.msg_redirect == 0 {
+        return;
+    }
+    let md = unsafe { &*ctx.msg };
+    // Keyed as sockops keyed the socket: v4-mapped `AF_INET6` sockets by their IPv4 addresses.
+    let (local_ip, remote_ip) = if md.family == AF_INET6 {
+        // SAFETY: fields of the live context, read one word at a time.
+        let (l, r) = unsafe { (read_ip6(&md.local_ip6), read_ip6(&md.remote_ip6)) };
+        if !is_v4_mapped(&l) || !is_v4_mapped(&r) {
+            return;
+        }
+        (l[3], r[3])
+    } else {
+        (md.local_ip4, md.remote_ip4)
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.msg as *mut c_void) };
+    let own = SockKey::new(
+        netns,
+        local_ip,
+        md.local_port as u16,
+        remote_ip,
+        u16::from_be((md.remote_port >> 16) as u16),
+    );
+    let Some(own_state) = SOCK_STATE.get_ptr_mut(own) else {
+        count(Counter::LookupsMissed, 1);
+        return;
+    };
+    let mut peer = own.peer();
+    let Some(peer_state) = (unsafe { SOCK_STATE.get(peer) }) else {
+        count(Counter::LookupsMissed, 1);
+        return;
+    };
+    let psock = unsafe { psock_of(peer_state.sk, &cfg) };
+    let Some(queued) = (unsafe { read_kernel::<u32>(psock, cfg.offsets.psock_msg_tot_len) }) else {
+        count(Counter::LookupsMissed, 1);
+        return;
+    };
+    let size = md.size;
+    if unsafe { tcp_memory_pressure(own_state_sk(own_state), &cfg) } {
+        // Redirected bytes are charged to host TCP memory without per-socket limits; under
+        // pressure they would fail with ENOMEM. TCP's own path knows how to wait.
+        count(Counter::PressurePassed, 1);
+        unsafe { (*own_state).fallback = 1 };
+        return;
+    }
+    // SAFETY: map value pointer, valid for the program run.
+    if unsafe { (*own_state).fallback } != 0 {
+        // On the TCP path. Come back only when the peer has read every byte we sent over TCP
+        // (nothing of ours is left to be overtaken) and its redirect queue has drained to half
+        // the bound (no flapping).
+        let sent =
+            unsafe { read_kernel::<u32>(own_state_sk(own_state), cfg.offsets.tcp_write_seq) };
+        let read = unsafe { read_kernel::<u32>(peer_state.sk, cfg.offsets.tcp_copied_seq) };
+        match (sent, read) {
+            (Some(sent), Some(read)) if sent == read && queued <= cfg.backlog_limit / 2 => {
+                unsafe { (*own_state).fallback = 0 };
+                count(Counter::RedirectsResumed, 1);
+            }
+            _ => return,
+        }
+    } else if queued.saturating_add(size) > cfg.backlog_limit {
+        // The peer is behind: this socket's bytes take the TCP path, which has real flow
+        // control, until the peer catches up. Bytes already queued are read first.
+        unsafe { (*own_state).fallback = 1 };
+        count(Counter::BacklogFallbacks, 1);
+        return;
+    }
+    if SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
+        count(Counter::LookupsMissed, 1);
+        return;
+    }
+    count(Counter::MsgsRedirected, 1);
+    count(Counter::BytesRedirected, u64::from(size));
+}
+
+#[inline(always)]
+unsafe fn own_state_sk(state: *mut SockState) -> u64 {
+    unsafe { (*state).sk }
+}
+
+/// The `struct sk_psock *` of the socket at kernel address `sk` (`sk->sk_user_data` without its
+/// flag bits), or 0.
+#[inline(always)]
+unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
+    match unsafe { read_kernel::<u64>(sk, cfg.offsets.sk_user_data) } {
+        Some(p) => p & !SK_USER_DATA_FLAGS,
+        None => 0,
+    }
+}
+
+/// Whether TCP is under memory pressure on this host (`*sk->sk_prot->memory_pressure`).
+/// Unknown counts as pressure: never redirect blind.
+#[inline(always)]
+unsafe fn tcp_memory_pressure(sk: u64, cfg: &Config) -> bool {
+    let o = &cfg.offsets;
+    let Some(prot) = (unsafe { read_kernel::<u64>(sk, o.sk_prot) }) else {
+        return true;
+    };
+    let Some(flag) = (unsafe { read_kernel::<u64>(prot, o.proto_memory_pressure) }) else {
+        return true;
+    };
+    // `flag` is the address of the protocol's pressure flag (`tcp_memory_pressure`).
+    if flag == 0 {
+        return true;
+    }
+    match unsafe { bpf_probe_read_kernel(flag as *const u64) } {
+        Ok(v) => v != 0,
+        Err(_) => true,
+    }
+}
