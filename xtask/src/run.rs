@@ -110,7 +110,18 @@ pub fn run(args: &[String]) -> Result<()> {
     let log_dir = root().join("target/local");
     std::fs::create_dir_all(&log_dir)?;
     let log = log_dir.join("meshd.log");
-    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    // The agent's log says where secrets are, never what they are; still, only root reads it.
+    let out = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log)
+            .with_context(|| format!("creating {}", log.display()))?
+    };
+    std::fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = Arc::clone(&stop);
@@ -160,7 +171,7 @@ The mesh is up: web calls api-v1 over mTLS, and the intention `*/* => */*` denie
 In another shell (as root):
 
   export PATH={bin}:$PATH
-  export MESH_HTTP_TOKEN={token}   # the bootstrap (operator) ACL token
+  export MESH_HTTP_TOKEN=$(cat {token_file})   # the bootstrap (operator) ACL token
   export MESH_HTTP_ADDR={addr}
   meshctl port-forward service/web 9090:9090 &
   curl -s localhost:9090          # 500: web's call to its upstream api-v1 is denied
@@ -171,6 +182,7 @@ In another shell (as root):
   Agent log: {log}
   Ctrl-C stops the mesh and removes every namespace, cgroup and program it created.",
             bin = bin.display(),
+            token_file = token_file.display(),
             log = log.display()
         );
         while !stop.load(Ordering::SeqCst) {

@@ -306,9 +306,10 @@ async fn start_api(
         .recv()
         .await
         .context("the API did not hand over its stored intentions")?;
-    if let Some(token) = server.bootstrap_token() {
+    // The secret itself never goes to the output (which is often a log file): only where it is.
+    if server.bootstrap_token().is_some() {
         println!(
-            "Bootstrap (operator) ACL token, shown once (also in {}): {token}",
+            "Bootstrap (operator) ACL token created: {} (mode 0600)",
             state_dir.join(mesh_api::BOOTSTRAP_TOKEN_FILE).display()
         );
     }
