@@ -275,6 +275,10 @@ pub struct Container {
     pub env: Vec<EnvVar>,
     /// `ports`: each (port, protocol) once.
     pub ports: Vec<ContainerPort>,
+    /// `securityContext.runAsUser` of the container, else of the pod.
+    pub run_as_user: Option<u32>,
+    /// `securityContext.runAsGroup` of the container, else of the pod.
+    pub run_as_group: Option<u32>,
 }
 
 /// A pod's `spec`, the parts the mesh uses.
@@ -488,6 +492,18 @@ pub(super) struct RawPodSpec {
     pub containers: Vec<RawContainer>,
     #[serde(default, deserialize_with = "nullable")]
     pub init_containers: Vec<IgnoredAny>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_context: RawSecurityContext,
+}
+
+/// The parts of a pod's or container's `securityContext` the local runner honours.
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawSecurityContext {
+    #[serde(default)]
+    pub run_as_user: Option<i64>,
+    #[serde(default)]
+    pub run_as_group: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -505,6 +521,8 @@ pub(super) struct RawContainer {
     pub env: Vec<RawEnvVar>,
     #[serde(default, deserialize_with = "nullable")]
     pub ports: Vec<RawContainerPort>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_context: RawSecurityContext,
 }
 
 #[derive(Deserialize)]
@@ -803,12 +821,17 @@ fn pod_template(
             "a pod needs at least one container",
         ));
     }
+    let pod_security = security_ids(
+        ctx,
+        &format!("{spec_path}.securityContext"),
+        spec.security_context,
+    )?;
     let mut containers = Vec::new();
     let mut names = BTreeSet::new();
     let mut port_names = BTreeSet::new();
     for (i, c) in spec.containers.into_iter().enumerate() {
         let path = format!("{spec_path}.containers[{i}]");
-        let container = container(ctx, &path, c)?;
+        let container = container(ctx, &path, c, &pod_security)?;
         if !names.insert(container.name.clone()) {
             return Err(ctx.field(
                 format!("{path}.name"),
@@ -841,7 +864,45 @@ fn pod_template(
     })
 }
 
-fn container(ctx: &mut Ctx<'_>, path: &str, c: RawContainer) -> Result<Container, Error> {
+/// `(runAsUser, runAsGroup)` of a `securityContext`, each 0..=2147483647 as Kubernetes
+/// validates them.
+fn security_ids(
+    ctx: &Ctx<'_>,
+    path: &str,
+    sc: RawSecurityContext,
+) -> Result<(Option<u32>, Option<u32>), Error> {
+    let id = |field: &str, v: Option<i64>| -> Result<Option<u32>, Error> {
+        v.map(|n| {
+            u32::try_from(n)
+                .ok()
+                .filter(|&n| n <= i32::MAX as u32)
+                .ok_or_else(|| {
+                    ctx.field(
+                        format!("{path}.{field}"),
+                        format!("must be between 0 and 2147483647, inclusive (got {n})"),
+                    )
+                })
+        })
+        .transpose()
+    };
+    Ok((
+        id("runAsUser", sc.run_as_user)?,
+        id("runAsGroup", sc.run_as_group)?,
+    ))
+}
+
+fn container(
+    ctx: &mut Ctx<'_>,
+    path: &str,
+    c: RawContainer,
+    pod_security: &(Option<u32>, Option<u32>),
+) -> Result<Container, Error> {
+    // The container's securityContext overrides the pod's, field by field (Kubernetes).
+    let (user, group) = security_ids(
+        ctx,
+        &format!("{path}.securityContext"),
+        c.security_context,
+    )?;
     let name = c
         .name
         .ok_or_else(|| ctx.field(format!("{path}.name"), "required"))?;
@@ -923,6 +984,8 @@ fn container(ctx: &mut Ctx<'_>, path: &str, c: RawContainer) -> Result<Container
         args: c.args,
         env,
         ports,
+        run_as_user: user.or(pod_security.0),
+        run_as_group: group.or(pod_security.1),
     })
 }
 
