@@ -11,6 +11,7 @@
 
 mod config;
 mod limits;
+mod sandbox;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -101,13 +102,25 @@ enum Cmd {
         #[arg(long)]
         no_tls_resumption: bool,
     },
-    /// Run a program inside a pod, as one of its processes: join its cgroup, then its network
-    /// namespace (the local runner starts pod processes with it).
+    /// Run a program inside a pod, as one of its processes: join its cgroup and network
+    /// namespace, hide the state directory, bpf and cgroup mounts and other pods' namespaces,
+    /// set no_new_privs and drop capabilities (the local runner starts pod processes with it;
+    /// see the trust model in docs/dataplane.md).
     Exec {
         #[arg(long)]
         cgroup: PathBuf,
         #[arg(long)]
         netns: String,
+        /// A path the pod must not see (repeat it): covered in the process's own mount
+        /// namespace. bpf and cgroup mounts, /run/netns and /etc/netns are always hidden.
+        #[arg(long)]
+        hide: Vec<PathBuf>,
+        /// Run as this uid (`securityContext.runAsUser`), with no capabilities.
+        #[arg(long)]
+        user: Option<u32>,
+        /// Run as this gid (`securityContext.runAsGroup`); without it, a `--user`'s group.
+        #[arg(long)]
+        group: Option<u32>,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
@@ -225,17 +238,18 @@ fn main() -> Result<()> {
         Cmd::Exec {
             cgroup,
             netns,
+            hide,
+            user,
+            group,
             command,
-        } => {
-            use std::os::unix::process::CommandExt;
-            mesh_dataplane::cgroup::add_process(&cgroup, std::process::id())?;
-            // `ip netns exec` also mounts /etc/netns/<name>/hosts over /etc/hosts.
-            let err = std::process::Command::new("ip")
-                .args(["netns", "exec", &netns])
-                .args(&command)
-                .exec();
-            Err(anyhow::anyhow!("exec {}: {err}", command.join(" ")))
-        }
+        } => match sandbox::exec(sandbox::Exec {
+            cgroup,
+            netns,
+            hide,
+            user,
+            group,
+            command,
+        })? {},
         Cmd::FakeService => {
             let config = fake_service::Config::from_env(std::env::vars())?;
             tokio::runtime::Builder::new_multi_thread()
