@@ -13,7 +13,8 @@
 //!    (pinned maps; `cgroup.procs` files a uid-0 process could write to leave its cgroup even
 //!    without capabilities), `/run/netns` and `/var/run/netns` (every pod's namespace), and
 //!    `/etc/netns` (every pod's hosts file). Directories are covered with an empty read-only
-//!    tmpfs, files with /dev/null; without CAP_SYS_ADMIN the pod cannot unmount them;
+//!    tmpfs, files with /dev/null; without CAP_SYS_ADMIN the pod cannot unmount them. Then
+//!    /proc/sys, /proc/sysrq-trigger and the like become read-only ([`PROC_READ_ONLY`]);
 //! 4. set `no_new_privs` (no setuid bit or file capability gives anything back);
 //! 5. drop from the bounding set every capability but [`KEPT`] (all of them when the pod runs as
 //!    another user), switch to `--group`/`--user` when given, and leave the effective,
@@ -63,6 +64,17 @@ const NETNS_ETC_DIR: &str = "/etc/netns";
 /// Always hidden from pods, besides `--hide` and the bpf and cgroup mounts.
 const ALWAYS_HIDDEN: [&str; 3] = [NETNS_RUN_DIR, "/var/run/netns", NETNS_ETC_DIR];
 
+/// Parts of /proc a uid-0 process may write without any capability and that reach the whole
+/// host (sysctls such as `kernel.core_pattern`, SysRq), made read-only as container runtimes
+/// do.
+const PROC_READ_ONLY: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
 /// What `meshd exec` is asked to do.
 #[derive(Debug)]
 pub struct Exec {
@@ -95,6 +107,7 @@ pub fn exec(e: Exec) -> Result<std::convert::Infallible> {
         .with_context(|| format!("joining the cgroup {}", e.cgroup.display()))?;
     enter_netns(&e.netns)?;
     hide(&e.hide)?;
+    read_only(&PROC_READ_ONLY)?;
     nix::sys::prctl::set_no_new_privs().context("prctl(PR_SET_NO_NEW_PRIVS)")?;
     drop_privileges(e.user, e.group)?;
     // A working directory under a hidden path would still reach what is under it.
@@ -152,7 +165,8 @@ fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The mount points of every bpf, cgroup and cgroup2 file system this mount namespace sees.
+/// The mount points of every bpf, cgroup, cgroup2 and binfmt_misc (an interpreter registered
+/// there runs for every user) file system this mount namespace sees.
 fn kernel_mounts() -> Result<Vec<PathBuf>> {
     let text =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
@@ -163,7 +177,8 @@ fn kernel_mounts() -> Result<Vec<PathBuf>> {
             let (left, right) = line.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
             let mount_point = left.split_whitespace().nth(4)?;
-            matches!(fstype, "bpf" | "cgroup" | "cgroup2").then(|| PathBuf::from(mount_point))
+            matches!(fstype, "bpf" | "cgroup" | "cgroup2" | "binfmt_misc")
+                .then(|| PathBuf::from(mount_point))
         })
         .collect())
 }
@@ -212,6 +227,31 @@ fn hide(extra: &[PathBuf]) -> Result<()> {
             .with_context(|| format!("hiding {}", p.display()))?;
         }
         hidden.push(p);
+    }
+    Ok(())
+}
+
+/// Binds each existing path over itself read-only (and nosuid, nodev, noexec).
+fn read_only(paths: &[&str]) -> Result<()> {
+    for p in paths {
+        if !Path::new(p).exists() {
+            continue;
+        }
+        mount(Some(*p), *p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .with_context(|| format!("binding {p}"))?;
+        mount(
+            None::<&str>,
+            *p,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .with_context(|| format!("making {p} read-only"))?;
     }
     Ok(())
 }
