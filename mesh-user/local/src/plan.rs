@@ -350,8 +350,21 @@ mod exec_args_tests {
         assert_eq!(
             args,
             [
-                "exec", "--cgroup", "/cg/p", "--netns", "lt-default_p", "--hide", "/state",
-                "--user", "1000", "--group", "2000", "--", "sh", "-c", "id"
+                "exec",
+                "--cgroup",
+                "/cg/p",
+                "--netns",
+                "lt-default_p",
+                "--hide",
+                "/state",
+                "--user",
+                "1000",
+                "--group",
+                "2000",
+                "--",
+                "sh",
+                "-c",
+                "id"
             ]
         );
         let root = ProcessSpec {

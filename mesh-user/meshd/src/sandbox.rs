@@ -237,8 +237,14 @@ fn read_only(paths: &[&str]) -> Result<()> {
         if !Path::new(p).exists() {
             continue;
         }
-        mount(Some(*p), *p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .with_context(|| format!("binding {p}"))?;
+        mount(
+            Some(*p),
+            *p,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .with_context(|| format!("binding {p}"))?;
         mount(
             None::<&str>,
             *p,

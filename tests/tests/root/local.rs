@@ -854,24 +854,17 @@ fn pod_processes_run_without_the_agents_privileges() -> Result<()> {
     let pods_cgroup = mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods"));
     let dir = tempfile::tempdir()?;
     let manifest = dir.path().join("sandbox.yaml");
-    std::fs::write(
-        &manifest,
-        sandbox_pods(&state, &pods_cgroup),
-    )?;
+    std::fs::write(&manifest, sandbox_pods(&state, &pods_cgroup))?;
     mesh.meshctl(&["apply", "-f", manifest.to_str().context("path")?])?;
     mesh.wait_ready(&["default/probe-a", "default/probe-b", "default/probe-u"])?;
 
     let mut facts = std::collections::BTreeMap::new();
     for pod in ["probe-a", "probe-b", "probe-u"] {
         let log = state.join(format!("local/logs/default_{pod}_probe.log"));
-        let text = mesh.wait(
-            &format!("{pod}'s report"),
-            Duration::from_secs(60),
-            |_| {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                Ok(text.contains("DONE").then_some(text))
-            },
-        )?;
+        let text = mesh.wait(&format!("{pod}'s report"), Duration::from_secs(60), |_| {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            Ok(text.contains("DONE").then_some(text))
+        })?;
         let f: std::collections::BTreeMap<String, String> = text
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -917,7 +910,10 @@ fn pod_processes_run_without_the_agents_privileges() -> Result<()> {
             is("hosts_has_self", "1"),
             "{pod}'s hosts file is not its own:\n{text}"
         );
-        ensure!(is("proc_sys", "ro"), "{pod}: /proc/sys is writable:\n{text}");
+        ensure!(
+            is("proc_sys", "ro"),
+            "{pod}: /proc/sys is writable:\n{text}"
+        );
         ensure!(
             is("setns_entered", "0"),
             "{pod} entered another pod's namespace:\n{text}"

@@ -898,11 +898,7 @@ fn container(
     pod_security: &(Option<u32>, Option<u32>),
 ) -> Result<Container, Error> {
     // The container's securityContext overrides the pod's, field by field (Kubernetes).
-    let (user, group) = security_ids(
-        ctx,
-        &format!("{path}.securityContext"),
-        c.security_context,
-    )?;
+    let (user, group) = security_ids(ctx, &format!("{path}.securityContext"), c.security_context)?;
     let name = c
         .name
         .ok_or_else(|| ctx.field(format!("{path}.name"), "required"))?;

@@ -1428,8 +1428,7 @@ spec:
 
 #[test]
 fn run_as_user_out_of_range_is_refused() {
-    let e = err(
-        r#"
+    let e = err(r#"
 apiVersion: v1
 kind: Pod
 metadata:
@@ -1441,8 +1440,7 @@ spec:
       command: [sh]
       securityContext:
         runAsUser: -1
-"#,
-    );
+"#);
     assert!(
         e.contains("spec.containers[0].securityContext.runAsUser"),
         "{e}"
