@@ -398,6 +398,13 @@ async fn local(
 
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
+    // Root's alone: pod processes do not see it (`meshd exec --hide`), and one that switches to
+    // another user and reaches the host's view through /proc cannot enter it either.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} root's alone", state_dir.display()))?;
+    }
     let meshd = std::env::current_exe()?;
     // The API first: a second `meshd local` on the same state directory stops here, before
     // it touches the first one's namespaces.
