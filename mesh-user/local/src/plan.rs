@@ -204,6 +204,43 @@ pub struct ProcessSpec {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<String>,
+    /// The uid it runs as (`securityContext.runAsUser`, the container's else the pod's);
+    /// `None`: root, with the few capabilities `meshd exec` keeps.
+    pub user: Option<u32>,
+    /// The gid it runs as (`securityContext.runAsGroup`); `None`: the user's.
+    pub group: Option<u32>,
+}
+
+impl ProcessSpec {
+    /// The arguments of `meshd` that start this process in a pod: `exec` with the pod's cgroup
+    /// and network namespace, the paths it must not see, its user and group, then the program.
+    pub fn exec_args(
+        &self,
+        cgroup: &Path,
+        netns: &str,
+        hidden: &[&Path],
+    ) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec!["exec".into(), "--cgroup".into()];
+        a.push(cgroup.into());
+        a.push("--netns".into());
+        a.push(netns.into());
+        for h in hidden {
+            a.push("--hide".into());
+            a.push((*h).into());
+        }
+        if let Some(u) = self.user {
+            a.push("--user".into());
+            a.push(u.to_string().into());
+        }
+        if let Some(g) = self.group {
+            a.push("--group".into());
+            a.push(g.to_string().into());
+        }
+        a.push("--".into());
+        a.push(self.program.clone().into());
+        a.extend(self.args.iter().map(Into::into));
+        a
+    }
 }
 
 /// Whether an image reference names nicholasjackson/fake-service (any registry, tag or
@@ -230,6 +267,8 @@ pub fn process_spec(meshd: &Path, c: &Container) -> Result<ProcessSpec, String> 
         return Ok(ProcessSpec {
             program: meshd.to_path_buf(),
             args: vec!["fake-service".into()],
+            user: c.run_as_user,
+            group: c.run_as_group,
         });
     }
     let mut argv = c.command.iter().chain(&c.args);
@@ -237,6 +276,8 @@ pub fn process_spec(meshd: &Path, c: &Container) -> Result<ProcessSpec, String> 
         Some(program) => Ok(ProcessSpec {
             program: PathBuf::from(program),
             args: argv.cloned().collect(),
+            user: c.run_as_user,
+            group: c.run_as_group,
         }),
         None => Err(format!(
             "container {}: image {} cannot run here (only nicholasjackson/fake-service is built \
@@ -290,5 +331,49 @@ pub fn target_port(s: &k8s::Service, port: u16, w: &Workload) -> Option<u16> {
             .flat_map(|c| &c.ports)
             .find(|p| p.name.as_deref() == Some(name.as_str()))
             .map(|p| p.container_port),
+    }
+}
+
+#[cfg(test)]
+mod exec_args_tests {
+    use super::*;
+
+    #[test]
+    fn exec_args_carry_hidden_paths_user_and_group_before_the_program() {
+        let spec = ProcessSpec {
+            program: PathBuf::from("sh"),
+            args: vec!["-c".into(), "id".into()],
+            user: Some(1000),
+            group: Some(2000),
+        };
+        let args = spec.exec_args(Path::new("/cg/p"), "lt-default_p", &[Path::new("/state")]);
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "exec",
+                "--cgroup",
+                "/cg/p",
+                "--netns",
+                "lt-default_p",
+                "--hide",
+                "/state",
+                "--user",
+                "1000",
+                "--group",
+                "2000",
+                "--",
+                "sh",
+                "-c",
+                "id"
+            ]
+        );
+        let root = ProcessSpec {
+            user: None,
+            group: None,
+            ..spec
+        };
+        let args = root.exec_args(Path::new("/cg/p"), "n", &[]);
+        assert!(!args.iter().any(|a| a == "--user" || a == "--group"));
     }
 }

@@ -11,6 +11,7 @@
 
 mod config;
 mod limits;
+mod sandbox;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -111,13 +112,25 @@ enum Cmd {
         #[arg(long)]
         no_tls_resumption: bool,
     },
-    /// Run a program inside a pod, as one of its processes: join its cgroup, then its network
-    /// namespace (the local runner starts pod processes with it).
+    /// Run a program inside a pod, as one of its processes: join its cgroup and network
+    /// namespace, hide the state directory, bpf and cgroup mounts and other pods' namespaces,
+    /// set no_new_privs and drop capabilities (the local runner starts pod processes with it;
+    /// see the trust model in docs/dataplane.md).
     Exec {
         #[arg(long)]
         cgroup: PathBuf,
         #[arg(long)]
         netns: String,
+        /// A path the pod must not see (repeat it): covered in the process's own mount
+        /// namespace. bpf and cgroup mounts, /run/netns and /etc/netns are always hidden.
+        #[arg(long)]
+        hide: Vec<PathBuf>,
+        /// Run as this uid (`securityContext.runAsUser`), with no capabilities.
+        #[arg(long)]
+        user: Option<u32>,
+        /// Run as this gid (`securityContext.runAsGroup`); without it, a `--user`'s group.
+        #[arg(long)]
+        group: Option<u32>,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
@@ -236,17 +249,18 @@ fn main() -> Result<()> {
         Cmd::Exec {
             cgroup,
             netns,
+            hide,
+            user,
+            group,
             command,
-        } => {
-            use std::os::unix::process::CommandExt;
-            mesh_dataplane::cgroup::add_process(&cgroup, std::process::id())?;
-            // `ip netns exec` also mounts /etc/netns/<name>/hosts over /etc/hosts.
-            let err = std::process::Command::new("ip")
-                .args(["netns", "exec", &netns])
-                .args(&command)
-                .exec();
-            Err(anyhow::anyhow!("exec {}: {err}", command.join(" ")))
-        }
+        } => match sandbox::exec(sandbox::Exec {
+            cgroup,
+            netns,
+            hide,
+            user,
+            group,
+            command,
+        })? {},
         Cmd::FakeService => {
             let config = fake_service::Config::from_env(std::env::vars())?;
             tokio::runtime::Builder::new_multi_thread()
@@ -397,6 +411,13 @@ async fn local(
 
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
+    // Root's alone: pod processes do not see it (`meshd exec --hide`), and one that switches to
+    // another user and reaches the host's view through /proc cannot enter it either.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} root's alone", state_dir.display()))?;
+    }
     let meshd = std::env::current_exe()?;
     // The API first: a second `meshd local` on the same state directory stops here, before
     // it touches the first one's namespaces.

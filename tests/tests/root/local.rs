@@ -741,3 +741,215 @@ fn a_service_port_reaches_its_target_port_in_both_modes() -> Result<()> {
     }
     Ok(())
 }
+
+/// What a pod process of [`SANDBOX_PODS`] finds out about itself, one `key=value` per line.
+const SANDBOX_SCRIPT: &str = r#"
+echo "uid=$(id -u)"
+echo "gid=$(id -g)"
+grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status | tr -d ' \t' | tr ':' '='
+if cat "$TOKEN_FILE" >/dev/null 2>&1; then echo token=read; else echo token=unreadable; fi
+echo "state_entries=$(ls -A "$STATE_DIR" 2>/dev/null | wc -l)"
+if [ -e /run/netns/$OTHER_NETNS ]; then echo netns_name=visible; else echo netns_name=hidden; fi
+if nsenter --net=/run/netns/$OTHER_NETNS true 2>/dev/null; then echo netns_by_name=entered; else echo netns_by_name=refused; fi
+echo "kernel_mounts=$(grep -cE ' - (cgroup|cgroup2|bpf) ' /proc/self/mountinfo)"
+if echo $$ > "$CGROUP_PROCS" 2>/dev/null; then echo cgroup_move=done; else echo cgroup_move=refused; fi
+echo "cgroup=$(grep '^0::' /proc/self/cgroup)"
+echo "hosts_has_self=$(grep -c "$HOSTNAME" /etc/hosts)"
+echo "proc_sys=$(awk '$5 == "/proc/sys" { split($6, o, ","); print o[1] }' /proc/self/mountinfo | tail -n 1)"
+# Another pod's namespace through /proc: wait for one this process may open, then try it.
+own=$(readlink /proc/self/ns/net); tried=0; entered=0
+for i in $(seq 100); do
+  for p in /proc/[0-9]*; do
+    n=$(readlink $p/ns/net 2>/dev/null) || continue
+    [ -n "$n" ] && [ "$n" != "$own" ] || continue
+    tried=$((tried+1))
+    if nsenter --net=$p/ns/net true 2>/dev/null; then entered=$((entered+1)); fi
+  done
+  [ $tried -gt 0 ] && break
+  sleep 0.1
+done
+echo "setns_tried=$tried"
+echo "setns_entered=$entered"
+echo DONE
+exec sleep 3600
+"#;
+
+/// Two pods running as root (each the other's neighbour) and one with
+/// `securityContext.runAsUser: 1000`, each running [`SANDBOX_SCRIPT`]; `pods_cgroup` is
+/// where the runner makes pod cgroups.
+fn sandbox_pods(state: &Path, pods_cgroup: &Path) -> String {
+    let script: String = SANDBOX_SCRIPT
+        .trim_start()
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
+    let pod = |name: &str, other: &str, security: &str| {
+        format!(
+            r#"---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+{security}  containers:
+    - name: probe
+      image: busybox
+      command:
+        - sh
+        - -c
+        - |
+{script}      env:
+        - name: TOKEN_FILE
+          value: {token}
+        - name: STATE_DIR
+          value: {state}
+        - name: OTHER_NETNS
+          value: {NODE}-default_{other}
+        - name: CGROUP_PROCS
+          value: {procs}
+"#,
+            token = state.join("acl-bootstrap-token").display(),
+            state = state.display(),
+            procs = pods_cgroup
+                .join(format!("default_{other}/cgroup.procs"))
+                .display(),
+        )
+    };
+    [
+        pod("probe-a", "probe-b", ""),
+        pod("probe-b", "probe-a", ""),
+        pod(
+            "probe-u",
+            "probe-a",
+            "  securityContext:\n    runAsUser: 1000\n",
+        ),
+    ]
+    .concat()
+}
+
+/// A capability set from `/proc/self/status` (hex), as bits.
+fn cap_bits(facts: &std::collections::BTreeMap<String, String>, key: &str) -> Result<u64> {
+    let hex = facts.get(key).with_context(|| format!("no {key}"))?;
+    u64::from_str_radix(hex, 16).with_context(|| format!("{key}={hex}"))
+}
+
+#[test]
+fn pod_processes_run_without_the_agents_privileges() -> Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_NET_RAW: u32 = 13;
+    const CAP_SYS_PTRACE: u32 = 19;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_MODULE: u32 = 16;
+    const CAP_DAC_READ_SEARCH: u32 = 2;
+    const CAP_BPF: u32 = 39;
+    const CAP_PERFMON: u32 = 38;
+    const FORBIDDEN: [u32; 8] = [
+        CAP_NET_ADMIN,
+        CAP_NET_RAW,
+        CAP_SYS_PTRACE,
+        CAP_SYS_ADMIN,
+        CAP_SYS_MODULE,
+        CAP_DAC_READ_SEARCH,
+        CAP_BPF,
+        CAP_PERFMON,
+    ];
+    let mut mesh = LocalMesh::start("ebpf")?;
+    let state = mesh.state.path().to_path_buf();
+    ensure!(
+        state.join("acl-bootstrap-token").exists(),
+        "no token file to hide"
+    );
+    // Each pod tries to move itself into its neighbour's cgroup.
+    let pods_cgroup = mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods"));
+    let dir = tempfile::tempdir()?;
+    let manifest = dir.path().join("sandbox.yaml");
+    std::fs::write(&manifest, sandbox_pods(&state, &pods_cgroup))?;
+    mesh.meshctl(&["apply", "-f", manifest.to_str().context("path")?])?;
+    mesh.wait_ready(&["default/probe-a", "default/probe-b", "default/probe-u"])?;
+
+    let mut facts = std::collections::BTreeMap::new();
+    for pod in ["probe-a", "probe-b", "probe-u"] {
+        let log = state.join(format!("local/logs/default_{pod}_probe.log"));
+        let text = mesh.wait(&format!("{pod}'s report"), Duration::from_secs(60), |_| {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            Ok(text.contains("DONE").then_some(text))
+        })?;
+        let f: std::collections::BTreeMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        facts.insert(pod, (f, text));
+    }
+    for (pod, (f, text)) in &facts {
+        let is = |k: &str, v: &str| f.get(k).map(String::as_str) == Some(v);
+        ensure!(is("NoNewPrivs", "1"), "{pod}: no_new_privs unset:\n{text}");
+        for key in ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"] {
+            let bits = cap_bits(f, key)?;
+            for cap in FORBIDDEN {
+                ensure!(
+                    bits & (1 << cap) == 0,
+                    "{pod}: capability {cap} in {key}:\n{text}"
+                );
+            }
+        }
+        ensure!(is("token", "unreadable"), "{pod} read the token:\n{text}");
+        ensure!(
+            is("state_entries", "0"),
+            "{pod} sees the state directory:\n{text}"
+        );
+        ensure!(
+            is("netns_name", "hidden") && is("netns_by_name", "refused"),
+            "{pod} reached another pod's namespace by name:\n{text}"
+        );
+        ensure!(
+            is("kernel_mounts", "0"),
+            "{pod} sees cgroup or bpf mounts:\n{text}"
+        );
+        ensure!(
+            is("cgroup_move", "refused"),
+            "{pod} moved itself to another pod's cgroup:\n{text}"
+        );
+        ensure!(
+            f.get("cgroup")
+                .is_some_and(|c| c.ends_with(&format!("/mesh-{NODE}/pods/default_{pod}"))),
+            "{pod} is not in its own cgroup:\n{text}"
+        );
+        ensure!(
+            is("hosts_has_self", "1"),
+            "{pod}'s hosts file is not its own:\n{text}"
+        );
+        ensure!(
+            is("proc_sys", "ro"),
+            "{pod}: /proc/sys is writable:\n{text}"
+        );
+        ensure!(
+            is("setns_entered", "0"),
+            "{pod} entered another pod's namespace:\n{text}"
+        );
+    }
+    // The root pods could open each other's namespace file, and setns still refused.
+    for pod in ["probe-a", "probe-b"] {
+        let (f, text) = &facts[pod];
+        ensure!(
+            f.get("setns_tried").is_some_and(|n| n != "0"),
+            "{pod} found no other namespace to try:\n{text}"
+        );
+        ensure!(
+            f.get("uid").map(String::as_str) == Some("0"),
+            "{pod}: {text}"
+        );
+    }
+    let (f, text) = &facts["probe-u"];
+    ensure!(
+        f.get("uid").map(String::as_str) == Some("1000"),
+        "runAsUser 1000 not honoured:\n{text}"
+    );
+    for key in ["CapEff", "CapPrm", "CapBnd"] {
+        ensure!(
+            cap_bits(f, key)? == 0,
+            "probe-u (uid 1000) holds capabilities in {key}:\n{text}"
+        );
+    }
+    mesh.stop()
+}

@@ -139,7 +139,9 @@ pub(super) fn containers(w: &k8s::Workload) -> Vec<ContainerRun> {
 }
 
 /// Starts a container's process in its pod, through `meshd exec` (cgroup first, then the
-/// network namespace and its hosts file). Its output goes to `<state>/local/logs/`.
+/// network namespace and its hosts file, the state directory hidden, capabilities dropped,
+/// `securityContext.runAsUser`/`runAsGroup` honoured). Its output goes to
+/// `<state>/local/logs/`.
 fn start_container(
     meshd: &Path,
     state_dir: &Path,
@@ -165,14 +167,8 @@ fn start_container(
             .try_clone()
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
         let mut cmd = Command::new(meshd);
-        cmd.arg("exec")
-            .arg("--cgroup")
-            .arg(&pod.cgroup)
-            .arg("--netns")
-            .arg(&pod.netns_name)
-            .arg("--")
-            .arg(&spec.program)
-            .args(&spec.args)
+        // The state directory (CA key, ACL tokens, every pod's logs) is out of the pod's sight.
+        cmd.args(spec.exec_args(&pod.cgroup, &pod.netns_name, &[state_dir]))
             .env_clear()
             .env(
                 "PATH",

@@ -278,6 +278,10 @@ pub struct Container {
     pub env: Vec<EnvVar>,
     /// `ports`: each (port, protocol) once.
     pub ports: Vec<ContainerPort>,
+    /// `securityContext.runAsUser` of the container, else of the pod.
+    pub run_as_user: Option<u32>,
+    /// `securityContext.runAsGroup` of the container, else of the pod.
+    pub run_as_group: Option<u32>,
 }
 
 /// A pod's `spec`, the parts the mesh uses.

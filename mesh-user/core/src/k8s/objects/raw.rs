@@ -153,6 +153,18 @@ pub(in crate::k8s) struct RawPodSpec {
     pub containers: Vec<RawContainer>,
     #[serde(default, deserialize_with = "nullable")]
     pub init_containers: Vec<IgnoredAny>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_context: RawSecurityContext,
+}
+
+/// The parts of a pod's or container's `securityContext` the local runner honours.
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+pub(in crate::k8s) struct RawSecurityContext {
+    #[serde(default)]
+    pub run_as_user: Option<i64>,
+    #[serde(default)]
+    pub run_as_group: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +182,8 @@ pub(in crate::k8s) struct RawContainer {
     pub env: Vec<RawEnvVar>,
     #[serde(default, deserialize_with = "nullable")]
     pub ports: Vec<RawContainerPort>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_context: RawSecurityContext,
 }
 
 #[derive(Deserialize)]

@@ -11,7 +11,7 @@ use super::super::{
 };
 use super::raw::{
     IntOrString, RawContainer, RawDeployment, RawLabelSelector, RawMeta, RawNamespace, RawPod,
-    RawPodSpec, RawService, RawServiceAccount,
+    RawPodSpec, RawSecurityContext, RawService, RawServiceAccount,
 };
 use super::{
     Container, ContainerPort, Deployment, EnvValue, EnvVar, LabelSelector, MeshAnnotations,
@@ -272,12 +272,17 @@ fn pod_template(
             "a pod needs at least one container",
         ));
     }
+    let pod_security = security_ids(
+        ctx,
+        &format!("{spec_path}.securityContext"),
+        spec.security_context,
+    )?;
     let mut containers = Vec::new();
     let mut names = BTreeSet::new();
     let mut port_names = BTreeSet::new();
     for (i, c) in spec.containers.into_iter().enumerate() {
         let path = format!("{spec_path}.containers[{i}]");
-        let container = container(ctx, &path, c)?;
+        let container = container(ctx, &path, c, &pod_security)?;
         if !names.insert(container.name.clone()) {
             return Err(ctx.field(
                 format!("{path}.name"),
@@ -310,7 +315,41 @@ fn pod_template(
     })
 }
 
-fn container(ctx: &mut Ctx<'_>, path: &str, c: RawContainer) -> Result<Container, Error> {
+/// `(runAsUser, runAsGroup)` of a `securityContext`, each 0..=2147483647 as Kubernetes
+/// validates them.
+fn security_ids(
+    ctx: &Ctx<'_>,
+    path: &str,
+    sc: RawSecurityContext,
+) -> Result<(Option<u32>, Option<u32>), Error> {
+    let id = |field: &str, v: Option<i64>| -> Result<Option<u32>, Error> {
+        v.map(|n| {
+            u32::try_from(n)
+                .ok()
+                .filter(|&n| n <= i32::MAX as u32)
+                .ok_or_else(|| {
+                    ctx.field(
+                        format!("{path}.{field}"),
+                        format!("must be between 0 and 2147483647, inclusive (got {n})"),
+                    )
+                })
+        })
+        .transpose()
+    };
+    Ok((
+        id("runAsUser", sc.run_as_user)?,
+        id("runAsGroup", sc.run_as_group)?,
+    ))
+}
+
+fn container(
+    ctx: &mut Ctx<'_>,
+    path: &str,
+    c: RawContainer,
+    pod_security: &(Option<u32>, Option<u32>),
+) -> Result<Container, Error> {
+    // The container's securityContext overrides the pod's, field by field (Kubernetes).
+    let (user, group) = security_ids(ctx, &format!("{path}.securityContext"), c.security_context)?;
     let name = c
         .name
         .ok_or_else(|| ctx.field(format!("{path}.name"), "required"))?;
@@ -392,6 +431,8 @@ fn container(ctx: &mut Ctx<'_>, path: &str, c: RawContainer) -> Result<Container
         args: c.args,
         env,
         ports,
+        run_as_user: user.or(pod_security.0),
+        run_as_group: group.or(pod_security.1),
     })
 }
 

@@ -121,6 +121,8 @@ fn upstream_port_may_name_a_container_port() {
             container_port: 9191,
             protocol: Protocol::Tcp,
         }],
+        run_as_user: None,
+        run_as_group: None,
     }];
     let u = parse_upstream("api:api-port", &containers, UpstreamSyntax::default()).unwrap();
     assert_eq!(u.bind_port, 9191);

@@ -86,3 +86,74 @@ spec:
     assert_eq!(c.ports[1].protocol, Protocol::Udp);
     assert_eq!(w.tcp_ports(), [8080]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// securityContext
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn run_as_user_and_group_come_from_the_container_else_the_pod() {
+    let s = state(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+spec:
+  securityContext:
+    runAsUser: 1000
+    runAsGroup: 2000
+  containers:
+    - name: a
+      image: x
+      command: [sh]
+    - name: b
+      image: x
+      command: [sh]
+      securityContext:
+        runAsUser: 0
+    - name: c
+      image: x
+      command: [sh]
+      securityContext:
+        runAsGroup: 3000
+"#,
+    );
+    let ids: Vec<(Option<u32>, Option<u32>)> = s.workloads[0]
+        .containers
+        .iter()
+        .map(|c| (c.run_as_user, c.run_as_group))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (Some(1000), Some(2000)),
+            (Some(0), Some(2000)),
+            (Some(1000), Some(3000))
+        ]
+    );
+    let none = state(&deployment("web", 1, "        a: b"));
+    assert_eq!(none.workloads[0].containers[0].run_as_user, None);
+    assert_eq!(none.workloads[0].containers[0].run_as_group, None);
+}
+
+#[test]
+fn run_as_user_out_of_range_is_refused() {
+    let e = err(r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+spec:
+  containers:
+    - name: a
+      image: x
+      command: [sh]
+      securityContext:
+        runAsUser: -1
+"#);
+    assert!(
+        e.contains("spec.containers[0].securityContext.runAsUser"),
+        "{e}"
+    );
+}
