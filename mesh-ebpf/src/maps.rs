@@ -192,5 +192,7 @@ pub(crate) unsafe fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
     if base == 0 || off == 0 {
         return None;
     }
+    // SAFETY: `bpf_probe_read_kernel` copies through the kernel's fault-checked read: an unmapped
+    // address gives an error, never a fault; callers read integers, valid for any bits.
     unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.ok()
 }
