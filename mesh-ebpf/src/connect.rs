@@ -50,6 +50,11 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     unsafe { try_connect6(&ctx) }
 }
 
+/// connect6's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_connect6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: `ctx.sock_addr` is the kernel's context of this program run, valid for all of it; it
     // is only read through this reference.
@@ -90,6 +95,10 @@ unsafe fn try_connect6(ctx: &SockAddrContext) -> i32 {
 }
 
 /// The socket of a sock_addr context, as the socket-storage helpers take it.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn ctx_sock(ctx: &SockAddrContext) -> *mut c_void {
     // SAFETY: `ctx.sock_addr` is live for the program run; the union holds the kernel's `struct
@@ -99,6 +108,10 @@ unsafe fn ctx_sock(ctx: &SockAddrContext) -> *mut c_void {
 
 /// A socket that connected to a service before and now connects elsewhere carries no stale
 /// original destination.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn forget_orig(ctx: &SockAddrContext) {
     // SAFETY: `ctx` is this program run's context, all that `ctx_sock` needs.
@@ -114,6 +127,12 @@ unsafe fn forget_orig(ctx: &SockAddrContext) {
 /// The common part of connect4 and connect6: `ip` (network order) and `port` (host order) are
 /// the IPv4 destination; `mapped` says the socket is `AF_INET6` (its address is rewritten as
 /// `::ffff:127.0.0.1`).
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
+/// `steer` writes the context's destination through its raw pointer: the caller uses no
+/// reference into the context after the call.
 #[inline(always)]
 unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 {
     // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
@@ -181,6 +200,11 @@ unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 
 
 /// The intention that decides a connection from `pod` to `service`: at most nine lookups, from
 /// precedence 9 down to 1, whatever the number of intentions.
+///
+/// # Safety
+///
+/// Sound for any arguments (it only looks maps up and copies the value found); `unsafe` because
+/// aya's map lookup is.
 #[inline(always)]
 unsafe fn decide(pod: &PodValue, service: &ServiceValue, set: u32) -> Option<IntentionValue> {
     let map = if set == 0 {

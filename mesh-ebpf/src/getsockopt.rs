@@ -19,6 +19,11 @@ pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+/// getsockopt's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_getsockopt(ctx: &SockoptContext) {
     // SAFETY: `ctx.sockopt` is the kernel's `bpf_sockopt` of this program run, valid for all of it;
     // nothing else accesses it while this reference lives.

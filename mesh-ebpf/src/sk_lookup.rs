@@ -23,6 +23,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     unsafe { try_sk_lookup(&ctx) }
 }
 
+/// sk_lookup's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // SAFETY: `ctx.lookup` is the kernel's context of this program run, valid for all of it; it is
     // only read through this reference.

@@ -25,6 +25,11 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
+/// sk_msg's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     let cfg = config();
     if cfg.msg_redirect == 0 {
@@ -127,6 +132,11 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     count(Counter::BytesRedirected, u64::from(size));
 }
 
+/// The kernel address of the socket a `SOCK_STATE` value describes.
+///
+/// # Safety
+///
+/// `state` must be a `SOCK_STATE` value pointer looked up in the running program.
 #[inline(always)]
 unsafe fn own_state_sk(state: *mut SockState) -> u64 {
     // SAFETY: callers pass a `SOCK_STATE` value pointer looked up in this program run, which the
@@ -136,6 +146,10 @@ unsafe fn own_state_sk(state: *mut SockState) -> u64 {
 
 /// The `struct sk_psock *` of the socket at kernel address `sk` (`sk->sk_user_data` without its
 /// flag bits), or 0.
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
 #[inline(always)]
 unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
     // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
@@ -148,6 +162,10 @@ unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
 
 /// Whether TCP is under memory pressure on this host (`*sk->sk_prot->memory_pressure`).
 /// Unknown counts as pressure: never redirect blind.
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
 #[inline(always)]
 unsafe fn tcp_memory_pressure(sk: u64, cfg: &Config) -> bool {
     let o = &cfg.offsets;

@@ -38,6 +38,10 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 
 /// (local, remote) IPv4 addresses of the socket: its own for `AF_INET`, the embedded ones for
 /// `AF_INET6` with v4-mapped addresses; `None` for native IPv6.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn sock_ips(ctx: &SockOpsContext) -> Option<(u32, u32)> {
     match ctx.family() {
@@ -66,6 +70,10 @@ fn watch_close(ctx: &SockOpsContext) {
 }
 
 /// The context's socket as the socket-storage helpers take it, or null.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn storage_sock(ctx: &SockOpsContext) -> *mut c_void {
     // SAFETY: `ctx.ops` is live for the program run; the union holds the kernel's `struct bpf_sock
@@ -73,6 +81,11 @@ unsafe fn storage_sock(ctx: &SockOpsContext) -> *mut c_void {
     unsafe { (*ctx.ops).__bindgen_anon_2.sk as *mut c_void }
 }
 
+/// sockops' body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
@@ -175,6 +188,10 @@ fn sock_ptr(ctx: &SockOpsContext) -> u64 {
 }
 
 /// Whether the socket's file is O_NONBLOCK (`sk->sk_socket->file->f_flags`).
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
 #[inline(always)]
 unsafe fn is_nonblocking(sk: u64, cfg: &Config) -> bool {
     let o = &cfg.offsets;
