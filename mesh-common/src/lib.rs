@@ -8,6 +8,7 @@
 //!   stored in a `u32` (so `u32::from_ne_bytes(addr.octets())` in user space).
 //! - Ports are kept in host byte order.
 #![no_std]
+#![warn(missing_docs)]
 
 /// The pod-local transparent outbound listener (`127.0.0.1:15001`), as in Consul.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -17,8 +18,12 @@ pub const INBOUND_PORT: u16 = 20000;
 pub const PROXY_MARK: u32 = 0x4d45_5348;
 /// `127.0.0.1` as the kernel hands it to programs (network byte order in a `u32`).
 pub const LOOPBACK_IP4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-/// `SOL_IP` / `SO_ORIGINAL_DST`, the getsockopt the proxy uses in both redirect modes.
+/// `SOL_IP`: the level of the getsockopt the proxy uses in both redirect modes
+/// ([`SO_ORIGINAL_DST`]); the getsockopt program answers only this level.
 pub const SOL_IP: i32 = 0;
+/// `SO_ORIGINAL_DST` (Linux `<linux/netfilter_ipv4.h>`): the destination a redirected connection
+/// dialled, as a `struct sockaddr_in`; from conntrack in the iptables mode, from the getsockopt
+/// program (the socket's [`OrigDst`]) in the eBPF mode.
 pub const SO_ORIGINAL_DST: i32 = 80;
 /// `::ffff:127.0.0.1`: where connect6 sends a v4-mapped service connection (the outbound
 /// listener is an IPv4 socket; a v4-mapped connect is an IPv4 connection).
@@ -28,12 +33,21 @@ pub const LOOPBACK_IP4_MAPPED: [u32; 4] = [0, 0, V4_MAPPED_WORD, LOOPBACK_IP4];
 /// sender falls back to the normal TCP path (see [`SockState`]).
 pub const DEFAULT_BACKLOG_LIMIT: u32 = 8 << 20;
 
-/// Map capacities.
+/// Capacity of [`MAP_SERVICES`]: service addresses, virtual IP:ports and endpoint IP:ports
+/// together.
 pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of [`MAP_PODS`]: meshed pods (cgroups) on the node.
 pub const MAX_PODS: u32 = 4_096;
+/// Capacity of each intention map ([`MAP_INTENTIONS_0`], [`MAP_INTENTIONS_1`]) and of
+/// [`MAP_INTENTION_COUNTS`].
 pub const MAX_INTENTIONS: u32 = 262_144;
+/// Capacity of the per-socket maps [`MAP_SOCKS`], [`MAP_SOCK_STATE`] and [`MAP_ORIG_HANDOFF`]:
+/// redirected loopback sockets (two per app⇄proxy connection) and hand-offs in flight.
 pub const MAX_SOCKETS: u32 = 131_072;
+/// Capacity of [`MAP_LOCAL_PORTS`]: (network namespace, port) pairs whose loopback connections
+/// sk_msg redirects.
 pub const MAX_LOCAL_PORTS: u32 = 65_536;
+/// Capacity of [`MAP_INBOUND_SOCKS`]: inbound listener slots, one per meshed pod.
 pub const MAX_INBOUND_LISTENERS: u32 = 4_096;
 /// Addresses of meshed pods (IPv4, IPv6, link-local), a few per pod.
 pub const MAX_POD_ADDRS: u32 = 16_384;
@@ -44,12 +58,16 @@ pub const MAX_EXCLUDED_PORTS: u32 = 65_536;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
+    /// IPv4 address, network byte order in a `u32` (as connect4 sees `user_ip4`).
     pub ip: u32,
+    /// TCP port, host byte order.
     pub port: u16,
+    /// Always 0 (explicit padding, so that keys built on both sides are byte-identical).
     pub _pad: u16,
 }
 
 impl ServiceKey {
+    /// The key of `ip` (network byte order in a `u32`) and `port` (host byte order).
     pub const fn new(ip: u32, port: u16) -> Self {
         Self { ip, port, _pad: 0 }
     }
@@ -60,25 +78,35 @@ impl ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
+    /// Interned id of the destination service's namespace (mesh-core's intention interner; never
+    /// 0, the wildcard id).
     pub ns: u32,
+    /// Interned id of the destination service's name (never 0, the wildcard id).
     pub name: u32,
     /// [`SERVICE_VIP`] or [`SERVICE_ENDPOINT`].
     pub kind: u32,
 }
 
+/// [`ServiceValue::kind`] of a service's virtual IP:port. connect4/connect6 steer both kinds
+/// alike; the kind is for whoever reads the map (the agent's dumps, debugging).
 pub const SERVICE_VIP: u32 = 1;
+/// [`ServiceValue::kind`] of an endpoint's pod IP:port (a pod dialling another pod directly is
+/// steered too).
 pub const SERVICE_ENDPOINT: u32 = 2;
 
 /// A meshed pod, keyed by its cgroup v2 id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodValue {
-    /// The pod's service identity (the source of its connections), as interned (namespace,
-    /// name) ids.
+    /// Interned id of the namespace of the pod's service identity (the source of its
+    /// connections in intention keys).
     pub ns: u32,
+    /// Interned id of the name of the pod's service identity.
     pub name: u32,
-    /// The pod's outbound listener port (host order), normally [`OUTBOUND_PORT`].
+    /// The pod's outbound listener port (host order), normally [`OUTBOUND_PORT`]: connect4 and
+    /// connect6 rewrite a steered connection to `127.0.0.1:outbound_port`.
     pub outbound_port: u16,
+    /// Always 0.
     pub _pad: u16,
 }
 
@@ -88,9 +116,13 @@ pub struct PodValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IntentionKey {
+    /// Interned id of the source namespace ([`PodValue::ns`]), or 0 (any).
     pub src_ns: u32,
+    /// Interned id of the source service name ([`PodValue::name`]), or 0 (any).
     pub src_name: u32,
+    /// Interned id of the destination namespace ([`ServiceValue::ns`]), or 0 (any).
     pub dst_ns: u32,
+    /// Interned id of the destination service name ([`ServiceValue::name`]), or 0 (any).
     pub dst_name: u32,
 }
 
@@ -108,7 +140,9 @@ pub struct IntentionValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IntentionCounts {
+    /// Connections connect4/connect6 let through because of this intention (on this CPU).
     pub allowed: u64,
+    /// Connections connect4/connect6 refused (`EPERM`) because of this intention (on this CPU).
     pub denied: u64,
 }
 
@@ -126,7 +160,10 @@ pub const INTENTION_PATTERNS: [(bool, bool, bool, bool); 9] = [
     (false, false, false, false),
 ];
 
+/// An intention's action, or the default verdict: refuse the connection (`EPERM`).
 pub const VERDICT_DENY: u32 = 0;
+/// An intention's action, or the default verdict: steer the connection to the proxy, which
+/// then decides authoritatively.
 pub const VERDICT_ALLOW: u32 = 1;
 
 /// Where fields the sk_msg and sockops programs read sit in the running kernel's structs, in
@@ -139,16 +176,24 @@ pub struct KernelOffsets {
     pub sk_user_data: u32,
     /// `struct sk_psock.msg_tot_len`: bytes redirected into the socket and not read yet.
     pub psock_msg_tot_len: u32,
-    /// `struct tcp_sock.write_seq` and `.copied_seq`.
+    /// `struct tcp_sock.write_seq`: the sequence number after the last byte written to the
+    /// socket.
     pub tcp_write_seq: u32,
+    /// `struct tcp_sock.copied_seq`: the sequence number after the last byte the reader took.
     pub tcp_copied_seq: u32,
-    /// `struct sock.sk_socket`, `struct socket.file`, `struct file.f_flags`: is it O_NONBLOCK?
+    /// `struct sock.sk_socket` (the `struct socket *`); with the next two, sockops reads whether
+    /// the socket's file is `O_NONBLOCK`.
     pub sk_socket: u32,
+    /// `struct socket.file` (the `struct file *`).
     pub socket_file: u32,
+    /// `struct file.f_flags`.
     pub file_f_flags: u32,
-    /// `struct sock.__sk_common.skc_prot` and `struct proto.memory_pressure`.
+    /// `struct sock.__sk_common.skc_prot` (the `struct proto *`); with the next one, sk_msg
+    /// reads whether TCP is under memory pressure.
     pub sk_prot: u32,
+    /// `struct proto.memory_pressure` (a pointer to the protocol's pressure flag).
     pub proto_memory_pressure: u32,
+    /// Always 0.
     pub _pad: u32,
 }
 
@@ -165,10 +210,15 @@ pub struct Config {
     /// Which of the two intention maps is in force (0 or 1). The agent fills the other one,
     /// then flips this: a connection sees the old rules or the new ones, never a mix.
     pub intention_set: u32,
+    /// Field offsets in the running kernel's structs (see [`KernelOffsets`]).
     pub offsets: KernelOffsets,
 }
 
 impl Config {
+    /// The switches a fresh agent starts from: allow by default, the default backlog bound,
+    /// redirect on, intention set 0. The kernel offsets are unknown (0) here; the agent fills
+    /// them in from the running kernel's BTF when it writes the map. The programs fall back to
+    /// this value if the map lookup ever fails.
     pub const DEFAULT: Config = Config {
         default_verdict: VERDICT_ALLOW,
         backlog_limit: DEFAULT_BACKLOG_LIMIT,
@@ -189,28 +239,40 @@ impl Config {
     };
 }
 
-/// The address a connection dialled before `connect4` rewrote it.
+/// The address a connection dialled before connect4 (or connect6, for a v4-mapped address)
+/// rewrote it; what `getsockopt(SO_ORIGINAL_DST)` returns to the proxy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigDst {
+    /// IPv4 address, network byte order in a `u32`.
     pub ip: u32,
+    /// TCP port, host byte order.
     pub port: u16,
+    /// Always 0.
     pub _pad: u16,
 }
 
-/// A TCP socket as seen from itself: (network namespace cookie, local, remote).
+/// A TCP socket as seen from itself: (network namespace cookie, local, remote). An `AF_INET6`
+/// socket with v4-mapped addresses is keyed by its IPv4 addresses, like its `AF_INET` peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
+    /// Cookie of the socket's network namespace (`bpf_get_netns_cookie`).
     pub netns: u64,
+    /// Local IPv4 address, network byte order in a `u32`.
     pub local_ip: u32,
+    /// Remote IPv4 address, network byte order in a `u32`.
     pub remote_ip: u32,
+    /// Local TCP port, host byte order.
     pub local_port: u16,
+    /// Remote TCP port, host byte order (the kernel hands programs network order; they convert).
     pub remote_port: u16,
+    /// Always 0.
     pub _pad: u32,
 }
 
 impl SockKey {
+    /// The key of a socket: addresses in network byte order in a `u32`, ports in host order.
     pub const fn new(
         netns: u64,
         local_ip: u32,
@@ -251,6 +313,7 @@ pub struct SockState {
     /// only when the peer has read every byte sent over TCP (its `copied_seq` equals our
     /// `write_seq`) and its redirect queue is short again, so bytes are never reordered.
     pub fallback: u32,
+    /// Always 0.
     pub _pad: u32,
 }
 
@@ -258,12 +321,16 @@ pub struct SockState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LocalPortKey {
+    /// Cookie of the pod's network namespace (`bpf_get_netns_cookie`).
     pub netns: u64,
+    /// The listener's TCP port, host byte order.
     pub port: u16,
+    /// Always 0.
     pub _pad: [u16; 3],
 }
 
 impl LocalPortKey {
+    /// The key of `port` (host byte order) in the network namespace with cookie `netns`.
     pub const fn new(netns: u64, port: u16) -> Self {
         Self {
             netns,
@@ -283,6 +350,8 @@ pub const LOCAL_PORT_PROXY: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PodAddrKey {
+    /// The 16 address bytes in network order, four at a time in native-endian `u32`s (so
+    /// `addr[3]` of a v4-mapped address is the IPv4 address as in [`ServiceKey::ip`]).
     pub addr: [u32; 4],
 }
 
@@ -337,7 +406,9 @@ impl PodAddrKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodAddrValue {
+    /// Index of the pod's inbound listener in [`MAP_INBOUND_SOCKS`].
     pub slot: u32,
+    /// Always 0.
     pub _pad: u32,
     /// Cookie of the pod's network namespace: connect6 lets a pod reach its own addresses.
     pub netns: u64,
@@ -348,8 +419,11 @@ pub struct PodAddrValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ExcludeKey {
+    /// The pod address (v4-mapped for IPv4).
     pub addr: PodAddrKey,
+    /// The excluded TCP port, host byte order.
     pub port: u16,
+    /// Always 0.
     pub _pad: u16,
 }
 
@@ -457,6 +531,7 @@ pub enum Counter {
     Native6Denied = 15,
 }
 
+/// Number of [`Counter`]s: the size of [`MAP_COUNTERS`] and of [`COUNTERS`].
 pub const COUNTER_COUNT: u32 = 16;
 
 /// Every counter with its name (the metric and JSON name user space shows), in index order: the
@@ -480,25 +555,54 @@ pub const COUNTERS: [(Counter, &str); COUNTER_COUNT as usize] = [
     (Counter::Native6Denied, "native6_denied"),
 ];
 
+// `aya::Pod` is an `unsafe` trait (aya copies map keys and values as raw bytes), so this module
+// opts out of the workspace's `unsafe_code = "deny"`; it holds nothing but these impls.
 #[cfg(feature = "user")]
+#[allow(unsafe_code)]
 mod pod_impls {
     use super::*;
-    // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers, with explicit padding
-    // fields, so any bit pattern is valid and there are no uninitialised bytes.
+    // Every type here is `#[repr(C)]`, `Copy`, made only of integers (or of such types), with
+    // explicit padding fields: any bit pattern is a valid value and there are no uninitialised
+    // bytes. `tests::layouts_have_no_implicit_padding` checks each size is the sum of its fields.
+    // SAFETY: `#[repr(C)]` integers, `u32`, `u16` and an explicit `u16` pad: 8 bytes, no implicit
+    // padding (see above).
     unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: `#[repr(C)]` integers, three `u32`s: 12 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: `#[repr(C)]` integers, two `u32`s, a `u16` and an explicit `u16` pad: 12 bytes, no
+    // implicit padding (see above).
     unsafe impl aya::Pod for PodValue {}
+    // SAFETY: `#[repr(C)]` integers, four `u32`s: 16 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for IntentionKey {}
+    // SAFETY: `#[repr(C)]` integers, two `u32`s: 8 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for IntentionValue {}
+    // SAFETY: `#[repr(C)]` integers, two `u64`s: 16 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for IntentionCounts {}
+    // SAFETY: `#[repr(C)]` integers, four `u32`s and a `KernelOffsets` (ten `u32`s): 56 bytes, no
+    // implicit padding (see above).
     unsafe impl aya::Pod for Config {}
+    // SAFETY: `#[repr(C)]` integers, ten `u32`s, the last an explicit pad: 40 bytes, no implicit
+    // padding (see above).
     unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: `#[repr(C)]` integers, a `u32`, a `u16` and an explicit `u16` pad: 8 bytes, no
+    // implicit padding (see above).
     unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: `#[repr(C)]` integers, a `u64`, two `u32`s, two `u16`s and an explicit `u32` pad: 24
+    // bytes, no implicit padding (see above).
     unsafe impl aya::Pod for SockKey {}
+    // SAFETY: `#[repr(C)]` integers, a `u64`, a `u32` and an explicit `u32` pad: 16 bytes, no
+    // implicit padding (see above).
     unsafe impl aya::Pod for SockState {}
+    // SAFETY: `#[repr(C)]` integers, a `u64`, a `u16` and an explicit `[u16; 3]` pad: 16 bytes, no
+    // implicit padding (see above).
     unsafe impl aya::Pod for LocalPortKey {}
+    // SAFETY: `#[repr(C)]` integers, `[u32; 4]`: 16 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for PodAddrKey {}
+    // SAFETY: `#[repr(C)]` integers, two `u32`s (the second an explicit pad) and a `u64`: 16 bytes,
+    // no implicit padding (see above).
     unsafe impl aya::Pod for PodAddrValue {}
+    // SAFETY: `#[repr(C)]` integers, a `PodAddrKey` (`[u32; 4]`), a `u16` and an explicit `u16`
+    // pad: 20 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for ExcludeKey {}
 }
 

@@ -50,26 +50,43 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     unsafe { try_connect6(&ctx) }
 }
 
+/// connect6's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: `ctx.sock_addr` is the kernel's context of this program run, valid for all of it; it
+    // is only read through this reference.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
         return PROCEED;
     }
+    // SAFETY: `user_ip6` is a field of the live context; `read_ip6` loads it one aligned word at a
+    // time.
     let ip6 = unsafe { read_ip6(&sa.user_ip6) };
     let port = u16::from_be(sa.user_port as u16);
     if is_v4_mapped(&ip6) {
+        // SAFETY: `ctx` is this program run's context, all that `steer` needs; `sa` is not used
+        // after it writes the context.
         return unsafe { steer(ctx, ip6[3], port, true) };
     }
     if is_loopback6(&ip6) {
         return PROCEED;
     }
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
+    // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
     let Some(owner) = (unsafe { INBOUND_ADDRS.get(PodAddrKey { addr: ip6 }) }) else {
+        // SAFETY: `ctx` is this program run's context, all that `forget_orig` needs.
         unsafe { forget_orig(ctx) };
         return PROCEED;
     };
+    // SAFETY: the helper takes this program's own context pointer, which the verifier checks is
+    // one.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
     if owner.netns == netns {
         // The pod's own address: inside the pod.
+        // SAFETY: `ctx` is this program run's context, all that `forget_orig` needs.
         unsafe { forget_orig(ctx) };
         return PROCEED;
     }
@@ -78,17 +95,31 @@ unsafe fn try_connect6(ctx: &SockAddrContext) -> i32 {
 }
 
 /// The socket of a sock_addr context, as the socket-storage helpers take it.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn ctx_sock(ctx: &SockAddrContext) -> *mut c_void {
+    // SAFETY: `ctx.sock_addr` is live for the program run; the union holds the kernel's `struct
+    // bpf_sock *`, read as a raw pointer (any bits are valid), not dereferenced.
     unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk as *mut c_void }
 }
 
 /// A socket that connected to a service before and now connects elsewhere carries no stale
 /// original destination.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn forget_orig(ctx: &SockAddrContext) {
+    // SAFETY: `ctx` is this program run's context, all that `ctx_sock` needs.
     let sk = unsafe { ctx_sock(ctx) };
+    // SAFETY: `sk` is the context's socket, which the verifier knows as a non-null socket in
+    // connect programs.
     if unsafe { ORIG_DST_SK.get(sk) }.is_some() {
+        // SAFETY: as just above, the context's own socket.
         unsafe { ORIG_DST_SK.delete(sk) };
     }
 }
@@ -96,17 +127,31 @@ unsafe fn forget_orig(ctx: &SockAddrContext) {
 /// The common part of connect4 and connect6: `ip` (network order) and `port` (host order) are
 /// the IPv4 destination; `mapped` says the socket is `AF_INET6` (its address is rewritten as
 /// `::ffff:127.0.0.1`).
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
+/// `steer` writes the context's destination through its raw pointer: the caller uses no
+/// reference into the context after the call.
 #[inline(always)]
 unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 {
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
+    // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
     let Some(service) = (unsafe { SERVICES.get(ServiceKey::new(ip, port)) }) else {
+        // SAFETY: `ctx` is this program run's context, all that `forget_orig` needs.
         unsafe { forget_orig(ctx) };
         return PROCEED;
     };
+    // SAFETY: a helper without arguments, available to cgroup programs.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
+    // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
     let Some(pod) = (unsafe { PODS.get(cgroup) }) else {
         return PROCEED;
     };
     let cfg = config();
+    // SAFETY: `decide` only looks up the intention maps and copies the value it finds; `pod` and
+    // `service` are live map values (above).
     let allowed = match unsafe { decide(pod, service, cfg.intention_set) } {
         Some(v) => {
             let allowed = v.action == VERDICT_ALLOW;
@@ -122,6 +167,8 @@ unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 
         count(Counter::ConnectsDenied, 1);
         return REFUSE;
     }
+    // SAFETY: `ctx` is this run's context and its `sk` a non-null socket the verifier knows as one,
+    // as the socket-storage helper requires.
     let Some(orig) = (unsafe { ORIG_DST_SK.get_or_create(ctx_sock(ctx)) }) else {
         // Without a record of the original destination the proxy could not serve the connection:
         // refuse this one rather than let it reach the service unproxied.
@@ -153,6 +200,11 @@ unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 
 
 /// The intention that decides a connection from `pod` to `service`: at most nine lookups, from
 /// precedence 9 down to 1, whatever the number of intentions.
+///
+/// # Safety
+///
+/// Sound for any arguments (it only looks maps up and copies the value found); `unsafe` because
+/// aya's map lookup is.
 #[inline(always)]
 unsafe fn decide(pod: &PodValue, service: &ServiceValue, set: u32) -> Option<IntentionValue> {
     let map = if set == 0 {
@@ -167,6 +219,9 @@ unsafe fn decide(pod: &PodValue, service: &ServiceValue, set: u32) -> Option<Int
             dst_ns: if dst_ns { service.ns } else { 0 },
             dst_name: if dst_name { service.name } else { 0 },
         };
+        // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is
+        // plain integers, read (copied) here, so a concurrent update by the agent cannot make it
+        // invalid.
         if let Some(v) = unsafe { map.get(key) } {
             return Some(*v);
         }

@@ -19,23 +19,39 @@ pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+/// getsockopt's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_getsockopt(ctx: &SockoptContext) {
+    // SAFETY: `ctx.sockopt` is the kernel's `bpf_sockopt` of this program run, valid for all of it;
+    // nothing else accesses it while this reference lives.
     let so = unsafe { &mut *ctx.sockopt };
     if so.level != SOL_IP || so.optname != SO_ORIGINAL_DST {
         return;
     }
+    // SAFETY: the union holds the kernel's `struct bpf_sock *` (possibly null, checked next); any
+    // bits are a valid raw pointer.
     let sk = unsafe { so.__bindgen_anon_1.sk };
     if sk.is_null() {
         return;
     }
+    // SAFETY: `sk` is the context's socket, null-checked above, as the socket-storage helper
+    // requires.
     let Some(orig) = (unsafe { ORIG_DST_SK.get(sk.cast()) }) else {
         return;
     };
     // SAFETY: this socket's storage, valid for the program run.
     let orig = unsafe { *orig };
+    // SAFETY: a union of the buffer pointer with a `u64` (for alignment); any bits are a valid raw
+    // pointer.
     let optval = unsafe { so.__bindgen_anon_2.optval } as *mut u8;
+    // SAFETY: as `optval`.
     let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as *mut u8;
     // struct sockaddr_in: family, port (network order), address, 8 bytes of zero.
+    // SAFETY: pointer arithmetic only, compared with the end of the kernel's buffer before any
+    // store (the bounds check the verifier requires).
     if optval.is_null() || unsafe { optval.add(16) } > optval_end {
         return;
     }
@@ -59,8 +75,11 @@ unsafe fn try_getsockopt(ctx: &SockoptContext) {
         0,
         0,
     ];
+    // SAFETY: `optval..optval + 16` lies inside the kernel's option buffer (checked against
+    // `optval_end` above); `bytes` is a local array, so the two cannot overlap.
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), optval, 16) };
     // Two separate 4-byte stores: the verifier refuses one 8-byte store across both fields.
+    // SAFETY: `optlen` and `retval` are fields of the live context, written through `so`, aligned.
     unsafe {
         ptr::write_volatile(&mut so.optlen, 16);
         ptr::write_volatile(&mut so.retval, 0);

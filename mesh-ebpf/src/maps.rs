@@ -99,6 +99,11 @@ impl<V> SkStorageDef<V> {
 
     /// The socket's value, if it has one. `sk` must be a socket pointer the verifier knows as
     /// one (a context's `sk` field, null-checked).
+    ///
+    /// # Safety
+    ///
+    /// `sk` must be a socket pointer the verifier knows as one (a context's `sk` field, null-
+    /// checked).
     #[inline(always)]
     pub(crate) unsafe fn get(&self, sk: *mut c_void) -> Option<*mut V> {
         // SAFETY: helper call on a map definition and a socket pointer; the kernel checks both.
@@ -112,6 +117,10 @@ impl<V> SkStorageDef<V> {
 
     /// The socket's value, created (zeroed) if it has none; `None` when the kernel cannot
     /// allocate it.
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::get`].
     #[inline(always)]
     pub(crate) unsafe fn get_or_create(&self, sk: *mut c_void) -> Option<*mut V> {
         // SAFETY: as in `get`.
@@ -125,6 +134,10 @@ impl<V> SkStorageDef<V> {
     }
 
     /// Removes the socket's value, if any.
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::get`].
     #[inline(always)]
     pub(crate) unsafe fn delete(&self, sk: *mut c_void) {
         // SAFETY: as in `get`.
@@ -171,6 +184,10 @@ pub(crate) fn is_loopback6(ip6: &[u32; 4]) -> bool {
 
 /// Reads an IPv6 address from a program context one 32-bit word at a time: the verifier allows
 /// only 4-byte (or narrower) loads of these context fields.
+///
+/// # Safety
+///
+/// `field` must point at a 16-byte address field of the running program's context.
 #[inline(always)]
 pub(crate) unsafe fn read_ip6(field: *const [u32; 4]) -> [u32; 4] {
     let w = field as *const u32;
@@ -187,10 +204,17 @@ pub(crate) unsafe fn read_ip6(field: *const [u32; 4]) -> [u32; 4] {
 
 /// Reads a `T` at `base + off` in kernel memory; `None` if either is unknown or unreadable.
 /// Offsets come from the running kernel's BTF (see `Config`).
+///
+/// # Safety
+///
+/// `T` must be valid for any bit pattern (an integer); any `base` is sound, the read is fault-
+/// checked.
 #[inline(always)]
 pub(crate) unsafe fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
     if base == 0 || off == 0 {
         return None;
     }
+    // SAFETY: `bpf_probe_read_kernel` copies through the kernel's fault-checked read: an unmapped
+    // address gives an error, never a fault; callers read integers, valid for any bits.
     unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.ok()
 }

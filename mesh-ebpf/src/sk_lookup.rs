@@ -23,7 +23,14 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     unsafe { try_sk_lookup(&ctx) }
 }
 
+/// sk_lookup's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: `ctx.lookup` is the kernel's context of this program run, valid for all of it; it is
+    // only read through this reference.
     let l = unsafe { &*ctx.lookup };
     if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
@@ -48,11 +55,14 @@ unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if port == INBOUND_PORT {
         return SK_PASS;
     }
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
+    // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
     let Some(pod) = (unsafe { INBOUND_ADDRS.get(addr) }) else {
         count(Counter::InboundDropped, 1);
         return SK_DROP;
     };
     let slot = pod.slot;
+    // SAFETY: only whether the entry exists is used; the value is not read.
     if unsafe { INBOUND_EXCLUDE.get(ExcludeKey::new(addr, port)) }.is_some() {
         return SK_PASS;
     }

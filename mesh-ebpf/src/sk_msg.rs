@@ -25,11 +25,18 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
+/// sk_msg's body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     let cfg = config();
     if cfg.msg_redirect == 0 {
         return;
     }
+    // SAFETY: `ctx.msg` is the kernel's context of this program run, valid for all of it; it is
+    // only read through this reference.
     let md = unsafe { &*ctx.msg };
     // Keyed as sockops keyed the socket: v4-mapped `AF_INET6` sockets by their IPv4 addresses.
     let (local_ip, remote_ip) = if md.family == AF_INET6 {
@@ -42,6 +49,8 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     } else {
         (md.local_ip4, md.remote_ip4)
     };
+    // SAFETY: the helper takes this program's own context pointer, which the verifier checks is
+    // one.
     let netns = unsafe { bpf_get_netns_cookie(ctx.msg as *mut c_void) };
     let own = SockKey::new(
         netns,
@@ -55,20 +64,31 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         return;
     };
     let mut peer = own.peer();
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
+    // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
     let Some(peer_state) = (unsafe { SOCK_STATE.get(peer) }) else {
         count(Counter::LookupsMissed, 1);
         return;
     };
+    // SAFETY: `psock_of` reads kernel memory only through `bpf_probe_read_kernel`, which faults on
+    // nothing.
     let psock = unsafe { psock_of(peer_state.sk, &cfg) };
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
     let Some(queued) = (unsafe { read_kernel::<u32>(psock, cfg.offsets.psock_msg_tot_len) }) else {
         count(Counter::LookupsMissed, 1);
         return;
     };
     let size = md.size;
+    // SAFETY: `own_state` is the `SOCK_STATE` value looked up above, valid until the program
+    // returns; `tcp_memory_pressure` reads the kernel only through `bpf_probe_read_kernel`.
     if unsafe { tcp_memory_pressure(own_state_sk(own_state), &cfg) } {
         // Redirected bytes are charged to host TCP memory without per-socket limits; under
         // pressure they would fail with ENOMEM. TCP's own path knows how to wait.
         count(Counter::PressurePassed, 1);
+        // SAFETY: `own_state` is this socket's `SOCK_STATE` value, kept alive by the kernel until
+        // the program returns; sk_msg runs with the sending socket locked, so no other run writes
+        // it meanwhile.
         unsafe { (*own_state).fallback = 1 };
         return;
     }
@@ -77,11 +97,18 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         // On the TCP path. Come back only when the peer has read every byte we sent over TCP
         // (nothing of ours is left to be overtaken) and its redirect queue has drained to half
         // the bound (no flapping).
+        // SAFETY: `own_state` is valid until the program returns (above); the kernel reads are
+        // fault-checked probe reads.
         let sent =
             unsafe { read_kernel::<u32>(own_state_sk(own_state), cfg.offsets.tcp_write_seq) };
+        // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+        // unknown or unmapped address instead of faulting; the value is a plain integer.
         let read = unsafe { read_kernel::<u32>(peer_state.sk, cfg.offsets.tcp_copied_seq) };
         match (sent, read) {
             (Some(sent), Some(read)) if sent == read && queued <= cfg.backlog_limit / 2 => {
+                // SAFETY: `own_state` is this socket's `SOCK_STATE` value, kept alive by the kernel
+                // until the program returns; sk_msg runs with the sending socket locked, so no
+                // other run writes it meanwhile.
                 unsafe { (*own_state).fallback = 0 };
                 count(Counter::RedirectsResumed, 1);
             }
@@ -90,6 +117,9 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     } else if queued.saturating_add(size) > cfg.backlog_limit {
         // The peer is behind: this socket's bytes take the TCP path, which has real flow
         // control, until the peer catches up. Bytes already queued are read first.
+        // SAFETY: `own_state` is this socket's `SOCK_STATE` value, kept alive by the kernel until
+        // the program returns; sk_msg runs with the sending socket locked, so no other run writes
+        // it meanwhile.
         unsafe { (*own_state).fallback = 1 };
         count(Counter::BacklogFallbacks, 1);
         return;
@@ -102,15 +132,28 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     count(Counter::BytesRedirected, u64::from(size));
 }
 
+/// The kernel address of the socket a `SOCK_STATE` value describes.
+///
+/// # Safety
+///
+/// `state` must be a `SOCK_STATE` value pointer looked up in the running program.
 #[inline(always)]
 unsafe fn own_state_sk(state: *mut SockState) -> u64 {
+    // SAFETY: callers pass a `SOCK_STATE` value pointer looked up in this program run, which the
+    // kernel keeps alive until it returns.
     unsafe { (*state).sk }
 }
 
 /// The `struct sk_psock *` of the socket at kernel address `sk` (`sk->sk_user_data` without its
 /// flag bits), or 0.
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
 #[inline(always)]
 unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
     match unsafe { read_kernel::<u64>(sk, cfg.offsets.sk_user_data) } {
         Some(p) => p & !SK_USER_DATA_FLAGS,
         None => 0,
@@ -119,12 +162,20 @@ unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
 
 /// Whether TCP is under memory pressure on this host (`*sk->sk_prot->memory_pressure`).
 /// Unknown counts as pressure: never redirect blind.
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
 #[inline(always)]
 unsafe fn tcp_memory_pressure(sk: u64, cfg: &Config) -> bool {
     let o = &cfg.offsets;
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
     let Some(prot) = (unsafe { read_kernel::<u64>(sk, o.sk_prot) }) else {
         return true;
     };
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
     let Some(flag) = (unsafe { read_kernel::<u64>(prot, o.proto_memory_pressure) }) else {
         return true;
     };
@@ -132,6 +183,8 @@ unsafe fn tcp_memory_pressure(sk: u64, cfg: &Config) -> bool {
     if flag == 0 {
         return true;
     }
+    // SAFETY: `bpf_probe_read_kernel` returns an error for an unmapped address instead of faulting;
+    // the value is a plain integer.
     match unsafe { bpf_probe_read_kernel(flag as *const u64) } {
         Ok(v) => v != 0,
         Err(_) => true,

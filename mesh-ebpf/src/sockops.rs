@@ -38,6 +38,10 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 
 /// (local, remote) IPv4 addresses of the socket: its own for `AF_INET`, the embedded ones for
 /// `AF_INET6` with v4-mapped addresses; `None` for native IPv6.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn sock_ips(ctx: &SockOpsContext) -> Option<(u32, u32)> {
     match ctx.family() {
@@ -66,11 +70,22 @@ fn watch_close(ctx: &SockOpsContext) {
 }
 
 /// The context's socket as the socket-storage helpers take it, or null.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn storage_sock(ctx: &SockOpsContext) -> *mut c_void {
+    // SAFETY: `ctx.ops` is live for the program run; the union holds the kernel's `struct bpf_sock
+    // *` (possibly null), read as a raw pointer (any bits are valid), not dereferenced.
     unsafe { (*ctx.ops).__bindgen_anon_2.sk as *mut c_void }
 }
 
+/// sockops' body.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 unsafe fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
@@ -79,10 +94,13 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
     {
         return;
     }
+    // SAFETY: `ctx` is this program run's context, all that `sock_ips` needs.
     let Some((local_ip, remote_ip)) = (unsafe { sock_ips(ctx) }) else {
         return;
     };
     let raw = ctx.ops as *mut c_void;
+    // SAFETY: the helper takes this program's own context pointer, which the verifier checks is
+    // one.
     let netns = unsafe { bpf_get_netns_cookie(raw) };
     let key = SockKey::new(
         netns,
@@ -93,8 +111,11 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
     );
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: `ctx` is this program run's context, all that `storage_sock` needs.
             let sk = unsafe { storage_sock(ctx) };
             if !sk.is_null() {
+                // SAFETY: `sk` is the context's socket, null-checked just above, as the socket-
+                // storage helper requires.
                 if let Some(orig) = unsafe { ORIG_DST_SK.get(sk) } {
                     // SAFETY: this socket's storage, valid for the program run.
                     let orig = unsafe { *orig };
@@ -109,19 +130,24 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             }
             if is_loopback(key.local_ip) && is_loopback(key.remote_ip) {
                 let port = LocalPortKey::new(netns, key.remote_port);
+                // SAFETY: only whether the entry exists is used; the value is not read.
                 if unsafe { LOCAL_PORTS.get(port) }.is_some() {
                     add_socket(ctx, key, true);
                 }
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // SAFETY: the kernel keeps the value alive until the program returns; it is copied out
+            // at once, before the entry is removed.
             if let Some(orig) = unsafe { ORIG_HANDOFF.get(key) } {
                 let orig = *orig;
                 let _ = ORIG_HANDOFF.remove(key);
+                // SAFETY: `ctx` is this program run's context, all that `storage_sock` needs.
                 let sk = unsafe { storage_sock(ctx) };
                 let stored = if sk.is_null() {
                     None
                 } else {
+                    // SAFETY: `sk` is the context's socket, null-checked just above.
                     unsafe { ORIG_DST_SK.get_or_create(sk) }
                 };
                 match stored {
@@ -134,7 +160,9 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             // whole or not at all.
             if is_loopback(key.local_ip)
                 && is_loopback(key.remote_ip)
+                // SAFETY: only whether the entry exists is used; the value is not read.
                 && unsafe { LOCAL_PORTS.get(LocalPortKey::new(netns, key.local_port)) }.is_some()
+                // SAFETY: only whether the entry exists is used; the value is not read.
                 && unsafe { SOCK_STATE.get(key.peer()) }.is_some()
             {
                 add_socket(ctx, key, false);
@@ -160,15 +188,25 @@ fn sock_ptr(ctx: &SockOpsContext) -> u64 {
 }
 
 /// Whether the socket's file is O_NONBLOCK (`sk->sk_socket->file->f_flags`).
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
 #[inline(always)]
 unsafe fn is_nonblocking(sk: u64, cfg: &Config) -> bool {
     let o = &cfg.offsets;
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
     let Some(socket) = (unsafe { read_kernel::<u64>(sk, o.sk_socket) }) else {
         return false;
     };
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
     let Some(file) = (unsafe { read_kernel::<u64>(socket, o.socket_file) }) else {
         return false;
     };
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
     match unsafe { read_kernel::<u32>(file, o.file_f_flags) } {
         Some(flags) => flags & O_NONBLOCK != 0,
         None => false,
@@ -192,17 +230,23 @@ fn add_socket(ctx: &SockOpsContext, mut key: SockKey, app_side: bool) {
     if app_side {
         // Read the address back from the map: the verifier allows no arithmetic on the
         // context's socket pointer, but a map value is a plain number.
+        // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is
+        // plain integers, read (copied) here, so a concurrent update by the agent cannot make it
+        // invalid.
         let sk = match unsafe { SOCK_STATE.get(key) } {
             Some(s) => s.sk,
             None => return,
         };
+        // SAFETY: `is_nonblocking` reads kernel memory only through `bpf_probe_read_kernel`, which
+        // faults on nothing.
         if !unsafe { is_nonblocking(sk, &config()) } {
             let _ = SOCK_STATE.remove(key);
             count(Counter::BlockingSkipped, 1);
             return;
         }
     }
-    // SAFETY: as above.
+    // SAFETY: `ctx.ops` is the live `bpf_sock_ops` of this program run (as in `sock_ptr`); the
+    // `&mut` lasts only for the helper call, which the verifier checks takes this context.
     if SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0).is_err() {
         let _ = SOCK_STATE.remove(key);
         return;

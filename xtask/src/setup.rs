@@ -44,7 +44,12 @@ fn has_nightly_rust_src() -> bool {
     Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .map(|o| {
+            let installed = String::from_utf8_lossy(&o.stdout);
+            // clippy too: `cargo xtask test` lints mesh-ebpf with nightly's clippy, and the
+            // minimal profile leaves it out.
+            installed.contains("rust-src") && installed.contains("clippy")
+        })
         .unwrap_or(false)
 }
 
@@ -88,7 +93,7 @@ pub fn setup(verbose: bool) -> Result<()> {
         status(install)?;
     }
     if !rust_src {
-        eprintln!("setup: adding the nightly toolchain with rust-src");
+        eprintln!("setup: adding the nightly toolchain with rust-src and clippy");
         let mut c = Command::new("rustup");
         c.args([
             "toolchain",
@@ -98,6 +103,8 @@ pub fn setup(verbose: bool) -> Result<()> {
             "minimal",
             "--component",
             "rust-src",
+            "--component",
+            "clippy",
         ]);
         status(c)?;
     }

@@ -1,10 +1,11 @@
-//! `cargo xtask test`: lint (fmt, clippy), the unit tests, then the root tests (one binary,
-//! `mesh-tests`, run serially as root in real network namespaces and cgroups).
+//! `cargo xtask test`: lint (fmt, clippy on the workspace and on mesh-ebpf), the unit tests,
+//! then the root tests (one binary, `mesh-tests`, run serially as root in real network
+//! namespaces and cgroups).
 
 use anyhow::{bail, Result};
 
 use crate::build::{build_ebpf, ebpf_object};
-use crate::{cmd, is_root, status};
+use crate::{cmd, is_root, root, status};
 
 /// Lints (unless `lint` is false), runs the unit tests, builds the binaries the root tests
 /// start, and runs the root tests; `filter` narrows both test runs.
@@ -30,6 +31,28 @@ pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
             ])
             .env("MESH_EBPF_OBJECT", &obj);
         status(clippy)?;
+        // The kernel crate is its own workspace, built with nightly for the BPF target: its
+        // lints (`mesh-ebpf/Cargo.toml`: every `unsafe` block says why it is sound) need a run
+        // of their own, with the same environment as `build_ebpf`.
+        let mut clippy_ebpf = cmd("cargo");
+        clippy_ebpf
+            .current_dir(root().join("mesh-ebpf"))
+            .args([
+                "+nightly",
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+            ])
+            .arg(root().join("target"))
+            .args(["--", "-D", "warnings"])
+            .env_remove("RUSTFLAGS")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_BUILD_TARGET");
+        status(clippy_ebpf)?;
     }
     // Unit tests: no privileges needed.
     let mut unit = cmd("cargo");
