@@ -5,6 +5,7 @@
 //! - `/v1/connect/intentions*` in [`intentions`];
 //! - `/v1/config*` in [`config_entries`];
 //! - `/v1/agent/connect/authorize` in [`authorize`];
+//! - `/v1/agent/mesh/status` (whether the kernel holds the intentions) in [`agent`];
 //! - `/v1/acl/*` in [`acl`];
 //! - `/v1/local/*` (`meshd local`) in [`local`].
 
@@ -27,6 +28,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 mod acl;
+mod agent;
 mod authorize;
 mod config_entries;
 mod intentions;
@@ -37,7 +39,8 @@ use crate::client::HTTP_ADDR_ENV;
 use crate::filter::Filter;
 use crate::store::{State, Store};
 use crate::{
-    Address, CountersSource, Error, NoCounters, NoSink, SharedCounters, SharedSink, Token,
+    Address, CountersSource, Error, NoCounters, NoSink, NoStatus, SharedCounters, SharedSink,
+    SharedStatus, Token,
 };
 use mesh_core::intentions::{
     Action, RuleSet, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD,
@@ -47,6 +50,22 @@ use mesh_core::intentions::{
 pub const SOCKET_FILE: &str = "api.sock";
 /// The file in the state directory that holds the bootstrap token's secret (mode 0600).
 pub const BOOTSTRAP_TOKEN_FILE: &str = "acl-bootstrap-token";
+
+/// The default of [`ServerConfig::header_timeout`]: 10 s to send a request's headers.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of [`ServerConfig::idle_timeout`]: a kept-alive connection idle for 90 s is
+/// closed (Go's `http.Transport` drops its idle connections after 90 s, Consul's clients too).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The default of [`ServerConfig::max_body_bytes`]: 1 MiB. Consul caps a KV value at 512 KiB
+/// (`kv_max_value_size`) and a transaction at the same; the largest bodies here are
+/// config entries of many sources, which stay far below 1 MiB even at thousands of sources.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The default of [`ServerConfig::max_connections`]: Consul's
+/// `limits.http_max_conns_per_client` is 200 per client address; all clients of a local
+/// agent share one address, so the cap here is per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Refusals over the connection cap are logged at most once per this interval.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long [`Server::shutdown`] waits for requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -63,6 +82,27 @@ pub struct ServerConfig {
     pub unix_socket: Option<PathBuf>,
     /// The verdict of `check` and `authorize` when no intention matches.
     pub default_intention_policy: Action,
+    /// The most intentions the store accepts: what the kernel's intention map holds (one
+    /// compiled entry per intention; meshd passes `mesh_common::MAX_INTENTIONS`). A write that
+    /// would exceed it is refused with a 400 naming the limit, before anything is stored.
+    /// [`usize::MAX`] (the default) is no limit.
+    pub max_intentions: usize,
+    /// Host names (with or without `:port`) that TCP requests may carry in their `Host`
+    /// header besides the listen address, `localhost`, `127.0.0.1` and `[::1]` (any port).
+    /// Any other Host gets a 403 (DNS rebinding). Unix-socket requests are not checked.
+    pub allowed_hosts: Vec<String>,
+    /// How long a client may take to send a request's headers ([`DEFAULT_HEADER_TIMEOUT`]).
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may sit idle between requests
+    /// ([`DEFAULT_IDLE_TIMEOUT`]). Requests being served (blocking queries included) are
+    /// never cut by it.
+    pub idle_timeout: Duration,
+    /// The largest request body accepted ([`DEFAULT_MAX_BODY_BYTES`]); larger gets a 413.
+    pub max_body_bytes: usize,
+    /// The most TCP connections served at once ([`DEFAULT_MAX_CONNECTIONS`]); a connection
+    /// over the cap is closed at once (and logged, at most once per
+    /// [`REFUSAL_LOG_INTERVAL`]). The Unix socket has its own cap of the same size.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -74,6 +114,12 @@ impl ServerConfig {
             state_dir,
             http_addr: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500)),
             default_intention_policy: Action::Deny,
+            max_intentions: usize::MAX,
+            allowed_hosts: Vec::new(),
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 
@@ -117,6 +163,8 @@ pub struct Hooks {
     pub rules: SharedSink,
     /// Asked for per-intention counts.
     pub counters: SharedCounters,
+    /// Asked whether the kernel holds the rules (`GET /v1/agent/mesh/status`).
+    pub status: SharedStatus,
     /// The local runner (`meshd local`), which serves `/v1/local/*`; `None` elsewhere.
     pub local: Option<crate::local::Handle>,
 }
@@ -126,6 +174,7 @@ impl Default for Hooks {
         Hooks {
             rules: Arc::new(NoSink),
             counters: Arc::new(NoCounters),
+            status: Arc::new(NoStatus),
             local: None,
         }
     }
@@ -162,14 +211,16 @@ impl Server {
         let dir = cfg.state_dir.clone();
         let policy = cfg.default_intention_policy;
         let sink = hooks.rules.clone();
-        let (store, bootstrap) =
+        let (mut store, bootstrap) =
             tokio::task::spawn_blocking(move || Store::open(&dir, policy, sink))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
+        store.set_max_intentions(cfg.max_intentions);
         let store = Arc::new(store);
         let app = router(AppState {
             store: store.clone(),
             counters: hooks.counters,
+            status: hooks.status,
             local: hooks.local,
         });
         let (stop, stopped) = watch::channel(false);
@@ -305,6 +356,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
 struct AppState {
     store: Arc<Store>,
     counters: Arc<dyn CountersSource>,
+    status: SharedStatus,
     local: Option<crate::local::Handle>,
 }
 
@@ -314,6 +366,7 @@ fn router(state: AppState) -> Router {
         .merge(intentions::routes())
         .merge(config_entries::routes())
         .merge(authorize::routes())
+        .merge(agent::routes())
         .merge(acl::routes())
         .merge(local::routes())
         .fallback(no_route)
