@@ -99,8 +99,7 @@ pub use client::{
 #[cfg(feature = "server")]
 pub use server::{
     Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, REFUSAL_LOG_INTERVAL,
-    SOCKET_FILE,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, REFUSAL_LOG_INTERVAL, SOCKET_FILE,
 };
 #[cfg(feature = "server")]
 pub use store::{State, Store, LOCK_FILE, STATE_FILE};
@@ -162,6 +161,12 @@ pub enum Error {
         /// How many intentions the write would have left.
         count: usize,
         /// The limit.
+        limit: usize,
+    },
+    /// The request's body is larger than the server accepts.
+    #[error("Request body too large: the limit is {limit} bytes (max_body_bytes)")]
+    TooLarge {
+        /// The limit, in bytes.
         limit: usize,
     },
     /// A file operation failed.
@@ -241,6 +246,7 @@ impl Error {
             // Consul answers a write its limits refuse (e.g. a KV value too large) with a
             // 4xx; this is the request's fault, not a conflict with another writer.
             Error::TooManyIntentions { .. } => 400,
+            Error::TooLarge { .. } => 413,
             Error::Runner(e) => e.status,
             Error::Unauthenticated => 401,
             Error::UnknownToken | Error::PermissionDenied { .. } | Error::Forbidden(_) => 403,

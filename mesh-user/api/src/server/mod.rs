@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +33,7 @@ mod authorize;
 mod config_entries;
 mod intentions;
 mod local;
+mod serve;
 
 use crate::acl::{find_token, Need};
 use crate::client::HTTP_ADDR_ENV;
@@ -45,17 +46,16 @@ use crate::{
 use mesh_core::intentions::{
     Action, RuleSet, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD,
 };
+use serve::{check_host, serve, HostAllowList, Limits};
 
 /// The Unix socket in the state directory.
 pub const SOCKET_FILE: &str = "api.sock";
 /// The file in the state directory that holds the bootstrap token's secret (mode 0600).
 pub const BOOTSTRAP_TOKEN_FILE: &str = "acl-bootstrap-token";
 
-/// The default of [`ServerConfig::header_timeout`]: 10 s to send a request's headers.
+/// The default of [`ServerConfig::header_timeout`]: 10 s to send a request's headers (and
+/// the longest a kept-alive connection stays idle).
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The default of [`ServerConfig::idle_timeout`]: a kept-alive connection idle for 90 s is
-/// closed (Go's `http.Transport` drops its idle connections after 90 s, Consul's clients too).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The default of [`ServerConfig::max_body_bytes`]: 1 MiB. Consul caps a KV value at 512 KiB
 /// (`kv_max_value_size`) and a transaction at the same; the largest bodies here are
 /// config entries of many sources, which stay far below 1 MiB even at thousands of sources.
@@ -91,12 +91,11 @@ pub struct ServerConfig {
     /// header besides the listen address, `localhost`, `127.0.0.1` and `[::1]` (any port).
     /// Any other Host gets a 403 (DNS rebinding). Unix-socket requests are not checked.
     pub allowed_hosts: Vec<String>,
-    /// How long a client may take to send a request's headers ([`DEFAULT_HEADER_TIMEOUT`]).
+    /// How long a client may take to send a request's headers ([`DEFAULT_HEADER_TIMEOUT`]),
+    /// counted from when the server waits for the request: on a kept-alive connection from
+    /// the end of the previous response, so it is also the idle timeout between requests.
+    /// A request being served (its body, the handler, the response) is never cut by it.
     pub header_timeout: Duration,
-    /// How long a kept-alive connection may sit idle between requests
-    /// ([`DEFAULT_IDLE_TIMEOUT`]). Requests being served (blocking queries included) are
-    /// never cut by it.
-    pub idle_timeout: Duration,
     /// The largest request body accepted ([`DEFAULT_MAX_BODY_BYTES`]); larger gets a 413.
     pub max_body_bytes: usize,
     /// The most TCP connections served at once ([`DEFAULT_MAX_CONNECTIONS`]); a connection
@@ -117,7 +116,6 @@ impl ServerConfig {
             max_intentions: usize::MAX,
             allowed_hosts: Vec::new(),
             header_timeout: DEFAULT_HEADER_TIMEOUT,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
@@ -217,12 +215,19 @@ impl Server {
                 .map_err(|e| Error::Internal(e.to_string()))??;
         store.set_max_intentions(cfg.max_intentions);
         let store = Arc::new(store);
-        let app = router(AppState {
-            store: store.clone(),
-            counters: hooks.counters,
-            status: hooks.status,
-            local: hooks.local,
-        });
+        let limits = Limits {
+            header_timeout: cfg.header_timeout,
+            max_connections: cfg.max_connections,
+        };
+        let app = router(
+            AppState {
+                store: store.clone(),
+                counters: hooks.counters,
+                status: hooks.status,
+                local: hooks.local,
+            },
+            cfg.max_body_bytes,
+        );
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut http_addr = None;
@@ -238,30 +243,30 @@ impl Server {
                 source,
             })?;
             http_addr = Some(local);
-            let mut stopped = stopped.clone();
-            let serve = axum::serve(listener, app.clone()).with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = serve.await {
-                    error!(error = %e, "the API's TCP listener failed");
-                }
-            }));
+            let hosts = Arc::new(HostAllowList::new(&cfg.allowed_hosts));
+            let tcp_app = app
+                .clone()
+                .layer(axum::middleware::from_fn_with_state(hosts, check_host));
+            tasks.push(tokio::spawn(serve(
+                listener,
+                tcp_app,
+                limits.clone(),
+                stopped.clone(),
+                "TCP",
+            )));
             info!(addr = %local, "serving the HTTP API");
         }
         let mut socket = None;
         if let Some(path) = &cfg.unix_socket {
             let listener = bind_unix(path)?;
             socket = Some(path.clone());
-            let mut stopped = stopped.clone();
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = serve.await {
-                    error!(error = %e, "the API's Unix socket listener failed");
-                }
-            }));
+            tasks.push(tokio::spawn(serve(
+                listener,
+                app,
+                limits,
+                stopped.clone(),
+                "Unix socket",
+            )));
             info!(socket = %path.display(), "serving the HTTP API");
         }
         Ok(Server {
@@ -360,8 +365,9 @@ struct AppState {
     local: Option<crate::local::Handle>,
 }
 
-/// Every route: each module's group, then a JSON 404 for any other path.
-fn router(state: AppState) -> Router {
+/// Every route: each module's group, then a JSON 404 for any other path; bodies over
+/// `max_body` bytes get a 413 naming the limit.
+fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .merge(intentions::routes())
         .merge(config_entries::routes())
@@ -371,6 +377,15 @@ fn router(state: AppState) -> Router {
         .merge(local::routes())
         .fallback(no_route)
         .with_state(state)
+        .layer(axum::middleware::map_response(
+            move |resp: Response| async move {
+                if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    return Error::TooLarge { limit: max_body }.into_response();
+                }
+                resp
+            },
+        ))
+        .layer(DefaultBodyLimit::max(max_body))
 }
 
 /// An error answers with its status and `{"Error": message}` (and `"Field"` when it names

@@ -122,3 +122,135 @@ async fn the_status_endpoint_shows_when_the_proxy_decides() {
         .await;
     assert_eq!(status, 200);
 }
+
+/// Writes `req` on a new connection to `addr` and reads until the server closes it.
+async fn raw<S>(mut s: S, req: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the server did not answer and close")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn get(host: &str, token: &str) -> String {
+    format!(
+        "GET /v1/connect/intentions HTTP/1.1\r\nHost: {host}\r\nX-Consul-Token: {token}\r\n\
+         Connection: close\r\n\r\n"
+    )
+}
+
+#[tokio::test]
+async fn only_local_hosts_ip_literals_and_allowed_names_are_served_on_tcp() {
+    let h = start_with(tempfile::tempdir().unwrap(), Action::Deny, |c| {
+        c.allowed_hosts = vec!["mesh.internal".into()]
+    })
+    .await;
+    let addr = h.server.http_addr().unwrap();
+    let tcp = || tokio::net::TcpStream::connect(addr);
+    let evil = raw(tcp().await.unwrap(), &get("evil.example", &h.root)).await;
+    assert!(evil.starts_with("HTTP/1.1 403"), "{evil}");
+    assert!(evil.contains("evil.example"), "{evil}");
+    assert!(evil.contains("allowed_hosts"), "{evil}");
+    for host in [
+        format!("127.0.0.1:{}", addr.port()),
+        format!("localhost:{}", addr.port()),
+        "localhost".into(),
+        format!("[::1]:{}", addr.port()),
+        "mesh.internal:8500".into(),
+    ] {
+        let ok = raw(tcp().await.unwrap(), &get(&host, &h.root)).await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{host}: {ok}");
+    }
+    // The Unix socket is not checked (its mode guards it).
+    let unix = tokio::net::UnixStream::connect(h.server.socket_path().unwrap())
+        .await
+        .unwrap();
+    let ok = raw(unix, &get("evil.example", &h.root)).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413_naming_it_and_changes_nothing() {
+    let h = start_with(tempfile::tempdir().unwrap(), Action::Deny, |c| {
+        c.max_body_bytes = 1024
+    })
+    .await;
+    let before = h.snapshot().await;
+    let body = json!({ "Action": "allow", "Description": "x".repeat(2000) }).to_string();
+    let (status, v) = h
+        .call_raw(Some(&h.root), "PUT", &exact("web", "api"), Some(body))
+        .await;
+    assert_eq!(status, 413, "{v}");
+    assert!(v["Error"].as_str().unwrap().contains("1024"), "{v}");
+    assert_eq!(h.snapshot().await, before);
+    // Under the limit works.
+    h.ok(
+        "PUT",
+        &exact("web", "api"),
+        Some(json!({ "Action": "allow" })),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_slowloris_request_line_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start_with(tempfile::tempdir().unwrap(), Action::Deny, |c| {
+        c.header_timeout = std::time::Duration::from_millis(500)
+    })
+    .await;
+    let addr = h.server.http_addr().unwrap();
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /v1/connect/intentions HT").await.unwrap();
+    let mut buf = Vec::new();
+    // The server closes (an EOF, or a reset) well before 5 s.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("a stalled request line was not closed");
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(400),
+        "closed too early: {took:?} {r:?}"
+    );
+    // An idle kept-alive connection goes the same way.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("an idle connection was not closed");
+    drop(r);
+    // The server still answers.
+    h.ok("GET", "/v1/connect/intentions", None).await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let h = start_with(tempfile::tempdir().unwrap(), Action::Deny, |c| {
+        c.max_connections = 2
+    })
+    .await;
+    let addr = h.server.http_addr().unwrap();
+    let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let b = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(2), c.read(&mut buf))
+            .await
+            .expect("a connection over the cap was not closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    // A slot frees when a connection ends.
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    h.ok("GET", "/v1/connect/intentions", None).await;
+    drop(b);
+}
