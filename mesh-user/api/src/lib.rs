@@ -97,13 +97,17 @@ pub use client::{
     HTTP_TOKEN_FILE_ENV,
 };
 #[cfg(feature = "server")]
-pub use server::{Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, SOCKET_FILE};
+pub use server::{
+    Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, REFUSAL_LOG_INTERVAL, SOCKET_FILE,
+};
 #[cfg(feature = "server")]
 pub use store::{State, Store, LOCK_FILE, STATE_FILE};
 
 pub use mesh_core::intentions::ports::{
-    CountersSource, IntentionCounters, MemoryCounters, MemorySink, NoCounters, NoSink, RulesSink,
-    SharedCounters, SharedSink,
+    CountersSource, IntentionCounters, KernelIntentions, MemoryCounters, MemorySink, MeshStatus,
+    NoCounters, NoSink, NoStatus, PublishedStatus, RulesSink, SharedCounters, SharedSink,
+    SharedStatus, StatusSource,
 };
 
 /// Everything that can go wrong in this module. A request that fails has changed nothing.
@@ -146,6 +150,25 @@ pub enum Error {
     /// The request is refused for another reason than a missing permission.
     #[error("{0}")]
     Forbidden(String),
+    /// The write would leave more intentions than the kernel's intention map holds
+    /// (`max_intentions`, one compiled entry per intention); nothing was stored.
+    #[error(
+        "the write would make {count} intentions, over the limit of {limit} \
+         (max_intentions: the kernel's intention map holds {limit} entries, one per \
+         intention); nothing was changed; delete intentions first"
+    )]
+    TooManyIntentions {
+        /// How many intentions the write would have left.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The request's body is larger than the server accepts.
+    #[error("Request body too large: the limit is {limit} bytes (max_body_bytes)")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// A file operation failed.
     #[error("{what} {}: {source}", .path.display())]
     Io {
@@ -220,6 +243,10 @@ impl Error {
                 _ => 500,
             },
             Error::NotFound(_) => 404,
+            // Consul answers a write its limits refuse (e.g. a KV value too large) with a
+            // 4xx; this is the request's fault, not a conflict with another writer.
+            Error::TooManyIntentions { .. } => 400,
+            Error::TooLarge { .. } => 413,
             Error::Runner(e) => e.status,
             Error::Unauthenticated => 401,
             Error::UnknownToken | Error::PermissionDenied { .. } | Error::Forbidden(_) => 403,

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::acl::{rfc3339, Secret};
 use super::server::BOOTSTRAP_TOKEN_FILE;
@@ -118,6 +118,7 @@ pub struct Store {
     writer: Mutex<()>,
     current: ArcSwap<State>,
     sink: SharedSink,
+    max_intentions: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -206,8 +207,32 @@ impl Store {
             writer: Mutex::new(()),
             current: ArcSwap::from_pointee(state),
             sink,
+            max_intentions: usize::MAX,
         };
         Ok((store, bootstrap))
+    }
+
+    /// Refuses, from now on, every write that would leave more than `max` intentions (what
+    /// the kernel's intention map holds, one compiled entry per intention): such a write
+    /// fails with [`Error::TooManyIntentions`] and changes nothing. Writes that do not add
+    /// intentions are accepted even when the stored set is already over `max` (a lowered
+    /// limit), so that it can be brought back under. No limit until this is called.
+    pub fn set_max_intentions(&mut self, max: usize) {
+        let n = self.current.load().rules.len();
+        if n > max {
+            warn!(
+                intentions = n,
+                max_intentions = max,
+                "the stored intentions exceed what the kernel holds; writes that add \
+                 intentions are refused until some are deleted"
+            );
+        }
+        self.max_intentions = max;
+    }
+
+    /// The most intentions a write may leave (see [`Store::set_max_intentions`]).
+    pub fn max_intentions(&self) -> usize {
+        self.max_intentions
     }
 
     /// The state now.
@@ -226,7 +251,8 @@ impl Store {
     /// thread.
     ///
     /// # Errors
-    /// `f`'s error, or [`Error::Io`] when the state file cannot be written.
+    /// `f`'s error, [`Error::TooManyIntentions`] when the rules would exceed the limit, or
+    /// [`Error::Io`] when the state file cannot be written.
     pub fn update<T>(&self, f: impl FnOnce(&mut State) -> Result<T, Error>) -> Result<T, Error> {
         // The lock only orders writers; a panic while it was held leaves nothing to repair.
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,6 +260,13 @@ impl Store {
         let mut next = (*old).clone();
         let out = f(&mut next)?;
         let rules_changed = next.rules.index() != old.rules.index();
+        let count = next.rules.len();
+        if rules_changed && count > self.max_intentions && count > old.rules.len() {
+            return Err(Error::TooManyIntentions {
+                count,
+                limit: self.max_intentions,
+            });
+        }
         if !rules_changed && next.acl_index == old.acl_index {
             return Ok(out);
         }

@@ -293,6 +293,7 @@ pub(crate) async fn intention(ctx: &Ctx, cmd: IntentionCmd) -> ExitCode {
                 Ok(_) => return fail("Failed to retrieve the intentions list: not a list"),
                 Err(e) => return fail(format!("Failed to retrieve the intentions list: {e}")),
             };
+            super::status::warn_if_proxy_decides(ctx).await;
             if list.is_empty() {
                 eprintln!("There are no intentions.");
                 return ExitCode::from(2);

@@ -11,6 +11,7 @@
 //! meshctl config list -kind service-intentions
 //! meshctl acl token create [-description D] [-policy operator|read-only|intention-write:PATTERN]...
 //! meshctl acl token list | read -id ID | read -self | delete -id ID
+//! meshctl status                              (kernel_intentions = in-sync | proxy-decides, ...)
 //!
 //! meshctl apply -f FILE|DIR [-n NS]           meshctl delete -f FILE|DIR [-n NS]
 //! meshctl get pods|services [NAME] [-n NS | -A] [-o wide|json|name]
@@ -42,6 +43,7 @@ mod config;
 mod format;
 mod intention;
 mod kube;
+mod status;
 
 #[derive(Parser)]
 #[command(name = "meshctl", about = "The mesh's command-line client", version)]
@@ -93,6 +95,8 @@ enum Cmd {
     /// Inspect the agent's proxy for a pod
     #[command(subcommand)]
     Proxy(kube::ProxyCmd),
+    /// Show whether the kernel holds the intentions or the proxies decide alone
+    Status,
 }
 
 /// Consul's flags have one dash (`-allow`); clap's long flags two. `-word` becomes `--word`
@@ -298,6 +302,7 @@ async fn run(cli: Cli) -> ExitCode {
         Cmd::Get(g) => kube::get(&ctx, g).await,
         Cmd::PortForward(f) => kube::port_forward(&ctx, f).await,
         Cmd::Proxy(p) => kube::proxy(&ctx, p).await,
+        Cmd::Status => status::status(&ctx).await,
     }
 }
 

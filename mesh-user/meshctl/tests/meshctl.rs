@@ -812,3 +812,65 @@ async fn the_same_arguments_name_the_same_intention_in_every_verb() {
         "destination \"p2/ns1/db\" is invalid: Partition: partition \"p2\" does not exist",
     );
 }
+
+#[tokio::test]
+async fn status_and_intention_list_show_when_the_proxy_decides() {
+    use mesh_api::{KernelIntentions, MeshStatus, PublishedStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::new(dir.path());
+    cfg.http_addr = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    cfg.max_intentions = 262_144;
+    let status = std::sync::Arc::new(PublishedStatus::default());
+    let hooks = Hooks {
+        status: status.clone(),
+        ..Hooks::default()
+    };
+    let server = Server::start(cfg, hooks).await.unwrap();
+    let root = server.bootstrap_token().unwrap().to_owned();
+    let env = Env { dir, server, root };
+    let r = env
+        .run(&["intention", "create", "-allow", "web", "api"])
+        .await;
+    expect(&r, 0, "Created: web => api (allow)", "");
+    status.publish(MeshStatus {
+        kernel_intentions: KernelIntentions::InSync,
+        intentions: 1,
+    });
+    let r = env.run(&["status"]).await;
+    expect(&r, 0, "mesh:\n\tkernel_intentions = in-sync\n", "");
+    expect(
+        &r,
+        0,
+        "\tintentions = 1\n\tstored_intentions = 1\n\tmax_intentions = 262144",
+        "",
+    );
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let r = env.run(&["intention", "list"]).await;
+    expect(&r, 0, "web", "");
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+
+    status.publish(MeshStatus {
+        kernel_intentions: KernelIntentions::ProxyDecides {
+            reason: "intention map full".into(),
+        },
+        intentions: 1,
+    });
+    let r = env.run(&["status"]).await;
+    expect(
+        &r,
+        0,
+        "\tkernel_intentions = proxy-decides\n\treason = intention map full\n",
+        "Warning: the kernel does not hold the intentions (intention map full)",
+    );
+    let r = env.run(&["intention", "list"]).await;
+    expect(
+        &r,
+        0,
+        "web",
+        "Warning: the kernel does not hold the intentions (intention map full); the proxies \
+         decide every connection",
+    );
+    // Without a token the list fails as before and the status is not shown.
+    let r = env.run_with(&["status"], &[]).await;
+    expect(&r, 1, "", "Error querying the agent's status");
+}

@@ -34,6 +34,10 @@ pub const STATE_DIR_ENV: &str = "MESH_STATE_DIR";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/mesh";
 /// The default node name of `meshd local` (its namespaces are `<node>-*`).
 pub const DEFAULT_LOCAL_NODE: &str = "local";
+/// The most intentions the API stores: what the kernel's intention map holds, one compiled
+/// entry per intention. Writes that would exceed it are refused (a 400 naming the limit).
+pub const MAX_INTENTIONS: usize = mesh_common::MAX_INTENTIONS as usize;
+
 /// The log filter when `RUST_LOG` is unset.
 pub const DEFAULT_LOG_FILTER: &str = "info";
 
@@ -88,7 +92,9 @@ pub fn check_state_dir(state_dir: &Path, policy: Action) -> Result<()> {
 }
 
 /// The API's configuration: the state directory, `MESH_HTTP_ADDR` when set (else
-/// `127.0.0.1:8500` and `<state_dir>/api.sock`), and the default intention policy.
+/// `127.0.0.1:8500` and `<state_dir>/api.sock`), the default intention policy, and
+/// [`MAX_INTENTIONS`]. The HTTP limits (header and idle timeouts, body size, connection cap)
+/// are [`mesh_api::ServerConfig::new`]'s defaults.
 ///
 /// # Errors
 /// When `MESH_HTTP_ADDR` is neither an IP address and port nor a `unix://` socket URL.
@@ -102,6 +108,7 @@ pub fn api_config(state_dir: &Path, policy: Action) -> Result<mesh_api::ServerCo
         }
     }
     cfg.default_intention_policy = policy;
+    cfg.max_intentions = MAX_INTENTIONS;
     Ok(cfg)
 }
 

@@ -19,7 +19,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mesh_agent::hooks::ApiHooks;
-use mesh_agent::{Agent, AgentConfig, Redirect};
+use mesh_agent::{Agent, AgentConfig, KernelRules, Redirect};
+use mesh_api::{KernelIntentions, MeshStatus, PublishedStatus};
 use mesh_core::catalog::{Catalog, Update};
 use mesh_core::intentions::{Action, RuleSet};
 use tokio::signal::unix::{signal, SignalKind};
@@ -300,6 +301,7 @@ async fn start_api(
 ) -> Result<(
     mesh_api::Server,
     std::sync::Arc<ApiHooks>,
+    std::sync::Arc<PublishedStatus>,
     RuleSet,
     tokio::sync::mpsc::UnboundedReceiver<RuleSet>,
 )> {
@@ -307,11 +309,13 @@ async fn start_api(
     config::check_state_dir(state_dir, policy)?;
     let api_cfg = config::api_config(state_dir, policy)?;
     let (hooks, mut changes) = ApiHooks::new();
+    let status = std::sync::Arc::new(PublishedStatus::default());
     let server = mesh_api::Server::start(
         api_cfg,
         mesh_api::Hooks {
             rules: hooks.clone(),
             counters: hooks.clone(),
+            status: status.clone(),
             local,
         },
     )
@@ -328,14 +332,16 @@ async fn start_api(
         );
     }
     info!(addr = ?server.http_addr(), socket = ?server.socket_path(), "HTTP API serving");
-    Ok((server, hooks, rules, changes))
+    Ok((server, hooks, status, rules, changes))
 }
 
 async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     let catalog = read_catalog(&catalog_path)?;
-    let (api, hooks, rules, mut changes) =
+    let (api, hooks, status, rules, mut changes) =
         start_api(&cfg.state_dir, cfg.default_policy, None).await?;
+    let count = rules.len();
     let mut agent = Agent::start(cfg, catalog, rules).await?;
+    publish_status(&agent, &status, count);
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -343,7 +349,7 @@ async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            Some(rules) = changes.recv() => apply_rules(&mut agent, rules),
+            Some(rules) = changes.recv() => apply_rules(&mut agent, &status, rules),
             _ = tick.tick() => publish_counters(&agent, &hooks),
             _ = hup.recv() => {
                 match read_catalog(&catalog_path) {
@@ -363,7 +369,8 @@ async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn apply_rules(agent: &mut Agent, rules: RuleSet) {
+/// Applies a new rule set and publishes to the API whether the kernel took it.
+fn apply_rules(agent: &mut Agent, status: &PublishedStatus, rules: RuleSet) {
     let started = std::time::Instant::now();
     let count = rules.len();
     match agent.set_rules(rules) {
@@ -373,6 +380,22 @@ fn apply_rules(agent: &mut Agent, rules: RuleSet) {
         // The proxies enforce the new rules whatever the kernel did (proxy first).
         Err(e) => error!(intentions = count, error = %e, "intentions in force in the proxy only"),
     }
+    publish_status(agent, status, count);
+}
+
+/// Tells the API (`GET /v1/agent/mesh/status`, `meshctl status`) whether the kernel holds
+/// the `count` intentions in force or lets the proxy decide.
+fn publish_status(agent: &Agent, status: &PublishedStatus, count: usize) {
+    let kernel_intentions = match agent.kernel_rules() {
+        KernelRules::InSync => KernelIntentions::InSync,
+        KernelRules::ProxyDecides { reason } => KernelIntentions::ProxyDecides {
+            reason: reason.clone(),
+        },
+    };
+    status.publish(MeshStatus {
+        kernel_intentions,
+        intentions: count,
+    });
 }
 
 fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
@@ -422,7 +445,8 @@ async fn local(
     // The API first: a second `meshd local` on the same state directory stops here, before
     // it touches the first one's namespaces.
     let (handle, mut requests) = Handle::new();
-    let (server, hooks, rules, mut changes) = start_api(&state_dir, policy, Some(handle)).await?;
+    let (server, hooks, status, rules, mut changes) =
+        start_api(&state_dir, policy, Some(handle)).await?;
     // A node left by a crash is recreated from scratch (new namespaces and cgroups), so its
     // pinned links point at dead objects: remove them, or the agent would adopt them and mesh
     // nothing. Its pods' processes go first, so that none runs without its programs.
@@ -454,7 +478,9 @@ async fn local(
             msg_redirect: true,
             proxy,
         };
+        let count = rules.len();
         let mut agent = Agent::start(cfg, catalog, rules).await?;
+        publish_status(&agent, &status, count);
         runner.start_processes();
         let pods = agent.catalog().workloads.len();
         println!();
@@ -478,7 +504,7 @@ async fn local(
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                Some(rules) = changes.recv() => apply_rules(&mut agent, rules),
+                Some(rules) = changes.recv() => apply_rules(&mut agent, &status, rules),
                 Some(req) = requests.recv() => runner.handle(req, &mut agent).await,
                 _ = tick.tick() => {
                     publish_counters(&agent, &hooks);

@@ -5,6 +5,7 @@
 //! - `/v1/connect/intentions*` in [`intentions`];
 //! - `/v1/config*` in [`config_entries`];
 //! - `/v1/agent/connect/authorize` in [`authorize`];
+//! - `/v1/agent/mesh/status` (whether the kernel holds the intentions) in [`agent`];
 //! - `/v1/acl/*` in [`acl`];
 //! - `/v1/local/*` (`meshd local`) in [`local`].
 
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -27,26 +28,44 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 mod acl;
+mod agent;
 mod authorize;
 mod config_entries;
 mod intentions;
 mod local;
+mod serve;
 
 use crate::acl::{find_token, Need};
 use crate::client::HTTP_ADDR_ENV;
 use crate::filter::Filter;
 use crate::store::{State, Store};
 use crate::{
-    Address, CountersSource, Error, NoCounters, NoSink, SharedCounters, SharedSink, Token,
+    Address, CountersSource, Error, NoCounters, NoSink, NoStatus, SharedCounters, SharedSink,
+    SharedStatus, Token,
 };
 use mesh_core::intentions::{
     Action, RuleSet, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD,
 };
+use serve::{check_host, serve, HostAllowList, Limits};
 
 /// The Unix socket in the state directory.
 pub const SOCKET_FILE: &str = "api.sock";
 /// The file in the state directory that holds the bootstrap token's secret (mode 0600).
 pub const BOOTSTRAP_TOKEN_FILE: &str = "acl-bootstrap-token";
+
+/// The default of [`ServerConfig::header_timeout`]: 10 s to send a request's headers (and
+/// the longest a kept-alive connection stays idle).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of [`ServerConfig::max_body_bytes`]: 1 MiB. Consul caps a KV value at 512 KiB
+/// (`kv_max_value_size`) and a transaction at the same; the largest bodies here are
+/// config entries of many sources, which stay far below 1 MiB even at thousands of sources.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The default of [`ServerConfig::max_connections`]: Consul's
+/// `limits.http_max_conns_per_client` is 200 per client address; all clients of a local
+/// agent share one address, so the cap here is per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Refusals over the connection cap are logged at most once per this interval.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long [`Server::shutdown`] waits for requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -63,6 +82,26 @@ pub struct ServerConfig {
     pub unix_socket: Option<PathBuf>,
     /// The verdict of `check` and `authorize` when no intention matches.
     pub default_intention_policy: Action,
+    /// The most intentions the store accepts: what the kernel's intention map holds (one
+    /// compiled entry per intention; meshd passes `mesh_common::MAX_INTENTIONS`). A write that
+    /// would exceed it is refused with a 400 naming the limit, before anything is stored.
+    /// [`usize::MAX`] (the default) is no limit.
+    pub max_intentions: usize,
+    /// Host names (with or without `:port`) that TCP requests may carry in their `Host`
+    /// header besides the listen address, `localhost`, `127.0.0.1` and `[::1]` (any port).
+    /// Any other Host gets a 403 (DNS rebinding). Unix-socket requests are not checked.
+    pub allowed_hosts: Vec<String>,
+    /// How long a client may take to send a request's headers ([`DEFAULT_HEADER_TIMEOUT`]),
+    /// counted from when the server waits for the request: on a kept-alive connection from
+    /// the end of the previous response, so it is also the idle timeout between requests.
+    /// A request being served (its body, the handler, the response) is never cut by it.
+    pub header_timeout: Duration,
+    /// The largest request body accepted ([`DEFAULT_MAX_BODY_BYTES`]); larger gets a 413.
+    pub max_body_bytes: usize,
+    /// The most TCP connections served at once ([`DEFAULT_MAX_CONNECTIONS`]); a connection
+    /// over the cap is closed at once (and logged, at most once per
+    /// [`REFUSAL_LOG_INTERVAL`]). The Unix socket has its own cap of the same size.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -74,6 +113,11 @@ impl ServerConfig {
             state_dir,
             http_addr: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8500)),
             default_intention_policy: Action::Deny,
+            max_intentions: usize::MAX,
+            allowed_hosts: Vec::new(),
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 
@@ -117,6 +161,8 @@ pub struct Hooks {
     pub rules: SharedSink,
     /// Asked for per-intention counts.
     pub counters: SharedCounters,
+    /// Asked whether the kernel holds the rules (`GET /v1/agent/mesh/status`).
+    pub status: SharedStatus,
     /// The local runner (`meshd local`), which serves `/v1/local/*`; `None` elsewhere.
     pub local: Option<crate::local::Handle>,
 }
@@ -126,6 +172,7 @@ impl Default for Hooks {
         Hooks {
             rules: Arc::new(NoSink),
             counters: Arc::new(NoCounters),
+            status: Arc::new(NoStatus),
             local: None,
         }
     }
@@ -162,16 +209,25 @@ impl Server {
         let dir = cfg.state_dir.clone();
         let policy = cfg.default_intention_policy;
         let sink = hooks.rules.clone();
-        let (store, bootstrap) =
+        let (mut store, bootstrap) =
             tokio::task::spawn_blocking(move || Store::open(&dir, policy, sink))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
+        store.set_max_intentions(cfg.max_intentions);
         let store = Arc::new(store);
-        let app = router(AppState {
-            store: store.clone(),
-            counters: hooks.counters,
-            local: hooks.local,
-        });
+        let limits = Limits {
+            header_timeout: cfg.header_timeout,
+            max_connections: cfg.max_connections,
+        };
+        let app = router(
+            AppState {
+                store: store.clone(),
+                counters: hooks.counters,
+                status: hooks.status,
+                local: hooks.local,
+            },
+            cfg.max_body_bytes,
+        );
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut http_addr = None;
@@ -187,30 +243,30 @@ impl Server {
                 source,
             })?;
             http_addr = Some(local);
-            let mut stopped = stopped.clone();
-            let serve = axum::serve(listener, app.clone()).with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = serve.await {
-                    error!(error = %e, "the API's TCP listener failed");
-                }
-            }));
+            let hosts = Arc::new(HostAllowList::new(&cfg.allowed_hosts));
+            let tcp_app = app
+                .clone()
+                .layer(axum::middleware::from_fn_with_state(hosts, check_host));
+            tasks.push(tokio::spawn(serve(
+                listener,
+                tcp_app,
+                limits.clone(),
+                stopped.clone(),
+                "TCP",
+            )));
             info!(addr = %local, "serving the HTTP API");
         }
         let mut socket = None;
         if let Some(path) = &cfg.unix_socket {
             let listener = bind_unix(path)?;
             socket = Some(path.clone());
-            let mut stopped = stopped.clone();
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = serve.await {
-                    error!(error = %e, "the API's Unix socket listener failed");
-                }
-            }));
+            tasks.push(tokio::spawn(serve(
+                listener,
+                app,
+                limits,
+                stopped.clone(),
+                "Unix socket",
+            )));
             info!(socket = %path.display(), "serving the HTTP API");
         }
         Ok(Server {
@@ -305,19 +361,31 @@ fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
 struct AppState {
     store: Arc<Store>,
     counters: Arc<dyn CountersSource>,
+    status: SharedStatus,
     local: Option<crate::local::Handle>,
 }
 
-/// Every route: each module's group, then a JSON 404 for any other path.
-fn router(state: AppState) -> Router {
+/// Every route: each module's group, then a JSON 404 for any other path; bodies over
+/// `max_body` bytes get a 413 naming the limit.
+fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
         .merge(intentions::routes())
         .merge(config_entries::routes())
         .merge(authorize::routes())
+        .merge(agent::routes())
         .merge(acl::routes())
         .merge(local::routes())
         .fallback(no_route)
         .with_state(state)
+        .layer(axum::middleware::map_response(
+            move |resp: Response| async move {
+                if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    return Error::TooLarge { limit: max_body }.into_response();
+                }
+                resp
+            },
+        ))
+        .layer(DefaultBodyLimit::max(max_body))
 }
 
 /// An error answers with its status and `{"Error": message}` (and `"Field"` when it names

@@ -96,7 +96,7 @@ async fn tokens_gate_every_endpoint() {
     let bearer = raw_http(
         addr,
         &format!(
-            "GET /v1/acl/token/self HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ro}\r\nConnection: close\r\n\r\n"
+            "GET /v1/acl/token/self HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ro}\r\nConnection: close\r\n\r\n"
         ),
     )
     .await;
@@ -104,7 +104,7 @@ async fn tokens_gate_every_endpoint() {
     assert!(bearer.contains("\"read-only\""), "{bearer}");
     let basic = raw_http(
         addr,
-        "GET /v1/connect/intentions HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\nConnection: close\r\n\r\n",
+        "GET /v1/connect/intentions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic eDp5\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(basic.starts_with("HTTP/1.1 403"), "{basic}");

@@ -107,6 +107,7 @@ async fn local_routes_need_tokens_and_answer_in_kubectls_shapes() {
         root,
         sink: Arc::new(MemorySink::default()),
         counters: Arc::new(MemoryCounters::default()),
+        status: Arc::new(PublishedStatus::default()),
     };
     let reader = h.token(&["read-only"]).await;
     let writer = h.token(&["intention-write:*"]).await;

@@ -13,6 +13,7 @@ use mesh_core::intentions::Action;
 
 mod acl;
 mod config_entries;
+mod hardening;
 mod intentions;
 mod local;
 mod parity;
@@ -24,6 +25,7 @@ struct Harness {
     root: String,
     sink: Arc<MemorySink>,
     counters: Arc<MemoryCounters>,
+    status: Arc<PublishedStatus>,
 }
 
 fn config(dir: &Path, policy: Action) -> ServerConfig {
@@ -34,16 +36,27 @@ fn config(dir: &Path, policy: Action) -> ServerConfig {
 }
 
 async fn start_in(dir: tempfile::TempDir, policy: Action) -> Harness {
+    start_with(dir, policy, |_| {}).await
+}
+
+/// A server on `dir` whose configuration `tweak` changes first.
+async fn start_with(
+    dir: tempfile::TempDir,
+    policy: Action,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> Harness {
     let sink = Arc::new(MemorySink::default());
     let counters = Arc::new(MemoryCounters::default());
+    let status = Arc::new(PublishedStatus::default());
     let hooks = Hooks {
         rules: sink.clone(),
         counters: counters.clone(),
+        status: status.clone(),
         local: None,
     };
-    let server = Server::start(config(dir.path(), policy), hooks)
-        .await
-        .unwrap();
+    let mut cfg = config(dir.path(), policy);
+    tweak(&mut cfg);
+    let server = Server::start(cfg, hooks).await.unwrap();
     let root = server
         .bootstrap_token()
         .map(str::to_owned)
@@ -59,6 +72,7 @@ async fn start_in(dir: tempfile::TempDir, policy: Action) -> Harness {
         root,
         sink,
         counters,
+        status,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The ports through which intentions flow between the API and the agent: new rule sets go to
-//! a [`RulesSink`], per-intention counts come from a [`CountersSource`]. The API calls them;
-//! the agent implements them; [`NoSink`], [`MemorySink`], [`NoCounters`] and [`MemoryCounters`]
-//! serve tests and agents without a dataplane.
+//! a [`RulesSink`], per-intention counts come from a [`CountersSource`], whether the kernel
+//! holds the rules comes from a [`StatusSource`]. The API calls them; the agent implements
+//! them; [`NoSink`], [`MemorySink`], [`NoCounters`], [`MemoryCounters`], [`NoStatus`] and
+//! [`PublishedStatus`] serve tests and agents without a dataplane.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -118,7 +119,89 @@ impl CountersSource for MemoryCounters {
     }
 }
 
+/// Whether the kernel enforces the rules the proxies enforce.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum KernelIntentions {
+    /// The agent has not reported yet.
+    #[default]
+    Unknown,
+    /// The kernel holds the newest rules (or the agent runs in iptables mode, where the
+    /// proxy alone decides by design).
+    InSync,
+    /// The kernel could not take the newest rules: it holds none and lets every connection
+    /// reach the proxy, which decides (fail closed, but without the kernel's early deny).
+    ProxyDecides {
+        /// Why, as the kernel write failed.
+        reason: String,
+    },
+}
+
+impl KernelIntentions {
+    /// The name the API shows: `unknown`, `in-sync` or `proxy-decides`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KernelIntentions::Unknown => "unknown",
+            KernelIntentions::InSync => "in-sync",
+            KernelIntentions::ProxyDecides { .. } => "proxy-decides",
+        }
+    }
+}
+
+/// What the agent reports about the rules in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshStatus {
+    /// Whether the kernel holds them.
+    pub kernel_intentions: KernelIntentions,
+    /// How many intentions the agent last applied (proxies and, when in sync, kernel).
+    pub intentions: usize,
+}
+
+/// Where `GET /v1/agent/mesh/status` gets the agent's view of the rules in force. The agent's
+/// loop publishes after each rule change; the API reads the last report without waiting.
+pub trait StatusSource: Send + Sync {
+    /// The last report.
+    fn status(&self) -> MeshStatus;
+}
+
+/// A [`StatusSource`] that never reports ([`KernelIntentions::Unknown`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoStatus;
+
+impl StatusSource for NoStatus {
+    fn status(&self) -> MeshStatus {
+        MeshStatus::default()
+    }
+}
+
+/// A [`StatusSource`] holding the last status [`published`](PublishedStatus::publish): the
+/// agent's loop publishes into it, the API reads it.
+#[derive(Debug, Default)]
+pub struct PublishedStatus {
+    last: Mutex<MeshStatus>,
+}
+
+impl PublishedStatus {
+    /// Replaces the reported status.
+    pub fn publish(&self, status: MeshStatus) {
+        match self.last.lock() {
+            Ok(mut g) => *g = status,
+            Err(e) => *e.into_inner() = status,
+        }
+    }
+}
+
+impl StatusSource for PublishedStatus {
+    fn status(&self) -> MeshStatus {
+        match self.last.lock() {
+            Ok(g) => g.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+}
+
 /// Shared handle types, for brevity.
 pub type SharedSink = Arc<dyn RulesSink>;
 /// See [`SharedSink`].
 pub type SharedCounters = Arc<dyn CountersSource>;
+/// See [`SharedSink`].
+pub type SharedStatus = Arc<dyn StatusSource>;
