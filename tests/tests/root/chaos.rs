@@ -1,6 +1,7 @@
 //! Chaos: `meshd run` (a real process) killed with SIGKILL at random moments while allowed
 //! traffic flows and probers outside the mesh and in a denied pod dial every app port of a pod
-//! (declared, undeclared, IPv4, IPv6 link-local). Not one byte of the app's answer may reach a
+//! (declared, undeclared, IPv4, IPv6 link-local); some restarts are themselves killed while the
+//! agent starts (adopting pins, re-meshing pods). Not one byte of the app's answer may reach a
 //! prober, whatever state the agent is in; allowed traffic resumes after each restart.
 //!
 //! The node: `web` (meshed, calls api by its virtual IP), `api` (meshed; its app answers a
@@ -212,6 +213,7 @@ struct Meshd {
     /// When it was spawned and when it said it was ready (Unix-epoch ns).
     spawned_ns: u64,
     ready_ns: u64,
+    ready: mpsc::Receiver<u64>,
 }
 
 impl Drop for Meshd {
@@ -225,6 +227,16 @@ impl Meshd {
     /// Starts `meshd run` (a child of this process, so in the node's agent cgroup) with the
     /// default policy allow, and waits until it says it is ready.
     fn start(s: &Setup, label: &str) -> Result<Self> {
+        let mut meshd = Self::spawn(s, label)?;
+        match meshd.ready.recv_timeout(Duration::from_secs(30)) {
+            Ok(at) => meshd.ready_ns = at,
+            Err(_) => bail!("meshd [{label}] did not get ready within 30 s"),
+        }
+        Ok(meshd)
+    }
+
+    /// Starts `meshd run` without waiting for it.
+    fn spawn(s: &Setup, label: &str) -> Result<Self> {
         let spawned_ns = unix_ns();
         let mut child = Command::new(bin_path("meshd")?)
             .args([
@@ -257,22 +269,21 @@ impl Meshd {
                 if line.contains("meshd ready") {
                     let _ = tx.send(unix_ns());
                 }
-                // Errors and warnings always; the rest would drown the test's own report.
-                if line.contains("ERROR") || line.contains("WARN") || line.contains("ready") {
+                // Errors, warnings and readiness; the rest would drown the test's report.
+                let noise = line.contains("connection refused") || line.contains("RLIMIT_NOFILE");
+                if !noise
+                    && (line.contains("ERROR") || line.contains("WARN") || line.contains("ready"))
+                {
                     eprintln!("meshd[{tag}]: {line}");
                 }
             }
         });
-        let mut meshd = Meshd {
+        Ok(Meshd {
             child,
             spawned_ns,
             ready_ns: 0,
-        };
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(at) => meshd.ready_ns = at,
-            Err(_) => bail!("meshd [{label}] did not get ready within 30 s"),
-        }
-        Ok(meshd)
+            ready: rx,
+        })
     }
 
     /// SIGKILL, after checking it did not exit on its own.
@@ -496,6 +507,7 @@ fn sigkill_at_ten_random_moments_lets_no_app_byte_reach_a_prober_and_traffic_res
     let test_start = Instant::now();
     // (kill → spawn, spawn → ready, spawn → first fetch, ready → first fetch), in ms
     let mut rounds: Vec<(f64, f64, f64, f64)> = Vec::new();
+    let mut startup_kills = 0;
     for round in 1..=ROUNDS {
         // A random moment of steady traffic, then SIGKILL.
         let up_ms = 100 + rng.below(2400);
@@ -504,6 +516,22 @@ fn sigkill_at_ten_random_moments_lets_no_app_byte_reach_a_prober_and_traffic_res
         // Down for a random while (the probers keep dialling), then a new agent.
         let down_ms = rng.below(600);
         std::thread::sleep(Duration::from_millis(down_ms));
+        // Every other round or so, an agent killed again while it starts (adopting the pins,
+        // re-meshing the pods), before the one that serves.
+        if rng.below(2) == 0 {
+            let early_ms = rng.below(300);
+            let early = Meshd::spawn(&s, &format!("restart {round}, killed while starting"))?;
+            std::thread::sleep(Duration::from_millis(early_ms));
+            let was_ready = early.ready.try_recv().is_ok();
+            early
+                .kill_9()
+                .with_context(|| format!("round {round}, the agent killed while starting"))?;
+            startup_kills += 1;
+            eprintln!(
+                "round {round}: an agent killed {early_ms} ms into its start (ready by then: \
+                 {was_ready})"
+            );
+        }
         meshd = Meshd::start(&s, &format!("restart {round}"))?;
         let resumed = first_fetch_after(&fetcher, meshd.spawned_ns, Duration::from_secs(15))
             .with_context(|| format!("allowed traffic did not resume after restart {round}"))?;
@@ -546,7 +574,8 @@ fn sigkill_at_ten_random_moments_lets_no_app_byte_reach_a_prober_and_traffic_res
     let resume: Vec<f64> = rounds.iter().map(|r| r.2).collect();
     let max = resume.iter().copied().fold(0.0, f64::max);
     eprintln!(
-        "seed {seed}: {ROUNDS} SIGKILLs in {elapsed:?}; web fetched {} times ({} answered by \
+        "seed {seed}: {ROUNDS} SIGKILLs of a serving agent and {startup_kills} of a starting one \
+         in {elapsed:?}; web fetched {} times ({} answered by \
          api through the mesh)",
         fetches.len(),
         fetches.iter().filter(|f| f.2).count()
