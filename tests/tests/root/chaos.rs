@@ -325,7 +325,10 @@ impl Collector {
 
     fn snapshot(&self, from: usize) -> Vec<String> {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines.get(from..).map(<[String]>::to_vec).unwrap_or_default()
+        lines
+            .get(from..)
+            .map(<[String]>::to_vec)
+            .unwrap_or_default()
     }
 
     /// Kills the probe and returns every line it printed, and its stderr.
@@ -433,7 +436,11 @@ fn deny_evil(s: &mut Setup) -> Result<()> {
         "EPERM for evil → api",
         Duration::from_secs(10),
         Duration::from_millis(50),
-        || Ok(s.connect_from(&evil, vip)?.starts_with(&eperm).then_some(())),
+        || {
+            Ok(s.connect_from(&evil, vip)?
+                .starts_with(&eperm)
+                .then_some(()))
+        },
     )
 }
 
@@ -456,8 +463,8 @@ fn probes_see_the_unmeshed_app(s: &mut Setup) -> Result<()> {
 }
 
 #[test]
-fn sigkill_at_ten_random_moments_lets_no_app_byte_reach_a_prober_and_traffic_resumes(
-) -> Result<()> {
+fn sigkill_at_ten_random_moments_lets_no_app_byte_reach_a_prober_and_traffic_resumes() -> Result<()>
+{
     const ROUNDS: usize = 10;
     let (mut rng, seed) = Rng::new();
     eprintln!("chaos seed {seed} (rerun with CHAOS_SEED={seed})");
@@ -641,8 +648,9 @@ fn sigkill_at_ten_random_moments_lets_no_app_byte_reach_a_prober_and_traffic_res
         } else {
             let key = vip.to_string();
             ensure!(
-                list.iter()
-                    .any(|p| p.target == key && p.outcome == format!("connect-errno{}", libc::EPERM)),
+                list.iter().any(
+                    |p| p.target == key && p.outcome == format!("connect-errno{}", libc::EPERM)
+                ),
                 "evil → VIP never met EPERM"
             );
         }
@@ -670,7 +678,10 @@ fn after_sigkill_and_restart_plaintext_is_refused_vip_redirected_and_denied_gets
             .probe_in(&web, &["fetch", &vip.to_string()], Duration::from_secs(10))?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
-    ensure!(fetch(&mut s)? == MARKER, "web through the mesh before the kill");
+    ensure!(
+        fetch(&mut s)? == MARKER,
+        "web through the mesh before the kill"
+    );
 
     // SIGKILL (no chance to clean anything up), while web keeps dialling.
     let traffic = s.node.probe(
@@ -699,7 +710,10 @@ fn after_sigkill_and_restart_plaintext_is_refused_vip_redirected_and_denied_gets
     // address lands on the new inbound listener and is refused: connected, no app byte.
     let outside_probes = s.probe_once(&outside, &addrs)?;
     for p in &outside_probes {
-        assert!(!p.marker, "after restart: the app answered plaintext: {p:?}");
+        assert!(
+            !p.marker,
+            "after restart: the app answered plaintext: {p:?}"
+        );
         assert!(
             p.connected(),
             "after restart: {} should land on the inbound listener: {p:?}",
@@ -748,7 +762,15 @@ fn after_sigkill_and_restart_plaintext_is_refused_vip_redirected_and_denied_gets
 fn sockets_in(pod: &Pod, state: &str) -> Result<Vec<String>> {
     let out = mesh_kit::run(
         "ip",
-        &["netns", "exec", &pod.netns_name, "ss", "-tanH", "state", state],
+        &[
+            "netns",
+            "exec",
+            &pod.netns_name,
+            "ss",
+            "-tanH",
+            "state",
+            state,
+        ],
     )?;
     Ok(out
         .lines()
@@ -780,7 +802,10 @@ fn a_link_local_address_two_pods_share_lands_on_each_pods_own_listener() -> Resu
         &["-n", &api.netns_name, "-j", "link", "show", "dev", "eth0"],
     )?;
     let link: serde_json::Value = serde_json::from_str(&link)?;
-    let mac = link[0]["address"].as_str().context("api's MAC")?.to_string();
+    let mac = link[0]["address"]
+        .as_str()
+        .context("api's MAC")?
+        .to_string();
     mesh_kit::run(
         "ip",
         &[

@@ -248,7 +248,10 @@ fn real_main() -> Result<()> {
             loop {
                 let start = unix_ns();
                 let outcome = match fetch_once(addr) {
-                    Ok(text) => format!("got {}", text.split_whitespace().collect::<Vec<_>>().join("_")),
+                    Ok(text) => format!(
+                        "got {}",
+                        text.split_whitespace().collect::<Vec<_>>().join("_")
+                    ),
                     Err(e) => format!("error {}", why(&e)),
                 };
                 println!("fetch {start} {} {outcome}", unix_ns());
@@ -280,7 +283,8 @@ fn real_main() -> Result<()> {
                 })
                 .collect();
             for t in threads {
-                t.join().map_err(|_| anyhow::anyhow!("a probe thread panicked"))?;
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a probe thread panicked"))?;
             }
         }
         other => bail!("unknown command {other:?}"),
@@ -392,5 +396,9 @@ fn probe_once(addr: SocketAddr, marker: &[u8]) -> String {
         }
     };
     let seen = !marker.is_empty() && got.windows(marker.len()).any(|w| w == marker);
-    format!("connected-{end} bytes={} marker={}", got.len(), u8::from(seen))
+    format!(
+        "connected-{end} bytes={} marker={}",
+        got.len(),
+        u8::from(seen)
+    )
 }
