@@ -24,6 +24,14 @@
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
 //!                                     send BYTES of stream SEED+1, half-close; print each result
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
+//!   fetch-loop INTERVAL_MS ADDR       until killed: connect (1 s), read to EOF (2 s), print
+//!                                     "fetch <start_ns> <end_ns> got <text>" or
+//!                                     "fetch <start_ns> <end_ns> error <why>" (Unix-epoch ns)
+//!   probe-loop COUNT INTERVAL_MS MARKER ADDR[,ADDR...]
+//!                                     a thread per address: COUNT times (0: until killed)
+//!                                     connect (500 ms), send an HTTP request line, read to EOF
+//!                                     (1 s); print "probe <ns> <addr> <outcome> bytes=N marker=0|1"
+//!                                     where outcome is connect-<why> or connected-<eof|why>
 //! ```
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -234,6 +242,51 @@ fn real_main() -> Result<()> {
                 let _ = conn.write_all(reply.as_bytes());
             }
         }
+        "fetch-loop" => {
+            let interval = Duration::from_millis(arg(1)?.parse()?);
+            let addr: SocketAddr = arg(2)?.parse()?;
+            loop {
+                let start = unix_ns();
+                let outcome = match fetch_once(addr) {
+                    Ok(text) => format!(
+                        "got {}",
+                        text.split_whitespace().collect::<Vec<_>>().join("_")
+                    ),
+                    Err(e) => format!("error {}", why(&e)),
+                };
+                println!("fetch {start} {} {outcome}", unix_ns());
+                std::thread::sleep(interval);
+            }
+        }
+        "probe-loop" => {
+            let count: u64 = arg(1)?.parse()?;
+            let interval = Duration::from_millis(arg(2)?.parse()?);
+            let marker = arg(3)?.to_string();
+            let targets: Vec<SocketAddr> = arg(4)?
+                .split(',')
+                .map(|a| a.parse().with_context(|| format!("address {a}")))
+                .collect::<Result<_>>()?;
+            let threads: Vec<_> = targets
+                .into_iter()
+                .map(|target| {
+                    let marker = marker.clone();
+                    std::thread::spawn(move || {
+                        let mut i = 0;
+                        while count == 0 || i < count {
+                            let at = unix_ns();
+                            let outcome = probe_once(target, marker.as_bytes());
+                            println!("probe {at} {target} {outcome}");
+                            i += 1;
+                            std::thread::sleep(interval);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a probe thread panicked"))?;
+            }
+        }
         other => bail!("unknown command {other:?}"),
     }
     Ok(())
@@ -289,4 +342,63 @@ fn socket2_bind(port: u16) -> Result<socket2::Socket> {
     sock.set_reuse_address(true)?;
     sock.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
     Ok(sock)
+}
+
+/// Nanoseconds since the Unix epoch (the test process compares them with its own clock).
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// An error as one word: `errno<N>`, or its kind when there is no errno (a connect timeout).
+fn why(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("errno{n}"),
+        None => format!("{:?}", e.kind()).to_lowercase(),
+    }
+}
+
+/// Connects (1 s), reads to EOF (2 s).
+fn fetch_once(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// One plaintext attempt at `addr` as a client outside the mesh makes it: connect (500 ms),
+/// send a request, read what comes back until EOF or an error (1 s without a byte). Says how
+/// it ended, how many bytes came back and whether `marker` was among them.
+fn probe_once(addr: SocketAddr, marker: &[u8]) -> String {
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+        Ok(s) => s,
+        Err(e) => return format!("connect-{} bytes=0 marker=0", why(&e)),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    // The request may fail (a reset); what was already sent back is still read.
+    let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: api\r\n\r\n");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_string(),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.len() > 1 << 20 {
+                    break "more".to_string();
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break why(&e),
+        }
+    };
+    let seen = !marker.is_empty() && got.windows(marker.len()).any(|w| w == marker);
+    format!(
+        "connected-{end} bytes={} marker={}",
+        got.len(),
+        u8::from(seen)
+    )
 }
