@@ -82,6 +82,9 @@ pub use client::{
     HTTP_TOKEN_FILE_ENV,
 };
 #[cfg(feature = "server")]
+#[doc(hidden)]
+pub use server::fuzzing;
+#[cfg(feature = "server")]
 pub use server::{Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, SOCKET_FILE};
 #[cfg(feature = "server")]
 pub use store::{State, Store, LOCK_FILE, STATE_FILE};
