@@ -1,5 +1,5 @@
-//! `cargo xtask setup`: the Debian packages, the nightly toolchain with `rust-src` and the
-//! `bpf-linker` the build, the tests and the benchmarks need. Idempotent; every other command
+//! `cargo xtask setup`: the Debian packages, the nightly toolchain with `rust-src` and clippy,
+//! the `bpf-linker` and the `cargo-fuzz` the build, the tests and the benchmarks need. Idempotent; every other command
 //! runs it first and it only acts when something is missing.
 
 use std::process::Command;
@@ -23,8 +23,12 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "haproxy",
     "linux-perf",
+    // cargo-fuzz builds libFuzzer from its C++ source.
+    "g++",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The `cargo fuzz` that `fuzz/run.sh` (run by `cargo xtask test`) drives.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 fn missing_packages() -> Vec<&'static str> {
@@ -61,12 +65,21 @@ fn bpf_linker_ok() -> bool {
         .unwrap_or(false)
 }
 
+fn cargo_fuzz_ok() -> bool {
+    Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false)
+}
+
 /// Installs what is missing. With `verbose`, says what was already there.
 pub fn setup(verbose: bool) -> Result<()> {
     let packages = missing_packages();
     let rust_src = has_nightly_rust_src();
     let linker = bpf_linker_ok();
-    if packages.is_empty() && rust_src && linker {
+    let fuzz = cargo_fuzz_ok();
+    if packages.is_empty() && rust_src && linker && fuzz {
         if verbose {
             eprintln!("setup: everything is installed");
         }
@@ -123,6 +136,18 @@ pub fn setup(verbose: bool) -> Result<()> {
             "llvm-22",
         ])
         .env("PATH", path);
+        status(c)?;
+    }
+    if !fuzz {
+        eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        let mut c = Command::new("cargo");
+        c.args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]);
         status(c)?;
     }
     Ok(())

@@ -62,6 +62,13 @@ pub fn test(filter: Option<&str>, lint: bool) -> Result<()> {
         unit.args(["--", f]);
     }
     status(unit)?;
+    // Every fuzz target of the parsers that take outside input, briefly (4 s each, about a
+    // minute in all); a crash fails the run and leaves its input in fuzz/artifacts/.
+    if filter.is_none() {
+        let mut fuzz = cmd("bash");
+        fuzz.args(["fuzz/run.sh", "4"]);
+        status(fuzz)?;
+    }
     // The root tests run the agent binary too.
     let mut bins = cmd("cargo");
     bins.args(["build", "--workspace", "--bins"])

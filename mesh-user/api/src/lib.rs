@@ -97,6 +97,9 @@ pub use client::{
     HTTP_TOKEN_FILE_ENV,
 };
 #[cfg(feature = "server")]
+#[doc(hidden)]
+pub use server::fuzzing;
+#[cfg(feature = "server")]
 pub use server::{
     Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, REFUSAL_LOG_INTERVAL, SOCKET_FILE,

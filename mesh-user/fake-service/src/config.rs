@@ -381,7 +381,9 @@ fn parse_go_int(s: &str) -> Option<i64> {
 }
 
 /// Go's `time.ParseDuration`, for non-negative durations: `300ms`, `1.5s`, `1h2m`, `0`.
-/// Units `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h`; the result is rounded to the nanosecond.
+/// Units `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h`. Like Go, it counts in integer nanoseconds
+/// (a fraction is truncated to the nanosecond), so every duration [`format_go_duration`] prints
+/// parses back to itself.
 ///
 /// # Errors
 ///
@@ -389,6 +391,7 @@ fn parse_go_int(s: &str) -> Option<i64> {
 /// bare `0`) or an unknown unit, or exceeds Go's limit of `i64::MAX` nanoseconds (about 292
 /// years).
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    const LIMIT: u64 = 1 << 63;
     let invalid = || format!("invalid duration {s:?} (expected e.g. 100ms, 1.5s, 1m30s)");
     let rest = s.strip_prefix('+').unwrap_or(s);
     if rest.starts_with('-') {
@@ -400,38 +403,79 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     if rest.is_empty() {
         return Err(invalid());
     }
-    let mut total: f64 = 0.0;
+    let digits_len = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let mut total: u64 = 0;
     let mut rest = rest;
     while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(invalid)?;
-        let number = &rest[..number_len];
-        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+        // The integer part (Go's leadingInt: an overflow is an error).
+        let (int_digits, after) = rest.split_at(digits_len(rest));
+        let mut value: u64 = 0;
+        for d in int_digits.bytes() {
+            value = value
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(u64::from(d - b'0')))
+                .filter(|&v| v <= LIMIT)
+                .ok_or_else(invalid)?;
+        }
+        rest = after;
+        // The fraction (Go's leadingFraction: digits past what fits are ignored).
+        let (mut fraction, mut scale, mut has_fraction) = (0u64, 1f64, false);
+        if let Some(after_dot) = rest.strip_prefix('.') {
+            let (frac_digits, after) = after_dot.split_at(digits_len(after_dot));
+            has_fraction = !frac_digits.is_empty();
+            let mut overflow = false;
+            for d in frac_digits.bytes() {
+                if overflow || fraction > (LIMIT - 1) / 10 {
+                    overflow = true;
+                    continue;
+                }
+                let next = fraction * 10 + u64::from(d - b'0');
+                if next > LIMIT {
+                    overflow = true;
+                    continue;
+                }
+                fraction = next;
+                scale *= 10.0;
+            }
+            rest = after;
+        }
+        if int_digits.is_empty() && !has_fraction {
             return Err(invalid());
         }
-        let value: f64 = number.parse().map_err(|_| invalid())?;
-        rest = &rest[number_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        let nanos_per_unit = match unit {
-            "ns" => 1.0,
-            "us" | "\u{b5}s" | "\u{3bc}s" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
+        let nanos_per_unit: u64 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
             _ => return Err(invalid()),
         };
-        total += value * nanos_per_unit;
+        if value > LIMIT / nanos_per_unit {
+            return Err(invalid());
+        }
+        value *= nanos_per_unit;
+        if fraction > 0 {
+            // As Go: float64(f) * (float64(unit) / scale), truncated.
+            value += (fraction as f64 * (nanos_per_unit as f64 / scale)) as u64;
+            if value > LIMIT {
+                return Err(invalid());
+            }
+        }
+        total = total
+            .checked_add(value)
+            .filter(|&t| t <= LIMIT)
+            .ok_or_else(invalid)?;
     }
-    if !total.is_finite() || total > i64::MAX as f64 {
+    if total > i64::MAX as u64 {
         return Err(invalid());
     }
-    Ok(Duration::from_nanos(total.round() as u64))
+    Ok(Duration::from_nanos(total))
 }
 
 /// Go's `time.Duration.String()`: `0s`, `750ns`, `202.008µs`, `25.4975ms`, `1.5s`, `1m0s`,

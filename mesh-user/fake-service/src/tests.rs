@@ -254,6 +254,46 @@ fn go_durations() {
     }
 }
 
+/// Found by the `go_duration` fuzz target: durations of a few thousand hours lost nanoseconds
+/// (the parser summed in f64), and `2562047h47m16.854775808s` (one past Go's maximum) was
+/// accepted.
+#[test]
+fn go_durations_count_in_integer_nanoseconds() {
+    for nanos in [
+        8_301_592_290_832_640_050,
+        i64::MAX as u64,
+        i64::MAX as u64 - 1,
+        1,
+        999_999_999,
+        3_600_000_000_001,
+    ] {
+        let d = Duration::from_nanos(nanos);
+        let s = format_go_duration(d);
+        assert_eq!(parse_go_duration(&s), Ok(d), "{s}");
+    }
+    assert_eq!(
+        parse_go_duration("2305997h51m30.83264005s"),
+        Ok(Duration::from_nanos(8_301_592_290_832_640_050))
+    );
+    for s in [
+        "2562047h47m16.854775808s",
+        "2562048h",
+        "9223372036854775808ns",
+        "99999999999999999999s",
+        ".s",
+        "1.2.3s",
+    ] {
+        assert!(parse_go_duration(s).is_err(), "{s}");
+    }
+    // Go truncates a fraction to the nanosecond; digits past what fits are ignored.
+    assert_eq!(parse_go_duration("1.9ns"), Ok(Duration::from_nanos(1)));
+    assert_eq!(
+        parse_go_duration("1.00000000000000000000000000001s"),
+        Ok(Duration::from_secs(1))
+    );
+    assert_eq!(parse_go_duration("1.s"), Ok(Duration::from_secs(1)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Serving
 // ---------------------------------------------------------------------------------------------

@@ -662,3 +662,58 @@ async fn write<T: Send + 'static>(
 async fn no_route(method: Method, uri: Uri) -> Error {
     Error::NotFound(format!("no such endpoint: {method} {}", uri.path()))
 }
+
+/// The request decoding of the handlers, callable without a server, for the fuzz targets in
+/// `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::{parse_name, presented_token, Params};
+    use crate::Error;
+
+    /// Decodes the raw query string `raw` the way every route reads its parameters: `ns` (with
+    /// and without the wildcard), `cas`, `source-type`, `source` / `destination` / `name` as
+    /// service names, `by`, `namespace`, `target`, `port`. One result per parameter read.
+    pub fn decode_query(raw: &str) -> Vec<Result<String, Error>> {
+        let params = Params::new(Some(raw.to_owned()));
+        let mut out = Vec::new();
+        out.push(params.namespace(true).map(|n| format!("{n:?}")));
+        out.push(params.namespace(false).map(|n| format!("{n:?}")));
+        let ns = params.namespace(false).ok().flatten();
+        out.push(params.cas().map(|c| format!("{c:?}")));
+        out.push(params.optional("source-type").map(|t| format!("{t:?}")));
+        for key in ["source", "destination"] {
+            out.push(
+                params
+                    .required(key)
+                    .and_then(|v| parse_name(v, ns, key))
+                    .map(|n| n.to_string()),
+            );
+        }
+        for name in params.all("name") {
+            out.push(parse_name(name, ns, "name").map(|n| n.to_string()));
+        }
+        out.push(Ok(format!("{:?}", params.all("by"))));
+        out.push(params.optional("namespace").map(|n| format!("{n:?}")));
+        out.push(params.required("target").map(str::to_owned));
+        out.push(params.required("port").map(str::to_owned));
+        out
+    }
+
+    /// The token presented by an `X-Consul-Token` and an `Authorization` header with these
+    /// raw values (a value that is not a valid header value is left out).
+    pub fn decode_token_headers(
+        x_consul_token: Option<&[u8]>,
+        authorization: Option<&[u8]>,
+    ) -> Result<String, Error> {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = x_consul_token.and_then(|v| HeaderValue::from_bytes(v).ok()) {
+            headers.insert("X-Consul-Token", v);
+        }
+        if let Some(v) = authorization.and_then(|v| HeaderValue::from_bytes(v).ok()) {
+            headers.insert(axum::http::header::AUTHORIZATION, v);
+        }
+        presented_token(None, &headers)
+    }
+}

@@ -54,6 +54,7 @@ pub(crate) fn hcl<T: DeserializeOwned>(input: &str, wrap_in_array: &[&str]) -> R
     let body: hcl::Body =
         hcl::parse(input).map_err(|e| malformed(Format::Hcl, String::new(), e))?;
     check_duplicates(&body, "")?;
+    check_literals(&body, "")?;
     let body = body
         .evaluate(&Context::new())
         .map_err(|e| malformed(Format::Hcl, String::new(), e))?;
@@ -72,6 +73,65 @@ pub(crate) fn hcl<T: DeserializeOwned>(input: &str, wrap_in_array: &[&str]) -> R
         let message = e.inner().to_string();
         malformed(Format::Hcl, error_path(e.path(), &message), message)
     })
+}
+
+/// Rejects arithmetic, logic, conditionals, `for` expressions and template interpolation
+/// (`${...}`, `%{...}`): a config entry is literals (Consul's HCL has none of these), and
+/// hcl-rs's evaluator asserts on a non-finite result (`k = 2/0` panicked in debug builds; found
+/// by the `config_entry_hcl` fuzz target).
+fn check_literals(body: &hcl::Body, prefix: &str) -> Result<()> {
+    for structure in body.iter() {
+        match structure {
+            hcl::Structure::Attribute(attr) => {
+                check_literal(&attr.expr, &format!("{prefix}{}", attr.key()))?
+            }
+            hcl::Structure::Block(block) => {
+                check_literals(block.body(), &format!("{prefix}{}.", block.identifier()))?
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_literal(expr: &hcl::Expression, field: &str) -> Result<()> {
+    use hcl::expr::{ObjectKey, TemplateExpr};
+    use hcl::Expression as E;
+
+    let refuse = |what: &str| {
+        Err(malformed(
+            Format::Hcl,
+            field.to_owned(),
+            format!("{field}: {what} are not supported in a config entry"),
+        ))
+    };
+    match expr {
+        E::Operation(_) => refuse("arithmetic and logical operations"),
+        E::Conditional(_) => refuse("conditional expressions"),
+        E::ForExpr(_) => refuse("for expressions"),
+        E::TemplateExpr(t) => {
+            let raw = match t.as_ref() {
+                TemplateExpr::QuotedString(s) => s.as_str(),
+                TemplateExpr::Heredoc(h) => h.template.as_str(),
+            };
+            let unescaped = raw.replace("$${", "").replace("%%{", "");
+            if unescaped.contains("${") || unescaped.contains("%{") {
+                refuse("template interpolations and directives")
+            } else {
+                Ok(())
+            }
+        }
+        E::Array(items) => items.iter().try_for_each(|e| check_literal(e, field)),
+        E::Object(object) => object.iter().try_for_each(|(k, v)| {
+            if let ObjectKey::Expression(k) = k {
+                check_literal(k, field)?;
+            }
+            check_literal(v, field)
+        }),
+        E::Parenthesis(e) => check_literal(e, field),
+        E::Traversal(t) => check_literal(&t.expr, field),
+        E::FuncCall(f) => f.args.iter().try_for_each(|e| check_literal(e, field)),
+        _ => Ok(()),
+    }
 }
 
 /// Rejects an attribute or block name used twice at one level (blocks may repeat: repeated

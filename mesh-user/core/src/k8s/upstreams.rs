@@ -460,7 +460,12 @@ fn query_unescape(s: &str) -> Option<String> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
+                // Exactly two hex digits, as Go's `url.QueryUnescape` (from_str_radix alone
+                // would also take a sign: `%+5`).
                 let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
@@ -527,4 +532,19 @@ pub(crate) fn go_quote(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod unescape_tests {
+    use super::query_unescape;
+
+    #[test]
+    fn percent_escapes_take_exactly_two_hex_digits_as_go_does() {
+        assert_eq!(query_unescape("a%20b+c").as_deref(), Some("a b c"));
+        assert_eq!(query_unescape("%41").as_deref(), Some("A"));
+        // Go's url.QueryUnescape refuses these; a sign is not a hex digit.
+        for bad in ["%+5", "%-1", "%4", "%zz", "%"] {
+            assert_eq!(query_unescape(bad), None, "{bad}");
+        }
+    }
 }

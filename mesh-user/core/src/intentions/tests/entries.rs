@@ -349,3 +349,35 @@ fn malformed_json_is_refused() {
         assert!(err.to_string().starts_with("malformed JSON"), "{err}");
     }
 }
+
+/// Found by the `config_entry_hcl` fuzz target: `k = 2/0` reached hcl-rs's evaluator, which
+/// asserts on a non-finite number (a panic in debug builds). Expressions other than literals
+/// are refused by field before evaluation.
+#[test]
+fn entry_hcl_refuses_expressions_before_evaluating_them() {
+    for (input, field) in [
+        ("k=2/0", "k"),
+        (
+            "Kind = \"service-intentions\"\nName = \"api\"\nMeta = { a = 1 % 0 }\n",
+            "Meta",
+        ),
+        ("Name = (0/0)\n", "Name"),
+        ("Name = true ? \"a\" : \"b\"\n", "Name"),
+        ("Name = [for x in [1] : x]\n", "Name"),
+        ("Name = \"${2/0}\"\n", "Name"),
+        ("Sources { Name = -1/0 }\n", "Sources.Name"),
+    ] {
+        let err = ServiceIntentionsEntry::from_hcl(input).unwrap_err();
+        assert_eq!(err.field(), Some(field), "{input}\n=> {err}");
+        assert!(
+            err.to_string().contains("not supported"),
+            "{input}\n=> {err}"
+        );
+    }
+    // Escaped interpolation is a literal.
+    let e = ServiceIntentionsEntry::from_hcl(
+        "Kind = \"service-intentions\"\nName = \"api\"\nSources = [{ Name = \"web\", Action = \"allow\", Description = \"$${x}\" }]\n",
+    )
+    .unwrap();
+    assert_eq!(e.sources[0].description, "${x}");
+}
