@@ -433,7 +433,7 @@ async fn local(
             proxy,
         };
         let mut agent = Agent::start(cfg, catalog, rules).await?;
-        runner.start_processes();
+        runner.start_processes(&agent);
         let pods = agent.catalog().workloads.len();
         println!();
         println!(
