@@ -169,8 +169,7 @@ impl Runner {
                     match agent.pod(&cid) {
                         Some(_) => None,
                         None => Some(agent.unmeshed().get(&cid).cloned().unwrap_or_else(|| {
-                            "the agent does not serve the pod (its catalog entry was refused)"
-                                .to_string()
+                            "the agent does not serve the pod (it refused the catalog)".to_string()
                         })),
                     }
                 }
