@@ -797,21 +797,16 @@ fn pod_json(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<Value> {
 
 #[test]
 fn a_pod_with_the_longest_valid_names_is_meshed() -> Result<()> {
-    // A 63-character namespace (a DNS label) and a 253-character pod name (a DNS subdomain):
-    // together longer than a file name, a cgroup directory or a bpffs pin name allows.
+    // A 63-character namespace (a DNS label) and a 63-character pod name: the longest the
+    // catalog takes (its workload names are DNS labels; a longer Kubernetes pod name, a DNS
+    // subdomain up to 253, is refused with a message, below). Together longer than a bpffs pin
+    // name and the runner's network namespace names allow.
     let ns = format!("long-namespace-{}", "n".repeat(48));
-    let pod = format!(
-        "api-v1-{}.{}.{}.{}",
-        "a".repeat(56),
-        "b".repeat(63),
-        "c".repeat(63),
-        "d".repeat(61)
-    );
-    assert_eq!((ns.len(), pod.len()), (63, 253));
+    let pod = format!("api-v1-{}", "a".repeat(56));
+    assert_eq!((ns.len(), pod.len()), (63, 63));
     let dir = tempfile::tempdir()?;
     // api-v1 as the tutorial writes it, as a Pod in the long namespace.
-    std::fs::write(
-        dir.path().join("api-v1.yaml"),
+    let manifest = |pod: &str| {
         format!(
             "apiVersion: v1
 kind: Namespace
@@ -860,8 +855,9 @@ spec:
         - name: MESSAGE
           value: Response from API v1
 "
-        ),
-    )?;
+        )
+    };
+    std::fs::write(dir.path().join("api-v1.yaml"), manifest(&pod))?;
     // The client: the tutorial's web, without its upstream (it dials api-v1's virtual IP).
     let web = std::fs::read_to_string(examples().join("web.yaml"))?;
     let web = web.replace(
@@ -879,6 +875,22 @@ spec:
     mesh.meshctl(&["intention", "create", "-deny", "*/*", "*/*"])?;
     mesh.meshctl(&["apply", "-f", dir.path().to_str().context("path")?])?;
     let long_id = format!("{ns}/{pod}");
+    mesh.wait_ready(&[&long_id, "default/web-0"])?;
+
+    // A pod name the catalog cannot take (a 253-character DNS subdomain) is refused, naming
+    // it, and changes nothing.
+    let subdomain = format!(
+        "{pod}.{}.{}.{}",
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(subdomain.len(), 253);
+    let refused = tempfile::tempdir()?;
+    let refused = refused.path().join("long.yaml");
+    std::fs::write(&refused, manifest(&subdomain))?;
+    let err = mesh.meshctl_fails(&["apply", "-f", refused.to_str().context("path")?])?;
+    ensure!(err.contains(&subdomain), "the refusal names the pod: {err}");
     mesh.wait_ready(&[&long_id, "default/web-0"])?;
 
     // Its kernel objects exist under names that fit, starting as the short ones would.
@@ -939,13 +951,27 @@ spec:
 
 #[test]
 fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()> {
+    // No manifest alone makes the agent fail: the catalog's checks (ports, names, counts)
+    // refuse such a pod at apply. So the kernel refuses instead: the pod's loopback loses
+    // 127.0.0.1, and the agent cannot bind the pod's outbound listener (127.0.0.1:15001)
+    // when a catalog change makes it mesh the pod again.
     let mut mesh = LocalMesh::start("ebpf")?;
     let dir = tempfile::tempdir()?;
+    // api-v1 without a containerPort: its app port comes from its Service's targetPort, so a
+    // change to the Service changes the pod's catalog entry (and the agent meshes it again)
+    // while its processes keep running.
     let api = std::fs::read_to_string(examples().join("api-v1.yaml"))?;
+    let one_port = api.replace("          ports:\n            - containerPort: 9091\n", "");
+    ensure!(one_port != api, "examples/api-v1.yaml changed shape");
+    let two_ports = one_port.replace(
+        "    - port: 9091\n      targetPort: 9091\n",
+        "    - port: 9091\n      targetPort: 9091\n      name: http\n    - port: 9092\n      targetPort: 9092\n      name: extra\n",
+    );
+    ensure!(two_ports != one_port, "examples/api-v1.yaml changed shape");
     let file = dir.path().join("api-v1.yaml");
-    std::fs::write(&file, &api)?;
-    let file = file.to_str().context("path")?.to_string();
-    mesh.meshctl(&["apply", "-f", &file])?;
+    let file_str = file.to_str().context("path")?.to_string();
+    std::fs::write(&file, &one_port)?;
+    mesh.meshctl(&["apply", "-f", &file_str])?;
     mesh.wait_ready(&["default/api-v1-0"])?;
     let (netns, cgroup) = pod_objects("default", "api-v1-0")?;
     let procs = |cgroup: &Path| -> Result<String> {
@@ -955,9 +981,6 @@ fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()
     };
     ensure!(!procs(&cgroup)?.is_empty(), "api-v1 runs");
 
-    // The kernel refuses the pod's proxy listeners: its loopback has no 127.0.0.1 any more,
-    // so the outbound listener (127.0.0.1:15001) cannot be bound. A change to the pod makes the
-    // agent mesh it again, and it cannot.
     let ip = |args: &[&str]| -> Result<()> {
         let out = Command::new("ip")
             .arg("-n")
@@ -968,11 +991,8 @@ fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()
         Ok(())
     };
     ip(&["addr", "del", "127.0.0.1/8", "dev", "lo"])?;
-    std::fs::write(
-        &file,
-        api.replace("Response from API v1", "Response from API v1, again"),
-    )?;
-    let out = mesh.meshctl_as(&mesh.token, &["apply", "-f", &file])?;
+    std::fs::write(&file, &two_ports)?;
+    let out = mesh.meshctl_as(&mesh.token, &["apply", "-f", &file_str])?;
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -983,11 +1003,12 @@ fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()
         "apply names the pod it could not mesh: {said}"
     );
 
-    // Not running, and `get pods` says why.
+    // Its running processes were stopped, and `get pods` says why.
     let status = mesh.wait("api-v1 stopped", Duration::from_secs(15), |m| {
         let p = pod_json(m, "default", "api-v1-0")?;
         Ok(procs(&cgroup)?.is_empty().then_some(p))
     })?;
+    eprintln!("unmeshed pod: {status}");
     let waiting = &status["status"]["containerStatuses"][0]["state"]["waiting"];
     ensure!(
         waiting["reason"] == "MeshFailed"
@@ -1011,6 +1032,7 @@ fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()
         "not Ready: {status}"
     );
     let table = mesh.meshctl(&["get", "pods"])?;
+    eprintln!("{table}");
     let row = table
         .lines()
         .find(|l| l.starts_with("api-v1-0"))
@@ -1019,14 +1041,15 @@ fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()
         row.contains("0/1") && row.contains("MeshFailed"),
         "STATUS says MeshFailed: {table}"
     );
-    // The back-off does not bring it back either.
+    // The restart back-off does not bring it back either.
     std::thread::sleep(Duration::from_secs(12));
     ensure!(procs(&cgroup)?.is_empty(), "api-v1 was restarted unmeshed");
 
     // Once the pod's network works again, the next apply meshes it and it starts.
     ip(&["addr", "add", "127.0.0.1/8", "dev", "lo"])?;
-    let again = mesh.meshctl(&["apply", "-f", &file])?;
-    ensure!(again.contains("unchanged"), "re-apply said {again}");
+    std::fs::write(&file, &one_port)?;
+    let again = mesh.meshctl(&["apply", "-f", &file_str])?;
+    ensure!(again.contains("configured"), "re-apply said {again}");
     mesh.wait_ready(&["default/api-v1-0"])?;
     ensure!(!procs(&cgroup)?.is_empty(), "api-v1 runs again");
     let p = pod_json(&mesh, "default", "api-v1-0")?;
