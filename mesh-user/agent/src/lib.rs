@@ -370,6 +370,8 @@ pub struct Agent {
     names: Names,
     identity: Arc<Identity>,
     pods: BTreeMap<String, Pod>,
+    /// Pods of the catalog the agent could not mesh, by workload id, with why.
+    unmeshed: BTreeMap<String, String>,
     proxy: mesh_proxy::Proxy,
     directory: Arc<directory::MeshDirectory>,
     authorizer: Arc<authorizer::IntentionAuthorizer>,
@@ -380,8 +382,8 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `catalog`: picks the steering mode, adopts or installs the kernel
     /// programs, and brings up every pod. Per-pod state the kernel kept for pods no longer in
-    /// the catalog is dropped. A pod that cannot be meshed is logged and left out; it does not
-    /// fail the start.
+    /// the catalog is dropped. A pod that cannot be meshed is left out and reported by
+    /// [`unmeshed`](Self::unmeshed); it does not fail the start.
     ///
     /// # Errors
     ///
@@ -457,6 +459,7 @@ impl Agent {
             names,
             identity,
             pods: BTreeMap::new(),
+            unmeshed: BTreeMap::new(),
             proxy,
             directory,
             authorizer,
@@ -576,9 +579,18 @@ impl Agent {
         self.pods.get(id)
     }
 
+    /// The pods of the catalog the agent could not mesh, by workload id (`namespace.name`),
+    /// each with why. Such a pod has no listeners and must not run: its traffic would not be
+    /// protected. Every [`apply`](Self::apply) tries them again.
+    pub fn unmeshed(&self) -> &BTreeMap<String, String> {
+        &self.unmeshed
+    }
+
     /// Applies a catalog update: the maps and the pods follow without a restart. On error the
-    /// catalog stays as it was. Pods are restarted only when their entry changed; a changed pod
-    /// that cannot be meshed is logged and left out, it does not fail the update.
+    /// catalog stays as it was. Pods are restarted only when their entry changed; pods that
+    /// could not be meshed before are tried again. A pod that cannot be meshed does not fail
+    /// the update: it is left out and reported by [`unmeshed`](Self::unmeshed) (the returned
+    /// [`Diff`] still lists it as changed).
     ///
     /// # Errors
     ///
@@ -589,6 +601,7 @@ impl Agent {
         let diff = next.apply(update)?;
         // Pods that went away or changed: stop them first (their listeners close).
         for id in diff.workloads_removed.iter().chain(&diff.workloads_changed) {
+            self.unmeshed.remove(id);
             if let Some(pod) = self.pods.remove(id) {
                 self.stop_pod(pod);
             }
@@ -603,15 +616,26 @@ impl Agent {
         }
         self.directory
             .update(&self.catalog, &self.identity.trust_domain());
-        for id in &diff.workloads_changed {
+        // Changed pods, and those an earlier apply could not mesh.
+        let retry: Vec<String> = std::mem::take(&mut self.unmeshed).into_keys().collect();
+        let mut starting: Vec<&String> = diff.workloads_changed.iter().chain(&retry).collect();
+        starting.sort();
+        starting.dedup();
+        for id in starting {
             let Some(w) = self.catalog.workload(id).cloned() else {
                 continue;
             };
+            if self.pods.contains_key(id) {
+                continue;
+            }
             match self.start_pod(&w).await {
                 Ok(pod) => {
                     self.pods.insert(id.clone(), pod);
                 }
-                Err(e) => warn!(pod = %id, error = %e, "pod not meshed"),
+                Err(e) => {
+                    warn!(pod = %id, error = %e, "pod not meshed; it must not run");
+                    self.unmeshed.insert(id.clone(), e.to_string());
+                }
             }
         }
         Ok(diff)
@@ -646,8 +670,37 @@ impl Agent {
         let identity = (self.names.id(&w.namespace)?, self.names.id(&w.service)?);
         self.steering
             .add_pod(w, &kernel, &netns, &inbound, identity)?;
+        match self.serve_pod(w, &netns, outbound, upstreams, inbound) {
+            Ok(proxy) => {
+                info!(pod = %w.id(), ip = %w.ip, mode = %self.steering.mode(), "pod meshed");
+                Ok(Pod {
+                    workload: w.clone(),
+                    kernel,
+                    netns,
+                    proxy,
+                })
+            }
+            Err(e) => {
+                // Undo the steering so that a later apply can try again from scratch.
+                self.dialer.remove(&w.id());
+                if let Err(e) = self.steering.remove_pod(w, &kernel) {
+                    warn!(pod = %w.id(), error = %e, "removing the steering of a pod not meshed");
+                }
+                Err(e)
+            }
+        }
+    }
 
-        let sockets = SocketFactory::spawn(&netns, Some(mesh_common::PROXY_MARK))?;
+    /// The proxy half of [`start_pod`](Self::start_pod): the pod's dialer, leaf and listeners.
+    fn serve_pod(
+        &mut self,
+        w: &Workload,
+        netns: &NetNs,
+        outbound: std::net::TcpListener,
+        upstreams: Vec<(ServiceRef, std::net::TcpListener)>,
+        inbound: std::net::TcpListener,
+    ) -> Result<mesh_proxy::PodProxy, Error> {
+        let sockets = SocketFactory::spawn(netns, Some(mesh_common::PROXY_MARK))?;
         self.dialer.add(&w.id(), sockets);
         let leaf = self.identity.leaf(&w.service_ref())?;
         let proxy_err = |source: mesh_proxy::Error| Error::Proxy {
@@ -670,13 +723,7 @@ impl Agent {
         proxy
             .listen(mesh_proxy::ListenerKind::Inbound, inbound)
             .map_err(proxy_err)?;
-        info!(pod = %w.id(), ip = %w.ip, mode = %self.steering.mode(), "pod meshed");
-        Ok(Pod {
-            workload: w.clone(),
-            kernel,
-            netns,
-            proxy,
-        })
+        Ok(proxy)
     }
 
     fn stop_pod(&mut self, mut pod: Pod) {

@@ -11,7 +11,13 @@
 //! - [`node`]: the kernel objects — the bridge in its own namespace (`<node>-br`), pods'
 //!   namespaces, veths, cgroups and `/etc/netns/<ns>/hosts`.
 //! - [`runner`]: the pods' processes (restarted with back-off), readiness, and the answers to
-//!   the API.
+//!   the API. A pod in the mesh runs only while the agent serves it: one the agent could not
+//!   mesh is not started (or is stopped), and `meshctl get pods` shows it `MeshFailed` with
+//!   the agent's message.
+//!
+//! Kernel object names fit any valid namespace (63 characters) and pod name (253): names
+//! longer than [`node::MAX_NAME`] keep a readable prefix and end in a hash
+//! ([`node::fit_name`]).
 //! - [`control`]: the channel between the HTTP API and the loop that owns runner and agent.
 //! - [`view`]: kubectl-shaped JSON and tables.
 //!

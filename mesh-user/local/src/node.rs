@@ -40,6 +40,32 @@ pub const NETNS_ETC: &str = "/etc/netns";
 /// Where named network namespaces are.
 pub const NETNS_RUN: &str = "/run/netns";
 
+/// The longest name the runner gives a pod's network namespace or cgroup directory. A file
+/// name may have 255 bytes, but `ip netns exec` silently skips bind-mounting
+/// `/etc/netns/<name>/hosts` for a 255-byte name, and a pod's log files append the container's
+/// name (63 at most) to its cgroup directory's name.
+pub const MAX_NAME: usize = 128;
+
+/// `plain` when it has at most `max` bytes, else its longest prefix that fits with `-` and 16
+/// hex digits of the SHA-256 of `plain` (the pattern of `mesh_core::catalog::pin_name`):
+/// deterministic, so a restarted runner finds its objects again; distinct for distinct names;
+/// and it keeps the beginning (the node's prefix, the namespace) readable.
+pub fn fit_name(plain: &str, max: usize) -> String {
+    if plain.len() <= max {
+        return plain.to_string();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, plain.as_bytes());
+    let hash: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut end = max.saturating_sub(1 + hash.len());
+    while !plain.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}-{hash}", &plain[..end])
+}
+
 /// A local pod's kernel objects.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPod {
@@ -219,9 +245,17 @@ impl LocalNode {
     }
 
     /// The network namespace name of pod `namespace/name`: `<node>-<namespace>_<name>` (`_`
-    /// is in no Kubernetes name, so the split is unambiguous).
+    /// is in no Kubernetes name, so the split is unambiguous), shortened by [`fit_name`] to
+    /// [`MAX_NAME`] bytes when longer (it still starts with `<node>-`, which is how
+    /// [`remove_leftovers`] finds it).
     pub fn netns_name(&self, namespace: &str, name: &str) -> String {
-        format!("{}-{namespace}_{name}", self.name)
+        fit_name(&format!("{}-{namespace}_{name}", self.name), MAX_NAME)
+    }
+
+    /// The name of pod `namespace/name`'s cgroup directory (under the node's `pods`):
+    /// `<namespace>_<name>`, shortened by [`fit_name`] to [`MAX_NAME`] bytes when longer.
+    pub fn cgroup_name(namespace: &str, name: &str) -> String {
+        fit_name(&format!("{namespace}_{name}"), MAX_NAME)
     }
 
     /// The kernel objects pod `namespace/name` with address `ip` gets (nothing is created).
@@ -233,7 +267,8 @@ impl LocalNode {
             cgroup: self
                 .mesh_cgroup
                 .join("pods")
-                .join(format!("{namespace}_{name}")),
+                .join(Self::cgroup_name(namespace, name)),
+            // `<node>v<last octet>`: at most 8 + 1 + 3 bytes, within IFNAMSIZ (15).
             host_if: format!("{}v{}", self.name, ip.octets()[3]),
             netns_name,
             ip,
@@ -440,6 +475,47 @@ fn remove_node(name: &str, mesh_cgroup: &Path) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_fit_the_longest_valid_namespace_and_pod_name() {
+        let node = LocalNode {
+            name: "abcdefgh".into(),
+            bridge_ns: "abcdefgh-br".into(),
+            mesh_cgroup: PathBuf::from("/sys/fs/cgroup/mesh-abcdefgh"),
+            agent_cgroup: PathBuf::from("/sys/fs/cgroup/mesh-abcdefgh/agent"),
+            pod_net: PodNet::runner(),
+            original_cgroup: PathBuf::from("/"),
+        };
+        let ns = "n".repeat(63);
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        assert_eq!(long.len(), 253);
+        let pod = node.pod_spec(&ns, &long, Ipv4Addr::new(10, 88, 0, 254));
+        assert!(pod.netns_name.len() <= MAX_NAME, "{}", pod.netns_name);
+        assert!(pod.netns_name.starts_with("abcdefgh-nnnn"));
+        let dir = pod.cgroup.file_name().unwrap().to_str().unwrap();
+        assert!(dir.len() <= MAX_NAME && dir.starts_with("nnnn"));
+        assert!(pod.host_if.len() <= 15);
+        // Deterministic and distinct.
+        assert_eq!(
+            pod,
+            node.pod_spec(&ns, &long, Ipv4Addr::new(10, 88, 0, 254))
+        );
+        let other = format!("{}e", &long[..252]);
+        assert_ne!(node.netns_name(&ns, &other), pod.netns_name);
+        assert_ne!(LocalNode::cgroup_name(&ns, &other), dir);
+        // Short names stay as they were.
+        assert_eq!(
+            node.netns_name("default", "web-0"),
+            "abcdefgh-default_web-0"
+        );
+        assert_eq!(LocalNode::cgroup_name("default", "web-0"), "default_web-0");
+    }
 
     #[test]
     fn runner_pods_route_the_virtual_ip_range_and_keep_ipv6() {

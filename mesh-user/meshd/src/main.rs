@@ -481,7 +481,7 @@ async fn local(
         let count = rules.len();
         let mut agent = Agent::start(cfg, catalog, rules).await?;
         publish_status(&agent, &status, count);
-        runner.start_processes();
+        runner.start_processes(&agent);
         let pods = agent.catalog().workloads.len();
         println!();
         println!(

@@ -953,3 +953,321 @@ fn pod_processes_run_without_the_agents_privileges() -> Result<()> {
     }
     mesh.stop()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fail closed: the longest valid names are meshed, and a pod the agent cannot mesh does not run
+// (`meshctl get pods` says why).
+// ---------------------------------------------------------------------------------------------
+
+/// The network namespace and cgroup of pod `namespace/name`, found by the prefix the runner
+/// keeps when it shortens long names (`<node>-<namespace>_<name>`, `<namespace>_<name>`).
+fn pod_objects(namespace: &str, name: &str) -> Result<(String, PathBuf)> {
+    let find = |dir: &Path, prefix: &str| -> Result<String> {
+        let full: String = prefix.chars().take(100).collect();
+        let found: Vec<String> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&full))
+            .collect();
+        ensure!(
+            found.len() == 1,
+            "one entry starting with {full} in {}: {found:?}",
+            dir.display()
+        );
+        Ok(found[0].clone())
+    };
+    let netns = find(
+        Path::new("/run/netns"),
+        &format!("{NODE}-{namespace}_{name}"),
+    )?;
+    let pods = mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods"));
+    let cgroup = pods.join(find(&pods, &format!("{namespace}_{name}"))?);
+    Ok((netns, cgroup))
+}
+
+/// `mesh-probe args` as a process of pod `namespace/name` with any name length.
+fn in_long_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
+    let (netns, cgroup) = pod_objects(namespace, name)?;
+    let out = wait_limit(
+        spawn_probe(&Path::new("/run/netns").join(netns), &cgroup, args)?,
+        Duration::from_secs(30),
+    )?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// The pod `namespace/name` of `meshctl get pods -A -o json`.
+fn pod_json(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<Value> {
+    mesh.pods()?
+        .into_iter()
+        .find(|p| p["metadata"]["namespace"] == namespace && p["metadata"]["name"] == name)
+        .with_context(|| format!("no pod {namespace}/{name}"))
+}
+
+#[test]
+fn a_pod_with_the_longest_valid_names_is_meshed() -> Result<()> {
+    // A 63-character namespace (a DNS label) and a 63-character pod name: the longest the
+    // catalog takes (its workload names are DNS labels; a longer Kubernetes pod name, a DNS
+    // subdomain up to 253, is refused with a message, below). Together longer than a bpffs pin
+    // name and the runner's network namespace names allow.
+    let ns = format!("long-namespace-{}", "n".repeat(48));
+    let pod = format!("api-v1-{}", "a".repeat(56));
+    assert_eq!((ns.len(), pod.len()), (63, 63));
+    let dir = tempfile::tempdir()?;
+    // api-v1 as the tutorial writes it, as a Pod in the long namespace.
+    let manifest = |pod: &str| {
+        format!(
+            "apiVersion: v1
+kind: Namespace
+metadata:
+  name: {ns}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: api-v1
+  namespace: {ns}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: api-v1
+  namespace: {ns}
+spec:
+  selector:
+    app: api-v1
+  ports:
+    - port: 9091
+      targetPort: 9091
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  namespace: {ns}
+  labels:
+    app: api-v1
+  annotations:
+    consul.hashicorp.com/connect-inject: 'true'
+spec:
+  serviceAccountName: api-v1
+  containers:
+    - name: api
+      image: nicholasjackson/fake-service:v0.26.2
+      ports:
+        - containerPort: 9091
+      env:
+        - name: LISTEN_ADDR
+          value: 127.0.0.1:9091
+        - name: NAME
+          value: api-v1
+        - name: MESSAGE
+          value: Response from API v1
+"
+        )
+    };
+    std::fs::write(dir.path().join("api-v1.yaml"), manifest(&pod))?;
+    // The client: the tutorial's web, without its upstream (it dials api-v1's virtual IP).
+    let web = std::fs::read_to_string(examples().join("web.yaml"))?;
+    let web = web.replace(
+        "        consul.hashicorp.com/connect-service-upstreams: 'api-v1:9091'\n",
+        "",
+    );
+    ensure!(
+        !web.contains("upstreams"),
+        "examples/web.yaml changed shape"
+    );
+    std::fs::write(dir.path().join("web.yaml"), web)?;
+
+    let before = footprint()?;
+    let mut mesh = LocalMesh::start("ebpf")?;
+    mesh.meshctl(&["intention", "create", "-deny", "*/*", "*/*"])?;
+    mesh.meshctl(&["apply", "-f", dir.path().to_str().context("path")?])?;
+    let long_id = format!("{ns}/{pod}");
+    mesh.wait_ready(&[&long_id, "default/web-0"])?;
+
+    // A pod name the catalog cannot take (a 253-character DNS subdomain) is refused, naming
+    // it, and changes nothing.
+    let subdomain = format!(
+        "{pod}.{}.{}.{}",
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(subdomain.len(), 253);
+    let refused = tempfile::tempdir()?;
+    let refused = refused.path().join("long.yaml");
+    std::fs::write(&refused, manifest(&subdomain))?;
+    let err = mesh.meshctl_fails(&["apply", "-f", refused.to_str().context("path")?])?;
+    ensure!(err.contains(&subdomain), "the refusal names the pod: {err}");
+    mesh.wait_ready(&[&long_id, "default/web-0"])?;
+
+    // Its kernel objects exist under names that fit, starting as the short ones would.
+    let (netns, cgroup) = pod_objects(&ns, &pod)?;
+    ensure!(netns.len() <= 128, "netns name {netns}");
+    let dir_name = cgroup.file_name().context("cgroup")?.to_string_lossy();
+    ensure!(dir_name.len() <= 128, "cgroup directory {dir_name}");
+    ensure!(
+        std::fs::read_to_string(format!("/etc/netns/{netns}/hosts"))?.contains("api-v1"),
+        "the long pod's hosts file"
+    );
+
+    // The agent serves it.
+    let proxy = mesh.meshctl(&["proxy", "read", &pod, "-n", &ns, "-o", "json"])?;
+    ensure!(proxy.contains("api-v1"), "proxy read: {proxy}");
+
+    // Denied: web's app gets no answer from it.
+    let vip = cluster_ip(&mesh, &ns, "api-v1")?;
+    let target = format!("{vip}:9091");
+    let out = in_pod("default", "web-0", &["http-get", &target])?;
+    ensure!(
+        !out.contains("Response from API v1"),
+        "denied, yet the long-named api-v1 answered: {out}"
+    );
+    // Allowed: a 200 through the mesh.
+    mesh.meshctl(&[
+        "intention",
+        "create",
+        "-allow",
+        "default/web",
+        &format!("{ns}/api-v1"),
+    ])?;
+    let out = mesh.wait(
+        "a 200 from the long-named api-v1",
+        Duration::from_secs(15),
+        |_| {
+            let out = in_pod("default", "web-0", &["http-get", &target])?;
+            Ok(out.starts_with("HTTP/1.1 200").then_some(out))
+        },
+    )?;
+    ensure!(out.contains("Response from API v1"), "allowed: {out}");
+    // And the long pod's own app reaches its own port 127.0.0.1:9091 (its netns works).
+    let own = in_long_pod(&ns, &pod, &["http-get", "127.0.0.1:9091"])?;
+    ensure!(
+        own.contains("Response from API v1"),
+        "in the long pod: {own}"
+    );
+
+    // Ctrl-C finds and removes the shortened names too.
+    mesh.stop()?;
+    let after = footprint()?;
+    ensure!(
+        after == before,
+        "left behind by meshd local: {before:?} vs {after:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()> {
+    // No manifest alone makes the agent fail: the catalog's checks (ports, names, counts)
+    // refuse such a pod at apply. So the kernel refuses instead: the pod's loopback loses
+    // 127.0.0.1, and the agent cannot bind the pod's outbound listener (127.0.0.1:15001)
+    // when a catalog change makes it mesh the pod again.
+    let mut mesh = LocalMesh::start("ebpf")?;
+    let dir = tempfile::tempdir()?;
+    // api-v1 without a containerPort: its app port comes from its Service's targetPort, so a
+    // change to the Service changes the pod's catalog entry (and the agent meshes it again)
+    // while its processes keep running.
+    let api = std::fs::read_to_string(examples().join("api-v1.yaml"))?;
+    let one_port = api.replace("          ports:\n            - containerPort: 9091\n", "");
+    ensure!(one_port != api, "examples/api-v1.yaml changed shape");
+    let two_ports = one_port.replace(
+        "    - port: 9091\n      targetPort: 9091\n",
+        "    - port: 9091\n      targetPort: 9091\n      name: http\n    - port: 9092\n      targetPort: 9092\n      name: extra\n",
+    );
+    ensure!(two_ports != one_port, "examples/api-v1.yaml changed shape");
+    let file = dir.path().join("api-v1.yaml");
+    let file_str = file.to_str().context("path")?.to_string();
+    std::fs::write(&file, &one_port)?;
+    mesh.meshctl(&["apply", "-f", &file_str])?;
+    mesh.wait_ready(&["default/api-v1-0"])?;
+    let (netns, cgroup) = pod_objects("default", "api-v1-0")?;
+    let procs = |cgroup: &Path| -> Result<String> {
+        Ok(std::fs::read_to_string(cgroup.join("cgroup.procs"))?
+            .trim()
+            .to_string())
+    };
+    ensure!(!procs(&cgroup)?.is_empty(), "api-v1 runs");
+
+    let ip = |args: &[&str]| -> Result<()> {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&netns)
+            .args(args)
+            .output()?;
+        ensure!(out.status.success(), "ip {args:?}: {out:?}");
+        Ok(())
+    };
+    ip(&["addr", "del", "127.0.0.1/8", "dev", "lo"])?;
+    std::fs::write(&file, &two_ports)?;
+    let out = mesh.meshctl_as(&mesh.token, &["apply", "-f", &file_str])?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !out.status.success() && said.contains("could not mesh"),
+        "apply names the pod it could not mesh: {said}"
+    );
+
+    // Its running processes were stopped, and `get pods` says why.
+    let status = mesh.wait("api-v1 stopped", Duration::from_secs(15), |m| {
+        let p = pod_json(m, "default", "api-v1-0")?;
+        Ok(procs(&cgroup)?.is_empty().then_some(p))
+    })?;
+    eprintln!("unmeshed pod: {status}");
+    let waiting = &status["status"]["containerStatuses"][0]["state"]["waiting"];
+    ensure!(
+        waiting["reason"] == "MeshFailed"
+            && waiting["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("15001") || m.contains("address")),
+        "the container waits with the agent's reason: {status}"
+    );
+    ensure!(
+        status["status"]["mesh"]["error"].is_string()
+            && status["status"]["mesh"]["proxyReady"] == false,
+        "the mesh status carries the error: {status}"
+    );
+    ensure!(
+        status["status"]["phase"] == "Pending"
+            && !status["status"]["conditions"]
+                .as_array()
+                .context("conditions")?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True"),
+        "not Ready: {status}"
+    );
+    let table = mesh.meshctl(&["get", "pods"])?;
+    eprintln!("{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("api-v1-0"))
+        .with_context(|| format!("no api-v1-0 row: {table}"))?;
+    ensure!(
+        row.contains("0/1") && row.contains("MeshFailed"),
+        "STATUS says MeshFailed: {table}"
+    );
+    // The restart back-off does not bring it back either.
+    std::thread::sleep(Duration::from_secs(12));
+    ensure!(procs(&cgroup)?.is_empty(), "api-v1 was restarted unmeshed");
+
+    // Once the pod's network works again, the next apply meshes it and it starts.
+    ip(&["addr", "add", "127.0.0.1/8", "dev", "lo"])?;
+    std::fs::write(&file, &one_port)?;
+    let again = mesh.meshctl(&["apply", "-f", &file_str])?;
+    ensure!(again.contains("configured"), "re-apply said {again}");
+    mesh.wait_ready(&["default/api-v1-0"])?;
+    ensure!(!procs(&cgroup)?.is_empty(), "api-v1 runs again");
+    let p = pod_json(&mesh, "default", "api-v1-0")?;
+    ensure!(
+        p["status"]["mesh"]["error"].is_null() && p["status"]["mesh"]["proxyReady"] == true,
+        "meshed again: {p}"
+    );
+    mesh.stop()
+}

@@ -24,6 +24,7 @@ mod views;
 
 pub use process::LOG_DIR;
 pub use ready::{listening_ports, parse_listening};
+pub use views::MESH_FAILED;
 
 use crate::applied::{self, Applied, Change};
 use crate::control::{ControlError, ManifestRequest, Request};
@@ -63,6 +64,8 @@ struct PodRun {
     pod: LocalPod,
     created: SystemTime,
     containers: Vec<ContainerRun>,
+    /// Why the agent could not mesh the pod; its processes do not run while this is set.
+    mesh_error: Option<String>,
 }
 
 /// What a change will do, computed before anything is touched.
@@ -101,7 +104,7 @@ fn ctl(e: Error) -> ControlError {
 impl Runner {
     /// A runner on `node`, with the manifests applied before (in `state_dir`) as its desired
     /// state. Nothing is created until [`prepare`](Self::prepare), nothing runs until
-    /// [`start_processes`](Self::start_processes).
+    /// [`start_processes`](Self::start_processes) (and then only the pods the agent meshed).
     ///
     /// # Errors
     /// [`Error::Applied`] when the stored objects cannot be loaded.
@@ -141,12 +144,67 @@ impl Runner {
         Ok((self.catalog(), errors))
     }
 
-    /// Starts every pod's processes (after the agent serves them).
-    pub fn start_processes(&mut self) {
-        let ids: Vec<String> = self.pods.keys().cloned().collect();
-        for id in ids {
+    /// Starts the processes of every pod the agent serves (after [`Agent::start`]). A meshed
+    /// pod the agent could not mesh is not started: its containers wait with reason
+    /// [`MESH_FAILED`] and the agent's message (a pod is meshed or it does not run).
+    pub fn start_processes(&mut self, agent: &Agent) {
+        for (id, e) in self.follow_agent(agent) {
+            warn!(pod = %id, error = %e, "not running a pod the agent could not mesh");
+        }
+    }
+
+    /// Makes the pods' processes follow what the agent serves: a pod in the mesh whose
+    /// workload the agent does not serve is stopped (or not started) and marked with why; a
+    /// pod the agent serves (or one outside the mesh) is started if it has no processes.
+    /// Returns the pods that newly failed, with why.
+    fn follow_agent(&mut self, agent: &Agent) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        let mut stop = Vec::new();
+        let mut start = Vec::new();
+        for (id, run) in &mut self.pods {
+            let error = match &run.workload.mesh {
+                None => None,
+                Some(_) => {
+                    let cid = plan::catalog_id(id);
+                    match agent.pod(&cid) {
+                        Some(_) => None,
+                        None => Some(agent.unmeshed().get(&cid).cloned().unwrap_or_else(|| {
+                            "the agent does not serve the pod (it refused the catalog)".to_string()
+                        })),
+                    }
+                }
+            };
+            match error {
+                Some(e) => {
+                    if run.mesh_error.as_ref() != Some(&e) {
+                        failed.push((id.clone(), e.clone()));
+                    }
+                    run.mesh_error = Some(e);
+                    stop.push(id.clone());
+                }
+                None => {
+                    run.mesh_error = None;
+                    if run
+                        .containers
+                        .iter()
+                        .all(|c| c.child.is_none() && c.started.is_none())
+                    {
+                        start.push(id.clone());
+                    }
+                }
+            }
+        }
+        self.stop_processes(&stop);
+        for id in &stop {
+            // Fresh containers: when the pod is meshed again, it starts like a new one.
+            if let Some(run) = self.pods.get_mut(id) {
+                run.containers = process::containers(&run.workload);
+            }
+        }
+        for id in start {
             self.start_pod_processes(&id);
         }
+        failed
     }
 
     fn catalog(&self) -> Catalog {
@@ -273,6 +331,7 @@ impl Runner {
                             workload: w,
                             pod,
                             created: SystemTime::now(),
+                            mesh_error: None,
                         },
                     );
                 }
@@ -285,8 +344,7 @@ impl Runner {
         errors
     }
 
-    /// Removes the pods that are no longer wanted, rewrites every hosts file, and starts the
-    /// processes of pods that have none.
+    /// Removes the pods that are no longer wanted and rewrites every hosts file.
     fn finish(&mut self, removed: &[String]) -> Vec<String> {
         let mut errors = Vec::new();
         for id in removed {
@@ -305,19 +363,6 @@ impl Runner {
                 errors.push(format!("pod {}: {e}", run.pod.id));
             }
         }
-        let idle: Vec<String> = self
-            .pods
-            .iter()
-            .filter(|(_, r)| {
-                r.containers
-                    .iter()
-                    .all(|c| c.child.is_none() && c.started.is_none())
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in idle {
-            self.start_pod_processes(&id);
-        }
         errors
     }
 
@@ -329,6 +374,15 @@ impl Runner {
             errors.push(format!("the agent refused the new catalog: {e}"));
         }
         errors.extend(self.finish(&removed));
+        self.follow_agent(agent);
+        for run in self.pods.values() {
+            if let Some(e) = &run.mesh_error {
+                errors.push(format!(
+                    "pod {} not started: the agent could not mesh it: {e}",
+                    run.pod.id
+                ));
+            }
+        }
         for e in &errors {
             warn!(error = %e, "local runner");
         }

@@ -28,6 +28,9 @@ impl Runner {
         let Some(run) = self.pods.get_mut(id) else {
             return;
         };
+        if run.mesh_error.is_some() {
+            return;
+        }
         for i in 0..run.containers.len() {
             start_container(
                 &self.meshd,
@@ -77,6 +80,9 @@ impl Runner {
     pub fn poll(&mut self) {
         let now = Instant::now();
         for run in self.pods.values_mut() {
+            if run.mesh_error.is_some() {
+                continue;
+            }
             for c in &mut run.containers {
                 if let Some(child) = c.child.as_mut() {
                     if let Ok(Some(status)) = child.try_wait() {
@@ -138,6 +144,15 @@ pub(super) fn containers(w: &k8s::Workload) -> Vec<ContainerRun> {
         .collect()
 }
 
+/// The first part of a pod's log file names: its cgroup directory's name (`<namespace>_<pod>`,
+/// shortened when long).
+fn log_stem(pod: &LocalPod) -> String {
+    pod.cgroup.file_name().map_or_else(
+        || pod.id.replacen('/', "_", 1),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 /// Starts a container's process in its pod, through `meshd exec` (cgroup first, then the
 /// network namespace and its hosts file, the state directory hidden, capabilities dropped,
 /// `securityContext.runAsUser`/`runAsGroup` honoured). Its output goes to
@@ -153,11 +168,9 @@ fn start_container(
         let spec = plan::process_spec(meshd, &c.spec)?;
         let logs = state_dir.join(LOG_DIR);
         std::fs::create_dir_all(&logs).map_err(|e| format!("creating {}: {e}", logs.display()))?;
-        let log_path = logs.join(format!(
-            "{}_{}.log",
-            pod.id.replacen('/', "_", 1),
-            c.spec.name
-        ));
+        // `<namespace>_<pod>_<container>.log`, the pod's part as its cgroup directory is named
+        // (shortened for long names, so that the file name fits).
+        let log_path = logs.join(format!("{}_{}.log", log_stem(pod), c.spec.name));
         let log = OpenOptions::new()
             .create(true)
             .append(true)

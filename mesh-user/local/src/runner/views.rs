@@ -15,6 +15,9 @@ use mesh_core::catalog::ServiceRef;
 use mesh_core::intentions::{MatchType, Matched, RuleSet, ServiceName};
 use mesh_core::k8s;
 
+/// The waiting reason (and STATUS) of the containers of a pod the agent could not mesh.
+pub const MESH_FAILED: &str = "MeshFailed";
+
 impl Runner {
     pub(super) fn pod_view(&self, run: &PodRun, agent: &Agent) -> PodView {
         let w = &run.workload;
@@ -29,6 +32,15 @@ impl Runner {
             .map(|(i, c)| {
                 let ready = self.container_ready(run, i);
                 let state = match (&c.child, &c.last_exit, &c.start_error) {
+                    // Not run: the agent could not mesh the pod (kubelet's CreateContainerError
+                    // shape: the reason in STATUS, the message in the JSON).
+                    (None, _, _) if run.mesh_error.is_some() => ContainerState {
+                        waiting: Some(Waiting {
+                            reason: MESH_FAILED.into(),
+                            message: run.mesh_error.clone(),
+                        }),
+                        ..ContainerState::default()
+                    },
                     (Some(_), _, _) => ContainerState {
                         running: Some(Running {
                             started_at: timestamp(c.started.unwrap_or(run.created)),
@@ -145,6 +157,7 @@ impl Runner {
                 mesh: w.mesh.as_ref().map(|m| MeshStatus {
                     service: m.service.clone(),
                     proxy_ready: proxy_ready.unwrap_or(false),
+                    error: run.mesh_error.clone(),
                 }),
             },
         }

@@ -192,6 +192,10 @@ pub struct MeshStatus {
     pub service: String,
     /// Whether the agent serves the pod (its proxy listeners are up).
     pub proxy_ready: bool,
+    /// Why the agent could not mesh the pod (its containers are not run then: a pod is meshed
+    /// or it does not run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One of `status.podIPs`: `{"ip":"10.88.0.2"}`.
