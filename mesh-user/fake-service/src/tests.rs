@@ -1,3 +1,6 @@
+//! The twin's tests against fake-service's documented behaviour, one real server per test. One
+//! file at about 700 lines: the tests share one harness and read best next to each other.
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

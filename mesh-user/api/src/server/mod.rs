@@ -1,5 +1,6 @@
 //! The HTTP server: its configuration, start and shutdown, the listeners, the shared state
-//! and the extractors every handler uses ([`Caller`], [`Params`]). The handlers live in one
+//! and the extractors every handler uses ([`Caller`], [`Params`]); at about 700 lines because
+//! those pieces are what every route shares (the routes themselves are in submodules). The handlers live in one
 //! module per route group:
 //!
 //! - `/v1/connect/intentions*` in [`intentions`];
