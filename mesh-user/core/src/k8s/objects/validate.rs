@@ -510,10 +510,22 @@ fn mesh_annotations(
         Some(raw) => parse_upstreams(raw, &spec.containers, ctx.syntax)
             .map_err(|e| ctx.field(format!("{path}.{ANNOTATION_UPSTREAMS}"), e.to_string()))?,
     };
+    let transparent_proxy = annotation_bool(ctx, path, annotations, ANNOTATION_TRANSPARENT_PROXY)?;
+    if transparent_proxy == Some(false) {
+        // consul-k8s would leave such a pod's traffic unredirected; here every meshed pod's
+        // TCP is steered (that is what keeps plaintext away from its app), so the switch cannot
+        // be honoured, and is refused rather than silently ignored.
+        return Err(ctx.field(
+            format!("{path}.{ANNOTATION_TRANSPARENT_PROXY}"),
+            "\"false\" is not supported: every meshed pod's traffic goes through the mesh; \
+             exclude ports with consul.hashicorp.com/transparent-proxy-exclude-inbound-ports, \
+             or leave the pod out of the mesh (connect-inject: \"false\")",
+        ));
+    }
     Ok(Some(MeshAnnotations {
         service: names.first().map(|s| s.to_string()),
         upstreams,
-        transparent_proxy: annotation_bool(ctx, path, annotations, ANNOTATION_TRANSPARENT_PROXY)?,
+        transparent_proxy,
         exclude_inbound_ports: annotation_ports(
             ctx,
             path,

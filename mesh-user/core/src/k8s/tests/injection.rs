@@ -214,3 +214,36 @@ fn excluded_inbound_ports_are_parsed_and_bad_ones_refused() {
         );
     }
 }
+
+#[test]
+fn transparent_proxy_false_is_refused_naming_the_annotation() {
+    // Every meshed pod's traffic is steered; the consul-k8s switch that would turn that off
+    // cannot be honoured, so it is refused at apply time rather than ignored.
+    let e = err(&deployment(
+        "web",
+        1,
+        &format!("{INJECT}\n        consul.hashicorp.com/transparent-proxy: \"false\""),
+    ));
+    assert!(
+        e.contains("consul.hashicorp.com/transparent-proxy") && e.contains("not supported"),
+        "{e}"
+    );
+    // "true" is what the mesh does anyway.
+    let s = state(&format!(
+        "{}---{}",
+        service("web", 9090),
+        deployment(
+            "web",
+            1,
+            &format!("{INJECT}\n        consul.hashicorp.com/transparent-proxy: \"true\"")
+        )
+    ));
+    assert_eq!(
+        s.workloads[0]
+            .mesh
+            .as_ref()
+            .expect("meshed")
+            .transparent_proxy,
+        Some(true)
+    );
+}
