@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::{Error, Names};
 use mesh_core::catalog::{Catalog, Workload};
 use mesh_core::intentions::{compile_with, Action, RuleSet};
-use mesh_dataplane::bpf::Dataplane;
+use mesh_dataplane::bpf::{CgroupId, Dataplane, ListenerSlot, NetnsCookie};
 use mesh_dataplane::iptables;
 
 /// The pod's addresses as its inbound side must steer them: `ip` and every IPv6 address of the
@@ -203,11 +203,11 @@ impl std::fmt::Display for Mode {
 #[derive(Debug)]
 pub struct PodKernel {
     /// The pod's cgroup id (its cgroup v2 directory's inode), the key of the pod map.
-    pub cgroup_id: u64,
+    pub cgroup_id: CgroupId,
     /// The cookie of the pod's network namespace, the first half of its local-port keys.
-    pub netns_cookie: u64,
+    pub netns_cookie: NetnsCookie,
     /// Slot of the pod's inbound listener in the sk_lookup sockmap.
-    pub slot: u32,
+    pub slot: ListenerSlot,
 }
 
 /// The steering in force, with the kernel dataplane it drives in eBPF mode.
@@ -455,9 +455,9 @@ impl Steering {
     /// be removed.
     pub fn forget_stale_pods(
         &mut self,
-        keep_cgroups: &BTreeSet<u64>,
+        keep_cgroups: &BTreeSet<CgroupId>,
         keep_pods: &BTreeSet<String>,
-        keep_netns: &BTreeSet<u64>,
+        keep_netns: &BTreeSet<NetnsCookie>,
     ) -> Result<(), Error> {
         let Steering::Ebpf(dp) = self else {
             return Ok(());

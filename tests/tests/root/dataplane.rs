@@ -861,12 +861,12 @@ fn an_excluded_inbound_port_reaches_the_app_directly() -> Result<()> {
         "steered port"
     );
     assert_eq!(dp.inbound_excluded()?, vec![(api.ip.into(), 9001)]);
-    assert_eq!(dp.inbound_addrs()?, vec![(api.ip.into(), 0)]);
+    assert_eq!(dp.inbound_addrs()?, vec![(api.ip.into(), 0.into())]);
 
     // A restarted agent keeps the addresses of the pods it still has and forgets the others'
     // (by network namespace), exclusions included.
     let cookie = api.netns().cookie()?;
-    assert_eq!(dp.retain_inbound(&BTreeSet::from([cookie]))?, 0);
+    assert_eq!(dp.retain_inbound(&BTreeSet::from([cookie.into()]))?, 0);
     assert_eq!(dp.inbound_addrs()?.len(), 1);
     assert_eq!(dp.retain_inbound(&BTreeSet::new())?, 1);
     // Forgetting the pod's inbound side leaves nothing behind; the address is then unknown and

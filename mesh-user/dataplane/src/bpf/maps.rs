@@ -13,7 +13,7 @@ use mesh_common::{
     MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES, MAP_SOCKS, MAP_SOCK_STATE,
 };
 
-use super::{Dataplane, Error};
+use super::{CgroupId, Dataplane, Error, ListenerSlot, NetnsCookie};
 
 /// The kernel counters, summed over CPUs: one value per entry of [`mesh_common::COUNTERS`]
 /// (serialized, and debug-printed, as an object by those names).
@@ -133,9 +133,13 @@ impl Dataplane {
     }
 
     /// Marks the cgroup as a meshed pod whose connections carry `identity`.
-    pub fn set_pod(&mut self, cgroup_id: u64, value: PodValue) -> Result<(), Error> {
+    pub fn set_pod(
+        &mut self,
+        cgroup_id: impl Into<CgroupId>,
+        value: PodValue,
+    ) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, MAP_PODS)?;
-        map.insert(cgroup_id, value, 0)
+        map.insert(cgroup_id.into().0, value, 0)
             .map_err(|source| Error::Map {
                 name: MAP_PODS,
                 source,
@@ -148,32 +152,40 @@ impl Dataplane {
     /// # Errors
     ///
     /// [`Error::Map`] if the map refuses the deletion.
-    pub fn remove_pod(&mut self, cgroup_id: u64) -> Result<(), Error> {
+    pub fn remove_pod(&mut self, cgroup_id: impl Into<CgroupId>) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, u64, PodValue> = typed(&mut self.ebpf, MAP_PODS)?;
-        ignore_missing(map.remove(&cgroup_id), MAP_PODS)
+        ignore_missing(map.remove(&cgroup_id.into().0), MAP_PODS)
     }
 
     /// Every meshed pod: (cgroup id, value).
-    pub fn pods(&self) -> Result<Vec<(u64, PodValue)>, Error> {
-        entries_of(&self.ebpf, MAP_PODS)
+    pub fn pods(&self) -> Result<Vec<(CgroupId, PodValue)>, Error> {
+        Ok(entries_of::<u64, PodValue>(&self.ebpf, MAP_PODS)?
+            .into_iter()
+            .map(|(k, v)| (CgroupId(k), v))
+            .collect())
     }
 
     /// Every redirected local port: (netns cookie, port).
-    pub fn local_ports(&self) -> Result<Vec<(u64, u16)>, Error> {
+    pub fn local_ports(&self) -> Result<Vec<(NetnsCookie, u16)>, Error> {
         Ok(
             entries_of::<LocalPortKey, u32>(&self.ebpf, MAP_LOCAL_PORTS)?
                 .into_iter()
-                .map(|(k, _)| (k.netns, k.port))
+                .map(|(k, _)| (NetnsCookie(k.netns), k.port))
                 .collect(),
         )
     }
 
     /// Marks a port in a pod's network namespace (by cookie) as a proxy listener or app port:
     /// loopback connections to it are redirected by sk_msg.
-    pub fn set_local_port(&mut self, netns: u64, port: u16, kind: u32) -> Result<(), Error> {
+    pub fn set_local_port(
+        &mut self,
+        netns: impl Into<NetnsCookie>,
+        port: u16,
+        kind: u32,
+    ) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, LocalPortKey, u32> =
             typed(&mut self.ebpf, MAP_LOCAL_PORTS)?;
-        map.insert(LocalPortKey::new(netns, port), kind, 0)
+        map.insert(LocalPortKey::new(netns.into().0, port), kind, 0)
             .map_err(|source| Error::Map {
                 name: MAP_LOCAL_PORTS,
                 source,
@@ -186,10 +198,17 @@ impl Dataplane {
     /// # Errors
     ///
     /// [`Error::Map`] if the map refuses the deletion.
-    pub fn remove_local_port(&mut self, netns: u64, port: u16) -> Result<(), Error> {
+    pub fn remove_local_port(
+        &mut self,
+        netns: impl Into<NetnsCookie>,
+        port: u16,
+    ) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, LocalPortKey, u32> =
             typed(&mut self.ebpf, MAP_LOCAL_PORTS)?;
-        ignore_missing(map.remove(&LocalPortKey::new(netns, port)), MAP_LOCAL_PORTS)
+        ignore_missing(
+            map.remove(&LocalPortKey::new(netns.into().0, port)),
+            MAP_LOCAL_PORTS,
+        )
     }
 
     /// Puts a pod's inbound listener in slot `slot` and marks each of the pod's addresses
@@ -203,12 +222,13 @@ impl Dataplane {
     /// a port the pod excludes or finds an empty slot.
     pub fn set_inbound(
         &mut self,
-        slot: u32,
+        slot: impl Into<ListenerSlot>,
         listener: &TcpListener,
-        netns: u64,
+        netns: impl Into<NetnsCookie>,
         addrs: &[IpAddr],
         excluded_ports: &[u16],
     ) -> Result<(), Error> {
+        let (slot, netns) = (slot.into().0, netns.into().0);
         {
             let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, MAP_INBOUND_SOCKS)?;
             socks.set(slot, listener, 0).map_err(|source| Error::Map {
@@ -248,11 +268,11 @@ impl Dataplane {
     }
 
     /// Every meshed pod address: (address, listener slot).
-    pub fn inbound_addrs(&self) -> Result<Vec<(IpAddr, u32)>, Error> {
+    pub fn inbound_addrs(&self) -> Result<Vec<(IpAddr, ListenerSlot)>, Error> {
         Ok(
             entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
-                .map(|(k, v)| (key_ip(k), v.slot))
+                .map(|(k, v)| (key_ip(k), ListenerSlot(v.slot)))
                 .collect(),
         )
     }
@@ -270,11 +290,11 @@ impl Dataplane {
     /// Forgets the meshed addresses (and their excluded ports) of every pod whose network
     /// namespace cookie is not in `keep`: after a restart, the pods removed while the agent was
     /// down. Returns how many addresses went.
-    pub fn retain_inbound(&mut self, keep: &BTreeSet<u64>) -> Result<usize, Error> {
+    pub fn retain_inbound(&mut self, keep: &BTreeSet<NetnsCookie>) -> Result<usize, Error> {
         let stale: Vec<PodAddrKey> =
             entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
-                .filter(|(_, v)| !keep.contains(&v.netns))
+                .filter(|(_, v)| !keep.contains(&NetnsCookie(v.netns)))
                 .map(|(k, _)| k)
                 .collect();
         self.forget_addrs(&stale)?;
@@ -338,7 +358,8 @@ impl Dataplane {
     /// Forgets every address steered to `slot` and its excluded ports, then frees the slot.
     /// Addresses go first: a connection to them then finds no pod entry and is dropped, never
     /// passed, while the slot empties.
-    pub fn remove_inbound(&mut self, slot: u32) -> Result<(), Error> {
+    pub fn remove_inbound(&mut self, slot: impl Into<ListenerSlot>) -> Result<(), Error> {
+        let slot = slot.into().0;
         let addrs: Vec<PodAddrKey> =
             entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()

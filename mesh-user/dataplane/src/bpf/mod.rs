@@ -15,10 +15,12 @@
 
 mod attach;
 pub mod btf;
+mod ids;
 mod intentions;
 mod maps;
 mod pins;
 
+pub use ids::{CgroupId, ListenerSlot, NetnsCookie};
 pub use maps::{ConnMapSizes, Counters};
 pub use pins::{instances, pinned_link_ids, uninstall};
 
