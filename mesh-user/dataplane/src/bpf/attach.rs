@@ -87,6 +87,16 @@ impl Dataplane {
     /// Attaches connect4 and connect6 to the pod's cgroup and sk_lookup to its network
     /// namespace, unless pinned attachments for this pod exist already (then they are adopted).
     /// Kernel ≥ 5.10 (sk_lookup links, socket storage from every program kind used).
+    ///
+    /// Each pinned link is first checked against the live object (kernel link info, Linux 5.8):
+    /// a link that is defunct, attached elsewhere or runs another program is replaced (attach
+    /// first, then unpin the old one and pin the new one), with an INFO log.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadName`] for an invalid pod name, [`Error::Io`] if the cgroup or namespace
+    /// cannot be opened or stat'ed or a pin written, [`Error::Program`] if the kernel refuses an
+    /// attachment, [`Error::Pin`] / [`Error::Link`] if a link cannot be pinned.
     pub fn attach_pod(&mut self, pod: &str, cgroup: &Path, netns: &NetNs) -> Result<(), Error> {
         check_name(pod)?;
         let dir = self.dir.join("pods").join(pod);
@@ -129,12 +139,20 @@ impl Dataplane {
     }
 
     /// Detaches the pod's programs (removes its pinned links).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadName`] for an invalid pod name, [`Error::Io`] if a pin cannot be removed.
     pub fn detach_pod(&mut self, pod: &str) -> Result<(), Error> {
         check_name(pod)?;
         remove_pins(&self.dir.join("pods").join(pod))
     }
 
     /// The pods whose programs are pinned under this instance.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the instance's `pods/` directory cannot be read.
     pub fn attached_pods(&self) -> Result<Vec<String>, Error> {
         let dir = self.dir.join("pods");
         let mut pods = Vec::new();
@@ -148,6 +166,10 @@ impl Dataplane {
 
     /// Kernel ids of the links pinned for this instance, by pin path (used to prove that a
     /// restart adopts attachments rather than repeating them).
+    ///
+    /// # Errors
+    ///
+    /// As [`pinned_link_ids`].
     pub fn link_ids(&self) -> Result<BTreeMap<String, u32>, Error> {
         pinned_link_ids(&self.instance)
     }

@@ -19,6 +19,11 @@ impl Dataplane {
     /// Replaces the whole intention set at once: the set not in force is brought to `entries`
     /// (only the differences are written), then `CONFIG.intention_set` flips to it together with
     /// the default verdict. A connection sees the old rules or the new ones, never a mix.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the set being written is full or refuses a write; the set in force is
+    /// then unchanged (the flip did not happen).
     pub fn replace_intentions(
         &mut self,
         entries: std::collections::HashMap<IntentionKey, IntentionValue>,
@@ -73,6 +78,10 @@ impl Dataplane {
     }
 
     /// The intentions in force, as the kernel holds them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if `CONFIG` or the set cannot be read.
     pub fn intentions(&self) -> Result<Vec<(IntentionKey, IntentionValue)>, Error> {
         let set = self.config()?.intention_set;
         entries_of(
@@ -87,6 +96,10 @@ impl Dataplane {
 
     /// Connections each intention allowed and denied in connect4, by counter index, summed
     /// over CPUs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map cannot be read.
     pub fn intention_counts(&self) -> Result<BTreeMap<u32, IntentionCounts>, Error> {
         let map: aya::maps::PerCpuHashMap<&MapData, u32, IntentionCounts> =
             typed_ref(&self.ebpf, MAP_INTENTION_COUNTS)?;

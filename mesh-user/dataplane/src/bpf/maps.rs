@@ -74,6 +74,10 @@ impl Dataplane {
     /// Sets the global switches. The kernel offsets the sk_msg backlog bound needs are filled in
     /// from the running kernel's BTF; without them sk_msg never redirects. Keep
     /// `intention_set` as [`Dataplane::config`] returns it unless you wrote that set.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if `CONFIG` cannot be written.
     pub fn set_config(&mut self, mut config: Config) -> Result<(), Error> {
         config.offsets = self.offsets.unwrap_or_default();
         let mut map: Array<&mut MapData, Config> = typed(&mut self.ebpf, MAP_CONFIG)?;
@@ -97,6 +101,10 @@ impl Dataplane {
     }
 
     /// Registers a service address (virtual IP:port or endpoint IP:port) as `service`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map is full or refuses the write.
     pub fn set_service(&mut self, addr: SocketAddrV4, value: ServiceValue) -> Result<(), Error> {
         let mut map: HashMap<&mut MapData, ServiceKey, ServiceValue> =
             typed(&mut self.ebpf, MAP_SERVICES)?;
@@ -119,6 +127,10 @@ impl Dataplane {
     }
 
     /// Every registered service address.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map cannot be read.
     pub fn services(&self) -> Result<Vec<(SocketAddrV4, ServiceValue)>, Error> {
         let map: HashMap<&MapData, ServiceKey, ServiceValue> = typed_ref(&self.ebpf, MAP_SERVICES)?;
         map.iter()
@@ -133,6 +145,10 @@ impl Dataplane {
     }
 
     /// Marks the cgroup as a meshed pod whose connections carry `identity`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the pod map is full or refuses the write.
     pub fn set_pod(
         &mut self,
         cgroup_id: impl Into<CgroupId>,
@@ -158,6 +174,10 @@ impl Dataplane {
     }
 
     /// Every meshed pod: (cgroup id, value).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map cannot be read.
     pub fn pods(&self) -> Result<Vec<(CgroupId, PodValue)>, Error> {
         Ok(entries_of::<u64, PodValue>(&self.ebpf, MAP_PODS)?
             .into_iter()
@@ -166,6 +186,10 @@ impl Dataplane {
     }
 
     /// Every redirected local port: (netns cookie, port).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map cannot be read.
     pub fn local_ports(&self) -> Result<Vec<(NetnsCookie, u16)>, Error> {
         Ok(
             entries_of::<LocalPortKey, u32>(&self.ebpf, MAP_LOCAL_PORTS)?
@@ -177,6 +201,12 @@ impl Dataplane {
 
     /// Marks a port in a pod's network namespace (by cookie) as a proxy listener or app port:
     /// loopback connections to it are redirected by sk_msg.
+    ///
+    /// `kind` is `mesh_common::LOCAL_PORT_*`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map is full or refuses the write.
     pub fn set_local_port(
         &mut self,
         netns: impl Into<NetnsCookie>,
@@ -220,6 +250,14 @@ impl Dataplane {
     ///
     /// The listener goes in first and the exclusions before the addresses, so no moment steers
     /// a port the pod excludes or finds an empty slot.
+    ///
+    /// Needs sk_lookup (Linux 5.9).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the sockmap refuses the listener (not listening, wrong family) or an
+    /// address or exclusion map is full; what was written before stays (undo with
+    /// [`Dataplane::remove_inbound`]).
     pub fn set_inbound(
         &mut self,
         slot: impl Into<ListenerSlot>,
@@ -268,6 +306,10 @@ impl Dataplane {
     }
 
     /// Every meshed pod address: (address, listener slot).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map cannot be read.
     pub fn inbound_addrs(&self) -> Result<Vec<(IpAddr, ListenerSlot)>, Error> {
         Ok(
             entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
@@ -278,6 +320,10 @@ impl Dataplane {
     }
 
     /// Every excluded inbound port: (pod address, port).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map cannot be read.
     pub fn inbound_excluded(&self) -> Result<Vec<(IpAddr, u16)>, Error> {
         Ok(
             entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
@@ -290,6 +336,10 @@ impl Dataplane {
     /// Forgets the meshed addresses (and their excluded ports) of every pod whose network
     /// namespace cookie is not in `keep`: after a restart, the pods removed while the agent was
     /// down. Returns how many addresses went.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if a map cannot be read or an entry removed.
     pub fn retain_inbound(&mut self, keep: &BTreeSet<NetnsCookie>) -> Result<usize, Error> {
         let stale: Vec<PodAddrKey> =
             entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
@@ -302,6 +352,10 @@ impl Dataplane {
     }
 
     /// The kernel counters, summed over CPUs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the counter map cannot be read.
     pub fn counters(&self) -> Result<Counters, Error> {
         let map: PerCpuArray<&MapData, u64> = typed_ref(&self.ebpf, MAP_COUNTERS)?;
         let mut sums = Counters::default();
@@ -316,6 +370,10 @@ impl Dataplane {
     }
 
     /// Entry counts of the per-connection maps.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if a map cannot be opened as its type.
     pub fn conn_map_sizes(&self) -> Result<ConnMapSizes, Error> {
         fn count<K: aya::Pod, V: aya::Pod>(
             ebpf: &Ebpf,
@@ -358,6 +416,10 @@ impl Dataplane {
     /// Forgets every address steered to `slot` and its excluded ports, then frees the slot.
     /// Addresses go first: a connection to them then finds no pod entry and is dropped, never
     /// passed, while the slot empties.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if a map cannot be read or an entry removed.
     pub fn remove_inbound(&mut self, slot: impl Into<ListenerSlot>) -> Result<(), Error> {
         let slot = slot.into().0;
         let addrs: Vec<PodAddrKey> =

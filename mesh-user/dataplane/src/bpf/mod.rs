@@ -126,6 +126,10 @@ fn check_name(name: &str) -> Result<(), Error> {
 }
 
 /// Mounts the BPF filesystem on `/sys/fs/bpf` if nothing is mounted there.
+///
+/// # Errors
+///
+/// [`Error::Io`] if `/proc/self/mounts` cannot be read or the mount fails (no privileges).
 pub fn ensure_bpffs() -> Result<(), Error> {
     let mounts = fs::read_to_string("/proc/self/mounts").map_err(io_err("/proc/self/mounts"))?;
     let mounted = mounts.lines().any(|l| {
@@ -180,6 +184,17 @@ impl Dataplane {
     /// Loads the programs for `instance`, reusing its pinned maps if they exist, and makes sure
     /// the mesh-wide programs are attached to `mesh_cgroup`, the cgroup that holds both the
     /// agent and every pod. Attachments that are already pinned are adopted, not repeated.
+    ///
+    /// Kernel ≥ 5.9 for the whole set: sk_lookup 5.9, cgroup BPF links 5.7, sockops 4.13,
+    /// sk_msg 4.17, cgroup getsockopt 5.3, socket storage 5.2, link info for adoption 5.8.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadName`] for an invalid instance name, [`Error::NoObject`] for a build without
+    /// the kernel object, [`Error::Io`] if bpffs cannot be mounted or the pin tree, the socket
+    /// storage map or the mesh cgroup cannot be made or opened, [`Error::Load`] /
+    /// [`Error::Program`] if the kernel refuses the object or an attachment, [`Error::Pin`] if a
+    /// link cannot be pinned.
     pub fn open(instance: &str, mesh_cgroup: &Path) -> Result<Self, Error> {
         check_name(instance)?;
         if OBJECT.is_empty() {

@@ -11,12 +11,24 @@ use super::{check_name, instance_dir, io_err, Error, PIN_ROOT};
 
 /// Removes every pin of `instance`: its programs are detached once no process holds them.
 /// Removing an instance that does not exist is not an error.
+///
+/// # Errors
+///
+/// [`Error::BadName`] for an invalid instance name, [`Error::Io`] if a pin or directory
+/// cannot be removed.
 pub fn uninstall(instance: &str) -> Result<(), Error> {
     check_name(instance)?;
     remove_pins(&instance_dir(instance))
 }
 
 /// Kernel ids of the links pinned for `instance`, by pin path, without loading anything.
+///
+/// Reads link info (Linux 5.8).
+///
+/// # Errors
+///
+/// [`Error::BadName`] for an invalid instance name, [`Error::Io`] if a directory cannot be
+/// read, [`Error::Link`] if a pin is not a readable link.
 pub fn pinned_link_ids(instance: &str) -> Result<BTreeMap<String, u32>, Error> {
     check_name(instance)?;
     let dir = instance_dir(instance);
@@ -27,6 +39,10 @@ pub fn pinned_link_ids(instance: &str) -> Result<BTreeMap<String, u32>, Error> {
 }
 
 /// The instances that have pins on this host.
+///
+/// # Errors
+///
+/// [`Error::Io`] if [`PIN_ROOT`] exists but cannot be read.
 pub fn instances() -> Result<Vec<String>, Error> {
     let mut out = Vec::new();
     let entries = match fs::read_dir(PIN_ROOT) {
