@@ -268,10 +268,11 @@ impl Agent {
             kernel_rules: KernelRules::InSync,
         };
         agent.apply(Update::Full(catalog)).await?;
-        let keep_cgroups: BTreeSet<u64> = agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
+        let keep_cgroups: BTreeSet<mesh_dataplane::bpf::CgroupId> =
+            agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
         let keep_pods: BTreeSet<String> =
             agent.pods.values().map(|p| p.workload.pin_name()).collect();
-        let keep_netns: BTreeSet<u64> =
+        let keep_netns: BTreeSet<mesh_dataplane::bpf::NetnsCookie> =
             agent.pods.values().map(|p| p.kernel.netns_cookie).collect();
         agent
             .steering
@@ -442,17 +443,18 @@ impl Agent {
         Ok(diff)
     }
 
-    fn free_slot(&self) -> Result<u32, Error> {
-        let used: BTreeSet<u32> = self.pods.values().map(|p| p.kernel.slot).collect();
+    fn free_slot(&self) -> Result<mesh_dataplane::bpf::ListenerSlot, Error> {
+        let used: BTreeSet<u32> = self.pods.values().map(|p| p.kernel.slot.0).collect();
         (0..mesh_common::MAX_INBOUND_LISTENERS)
             .find(|s| !used.contains(s))
+            .map(mesh_dataplane::bpf::ListenerSlot)
             .ok_or_else(|| Error::Limit("no free inbound listener slot"))
     }
 
     async fn start_pod(&mut self, w: &Workload) -> Result<Pod, Error> {
         let netns = NetNs::open(&w.netns)?;
-        let cgroup_id = mesh_dataplane::cgroup::id(&w.cgroup)?;
-        let netns_cookie = netns.cookie()?;
+        let cgroup_id = mesh_dataplane::bpf::CgroupId(mesh_dataplane::cgroup::id(&w.cgroup)?);
+        let netns_cookie = mesh_dataplane::bpf::NetnsCookie(netns.cookie()?);
         let kernel = PodKernel {
             cgroup_id,
             netns_cookie,

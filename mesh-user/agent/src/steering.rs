@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::{Error, Names};
 use mesh_core::catalog::{Catalog, Workload};
 use mesh_core::intentions::{compile_with, Action, RuleSet};
-use mesh_dataplane::bpf::Dataplane;
+use mesh_dataplane::bpf::{CgroupId, Dataplane, ListenerSlot, NetnsCookie};
 use mesh_dataplane::iptables;
 
 /// The pod's addresses as its inbound side must steer them: `ip` and every IPv6 address of the
@@ -47,6 +47,140 @@ fn pod_addresses(netns: &mesh_dataplane::netns::NetNs, ip: Ipv4Addr) -> Result<V
     Ok(addrs)
 }
 
+/// An established TCP connection that reached a pod's app without the proxy: `local` is the
+/// pod address and app port it was accepted on, `peer` the other end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bypass {
+    /// The pod's address and the (listening) port the connection was accepted on.
+    pub local: std::net::SocketAddr,
+    /// The remote end.
+    pub peer: std::net::SocketAddr,
+}
+
+/// Parses one address column of `/proc/net/tcp{,6}` (`0100007F:1F90`: the address as the
+/// kernel's native-order words in hex, then the port in hex).
+fn proc_addr(col: &str) -> Option<std::net::SocketAddr> {
+    let (ip, port) = col.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut octets = Vec::with_capacity(16);
+    for i in (0..ip.len()).step_by(8) {
+        let word = u32::from_str_radix(ip.get(i..i + 8)?, 16).ok()?;
+        octets.extend(word.to_ne_bytes());
+    }
+    let ip = match octets.len() {
+        4 => IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3])),
+        16 => {
+            let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(octets).ok()?);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// Established TCP connections in the text of `/proc/net/tcp` and `tcp6` that reached one of
+/// `addrs` on a listening port other than the inbound port and `excluded_ports`, from an
+/// address that is neither the pod's own nor loopback: connections made while nothing steered
+/// the pod (the agent was absent), which never passed the proxy.
+fn bypassing(tables: &str, addrs: &[IpAddr], excluded_ports: &[u16]) -> Vec<Bypass> {
+    const ESTABLISHED: &str = "01";
+    const LISTEN: &str = "0A";
+    let rows: Vec<(std::net::SocketAddr, std::net::SocketAddr, &str)> = tables
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let _sl = f.next()?;
+            let local = proc_addr(f.next()?)?;
+            let peer = proc_addr(f.next()?)?;
+            Some((local, peer, f.next()?))
+        })
+        .collect();
+    let listening: BTreeSet<u16> = rows
+        .iter()
+        .filter(|(_, _, st)| *st == LISTEN)
+        .map(|(l, _, _)| l.port())
+        .collect();
+    rows.iter()
+        .filter(|(local, peer, st)| {
+            *st == ESTABLISHED
+                && addrs.contains(&local.ip())
+                && local.port() != mesh_common::INBOUND_PORT
+                && !excluded_ports.contains(&local.port())
+                && listening.contains(&local.port())
+                && !addrs.contains(&peer.ip())
+                && !peer.ip().is_loopback()
+        })
+        .map(|(local, peer, _)| Bypass {
+            local: *local,
+            peer: *peer,
+        })
+        .collect()
+}
+
+/// Finds, reports (WARN) and closes the established connections that reached the pod's app
+/// without the proxy (see [`bypassing`]), e.g. opened while no agent steered the pod. They
+/// are closed with `ss -K` run inside the pod's namespace (needs `CONFIG_INET_DIAG_DESTROY`);
+/// one that cannot be closed stays reported. Returns what was found.
+///
+/// # Errors
+///
+/// [`Error::Netns`] if the namespace cannot be entered or its socket tables read.
+pub fn close_bypassing(
+    pod: &str,
+    netns: &mesh_dataplane::netns::NetNs,
+    addrs: &[IpAddr],
+    excluded_ports: &[u16],
+) -> Result<Vec<Bypass>, Error> {
+    let tables = netns.run(|| {
+        let mut text = String::new();
+        for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+            match std::fs::read_to_string(f) {
+                Ok(t) => text.push_str(&t),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(text)
+    })?;
+    let found = bypassing(&tables, addrs, excluded_ports);
+    if found.is_empty() {
+        return Ok(found);
+    }
+    warn!(
+        pod,
+        count = found.len(),
+        "established connections reached the app without the proxy; closing them"
+    );
+    for b in &found {
+        let fmt = |a: std::net::SocketAddr| match a.ip() {
+            IpAddr::V4(ip) => format!("{ip}:{}", a.port()),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", a.port()),
+        };
+        let (src, dst) = (fmt(b.local), fmt(b.peer));
+        // A child forked from a thread inside the namespace lives in that namespace.
+        let closed = netns.run(|| {
+            std::process::Command::new("ss")
+                .args(["-K", "-tnH", "src", src.as_str(), "dst", dst.as_str()])
+                .output()
+        });
+        match closed {
+            Ok(out) if out.status.success() && !out.stdout.is_empty() => {
+                warn!(pod, local = %b.local, peer = %b.peer, "closed a connection that bypassed the proxy")
+            }
+            Ok(out) => warn!(
+                pod, local = %b.local, peer = %b.peer,
+                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                "a connection bypassed the proxy and could not be closed (ss -K needs CONFIG_INET_DIAG_DESTROY)"
+            ),
+            Err(e) => warn!(
+                pod, local = %b.local, peer = %b.peer, error = %e,
+                "a connection bypassed the proxy and could not be closed (running ss -K)"
+            ),
+        }
+    }
+    Ok(found)
+}
+
 /// How the agent steers pod traffic into its proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -69,11 +203,11 @@ impl std::fmt::Display for Mode {
 #[derive(Debug)]
 pub struct PodKernel {
     /// The pod's cgroup id (its cgroup v2 directory's inode), the key of the pod map.
-    pub cgroup_id: u64,
+    pub cgroup_id: CgroupId,
     /// The cookie of the pod's network namespace, the first half of its local-port keys.
-    pub netns_cookie: u64,
+    pub netns_cookie: NetnsCookie,
     /// Slot of the pod's inbound listener in the sk_lookup sockmap.
-    pub slot: u32,
+    pub slot: ListenerSlot,
 }
 
 /// The steering in force, with the kernel dataplane it drives in eBPF mode.
@@ -157,6 +291,10 @@ impl Steering {
                 )?;
             }
         }
+        // Now that new connections are steered, the ones that got in before (while no agent
+        // steered the pod) are found and closed.
+        let addrs = pod_addresses(netns, w.ip)?;
+        close_bypassing(&w.id(), netns, &addrs, &w.exclude_inbound_ports)?;
         Ok(())
     }
 
@@ -317,9 +455,9 @@ impl Steering {
     /// be removed.
     pub fn forget_stale_pods(
         &mut self,
-        keep_cgroups: &BTreeSet<u64>,
+        keep_cgroups: &BTreeSet<CgroupId>,
         keep_pods: &BTreeSet<String>,
-        keep_netns: &BTreeSet<u64>,
+        keep_netns: &BTreeSet<NetnsCookie>,
     ) -> Result<(), Error> {
         let Steering::Ebpf(dp) = self else {
             return Ok(());
@@ -343,5 +481,40 @@ impl Steering {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_inbound_connections_that_bypassed_the_proxy() {
+        // 10.0.0.2 listens on 9090 and 20000; one peer on 9090 (bypass), one on 20000 (proxy),
+        // one outbound from an ephemeral port, one from loopback.
+        let tables = "  sl  local_address rem_address   st\n\
+           0: 00000000:2382 00000000:0000 0A 0\n\
+           1: 00000000:4E20 00000000:0000 0A 0\n\
+           2: 0200000A:2382 0300000A:A000 01 0\n\
+           3: 0200000A:4E20 0300000A:A001 01 0\n\
+           4: 0200000A:A002 0300000A:2382 01 0\n\
+           5: 0100007F:2382 0100007F:A003 01 0\n\
+           6: 0000000000000000FFFF00000200000A:2382 0000000000000000FFFF00000400000A:A004 01 0\n";
+        let addrs = [IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))];
+        let found = bypassing(tables, &addrs, &[]);
+        assert_eq!(
+            found,
+            vec![
+                Bypass {
+                    local: "10.0.0.2:9090".parse().unwrap(),
+                    peer: "10.0.0.3:40960".parse().unwrap()
+                },
+                Bypass {
+                    local: "10.0.0.2:9090".parse().unwrap(),
+                    peer: "10.0.0.4:40964".parse().unwrap()
+                },
+            ]
+        );
+        assert!(bypassing(tables, &addrs, &[9090]).is_empty());
     }
 }

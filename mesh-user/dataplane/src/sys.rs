@@ -219,3 +219,75 @@ pub fn create_sk_storage(name: &str, value_size: u32) -> io::Result<std::os::fd:
     // SAFETY: on success BPF_MAP_CREATE returns a new file descriptor that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_LINK_TYPE_CGROUP` (`enum bpf_link_type`): a link on a cgroup (Linux 5.7).
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+/// `BPF_LINK_TYPE_NETNS` (`enum bpf_link_type`): a link on a network namespace, as sk_lookup's
+/// (Linux 5.8).
+pub const BPF_LINK_TYPE_NETNS: u32 = 5;
+
+/// `BPF_OBJ_GET` (Linux 4.4): opens the BPF object pinned at `path`.
+///
+/// # Errors
+///
+/// `InvalidInput` if `path` contains a NUL byte; otherwise the `bpf(2)` errno: `ENOENT` if
+/// nothing is pinned there, `EPERM` if the path is not on bpffs or privileges are missing.
+pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What the kernel says about a link (`struct bpf_link_info`), the fields adoption checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `enum bpf_link_type`: [`BPF_LINK_TYPE_CGROUP`], [`BPF_LINK_TYPE_NETNS`], ….
+    pub link_type: u32,
+    /// The link's kernel id.
+    pub id: u32,
+    /// The kernel id of the program the link runs.
+    pub prog_id: u32,
+    /// For a cgroup link, the id of its cgroup (the inode of its cgroup v2 directory); for a
+    /// netns link, the inode of its network namespace; 0 when that cgroup or namespace is gone
+    /// (the link is defunct) and for other link types.
+    pub target: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link (Linux 5.8; cgroup ids and netns inodes in the answer
+/// since 5.8 as well).
+///
+/// # Errors
+///
+/// The `bpf(2)` errno: `EBADF`/`EINVAL` if `fd` is not a BPF link, `EINVAL` before 5.8.
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    // struct bpf_link_info: type u32 @0, id u32 @4, prog_id u32 @8, then a union @16 whose
+    // cgroup member starts with `u64 cgroup_id` and netns member with `u32 netns_ino`.
+    let mut info = [0u64; 8];
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let bytes: Vec<u8> = info.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+    let link_type = u32_at(0);
+    let target = match link_type {
+        BPF_LINK_TYPE_CGROUP => info[2],
+        BPF_LINK_TYPE_NETNS => u64::from(u32_at(16)),
+        _ => 0,
+    };
+    Ok(LinkInfo {
+        link_type,
+        id: u32_at(4),
+        prog_id: u32_at(8),
+        target,
+    })
+}

@@ -861,12 +861,12 @@ fn an_excluded_inbound_port_reaches_the_app_directly() -> Result<()> {
         "steered port"
     );
     assert_eq!(dp.inbound_excluded()?, vec![(api.ip.into(), 9001)]);
-    assert_eq!(dp.inbound_addrs()?, vec![(api.ip.into(), 0)]);
+    assert_eq!(dp.inbound_addrs()?, vec![(api.ip.into(), 0.into())]);
 
     // A restarted agent keeps the addresses of the pods it still has and forgets the others'
     // (by network namespace), exclusions included.
     let cookie = api.netns().cookie()?;
-    assert_eq!(dp.retain_inbound(&BTreeSet::from([cookie]))?, 0);
+    assert_eq!(dp.retain_inbound(&BTreeSet::from([cookie.into()]))?, 0);
     assert_eq!(dp.inbound_addrs()?.len(), 1);
     assert_eq!(dp.retain_inbound(&BTreeSet::new())?, 1);
     // Forgetting the pod's inbound side leaves nothing behind; the address is then unknown and
@@ -1134,5 +1134,164 @@ fn iptables_mode_steers_every_inbound_port_v4_and_v6_except_excluded() -> Result
     assert!(!iptables::list(&api.netns_path)?.contains("CONSUL_PROXY"));
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
+    Ok(())
+}
+
+/// Deletes `pod`'s network namespace and cgroup and creates them again under the same paths,
+/// wired the same way (the pod was number `idx` of the node), as a crashed `meshd local`
+/// that starts again does: the pins left behind point at objects that no longer exist.
+fn recreate_pod(node: &Node, pod: &Pod, idx: u8) -> Result<()> {
+    use mesh_kit::run;
+    let ns = pod.netns_name.as_str();
+    let host_if = format!("v{}p{idx}", node.id);
+    run("ip", &["netns", "del", ns])?;
+    std::fs::remove_dir(&pod.cgroup).context("removing the pod cgroup")?;
+    let _ = run("ip", &["-n", &node.bridge_ns, "link", "del", &host_if]);
+    run("ip", &["netns", "add", ns])?;
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &host_if,
+            "netns",
+            &node.bridge_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &node.bridge_ns,
+            "link",
+            "set",
+            &host_if,
+            "master",
+            "br0",
+            "up",
+        ],
+    )?;
+    for conf in ["all", "default"] {
+        let key = format!("net.ipv6.conf.{conf}.disable_ipv6=1");
+        run("ip", &["netns", "exec", ns, "sysctl", "-q", "-w", &key])?;
+    }
+    run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+    run(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ip),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+    run(
+        "ip",
+        &["-n", ns, "route", "add", "10.96.0.0/16", "dev", "eth0"],
+    )?;
+    cgroup::create(&pod.cgroup)?;
+    Ok(())
+}
+
+/// The kernel's `(link id, target)` of the link pinned at `pin` under the node's instance:
+/// the cgroup id of a cgroup link, the netns inode of a netns link (0: defunct).
+fn pinned_target(node: &Node, pin: &str) -> Result<(u32, u64)> {
+    let path = mesh_dataplane::bpf::instance_dir(&node.instance()).join(pin);
+    let fd = mesh_dataplane::sys::obj_get(&path).with_context(|| format!("{}", path.display()))?;
+    let info = mesh_dataplane::sys::link_info(std::os::fd::AsFd::as_fd(&fd))?;
+    Ok((info.id, info.target))
+}
+
+#[test]
+fn adoption_reattaches_links_of_a_pod_whose_cgroup_and_netns_were_recreated() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let web = node.add_pod("web")?;
+    let other = vip(&node, 12, 9091);
+    {
+        let mut dp = open_dataplane(&node)?;
+        mesh_pod(&mut dp, &web, WEB_ID)?;
+    } // The agent crashes: the pins stay.
+    let old_cg = cgroup::id(&web.cgroup)?;
+    let old_ns = std::fs::metadata(&web.netns_path)?.ino();
+    let pins = ["connect4", "connect6", "sk_lookup"].map(|p| format!("pods/{}/{p}", web.name));
+    let before: Vec<(u32, u64)> = pins
+        .iter()
+        .map(|p| pinned_target(&node, p))
+        .collect::<Result<_>>()?;
+    assert_eq!(before[0].1, old_cg);
+    assert_eq!(before[2].1, old_ns);
+
+    recreate_pod(&node, &web, 1)?;
+    let new_cg = cgroup::id(&web.cgroup)?;
+    let new_ns = std::fs::metadata(&web.netns_path)?.ino();
+    assert_ne!(new_cg, old_cg, "the cgroup was recreated");
+    assert_ne!(new_ns, old_ns, "the netns was recreated");
+
+    // The restarted agent adopts what is right and re-attaches what is not.
+    let mut dp = open_dataplane(&node)?;
+    assert!(dp.adopted());
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    for (i, pin) in pins.iter().enumerate() {
+        let (id, target) = pinned_target(&node, pin)?;
+        let want = if i < 2 { new_cg } else { new_ns };
+        assert_eq!(target, want, "{pin} points at the live object");
+        assert_ne!(id, before[i].0, "{pin} is a new link");
+    }
+    // A second adoption keeps the (now right) links.
+    let ids = dp.link_ids()?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    assert_eq!(dp.link_ids()?, ids, "right links are adopted, not repeated");
+
+    // connect4 steers the recreated cgroup: a deny is EPERM.
+    dp.set_service(other, api_value(API_ID, SERVICE_VIP))?;
+    set_intention(&mut dp, API_ID, false)?;
+    let out = node.probe_in(
+        &web,
+        &["connect", &other.to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "denied connect from the recreated pod: {text}"
+    );
+
+    // sk_lookup steers the recreated netns: plaintext from another pod never reaches the app.
+    serve_in(
+        &mut node,
+        &web,
+        "0.0.0.0:9000",
+        "app",
+        v4(Ipv4Addr::LOCALHOST, 9000),
+    )?;
+    let inbound = web.netns().listen(v4(web.ip, INBOUND_PORT))?;
+    dp.set_inbound(0, &inbound, web.netns().cookie()?, &[web.ip.into()], &[])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(inbound, "inbound", stop.clone());
+    let text = reach(&client, v4(web.ip, 9000))?.context("app port with the listener up")?;
+    assert_eq!(
+        text, "inbound",
+        "plaintext to the app port went to the proxy"
+    );
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    assert_unreachable(
+        &client,
+        v4(web.ip, 9000),
+        "plaintext reached the app of a recreated pod",
+    )?;
     Ok(())
 }

@@ -196,3 +196,63 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
     meshd.wait()?;
     Ok(())
 }
+
+#[test]
+fn a_connection_that_reached_the_app_while_no_agent_ran_is_closed_when_it_starts() -> Result<()> {
+    use std::io::{Read, Write};
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let api = node.add_pod("api")?;
+    let catalog = Catalog {
+        services: vec![Service {
+            name: "api".into(),
+            namespace: "default".into(),
+            datacenter: "dc1".into(),
+            vip: None,
+            ports: vec![9000],
+            protocol: Protocol::Tcp,
+            target_ports: Default::default(),
+            endpoints: vec![Endpoint {
+                ip: api.ip,
+                port: mesh_common::INBOUND_PORT,
+            }],
+        }],
+        workloads: vec![workload(&api, "api", vec![9000], vec![])],
+    };
+    let dir = tempfile::tempdir()?;
+    let catalog_path = dir.path().join("catalog.json");
+    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
+    let state = dir.path().join("state");
+
+    // No agent yet: the app accepts plaintext from another pod directly.
+    let app = api
+        .netns()
+        .listen(std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, 9000)))?;
+    app.set_nonblocking(false)?;
+    let mut outside = client
+        .netns()
+        .connect(std::net::SocketAddr::from((api.ip, 9000)))?;
+    let (mut accepted, peer) = app.accept()?;
+    outside.write_all(b"before")?;
+    let mut buf = [0u8; 6];
+    accepted.read_exact(&mut buf)?;
+    ensure!(&buf == b"before", "the app got {buf:?}");
+
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    // The agent found the connection and closed it: both ends see it gone.
+    accepted.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let r = accepted.read(&mut buf);
+    assert!(
+        matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED)),
+        "the app's side of {peer} after the agent started: {r:?}"
+    );
+    outside.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let r = outside.read(&mut buf);
+    assert!(
+        matches!(&r, Ok(0)) || matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ECONNRESET)),
+        "the outside end after the agent started: {r:?}"
+    );
+    meshd.kill()?;
+    meshd.wait()?;
+    Ok(())
+}
