@@ -416,8 +416,28 @@ fn local_reset(state_dir: &std::path::Path, node: &str) -> Result<()> {
     if logs.exists() {
         std::fs::remove_dir_all(&logs).with_context(|| format!("removing {}", logs.display()))?;
     }
+    // The agent's own state too: intentions, tokens, interned names, the CA. A reset node
+    // starts as a first start does (deny by default, a new bootstrap token).
+    for f in [
+        mesh_api::STATE_FILE,
+        mesh_api::BOOTSTRAP_TOKEN_FILE,
+        "names.json",
+    ] {
+        let path = state_dir.join(f);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => {}
+        }
+    }
+    let ca = state_dir.join("ca");
+    if ca.exists() {
+        std::fs::remove_dir_all(&ca).with_context(|| format!("removing {}", ca.display()))?;
+    }
     println!(
-        "Removed node {node}: its pods, namespaces, cgroups, programs, pins and applied manifests."
+        "Removed node {node}: its pods, namespaces, cgroups, programs, pins, applied manifests, \
+         intentions, tokens and CA."
     );
     Ok(())
 }

@@ -701,6 +701,11 @@ fn a_restarted_node_brings_back_pods_intentions_and_tokens() -> Result<()> {
     drop(mesh);
     let mesh = LocalMesh::start_in("ebpf", state, addr)?;
     ensure!(mesh.pods()?.is_empty(), "pods came back after --reset");
+    let intentions = mesh.meshctl(&["intention", "list"])?;
+    ensure!(
+        !intentions.contains("api-v1"),
+        "intentions came back after --reset: {intentions}"
+    );
     mesh.stop()
 }
 
