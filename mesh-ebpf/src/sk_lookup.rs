@@ -1,15 +1,23 @@
 //! `sk_lookup` (attached to each pod's network namespace; kernel ≥ 5.9): every TCP connection
 //! from outside the pod to an address of the pod, IPv4 or IPv6 (link-local included), lands on
 //! the pod's inbound listener, except to the listener's own port ([`INBOUND_PORT`], the mTLS
-//! port itself) and to ports excluded by annotation ([`INBOUND_EXCLUDE`]).
+//! port itself) and to ports excluded by annotation ([`INBOUND_NSEXCL`]).
+//!
+//! Both maps are keyed by the cookie of the network namespace first, and the program looks up
+//! only the namespace it runs in (`bpf_get_netns_cookie`, allowed in sk_lookup programs on the
+//! kernels listed in `docs/dataplane.md`): two pods may share an address (IPv6 link-local, or
+//! any address a pod adds), and neither's entries ever steer or open the other's lookups.
 //!
 //! Fail closed: when the connection cannot be handed to a live listener (the agent is gone or
 //! restarting and its slot is empty, or an IPv6 lookup meets an IPv4-only listener), or the
 //! address is one the agent never registered, the connection is dropped, never passed to
 //! whatever app socket the normal lookup would find.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::bpf_get_netns_cookie,
     macros::sk_lookup,
     programs::SkLookupContext,
 };
@@ -55,15 +63,18 @@ unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if port == INBOUND_PORT {
         return SK_PASS;
     }
+    // SAFETY: the helper takes this program's own context pointer, which the verifier checks is
+    // one; it only reads the namespace the lookup runs in.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.lookup as *mut c_void) };
     // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
     // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
-    let Some(pod) = (unsafe { INBOUND_ADDRS.get(addr) }) else {
+    let Some(pod) = (unsafe { INBOUND_NSADDRS.get(InboundAddrKey::new(netns, addr)) }) else {
         count(Counter::InboundDropped, 1);
         return SK_DROP;
     };
     let slot = pod.slot;
     // SAFETY: only whether the entry exists is used; the value is not read.
-    if unsafe { INBOUND_EXCLUDE.get(ExcludeKey::new(addr, port)) }.is_some() {
+    if unsafe { INBOUND_NSEXCL.get(ExcludeKey::new(netns, addr, port)) }.is_some() {
         return SK_PASS;
     }
     if INBOUND_SOCKS.redirect_sk_lookup(ctx, slot, 0).is_ok() {

@@ -26,13 +26,13 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    Config, Counter, ExcludeKey, IntentionCounts, IntentionKey, IntentionValue, KernelOffsets,
-    LocalPortKey, OrigDst, PodAddrKey, PodAddrValue, PodValue, ServiceKey, ServiceValue, SockKey,
-    SockState, COUNTERS, COUNTER_COUNT, MAP_CONFIG, MAP_COUNTERS, MAP_INBOUND_ADDRS,
-    MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS, MAP_INTENTIONS_0, MAP_INTENTIONS_1,
-    MAP_INTENTION_COUNTS, MAP_LOCAL_PORTS, MAP_ORIG_DST, MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES,
-    MAP_SOCKS, MAP_SOCK_STATE, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SK_LOOKUP,
-    PROG_SK_MSG, PROG_SOCKOPS,
+    Config, Counter, ExcludeKey, InboundAddrKey, IntentionCounts, IntentionKey, IntentionValue,
+    KernelOffsets, LocalPortKey, OrigDst, PodAddrKey, PodAddrValue, PodValue, ServiceKey,
+    ServiceValue, SockKey, SockState, COUNTERS, COUNTER_COUNT, MAP_CONFIG, MAP_COUNTERS,
+    MAP_INBOUND_ADDRS, MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS, MAP_INTENTIONS_0, MAP_INTENTIONS_1,
+    MAP_INTENTION_COUNTS, MAP_LOCAL_PORTS, MAP_MESHED_ADDRS, MAP_ORIG_DST, MAP_ORIG_HANDOFF,
+    MAP_PODS, MAP_SERVICES, MAP_SOCKS, MAP_SOCK_STATE, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
 };
 
 use crate::netns::NetNs;
@@ -618,11 +618,13 @@ impl Dataplane {
     }
 
     /// Puts a pod's inbound listener in slot `slot` and marks each of the pod's addresses
-    /// (IPv4 and IPv6, link-local included) as meshed: from then on every TCP connection from
-    /// outside the pod to any port of those addresses goes to the listener, except to
+    /// (IPv4 and IPv6, link-local included) as meshed *in the pod's network namespace* (cookie
+    /// `netns`): from then on every TCP connection from outside the pod to any port of those
+    /// addresses in that namespace goes to the listener, except to
     /// [`mesh_common::INBOUND_PORT`] and to `excluded_ports`, which reach the app directly. A
-    /// connection that cannot be handed to a live listener in `slot` is dropped. `netns` is the
-    /// cookie of the pod's network namespace (it lets connect6 tell the pod's own addresses).
+    /// connection that cannot be handed to a live listener in `slot` is dropped. Entries are
+    /// keyed by the namespace first, so another pod with the same address neither steers nor
+    /// opens this one (and connect6 tells the pod's own addresses from other pods').
     ///
     /// The listener goes in first and the exclusions before the addresses, so no moment steers
     /// a port the pod excludes or finds an empty slot.
@@ -647,7 +649,7 @@ impl Dataplane {
             for addr in addrs {
                 for &port in excluded_ports {
                     exclude
-                        .insert(ExcludeKey::new(addr_key(*addr), port), 1, 0)
+                        .insert(ExcludeKey::new(netns, addr_key(*addr), port), 1, 0)
                         .map_err(|source| Error::Map {
                             name: MAP_INBOUND_EXCLUDE,
                             source,
@@ -655,7 +657,19 @@ impl Dataplane {
                 }
             }
         }
-        let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
+        {
+            let mut meshed: HashMap<&mut MapData, PodAddrKey, u32> =
+                typed(&mut self.ebpf, MAP_MESHED_ADDRS)?;
+            for addr in addrs {
+                meshed
+                    .insert(addr_key(*addr), 1, 0)
+                    .map_err(|source| Error::Map {
+                        name: MAP_MESHED_ADDRS,
+                        source,
+                    })?;
+            }
+        }
+        let mut pods: HashMap<&mut MapData, InboundAddrKey, PodAddrValue> =
             typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
         let value = PodAddrValue {
             slot,
@@ -663,7 +677,7 @@ impl Dataplane {
             netns,
         };
         for addr in addrs {
-            pods.insert(addr_key(*addr), value, 0)
+            pods.insert(InboundAddrKey::new(netns, addr_key(*addr)), value, 0)
                 .map_err(|source| Error::Map {
                     name: MAP_INBOUND_ADDRS,
                     source,
@@ -672,17 +686,18 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every meshed pod address: (address, listener slot).
+    /// Every meshed pod address: (address, listener slot). An address two pods share appears
+    /// once for each.
     pub fn inbound_addrs(&self) -> Result<Vec<(IpAddr, u32)>, Error> {
         Ok(
-            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
-                .map(|(k, v)| (key_ip(k), v.slot))
+                .map(|(k, v)| (key_ip(k.addr), v.slot))
                 .collect(),
         )
     }
 
-    /// Every excluded inbound port: (pod address, port).
+    /// Every excluded inbound port: (pod address, port), once per pod that excludes it.
     pub fn inbound_excluded(&self) -> Result<Vec<(IpAddr, u16)>, Error> {
         Ok(
             entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
@@ -692,39 +707,66 @@ impl Dataplane {
         )
     }
 
-    /// Forgets the meshed addresses (and their excluded ports) of every pod whose network
-    /// namespace cookie is not in `keep`: after a restart, the pods removed while the agent was
-    /// down. Returns how many addresses went.
+    /// Forgets the meshed addresses (and their excluded ports) of every network namespace whose
+    /// cookie is not in `keep`: after a restart, the pods removed while the agent was down.
+    /// Returns how many addresses went.
     pub fn retain_inbound(&mut self, keep: &BTreeSet<u64>) -> Result<usize, Error> {
-        let stale: Vec<PodAddrKey> =
-            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+        let stale: Vec<InboundAddrKey> =
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
-                .filter(|(_, v)| !keep.contains(&v.netns))
+                .filter(|(k, _)| !keep.contains(&k.netns))
                 .map(|(k, _)| k)
                 .collect();
-        self.forget_addrs(&stale)?;
-        Ok(stale.len())
-    }
-
-    /// Removes `addrs` from the meshed addresses, and their excluded ports.
-    fn forget_addrs(&mut self, addrs: &[PodAddrKey]) -> Result<(), Error> {
+        // Exclusions of a gone namespace go too, even with no address left beside them.
         let excluded: Vec<ExcludeKey> =
             entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
                 .into_iter()
                 .map(|(k, _)| k)
-                .filter(|k| addrs.contains(&k.addr))
+                .filter(|k| !keep.contains(&k.netns))
+                .collect();
+        self.forget_addrs(&stale)?;
+        let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+            typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+        for k in &excluded {
+            ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Removes `addrs` from the meshed addresses, and their excluded ports; an address leaves
+    /// the address-only index once no namespace has it any more.
+    fn forget_addrs(&mut self, addrs: &[InboundAddrKey]) -> Result<(), Error> {
+        let excluded: Vec<ExcludeKey> =
+            entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| addrs.contains(&InboundAddrKey::new(k.netns, k.addr)))
                 .collect();
         {
-            let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
+            let mut pods: HashMap<&mut MapData, InboundAddrKey, PodAddrValue> =
                 typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
             for k in addrs {
                 ignore_missing(pods.remove(k), MAP_INBOUND_ADDRS)?;
             }
         }
-        let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
-            typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
-        for k in &excluded {
-            ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+        {
+            let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+                typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+            for k in &excluded {
+                ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+            }
+        }
+        let still: BTreeSet<[u32; 4]> =
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+                .into_iter()
+                .map(|(k, _)| k.addr.addr)
+                .collect();
+        let mut meshed: HashMap<&mut MapData, PodAddrKey, u32> =
+            typed(&mut self.ebpf, MAP_MESHED_ADDRS)?;
+        for k in addrs {
+            if !still.contains(&k.addr.addr) {
+                ignore_missing(meshed.remove(&k.addr), MAP_MESHED_ADDRS)?;
+            }
         }
         Ok(())
     }
@@ -733,8 +775,8 @@ impl Dataplane {
     /// Addresses go first: a connection to them then finds no pod entry and is dropped, never
     /// passed, while the slot empties.
     pub fn remove_inbound(&mut self, slot: u32) -> Result<(), Error> {
-        let addrs: Vec<PodAddrKey> =
-            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+        let addrs: Vec<InboundAddrKey> =
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
                 .filter(|(_, v)| v.slot == slot)
                 .map(|(k, _)| k)
