@@ -511,6 +511,12 @@ pub const MAP_INBOUND_SOCKS: &str = "INBOUND_SOCKS";
 /// Per-CPU `u64` counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
 
+/// Name of sk_lookup's global constant (`u64`, native byte order): the cookie of the network
+/// namespace the instance is attached to. The verifier refuses `bpf_get_netns_cookie` in
+/// sk_lookup programs, so the agent loads one instance per pod with this set
+/// (`EbpfLoader::set_global`); 0 in the instance loaded only to check the kernel takes it.
+pub const SK_LOOKUP_NETNS: &str = "SK_LOOKUP_NETNS";
+
 /// Names of the programs in the object.
 ///
 /// cgroup/connect4, per pod cgroup.

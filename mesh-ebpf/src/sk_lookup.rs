@@ -4,26 +4,31 @@
 //! port itself) and to ports excluded by annotation ([`INBOUND_NSEXCL`]).
 //!
 //! Both maps are keyed by the cookie of the network namespace first, and the program looks up
-//! only the namespace it runs in (`bpf_get_netns_cookie`, allowed in sk_lookup programs on the
-//! kernels listed in `docs/dataplane.md`): two pods may share an address (IPv6 link-local, or
-//! any address a pod adds), and neither's entries ever steer or open the other's lookups.
+//! only the namespace it is attached to: two pods may share an address (IPv6 link-local, or any
+//! address a pod adds), and neither's entries ever steer or open the other's lookups. The
+//! verifier refuses `bpf_get_netns_cookie` in sk_lookup programs, so the cookie is a constant
+//! ([`SK_LOOKUP_NETNS`]) that the agent sets in each pod's own instance of this program.
 //!
 //! Fail closed: when the connection cannot be handed to a live listener (the agent is gone or
 //! restarting and its slot is empty, or an IPv6 lookup meets an IPv4-only listener), or the
 //! address is one the agent never registered, the connection is dropped, never passed to
 //! whatever app socket the normal lookup would find.
 
-use core::ffi::c_void;
+use core::ptr;
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_netns_cookie,
     macros::sk_lookup,
     programs::SkLookupContext,
 };
 use mesh_common::*;
 
 use crate::maps::*;
+
+/// The cookie of the network namespace this instance is attached to (see
+/// `mesh_common::SK_LOOKUP_NETNS`), set by the agent at load time; 0 matches no pod.
+#[no_mangle]
+static SK_LOOKUP_NETNS: u64 = 0;
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -63,9 +68,9 @@ unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if port == INBOUND_PORT {
         return SK_PASS;
     }
-    // SAFETY: the helper takes this program's own context pointer, which the verifier checks is
-    // one; it only reads the namespace the lookup runs in.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.lookup as *mut c_void) };
+    // SAFETY: a plain `u64` of the object's read-only data, valid for the program's life; read
+    // volatile so the compiler does not fold in the 0 it was compiled with.
+    let netns = unsafe { ptr::read_volatile(&SK_LOOKUP_NETNS) };
     // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
     // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
     let Some(pod) = (unsafe { INBOUND_NSADDRS.get(InboundAddrKey::new(netns, addr)) }) else {

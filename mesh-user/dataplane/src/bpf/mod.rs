@@ -32,7 +32,7 @@ use mesh_common::{
     MAP_INBOUND_ADDRS, MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS, MAP_INTENTIONS_0, MAP_INTENTIONS_1,
     MAP_INTENTION_COUNTS, MAP_LOCAL_PORTS, MAP_MESHED_ADDRS, MAP_ORIG_DST, MAP_ORIG_HANDOFF,
     MAP_PODS, MAP_SERVICES, MAP_SOCKS, MAP_SOCK_STATE, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
+    PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS, SK_LOOKUP_NETNS,
 };
 
 use crate::netns::NetNs;
@@ -387,7 +387,20 @@ impl Dataplane {
         }
         let path = dir.join("sk_lookup");
         if !path.exists() {
-            let prog = prog_mut::<SkLookup>(&mut self.ebpf, PROG_SK_LOOKUP)?;
+            // sk_lookup cannot ask the kernel which namespace it runs in (the verifier refuses
+            // `bpf_get_netns_cookie` there), so each pod gets its own instance of the program
+            // with the cookie of its namespace as a constant (`SK_LOOKUP_NETNS`); the maps are
+            // the pinned ones. The link's pin keeps that instance alive.
+            let cookie = netns.cookie().map_err(|e| Error::Io {
+                what: format!("the network namespace cookie of pod {pod}"),
+                source: io::Error::other(e.to_string()),
+            })?;
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(self.dir.join("maps"))
+                .override_global(SK_LOOKUP_NETNS, &cookie, true)
+                .load(OBJECT)?;
+            load_prog::<SkLookup>(&mut ebpf, PROG_SK_LOOKUP, |p| p.load())?;
+            let prog = prog_mut::<SkLookup>(&mut ebpf, PROG_SK_LOOKUP)?;
             let id = prog.attach(netns.file()).map_err(|source| Error::Program {
                 name: PROG_SK_LOOKUP,
                 source,
