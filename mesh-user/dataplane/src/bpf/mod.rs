@@ -353,7 +353,9 @@ impl Dataplane {
 
     /// Attaches connect4 and connect6 to the pod's cgroup and sk_lookup to its network
     /// namespace, unless pinned attachments for this pod exist already (then they are adopted).
-    /// Kernel ≥ 5.10 (sk_lookup links, socket storage from every program kind used).
+    /// sk_lookup is a new instance per pod, loaded with the cookie of `netns` as its
+    /// `SK_LOOKUP_NETNS` constant. Kernel ≥ 5.10 (sk_lookup links, socket storage from every
+    /// program kind used).
     pub fn attach_pod(&mut self, pod: &str, cgroup: &Path, netns: &NetNs) -> Result<(), Error> {
         check_name(pod)?;
         let dir = self.dir.join("pods").join(pod);
