@@ -399,6 +399,29 @@ impl PodAddrKey {
     }
 }
 
+/// An address of a meshed pod *in that pod's network namespace* (key of
+/// [`MAP_INBOUND_ADDRS`]). The namespace comes first: an address is unique only within a
+/// namespace (IPv6 link-local is unique per link, and a pod may add any address to its own
+/// interfaces), so two pods may register the same address and each keeps its own entry.
+/// sk_lookup looks up the cookie of the namespace it runs in (`bpf_get_netns_cookie`), never
+/// another pod's entry. 24 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundAddrKey {
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`), native
+    /// byte order.
+    pub netns: u64,
+    /// The pod address (v4-mapped for IPv4; see [`PodAddrKey`] for the byte order).
+    pub addr: PodAddrKey,
+}
+
+impl InboundAddrKey {
+    /// The key of `addr` in the network namespace with cookie `netns`.
+    pub const fn new(netns: u64, addr: PodAddrKey) -> Self {
+        Self { netns, addr }
+    }
+}
+
 /// A meshed pod's address (map [`MAP_INBOUND_ADDRS`]): every TCP port of it, reached from outside
 /// the pod, goes to the pod's inbound listener, slot `slot` of [`MAP_INBOUND_SOCKS`], except
 /// [`INBOUND_PORT`] itself and the ports in [`MAP_INBOUND_EXCLUDE`]. A connection that cannot be
@@ -410,30 +433,36 @@ pub struct PodAddrValue {
     pub slot: u32,
     /// Always 0.
     pub _pad: u32,
-    /// Cookie of the pod's network namespace: connect6 lets a pod reach its own addresses.
+    /// Cookie of the pod's network namespace, the same as the key's (kept so that a value read
+    /// alone, in a dump, still says whose it is).
     pub netns: u64,
 }
 
-/// A port of a pod address that goes straight to the app, unsteered
-/// (`consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`).
+/// A port of a pod address, in that pod's network namespace, that goes straight to the app,
+/// unsteered (`consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`). Keyed by the
+/// namespace first, like [`InboundAddrKey`]: one pod's exclusion never opens the same address
+/// and port of another pod. 32 bytes, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ExcludeKey {
+    /// Cookie of the pod's network namespace, native byte order.
+    pub netns: u64,
     /// The pod address (v4-mapped for IPv4).
     pub addr: PodAddrKey,
     /// The excluded TCP port, host byte order.
     pub port: u16,
     /// Always 0.
-    pub _pad: u16,
+    pub _pad: [u16; 3],
 }
 
 impl ExcludeKey {
-    /// The key of `port` (host order) of `addr`.
-    pub const fn new(addr: PodAddrKey, port: u16) -> Self {
+    /// The key of `port` (host order) of `addr` in the network namespace with cookie `netns`.
+    pub const fn new(netns: u64, addr: PodAddrKey, port: u16) -> Self {
         Self {
+            netns,
             addr,
             port,
-            _pad: 0,
+            _pad: [0; 3],
         }
     }
 }
@@ -466,14 +495,27 @@ pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_SOCK_STATE: &str = "SOCK_STATE";
 /// [`LocalPortKey`] → kind ([`LOCAL_PORT_PROXY`]): ports whose loopback pairs sk_msg redirects.
 pub const MAP_LOCAL_PORTS: &str = "LOCAL_PORTS";
-/// [`PodAddrKey`] → [`PodAddrValue`]: meshed pod addresses (see [`PodAddrValue`]).
-pub const MAP_INBOUND_ADDRS: &str = "INBOUND_ADDRS";
-/// [`ExcludeKey`] → 1: ports of a pod address that reach the app unsteered.
-pub const MAP_INBOUND_EXCLUDE: &str = "INBOUND_EXCLUDE";
+/// [`InboundAddrKey`] → [`PodAddrValue`]: meshed pod addresses by (network namespace, address)
+/// (see [`PodAddrValue`]). Named apart from the address-only `INBOUND_ADDRS` of older agents, so
+/// a pin of the old layout is never reused.
+pub const MAP_INBOUND_ADDRS: &str = "INBOUND_NSADDRS";
+/// [`ExcludeKey`] → 1: ports of a pod address, in the pod's network namespace, that reach the app
+/// unsteered. Named apart from the older `INBOUND_EXCLUDE` (keyed without the namespace).
+pub const MAP_INBOUND_EXCLUDE: &str = "INBOUND_NSEXCL";
+/// [`PodAddrKey`] → 1: every address that some meshed pod registered (the union of the addresses
+/// of [`MAP_INBOUND_ADDRS`] over all namespaces). connect6 refuses a meshed app's native IPv6
+/// connection to one of them unless it is an address of the app's own namespace.
+pub const MAP_MESHED_ADDRS: &str = "MESHED_ADDRS";
 /// Sockmap of the pods' inbound listeners, by slot.
 pub const MAP_INBOUND_SOCKS: &str = "INBOUND_SOCKS";
 /// Per-CPU `u64` counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Name of sk_lookup's global constant (`u64`, native byte order): the cookie of the network
+/// namespace the instance is attached to. The verifier refuses `bpf_get_netns_cookie` in
+/// sk_lookup programs, so the agent loads one instance per pod with this set
+/// (`EbpfLoader::set_global`); 0 in the instance loaded only to check the kernel takes it.
+pub const SK_LOOKUP_NETNS: &str = "SK_LOOKUP_NETNS";
 
 /// Names of the programs in the object.
 ///
@@ -601,8 +643,11 @@ mod pod_impls {
     // SAFETY: `#[repr(C)]` integers, two `u32`s (the second an explicit pad) and a `u64`: 16 bytes,
     // no implicit padding (see above).
     unsafe impl aya::Pod for PodAddrValue {}
-    // SAFETY: `#[repr(C)]` integers, a `PodAddrKey` (`[u32; 4]`), a `u16` and an explicit `u16`
-    // pad: 20 bytes, no implicit padding (see above).
+    // SAFETY: `#[repr(C)]` integers, a `u64` then a `PodAddrKey` (`[u32; 4]`): 24 bytes, no
+    // implicit padding (see above).
+    unsafe impl aya::Pod for InboundAddrKey {}
+    // SAFETY: `#[repr(C)]` integers, a `u64`, a `PodAddrKey` (`[u32; 4]`), a `u16` and an explicit
+    // `[u16; 3]` pad: 32 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for ExcludeKey {}
 }
 
@@ -627,7 +672,8 @@ mod tests {
         assert_eq!(size_of::<LocalPortKey>(), 16);
         assert_eq!(size_of::<PodAddrKey>(), 16);
         assert_eq!(size_of::<PodAddrValue>(), 16);
-        assert_eq!(size_of::<ExcludeKey>(), 20);
+        assert_eq!(size_of::<InboundAddrKey>(), 24);
+        assert_eq!(size_of::<ExcludeKey>(), 32);
     }
 
     #[test]

@@ -74,18 +74,20 @@ unsafe fn try_connect6(ctx: &SockAddrContext) -> i32 {
     if is_loopback6(&ip6) {
         return PROCEED;
     }
-    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
-    // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
-    let Some(owner) = (unsafe { INBOUND_ADDRS.get(PodAddrKey { addr: ip6 }) }) else {
+    let addr = PodAddrKey { addr: ip6 };
+    // SAFETY: only whether the entry exists is used; the value is not read.
+    if unsafe { MESHED_ADDRS.get(addr) }.is_none() {
+        // No meshed pod's address.
         // SAFETY: `ctx` is this program run's context, all that `forget_orig` needs.
         unsafe { forget_orig(ctx) };
         return PROCEED;
-    };
+    }
     // SAFETY: the helper takes this program's own context pointer, which the verifier checks is
     // one.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
-    if owner.netns == netns {
-        // The pod's own address: inside the pod.
+    // SAFETY: only whether the entry exists is used; the value is not read.
+    if unsafe { INBOUND_NSADDRS.get(InboundAddrKey::new(netns, addr)) }.is_some() {
+        // The pod's own address (another pod may share it): inside the pod.
         // SAFETY: `ctx` is this program run's context, all that `forget_orig` needs.
         unsafe { forget_orig(ctx) };
         return PROCEED;

@@ -51,12 +51,16 @@ pub(crate) static SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_SOCKETS, 0);
 pub(crate) static SOCK_STATE: HashMap<SockKey, SockState> = HashMap::pinned(MAX_SOCKETS, 0);
 #[map]
 pub(crate) static LOCAL_PORTS: HashMap<LocalPortKey, u32> = HashMap::pinned(MAX_LOCAL_PORTS, 0);
+// Map names are the statics' names, spelled as `mesh_common::MAP_INBOUND_ADDRS`,
+// `MAP_INBOUND_EXCLUDE` and `MAP_MESHED_ADDRS`.
 #[map]
-pub(crate) static INBOUND_ADDRS: HashMap<PodAddrKey, PodAddrValue> =
+pub(crate) static INBOUND_NSADDRS: HashMap<InboundAddrKey, PodAddrValue> =
     HashMap::pinned(MAX_POD_ADDRS, 0);
 #[map]
-pub(crate) static INBOUND_EXCLUDE: HashMap<ExcludeKey, u32> =
+pub(crate) static INBOUND_NSEXCL: HashMap<ExcludeKey, u32> =
     HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+#[map]
+pub(crate) static MESHED_ADDRS: HashMap<PodAddrKey, u32> = HashMap::pinned(MAX_POD_ADDRS, 0);
 #[map]
 pub(crate) static INBOUND_SOCKS: SockMap = SockMap::pinned(MAX_INBOUND_LISTENERS, 0);
 #[map]

@@ -783,10 +783,11 @@ fn sockets_in(pod: &Pod, state: &str) -> Result<Vec<String>> {
 /// here both sit on the node bridge and a static neighbour entry sends outside's packets to
 /// `api`). A connection to `api`'s address must land on `api`'s own inbound listener.
 ///
-/// Fails today (hence ignored; run it with `--ignored`): the kernel's `INBOUND_ADDRS` map is
-/// keyed by the address alone (`mesh_common::PodAddrKey`), the pod registered last (`api2`)
-/// owns it, and `sk_lookup` in `api`'s namespace hands the SYN to `api2`'s listener, in
-/// another network namespace: the request shows up as SYN-RECV in `api2`, the client hangs.
+/// The kernel's inbound maps are keyed by (network namespace cookie, address)
+/// (`mesh_common::InboundAddrKey`), so both pods keep their own entry; keyed by the address
+/// alone, the pod registered last (`api2`) owned it, and `sk_lookup` in `api`'s namespace
+/// handed the SYN to `api2`'s listener, in another network namespace (SYN-RECV in `api2`, the
+/// client hanging). Returns the probe and the SYN-RECV sockets found in the other pod.
 fn shared_link_local(other: &str, other_excludes: Vec<u16>) -> Result<(Probe, Vec<String>)> {
     let mut node = Node::new()?;
     let api = node.add_pod("api")?;
@@ -875,13 +876,11 @@ fn shared_link_local(other: &str, other_excludes: Vec<u16>) -> Result<(Probe, Ve
 /// here both sit on the node bridge and a static neighbour entry sends outside's packets to
 /// `api`). A connection to `api`'s address must land on `api`'s own inbound listener.
 ///
-/// Fails today (hence ignored; run it with `--ignored`): the kernel's `INBOUND_ADDRS` map is
-/// keyed by the address alone (`mesh_common::PodAddrKey`), the pod registered last (`api2`,
-/// after `api` in the agent's id order) owns it, and `sk_lookup` in `api`'s namespace hands
-/// the SYN to `api2`'s listener, in another network namespace: the request shows up as
-/// SYN-RECV in `api2`, the client hangs.
+/// Regression: with `INBOUND_ADDRS` keyed by the address alone, the pod registered last
+/// (`api2`, after `api` in the agent's id order) owned it, and `sk_lookup` in `api`'s namespace
+/// handed the SYN to `api2`'s listener, in another network namespace: the request showed up as
+/// SYN-RECV in `api2`, the client hung. The map is now keyed by (netns cookie, address).
 #[test]
-#[ignore = "library bug: INBOUND_ADDRS keyed by address only; sk_lookup steers into another pod's netns"]
 fn a_link_local_address_two_pods_share_lands_on_each_pods_own_listener() -> Result<()> {
     let (probe, stray) = shared_link_local("api2", vec![])?;
     let ll = &probe.target;
@@ -902,12 +901,12 @@ fn a_link_local_address_two_pods_share_lands_on_each_pods_own_listener() -> Resu
 /// (`consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`). `api` excluded nothing:
 /// plaintext to it must never reach its app.
 ///
-/// Fails today (hence ignored): `INBOUND_EXCLUDE` is keyed by (address, port) alone, so the
-/// other pod's exclusion of 9091 on the shared address makes `sk_lookup` in `api`'s namespace
-/// pass the connection to `api`'s app: plaintext from outside the mesh reaches it. Whichever
-/// pod the agent registers last (tried with `aa` and `zz`, before and after `api`).
+/// Regression: with `INBOUND_EXCLUDE` keyed by (address, port) alone, the other pod's
+/// exclusion of 9091 on the shared address made `sk_lookup` in `api`'s namespace pass the
+/// connection to `api`'s app: plaintext from outside the mesh reached it, whichever pod the
+/// agent registered last (tried with `aa` and `zz`, before and after `api`). The map is now
+/// keyed by (netns cookie, address, port).
 #[test]
-#[ignore = "library bug: INBOUND_EXCLUDE keyed by (address, port) only; another pod's exclusion opens this pod's app"]
 fn another_pods_exclusion_on_a_shared_address_never_opens_this_pods_app() -> Result<()> {
     for other in ["aa", "zz"] {
         let (probe, _) = shared_link_local(other, vec![DECLARED])?;

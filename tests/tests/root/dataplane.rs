@@ -817,6 +817,21 @@ fn without_a_live_inbound_listener_no_port_of_a_pod_answers_from_outside() -> Re
             "plaintext from another pod reached the app with the agent gone",
         )?;
     }
+    // Not even the mTLS port: an app that binds it once the agent's listener is gone takes
+    // nothing from outside.
+    let inbound_port = format!("0.0.0.0:{INBOUND_PORT}");
+    serve_in(
+        &mut node,
+        &api,
+        &inbound_port,
+        "app",
+        v4(Ipv4Addr::LOCALHOST, INBOUND_PORT),
+    )?;
+    assert_unreachable(
+        &client,
+        v4(api.ip, INBOUND_PORT),
+        "plaintext reached an app bound to the inbound port with the agent gone",
+    )?;
     // Inside the pod the app still answers (the proxy's own inbound leg dials it there).
     assert_eq!(
         fetch(
@@ -829,7 +844,7 @@ fn without_a_live_inbound_listener_no_port_of_a_pod_answers_from_outside() -> Re
     );
     // A restarted agent finds the drops counted.
     let dp = open_dataplane(&node)?;
-    assert!(dp.counters()?.get(Counter::InboundDropped) >= 2);
+    assert!(dp.counters()?.get(Counter::InboundDropped) >= 3);
     Ok(())
 }
 

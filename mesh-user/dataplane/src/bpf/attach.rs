@@ -9,15 +9,16 @@ use std::path::{Path, PathBuf};
 use aya::maps::{MapData, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
+use aya::EbpfLoader;
 use mesh_common::{
     SockKey, MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG,
-    PROG_SOCKOPS,
+    PROG_SOCKOPS, SK_LOOKUP_NETNS,
 };
 
 use crate::netns::NetNs;
 
 use super::pins::remove_pins;
-use super::{check_name, io_err, pinned_link_ids, prog_mut, Dataplane, Error};
+use super::{check_name, io_err, load_prog, pinned_link_ids, prog_mut, Dataplane, Error, OBJECT};
 
 impl Dataplane {
     pub(super) fn attach_mesh(&mut self, mesh_cgroup: &Path) -> Result<(), Error> {
@@ -117,13 +118,26 @@ impl Dataplane {
                 take_fd_link(prog.take_link(id), prog_name)
             })?;
         }
-        let ebpf = &mut self.ebpf;
+        let maps_dir = self.dir.join("maps");
         attach_pinned(
             &dir.join("sk_lookup"),
             PROG_SK_LOOKUP,
             Target::of_netns(netns)?,
             || {
-                let prog = prog_mut::<SkLookup>(ebpf, PROG_SK_LOOKUP)?;
+                // sk_lookup cannot ask the kernel which namespace it runs in (the verifier
+                // refuses `bpf_get_netns_cookie` there), so each pod gets its own instance of the
+                // program with the cookie of its namespace as a constant (`SK_LOOKUP_NETNS`);
+                // the maps are the pinned ones. The link's pin keeps that instance alive.
+                let cookie = netns.cookie().map_err(|e| Error::Io {
+                    what: format!("the network namespace cookie of pod {pod}"),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let mut ebpf = EbpfLoader::new()
+                    .default_map_pin_directory(&maps_dir)
+                    .override_global(SK_LOOKUP_NETNS, &cookie, true)
+                    .load(OBJECT)?;
+                load_prog::<SkLookup>(&mut ebpf, PROG_SK_LOOKUP, |p| p.load())?;
+                let prog = prog_mut::<SkLookup>(&mut ebpf, PROG_SK_LOOKUP)?;
                 let id = prog.attach(netns.file()).map_err(|source| Error::Program {
                     name: PROG_SK_LOOKUP,
                     source,

@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddrV4, TcpListener};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash, SockMap};
 use aya::Ebpf;
 use mesh_common::{
-    Config, Counter, ExcludeKey, LocalPortKey, OrigDst, PodAddrKey, PodAddrValue, PodValue,
-    ServiceKey, ServiceValue, SockKey, SockState, COUNTERS, COUNTER_COUNT, MAP_CONFIG,
+    Config, Counter, ExcludeKey, InboundAddrKey, LocalPortKey, OrigDst, PodAddrKey, PodAddrValue,
+    PodValue, ServiceKey, ServiceValue, SockKey, SockState, COUNTERS, COUNTER_COUNT, MAP_CONFIG,
     MAP_COUNTERS, MAP_INBOUND_ADDRS, MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS, MAP_LOCAL_PORTS,
-    MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES, MAP_SOCKS, MAP_SOCK_STATE,
+    MAP_MESHED_ADDRS, MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES, MAP_SOCKS, MAP_SOCK_STATE,
 };
 
 use super::{CgroupId, Dataplane, Error, ListenerSlot, NetnsCookie};
@@ -280,7 +280,7 @@ impl Dataplane {
             for addr in addrs {
                 for &port in excluded_ports {
                     exclude
-                        .insert(ExcludeKey::new(addr_key(*addr), port), 1, 0)
+                        .insert(ExcludeKey::new(netns, addr_key(*addr), port), 1, 0)
                         .map_err(|source| Error::Map {
                             name: MAP_INBOUND_EXCLUDE,
                             source,
@@ -288,7 +288,19 @@ impl Dataplane {
                 }
             }
         }
-        let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
+        {
+            let mut meshed: HashMap<&mut MapData, PodAddrKey, u32> =
+                typed(&mut self.ebpf, MAP_MESHED_ADDRS)?;
+            for addr in addrs {
+                meshed
+                    .insert(addr_key(*addr), 1, 0)
+                    .map_err(|source| Error::Map {
+                        name: MAP_MESHED_ADDRS,
+                        source,
+                    })?;
+            }
+        }
+        let mut pods: HashMap<&mut MapData, InboundAddrKey, PodAddrValue> =
             typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
         let value = PodAddrValue {
             slot,
@@ -296,7 +308,7 @@ impl Dataplane {
             netns,
         };
         for addr in addrs {
-            pods.insert(addr_key(*addr), value, 0)
+            pods.insert(InboundAddrKey::new(netns, addr_key(*addr)), value, 0)
                 .map_err(|source| Error::Map {
                     name: MAP_INBOUND_ADDRS,
                     source,
@@ -305,21 +317,22 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Every meshed pod address: (address, listener slot).
+    /// Every meshed pod address: (address, listener slot). An address two pods share appears
+    /// once for each.
     ///
     /// # Errors
     ///
     /// [`Error::Map`] if the map cannot be read.
     pub fn inbound_addrs(&self) -> Result<Vec<(IpAddr, ListenerSlot)>, Error> {
         Ok(
-            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
-                .map(|(k, v)| (key_ip(k), ListenerSlot(v.slot)))
+                .map(|(k, v)| (key_ip(k.addr), ListenerSlot(v.slot)))
                 .collect(),
         )
     }
 
-    /// Every excluded inbound port: (pod address, port).
+    /// Every excluded inbound port: (pod address, port), once per pod that excludes it.
     ///
     /// # Errors
     ///
@@ -341,13 +354,25 @@ impl Dataplane {
     ///
     /// [`Error::Map`] if a map cannot be read or an entry removed.
     pub fn retain_inbound(&mut self, keep: &BTreeSet<NetnsCookie>) -> Result<usize, Error> {
-        let stale: Vec<PodAddrKey> =
-            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+        let stale: Vec<InboundAddrKey> =
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
-                .filter(|(_, v)| !keep.contains(&NetnsCookie(v.netns)))
+                .filter(|(k, _)| !keep.contains(&NetnsCookie(k.netns)))
                 .map(|(k, _)| k)
                 .collect();
+        // Exclusions of a gone namespace go too, even with no address left beside them.
+        let excluded: Vec<ExcludeKey> =
+            entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| !keep.contains(&NetnsCookie(k.netns)))
+                .collect();
         self.forget_addrs(&stale)?;
+        let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+            typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+        for k in &excluded {
+            ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+        }
         Ok(stale.len())
     }
 
@@ -390,25 +415,40 @@ impl Dataplane {
         })
     }
 
-    /// Removes `addrs` from the meshed addresses, and their excluded ports.
-    fn forget_addrs(&mut self, addrs: &[PodAddrKey]) -> Result<(), Error> {
+    /// Removes `addrs` from the meshed addresses, and their excluded ports; an address leaves
+    /// the address-only index once no namespace has it any more.
+    fn forget_addrs(&mut self, addrs: &[InboundAddrKey]) -> Result<(), Error> {
         let excluded: Vec<ExcludeKey> =
             entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
                 .into_iter()
                 .map(|(k, _)| k)
-                .filter(|k| addrs.contains(&k.addr))
+                .filter(|k| addrs.contains(&InboundAddrKey::new(k.netns, k.addr)))
                 .collect();
         {
-            let mut pods: HashMap<&mut MapData, PodAddrKey, PodAddrValue> =
+            let mut pods: HashMap<&mut MapData, InboundAddrKey, PodAddrValue> =
                 typed(&mut self.ebpf, MAP_INBOUND_ADDRS)?;
             for k in addrs {
                 ignore_missing(pods.remove(k), MAP_INBOUND_ADDRS)?;
             }
         }
-        let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
-            typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
-        for k in &excluded {
-            ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+        {
+            let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+                typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+            for k in &excluded {
+                ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+            }
+        }
+        let still: BTreeSet<[u32; 4]> =
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+                .into_iter()
+                .map(|(k, _)| k.addr.addr)
+                .collect();
+        let mut meshed: HashMap<&mut MapData, PodAddrKey, u32> =
+            typed(&mut self.ebpf, MAP_MESHED_ADDRS)?;
+        for k in addrs {
+            if !still.contains(&k.addr.addr) {
+                ignore_missing(meshed.remove(&k.addr), MAP_MESHED_ADDRS)?;
+            }
         }
         Ok(())
     }
@@ -422,8 +462,8 @@ impl Dataplane {
     /// [`Error::Map`] if a map cannot be read or an entry removed.
     pub fn remove_inbound(&mut self, slot: impl Into<ListenerSlot>) -> Result<(), Error> {
         let slot = slot.into().0;
-        let addrs: Vec<PodAddrKey> =
-            entries_of::<PodAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
+        let addrs: Vec<InboundAddrKey> =
+            entries_of::<InboundAddrKey, PodAddrValue>(&self.ebpf, MAP_INBOUND_ADDRS)?
                 .into_iter()
                 .filter(|(_, v)| v.slot == slot)
                 .map(|(k, _)| k)
