@@ -29,6 +29,8 @@ fuzz_target!(|data: &[u8]| {
                 protocol: Protocol::Tcp,
             },
         ],
+        run_as_user: None,
+        run_as_group: None,
     }];
     let syntax = UpstreamSyntax {
         consul_namespaces: mode & 1 == 1,
