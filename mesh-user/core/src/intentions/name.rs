@@ -69,7 +69,12 @@ impl ServiceName {
     /// partition other than `default` (field `Partition`), more than two `/` (field `Name`),
     /// and what [`ServiceName::new`] refuses in the two parts.
     pub fn parse_in(input: &str, namespace: &str) -> Result<Self> {
-        if let Some(rest) = input.strip_prefix(PEER_PREFIX) {
+        // `peer:` names a cluster peer in whichever part it stands (the fuzzer found
+        // `/peer:/x`, whose namespace `peer:` displayed as a peer name).
+        if let Some(rest) = input
+            .split('/')
+            .find_map(|part| part.strip_prefix(PEER_PREFIX))
+        {
             let peer = rest.split('/').next().unwrap_or_default();
             return Err(Error::invalid(
                 "Peer",
@@ -246,6 +251,10 @@ mod tests {
             ("a/b/c", "Partition", "partition \"a\" does not exist"),
             ("a/b/c/d", "Name", "at most two '/'"),
             ("peer:other/web", "Peer", "peer \"other\" is not served"),
+            // Found by the service_name fuzz target: a peer in the namespace position displayed
+            // as a peer name that did not parse back.
+            ("/peer:/;", "Peer", "is not served"),
+            ("default/peer:x/web", "Peer", "peer \"x\" is not served"),
             ("default/n*/web", "Namespace", "partial values"),
         ];
         for (input, field, msg) in cases {
