@@ -27,7 +27,7 @@ impl Identity {
     ///
     /// Outside a tokio runtime.
     pub fn load(state_dir: &Path) -> Result<Arc<Self>, Error> {
-        let ca = CertificateAuthority::load_or_create(&state_dir.join("ca"), None)?;
+        let ca = CertificateAuthority::load_or_create(&state_dir.join(CA_DIR), None)?;
         let bundle = Arc::new(TrustBundle::new(ca.root().clone())?);
         Ok(Arc::new(Self {
             clients: ClientConfigCache::new(bundle.clone()),

@@ -12,6 +12,11 @@ mod names;
 pub mod steering;
 
 pub use identity::Identity;
+
+/// The file in the state directory that records the interned names ([`Names`]).
+pub const NAMES_FILE: &str = "names.json";
+/// The directory in the state directory that holds the mesh CA.
+pub const CA_DIR: &str = "ca";
 pub use names::Names;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -234,7 +239,7 @@ impl Agent {
                 "steering pod traffic with iptables REDIRECT (Consul's chains)"
             );
         }
-        let names = Names::load(&cfg.state_dir.join("names.json"))?;
+        let names = Names::load(&cfg.state_dir.join(NAMES_FILE))?;
         let identity = Identity::load(&cfg.state_dir)?;
         let directory = Arc::new(directory::MeshDirectory::default());
         let rules = Arc::new(rules);

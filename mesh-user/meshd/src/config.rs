@@ -49,7 +49,11 @@ pub const DEFAULT_RUN_INTENTION_POLICY: &str = "deny";
 
 /// Files that show a state directory has been used by an agent before: the CA and the
 /// interned names the kernel maps are keyed by.
-pub const PRIOR_STATE: &[&str] = &["ca", "names.json", "acl-bootstrap-token"];
+pub const PRIOR_STATE: &[&str] = &[
+    mesh_agent::CA_DIR,
+    mesh_agent::NAMES_FILE,
+    mesh_api::BOOTSTRAP_TOKEN_FILE,
+];
 
 /// Refuses to start when the API's state file is missing beside other state: the intentions
 /// and tokens were lost (a deleted or unrestored file), and starting afresh would silently

@@ -409,8 +409,7 @@ fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
 /// namespaces, hosts files, cgroups, the kernel programs' pins, the applied manifests and the
 /// pods' logs.
 fn local_reset(state_dir: &std::path::Path, node: &str) -> Result<()> {
-    mesh_local::remove_leftovers(node)?;
-    mesh_dataplane::bpf::uninstall(node)?;
+    remove_node(node)?;
     mesh_local::Applied::remove_file(state_dir)?;
     let logs = state_dir.join(mesh_local::runner::LOG_DIR);
     if logs.exists() {
@@ -418,27 +417,33 @@ fn local_reset(state_dir: &std::path::Path, node: &str) -> Result<()> {
     }
     // The agent's own state too: intentions, tokens, interned names, the CA. A reset node
     // starts as a first start does (deny by default, a new bootstrap token).
-    for f in [
-        mesh_api::STATE_FILE,
-        mesh_api::BOOTSTRAP_TOKEN_FILE,
-        "names.json",
-    ] {
+    for f in std::iter::once(&mesh_api::STATE_FILE).chain(config::PRIOR_STATE) {
         let path = state_dir.join(f);
-        match std::fs::remove_file(&path) {
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("removing {}", path.display()))
             }
             _ => {}
         }
     }
-    let ca = state_dir.join("ca");
-    if ca.exists() {
-        std::fs::remove_dir_all(&ca).with_context(|| format!("removing {}", ca.display()))?;
-    }
     println!(
         "Removed node {node}: its pods, namespaces, cgroups, programs, pins, applied manifests, \
          intentions, tokens and CA."
     );
+    Ok(())
+}
+
+/// Removes what a node left in the kernel and on the host: its pods' processes, namespaces and
+/// cgroups first, then its pins, so that no pod runs without its programs in between.
+fn remove_node(node: &str) -> Result<()> {
+    mesh_local::remove_leftovers(node)?;
+    mesh_dataplane::bpf::uninstall(node)
+        .with_context(|| format!("removing the kernel pins of node {node}"))?;
     Ok(())
 }
 
@@ -470,9 +475,7 @@ async fn local(
     // A node left by a crash is recreated from scratch (new namespaces and cgroups), so its
     // pinned links point at dead objects: remove them, or the agent would adopt them and mesh
     // nothing. Its pods' processes go first, so that none runs without its programs.
-    mesh_local::remove_leftovers(&node_name)?;
-    mesh_dataplane::bpf::uninstall(&node_name)
-        .with_context(|| format!("removing the stale kernel pins of node {node_name}"))?;
+    remove_node(&node_name)?;
     let node = LocalNode::create(&node_name)?;
     let mut runner = match Runner::new(node, &state_dir, meshd) {
         Ok(r) => r,
