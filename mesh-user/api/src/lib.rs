@@ -74,6 +74,8 @@
 
 #[cfg(feature = "server")]
 mod acl;
+#[cfg(feature = "server")]
+pub mod catalog;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod filter;
@@ -92,6 +94,8 @@ use mesh_core::intentions::Error as IntentionError;
 
 #[cfg(feature = "server")]
 pub use acl::{Policy, Token, TokenRequest, OPERATOR_POLICY_ID, READ_ONLY_POLICY_ID};
+#[cfg(feature = "server")]
+pub use catalog::{CatalogSnapshot, Instance, PublishedCatalog};
 pub use client::{
     Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV,
     HTTP_TOKEN_FILE_ENV,

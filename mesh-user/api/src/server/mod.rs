@@ -8,7 +8,11 @@
 //! - `/v1/agent/connect/authorize` in [`authorize`];
 //! - `/v1/agent/mesh/status` (whether the kernel holds the intentions) in [`agent`];
 //! - `/v1/acl/*` in [`acl`];
-//! - `/v1/local/*` (`meshd local`) in [`local`].
+//! - `/v1/local/*` (`meshd local`) in [`local`];
+//! - `/v1/catalog/*` and `/v1/health/*` in [`catalog`];
+//! - `/v1/internal/ui/*` and `/v1/internal/acl/authorize` (what Consul's web UI calls) in
+//!   [`ui`];
+//! - blocking queries (`?index=`, `?wait=`) in [`blocking`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -31,12 +35,16 @@ use tracing::{error, info, warn};
 mod acl;
 mod agent;
 mod authorize;
+mod blocking;
+mod catalog;
 mod config_entries;
 mod intentions;
 mod local;
 mod serve;
+mod ui;
 
 use crate::acl::{find_token, Need};
+use crate::catalog::PublishedCatalog;
 use crate::client::HTTP_ADDR_ENV;
 use crate::filter::Filter;
 use crate::store::{State, Store};
@@ -166,6 +174,9 @@ pub struct Hooks {
     pub status: SharedStatus,
     /// The local runner (`meshd local`), which serves `/v1/local/*`; `None` elsewhere.
     pub local: Option<crate::local::Handle>,
+    /// The catalog the agent's loop publishes: what `/v1/catalog/*`, `/v1/health/*` and
+    /// `/v1/internal/ui/*` answer from (empty until the first publication).
+    pub catalog: Arc<PublishedCatalog>,
 }
 
 impl Default for Hooks {
@@ -175,6 +186,7 @@ impl Default for Hooks {
             counters: Arc::new(NoCounters),
             status: Arc::new(NoStatus),
             local: None,
+            catalog: Arc::new(PublishedCatalog::default()),
         }
     }
 }
@@ -226,6 +238,7 @@ impl Server {
                 counters: hooks.counters,
                 status: hooks.status,
                 local: hooks.local,
+                catalog: hooks.catalog,
             },
             cfg.max_body_bytes,
         );
@@ -364,6 +377,7 @@ struct AppState {
     counters: Arc<dyn CountersSource>,
     status: SharedStatus,
     local: Option<crate::local::Handle>,
+    catalog: Arc<PublishedCatalog>,
 }
 
 /// Every route: each module's group, then a JSON 404 for any other path; bodies over
@@ -376,6 +390,8 @@ fn router(state: AppState, max_body: usize) -> Router {
         .merge(agent::routes())
         .merge(acl::routes())
         .merge(local::routes())
+        .merge(catalog::routes())
+        .merge(ui::routes())
         .fallback(no_route)
         .with_state(state)
         .layer(axum::middleware::map_response(
@@ -410,12 +426,18 @@ impl IntoResponse for Error {
 /// What a handler returns.
 type ApiResult = Result<Response, Error>;
 
-/// A JSON answer with Consul's `X-Consul-Index` header.
+/// A JSON answer with Consul's query headers: `X-Consul-Index` (at least 1, as Consul's),
+/// and `X-Consul-KnownLeader: true`, `X-Consul-LastContact: 0` (this agent is its own
+/// leader), which Consul's clients and UI read.
 fn indexed<T: Serialize>(index: u64, value: T) -> Response {
     let mut resp = Json(value).into_response();
     if let Ok(v) = HeaderValue::from_str(&index.max(1).to_string()) {
         resp.headers_mut().insert("X-Consul-Index", v);
     }
+    resp.headers_mut()
+        .insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
+    resp.headers_mut()
+        .insert("X-Consul-LastContact", HeaderValue::from_static("0"));
     resp
 }
 

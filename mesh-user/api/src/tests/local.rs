@@ -108,6 +108,7 @@ async fn local_routes_need_tokens_and_answer_in_kubectls_shapes() {
         sink: Arc::new(MemorySink::default()),
         counters: Arc::new(MemoryCounters::default()),
         status: Arc::new(PublishedStatus::default()),
+        catalog: Arc::new(PublishedCatalog::default()),
     };
     let reader = h.token(&["read-only"]).await;
     let writer = h.token(&["intention-write:*"]).await;
