@@ -8,7 +8,8 @@
 //!
 //! A waiting read wakes at every change of the store (intentions, config entries, tokens)
 //! and of the published catalog (instances, readiness), and answers once its own index has
-//! grown; a read whose index never grows answers when the wait is over.
+//! grown; a read whose index never grows answers when the wait is over, or at once when the
+//! server stops.
 
 use std::time::Duration;
 
@@ -37,12 +38,14 @@ impl Params {
             Some(w) => match parse_go_duration(w) {
                 Some(d) if d.is_zero() => DEFAULT_WAIT,
                 Some(d) => d.min(MAX_WAIT),
-                None => return Err(Error::bad(
-                    "wait",
-                    format!(
+                None => {
+                    return Err(Error::bad(
+                        "wait",
+                        format!(
                         "Invalid wait time: {w:?} is not a duration (Go syntax: 30s, 1m30s, 250ms)"
                     ),
-                )),
+                    ))
+                }
             },
         };
         let index = match self.optional("index")? {
@@ -69,11 +72,13 @@ pub(crate) async fn block(
     // Subscribed before the index is read: a change in between still wakes the wait.
     let mut store = st.store.subscribe();
     let mut catalog = st.catalog.subscribe();
+    let mut stopped = st.stopped.clone();
     let deadline = tokio::time::Instant::now() + b.wait;
-    while index(st) <= b.index {
+    while index(st) <= b.index && !*stopped.borrow_and_update() {
         tokio::select! {
             r = store.changed() => if r.is_err() { return },
             r = catalog.changed() => if r.is_err() { return },
+            r = stopped.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(deadline) => return,
         }
     }

@@ -370,18 +370,15 @@ async fn datacenters(AxState(st): AxState<AppState>, caller: Caller) -> ApiResul
     )))
 }
 
-/// The registrations of service `name` (exactly, or the proxies of it when `connect`) in
-/// scope, with `?tag=` (every one given must be among the tags) and `?filter=` over `fields`
-/// applied to `to_json`'s output.
+/// The registrations `pick` keeps in scope, with `?tag=` (every one given must be among the
+/// tags) and `?filter=` over `fields` applied to `to_json`'s output.
 async fn select(
     st: &AppState,
     caller: &Caller,
     params: &Params,
-    name: &str,
-    connect: bool,
     fields: &[&str],
     to_json: impl Fn(&Registration<'_>, u64) -> Value,
-    keep: impl Fn(&Registration<'_>) -> bool,
+    pick: impl Fn(&Registration<'_>) -> bool,
 ) -> ApiResult {
     caller.need(Need::Read)?;
     let scope = scope(params)?;
@@ -393,15 +390,8 @@ async fn select(
     let items: Vec<Value> = registrations(&snap)
         .iter()
         .filter(|r| in_scope(&scope, &r.inst.namespace))
-        .filter(|r| {
-            if connect {
-                r.proxy && r.inst.service == name
-            } else {
-                r.name() == name
-            }
-        })
+        .filter(|r| pick(r))
         .filter(|r| tags.iter().all(|t| r.inst.tags.contains(t)))
-        .filter(|r| keep(r))
         .map(|r| to_json(r, index))
         .collect();
     Ok(indexed(index, filtered(filter.as_ref(), &items)?))
@@ -417,11 +407,9 @@ async fn service(
         &st,
         &caller,
         &params,
-        &name,
-        false,
         SERVICE_NODE_FIELDS,
         |r, i| r.service_node_json(i),
-        |_| true,
+        |r| r.name() == name,
     )
     .await
 }
@@ -436,13 +424,16 @@ async fn connect(
         &st,
         &caller,
         &params,
-        &name,
-        true,
         SERVICE_NODE_FIELDS,
         |r, i| r.service_node_json(i),
-        |_| true,
+        |r| is_proxy_of(r, &name),
     )
     .await
+}
+
+/// Whether `r` is a sidecar proxy of service `name`.
+fn is_proxy_of(r: &Registration<'_>, name: &str) -> bool {
+    r.proxy && r.inst.service == name
 }
 
 /// `?passing`: only registrations whose checks all pass (Consul reads the parameter's
@@ -466,11 +457,16 @@ async fn health_service(
         &st,
         &caller,
         &params,
-        &name,
-        connect,
         CHECK_SERVICE_NODE_FIELDS,
         |r, i| r.check_service_node_json(i),
-        |r| !passing || r.inst.ready,
+        |r| {
+            let named = if connect {
+                is_proxy_of(r, &name)
+            } else {
+                r.name() == name
+            };
+            named && (!passing || r.inst.ready)
+        },
     )
     .await
 }
@@ -486,11 +482,9 @@ async fn health_connect(
         &st,
         &caller,
         &params,
-        &name,
-        true,
         CHECK_SERVICE_NODE_FIELDS,
         |r, i| r.check_service_node_json(i),
-        |r| !passing || r.inst.ready,
+        |r| is_proxy_of(r, &name) && (!passing || r.inst.ready),
     )
     .await
 }

@@ -232,6 +232,7 @@ impl Server {
             header_timeout: cfg.header_timeout,
             max_connections: cfg.max_connections,
         };
+        let (stop, stopped) = watch::channel(false);
         let app = router(
             AppState {
                 store: store.clone(),
@@ -239,10 +240,10 @@ impl Server {
                 status: hooks.status,
                 local: hooks.local,
                 catalog: hooks.catalog,
+                stopped: stopped.clone(),
             },
             cfg.max_body_bytes,
         );
-        let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut http_addr = None;
         if let Some(addr) = cfg.http_addr {
@@ -378,6 +379,8 @@ struct AppState {
     status: SharedStatus,
     local: Option<crate::local::Handle>,
     catalog: Arc<PublishedCatalog>,
+    /// Turns true when the server stops: blocked queries answer at once.
+    stopped: watch::Receiver<bool>,
 }
 
 /// Every route: each module's group, then a JSON 404 for any other path; bodies over
@@ -697,9 +700,41 @@ pub mod fuzzing {
 
     /// Decodes the raw query string `raw` the way every route reads its parameters: `ns` (with
     /// and without the wildcard), `cas`, `source-type`, `source` / `destination` / `name` as
-    /// service names, `by`, `namespace`, `target`, `port`. One result per parameter read.
+    /// service names, `by`, `namespace`, `target`, `port`, the blocking query's `index` and
+    /// `wait`, `filter` (parsed, and checked against the fields of Consul's UI service
+    /// summary), `kind`, `passing`, `connect` and `tag`. One result per parameter read.
     pub fn decode_query(raw: &str) -> Vec<Result<String, Error>> {
         let params = Params::new(Some(raw.to_owned()));
+        out_extra(&params)
+            .into_iter()
+            .chain(decode_names(&params))
+            .collect()
+    }
+
+    /// The blocking query `raw` asks for: `(index, wait)`, `None` when it does not block.
+    pub fn decode_blocking(raw: &str) -> Result<Option<(u64, std::time::Duration)>, Error> {
+        Params::new(Some(raw.to_owned()))
+            .blocking()
+            .map(|b| b.map(|b| (b.index, b.wait)))
+    }
+
+    /// The longest wait a blocking query may ask for.
+    pub const MAX_WAIT: std::time::Duration = super::blocking::MAX_WAIT;
+
+    fn out_extra(params: &Params) -> Vec<Result<String, Error>> {
+        const SUMMARY: &[&str] = &["Name", "Kind", "Namespace", "Tags", "InstanceCount"];
+        vec![
+            params.blocking().map(|b| format!("{b:?}")),
+            params.filter(SUMMARY).map(|f| format!("{f:?}")),
+            params.optional("kind").map(|k| format!("{k:?}")),
+            params.optional("passing").map(|p| format!("{p:?}")),
+            params.optional("connect").map(|c| format!("{c:?}")),
+            Ok(format!("{:?}", params.all("tag"))),
+            super::catalog::scope(params).map(|s| format!("{s:?}")),
+        ]
+    }
+
+    fn decode_names(params: &Params) -> Vec<Result<String, Error>> {
         let mut out = Vec::new();
         out.push(params.namespace(true).map(|n| format!("{n:?}")));
         out.push(params.namespace(false).map(|n| format!("{n:?}")));

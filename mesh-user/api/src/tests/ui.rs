@@ -817,3 +817,34 @@ async fn authorize_answers_per_resource_as_consul() {
         assert!(v["Error"].as_str().unwrap().contains(want), "{v}");
     }
 }
+
+#[tokio::test]
+async fn a_stopping_server_answers_its_blocked_queries_at_once() {
+    let h = start_tutorial(Action::Deny).await;
+    let (head, _) = get(&h, "/v1/internal/ui/services").await;
+    let index = index_of(&head);
+    let addr = h.server.http_addr().unwrap();
+    let root = h.root.clone();
+    let waiting = tokio::spawn(async move {
+        let c = Client::new(Address::Tcp(addr.to_string()), Some(root));
+        c.request(
+            "GET",
+            &format!("/v1/internal/ui/services?index={index}&wait=60s"),
+            None,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished());
+    let started = Instant::now();
+    let Harness { server, .. } = h;
+    server.shutdown().await;
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.status, 200);
+    // Well within the shutdown's grace for requests in flight.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
