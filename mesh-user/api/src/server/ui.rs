@@ -3,6 +3,7 @@
 //! with the intention decision of each edge) and `/v1/internal/acl/authorize` (which write
 //! buttons to show). Shapes as Consul's `agent/ui_endpoint.go` and `agent/acl_endpoint.go`.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 use axum::extract::{Path as UrlPath, State as AxState};
@@ -258,16 +259,16 @@ fn topology_json(snap: &CatalogSnapshot, rules: &RuleSet, me: &ServiceName) -> V
         let Some(other) = service_name(ns, name) else {
             continue;
         };
-        if !up.contains_key(&(ns.clone(), name.clone())) {
+        if let Entry::Vacant(e) = up.entry((ns.clone(), name.clone())) {
             let d = rules.check(me, &other);
             if d.allowed {
-                up.insert((ns.clone(), name.clone()), intention_source(rules, &d));
+                e.insert(intention_source(rules, &d));
             }
         }
-        if !down.contains_key(&(ns.clone(), name.clone())) {
+        if let Entry::Vacant(e) = down.entry((ns.clone(), name.clone())) {
             let d = rules.check(&other, me);
             if d.allowed {
-                down.insert((ns.clone(), name.clone()), intention_source(rules, &d));
+                e.insert(intention_source(rules, &d));
             }
         }
     }
@@ -418,12 +419,7 @@ fn allowed(policies: &[Policy], resource: &str, segment: &str, access: &str, ns:
 
 /// `POST /v1/internal/acl/authorize`: for each `{Resource, Segment, Access}` the same with
 /// `Allow`, as Consul's (at most 64 per request; an unknown resource or access is a 400).
-async fn authorize(
-    AxState(_st): AxState<AppState>,
-    caller: Caller,
-    params: Params,
-    body: Bytes,
-) -> ApiResult {
+async fn authorize(caller: Caller, params: Params, body: Bytes) -> ApiResult {
     let req_ns = params.namespace(false)?.map(str::to_owned);
     let reqs: Vec<AuthorizationRequest> = decode_json(text_body(&body)?)?;
     if reqs.len() > MAX_AUTHORIZATIONS {

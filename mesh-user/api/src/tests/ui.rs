@@ -564,6 +564,25 @@ async fn blocking_queries_return_after_a_change_or_after_wait() {
         assert_eq!(index_of(&head), index, "{path}");
     }
 
+    // An index from before a restart (above the index now) answers at once.
+    let (head, _) = get(&h, "/v1/internal/ui/services").await;
+    let index = index_of(&head);
+    let started = Instant::now();
+    let (head, _) = get(
+        &h,
+        &format!("/v1/internal/ui/services?index={}&wait=30s", index + 1000),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(index_of(&head), index);
+    // An empty store (index 0, answered as 1) blocks on 1 rather than answering at once.
+    let empty = start().await;
+    let (head, _) = get(&empty, "/v1/connect/intentions").await;
+    assert_eq!(index_of(&head), 1);
+    let started = Instant::now();
+    get(&empty, "/v1/connect/intentions?index=1&wait=300ms").await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
     // A readiness change wakes a waiting read, which answers with the new state.
     let (head, _) = get(&h, "/v1/health/service/api-v1").await;
     let index = index_of(&head);
