@@ -49,6 +49,9 @@ const SUMMARY_FIELDS: &[&str] = &[
     "ChecksPassing",
     "ChecksWarning",
     "ChecksCritical",
+    "InstancesPassing",
+    "InstancesWarning",
+    "InstancesCritical",
     "GatewayConfig",
     "TransparentProxy",
     "ConnectNative",
@@ -94,6 +97,11 @@ fn summary(regs: &[&Registration<'_>], connected: bool) -> Value {
         "ChecksPassing": passing,
         "ChecksWarning": 0,
         "ChecksCritical": regs.len() - passing,
+        // Instances by their worst check (one check each here); Consul's UI computes a
+        // service's health from these.
+        "InstancesPassing": passing,
+        "InstancesWarning": 0,
+        "InstancesCritical": regs.len() - passing,
         "GatewayConfig": {},
         // Every pod's proxy is transparent (the kernel steers its traffic).
         "TransparentProxy": true,

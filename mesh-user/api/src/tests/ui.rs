@@ -308,6 +308,9 @@ async fn ui_services_summarize_each_service_as_consuls_ui_reads_it() {
             "ChecksPassing": 1,
             "ChecksWarning": 0,
             "ChecksCritical": 0,
+            "InstancesPassing": 1,
+            "InstancesWarning": 0,
+            "InstancesCritical": 0,
             "GatewayConfig": {},
             "TransparentProxy": true,
             "ConnectNative": false,
@@ -319,6 +322,7 @@ async fn ui_services_summarize_each_service_as_consuls_ui_reads_it() {
     );
     assert_eq!(v[0]["ChecksCritical"], 1);
     assert_eq!(v[0]["ChecksPassing"], 0);
+    assert_eq!(v[0]["InstancesCritical"], 1);
     assert_eq!(v[1]["Kind"], "connect-proxy");
     assert_eq!(v[1]["ConnectedWithProxy"], false);
     // Every namespace.
