@@ -34,6 +34,60 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/internal/ui/service-topology/", get(topology_unnamed))
         .route("/v1/internal/ui/service-topology/{service}", get(topology))
         .route("/v1/internal/acl/authorize", post(authorize))
+        .route("/v1/namespaces", get(namespaces))
+}
+
+/// The fields of Consul Enterprise's `Namespace` a `?filter=` may select.
+const NAMESPACE_FIELDS: &[&str] = &[
+    "Name",
+    "Description",
+    "ACLs",
+    "Meta",
+    "Partition",
+    "CreateIndex",
+    "ModifyIndex",
+];
+
+/// `GET /v1/namespaces` (Consul Enterprise's, which Consul's UI reads for its namespace
+/// menu): `default`, and every namespace a service or an intention names, by name.
+/// Namespaces are not objects of their own here: they exist by being used, as Kubernetes
+/// namespaces mirrored by consul-k8s do.
+async fn namespaces(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
+    caller.need(Need::Read)?;
+    let filter = params.filter(NAMESPACE_FIELDS)?;
+    block(&st, params.blocking()?, mesh_index).await;
+    let index = mesh_index(&st);
+    let (_, snap) = st.catalog.current();
+    let state = st.store.state();
+    let mut names: std::collections::BTreeSet<String> = [DEFAULT_NAMESPACE.to_owned()].into();
+    names.extend(snap.instances.iter().map(|i| i.namespace.clone()));
+    names.extend(snap.services.iter().map(|s| s.namespace.clone()));
+    for it in state.rules.iter() {
+        for n in [&it.source, &it.destination] {
+            if n.namespace() != WILDCARD {
+                names.insert(n.namespace().to_owned());
+            }
+        }
+    }
+    let items: Vec<Value> = names
+        .into_iter()
+        .map(|name| {
+            let description = if name == DEFAULT_NAMESPACE {
+                "Builtin Default Namespace"
+            } else {
+                ""
+            };
+            json!({
+                "Name": name,
+                "Description": description,
+                "ACLs": { "PolicyDefaults": [], "RoleDefaults": [] },
+                "Partition": DEFAULT_PARTITION,
+                "CreateIndex": index,
+                "ModifyIndex": index,
+            })
+        })
+        .collect();
+    Ok(indexed(index, filtered(filter.as_ref(), &items)?))
 }
 
 /// The fields of Consul's `ServiceListingSummary` a `?filter=` may select (this agent

@@ -871,3 +871,29 @@ async fn a_stopping_server_answers_its_blocked_queries_at_once() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn namespaces_are_those_services_and_intentions_use() {
+    let h = start_tutorial(Action::Deny).await;
+    h.ok(
+        "PUT",
+        "/v1/connect/intentions/exact?source=team/*&destination=store/db",
+        Some(json!({"Action": "deny"})),
+    )
+    .await;
+    let (head, v) = get(&h, "/v1/namespaces").await;
+    assert!(index_of(&head) >= 1);
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["backend", "default", "store", "team"]);
+    assert_eq!(v[1]["Description"], "Builtin Default Namespace");
+    assert_eq!(v[1]["Partition"], "default");
+    let (_, v) = get(&h, "/v1/namespaces?filter=Name%20matches%20%22^b%22").await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let (status, _) = h.call(None, "GET", "/v1/namespaces", None).await;
+    assert_eq!(status, 401);
+}
