@@ -298,8 +298,8 @@ fn hcl_rejections_name_the_field() {
         ),
         (
             "Kind = \"service-intentions\"\nName = var.name\nSources = [{ Name = \"web\", Action = \"allow\" }]\n",
-            None,
-            "undefined variable",
+            Some("Name"),
+            "references and index expressions are not supported",
         ),
     ];
     for (input, field, text) in cases {
@@ -366,6 +366,12 @@ fn entry_hcl_refuses_expressions_before_evaluating_them() {
         ("Name = [for x in [1] : x]\n", "Name"),
         ("Name = \"${2/0}\"\n", "Name"),
         ("Sources { Name = -1/0 }\n", "Sources.Name"),
+        (
+            "s = 0[5555555555555*5555555555555555555555555555555565]\n",
+            "s",
+        ),
+        ("Name = api\n", "Name"),
+        ("Name = upper(\"api\")\n", "Name"),
     ] {
         let err = ServiceIntentionsEntry::from_hcl(input).unwrap_err();
         assert_eq!(err.field(), Some(field), "{input}\n=> {err}");
