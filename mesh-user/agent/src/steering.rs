@@ -10,7 +10,7 @@ use mesh_common::{
     IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
     SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Error, Names};
 use mesh_core::catalog::{Catalog, Workload};
@@ -338,24 +338,29 @@ impl Steering {
         let intentions = self.sync_intentions(catalog, rules, names);
         if let Err(e) = &intentions {
             warn!(error = %e, "the kernel cannot hold the intentions; the proxy decides every connection");
-            self.proxy_decides()?;
+            if let Err(fallback) = self.proxy_decides() {
+                // The kernel keeps its last rules: a stale deny still refuses at connect, a
+                // stale allow reaches the proxy, which holds the newest rules. Addresses are
+                // synced all the same.
+                error!(error = %fallback, "cannot take the kernel's intentions out of force either; the proxies enforce the newest rules");
+            }
         }
         self.sync_addresses(catalog, names)?;
         intentions
     }
 
-    /// Empties the kernel's intentions with a default of allow: connect4 then redirects every
-    /// connection to a service into the proxy, and the inbound proxy's authorizer (which always
-    /// holds the newest rules) decides. The fail-closed fallback when the kernel cannot take
-    /// a rule set.
+    /// Takes the kernel's intentions out of force (one write of the config map, none of the
+    /// intention maps, which may be what refused): connect4 then redirects every connection to
+    /// a service into the proxy, and the inbound proxy's authorizer (which always holds the
+    /// newest rules) decides. The fail-closed fallback when the kernel cannot take a rule set.
     ///
     /// # Errors
-    /// When even the empty set cannot be written (the config map is unwritable).
+    /// When the config map cannot be written.
     pub fn proxy_decides(&mut self) -> Result<(), Error> {
         let Steering::Ebpf(dp) = self else {
             return Ok(());
         };
-        dp.replace_intentions(HashMap::new(), true)?;
+        dp.proxy_decides()?;
         Ok(())
     }
 

@@ -8,6 +8,9 @@
 //! marker on a declared port and an undeclared one, on `[::]`), `evil` (meshed, denied by the
 //! intention `evil → api` under a default of allow), `outside` (a pod of the node the catalog
 //! does not know: outside the mesh).
+//!
+//! Also here: intention maps that refuse every write (frozen from outside) while a real agent
+//! takes new rules: the proxies enforce the newest ones and the kernel decides nothing.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
@@ -916,5 +919,127 @@ fn another_pods_exclusion_on_a_shared_address_never_opens_this_pods_app() -> Res
              {probe:?}"
         );
     }
+    Ok(())
+}
+
+/// The live `CONFIG` of `s`'s agent, read through its pin.
+fn pinned_config(s: &Setup) -> Result<mesh_common::Config> {
+    let path = mesh_dataplane::bpf::instance_dir(&s.node.instance())
+        .join("maps")
+        .join(mesh_common::MAP_CONFIG);
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let map: aya::maps::Array<aya::maps::MapData, mesh_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(data)?)?;
+    Ok(map.get(&0, 0)?)
+}
+
+#[test]
+fn frozen_intention_maps_leave_the_proxy_enforcing_the_newest_rules() -> Result<()> {
+    let mut s = setup()?;
+    let meshd = Meshd::start(&s, "frozen")?;
+    deny_evil(&mut s)?;
+    let (web, evil) = (s.web.clone(), s.evil.clone());
+    let vip = SocketAddr::V4(s.vip);
+    let fetch = |s: &mut Setup, pod: &Pod| -> Result<String> {
+        let out = s
+            .node
+            .probe_in(pod, &["fetch", &vip.to_string()], Duration::from_secs(10))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // A second rule change, so that both intention sets hold entries (the one in force and the
+    // one the next change would be written into).
+    s.meshctl(&["intention", "create", "-allow", "web", "api"])?;
+    wait_for(
+        "web through the mesh",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || Ok((fetch(&mut s, &web)? == MARKER).then_some(())),
+    )?;
+    let status = s.meshctl(&["status"])?;
+    assert!(status.contains("kernel_intentions = in-sync"), "{status}");
+
+    // From outside the agent, make the kernel refuse every write of either intention set: a
+    // frozen map takes no update or delete from a syscall (EPERM), while programs still read it.
+    let maps = mesh_dataplane::bpf::instance_dir(&s.node.instance()).join("maps");
+    for name in [mesh_common::MAP_INTENTIONS_0, mesh_common::MAP_INTENTIONS_1] {
+        let path = maps.join(name);
+        mesh_kit::run(
+            "bpftool",
+            &["map", "freeze", "pinned", &path.to_string_lossy()],
+        )?;
+    }
+
+    // A new deny through the API: the proxies take it, the kernel cannot.
+    s.meshctl(&["intention", "create", "-deny", "-replace", "web", "api"])?;
+    let status = wait_for(
+        "meshctl status saying the proxy decides",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let st = s.meshctl(&["status"])?;
+            Ok(st
+                .contains("kernel_intentions = proxy-decides")
+                .then_some(st))
+        },
+    )?;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.trim().starts_with("reason = ") && l.len() > 12),
+        "the status names why: {status}"
+    );
+    // The kernel sends everything to the proxy, without reading the frozen maps.
+    assert_eq!(
+        pinned_config(&s)?.intention_set,
+        mesh_common::INTENTION_SET_PROXY
+    );
+    // web is now denied: its connection reaches its proxy (the kernel decides nothing) and the
+    // proxy refuses it; no byte of api's answer comes back.
+    wait_for(
+        "web refused by the proxy",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || Ok((fetch(&mut s, &web)? != MARKER).then_some(())),
+    )?;
+    for _ in 0..5 {
+        assert_eq!(
+            s.connect_from(&web, vip)?,
+            "connected",
+            "web → VIP reaches the proxy"
+        );
+        assert_ne!(
+            fetch(&mut s, &web)?,
+            MARKER,
+            "web is denied by the newest rules"
+        );
+    }
+    // evil is still denied by the newest rules; the kernel's stale copy (frozen with its deny)
+    // no longer decides: its connection reaches the proxy, which refuses it.
+    assert_eq!(
+        s.connect_from(&evil, vip)?,
+        "connected",
+        "evil → VIP reaches the proxy"
+    );
+    assert_ne!(
+        fetch(&mut s, &evil)?,
+        MARKER,
+        "evil is denied by the newest rules"
+    );
+    // And an allow the kernel never saw works: the stale deny in the frozen map is not used.
+    s.meshctl(&["intention", "delete", "evil", "api"])?;
+    wait_for(
+        "evil allowed by the newest rules",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || Ok((fetch(&mut s, &evil)? == MARKER).then_some(())),
+    )?;
+    assert_ne!(fetch(&mut s, &web)?, MARKER, "web is still denied");
+    let status = s.meshctl(&["status"])?;
+    assert!(
+        status.contains("kernel_intentions = proxy-decides"),
+        "still proxy-decides: {status}"
+    );
+    drop(meshd);
     Ok(())
 }
