@@ -217,6 +217,8 @@ struct Meshd {
     spawned_ns: u64,
     ready_ns: u64,
     ready: mpsc::Receiver<u64>,
+    /// When it logged each catalog reload (after SIGHUP).
+    reloaded: mpsc::Receiver<u64>,
 }
 
 impl Drop for Meshd {
@@ -266,11 +268,15 @@ impl Meshd {
             .context("starting meshd")?;
         let stderr = child.stderr.take().context("meshd stderr")?;
         let (tx, rx) = mpsc::channel();
+        let (reload_tx, reload_rx) = mpsc::channel();
         let tag = label.to_string();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("meshd ready") {
                     let _ = tx.send(unix_ns());
+                }
+                if line.contains("catalog reloaded") {
+                    let _ = reload_tx.send(unix_ns());
                 }
                 // Errors, warnings and readiness; the rest would drown the test's report.
                 let noise = line.contains("connection refused") || line.contains("RLIMIT_NOFILE");
@@ -286,7 +292,21 @@ impl Meshd {
             spawned_ns,
             ready_ns: 0,
             ready: rx,
+            reloaded: reload_rx,
         })
+    }
+
+    /// SIGHUP (re-read the catalog), and waits until it says it reloaded.
+    fn reload(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("meshd exited: {st}");
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+        self.reloaded
+            .recv_timeout(Duration::from_secs(10))
+            .context("meshd did not reload its catalog within 10 s")?;
+        Ok(())
     }
 
     /// SIGKILL, after checking it did not exit on its own.
@@ -1039,6 +1059,118 @@ fn frozen_intention_maps_leave_the_proxy_enforcing_the_newest_rules() -> Result<
     assert!(
         status.contains("kernel_intentions = proxy-decides"),
         "still proxy-decides: {status}"
+    );
+    drop(meshd);
+    Ok(())
+}
+
+#[test]
+fn repeated_re_meshes_never_let_plaintext_reach_the_app() -> Result<()> {
+    const ROUNDS: usize = 20;
+    let mut s = setup()?;
+    probes_see_the_unmeshed_app(&mut s)?;
+    let mut meshd = Meshd::start(&s, "re-mesh")?;
+    let outside = s.outside.clone();
+    let targets = s.app_addrs(&outside)?;
+    let list: Vec<String> = targets.iter().map(|a| a.to_string()).collect();
+    let prober = Collector::start(
+        &mut s,
+        &outside,
+        &["probe-loop", "0", "1", MARKER, &list.join(",")],
+    )?;
+    let original: Catalog = serde_json::from_str(&std::fs::read_to_string(&s.catalog_path)?)?;
+    for round in 0..ROUNDS {
+        // api changes (one app port more, then back): the agent re-meshes it.
+        let mut catalog = original.clone();
+        if round % 2 == 0 {
+            for w in &mut catalog.workloads {
+                if w.name == s.api.name {
+                    w.app_ports.push(UNDECLARED);
+                }
+            }
+        }
+        std::fs::write(&s.catalog_path, serde_json::to_string_pretty(&catalog)?)?;
+        meshd.reload().with_context(|| format!("re-mesh {round}"))?;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // A re-mesh that fails: the kernel refuses api's new outbound listener (127.0.0.1 is gone
+    // from its loopback), so the new version cannot be meshed. The old steering must hold
+    // (dropping everything) for as long as that lasts, not leave the app open.
+    let lo = |op: &str| {
+        mesh_kit::run(
+            "ip",
+            &[
+                "-n",
+                &s.api.netns_name,
+                "addr",
+                op,
+                "127.0.0.1/8",
+                "dev",
+                "lo",
+            ],
+        )
+    };
+    lo("del")?;
+    let failed_at = unix_ns();
+    let mut changed = original.clone();
+    for w in &mut changed.workloads {
+        if w.name == s.api.name {
+            w.app_ports.push(UNDECLARED);
+        }
+    }
+    std::fs::write(&s.catalog_path, serde_json::to_string_pretty(&changed)?)?;
+    meshd.reload().context("the failing re-mesh")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = s.meshctl(&["status"])?;
+    lo("add")?;
+    let recovered_at = unix_ns();
+    // And the next re-mesh succeeds.
+    std::fs::write(&s.catalog_path, serde_json::to_string_pretty(&original)?)?;
+    meshd.reload().context("the re-mesh after the failure")?;
+    let (lines, err) = prober.finish()?;
+    let probes: Vec<Probe> = lines
+        .iter()
+        .map(|l| Probe::parse(&outside.name, l))
+        .collect::<Result<_>>()
+        .with_context(|| format!("prober stderr: {err}"))?;
+    ensure!(
+        probes.len() >= ROUNDS * targets.len(),
+        "too few probes to mean anything: {}",
+        probes.len()
+    );
+    let while_failed = probes
+        .iter()
+        .filter(|p| p.at_ns > failed_at && p.at_ns < recovered_at)
+        .count();
+    ensure!(
+        while_failed >= targets.len(),
+        "too few probes while the re-mesh had failed: {while_failed} (status: {status})"
+    );
+    let leaked: Vec<&Probe> = probes.iter().filter(|p| p.marker).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} of {} plaintext probes reached api's app during re-meshes, first: {:?}",
+        leaked.len(),
+        probes.len(),
+        leaked.first()
+    );
+    // Still meshed after the last one: web reaches api through the mesh.
+    let (web, vip) = (s.web.clone(), SocketAddr::V4(s.vip));
+    wait_for(
+        "web through the mesh after the re-meshes",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let out =
+                s.node
+                    .probe_in(&web, &["fetch", &vip.to_string()], Duration::from_secs(10))?;
+            Ok((String::from_utf8_lossy(&out.stdout).trim() == MARKER).then_some(()))
+        },
+    )?;
+    eprintln!(
+        "{} plaintext probes during {ROUNDS} re-meshes and a failed one ({while_failed} while \
+         it had failed), none answered by the app",
+        probes.len()
     );
     drop(meshd);
     Ok(())
