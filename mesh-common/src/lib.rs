@@ -197,6 +197,14 @@ pub struct KernelOffsets {
     pub _pad: u32,
 }
 
+/// [`Config::intention_set`] when no kernel intention set is in force: connect4/connect6 look
+/// no intention up and send every connection to a service to the pod's outbound proxy, where the
+/// inbound proxy's authorizer (which always holds the newest rules) decides
+/// ([`Counter::ProxyDecided`] counts them). The agent's fail-closed fallback when it cannot write
+/// the newest rules into the intention maps: it needs only a write of `CONFIG`, never of the
+/// intention maps that refused.
+pub const INTENTION_SET_PROXY: u32 = 2;
+
 /// Global switches, in a one-element array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +217,7 @@ pub struct Config {
     pub msg_redirect: u32,
     /// Which of the two intention maps is in force (0 or 1). The agent fills the other one,
     /// then flips this: a connection sees the old rules or the new ones, never a mix.
+    /// [`INTENTION_SET_PROXY`]: neither; the kernel decides nothing (see there).
     pub intention_set: u32,
     /// Field offsets in the running kernel's structs (see [`KernelOffsets`]).
     pub offsets: KernelOffsets,
@@ -571,10 +580,16 @@ pub enum Counter {
     ConnStateFailed = 14,
     /// Native IPv6 connects connect6 refused (to a meshed pod's address).
     Native6Denied = 15,
+    /// Connections to a service that connect4/connect6 sent to the proxy without a kernel
+    /// verdict, because no kernel intention set is in force ([`INTENTION_SET_PROXY`]).
+    ProxyDecided = 16,
+    /// Redirected app⇄proxy sockets left on the TCP path because the sockhash (or its state
+    /// map) is full: the connection still works, through the proxy, without the sk_msg shortcut.
+    SockhashFull = 17,
 }
 
 /// Number of [`Counter`]s: the size of [`MAP_COUNTERS`] and of [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 18;
 
 /// Every counter with its name (the metric and JSON name user space shows), in index order: the
 /// one list user space iterates.
@@ -595,6 +610,8 @@ pub const COUNTERS: [(Counter, &str); COUNTER_COUNT as usize] = [
     (Counter::InboundDropped, "inbound_dropped"),
     (Counter::ConnStateFailed, "conn_state_failed"),
     (Counter::Native6Denied, "native6_denied"),
+    (Counter::ProxyDecided, "proxy_decided"),
+    (Counter::SockhashFull, "sockhash_full"),
 ];
 
 // `aya::Pod` is an `unsafe` trait (aya copies map keys and values as raw bytes), so this module

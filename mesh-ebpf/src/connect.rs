@@ -152,17 +152,23 @@ unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 
         return PROCEED;
     };
     let cfg = config();
-    // SAFETY: `decide` only looks up the intention maps and copies the value it finds; `pod` and
-    // `service` are live map values (above).
-    let allowed = match unsafe { decide(pod, service, cfg.intention_set) } {
-        Some(v) => {
-            let allowed = v.action == VERDICT_ALLOW;
-            count_intention(v.counter, allowed);
-            allowed
-        }
-        None => {
-            count(Counter::DefaultDecisions, 1);
-            cfg.default_verdict == VERDICT_ALLOW
+    let allowed = if cfg.intention_set == INTENTION_SET_PROXY {
+        // No kernel rules in force: the proxy decides (the intention maps are not read).
+        count(Counter::ProxyDecided, 1);
+        true
+    } else {
+        // SAFETY: `decide` only looks up the intention maps and copies the value it finds; `pod`
+        // and `service` are live map values (above).
+        match unsafe { decide(pod, service, cfg.intention_set) } {
+            Some(v) => {
+                let allowed = v.action == VERDICT_ALLOW;
+                count_intention(v.counter, allowed);
+                allowed
+            }
+            None => {
+                count(Counter::DefaultDecisions, 1);
+                cfg.default_verdict == VERDICT_ALLOW
+            }
         }
     };
     if !allowed {

@@ -7,7 +7,9 @@
 //!
 //! Per-connection state lives where the kernel frees it with the socket: [`ORIG_DST_SK`] is
 //! socket-local storage; [`ORIG_HANDOFF`] and [`SOCK_STATE`] entries are removed by sockops'
-//! close callback, armed before an entry is inserted.
+//! close callback, armed before an entry is inserted. A full [`ORIG_HANDOFF`] evicts its oldest
+//! entry; a full [`SOCK_STATE`] or [`SOCKS`] leaves the one pair on the TCP path
+//! ([`Counter::SockhashFull`]).
 
 use core::{cell::UnsafeCell, ffi::c_void, marker::PhantomData, mem, ptr};
 
@@ -15,7 +17,7 @@ use aya_ebpf::{
     bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
     helpers::{bpf_probe_read_kernel, bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap},
 };
 use mesh_common::*;
 
@@ -43,8 +45,12 @@ pub(crate) static INTENTION_COUNTS: PerCpuHashMap<u32, IntentionCounts> =
     PerCpuHashMap::pinned(MAX_INTENTIONS, 0);
 #[map]
 pub(crate) static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// Least-recently-used: an entry lives from the app side's `ACTIVE_ESTABLISHED` to the proxy
+/// side's `PASSIVE_ESTABLISHED` (or the app socket's close). Only handshakes that never complete
+/// (a proxy whose accept queue is full) keep entries for long; when the map is full, the oldest
+/// of those is evicted, so stuck connections can never make the next one on the node fail.
 #[map]
-pub(crate) static ORIG_HANDOFF: HashMap<SockKey, OrigDst> = HashMap::pinned(MAX_SOCKETS, 0);
+pub(crate) static ORIG_HANDOFF: LruHashMap<SockKey, OrigDst> = LruHashMap::pinned(MAX_SOCKETS, 0);
 #[map]
 pub(crate) static SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_SOCKETS, 0);
 #[map]

@@ -225,6 +225,7 @@ fn add_socket(ctx: &SockOpsContext, mut key: SockKey, app_side: bool) {
         _pad: 0,
     };
     if SOCK_STATE.insert(key, state, 0).is_err() {
+        count(Counter::SockhashFull, 1);
         return;
     }
     if app_side {
@@ -249,6 +250,7 @@ fn add_socket(ctx: &SockOpsContext, mut key: SockKey, app_side: bool) {
     // `&mut` lasts only for the helper call, which the verifier checks takes this context.
     if SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0).is_err() {
         let _ = SOCK_STATE.remove(key);
+        count(Counter::SockhashFull, 1);
         return;
     }
     watch_close(ctx);

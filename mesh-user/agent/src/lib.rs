@@ -178,6 +178,11 @@ pub struct Agent {
     pods: BTreeMap<String, Pod>,
     /// Pods of the catalog the agent could not mesh, by workload id, with why.
     unmeshed: BTreeMap<String, String>,
+    /// Steering left in place for pods being re-meshed (make-before-break), by workload id:
+    /// the old version's, and any partial one of a start that failed. Their listeners are
+    /// closed, so their addresses drop every connection until the new steering replaces them
+    /// (then [`Steering::remove_leftovers`]) or the pod leaves the catalog.
+    held: BTreeMap<String, Vec<(Workload, PodKernel)>>,
     proxy: mesh_proxy::Proxy,
     directory: Arc<directory::MeshDirectory>,
     authorizer: Arc<authorizer::IntentionAuthorizer>,
@@ -266,6 +271,7 @@ impl Agent {
             identity,
             pods: BTreeMap::new(),
             unmeshed: BTreeMap::new(),
+            held: BTreeMap::new(),
             proxy,
             directory,
             authorizer,
@@ -406,11 +412,25 @@ impl Agent {
     pub async fn apply(&mut self, update: Update) -> Result<Diff, Error> {
         let mut next = self.catalog.clone();
         let diff = next.apply(update)?;
-        // Pods that went away or changed: stop them first (their listeners close).
-        for id in diff.workloads_removed.iter().chain(&diff.workloads_changed) {
+        // Pods that went away: stop them and remove their steering. Pods that changed: stop
+        // their proxies (their listeners close) but keep their steering until the new one is in
+        // place, so no moment leaves them unsteered.
+        for id in &diff.workloads_removed {
             self.unmeshed.remove(id);
             if let Some(pod) = self.pods.remove(id) {
                 self.stop_pod(pod);
+            }
+            for (w, kernel) in self.held.remove(id).unwrap_or_default() {
+                if let Err(e) = self.steering.remove_pod(&w, &kernel) {
+                    warn!(pod = %id, error = %e, "removing the held steering of a pod that left");
+                }
+            }
+        }
+        for id in &diff.workloads_changed {
+            self.unmeshed.remove(id);
+            if let Some(pod) = self.pods.remove(id) {
+                let next = next.workload(id).cloned();
+                self.hold_pod(pod, next.as_ref());
             }
         }
         self.catalog = next;
@@ -437,6 +457,14 @@ impl Agent {
             }
             match self.start_pod(&w).await {
                 Ok(pod) => {
+                    for (old_w, old) in self.held.remove(id).unwrap_or_default() {
+                        if let Err(e) =
+                            self.steering
+                                .remove_leftovers(&old_w, &old, &pod.workload, &pod.kernel)
+                        {
+                            warn!(pod = %id, error = %e, "removing the old steering of a re-meshed pod");
+                        }
+                    }
                     self.pods.insert(id.clone(), pod);
                 }
                 Err(e) => {
@@ -449,7 +477,13 @@ impl Agent {
     }
 
     fn free_slot(&self) -> Result<mesh_dataplane::bpf::ListenerSlot, Error> {
-        let used: BTreeSet<u32> = self.pods.values().map(|p| p.kernel.slot.0).collect();
+        let held = self.held.values().flatten().map(|(_, k)| k.slot.0);
+        let used: BTreeSet<u32> = self
+            .pods
+            .values()
+            .map(|p| p.kernel.slot.0)
+            .chain(held)
+            .collect();
         (0..mesh_common::MAX_INBOUND_LISTENERS)
             .find(|s| !used.contains(s))
             .map(mesh_dataplane::bpf::ListenerSlot)
@@ -489,9 +523,13 @@ impl Agent {
                 })
             }
             Err(e) => {
-                // Undo the steering so that a later apply can try again from scratch.
                 self.dialer.remove(&w.id());
-                if let Err(e) = self.steering.remove_pod(w, &kernel) {
+                if let Some(held) = self.held.get_mut(&w.id()) {
+                    // A re-mesh: the old steering stays (it drops everything), and so does
+                    // this partial one, until a later start replaces both or the pod leaves.
+                    held.push((w.clone(), kernel));
+                } else if let Err(e) = self.steering.remove_pod(w, &kernel) {
+                    // Undone so that a later apply can try again from scratch.
                     warn!(pod = %w.id(), error = %e, "removing the steering of a pod not meshed");
                 }
                 Err(e)
@@ -532,6 +570,23 @@ impl Agent {
             .listen(mesh_proxy::ListenerKind::Inbound, inbound)
             .map_err(proxy_err)?;
         Ok(proxy)
+    }
+
+    /// Stops a pod that is being re-meshed as `next` (see [`Agent::held`]): its proxy stops,
+    /// its steering stays.
+    fn hold_pod(&mut self, mut pod: Pod, next: Option<&Workload>) {
+        pod.proxy.stop();
+        self.dialer.remove(&pod.workload.id());
+        if let Some(next) = next {
+            if let Err(e) = self.steering.hold_pod(&pod.kernel, next) {
+                warn!(pod = %pod.workload.id(), error = %e, "removing exclusions the new version drops");
+            }
+        }
+        info!(pod = %pod.workload.id(), "pod being re-meshed; its addresses drop connections until then");
+        self.held
+            .entry(pod.workload.id())
+            .or_default()
+            .push((pod.workload, pod.kernel));
     }
 
     fn stop_pod(&mut self, mut pod: Pod) {

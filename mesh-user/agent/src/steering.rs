@@ -10,7 +10,7 @@ use mesh_common::{
     IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
     SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Error, Names};
 use mesh_core::catalog::{Catalog, Workload};
@@ -298,6 +298,71 @@ impl Steering {
         Ok(())
     }
 
+    /// Prepares a pod's re-mesh (make-before-break): its old steering stays in place while its
+    /// listeners close (sk_lookup then drops every connection to its addresses, connect4
+    /// redirects to a closed port), so no moment leaves the pod unsteered. Only the inbound
+    /// exclusions the new version `next` no longer has go now, so no port opens.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if the exclusions cannot be read or removed.
+    pub fn hold_pod(&mut self, old: &PodKernel, next: &Workload) -> Result<(), Error> {
+        if let Steering::Ebpf(dp) = self {
+            dp.remove_excluded_except(old.netns_cookie, &next.exclude_inbound_ports)?;
+        }
+        Ok(())
+    }
+
+    /// After a re-meshed pod's new steering is in place ([`Steering::add_pod`] for `new_w`
+    /// with `new`), removes what only the old one (`old_w`, `old`) had: its pod-map entry if the
+    /// cgroup changed, its local ports the new version does not use, and its inbound slot with
+    /// the addresses still pointing at it (the new steering overwrote the rest). Never touches
+    /// the pod's pinned programs, which the new steering adopted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if a map removal fails.
+    pub fn remove_leftovers(
+        &mut self,
+        old_w: &Workload,
+        old: &PodKernel,
+        new_w: &Workload,
+        new: &PodKernel,
+    ) -> Result<(), Error> {
+        match self {
+            Steering::Ebpf(dp) => {
+                if old.cgroup_id != new.cgroup_id {
+                    dp.remove_pod(old.cgroup_id)?;
+                }
+                let same_ns = old.netns_cookie == new.netns_cookie;
+                let still = |port: u16| {
+                    same_ns
+                        && (port == OUTBOUND_PORT
+                            || new_w.upstreams.iter().any(|u| u.bind_port == port))
+                };
+                let ports = std::iter::once(OUTBOUND_PORT)
+                    .chain(old_w.upstreams.iter().map(|u| u.bind_port));
+                for port in ports {
+                    if !still(port) {
+                        dp.remove_local_port(old.netns_cookie, port)?;
+                    }
+                }
+                if old.slot != new.slot {
+                    dp.remove_inbound(old.slot)?;
+                }
+            }
+            Steering::Iptables => {
+                if old_w.netns != new_w.netns {
+                    // The old namespace may be gone with its chains.
+                    if let Err(e) = iptables::remove(&old_w.netns) {
+                        warn!(pod = %old_w.id(), error = %e, "removing the old namespace's chains");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Undoes [`Steering::add_pod`].
     ///
     /// # Errors
@@ -338,24 +403,29 @@ impl Steering {
         let intentions = self.sync_intentions(catalog, rules, names);
         if let Err(e) = &intentions {
             warn!(error = %e, "the kernel cannot hold the intentions; the proxy decides every connection");
-            self.proxy_decides()?;
+            if let Err(fallback) = self.proxy_decides() {
+                // The kernel keeps its last rules: a stale deny still refuses at connect, a
+                // stale allow reaches the proxy, which holds the newest rules. Addresses are
+                // synced all the same.
+                error!(error = %fallback, "cannot take the kernel's intentions out of force either; the proxies enforce the newest rules");
+            }
         }
         self.sync_addresses(catalog, names)?;
         intentions
     }
 
-    /// Empties the kernel's intentions with a default of allow: connect4 then redirects every
-    /// connection to a service into the proxy, and the inbound proxy's authorizer (which always
-    /// holds the newest rules) decides. The fail-closed fallback when the kernel cannot take
-    /// a rule set.
+    /// Takes the kernel's intentions out of force (one write of the config map, none of the
+    /// intention maps, which may be what refused): connect4 then redirects every connection to
+    /// a service into the proxy, and the inbound proxy's authorizer (which always holds the
+    /// newest rules) decides. The fail-closed fallback when the kernel cannot take a rule set.
     ///
     /// # Errors
-    /// When even the empty set cannot be written (the config map is unwritable).
+    /// When the config map cannot be written.
     pub fn proxy_decides(&mut self) -> Result<(), Error> {
         let Steering::Ebpf(dp) = self else {
             return Ok(());
         };
-        dp.replace_intentions(HashMap::new(), true)?;
+        dp.proxy_decides()?;
         Ok(())
     }
 

@@ -8,6 +8,9 @@
 //! marker on a declared port and an undeclared one, on `[::]`), `evil` (meshed, denied by the
 //! intention `evil → api` under a default of allow), `outside` (a pod of the node the catalog
 //! does not know: outside the mesh).
+//!
+//! Also here: intention maps that refuse every write (frozen from outside) while a real agent
+//! takes new rules: the proxies enforce the newest ones and the kernel decides nothing.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener};
@@ -214,6 +217,8 @@ struct Meshd {
     spawned_ns: u64,
     ready_ns: u64,
     ready: mpsc::Receiver<u64>,
+    /// When it logged each catalog reload (after SIGHUP).
+    reloaded: mpsc::Receiver<u64>,
 }
 
 impl Drop for Meshd {
@@ -263,11 +268,15 @@ impl Meshd {
             .context("starting meshd")?;
         let stderr = child.stderr.take().context("meshd stderr")?;
         let (tx, rx) = mpsc::channel();
+        let (reload_tx, reload_rx) = mpsc::channel();
         let tag = label.to_string();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("meshd ready") {
                     let _ = tx.send(unix_ns());
+                }
+                if line.contains("catalog reloaded") {
+                    let _ = reload_tx.send(unix_ns());
                 }
                 // Errors, warnings and readiness; the rest would drown the test's report.
                 let noise = line.contains("connection refused") || line.contains("RLIMIT_NOFILE");
@@ -283,7 +292,21 @@ impl Meshd {
             spawned_ns,
             ready_ns: 0,
             ready: rx,
+            reloaded: reload_rx,
         })
+    }
+
+    /// SIGHUP (re-read the catalog), and waits until it says it reloaded.
+    fn reload(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("meshd exited: {st}");
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)?;
+        self.reloaded
+            .recv_timeout(Duration::from_secs(10))
+            .context("meshd did not reload its catalog within 10 s")?;
+        Ok(())
     }
 
     /// SIGKILL, after checking it did not exit on its own.
@@ -916,5 +939,239 @@ fn another_pods_exclusion_on_a_shared_address_never_opens_this_pods_app() -> Res
              {probe:?}"
         );
     }
+    Ok(())
+}
+
+/// The live `CONFIG` of `s`'s agent, read through its pin.
+fn pinned_config(s: &Setup) -> Result<mesh_common::Config> {
+    let path = mesh_dataplane::bpf::instance_dir(&s.node.instance())
+        .join("maps")
+        .join(mesh_common::MAP_CONFIG);
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let map: aya::maps::Array<aya::maps::MapData, mesh_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(data)?)?;
+    Ok(map.get(&0, 0)?)
+}
+
+#[test]
+fn frozen_intention_maps_leave_the_proxy_enforcing_the_newest_rules() -> Result<()> {
+    let mut s = setup()?;
+    let meshd = Meshd::start(&s, "frozen")?;
+    deny_evil(&mut s)?;
+    let (web, evil) = (s.web.clone(), s.evil.clone());
+    let vip = SocketAddr::V4(s.vip);
+    let fetch = |s: &mut Setup, pod: &Pod| -> Result<String> {
+        let out = s
+            .node
+            .probe_in(pod, &["fetch", &vip.to_string()], Duration::from_secs(10))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // A second rule change, so that both intention sets hold entries (the one in force and the
+    // one the next change would be written into).
+    s.meshctl(&["intention", "create", "-allow", "web", "api"])?;
+    wait_for(
+        "web through the mesh",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || Ok((fetch(&mut s, &web)? == MARKER).then_some(())),
+    )?;
+    let status = s.meshctl(&["status"])?;
+    assert!(status.contains("kernel_intentions = in-sync"), "{status}");
+
+    // From outside the agent, make the kernel refuse every write of either intention set: a
+    // frozen map takes no update or delete from a syscall (EPERM), while programs still read it.
+    let maps = mesh_dataplane::bpf::instance_dir(&s.node.instance()).join("maps");
+    for name in [mesh_common::MAP_INTENTIONS_0, mesh_common::MAP_INTENTIONS_1] {
+        let path = maps.join(name);
+        mesh_kit::run(
+            "bpftool",
+            &["map", "freeze", "pinned", &path.to_string_lossy()],
+        )?;
+    }
+
+    // A new deny through the API: the proxies take it, the kernel cannot.
+    s.meshctl(&["intention", "create", "-deny", "-replace", "web", "api"])?;
+    let status = wait_for(
+        "meshctl status saying the proxy decides",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let st = s.meshctl(&["status"])?;
+            Ok(st
+                .contains("kernel_intentions = proxy-decides")
+                .then_some(st))
+        },
+    )?;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.trim().starts_with("reason = ") && l.len() > 12),
+        "the status names why: {status}"
+    );
+    // The kernel sends everything to the proxy, without reading the frozen maps.
+    assert_eq!(
+        pinned_config(&s)?.intention_set,
+        mesh_common::INTENTION_SET_PROXY
+    );
+    // web is now denied: its connection reaches its proxy (the kernel decides nothing) and the
+    // proxy refuses it; no byte of api's answer comes back.
+    wait_for(
+        "web refused by the proxy",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || Ok((fetch(&mut s, &web)? != MARKER).then_some(())),
+    )?;
+    for _ in 0..5 {
+        assert_eq!(
+            s.connect_from(&web, vip)?,
+            "connected",
+            "web → VIP reaches the proxy"
+        );
+        assert_ne!(
+            fetch(&mut s, &web)?,
+            MARKER,
+            "web is denied by the newest rules"
+        );
+    }
+    // evil is still denied by the newest rules; the kernel's stale copy (frozen with its deny)
+    // no longer decides: its connection reaches the proxy, which refuses it.
+    assert_eq!(
+        s.connect_from(&evil, vip)?,
+        "connected",
+        "evil → VIP reaches the proxy"
+    );
+    assert_ne!(
+        fetch(&mut s, &evil)?,
+        MARKER,
+        "evil is denied by the newest rules"
+    );
+    // And an allow the kernel never saw works: the stale deny in the frozen map is not used.
+    s.meshctl(&["intention", "delete", "evil", "api"])?;
+    wait_for(
+        "evil allowed by the newest rules",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || Ok((fetch(&mut s, &evil)? == MARKER).then_some(())),
+    )?;
+    assert_ne!(fetch(&mut s, &web)?, MARKER, "web is still denied");
+    let status = s.meshctl(&["status"])?;
+    assert!(
+        status.contains("kernel_intentions = proxy-decides"),
+        "still proxy-decides: {status}"
+    );
+    drop(meshd);
+    Ok(())
+}
+
+#[test]
+fn repeated_re_meshes_never_let_plaintext_reach_the_app() -> Result<()> {
+    const ROUNDS: usize = 20;
+    let mut s = setup()?;
+    probes_see_the_unmeshed_app(&mut s)?;
+    let mut meshd = Meshd::start(&s, "re-mesh")?;
+    let outside = s.outside.clone();
+    let targets = s.app_addrs(&outside)?;
+    let list: Vec<String> = targets.iter().map(|a| a.to_string()).collect();
+    let prober = Collector::start(
+        &mut s,
+        &outside,
+        &["probe-loop", "0", "1", MARKER, &list.join(",")],
+    )?;
+    let original: Catalog = serde_json::from_str(&std::fs::read_to_string(&s.catalog_path)?)?;
+    for round in 0..ROUNDS {
+        // api changes (one app port more, then back): the agent re-meshes it.
+        let mut catalog = original.clone();
+        if round % 2 == 0 {
+            for w in &mut catalog.workloads {
+                if w.name == s.api.name {
+                    w.app_ports.push(UNDECLARED);
+                }
+            }
+        }
+        std::fs::write(&s.catalog_path, serde_json::to_string_pretty(&catalog)?)?;
+        meshd.reload().with_context(|| format!("re-mesh {round}"))?;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // A re-mesh that fails: the kernel refuses api's new outbound listener (127.0.0.1 is gone
+    // from its loopback), so the new version cannot be meshed. The old steering must hold
+    // (dropping everything) for as long as that lasts, not leave the app open.
+    let lo = |op: &str| {
+        mesh_kit::run(
+            "ip",
+            &[
+                "-n",
+                &s.api.netns_name,
+                "addr",
+                op,
+                "127.0.0.1/8",
+                "dev",
+                "lo",
+            ],
+        )
+    };
+    lo("del")?;
+    let failed_at = unix_ns();
+    let mut changed = original.clone();
+    for w in &mut changed.workloads {
+        if w.name == s.api.name {
+            w.app_ports.push(UNDECLARED);
+        }
+    }
+    std::fs::write(&s.catalog_path, serde_json::to_string_pretty(&changed)?)?;
+    meshd.reload().context("the failing re-mesh")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = s.meshctl(&["status"])?;
+    lo("add")?;
+    let recovered_at = unix_ns();
+    // And the next re-mesh succeeds.
+    std::fs::write(&s.catalog_path, serde_json::to_string_pretty(&original)?)?;
+    meshd.reload().context("the re-mesh after the failure")?;
+    let (lines, err) = prober.finish()?;
+    let probes: Vec<Probe> = lines
+        .iter()
+        .map(|l| Probe::parse(&outside.name, l))
+        .collect::<Result<_>>()
+        .with_context(|| format!("prober stderr: {err}"))?;
+    ensure!(
+        probes.len() >= ROUNDS * targets.len(),
+        "too few probes to mean anything: {}",
+        probes.len()
+    );
+    let while_failed = probes
+        .iter()
+        .filter(|p| p.at_ns > failed_at && p.at_ns < recovered_at)
+        .count();
+    ensure!(
+        while_failed >= targets.len(),
+        "too few probes while the re-mesh had failed: {while_failed} (status: {status})"
+    );
+    let leaked: Vec<&Probe> = probes.iter().filter(|p| p.marker).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} of {} plaintext probes reached api's app during re-meshes, first: {:?}",
+        leaked.len(),
+        probes.len(),
+        leaked.first()
+    );
+    // Still meshed after the last one: web reaches api through the mesh.
+    let (web, vip) = (s.web.clone(), SocketAddr::V4(s.vip));
+    wait_for(
+        "web through the mesh after the re-meshes",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let out =
+                s.node
+                    .probe_in(&web, &["fetch", &vip.to_string()], Duration::from_secs(10))?;
+            Ok((String::from_utf8_lossy(&out.stdout).trim() == MARKER).then_some(()))
+        },
+    )?;
+    eprintln!(
+        "{} plaintext probes during {ROUNDS} re-meshes and a failed one ({while_failed} while \
+         it had failed), none answered by the app",
+        probes.len()
+    );
+    drop(meshd);
     Ok(())
 }

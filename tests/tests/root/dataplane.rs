@@ -8,12 +8,13 @@ use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAdd
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_common::{
-    Config, Counter, IntentionKey, IntentionValue, PodValue, ServiceValue, INBOUND_PORT,
-    LOCAL_PORT_PROXY, OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
+    Config, Counter, IntentionKey, IntentionValue, OrigDst, PodValue, ServiceValue, SockKey,
+    SockState, INBOUND_PORT, LOCAL_PORT_PROXY, MAP_ORIG_HANDOFF, MAP_SOCK_STATE, MAX_SOCKETS,
+    OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
 use mesh_dataplane::bpf::Dataplane;
 use mesh_dataplane::{cgroup, iptables, socket::original_dst};
@@ -1044,21 +1045,27 @@ fn af_inet6_to_a_v4_mapped_vip_is_redirected_like_af_inet_and_denied_with_eperm(
 }
 
 #[test]
-fn two_hundred_thousand_failed_connects_leave_no_state_and_allowed_ones_still_work() -> Result<()> {
+fn a_million_failed_connects_leave_the_maps_at_their_size_and_every_pods_connections_work(
+) -> Result<()> {
     let mut node = Node::new()?;
     let web = node.add_pod("web")?;
+    let db = node.add_pod("db")?;
     let service = vip(&node, 10, 9091);
     let mut dp = open_dataplane(&node)?;
     mesh_pod(&mut dp, &web, WEB_ID)?;
+    mesh_pod(&mut dp, &db, WEB_ID + 10)?;
     dp.set_service(service, api_value(API_ID, SERVICE_VIP))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
+    let web_proxy = answer(outbound_listener(&web)?, "web-proxy", stop.clone());
+    let db_proxy = answer(outbound_listener(&db)?, "db-proxy", stop.clone());
     let sizes = dp.conn_map_sizes()?;
     let before = dp.counters()?;
 
-    // More than any per-connection map could hold: each connect is redirected by connect4 (which
-    // records its original destination), then refused by the kernel (the 4-tuple is taken).
-    const N: u64 = 200_000;
+    // Far more than any per-connection map could hold: each connect is redirected by connect4
+    // (which records its original destination), then refused by the kernel (the 4-tuple is
+    // taken). Four threads in web's namespace, each on its own local port.
+    const N: u64 = 1_000_000;
+    let started = Instant::now();
     let out = node.probe_in(
         &web,
         &[
@@ -1066,6 +1073,7 @@ fn two_hundred_thousand_failed_connects_leave_no_state_and_allowed_ones_still_wo
             &service.to_string(),
             "40123",
             &N.to_string(),
+            "4",
         ],
         Duration::from_secs(300),
     )?;
@@ -1074,6 +1082,7 @@ fn two_hundred_thousand_failed_connects_leave_no_state_and_allowed_ones_still_wo
         "probe failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("{N} failed connects took {:?}", started.elapsed());
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.trim(), format!("failed={N} other=0"));
     let after = dp.counters()?;
@@ -1093,15 +1102,194 @@ fn two_hundred_thousand_failed_connects_leave_no_state_and_allowed_ones_still_wo
         || Ok((dp.conn_map_sizes()? == sizes).then_some(())),
     )
     .context("per-connection maps did not return to their size")?;
-    // Allowed connections still work.
+    // Allowed connections from every pod still work.
     for _ in 0..3 {
         assert_eq!(
             fetch(&mut node, &web.netns_path, &web.cgroup, service)?,
-            "proxy"
+            "web-proxy"
+        );
+        assert_eq!(
+            fetch(&mut node, &db.netns_path, &db.cgroup, service)?,
+            "db-proxy"
         );
     }
     stop.store(true, Ordering::Relaxed);
-    proxy.join().expect("proxy");
+    web_proxy.join().expect("web proxy");
+    db_proxy.join().expect("db proxy");
+    Ok(())
+}
+
+/// A proxy stand-in in `pod`'s namespace: answers each connection with its original destination
+/// (`SO_ORIGINAL_DST`, as the real proxy reads it), or `no-original-dst <errno>`.
+fn answer_original_dst(pod: &Pod, stop: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
+    let listener = outbound_listener(pod)?;
+    listener.set_nonblocking(true)?;
+    Ok(thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    c.set_nonblocking(false).ok();
+                    let reply = match original_dst(&c) {
+                        Ok(a) => a.to_string(),
+                        Err(e) => format!("no-original-dst {}", e.raw_os_error().unwrap_or(0)),
+                    };
+                    let _ = c.write_all(reply.as_bytes());
+                }
+                Err(_) => thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }))
+}
+
+/// A pinned map of the node's instance, opened as a hash map (plain or LRU) from its pin, as
+/// root can.
+fn pinned_hash<K: aya::Pod, V: aya::Pod>(
+    node: &Node,
+    name: &str,
+) -> Result<aya::maps::HashMap<aya::maps::MapData, K, V>> {
+    let path = mesh_dataplane::bpf::instance_dir(&node.instance())
+        .join("maps")
+        .join(name);
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(aya::maps::HashMap::try_from(
+        aya::maps::Map::from_map_data(data)?,
+    )?)
+}
+
+/// Keys no live socket has: a network-namespace cookie no namespace carries, every port.
+fn bogus_sock_keys(n: u32) -> impl Iterator<Item = SockKey> {
+    (0..n).map(|i| {
+        SockKey::new(
+            u64::MAX - 7,
+            u32::from_ne_bytes([127, 0, (i >> 16) as u8, 1]),
+            i as u16,
+            u32::from_ne_bytes([127, 0, 0, 1]),
+            15001,
+        )
+    })
+}
+
+#[test]
+fn full_per_connection_maps_fail_no_connection_and_count_what_they_cost() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let db = node.add_pod("db")?;
+    let service = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    mesh_pod(&mut dp, &db, WEB_ID + 10)?;
+    dp.set_service(service, api_value(API_ID, SERVICE_VIP))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxies = [
+        answer_original_dst(&web, stop.clone())?,
+        answer_original_dst(&db, stop.clone())?,
+    ];
+    let want = service.to_string();
+    let fetch_all = |node: &mut Node| -> Result<()> {
+        for pod in [&web, &db] {
+            assert_eq!(
+                fetch(node, &pod.netns_path, &pod.cgroup, service)?,
+                want,
+                "{} → the service: the proxy has the original destination",
+                pod.name
+            );
+        }
+        Ok(())
+    };
+    fetch_all(&mut node)?;
+    let sizes = dp.conn_map_sizes()?;
+
+    // ORIG_HANDOFF full of entries no connection will ever take (as handshakes that never
+    // complete would leave them): the next connections evict the oldest and keep their
+    // original destination.
+    let mut handoff = pinned_hash::<SockKey, OrigDst>(&node, MAP_ORIG_HANDOFF)?;
+    let junk = OrigDst {
+        ip: u32::from_ne_bytes([10, 0, 0, 1]),
+        port: 1,
+        _pad: 0,
+    };
+    for key in bogus_sock_keys(MAX_SOCKETS) {
+        // The last few may find the map full already (an LRU map keeps per-CPU spare slots).
+        let _ = handoff.insert(key, junk, 0);
+    }
+    let filled = dp.conn_map_sizes()?.orig_handoff;
+    assert!(
+        filled >= MAX_SOCKETS as usize * 9 / 10,
+        "the hand-off map holds {filled} entries after the fill"
+    );
+    let before = dp.counters()?;
+    for _ in 0..3 {
+        fetch_all(&mut node)?;
+    }
+    let after = dp.counters()?;
+    assert_eq!(
+        after.get(Counter::ConnStateFailed),
+        before.get(Counter::ConnStateFailed),
+        "a full hand-off map lost no connection's original destination"
+    );
+    for key in bogus_sock_keys(MAX_SOCKETS) {
+        let _ = handoff.remove(&key);
+    }
+    assert_eq!(dp.conn_map_sizes()?, sizes, "the hand-off map drained");
+
+    // SOCK_STATE full: the next pairs stay on the TCP path (still through the proxy) and
+    // sockhash_full counts each; the other pod's connections work too.
+    let mut state = pinned_hash::<SockKey, SockState>(&node, MAP_SOCK_STATE)?;
+    let stale = SockState {
+        sk: 0,
+        fallback: 0,
+        _pad: 0,
+    };
+    let mut inserted = 0u32;
+    for key in bogus_sock_keys(MAX_SOCKETS) {
+        if state.insert(key, stale, 0).is_ok() {
+            inserted += 1;
+        }
+    }
+    assert_eq!(
+        inserted, MAX_SOCKETS,
+        "the fill took every slot of SOCK_STATE"
+    );
+    let before = dp.counters()?;
+    fetch_all(&mut node)?;
+    let after = dp.counters()?;
+    assert_eq!(
+        after.get(Counter::SocketsAdded),
+        before.get(Counter::SocketsAdded),
+        "nothing joined the full sockhash"
+    );
+    assert!(
+        after.get(Counter::SockhashFull) >= before.get(Counter::SockhashFull) + 2,
+        "sockhash_full counts each pair left on TCP: {} → {}",
+        before.get(Counter::SockhashFull),
+        after.get(Counter::SockhashFull)
+    );
+    for key in bogus_sock_keys(MAX_SOCKETS) {
+        let _ = state.remove(&key);
+    }
+    // Drained: the shortcut is back.
+    let before = dp.counters()?;
+    fetch_all(&mut node)?;
+    let after = dp.counters()?;
+    assert!(
+        after.get(Counter::SocketsAdded) > before.get(Counter::SocketsAdded),
+        "pairs join the sockhash again once SOCK_STATE drained"
+    );
+    assert_eq!(
+        after.get(Counter::SockhashFull),
+        before.get(Counter::SockhashFull)
+    );
+    wait_for(
+        "the per-connection maps at their size before",
+        Duration::from_secs(5),
+        POLL,
+        || Ok((dp.conn_map_sizes()? == sizes).then_some(())),
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    for p in proxies {
+        p.join().expect("proxy");
+    }
     Ok(())
 }
 

@@ -1021,13 +1021,18 @@ fn pod_json(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<Value> {
 
 #[test]
 fn a_pod_with_the_longest_valid_names_is_meshed() -> Result<()> {
-    // A 63-character namespace (a DNS label) and a 63-character pod name: the longest the
-    // catalog takes (its workload names are DNS labels; a longer Kubernetes pod name, a DNS
-    // subdomain up to 253, is refused with a message, below). Together longer than a bpffs pin
-    // name and the runner's network namespace names allow.
+    // A 63-character namespace (a DNS label) and a 253-character pod name (a DNS subdomain):
+    // the longest Kubernetes takes. Together far longer than a bpffs pin name, a file name or
+    // the runner's network namespace names allow.
     let ns = format!("long-namespace-{}", "n".repeat(48));
-    let pod = format!("api-v1-{}", "a".repeat(56));
-    assert_eq!((ns.len(), pod.len()), (63, 63));
+    let pod = format!(
+        "api-v1-{}.{}.{}.{}",
+        "a".repeat(56),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!((ns.len(), pod.len()), (63, 253));
     let dir = tempfile::tempdir()?;
     // api-v1 as the tutorial writes it, as a Pod in the long namespace.
     let manifest = |pod: &str| {
@@ -1101,15 +1106,10 @@ spec:
     let long_id = format!("{ns}/{pod}");
     mesh.wait_ready(&[&long_id, "default/web-0"])?;
 
-    // A pod name the catalog cannot take (a 253-character DNS subdomain) is refused, naming
-    // it, and changes nothing.
-    let subdomain = format!(
-        "{pod}.{}.{}.{}",
-        "b".repeat(63),
-        "c".repeat(63),
-        "d".repeat(61)
-    );
-    assert_eq!(subdomain.len(), 253);
+    // A pod name one character too long for Kubernetes is refused, naming it, and changes
+    // nothing.
+    let subdomain = format!("{pod}d");
+    assert_eq!(subdomain.len(), 254);
     let refused = tempfile::tempdir()?;
     let refused = refused.path().join("long.yaml");
     std::fs::write(&refused, manifest(&subdomain))?;

@@ -238,3 +238,49 @@ fn a_service_port_can_land_on_another_app_port() {
         assert!(e.to_string().contains(why), "{e}");
     }
 }
+
+#[test]
+fn pod_names_are_dns_subdomains_up_to_253_characters() {
+    let with_name = |name: &str| {
+        let mut w = web();
+        w.name = name.into();
+        Catalog {
+            services: vec![api()],
+            workloads: vec![w],
+        }
+        .validate()
+    };
+    // The longest Kubernetes pod name: four labels, 253 characters.
+    let longest = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(longest.len(), 253);
+    with_name(&longest).unwrap();
+    with_name(&"a".repeat(64)).unwrap();
+    with_name("web-0.v1").unwrap();
+    let e = with_name(&format!("{longest}e")).unwrap_err().to_string();
+    assert!(
+        e.contains("workload name") && e.contains("at most 253"),
+        "{e}"
+    );
+    let e = with_name("web..0").unwrap_err().to_string();
+    assert!(
+        e.contains("workload name") && e.contains("\"web..0\""),
+        "{e}"
+    );
+    // Namespaces stay DNS labels.
+    let mut w = web();
+    w.namespace = "a".repeat(64);
+    let e = Catalog {
+        services: vec![],
+        workloads: vec![w],
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("namespace") && e.contains("1-63"), "{e}");
+}

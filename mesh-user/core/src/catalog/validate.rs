@@ -22,13 +22,22 @@ fn check_name(what: &str, value: &str) -> Result<(), Error> {
     }
 }
 
+/// A pod name: a lowercase RFC 1123 subdomain of at most 253 characters, as Kubernetes takes
+/// it (`metadata.name` of a Pod; namespaces, services and datacenters stay DNS labels). Every
+/// kernel object the agent and the local runner name after a pod fits such a name (the pins and
+/// the runner's network namespace and cgroup names shorten long names with a hash).
+fn check_pod_name(what: &str, value: &str) -> Result<(), Error> {
+    crate::k8s::check_rfc1123_subdomain(value).map_err(|reason| invalid(what, reason))
+}
+
 impl Catalog {
     /// Checks the catalog as a whole; the first problem is the error.
     ///
     /// # Errors
     ///
-    /// [`Error::Invalid`] for: a name, namespace or datacenter that is not 1–63 lowercase
-    /// letters, digits or `-`; a service or workload defined twice; a virtual IP without
+    /// [`Error::Invalid`] for: a workload (pod) name that is not a lowercase RFC 1123 subdomain
+    /// (at most 253 characters); a service name, namespace or datacenter that is not 1–63
+    /// lowercase letters, digits or `-`; a service or workload defined twice; a virtual IP without
     /// ports or shared by two services; port 0 or a target port that is not one of the ports;
     /// a pod IP used twice, loopback or unspecified; an app or upstream bind port that is 0,
     /// 15001, 20000 or used twice in the pod.
@@ -80,7 +89,7 @@ impl Catalog {
         let mut ids = BTreeSet::new();
         let mut ips = BTreeMap::new();
         for w in &self.workloads {
-            check_name("workload name", &w.name)?;
+            check_pod_name("workload name", &w.name)?;
             let what = format!("workload {}", w.id());
             check_name(&format!("{what}: namespace"), &w.namespace)?;
             check_name(&format!("{what}: service"), &w.service)?;

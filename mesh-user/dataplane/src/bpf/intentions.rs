@@ -30,6 +30,7 @@ impl Dataplane {
         default_allow: bool,
     ) -> Result<(), Error> {
         let mut config = self.config()?;
+        // While the proxy decides (set 2) neither set is read by connect4: write set 1.
         let next = 1 - (config.intention_set & 1);
         // A connect4 run that picked the set we are about to rewrite (before the last flip)
         // finishes within microseconds; leave it time before touching that set again.
@@ -77,13 +78,34 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The intentions in force, as the kernel holds them.
+    /// Takes every intention out of force with one write of `CONFIG`
+    /// ([`mesh_common::INTENTION_SET_PROXY`]): connect4/connect6 then send every connection to a
+    /// service to the proxy, which decides. Neither intention map is written or read, so this
+    /// works when they refuse writes (full, frozen). The next successful
+    /// [`replace_intentions`](Self::replace_intentions) puts a set back in force.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if `CONFIG` cannot be read or written.
+    pub fn proxy_decides(&mut self) -> Result<(), Error> {
+        let mut config = self.config()?;
+        config.intention_set = mesh_common::INTENTION_SET_PROXY;
+        self.set_config(config)?;
+        self.last_flip = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// The intentions in force, as the kernel holds them: none while the proxy decides
+    /// ([`proxy_decides`](Self::proxy_decides)).
     ///
     /// # Errors
     ///
     /// [`Error::Map`] if `CONFIG` or the set cannot be read.
     pub fn intentions(&self) -> Result<Vec<(IntentionKey, IntentionValue)>, Error> {
         let set = self.config()?.intention_set;
+        if set == mesh_common::INTENTION_SET_PROXY {
+            return Ok(Vec::new());
+        }
         entries_of(
             &self.ebpf,
             if set == 0 {

@@ -241,6 +241,34 @@ impl Dataplane {
         )
     }
 
+    /// Removes the excluded inbound ports of the network namespace `netns` that are not in
+    /// `keep`, on every address: those ports are steered (or dropped) again. Used before a
+    /// re-meshed pod's new steering goes in, so an exclusion the new version dropped never
+    /// outlives the old one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if the map cannot be read or an entry removed.
+    pub fn remove_excluded_except(
+        &mut self,
+        netns: impl Into<NetnsCookie>,
+        keep: &[u16],
+    ) -> Result<(), Error> {
+        let netns = netns.into().0;
+        let stale: Vec<ExcludeKey> =
+            entries_of::<ExcludeKey, u32>(&self.ebpf, MAP_INBOUND_EXCLUDE)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| k.netns == netns && !keep.contains(&k.port))
+                .collect();
+        let mut exclude: HashMap<&mut MapData, ExcludeKey, u32> =
+            typed(&mut self.ebpf, MAP_INBOUND_EXCLUDE)?;
+        for k in &stale {
+            ignore_missing(exclude.remove(k), MAP_INBOUND_EXCLUDE)?;
+        }
+        Ok(())
+    }
+
     /// Puts a pod's inbound listener in slot `slot` and marks each of the pod's addresses
     /// (IPv4 and IPv6, link-local included) as meshed: from then on every TCP connection from
     /// outside the pod to any port of those addresses goes to the listener, except to
@@ -470,7 +498,14 @@ impl Dataplane {
                 .collect();
         self.forget_addrs(&addrs)?;
         let mut socks: SockMap<&mut MapData> = typed(&mut self.ebpf, MAP_INBOUND_SOCKS)?;
-        ignore_missing(socks.clear_index(&slot), MAP_INBOUND_SOCKS)
+        match socks.clear_index(&slot) {
+            // The kernel answers EINVAL for a slot that holds no socket: its listener closed
+            // already, which empties the slot.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {
+                Ok(())
+            }
+            other => ignore_missing(other, MAP_INBOUND_SOCKS),
+        }
     }
 }
 

@@ -14,11 +14,13 @@
 //!   connect-latency ADDR COUNT        time COUNT connect() calls (each then closed); print
 //!                                     "p50_ns=.. p99_ns=.. failed=.."
 //!   fetch ADDR                        connect, read to EOF, print what was read
-//!   fail-connects ADDR LOCAL_PORT COUNT
-//!                                     connect once from 127.0.0.1:LOCAL_PORT and keep it, then
-//!                                     COUNT more connects from the same port (SO_REUSEADDR), which
-//!                                     the kernel refuses after connect4 ran (EADDRNOTAVAIL: the
-//!                                     4-tuple is taken); print "failed=N other=M"
+//!   fail-connects ADDR LOCAL_PORT COUNT [THREADS]
+//!                                     THREADS threads (1 by default), thread t on local port
+//!                                     LOCAL_PORT+t: connect once from 127.0.0.1:<port> and keep
+//!                                     it, then its share of COUNT non-blocking connects from the
+//!                                     same port (SO_REUSEADDR), which the kernel refuses after
+//!                                     connect4 ran (EADDRNOTAVAIL: the 4-tuple is taken); print
+//!                                     "failed=N other=M" (summed over threads)
 //!   http-get ADDR                     send a plaintext HTTP request, print what comes back (or
 //!                                     the error)
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
@@ -155,18 +157,23 @@ fn real_main() -> Result<()> {
             let addr: SocketAddr = arg(1)?.parse()?;
             let port: u16 = arg(2)?.parse()?;
             let count: usize = arg(3)?.parse()?;
-            let keep = socket2_bind(port)?;
-            keep.connect(&addr.into())
-                .context("the first connect, which must succeed")?;
+            let threads: usize = args.get(4).map(|t| t.parse()).transpose()?.unwrap_or(1);
+            ensure!(threads >= 1, "fail-connects: THREADS must be at least 1");
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let share = count / threads + usize::from(t < count % threads);
+                    let port = port + t as u16;
+                    std::thread::spawn(move || fail_connects(addr, port, share))
+                })
+                .collect();
             let (mut failed, mut other) = (0, 0);
-            for _ in 0..count {
-                let s = socket2_bind(port)?;
-                match s.connect(&addr.into()) {
-                    Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => failed += 1,
-                    _ => other += 1,
-                }
+            for w in workers {
+                let (f, o) = w
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a fail-connects thread panicked"))??;
+                failed += f;
+                other += o;
             }
-            drop(keep);
             println!("failed={failed} other={other}");
         }
         "fetch" => {
@@ -337,6 +344,26 @@ impl HalfClose for NbStream {
 }
 
 /// A TCP socket bound to 127.0.0.1:`port` with SO_REUSEADDR, not yet connected.
+/// `fail-connects`' work on one local port: connect once from 127.0.0.1:`port` and keep it, then
+/// `count` non-blocking connects from the same port, which the kernel refuses at once
+/// (`EADDRNOTAVAIL`) after connect4 ran. Returns (refused so, anything else).
+fn fail_connects(addr: SocketAddr, port: u16, count: usize) -> Result<(usize, usize)> {
+    let keep = socket2_bind(port)?;
+    keep.connect(&addr.into())
+        .context("the first connect, which must succeed")?;
+    let (mut failed, mut other) = (0, 0);
+    for _ in 0..count {
+        let s = socket2_bind(port)?;
+        s.set_nonblocking(true)?;
+        match s.connect(&addr.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => failed += 1,
+            _ => other += 1,
+        }
+    }
+    drop(keep);
+    Ok((failed, other))
+}
+
 fn socket2_bind(port: u16) -> Result<socket2::Socket> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
