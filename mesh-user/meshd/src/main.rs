@@ -135,6 +135,19 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// The PID 1 of a pod's PID namespace, started by `meshd exec`: mounts the pod's /proc,
+    /// drops privileges, runs the program, relays signals and reaps orphans.
+    #[command(hide = true)]
+    PodInit {
+        /// Run as this uid.
+        #[arg(long)]
+        user: Option<u32>,
+        /// Run as this gid.
+        #[arg(long)]
+        group: Option<u32>,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
     /// The built-in twin of nicholasjackson/fake-service (HTTP mode), configured by the same
     /// environment variables.
     FakeService,
@@ -258,6 +271,15 @@ fn main() -> Result<()> {
             cgroup,
             netns,
             hide,
+            user,
+            group,
+            command,
+        })? {},
+        Cmd::PodInit {
+            user,
+            group,
+            command,
+        } => match sandbox::pod_init(sandbox::PodInit {
             user,
             group,
             command,

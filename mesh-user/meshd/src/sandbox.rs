@@ -19,14 +19,21 @@
 //! 5. drop from the bounding set every capability but [`KEPT`] (all of them when the pod runs as
 //!    another user), switch to `--group`/`--user` when given, and leave the effective,
 //!    permitted, inheritable and ambient sets with [`KEPT`] at most (nothing for another user);
-//! 6. exec the program.
+//! 6. unshare a PID namespace and start `meshd pod-init` as its PID 1 (the pod sees its own
+//!    processes only: not the agent, not the host's, not another pod's, so it can neither signal
+//!    nor ptrace them, nor reach their namespaces through `/proc/<pid>/ns`), relaying signals
+//!    to it and exiting with its status;
+//! 7. as PID 1 ([`pod_init`]): mount a `/proc` of the new PID namespace (with [`PROC_READ_ONLY`]
+//!    read-only again), set `no_new_privs`, drop capabilities and switch user as in step 5,
+//!    start the program, relay signals to it, reap every orphan, and exit with the program's
+//!    status. The kernel kills the whole namespace when PID 1 exits, and PID 1 is killed when
+//!    the first stage dies (`PR_SET_PDEATHSIG`).
 //!
 //! Any step that fails stops the process before the program runs: a pod process is never
 //! started with more than it should have.
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -109,11 +116,135 @@ pub fn exec(e: Exec) -> Result<std::convert::Infallible> {
     hide(&e.hide)?;
     read_only(&PROC_READ_ONLY)?;
     nix::sys::prctl::set_no_new_privs().context("prctl(PR_SET_NO_NEW_PRIVS)")?;
-    drop_privileges(e.user, e.group)?;
     // A working directory under a hidden path would still reach what is under it.
     std::env::set_current_dir("/").context("chdir /")?;
-    let err = std::process::Command::new(program).args(args).exec();
-    Err(anyhow::anyhow!("exec {}: {err}", e.command.join(" ")))
+    unshare(CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
+    // Signals that arrive before the relay loop waits are kept pending, not lost.
+    let relayed = relayed_signals();
+    relayed
+        .thread_block()
+        .context("blocking the relayed signals")?;
+    // The first child after unshare(CLONE_NEWPID) is PID 1 of the new namespace.
+    let mut init = std::process::Command::new("/proc/self/exe");
+    init.arg("pod-init");
+    if let Some(u) = e.user {
+        init.arg("--user").arg(u.to_string());
+    }
+    if let Some(g) = e.group {
+        init.arg("--group").arg(g.to_string());
+    }
+    init.arg("--").arg(program).args(args);
+    let init = init.spawn().context("starting the pod's PID 1")?;
+    let init = nix::unistd::Pid::from_raw(
+        i32::try_from(init.id()).context("the pod's PID 1 has an impossible pid")?,
+    );
+    relay(&relayed, init)
+}
+
+/// What [`pod_init`] is asked to do.
+#[derive(Debug)]
+pub struct PodInit {
+    /// `securityContext.runAsUser`.
+    pub user: Option<u32>,
+    /// `securityContext.runAsGroup`.
+    pub group: Option<u32>,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+}
+
+/// Step 7 of the module doc: the pod's PID 1. Returns only on failure; otherwise exits with the
+/// program's status (128 + the signal when a signal ended it, as a shell reports it).
+///
+/// # Errors
+/// The step that failed; the program has not run (or could not be started).
+pub fn pod_init(p: PodInit) -> Result<std::convert::Infallible> {
+    let Some((program, args)) = p.command.split_first() else {
+        bail!("no command");
+    };
+    if nix::unistd::getpid().as_raw() != 1 {
+        bail!("meshd pod-init runs only as PID 1 of a pod's PID namespace (meshd exec starts it)");
+    }
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("prctl(PR_SET_PDEATHSIG)")?;
+    // Started as /proc/self/exe, its name would read "exe" in `ps` inside the pod.
+    nix::sys::prctl::set_name(c"meshd-pod-init").context("prctl(PR_SET_NAME)")?;
+    // The /proc inherited from the first stage shows the host's processes: replace it with one
+    // of this PID namespace, and make its host-wide parts read-only again.
+    umount2("/proc", MntFlags::MNT_DETACH).context("unmounting the host's /proc")?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .context("mounting the pod's /proc")?;
+    read_only(&PROC_READ_ONLY)?;
+    nix::sys::prctl::set_no_new_privs().context("prctl(PR_SET_NO_NEW_PRIVS)")?;
+    drop_privileges(p.user, p.group)?;
+    let relayed = relayed_signals();
+    relayed
+        .thread_block()
+        .context("blocking the relayed signals")?;
+    // std resets the signal mask in the child: the program starts with nothing blocked.
+    let child = std::process::Command::new(program)
+        .args(args)
+        .spawn()
+        .with_context(|| format!("exec {}", p.command.join(" ")))?;
+    let child = nix::unistd::Pid::from_raw(
+        i32::try_from(child.id()).context("the program has an impossible pid")?,
+    );
+    relay(&relayed, child)
+}
+
+/// The signals a stage passes on to its child (a runtime's stop signals and the usual control
+/// ones), plus `SIGCHLD`, which the relay loop waits for to notice exits.
+fn relayed_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGCHLD,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Waits for the signals of `set` (blocked by the caller): passes each on to `child`, reaps
+/// every exited child on `SIGCHLD` (PID 1 inherits the namespace's orphans), and exits with
+/// `child`'s status once it has exited.
+fn relay(
+    set: &nix::sys::signal::SigSet,
+    child: nix::unistd::Pid,
+) -> Result<std::convert::Infallible> {
+    use nix::sys::signal::Signal;
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    loop {
+        let sig = set.wait().context("waiting for signals")?;
+        if sig != Signal::SIGCHLD {
+            // The child may be gone already; its exit is noticed on SIGCHLD.
+            let _ = nix::sys::signal::kill(child, sig);
+            continue;
+        }
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
+                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => {
+                    std::process::exit(128 + s as i32)
+                }
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) => {}
+                Err(e) => return Err(e).context("waitpid"),
+            }
+        }
+    }
 }
 
 /// What `ip netns exec` does before it runs the program (iproute2's `netns_switch`).

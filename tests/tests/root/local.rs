@@ -768,20 +768,21 @@ if echo $$ > "$CGROUP_PROCS" 2>/dev/null; then echo cgroup_move=done; else echo 
 echo "cgroup=$(grep '^0::' /proc/self/cgroup)"
 echo "hosts_has_self=$(grep -c "$HOSTNAME" /etc/hosts)"
 echo "proc_sys=$(awk '$5 == "/proc/sys" { split($6, o, ","); print o[1] }' /proc/self/mountinfo | tail -n 1)"
-# Another pod's namespace through /proc: wait for one this process may open, then try it.
-own=$(readlink /proc/self/ns/net); tried=0; entered=0
-for i in $(seq 100); do
-  for p in /proc/[0-9]*; do
-    n=$(readlink $p/ns/net 2>/dev/null) || continue
-    [ -n "$n" ] && [ "$n" != "$own" ] || continue
-    tried=$((tried+1))
-    if nsenter --net=$p/ns/net true 2>/dev/null; then entered=$((entered+1)); fi
-  done
-  [ $tried -gt 0 ] && break
-  sleep 0.1
+# Every process this one can see in /proc: its own pod's only (its own PID namespace), so no
+# other pod's or the host's namespace is reachable through /proc/<pid>/ns.
+own=$(readlink /proc/self/ns/net); own_cg=$(grep '^0::' /proc/self/cgroup)
+foreign=0; entered=0
+for p in /proc/[0-9]*; do
+  cg=$(grep '^0::' $p/cgroup 2>/dev/null) || continue
+  [ "$cg" = "$own_cg" ] && continue
+  foreign=$((foreign+1))
+  n=$(readlink $p/ns/net 2>/dev/null) || continue
+  if [ "$n" != "$own" ] && nsenter --net=$p/ns/net true 2>/dev/null; then entered=$((entered+1)); fi
 done
-echo "setns_tried=$tried"
+echo "foreign_procs=$foreign"
 echo "setns_entered=$entered"
+echo "pid1=$(cat /proc/1/comm)"
+if kill -0 "$MESHD_PID" 2>/dev/null; then echo meshd_signal=delivered; else echo meshd_signal=refused; fi
 echo DONE
 exec sleep 3600
 "#;
@@ -789,7 +790,7 @@ exec sleep 3600
 /// Two pods running as root (each the other's neighbour) and one with
 /// `securityContext.runAsUser: 1000`, each running [`SANDBOX_SCRIPT`]; `pods_cgroup` is
 /// where the runner makes pod cgroups.
-fn sandbox_pods(state: &Path, pods_cgroup: &Path) -> String {
+fn sandbox_pods(state: &Path, pods_cgroup: &Path, meshd_pid: u32) -> String {
     let script: String = SANDBOX_SCRIPT
         .trim_start()
         .lines()
@@ -819,6 +820,8 @@ spec:
           value: {NODE}-default_{other}
         - name: CGROUP_PROCS
           value: {procs}
+        - name: MESHD_PID
+          value: "{meshd_pid}"
 "#,
             token = state.join("acl-bootstrap-token").display(),
             state = state.display(),
@@ -875,7 +878,8 @@ fn pod_processes_run_without_the_agents_privileges() -> Result<()> {
     let pods_cgroup = mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods"));
     let dir = tempfile::tempdir()?;
     let manifest = dir.path().join("sandbox.yaml");
-    std::fs::write(&manifest, sandbox_pods(&state, &pods_cgroup))?;
+    let meshd_pid = mesh.agent.as_ref().context("meshd is not running")?.id();
+    std::fs::write(&manifest, sandbox_pods(&state, &pods_cgroup, meshd_pid))?;
     mesh.meshctl(&["apply", "-f", manifest.to_str().context("path")?])?;
     mesh.wait_ready(&["default/probe-a", "default/probe-b", "default/probe-u"])?;
 
@@ -939,14 +943,23 @@ fn pod_processes_run_without_the_agents_privileges() -> Result<()> {
             is("setns_entered", "0"),
             "{pod} entered another pod's namespace:\n{text}"
         );
+        // Its own PID namespace: no process of the agent, the host or another pod in sight,
+        // meshd's pod init as PID 1, and the agent out of reach of its signals.
+        ensure!(
+            is("foreign_procs", "0"),
+            "{pod} sees processes outside its pod:\n{text}"
+        );
+        ensure!(
+            is("pid1", "meshd-pod-init"),
+            "{pod}'s PID 1 is not meshd's pod init:\n{text}"
+        );
+        ensure!(
+            is("meshd_signal", "refused"),
+            "{pod} could signal meshd (pid {meshd_pid}):\n{text}"
+        );
     }
-    // The root pods could open each other's namespace file, and setns still refused.
     for pod in ["probe-a", "probe-b"] {
         let (f, text) = &facts[pod];
-        ensure!(
-            f.get("setns_tried").is_some_and(|n| n != "0"),
-            "{pod} found no other namespace to try:\n{text}"
-        );
         ensure!(
             f.get("uid").map(String::as_str) == Some("0"),
             "{pod}: {text}"
