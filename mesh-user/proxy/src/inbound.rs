@@ -13,8 +13,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
 use super::copy::{relay, Meters};
-use super::metrics::{Handshake, Reporter, TcpLabels};
 use super::dial::DialKind;
+use super::metrics::{Handshake, Reporter, TcpLabels};
 use super::pod::{reset, ConnInfo, PodState, Shared};
 use super::ratelimit::PendingGuard;
 use super::sni::parse_server_name;
@@ -71,7 +71,9 @@ pub(crate) async fn serve(
     } else {
         Handshake::Full
     };
-    shared.metrics.handshake(Reporter::Destination, pod.id(), kind);
+    shared
+        .metrics
+        .handshake(Reporter::Destination, pod.id(), kind);
     let caller = peer_identity(conn)?;
     let labels = TcpLabels::mesh(Reporter::Destination, &caller, pod.id());
     info.caller = Some(caller.clone());

@@ -468,14 +468,21 @@ mod tests {
         );
         // 3 ms and 40 ms: one in the 5 ms bucket, both by 50 ms; the sum in milliseconds.
         let ok = series(200);
-        for (le, count) in [("1.0", 0), ("5.0", 1), ("25.0", 1), ("50.0", 2), ("+Inf", 2)] {
-            let line = format!(
-                "istio_request_duration_milliseconds_bucket{{le=\"{le}\",{ok}}} {count}\n"
-            );
+        for (le, count) in [
+            ("1.0", 0),
+            ("5.0", 1),
+            ("25.0", 1),
+            ("50.0", 2),
+            ("+Inf", 2),
+        ] {
+            let line =
+                format!("istio_request_duration_milliseconds_bucket{{le=\"{le}\",{ok}}} {count}\n");
             assert!(text.contains(&line), "{line} not in {text}");
         }
         assert!(
-            text.contains(&format!("istio_request_duration_milliseconds_sum{{{ok}}} 43.0\n")),
+            text.contains(&format!(
+                "istio_request_duration_milliseconds_sum{{{ok}}} 43.0\n"
+            )),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
@@ -489,7 +496,8 @@ mod tests {
         meter.ended(&Err(Error::Idle(Duration::from_secs(1))));
         drop(meter);
         let text = encode(&metrics);
-        let closed = "istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"web\"";
+        let closed =
+            "istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"web\"";
         let line = text
             .lines()
             .find(|l| l.starts_with(closed))

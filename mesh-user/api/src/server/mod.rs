@@ -7,6 +7,7 @@
 //! - `/v1/config*` in [`config_entries`];
 //! - `/v1/agent/connect/authorize` in [`authorize`];
 //! - `/v1/agent/mesh/status` (whether the kernel holds the intentions) in [`agent`];
+//! - `/v1/agent/metrics` (Prometheus text) and the `/metrics` listener in [`metrics`];
 //! - `/v1/acl/*` in [`acl`];
 //! - `/v1/local/*` (`meshd local`) in [`local`].
 
@@ -34,7 +35,10 @@ mod authorize;
 mod config_entries;
 mod intentions;
 mod local;
+mod metrics;
 mod serve;
+
+pub use metrics::{MetricsServer, MetricsSource, SharedMetrics, OPENMETRICS_CONTENT_TYPE};
 
 use crate::acl::{find_token, Need};
 use crate::client::HTTP_ADDR_ENV;
@@ -166,6 +170,8 @@ pub struct Hooks {
     pub status: SharedStatus,
     /// The local runner (`meshd local`), which serves `/v1/local/*`; `None` elsewhere.
     pub local: Option<crate::local::Handle>,
+    /// The agent's metrics (`GET /v1/agent/metrics?format=prometheus`); `None` answers 404.
+    pub metrics: Option<SharedMetrics>,
 }
 
 impl Default for Hooks {
@@ -175,6 +181,7 @@ impl Default for Hooks {
             counters: Arc::new(NoCounters),
             status: Arc::new(NoStatus),
             local: None,
+            metrics: None,
         }
     }
 }
@@ -226,6 +233,7 @@ impl Server {
                 counters: hooks.counters,
                 status: hooks.status,
                 local: hooks.local,
+                metrics: hooks.metrics,
             },
             cfg.max_body_bytes,
         );
@@ -364,6 +372,7 @@ struct AppState {
     counters: Arc<dyn CountersSource>,
     status: SharedStatus,
     local: Option<crate::local::Handle>,
+    metrics: Option<SharedMetrics>,
 }
 
 /// Every route: each module's group, then a JSON 404 for any other path; bodies over
@@ -374,6 +383,7 @@ fn router(state: AppState, max_body: usize) -> Router {
         .merge(config_entries::routes())
         .merge(authorize::routes())
         .merge(agent::routes())
+        .merge(metrics::routes())
         .merge(acl::routes())
         .merge(local::routes())
         .fallback(no_route)

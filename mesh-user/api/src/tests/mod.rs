@@ -16,6 +16,7 @@ mod config_entries;
 mod hardening;
 mod intentions;
 mod local;
+mod metrics;
 mod parity;
 mod serving;
 
@@ -53,6 +54,7 @@ async fn start_with(
         counters: counters.clone(),
         status: status.clone(),
         local: None,
+        metrics: Some(Arc::new(metrics::Fixed)),
     };
     let mut cfg = config(dir.path(), policy);
     tweak(&mut cfg);

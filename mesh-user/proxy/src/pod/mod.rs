@@ -18,8 +18,8 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::dial::{DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst};
-use super::metrics::Metrics;
 use super::directory::{Balancer, Directory};
+use super::metrics::Metrics;
 use super::ratelimit::{LogLimiter, PendingHandshakes};
 use super::stats::{PodStats, PodStatsSnapshot};
 use super::{Authorizer, Error, ProxyConfig};

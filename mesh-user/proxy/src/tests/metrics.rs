@@ -84,8 +84,14 @@ async fn tcp_families_count_connections_bytes_handshakes_and_denials() {
             assert!(handshakes("full") >= 1.0, "{text}");
             assert_eq!(handshakes("failed"), 0.0, "{text}");
         }
-        assert!(text.contains("# TYPE istio_tcp_connections_opened counter"), "{text}");
-        assert!(text.contains("# TYPE mesh_tcp_connections_active gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE istio_tcp_connections_opened counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE mesh_tcp_connections_active gauge"),
+            "{text}"
+        );
 
         // A denied connection is counted with the deciding intention, and not as opened.
         env.authz
@@ -128,7 +134,11 @@ async fn bytes_count_while_a_connection_is_open_and_a_revocation_is_flagged() {
         let mut stream = echo_through(to_api, &[7u8; 1000]).await;
         let open = [("reporter", "destination"), ("response_flags", "-")];
         let text = scrape(&env);
-        assert_eq!(sum(&text, "mesh_tcp_connections_active", &open), 1.0, "{text}");
+        assert_eq!(
+            sum(&text, "mesh_tcp_connections_active", &open),
+            1.0,
+            "{text}"
+        );
         assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &open), 1000.0);
         assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &open), 1000.0);
 
@@ -146,9 +156,19 @@ async fn bytes_count_while_a_connection_is_open_and_a_revocation_is_flagged() {
         let text = scrape(&env);
         let revoked = [("reporter", "destination"), ("reason", "revoked")];
         let flagged = [("reporter", "destination"), ("response_flags", "RBAC")];
-        assert_eq!(sum(&text, "mesh_proxy_connections_denied_total", &revoked), 1.0);
-        assert_eq!(sum(&text, "istio_tcp_connections_closed_total", &flagged), 1.0);
-        assert_eq!(sum(&text, "mesh_tcp_connections_active", &open), 0.0, "{text}");
+        assert_eq!(
+            sum(&text, "mesh_proxy_connections_denied_total", &revoked),
+            1.0
+        );
+        assert_eq!(
+            sum(&text, "istio_tcp_connections_closed_total", &flagged),
+            1.0
+        );
+        assert_eq!(
+            sum(&text, "mesh_tcp_connections_active", &open),
+            0.0,
+            "{text}"
+        );
     })
     .await;
 }
