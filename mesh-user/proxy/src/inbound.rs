@@ -47,8 +47,9 @@ pub(crate) async fn serve(
     };
     let handshake = start.into_stream(Arc::clone(&pod.server));
     let failed = || {
-        let metrics = &shared.metrics;
-        metrics.handshake(Reporter::Destination, pod.id(), Handshake::Failed);
+        shared
+            .metrics
+            .handshake(Reporter::Destination, pod.id(), Handshake::Failed)
     };
     let tls = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(tls)) => tls,

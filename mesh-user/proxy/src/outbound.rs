@@ -129,8 +129,9 @@ async fn mesh(
     let limit = shared.config.handshake_timeout;
     let handshake = TlsConnector::from(config).connect(name, stream);
     let failed = || {
-        let metrics = &shared.metrics;
-        metrics.handshake(Reporter::Source, pod.id(), Handshake::Failed);
+        shared
+            .metrics
+            .handshake(Reporter::Source, pod.id(), Handshake::Failed)
     };
     let tls = match tokio::time::timeout(limit, handshake).await {
         Ok(Ok(tls)) => tls,
