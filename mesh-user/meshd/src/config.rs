@@ -149,6 +149,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_metrics_address_is_an_ip_and_port_or_off() {
+        assert_eq!(
+            DEFAULT_METRICS_ADDR.parse::<MetricsAddr>(),
+            Ok(MetricsAddr::Listen("127.0.0.1:20200".parse().unwrap()))
+        );
+        assert_eq!("off".parse::<MetricsAddr>(), Ok(MetricsAddr::Off));
+        let err = "localhost:20200".parse::<MetricsAddr>().unwrap_err();
+        assert!(err.contains("\"localhost:20200\"") && err.contains("ip:port"), "{err}");
+    }
+
+    #[test]
     fn a_lost_state_file_beside_earlier_state_refuses_allow_and_warns_deny() {
         let dir = tempfile::tempdir().unwrap();
         // A fresh directory starts either way.
