@@ -156,7 +156,10 @@ mod tests {
         );
         assert_eq!("off".parse::<MetricsAddr>(), Ok(MetricsAddr::Off));
         let err = "localhost:20200".parse::<MetricsAddr>().unwrap_err();
-        assert!(err.contains("\"localhost:20200\"") && err.contains("ip:port"), "{err}");
+        assert!(
+            err.contains("\"localhost:20200\"") && err.contains("ip:port"),
+            "{err}"
+        );
     }
 
     #[test]
