@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "linux-perf",
     // cargo-fuzz builds libFuzzer from its C++ source.
     "g++",
+    // The metrics root test scrapes meshd with a real Prometheus server.
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The `cargo fuzz` that `fuzz/run.sh` (run by `cargo xtask test`) drives.

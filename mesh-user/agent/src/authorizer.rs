@@ -36,16 +36,21 @@ impl mesh_proxy::Authorizer for IntentionAuthorizer {
             return Decision::deny("identity is not a valid service name");
         };
         let decision = self.rules.load().check(&src, &dst);
-        let why = match &decision.matched {
-            Matched::Intention { id, precedence } => {
-                format!("intention {id} (precedence {precedence})")
-            }
-            Matched::Default => "default intention policy".to_string(),
+        let (why, intention) = match &decision.matched {
+            Matched::Intention { id, precedence } => (
+                format!("intention {id} (precedence {precedence})"),
+                Some(id),
+            ),
+            Matched::Default => ("default intention policy".to_string(), None),
         };
-        if decision.allowed {
+        let answer = if decision.allowed {
             Decision::allow(why)
         } else {
             Decision::deny(why)
+        };
+        match intention {
+            Some(id) => answer.by_intention(id.clone()),
+            None => answer,
         }
     }
 }

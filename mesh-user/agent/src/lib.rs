@@ -8,6 +8,7 @@ pub mod dialer;
 pub mod directory;
 pub mod hooks;
 mod identity;
+pub mod metrics;
 mod names;
 pub mod steering;
 
@@ -188,6 +189,7 @@ pub struct Agent {
     authorizer: Arc<authorizer::IntentionAuthorizer>,
     dialer: Arc<dialer::NetnsDialer>,
     kernel_rules: KernelRules,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Agent {
@@ -202,6 +204,21 @@ impl Agent {
     /// cannot run, [`Error::Io`] if the state directory cannot be created, and the errors of
     /// loading names and the CA, configuring the proxy and writing the kernel maps.
     pub async fn start(cfg: AgentConfig, catalog: Catalog, rules: RuleSet) -> Result<Self, Error> {
+        Self::start_with_metrics(cfg, catalog, rules, Arc::new(metrics::Metrics::new())).await
+    }
+
+    /// [`Agent::start`], recording into `metrics` (which something else, e.g. the metrics
+    /// listener, encodes).
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::start`].
+    pub async fn start_with_metrics(
+        cfg: AgentConfig,
+        catalog: Catalog,
+        rules: RuleSet,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Result<Self, Error> {
         catalog.validate()?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
@@ -257,6 +274,7 @@ impl Agent {
         )
         .config(cfg.proxy.clone())
         .dialer(dialer.clone())
+        .metrics(metrics.proxy().clone())
         .build()
         .map_err(|source| Error::Proxy {
             pod: String::new(),
@@ -277,6 +295,7 @@ impl Agent {
             authorizer,
             dialer,
             kernel_rules: KernelRules::InSync,
+            metrics,
         };
         agent.apply(Update::Full(catalog)).await?;
         let keep_cgroups: BTreeSet<mesh_dataplane::bpf::CgroupId> =
@@ -375,6 +394,52 @@ impl Agent {
                 })
             })
             .collect())
+    }
+
+    /// The metrics the agent records into.
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// Copies the kernel's counters, per-intention counts and map fill into the metrics (eBPF
+    /// mode; nothing in iptables mode). Call it periodically (meshd does every second).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if a map cannot be read; what could be read is recorded.
+    pub fn record_kernel_metrics(&self) -> Result<(), Error> {
+        let Some(dp) = self.steering.dataplane() else {
+            return Ok(());
+        };
+        let m = &self.metrics;
+        m.record_map(
+            mesh_common::MAP_PODS,
+            self.pods.len(),
+            mesh_common::MAX_PODS,
+        );
+        let counters = dp.counters();
+        if let Ok(c) = &counters {
+            m.record_kernel_counters(c);
+        }
+        let counts = dp.intention_counts();
+        if let Ok(counts) = &counts {
+            for it in self.rules.iter() {
+                if let Some(c) = counts.get(&it.counter_index) {
+                    m.record_intention(&it.id, c.allowed, c.denied);
+                }
+            }
+        }
+        let sizes = dp.conn_map_sizes();
+        if let Ok(s) = &sizes {
+            let capacity = mesh_common::MAX_SOCKETS;
+            m.record_map(mesh_common::MAP_SOCKS, s.sockets, capacity);
+            m.record_map(mesh_common::MAP_SOCK_STATE, s.sock_state, capacity);
+            m.record_map(mesh_common::MAP_ORIG_HANDOFF, s.orig_handoff, capacity);
+        }
+        counters?;
+        counts?;
+        sizes?;
+        Ok(())
     }
 
     /// The desired state the agent serves.

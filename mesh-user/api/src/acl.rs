@@ -100,6 +100,9 @@ pub(crate) enum Need<'a> {
     ReadIntention(&'a ServiceName),
     /// Writing intentions to this destination.
     WriteIntention(&'a ServiceName),
+    /// Reading the agent's own data (its metrics), Consul's `agent:read`: operators and
+    /// `read-only` tokens.
+    AgentRead,
     /// Reading tokens.
     AclRead,
     /// Creating or deleting tokens.
@@ -170,6 +173,10 @@ impl Token {
                         _ => false,
                     })
             }
+            Need::AgentRead => self
+                .policies
+                .iter()
+                .any(|p| matches!(p, Policy::Operator | Policy::ReadOnly)),
             Need::AclRead | Need::AclWrite | Need::WriteWorkloads => operator,
         };
         if ok {
@@ -179,6 +186,7 @@ impl Token {
             Need::Read => ("intentions:read", "\"*/*\"".to_owned()),
             Need::ReadIntention(dst) => ("intentions:read", format!("{:?}", dst.to_string())),
             Need::WriteIntention(dst) => ("intentions:write", format!("{:?}", dst.to_string())),
+            Need::AgentRead => ("agent:read", "\"agent\"".to_owned()),
             Need::AclRead => ("acl:read", "\"tokens\"".to_owned()),
             Need::AclWrite => ("acl:write", "\"tokens\"".to_owned()),
             Need::WriteWorkloads => ("workloads:write", "\"local\"".to_owned()),

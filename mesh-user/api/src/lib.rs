@@ -21,6 +21,7 @@
 //! | GET | `/v1/config/service-intentions` | every entry |
 //! | GET, DELETE | `/v1/config/service-intentions/<name>` | one entry |
 //! | POST | `/v1/agent/connect/authorize` | `{"Authorized": bool, "Reason": …}` |
+//! | GET | `/v1/agent/metrics?format=prometheus` | the agent's metrics, Prometheus text (`agent:read`) |
 //! | PUT | `/v1/acl/token` | create a token |
 //! | GET | `/v1/acl/tokens` | every token, without secrets |
 //! | GET | `/v1/acl/token/self`, `/v1/acl/token/<AccessorID>` | one token |
@@ -117,8 +118,9 @@ pub use client::{
 pub use server::fuzzing;
 #[cfg(feature = "server")]
 pub use server::{
-    Hooks, Server, ServerConfig, BOOTSTRAP_TOKEN_FILE, DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, REFUSAL_LOG_INTERVAL, SOCKET_FILE,
+    Hooks, MetricsServer, MetricsSource, Server, ServerConfig, SharedMetrics, BOOTSTRAP_TOKEN_FILE,
+    DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
+    OPENMETRICS_CONTENT_TYPE, REFUSAL_LOG_INTERVAL, SOCKET_FILE,
 };
 #[cfg(feature = "server")]
 pub use store::{State, Store, LOCK_FILE, STATE_FILE};

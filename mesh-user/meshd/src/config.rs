@@ -5,6 +5,7 @@
 //! | `MESH_INSTANCE` | `--instance` | `default` | names the kernel pins (`/sys/fs/bpf/mesh/<instance>`) |
 //! | `MESH_STATE_DIR` | `--state-dir` | `/var/lib/mesh` | CA, intentions, tokens, applied manifests |
 //! | `MESH_HTTP_ADDR` | | `127.0.0.1:8500` | the API (`host:port`, `http://host:port`, `unix:///path`), as Consul's `CONSUL_HTTP_ADDR` |
+//! | `MESH_METRICS_ADDR` | `--metrics-addr` | `127.0.0.1:20200` | the token-free `/metrics` listener for Prometheus (`ip:port`, or `off`); consul-k8s's merged metrics port |
 //!
 //! `meshctl` reads `MESH_HTTP_ADDR`, `MESH_HTTP_TOKEN` and `MESH_HTTP_TOKEN_FILE`; their names
 //! live with the API client ([`mesh_api::client`]) that both binaries share. The proxy's limits
@@ -32,6 +33,33 @@ pub const DEFAULT_INSTANCE: &str = "default";
 pub const STATE_DIR_ENV: &str = "MESH_STATE_DIR";
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/mesh";
+/// The variable of the metrics listener's address; `--metrics-addr`.
+pub const METRICS_ADDR_ENV: &str = "MESH_METRICS_ADDR";
+/// The default metrics listener: loopback only (scrapers on the node, or a port-forward), on
+/// the port consul-k8s uses for its merged metrics (`20200`).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:20200";
+
+/// Where the token-free `/metrics` listener binds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    /// This address.
+    Listen(std::net::SocketAddr),
+    /// No listener (`off`); the API's `/v1/agent/metrics?format=prometheus` still answers.
+    Off,
+}
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse().map(Self::Listen).map_err(|_| {
+            format!("metrics address {s:?}: expected ip:port (e.g. 127.0.0.1:20200) or off")
+        })
+    }
+}
+
 /// The default node name of `meshd local` (its namespaces are `<node>-*`).
 pub const DEFAULT_LOCAL_NODE: &str = "local";
 /// The most intentions the API stores: what the kernel's intention map holds, one compiled
@@ -119,6 +147,20 @@ pub fn api_config(state_dir: &Path, policy: Action) -> Result<mesh_api::ServerCo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_address_is_an_ip_and_port_or_off() {
+        assert_eq!(
+            DEFAULT_METRICS_ADDR.parse::<MetricsAddr>(),
+            Ok(MetricsAddr::Listen("127.0.0.1:20200".parse().unwrap()))
+        );
+        assert_eq!("off".parse::<MetricsAddr>(), Ok(MetricsAddr::Off));
+        let err = "localhost:20200".parse::<MetricsAddr>().unwrap_err();
+        assert!(
+            err.contains("\"localhost:20200\"") && err.contains("ip:port"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_lost_state_file_beside_earlier_state_refuses_allow_and_warns_deny() {

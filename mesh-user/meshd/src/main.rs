@@ -14,6 +14,7 @@ mod limits;
 mod sandbox;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -89,6 +90,9 @@ enum Cmd {
         /// tickets, no session cache).
         #[arg(long)]
         no_tls_resumption: bool,
+        /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
+        #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
+        metrics_addr: config::MetricsAddr,
     },
     /// A single-node mesh on this machine: Kubernetes manifests applied with `meshctl apply`
     /// run as local pods (network namespace + cgroup each) served by the agent. The applied
@@ -112,6 +116,9 @@ enum Cmd {
         /// Make a full mTLS handshake for every connection between proxies.
         #[arg(long)]
         no_tls_resumption: bool,
+        /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
+        #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
+        metrics_addr: config::MetricsAddr,
     },
     /// Run a program inside a pod, as one of its processes: join its cgroup and network
     /// namespace, hide the state directory, bpf and cgroup mounts and other pods' namespaces,
@@ -200,6 +207,7 @@ fn main() -> Result<()> {
             max_pending_handshakes_per_source,
             idle_timeout,
             no_tls_resumption,
+            metrics_addr,
         } => {
             let nofile = limits::raise_nofile()?;
             let mesh_cgroup = match mesh_cgroup {
@@ -230,7 +238,7 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(cfg, catalog))
+                .block_on(run(cfg, catalog, metrics_addr))
         }
         Cmd::Local {
             state_dir,
@@ -239,6 +247,7 @@ fn main() -> Result<()> {
             default_intention_policy,
             reset,
             no_tls_resumption,
+            metrics_addr,
         } => {
             if reset {
                 return local_reset(&state_dir, &node);
@@ -258,6 +267,7 @@ fn main() -> Result<()> {
                     redirect,
                     default_intention_policy,
                     proxy,
+                    metrics_addr,
                 ))
         }
         Cmd::Exec {
@@ -313,6 +323,35 @@ fn main() -> Result<()> {
     }
 }
 
+/// The agent's metrics as the API and the metrics listener serve them.
+struct AgentMetrics(Arc<mesh_agent::metrics::Metrics>);
+
+impl mesh_api::MetricsSource for AgentMetrics {
+    fn encode(&self) -> String {
+        self.0.encode()
+    }
+}
+
+/// Starts the `/metrics` listener unless it is `off`.
+async fn start_metrics(
+    addr: config::MetricsAddr,
+    metrics: &Arc<mesh_agent::metrics::Metrics>,
+) -> Result<Option<mesh_api::MetricsServer>> {
+    let config::MetricsAddr::Listen(addr) = addr else {
+        return Ok(None);
+    };
+    let source = Arc::new(AgentMetrics(metrics.clone()));
+    let server = mesh_api::MetricsServer::start(addr, source)
+        .await
+        .with_context(|| {
+            format!(
+                "the metrics listener ({} or --metrics-addr; off disables it)",
+                config::METRICS_ADDR_ENV
+            )
+        })?;
+    Ok(Some(server))
+}
+
 /// Starts the HTTP API on the state directory and returns it with the rules it holds, so that
 /// the agent starts with the stored intentions (never a moment with none), and the channel of
 /// later changes.
@@ -320,6 +359,7 @@ async fn start_api(
     state_dir: &std::path::Path,
     policy: Action,
     local: Option<mesh_local::Handle>,
+    metrics: &Arc<mesh_agent::metrics::Metrics>,
 ) -> Result<(
     mesh_api::Server,
     std::sync::Arc<ApiHooks>,
@@ -342,6 +382,7 @@ async fn start_api(
             status: status.clone(),
             local,
             catalog: catalog.clone(),
+            metrics: Some(Arc::new(AgentMetrics(metrics.clone()))),
         },
     )
     .await?;
@@ -360,13 +401,19 @@ async fn start_api(
     Ok((server, hooks, status, catalog, rules, changes))
 }
 
-async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
+async fn run(
+    cfg: AgentConfig,
+    catalog_path: PathBuf,
+    metrics_addr: config::MetricsAddr,
+) -> Result<()> {
     let catalog = read_catalog(&catalog_path)?;
     let node = cfg.instance.clone();
+    let metrics = Arc::new(mesh_agent::metrics::Metrics::new());
     let (api, hooks, status, published, rules, mut changes) =
-        start_api(&cfg.state_dir, cfg.default_policy, None).await?;
+        start_api(&cfg.state_dir, cfg.default_policy, None, &metrics).await?;
+    let metrics_server = start_metrics(metrics_addr, &metrics).await?;
     let count = rules.len();
-    let mut agent = Agent::start(cfg, catalog, rules).await?;
+    let mut agent = Agent::start_with_metrics(cfg, catalog, rules, metrics).await?;
     publish_status(&agent, &status, count);
     published.publish(catalog_snapshot(&agent, &node));
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
@@ -395,6 +442,9 @@ async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
         }
     }
     api.shutdown().await;
+    if let Some(server) = metrics_server {
+        server.shutdown().await;
+    }
     info!("meshd stopping; kernel programs stay attached until `meshd uninstall`");
     Ok(())
 }
@@ -462,10 +512,15 @@ fn catalog_snapshot(agent: &Agent, node: &str) -> mesh_api::CatalogSnapshot {
     }
 }
 
+/// Publishes the per-intention counters to the API and copies the kernel's counters into the
+/// metrics.
 fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
     match agent.intention_counters() {
         Ok(c) => hooks.publish_counters(c),
         Err(e) => error!(error = %e, "reading intention counters"),
+    }
+    if let Err(e) = agent.record_kernel_metrics() {
+        error!(error = %e, "reading the kernel's counters for the metrics");
     }
 }
 
@@ -518,6 +573,7 @@ async fn local(
     redirect: Redirect,
     policy: Action,
     proxy: mesh_proxy::ProxyConfig,
+    metrics_addr: config::MetricsAddr,
 ) -> Result<()> {
     use mesh_local::{Handle, LocalNode, Runner};
 
@@ -534,8 +590,10 @@ async fn local(
     // The API first: a second `meshd local` on the same state directory stops here, before
     // it touches the first one's namespaces.
     let (handle, mut requests) = Handle::new();
+    let metrics = Arc::new(mesh_agent::metrics::Metrics::new());
     let (server, hooks, status, published, rules, mut changes) =
-        start_api(&state_dir, policy, Some(handle)).await?;
+        start_api(&state_dir, policy, Some(handle), &metrics).await?;
+    let metrics_server = start_metrics(metrics_addr, &metrics).await?;
     // A node left by a crash is recreated from scratch (new namespaces and cgroups), so its
     // pinned links point at dead objects: remove them, or the agent would adopt them and mesh
     // nothing. Its pods' processes go first, so that none runs without its programs.
@@ -566,7 +624,7 @@ async fn local(
             proxy,
         };
         let count = rules.len();
-        let mut agent = Agent::start(cfg, catalog, rules).await?;
+        let mut agent = Agent::start_with_metrics(cfg, catalog, rules, metrics).await?;
         publish_status(&agent, &status, count);
         runner.start_processes(&agent);
         published.publish(runner.catalog_snapshot(&agent));
@@ -612,6 +670,9 @@ async fn local(
     }
     .await;
     server.shutdown().await;
+    if let Some(server) = metrics_server {
+        server.shutdown().await;
+    }
     if let Err(e) = mesh_dataplane::bpf::uninstall(&node_name) {
         error!(error = %e, "removing the local instance's pins");
     }

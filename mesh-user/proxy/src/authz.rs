@@ -10,6 +10,9 @@ pub struct Decision {
     pub allowed: bool,
     /// Why (e.g. the intention that matched, or the default policy).
     pub reason: String,
+    /// The ID of the intention that decided; `None` when the default policy did. The
+    /// `intention` label of `mesh_proxy_connections_denied_total`.
+    pub intention: Option<String>,
 }
 
 impl Decision {
@@ -18,6 +21,7 @@ impl Decision {
         Self {
             allowed: true,
             reason: reason.into(),
+            intention: None,
         }
     }
 
@@ -26,7 +30,14 @@ impl Decision {
         Self {
             allowed: false,
             reason: reason.into(),
+            intention: None,
         }
+    }
+
+    /// The same decision, made by the intention with ID `id`.
+    pub fn by_intention(mut self, id: impl Into<String>) -> Self {
+        self.intention = Some(id.into());
+        self
     }
 }
 

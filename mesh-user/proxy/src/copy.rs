@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -50,12 +51,13 @@ impl Activity {
     }
 }
 
-/// A stream that counts the bytes written to it (here and into a shared counter) and records
-/// activity on every read or write that moves bytes.
+/// A stream that counts the bytes written to it (here, into the pod's counter and into a
+/// metric) and records activity on every read or write that moves bytes.
 struct Metered<'a, S> {
     inner: S,
     written: u64,
     counter: &'a AtomicU64,
+    metric: Option<&'a Counter>,
     activity: &'a Activity,
 }
 
@@ -88,6 +90,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
                 let n64 = n as u64;
                 this.written += n64;
                 this.counter.fetch_add(n64, Relaxed);
+                if let Some(metric) = this.metric {
+                    metric.inc_by(n64);
+                }
                 this.activity.touch();
             }
         }
@@ -137,19 +142,31 @@ pub(crate) struct Transferred {
     pub(crate) from_app: u64,
 }
 
+/// Where the bytes of a connection are counted: the pod's counters, and the connection's
+/// metrics when it has them.
+pub(crate) struct Meters<'a> {
+    /// The pod's count of bytes written to the app.
+    pub(crate) to_app: &'a AtomicU64,
+    /// The pod's count of bytes written to the network side.
+    pub(crate) from_app: &'a AtomicU64,
+    /// The metric of bytes written to the app.
+    pub(crate) metric_to_app: Option<&'a Counter>,
+    /// The metric of bytes written to the network side.
+    pub(crate) metric_from_app: Option<&'a Counter>,
+}
+
 /// Copies between `app` and `remote` until both directions have ended (an end of stream on one
 /// side shuts down writing on the other), an error, `idle` without a byte either way, or `stop`
-/// completes (with the reason). Bytes written to the app are added to `to_app`, bytes written
-/// to the remote side to `from_app`. Both streams are closed on return: with a reset after a
-/// copy error or a revocation (the other side must not take a truncated stream for a complete
-/// one), normally otherwise.
+/// completes (with the reason). Bytes written to the app are added to `meters.to_app` (and its
+/// metric), bytes written to the remote side to `meters.from_app`. Both streams are closed on
+/// return: with a reset after a copy error or a revocation (the other side must not take a
+/// truncated stream for a complete one), normally otherwise.
 pub(crate) async fn relay<A, R, S>(
     app: A,
     remote: R,
     buffer_size: usize,
     idle: Duration,
-    to_app: &AtomicU64,
-    from_app: &AtomicU64,
+    meters: Meters<'_>,
     stop: S,
 ) -> (Transferred, Result<(), Error>)
 where
@@ -161,13 +178,15 @@ where
     let mut app = Metered {
         inner: app,
         written: 0,
-        counter: to_app,
+        counter: meters.to_app,
+        metric: meters.metric_to_app,
         activity: &activity,
     };
     let mut remote = Metered {
         inner: remote,
         written: 0,
-        counter: from_app,
+        counter: meters.from_app,
+        metric: meters.metric_from_app,
         activity: &activity,
     };
     // copy_bidirectional_with_sizes panics on a zero size; the config is validated, this is a

@@ -12,8 +12,9 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 
-use super::copy::relay;
+use super::copy::{relay, Meters};
 use super::dial::DialKind;
+use super::metrics::{Handshake, Reporter, TcpLabels};
 use super::pod::{reset, ConnInfo, PodState, Shared};
 use super::ratelimit::PendingGuard;
 use super::sni::parse_server_name;
@@ -45,18 +46,37 @@ pub(crate) async fn serve(
         Err(_) => return Err(Error::PreHandshakeTimeout(pre_limit)),
     };
     let handshake = start.into_stream(Arc::clone(&pod.server));
+    let failed = || {
+        shared
+            .metrics
+            .handshake(Reporter::Destination, pod.id(), Handshake::Failed)
+    };
     let tls = match tokio::time::timeout_at(deadline, handshake).await {
-        Ok(result) => result.map_err(Error::Handshake)?,
-        Err(_) => return Err(Error::HandshakeTimeout(limit)),
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            failed();
+            return Err(Error::Handshake(e));
+        }
+        Err(_) => {
+            failed();
+            return Err(Error::HandshakeTimeout(limit));
+        }
     };
     drop(pending);
     let (_, conn) = tls.get_ref();
     PodStats::bump(&pod.stats.tls_handshakes);
-    if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+    let kind = if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
         info.resumed = true;
         PodStats::bump(&pod.stats.tls_resumed);
-    }
+        Handshake::Resumed
+    } else {
+        Handshake::Full
+    };
+    shared
+        .metrics
+        .handshake(Reporter::Destination, pod.id(), kind);
     let caller = peer_identity(conn)?;
+    let labels = TcpLabels::mesh(Reporter::Destination, &caller, pod.id());
     info.caller = Some(caller.clone());
     let port = match conn.server_name() {
         Some(name) => parse_server_name(name, pod.id()),
@@ -83,6 +103,8 @@ pub(crate) async fn serve(
     };
     let decision = shared.authorizer.authorize(&caller, pod.id());
     if !decision.allowed {
+        let intention = decision.intention.as_deref();
+        shared.metrics.denied(&labels, intention, false);
         return refuse(
             tls,
             Error::Denied {
@@ -105,16 +127,24 @@ pub(crate) async fn serve(
         pod = %pod.name, caller = %caller, port, resumed = info.resumed,
         "inbound connection authorized: {}", decision.reason
     );
+    // The app is the server: bytes to it are the request (received), bytes from it the
+    // response (sent).
+    let mut meter = shared.metrics.open(labels);
     let (transferred, result) = relay(
         app,
         tls,
         shared.config.buffer_size,
         shared.config.idle_timeout,
-        &pod.stats.bytes_to_app,
-        &pod.stats.bytes_from_app,
+        Meters {
+            to_app: &pod.stats.bytes_to_app,
+            from_app: &pod.stats.bytes_from_app,
+            metric_to_app: Some(&meter.received),
+            metric_from_app: Some(&meter.sent),
+        },
         stop,
     )
     .await;
+    meter.ended(&result);
     info.transferred = transferred;
     result
 }

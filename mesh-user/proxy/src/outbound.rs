@@ -7,9 +7,10 @@ use rustls::HandshakeKind;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::copy::relay;
+use super::copy::{relay, Meters};
 use super::dial::DialKind;
 use super::directory::Destination;
+use super::metrics::{Handshake, Reporter, TcpLabels};
 use super::pod::{reset, ConnInfo, PodState, Shared};
 use super::sni::server_name;
 use super::stats::PodStats;
@@ -73,16 +74,23 @@ async fn passthrough(
             return Err(Error::Connect { addr, source });
         }
     };
+    // The app is the client: bytes to it are the response (sent), bytes from it the request.
+    let mut meter = shared.metrics.open(TcpLabels::passthrough(pod.id()));
     let (transferred, result) = relay(
         app,
         remote,
         shared.config.buffer_size,
         shared.config.idle_timeout,
-        &pod.stats.bytes_to_app,
-        &pod.stats.bytes_from_app,
+        Meters {
+            to_app: &pod.stats.bytes_to_app,
+            from_app: &pod.stats.bytes_from_app,
+            metric_to_app: Some(&meter.sent),
+            metric_from_app: Some(&meter.received),
+        },
         std::future::pending(),
     )
     .await;
+    meter.ended(&result);
     info.transferred = transferred;
     result
 }
@@ -120,32 +128,51 @@ async fn mesh(
 
     let limit = shared.config.handshake_timeout;
     let handshake = TlsConnector::from(config).connect(name, stream);
+    let failed = || {
+        shared
+            .metrics
+            .handshake(Reporter::Source, pod.id(), Handshake::Failed)
+    };
     let tls = match tokio::time::timeout(limit, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            failed();
             reset(app);
             return Err(Error::Handshake(e));
         }
         Err(_) => {
+            failed();
             reset(app);
             return Err(Error::HandshakeTimeout(limit));
         }
     };
     PodStats::bump(&pod.stats.tls_handshakes);
-    if tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed) {
+    let kind = if tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed) {
         info.resumed = true;
         PodStats::bump(&pod.stats.tls_resumed);
-    }
+        Handshake::Resumed
+    } else {
+        Handshake::Full
+    };
+    shared.metrics.handshake(Reporter::Source, pod.id(), kind);
+    // The app is the client: bytes to it are the response (sent), bytes from it the request.
+    let labels = TcpLabels::mesh(Reporter::Source, pod.id(), &destination.id);
+    let mut meter = shared.metrics.open(labels);
     let (transferred, result) = relay(
         app,
         tls,
         shared.config.buffer_size,
         shared.config.idle_timeout,
-        &pod.stats.bytes_to_app,
-        &pod.stats.bytes_from_app,
+        Meters {
+            to_app: &pod.stats.bytes_to_app,
+            from_app: &pod.stats.bytes_from_app,
+            metric_to_app: Some(&meter.sent),
+            metric_from_app: Some(&meter.received),
+        },
         std::future::pending(),
     )
     .await;
+    meter.ended(&result);
     info.transferred = transferred;
     result
 }

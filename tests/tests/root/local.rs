@@ -15,14 +15,14 @@ use mesh_kit::{bin_path, require_root, spawn_probe, wait_for, wait_limit};
 use serde_json::Value;
 
 /// The tests' node name, apart from the `local` of a `cargo xtask run` on the same machine.
-const NODE: &str = "lt";
+pub(super) const NODE: &str = "lt";
 
 /// The `examples/` of the source tree (this crate is `tests/`, one level below the root).
-fn examples() -> PathBuf {
+pub(super) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -69,19 +69,21 @@ fn footprint() -> Result<Footprint> {
 
 /// A `meshd local` child with its own state directory and API port; stopped (and checked to
 /// have removed everything) on [`LocalMesh::stop`], killed and reset on drop.
-struct LocalMesh {
+pub(super) struct LocalMesh {
     meshd: PathBuf,
     meshctl: PathBuf,
     agent: Option<Child>,
     state: tempfile::TempDir,
-    http_addr: String,
-    token: String,
+    pub(super) http_addr: String,
+    /// The token-free `/metrics` listener (`MESH_METRICS_ADDR`), on a free loopback port.
+    pub(super) metrics_addr: SocketAddr,
+    pub(super) token: String,
     log: PathBuf,
     forwards: Vec<Child>,
 }
 
 impl LocalMesh {
-    fn start(redirect: &str) -> Result<Self> {
+    pub(super) fn start(redirect: &str) -> Result<Self> {
         let http_addr = format!("127.0.0.1:{}", free_port()?);
         Self::start_in(redirect, tempfile::tempdir()?, http_addr)
     }
@@ -91,10 +93,12 @@ impl LocalMesh {
         require_root();
         let log = state.path().join("meshd.log");
         let meshd = bin_path("meshd")?;
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let agent = Command::new(&meshd)
             .args(["local", "--node", NODE, "--redirect", redirect])
             .env("MESH_STATE_DIR", state.path())
             .env("MESH_HTTP_ADDR", &http_addr)
+            .env("MESH_METRICS_ADDR", metrics_addr.to_string())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
@@ -107,6 +111,7 @@ impl LocalMesh {
             agent: Some(agent),
             state,
             http_addr,
+            metrics_addr,
             token: String::new(),
             log,
             forwards: Vec::new(),
@@ -140,7 +145,7 @@ impl LocalMesh {
 
     /// Polls `f` every 200 ms until it answers, failing (with the agent's log) past `limit` or
     /// when the agent exits.
-    fn wait<T>(
+    pub(super) fn wait<T>(
         &mut self,
         what: &str,
         limit: Duration,
@@ -182,7 +187,7 @@ impl LocalMesh {
     }
 
     /// `meshctl` with the bootstrap token; fails unless it succeeds. Returns stdout.
-    fn meshctl(&self, args: &[&str]) -> Result<String> {
+    pub(super) fn meshctl(&self, args: &[&str]) -> Result<String> {
         let out = self.meshctl_as(&self.token, args)?;
         ensure!(
             out.status.success(),
@@ -218,7 +223,7 @@ impl LocalMesh {
     }
 
     /// Waits until exactly `expected` (`namespace/name`) pods exist and all are Ready.
-    fn wait_ready(&mut self, expected: &[&str]) -> Result<()> {
+    pub(super) fn wait_ready(&mut self, expected: &[&str]) -> Result<()> {
         let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
         expected.sort();
         self.wait("Ready pods", Duration::from_secs(60), |m| {
@@ -245,7 +250,7 @@ impl LocalMesh {
     }
 
     /// `meshctl port-forward service/<service> <local>:<port>`, kept until the mesh stops.
-    fn port_forward(&mut self, service: &str, port: u16) -> Result<SocketAddr> {
+    pub(super) fn port_forward(&mut self, service: &str, port: u16) -> Result<SocketAddr> {
         let local = free_port()?;
         let mut child = Command::new(&self.meshctl)
             .args([
@@ -277,7 +282,7 @@ impl LocalMesh {
     }
 
     /// Stops the agent with SIGTERM (what Ctrl-C does) and waits for it.
-    fn stop(mut self) -> Result<()> {
+    pub(super) fn stop(mut self) -> Result<()> {
         self.stop_agent()
     }
 
@@ -322,7 +327,7 @@ impl Drop for LocalMesh {
 
 /// Runs `mesh-probe` as a process of pod `namespace/name` (its cgroup and network namespace,
 /// as the runner names them); returns what it printed, or its error.
-fn in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
+pub(super) fn in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
     let netns = PathBuf::from(format!("/run/netns/{NODE}-{namespace}_{name}"));
     let cgroup =
         mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
@@ -337,7 +342,7 @@ fn in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
 }
 
 /// The virtual IP of service `namespace/name`, from `meshctl get services -o json`.
-fn cluster_ip(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<String> {
+pub(super) fn cluster_ip(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<String> {
     let v: Value = serde_json::from_str(&mesh.meshctl(&["get", "services", "-A", "-o", "json"])?)?;
     v["items"]
         .as_array()
@@ -349,7 +354,7 @@ fn cluster_ip(mesh: &LocalMesh, namespace: &str, name: &str) -> Result<String> {
 }
 
 /// `GET /` with `Connection: close`: (status, body).
-fn get(addr: SocketAddr) -> Result<(u16, String)> {
+pub(super) fn get(addr: SocketAddr) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     write!(

@@ -8,4 +8,5 @@ mod dataplane;
 mod examples;
 mod local;
 mod mesh;
+mod metrics;
 mod restart;

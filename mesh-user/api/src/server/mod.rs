@@ -7,6 +7,7 @@
 //! - `/v1/config*` in [`config_entries`];
 //! - `/v1/agent/connect/authorize` in [`authorize`];
 //! - `/v1/agent/mesh/status` (whether the kernel holds the intentions) in [`agent`];
+//! - `/v1/agent/metrics` (Prometheus text) and the `/metrics` listener in [`metrics`];
 //! - `/v1/acl/*` in [`acl`];
 //! - `/v1/local/*` (`meshd local`) in [`local`];
 //! - `/v1/catalog/*` and `/v1/health/*` in [`catalog`];
@@ -40,8 +41,11 @@ mod catalog;
 mod config_entries;
 mod intentions;
 mod local;
+mod metrics;
 mod serve;
 mod ui;
+
+pub use metrics::{MetricsServer, MetricsSource, SharedMetrics, OPENMETRICS_CONTENT_TYPE};
 
 use crate::acl::{find_token, Need};
 use crate::catalog::PublishedCatalog;
@@ -177,6 +181,8 @@ pub struct Hooks {
     /// The catalog the agent's loop publishes: what `/v1/catalog/*`, `/v1/health/*` and
     /// `/v1/internal/ui/*` answer from (empty until the first publication).
     pub catalog: Arc<PublishedCatalog>,
+    /// The agent's metrics (`GET /v1/agent/metrics?format=prometheus`); `None` answers 404.
+    pub metrics: Option<SharedMetrics>,
 }
 
 impl Default for Hooks {
@@ -187,6 +193,7 @@ impl Default for Hooks {
             status: Arc::new(NoStatus),
             local: None,
             catalog: Arc::new(PublishedCatalog::default()),
+            metrics: None,
         }
     }
 }
@@ -241,6 +248,7 @@ impl Server {
                 local: hooks.local,
                 catalog: hooks.catalog,
                 stopped: stopped.clone(),
+                metrics: hooks.metrics,
             },
             cfg.max_body_bytes,
         );
@@ -381,6 +389,7 @@ struct AppState {
     catalog: Arc<PublishedCatalog>,
     /// Turns true when the server stops: blocked queries answer at once.
     stopped: watch::Receiver<bool>,
+    metrics: Option<SharedMetrics>,
 }
 
 /// Every route: each module's group, then a JSON 404 for any other path; bodies over
@@ -391,6 +400,7 @@ fn router(state: AppState, max_body: usize) -> Router {
         .merge(config_entries::routes())
         .merge(authorize::routes())
         .merge(agent::routes())
+        .merge(metrics::routes())
         .merge(acl::routes())
         .merge(local::routes())
         .merge(catalog::routes())

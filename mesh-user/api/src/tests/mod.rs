@@ -16,6 +16,7 @@ mod config_entries;
 mod hardening;
 mod intentions;
 mod local;
+mod metrics;
 mod parity;
 mod serving;
 mod ui;
@@ -57,6 +58,7 @@ async fn start_with(
         status: status.clone(),
         local: None,
         catalog: catalog.clone(),
+        metrics: Some(Arc::new(metrics::Fixed)),
     };
     let mut cfg = config(dir.path(), policy);
     tweak(&mut cfg);

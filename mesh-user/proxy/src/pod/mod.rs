@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::dial::{DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst};
 use super::directory::{Balancer, Directory};
+use super::metrics::Metrics;
 use super::ratelimit::{LogLimiter, PendingHandshakes};
 use super::stats::{PodStats, PodStatsSnapshot};
 use super::{Authorizer, Error, ProxyConfig};
@@ -105,6 +106,7 @@ pub(crate) struct Shared {
     pub(crate) dialer: Arc<dyn Dialer>,
     pub(crate) original_dst: Arc<dyn OriginalDst>,
     pub(crate) balancer: Balancer,
+    pub(crate) metrics: Metrics,
     limit: Arc<Semaphore>,
     runtime: Handle,
 }
@@ -168,6 +170,7 @@ pub struct ProxyBuilder {
     authorizer: Arc<dyn Authorizer>,
     dialer: Arc<dyn Dialer>,
     original_dst: Arc<dyn OriginalDst>,
+    metrics: Metrics,
     runtime: Option<Handle>,
 }
 
@@ -188,6 +191,13 @@ impl ProxyBuilder {
     /// [`SockOptOriginalDst`]).
     pub fn original_dst(mut self, lookup: Arc<dyn OriginalDst>) -> Self {
         self.original_dst = lookup;
+        self
+    }
+
+    /// The metric families the proxy records into (default: new families no registry reads;
+    /// register them with [`Metrics::register`] to expose them).
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -223,6 +233,7 @@ impl ProxyBuilder {
             authorizer: self.authorizer,
             dialer: self.dialer,
             original_dst: self.original_dst,
+            metrics: self.metrics,
             runtime,
         };
         Ok(Proxy {
@@ -260,6 +271,7 @@ impl Proxy {
             authorizer,
             dialer: Arc::new(PlainDialer),
             original_dst: Arc::new(SockOptOriginalDst),
+            metrics: Metrics::new(),
             runtime: None,
         }
     }
@@ -267,6 +279,11 @@ impl Proxy {
     /// The configuration in force.
     pub fn config(&self) -> &ProxyConfig {
         &self.shared.config
+    }
+
+    /// The metric families the proxy records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Connections open now, all pods together.

@@ -8,6 +8,8 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 use super::PodProxy;
+use crate::metrics::{Reporter, TcpLabels};
+use crate::Decision;
 use mesh_core::identity::SpiffeId;
 
 impl PodProxy {
@@ -17,19 +19,27 @@ impl PodProxy {
     pub fn reauthorize(&self) -> usize {
         let service = self.pod.id();
         let authorizer = &self.shared.authorizer;
-        let denied: Vec<(u64, String)> = self
+        let denied: Vec<(u64, SpiffeId, Decision)> = self
             .pod
             .inbound
             .callers()
             .into_iter()
             .filter_map(|(id, caller)| {
                 let decision = authorizer.authorize(&caller, service);
-                (!decision.allowed).then_some((id, decision.reason))
+                (!decision.allowed).then_some((id, caller, decision))
             })
             .collect();
         denied
             .into_iter()
-            .filter(|(id, reason)| self.pod.inbound.revoke(*id, reason.clone()))
+            .filter(|(id, caller, decision)| {
+                let revoked = self.pod.inbound.revoke(*id, decision.reason.clone());
+                if revoked {
+                    let labels = TcpLabels::mesh(Reporter::Destination, caller, service);
+                    let intention = decision.intention.as_deref();
+                    self.shared.metrics.denied(&labels, intention, true);
+                }
+                revoked
+            })
             .count()
     }
 }

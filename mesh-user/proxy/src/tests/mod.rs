@@ -121,6 +121,7 @@ impl Authorizer for RecordingAuthorizer {
         );
         if self.deny.lock().unwrap().contains(&pair) {
             Decision::deny(format!("test intention {} => {} deny", pair.0, pair.1))
+                .by_intention(format!("{}-to-{}", pair.0, pair.1))
         } else {
             Decision::allow("test default allow")
         }
@@ -388,6 +389,7 @@ mod bounds;
 mod inbound;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod outbound;
 mod sessions;
 mod transfer;
