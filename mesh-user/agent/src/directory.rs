@@ -38,7 +38,7 @@ fn destination(s: &Service, port: u16, trust_domain: &str) -> Option<Destination
 
 impl MeshDirectory {
     /// Rebuilds the view from `catalog`: every service's VIP and endpoint addresses, and each
-    /// workload's explicit upstreams (which reach the service's first port). Destinations name
+    /// workload's explicit upstreams (which reach [`Service::upstream_port`]). Destinations name
     /// the app (target) port and SPIFFE IDs in `trust_domain`; services whose name makes no
     /// valid SPIFFE ID are left out.
     pub fn update(&self, catalog: &Catalog, trust_domain: &str) {
@@ -64,14 +64,14 @@ impl MeshDirectory {
                 let Some(s) = catalog.service(&u.service_ref()) else {
                     continue;
                 };
-                // An explicit upstream reaches the service's first port, as a Consul upstream
-                // reaches the service's one port.
-                let Some(&port) = s.ports.first() else {
+                // An explicit upstream reaches the service's port as Consul registers it
+                // (consul-k8s: connect-service-port, else the first container port).
+                let Some(port) = s.upstream_port() else {
                     continue;
                 };
                 let (Ok(name), Some(d)) = (
                     ServiceName::new(u.namespace.clone(), u.service.clone()),
-                    destination(s, s.target_port(port), trust_domain),
+                    destination(s, port, trust_domain),
                 ) else {
                     continue;
                 };

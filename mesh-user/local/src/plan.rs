@@ -157,8 +157,13 @@ pub fn catalog(
                     .map(|s| target_ports(s, &ports, w))
                     .unwrap_or_default(),
                 ports,
-                protocol: catalog::Protocol::Tcp,
+                protocol: desired
+                    .protocol(&w.namespace, &mesh.service)
+                    .unwrap_or_default(),
                 endpoints: Vec::new(),
+                service_port: mesh.service_port.filter(|p| app_ports.contains(p)),
+                tags: mesh.tags.clone(),
+                meta: mesh.meta.clone(),
             }
         });
         entry.endpoints.push(Endpoint {

@@ -5,8 +5,9 @@
 //!
 //! [`Manifest::parse`] reads multi-document YAML (`---` separators, empty documents and
 //! `kind: List` allowed) and keeps the kinds that matter locally: `Namespace`, `ServiceAccount`,
-//! `Service`, `Pod` (all `v1`) and `Deployment` (`apps/v1`). Other kinds (ConfigMaps, Consul CRDs
-//! such as `ServiceIntentions`, …) are listed in [`Manifest::ignored`] with a warning. Unknown
+//! `Service`, `Pod` (all `v1`), `Deployment` (`apps/v1`) and consul-k8s's `ServiceIntentions` and
+//! `ServiceDefaults` (`consul.hashicorp.com/v1alpha1`, see [`crd`]). Other kinds (ConfigMaps,
+//! other Consul CRDs, …) are listed in [`Manifest::ignored`] with a warning. Unknown
 //! fields inside the modelled kinds are ignored, as real manifests carry many; a wrong type or a
 //! missing required field is an error naming the object and the field:
 //! `Deployment default/web: spec.replicas: invalid type: string "three", expected i64`.
@@ -40,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod applied;
+pub mod crd;
 
 mod manifest;
 mod objects;
@@ -55,6 +57,7 @@ pub use objects::{
     Namespace, Object, Pod, PodSpec, PodTemplate, Protocol, SelectorOperator, SelectorRequirement,
     Service, ServiceAccount, ServicePort, TargetPort, MAX_REPLICAS,
 };
+pub use crd::{ServiceDefaults, ServiceIntentions};
 pub use state::{DesiredState, IdentitySource, MeshWorkload, Owner, Workload};
 pub use upstreams::{
     parse_upstream, parse_upstreams, DestinationType, MeshGatewayMode, Upstream, UpstreamSyntax,
@@ -72,6 +75,29 @@ pub const ANNOTATION_TRANSPARENT_PROXY: &str = "consul.hashicorp.com/transparent
 /// inbound connections reach the app directly, not through the proxy.
 pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str =
     "consul.hashicorp.com/transparent-proxy-exclude-inbound-ports";
+/// `consul.hashicorp.com/transparent-proxy-exclude-outbound-ports`: comma-separated ports
+/// whose outbound connections go direct, not through the proxy.
+pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str =
+    "consul.hashicorp.com/transparent-proxy-exclude-outbound-ports";
+/// `consul.hashicorp.com/transparent-proxy-exclude-outbound-cidrs`: comma-separated IP
+/// addresses or CIDR blocks whose outbound connections go direct.
+pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str =
+    "consul.hashicorp.com/transparent-proxy-exclude-outbound-cidrs";
+/// `consul.hashicorp.com/transparent-proxy-exclude-uids`: comma-separated user ids whose
+/// outbound connections go direct.
+pub const ANNOTATION_EXCLUDE_UIDS: &str = "consul.hashicorp.com/transparent-proxy-exclude-uids";
+/// `consul.hashicorp.com/connect-service-port`: the app port (a number or a container port's
+/// name) the service is registered with, which explicit upstreams reach.
+pub const ANNOTATION_SERVICE_PORT: &str = "consul.hashicorp.com/connect-service-port";
+/// `consul.hashicorp.com/kubernetes-service`: which of the Services selecting the pod names
+/// its Consul service, when several do.
+pub const ANNOTATION_KUBERNETES_SERVICE: &str = "consul.hashicorp.com/kubernetes-service";
+/// `consul.hashicorp.com/service-tags`: comma-separated tags of the Consul service.
+pub const ANNOTATION_SERVICE_TAGS: &str = "consul.hashicorp.com/service-tags";
+/// `consul.hashicorp.com/service-meta-<key>`: one `Meta` key of the Consul service.
+pub const ANNOTATION_SERVICE_META_PREFIX: &str = "consul.hashicorp.com/service-meta-";
+/// Namespace label (and pod annotation) `consul.hashicorp.com/transparent-proxy`.
+pub const LABEL_TRANSPARENT_PROXY: &str = "consul.hashicorp.com/transparent-proxy";
 /// Label on a Service that consul-k8s must not register (`"true"`).
 pub const LABEL_SERVICE_IGNORE: &str = "consul.hashicorp.com/service-ignore";
 
