@@ -395,6 +395,11 @@ impl Applied {
         self.objects.keys()
     }
 
+    /// The object's document, as stored (normalized YAML).
+    pub fn document(&self, key: &ObjectKey) -> Option<&str> {
+        self.objects.get(key).map(|s| s.yaml.as_str())
+    }
+
     /// When the object was first applied (seconds since the epoch).
     pub fn created(&self, key: &ObjectKey) -> Option<u64> {
         self.objects.get(key).map(|s| s.created)

@@ -32,10 +32,7 @@ use crate::intentions::{ServiceIntentionsEntry, ServiceName};
 
 /// The `apiVersion` of consul-k8s's custom resources.
 pub const CONSUL_API_VERSION: &str = "consul.hashicorp.com/v1alpha1";
-/// `Meta` key consul-k8s marks the config entries it manages with.
-pub const META_EXTERNAL_SOURCE: &str = "external-source";
-/// The value of [`META_EXTERNAL_SOURCE`] for entries made from Kubernetes objects.
-pub const EXTERNAL_SOURCE_KUBERNETES: &str = "kubernetes";
+pub use crate::intentions::{EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE};
 /// `Meta` key naming the datacenter whose controller wrote the entry.
 pub const META_SOURCE_DATACENTER: &str = "consul.hashicorp.com/source-datacenter";
 

@@ -405,6 +405,7 @@ impl Runner {
             results: change.results,
             warnings: change.warnings,
             errors,
+            intentions: Some(change.desired.intention_entries()),
         })
     }
 
@@ -430,6 +431,9 @@ impl Runner {
             }
             Request::Services(reply) => {
                 let _ = reply.send(Ok(self.service_views()));
+            }
+            Request::ConsulResources(reply) => {
+                let _ = reply.send(Ok(self.consul_resource_views()));
             }
             Request::Proxy(ns, name, reply) => {
                 let _ = reply.send(self.proxy_view(&ns, &name, agent));

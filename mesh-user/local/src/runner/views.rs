@@ -174,6 +174,56 @@ impl Runner {
     }
 
     /// Every Service, by namespace and name.
+    /// Every `ServiceIntentions` and `ServiceDefaults` object, kubectl-shaped; the API fills
+    /// in their status.
+    pub fn consul_resource_views(&self) -> List<ConsulResourceView> {
+        let d = &self.desired;
+        let objects = d
+            .service_intentions
+            .iter()
+            .map(|s| ("ServiceIntentions", &s.namespace, &s.name, Some(s.entry.clone())))
+            .chain(
+                d.service_defaults
+                    .iter()
+                    .map(|s| ("ServiceDefaults", &s.namespace, &s.name, None)),
+            );
+        let items = objects
+            .map(|(kind, namespace, name, entry)| {
+                let key = crate::applied::ObjectKey {
+                    kind: kind.into(),
+                    namespace: Some(namespace.clone()),
+                    name: name.clone(),
+                };
+                let created = self
+                    .applied
+                    .created(&key)
+                    .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                    .unwrap_or_else(SystemTime::now);
+                let spec = self
+                    .applied
+                    .document(&key)
+                    .and_then(|y| serde_norway::from_str::<serde_json::Value>(y).ok())
+                    .and_then(|v| v.get("spec").cloned())
+                    .unwrap_or(serde_json::Value::Null);
+                ConsulResourceView {
+                    api_version: mesh_core::k8s::crd::CONSUL_API_VERSION.into(),
+                    kind: kind.into(),
+                    metadata: Metadata {
+                        name: name.clone(),
+                        namespace: Some(namespace.clone()),
+                        creation_timestamp: timestamp(created),
+                        ..Metadata::default()
+                    },
+                    spec,
+                    status: ConsulStatusView::default(),
+                    entry,
+                }
+            })
+            .collect();
+        List::new(items)
+    }
+
+    /// Every Service, kubectl-shaped.
     pub fn service_views(&self) -> List<ServiceView> {
         let mut items: Vec<ServiceView> = self
             .desired
