@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::view::{ApplyReply, ConsulResourceView, ForwardTarget, List, PodView, ProxyView, ServiceView};
+use super::view::{
+    ApplyReply, ConsulResourceView, ForwardTarget, List, PodView, ProxyView, ServiceView,
+};
 use mesh_core::k8s::applied::Source;
 
 /// Why a request failed: an HTTP status and a message for the user, verbatim.

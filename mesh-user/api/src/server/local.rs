@@ -8,11 +8,11 @@ use axum::{Json, Router};
 use hyper::body::Bytes;
 
 use super::{text_body, write, ApiResult, AppState, Caller, Params};
-use crate::local::view::{ApplyReply, ConditionView, ConsulStatusView};
-use mesh_core::intentions::{ServiceIntentionsEntry, SyncOutcome};
 use crate::acl::Need;
+use crate::local::view::{ApplyReply, ConditionView, ConsulStatusView};
 use crate::local::{Handle, ManifestRequest};
 use crate::Error;
+use mesh_core::intentions::{ServiceIntentionsEntry, SyncOutcome};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()

@@ -288,20 +288,34 @@ async fn service_intentions_objects_make_read_only_intentions_that_deleting_remo
         status: Arc::new(PublishedStatus::default()),
     };
     let v = h
-        .ok("PUT", "/v1/local/apply", Some(manifests(INTENTIONS_YAML, None)))
+        .ok(
+            "PUT",
+            "/v1/local/apply",
+            Some(manifests(INTENTIONS_YAML, None)),
+        )
         .await;
     assert_eq!(v["results"][0]["kind"], "ServiceIntentions");
     assert_eq!(v["results"][0]["outcome"], "created");
 
     let v = h
-        .ok("GET", "/v1/connect/intentions/check?source=web&destination=api-v1", None)
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=web&destination=api-v1",
+            None,
+        )
         .await;
     assert_eq!(v["Allowed"], true, "{v}");
     let v = h
-        .ok("GET", "/v1/connect/intentions/check?source=other&destination=api-v1", None)
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=other&destination=api-v1",
+            None,
+        )
         .await;
     assert_eq!(v["Allowed"], false, "{v}");
-    let v = h.ok("GET", "/v1/config/service-intentions/api-v1", None).await;
+    let v = h
+        .ok("GET", "/v1/config/service-intentions/api-v1", None)
+        .await;
     assert_eq!(v["Meta"]["external-source"], "kubernetes", "{v}");
     assert_eq!(v["Sources"].as_array().unwrap().len(), 2, "{v}");
 
@@ -333,27 +347,46 @@ async fn service_intentions_objects_make_read_only_intentions_that_deleting_remo
         let (status, v) = h.call(Some(&h.root), method, path, body).await;
         assert_eq!(status, 400, "{method} {path}: {v}");
         assert!(
-            v["Error"].as_str().unwrap().contains("managed by a Kubernetes ServiceIntentions"),
+            v["Error"]
+                .as_str()
+                .unwrap()
+                .contains("managed by a Kubernetes ServiceIntentions"),
             "{method} {path}: {v}"
         );
     }
     let v = h
-        .ok("GET", "/v1/connect/intentions/check?source=web&destination=api-v1", None)
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=web&destination=api-v1",
+            None,
+        )
         .await;
     assert_eq!(v["Allowed"], true, "{v}");
 
     let v = h.ok("GET", "/v1/local/consul-resources", None).await;
     assert_eq!(v["items"][0]["metadata"]["name"], "api-v1", "{v}");
     assert_eq!(v["items"][0]["status"]["conditions"][0]["type"], "Synced");
-    assert_eq!(v["items"][0]["status"]["conditions"][0]["status"], "True", "{v}");
+    assert_eq!(
+        v["items"][0]["status"]["conditions"][0]["status"], "True",
+        "{v}"
+    );
 
     // Deleting the object deletes its intentions.
     let v = h
-        .ok("PUT", "/v1/local/delete", Some(manifests(INTENTIONS_YAML, None)))
+        .ok(
+            "PUT",
+            "/v1/local/delete",
+            Some(manifests(INTENTIONS_YAML, None)),
+        )
         .await;
     assert_eq!(v["results"][0]["outcome"], "deleted");
     let (status, _) = h
-        .call(Some(&h.root), "GET", "/v1/config/service-intentions/api-v1", None)
+        .call(
+            Some(&h.root),
+            "GET",
+            "/v1/config/service-intentions/api-v1",
+            None,
+        )
         .await;
     assert_eq!(status, 404);
 
@@ -365,7 +398,11 @@ async fn service_intentions_objects_make_read_only_intentions_that_deleting_remo
     )
     .await;
     let v = h
-        .ok("PUT", "/v1/local/apply", Some(manifests(INTENTIONS_YAML, None)))
+        .ok(
+            "PUT",
+            "/v1/local/apply",
+            Some(manifests(INTENTIONS_YAML, None)),
+        )
         .await;
     let warnings = v["warnings"].to_string();
     assert!(warnings.contains("ExternallyManagedConfigError"), "{v}");
@@ -374,7 +411,14 @@ async fn service_intentions_objects_make_read_only_intentions_that_deleting_remo
     assert_eq!(cond["status"], "False", "{v}");
     assert_eq!(cond["reason"], "ExternallyManagedConfigError", "{v}");
     let v = h
-        .ok("GET", "/v1/connect/intentions/check?source=web&destination=api-v1", None)
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=web&destination=api-v1",
+            None,
+        )
         .await;
-    assert_eq!(v["Allowed"], false, "the API's intentions stay as they were: {v}");
+    assert_eq!(
+        v["Allowed"], false,
+        "the API's intentions stay as they were: {v}"
+    );
 }

@@ -51,13 +51,13 @@ mod upstreams;
 #[cfg(test)]
 mod tests;
 
+pub use crd::{ServiceDefaults, ServiceIntentions};
 pub use manifest::{IgnoredObject, Manifest, ParseOptions};
 pub use objects::{
     Container, ContainerPort, Deployment, EnvValue, EnvVar, LabelSelector, MeshAnnotations,
     Namespace, Object, Pod, PodSpec, PodTemplate, Protocol, SelectorOperator, SelectorRequirement,
     Service, ServiceAccount, ServicePort, TargetPort, MAX_REPLICAS,
 };
-pub use crd::{ServiceDefaults, ServiceIntentions};
 pub use state::{DesiredState, IdentitySource, MeshWorkload, Owner, Workload};
 pub use upstreams::{
     parse_upstream, parse_upstreams, DestinationType, MeshGatewayMode, Upstream, UpstreamSyntax,

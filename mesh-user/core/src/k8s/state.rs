@@ -2,9 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::crd::{ServiceDefaults, ServiceIntentions};
 use super::manifest::{IgnoredObject, Manifest};
 use super::objects::{Container, EnvValue, Object, PodTemplate, Protocol, Service, ServiceAccount};
-use super::crd::{ServiceDefaults, ServiceIntentions};
 use super::upstreams::Upstream;
 use super::{Error, DEFAULT_NAMESPACE};
 

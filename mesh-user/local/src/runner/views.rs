@@ -181,7 +181,14 @@ impl Runner {
         let objects = d
             .service_intentions
             .iter()
-            .map(|s| ("ServiceIntentions", &s.namespace, &s.name, Some(s.entry.clone())))
+            .map(|s| {
+                (
+                    "ServiceIntentions",
+                    &s.namespace,
+                    &s.name,
+                    Some(s.entry.clone()),
+                )
+            })
             .chain(
                 d.service_defaults
                     .iter()

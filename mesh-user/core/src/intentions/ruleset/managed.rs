@@ -98,8 +98,7 @@ impl RuleSet {
         let mut out = Vec::new();
         for entry in entries {
             let dst = entry.destination.clone();
-            let outcome = if self.entries.contains_key(&dst) && !self.managed_by_kubernetes(&dst)
-            {
+            let outcome = if self.entries.contains_key(&dst) && !self.managed_by_kubernetes(&dst) {
                 SyncOutcome::Failed {
                     reason: "ExternallyManagedConfigError".into(),
                     message: "config entry already exists in Consul".into(),

@@ -12,7 +12,6 @@ use super::super::{
     ANNOTATION_SERVICE_PORT, ANNOTATION_SERVICE_TAGS, ANNOTATION_TRANSPARENT_PROXY,
     ANNOTATION_UPSTREAMS,
 };
-use crate::catalog;
 use super::raw::{
     IntOrString, RawContainer, RawDeployment, RawLabelSelector, RawMeta, RawNamespace, RawPod,
     RawPodSpec, RawSecurityContext, RawService, RawServiceAccount,
@@ -22,6 +21,7 @@ use super::{
     Namespace, Pod, PodSpec, PodTemplate, Protocol, SelectorOperator, SelectorRequirement, Service,
     ServiceAccount, ServicePort, TargetPort,
 };
+use crate::catalog;
 
 /// Each replica is a network namespace and a cgroup on this machine.
 pub const MAX_REPLICAS: u32 = 256;
@@ -490,17 +490,38 @@ fn annotation_ports(
 /// ending in `-` are prefixes.
 const SIDECAR_ANNOTATIONS: &[(&str, &str)] = &[
     ("consul.hashicorp.com/sidecar-proxy-", SIDECAR_REASON),
-    ("consul.hashicorp.com/enable-sidecar-proxy-lifecycle", SIDECAR_REASON),
-    ("consul.hashicorp.com/sidecar-initial-probe-check-delay-seconds", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/enable-sidecar-proxy-lifecycle",
+        SIDECAR_REASON,
+    ),
+    (
+        "consul.hashicorp.com/sidecar-initial-probe-check-delay-seconds",
+        SIDECAR_REASON,
+    ),
     ("consul.hashicorp.com/sidecar-probe-", SIDECAR_REASON),
-    ("consul.hashicorp.com/consul-envoy-proxy-concurrency", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/consul-envoy-proxy-concurrency",
+        SIDECAR_REASON,
+    ),
     ("consul.hashicorp.com/envoy-extra-args", SIDECAR_REASON),
     ("consul.hashicorp.com/consul-sidecar-", SIDECAR_REASON),
-    ("consul.hashicorp.com/enable-consul-dataplane-as-sidecar", SIDECAR_REASON),
-    ("consul.hashicorp.com/use-proxy-health-check", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/enable-consul-dataplane-as-sidecar",
+        SIDECAR_REASON,
+    ),
+    (
+        "consul.hashicorp.com/use-proxy-health-check",
+        SIDECAR_REASON,
+    ),
     ("consul.hashicorp.com/proxy-config-map", SIDECAR_REASON),
-    ("consul.hashicorp.com/connect-inject-mount-volume", SIDECAR_REASON),
-    ("consul.hashicorp.com/transparent-proxy-overwrite-probes", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/connect-inject-mount-volume",
+        SIDECAR_REASON,
+    ),
+    (
+        "consul.hashicorp.com/transparent-proxy-overwrite-probes",
+        SIDECAR_REASON,
+    ),
     ("consul.hashicorp.com/enable-metrics", METRICS_REASON),
     ("consul.hashicorp.com/merged-metrics-port", METRICS_REASON),
     ("consul.hashicorp.com/prometheus-", METRICS_REASON),
@@ -530,12 +551,7 @@ fn warn_sidecar_annotations(ctx: &mut Ctx<'_>, path: &str, annotations: &BTreeMa
 }
 
 /// consul-k8s's `PortValue`: the name of a container port of the pod, else a number.
-fn service_port(
-    ctx: &Ctx<'_>,
-    path: &str,
-    raw: &str,
-    spec: &PodSpec,
-) -> Result<u16, Error> {
+fn service_port(ctx: &Ctx<'_>, path: &str, raw: &str, spec: &PodSpec) -> Result<u16, Error> {
     let raw = raw.trim();
     if let Some(p) = spec
         .containers
@@ -642,9 +658,10 @@ fn mesh_annotations(
                 .map_err(|e| ctx.field(&field, e.to_string()))?;
             // parse_upstreams reads one entry per comma-separated item, in order.
             for (u, entry) in upstreams.iter().zip(raw.split(',')) {
-                u.check_routable(catalog::DEFAULT_DATACENTER).map_err(|reason| {
-                    ctx.field(&field, format!("upstream {:?}: {reason}", entry.trim()))
-                })?;
+                u.check_routable(catalog::DEFAULT_DATACENTER)
+                    .map_err(|reason| {
+                        ctx.field(&field, format!("upstream {:?}: {reason}", entry.trim()))
+                    })?;
             }
             upstreams
         }
@@ -665,8 +682,14 @@ fn mesh_annotations(
         annotation_cidrs(ctx, path, annotations, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS)?;
     let exclude_uids = annotation_uids(ctx, path, annotations, ANNOTATION_EXCLUDE_UIDS)?;
     for (key, given) in [
-        (ANNOTATION_EXCLUDE_OUTBOUND_PORTS, !exclude_outbound_ports.is_empty()),
-        (ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, !exclude_outbound_cidrs.is_empty()),
+        (
+            ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
+            !exclude_outbound_ports.is_empty(),
+        ),
+        (
+            ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
+            !exclude_outbound_cidrs.is_empty(),
+        ),
         (ANNOTATION_EXCLUDE_UIDS, !exclude_uids.is_empty()),
     ] {
         if given {

@@ -55,11 +55,7 @@ metadata:
     assert_eq!(ignored, [("ConfigMap", Some("settings"))]);
     assert_eq!(m.ignored()[0].namespace.as_deref(), Some("shop"));
     assert_eq!(m.warnings().len(), 1);
-    assert!(
-        m.warnings()[0].contains("ConfigMap"),
-        "{:?}",
-        m.warnings()
-    );
+    assert!(m.warnings()[0].contains("ConfigMap"), "{:?}", m.warnings());
 }
 
 #[test]
