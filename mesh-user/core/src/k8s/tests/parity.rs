@@ -32,7 +32,10 @@ fn upstreams_that_cannot_be_routed_as_written_are_refused_naming_the_entry_and_r
         ("api-v1.svc.default.ns.dc2.dc:9091", "datacenter \"dc2\""),
         ("api-v1:9091:dc2", "datacenter \"dc2\""),
         ("api-v1:9091:?mesh_gateway_mode=local", "no mesh gateways"),
-        ("api-v1:9091:?local_bind_address=127.0.0.2", "127.0.0.1 only"),
+        (
+            "api-v1:9091:?local_bind_address=127.0.0.2",
+            "127.0.0.1 only",
+        ),
         ("api-v1.svc:9091:9092", "destination port \"9092\""),
     ] {
         let e = upstream_error(entry);
