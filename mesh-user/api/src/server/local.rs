@@ -7,7 +7,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use hyper::body::Bytes;
 
-use super::{text_body, write, ApiResult, AppState, Caller, Params};
+use super::{text_body, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::local::view::{ApplyReply, ConditionView, ConsulStatusView};
 use crate::local::{Handle, ManifestRequest};
@@ -52,10 +52,10 @@ async fn sync_intentions(st: &AppState, mut reply: ApplyReply) -> Result<ApplyRe
     let Some(entries) = reply.intentions.take() else {
         return Ok(reply);
     };
-    let outcomes = write(&st.store, move |s| {
-        Ok(s.rules_mut().sync_kubernetes_entries(&entries))
-    })
-    .await?;
+    let store = st.store.clone();
+    let outcomes = tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
     for (dst, outcome) in outcomes {
         if let SyncOutcome::Failed { reason, message } = outcome {
             reply.warnings.push(format!(
