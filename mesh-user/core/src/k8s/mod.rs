@@ -27,7 +27,20 @@
 //! `consul.hashicorp.com/connect-inject` is true (Go `strconv.ParseBool` syntax; anything else is
 //! an error, as in consul-k8s's webhook; never in `kube-system`/`kube-public`). Its upstreams
 //! come from `consul.hashicorp.com/connect-service-upstreams`, parsed with consul-k8s's grammar
-//! (see [`parse_upstreams`]); one malformed entry refuses the whole manifest.
+//! (see [`parse_upstreams`]); one malformed entry refuses the whole manifest, and so does one
+//! this mesh cannot route as written ([`Upstream::check_routable`]: prepared queries, peers,
+//! other partitions and datacenters, mesh gateways, another bind address, a destination port).
+//!
+//! Also read: `connect-service-port` (the app port explicit upstreams reach; default the first
+//! container port, as consul-k8s), `kubernetes-service` (which selecting Service names the
+//! identity), `service-tags` and `service-meta-<key>` (the catalog's tags and `Meta`),
+//! `transparent-proxy` on the pod or as a Namespace label (`"false"` is refused: every meshed
+//! pod's traffic goes through the mesh), `transparent-proxy-exclude-inbound-ports`, and the
+//! `-exclude-outbound-ports`/`-cidrs`/`-uids` lists (validated, accepted with a warning: only
+//! mesh services' addresses are steered, so other destinations already go direct, and mesh
+//! services stay in the mesh since a meshed app accepts only mTLS). consul-k8s's sidecar-only
+//! annotations (`envoy-extra-args`, `sidecar-proxy-*`, `consul-envoy-proxy-concurrency`, ...)
+//! are accepted with one warning each.
 //!
 //! # Desired state
 //!
