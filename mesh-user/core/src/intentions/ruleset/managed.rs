@@ -139,3 +139,113 @@ impl RuleSet {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intentions::{Action, IntentionSpec};
+
+    fn managed(json: &str) -> ServiceIntentionsEntry {
+        ServiceIntentionsEntry::from_json(json).unwrap()
+    }
+
+    fn name(s: &str) -> ServiceName {
+        let (ns, n) = s.split_once('/').unwrap();
+        ServiceName::new(ns, n).unwrap()
+    }
+
+    const API: &str = r#"{"Kind":"service-intentions","Name":"api","Namespace":"default",
+        "Meta":{"external-source":"kubernetes"},
+        "Sources":[{"Name":"web","Action":"allow"}]}"#;
+
+    #[test]
+    fn synced_entries_are_read_only_and_leave_when_no_longer_wanted() {
+        let mut rules = RuleSet::new();
+        let out = rules.sync_kubernetes_entries(&[managed(API)]);
+        assert_eq!(out, [(name("default/api"), SyncOutcome::Synced)]);
+        assert!(
+            rules
+                .check(&name("default/web"), &name("default/api"))
+                .allowed
+        );
+        assert!(rules.managed_by_kubernetes(&name("default/api")));
+
+        // Every write through the rule set's API is refused.
+        let spec = IntentionSpec::new(&name("default/db"), &name("default/api"), Action::Allow);
+        assert!(matches!(
+            rules.create(&spec, false),
+            Err(Error::ReadOnly { .. })
+        ));
+        let id = rules
+            .get_exact(&name("default/web"), &name("default/api"))
+            .unwrap()
+            .id
+            .clone();
+        assert!(matches!(rules.delete(&id), Err(Error::ReadOnly { .. })));
+        assert!(matches!(
+            rules.update(&id, &spec),
+            Err(Error::ReadOnly { .. })
+        ));
+        let overwrite = ServiceIntentionsEntry::from_json(
+            r#"{"Kind":"service-intentions","Name":"api","Sources":[{"Name":"web","Action":"deny"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            rules.apply_entry(&overwrite),
+            Err(Error::ReadOnly { .. })
+        ));
+        // Nor may an API write claim to come from Kubernetes.
+        let claim = managed(&API.replace("\"api\"", "\"other\""));
+        assert!(matches!(
+            rules.apply_entry(&claim),
+            Err(Error::ReadOnly { .. })
+        ));
+        assert!(
+            rules
+                .check(&name("default/web"), &name("default/api"))
+                .allowed
+        );
+
+        // Syncing the same set again changes nothing; an empty set removes it.
+        let index = rules.index();
+        rules.sync_kubernetes_entries(&[managed(API)]);
+        assert_eq!(rules.index(), index);
+        rules.sync_kubernetes_entries(&[]);
+        assert!(rules.entry(&name("default/api")).is_none());
+    }
+
+    #[test]
+    fn an_entry_made_through_the_api_is_left_alone_and_the_sync_says_why() {
+        let mut rules = RuleSet::new();
+        let spec = IntentionSpec::new(&name("default/db"), &name("default/api"), Action::Allow);
+        rules.create(&spec, false).unwrap();
+        let out = rules.sync_kubernetes_entries(&[managed(API)]);
+        assert_eq!(
+            out,
+            [(
+                name("default/api"),
+                SyncOutcome::Failed {
+                    reason: "ExternallyManagedConfigError".into(),
+                    message: "config entry already exists in Consul".into(),
+                }
+            )]
+        );
+        assert!(
+            !rules
+                .check(&name("default/web"), &name("default/api"))
+                .allowed
+        );
+        assert!(
+            rules
+                .check(&name("default/db"), &name("default/api"))
+                .allowed
+        );
+        // And a sync without it does not delete what the API made.
+        rules.sync_kubernetes_entries(&[]);
+        assert!(
+            rules
+                .check(&name("default/db"), &name("default/api"))
+                .allowed
+        );
+    }
+}
