@@ -119,24 +119,26 @@ impl RuleSet {
         out
     }
 
-    /// Whether the rule set's entry for `entry`'s destination has the same meta and sources
-    /// (sources, actions, descriptions).
+    /// Whether the rule set's entry for `entry`'s destination is the same entry: the same
+    /// `Meta` and sources, field for field as Consul's JSON shows them (so that any field a
+    /// source carries counts), indexes aside.
     pub fn holds(&self, entry: &ServiceIntentionsEntry) -> bool {
         let Ok(want) = entry.normalized() else {
             return false;
         };
-        self.entry(&entry.destination).is_some_and(|have| {
-            let key = |e: &ServiceIntentionsEntry| {
-                let mut s: Vec<String> = e
-                    .sources
-                    .iter()
-                    .map(|s| format!("{}|{}|{}", s.source, s.action.as_str(), s.description))
-                    .collect();
-                s.sort();
-                s
-            };
-            have.meta == want.meta && key(&have) == key(&want)
-        })
+        let canonical = |e: &ServiceIntentionsEntry| {
+            let mut e = e.clone();
+            e.create_index = 0;
+            e.modify_index = 0;
+            e.sources.sort_by(|a, b| {
+                b.precedence
+                    .cmp(&a.precedence)
+                    .then_with(|| a.source.cmp(&b.source))
+            });
+            e.to_json()
+        };
+        self.entry(&entry.destination)
+            .is_some_and(|have| canonical(&have) == canonical(&want))
     }
 }
 
