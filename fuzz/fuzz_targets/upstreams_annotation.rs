@@ -51,6 +51,18 @@ fuzz_target!(|data: &[u8]| {
                     "{annotation:?} gave {u:?}"
                 );
             }
+            // What is routable stays in this datacenter, partition and loopback, reaches a
+            // service (never a prepared query) and names no other port.
+            if u.check_routable("dc1").is_ok() {
+                assert!(u.peer.is_none(), "{annotation:?} gave {u:?}");
+                assert!(u.destination_port.is_none(), "{annotation:?} gave {u:?}");
+                assert!(
+                    u.partition.as_deref().is_none_or(|p| p == "default"),
+                    "{annotation:?} gave {u:?}"
+                );
+                let c = u.to_catalog("default", "dc1").expect("a routable upstream");
+                assert_eq!(c.datacenter, "dc1", "{annotation:?} gave {u:?}");
+            }
             let _ = u.to_catalog("default", "dc1");
         }
     }

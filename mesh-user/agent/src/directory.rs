@@ -38,7 +38,7 @@ fn destination(s: &Service, port: u16, trust_domain: &str) -> Option<Destination
 
 impl MeshDirectory {
     /// Rebuilds the view from `catalog`: every service's VIP and endpoint addresses, and each
-    /// workload's explicit upstreams (which reach the service's first port). Destinations name
+    /// workload's explicit upstreams (which reach [`Service::upstream_port`]). Destinations name
     /// the app (target) port and SPIFFE IDs in `trust_domain`; services whose name makes no
     /// valid SPIFFE ID are left out.
     pub fn update(&self, catalog: &Catalog, trust_domain: &str) {
@@ -64,14 +64,14 @@ impl MeshDirectory {
                 let Some(s) = catalog.service(&u.service_ref()) else {
                     continue;
                 };
-                // An explicit upstream reaches the service's first port, as a Consul upstream
-                // reaches the service's one port.
-                let Some(&port) = s.ports.first() else {
+                // An explicit upstream reaches the service's port as Consul registers it
+                // (consul-k8s: connect-service-port, else the first container port).
+                let Some(port) = s.upstream_port() else {
                     continue;
                 };
                 let (Ok(name), Some(d)) = (
                     ServiceName::new(u.namespace.clone(), u.service.clone()),
-                    destination(s, s.target_port(port), trust_domain),
+                    destination(s, port, trust_domain),
                 ) else {
                     continue;
                 };
@@ -93,5 +93,68 @@ impl Directory for MeshDirectory {
             .upstreams
             .get(&(pod.to_string(), upstream.clone()))
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::path::PathBuf;
+
+    use mesh_core::catalog::{Endpoint, Upstream, Workload};
+
+    use super::*;
+
+    fn catalog(service_port: Option<u16>) -> Catalog {
+        Catalog {
+            services: vec![Service {
+                name: "api".into(),
+                namespace: "default".into(),
+                datacenter: "dc1".into(),
+                vip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                // Two ports: the lowest is not the one consul-k8s registers.
+                ports: vec![8080, 9091],
+                endpoints: vec![Endpoint {
+                    ip: Ipv4Addr::new(10, 0, 0, 3),
+                    port: 20000,
+                }],
+                service_port,
+                ..Service::default()
+            }],
+            workloads: vec![Workload {
+                name: "web-0".into(),
+                namespace: "default".into(),
+                service: "web".into(),
+                datacenter: "dc1".into(),
+                netns: PathBuf::from("/run/netns/web"),
+                cgroup: PathBuf::from("/sys/fs/cgroup/web"),
+                ip: Ipv4Addr::new(10, 0, 0, 2),
+                app_ports: vec![9090],
+                exclude_inbound_ports: vec![],
+                upstreams: vec![Upstream {
+                    service: "api".into(),
+                    namespace: "default".into(),
+                    datacenter: "dc1".into(),
+                    bind_port: 1234,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn an_explicit_upstream_reaches_the_services_registered_port() {
+        let name = ServiceName::new("default", "api").unwrap();
+        let d = MeshDirectory::default();
+        d.update(&catalog(Some(9091)), "example.consul");
+        let dest = d
+            .by_upstream("default.web-0", &name)
+            .expect("upstream known");
+        assert_eq!(dest.port, 9091);
+        // Without a registered port, the first of the service's ports.
+        d.update(&catalog(None), "example.consul");
+        let dest = d
+            .by_upstream("default.web-0", &name)
+            .expect("upstream known");
+        assert_eq!(dest.port, 8080);
     }
 }

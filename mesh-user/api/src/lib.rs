@@ -258,7 +258,9 @@ impl Error {
         match self {
             Error::BadRequest { .. } => 400,
             Error::Intention(e) => match e {
-                IntentionError::Invalid { .. } | IntentionError::Malformed { .. } => 400,
+                IntentionError::Invalid { .. }
+                | IntentionError::Malformed { .. }
+                | IntentionError::ReadOnly { .. } => 400,
                 IntentionError::Duplicate { .. } => 409,
                 IntentionError::NotFound { .. } => 404,
                 _ => 500,

@@ -21,7 +21,9 @@ use super::acl::{rfc3339, Secret};
 use super::server::BOOTSTRAP_TOKEN_FILE;
 use super::{Error, Policy, SharedSink, Token, TokenRequest};
 use mesh_core::durable;
-use mesh_core::intentions::{Action, EntryIndexes, Intention, RuleSet, ServiceName};
+use mesh_core::intentions::{
+    Action, EntryIndexes, Intention, RuleSet, ServiceIntentionsEntry, ServiceName, SyncOutcome,
+};
 
 /// The state file in the state directory.
 pub const STATE_FILE: &str = "api-state.json";
@@ -286,6 +288,20 @@ impl Store {
             self.sink.rules_changed(&next.rules);
         }
         Ok(out)
+    }
+}
+
+impl Store {
+    /// Makes the Kubernetes-managed intentions exactly `entries` (see
+    /// `RuleSet::sync_kubernetes_entries`), durably. Blocks on the disk.
+    ///
+    /// # Errors
+    /// As [`Store::update`].
+    pub fn sync_kubernetes_entries(
+        &self,
+        entries: &[ServiceIntentionsEntry],
+    ) -> Result<Vec<(ServiceName, SyncOutcome)>, Error> {
+        self.update(|s| Ok(s.rules_mut().sync_kubernetes_entries(entries)))
     }
 }
 

@@ -105,7 +105,9 @@ fn target_ports(s: &k8s::Service, ports: &[u16], w: &Workload) -> BTreeMap<u16, 
 }
 
 /// The app ports of a workload: its containers' TCP ports, or, when they declare none, the
-/// target ports of the Service it is an instance of. The proxy's own ports are never app ports.
+/// target ports of the Service it is an instance of, and its Consul service port
+/// (`consul.hashicorp.com/connect-service-port`: the app listens there, explicit upstreams
+/// reach it). The proxy's own ports are never app ports.
 pub fn app_ports(desired: &DesiredState, w: &Workload) -> Vec<u16> {
     let mut ports = w.tcp_ports();
     if ports.is_empty() {
@@ -116,6 +118,12 @@ pub fn app_ports(desired: &DesiredState, w: &Workload) -> Vec<u16> {
                 .collect();
             ports.sort_unstable();
             ports.dedup();
+        }
+    }
+    if let Some(p) = w.mesh.as_ref().and_then(|m| m.service_port) {
+        if !ports.contains(&p) {
+            ports.push(p);
+            ports.sort_unstable();
         }
     }
     let reserved = [mesh_common::OUTBOUND_PORT, mesh_common::INBOUND_PORT];
@@ -157,8 +165,13 @@ pub fn catalog(
                     .map(|s| target_ports(s, &ports, w))
                     .unwrap_or_default(),
                 ports,
-                protocol: catalog::Protocol::Tcp,
+                protocol: desired
+                    .protocol(&w.namespace, &mesh.service)
+                    .unwrap_or_default(),
                 endpoints: Vec::new(),
+                service_port: mesh.service_port.filter(|p| app_ports.contains(p)),
+                tags: mesh.tags.clone(),
+                meta: mesh.meta.clone(),
             }
         });
         entry.endpoints.push(Endpoint {

@@ -396,6 +396,45 @@ fn the_catalog_has_meshed_pods_their_services_and_upstreams() {
 }
 
 #[test]
+fn tags_meta_service_port_and_service_defaults_protocol_land_in_the_catalog() {
+    let annotated = API.replace(
+        "        consul.hashicorp.com/connect-inject: 'true'\n",
+        "        consul.hashicorp.com/connect-inject: 'true'\n        consul.hashicorp.com/service-tags: 'v1,blue'\n        consul.hashicorp.com/service-meta-owner: 'team-a'\n",
+    );
+    assert_ne!(annotated, API);
+    let defaults = "apiVersion: consul.hashicorp.com/v1alpha1\nkind: ServiceDefaults\nmetadata:\n  name: api-v1\nspec:\n  protocol: http\n";
+    let change = Applied::in_memory()
+        .apply(
+            &[src("api.yaml", &annotated), src("defaults.yaml", defaults)],
+            None,
+        )
+        .unwrap();
+    let desired = change.desired;
+    let mut vips = BTreeMap::new();
+    vips.insert(
+        ("default".into(), "api-v1".into()),
+        Ipv4Addr::new(10, 96, 0, 10),
+    );
+    let catalog = plan::catalog(&desired, &places(&desired), &vips);
+    catalog.validate().unwrap();
+    let api = &catalog.services[0];
+    assert_eq!(api.tags, ["v1", "blue"]);
+    assert_eq!(api.meta["owner"], "team-a");
+    assert_eq!(api.service_port, Some(9091));
+    assert_eq!(api.protocol, mesh_core::catalog::Protocol::Http);
+
+    // Without the ServiceDefaults, the protocol is TCP again.
+    let change = Applied::in_memory()
+        .apply(&[src("api.yaml", &annotated)], None)
+        .unwrap();
+    let catalog = plan::catalog(&change.desired, &places(&change.desired), &vips);
+    assert_eq!(
+        catalog.services[0].protocol,
+        mesh_core::catalog::Protocol::Tcp
+    );
+}
+
+#[test]
 fn a_service_port_maps_to_its_target_port_in_the_catalog() {
     // `port: 80` reaching the container port named `http` (9091).
     let api = API

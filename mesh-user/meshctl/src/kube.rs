@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use clap::{Args, Subcommand};
 use mesh_api::local::view::{
-    self, ApplyReply, ForwardTarget, List, PodView, ProxyView, ServiceView,
+    self, ApplyReply, ConsulResourceView, ForwardTarget, List, PodView, ProxyView, ServiceView,
 };
 use mesh_api::local::ManifestRequest;
 use mesh_core::k8s::applied::{Outcome, Source};
@@ -40,7 +40,7 @@ pub enum Output {
 
 #[derive(Args)]
 pub struct GetArgs {
-    /// pods (po) or services (svc)
+    /// pods (po), services (svc), serviceintentions or servicedefaults
     #[arg(value_name = "RESOURCE")]
     resource: String,
     /// Only this object
@@ -186,7 +186,7 @@ fn no_resources(ctx: &Ctx, all: bool) {
     }
 }
 
-/// `meshctl get pods|services`.
+/// `meshctl get pods|services|serviceintentions|servicedefaults`.
 pub async fn get(ctx: &Ctx, args: GetArgs) -> ExitCode {
     let all = args.all_namespaces;
     let query: Vec<(&str, &str)> = if all {
@@ -199,14 +199,17 @@ pub async fn get(ctx: &Ctx, args: GetArgs) -> ExitCode {
     let url = |path: &str| ctx.url_plain(path, &query);
     match args.resource.as_str() {
         "pods" | "pod" | "po" => {
-            let mut list: List<PodView> = match ctx.call_json("GET", &url("/v1/local/pods"), None).await {
-                Ok(l) => l,
-                Err(e) => return fail(format!("error: {e}")),
-            };
+            let mut list: List<PodView> =
+                match ctx.call_json("GET", &url("/v1/local/pods"), None).await {
+                    Ok(l) => l,
+                    Err(e) => return fail(format!("error: {e}")),
+                };
             if let Some(name) = &args.name {
                 list.items.retain(|p| &p.metadata.name == name);
                 if list.items.is_empty() {
-                    return fail(format!("Error from server (NotFound): pods \"{name}\" not found"));
+                    return fail(format!(
+                        "Error from server (NotFound): pods \"{name}\" not found"
+                    ));
                 }
             }
             match args.output {
@@ -245,13 +248,88 @@ pub async fn get(ctx: &Ctx, args: GetArgs) -> ExitCode {
                 _ => print!("{}", view::services_table(&list.items, now, wide, all)),
             }
         }
+        r @ ("serviceintentions" | "serviceintention" | "service-intentions"
+        | "servicedefaults" | "servicedefault" | "service-defaults") => {
+            let (kind, plural) = if r.contains("intention") {
+                ("ServiceIntentions", "serviceintentions")
+            } else {
+                ("ServiceDefaults", "servicedefaults")
+            };
+            let mut list: List<ConsulResourceView> = match ctx
+                .call_json("GET", &url("/v1/local/consul-resources"), None)
+                .await
+            {
+                Ok(l) => l,
+                Err(e) => return fail(format!("error: {e}")),
+            };
+            list.items.retain(|o| o.kind == kind);
+            if let Some(name) = &args.name {
+                list.items.retain(|o| &o.metadata.name == name);
+                if list.items.is_empty() {
+                    return fail(format!(
+                        "Error from server (NotFound): {plural}.consul.hashicorp.com \"{name}\" not found"
+                    ));
+                }
+            }
+            match args.output {
+                Some(Output::Json) => print_json(&list),
+                Some(Output::Name) => {
+                    for o in &list.items {
+                        out(format!("{plural}.consul.hashicorp.com/{}", o.metadata.name));
+                    }
+                }
+                _ if list.items.is_empty() => no_resources(ctx, all),
+                _ => print!("{}", consul_resources_table(&list.items, now, wide, all)),
+            }
+        }
         other => {
             return fail(format!(
-                "error: the server doesn't have a resource type \"{other}\" (pods and services are served)"
+                "error: the server doesn't have a resource type \"{other}\" (pods, services, \
+                 serviceintentions and servicedefaults are served)"
             ))
         }
     }
     ExitCode::SUCCESS
+}
+
+/// consul-k8s's printer columns `NAME SYNCED AGE` (its LAST SYNCED is left out; `-A`: `NAMESPACE` first;
+/// `-o wide`: the reason when not synced).
+fn consul_resources_table(
+    items: &[ConsulResourceView],
+    now: SystemTime,
+    wide: bool,
+    all: bool,
+) -> String {
+    let mut header: Vec<String> = Vec::new();
+    if all {
+        header.push("NAMESPACE".into());
+    }
+    header.extend(["NAME", "SYNCED", "AGE"].map(String::from));
+    if wide {
+        header.push("REASON".into());
+    }
+    let mut rows = vec![header];
+    for o in items {
+        let mut row = Vec::new();
+        if all {
+            row.push(o.metadata.namespace.clone().unwrap_or_default());
+        }
+        row.push(o.metadata.name.clone());
+        row.push(o.synced().to_string());
+        row.push(view::age(&o.metadata.creation_timestamp, now));
+        if wide {
+            let reason = o
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.kind == "Synced" && !c.reason.is_empty())
+                .map(|c| format!("{}: {}", c.reason, c.message))
+                .unwrap_or_default();
+            row.push(reason);
+        }
+        rows.push(row);
+    }
+    view::table(&rows)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {

@@ -614,6 +614,16 @@ async fn local(
         for e in errors {
             error!(error = %e, "a stored pod could not be created");
         }
+        // The intentions of the stored ServiceIntentions objects, in case a stop came between
+        // an apply and its sync (the change reaches the agent through `changes`).
+        for (dst, outcome) in server
+            .store()
+            .sync_kubernetes_entries(&runner.intention_entries())?
+        {
+            if let mesh_core::intentions::SyncOutcome::Failed { reason, message } = outcome {
+                error!(destination = %dst, %reason, %message, "ServiceIntentions not synced");
+            }
+        }
         let cfg = AgentConfig {
             instance: node_name.clone(),
             state_dir: state_dir.clone(),

@@ -433,6 +433,7 @@ fn service(name: &str, vip: Option<Ipv4Addr>, endpoints: Vec<Endpoint>) -> Servi
         protocol: Protocol::Tcp,
         target_ports: Default::default(),
         endpoints,
+        ..Default::default()
     }
 }
 

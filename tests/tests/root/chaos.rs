@@ -95,6 +95,7 @@ fn setup() -> Result<Setup> {
         protocol: Protocol::Tcp,
         target_ports: Default::default(),
         endpoints,
+        ..Default::default()
     };
     let catalog = Catalog {
         services: vec![

@@ -1484,3 +1484,103 @@ fn consuls_ui_api_shows_the_tutorial() -> Result<()> {
     ensure!(status == 200 && v[0]["Allow"] == true, "{status} {v}");
     mesh.stop()
 }
+
+const API_V1_INTENTIONS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: api-v1
+spec:
+  destination:
+    name: api-v1
+  sources:
+    - name: web
+      action: allow
+";
+
+/// consul-k8s's ServiceIntentions through `meshctl apply -f`: the allow takes effect, `meshctl
+/// get serviceintentions` says it is synced, the CLI cannot change its intentions, and
+/// deleting the object takes the allow away again. An upstream to a peer is refused at apply.
+#[test]
+fn service_intentions_objects_allow_are_read_only_and_deleting_them_denies_again() -> Result<()> {
+    let mut mesh = LocalMesh::start("ebpf")?;
+    mesh.meshctl(&["intention", "create", "-deny", "*", "*"])?;
+    let dir = tempfile::tempdir()?;
+    let web = std::fs::read_to_string(examples().join("web.yaml"))?;
+    let peer = dir.path().join("peer.yaml");
+    std::fs::write(
+        &peer,
+        web.replace("'api-v1:9091'", "'api-v1.svc.default.ns.other.peer:9091'"),
+    )?;
+    let err = mesh.meshctl_fails(&["apply", "-f", peer.to_str().context("path")?])?;
+    ensure!(
+        err.contains("connect-service-upstreams") && err.contains("cluster peering"),
+        "a peer upstream is refused, naming the annotation and why: {err}"
+    );
+    for f in ["api-v1.yaml", "web.yaml"] {
+        mesh.meshctl(&["apply", "-f", examples().join(f).to_str().context("path")?])?;
+    }
+    mesh.wait_ready(&["default/api-v1-0", "default/web-0"])?;
+    let web = mesh.port_forward("web", 9090)?;
+    let (status, body) = get(web)?;
+    ensure!(status == 500, "denied: expected 500, got {status}: {body}");
+
+    let crd = dir.path().join("intentions.yaml");
+    std::fs::write(&crd, API_V1_INTENTIONS)?;
+    let crd = crd.to_str().context("path")?;
+    let out = mesh.meshctl(&["apply", "-f", crd])?;
+    ensure!(
+        out.contains("serviceintentions.consul.hashicorp.com/api-v1 created"),
+        "apply said {out:?}"
+    );
+    mesh.wait(
+        "a 200 from web after the CRD's allow",
+        Duration::from_secs(15),
+        |_| {
+            let (status, _) = get(web)?;
+            Ok((status == 200).then_some(()))
+        },
+    )?;
+    let listed = mesh.meshctl(&["get", "serviceintentions"])?;
+    let row: Vec<&str> = listed
+        .lines()
+        .nth(1)
+        .context("no row")?
+        .split_whitespace()
+        .collect();
+    ensure!(
+        listed.starts_with("NAME") && row[..2] == ["api-v1", "True"],
+        "get serviceintentions said {listed:?}"
+    );
+
+    // Read-only through the CLI: the allow stays.
+    let err = mesh.meshctl_fails(&["intention", "create", "-replace", "-deny", "web", "api-v1"])?;
+    ensure!(
+        err.contains("managed by a Kubernetes ServiceIntentions"),
+        "a CLI write to a CRD's intention: {err}"
+    );
+    let err = mesh.meshctl_fails(&["intention", "delete", "web", "api-v1"])?;
+    ensure!(
+        err.contains("managed by a Kubernetes ServiceIntentions"),
+        "a CLI delete of a CRD's intention: {err}"
+    );
+    let (status, body) = get(web)?;
+    ensure!(status == 200, "still allowed: got {status}: {body}");
+
+    // Deleting the object deletes its intentions: denied again.
+    let out = mesh.meshctl(&["delete", "-f", crd])?;
+    ensure!(
+        out.contains("serviceintentions.consul.hashicorp.com \"api-v1\" deleted"),
+        "delete said {out:?}"
+    );
+    mesh.wait(
+        "a 500 from web after the delete",
+        Duration::from_secs(15),
+        |_| {
+            let (status, _) = get(web)?;
+            Ok((status == 500).then_some(()))
+        },
+    )?;
+    let err = mesh.meshctl_fails(&["intention", "get", "web", "api-v1"])?;
+    ensure!(!err.is_empty(), "the CRD's intention is gone");
+    mesh.stop()
+}

@@ -52,6 +52,7 @@ fn mesh(redirect: Redirect, len: u64) -> Result<Mesh> {
                 protocol: Protocol::Tcp,
                 target_ports: Default::default(),
                 endpoints: vec![],
+                ..Default::default()
             },
             Service {
                 name: "api".into(),
@@ -65,6 +66,7 @@ fn mesh(redirect: Redirect, len: u64) -> Result<Mesh> {
                     ip: api.ip,
                     port: mesh_common::INBOUND_PORT,
                 }],
+                ..Default::default()
             },
         ],
         workloads: vec![
@@ -407,6 +409,7 @@ fn every_port_of_a_meshed_pod_v4_and_v6_goes_to_the_proxy_unless_excluded() -> R
                 ip: api.ip,
                 port: mesh_common::INBOUND_PORT,
             }],
+            ..Default::default()
         }],
         workloads: vec![w],
     };

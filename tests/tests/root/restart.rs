@@ -102,6 +102,7 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
                     ip: api.ip,
                     port: mesh_common::INBOUND_PORT,
                 }],
+                ..Default::default()
             },
             Service {
                 name: "web".into(),
@@ -112,6 +113,7 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
                 protocol: Protocol::Tcp,
                 target_ports: Default::default(),
                 endpoints: vec![],
+                ..Default::default()
             },
         ],
         workloads: vec![
@@ -216,6 +218,7 @@ fn a_connection_that_reached_the_app_while_no_agent_ran_is_closed_when_it_starts
                 ip: api.ip,
                 port: mesh_common::INBOUND_PORT,
             }],
+            ..Default::default()
         }],
         workloads: vec![workload(&api, "api", vec![9000], vec![])],
     };

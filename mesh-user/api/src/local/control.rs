@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::view::{ApplyReply, ForwardTarget, List, PodView, ProxyView, ServiceView};
+use super::view::{
+    ApplyReply, ConsulResourceView, ForwardTarget, List, PodView, ProxyView, ServiceView,
+};
 use mesh_core::k8s::applied::Source;
 
 /// Why a request failed: an HTTP status and a message for the user, verbatim.
@@ -66,6 +68,8 @@ pub enum Request {
     Pods(Reply<List<PodView>>),
     /// Every Service (the API filters by namespace).
     Services(Reply<List<ServiceView>>),
+    /// Every `ServiceIntentions` and `ServiceDefaults` object (status not filled in).
+    ConsulResources(Reply<List<ConsulResourceView>>),
     /// `namespace`, pod name.
     Proxy(String, String, Reply<ProxyView>),
     /// `namespace`, `pod/<name>` or `service/<name>`, port.
@@ -126,6 +130,14 @@ impl Handle {
     /// A 500 [`ControlError`] when the runner has stopped.
     pub async fn services(&self) -> Result<List<ServiceView>, ControlError> {
         self.ask(Request::Services).await
+    }
+
+    /// Every consul-k8s custom resource applied, kubectl-shaped, status not filled in.
+    ///
+    /// # Errors
+    /// A 500 [`ControlError`] when the runner has stopped.
+    pub async fn consul_resources(&self) -> Result<List<ConsulResourceView>, ControlError> {
+        self.ask(Request::ConsulResources).await
     }
 
     /// The proxy of pod `namespace/pod`: identity, listeners, upstreams, intentions.

@@ -166,6 +166,9 @@ async fn delete_config(
     caller.need(Need::WriteIntention(&dst))?;
     let dst2 = dst.clone();
     let deleted = write(&st.store, move |s| {
+        s.rules
+            .check_writable(&dst2, &Default::default())
+            .map_err(Error::Intention)?;
         if let Some(cas) = cas {
             if s.rules.entry(&dst2).map(|e| e.modify_index) != Some(cas) {
                 return Ok(false);

@@ -12,8 +12,10 @@ use serde_json::json;
 use super::blocking::block;
 use super::{filtered, indexed, text_body, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
+use crate::local::view::{ApplyReply, ConditionView, ConsulStatusView};
 use crate::local::{Handle, ManifestRequest};
 use crate::Error;
+use mesh_core::intentions::{ServiceIntentionsEntry, SyncOutcome};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -21,6 +23,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/local/delete", put(delete))
         .route("/v1/local/pods", get(pods))
         .route("/v1/local/services", get(services))
+        .route("/v1/local/consul-resources", get(consul_resources))
         .route("/v1/local/pods/{ns}/{name}/proxy", get(proxy))
         .route("/v1/local/forward", get(forward))
 }
@@ -41,13 +44,92 @@ fn manifests(body: &Bytes) -> Result<ManifestRequest, Error> {
 async fn apply(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> ApiResult {
     caller.need(Need::WriteWorkloads)?;
     let req = manifests(&body)?;
-    Ok(Json(runner(&st)?.apply(req).await?).into_response())
+    let reply = runner(&st)?.apply(req).await?;
+    Ok(Json(sync_intentions(&st, reply).await?).into_response())
+}
+
+/// Brings the Kubernetes-managed intentions in step with the applied `ServiceIntentions`
+/// objects (see `RuleSet::sync_kubernetes_entries`); an entry that could not be written is
+/// a warning of the reply (and its object's `Synced` condition says why).
+async fn sync_intentions(st: &AppState, mut reply: ApplyReply) -> Result<ApplyReply, Error> {
+    let Some(entries) = reply.intentions.take() else {
+        return Ok(reply);
+    };
+    let store = st.store.clone();
+    let outcomes = tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    for (dst, outcome) in outcomes {
+        if let SyncOutcome::Failed { reason, message } = outcome {
+            reply.warnings.push(format!(
+                "ServiceIntentions for {dst}: not synced ({reason}): {message}"
+            ));
+        }
+    }
+    Ok(reply)
+}
+
+/// The `Synced` condition of an object making `entry`, against the intentions held now.
+fn synced(rules: &mesh_core::intentions::RuleSet, entry: &ServiceIntentionsEntry) -> ConditionView {
+    let (status, reason, message) = if rules.holds(entry) {
+        ("True", String::new(), String::new())
+    } else if rules.entry(&entry.destination).is_some()
+        && !rules.managed_by_kubernetes(&entry.destination)
+    {
+        (
+            "False",
+            "ExternallyManagedConfigError".to_string(),
+            "config entry already exists in Consul".to_string(),
+        )
+    } else {
+        (
+            "False",
+            "ConsulAgentError".to_string(),
+            "the intentions held differ from the object (apply it again)".to_string(),
+        )
+    };
+    ConditionView {
+        kind: "Synced".into(),
+        status: status.into(),
+        reason,
+        message,
+    }
+}
+
+async fn consul_resources(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    params: Params,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    let ns = namespace_filter(&params)?;
+    let mut list = runner(&st)?.consul_resources().await?;
+    list.items
+        .retain(|s| ns.is_none() || s.metadata.namespace == ns);
+    let state = st.store.state();
+    for item in &mut list.items {
+        let condition = match &item.entry {
+            Some(entry) => synced(state.rules(), entry),
+            // ServiceDefaults take effect in the catalog as they are applied.
+            None => ConditionView {
+                kind: "Synced".into(),
+                status: "True".into(),
+                reason: String::new(),
+                message: String::new(),
+            },
+        };
+        item.status = ConsulStatusView {
+            conditions: vec![condition],
+        };
+    }
+    Ok(Json(list).into_response())
 }
 
 async fn delete(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> ApiResult {
     caller.need(Need::WriteWorkloads)?;
     let req = manifests(&body)?;
-    Ok(Json(runner(&st)?.delete(req).await?).into_response())
+    let reply = runner(&st)?.delete(req).await?;
+    Ok(Json(sync_intentions(&st, reply).await?).into_response())
 }
 
 /// `?namespace=`: only that namespace; absent or empty: every namespace.

@@ -25,6 +25,7 @@ fn fake_runner() -> crate::local::Handle {
                             applied = c.next;
                             crate::local::view::ApplyReply {
                                 results,
+                                intentions: Some(c.desired.intention_entries()),
                                 ..Default::default()
                             }
                         });
@@ -39,6 +40,7 @@ fn fake_runner() -> crate::local::Handle {
                             applied = c.next;
                             crate::local::view::ApplyReply {
                                 results,
+                                intentions: Some(c.desired.intention_entries()),
                                 ..Default::default()
                             }
                         });
@@ -69,6 +71,27 @@ fn fake_runner() -> crate::local::Handle {
                 }
                 Request::Services(reply) => {
                     let _ = reply.send(Ok(List::new(Vec::new())));
+                }
+                Request::ConsulResources(reply) => {
+                    let items = applied
+                        .desired()
+                        .map(|d| d.service_intentions)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|si| crate::local::view::ConsulResourceView {
+                            api_version: "consul.hashicorp.com/v1alpha1".into(),
+                            kind: "ServiceIntentions".into(),
+                            metadata: crate::local::view::Metadata {
+                                name: si.name,
+                                namespace: Some(si.namespace),
+                                ..Default::default()
+                            },
+                            spec: serde_json::Value::Null,
+                            status: Default::default(),
+                            entry: Some(si.entry),
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(List::new(items)));
                 }
                 Request::Proxy(ns, name, reply) => {
                     let _ = reply.send(Err(ControlError::not_found(format!(
@@ -252,4 +275,178 @@ async fn local_routes_say_when_no_runner_serves_them() {
     let (status, v) = h.call(Some(&h.root), "GET", "/v1/local/pods", None).await;
     assert_eq!(status, 404);
     assert!(v["Error"].as_str().unwrap().contains("meshd local"), "{v}");
+}
+
+const INTENTIONS_YAML: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: api-v1
+spec:
+  destination:
+    name: api-v1
+  sources:
+    - name: web
+      action: allow
+    - name: '*'
+      action: deny
+";
+
+/// consul-k8s's ServiceIntentions through `meshctl apply -f`: its intentions join the rule set
+/// marked `external-source: kubernetes`, are read-only through the API, show as Synced, and
+/// go when the object is deleted; an object whose destination already has intentions made
+/// through the API is applied but not synced, with consul-k8s's reason.
+#[tokio::test]
+async fn service_intentions_objects_make_read_only_intentions_that_deleting_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Hooks {
+        local: Some(fake_runner()),
+        ..Hooks::default()
+    };
+    let server = Server::start(config(dir.path(), Action::Deny), hooks)
+        .await
+        .unwrap();
+    let root = server.bootstrap_token().unwrap().to_owned();
+    let h = Harness {
+        dir,
+        server,
+        root,
+        sink: Arc::new(MemorySink::default()),
+        counters: Arc::new(MemoryCounters::default()),
+        status: Arc::new(PublishedStatus::default()),
+        catalog: Arc::new(PublishedCatalog::default()),
+    };
+    let v = h
+        .ok(
+            "PUT",
+            "/v1/local/apply",
+            Some(manifests(INTENTIONS_YAML, None)),
+        )
+        .await;
+    assert_eq!(v["results"][0]["kind"], "ServiceIntentions");
+    assert_eq!(v["results"][0]["outcome"], "created");
+
+    let v = h
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=web&destination=api-v1",
+            None,
+        )
+        .await;
+    assert_eq!(v["Allowed"], true, "{v}");
+    let v = h
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=other&destination=api-v1",
+            None,
+        )
+        .await;
+    assert_eq!(v["Allowed"], false, "{v}");
+    let v = h
+        .ok("GET", "/v1/config/service-intentions/api-v1", None)
+        .await;
+    assert_eq!(v["Meta"]["external-source"], "kubernetes", "{v}");
+    assert_eq!(v["Sources"].as_array().unwrap().len(), 2, "{v}");
+
+    // Read-only through every write path.
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/v1/connect/intentions/exact?source=web&destination=api-v1",
+            Some(json!({"Action": "deny"})),
+        ),
+        (
+            "POST",
+            "/v1/connect/intentions",
+            Some(json!({"SourceName": "db", "DestinationName": "api-v1", "Action": "allow"})),
+        ),
+        (
+            "DELETE",
+            "/v1/connect/intentions/exact?source=web&destination=api-v1",
+            None,
+        ),
+        ("DELETE", "/v1/config/service-intentions/api-v1", None),
+        (
+            "PUT",
+            "/v1/config",
+            Some(json!({"Kind": "service-intentions", "Name": "api-v1",
+                        "Sources": [{"Name": "web", "Action": "deny"}]})),
+        ),
+    ] {
+        let (status, v) = h.call(Some(&h.root), method, path, body).await;
+        assert_eq!(status, 400, "{method} {path}: {v}");
+        assert!(
+            v["Error"]
+                .as_str()
+                .unwrap()
+                .contains("managed by a Kubernetes ServiceIntentions"),
+            "{method} {path}: {v}"
+        );
+    }
+    let v = h
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=web&destination=api-v1",
+            None,
+        )
+        .await;
+    assert_eq!(v["Allowed"], true, "{v}");
+
+    let v = h.ok("GET", "/v1/local/consul-resources", None).await;
+    assert_eq!(v["items"][0]["metadata"]["name"], "api-v1", "{v}");
+    assert_eq!(v["items"][0]["status"]["conditions"][0]["type"], "Synced");
+    assert_eq!(
+        v["items"][0]["status"]["conditions"][0]["status"], "True",
+        "{v}"
+    );
+
+    // Deleting the object deletes its intentions.
+    let v = h
+        .ok(
+            "PUT",
+            "/v1/local/delete",
+            Some(manifests(INTENTIONS_YAML, None)),
+        )
+        .await;
+    assert_eq!(v["results"][0]["outcome"], "deleted");
+    let (status, _) = h
+        .call(
+            Some(&h.root),
+            "GET",
+            "/v1/config/service-intentions/api-v1",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // An API-made intention to the destination: the object applies, but is not synced.
+    h.ok(
+        "PUT",
+        "/v1/connect/intentions/exact?source=db&destination=api-v1",
+        Some(json!({"Action": "allow"})),
+    )
+    .await;
+    let v = h
+        .ok(
+            "PUT",
+            "/v1/local/apply",
+            Some(manifests(INTENTIONS_YAML, None)),
+        )
+        .await;
+    let warnings = v["warnings"].to_string();
+    assert!(warnings.contains("ExternallyManagedConfigError"), "{v}");
+    let v = h.ok("GET", "/v1/local/consul-resources", None).await;
+    let cond = &v["items"][0]["status"]["conditions"][0];
+    assert_eq!(cond["status"], "False", "{v}");
+    assert_eq!(cond["reason"], "ExternallyManagedConfigError", "{v}");
+    let v = h
+        .ok(
+            "GET",
+            "/v1/connect/intentions/check?source=web&destination=api-v1",
+            None,
+        )
+        .await;
+    assert_eq!(
+        v["Allowed"], false,
+        "the API's intentions stay as they were: {v}"
+    );
 }

@@ -37,6 +37,7 @@ fn service(name: &str, ns: &str, protocol: Protocol) -> Service {
         target_ports: BTreeMap::new(),
         protocol,
         endpoints: Vec::new(),
+        ..Service::default()
     }
 }
 

@@ -39,6 +39,7 @@ fn api() -> Service {
             ip: Ipv4Addr::new(10, 0, 0, 3),
             port: 20000,
         }],
+        ..Default::default()
     }
 }
 

@@ -98,7 +98,7 @@ impl Endpoint {
 }
 
 /// A mesh service: its name, its addresses (virtual IP and ports) and its instances.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     /// The service's name (1–63 lowercase letters, digits or `-`).
@@ -125,6 +125,17 @@ pub struct Service {
     /// The service's instances (pods), in no particular order.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Consul's service port: the app port on the service's pods that explicit upstreams
+    /// reach (consul-k8s: `consul.hashicorp.com/connect-service-port`, else the pod's first
+    /// container port). When absent, they reach the target of the first of `ports`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_port: Option<u16>,
+    /// The service's tags (`consul.hashicorp.com/service-tags`), as Consul's catalog lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The service's `Meta` (`consul.hashicorp.com/service-meta-<key>`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
 }
 
 impl Service {
@@ -136,6 +147,13 @@ impl Service {
     /// The app port on the service's pods that `port` (one of [`Service::ports`]) reaches.
     pub fn target_port(&self, port: u16) -> u16 {
         self.target_ports.get(&port).copied().unwrap_or(port)
+    }
+
+    /// The app port explicit upstreams reach: [`Service::service_port`], else the target of
+    /// the first of [`Service::ports`]; `None` when the service has neither.
+    pub fn upstream_port(&self) -> Option<u16> {
+        self.service_port
+            .or_else(|| self.ports.first().map(|&p| self.target_port(p)))
     }
 
     /// The app ports of the service's pods: the target of every port.

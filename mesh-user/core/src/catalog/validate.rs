@@ -60,6 +60,12 @@ impl Catalog {
                     "a virtual IP needs at least one port",
                 ));
             }
+            if s.service_port == Some(0) {
+                return Err(invalid(
+                    format!("service {}: service_port", s.name),
+                    "port 0",
+                ));
+            }
             if s.ports.contains(&0) {
                 return Err(invalid(format!("service {}: ports", s.name), "port 0"));
             }

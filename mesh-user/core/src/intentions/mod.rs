@@ -66,7 +66,10 @@ pub use compile::{
 pub use entry::{ServiceIntentionsEntry, SourceIntention, SERVICE_INTENTIONS_KIND};
 pub use intention::{precedence, Action, Intention, IntentionSpec};
 pub use name::{ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
-pub use ruleset::{Decision, EntryIndexes, MatchType, Matched, RuleSet};
+pub use ruleset::{
+    Decision, EntryIndexes, MatchType, Matched, RuleSet, SyncOutcome, EXTERNAL_SOURCE_KUBERNETES,
+    META_EXTERNAL_SOURCE,
+};
 
 /// The input format a document was read from, for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +129,13 @@ pub enum Error {
         op: &'static str,
         /// The ID that was asked for.
         id: String,
+    },
+    /// The intentions are managed by a Kubernetes `ServiceIntentions` object and read-only
+    /// through the API and CLI (see [`RuleSet::check_writable`]).
+    #[error("{message}")]
+    ReadOnly {
+        /// What is read-only and what to do instead.
+        message: String,
     },
     /// A `u32` id space (interned strings or counter indexes) is used up.
     #[error("{what} exhausted: more than {} values", u32::MAX - 1)]

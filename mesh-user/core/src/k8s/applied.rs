@@ -76,6 +76,8 @@ impl ObjectKey {
     pub fn resource(&self) -> String {
         match self.kind.as_str() {
             "Deployment" => "deployment.apps".into(),
+            "ServiceIntentions" => "serviceintentions.consul.hashicorp.com".into(),
+            "ServiceDefaults" => "servicedefaults.consul.hashicorp.com".into(),
             k => k.to_ascii_lowercase(),
         }
     }
@@ -134,10 +136,16 @@ impl ObjectResult {
             Outcome::NotFound => {
                 let r = self.key.resource();
                 let (kind, group) = r.split_once('.').unwrap_or((&r, ""));
-                let plural = if group.is_empty() {
-                    format!("{kind}s")
+                // consul-k8s's resources are plural already (`serviceintentions`).
+                let plural_kind = if kind.ends_with('s') {
+                    kind.to_string()
                 } else {
-                    format!("{kind}s.{group}")
+                    format!("{kind}s")
+                };
+                let plural = if group.is_empty() {
+                    plural_kind
+                } else {
+                    format!("{plural_kind}.{group}")
                 };
                 format!(
                     "Error from server (NotFound): {plural} \"{}\" not found",
@@ -385,6 +393,11 @@ impl Applied {
     /// The applied objects' keys, sorted by kind, namespace, name.
     pub fn keys(&self) -> impl Iterator<Item = &ObjectKey> {
         self.objects.keys()
+    }
+
+    /// The object's document, as stored (normalized YAML).
+    pub fn document(&self, key: &ObjectKey) -> Option<&str> {
+        self.objects.get(key).map(|s| s.yaml.as_str())
     }
 
     /// When the object was first applied (seconds since the epoch).

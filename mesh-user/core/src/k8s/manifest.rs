@@ -49,6 +49,7 @@ fn modelled_api_version(kind: &str) -> Option<&'static str> {
     match kind {
         "Namespace" | "ServiceAccount" | "Service" | "Pod" => Some("v1"),
         "Deployment" => Some("apps/v1"),
+        "ServiceIntentions" | "ServiceDefaults" => Some(super::crd::CONSUL_API_VERSION),
         _ => None,
     }
 }
@@ -248,6 +249,16 @@ impl Manifest {
             "Pod" => {
                 let raw = typed(&ctx, value)?;
                 Object::Pod(objects::pod(&mut ctx, &name, ns, raw)?)
+            }
+            "ServiceIntentions" => Object::ServiceIntentions(super::crd::service_intentions(
+                &ctx,
+                &name,
+                ns,
+                typed(&ctx, value)?,
+            )?),
+            "ServiceDefaults" => {
+                let raw = typed(&ctx, value)?;
+                Object::ServiceDefaults(super::crd::service_defaults(&mut ctx, &name, ns, raw)?)
             }
             _ => return Err(doc_err(format!("{kind}: not modelled"))),
         };

@@ -5,8 +5,9 @@
 //!
 //! [`Manifest::parse`] reads multi-document YAML (`---` separators, empty documents and
 //! `kind: List` allowed) and keeps the kinds that matter locally: `Namespace`, `ServiceAccount`,
-//! `Service`, `Pod` (all `v1`) and `Deployment` (`apps/v1`). Other kinds (ConfigMaps, Consul CRDs
-//! such as `ServiceIntentions`, …) are listed in [`Manifest::ignored`] with a warning. Unknown
+//! `Service`, `Pod` (all `v1`), `Deployment` (`apps/v1`) and consul-k8s's `ServiceIntentions` and
+//! `ServiceDefaults` (`consul.hashicorp.com/v1alpha1`, see [`crd`]). Other kinds (ConfigMaps,
+//! other Consul CRDs, …) are listed in [`Manifest::ignored`] with a warning. Unknown
 //! fields inside the modelled kinds are ignored, as real manifests carry many; a wrong type or a
 //! missing required field is an error naming the object and the field:
 //! `Deployment default/web: spec.replicas: invalid type: string "three", expected i64`.
@@ -26,7 +27,20 @@
 //! `consul.hashicorp.com/connect-inject` is true (Go `strconv.ParseBool` syntax; anything else is
 //! an error, as in consul-k8s's webhook; never in `kube-system`/`kube-public`). Its upstreams
 //! come from `consul.hashicorp.com/connect-service-upstreams`, parsed with consul-k8s's grammar
-//! (see [`parse_upstreams`]); one malformed entry refuses the whole manifest.
+//! (see [`parse_upstreams`]); one malformed entry refuses the whole manifest, and so does one
+//! this mesh cannot route as written ([`Upstream::check_routable`]: prepared queries, peers,
+//! other partitions and datacenters, mesh gateways, another bind address, a destination port).
+//!
+//! Also read: `connect-service-port` (the app port explicit upstreams reach; default the first
+//! container port, as consul-k8s), `kubernetes-service` (which selecting Service names the
+//! identity), `service-tags` and `service-meta-<key>` (the catalog's tags and `Meta`),
+//! `transparent-proxy` on the pod or as a Namespace label (`"false"` is refused: every meshed
+//! pod's traffic goes through the mesh), `transparent-proxy-exclude-inbound-ports`, and the
+//! `-exclude-outbound-ports`/`-cidrs`/`-uids` lists (validated, accepted with a warning: only
+//! mesh services' addresses are steered, so other destinations already go direct, and mesh
+//! services stay in the mesh since a meshed app accepts only mTLS). consul-k8s's sidecar-only
+//! annotations (`envoy-extra-args`, `sidecar-proxy-*`, `consul-envoy-proxy-concurrency`, ...)
+//! are accepted with one warning each.
 //!
 //! # Desired state
 //!
@@ -40,6 +54,7 @@
 #![forbid(unsafe_code)]
 
 pub mod applied;
+pub mod crd;
 
 mod manifest;
 mod objects;
@@ -49,6 +64,7 @@ mod upstreams;
 #[cfg(test)]
 mod tests;
 
+pub use crd::{ServiceDefaults, ServiceIntentions};
 pub use manifest::{IgnoredObject, Manifest, ParseOptions};
 pub use objects::{
     Container, ContainerPort, Deployment, EnvValue, EnvVar, LabelSelector, MeshAnnotations,
@@ -72,6 +88,29 @@ pub const ANNOTATION_TRANSPARENT_PROXY: &str = "consul.hashicorp.com/transparent
 /// inbound connections reach the app directly, not through the proxy.
 pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str =
     "consul.hashicorp.com/transparent-proxy-exclude-inbound-ports";
+/// `consul.hashicorp.com/transparent-proxy-exclude-outbound-ports`: comma-separated ports
+/// whose outbound connections go direct, not through the proxy.
+pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str =
+    "consul.hashicorp.com/transparent-proxy-exclude-outbound-ports";
+/// `consul.hashicorp.com/transparent-proxy-exclude-outbound-cidrs`: comma-separated IP
+/// addresses or CIDR blocks whose outbound connections go direct.
+pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str =
+    "consul.hashicorp.com/transparent-proxy-exclude-outbound-cidrs";
+/// `consul.hashicorp.com/transparent-proxy-exclude-uids`: comma-separated user ids whose
+/// outbound connections go direct.
+pub const ANNOTATION_EXCLUDE_UIDS: &str = "consul.hashicorp.com/transparent-proxy-exclude-uids";
+/// `consul.hashicorp.com/connect-service-port`: the app port (a number or a container port's
+/// name) the service is registered with, which explicit upstreams reach.
+pub const ANNOTATION_SERVICE_PORT: &str = "consul.hashicorp.com/connect-service-port";
+/// `consul.hashicorp.com/kubernetes-service`: which of the Services selecting the pod names
+/// its Consul service, when several do.
+pub const ANNOTATION_KUBERNETES_SERVICE: &str = "consul.hashicorp.com/kubernetes-service";
+/// `consul.hashicorp.com/service-tags`: comma-separated tags of the Consul service.
+pub const ANNOTATION_SERVICE_TAGS: &str = "consul.hashicorp.com/service-tags";
+/// `consul.hashicorp.com/service-meta-<key>`: one `Meta` key of the Consul service.
+pub const ANNOTATION_SERVICE_META_PREFIX: &str = "consul.hashicorp.com/service-meta-";
+/// Namespace label (and pod annotation) `consul.hashicorp.com/transparent-proxy`.
+pub const LABEL_TRANSPARENT_PROXY: &str = "consul.hashicorp.com/transparent-proxy";
 /// Label on a Service that consul-k8s must not register (`"true"`).
 pub const LABEL_SERVICE_IGNORE: &str = "consul.hashicorp.com/service-ignore";
 

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::crd::{ServiceDefaults, ServiceIntentions};
 use super::manifest::{IgnoredObject, Manifest};
 use super::objects::{Container, EnvValue, Object, PodTemplate, Protocol, Service, ServiceAccount};
 use super::upstreams::Upstream;
@@ -48,6 +49,13 @@ pub struct MeshWorkload {
     pub transparent_proxy: Option<bool>,
     /// `consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`.
     pub exclude_inbound_ports: Vec<u16>,
+    /// The app port the Consul service is registered with, which explicit upstreams reach:
+    /// `consul.hashicorp.com/connect-service-port`, else the first container port.
+    pub service_port: Option<u16>,
+    /// `consul.hashicorp.com/service-tags`.
+    pub tags: Vec<String>,
+    /// `consul.hashicorp.com/service-meta-<key>`.
+    pub meta: BTreeMap<String, String>,
 }
 
 /// One local pod to run.
@@ -105,6 +113,11 @@ pub struct DesiredState {
     pub services: Vec<Service>,
     /// Sorted by namespace, then name.
     pub workloads: Vec<Workload>,
+    /// The `ServiceIntentions` objects, sorted by namespace and name; no two share a
+    /// destination (consul-k8s's webhook refuses that).
+    pub service_intentions: Vec<ServiceIntentions>,
+    /// The `ServiceDefaults` objects, sorted by namespace and name.
+    pub service_defaults: Vec<ServiceDefaults>,
     /// Objects of kinds that are not modelled, from every manifest.
     pub ignored: Vec<IgnoredObject>,
     /// What was accepted but is worth telling the user, from the manifests and the build
@@ -126,6 +139,7 @@ impl DesiredState {
         let mut state = DesiredState::default();
         let mut seen: BTreeMap<(String, Option<String>, String), String> = BTreeMap::new();
         let mut declared_namespaces = BTreeSet::new();
+        let mut namespace_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut pods: Vec<(&Object, &PodTemplate)> = Vec::new();
 
         for (m, manifest) in manifests.iter().enumerate() {
@@ -151,12 +165,31 @@ impl DesiredState {
                 match object {
                     Object::Namespace(n) => {
                         declared_namespaces.insert(n.name.clone());
+                        namespace_labels.insert(n.name.clone(), n.labels.clone());
                         state.namespaces.insert(n.name.clone());
                     }
                     Object::ServiceAccount(sa) => state.service_accounts.push(sa.clone()),
                     Object::Service(s) => state.services.push(s.clone()),
                     Object::Deployment(d) => pods.push((object, &d.template)),
                     Object::Pod(p) => pods.push((object, &p.template)),
+                    Object::ServiceIntentions(si) => {
+                        if let Some(other) = state
+                            .service_intentions
+                            .iter()
+                            .find(|o| o.entry.destination == si.entry.destination)
+                        {
+                            return Err(Error::Object {
+                                object: object.label(),
+                                message: format!(
+                                    "an existing ServiceIntentions resource ({}/{}) has the same \
+                                     destination {}: one ServiceIntentions per destination",
+                                    other.namespace, other.name, si.entry.destination
+                                ),
+                            });
+                        }
+                        state.service_intentions.push(si.clone());
+                    }
+                    Object::ServiceDefaults(sd) => state.service_defaults.push(sd.clone()),
                 }
             }
         }
@@ -203,6 +236,9 @@ impl DesiredState {
                 }
             }
             let mesh = state.mesh_workload(&label, &namespace, template)?;
+            if let Some(m) = &template.mesh {
+                check_namespace_tproxy(&label, &namespace, m, &namespace_labels)?;
+            }
             for (name, owner) in instances {
                 if let Some(other) = names.insert((namespace.clone(), name.clone()), label.clone())
                 {
@@ -219,7 +255,31 @@ impl DesiredState {
         state
             .workloads
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        state
+            .service_intentions
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        state
+            .service_defaults
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Ok(state)
+    }
+
+    /// The protocol a `ServiceDefaults` object sets for service `name` in `namespace`, if one
+    /// does. (This is the runner's only source of a service's protocol.)
+    pub fn protocol(&self, namespace: &str, name: &str) -> Option<crate::catalog::Protocol> {
+        self.service_defaults
+            .iter()
+            .find(|d| d.namespace == namespace && d.name == name)
+            .map(|d| d.protocol)
+    }
+
+    /// The `service-intentions` config entries of the `ServiceIntentions` objects, in object
+    /// order.
+    pub fn intention_entries(&self) -> Vec<crate::intentions::ServiceIntentionsEntry> {
+        self.service_intentions
+            .iter()
+            .map(|s| s.entry.clone())
+            .collect()
     }
 
     /// The Services in `namespace` that select pods labelled `labels` (consul-k8s's view:
@@ -270,6 +330,24 @@ impl DesiredState {
         let sa = template.spec.service_account.as_deref();
         let (service, source) = if let Some(name) = &mesh.service {
             (name.clone(), IdentitySource::Annotation)
+        } else if let Some(k8s_service) = &mesh.kubernetes_service {
+            // consul-k8s registers the pod under the Service it names, which must select it.
+            if !selecting.contains(k8s_service) {
+                return Err(Error::Object {
+                    object: label.to_string(),
+                    message: format!(
+                        "consul.hashicorp.com/kubernetes-service names Service {k8s_service}, \
+                         which does not select this pod in namespace {namespace} (selecting: \
+                         {})",
+                        if selecting.is_empty() {
+                            "none".to_string()
+                        } else {
+                            selecting.join(", ")
+                        }
+                    ),
+                });
+            }
+            (k8s_service.clone(), IdentitySource::Service)
         } else if selecting.len() > 1 {
             return Err(Error::Object {
                 object: label.to_string(),
@@ -311,7 +389,46 @@ impl DesiredState {
             upstreams: mesh.upstreams.clone(),
             transparent_proxy: mesh.transparent_proxy,
             exclude_inbound_ports: mesh.exclude_inbound_ports.clone(),
+            service_port: mesh.service_port,
+            tags: mesh.tags.clone(),
+            meta: mesh.meta.clone(),
         }))
+    }
+}
+
+/// consul-k8s's order: the pod's `consul.hashicorp.com/transparent-proxy` annotation, else its
+/// namespace's label of that name. `"false"` is refused either way (see the pod annotation's
+/// refusal); a label that is not a boolean is an error naming the namespace.
+fn check_namespace_tproxy(
+    label: &str,
+    namespace: &str,
+    mesh: &super::MeshAnnotations,
+    namespace_labels: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<(), Error> {
+    if mesh.transparent_proxy.is_some() {
+        return Ok(());
+    }
+    let Some(value) = namespace_labels
+        .get(namespace)
+        .and_then(|l| l.get(super::LABEL_TRANSPARENT_PROXY))
+    else {
+        return Ok(());
+    };
+    match super::parse_go_bool(value) {
+        Some(true) => Ok(()),
+        Some(false) => Err(Error::Object {
+            object: label.to_string(),
+            message: format!(
+                "namespace {namespace} is labelled {}: {}",
+                super::LABEL_TRANSPARENT_PROXY,
+                super::objects::TPROXY_FALSE_REFUSAL
+            ),
+        }),
+        None => Err(Error::Field {
+            object: super::object_label("Namespace", None, namespace),
+            field: format!("metadata.labels.{}", super::LABEL_TRANSPARENT_PROXY),
+            message: format!("strconv.ParseBool: parsing {value:?}: invalid syntax"),
+        }),
     }
 }
 

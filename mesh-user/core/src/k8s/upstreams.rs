@@ -72,8 +72,86 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Whether this mesh can route the upstream exactly as written: a Consul service of the
+    /// local datacenter (`local_datacenter`) and admin partition `default`, reached on
+    /// `127.0.0.1:<bind_port>`, on the destination's service port. The error is the reason
+    /// an entry is refused (the manifest is refused with it, so that nothing is ever routed
+    /// to something else than what was written):
+    ///
+    /// * `prepared_query:` (no prepared queries here);
+    /// * `.<peer>.peer` (no cluster peering);
+    /// * a partition other than `default` (this mesh serves the `default` partition only);
+    /// * a datacenter other than `local_datacenter` (no WAN federation);
+    /// * `mesh_gateway_mode` `local` or `remote` (no mesh gateways; `none` is what happens);
+    /// * `local_bind_address` other than `127.0.0.1` (upstream listeners are on loopback);
+    /// * a destination port (an upstream reaches the destination's service port,
+    ///   `consul.hashicorp.com/connect-service-port` or its first container port, as Consul's).
+    ///
+    /// # Errors
+    ///
+    /// The reason, naming the part of the entry that cannot be honoured.
+    pub fn check_routable(&self, local_datacenter: &str) -> Result<(), String> {
+        if self.destination_type == DestinationType::PreparedQuery {
+            return Err(format!(
+                "prepared query {:?}: prepared queries are not supported here (name the \
+                 service instead)",
+                self.service
+            ));
+        }
+        if let Some(peer) = &self.peer {
+            return Err(format!(
+                "peer {peer:?}: cluster peering is not supported here; only services of this \
+                 mesh can be upstreams"
+            ));
+        }
+        if let Some(ap) = self.partition.as_deref().filter(|p| *p != "default") {
+            return Err(format!(
+                "admin partition {ap:?}: this mesh serves only the \"default\" partition"
+            ));
+        }
+        if let Some(dc) = self
+            .datacenter
+            .as_deref()
+            .filter(|d| *d != local_datacenter)
+        {
+            return Err(format!(
+                "datacenter {dc:?}: this mesh is datacenter {local_datacenter:?} alone (no WAN \
+                 federation)"
+            ));
+        }
+        match self.mesh_gateway_mode {
+            None | Some(MeshGatewayMode::None) => {}
+            Some(mode) => {
+                return Err(format!(
+                    "mesh_gateway_mode {:?}: there are no mesh gateways here",
+                    match mode {
+                        MeshGatewayMode::Local => "local",
+                        _ => "remote",
+                    }
+                ))
+            }
+        }
+        if let Some(addr) = self
+            .local_bind_address
+            .as_deref()
+            .filter(|a| *a != "127.0.0.1")
+        {
+            return Err(format!(
+                "local_bind_address {addr:?}: upstream listeners are on 127.0.0.1 only"
+            ));
+        }
+        if let Some(port) = &self.destination_port {
+            return Err(format!(
+                "destination port {port:?}: an upstream reaches the destination's service port \
+                 (its consul.hashicorp.com/connect-service-port, else its first container port)"
+            ));
+        }
+        Ok(())
+    }
+
     /// The catalog's form of this upstream, for a pod in `pod_namespace` of `local_datacenter`.
-    /// `None` for prepared queries, which the mesh cannot resolve.
+    /// `None` for prepared queries, which the mesh cannot resolve; callers refuse the others
+    /// [`check_routable`](Self::check_routable) refuses before they get here.
     pub fn to_catalog(
         &self,
         pod_namespace: &str,

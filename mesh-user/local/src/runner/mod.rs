@@ -144,6 +144,12 @@ impl Runner {
         Ok((self.catalog(), errors))
     }
 
+    /// The `service-intentions` entries of the applied `ServiceIntentions` objects (after
+    /// [`prepare`](Self::prepare)), for the API's intentions to be synced with them.
+    pub fn intention_entries(&self) -> Vec<mesh_core::intentions::ServiceIntentionsEntry> {
+        self.desired.intention_entries()
+    }
+
     /// Starts the processes of every pod the agent serves (after [`Agent::start`]). A meshed
     /// pod the agent could not mesh is not started: its containers wait with reason
     /// [`MESH_FAILED`] and the agent's message (a pod is meshed or it does not run).
@@ -405,6 +411,7 @@ impl Runner {
             results: change.results,
             warnings: change.warnings,
             errors,
+            intentions: Some(change.desired.intention_entries()),
         })
     }
 
@@ -430,6 +437,9 @@ impl Runner {
             }
             Request::Services(reply) => {
                 let _ = reply.send(Ok(self.service_views()));
+            }
+            Request::ConsulResources(reply) => {
+                let _ = reply.send(Ok(self.consul_resource_views()));
             }
             Request::Proxy(ns, name, reply) => {
                 let _ = reply.send(self.proxy_view(&ns, &name, agent));

@@ -174,6 +174,63 @@ impl Runner {
     }
 
     /// Every Service, by namespace and name.
+    /// Every `ServiceIntentions` and `ServiceDefaults` object, kubectl-shaped; the API fills
+    /// in their status.
+    pub fn consul_resource_views(&self) -> List<ConsulResourceView> {
+        let d = &self.desired;
+        let objects = d
+            .service_intentions
+            .iter()
+            .map(|s| {
+                (
+                    "ServiceIntentions",
+                    &s.namespace,
+                    &s.name,
+                    Some(s.entry.clone()),
+                )
+            })
+            .chain(
+                d.service_defaults
+                    .iter()
+                    .map(|s| ("ServiceDefaults", &s.namespace, &s.name, None)),
+            );
+        let items = objects
+            .map(|(kind, namespace, name, entry)| {
+                let key = crate::applied::ObjectKey {
+                    kind: kind.into(),
+                    namespace: Some(namespace.clone()),
+                    name: name.clone(),
+                };
+                let created = self
+                    .applied
+                    .created(&key)
+                    .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                    .unwrap_or_else(SystemTime::now);
+                let spec = self
+                    .applied
+                    .document(&key)
+                    .and_then(|y| serde_norway::from_str::<serde_json::Value>(y).ok())
+                    .and_then(|v| v.get("spec").cloned())
+                    .unwrap_or(serde_json::Value::Null);
+                ConsulResourceView {
+                    api_version: mesh_core::k8s::crd::CONSUL_API_VERSION.into(),
+                    kind: kind.into(),
+                    metadata: Metadata {
+                        name: name.clone(),
+                        namespace: Some(namespace.clone()),
+                        creation_timestamp: timestamp(created),
+                        ..Metadata::default()
+                    },
+                    spec,
+                    status: ConsulStatusView::default(),
+                    entry,
+                }
+            })
+            .collect();
+        List::new(items)
+    }
+
+    /// Every Service, kubectl-shaped.
     pub fn service_views(&self) -> List<ServiceView> {
         let mut items: Vec<ServiceView> = self
             .desired
@@ -441,16 +498,12 @@ fn terminated(exit: &Exit) -> Terminated {
     }
 }
 
-/// consul-k8s' annotation of extra service tags (comma-separated).
-const SERVICE_TAGS_ANNOTATION: &str = "consul.hashicorp.com/service-tags";
-/// consul-k8s' prefix of service meta annotations (`…service-meta-<key>: <value>`).
-const SERVICE_META_PREFIX: &str = "consul.hashicorp.com/service-meta-";
-
 impl Runner {
     /// The catalog as the API serves it (Consul's catalog, health and UI endpoints): every
     /// pod in the mesh with its node, address, app port, readiness (the `Ready` condition
-    /// `meshctl get pods` shows) and explicit upstreams; tags and meta from consul-k8s'
-    /// `service-tags` and `service-meta-<key>` annotations.
+    /// `meshctl get pods` shows) and explicit upstreams; the service port, tags and meta of its
+    /// catalog service (consul-k8s' `connect-service-port`, `service-tags`,
+    /// `service-meta-<key>`).
     pub fn catalog_snapshot(&self, agent: &Agent) -> mesh_api::CatalogSnapshot {
         let catalog = agent.catalog();
         let instances = self
@@ -460,25 +513,12 @@ impl Runner {
                 let w = &run.workload;
                 let mesh = w.mesh.as_ref()?;
                 let cw = catalog.workload(&plan::catalog_id(&run.pod.id));
-                let tags = w
-                    .annotations
-                    .get(SERVICE_TAGS_ANNOTATION)
-                    .map(|t| {
-                        t.split(',')
-                            .map(str::trim)
-                            .filter(|t| !t.is_empty())
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let meta = w
-                    .annotations
+                // Tags, meta and the service port as the catalog holds them (validated from
+                // consul-k8s' annotations when the manifest was applied).
+                let svc = catalog
+                    .services
                     .iter()
-                    .filter_map(|(k, v)| {
-                        k.strip_prefix(SERVICE_META_PREFIX)
-                            .map(|k| (k.to_owned(), v.clone()))
-                    })
-                    .collect();
+                    .find(|s| s.name == mesh.service && s.namespace == w.namespace);
                 Some(mesh_api::Instance {
                     pod: w.name.clone(),
                     namespace: w.namespace.clone(),
@@ -488,15 +528,15 @@ impl Runner {
                     // As the pod's hostIP in `meshctl get pods -o json`.
                     node_address: run.pod.ip,
                     address: run.pod.ip,
-                    port: plan::app_ports(&self.desired, w)
-                        .first()
-                        .copied()
+                    port: svc
+                        .and_then(|s| s.service_port)
+                        .or_else(|| plan::app_ports(&self.desired, w).first().copied())
                         .unwrap_or(0),
                     inbound_port: mesh_common::INBOUND_PORT,
                     ready: self.pod_ready(run, agent),
                     upstreams: cw.map(|c| c.upstreams.clone()).unwrap_or_default(),
-                    tags,
-                    meta,
+                    tags: svc.map(|s| s.tags.clone()).unwrap_or_default(),
+                    meta: svc.map(|s| s.meta.clone()).unwrap_or_default(),
                 })
             })
             .collect();

@@ -83,6 +83,7 @@ fn main() -> Result<()> {
                 ip: api.ip,
                 port: mesh_common::INBOUND_PORT,
             }],
+            ..Default::default()
         }],
         workloads: vec![
             workload(&web, "web", vec![9091], vec![]),

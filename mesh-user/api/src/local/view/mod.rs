@@ -334,6 +334,67 @@ pub struct ApplyReply {
     /// The change was made, but something of it failed at run time (a pod that did not
     /// start): each names the pod.
     pub errors: Vec<String>,
+    /// Every `service-intentions` entry the applied `ServiceIntentions` objects make, after
+    /// the change, for the API to sync its intentions with (not part of the JSON answer).
+    #[serde(skip)]
+    pub intentions: Option<Vec<mesh_core::intentions::ServiceIntentionsEntry>>,
+}
+
+/// A consul-k8s custom resource (`ServiceIntentions`, `ServiceDefaults`) as `kubectl get -o
+/// json` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsulResourceView {
+    /// `consul.hashicorp.com/v1alpha1`.
+    pub api_version: String,
+    /// `ServiceIntentions` or `ServiceDefaults`.
+    pub kind: String,
+    /// Name, namespace, creation time.
+    pub metadata: Metadata,
+    /// The object's `spec`, as applied.
+    pub spec: serde_json::Value,
+    /// The `Synced` condition.
+    pub status: ConsulStatusView,
+    /// For a `ServiceIntentions`: the entry it makes, which the API compares with what it
+    /// holds to fill in `status` (not part of the JSON).
+    #[serde(skip)]
+    pub entry: Option<mesh_core::intentions::ServiceIntentionsEntry>,
+}
+
+/// A custom resource's `status`, as consul-k8s writes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsulStatusView {
+    /// One condition, `Synced`.
+    pub conditions: Vec<ConditionView>,
+}
+
+/// A status condition (`type`, `status` `True`/`False`, `reason`, `message`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConditionView {
+    /// `Synced`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True` or `False`.
+    pub status: String,
+    /// Why not synced (consul-k8s's reason word).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+impl ConsulResourceView {
+    /// The `Synced` condition's status (`True`, `False`, or `Unknown` when absent).
+    pub fn synced(&self) -> &str {
+        self.status
+            .conditions
+            .iter()
+            .find(|c| c.kind == "Synced")
+            .map_or("Unknown", |c| c.status.as_str())
+    }
 }
 
 /// Where `meshctl port-forward` connects: inside `netns`, to `127.0.0.1:port`.

@@ -45,8 +45,17 @@ impl RuleSet {
     /// # Errors
     ///
     /// [`Error::Invalid`] as [`ServiceIntentionsEntry::normalized`], [`Error::Exhausted`] when
-    /// the new sources need more counter indexes than are left.
+    /// the new sources need more counter indexes than are left, [`Error::ReadOnly`] for a
+    /// destination whose intentions come from Kubernetes (see
+    /// [`RuleSet::check_writable`]).
     pub fn apply_entry(&mut self, entry: &ServiceIntentionsEntry) -> Result<()> {
+        self.check_writable(&entry.destination, &entry.meta)?;
+        self.write_entry(entry)
+    }
+
+    /// [`apply_entry`](Self::apply_entry) without the read-only check, for the entries made
+    /// from Kubernetes objects.
+    pub(super) fn write_entry(&mut self, entry: &ServiceIntentionsEntry) -> Result<()> {
         let entry = entry.normalized()?;
         let dst = entry.destination.clone();
         let fresh = entry

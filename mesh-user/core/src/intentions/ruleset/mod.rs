@@ -12,12 +12,14 @@ use super::intention::{precedence, Normalized};
 use super::{Action, Error, Intention, IntentionSpec, Result, ServiceName};
 
 mod entries;
+mod managed;
 mod query;
 
 #[cfg(test)]
 mod tests;
 
 pub use entries::EntryIndexes;
+pub use managed::{SyncOutcome, EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE};
 pub use query::{Decision, MatchType, Matched};
 
 /// (source, destination): the identity of an intention.
@@ -125,6 +127,7 @@ impl RuleSet {
     /// [`Error::Exhausted`] when no counter index is left. Nothing changes on error.
     pub fn create(&mut self, spec: &IntentionSpec, replace: bool) -> Result<&Intention> {
         let n = spec.normalize()?;
+        self.check_writable(&n.destination, &n.meta)?;
         let key = PairKey {
             src: n.source.clone(),
             dst: n.destination.clone(),
@@ -166,6 +169,8 @@ impl RuleSet {
             .cloned()
             .ok_or_else(|| not_found("modify", id))?;
         let n = spec.normalize()?;
+        self.check_writable(&old_key.dst, &n.meta)?;
+        self.check_writable(&n.destination, &n.meta)?;
         let new_key = PairKey {
             src: n.source.clone(),
             dst: n.destination.clone(),
@@ -205,6 +210,7 @@ impl RuleSet {
             .get(id)
             .cloned()
             .ok_or_else(|| not_found("delete", id))?;
+        self.check_writable(&key.dst, &BTreeMap::new())?;
         let it = self
             .remove_raw(&key)
             .ok_or_else(|| not_found("delete", id))?;

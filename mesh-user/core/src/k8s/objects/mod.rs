@@ -34,6 +34,10 @@ pub enum Object {
     Deployment(Deployment),
     /// A `v1` Pod.
     Pod(Pod),
+    /// A `consul.hashicorp.com/v1alpha1` ServiceIntentions.
+    ServiceIntentions(super::crd::ServiceIntentions),
+    /// A `consul.hashicorp.com/v1alpha1` ServiceDefaults.
+    ServiceDefaults(super::crd::ServiceDefaults),
 }
 
 impl Object {
@@ -45,6 +49,8 @@ impl Object {
             Object::Service(_) => "Service",
             Object::Deployment(_) => "Deployment",
             Object::Pod(_) => "Pod",
+            Object::ServiceIntentions(_) => "ServiceIntentions",
+            Object::ServiceDefaults(_) => "ServiceDefaults",
         }
     }
 
@@ -56,6 +62,8 @@ impl Object {
             Object::Service(o) => &o.name,
             Object::Deployment(o) => &o.name,
             Object::Pod(o) => &o.name,
+            Object::ServiceIntentions(o) => &o.name,
+            Object::ServiceDefaults(o) => &o.name,
         }
     }
 
@@ -67,6 +75,8 @@ impl Object {
             Object::Service(o) => Some(&o.namespace),
             Object::Deployment(o) => Some(&o.namespace),
             Object::Pod(o) => Some(&o.namespace),
+            Object::ServiceIntentions(o) => Some(&o.namespace),
+            Object::ServiceDefaults(o) => Some(&o.namespace),
         }
     }
 
@@ -317,6 +327,16 @@ pub struct MeshAnnotations {
     pub transparent_proxy: Option<bool>,
     /// `consul.hashicorp.com/transparent-proxy-exclude-inbound-ports`, sorted, deduplicated.
     pub exclude_inbound_ports: Vec<u16>,
+    /// `consul.hashicorp.com/connect-service-port` resolved to a container port number, else
+    /// consul-k8s's default: the first port of the first container. `None` when the pod
+    /// declares no port.
+    pub service_port: Option<u16>,
+    /// `consul.hashicorp.com/kubernetes-service`: the Service that names the pod's identity.
+    pub kubernetes_service: Option<String>,
+    /// `consul.hashicorp.com/service-tags`, trimmed, empty ones dropped, in order.
+    pub tags: Vec<String>,
+    /// `consul.hashicorp.com/service-meta-<key>`: `<key>` → value.
+    pub meta: BTreeMap<String, String>,
 }
 
 /// An `apps/v1` Deployment: a pod template run `replicas` times.

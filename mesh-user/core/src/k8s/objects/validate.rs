@@ -6,8 +6,11 @@ use std::fmt;
 use super::super::upstreams::{parse_upstreams, UpstreamSyntax};
 use super::super::{
     check_port_name, check_rfc1035_label, check_rfc1123_label, check_rfc1123_subdomain,
-    parse_go_bool, Error, ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_INJECT, ANNOTATION_SERVICE,
-    ANNOTATION_TRANSPARENT_PROXY, ANNOTATION_UPSTREAMS,
+    parse_go_bool, Error, ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
+    ANNOTATION_EXCLUDE_OUTBOUND_PORTS, ANNOTATION_EXCLUDE_UIDS, ANNOTATION_INJECT,
+    ANNOTATION_KUBERNETES_SERVICE, ANNOTATION_SERVICE, ANNOTATION_SERVICE_META_PREFIX,
+    ANNOTATION_SERVICE_PORT, ANNOTATION_SERVICE_TAGS, ANNOTATION_TRANSPARENT_PROXY,
+    ANNOTATION_UPSTREAMS,
 };
 use super::raw::{
     IntOrString, RawContainer, RawDeployment, RawLabelSelector, RawMeta, RawNamespace, RawPod,
@@ -18,6 +21,7 @@ use super::{
     Namespace, Pod, PodSpec, PodTemplate, Protocol, SelectorOperator, SelectorRequirement, Service,
     ServiceAccount, ServicePort, TargetPort,
 };
+use crate::catalog;
 
 /// Each replica is a network namespace and a cgroup on this machine.
 pub const MAX_REPLICAS: u32 = 256;
@@ -481,8 +485,149 @@ fn annotation_ports(
     Ok(ports)
 }
 
-fn mesh_annotations(
+/// consul-k8s's annotations that configure its sidecar (Envoy, consul-dataplane) or its
+/// metrics merging: accepted, with one warning each, since there is no sidecar here. Entries
+/// ending in `-` are prefixes.
+const SIDECAR_ANNOTATIONS: &[(&str, &str)] = &[
+    ("consul.hashicorp.com/sidecar-proxy-", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/enable-sidecar-proxy-lifecycle",
+        SIDECAR_REASON,
+    ),
+    (
+        "consul.hashicorp.com/sidecar-initial-probe-check-delay-seconds",
+        SIDECAR_REASON,
+    ),
+    ("consul.hashicorp.com/sidecar-probe-", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/consul-envoy-proxy-concurrency",
+        SIDECAR_REASON,
+    ),
+    ("consul.hashicorp.com/envoy-extra-args", SIDECAR_REASON),
+    ("consul.hashicorp.com/consul-sidecar-", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/enable-consul-dataplane-as-sidecar",
+        SIDECAR_REASON,
+    ),
+    (
+        "consul.hashicorp.com/use-proxy-health-check",
+        SIDECAR_REASON,
+    ),
+    ("consul.hashicorp.com/proxy-config-map", SIDECAR_REASON),
+    (
+        "consul.hashicorp.com/connect-inject-mount-volume",
+        SIDECAR_REASON,
+    ),
+    (
+        "consul.hashicorp.com/transparent-proxy-overwrite-probes",
+        SIDECAR_REASON,
+    ),
+    ("consul.hashicorp.com/enable-metrics", METRICS_REASON),
+    ("consul.hashicorp.com/merged-metrics-port", METRICS_REASON),
+    ("consul.hashicorp.com/prometheus-", METRICS_REASON),
+    ("consul.hashicorp.com/service-metrics-", METRICS_REASON),
+];
+
+const SIDECAR_REASON: &str = "there is no sidecar proxy here: the node's meshd proxies every \
+                              pod, so this sidecar setting does not apply";
+const METRICS_REASON: &str = "there is no sidecar to merge metrics: meshd serves the mesh's \
+                              metrics itself";
+
+/// One warning per sidecar-only annotation (see [`SIDECAR_ANNOTATIONS`]).
+fn warn_sidecar_annotations(ctx: &mut Ctx<'_>, path: &str, annotations: &BTreeMap<String, String>) {
+    for key in annotations.keys() {
+        let reason = SIDECAR_ANNOTATIONS.iter().find_map(|(k, reason)| {
+            let hit = if k.ends_with('-') {
+                key.starts_with(k)
+            } else {
+                key == k || key.starts_with(&format!("{k}-"))
+            };
+            hit.then_some(*reason)
+        });
+        if let Some(reason) = reason {
+            ctx.warn(format_args!("{path}.{key}: accepted and ignored: {reason}"));
+        }
+    }
+}
+
+/// consul-k8s's `PortValue`: the name of a container port of the pod, else a number.
+fn service_port(ctx: &Ctx<'_>, path: &str, raw: &str, spec: &PodSpec) -> Result<u16, Error> {
+    let raw = raw.trim();
+    if let Some(p) = spec
+        .containers
+        .iter()
+        .flat_map(|c| &c.ports)
+        .find(|p| p.name.as_deref() == Some(raw))
+    {
+        return Ok(p.container_port);
+    }
+    match raw.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(ctx.field(
+            format!("{path}.{ANNOTATION_SERVICE_PORT}"),
+            format!("{raw:?} is neither a container port's name nor a port number (1-65535)"),
+        )),
+    }
+}
+
+/// A comma-separated list of IP addresses or CIDR blocks (`10.0.0.0/8`, `fd00::/8`).
+fn annotation_cidrs(
     ctx: &Ctx<'_>,
+    path: &str,
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Vec<String>, Error> {
+    let Some(raw) = annotations.get(key) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (addr, prefix) = item.split_once('/').unwrap_or((item, ""));
+        let ok = match addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= max)
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            return Err(ctx.field(
+                format!("{path}.{key}"),
+                format!("{item:?} is not an IP address or CIDR block"),
+            ));
+        }
+        out.push(item.to_string());
+    }
+    Ok(out)
+}
+
+/// A comma-separated list of user ids (0-2147483647).
+fn annotation_uids(
+    ctx: &Ctx<'_>,
+    path: &str,
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Vec<u32>, Error> {
+    let Some(raw) = annotations.get(key) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<u32>() {
+            Ok(u) if u <= i32::MAX as u32 => out.push(u),
+            _ => {
+                return Err(ctx.field(
+                    format!("{path}.{key}"),
+                    format!("{item:?} is not a user id (0-2147483647)"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn mesh_annotations(
+    ctx: &mut Ctx<'_>,
     path: &str,
     annotations: &BTreeMap<String, String>,
     spec: &PodSpec,
@@ -507,8 +652,19 @@ fn mesh_annotations(
     }
     let upstreams = match annotations.get(ANNOTATION_UPSTREAMS) {
         None => Vec::new(),
-        Some(raw) => parse_upstreams(raw, &spec.containers, ctx.syntax)
-            .map_err(|e| ctx.field(format!("{path}.{ANNOTATION_UPSTREAMS}"), e.to_string()))?,
+        Some(raw) => {
+            let field = format!("{path}.{ANNOTATION_UPSTREAMS}");
+            let upstreams = parse_upstreams(raw, &spec.containers, ctx.syntax)
+                .map_err(|e| ctx.field(&field, e.to_string()))?;
+            // parse_upstreams reads one entry per comma-separated item, in order.
+            for (u, entry) in upstreams.iter().zip(raw.split(',')) {
+                u.check_routable(catalog::DEFAULT_DATACENTER)
+                    .map_err(|reason| {
+                        ctx.field(&field, format!("upstream {:?}: {reason}", entry.trim()))
+                    })?;
+            }
+            upstreams
+        }
     };
     let transparent_proxy = annotation_bool(ctx, path, annotations, ANNOTATION_TRANSPARENT_PROXY)?;
     if transparent_proxy == Some(false) {
@@ -517,11 +673,69 @@ fn mesh_annotations(
         // be honoured, and is refused rather than silently ignored.
         return Err(ctx.field(
             format!("{path}.{ANNOTATION_TRANSPARENT_PROXY}"),
-            "\"false\" is not supported: every meshed pod's traffic goes through the mesh; \
-             exclude ports with consul.hashicorp.com/transparent-proxy-exclude-inbound-ports, \
-             or leave the pod out of the mesh (connect-inject: \"false\")",
+            TPROXY_FALSE_REFUSAL,
         ));
     }
+    let exclude_outbound_ports =
+        annotation_ports(ctx, path, annotations, ANNOTATION_EXCLUDE_OUTBOUND_PORTS)?;
+    let exclude_outbound_cidrs =
+        annotation_cidrs(ctx, path, annotations, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS)?;
+    let exclude_uids = annotation_uids(ctx, path, annotations, ANNOTATION_EXCLUDE_UIDS)?;
+    for (key, given) in [
+        (
+            ANNOTATION_EXCLUDE_OUTBOUND_PORTS,
+            !exclude_outbound_ports.is_empty(),
+        ),
+        (
+            ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
+            !exclude_outbound_cidrs.is_empty(),
+        ),
+        (ANNOTATION_EXCLUDE_UIDS, !exclude_uids.is_empty()),
+    ] {
+        if given {
+            ctx.warn(format_args!(
+                "{path}.{key}: connections to addresses outside the mesh already go direct \
+                 (only mesh services' addresses are steered); connections to mesh services \
+                 still go through the mesh, since a meshed app accepts only mTLS"
+            ));
+        }
+    }
+    let service_port = match annotations.get(ANNOTATION_SERVICE_PORT) {
+        Some(raw) if !raw.trim().is_empty() => Some(service_port(ctx, path, raw, spec)?),
+        // consul-k8s's default: the first container's first port.
+        _ => spec
+            .containers
+            .first()
+            .and_then(|c| c.ports.first())
+            .map(|p| p.container_port),
+    };
+    let kubernetes_service = annotations
+        .get(ANNOTATION_KUBERNETES_SERVICE)
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let tags: Vec<String> = annotations
+        .get(ANNOTATION_SERVICE_TAGS)
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut meta = BTreeMap::new();
+    for (key, value) in annotations {
+        if let Some(k) = key.strip_prefix(ANNOTATION_SERVICE_META_PREFIX) {
+            if k.is_empty() {
+                return Err(ctx.field(
+                    format!("{path}.{key}"),
+                    "the annotation names no meta key (consul.hashicorp.com/service-meta-<key>)",
+                ));
+            }
+            meta.insert(k.to_string(), value.clone());
+        }
+    }
+    warn_sidecar_annotations(ctx, path, annotations);
     Ok(Some(MeshAnnotations {
         service: names.first().map(|s| s.to_string()),
         upstreams,
@@ -532,8 +746,19 @@ fn mesh_annotations(
             annotations,
             ANNOTATION_EXCLUDE_INBOUND_PORTS,
         )?,
+        service_port,
+        kubernetes_service,
+        tags,
+        meta,
     }))
 }
+
+/// Why `consul.hashicorp.com/transparent-proxy: "false"` (pod annotation or namespace label)
+/// is refused.
+pub(in crate::k8s) const TPROXY_FALSE_REFUSAL: &str =
+    "\"false\" is not supported: every meshed pod's traffic goes through the mesh; exclude \
+     ports with consul.hashicorp.com/transparent-proxy-exclude-inbound-ports, or leave the pod \
+     out of the mesh (connect-inject: \"false\")";
 
 pub(in crate::k8s) fn namespace(
     ctx: &Ctx<'_>,

@@ -83,6 +83,7 @@ fn sndp(u: &Upstream) -> (&str, Option<&str>, Option<&str>, u16) {
 
 mod documents;
 mod injection;
+mod parity;
 mod tutorials;
 mod upstreams;
 mod validation;

@@ -158,8 +158,15 @@ fn web_api_tutorial() {
     assert!(api.mesh.as_ref().unwrap().upstreams.is_empty());
     assert_eq!(api.tcp_ports(), [9091]);
 
-    assert_eq!(s.ignored.len(), 1);
-    assert_eq!(s.ignored[0].kind, "ServiceIntentions");
+    assert!(s.ignored.is_empty(), "{:?}", s.ignored);
+    // The tutorial's ServiceIntentions becomes the config entry consul-k8s writes.
+    assert_eq!(s.service_intentions.len(), 1);
+    let entry = &s.service_intentions[0].entry;
+    assert_eq!(entry.destination.to_string(), "default/api-v1");
+    assert_eq!(entry.meta["external-source"], "kubernetes");
+    assert_eq!(entry.sources.len(), 1);
+    assert_eq!(entry.sources[0].source.to_string(), "default/web");
+    assert!(entry.sources[0].action.is_allow());
     // Service accounts match the Services: no identity warnings.
     assert!(
         s.warnings.iter().all(|w| !w.contains("doesn't match")),
