@@ -8,7 +8,8 @@
 //! - `/v1/agent/connect/authorize` in [`authorize`];
 //! - `/v1/agent/mesh/status` (whether the kernel holds the intentions) in [`agent`];
 //! - `/v1/acl/*` in [`acl`];
-//! - `/v1/local/*` (`meshd local`) in [`local`].
+//! - `/v1/local/*` (`meshd local`) in [`local`];
+//! - `/ui/` (the web UI's page and assets) in [`ui`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -35,6 +36,7 @@ mod config_entries;
 mod intentions;
 mod local;
 mod serve;
+mod ui;
 
 use crate::acl::{find_token, Need};
 use crate::client::HTTP_ADDR_ENV;
@@ -376,6 +378,7 @@ fn router(state: AppState, max_body: usize) -> Router {
         .merge(agent::routes())
         .merge(acl::routes())
         .merge(local::routes())
+        .merge(ui::routes())
         .fallback(no_route)
         .with_state(state)
         .layer(axum::middleware::map_response(
