@@ -82,9 +82,9 @@ export async function mayWriteIntentions(destinations) {
   return out;
 }
 
-/** Why a write control is disabled, for its tooltip. */
-export function whyNoWrite(what) {
+/** Why a write control for intentions to `destination` is disabled, for its tooltip. */
+export function whyNoWrite(destination) {
   return token()
-    ? `Your token may not ${what} (it needs intentions:write on the destination)`
-    : `Log in with an ACL token that may write intentions to ${what}`;
+    ? `Your token may not write intentions to ${destination} (that needs intentions:write on it)`
+    : `Log in with an ACL token that may write intentions to ${destination}`;
 }

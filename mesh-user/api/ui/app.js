@@ -419,7 +419,7 @@ function intentionsPage() {
       list = byPrecedence(await api("/v1/connect/intentions?ns=*"));
     } catch (e) {
       if (!current()) return;
-      replaceIfChanged(toolbar, "none", () => writeButton("Create", false, whyNoWrite("any destination"), {}));
+      replaceIfChanged(toolbar, "none", () => writeButton("Create", false, whyNoWrite("any destination"), { id: "create-intention" }));
       replaceIfChanged(body, `err:${e.message}`, () => readError(e, "the intentions"));
       return;
     }

@@ -23,12 +23,10 @@ function box(x, y, label, sub, href, current) {
   return g;
 }
 
-/**
- * Draws the topology. `center` is {label, href, sub}; `downstreams` and `upstreams` lists of
- * {label, href, sub, edge}, where `edge` is {allowed, text, href, onDenied}: `text` the
- * accessible description ("web → api-v1: denied by */* => */*"), `href` where an allowed edge
- * leads, `onDenied` what clicking a denied edge does.
- */
+// Draws the topology. `center` is {label, href, sub}; `downstreams` and `upstreams` lists of
+// {label, href, sub, edge}, where `edge` is {allowed, text, href, onDenied}: `text` the
+// accessible description ("web → api-v1: denied by */* => */*"), `href` where an allowed edge
+// leads, `onDenied` what choosing a denied edge does.
 export function drawTopology({ center, downstreams, upstreams }) {
   const rows = Math.max(downstreams.length, upstreams.length, 1);
   const height = rows * (BOX_H + GAP) + GAP;

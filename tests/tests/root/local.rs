@@ -18,7 +18,7 @@ use serde_json::Value;
 const NODE: &str = "lt";
 
 /// The `examples/` of the source tree (this crate is `tests/`, one level below the root).
-fn examples() -> PathBuf {
+pub(crate) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
@@ -69,19 +69,19 @@ fn footprint() -> Result<Footprint> {
 
 /// A `meshd local` child with its own state directory and API port; stopped (and checked to
 /// have removed everything) on [`LocalMesh::stop`], killed and reset on drop.
-struct LocalMesh {
+pub(crate) struct LocalMesh {
     meshd: PathBuf,
     meshctl: PathBuf,
     agent: Option<Child>,
     state: tempfile::TempDir,
-    http_addr: String,
-    token: String,
+    pub(crate) http_addr: String,
+    pub(crate) token: String,
     log: PathBuf,
     forwards: Vec<Child>,
 }
 
 impl LocalMesh {
-    fn start(redirect: &str) -> Result<Self> {
+    pub(crate) fn start(redirect: &str) -> Result<Self> {
         let http_addr = format!("127.0.0.1:{}", free_port()?);
         Self::start_in(redirect, tempfile::tempdir()?, http_addr)
     }
@@ -140,7 +140,7 @@ impl LocalMesh {
 
     /// Polls `f` every 200 ms until it answers, failing (with the agent's log) past `limit` or
     /// when the agent exits.
-    fn wait<T>(
+    pub(crate) fn wait<T>(
         &mut self,
         what: &str,
         limit: Duration,
@@ -182,7 +182,7 @@ impl LocalMesh {
     }
 
     /// `meshctl` with the bootstrap token; fails unless it succeeds. Returns stdout.
-    fn meshctl(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn meshctl(&self, args: &[&str]) -> Result<String> {
         let out = self.meshctl_as(&self.token, args)?;
         ensure!(
             out.status.success(),
@@ -218,7 +218,7 @@ impl LocalMesh {
     }
 
     /// Waits until exactly `expected` (`namespace/name`) pods exist and all are Ready.
-    fn wait_ready(&mut self, expected: &[&str]) -> Result<()> {
+    pub(crate) fn wait_ready(&mut self, expected: &[&str]) -> Result<()> {
         let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
         expected.sort();
         self.wait("Ready pods", Duration::from_secs(60), |m| {
@@ -245,7 +245,7 @@ impl LocalMesh {
     }
 
     /// `meshctl port-forward service/<service> <local>:<port>`, kept until the mesh stops.
-    fn port_forward(&mut self, service: &str, port: u16) -> Result<SocketAddr> {
+    pub(crate) fn port_forward(&mut self, service: &str, port: u16) -> Result<SocketAddr> {
         let local = free_port()?;
         let mut child = Command::new(&self.meshctl)
             .args([
@@ -277,7 +277,7 @@ impl LocalMesh {
     }
 
     /// Stops the agent with SIGTERM (what Ctrl-C does) and waits for it.
-    fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         self.stop_agent()
     }
 

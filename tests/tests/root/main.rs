@@ -9,3 +9,4 @@ mod examples;
 mod local;
 mod mesh;
 mod restart;
+mod ui;

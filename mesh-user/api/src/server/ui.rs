@@ -105,4 +105,51 @@ mod tests {
             }
         }
     }
+
+    /// `GET path` on `addr` with `Connection: close`: the status line and headers, the body.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.to_ascii_lowercase(), body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn the_page_and_its_assets_are_served_without_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::ServerConfig::new(dir.path());
+        cfg.http_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        cfg.unix_socket = None;
+        let server = crate::Server::start(cfg, crate::Hooks::default()).await.unwrap();
+        let addr = server.http_addr().unwrap();
+
+        let (head, _) = get(addr, "/ui").await;
+        assert!(head.starts_with("http/1.1 301"), "{head}");
+        assert!(head.contains("location: /ui/"), "{head}");
+        // The page, at /ui/ and at every route its script knows.
+        for path in ["/ui/", "/ui/services", "/ui/services/default/web", "/ui/intentions/create"] {
+            let (head, body) = get(addr, path).await;
+            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+            assert!(head.contains("content-type: text/html"), "{path}: {head}");
+            assert!(head.contains("content-security-policy: default-src 'none'"), "{path}: {head}");
+            assert_eq!(body, INDEX, "{path}");
+        }
+        let (head, body) = get(addr, "/ui/assets/app.js").await;
+        assert!(head.contains("content-type: text/javascript"), "{head}");
+        assert!(body.contains("/v1/internal/ui/services"));
+        let (head, _) = get(addr, "/ui/assets/style.css").await;
+        assert!(head.contains("content-type: text/css"), "{head}");
+        let (head, body) = get(addr, "/ui/assets/nope.js").await;
+        assert!(head.starts_with("http/1.1 404"), "{head}");
+        assert!(body.contains("no such UI asset: nope.js"), "{body}");
+        // The API behind it still wants a token.
+        let (head, _) = get(addr, "/v1/connect/intentions").await;
+        assert!(head.starts_with("http/1.1 401"), "{head}");
+        server.shutdown().await;
+    }
 }
