@@ -1,5 +1,7 @@
 //! The HTTP API's query strings (`?ns=`, `?cas=`, `?source=`, `?destination=`, `?by=`,
-//! `?name=`, ...), decoded as the handlers do; names that parse show as they parse.
+//! `?name=`, the blocking query's `?index=` and `?wait=`, `?filter=`, `?kind=`, `?tag=`, ...),
+//! decoded as the handlers do; names that parse show as they parse; a blocking query never
+//! waits longer than the maximum, nor blocks on index 0.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -16,6 +18,14 @@ fuzz_target!(|data: &[u8]| {
                 assert!((400..500).contains(&e.status()), "{text:?}: {e}");
             }
         }
+    }
+    // A blocking query blocks on a positive index, for at most the maximum wait.
+    if let Ok(Some((index, wait))) = mesh_api::fuzzing::decode_blocking(text) {
+        assert!(index > 0, "{text:?}");
+        assert!(
+            !wait.is_zero() && wait <= mesh_api::fuzzing::MAX_WAIT,
+            "{text:?}: {wait:?}"
+        );
     }
     // `ns/name` forms that the query accepted are valid service names.
     for (key, value) in form_pairs(text) {

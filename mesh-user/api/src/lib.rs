@@ -29,7 +29,15 @@
 //! | GET | `/v1/local/pods`, `/v1/local/services` | `meshd local`: kubectl-shaped lists (`?namespace=`) |
 //! | GET | `/v1/local/pods/<ns>/<name>/proxy` | `meshd local`: a pod's identity, listeners, upstreams, intentions |
 //! | GET | `/v1/local/forward?namespace=&target=&port=` | `meshd local`: where to port-forward (operator) |
+//! | GET | `/v1/catalog/datacenters`, `/v1/catalog/services` | the datacenter; `{service: [tags]}` |
+//! | GET | `/v1/catalog/service/<svc>`, `/v1/catalog/connect/<svc>` | Consul's `ServiceNode`s of a service, of its sidecar proxies |
+//! | GET | `/v1/health/service/<svc>`, `/v1/health/connect/<svc>` | `[{Node, Service, Checks}]` |
+//! | GET | `/v1/internal/ui/services` | Consul's UI service summaries |
+//! | GET | `/v1/internal/ui/service-topology/<svc>?kind=` | upstreams and downstreams with each edge's intention decision |
+//! | POST | `/v1/internal/acl/authorize` | per resource and access: `Allow` |
 //!
+//! The catalog endpoints answer from the [`CatalogSnapshot`] the agent publishes into
+//! [`PublishedCatalog`] (`docs/api.md` has the shapes).
 //! `?ns=` (or the `X-Consul-Namespace` header) gives the namespace of names written without
 //! one, as in Consul Enterprise: a bare `source`, `destination` or `name` is in that
 //! namespace (else `default`), and so is an empty `SourceNS`/`DestinationNS` of a single
@@ -39,8 +47,11 @@
 //! 400 naming them: this agent serves one partition and has no cluster peers.
 //!
 //! The list endpoints (`/v1/connect/intentions`, `/v1/config/service-intentions`,
-//! `/v1/acl/tokens`) take Consul's `?filter=` expressions ([`filter`]); one that does not
-//! parse or apply is a 400 naming the problem.
+//! `/v1/acl/tokens`, the catalog's, health's and UI's, `/v1/local/pods` and
+//! `/v1/local/services`) take Consul's `?filter=` expressions ([`filter`]); one that does not
+//! parse or apply is a 400 naming the problem. They answer with `X-Consul-Index` and are
+//! Consul's blocking queries: `?index=N` waits until the index grows past `N`, for at most
+//! `?wait=` (Go duration syntax; default 5 minutes, at most 10).
 //!
 //! # ACL
 //!
@@ -74,6 +85,8 @@
 
 #[cfg(feature = "server")]
 mod acl;
+#[cfg(feature = "server")]
+pub mod catalog;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod filter;
@@ -92,6 +105,8 @@ use mesh_core::intentions::Error as IntentionError;
 
 #[cfg(feature = "server")]
 pub use acl::{Policy, Token, TokenRequest, OPERATOR_POLICY_ID, READ_ONLY_POLICY_ID};
+#[cfg(feature = "server")]
+pub use catalog::{CatalogSnapshot, Instance, PublishedCatalog};
 pub use client::{
     Address, Client, Response, DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, HTTP_TOKEN_ENV,
     HTTP_TOKEN_FILE_ENV,

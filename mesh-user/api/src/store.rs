@@ -119,6 +119,8 @@ pub struct Store {
     current: ArcSwap<State>,
     sink: SharedSink,
     max_intentions: usize,
+    /// Sent after every visible change, for blocking queries.
+    changed: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -208,6 +210,7 @@ impl Store {
             current: ArcSwap::from_pointee(state),
             sink,
             max_intentions: usize::MAX,
+            changed: tokio::sync::watch::Sender::new(()),
         };
         Ok((store, bootstrap))
     }
@@ -238,6 +241,11 @@ impl Store {
     /// The state now.
     pub fn state(&self) -> Arc<State> {
         self.current.load_full()
+    }
+
+    /// A receiver that wakes after every change the store makes visible.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
     }
 
     /// The state file.
@@ -273,6 +281,7 @@ impl Store {
         durable::write(&self.path, &encode(&next), 0o600).map_err(io_err("writing", &self.path))?;
         let next = Arc::new(next);
         self.current.store(next.clone());
+        self.changed.send_replace(());
         if rules_changed {
             self.sink.rules_changed(&next.rules);
         }

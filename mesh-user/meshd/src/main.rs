@@ -302,6 +302,7 @@ async fn start_api(
     mesh_api::Server,
     std::sync::Arc<ApiHooks>,
     std::sync::Arc<PublishedStatus>,
+    std::sync::Arc<mesh_api::PublishedCatalog>,
     RuleSet,
     tokio::sync::mpsc::UnboundedReceiver<RuleSet>,
 )> {
@@ -310,6 +311,7 @@ async fn start_api(
     let api_cfg = config::api_config(state_dir, policy)?;
     let (hooks, mut changes) = ApiHooks::new();
     let status = std::sync::Arc::new(PublishedStatus::default());
+    let catalog = std::sync::Arc::new(mesh_api::PublishedCatalog::default());
     let server = mesh_api::Server::start(
         api_cfg,
         mesh_api::Hooks {
@@ -317,6 +319,7 @@ async fn start_api(
             counters: hooks.clone(),
             status: status.clone(),
             local,
+            catalog: catalog.clone(),
         },
     )
     .await?;
@@ -332,16 +335,18 @@ async fn start_api(
         );
     }
     info!(addr = ?server.http_addr(), socket = ?server.socket_path(), "HTTP API serving");
-    Ok((server, hooks, status, rules, changes))
+    Ok((server, hooks, status, catalog, rules, changes))
 }
 
 async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     let catalog = read_catalog(&catalog_path)?;
-    let (api, hooks, status, rules, mut changes) =
+    let node = cfg.instance.clone();
+    let (api, hooks, status, published, rules, mut changes) =
         start_api(&cfg.state_dir, cfg.default_policy, None).await?;
     let count = rules.len();
     let mut agent = Agent::start(cfg, catalog, rules).await?;
     publish_status(&agent, &status, count);
+    published.publish(catalog_snapshot(&agent, &node));
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -350,7 +355,10 @@ async fn run(cfg: AgentConfig, catalog_path: PathBuf) -> Result<()> {
     loop {
         tokio::select! {
             Some(rules) = changes.recv() => apply_rules(&mut agent, &status, rules),
-            _ = tick.tick() => publish_counters(&agent, &hooks),
+            _ = tick.tick() => {
+                publish_counters(&agent, &hooks);
+                published.publish(catalog_snapshot(&agent, &node));
+            }
             _ = hup.recv() => {
                 match read_catalog(&catalog_path) {
                     Ok(c) => match agent.apply(Update::Full(c)).await {
@@ -396,6 +404,40 @@ fn publish_status(agent: &Agent, status: &PublishedStatus, count: usize) {
         kernel_intentions,
         intentions: count,
     });
+}
+
+/// The catalog the API serves when the agent runs from a catalog file: this node's pods in
+/// the mesh, each Ready while the agent serves it (its proxy listeners are up).
+fn catalog_snapshot(agent: &Agent, node: &str) -> mesh_api::CatalogSnapshot {
+    let catalog = agent.catalog();
+    let instances = catalog
+        .workloads
+        .iter()
+        .map(|w| mesh_api::Instance {
+            pod: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service: w.service.clone(),
+            datacenter: w.datacenter.clone(),
+            node: node.to_owned(),
+            node_address: w.ip,
+            address: w.ip,
+            port: w.app_ports.first().copied().unwrap_or(0),
+            inbound_port: mesh_common::INBOUND_PORT,
+            ready: agent.pod(&w.id()).is_some(),
+            upstreams: w.upstreams.clone(),
+            tags: Vec::new(),
+            meta: Default::default(),
+        })
+        .collect();
+    mesh_api::CatalogSnapshot {
+        datacenter: catalog
+            .workloads
+            .first()
+            .map_or(mesh_core::catalog::DEFAULT_DATACENTER, |w| &w.datacenter)
+            .to_owned(),
+        services: catalog.services.clone(),
+        instances,
+    }
 }
 
 fn publish_counters(agent: &Agent, hooks: &ApiHooks) {
@@ -470,7 +512,7 @@ async fn local(
     // The API first: a second `meshd local` on the same state directory stops here, before
     // it touches the first one's namespaces.
     let (handle, mut requests) = Handle::new();
-    let (server, hooks, status, rules, mut changes) =
+    let (server, hooks, status, published, rules, mut changes) =
         start_api(&state_dir, policy, Some(handle)).await?;
     // A node left by a crash is recreated from scratch (new namespaces and cgroups), so its
     // pinned links point at dead objects: remove them, or the agent would adopt them and mesh
@@ -505,6 +547,7 @@ async fn local(
         let mut agent = Agent::start(cfg, catalog, rules).await?;
         publish_status(&agent, &status, count);
         runner.start_processes(&agent);
+        published.publish(runner.catalog_snapshot(&agent));
         let pods = agent.catalog().workloads.len();
         println!();
         println!(
@@ -528,10 +571,14 @@ async fn local(
         loop {
             tokio::select! {
                 Some(rules) = changes.recv() => apply_rules(&mut agent, &status, rules),
-                Some(req) = requests.recv() => runner.handle(req, &mut agent).await,
+                Some(req) = requests.recv() => {
+                    runner.handle(req, &mut agent).await;
+                    published.publish(runner.catalog_snapshot(&agent));
+                }
                 _ = tick.tick() => {
                     publish_counters(&agent, &hooks);
                     runner.poll();
+                    published.publish(runner.catalog_snapshot(&agent));
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,

@@ -1283,3 +1283,186 @@ fn a_pod_the_agent_cannot_mesh_does_not_run_and_get_pods_says_why() -> Result<()
     );
     mesh.stop()
 }
+
+/// A request to the agent's HTTP API with the bootstrap token: (status, `X-Consul-Index`,
+/// JSON body). `read_timeout` bounds a blocking query.
+fn api(
+    mesh: &LocalMesh,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    read_timeout: Duration,
+) -> Result<(u16, u64, Value)> {
+    http_api(
+        &mesh.http_addr,
+        &mesh.token,
+        method,
+        path,
+        body,
+        read_timeout,
+    )
+}
+
+/// [`api`] to the API at `addr` with `token` (for another thread).
+fn http_api(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    read_timeout: Duration,
+) -> Result<(u16, u64, Value)> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         X-Consul-Token: {token}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    let index = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-consul-index:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let json = serde_json::from_str(body).with_context(|| format!("{path}: {body:?}"))?;
+    Ok((status, index, json))
+}
+
+/// The entry of a JSON list whose `Name` (and `Namespace`) are these.
+fn named<'v>(list: &'v Value, ns: &str, name: &str) -> Result<&'v Value> {
+    list.as_array()
+        .context("not a list")?
+        .iter()
+        .find(|s| s["Name"] == name && s["Namespace"] == ns)
+        .with_context(|| format!("no {ns}/{name} in {list}"))
+}
+
+/// Consul's UI API on a running `meshd local` with the tutorial applied: the services page
+/// (both services, one Ready instance each, in the mesh), web's instance with its upstream
+/// and passing readiness check, web's topology with the call to api-v1 denied by the
+/// deny-all, and a blocking query on it that returns with the edge allowed once the allow
+/// intention is created.
+#[test]
+fn consuls_ui_api_shows_the_tutorial() -> Result<()> {
+    let mut mesh = LocalMesh::start("ebpf")?;
+    mesh.meshctl(&["intention", "create", "-deny", "*", "*"])?;
+    mesh.meshctl(&["apply", "-f", examples().to_str().context("path")?])?;
+    mesh.wait_ready(&["default/api-v1-0", "default/web-0"])?;
+    let long = Duration::from_secs(20);
+
+    let (status, _, v) = api(&mesh, "GET", "/v1/catalog/datacenters", None, long)?;
+    ensure!(
+        status == 200 && v == serde_json::json!(["dc1"]),
+        "{status} {v}"
+    );
+
+    // The services page follows readiness within the agent's 1 s tick.
+    let services = mesh.wait("both services healthy", Duration::from_secs(10), |m| {
+        let (_, _, v) = api(m, "GET", "/v1/internal/ui/services", None, long)?;
+        let healthy = ["web", "api-v1"].iter().all(|n| {
+            named(&v, "default", n).is_ok_and(|s| {
+                s["InstanceCount"] == 1 && s["ChecksPassing"] == 1 && s["ChecksCritical"] == 0
+            })
+        });
+        Ok(healthy.then_some(v))
+    })?;
+    let web = named(&services, "default", "web")?;
+    ensure!(
+        web["ConnectedWithProxy"] == true
+            && web["TransparentProxy"] == true
+            && web["Nodes"] == serde_json::json!(["lt-virtual"])
+            && web["ExternalSources"] == serde_json::json!(["kubernetes"]),
+        "web's summary: {web}"
+    );
+
+    let (_, _, v) = api(&mesh, "GET", "/v1/health/service/web", None, long)?;
+    let e = &v[0];
+    ensure!(
+        e["Service"]["ID"] == "web-0-web"
+            && e["Service"]["Port"] == 9090
+            && e["Service"]["Proxy"]["Upstreams"][0]["DestinationName"] == "api-v1"
+            && e["Service"]["Proxy"]["Upstreams"][0]["LocalBindPort"] == 9091
+            && e["Checks"][0]["Name"] == "Kubernetes Readiness Check"
+            && e["Checks"][0]["Status"] == "passing"
+            && e["Node"]["Node"] == "lt-virtual",
+        "web's instance: {v}"
+    );
+
+    // web's topology: api-v1 denied by the deny-all.
+    let topology = "/v1/internal/ui/service-topology/web?kind=";
+    let (status, index, v) = api(&mesh, "GET", topology, None, long)?;
+    ensure!(status == 200 && index > 0, "{status} {index} {v}");
+    let up = named(&v["Upstreams"], "default", "api-v1")?;
+    ensure!(
+        up["Source"] == "proxy-registration"
+            && up["Intention"]["Allowed"] == false
+            && up["Intention"]["HasExact"] == false
+            && up["DecidedBy"]["Kind"] == "intention"
+            && up["DecidedBy"]["Action"] == "deny",
+        "denied edge: {up}"
+    );
+
+    // A blocking query on it wakes when the allow is created.
+    let waiting = {
+        let (addr, token) = (mesh.http_addr.clone(), mesh.token.clone());
+        let path = format!("{topology}&index={index}&wait=60s");
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let answer = http_api(&addr, &token, "GET", &path, None, Duration::from_secs(90));
+            (answer, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        !waiting.is_finished(),
+        "the blocking query answered before any change"
+    );
+    mesh.meshctl(&["intention", "create", "-allow", "web", "api-v1"])?;
+    let (answer, took) = waiting
+        .join()
+        .map_err(|_| anyhow!("the blocking query's thread panicked"))?;
+    let (status, new_index, v) = answer?;
+    ensure!(status == 200, "{status} {v}");
+    ensure!(
+        took < Duration::from_secs(30),
+        "the blocking query took {took:?}"
+    );
+    ensure!(new_index > index, "index {index} then {new_index}");
+    let up = named(&v["Upstreams"], "default", "api-v1")?;
+    ensure!(
+        up["Intention"]["Allowed"] == true
+            && up["Intention"]["HasExact"] == true
+            && up["DecidedBy"]["SourceName"] == "web",
+        "allowed edge: {up}"
+    );
+
+    // The bootstrap token may write intentions.
+    let ask = serde_json::json!([{"Resource": "intention", "Access": "write"}]);
+    let (status, _, v) = api(
+        &mesh,
+        "POST",
+        "/v1/internal/acl/authorize",
+        Some(&ask),
+        long,
+    )?;
+    ensure!(status == 200 && v[0]["Allow"] == true, "{status} {v}");
+    mesh.stop()
+}

@@ -7,6 +7,7 @@ use axum::{Json, Router};
 use hyper::body::Bytes;
 use tracing::info;
 
+use super::blocking::block;
 use super::{filtered, indexed, text_body, write, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::{Error, Token, TokenRequest};
@@ -52,6 +53,7 @@ async fn create_token(AxState(st): AxState<AppState>, caller: Caller, body: Byte
 async fn list_tokens(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
     caller.need(Need::AclRead)?;
     let filter = params.filter(TOKEN_FIELDS)?;
+    block(&st, params.blocking()?, |st| st.store.state().acl_index).await;
     let state = st.store.state();
     let stubs: Vec<_> = state.tokens.iter().map(Token::stub).collect();
     let stubs = filtered(filter.as_ref(), &stubs)?;

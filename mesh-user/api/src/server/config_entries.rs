@@ -8,6 +8,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 use tracing::info;
 
+use super::blocking::{block, rules_index};
 use super::{filtered, indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::Error;
@@ -112,6 +113,7 @@ async fn list_config(
     check_kind(&kind)?;
     let ns = params.namespace(true)?;
     let filter = params.filter(ENTRY_FIELDS)?;
+    block(&st, params.blocking()?, rules_index).await;
     let state = st.store.state();
     let entries: Vec<_> = state
         .rules

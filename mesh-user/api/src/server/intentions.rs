@@ -11,6 +11,7 @@ use hyper::body::Bytes;
 use serde_json::json;
 use tracing::info;
 
+use super::blocking::{block, rules_index};
 use super::{filtered, indexed, parse_name, text_body, write, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::Error;
@@ -86,6 +87,7 @@ async fn list_intentions(
     caller.need(Need::Read)?;
     let ns = params.namespace(true)?;
     let filter = params.filter(INTENTION_FIELDS)?;
+    block(&st, params.blocking()?, rules_index).await;
     let state = st.store.state();
     let list: Vec<_> = state
         .rules

@@ -7,7 +7,10 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use hyper::body::Bytes;
 
-use super::{text_body, ApiResult, AppState, Caller, Params};
+use serde_json::json;
+
+use super::blocking::block;
+use super::{filtered, indexed, text_body, ApiResult, AppState, Caller, Params};
 use crate::acl::Need;
 use crate::local::{Handle, ManifestRequest};
 use crate::Error;
@@ -48,33 +51,52 @@ async fn delete(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> 
 }
 
 /// `?namespace=`: only that namespace; absent or empty: every namespace.
-fn namespace_filter(q: Option<String>) -> Result<Option<String>, Error> {
-    Ok(Params::new(q)
+fn namespace_filter(params: &Params) -> Result<Option<String>, Error> {
+    Ok(params
         .optional("namespace")?
         .filter(|s| !s.is_empty())
         .map(str::to_owned))
 }
 
-async fn pods(AxState(st): AxState<AppState>, caller: Caller, RawQuery(q): RawQuery) -> ApiResult {
+/// The top-level fields of a kubectl-shaped object a `?filter=` may select
+/// (`metadata.name`, `status.phase`, `metadata.labels.app`, …).
+const OBJECT_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
+
+/// The index of the runner's lists: the published catalog's (pods, readiness, services).
+fn catalog_index(st: &AppState) -> u64 {
+    st.catalog.current().0
+}
+
+async fn pods(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
     caller.need(Need::Read)?;
-    let ns = namespace_filter(q)?;
+    let ns = namespace_filter(&params)?;
+    let filter = params.filter(OBJECT_FIELDS)?;
+    block(&st, params.blocking()?, catalog_index).await;
+    let index = catalog_index(&st);
     let mut list = runner(&st)?.pods().await?;
     list.items
         .retain(|p| ns.is_none() || p.metadata.namespace == ns);
-    Ok(Json(list).into_response())
+    let items = filtered(filter.as_ref(), &list.items)?;
+    Ok(indexed(
+        index,
+        json!({"apiVersion": list.api_version, "kind": list.kind, "items": items}),
+    ))
 }
 
-async fn services(
-    AxState(st): AxState<AppState>,
-    caller: Caller,
-    RawQuery(q): RawQuery,
-) -> ApiResult {
+async fn services(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
     caller.need(Need::Read)?;
-    let ns = namespace_filter(q)?;
+    let ns = namespace_filter(&params)?;
+    let filter = params.filter(OBJECT_FIELDS)?;
+    block(&st, params.blocking()?, catalog_index).await;
+    let index = catalog_index(&st);
     let mut list = runner(&st)?.services().await?;
     list.items
         .retain(|s| ns.is_none() || s.metadata.namespace == ns);
-    Ok(Json(list).into_response())
+    let items = filtered(filter.as_ref(), &list.items)?;
+    Ok(indexed(
+        index,
+        json!({"apiVersion": list.api_version, "kind": list.kind, "items": items}),
+    ))
 }
 
 async fn proxy(

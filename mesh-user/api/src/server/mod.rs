@@ -9,7 +9,11 @@
 //! - `/v1/agent/mesh/status` (whether the kernel holds the intentions) in [`agent`];
 //! - `/v1/acl/*` in [`acl`];
 //! - `/v1/local/*` (`meshd local`) in [`local`];
-//! - `/ui/` (the web UI's page and assets) in [`ui`].
+//! - `/v1/catalog/*` and `/v1/health/*` in [`catalog`];
+//! - `/v1/internal/ui/*` and `/v1/internal/acl/authorize` (what Consul's web UI calls) in
+//!   [`ui`];
+//! - blocking queries (`?index=`, `?wait=`) in [`blocking`];
+//! - `/ui/` (the web UI's page and assets) in [`ui_assets`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -32,13 +36,17 @@ use tracing::{error, info, warn};
 mod acl;
 mod agent;
 mod authorize;
+mod blocking;
+mod catalog;
 mod config_entries;
 mod intentions;
 mod local;
 mod serve;
 mod ui;
+mod ui_assets;
 
 use crate::acl::{find_token, Need};
+use crate::catalog::PublishedCatalog;
 use crate::client::HTTP_ADDR_ENV;
 use crate::filter::Filter;
 use crate::store::{State, Store};
@@ -168,6 +176,9 @@ pub struct Hooks {
     pub status: SharedStatus,
     /// The local runner (`meshd local`), which serves `/v1/local/*`; `None` elsewhere.
     pub local: Option<crate::local::Handle>,
+    /// The catalog the agent's loop publishes: what `/v1/catalog/*`, `/v1/health/*` and
+    /// `/v1/internal/ui/*` answer from (empty until the first publication).
+    pub catalog: Arc<PublishedCatalog>,
 }
 
 impl Default for Hooks {
@@ -177,6 +188,7 @@ impl Default for Hooks {
             counters: Arc::new(NoCounters),
             status: Arc::new(NoStatus),
             local: None,
+            catalog: Arc::new(PublishedCatalog::default()),
         }
     }
 }
@@ -222,16 +234,18 @@ impl Server {
             header_timeout: cfg.header_timeout,
             max_connections: cfg.max_connections,
         };
+        let (stop, stopped) = watch::channel(false);
         let app = router(
             AppState {
                 store: store.clone(),
                 counters: hooks.counters,
                 status: hooks.status,
                 local: hooks.local,
+                catalog: hooks.catalog,
+                stopped: stopped.clone(),
             },
             cfg.max_body_bytes,
         );
-        let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut http_addr = None;
         if let Some(addr) = cfg.http_addr {
@@ -366,6 +380,9 @@ struct AppState {
     counters: Arc<dyn CountersSource>,
     status: SharedStatus,
     local: Option<crate::local::Handle>,
+    catalog: Arc<PublishedCatalog>,
+    /// Turns true when the server stops: blocked queries answer at once.
+    stopped: watch::Receiver<bool>,
 }
 
 /// Every route: each module's group, then a JSON 404 for any other path; bodies over
@@ -378,7 +395,9 @@ fn router(state: AppState, max_body: usize) -> Router {
         .merge(agent::routes())
         .merge(acl::routes())
         .merge(local::routes())
+        .merge(catalog::routes())
         .merge(ui::routes())
+        .merge(ui_assets::routes())
         .fallback(no_route)
         .with_state(state)
         .layer(axum::middleware::map_response(
@@ -413,12 +432,18 @@ impl IntoResponse for Error {
 /// What a handler returns.
 type ApiResult = Result<Response, Error>;
 
-/// A JSON answer with Consul's `X-Consul-Index` header.
+/// A JSON answer with Consul's query headers: `X-Consul-Index` (at least 1, as Consul's),
+/// and `X-Consul-KnownLeader: true`, `X-Consul-LastContact: 0` (this agent is its own
+/// leader), which Consul's clients and UI read.
 fn indexed<T: Serialize>(index: u64, value: T) -> Response {
     let mut resp = Json(value).into_response();
     if let Ok(v) = HeaderValue::from_str(&index.max(1).to_string()) {
         resp.headers_mut().insert("X-Consul-Index", v);
     }
+    resp.headers_mut()
+        .insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
+    resp.headers_mut()
+        .insert("X-Consul-LastContact", HeaderValue::from_static("0"));
     resp
 }
 
@@ -678,9 +703,41 @@ pub mod fuzzing {
 
     /// Decodes the raw query string `raw` the way every route reads its parameters: `ns` (with
     /// and without the wildcard), `cas`, `source-type`, `source` / `destination` / `name` as
-    /// service names, `by`, `namespace`, `target`, `port`. One result per parameter read.
+    /// service names, `by`, `namespace`, `target`, `port`, the blocking query's `index` and
+    /// `wait`, `filter` (parsed, and checked against the fields of Consul's UI service
+    /// summary), `kind`, `passing`, `connect` and `tag`. One result per parameter read.
     pub fn decode_query(raw: &str) -> Vec<Result<String, Error>> {
         let params = Params::new(Some(raw.to_owned()));
+        out_extra(&params)
+            .into_iter()
+            .chain(decode_names(&params))
+            .collect()
+    }
+
+    /// The blocking query `raw` asks for: `(index, wait)`, `None` when it does not block.
+    pub fn decode_blocking(raw: &str) -> Result<Option<(u64, std::time::Duration)>, Error> {
+        Params::new(Some(raw.to_owned()))
+            .blocking()
+            .map(|b| b.map(|b| (b.index, b.wait)))
+    }
+
+    /// The longest wait a blocking query may ask for.
+    pub const MAX_WAIT: std::time::Duration = super::blocking::MAX_WAIT;
+
+    fn out_extra(params: &Params) -> Vec<Result<String, Error>> {
+        const SUMMARY: &[&str] = &["Name", "Kind", "Namespace", "Tags", "InstanceCount"];
+        vec![
+            params.blocking().map(|b| format!("{b:?}")),
+            params.filter(SUMMARY).map(|f| format!("{f:?}")),
+            params.optional("kind").map(|k| format!("{k:?}")),
+            params.optional("passing").map(|p| format!("{p:?}")),
+            params.optional("connect").map(|c| format!("{c:?}")),
+            Ok(format!("{:?}", params.all("tag"))),
+            super::catalog::scope(params).map(|s| format!("{s:?}")),
+        ]
+    }
+
+    fn decode_names(params: &Params) -> Vec<Result<String, Error>> {
         let mut out = Vec::new();
         out.push(params.namespace(true).map(|n| format!("{n:?}")));
         out.push(params.namespace(false).map(|n| format!("{n:?}")));

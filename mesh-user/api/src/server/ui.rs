@@ -1,155 +1,491 @@
-//! `/ui/`: the web UI, served from assets compiled into the binary (`mesh-user/api/ui/`:
-//! plain HTML, CSS and ES modules, no build step). Every path under `/ui/` that is not an
-//! asset answers the page itself, whose script routes on the path (`/ui/services`,
-//! `/ui/services/<ns>/<name>`, `/ui/intentions`), as Consul's UI does; `/ui` redirects to
-//! `/ui/`. The pages call the same `/v1/` API as every other client, with the token the user
-//! logs in with (kept in the browser's session storage).
+//! What Consul's web UI calls besides the catalog: `/v1/internal/ui/services` (the services
+//! page), `/v1/internal/ui/service-topology/<svc>` (a service's upstreams and downstreams
+//! with the intention decision of each edge) and `/v1/internal/acl/authorize` (which write
+//! buttons to show). Shapes as Consul's `agent/ui_endpoint.go` and `agent/acl_endpoint.go`.
 
-use axum::extract::Path as UrlPath;
-use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, LOCATION};
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use std::collections::BTreeMap;
+
+use axum::extract::{Path as UrlPath, State as AxState};
+use axum::routing::{get, post};
 use axum::Router;
+use hyper::body::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
-use super::AppState;
-
-/// The assets under `/ui/assets/`: name, content type, content.
-const ASSETS: &[(&str, &str, &str)] = &[
-    (
-        "app.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../ui/app.js"),
-    ),
-    (
-        "api.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../ui/api.js"),
-    ),
-    (
-        "topology.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../ui/topology.js"),
-    ),
-    (
-        "style.css",
-        "text/css; charset=utf-8",
-        include_str!("../../ui/style.css"),
-    ),
-];
-
-/// The page every UI route answers with.
-const INDEX: &str = include_str!("../../ui/index.html");
-
-/// Only this origin's scripts, styles and API; no framing (the UI holds a token).
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
-                   img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+use super::blocking::{block, mesh_index};
+use super::catalog::{
+    in_scope, protocol_name, registrations, scope, Registration, EXTERNAL_SOURCE,
+};
+use super::{filtered, indexed, text_body, ApiResult, AppState, Caller, Params};
+use crate::acl::{decode_json, Need, Policy};
+use crate::catalog::CatalogSnapshot;
+use crate::Error;
+use mesh_core::catalog::Protocol;
+use mesh_core::intentions::{
+    Decision, Intention, Matched, RuleSet, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION,
+    WILDCARD,
+};
 
 /// The routes of this module.
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/ui", get(redirect))
-        .route("/ui/", get(index))
-        .route("/ui/assets/{name}", get(asset))
-        .route("/ui/{*path}", get(index))
+        .route("/v1/internal/ui/services", get(services))
+        .route("/v1/internal/ui/service-topology/", get(topology_unnamed))
+        .route("/v1/internal/ui/service-topology/{service}", get(topology))
+        .route("/v1/internal/acl/authorize", post(authorize))
 }
 
-async fn redirect() -> Response {
-    (StatusCode::MOVED_PERMANENTLY, [(LOCATION, "/ui/")]).into_response()
+/// The fields of Consul's `ServiceListingSummary` a `?filter=` may select (this agent
+/// filters the summaries; Consul filters the registrations they are made from).
+const SUMMARY_FIELDS: &[&str] = &[
+    "Kind",
+    "Name",
+    "Datacenter",
+    "Tags",
+    "Nodes",
+    "ExternalSources",
+    "InstanceCount",
+    "ChecksPassing",
+    "ChecksWarning",
+    "ChecksCritical",
+    "GatewayConfig",
+    "TransparentProxy",
+    "ConnectNative",
+    "PeerName",
+    "Namespace",
+    "Partition",
+    "ConnectedWithProxy",
+    "ConnectedWithGateway",
+];
+
+/// Consul's `TopologySource*`: why an edge is in a topology.
+const SOURCE_REGISTRATION: &str = "proxy-registration";
+const SOURCE_SPECIFIC_INTENTION: &str = "specific-intention";
+const SOURCE_WILDCARD_INTENTION: &str = "wildcard-intention";
+const SOURCE_DEFAULT_ALLOW: &str = "default-allow";
+
+/// Consul's `ServiceSummary` of the registrations of one service (namespace and name), and
+/// whether a sidecar proxy serves it (`ConnectedWithProxy`).
+fn summary(regs: &[&Registration<'_>], connected: bool) -> Value {
+    let first = regs[0];
+    let mut tags: Vec<String> = Vec::new();
+    let mut nodes: Vec<String> = Vec::new();
+    for r in regs {
+        for t in &r.inst.tags {
+            if !tags.contains(t) {
+                tags.push(t.clone());
+            }
+        }
+        let n = r.node();
+        if !nodes.contains(&n) {
+            nodes.push(n);
+        }
+    }
+    nodes.sort();
+    let passing = regs.iter().filter(|r| r.inst.ready).count();
+    let mut v = json!({
+        "Name": first.name(),
+        "Datacenter": first.inst.datacenter,
+        "Tags": tags,
+        "Nodes": nodes,
+        "ExternalSources": [EXTERNAL_SOURCE],
+        "InstanceCount": regs.len(),
+        "ChecksPassing": passing,
+        "ChecksWarning": 0,
+        "ChecksCritical": regs.len() - passing,
+        "GatewayConfig": {},
+        // Every pod's proxy is transparent (the kernel steers its traffic).
+        "TransparentProxy": true,
+        "ConnectNative": false,
+        "Namespace": first.inst.namespace,
+        "Partition": DEFAULT_PARTITION,
+        "ConnectedWithProxy": connected,
+        "ConnectedWithGateway": false,
+    });
+    if first.proxy {
+        v["Kind"] = first.kind().into();
+    }
+    v
 }
 
-fn page(content_type: &'static str, body: &'static str) -> Response {
-    let mut resp = body.into_response();
-    let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(
-        "X-Content-Type-Options",
-        HeaderValue::from_static("nosniff"),
-    );
-    resp
+/// The registrations of `snap`, grouped by (namespace, name), in Consul's order.
+fn groups<'a>(
+    regs: &'a [Registration<'a>],
+) -> BTreeMap<(String, String), Vec<&'a Registration<'a>>> {
+    let mut g: BTreeMap<(String, String), Vec<&Registration<'_>>> = BTreeMap::new();
+    for r in regs {
+        g.entry((r.inst.namespace.clone(), r.name()))
+            .or_default()
+            .push(r);
+    }
+    g
 }
 
-async fn index() -> Response {
-    page("text/html; charset=utf-8", INDEX)
+/// `GET /v1/internal/ui/services`: one `ServiceListingSummary` per service and per sidecar
+/// proxy service (`Kind` `connect-proxy`; Consul's UI leaves those out of its list).
+async fn services(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
+    caller.need(Need::Read)?;
+    let scope = scope(&params)?;
+    let filter = params.filter(SUMMARY_FIELDS)?;
+    block(&st, params.blocking()?, mesh_index).await;
+    let index = mesh_index(&st);
+    let (_, snap) = st.catalog.current();
+    let regs: Vec<Registration<'_>> = registrations(&snap)
+        .into_iter()
+        .filter(|r| in_scope(&scope, &r.inst.namespace))
+        .collect();
+    let items: Vec<Value> = groups(&regs)
+        .values()
+        .map(|g| summary(g, !g[0].proxy))
+        .collect();
+    Ok(indexed(index, filtered(filter.as_ref(), &items)?))
 }
 
-async fn asset(UrlPath(name): UrlPath<String>) -> Response {
-    match ASSETS.iter().find(|(n, _, _)| *n == name) {
-        Some((_, ty, body)) => page(ty, body),
-        None => crate::Error::NotFound(format!("no such UI asset: {name}")).into_response(),
+/// Whether an intention has L7 permissions (Consul's `HasPermissions`): intentions here
+/// decide at L4 only (they have no `Permissions`), so none has. The one place that decides
+/// it for the topology.
+fn has_permissions(_intention: &Intention) -> bool {
+    false
+}
+
+/// One edge's decision: Consul's `IntentionDecisionSummary`, its topology source (when the
+/// edge exists because of it) and `DecidedBy`, which intention (or the default policy)
+/// decided.
+struct Edge {
+    decision: Decision,
+    summary: Value,
+    decided_by: Value,
+}
+
+fn edge(rules: &RuleSet, src: &ServiceName, dst: &ServiceName) -> Edge {
+    let decision = rules.check(src, dst);
+    let default_allow = rules.default_policy().is_allow();
+    let matched = match &decision.matched {
+        Matched::Intention { id, .. } => rules.get(id),
+        Matched::Default => None,
+    };
+    let summary = json!({
+        "Allowed": decision.allowed,
+        "HasPermissions": matched.is_some_and(has_permissions),
+        "ExternalSource": matched
+            .and_then(|it| it.meta.get("external-source"))
+            .cloned()
+            .unwrap_or_default(),
+        "HasExact": rules.get_exact(src, dst).is_some(),
+        "DefaultAllow": default_allow,
+    });
+    let decided_by = match matched {
+        Some(it) => json!({
+            "Kind": "intention",
+            "IntentionID": it.id,
+            "SourceNS": it.source.namespace(),
+            "SourceName": it.source.name(),
+            "DestinationNS": it.destination.namespace(),
+            "DestinationName": it.destination.name(),
+            "Action": it.action.to_string(),
+            "Precedence": it.precedence,
+            "Text": format!("{} => {}", it.source, it.destination),
+        }),
+        None => json!({
+            "Kind": "default-policy",
+            "Action": rules.default_policy().to_string(),
+            "Text": format!("default policy ({})", rules.default_policy()),
+        }),
+    };
+    Edge {
+        decision,
+        summary,
+        decided_by,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The topology source of an edge that exists because the rules allow it.
+fn intention_source(rules: &RuleSet, d: &Decision) -> &'static str {
+    match &d.matched {
+        Matched::Intention { id, .. } => match rules.get(id) {
+            Some(it)
+                if [&it.source, &it.destination]
+                    .iter()
+                    .all(|n| n.name() != WILDCARD && n.namespace() != WILDCARD) =>
+            {
+                SOURCE_SPECIFIC_INTENTION
+            }
+            _ => SOURCE_WILDCARD_INTENTION,
+        },
+        Matched::Default => SOURCE_DEFAULT_ALLOW,
+    }
+}
 
-    #[test]
-    fn every_asset_the_page_loads_is_served() {
-        for (name, _, body) in ASSETS {
-            assert!(!body.is_empty(), "{name}");
+fn service_name(ns: &str, name: &str) -> Option<ServiceName> {
+    ServiceName::new(ns, name).ok()
+}
+
+/// The upstreams and downstreams of `me` as Consul's `ServiceTopology` computes them in
+/// transparent mode: an upstream is a service an instance of `me` names as an explicit
+/// upstream (`proxy-registration`, allowed or not) or one the rules let `me` reach (by a
+/// specific or wildcard intention, or the default policy); a downstream likewise the other
+/// way. Each is a summary of that service with `Source`, `Intention` and `DecidedBy`.
+fn topology_json(snap: &CatalogSnapshot, rules: &RuleSet, me: &ServiceName) -> Value {
+    let regs = registrations(snap);
+    let services: BTreeMap<(String, String), Vec<&Registration<'_>>> = groups(&regs)
+        .into_iter()
+        .filter(|(_, g)| !g[0].proxy)
+        .collect();
+    let key = |n: &ServiceName| (n.namespace().to_owned(), n.name().to_owned());
+    let mine: Vec<&Registration<'_>> = services.get(&key(me)).cloned().unwrap_or_default();
+    let mut up: BTreeMap<(String, String), &'static str> = BTreeMap::new();
+    for r in &mine {
+        for u in &r.inst.upstreams {
+            up.insert(
+                (u.namespace.clone(), u.service.clone()),
+                SOURCE_REGISTRATION,
+            );
         }
-        for name in ["app.js", "style.css"] {
-            assert!(INDEX.contains(&format!("/ui/assets/{name}")), "{name}");
+    }
+    let mut down: BTreeMap<(String, String), &'static str> = BTreeMap::new();
+    for ((ns, name), g) in &services {
+        if (ns.as_str(), name.as_str()) == (me.namespace(), me.name()) {
+            continue;
         }
-        // Modules import each other by the paths served here.
-        for (name, _, body) in ASSETS {
-            for import in body.match_indices("from \"./").map(|(i, _)| &body[i + 8..]) {
-                let file = &import[..import.find('"').unwrap_or(0)];
-                assert!(
-                    ASSETS.iter().any(|(n, _, _)| *n == file),
-                    "{name} imports {file}, which is not served"
-                );
+        if g.iter().any(|r| {
+            r.inst
+                .upstreams
+                .iter()
+                .any(|u| u.namespace == me.namespace() && u.service == me.name())
+        }) {
+            down.insert((ns.clone(), name.clone()), SOURCE_REGISTRATION);
+        }
+        let Some(other) = service_name(ns, name) else {
+            continue;
+        };
+        if !up.contains_key(&(ns.clone(), name.clone())) {
+            let d = rules.check(me, &other);
+            if d.allowed {
+                up.insert((ns.clone(), name.clone()), intention_source(rules, &d));
+            }
+        }
+        if !down.contains_key(&(ns.clone(), name.clone())) {
+            let d = rules.check(&other, me);
+            if d.allowed {
+                down.insert((ns.clone(), name.clone()), intention_source(rules, &d));
             }
         }
     }
+    let side = |edges: BTreeMap<(String, String), &'static str>, upstream: bool| -> Vec<Value> {
+        edges
+            .into_iter()
+            .filter_map(|((ns, name), source)| {
+                let g = services.get(&(ns.clone(), name.clone()))?;
+                let other = service_name(&ns, &name)?;
+                let e = if upstream {
+                    edge(rules, me, &other)
+                } else {
+                    edge(rules, &other, me)
+                };
+                let mut v = summary(g, false);
+                let o = v.as_object_mut()?;
+                o.remove("ConnectedWithProxy");
+                o.remove("ConnectedWithGateway");
+                o.insert("Source".into(), source.into());
+                o.insert("Intention".into(), e.summary);
+                o.insert("DecidedBy".into(), e.decided_by);
+                debug_assert!(source == SOURCE_REGISTRATION || e.decision.allowed);
+                Some(v)
+            })
+            .collect()
+    };
+    let protocol = snap
+        .services
+        .iter()
+        .find(|s| s.namespace == me.namespace() && s.name == me.name())
+        .map_or(Protocol::Tcp, |s| s.protocol);
+    json!({
+        "Protocol": protocol_name(protocol),
+        "TransparentProxy": !mine.is_empty(),
+        "Upstreams": side(up, true),
+        "Downstreams": side(down, false),
+        "FilteredByACLs": false,
+    })
+}
 
-    /// `GET path` on `addr` with `Connection: close`: the status line and headers, the body.
-    async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.unwrap();
-        let text = String::from_utf8(raw).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        (head.to_ascii_lowercase(), body.to_owned())
+async fn topology_unnamed() -> ApiResult {
+    Err(Error::bad("service", "Missing service name"))
+}
+
+/// `GET /v1/internal/ui/service-topology/<svc>?kind=`: `kind` is required, as in Consul, and
+/// is `""` (a typical service) or `ingress-gateway` (this agent has no gateways: nothing is
+/// upstream or downstream of one).
+async fn topology(
+    AxState(st): AxState<AppState>,
+    caller: Caller,
+    params: Params,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult {
+    caller.need(Need::Read)?;
+    let kind = params
+        .optional("kind")?
+        .ok_or_else(|| Error::bad("kind", "Missing service kind"))?
+        .to_owned();
+    if !matches!(kind.as_str(), "" | "ingress-gateway") {
+        return Err(Error::bad(
+            "kind",
+            format!("Unsupported service kind {kind:?}"),
+        ));
     }
+    let ns = params
+        .namespace(false)?
+        .unwrap_or(DEFAULT_NAMESPACE)
+        .to_owned();
+    let me = ServiceName::new(ns, name.clone())
+        .map_err(|e| Error::bad("service", format!("service {name:?} is invalid: {e}")))?;
+    block(&st, params.blocking()?, mesh_index).await;
+    let index = mesh_index(&st);
+    let (_, snap) = st.catalog.current();
+    let state = st.store.state();
+    let body = if kind.is_empty() {
+        topology_json(&snap, &state.rules, &me)
+    } else {
+        json!({
+            "Protocol": "tcp",
+            "TransparentProxy": false,
+            "Upstreams": [],
+            "Downstreams": [],
+            "FilteredByACLs": false,
+        })
+    };
+    Ok(indexed(index, body))
+}
 
-    #[tokio::test]
-    async fn the_page_and_its_assets_are_served_without_a_token() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::ServerConfig::new(dir.path());
-        cfg.http_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-        cfg.unix_socket = None;
-        let server = crate::Server::start(cfg, crate::Hooks::default()).await.unwrap();
-        let addr = server.http_addr().unwrap();
+/// Consul's limit on one `authorize` request.
+const MAX_AUTHORIZATIONS: usize = 64;
 
-        let (head, _) = get(addr, "/ui").await;
-        assert!(head.starts_with("http/1.1 301"), "{head}");
-        assert!(head.contains("location: /ui/"), "{head}");
-        // The page, at /ui/ and at every route its script knows.
-        for path in ["/ui/", "/ui/services", "/ui/services/default/web", "/ui/intentions/create"] {
-            let (head, body) = get(addr, path).await;
-            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
-            assert!(head.contains("content-type: text/html"), "{path}: {head}");
-            assert!(head.contains("content-security-policy: default-src 'none'"), "{path}: {head}");
-            assert_eq!(body, INDEX, "{path}");
+/// One question of `POST /v1/internal/acl/authorize` (Consul's `ACLAuthorizationRequest`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizationRequest {
+    #[serde(rename = "Resource")]
+    resource: String,
+    #[serde(rename = "Segment", default)]
+    segment: String,
+    #[serde(rename = "Access")]
+    access: String,
+    #[serde(rename = "Namespace", default)]
+    namespace: String,
+    #[serde(rename = "Partition", default)]
+    partition: String,
+}
+
+/// Consul's ACL resources.
+const RESOURCES: &[&str] = &[
+    "acl",
+    "agent",
+    "event",
+    "intention",
+    "key",
+    "keyring",
+    "mesh",
+    "node",
+    "operator",
+    "peering",
+    "query",
+    "service",
+    "session",
+];
+
+/// Whether `policies` grant `access` to `resource`/`segment` in namespace `ns`: operators
+/// everything; `read-only` reading everything; `intention-write:<pattern>` reading the
+/// catalog and the intentions whose destination the pattern covers, and writing those (an
+/// empty segment asks about every service of the namespace, as Consul's UI asks).
+fn allowed(policies: &[Policy], resource: &str, segment: &str, access: &str, ns: &str) -> bool {
+    let write = access == "write";
+    policies.iter().any(|p| match p {
+        Policy::Operator => true,
+        Policy::ReadOnly => !write,
+        Policy::IntentionWrite(pattern) => match resource {
+            "intention" => {
+                if segment.is_empty() {
+                    pattern.name() == WILDCARD
+                        && (pattern.namespace() == WILDCARD || pattern.namespace() == ns)
+                } else {
+                    ServiceName::new(ns, segment).is_ok_and(|dst| pattern.matches(&dst))
+                }
+            }
+            "service" | "node" => !write,
+            _ => false,
+        },
+    })
+}
+
+/// `POST /v1/internal/acl/authorize`: for each `{Resource, Segment, Access}` the same with
+/// `Allow`, as Consul's (at most 64 per request; an unknown resource or access is a 400).
+async fn authorize(
+    AxState(_st): AxState<AppState>,
+    caller: Caller,
+    params: Params,
+    body: Bytes,
+) -> ApiResult {
+    let req_ns = params.namespace(false)?.map(str::to_owned);
+    let reqs: Vec<AuthorizationRequest> = decode_json(text_body(&body)?)?;
+    if reqs.len() > MAX_AUTHORIZATIONS {
+        return Err(Error::BadRequest {
+            field: None,
+            message: format!(
+                "Refusing to authorize more than {MAX_AUTHORIZATIONS} requests at once"
+            ),
+        });
+    }
+    let mut out = Vec::with_capacity(reqs.len());
+    for (i, r) in reqs.iter().enumerate() {
+        if !RESOURCES.contains(&r.resource.as_str()) {
+            return Err(Error::bad(
+                format!("[{i}].Resource"),
+                format!(
+                    "Invalid request[{i}]: Unknown resource type: {:?}",
+                    r.resource
+                ),
+            ));
         }
-        let (head, body) = get(addr, "/ui/assets/app.js").await;
-        assert!(head.contains("content-type: text/javascript"), "{head}");
-        assert!(body.contains("/v1/internal/ui/services"));
-        let (head, _) = get(addr, "/ui/assets/style.css").await;
-        assert!(head.contains("content-type: text/css"), "{head}");
-        let (head, body) = get(addr, "/ui/assets/nope.js").await;
-        assert!(head.starts_with("http/1.1 404"), "{head}");
-        assert!(body.contains("no such UI asset: nope.js"), "{body}");
-        // The API behind it still wants a token.
-        let (head, _) = get(addr, "/v1/connect/intentions").await;
-        assert!(head.starts_with("http/1.1 401"), "{head}");
-        server.shutdown().await;
+        if !matches!(r.access.as_str(), "read" | "list" | "write") {
+            return Err(Error::bad(
+                format!("[{i}].Access"),
+                format!(
+                    "Invalid request[{i}]: Invalid access level for resource {}: {:?}",
+                    r.resource, r.access
+                ),
+            ));
+        }
+        if !r.partition.is_empty() && r.partition != DEFAULT_PARTITION {
+            return Err(Error::bad(
+                format!("[{i}].Partition"),
+                format!(
+                    "Invalid request[{i}]: partition {:?} does not exist; this agent serves only partition {DEFAULT_PARTITION:?}",
+                    r.partition
+                ),
+            ));
+        }
+        let ns = if r.namespace.is_empty() {
+            req_ns
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
+        } else {
+            r.namespace.clone()
+        };
+        let allow = allowed(&caller.0.policies, &r.resource, &r.segment, &r.access, &ns);
+        let mut v = json!({
+            "Resource": r.resource,
+            "Access": r.access,
+            "Allow": allow,
+        });
+        if !r.segment.is_empty() {
+            v["Segment"] = r.segment.clone().into();
+        }
+        if !r.namespace.is_empty() {
+            v["Namespace"] = r.namespace.clone().into();
+        }
+        if !r.partition.is_empty() {
+            v["Partition"] = r.partition.clone().into();
+        }
+        out.push(v);
     }
+    Ok(axum::response::IntoResponse::into_response(axum::Json(out)))
 }

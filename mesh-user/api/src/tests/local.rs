@@ -108,6 +108,7 @@ async fn local_routes_need_tokens_and_answer_in_kubectls_shapes() {
         sink: Arc::new(MemorySink::default()),
         counters: Arc::new(MemoryCounters::default()),
         status: Arc::new(PublishedStatus::default()),
+        catalog: Arc::new(PublishedCatalog::default()),
     };
     let reader = h.token(&["read-only"]).await;
     let writer = h.token(&["intention-write:*"]).await;
@@ -159,6 +160,32 @@ async fn local_routes_need_tokens_and_answer_in_kubectls_shapes() {
     assert_eq!(v["items"][0]["status"]["conditions"][0]["type"], "Ready");
     let v = h.ok("GET", "/v1/local/pods?namespace=other", None).await;
     assert_eq!(v["items"].as_array().unwrap().len(), 0);
+    // ?filter= over the kubectl-shaped objects; a bad one is a 400 naming it.
+    let v = h
+        .ok(
+            "GET",
+            "/v1/local/pods?filter=metadata.name%20%3D%3D%20web",
+            None,
+        )
+        .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    let v = h
+        .ok(
+            "GET",
+            "/v1/local/pods?filter=status.phase%20!%3D%20Running",
+            None,
+        )
+        .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 0);
+    let (status, v) = h
+        .call(
+            Some(&h.root),
+            "GET",
+            "/v1/local/services?filter=Name%20%3D%3D%20x",
+            None,
+        )
+        .await;
+    assert_eq!((status, v["Field"].as_str()), (400, Some("filter")), "{v}");
 
     // The runner's refusals reach the caller verbatim, with their status.
     let bad = POD_YAML.replace(

@@ -18,6 +18,7 @@ mod intentions;
 mod local;
 mod parity;
 mod serving;
+mod ui;
 
 struct Harness {
     dir: tempfile::TempDir,
@@ -26,6 +27,7 @@ struct Harness {
     sink: Arc<MemorySink>,
     counters: Arc<MemoryCounters>,
     status: Arc<PublishedStatus>,
+    catalog: Arc<PublishedCatalog>,
 }
 
 fn config(dir: &Path, policy: Action) -> ServerConfig {
@@ -48,11 +50,13 @@ async fn start_with(
     let sink = Arc::new(MemorySink::default());
     let counters = Arc::new(MemoryCounters::default());
     let status = Arc::new(PublishedStatus::default());
+    let catalog = Arc::new(PublishedCatalog::default());
     let hooks = Hooks {
         rules: sink.clone(),
         counters: counters.clone(),
         status: status.clone(),
         local: None,
+        catalog: catalog.clone(),
     };
     let mut cfg = config(dir.path(), policy);
     tweak(&mut cfg);
@@ -73,6 +77,7 @@ async fn start_with(
         sink,
         counters,
         status,
+        catalog,
     }
 }
 

@@ -14,6 +14,7 @@ use std::net::SocketAddrV4;
 
 use serde::{Deserialize, Serialize};
 
+pub mod ports;
 mod types;
 mod update;
 mod validate;

@@ -440,3 +440,70 @@ fn terminated(exit: &Exit) -> Terminated {
         finished_at: timestamp(exit.at),
     }
 }
+
+/// consul-k8s' annotation of extra service tags (comma-separated).
+const SERVICE_TAGS_ANNOTATION: &str = "consul.hashicorp.com/service-tags";
+/// consul-k8s' prefix of service meta annotations (`…service-meta-<key>: <value>`).
+const SERVICE_META_PREFIX: &str = "consul.hashicorp.com/service-meta-";
+
+impl Runner {
+    /// The catalog as the API serves it (Consul's catalog, health and UI endpoints): every
+    /// pod in the mesh with its node, address, app port, readiness (the `Ready` condition
+    /// `meshctl get pods` shows) and explicit upstreams; tags and meta from consul-k8s'
+    /// `service-tags` and `service-meta-<key>` annotations.
+    pub fn catalog_snapshot(&self, agent: &Agent) -> mesh_api::CatalogSnapshot {
+        let catalog = agent.catalog();
+        let instances = self
+            .pods
+            .values()
+            .filter_map(|run| {
+                let w = &run.workload;
+                let mesh = w.mesh.as_ref()?;
+                let cw = catalog.workload(&plan::catalog_id(&run.pod.id));
+                let tags = w
+                    .annotations
+                    .get(SERVICE_TAGS_ANNOTATION)
+                    .map(|t| {
+                        t.split(',')
+                            .map(str::trim)
+                            .filter(|t| !t.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let meta = w
+                    .annotations
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix(SERVICE_META_PREFIX)
+                            .map(|k| (k.to_owned(), v.clone()))
+                    })
+                    .collect();
+                Some(mesh_api::Instance {
+                    pod: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    service: mesh.service.clone(),
+                    datacenter: plan::DATACENTER.to_owned(),
+                    node: self.node.name.clone(),
+                    // As the pod's hostIP in `meshctl get pods -o json`.
+                    node_address: run.pod.ip,
+                    address: run.pod.ip,
+                    port: plan::app_ports(&self.desired, w)
+                        .first()
+                        .copied()
+                        .unwrap_or(0),
+                    inbound_port: mesh_common::INBOUND_PORT,
+                    ready: self.pod_ready(run, agent),
+                    upstreams: cw.map(|c| c.upstreams.clone()).unwrap_or_default(),
+                    tags,
+                    meta,
+                })
+            })
+            .collect();
+        mesh_api::CatalogSnapshot {
+            datacenter: plan::DATACENTER.to_owned(),
+            services: catalog.services.clone(),
+            instances,
+        }
+    }
+}
