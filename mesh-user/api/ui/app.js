@@ -216,7 +216,9 @@ function servicesPage() {
     if (last) render(last);
   };
   nsSelect.addEventListener("change", () => { ns = nsSelect.value; keep(); });
-  searchInput.addEventListener("input", () => { search = searchInput.value.trim(); keep(); });
+  for (const event of ["input", "change", "search"]) {
+    searchInput.addEventListener(event, () => { search = searchInput.value.trim(); keep(); });
+  }
   const render = (services) => {
     const namespaces = [...new Set(services.map((s) => s.Namespace || "default"))].sort();
     const have = [...nsSelect.options].slice(1).map((o) => o.value);
@@ -246,7 +248,8 @@ function servicesPage() {
     try {
       const services = await api("/v1/internal/ui/services?ns=*");
       if (!current()) return;
-      last = services || [];
+      // Consul's UI leaves the sidecar proxies (Kind connect-proxy) out of this page.
+      last = (services || []).filter((s) => !s.Kind);
       render(last);
     } catch (e) {
       if (current()) replaceIfChanged(body, `err:${e.message}`, () => readError(e, "the services"));
@@ -255,18 +258,6 @@ function servicesPage() {
 }
 
 // ---- one service ----
-
-/** Whether intention pattern (ns, name) covers service (sns, sname). */
-function covers(ns, name, sns, sname) {
-  return (ns === "*" || ns === sns) && (name === "*" || name === sname);
-}
-
-/** The intention that decides src → dst: the first that matches in precedence order. */
-function decidingIntention(intentions, src, dst) {
-  return intentions.find((it) =>
-    covers(it.SourceNS || "default", it.SourceName, src.ns, src.name) &&
-    covers(it.DestinationNS || "default", it.DestinationName, dst.ns, dst.name)) || null;
-}
 
 function intentionName(it) {
   return `${it.SourceNS || "default"}/${it.SourceName} => ${it.DestinationNS || "default"}/${it.DestinationName}`;
@@ -292,10 +283,9 @@ function servicePage(ns, name) {
   const q = `ns=${encodeURIComponent(ns)}`;
   const me = { ns, name };
   live(async (current) => {
-    const [health, topology, intentions] = await Promise.allSettled([
+    const [health, topology] = await Promise.allSettled([
       api(`/v1/health/service/${encodeURIComponent(name)}?${q}`),
       api(`/v1/internal/ui/service-topology/${encodeURIComponent(name)}?kind=&${q}`),
-      api("/v1/connect/intentions?ns=*"),
     ]);
     if (!current()) return;
     if (health.status === "rejected") {
@@ -306,14 +296,16 @@ function servicePage(ns, name) {
         ? message("info", "No instances are registered.")
         : h("div", { class: "scroll" }, h("table", { class: "list" },
           h("caption", { class: "sr-only" }, "Instances"),
-          h("thead", {}, h("tr", {}, ["Instance", "Node", "Address", "Health"].map((c) => h("th", { scope: "col" }, c)))),
+          h("thead", {}, h("tr", {}, ["Instance", "Pod", "Node", "Address", "Health"].map((c) => h("th", { scope: "col" }, c)))),
           h("tbody", {}, list.map((i) => {
             const checks = i.Checks || [];
             const critical = checks.filter((c) => c.Status === "critical").length;
             const passing = checks.filter((c) => c.Status === "passing").length;
             const addr = i.Service.Address || (i.Node && i.Node.Address) || "";
-            return h("tr", { "data-instance": i.Service.ID },
+            const pod = (i.Service.Meta && i.Service.Meta["pod-name"]) || "";
+            return h("tr", { "data-instance": i.Service.ID, "data-pod": pod },
               h("th", { scope: "row" }, i.Service.ID),
+              h("td", {}, pod),
               h("td", {}, i.Node ? i.Node.Node : ""),
               h("td", {}, i.Service.Port ? `${addr}:${i.Service.Port}` : addr),
               h("td", { class: `health ${critical ? "critical" : "passing"}` }, `${passing} passing, ${critical} critical`));
@@ -324,15 +316,17 @@ function servicePage(ns, name) {
       return;
     }
     const t = topology.value || {};
-    const ordered = intentions.status === "fulfilled" ? byPrecedence(intentions.value) : null;
-    const decide = (src, dst, intention) => {
-      const allowed = !!(intention && intention.Allowed);
-      const it = ordered && decidingIntention(ordered, src, dst);
-      const by = it ? intentionName(it) : ordered ? "the default policy" : "an intention this token may not read";
+    // Each edge's decision and what made it (`DecidedBy`: an intention, or the default
+    // policy), as the agent computes them from the rules the proxies enforce.
+    const decide = (src, dst, peer) => {
+      const allowed = !!(peer.Intention && peer.Intention.Allowed);
+      const d = peer.DecidedBy || {};
+      const it = d.Kind === "intention" ? d : null;
+      const by = it ? it.Text || intentionName(it) : "the default policy";
       const text = `${display(src.ns, src.name)} → ${display(dst.ns, dst.name)}: ${allowed ? "allowed" : "denied"} by ${by}`;
       return {
         allowed, text,
-        href: it ? `/ui/intentions/${encodeURIComponent(it.ID)}` : null,
+        href: it && it.IntentionID ? `/ui/intentions/${encodeURIComponent(it.IntentionID)}` : null,
         onDenied: () => offerAllow(offer, src, dst, text),
       };
     };
@@ -344,11 +338,11 @@ function servicePage(ns, name) {
     });
     const downs = (t.Downstreams || []).map((d) => {
       const src = { ns: d.Namespace || "default", name: d.Name };
-      return peer(d, decide(src, me, d.Intention));
+      return peer(d, decide(src, me, d));
     });
     const ups = (t.Upstreams || []).map((u) => {
       const dst = { ns: u.Namespace || "default", name: u.Name };
-      return peer(u, decide(me, dst, u.Intention));
+      return peer(u, decide(me, dst, u));
     });
     const key = JSON.stringify([downs, ups].map((l) => l.map((p) => [p.label, p.sub, p.edge.allowed, p.edge.text, p.edge.href])));
     replaceIfChanged(topo, key, () => [
@@ -356,7 +350,10 @@ function servicePage(ns, name) {
         center: { label: display(ns, name), sub: "this service", href: location.pathname },
         downstreams: downs, upstreams: ups,
       }),
-      downs.length + ups.length === 0 ? message("info", "This service has no upstreams or downstreams.") : null,
+      downs.length + ups.length === 0
+        ? message("info", "This service has no upstreams or downstreams.")
+        : h("ul", { class: "decisions", "aria-label": "Decisions" },
+          [...downs, ...ups].map((p) => h("li", { class: p.edge.allowed ? "allowed" : "denied" }, p.edge.text))),
     ].filter(Boolean));
   });
 }

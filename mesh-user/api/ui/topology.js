@@ -58,12 +58,15 @@ export function drawTopology({ center, downstreams, upstreams }) {
     a.append(svg("title", {}, e.text));
     a.append(svg("path", { d, class: "hit" }));
     a.append(svg("path", { d, class: "line", "marker-end": "url(#arrow)" }));
+    // The badge in the middle: an "x" on a denied edge, a check mark on an allowed one (also
+    // what a pointer or a WebDriver click lands on: a straight edge has no height).
+    a.append(svg("circle", { cx: mx, cy: my, r: 11, class: "badge-bg" }));
     if (!e.allowed) {
-      a.append(svg("circle", { cx: mx, cy: my, r: 11, class: "x-bg" }));
       a.append(svg("path", { d: `M${mx - 5},${my - 5} L${mx + 5},${my + 5} M${mx + 5},${my - 5} L${mx - 5},${my + 5}`, class: "x" }));
       a.addEventListener("click", (ev) => { ev.preventDefault(); e.onDenied(); });
-    } else if (!e.href) {
-      a.addEventListener("click", (ev) => ev.preventDefault());
+    } else {
+      a.append(svg("path", { d: `M${mx - 5},${my} L${mx - 1},${my + 4} L${mx + 5},${my - 4}`, class: "check" }));
+      if (!e.href) a.addEventListener("click", (ev) => ev.preventDefault());
     }
     edges.append(a);
   };

@@ -432,7 +432,7 @@ fn tutorial_through_the_ui() -> Result<()> {
 
         // web's topology: the edge to api-v1 is denied by the deny-all intention.
         b.goto(&format!("{ui}/services/default/web")).await?;
-        b.with_attr("#instances tr", "data-instance", "web-0").await?;
+        b.with_attr("#instances tr", "data-pod", "web-0").await?;
         let denied = "web → api-v1: denied by */* => */*";
         let edge = b.with_attr("a.edge", "aria-label", denied).await?;
         ensure!(
