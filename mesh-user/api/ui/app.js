@@ -91,6 +91,15 @@ function replaceIfChanged(target, key, render) {
   if (target.dataset.key === key) return;
   target.dataset.key = key;
   target.replaceChildren(...[render()].flat());
+  for (const table of target.querySelectorAll("table.list")) labelCells(table);
+}
+
+/** Gives every cell its column's name (`data-label`), which narrow screens show beside it. */
+function labelCells(table) {
+  const names = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of table.querySelectorAll("tbody tr")) {
+    [...row.children].forEach((cell, i) => cell.setAttribute("data-label", names[i] || ""));
+  }
 }
 
 function route() {
