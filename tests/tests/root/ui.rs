@@ -56,7 +56,9 @@ impl Browser {
                 .stderr(Stdio::null())
                 .process_group(0)
                 .spawn()
-                .context("starting chromedriver (installed by `cargo xtask setup`: chromium-driver)")?
+                .context(
+                    "starting chromedriver (installed by `cargo xtask setup`: chromium-driver)",
+                )?
         };
         let mut caps = serde_json::Map::new();
         caps.insert(
@@ -135,7 +137,10 @@ impl Browser {
         );
         if (iw, ih) != (width, height) {
             self.client
-                .set_window_size(width + (width.saturating_sub(iw)), height + height.saturating_sub(ih))
+                .set_window_size(
+                    width + (width.saturating_sub(iw)),
+                    height + height.saturating_sub(ih),
+                )
                 .await?;
         }
         Ok(())
@@ -244,7 +249,12 @@ impl Browser {
     /// Logs in with `token` from the top right; waits for the dialog's answer and returns
     /// what the dialog says when it refuses (`None` when it closed: logged in).
     async fn log_in(&self, token: &str) -> Result<Option<String>> {
-        if self.client.find(Locator::Css("#logout:not([hidden])")).await.is_ok() {
+        if self
+            .client
+            .find(Locator::Css("#logout:not([hidden])"))
+            .await
+            .is_ok()
+        {
             self.click("#logout").await?;
         }
         self.click("#login-open").await?;
@@ -258,7 +268,12 @@ impl Browser {
             if open == Value::Bool(false) {
                 return Ok(Some(None));
             }
-            let err = self.client.find(Locator::Css("#login-error")).await?.text().await?;
+            let err = self
+                .client
+                .find(Locator::Css("#login-error"))
+                .await?
+                .text()
+                .await?;
             Ok((!err.is_empty()).then_some(Some(err)))
         })
         .await
@@ -320,13 +335,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// fake-service's page at `fwd`: waits until the top call answered `code`; returns the page's
 /// text.
 async fn fake_service_page(b: &Browser, fwd: SocketAddr, code: u16) -> Result<String> {
-    b.goto(&format!("http://127.0.0.1:{}/ui", fwd.port())).await?;
+    b.goto(&format!("http://127.0.0.1:{}/ui", fwd.port()))
+        .await?;
     b.until(&format!("fake-service's page showing {code}"), || async {
         let Ok(top) = b.client.find(Locator::Css("#tree > li")).await else {
             return Ok(None);
         };
         if top.attr("data-code").await?.as_deref() == Some(&code.to_string()) {
-            return Ok(Some(b.client.find(Locator::Css("#tree")).await?.text().await?));
+            return Ok(Some(
+                b.client.find(Locator::Css("#tree")).await?.text().await?,
+            ));
         }
         // Not yet: ask again, as a user reloads.
         b.client.find(Locator::Css("#call")).await?.click().await?;
@@ -339,7 +357,11 @@ async fn fake_service_page(b: &Browser, fwd: SocketAddr, code: u16) -> Result<St
 #[test]
 fn tutorial_through_the_ui() -> Result<()> {
     let mut mesh = LocalMesh::start("ebpf")?;
-    apply(&mut mesh, examples(), &["default/api-v1-0", "default/web-0"])?;
+    apply(
+        &mut mesh,
+        examples(),
+        &["default/api-v1-0", "default/web-0"],
+    )?;
     let web = mesh.port_forward("web", 9090)?;
     let read_only = token_with(&mesh, "read-only")?;
     let ui = format!("http://{}/ui", mesh.http_addr);
@@ -352,11 +374,17 @@ fn tutorial_through_the_ui() -> Result<()> {
         b.goto(&format!("{ui}/intentions")).await?;
         b.text_in("#intentions", "needs an ACL token").await?;
         let why = b.disabled_reason("#create-intention").await?;
-        ensure!(why.contains("Log in"), "tooltip of Create without a token: {why}");
+        ensure!(
+            why.contains("Log in"),
+            "tooltip of Create without a token: {why}"
+        );
         b.shot("01-logged-out").await?;
 
         // Log in with the bootstrap token, top right.
-        ensure!(b.log_in(&mesh.token).await?.is_none(), "the bootstrap token was refused");
+        ensure!(
+            b.log_in(&mesh.token).await?.is_none(),
+            "the bootstrap token was refused"
+        );
         b.text_in("#who", "operator").await?;
 
         // The deny-all intention from the Intentions page; a form error names the field.
@@ -370,12 +398,18 @@ fn tutorial_through_the_ui() -> Result<()> {
         let err = b.text_in("#e-SourceName", "SourceName").await?;
         eprintln!("the form's error for a missing source: {err}");
         ensure!(
-            b.find("#f-SourceName").await?.attr("aria-invalid").await?.as_deref() == Some("true"),
+            b.find("#f-SourceName")
+                .await?
+                .attr("aria-invalid")
+                .await?
+                .as_deref()
+                == Some("true"),
             "the source field is not marked invalid"
         );
         b.shot("02-intention-form-error").await?;
         b.fill("#f-SourceName", "*").await?;
-        b.fill("#f-Description", "Deny everything by default").await?;
+        b.fill("#f-Description", "Deny everything by default")
+            .await?;
         b.click("#save-intention").await?;
         let row = b
             .with_attr("#intentions tr", "data-intention", "*/* => */*")
@@ -402,7 +436,10 @@ fn tutorial_through_the_ui() -> Result<()> {
         }
         b.fill("#service-search", "api").await?;
         b.until("the search to leave only api-v1", || async {
-            let rows = b.client.find_all(Locator::Css("#services tbody tr")).await?;
+            let rows = b
+                .client
+                .find_all(Locator::Css("#services tbody tr"))
+                .await?;
             let mut names = Vec::new();
             for r in rows {
                 names.push(r.attr("data-service").await?.unwrap_or_default());
@@ -444,7 +481,11 @@ fn tutorial_through_the_ui() -> Result<()> {
 
         // Click it: the offer to allow; create the intention.
         edge.click().await?;
-        b.text_in("#offer", "Create an intention that allows web to connect to api-v1").await?;
+        b.text_in(
+            "#offer",
+            "Create an intention that allows web to connect to api-v1",
+        )
+        .await?;
         b.shot("07-offer-allow").await?;
         b.click("#create-allow").await?;
         b.text_in("#offer", "Intention created").await?;
@@ -453,7 +494,10 @@ fn tutorial_through_the_ui() -> Result<()> {
         let allowed = "web → api-v1: allowed by default/web => default/api-v1";
         let edge = b.with_attr("a.edge", "aria-label", allowed).await?;
         let href = edge.attr("href").await?.unwrap_or_default();
-        ensure!(href.starts_with("/ui/intentions/"), "the allowed edge links to {href:?}");
+        ensure!(
+            href.starts_with("/ui/intentions/"),
+            "the allowed edge links to {href:?}"
+        );
         b.shot("08-topology-allowed").await?;
 
         // fake-service's page: 200, with api-v1's message.
@@ -466,28 +510,50 @@ fn tutorial_through_the_ui() -> Result<()> {
 
         // The allowed edge leads to the intention, which the bootstrap token may edit.
         b.goto(&format!("{ui}/services/default/web")).await?;
-        b.with_attr("a.edge", "aria-label", allowed).await?.click().await?;
+        b.with_attr("a.edge", "aria-label", allowed)
+            .await?
+            .click()
+            .await?;
         b.find("#f-SourceName[readonly]").await?;
         let src = b.find("#f-SourceName").await?.prop("value").await?;
-        ensure!(src.as_deref() == Some("web"), "the edge led to the intention of {src:?}");
+        ensure!(
+            src.as_deref() == Some("web"),
+            "the edge led to the intention of {src:?}"
+        );
 
         // A read-only token sees everything and can write nothing: the controls say why.
-        ensure!(b.log_in(&read_only).await?.is_none(), "the read-only token was refused");
+        ensure!(
+            b.log_in(&read_only).await?.is_none(),
+            "the read-only token was refused"
+        );
         b.goto(&format!("{ui}/intentions")).await?;
-        b.with_attr("#intentions tr", "data-intention", "default/web => default/api-v1")
-            .await?;
+        b.with_attr(
+            "#intentions tr",
+            "data-intention",
+            "default/web => default/api-v1",
+        )
+        .await?;
         let why = b.disabled_reason("#create-intention").await?;
-        ensure!(why.contains("may not"), "tooltip of Create for a read-only token: {why}");
+        ensure!(
+            why.contains("may not"),
+            "tooltip of Create for a read-only token: {why}"
+        );
         let del = b
             .disabled_reason("button[aria-label='Delete default/web => default/api-v1']")
             .await?;
-        ensure!(del.contains("may not"), "tooltip of Delete for a read-only token: {del}");
+        ensure!(
+            del.contains("may not"),
+            "tooltip of Delete for a read-only token: {del}"
+        );
         b.shot("10-read-only").await?;
 
         // A bad token is refused, with a message.
         let refused = b.log_in("00000000-0000-0000-0000-00000000dead").await?;
         let msg = refused.context("a bad token was accepted")?;
-        ensure!(msg.contains("The token was refused"), "the login's message: {msg}");
+        ensure!(
+            msg.contains("The token was refused"),
+            "the login's message: {msg}"
+        );
         b.shot("11-bad-token").await?;
         b.click("#login-cancel").await?;
         b.text_in("#who", "Not logged in").await?;
@@ -497,7 +563,8 @@ fn tutorial_through_the_ui() -> Result<()> {
         b.log_in(&mesh.token).await?;
         b.resize_viewport(390, 844).await?;
         b.goto(&format!("{ui}/services")).await?;
-        b.with_attr("#services tr", "data-service", "api-v1").await?;
+        b.with_attr("#services tr", "data-service", "api-v1")
+            .await?;
         b.shot("12-services-phone").await?;
         b.client.clone().close().await?;
         anyhow::Ok(())
@@ -518,16 +585,27 @@ fn namespaces_through_the_ui() -> Result<()> {
     runtime()?.block_on(async {
         let b = Browser::start(1280, 800).await?;
         b.goto(&format!("{ui}/services")).await?;
-        ensure!(b.log_in(&mesh.token).await?.is_none(), "the bootstrap token was refused");
-        let row = b.with_attr("#services tr", "data-service", "api-v1").await?;
+        ensure!(
+            b.log_in(&mesh.token).await?.is_none(),
+            "the bootstrap token was refused"
+        );
+        let row = b
+            .with_attr("#services tr", "data-service", "api-v1")
+            .await?;
         ensure!(
             row.attr("data-namespace").await?.as_deref() == Some("backend"),
             "api-v1's namespace on the Services page"
         );
         // The namespace selector narrows the list to one namespace.
-        b.find("#ns-select option[value=backend]").await?.click().await?;
+        b.find("#ns-select option[value=backend]")
+            .await?
+            .click()
+            .await?;
         b.until("only backend's services", || async {
-            let rows = b.client.find_all(Locator::Css("#services tbody tr")).await?;
+            let rows = b
+                .client
+                .find_all(Locator::Css("#services tbody tr"))
+                .await?;
             let mut nss = Vec::new();
             for r in rows {
                 nss.push(r.attr("data-namespace").await?.unwrap_or_default());
@@ -539,7 +617,10 @@ fn namespaces_through_the_ui() -> Result<()> {
 
         b.goto(&format!("{ui}/services/default/web")).await?;
         let denied = "web → backend/api-v1: denied by */* => */*";
-        b.with_attr("a.edge", "aria-label", denied).await?.click().await?;
+        b.with_attr("a.edge", "aria-label", denied)
+            .await?
+            .click()
+            .await?;
         b.click("#create-allow").await?;
         let allowed = "web → backend/api-v1: allowed by default/web => backend/api-v1";
         b.with_attr("a.edge", "aria-label", allowed).await?;

@@ -125,18 +125,28 @@ mod tests {
         let mut cfg = crate::ServerConfig::new(dir.path());
         cfg.http_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         cfg.unix_socket = None;
-        let server = crate::Server::start(cfg, crate::Hooks::default()).await.unwrap();
+        let server = crate::Server::start(cfg, crate::Hooks::default())
+            .await
+            .unwrap();
         let addr = server.http_addr().unwrap();
 
         let (head, _) = get(addr, "/ui").await;
         assert!(head.starts_with("http/1.1 301"), "{head}");
         assert!(head.contains("location: /ui/"), "{head}");
         // The page, at /ui/ and at every route its script knows.
-        for path in ["/ui/", "/ui/services", "/ui/services/default/web", "/ui/intentions/create"] {
+        for path in [
+            "/ui/",
+            "/ui/services",
+            "/ui/services/default/web",
+            "/ui/intentions/create",
+        ] {
             let (head, body) = get(addr, path).await;
             assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
             assert!(head.contains("content-type: text/html"), "{path}: {head}");
-            assert!(head.contains("content-security-policy: default-src 'none'"), "{path}: {head}");
+            assert!(
+                head.contains("content-security-policy: default-src 'none'"),
+                "{path}: {head}"
+            );
             assert_eq!(body, INDEX, "{path}");
         }
         let (head, body) = get(addr, "/ui/assets/app.js").await;
