@@ -35,6 +35,7 @@
 //! | GET | `/v1/internal/ui/services` | Consul's UI service summaries |
 //! | GET | `/v1/internal/ui/service-topology/<svc>?kind=` | upstreams and downstreams with each edge's intention decision |
 //! | POST | `/v1/internal/acl/authorize` | per resource and access: `Allow` |
+//! | GET | `/v1/namespaces` | the namespaces services and intentions use |
 //!
 //! The catalog endpoints answer from the [`CatalogSnapshot`] the agent publishes into
 //! [`PublishedCatalog`] (`docs/api.md` has the shapes).

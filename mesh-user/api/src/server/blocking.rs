@@ -1,5 +1,6 @@
 //! Consul's blocking queries: a read with `?index=N` waits until the index of what it reads
-//! grows past `N`, or until `?wait=` has passed (default 5 minutes, at most 10, Go duration
+//! grows past `N` (or falls below it: the catalog's index restarts with the agent), or
+//! until `?wait=` has passed (default 5 minutes, at most 10, Go duration
 //! syntax: `30s`, `1m30s`, `250ms`), then answers as usual with the index now in
 //! `X-Consul-Index`. Without `?index=` (or with 0) a read answers at once. As Consul's
 //! `agent/http.go` and `agent/consul/rpc.go`: an index or wait that does not parse is a 400
@@ -61,8 +62,11 @@ impl Params {
     }
 }
 
-/// Waits, for a blocking query, until `index(st)` is above the client's index or the wait
-/// is over; returns at once when `blocking` is `None`.
+/// Waits, for a blocking query, until `index(st)` differs from the client's index or the
+/// wait is over; returns at once when `blocking` is `None`. An index below the client's (the
+/// catalog's restarts with the agent) answers at once too, so that a client holding an index
+/// from before a restart gets the state now, and the index to wait on, without waiting out
+/// `wait` (Consul's clients reset an index that goes backwards).
 pub(crate) async fn block(
     st: &AppState,
     blocking: Option<Blocking>,
@@ -74,7 +78,8 @@ pub(crate) async fn block(
     let mut catalog = st.catalog.subscribe();
     let mut stopped = st.stopped.clone();
     let deadline = tokio::time::Instant::now() + b.wait;
-    while index(st) <= b.index && !*stopped.borrow_and_update() {
+    // As answered in X-Consul-Index: at least 1.
+    while index(st).max(1) == b.index && !*stopped.borrow_and_update() {
         tokio::select! {
             r = store.changed() => if r.is_err() { return },
             r = catalog.changed() => if r.is_err() { return },

@@ -276,7 +276,7 @@ impl<'a> Registration<'a> {
 
     /// Consul's flat `ServiceNode` (`/v1/catalog/service/<svc>`).
     fn service_node_json(&self, index: u64) -> Value {
-        let mut v = json!({
+        json!({
             "ID": "",
             "Node": self.node(),
             "Address": self.inst.node_address.to_string(),
@@ -301,11 +301,7 @@ impl<'a> Registration<'a> {
             "Partition": DEFAULT_PARTITION,
             "CreateIndex": index,
             "ModifyIndex": index,
-        });
-        if !self.proxy {
-            v["ServiceKind"] = "".into();
-        }
-        v
+        })
     }
 
     /// Consul's `CheckServiceNode` (`/v1/health/service/<svc>`).

@@ -3,6 +3,7 @@
 //! with the intention decision of each edge) and `/v1/internal/acl/authorize` (which write
 //! buttons to show). Shapes as Consul's `agent/ui_endpoint.go` and `agent/acl_endpoint.go`.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 use axum::extract::{Path as UrlPath, State as AxState};
@@ -33,6 +34,60 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/internal/ui/service-topology/", get(topology_unnamed))
         .route("/v1/internal/ui/service-topology/{service}", get(topology))
         .route("/v1/internal/acl/authorize", post(authorize))
+        .route("/v1/namespaces", get(namespaces))
+}
+
+/// The fields of Consul Enterprise's `Namespace` a `?filter=` may select.
+const NAMESPACE_FIELDS: &[&str] = &[
+    "Name",
+    "Description",
+    "ACLs",
+    "Meta",
+    "Partition",
+    "CreateIndex",
+    "ModifyIndex",
+];
+
+/// `GET /v1/namespaces` (Consul Enterprise's, which Consul's UI reads for its namespace
+/// menu): `default`, and every namespace a service or an intention names, by name.
+/// Namespaces are not objects of their own here: they exist by being used, as Kubernetes
+/// namespaces mirrored by consul-k8s do.
+async fn namespaces(AxState(st): AxState<AppState>, caller: Caller, params: Params) -> ApiResult {
+    caller.need(Need::Read)?;
+    let filter = params.filter(NAMESPACE_FIELDS)?;
+    block(&st, params.blocking()?, mesh_index).await;
+    let index = mesh_index(&st);
+    let (_, snap) = st.catalog.current();
+    let state = st.store.state();
+    let mut names: std::collections::BTreeSet<String> = [DEFAULT_NAMESPACE.to_owned()].into();
+    names.extend(snap.instances.iter().map(|i| i.namespace.clone()));
+    names.extend(snap.services.iter().map(|s| s.namespace.clone()));
+    for it in state.rules.iter() {
+        for n in [&it.source, &it.destination] {
+            if n.namespace() != WILDCARD {
+                names.insert(n.namespace().to_owned());
+            }
+        }
+    }
+    let items: Vec<Value> = names
+        .into_iter()
+        .map(|name| {
+            let description = if name == DEFAULT_NAMESPACE {
+                "Builtin Default Namespace"
+            } else {
+                ""
+            };
+            json!({
+                "Name": name,
+                "Description": description,
+                "ACLs": { "PolicyDefaults": [], "RoleDefaults": [] },
+                "Partition": DEFAULT_PARTITION,
+                "CreateIndex": index,
+                "ModifyIndex": index,
+            })
+        })
+        .collect();
+    Ok(indexed(index, filtered(filter.as_ref(), &items)?))
 }
 
 /// The fields of Consul's `ServiceListingSummary` a `?filter=` may select (this agent
@@ -48,6 +103,9 @@ const SUMMARY_FIELDS: &[&str] = &[
     "ChecksPassing",
     "ChecksWarning",
     "ChecksCritical",
+    "InstancesPassing",
+    "InstancesWarning",
+    "InstancesCritical",
     "GatewayConfig",
     "TransparentProxy",
     "ConnectNative",
@@ -93,6 +151,11 @@ fn summary(regs: &[&Registration<'_>], connected: bool) -> Value {
         "ChecksPassing": passing,
         "ChecksWarning": 0,
         "ChecksCritical": regs.len() - passing,
+        // Instances by their worst check (one check each here); Consul's UI computes a
+        // service's health from these.
+        "InstancesPassing": passing,
+        "InstancesWarning": 0,
+        "InstancesCritical": regs.len() - passing,
         "GatewayConfig": {},
         // Every pod's proxy is transparent (the kernel steers its traffic).
         "TransparentProxy": true,
@@ -258,16 +321,16 @@ fn topology_json(snap: &CatalogSnapshot, rules: &RuleSet, me: &ServiceName) -> V
         let Some(other) = service_name(ns, name) else {
             continue;
         };
-        if !up.contains_key(&(ns.clone(), name.clone())) {
+        if let Entry::Vacant(e) = up.entry((ns.clone(), name.clone())) {
             let d = rules.check(me, &other);
             if d.allowed {
-                up.insert((ns.clone(), name.clone()), intention_source(rules, &d));
+                e.insert(intention_source(rules, &d));
             }
         }
-        if !down.contains_key(&(ns.clone(), name.clone())) {
+        if let Entry::Vacant(e) = down.entry((ns.clone(), name.clone())) {
             let d = rules.check(&other, me);
             if d.allowed {
-                down.insert((ns.clone(), name.clone()), intention_source(rules, &d));
+                e.insert(intention_source(rules, &d));
             }
         }
     }
@@ -418,12 +481,7 @@ fn allowed(policies: &[Policy], resource: &str, segment: &str, access: &str, ns:
 
 /// `POST /v1/internal/acl/authorize`: for each `{Resource, Segment, Access}` the same with
 /// `Allow`, as Consul's (at most 64 per request; an unknown resource or access is a 400).
-async fn authorize(
-    AxState(_st): AxState<AppState>,
-    caller: Caller,
-    params: Params,
-    body: Bytes,
-) -> ApiResult {
+async fn authorize(caller: Caller, params: Params, body: Bytes) -> ApiResult {
     let req_ns = params.namespace(false)?.map(str::to_owned);
     let reqs: Vec<AuthorizationRequest> = decode_json(text_body(&body)?)?;
     if reqs.len() > MAX_AUTHORIZATIONS {

@@ -308,6 +308,9 @@ async fn ui_services_summarize_each_service_as_consuls_ui_reads_it() {
             "ChecksPassing": 1,
             "ChecksWarning": 0,
             "ChecksCritical": 0,
+            "InstancesPassing": 1,
+            "InstancesWarning": 0,
+            "InstancesCritical": 0,
             "GatewayConfig": {},
             "TransparentProxy": true,
             "ConnectNative": false,
@@ -319,6 +322,7 @@ async fn ui_services_summarize_each_service_as_consuls_ui_reads_it() {
     );
     assert_eq!(v[0]["ChecksCritical"], 1);
     assert_eq!(v[0]["ChecksPassing"], 0);
+    assert_eq!(v[0]["InstancesCritical"], 1);
     assert_eq!(v[1]["Kind"], "connect-proxy");
     assert_eq!(v[1]["ConnectedWithProxy"], false);
     // Every namespace.
@@ -563,6 +567,25 @@ async fn blocking_queries_return_after_a_change_or_after_wait() {
         assert!(started.elapsed() >= Duration::from_millis(300), "{path}");
         assert_eq!(index_of(&head), index, "{path}");
     }
+
+    // An index from before a restart (above the index now) answers at once.
+    let (head, _) = get(&h, "/v1/internal/ui/services").await;
+    let index = index_of(&head);
+    let started = Instant::now();
+    let (head, _) = get(
+        &h,
+        &format!("/v1/internal/ui/services?index={}&wait=30s", index + 1000),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(index_of(&head), index);
+    // An empty store (index 0, answered as 1) blocks on 1 rather than answering at once.
+    let empty = start().await;
+    let (head, _) = get(&empty, "/v1/connect/intentions").await;
+    assert_eq!(index_of(&head), 1);
+    let started = Instant::now();
+    get(&empty, "/v1/connect/intentions?index=1&wait=300ms").await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
 
     // A readiness change wakes a waiting read, which answers with the new state.
     let (head, _) = get(&h, "/v1/health/service/api-v1").await;
@@ -847,4 +870,30 @@ async fn a_stopping_server_answers_its_blocked_queries_at_once() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn namespaces_are_those_services_and_intentions_use() {
+    let h = start_tutorial(Action::Deny).await;
+    h.ok(
+        "PUT",
+        "/v1/connect/intentions/exact?source=team/*&destination=store/db",
+        Some(json!({"Action": "deny"})),
+    )
+    .await;
+    let (head, v) = get(&h, "/v1/namespaces").await;
+    assert!(index_of(&head) >= 1);
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["backend", "default", "store", "team"]);
+    assert_eq!(v[1]["Description"], "Builtin Default Namespace");
+    assert_eq!(v[1]["Partition"], "default");
+    let (_, v) = get(&h, "/v1/namespaces?filter=Name%20matches%20%22^b%22").await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let (status, _) = h.call(None, "GET", "/v1/namespaces", None).await;
+    assert_eq!(status, 401);
 }
