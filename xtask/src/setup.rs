@@ -1,4 +1,4 @@
-//! `cargo xtask setup`: the Debian packages, the nightly toolchain with `rust-src` and clippy,
+//! `cargo xtask setup`: the Debian packages (Chromium and chromedriver for the UI's browser test among them), the nightly toolchain with `rust-src` and clippy,
 //! the `bpf-linker` and the `cargo-fuzz` the build, the tests and the benchmarks need. Idempotent; every other command
 //! runs it first and it only acts when something is missing.
 
@@ -27,6 +27,10 @@ const PACKAGES: &[&str] = &[
     "g++",
     // The metrics root test scrapes meshd with a real Prometheus server.
     "prometheus",
+    // The UI's browser test (`tests/tests/root/ui.rs`): headless Chromium driven through
+    // WebDriver by chromedriver.
+    "chromium",
+    "chromium-driver",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The `cargo fuzz` that `fuzz/run.sh` (run by `cargo xtask test`) drives.

@@ -1,7 +1,7 @@
 //! fake-service's environment variables.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Error;
@@ -36,7 +36,6 @@ pub const IGNORED_VARIABLES: &[&str] = &[
     "LOG_OUTPUT",
     "TLS_CERT_LOCATION",
     "TLS_KEY_LOCATION",
-    "UI_PATH",
 ];
 
 /// `ERROR_TYPE`.
@@ -54,6 +53,9 @@ pub enum ErrorType {
 pub struct Config {
     /// `LISTEN_ADDR` (`0.0.0.0:9090`). Port 0 picks a free port.
     pub listen_addr: SocketAddr,
+    /// `UI_PATH` (`/ui`): where the call-tree page is served (that path and everything under
+    /// it). Always starts with `/`; a trailing `/` is dropped.
+    pub ui_path: String,
     /// `NAME` (`Service`).
     pub name: String,
     /// `MESSAGE` (`Hello World`).
@@ -110,6 +112,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9090),
+            ui_path: "/ui".into(),
             name: "Service".into(),
             message: "Hello World".into(),
             upstream_uris: Vec::new(),
@@ -221,6 +224,7 @@ impl Config {
         );
         let mut c = Config::default();
         vars.parse("LISTEN_ADDR", &mut c.listen_addr, parse_listen_addr)?;
+        vars.parse("UI_PATH", &mut c.ui_path, parse_ui_path)?;
         vars.string("NAME", &mut c.name);
         vars.string("MESSAGE", &mut c.message);
         if let Some(v) = vars.get("UPSTREAM_URIS") {
@@ -325,8 +329,24 @@ impl Config {
     }
 }
 
-/// `host:port` where host is empty (all addresses), `localhost`, or an IP address (IPv6 in
-/// brackets); port 0 picks a free port.
+/// `UI_PATH`: an absolute URL path (fake-service mounts its UI there); a trailing `/` is
+/// dropped, so `/` itself is refused (it would hide the service's own `/`).
+fn parse_ui_path(v: &str) -> Result<String, String> {
+    let p = v.trim_end_matches('/');
+    if !v.starts_with('/') || p.is_empty() {
+        return Err("expected an absolute path other than / (e.g. /ui)".into());
+    }
+    if p.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+    {
+        return Err("a path may not hold spaces, control characters, ? or #".into());
+    }
+    Ok(p.to_string())
+}
+
+/// `host:port` where host is empty (every address, IPv6 and IPv4: `[::]`, which
+/// [`crate::Server::bind`] opens dual-stack as Go's `net.Listen("tcp", ":9090")` does),
+/// `localhost`, or an IP address (IPv6 in brackets); port 0 picks a free port.
 fn parse_listen_addr(v: &str) -> Result<SocketAddr, String> {
     let err = || {
         "expected host:port, the host an IP address, localhost or empty (e.g. 0.0.0.0:9090)"
@@ -338,7 +358,7 @@ fn parse_listen_addr(v: &str) -> Result<SocketAddr, String> {
     let (host, port) = v.rsplit_once(':').ok_or_else(err)?;
     let port: u16 = port.parse().map_err(|_| err())?;
     let ip = match host {
-        "" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        "" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
         h => h.parse::<IpAddr>().map_err(|_| err())?,
     };

@@ -27,11 +27,16 @@
 //!   `ERROR_DELAY`, `"Service delay automatically injected"`); `RATE_LIMIT` requests/s (a token
 //!   bucket of that size) beyond which requests get `RATE_LIMIT_CODE` and
 //!   `"Service exceeded rate limit"`.
+//! * `UI_PATH` (`/ui`) and every path under it: a page that calls `/` and draws the call
+//!   tree of that one request (each service's name, status code, duration, message, and its
+//!   upstream calls nested under it; failed calls in red with their error). Plain HTML and an
+//!   inline script, unlike fake-service's React app, but drawn from the same JSON.
+//! * `LISTEN_ADDR=":9090"` (empty host) listens on `[::]` dual-stack, as Go does.
 //! * Timing: a successful request lasts at least `TIMING_50_PERCENTILE` (90 % of requests),
 //!   `TIMING_90_PERCENTILE` (9 %) or `TIMING_99_PERCENTILE` (1 %), plus up to
 //!   `TIMING_VARIANCE` % (random, seeded by `RAND_SEED`).
 //!
-//! Supported variables: `LISTEN_ADDR`, `NAME`, `MESSAGE`, `UPSTREAM_URIS`, `UPSTREAM_WORKERS`,
+//! Supported variables: `LISTEN_ADDR`, `UI_PATH`, `NAME`, `MESSAGE`, `UPSTREAM_URIS`, `UPSTREAM_WORKERS`,
 //! `UPSTREAM_REQUEST_BODY`, `HTTP_SERVER_KEEP_ALIVES`, `HTTP_CLIENT_APPEND_REQUEST`,
 //! `HTTP_CLIENT_REQUEST_TIMEOUT`, `TIMING_50_PERCENTILE`, `TIMING_90_PERCENTILE`,
 //! `TIMING_99_PERCENTILE`, `TIMING_VARIANCE`, `ERROR_RATE`, `ERROR_TYPE`, `ERROR_CODE`,
@@ -39,13 +44,13 @@
 //! `READY_CHECK_RESPONSE_SUCCESS_CODE`, `READY_CHECK_RESPONSE_FAILURE_CODE`,
 //! `READY_CHECK_RESPONSE_DELAY`, `READY_CHECK_ROOT_PATH_WAIT_TILL_READY`, `RAND_SEED`.
 //! fake-service's other variables ([`IGNORED_VARIABLES`]: CORS, server timeouts, client
-//! keep-alives, load generation, tracing, metrics, logging, TLS, UI) are accepted and ignored
+//! keep-alives, load generation, tracing, metrics, logging, TLS) are accepted and ignored
 //! with a log line. As in fake-service, an empty value means "use the default". Unlike
 //! fake-service, which silently uses a zero value, a malformed value is an error.
 //!
 //! Differences from fake-service: no gRPC (neither served nor called: a `grpc://` or other
 //! non-`http://` upstream, and `https://`, are answered as failed calls with an explanatory
-//! error), no UI (`/ui/` answers 404) and no `/config` endpoint; times are UTC; a `MESSAGE`
+//! error), no `/config` endpoint; times are UTC; a `MESSAGE`
 //! starting with `{` that is not valid JSON is sent as a string (fake-service fails the
 //! request) and JSON messages come out with sorted keys; strings are not HTML-escaped
 //! (`\u003c`); connection-level error texts follow Go's shape but not its every word.

@@ -26,6 +26,9 @@ use super::Error;
 /// How long shutdown waits for requests in flight (fake-service waits 30s too).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// The page at `UI_PATH`: the call tree of one request to `/`, drawn by its own script.
+const UI_PAGE: &str = include_str!("ui/index.html");
+
 type HttpResponse = hyper::Response<Full<Bytes>>;
 
 /// A bound fake-service twin; [`Server::run`] serves it.
@@ -54,9 +57,7 @@ impl Server {
     /// this host, a privileged port without the capability).
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let addr = config.listen_addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen { addr, source })?;
+        let listener = listen(addr).map_err(|source| Error::Listen { addr, source })?;
         tracing::info!(
             name = %config.name,
             upstream_uris = %config.upstream_uris.join(","),
@@ -115,6 +116,37 @@ impl Server {
             connections.abort_all();
         }
         Ok(())
+    }
+}
+
+/// Opens the listening socket: `[::]` (what `LISTEN_ADDR=":9090"` means) dual-stack, taking
+/// IPv4 connections too, as Go's listener does; where the host has no IPv6, `0.0.0.0`.
+/// Any other address is bound as it is.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    let no_ipv6 = |e: &std::io::Error| {
+        let errno = e.raw_os_error().map(nix::errno::Errno::from_raw);
+        matches!(
+            errno,
+            Some(nix::errno::Errno::EAFNOSUPPORT | nix::errno::Errno::EADDRNOTAVAIL)
+        )
+    };
+    match open(addr) {
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && no_ipv6(&e) => open(
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+        ),
+        r => r,
     }
 }
 
@@ -317,7 +349,18 @@ async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
                 text(c.ready_failure_code, "Starting Process")
             }
         }
-        p if p == "/ui" || p.starts_with("/ui/") || p.starts_with("/config/") => text(
+        p if p == c.ui_path
+            || p.strip_prefix(c.ui_path.as_str())
+                .is_some_and(|r| r.starts_with('/')) =>
+        {
+            let mut r = text(200, UI_PAGE);
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        p if p.starts_with("/config/") => text(
             404,
             "404 page not found: not served by the built-in fake-service twin\n",
         ),

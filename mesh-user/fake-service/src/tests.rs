@@ -178,7 +178,7 @@ fn env_values() {
     assert_eq!(c.seed, 42);
     assert_eq!(c.ignored, ["TRACING_ZIPKIN", "LOG_LEVEL"]);
     for (addr, want) in [
-        (":9090", "0.0.0.0:9090"),
+        (":9090", "[::]:9090"),
         ("localhost:8080", "127.0.0.1:8080"),
         ("[::1]:9090", "[::1]:9090"),
         ("0.0.0.0:0", "0.0.0.0:0"),
@@ -642,8 +642,6 @@ async fn health_and_ready() {
     assert_eq!((status, body.as_str()), (503, "Starting Process"));
     let (status, _, body) = http_get_with(svc.addr, "/", "").await;
     assert_eq!((status, body.as_str()), (503, ""));
-    let (status, _, _) = http_get_with(svc.addr, "/ui/", "").await;
-    assert_eq!(status, 404);
     svc.stop().await;
 
     let svc = start(&[]).await;
@@ -718,4 +716,67 @@ async fn upstream_with_a_trailing_slash() {
     assert_eq!(resp.upstream_calls[&upstream].name, "api");
     web.stop().await;
     api.stop().await;
+}
+
+#[tokio::test]
+async fn ui_page_is_served_at_ui_path_and_below() {
+    let svc = start(&[]).await;
+    for path in ["/ui", "/ui/", "/ui/index.html"] {
+        let (status, headers, body) = http_get_with(svc.addr, path, "").await;
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/html")),
+            "{path}: {headers:?}"
+        );
+        // The page draws the tree from the document `/` answers with.
+        assert!(body.contains("fetch(\"/\""), "{path}");
+        assert!(body.contains("upstream_calls"), "{path}");
+    }
+    // A path that only starts with the UI path is the service's own.
+    let (status, resp) = http_get(svc.addr, "/uix").await;
+    assert_eq!((status, resp.name.as_str()), (200, "Service"));
+    svc.stop().await;
+
+    let svc = start(&[("UI_PATH", "/dashboard/")]).await;
+    let (status, _, body) = http_get_with(svc.addr, "/dashboard", "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<title>Fake Service</title>"));
+    let (status, resp) = http_get(svc.addr, "/ui").await;
+    assert_eq!((status, resp.uri.as_str()), (200, "/ui"));
+    svc.stop().await;
+}
+
+#[test]
+fn bad_ui_paths_are_errors() {
+    for bad in ["ui", "/", "//", "/a b", "/ui?x"] {
+        match Config::from_env([("UI_PATH", bad)]) {
+            Err(Error::Env { name, .. }) => assert_eq!(name, "UI_PATH", "{bad}"),
+            other => panic!("UI_PATH={bad:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn empty_host_listens_dual_stack() {
+    // Port 0 on `[::]` (what `:0` means): reachable over IPv4 and IPv6 loopback.
+    let config = Config::from_env([("LISTEN_ADDR", ":0")]).unwrap();
+    assert_eq!(config.listen_addr, "[::]:0".parse().unwrap());
+    let server = Server::bind(config).await.expect("bind");
+    let port = server.local_addr().port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let v4: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (status, _) = http_get(v4, "/").await;
+    assert_eq!(status, 200);
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, port).into();
+        let (status, _) = http_get(v6, "/").await;
+        assert_eq!(status, 200);
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
 }

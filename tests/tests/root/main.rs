@@ -10,3 +10,4 @@ mod local;
 mod mesh;
 mod metrics;
 mod restart;
+mod ui;

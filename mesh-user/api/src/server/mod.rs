@@ -13,7 +13,8 @@
 //! - `/v1/catalog/*` and `/v1/health/*` in [`catalog`];
 //! - `/v1/internal/ui/*` and `/v1/internal/acl/authorize` (what Consul's web UI calls) in
 //!   [`ui`];
-//! - blocking queries (`?index=`, `?wait=`) in [`blocking`].
+//! - blocking queries (`?index=`, `?wait=`) in [`blocking`];
+//! - `/ui/` (the web UI's page and assets) in [`ui_assets`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -44,6 +45,7 @@ mod local;
 mod metrics;
 mod serve;
 mod ui;
+mod ui_assets;
 
 pub use metrics::{MetricsServer, MetricsSource, SharedMetrics, OPENMETRICS_CONTENT_TYPE};
 
@@ -405,6 +407,7 @@ fn router(state: AppState, max_body: usize) -> Router {
         .merge(local::routes())
         .merge(catalog::routes())
         .merge(ui::routes())
+        .merge(ui_assets::routes())
         .fallback(no_route)
         .with_state(state)
         .layer(axum::middleware::map_response(
