@@ -12,12 +12,14 @@ use super::intention::{precedence, Normalized};
 use super::{Action, Error, Intention, IntentionSpec, Result, ServiceName};
 
 mod entries;
+mod l7;
 mod query;
 
 #[cfg(test)]
 mod tests;
 
 pub use entries::EntryIndexes;
+pub use l7::RequestDecision;
 pub use query::{Decision, MatchType, Matched};
 
 /// (source, destination): the identity of an intention.
@@ -62,6 +64,7 @@ pub struct RuleSet {
     entries: HashMap<ServiceName, EntryState>,
     index: u64,
     next_counter: u32,
+    service_defaults: BTreeMap<ServiceName, super::ServiceDefaultsEntry>,
 }
 
 impl Default for RuleSet {
@@ -87,6 +90,7 @@ impl RuleSet {
             entries: HashMap::new(),
             index: 0,
             next_counter: 0,
+            service_defaults: BTreeMap::new(),
         }
     }
 
@@ -125,6 +129,7 @@ impl RuleSet {
     /// [`Error::Exhausted`] when no counter index is left. Nothing changes on error.
     pub fn create(&mut self, spec: &IntentionSpec, replace: bool) -> Result<&Intention> {
         let n = spec.normalize()?;
+        self.check_l7_protocol(&n.destination, !n.permissions.is_empty(), "Permissions")?;
         let key = PairKey {
             src: n.source.clone(),
             dst: n.destination.clone(),
@@ -138,6 +143,7 @@ impl RuleSet {
                 });
             }
             existing.action = n.action;
+            existing.permissions = n.permissions;
             existing.description = n.description;
             existing.meta = n.meta;
             existing.updated_at = now;
@@ -166,6 +172,7 @@ impl RuleSet {
             .cloned()
             .ok_or_else(|| not_found("modify", id))?;
         let n = spec.normalize()?;
+        self.check_l7_protocol(&n.destination, !n.permissions.is_empty(), "Permissions")?;
         let new_key = PairKey {
             src: n.source.clone(),
             dst: n.destination.clone(),
@@ -185,6 +192,7 @@ impl RuleSet {
         it.source = n.source;
         it.destination = n.destination;
         it.action = n.action;
+        it.permissions = n.permissions;
         it.description = n.description;
         it.meta = n.meta;
         it.updated_at = SystemTime::now();
@@ -345,6 +353,7 @@ fn new_intention(
         source: n.source,
         destination: n.destination,
         action: n.action,
+        permissions: n.permissions,
         description: n.description,
         meta: n.meta,
         created_at: now,
