@@ -1314,7 +1314,7 @@ fn curl_in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
 /// request, and bad permissions refused at write time naming the field.
 #[test]
 fn l7_intentions_decide_each_http_request() -> Result<()> {
-    require_root()?;
+    require_root();
     let mut mesh = LocalMesh::start("ebpf")?;
     mesh.meshctl(&["intention", "create", "-deny", "*", "*"])?;
     for f in ["web.yaml", "api-v1.yaml"] {
