@@ -113,3 +113,95 @@ impl mesh_proxy::Authorizer for IntentionAuthorizer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::intentions::permission::permissions_from_json;
+    use mesh_core::intentions::{Action, EntryIndexes, IntentionSpec, ServiceDefaultsEntry};
+    use mesh_proxy::Authorizer;
+
+    fn id(service: &str) -> SpiffeId {
+        SpiffeId::new(
+            "5e1f0000-0000-4000-8000-0000000000aa.consul",
+            "default",
+            "dc1",
+            service,
+        )
+        .unwrap()
+    }
+
+    fn sn(s: &str) -> ServiceName {
+        ServiceName::parse(s).unwrap()
+    }
+
+    fn get(path: &str) -> HttpRequest<'_> {
+        HttpRequest {
+            method: "GET",
+            path,
+            headers: &[],
+        }
+    }
+
+    #[test]
+    fn l7_intentions_are_per_request_on_http_and_deny_elsewhere() {
+        let mut rules = RuleSet::new();
+        rules
+            .apply_service_defaults(&ServiceDefaultsEntry::new(sn("api"), Protocol::Http))
+            .unwrap();
+        let perms =
+            permissions_from_json(r#"[{"Action":"allow","HTTP":{"PathPrefix":"/ok"}}]"#).unwrap();
+        rules
+            .create(
+                &IntentionSpec::with_permissions(&sn("web"), &sn("api"), perms),
+                false,
+            )
+            .unwrap();
+        rules
+            .create(
+                &IntentionSpec::new(&sn("db"), &sn("api"), Action::Allow),
+                false,
+            )
+            .unwrap();
+        let authz = IntentionAuthorizer::new(Arc::new(rules.clone()));
+        let d = authz.authorize(&id("web"), &id("api"));
+        assert!(d.allowed && d.per_request, "{d:?}");
+        assert!(
+            authz
+                .authorize_request(&id("web"), &id("api"), &get("/ok/1"))
+                .allowed
+        );
+        let denied = authz.authorize_request(&id("web"), &id("api"), &get("/no"));
+        assert!(!denied.allowed);
+        assert!(
+            denied.reason.contains("default intention policy"),
+            "{denied:?}"
+        );
+        // An L4 pair stays byte for byte.
+        let d = authz.authorize(&id("db"), &id("api"));
+        assert!(d.allowed && !d.per_request);
+
+        // Without a service-defaults entry the catalog's protocol decides (the state a
+        // ServiceDefaults resource makes): tcp turns the L7 intention into a deny.
+        let l7 = rules.get_exact(&sn("web"), &sn("api")).unwrap().clone();
+        let entry = EntryIndexes::from(&rules.entry(&sn("api")).unwrap());
+        let bare = RuleSet::restore(
+            Action::Deny,
+            rules.index(),
+            rules.counter_watermark(),
+            vec![l7],
+            vec![entry],
+        )
+        .unwrap();
+        let authz = IntentionAuthorizer::new(Arc::new(bare));
+        let d = authz.authorize(&id("web"), &id("api"));
+        assert!(!d.allowed, "{d:?}");
+        assert!(d.reason.contains("not http"), "{d:?}");
+        let mut catalog = Catalog::default();
+        catalog
+            .services
+            .push(serde_json::from_str(r#"{"name":"api","protocol":"http"}"#).unwrap());
+        authz.set_catalog(&catalog);
+        assert!(authz.authorize(&id("web"), &id("api")).per_request);
+    }
+}
