@@ -177,7 +177,7 @@ async fn handle(
         (text(StatusCode::FORBIDDEN, RBAC_DENIED_BODY), 403)
     };
     request_done(
-        &app.pod,
+        app.pod,
         &RequestOutcome {
             source: caller,
             destination: app.pod.id(),
