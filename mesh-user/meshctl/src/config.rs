@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use mesh_core::intentions::defaults::config_entry_kind;
 use mesh_core::intentions::{
     ServiceDefaultsEntry, ServiceIntentionsEntry, SERVICE_DEFAULTS_KIND, SERVICE_INTENTIONS_KIND,
 };
@@ -88,37 +89,31 @@ fn load_entry(arg: &str) -> Result<Loaded, String> {
         Some("hcl") => false,
         _ => text.trim_start().starts_with('{'),
     };
-    let intentions = if json {
+    let failed = |e| format!("Failed to decode config entry input: {e}");
+    if config_entry_kind(&text, !json).as_deref() == Some(SERVICE_DEFAULTS_KIND) {
+        let entry = if json {
+            ServiceDefaultsEntry::from_json(&text)
+        } else {
+            ServiceDefaultsEntry::from_hcl(&text)
+        }
+        .map_err(failed)?;
+        return Ok(Loaded {
+            kind: SERVICE_DEFAULTS_KIND,
+            name: entry.service.name().to_owned(),
+            json: entry.to_json(),
+        });
+    }
+    let entry = if json {
         ServiceIntentionsEntry::from_json(&text)
     } else {
         ServiceIntentionsEntry::from_hcl(&text)
-    };
-    let failed = |e| format!("Failed to decode config entry input: {e}");
-    match intentions {
-        Ok(entry) => Ok(Loaded {
-            kind: SERVICE_INTENTIONS_KIND,
-            name: entry.destination.name().to_owned(),
-            json: entry.to_json(),
-        }),
-        // Another kind: the service-defaults schema, if that is its kind.
-        Err(e) if e.field() == Some("Kind") => {
-            let defaults = if json {
-                ServiceDefaultsEntry::from_json(&text)
-            } else {
-                ServiceDefaultsEntry::from_hcl(&text)
-            };
-            match defaults {
-                Ok(entry) => Ok(Loaded {
-                    kind: SERVICE_DEFAULTS_KIND,
-                    name: entry.service.name().to_owned(),
-                    json: entry.to_json(),
-                }),
-                Err(d) if d.field() == Some("Kind") => Err(failed(e)),
-                Err(d) => Err(failed(d)),
-            }
-        }
-        Err(e) => Err(failed(e)),
     }
+    .map_err(failed)?;
+    Ok(Loaded {
+        kind: SERVICE_INTENTIONS_KIND,
+        name: entry.destination.name().to_owned(),
+        json: entry.to_json(),
+    })
 }
 
 /// `-kind` and `-name`, both required (Consul's messages when missing).

@@ -70,6 +70,22 @@ pub fn parse_protocol(value: &str, field: &str) -> Result<Protocol> {
     }
 }
 
+/// The `Kind` of a config entry document (JSON, or HCL when `hcl`), if it parses and has one:
+/// to choose the schema before validating against it.
+pub fn config_entry_kind(input: &str, hcl: bool) -> Option<String> {
+    #[derive(Deserialize)]
+    struct KindOnly {
+        #[serde(rename = "Kind", alias = "kind")]
+        kind: Option<String>,
+    }
+    let parsed: Result<KindOnly> = if hcl {
+        decode::hcl(input, &[])
+    } else {
+        decode::json(input)
+    };
+    parsed.ok()?.kind
+}
+
 impl ServiceDefaultsEntry {
     /// An entry for `service` with `protocol`, no meta, indexes 0.
     pub fn new(service: ServiceName, protocol: Protocol) -> Self {
