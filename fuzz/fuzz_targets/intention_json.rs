@@ -36,8 +36,8 @@ fuzz_target!(|data: &[u8]| {
         let src = intention.source.clone();
         let dst = intention.destination.clone();
         let l7 = intention.has_permissions();
-        assert_eq!(rules.has_permissions(&src, &dst), l7);
         let id = intention.id.clone();
+        assert_eq!(rules.has_permissions(&src, &dst), l7);
         assert!(rules.get(&id).is_some());
         let web = ServiceName::parse("web").expect("a valid name");
         let _ = rules.check(&web, &web);
