@@ -1296,7 +1296,7 @@ fn curl_in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
         .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
         .arg("sh")
         .arg(&cgroup)
-        .args(["curl", "-s", "--max-time", "10"])
+        .args(["curl", "-sS", "--max-time", "10"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1304,6 +1304,13 @@ fn curl_in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
         .spawn()
         .context("running curl in the pod")?;
     let out = wait_limit(child, Duration::from_secs(30))?;
+    ensure!(
+        out.status.success(),
+        "curl {args:?} in {namespace}/{name}: {}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -1391,8 +1398,13 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
     let root = url("/");
     mesh.wait(
         "GET / allowed by web's permission",
-        Duration::from_secs(15),
-        |_| Ok((code(&[&root])? == "200").then_some(())),
+        Duration::from_secs(30),
+        // A failed attempt is an error, so that the last answer is in the failure message.
+        |_| {
+            let got = code(&[&root])?;
+            ensure!(got == "200", "GET / answered {got:?}");
+            Ok(Some(()))
+        },
     )?;
     // Method: only GET is allowed on /.
     ensure!(
@@ -1456,7 +1468,11 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
     mesh.wait(
         "GET / denied after the change",
         Duration::from_secs(15),
-        |_| Ok((code(&[&root])? == "403").then_some(())),
+        |_| {
+            let got = code(&[&root])?;
+            ensure!(got == "403", "GET / answered {got:?}");
+            Ok(Some(()))
+        },
     )?;
     // service-defaults cannot go back to tcp while L7 intentions exist.
     let tcp = write(
