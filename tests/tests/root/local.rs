@@ -1291,11 +1291,13 @@ fn curl_in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
     let cgroup =
         mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
     ensure!(cgroup.exists(), "no cgroup {}", cgroup.display());
-    let child = Command::new("ip")
-        .args(["netns", "exec", &netns, "sh", "-c"])
+    // Into the cgroup first: `ip netns exec` mounts a fresh /sys, without the cgroup tree.
+    let child = Command::new("sh")
+        .arg("-c")
         .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
         .arg("sh")
         .arg(&cgroup)
+        .args(["ip", "netns", "exec", &netns])
         .args(["curl", "-sS", "--max-time", "10"])
         .args(args)
         .stdin(Stdio::null())
