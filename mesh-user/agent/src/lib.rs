@@ -499,6 +499,12 @@ impl Agent {
             }
         }
         self.catalog = next;
+        self.authorizer.set_catalog(&self.catalog);
+        // A protocol change can turn an L7 intention's connections from denied into decided
+        // request by request, or back: established connections are asked again.
+        for pod in self.pods.values() {
+            pod.proxy.reauthorize();
+        }
         match self.sync_kernel() {
             // The proxy decides; the pods still get meshed.
             Err(Error::KernelRules(e)) => {

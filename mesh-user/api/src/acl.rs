@@ -18,6 +18,7 @@ pub const OPERATOR_POLICY_ID: &str = "00000000-0000-0000-0000-000000000001";
 pub const READ_ONLY_POLICY_ID: &str = "00000000-0000-0000-0000-000000000002";
 
 const INTENTION_WRITE_PREFIX: &str = "intention-write:";
+const SERVICE_WRITE_PREFIX: &str = "service-write:";
 const MAX_DESCRIPTION: usize = 512;
 
 /// What a token may do. A token holds one or more; their rights add up.
@@ -33,11 +34,15 @@ pub enum Policy {
     /// pattern covers (lists show it only those) (`intention-write:api`, `intention-write:ns/*`, `intention-write:*/*`).
     /// A bare name means namespace `default`.
     IntentionWrite(ServiceName),
+    /// Consul's `service:write` on the services the pattern covers: write (and read) their
+    /// `service-defaults` entries (`service-write:api`, `service-write:ns/*`). A bare name means
+    /// namespace `default`.
+    ServiceWrite(ServiceName),
 }
 
 impl Policy {
     /// Parses a policy name: `operator`, `global-management`, `read-only`,
-    /// `builtin/global-read-only` or `intention-write:<pattern>`.
+    /// `builtin/global-read-only`, `intention-write:<pattern>` or `service-write:<pattern>`.
     ///
     /// # Errors
     /// A message naming an unknown policy or a bad destination pattern.
@@ -49,10 +54,15 @@ impl Policy {
                 Some(pattern) => ServiceName::parse(pattern)
                     .map(Policy::IntentionWrite)
                     .map_err(|e| format!("bad destination pattern {pattern:?}: {e}")),
-                None => Err(format!(
-                    "unknown policy {name:?}; the policies are operator, read-only and \
-                     intention-write:<destination pattern>"
-                )),
+                None => match name.strip_prefix(SERVICE_WRITE_PREFIX) {
+                    Some(pattern) => ServiceName::parse(pattern)
+                        .map(Policy::ServiceWrite)
+                        .map_err(|e| format!("bad service pattern {pattern:?}: {e}")),
+                    None => Err(format!(
+                        "unknown policy {name:?}; the policies are operator, read-only, \
+                         intention-write:<destination pattern> and service-write:<service pattern>"
+                    )),
+                },
             },
         }
     }
@@ -72,6 +82,7 @@ impl Policy {
             Policy::Operator => "operator".into(),
             Policy::ReadOnly => "read-only".into(),
             Policy::IntentionWrite(p) => format!("{INTENTION_WRITE_PREFIX}{p}"),
+            Policy::ServiceWrite(p) => format!("{SERVICE_WRITE_PREFIX}{p}"),
         }
     }
 
@@ -80,7 +91,7 @@ impl Policy {
         match self {
             Policy::Operator => Some(OPERATOR_POLICY_ID),
             Policy::ReadOnly => Some(READ_ONLY_POLICY_ID),
-            Policy::IntentionWrite(_) => None,
+            Policy::IntentionWrite(_) | Policy::ServiceWrite(_) => None,
         }
     }
 }
@@ -103,6 +114,10 @@ pub(crate) enum Need<'a> {
     /// Reading the agent's own data (its metrics), Consul's `agent:read`: operators and
     /// `read-only` tokens.
     AgentRead,
+    /// Reading this service's `service-defaults` entry (Consul's `service:read`).
+    ReadService(&'a ServiceName),
+    /// Writing this service's `service-defaults` entry (Consul's `service:write`).
+    WriteService(&'a ServiceName),
     /// Reading tokens.
     AclRead,
     /// Creating or deleting tokens.
@@ -177,6 +192,18 @@ impl Token {
                 .policies
                 .iter()
                 .any(|p| matches!(p, Policy::Operator | Policy::ReadOnly)),
+            Need::ReadService(svc) => self.policies.iter().any(|p| match p {
+                Policy::Operator | Policy::ReadOnly => true,
+                Policy::ServiceWrite(pattern) => pattern.matches(svc),
+                Policy::IntentionWrite(_) => false,
+            }),
+            Need::WriteService(svc) => {
+                operator
+                    || self.policies.iter().any(|p| match p {
+                        Policy::ServiceWrite(pattern) => pattern.matches(svc),
+                        _ => false,
+                    })
+            }
             Need::AclRead | Need::AclWrite | Need::WriteWorkloads => operator,
         };
         if ok {
@@ -187,6 +214,8 @@ impl Token {
             Need::ReadIntention(dst) => ("intentions:read", format!("{:?}", dst.to_string())),
             Need::WriteIntention(dst) => ("intentions:write", format!("{:?}", dst.to_string())),
             Need::AgentRead => ("agent:read", "\"agent\"".to_owned()),
+            Need::ReadService(svc) => ("service:read", format!("{:?}", svc.to_string())),
+            Need::WriteService(svc) => ("service:write", format!("{:?}", svc.to_string())),
             Need::AclRead => ("acl:read", "\"tokens\"".to_owned()),
             Need::AclWrite => ("acl:write", "\"tokens\"".to_owned()),
             Need::WriteWorkloads => ("workloads:write", "\"local\"".to_owned()),
@@ -206,6 +235,7 @@ impl Token {
         self.policies.iter().any(|p| match p {
             Policy::Operator | Policy::ReadOnly => true,
             Policy::IntentionWrite(pattern) => pattern.matches(dst),
+            Policy::ServiceWrite(_) => false,
         })
     }
 

@@ -21,8 +21,11 @@ use super::acl::{rfc3339, Secret};
 use super::server::BOOTSTRAP_TOKEN_FILE;
 use super::{Error, Policy, SharedSink, Token, TokenRequest};
 use mesh_core::durable;
+use mesh_core::intentions::defaults::{parse_protocol, protocol_name};
+use mesh_core::intentions::permission::permissions_from_json;
 use mesh_core::intentions::{
-    Action, EntryIndexes, Intention, RuleSet, ServiceIntentionsEntry, ServiceName, SyncOutcome,
+    Action, EntryIndexes, Intention, RuleSet, ServiceDefaultsEntry, ServiceIntentionsEntry,
+    ServiceName, SyncOutcome,
 };
 
 /// The state file in the state directory.
@@ -324,6 +327,9 @@ struct StateFile {
     intentions: Vec<StoredIntention>,
     #[serde(rename = "Entries")]
     entries: Vec<StoredEntry>,
+    /// `service-defaults` entries; absent in files written before they existed.
+    #[serde(rename = "ServiceDefaults", default)]
+    service_defaults: Vec<StoredDefaults>,
     #[serde(rename = "ACLIndex")]
     acl_index: u64,
     #[serde(rename = "Tokens")]
@@ -345,6 +351,13 @@ struct StoredIntention {
     destination_name: String,
     #[serde(rename = "Action")]
     action: Action,
+    /// L7 permissions in Consul's JSON shape; absent for an L4 intention.
+    #[serde(
+        rename = "Permissions",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    permissions: Option<serde_json::Value>,
     #[serde(rename = "Description")]
     description: String,
     #[serde(rename = "Meta")]
@@ -370,6 +383,23 @@ struct StoredEntry {
     namespace: String,
     #[serde(rename = "Name")]
     name: String,
+    #[serde(rename = "Meta")]
+    meta: BTreeMap<String, String>,
+    #[serde(rename = "CreateIndex")]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex")]
+    modify_index: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredDefaults {
+    #[serde(rename = "Namespace")]
+    namespace: String,
+    #[serde(rename = "Name")]
+    name: String,
+    #[serde(rename = "Protocol")]
+    protocol: String,
     #[serde(rename = "Meta")]
     meta: BTreeMap<String, String>,
     #[serde(rename = "CreateIndex")]
@@ -413,6 +443,9 @@ fn encode(state: &State) -> Vec<u8> {
                 destination_ns: it.destination.namespace().to_owned(),
                 destination_name: it.destination.name().to_owned(),
                 action: it.action,
+                permissions: it
+                    .has_permissions()
+                    .then(|| serde_json::to_value(&it.permissions).unwrap_or_default()),
                 description: it.description.clone(),
                 meta: it.meta.clone(),
                 precedence: it.precedence,
@@ -429,6 +462,18 @@ fn encode(state: &State) -> Vec<u8> {
             .map(|e| StoredEntry {
                 namespace: e.destination.namespace().to_owned(),
                 name: e.destination.name().to_owned(),
+                meta: e.meta.clone(),
+                create_index: e.create_index,
+                modify_index: e.modify_index,
+            })
+            .collect(),
+        service_defaults: rules
+            .service_defaults_list()
+            .into_iter()
+            .map(|e| StoredDefaults {
+                namespace: e.service.namespace().to_owned(),
+                name: e.service.name().to_owned(),
+                protocol: protocol_name(e.protocol).to_owned(),
                 meta: e.meta.clone(),
                 create_index: e.create_index,
                 modify_index: e.modify_index,
@@ -484,7 +529,13 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<State, Error> {
     };
     let mut intentions = Vec::with_capacity(file.intentions.len());
     for (i, s) in file.intentions.into_iter().enumerate() {
+        let permissions = match &s.permissions {
+            None => Vec::new(),
+            Some(v) => permissions_from_json(&v.to_string())
+                .map_err(|e| corrupt(format!("Intentions[{i}].{e}")))?,
+        };
         intentions.push(Intention {
+            permissions,
             source: name(
                 format!("Intentions[{i}].Source"),
                 &s.source_ns,
@@ -517,7 +568,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<State, Error> {
         });
     }
     // The default policy is configuration, set by the caller.
-    let rules = RuleSet::restore(
+    let mut rules = RuleSet::restore(
         Action::Deny,
         file.index,
         file.counter_watermark,
@@ -525,6 +576,22 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<State, Error> {
         entries,
     )
     .map_err(|e| corrupt(e.to_string()))?;
+    let mut defaults = Vec::with_capacity(file.service_defaults.len());
+    for (i, d) in file.service_defaults.into_iter().enumerate() {
+        let at = format!("ServiceDefaults[{i}]");
+        let mut entry = ServiceDefaultsEntry::new(
+            name(at.clone(), &d.namespace, &d.name)?,
+            parse_protocol(&d.protocol, &format!("{at}.Protocol"))
+                .map_err(|e| corrupt(e.to_string()))?,
+        );
+        entry.meta = d.meta;
+        entry.create_index = d.create_index;
+        entry.modify_index = d.modify_index;
+        defaults.push(entry);
+    }
+    rules
+        .restore_service_defaults(defaults)
+        .map_err(|e| corrupt(e.to_string()))?;
     let mut tokens = Vec::with_capacity(file.tokens.len());
     let (mut accessors, mut secrets) = (HashSet::new(), HashSet::new());
     for (i, t) in file.tokens.into_iter().enumerate() {

@@ -1,12 +1,15 @@
-//! `meshctl config`: write, read, list and delete `service-intentions` config entries, as
-//! `consul config` does.
+//! `meshctl config`: write, read, list and delete `service-intentions` and `service-defaults`
+//! config entries, as `consul config` does.
 
 use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use mesh_core::intentions::{ServiceIntentionsEntry, SERVICE_INTENTIONS_KIND};
+use mesh_core::intentions::defaults::config_entry_kind;
+use mesh_core::intentions::{
+    ServiceDefaultsEntry, ServiceIntentionsEntry, SERVICE_DEFAULTS_KIND, SERVICE_INTENTIONS_KIND,
+};
 use serde_json::Value;
 
 use super::format::{enc, field, json_body, pretty4};
@@ -14,10 +17,10 @@ use super::{fail, out, Ctx};
 
 #[derive(Args)]
 pub(crate) struct KindName {
-    /// The entry's kind (service-intentions)
+    /// The entry's kind (service-intentions, service-defaults)
     #[arg(long)]
     kind: Option<String>,
-    /// The entry's name (the destination service)
+    /// The entry's name (the service)
     #[arg(long)]
     name: Option<String>,
 }
@@ -51,15 +54,23 @@ pub(crate) enum ConfigCmd {
     },
     /// List the names of the config entries of a kind
     List {
-        /// The kind (service-intentions)
+        /// The kind (service-intentions, service-defaults)
         #[arg(long)]
         kind: Option<String>,
     },
 }
 
+/// An entry read and validated, ready to send.
+struct Loaded {
+    kind: &'static str,
+    name: String,
+    json: String,
+}
+
 /// Reads an entry from a file or stdin (`-`): JSON when the extension is `.json` or the text
-/// starts with `{`, HCL otherwise, as `consul config write` accepts both.
-fn load_entry(arg: &str) -> Result<ServiceIntentionsEntry, String> {
+/// starts with `{`, HCL otherwise, as `consul config write` accepts both. The `Kind` decides
+/// the schema.
+fn load_entry(arg: &str) -> Result<Loaded, String> {
     let mut text = String::new();
     if arg == "-" {
         std::io::stdin()
@@ -78,12 +89,31 @@ fn load_entry(arg: &str) -> Result<ServiceIntentionsEntry, String> {
         Some("hcl") => false,
         _ => text.trim_start().starts_with('{'),
     };
-    let parsed = if json {
+    let failed = |e| format!("Failed to decode config entry input: {e}");
+    if config_entry_kind(&text, !json).as_deref() == Some(SERVICE_DEFAULTS_KIND) {
+        let entry = if json {
+            ServiceDefaultsEntry::from_json(&text)
+        } else {
+            ServiceDefaultsEntry::from_hcl(&text)
+        }
+        .map_err(failed)?;
+        return Ok(Loaded {
+            kind: SERVICE_DEFAULTS_KIND,
+            name: entry.service.name().to_owned(),
+            json: entry.to_json(),
+        });
+    }
+    let entry = if json {
         ServiceIntentionsEntry::from_json(&text)
     } else {
         ServiceIntentionsEntry::from_hcl(&text)
-    };
-    parsed.map_err(|e| format!("Failed to decode config entry input: {e}"))
+    }
+    .map_err(failed)?;
+    Ok(Loaded {
+        kind: SERVICE_INTENTIONS_KIND,
+        name: entry.destination.name().to_owned(),
+        json: entry.to_json(),
+    })
 }
 
 /// `-kind` and `-name`, both required (Consul's messages when missing).
@@ -132,29 +162,23 @@ pub(crate) async fn config(ctx: &Ctx, cmd: ConfigCmd) -> ExitCode {
                 Ok(e) => e,
                 Err(e) => return fail(e),
             };
-            let name = entry.destination.name().to_owned();
+            let Loaded { kind, name, json } = entry;
             let mut query = Vec::new();
             if let Some(c) = &cas {
                 query.push(("cas", c.as_str()));
             }
             let url = ctx.url("/v1/config", &query);
             let written = ctx
-                .call("PUT", &url, Some(entry.to_json()))
+                .call("PUT", &url, Some(json))
                 .await
                 .and_then(|r| json_body(&r));
             match written {
                 Ok(Value::Bool(true)) => {
-                    out(format!(
-                        "Config entry written: {SERVICE_INTENTIONS_KIND}/{name}"
-                    ));
+                    out(format!("Config entry written: {kind}/{name}"));
                     ExitCode::SUCCESS
                 }
-                Ok(_) => fail(format!(
-                    "Config entry not updated: {SERVICE_INTENTIONS_KIND}/{name}"
-                )),
-                Err(e) => fail(format!(
-                    "Error writing config entry {SERVICE_INTENTIONS_KIND}/{name}: {e}"
-                )),
+                Ok(_) => fail(format!("Config entry not updated: {kind}/{name}")),
+                Err(e) => fail(format!("Error writing config entry {kind}/{name}: {e}")),
             }
         }
         ConfigCmd::Read { which } => {

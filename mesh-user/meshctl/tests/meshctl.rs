@@ -383,9 +383,39 @@ Sources = [
     expect(&e.run(&["config", "write", &bad]).await, 1, "", "Sorces");
     let bad = e.file(
         "kind.json",
-        r#"{"Kind": "service-defaults", "Name": "api"}"#,
+        r#"{"Kind": "proxy-defaults", "Name": "global"}"#,
     );
     expect(&e.run(&["config", "write", &bad]).await, 1, "", "Kind");
+    // service-defaults: written, read back, an unsupported protocol refused naming the field.
+    let defaults = e.file(
+        "defaults.hcl",
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
+    );
+    expect(
+        &e.run(&["config", "write", &defaults]).await,
+        0,
+        "Config entry written: service-defaults/api",
+        "",
+    );
+    expect(
+        &e.run(&[
+            "config",
+            "read",
+            "-kind",
+            "service-defaults",
+            "-name",
+            "api",
+        ])
+        .await,
+        0,
+        "\"Protocol\": \"http\"",
+        "",
+    );
+    let grpc = e.file(
+        "grpc.json",
+        r#"{"Kind": "service-defaults", "Name": "api", "Protocol": "grpc"}"#,
+    );
+    expect(&e.run(&["config", "write", &grpc]).await, 1, "", "Protocol");
     expect(
         &e.run(&["config", "write", "/nonexistent/x.hcl"]).await,
         1,
@@ -440,9 +470,9 @@ Sources = [
             "config",
             "read",
             "-kind",
-            "service-defaults",
+            "proxy-defaults",
             "-name",
-            "api",
+            "global",
         ])
         .await,
         1,

@@ -1,6 +1,7 @@
 //! The inbound side's authorization question: may this caller reach this service?
 
 use mesh_core::identity::SpiffeId;
+use mesh_core::intentions::HttpRequest;
 
 /// The proxy's authorization decision for one connection, with the reason that is logged
 /// with it (the intention that matched, or the default policy).
@@ -13,6 +14,10 @@ pub struct Decision {
     /// The ID of the intention that decided; `None` when the default policy did. The
     /// `intention` label of `mesh_proxy_connections_denied_total`.
     pub intention: Option<String>,
+    /// For a connection: allowed, but only request by request. The inbound proxy parses
+    /// HTTP/1.1 on it and asks [`Authorizer::authorize_request`] for each request (an L7
+    /// intention on an `http` destination).
+    pub per_request: bool,
 }
 
 impl Decision {
@@ -22,6 +27,17 @@ impl Decision {
             allowed: true,
             reason: reason.into(),
             intention: None,
+            per_request: false,
+        }
+    }
+
+    /// Allowed request by request (L7), because of `reason`.
+    pub fn per_request(reason: impl Into<String>) -> Self {
+        Self {
+            allowed: true,
+            reason: reason.into(),
+            intention: None,
+            per_request: true,
         }
     }
 
@@ -31,6 +47,7 @@ impl Decision {
             allowed: false,
             reason: reason.into(),
             intention: None,
+            per_request: false,
         }
     }
 
@@ -49,6 +66,20 @@ pub trait Authorizer: Send + Sync + 'static {
     /// May `source` (the caller's certificate identity) connect to `destination` (the service
     /// of the pod whose inbound listener accepted the connection)?
     fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Decision;
+
+    /// May this HTTP request from `source` go to `destination`'s app? Asked for each request
+    /// of a connection [`authorize`](Authorizer::authorize) answered with
+    /// [`Decision::per_request`], against the rules in force when the request arrives. The
+    /// default allows (an authorizer that never answers `per_request` is never asked).
+    fn authorize_request(
+        &self,
+        source: &SpiffeId,
+        destination: &SpiffeId,
+        request: &HttpRequest<'_>,
+    ) -> Decision {
+        let _ = (source, destination, request);
+        Decision::allow("no L7 rules")
+    }
 }
 
 /// Allows every authenticated caller (for tests and for a mesh without intentions).

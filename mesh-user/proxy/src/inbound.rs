@@ -93,7 +93,7 @@ pub(crate) async fn serve(
 
     // Registered before the decision and until this function returns, so that a rule change
     // at any point from here on closes the connection (PodProxy::reauthorize).
-    let (_registration, revoked) = pod.inbound.register(caller.clone());
+    let (registration, revoked) = pod.inbound.register(caller.clone());
     let stop = async move {
         match revoked.await {
             Ok(reason) => Error::Revoked { reason },
@@ -119,6 +119,16 @@ pub(crate) async fn serve(
 
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     info.target = Some(addr);
+    if decision.per_request {
+        // L7 intentions: HTTP/1.1, each request decided; the app is dialled on the first
+        // allowed request.
+        registration.set_per_request();
+        tracing::debug!(
+            pod = %pod.name, caller = %caller, port, resumed = info.resumed,
+            "inbound connection authorized request by request: {}", decision.reason
+        );
+        return super::http::serve(shared, pod, tls, caller, addr, stop).await;
+    }
     let app = match shared.dial(&pod.name, DialKind::App, addr).await {
         Ok(app) => app,
         Err(source) => return refuse(tls, Error::Connect { addr, source }).await,

@@ -66,6 +66,7 @@ mod authz;
 mod copy;
 mod dial;
 mod directory;
+pub mod http;
 mod inbound;
 pub mod metrics;
 mod outbound;
@@ -390,6 +391,10 @@ pub enum Error {
     /// No byte in either direction for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// Serving HTTP/1.1 on an inbound connection with L7 intentions failed (a malformed
+    /// request, a reset, the header read timeout).
+    #[error("HTTP: {0}")]
+    Http(#[source] hyper::Error),
     /// Copying failed (a reset, a TLS error, a close without `close_notify`).
     #[error("copy: {0}")]
     Copy(#[source] io::Error),

@@ -27,6 +27,8 @@ pub struct PodStats {
     pub(crate) endpoint_failures: AtomicU64,
     pub(crate) idle_timeouts: AtomicU64,
     pub(crate) errors: AtomicU64,
+    pub(crate) http_requests: AtomicU64,
+    pub(crate) http_denied: AtomicU64,
 }
 
 /// A copy of a pod's counters at one instant. Connection counts include both directions.
@@ -82,6 +84,10 @@ pub struct PodStatsSnapshot {
     /// Connections that ended with another error (connect failures, resets, unknown upstream,
     /// an inbound peer that closed before sending a byte).
     pub errors: u64,
+    /// HTTP requests the inbound proxy decided one by one (L7 intentions), allowed or not.
+    pub http_requests: u64,
+    /// Of those, the requests denied with `403 RBAC: access denied`.
+    pub http_requests_denied: u64,
 }
 
 impl PodStats {
@@ -112,6 +118,8 @@ impl PodStats {
             endpoint_failures: self.endpoint_failures.load(Relaxed),
             idle_timeouts: self.idle_timeouts.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            http_requests: self.http_requests.load(Relaxed),
+            http_requests_denied: self.http_denied.load(Relaxed),
         }
     }
 

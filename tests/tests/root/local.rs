@@ -1584,3 +1584,206 @@ fn service_intentions_objects_allow_are_read_only_and_deleting_them_denies_again
     ensure!(!err.is_empty(), "the CRD's intention is gone");
     mesh.stop()
 }
+
+/// Runs `curl` (with `-s`) as a process of pod `namespace/name`: in its network namespace and
+/// its cgroup, as its app would. Returns stdout.
+fn curl_in_pod(namespace: &str, name: &str, args: &[&str]) -> Result<String> {
+    let netns = format!("{NODE}-{namespace}_{name}");
+    let cgroup =
+        mesh_dataplane::cgroup::v2_root()?.join(format!("mesh-{NODE}/pods/{namespace}_{name}"));
+    ensure!(cgroup.exists(), "no cgroup {}", cgroup.display());
+    // Into the cgroup first: `ip netns exec` mounts a fresh /sys, without the cgroup tree.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&cgroup)
+        .args(["ip", "netns", "exec", &netns])
+        .args(["curl", "-sS", "--max-time", "10"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running curl in the pod")?;
+    let out = wait_limit(child, Duration::from_secs(30))?;
+    ensure!(
+        out.status.success(),
+        "curl {args:?} in {namespace}/{name}: {}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// L7 intentions, as Consul's users write them: `service-defaults` makes api-v1 `http`, a
+/// `service-intentions` entry gives web permissions, and curl in web's pod sees each request
+/// decided (path, method, header, regex, precedence over a lower `*` allow), `403 RBAC: access
+/// denied` answered on a connection that stays usable, a rule change applied to the next
+/// request, and bad permissions refused at write time naming the field.
+#[test]
+fn l7_intentions_decide_each_http_request() -> Result<()> {
+    require_root();
+    let mut mesh = LocalMesh::start("ebpf")?;
+    mesh.meshctl(&["intention", "create", "-deny", "*", "*"])?;
+    for f in ["web.yaml", "api-v1.yaml"] {
+        mesh.meshctl(&["apply", "-f", examples().join(f).to_str().context("path")?])?;
+    }
+    mesh.wait_ready(&["default/web-0", "default/api-v1-0"])?;
+    let vip = cluster_ip(&mesh, "default", "api-v1")?;
+    let url = |path: &str| format!("http://{vip}:9091{path}");
+    let dir = tempfile::tempdir()?;
+    let write = |name: &str, text: &str| -> Result<String> {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p.to_str().context("path")?.to_owned())
+    };
+    let entry = |perms: &str| {
+        format!(
+            r#"{{"Kind":"service-intentions","Name":"api-v1","Sources":[
+                {{"Name":"web","Permissions":{perms}}},
+                {{"Name":"*","Action":"allow"}}]}}"#
+        )
+    };
+    let perms = r#"[
+        {"Action":"deny","HTTP":{"PathPrefix":"/admin"}},
+        {"Action":"allow","HTTP":{"PathExact":"/","Methods":["GET"]}},
+        {"Action":"allow","HTTP":{"PathRegex":"/v[0-9]+/items","Header":[{"Name":"x-env","Exact":"prod"}]}}
+    ]"#;
+    let l7 = write("l7.json", &entry(perms))?;
+
+    // api-v1 is tcp: permissions are refused, naming the field.
+    let err = mesh.meshctl_fails(&["config", "write", &l7])?;
+    ensure!(
+        err.contains("Sources[0].Permissions") && err.contains("incompatible with L7"),
+        "L7 on a tcp service: {err}"
+    );
+    let defaults = write(
+        "defaults.hcl",
+        "Kind = \"service-defaults\"\nName = \"api-v1\"\nProtocol = \"http\"\n",
+    )?;
+    mesh.meshctl(&["config", "write", &defaults])?;
+    let bad = write(
+        "bad.json",
+        &entry(r#"[{"Action":"allow","HTTP":{"PathRegex":"(unclosed"}}]"#),
+    )?;
+    let err = mesh.meshctl_fails(&["config", "write", &bad])?;
+    ensure!(
+        err.contains("Sources[0].Permissions[0].HTTP.PathRegex"),
+        "bad regex: {err}"
+    );
+    let bad = write(
+        "bad2.json",
+        &entry(r#"[{"Action":"allow","HTTP":{"PathExact":"/","PathPrefix":"/a"}}]"#),
+    )?;
+    let err = mesh.meshctl_fails(&["config", "write", &bad])?;
+    ensure!(
+        err.contains("Sources[0].Permissions[0].HTTP should only contain at most one"),
+        "two path matches: {err}"
+    );
+    mesh.meshctl(&["config", "write", &l7])?;
+    let read = mesh.meshctl(&[
+        "config",
+        "read",
+        "-kind",
+        "service-intentions",
+        "-name",
+        "api-v1",
+    ])?;
+    ensure!(read.contains("\"PathRegex\""), "read back: {read}");
+
+    let code = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        all.extend_from_slice(args);
+        curl_in_pod("default", "web-0", &all)
+    };
+    let root = url("/");
+    mesh.wait(
+        "GET / allowed by web's permission",
+        Duration::from_secs(30),
+        // A failed attempt is an error, so that the last answer is in the failure message.
+        |_| {
+            let got = code(&[&root])?;
+            ensure!(got == "200", "GET / answered {got:?}");
+            Ok(Some(()))
+        },
+    )?;
+    // Method: only GET is allowed on /.
+    ensure!(
+        code(&["-X", "POST", &root])? == "403",
+        "POST / must be denied"
+    );
+    // Path prefix deny, first in order.
+    let body = curl_in_pod("default", "web-0", &[&url("/admin/users")])?;
+    ensure!(body == "RBAC: access denied", "GET /admin: {body:?}");
+    // Regex and header: both must match.
+    let items = url("/v2/items");
+    ensure!(
+        code(&["-H", "x-env: prod", &items])? == "200",
+        "regex + header"
+    );
+    ensure!(
+        code(&["-H", "x-env: dev", &items])? == "403",
+        "header mismatch"
+    );
+    ensure!(
+        code(&["-H", "x-env: prod", &url("/v2/items/x")])? == "403",
+        "whole-path regex"
+    );
+    // Precedence: a request web's permissions do not match is not allowed by the lower `*`.
+    ensure!(
+        code(&[&url("/other")])? == "403",
+        "no fall-through to the * allow"
+    );
+    // Keep-alive: a 403 then a 200 on one connection (curl reuses it: one connect in all).
+    let both = curl_in_pod(
+        "default",
+        "web-0",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            &url("/admin"),
+            "--next",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            &root,
+        ],
+    )?;
+    ensure!(
+        both == "403 1\n200 0\n",
+        "403 then 200 on one connection: {both:?}"
+    );
+    // `intention check` answers for L4 only, as Consul's: an L7 pair is Denied there.
+    let check = mesh.meshctl_fails(&["intention", "check", "web", "api-v1"])?;
+    ensure!(check.contains("Denied"), "check on an L7 pair: {check}");
+
+    // A rule change applies to the next request.
+    let tighter = write(
+        "tighter.json",
+        &entry(r#"[{"Action":"deny","HTTP":{"PathExact":"/"}}]"#),
+    )?;
+    mesh.meshctl(&["config", "write", &tighter])?;
+    mesh.wait(
+        "GET / denied after the change",
+        Duration::from_secs(15),
+        |_| {
+            let got = code(&[&root])?;
+            ensure!(got == "403", "GET / answered {got:?}");
+            Ok(Some(()))
+        },
+    )?;
+    // service-defaults cannot go back to tcp while L7 intentions exist.
+    let tcp = write(
+        "tcp.json",
+        r#"{"Kind":"service-defaults","Name":"api-v1","Protocol":"tcp"}"#,
+    )?;
+    let err = mesh.meshctl_fails(&["config", "write", &tcp])?;
+    ensure!(err.contains("incompatible with L7"), "back to tcp: {err}");
+    mesh.stop()?;
+    Ok(())
+}

@@ -1,4 +1,5 @@
-//! `/v1/config*`: `service-intentions` config entries (write with `?cas=`, list, read, delete).
+//! `/v1/config*`: `service-intentions` and `service-defaults` config entries (write with
+//! `?cas=`, list, read, delete).
 
 use axum::extract::{Path as UrlPath, State as AxState};
 use axum::response::IntoResponse;
@@ -13,7 +14,8 @@ use super::{filtered, indexed, parse_name, text_body, write, ApiResult, AppState
 use crate::acl::Need;
 use crate::Error;
 use mesh_core::intentions::{
-    ServiceIntentionsEntry, ServiceName, SERVICE_INTENTIONS_KIND, WILDCARD,
+    ServiceDefaultsEntry, ServiceIntentionsEntry, ServiceName, SERVICE_DEFAULTS_KIND,
+    SERVICE_INTENTIONS_KIND, WILDCARD,
 };
 
 /// The routes of this module.
@@ -41,18 +43,62 @@ const ENTRY_FIELDS: &[&str] = &[
     "ModifyIndex",
 ];
 
-fn check_kind(kind: &str) -> Result<(), Error> {
-    if kind == SERVICE_INTENTIONS_KIND {
-        Ok(())
-    } else {
-        Err(Error::bad(
+/// The fields of Consul's `ServiceConfigEntry` a `?filter=` may select.
+const DEFAULTS_FIELDS: &[&str] = &[
+    "Kind",
+    "Name",
+    "Partition",
+    "Namespace",
+    "Protocol",
+    "Meta",
+    "CreateIndex",
+    "ModifyIndex",
+];
+
+/// The config entry kinds this agent stores.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Intentions,
+    Defaults,
+}
+
+fn check_kind(kind: &str) -> Result<Kind, Error> {
+    match kind {
+        SERVICE_INTENTIONS_KIND => Ok(Kind::Intentions),
+        SERVICE_DEFAULTS_KIND => Ok(Kind::Defaults),
+        _ => Err(Error::bad(
             "kind",
             format!(
                 "invalid config entry kind: {kind:?}: this agent stores only \
-                 {SERVICE_INTENTIONS_KIND:?} entries"
+                 {SERVICE_INTENTIONS_KIND:?} and {SERVICE_DEFAULTS_KIND:?} entries"
             ),
-        ))
+        )),
     }
+}
+
+/// Writes a `service-defaults` entry (ACL: Consul's `service:write` on the service).
+async fn put_defaults(st: &AppState, caller: &Caller, cas: Option<u64>, text: &str) -> ApiResult {
+    let entry = ServiceDefaultsEntry::from_json(text)?;
+    let svc = entry.service.clone();
+    caller.need(Need::WriteService(&svc))?;
+    let written = write(&st.store, move |s| {
+        if let Some(cas) = cas {
+            let current = s
+                .rules
+                .service_defaults(&entry.service)
+                .map(|e| e.modify_index);
+            if current.unwrap_or(0) != cas {
+                return Ok(false);
+            }
+        }
+        s.rules_mut().apply_service_defaults(&entry)?;
+        Ok(true)
+    })
+    .await?;
+    if written {
+        info!(service = %svc, "service-defaults entry written");
+    }
+    Ok(Json(written).into_response())
 }
 
 async fn put_config(
@@ -79,6 +125,16 @@ async fn put_config(
         }
         _ => text,
     };
+    let kind = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| {
+            ["Kind", "kind"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(|k| k.as_str()).map(str::to_owned))
+        });
+    if kind.as_deref() == Some(SERVICE_DEFAULTS_KIND) {
+        return put_defaults(&st, &caller, cas, text).await;
+    }
     let entry = ServiceIntentionsEntry::from_json(text)?;
     let dst = entry.destination.clone();
     caller.need(Need::WriteIntention(&dst))?;
@@ -110,11 +166,23 @@ async fn list_config(
     params: Params,
 ) -> ApiResult {
     caller.need(Need::Read)?;
-    check_kind(&kind)?;
+    let kind = check_kind(&kind)?;
     let ns = params.namespace(true)?;
-    let filter = params.filter(ENTRY_FIELDS)?;
     block(&st, params.blocking()?, rules_index).await;
     let state = st.store.state();
+    if kind == Kind::Defaults {
+        let filter = params.filter(DEFAULTS_FIELDS)?;
+        let entries: Vec<_> = state
+            .rules
+            .service_defaults_list()
+            .into_iter()
+            .filter(|e| ns.is_none_or(|ns| ns == WILDCARD || e.service.namespace() == ns))
+            .filter(|e| caller.need(Need::ReadService(&e.service)).is_ok())
+            .collect();
+        let entries = filtered(filter.as_ref(), &entries)?;
+        return Ok(indexed(state.rules.index(), entries));
+    }
+    let filter = params.filter(ENTRY_FIELDS)?;
     let entries: Vec<_> = state
         .rules
         .entries()
@@ -144,10 +212,17 @@ async fn get_config(
     params: Params,
 ) -> ApiResult {
     caller.need(Need::Read)?;
-    check_kind(&kind)?;
+    let which = check_kind(&kind)?;
     let dst = entry_name(&name, &params)?;
-    caller.need(Need::ReadIntention(&dst))?;
     let state = st.store.state();
+    if which == Kind::Defaults {
+        caller.need(Need::ReadService(&dst))?;
+        let entry = state.rules.service_defaults(&dst).ok_or_else(|| {
+            Error::NotFound(format!("Config entry not found for {kind:?} / {name:?}"))
+        })?;
+        return Ok(indexed(state.rules.index(), entry));
+    }
+    caller.need(Need::ReadIntention(&dst))?;
     let entry = state.rules.entry(&dst).ok_or_else(|| {
         Error::NotFound(format!("Config entry not found for {kind:?} / {name:?}"))
     })?;
@@ -160,9 +235,29 @@ async fn delete_config(
     UrlPath((kind, name)): UrlPath<(String, String)>,
     params: Params,
 ) -> ApiResult {
-    check_kind(&kind)?;
+    let which = check_kind(&kind)?;
     let dst = entry_name(&name, &params)?;
     let cas = params.cas()?;
+    if which == Kind::Defaults {
+        caller.need(Need::WriteService(&dst))?;
+        let svc = dst.clone();
+        let deleted = write(&st.store, move |s| {
+            if let Some(cas) = cas {
+                if s.rules.service_defaults(&svc).map(|e| e.modify_index) != Some(cas) {
+                    return Ok(false);
+                }
+            }
+            Ok(s.rules_mut().delete_service_defaults(&svc)?)
+        })
+        .await?;
+        if deleted {
+            info!(service = %dst, "service-defaults entry deleted");
+        }
+        return Ok(match cas {
+            Some(_) => Json(json!(deleted)).into_response(),
+            None => Json(json!({})).into_response(),
+        });
+    }
     caller.need(Need::WriteIntention(&dst))?;
     let dst2 = dst.clone();
     let deleted = write(&st.store, move |s| {

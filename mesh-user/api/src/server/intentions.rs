@@ -106,7 +106,7 @@ async fn create_intention(
     params: Params,
     body: Bytes,
 ) -> ApiResult {
-    let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
+    let mut spec = legacy_spec(&body)?;
     fill_namespaces(&mut spec, params.namespace(false)?);
     if let Some(dst) = spec_destination(&spec) {
         caller.need(Need::WriteIntention(&dst))?;
@@ -119,6 +119,21 @@ async fn create_intention(
     .await?;
     info!(%id, "intention created");
     Ok(Json(json!({ "ID": id })).into_response())
+}
+
+/// The body of a write through the ID-based (legacy) endpoints, which take L4 intentions only:
+/// Consul validates them as legacy writes, where `Action` is required and excludes
+/// `Permissions`.
+fn legacy_spec(body: &Bytes) -> Result<IntentionSpec, Error> {
+    let spec = IntentionSpec::from_json(text_body(body)?)?;
+    if !spec.permissions.is_empty() {
+        return Err(Error::bad(
+            "Permissions",
+            "Permissions: L7 permissions cannot be written through the ID-based intentions \
+             API; use PUT /v1/connect/intentions/exact or a service-intentions config entry",
+        ));
+    }
+    Ok(spec)
 }
 
 /// Consul's `FillPartitionAndNamespace` for a single intention: an empty `SourceNS` or
@@ -212,7 +227,7 @@ async fn put_by_id(
     params: Params,
     body: Bytes,
 ) -> ApiResult {
-    let mut spec = IntentionSpec::from_json(text_body(&body)?)?;
+    let mut spec = legacy_spec(&body)?;
     fill_namespaces(&mut spec, params.namespace(false)?);
     let old = st
         .store
@@ -362,7 +377,7 @@ async fn counters(AxState(st): AxState<AppState>, caller: Caller) -> ApiResult {
                 "SourceName": it.source.name(),
                 "DestinationNS": it.destination.namespace(),
                 "DestinationName": it.destination.name(),
-                "Action": it.action,
+                "Action": it.action_str(),
                 "Precedence": it.precedence,
                 "Allowed": allowed,
                 "Denied": denied,

@@ -23,8 +23,7 @@ use crate::catalog::CatalogSnapshot;
 use crate::Error;
 use mesh_core::catalog::Protocol;
 use mesh_core::intentions::{
-    Decision, Intention, Matched, RuleSet, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION,
-    WILDCARD,
+    Decision, Matched, RuleSet, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD,
 };
 
 /// The routes of this module.
@@ -204,13 +203,6 @@ async fn services(AxState(st): AxState<AppState>, caller: Caller, params: Params
     Ok(indexed(index, filtered(filter.as_ref(), &items)?))
 }
 
-/// Whether an intention has L7 permissions (Consul's `HasPermissions`): intentions here
-/// decide at L4 only (they have no `Permissions`), so none has. The one place that decides
-/// it for the topology.
-fn has_permissions(_intention: &Intention) -> bool {
-    false
-}
-
 /// One edge's decision: Consul's `IntentionDecisionSummary`, its topology source (when the
 /// edge exists because of it) and `DecidedBy`, which intention (or the default policy)
 /// decided.
@@ -229,7 +221,9 @@ fn edge(rules: &RuleSet, src: &ServiceName, dst: &ServiceName) -> Edge {
     };
     let summary = json!({
         "Allowed": decision.allowed,
-        "HasPermissions": matched.is_some_and(has_permissions),
+        // As Consul's IntentionDecision: an L7 intention is not an L4 allow (its requests are
+        // decided one by one), so `Allowed` is false and `HasPermissions` true.
+        "HasPermissions": decision.has_permissions,
         "ExternalSource": matched
             .and_then(|it| it.meta.get("external-source"))
             .cloned()
@@ -458,7 +452,8 @@ const RESOURCES: &[&str] = &[
 /// Whether `policies` grant `access` to `resource`/`segment` in namespace `ns`: operators
 /// everything; `read-only` reading everything; `intention-write:<pattern>` reading the
 /// catalog and the intentions whose destination the pattern covers, and writing those (an
-/// empty segment asks about every service of the namespace, as Consul's UI asks).
+/// empty segment asks about every service of the namespace, as Consul's UI asks);
+/// `service-write:<pattern>` reading the catalog and writing the services it covers.
 fn allowed(policies: &[Policy], resource: &str, segment: &str, access: &str, ns: &str) -> bool {
     let write = access == "write";
     policies.iter().any(|p| match p {
@@ -474,6 +469,22 @@ fn allowed(policies: &[Policy], resource: &str, segment: &str, access: &str, ns:
                 }
             }
             "service" | "node" => !write,
+            _ => false,
+        },
+        // Consul's `service:write` on the services the pattern covers (their
+        // `service-defaults`), which includes reading them; the catalog is readable.
+        Policy::ServiceWrite(pattern) => match resource {
+            "service" => {
+                if !write {
+                    true
+                } else if segment.is_empty() {
+                    pattern.name() == WILDCARD
+                        && (pattern.namespace() == WILDCARD || pattern.namespace() == ns)
+                } else {
+                    ServiceName::new(ns, segment).is_ok_and(|svc| pattern.matches(&svc))
+                }
+            }
+            "node" => !write,
             _ => false,
         },
     })

@@ -15,6 +15,7 @@ mod acl;
 mod config_entries;
 mod hardening;
 mod intentions;
+mod l7;
 mod local;
 mod metrics;
 mod parity;

@@ -126,7 +126,8 @@ pub struct KernelKey {
 /// A kernel map value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelValue {
-    /// Allow or deny.
+    /// Allow or deny; [`Action::Allow`] for an intention with L7 permissions, whose
+    /// connections the kernel must hand to the proxy (which decides each request), never deny.
     pub action: Action,
     /// The intention's precedence, 9..=1.
     pub precedence: u8,
@@ -272,7 +273,12 @@ pub fn compile_with(rules: &RuleSet, mut interner: Interner) -> Result<CompiledR
         entries.insert(
             key,
             KernelValue {
-                action: it.action,
+                // An L7 intention sends the connection to the proxy, which decides per request.
+                action: if it.has_permissions() {
+                    Action::Allow
+                } else {
+                    it.action
+                },
                 precedence: it.precedence,
                 counter_index: it.counter_index,
             },

@@ -46,7 +46,7 @@ pub(crate) fn json<T: DeserializeOwned>(input: &str) -> Result<T> {
 /// Decodes HCL into `T`. The document is parsed, checked for attributes given twice (which
 /// the HCL-to-JSON mapping would silently merge), evaluated without variables or functions
 /// (so heredocs and plain literals work, references are errors), mapped to its JSON form, and
-/// then decoded like JSON. `wrap_in_array` names top-level keys whose single-block form
+/// then decoded like JSON. `wrap_in_array` names keys (at any depth) whose single-block form
 /// (`Sources { ... }`) must become a one-element list.
 pub(crate) fn hcl<T: DeserializeOwned>(input: &str, wrap_in_array: &[&str]) -> Result<T> {
     use hcl::eval::{Context, Evaluate};
@@ -61,15 +61,7 @@ pub(crate) fn hcl<T: DeserializeOwned>(input: &str, wrap_in_array: &[&str]) -> R
         .map_err(|e| malformed(Format::Hcl, String::new(), e))?;
     let mut value: serde_json::Value =
         hcl::from_body(body).map_err(|e| malformed(Format::Hcl, String::new(), e))?;
-    if let serde_json::Value::Object(map) = &mut value {
-        for key in wrap_in_array {
-            if let Some(v) = map.get_mut(*key) {
-                if v.is_object() {
-                    *v = serde_json::Value::Array(vec![v.take()]);
-                }
-            }
-        }
-    }
+    wrap_blocks(&mut value, wrap_in_array);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let message = e.inner().to_string();
         malformed(Format::Hcl, error_path(e.path(), &message), message)
@@ -197,6 +189,23 @@ fn check_nesting(input: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Turns a single block (an object) under one of the `keys`, at any depth, into a one-element
+/// list: `Sources { ... }` or `Permissions { ... }` written once reads as a list of one.
+fn wrap_blocks(value: &mut serde_json::Value, keys: &[&str]) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if keys.contains(&key.as_str()) && v.is_object() {
+                    *v = serde_json::Value::Array(vec![v.take()]);
+                }
+                wrap_blocks(v, keys);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| wrap_blocks(v, keys)),
+        _ => {}
+    }
 }
 
 /// Rejects arithmetic, logic, conditionals, `for` expressions, references, index expressions,

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::intention::{validate_description, validate_meta};
 use super::name::{validate_partition, validate_wildcards};
+use super::permission::{parse_permissions, Permission, RawPermission};
 use super::{
     decode, precedence, Action, Error, Result, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION,
     WILDCARD,
@@ -42,8 +43,10 @@ pub struct ServiceIntentionsEntry {
 pub struct SourceIntention {
     /// The source (`Namespace` + `Name`), namespace resolved.
     pub source: ServiceName,
-    /// Allow or deny.
+    /// Allow or deny; [`Action::Deny`] (not written out) when `permissions` is not empty.
     pub action: Action,
+    /// L7 `Permissions`, in order; empty for an L4 source.
+    pub permissions: Vec<Permission>,
     /// Free text.
     pub description: String,
     /// Computed, read-only: recomputed whenever the entry is normalized or applied.
@@ -88,7 +91,17 @@ impl ServiceIntentionsEntry {
     /// [`Error::Malformed`] (format HCL) for HCL that does not parse, uses variables or has
     /// the wrong shape, [`Error::Invalid`] for values Consul refuses.
     pub fn from_hcl(input: &str) -> Result<Self> {
-        let raw: RawEntry = decode::hcl(input, &["Sources", "sources"])?;
+        let raw: RawEntry = decode::hcl(
+            input,
+            &[
+                "Sources",
+                "sources",
+                "Permissions",
+                "permissions",
+                "Header",
+                "header",
+            ],
+        )?;
         raw.into_entry()
     }
 
@@ -120,6 +133,16 @@ impl ServiceIntentionsEntry {
         let mut seen = HashSet::new();
         for (i, src) in self.sources.iter().enumerate() {
             validate_description(&src.description, &format!("Sources[{i}].Description"))?;
+            if !src.permissions.is_empty()
+                && (self.destination.namespace() == WILDCARD || self.destination.name() == WILDCARD)
+            {
+                return Err(Error::invalid(
+                    format!("Sources[{i}].Permissions"),
+                    format!(
+                        "Sources[{i}].Permissions cannot be specified on intentions with wildcarded destinations"
+                    ),
+                ));
+            }
             if !seen.insert(&src.source) {
                 return Err(duplicate_source(i, &src.source));
             }
@@ -183,6 +206,8 @@ struct RawSource {
     partition: Option<String>,
     #[serde(rename = "Action", alias = "action")]
     action: Option<String>,
+    #[serde(rename = "Permissions", alias = "permissions")]
+    permissions: Option<Vec<RawPermission>>,
     #[serde(rename = "Description", alias = "description")]
     description: Option<String>,
     /// Computed by Consul on every write; whatever is given is ignored.
@@ -252,9 +277,17 @@ impl RawEntry {
             validate_partition(raw.partition.as_deref(), &field("Partition"))?;
             let description = raw.description.unwrap_or_default();
             validate_description(&description, &field("Description"))?;
+            let raw_permissions = raw.permissions.unwrap_or_default();
             let action = match raw.action.as_deref() {
-                Some("allow") => Action::Allow,
-                Some("deny") => Action::Deny,
+                Some("allow") if raw_permissions.is_empty() => Action::Allow,
+                Some("deny") if raw_permissions.is_empty() => Action::Deny,
+                None | Some("") if !raw_permissions.is_empty() => Action::Deny,
+                Some(_) if !raw_permissions.is_empty() => {
+                    return Err(Error::invalid(
+                        field("Action"),
+                        format!("Sources[{i}].Action must be omitted if Permissions are specified"),
+                    ))
+                }
                 _ => {
                     return Err(Error::invalid(
                         field("Action"),
@@ -262,6 +295,16 @@ impl RawEntry {
                     ))
                 }
             };
+            if !raw_permissions.is_empty()
+                && (destination.namespace() == WILDCARD || destination.name() == WILDCARD)
+            {
+                return Err(Error::invalid(
+                    field("Permissions"),
+                    format!(
+                        "Sources[{i}].Permissions cannot be specified on intentions with wildcarded destinations"
+                    ),
+                ));
+            }
             match raw.kind.as_deref() {
                 None | Some("") | Some("consul") => {}
                 Some(_) => {
@@ -271,6 +314,7 @@ impl RawEntry {
                     ))
                 }
             }
+            let permissions = parse_permissions(raw_permissions, &format!("Sources[{i}]."))?;
             let source = ServiceName::new_unchecked(ns, name);
             if !seen.insert(source.clone()) {
                 return Err(duplicate_source(i, &source));
@@ -279,6 +323,7 @@ impl RawEntry {
                 precedence: precedence(&source, &destination),
                 source,
                 action,
+                permissions,
                 description,
             });
         }
@@ -312,7 +357,11 @@ impl Serialize for SourceIntention {
         s.serialize_field("Name", self.source.name())?;
         s.serialize_field("Partition", DEFAULT_PARTITION)?;
         s.serialize_field("Namespace", self.source.namespace())?;
-        s.serialize_field("Action", &self.action)?;
+        if self.permissions.is_empty() {
+            s.serialize_field("Action", &self.action)?;
+        } else {
+            s.serialize_field("Permissions", &self.permissions)?;
+        }
         s.serialize_field("Precedence", &self.precedence)?;
         s.serialize_field("Type", "consul")?;
         if !self.description.is_empty() {

@@ -10,6 +10,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::name::{validate_partition, validate_wildcards};
+use super::permission::{parse_permissions, Permission, RawPermission};
 use super::{decode, Error, Result, ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION};
 
 /// Consul's limits on opaque values (`metaKeyMaxLength`, `metaValueMaxLength`,
@@ -92,8 +93,12 @@ pub struct IntentionSpec {
     pub destination_namespace: Option<String>,
     /// Destination service name or `*`.
     pub destination_name: String,
-    /// Allow or deny.
+    /// Allow or deny. Not used when `permissions` is not empty (Consul's `Action` is then
+    /// omitted); such an intention is stored with [`Action::Deny`], its meaning at L4.
     pub action: Action,
+    /// L7 `Permissions`, in order; empty for an L4 intention. Only on an exact destination
+    /// whose protocol is `http`.
+    pub permissions: Vec<Permission>,
     /// Free text, at most 512 bytes.
     pub description: String,
     /// Opaque metadata: at most 64 pairs, keys ≤ 128 bytes, values ≤ 512 bytes.
@@ -106,6 +111,7 @@ pub(crate) struct Normalized {
     pub source: ServiceName,
     pub destination: ServiceName,
     pub action: Action,
+    pub permissions: Vec<Permission>,
     pub description: String,
     pub meta: BTreeMap<String, String>,
 }
@@ -120,9 +126,21 @@ impl IntentionSpec {
             destination_namespace: Some(destination.namespace().to_owned()),
             destination_name: destination.name().to_owned(),
             action,
+            permissions: Vec::new(),
             description: String::new(),
             meta: BTreeMap::new(),
         }
+    }
+
+    /// An L7 intention from `source` to `destination` with these permissions.
+    pub fn with_permissions(
+        source: &ServiceName,
+        destination: &ServiceName,
+        permissions: Vec<Permission>,
+    ) -> Self {
+        let mut spec = IntentionSpec::new(source, destination, Action::Deny);
+        spec.permissions = permissions;
+        spec
     }
 
     /// Reads Consul's intention JSON (the body of `POST /v1/connect/intentions` or
@@ -138,7 +156,15 @@ impl IntentionSpec {
     /// another value Consul refuses.
     pub fn from_json(input: &str) -> Result<Self> {
         let raw: RawIntention = decode::json(input)?;
+        let permissions = parse_permissions(raw.permissions.unwrap_or_default(), "")?;
         let action = match raw.action.as_deref() {
+            Some("") | None if !permissions.is_empty() => Action::Deny,
+            Some(_) if !permissions.is_empty() => {
+                return Err(Error::invalid(
+                    "Action",
+                    "Action must be omitted if Permissions are specified",
+                ))
+            }
             Some(a) => a.parse()?,
             None => {
                 return Err(Error::invalid(
@@ -164,6 +190,7 @@ impl IntentionSpec {
             destination_namespace: raw.destination_ns,
             destination_name: raw.destination_name.unwrap_or_default(),
             action,
+            permissions,
             description: raw.description.unwrap_or_default(),
             meta: raw.meta.unwrap_or_default(),
         })
@@ -194,6 +221,14 @@ impl IntentionSpec {
             "DestinationName",
         )?;
         validate_partition(self.source_partition.as_deref(), "SourcePartition")?;
+        if !self.permissions.is_empty()
+            && (dst_ns == super::WILDCARD || self.destination_name == super::WILDCARD)
+        {
+            return Err(Error::invalid(
+                "Permissions",
+                "Permissions cannot be specified on intentions with wildcarded destinations",
+            ));
+        }
         validate_description(&self.description, "Description")?;
         validate_meta(&self.meta, "Meta")?;
         Ok(Normalized {
@@ -202,7 +237,12 @@ impl IntentionSpec {
                 dst_ns.to_owned(),
                 self.destination_name.clone(),
             ),
-            action: self.action,
+            action: if self.permissions.is_empty() {
+                self.action
+            } else {
+                Action::Deny
+            },
+            permissions: self.permissions.clone(),
             description: self.description.clone(),
             meta: self.meta.clone(),
         })
@@ -269,6 +309,8 @@ struct RawIntention {
     source_type: Option<String>,
     #[serde(rename = "Action")]
     action: Option<String>,
+    #[serde(rename = "Permissions")]
+    permissions: Option<Vec<RawPermission>>,
     #[serde(rename = "Description")]
     description: Option<String>,
     #[serde(rename = "Meta")]
@@ -299,8 +341,13 @@ pub struct Intention {
     pub source: ServiceName,
     /// Destination.
     pub destination: ServiceName,
-    /// Allow or deny.
+    /// Allow or deny; [`Action::Deny`] for an L7 intention (see [`Intention::permissions`]).
     pub action: Action,
+    /// L7 `Permissions`, in order; empty for an L4 intention. When not empty, the intention
+    /// decides each HTTP request (the first matching permission's action; no match means the
+    /// default policy, as Consul's RBAC filter), and at L4 (`intention check`, a destination
+    /// that is not `http`) it is a deny, as in Consul.
+    pub permissions: Vec<Permission>,
     /// Free text.
     pub description: String,
     /// Opaque metadata.
@@ -325,15 +372,30 @@ impl Intention {
     pub fn source_partition(&self) -> &'static str {
         DEFAULT_PARTITION
     }
+
+    /// Whether this is an L7 intention (Consul's `HasPermissions`).
+    pub fn has_permissions(&self) -> bool {
+        !self.permissions.is_empty()
+    }
+
+    /// `allow`, `deny`, or `""` for an L7 intention, as Consul's `Action` field reads.
+    pub fn action_str(&self) -> &'static str {
+        if self.has_permissions() {
+            ""
+        } else {
+            self.action.as_str()
+        }
+    }
 }
 
 impl fmt::Display for Intention {
-    /// As Consul prints an intention: `ALLOW default/web => default/api (ID: …, Precedence: 9)`.
+    /// As Consul prints an intention: `ALLOW default/web => default/api (ID: …, Precedence: 9)`
+    /// (an L7 intention has no action in front, as Consul's `Action` is empty).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{} {} => {} (ID: {}, Precedence: {})",
-            self.action.as_str().to_uppercase(),
+            self.action_str().to_uppercase(),
             self.source,
             self.destination,
             self.id,
@@ -358,7 +420,10 @@ impl Serialize for Intention {
         s.serialize_field("SourcePartition", DEFAULT_PARTITION)?;
         s.serialize_field("DestinationPartition", DEFAULT_PARTITION)?;
         s.serialize_field("SourceType", "consul")?;
-        s.serialize_field("Action", &self.action)?;
+        s.serialize_field("Action", self.action_str())?;
+        if self.has_permissions() {
+            s.serialize_field("Permissions", &self.permissions)?;
+        }
         s.serialize_field("Meta", &self.meta)?;
         s.serialize_field("Precedence", &self.precedence)?;
         s.serialize_field("CreatedAt", &rfc3339(self.created_at))?;

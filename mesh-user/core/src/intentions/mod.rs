@@ -48,9 +48,11 @@
 
 mod compile;
 mod decode;
+pub mod defaults;
 mod entry;
 mod intention;
 mod name;
+pub mod permission;
 pub mod ports;
 mod ruleset;
 
@@ -63,12 +65,14 @@ pub use compile::{
     compile, compile_with, kernel_lookup_order, simulate_kernel_check, CompiledRules, Interner,
     KernelKey, KernelValue, KernelVerdict, KeyPattern, UNKNOWN_ID, WILDCARD_ID,
 };
+pub use defaults::{ServiceDefaultsEntry, SERVICE_DEFAULTS_KIND};
 pub use entry::{ServiceIntentionsEntry, SourceIntention, SERVICE_INTENTIONS_KIND};
 pub use intention::{precedence, Action, Intention, IntentionSpec};
 pub use name::{ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
+pub use permission::{HttpRequest, Permission};
 pub use ruleset::{
-    Decision, EntryIndexes, MatchType, Matched, RuleSet, SyncOutcome, EXTERNAL_SOURCE_KUBERNETES,
-    META_EXTERNAL_SOURCE,
+    Decision, EntryIndexes, MatchType, Matched, RequestDecision, RuleSet, SyncOutcome,
+    EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE,
 };
 
 /// The input format a document was read from, for error messages.

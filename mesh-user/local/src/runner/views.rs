@@ -400,7 +400,12 @@ impl Runner {
             .map(|it| InboundIntentionView {
                 id: it.id.clone(),
                 source: it.source.to_string(),
-                action: it.action.to_string(),
+                // An L7 intention has no single action: its permissions decide per request.
+                action: if it.has_permissions() {
+                    "permissions (L7)".to_owned()
+                } else {
+                    it.action.to_string()
+                },
                 precedence: u32::from(it.precedence),
             })
             .collect();

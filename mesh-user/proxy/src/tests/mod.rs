@@ -101,6 +101,8 @@ impl Directory for TestDirectory {
 struct RecordingAuthorizer {
     seen: Mutex<Vec<(SpiffeId, SpiffeId)>>,
     deny: Mutex<HashSet<(String, String)>>,
+    /// Pairs decided request by request: paths under `/admin` denied, the rest allowed.
+    l7: Mutex<HashSet<(String, String)>>,
 }
 
 impl RecordingAuthorizer {
@@ -122,8 +124,23 @@ impl Authorizer for RecordingAuthorizer {
         if self.deny.lock().unwrap().contains(&pair) {
             Decision::deny(format!("test intention {} => {} deny", pair.0, pair.1))
                 .by_intention(format!("{}-to-{}", pair.0, pair.1))
+        } else if self.l7.lock().unwrap().contains(&pair) {
+            Decision::per_request("test L7 intention")
         } else {
             Decision::allow("test default allow")
+        }
+    }
+
+    fn authorize_request(
+        &self,
+        _source: &SpiffeId,
+        _destination: &SpiffeId,
+        request: &mesh_core::intentions::HttpRequest<'_>,
+    ) -> Decision {
+        if request.path.starts_with("/admin") {
+            Decision::deny("test permission: /admin denied")
+        } else {
+            Decision::allow("test permission: allowed")
         }
     }
 }
@@ -386,6 +403,7 @@ async fn expect_refused(addr: SocketAddr) {
 }
 
 mod bounds;
+mod http;
 mod inbound;
 mod lifecycle;
 mod limits;

@@ -58,6 +58,9 @@ impl RuleSet {
     pub(super) fn write_entry(&mut self, entry: &ServiceIntentionsEntry) -> Result<()> {
         let entry = entry.normalized()?;
         let dst = entry.destination.clone();
+        if let Some(i) = entry.sources.iter().position(|s| !s.permissions.is_empty()) {
+            self.check_l7_protocol(&dst, true, &format!("Sources[{i}].Permissions"))?;
+        }
         let fresh = entry
             .sources
             .iter()
@@ -97,12 +100,14 @@ impl RuleSet {
                 source: s.source.clone(),
                 destination: dst.clone(),
                 action: s.action,
+                permissions: s.permissions.clone(),
                 description: s.description.clone(),
                 meta: entry.meta.clone(),
             };
             let it = match previous.remove(&s.source) {
                 Some(old) => Intention {
                     action: n.action,
+                    permissions: n.permissions,
                     description: n.description,
                     meta: n.meta,
                     precedence: precedence(&n.source, &n.destination),
@@ -144,6 +149,7 @@ impl RuleSet {
                 .map(|it| SourceIntention {
                     source: it.source.clone(),
                     action: it.action,
+                    permissions: it.permissions.clone(),
                     description: it.description.clone(),
                     precedence: it.precedence,
                 })

@@ -12,6 +12,7 @@ use super::intention::{precedence, Normalized};
 use super::{Action, Error, Intention, IntentionSpec, Result, ServiceName};
 
 mod entries;
+mod l7;
 mod managed;
 mod query;
 
@@ -19,6 +20,7 @@ mod query;
 mod tests;
 
 pub use entries::EntryIndexes;
+pub use l7::RequestDecision;
 pub use managed::{SyncOutcome, EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE};
 pub use query::{Decision, MatchType, Matched};
 
@@ -64,6 +66,7 @@ pub struct RuleSet {
     entries: HashMap<ServiceName, EntryState>,
     index: u64,
     next_counter: u32,
+    service_defaults: BTreeMap<ServiceName, super::ServiceDefaultsEntry>,
 }
 
 impl Default for RuleSet {
@@ -89,6 +92,7 @@ impl RuleSet {
             entries: HashMap::new(),
             index: 0,
             next_counter: 0,
+            service_defaults: BTreeMap::new(),
         }
     }
 
@@ -128,6 +132,7 @@ impl RuleSet {
     pub fn create(&mut self, spec: &IntentionSpec, replace: bool) -> Result<&Intention> {
         let n = spec.normalize()?;
         self.check_writable(&n.destination, &n.meta)?;
+        self.check_l7_protocol(&n.destination, !n.permissions.is_empty(), "Permissions")?;
         let key = PairKey {
             src: n.source.clone(),
             dst: n.destination.clone(),
@@ -141,6 +146,7 @@ impl RuleSet {
                 });
             }
             existing.action = n.action;
+            existing.permissions = n.permissions;
             existing.description = n.description;
             existing.meta = n.meta;
             existing.updated_at = now;
@@ -171,6 +177,7 @@ impl RuleSet {
         let n = spec.normalize()?;
         self.check_writable(&old_key.dst, &n.meta)?;
         self.check_writable(&n.destination, &n.meta)?;
+        self.check_l7_protocol(&n.destination, !n.permissions.is_empty(), "Permissions")?;
         let new_key = PairKey {
             src: n.source.clone(),
             dst: n.destination.clone(),
@@ -190,6 +197,7 @@ impl RuleSet {
         it.source = n.source;
         it.destination = n.destination;
         it.action = n.action;
+        it.permissions = n.permissions;
         it.description = n.description;
         it.meta = n.meta;
         it.updated_at = SystemTime::now();
@@ -351,6 +359,7 @@ fn new_intention(
         source: n.source,
         destination: n.destination,
         action: n.action,
+        permissions: n.permissions,
         description: n.description,
         meta: n.meta,
         created_at: now,

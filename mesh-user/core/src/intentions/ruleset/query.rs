@@ -29,10 +29,14 @@ pub enum Matched {
 /// The answer to "may source connect to destination".
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
-    /// Whether the connection is allowed.
+    /// Whether the connection is allowed. `false` when the deciding intention has permissions:
+    /// Consul's check looks at source and destination only, and an L7 intention denies at L4.
     pub allowed: bool,
     /// What decided.
     pub matched: Matched,
+    /// Whether the deciding intention has L7 permissions (Consul's `HasPermissions`): requests
+    /// on the connection are then decided one by one ([`RuleSet::check_request`]).
+    pub has_permissions: bool,
 }
 
 impl RuleSet {
@@ -82,23 +86,29 @@ impl RuleSet {
     /// (linear in their number); the hot path uses the compiled form, which needs at most nine
     /// map lookups ([`simulate_kernel_check`](crate::intentions::simulate_kernel_check)).
     pub fn check(&self, source: &ServiceName, destination: &ServiceName) -> Decision {
-        let first = self
-            .matching(MatchType::Destination, destination)
-            .filter(|it| it.source.matches(source))
-            .min_by(|a, b| precedence_order(a, b));
-        match first {
+        match self.deciding(source, destination) {
             Some(it) => Decision {
-                allowed: it.action.is_allow(),
+                allowed: it.action.is_allow() && !it.has_permissions(),
                 matched: Matched::Intention {
                     id: it.id.clone(),
                     precedence: it.precedence,
                 },
+                has_permissions: it.has_permissions(),
             },
             None => Decision {
                 allowed: self.default_policy.is_allow(),
                 matched: Matched::Default,
+                has_permissions: false,
             },
         }
+    }
+
+    /// The intention that decides connections from `source` to `destination`: the first, in
+    /// precedence order, whose destination and source both match.
+    pub fn deciding(&self, source: &ServiceName, destination: &ServiceName) -> Option<&Intention> {
+        self.matching(MatchType::Destination, destination)
+            .filter(|it| it.source.matches(source))
+            .min_by(|a, b| precedence_order(a, b))
     }
 }
 

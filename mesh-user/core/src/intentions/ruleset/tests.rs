@@ -11,6 +11,7 @@ fn source(s: &str) -> SourceIntention {
     SourceIntention {
         source: sn(s),
         action: Action::Allow,
+        permissions: Vec::new(),
         description: String::new(),
         precedence: 0,
     }

@@ -61,6 +61,7 @@ fn random_rules(rng: &mut Rng) -> RuleSet {
             } else {
                 Action::Deny
             },
+            permissions: Vec::new(),
             description: String::new(),
             meta: Default::default(),
         };
@@ -171,6 +172,7 @@ fn kernel_simulation_agrees_after_entry_writes_and_recompiles() {
                     } else {
                         Action::Deny
                     },
+                    permissions: Vec::new(),
                     description: String::new(),
                     precedence: 0,
                 })

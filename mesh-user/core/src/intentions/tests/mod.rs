@@ -64,5 +64,6 @@ Sources = [
 mod crud;
 mod entries;
 mod kernel;
+mod l7;
 mod precedence;
 mod views;

@@ -86,7 +86,8 @@ fn default_policy_both_ways() {
         d,
         Decision {
             allowed: false,
-            matched: Matched::Default
+            matched: Matched::Default,
+            has_permissions: false,
         }
     );
     rules.set_default_policy(Action::Allow);
@@ -95,7 +96,8 @@ fn default_policy_both_ways() {
         d,
         Decision {
             allowed: true,
-            matched: Matched::Default
+            matched: Matched::Default,
+            has_permissions: false,
         }
     );
     // A matching intention overrides the default either way.

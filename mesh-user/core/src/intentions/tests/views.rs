@@ -81,12 +81,14 @@ fn failed_entry_writes_change_nothing() {
             SourceIntention {
                 source: sn("x"),
                 action: Action::Allow,
+                permissions: Vec::new(),
                 description: String::new(),
                 precedence: 0,
             },
             SourceIntention {
                 source: sn("x"),
                 action: Action::Deny,
+                permissions: Vec::new(),
                 description: String::new(),
                 precedence: 0,
             },
@@ -104,6 +106,7 @@ fn failed_entry_writes_change_nothing() {
         vec![SourceIntention {
             source: sn("x"),
             action: Action::Allow,
+            permissions: Vec::new(),
             description: "d".repeat(600),
             precedence: 0,
         }],
