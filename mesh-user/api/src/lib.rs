@@ -123,7 +123,7 @@ pub use server::{
     OPENMETRICS_CONTENT_TYPE, REFUSAL_LOG_INTERVAL, SOCKET_FILE,
 };
 #[cfg(feature = "server")]
-pub use store::{State, Store, LOCK_FILE, STATE_FILE};
+pub use store::{KubernetesSync, State, Store, LOCK_FILE, STATE_FILE};
 
 pub use mesh_core::intentions::ports::{
     CountersSource, IntentionCounters, KernelIntentions, MemoryCounters, MemorySink, MeshStatus,

@@ -295,17 +295,39 @@ impl Store {
 }
 
 impl Store {
-    /// Makes the Kubernetes-managed intentions exactly `entries` (see
-    /// `RuleSet::sync_kubernetes_entries`), durably. Blocks on the disk.
+    /// Makes the Kubernetes-managed intentions exactly `entries` and the managed
+    /// `service-defaults` entries exactly `defaults` (see `RuleSet::sync_kubernetes_entries`,
+    /// `RuleSet::write_kubernetes_defaults`), durably. Blocks on the disk.
     ///
     /// # Errors
     /// As [`Store::update`].
     pub fn sync_kubernetes_entries(
         &self,
         entries: &[ServiceIntentionsEntry],
-    ) -> Result<Vec<(ServiceName, SyncOutcome)>, Error> {
-        self.update(|s| Ok(s.rules_mut().sync_kubernetes_entries(entries)))
+        defaults: &[ServiceDefaultsEntry],
+    ) -> Result<KubernetesSync, Error> {
+        self.update(|s| {
+            let rules = s.rules_mut();
+            // Defaults first (L7 intentions need their destination's http), stale ones last.
+            let mut service_defaults = rules.write_kubernetes_defaults(defaults);
+            let intentions = rules.sync_kubernetes_entries(entries);
+            service_defaults.extend(rules.remove_stale_kubernetes_defaults(defaults));
+            Ok(KubernetesSync {
+                intentions,
+                service_defaults,
+            })
+        })
     }
+}
+
+/// How a [`Store::sync_kubernetes_entries`] fared: one outcome per destination of a
+/// `ServiceIntentions` object, and per service of a `ServiceDefaults` object written or removed.
+#[derive(Debug)]
+pub struct KubernetesSync {
+    /// The `service-intentions` entries, by destination.
+    pub intentions: Vec<(ServiceName, SyncOutcome)>,
+    /// The `service-defaults` entries, by service.
+    pub service_defaults: Vec<(ServiceName, SyncOutcome)>,
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {

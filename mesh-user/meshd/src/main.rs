@@ -614,14 +614,21 @@ async fn local(
         for e in errors {
             error!(error = %e, "a stored pod could not be created");
         }
-        // The intentions of the stored ServiceIntentions objects, in case a stop came between
-        // an apply and its sync (the change reaches the agent through `changes`).
-        for (dst, outcome) in server
-            .store()
-            .sync_kubernetes_entries(&runner.intention_entries())?
-        {
+        // The intentions and service-defaults of the stored ServiceIntentions and
+        // ServiceDefaults objects, in case a stop came between an apply and its sync (the
+        // change reaches the agent through `changes`).
+        let sync = server.store().sync_kubernetes_entries(
+            &runner.intention_entries(),
+            &runner.service_defaults_entries(),
+        )?;
+        for (dst, outcome) in sync.intentions {
             if let mesh_core::intentions::SyncOutcome::Failed { reason, message } = outcome {
                 error!(destination = %dst, %reason, %message, "ServiceIntentions not synced");
+            }
+        }
+        for (service, outcome) in sync.service_defaults {
+            if let mesh_core::intentions::SyncOutcome::Failed { reason, message } = outcome {
+                error!(%service, %reason, %message, "ServiceDefaults not synced");
             }
         }
         let cfg = AgentConfig {

@@ -27,6 +27,7 @@ use super::dial::DialKind;
 use super::pod::{PodState, Shared};
 use super::stats::PodStats;
 use super::Error;
+use crate::metrics::{Reporter, TcpLabels};
 use mesh_core::identity::SpiffeId;
 use mesh_core::intentions::HttpRequest;
 
@@ -62,8 +63,12 @@ pub struct RequestOutcome<'a> {
 
 /// Records a finished request: the pod's counters and a debug log line. The single hook for
 /// request metrics (`istio_requests_total`, `istio_request_duration_milliseconds`).
-pub(crate) fn request_done(pod: &PodState, outcome: &RequestOutcome<'_>) {
+pub(crate) fn request_done(shared: &Shared, pod: &PodState, outcome: &RequestOutcome<'_>) {
     PodStats::bump(&pod.stats.http_requests);
+    let labels = TcpLabels::mesh(Reporter::Destination, outcome.source, outcome.destination);
+    shared
+        .metrics
+        .record_request(&labels, outcome.status, outcome.duration);
     if !outcome.allowed {
         PodStats::bump(&pod.stats.http_denied);
     }
@@ -177,6 +182,7 @@ async fn handle(
         (text(StatusCode::FORBIDDEN, RBAC_DENIED_BODY), 403)
     };
     request_done(
+        app.shared,
         app.pod,
         &RequestOutcome {
             source: caller,

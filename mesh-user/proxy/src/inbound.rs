@@ -127,7 +127,12 @@ pub(crate) async fn serve(
             pod = %pod.name, caller = %caller, port, resumed = info.resumed,
             "inbound connection authorized request by request: {}", decision.reason
         );
-        return super::http::serve(shared, pod, tls, caller, addr, stop).await;
+        // Opened and closed count as for any connection; requests are counted one by one
+        // (`istio_requests_total`), bytes are not (hyper owns the stream).
+        let mut meter = shared.metrics.open(labels);
+        let result = super::http::serve(shared, pod, tls, caller, addr, stop).await;
+        meter.ended(&result);
+        return result;
     }
     let app = match shared.dial(&pod.name, DialKind::App, addr).await {
         Ok(app) => app,

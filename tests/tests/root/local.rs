@@ -1758,6 +1758,23 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
         both == "403 1\n200 0\n",
         "403 then 200 on one connection: {both:?}"
     );
+    // Each request is in Istio's request metrics, by its response code, on the token-free
+    // metrics listener.
+    let text = scrape_metrics(mesh.metrics_addr)?;
+    for code in ["200", "403"] {
+        ensure!(
+            text.lines().any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("destination_service_name=\"api-v1\"")
+                && l.contains("source_workload=\"web\"")
+                && l.contains(&format!("response_code=\"{code}\""))
+                && !l.ends_with(" 0")),
+            "no istio_requests_total for web → api-v1 with code {code}:\n{text}"
+        );
+    }
+    ensure!(
+        text.contains("istio_request_duration_milliseconds_bucket{"),
+        "no request durations:\n{text}"
+    );
     // `intention check` answers for L4 only, as Consul's: an L7 pair is Denied there.
     let check = mesh.meshctl_fails(&["intention", "check", "web", "api-v1"])?;
     ensure!(check.contains("Denied"), "check on an L7 pair: {check}");
@@ -1786,4 +1803,146 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
     ensure!(err.contains("incompatible with L7"), "back to tcp: {err}");
     mesh.stop()?;
     Ok(())
+}
+
+/// The text of `GET /metrics` on meshd's token-free metrics listener (loopback).
+fn scrape_metrics(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response: {raw:?}"))?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "GET /metrics: {head}");
+    // The listener may answer chunked.
+    Ok(
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)?
+        } else {
+            body.to_owned()
+        },
+    )
+}
+
+/// consul-k8s's objects for an L7 intention, as users write them.
+const L7_CRDS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: api-v1
+spec:
+  protocol: http
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: api-v1
+spec:
+  destination:
+    name: api-v1
+  sources:
+    - name: web
+      permissions:
+        - action: deny
+          http:
+            pathPrefix: /admin
+        - action: allow
+          http:
+            pathPrefix: /
+";
+
+/// A `ServiceDefaults` object (protocol http) and a `ServiceIntentions` object with
+/// `permissions`, applied together as consul-k8s users do: the ServiceDefaults becomes a
+/// read-only, Kubernetes-managed `service-defaults` entry (so the L7 intention is accepted),
+/// each request is decided, and deleting both objects removes both entries.
+#[test]
+fn service_defaults_and_intentions_objects_with_permissions_decide_each_request() -> Result<()> {
+    require_root();
+    let mut mesh = LocalMesh::start("ebpf")?;
+    mesh.meshctl(&["intention", "create", "-deny", "*", "*"])?;
+    for f in ["web.yaml", "api-v1.yaml"] {
+        mesh.meshctl(&["apply", "-f", examples().join(f).to_str().context("path")?])?;
+    }
+    mesh.wait_ready(&["default/web-0", "default/api-v1-0"])?;
+    let dir = tempfile::tempdir()?;
+    let crds = dir.path().join("l7.yaml");
+    std::fs::write(&crds, L7_CRDS)?;
+    let crds = crds.to_str().context("path")?;
+    let out = mesh.meshctl(&["apply", "-f", crds])?;
+    ensure!(!out.contains("not synced"), "apply: {out}");
+    let read = mesh.meshctl(&[
+        "config",
+        "read",
+        "-kind",
+        "service-defaults",
+        "-name",
+        "api-v1",
+    ])?;
+    ensure!(
+        read.contains("\"http\"") && read.contains("\"kubernetes\""),
+        "the managed service-defaults entry: {read}"
+    );
+    let err = mesh.meshctl_fails(&[
+        "config",
+        "delete",
+        "-kind",
+        "service-defaults",
+        "-name",
+        "api-v1",
+    ])?;
+    ensure!(
+        err.contains("managed by a Kubernetes ServiceDefaults object"),
+        "deleting a managed entry through the CLI: {err}"
+    );
+
+    let vip = cluster_ip(&mesh, "default", "api-v1")?;
+    let code = |path: &str| -> Result<String> {
+        curl_in_pod(
+            "default",
+            "web-0",
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{vip}:9091{path}"),
+            ],
+        )
+    };
+    mesh.wait(
+        "GET / allowed by web's permission",
+        Duration::from_secs(30),
+        |_| {
+            let got = code("/")?;
+            ensure!(got == "200", "GET / answered {got:?}");
+            Ok(Some(()))
+        },
+    )?;
+    let body = curl_in_pod("default", "web-0", &[&format!("http://{vip}:9091/admin/x")])?;
+    ensure!(body == "RBAC: access denied", "GET /admin/x: {body:?}");
+
+    // Deleting both objects removes both entries; deny-all decides again.
+    mesh.meshctl(&["delete", "-f", crds])?;
+    let err = mesh.meshctl_fails(&[
+        "config",
+        "read",
+        "-kind",
+        "service-defaults",
+        "-name",
+        "api-v1",
+    ])?;
+    ensure!(!err.is_empty(), "the service-defaults entry is gone");
+    mesh.wait("GET / denied again", Duration::from_secs(30), |_| {
+        let got = code("/")?;
+        ensure!(got != "200", "GET / still answered {got:?}");
+        Ok(Some(()))
+    })?;
+    mesh.stop()
 }

@@ -48,21 +48,34 @@ async fn apply(AxState(st): AxState<AppState>, caller: Caller, body: Bytes) -> A
     Ok(Json(sync_intentions(&st, reply).await?).into_response())
 }
 
-/// Brings the Kubernetes-managed intentions in step with the applied `ServiceIntentions`
-/// objects (see `RuleSet::sync_kubernetes_entries`); an entry that could not be written is
-/// a warning of the reply (and its object's `Synced` condition says why).
+/// Brings the Kubernetes-managed intentions and `service-defaults` entries in step with the
+/// applied `ServiceIntentions` and `ServiceDefaults` objects (see
+/// `RuleSet::sync_kubernetes_entries`, `RuleSet::write_kubernetes_defaults`); an entry that
+/// could not be written is a warning of the reply (and its object's `Synced` condition says
+/// why).
 async fn sync_intentions(st: &AppState, mut reply: ApplyReply) -> Result<ApplyReply, Error> {
     let Some(entries) = reply.intentions.take() else {
         return Ok(reply);
     };
+    let defaults = reply.service_defaults.take().unwrap_or_default();
     let store = st.store.clone();
-    let outcomes = tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-    for (dst, outcome) in outcomes {
+    let sync =
+        tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries, &defaults))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+    let kinds = sync
+        .service_defaults
+        .into_iter()
+        .map(|o| ("ServiceDefaults", o))
+        .chain(
+            sync.intentions
+                .into_iter()
+                .map(|o| ("ServiceIntentions", o)),
+        );
+    for (kind, (name, outcome)) in kinds {
         if let SyncOutcome::Failed { reason, message } = outcome {
             reply.warnings.push(format!(
-                "ServiceIntentions for {dst}: not synced ({reason}): {message}"
+                "{kind} for {name}: not synced ({reason}): {message}"
             ));
         }
     }

@@ -495,13 +495,19 @@ async fn topology_shows_each_edge_with_the_decision_of_the_rules() {
     assert_eq!(down["Source"], "proxy-registration");
     assert_eq!(down["Intention"]["Allowed"], false);
 
-    // The allow: the edge turns allowed, by that exact intention.
-    h.ok(
-        "PUT",
-        &exact("web", "api-v1"),
-        Some(json!({"Action": "allow", "Meta": {"external-source": "kubernetes"}})),
+    // The allow, from a Kubernetes ServiceIntentions object (as the local runner syncs
+    // one): the edge turns allowed, by that exact intention, managed by Kubernetes.
+    let entry = mesh_core::intentions::ServiceIntentionsEntry::from_json(
+        r#"{"Kind": "service-intentions", "Name": "api-v1",
+            "Meta": {"external-source": "kubernetes"},
+            "Sources": [{"Name": "web", "Action": "allow"}]}"#,
     )
-    .await;
+    .unwrap();
+    let store = h.server.store().clone();
+    tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&[entry], &[]))
+        .await
+        .unwrap()
+        .unwrap();
     let allow = h.ok("GET", &exact("web", "api-v1"), None).await;
     let (_, v) = get(&h, "/v1/internal/ui/service-topology/web?kind=").await;
     let up = side(&v, "Upstreams", "default", "api-v1");

@@ -282,6 +282,22 @@ impl DesiredState {
             .collect()
     }
 
+    /// The `service-defaults` config entries of the `ServiceDefaults` objects (their
+    /// `spec.protocol`), in object order.
+    pub fn service_defaults_entries(&self) -> Vec<crate::intentions::ServiceDefaultsEntry> {
+        self.service_defaults
+            .iter()
+            .filter_map(|d| {
+                let service =
+                    crate::intentions::ServiceName::new(d.namespace.as_str(), d.name.as_str())
+                        .ok()?;
+                Some(crate::intentions::ServiceDefaultsEntry::new(
+                    service, d.protocol,
+                ))
+            })
+            .collect()
+    }
+
     /// The Services in `namespace` that select pods labelled `labels` (consul-k8s's view:
     /// Services labelled `consul.hashicorp.com/service-ignore: "true"` are left out).
     pub fn mesh_services_selecting<'a>(

@@ -150,6 +150,11 @@ impl Runner {
         self.desired.intention_entries()
     }
 
+    /// The `service-defaults` entries of the stored `ServiceDefaults` objects.
+    pub fn service_defaults_entries(&self) -> Vec<mesh_core::intentions::ServiceDefaultsEntry> {
+        self.desired.service_defaults_entries()
+    }
+
     /// Starts the processes of every pod the agent serves (after [`Agent::start`]). A meshed
     /// pod the agent could not mesh is not started: its containers wait with reason
     /// [`MESH_FAILED`] and the agent's message (a pod is meshed or it does not run).
@@ -412,6 +417,7 @@ impl Runner {
             warnings: change.warnings,
             errors,
             intentions: Some(change.desired.intention_entries()),
+            service_defaults: Some(change.desired.service_defaults_entries()),
         })
     }
 

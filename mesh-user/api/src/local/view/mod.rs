@@ -338,6 +338,10 @@ pub struct ApplyReply {
     /// the change, for the API to sync its intentions with (not part of the JSON answer).
     #[serde(skip)]
     pub intentions: Option<Vec<mesh_core::intentions::ServiceIntentionsEntry>>,
+    /// Every `service-defaults` entry the applied `ServiceDefaults` objects make, after the
+    /// change (synced with `intentions`; not part of the JSON answer).
+    #[serde(skip)]
+    pub service_defaults: Option<Vec<mesh_core::intentions::ServiceDefaultsEntry>>,
 }
 
 /// A consul-k8s custom resource (`ServiceIntentions`, `ServiceDefaults`) as `kubectl get -o

@@ -103,10 +103,18 @@ impl RuleSet {
     ///
     /// # Errors
     ///
-    /// [`Error::Invalid`] at `Protocol` when the entry takes `http` away from a destination that
-    /// has intentions with permissions (Consul: "service ... has protocol ..., which is
+    /// [`Error::ReadOnly`] when the service's entry is managed by a Kubernetes `ServiceDefaults`
+    /// object, or `entry` claims to be. [`Error::Invalid`] at `Protocol` when the entry takes
+    /// `http` away from a destination that has intentions with permissions (Consul: "service ... has protocol ..., which is
     /// incompatible with L7 intentions permissions"); nothing changes.
     pub fn apply_service_defaults(&mut self, entry: &ServiceDefaultsEntry) -> Result<()> {
+        self.check_defaults_writable(&entry.service, &entry.meta)?;
+        self.put_service_defaults(entry)
+    }
+
+    /// [`apply_service_defaults`](Self::apply_service_defaults) without the read-only check
+    /// (the Kubernetes sync writes managed entries with it).
+    pub(super) fn put_service_defaults(&mut self, entry: &ServiceDefaultsEntry) -> Result<()> {
         if entry.protocol != Protocol::Http && self.destination_has_permissions(&entry.service) {
             return Err(incompatible(&entry.service, entry.protocol, "Protocol"));
         }
@@ -127,9 +135,16 @@ impl RuleSet {
     ///
     /// # Errors
     ///
+    /// [`Error::ReadOnly`] when the entry is managed by a Kubernetes `ServiceDefaults` object.
     /// [`Error::Invalid`] when the service has intentions with permissions (without the entry
     /// its protocol would be `tcp`); nothing changes.
     pub fn delete_service_defaults(&mut self, service: &ServiceName) -> Result<bool> {
+        self.check_defaults_writable(service, &std::collections::BTreeMap::new())?;
+        self.remove_service_defaults(service)
+    }
+
+    /// [`delete_service_defaults`](Self::delete_service_defaults) without the read-only check.
+    pub(super) fn remove_service_defaults(&mut self, service: &ServiceName) -> Result<bool> {
         if !self.service_defaults.contains_key(service) {
             return Ok(false);
         }
