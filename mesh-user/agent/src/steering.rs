@@ -80,28 +80,43 @@ fn proc_addr(col: &str) -> Option<std::net::SocketAddr> {
 
 /// Established TCP connections in the text of `/proc/net/tcp` and `tcp6` that reached one of
 /// `addrs` on a listening port other than the inbound port and `excluded_ports`, from an
-/// address that is neither the pod's own nor loopback: connections made while nothing steered
-/// the pod (the agent was absent), which never passed the proxy.
-fn bypassing(tables: &str, addrs: &[IpAddr], excluded_ports: &[u16]) -> Vec<Bypass> {
+/// address that is neither the pod's own nor loopback, and whose socket (inode) is not one of
+/// `own`: connections made while nothing steered the pod (the agent was absent), which never
+/// passed the proxy. The inbound proxy's own accepted sockets match everything else (sk_lookup
+/// keeps the original destination as their local address), so the agent's sockets are `own`.
+fn bypassing(
+    tables: &str,
+    addrs: &[IpAddr],
+    excluded_ports: &[u16],
+    own: &BTreeSet<u64>,
+) -> Vec<Bypass> {
     const ESTABLISHED: &str = "01";
     const LISTEN: &str = "0A";
-    let rows: Vec<(std::net::SocketAddr, std::net::SocketAddr, &str)> = tables
+    // "sl local rem st tx:rx tr:when retrnsmt uid timeout inode ..."
+    let rows: Vec<(
+        std::net::SocketAddr,
+        std::net::SocketAddr,
+        &str,
+        Option<u64>,
+    )> = tables
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let _sl = f.next()?;
             let local = proc_addr(f.next()?)?;
             let peer = proc_addr(f.next()?)?;
-            Some((local, peer, f.next()?))
+            let st = f.next()?;
+            let inode = f.nth(5).and_then(|i| i.parse().ok());
+            Some((local, peer, st, inode))
         })
         .collect();
     let listening: BTreeSet<u16> = rows
         .iter()
-        .filter(|(_, _, st)| *st == LISTEN)
-        .map(|(l, _, _)| l.port())
+        .filter(|(_, _, st, _)| *st == LISTEN)
+        .map(|(l, _, _, _)| l.port())
         .collect();
     rows.iter()
-        .filter(|(local, peer, st)| {
+        .filter(|(local, peer, st, inode)| {
             *st == ESTABLISHED
                 && addrs.contains(&local.ip())
                 && local.port() != mesh_common::INBOUND_PORT
@@ -109,10 +124,29 @@ fn bypassing(tables: &str, addrs: &[IpAddr], excluded_ports: &[u16]) -> Vec<Bypa
                 && listening.contains(&local.port())
                 && !addrs.contains(&peer.ip())
                 && !peer.ip().is_loopback()
+                && !inode.is_some_and(|i| own.contains(&i))
         })
-        .map(|(local, peer, _)| Bypass {
+        .map(|(local, peer, _, _)| Bypass {
             local: *local,
             peer: *peer,
+        })
+        .collect()
+}
+
+/// The inodes of this process's sockets (`/proc/self/fd/*` → `socket:[N]`): the proxy's.
+fn own_sockets() -> BTreeSet<u64> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return BTreeSet::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|target| {
+            target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
         })
         .collect()
 }
@@ -142,7 +176,7 @@ pub fn close_bypassing(
         }
         Ok(text)
     })?;
-    let found = bypassing(&tables, addrs, excluded_ports);
+    let found = bypassing(&tables, addrs, excluded_ports, &own_sockets());
     if found.is_empty() {
         return Ok(found);
     }
@@ -571,7 +605,7 @@ mod tests {
            5: 0100007F:2382 0100007F:A003 01 0\n\
            6: 0000000000000000FFFF00000200000A:2382 0000000000000000FFFF00000400000A:A004 01 0\n";
         let addrs = [IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))];
-        let found = bypassing(tables, &addrs, &[]);
+        let found = bypassing(tables, &addrs, &[], &BTreeSet::new());
         assert_eq!(
             found,
             vec![
@@ -585,6 +619,34 @@ mod tests {
                 },
             ]
         );
-        assert!(bypassing(tables, &addrs, &[9090]).is_empty());
+        assert!(bypassing(tables, &addrs, &[9090], &BTreeSet::new()).is_empty());
+    }
+
+    /// A connection the inbound proxy accepted (sk_lookup keeps the original destination as
+    /// its local address) is the agent's own socket, not a bypass.
+    #[test]
+    fn the_proxys_own_accepted_sockets_are_not_bypasses() {
+        let tables = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+           0: 00000000:2382 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1\n\
+           1: 0200000A:2382 0300000A:A000 01 00000000:00000000 00:00000000 00000000     0        0 1002 1\n\
+           2: 0200000A:2382 0400000A:A001 01 00000000:00000000 00:00000000 00000000     0        0 1003 1\n";
+        let addrs = [IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))];
+        let own = BTreeSet::from([1002]);
+        assert_eq!(
+            bypassing(tables, &addrs, &[], &own),
+            vec![Bypass {
+                local: "10.0.0.2:9090".parse().unwrap(),
+                peer: "10.0.0.4:40961".parse().unwrap()
+            }]
+        );
+        // The test process's own sockets are found.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = std::fs::metadata(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&listener)
+        ))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+        assert!(own_sockets().contains(&inode));
     }
 }

@@ -27,7 +27,14 @@ use super::dial::DialKind;
 use super::pod::{PodState, Shared};
 use super::stats::PodStats;
 use super::Error;
-use crate::metrics::{Reporter, TcpLabels};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::{ConnMeter, Reporter, TcpLabels};
 use mesh_core::identity::SpiffeId;
 use mesh_core::intentions::HttpRequest;
 
@@ -199,7 +206,8 @@ async fn handle(
 }
 
 /// Serves an authorized connection request by request until the client closes it, it stays
-/// idle for the idle timeout between requests, or `stop` (a revocation) fires.
+/// idle for the idle timeout between requests, or `stop` (a revocation) fires. The bytes read
+/// from and written to the caller count into `meter` and the pod's byte counters.
 pub(crate) async fn serve(
     shared: &Shared,
     pod: &PodState,
@@ -207,8 +215,16 @@ pub(crate) async fn serve(
     caller: SpiffeId,
     addr: SocketAddr,
     stop: impl Future<Output = Error>,
+    meter: &ConnMeter,
 ) -> Result<(), Error> {
     let idle = shared.config.idle_timeout;
+    // Bytes each way, as the byte-copy path counts them: from the caller is the request
+    // (to the app), to the caller the response.
+    let tls = Counted {
+        inner: tls,
+        read: (&pod.stats.bytes_to_app, meter.received.clone()),
+        written: (&pod.stats.bytes_from_app, meter.sent.clone()),
+    };
     let app = App {
         shared,
         pod,
@@ -225,5 +241,53 @@ pub(crate) async fn serve(
     tokio::select! {
         result = conn => result.map_err(Error::Http),
         why = stop => Err(why),
+    }
+}
+
+/// A stream that counts what is read from and written to it (decrypted bytes, as the byte-copy
+/// path counts them) into the pod's counter and the connection's metric.
+struct Counted<'a, S> {
+    inner: S,
+    read: (&'a AtomicU64, Counter),
+    written: (&'a AtomicU64, Counter),
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read.0.fetch_add(n, Relaxed);
+            self.read.1.inc_by(n);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.written.0.fetch_add(*n as u64, Relaxed);
+            self.written.1.inc_by(*n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -127,10 +127,10 @@ pub(crate) async fn serve(
             pod = %pod.name, caller = %caller, port, resumed = info.resumed,
             "inbound connection authorized request by request: {}", decision.reason
         );
-        // Opened and closed count as for any connection; requests are counted one by one
-        // (`istio_requests_total`), bytes are not (hyper owns the stream).
+        // Opened, closed and bytes count as for any connection; requests one by one
+        // (`istio_requests_total`).
         let mut meter = shared.metrics.open(labels);
-        let result = super::http::serve(shared, pod, tls, caller, addr, stop).await;
+        let result = super::http::serve(shared, pod, tls, caller, addr, stop, &meter).await;
         meter.ended(&result);
         return result;
     }

@@ -1775,6 +1775,17 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
         text.contains("istio_request_duration_milliseconds_bucket{"),
         "no request durations:\n{text}"
     );
+    // The HTTP path counts bytes each way like the byte copy.
+    for family in ["istio_tcp_sent_bytes_total{", "istio_tcp_received_bytes_total{"] {
+        ensure!(
+            text.lines().any(|l| l.starts_with(family)
+                && l.contains("reporter=\"destination\"")
+                && l.contains("destination_service_name=\"api-v1\"")
+                && l.contains("source_workload=\"web\"")
+                && !l.ends_with(" 0")),
+            "no {family}...}} for web → api-v1 on the L7 path:\n{text}"
+        );
+    }
     // `intention check` answers for L4 only, as Consul's: an L7 pair is Denied there.
     let check = mesh.meshctl_fails(&["intention", "check", "web", "api-v1"])?;
     ensure!(check.contains("Denied"), "check on an L7 pair: {check}");

@@ -235,8 +235,8 @@ fn bad_service_intentions_are_refused_naming_the_objects_field() {
         ("    name: api\n  sources", "    name: ''\n  sources", "spec.destination.name"),
         (
             "      action: allow\n",
-            "      permissions:\n        - action: allow\n          http:\n            pathPrefix: /v1\n",
-            "spec.sources[0].permissions",
+            "      permissions:\n        - action: allow\n          http:\n            pathPrefix: v1\n",
+            "spec.sources[0].permissions[0].http.pathPrefix",
         ),
     ] {
         assert!(CRDS.contains(from), "{from}");
@@ -258,4 +258,33 @@ fn bad_service_intentions_are_refused_naming_the_objects_field() {
     );
     let e = err(&twice);
     assert!(e.contains("same destination backend/api"), "{e}");
+}
+
+/// A `ServiceIntentions` source's `permissions` (consul-k8s's camelCase) become the entry's
+/// `Permissions` in Consul's shape, read by the same parser as the API's entries.
+#[test]
+fn service_intentions_permissions_become_the_entrys_permissions() {
+    let text = CRDS.replacen(
+        "      action: allow\n",
+        "      permissions:\n        - action: deny\n          http:\n            pathPrefix: /admin\n            methods: [GET, POST]\n        - action: allow\n          http:\n            pathRegex: /v[0-9]+\n            header:\n              - name: x-env\n                exact: prod\n",
+        1,
+    );
+    let state = DesiredState::build(&[parse(&text).unwrap()]).unwrap();
+    let entries = state.intention_entries();
+    let json: serde_json::Value = serde_json::from_str(&entries[0].to_json()).unwrap();
+    let web = &json["Sources"][0];
+    assert_eq!(web["Name"], "web");
+    assert!(
+        web.get("Action").is_none_or(|a| a.is_null() || a == ""),
+        "{web}"
+    );
+    assert_eq!(
+        web["Permissions"][0],
+        serde_json::json!({"Action": "deny", "HTTP": {"PathPrefix": "/admin", "Methods": ["GET", "POST"]}})
+    );
+    assert_eq!(web["Permissions"][1]["HTTP"]["PathRegex"], "/v[0-9]+");
+    assert_eq!(
+        web["Permissions"][1]["HTTP"]["Header"][0],
+        serde_json::json!({"Name": "x-env", "Exact": "prod"})
+    );
 }
