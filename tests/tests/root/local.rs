@@ -1776,7 +1776,10 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
         "no request durations:\n{text}"
     );
     // The HTTP path counts bytes each way like the byte copy.
-    for family in ["istio_tcp_sent_bytes_total{", "istio_tcp_received_bytes_total{"] {
+    for family in [
+        "istio_tcp_sent_bytes_total{",
+        "istio_tcp_received_bytes_total{",
+    ] {
         ensure!(
             text.lines().any(|l| l.starts_with(family)
                 && l.contains("reporter=\"destination\"")
