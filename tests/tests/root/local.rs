@@ -1954,7 +1954,9 @@ fn service_defaults_and_intentions_objects_with_permissions_decide_each_request(
     ])?;
     ensure!(!err.is_empty(), "the service-defaults entry is gone");
     mesh.wait("GET / denied again", Duration::from_secs(30), |_| {
-        let got = code("/")?;
+        // Denied in the kernel: curl cannot connect (an error here), or answered anything
+        // but 200.
+        let got = code("/").unwrap_or_default();
         ensure!(got != "200", "GET / still answered {got:?}");
         Ok(Some(()))
     })?;
