@@ -8,7 +8,18 @@ use super::{Error, Expr, Match, Op, Selector};
 pub(super) struct Parser<'a> {
     s: &'a str,
     pos: usize,
+    /// Open `(` and `not` around the position.
+    depth: usize,
+    /// Matchers and operators so far.
+    nodes: usize,
 }
+
+/// How deep `(` and `not` may nest. The parser and the evaluator recurse once per level: a
+/// filter of a thousand `(` overflowed a worker thread's stack and aborted the agent.
+pub(super) const MAX_DEPTH: usize = 32;
+/// How many matchers and operators one expression may hold (an `and` chain nests as deep as it
+/// is long in the evaluator).
+pub(super) const MAX_NODES: usize = 256;
 
 const KEYWORDS: [&str; 8] = [
     "and", "or", "not", "in", "is", "empty", "contains", "matches",
@@ -17,7 +28,12 @@ const KEYWORDS: [&str; 8] = [
 impl Parser<'_> {
     /// Parses all of `input` as one expression.
     pub(super) fn whole(input: &str) -> Result<Expr, Error> {
-        let mut p = Parser { s: input, pos: 0 };
+        let mut p = Parser {
+            s: input,
+            pos: 0,
+            depth: 0,
+            nodes: 0,
+        };
         let expr = p.or()?;
         p.ws();
         if p.pos < p.s.len() {
@@ -95,9 +111,32 @@ impl Parser<'_> {
         false
     }
 
+    /// Counts one more matcher or operator; past [`MAX_NODES`] an error.
+    fn node(&mut self) -> Result<(), Error> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(self.err(format!(
+                "the expression has more than {MAX_NODES} matchers and operators"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enters one more `(` or `not`; past [`MAX_DEPTH`] an error.
+    fn deeper(&mut self) -> Result<(), Error> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.err(format!(
+                "parentheses and \"not\" nest more than {MAX_DEPTH} levels deep"
+            )));
+        }
+        Ok(())
+    }
+
     fn or(&mut self) -> Result<Expr, Error> {
         let mut left = self.and()?;
         while self.keyword("or") {
+            self.node()?;
             left = Expr::Or(Box::new(left), Box::new(self.and()?));
         }
         Ok(left)
@@ -106,6 +145,7 @@ impl Parser<'_> {
     fn and(&mut self) -> Result<Expr, Error> {
         let mut left = self.not()?;
         while self.keyword("and") {
+            self.node()?;
             left = Expr::And(Box::new(left), Box::new(self.not()?));
         }
         Ok(left)
@@ -113,15 +153,22 @@ impl Parser<'_> {
 
     fn not(&mut self) -> Result<Expr, Error> {
         if self.keyword("not") {
-            return Ok(Expr::Not(Box::new(self.not()?)));
+            self.node()?;
+            self.deeper()?;
+            let e = Expr::Not(Box::new(self.not()?));
+            self.depth -= 1;
+            return Ok(e);
         }
         if self.symbol("(") {
+            self.deeper()?;
             let e = self.or()?;
             if !self.symbol(")") {
                 return Err(self.err(format!("expected \")\", found {:?}", self.rest_word())));
             }
+            self.depth -= 1;
             return Ok(e);
         }
+        self.node()?;
         self.matcher()
     }
 
@@ -156,6 +203,8 @@ impl Parser<'_> {
             let mut p = Parser {
                 s: self.s,
                 pos: start,
+                depth: 0,
+                nodes: 0,
             };
             let sel = p.selector()?;
             if p.pos != first_end {

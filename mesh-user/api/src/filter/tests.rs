@@ -105,3 +105,26 @@ fn errors_name_the_problem() {
     let f = Filter::parse("SourceName.x == a").unwrap();
     assert!(matches!(f.apply(items()), Err(Error::Selector(_))));
 }
+
+/// A filter of a thousand `(` overflowed a tokio worker's stack and aborted the agent (any
+/// token with read access could send it). Nesting and size are bounded, with an error that
+/// names the limit; expressions within them still work.
+#[test]
+fn deep_or_long_expressions_are_refused_not_overflowed() {
+    for expr in [
+        format!("{}Name==x{}", "(".repeat(1000), ")".repeat(1000)),
+        format!("{}Name==x", "not ".repeat(1000)),
+        format!("{}Name==x", "(not ".repeat(20)),
+    ] {
+        let e = Filter::parse(&expr).unwrap_err().to_string();
+        assert!(e.contains("nest more than 32 levels deep"), "{e}");
+    }
+    let long = vec!["SourceName == web"; 300].join(" and ");
+    let e = Filter::parse(&long).unwrap_err().to_string();
+    assert!(e.contains("more than 256 matchers and operators"), "{e}");
+    // Within the limits.
+    let deep = format!("{}SourceName == web{}", "(".repeat(32), ")".repeat(32));
+    assert_eq!(names(&deep), ["web"]);
+    let chain = vec!["SourceName == web"; 100].join(" or ");
+    assert_eq!(names(&chain), ["web"]);
+}
