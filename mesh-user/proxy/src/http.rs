@@ -36,10 +36,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::{ConnMeter, Reporter, TcpLabels};
 use mesh_core::identity::SpiffeId;
-use mesh_core::intentions::HttpRequest;
+use mesh_core::intentions::{normalize_path, HttpRequest};
 
 /// Envoy's body for a request its RBAC filter denies.
 pub const RBAC_DENIED_BODY: &str = "RBAC: access denied";
+/// The body of the `400` for a request path with a malformed percent-encoding.
+pub const BAD_PATH_BODY: &str = "Bad Request: malformed path";
 
 /// Envoy's body when the upstream (here: the app) cannot be reached.
 const UPSTREAM_FAILED_BODY: &str = "upstream connect error or disconnect/reset before headers";
@@ -151,16 +153,38 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 async fn handle(
     app: &App<'_>,
     caller: &SpiffeId,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
-    let path = req.uri().path().to_owned();
-    let headers: Vec<(&str, &str)> = req
+    // Matched and forwarded normalized, as Consul's Envoy does: the app serves the path the
+    // permissions saw (`/%61dmin` and `/x/../admin` are `/admin`).
+    let Some(path) = normalize_path(req.uri().path()) else {
+        return Ok(text(StatusCode::BAD_REQUEST, BAD_PATH_BODY));
+    };
+    if path != req.uri().path() {
+        let target = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let mut parts = req.uri().clone().into_parts();
+        match target.parse() {
+            Ok(pq) => parts.path_and_query = Some(pq),
+            Err(_) => return Ok(text(StatusCode::BAD_REQUEST, BAD_PATH_BODY)),
+        }
+        match hyper::Uri::from_parts(parts) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => return Ok(text(StatusCode::BAD_REQUEST, BAD_PATH_BODY)),
+        }
+    }
+    // Every header counts, whatever its bytes: a value that is not visible ASCII is matched as
+    // lossy UTF-8, so a `Present` or `Invert` rule cannot be slipped past with `\x80`.
+    let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
         .headers()
         .iter()
-        .filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?)))
+        .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
         .collect();
+    let headers: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
     let view = HttpRequest {
         method: &method,
         path: &path,
@@ -171,6 +195,7 @@ async fn handle(
         .authorizer
         .authorize_request(caller, app.pod.id(), &view);
     drop(headers);
+    drop(values);
     let (resp, status) = if decision.allowed {
         match app.send(req).await {
             Ok(resp) => {

@@ -317,8 +317,8 @@ impl Metrics {
         );
         registry.register(
             "istio_request_duration_milliseconds",
-            "HTTP request durations in milliseconds, from the first byte of the request to the \
-             end of the response headers",
+            "HTTP request durations in milliseconds, from the request's head being read to the \
+             response headers being ready",
             self.request_duration.clone(),
         );
     }
@@ -326,8 +326,9 @@ impl Metrics {
     /// Records one HTTP request: `istio_requests_total` and
     /// `istio_request_duration_milliseconds` under the connection's `labels`, with
     /// `response_code` (the status sent to the client, `403` for an L7 deny) and
-    /// `request_protocol="http"`. `duration` is from the first byte of the request to the
-    /// response headers, as Istio measures it.
+    /// `request_protocol="http"`. `duration` is from the request's head being read to the
+    /// response headers being ready (Istio starts at the first byte; the difference is the
+    /// head's parsing).
     ///
     /// The HTTP-aware inbound path calls it once per request with the labels of its connection
     /// ([`TcpLabels::mesh`] with [`Reporter::Destination`]).

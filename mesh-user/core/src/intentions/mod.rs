@@ -69,7 +69,7 @@ pub use defaults::{ServiceDefaultsEntry, SERVICE_DEFAULTS_KIND};
 pub use entry::{ServiceIntentionsEntry, SourceIntention, SERVICE_INTENTIONS_KIND};
 pub use intention::{precedence, Action, Intention, IntentionSpec};
 pub use name::{ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
-pub use permission::{HttpRequest, Permission};
+pub use permission::{normalize_path, HttpRequest, Permission};
 pub use ruleset::{
     Decision, EntryIndexes, MatchType, Matched, RequestDecision, RuleSet, SyncOutcome,
     EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE,

@@ -104,6 +104,42 @@ async fn l7_requests_are_decided_one_by_one_on_one_connection() {
         let stats = api.stats();
         assert_eq!(stats.http_requests, 3);
         assert_eq!(stats.http_requests_denied, 1);
+
+        // Paths are matched and forwarded normalized, as Consul's Envoy does: these tricks
+        // reached a denied /admin when the raw path was matched.
+        for trick in [
+            "/%61dmin/users",
+            "/./admin",
+            "/x/../admin",
+            "/\\admin",
+            "//admin",
+        ] {
+            let (status, body) = get(&mut conn, trick).await;
+            assert_eq!(
+                (status.as_str(), body.as_str()),
+                ("HTTP/1.1 403 Forbidden", "RBAC: access denied"),
+                "{trick}"
+            );
+        }
+        let (status, body) = get(&mut conn, "/ok/./x/../%7euser%2fa?q=%61").await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 200 OK", "/ok/~user%2Fa?q=%61"),
+            "the app gets the normalized path, the query as sent"
+        );
+        let (status, body) = get(&mut conn, "/ok%G1").await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 400 Bad Request", "Bad Request: malformed path")
+        );
+        // A header whose value is not ASCII still counts (x-debug denies here).
+        conn.write_all(b"GET /ok HTTP/1.1\r\nhost: api\r\nx-debug: \x80\xff\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     })
     .await;
 }

@@ -137,8 +137,13 @@ impl Authorizer for RecordingAuthorizer {
         _destination: &SpiffeId,
         request: &mesh_core::intentions::HttpRequest<'_>,
     ) -> Decision {
-        if request.path.starts_with("/admin") {
-            Decision::deny("test permission: /admin denied")
+        if request.path.starts_with("/admin")
+            || request
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("x-debug"))
+        {
+            Decision::deny("test permission: /admin or x-debug denied")
         } else {
             Decision::allow("test permission: allowed")
         }
