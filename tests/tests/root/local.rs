@@ -1717,6 +1717,16 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
     // Path prefix deny, first in order.
     let body = curl_in_pod("default", "web-0", &[&url("/admin/users")])?;
     ensure!(body == "RBAC: access denied", "GET /admin: {body:?}");
+    // The same path in disguise is normalized before matching, as Consul's Envoy does.
+    let body = curl_in_pod(
+        "default",
+        "web-0",
+        &["--path-as-is", &url("/x/..//%61dmin/users")],
+    )?;
+    ensure!(
+        body == "RBAC: access denied",
+        "GET /x/..//%61dmin/users: {body:?}"
+    );
     // Regex and header: both must match.
     let items = url("/v2/items");
     ensure!(
