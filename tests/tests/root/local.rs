@@ -745,11 +745,20 @@ fn a_service_port_reaches_its_target_port_in_both_modes() -> Result<()> {
             "{redirect}: denied by default, yet api-v1 answered on port 80: {out}"
         );
         mesh.meshctl(&["intention", "create", "-allow", "web", "api-v1"])?;
-        let out = in_pod("default", "web-0", &["http-get", &format!("{vip}:80")])?;
-        ensure!(
-            out.starts_with("HTTP/1.1 200") && out.contains("Response from API v1"),
-            "{redirect}: api-v1's virtual IP on port 80 gave {out}"
-        );
+        // The agent puts the allow into the kernel after the API has stored it (as Consul's
+        // intentions propagate, asynchronously): a connect just after may still get EPERM.
+        mesh.wait(
+            &format!("{redirect}: api-v1 on its virtual IP's port 80"),
+            Duration::from_secs(10),
+            |_| {
+                let out = in_pod("default", "web-0", &["http-get", &format!("{vip}:80")])?;
+                ensure!(
+                    out.starts_with("HTTP/1.1 200") && out.contains("Response from API v1"),
+                    "{redirect}: api-v1's virtual IP on port 80 gave {out}"
+                );
+                Ok(Some(()))
+            },
+        )?;
         // The explicit upstream reaches the same app.
         let web = mesh.port_forward("web", 9090)?;
         let (status, body) = get(web)?;
