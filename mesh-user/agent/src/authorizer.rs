@@ -69,7 +69,9 @@ fn reason(matched: &Matched) -> String {
 impl mesh_proxy::Authorizer for IntentionAuthorizer {
     /// Consul's decision for a connection. An L7 intention (with permissions) lets an `http`
     /// destination's connection through to be decided request by request; on any other
-    /// destination it denies, as Envoy's network RBAC filter treats it in Consul.
+    /// destination it denies, as Envoy's network RBAC filter treats it in Consul. An L4 allow
+    /// to an `http` destination is also served request by request (every request allowed), so
+    /// that requests are counted as Envoy counts them.
     fn authorize(&self, source: &SpiffeId, destination: &SpiffeId) -> Decision {
         let Some((src, dst)) = names(source, destination) else {
             return Decision::deny("identity is not a valid service name");
@@ -89,7 +91,14 @@ impl mesh_proxy::Authorizer for IntentionAuthorizer {
                 )),
             }
         } else if decision.allowed {
-            Decision::allow(why)
+            // An allowed connection to an `http` destination is served as HTTP too, request by
+            // request under the same L4 intention, as Consul's Envoy runs its HTTP connection
+            // manager for every `http` service: each request is counted
+            // (`istio_requests_total`, its code and duration). `tcp` stays a byte copy.
+            match self.protocol(&rules, &dst) {
+                Protocol::Http => Decision::per_request(format!("{why}, http")),
+                Protocol::Tcp => Decision::allow(why),
+            }
         } else {
             Decision::deny(why)
         };
@@ -188,9 +197,24 @@ mod tests {
             denied.reason.contains("default intention policy"),
             "{denied:?}"
         );
-        // An L4 pair stays byte for byte.
+        // An L4 pair to an http destination is served as HTTP too (each request counted),
+        // every request allowed by its L4 intention; to a tcp destination it stays a byte copy.
         let d = authz.authorize(&id("db"), &id("api"));
-        assert!(d.allowed && !d.per_request);
+        assert!(d.allowed && d.per_request, "{d:?}");
+        assert!(
+            authz
+                .authorize_request(&id("db"), &id("api"), &get("/anything"))
+                .allowed
+        );
+        let mut tcp_rules = rules.clone();
+        tcp_rules
+            .create(
+                &IntentionSpec::new(&sn("db"), &sn("cache"), Action::Allow),
+                false,
+            )
+            .unwrap();
+        let d = IntentionAuthorizer::new(Arc::new(tcp_rules)).authorize(&id("db"), &id("cache"));
+        assert!(d.allowed && !d.per_request, "{d:?}");
 
         // Without a service-defaults entry the catalog's protocol decides (the state a
         // ServiceDefaults resource makes): tcp turns the L7 intention into a deny.

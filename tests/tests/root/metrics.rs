@@ -292,6 +292,32 @@ fn prometheus_scrapes_istio_metrics_of_the_tutorial_traffic() -> Result<()> {
         text.contains("istio_tcp_connections_opened_total{") && text.ends_with("# EOF\n"),
         "{text}"
     );
+
+    // api-v1 made an `http` service (a service-defaults entry): its connections are served as
+    // HTTP under the same L4 allow, and each request is counted by code, as the query
+    // asks.
+    let dir = tempfile::tempdir()?;
+    let defaults = dir.path().join("api-v1-defaults.hcl");
+    std::fs::write(
+        &defaults,
+        "Kind = \"service-defaults\"\nName = \"api-v1\"\nProtocol = \"http\"\n",
+    )?;
+    mesh.meshctl(&["config", "write", defaults.to_str().context("path")?])?;
+    for _ in 0..N {
+        let out = in_pod("default", "web-0", &["http-get", &vip])?;
+        ensure!(
+            out.contains("Response from API v1"),
+            "allowed over http: {out}"
+        );
+    }
+    prometheus.wait_value(
+        "sum(istio_requests_total{destination_service_name=\"api-v1\",response_code=\"200\"})",
+        |v| v >= N as f64,
+    )?;
+    prometheus.wait_value(
+        "sum(istio_request_duration_milliseconds_count{destination_service_name=\"api-v1\"})",
+        |v| v >= N as f64,
+    )?;
     drop(prometheus);
     mesh.stop()
 }
