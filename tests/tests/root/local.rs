@@ -353,20 +353,43 @@ pub(super) fn cluster_ip(mesh: &LocalMesh, namespace: &str, name: &str) -> Resul
         .with_context(|| format!("no service {namespace}/{name} in {v}"))
 }
 
-/// `GET /` with `Connection: close`: (status, body).
-pub(super) fn get(addr: SocketAddr) -> Result<(u16, String)> {
+/// One answer of [`http`].
+pub(super) struct HttpAnswer {
+    pub(super) status: u16,
+    /// The status line and the headers.
+    pub(super) head: String,
+    /// The body, chunked transfer encoding undone.
+    pub(super) body: String,
+}
+
+/// One HTTP/1.1 request with `Connection: close` to a server on loopback (the API, the
+/// metrics listener, a port-forward), `token` in `X-Consul-Token` when given; `read_timeout`
+/// bounds the answer (a blocking query waits for it).
+pub(super) fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+    read_timeout: Duration,
+) -> Result<HttpAnswer> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    let auth = token
+        .map(|t| format!("X-Consul-Token: {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP response: {text:?}"))?;
+        .with_context(|| format!("no HTTP response to {method} {path}: {text:?}"))?;
     let status = head
         .split_whitespace()
         .nth(1)
@@ -380,7 +403,17 @@ pub(super) fn get(addr: SocketAddr) -> Result<(u16, String)> {
     } else {
         body.to_string()
     };
-    Ok((status, body))
+    Ok(HttpAnswer {
+        status,
+        head: head.to_owned(),
+        body,
+    })
+}
+
+/// `GET /`: (status, body).
+pub(super) fn get(addr: SocketAddr) -> Result<(u16, String)> {
+    let a = http(addr, "GET", "/", None, "", Duration::from_secs(20))?;
+    Ok((a.status, a.body))
 }
 
 fn dechunk(mut body: &str) -> Result<String> {
@@ -1339,27 +1372,15 @@ fn http_api(
     body: Option<&Value>,
     read_timeout: Duration,
 ) -> Result<(u16, u64, Value)> {
-    let addr: SocketAddr = addr.parse()?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(read_timeout))?;
     let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         X-Consul-Token: {token}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    let HttpAnswer { status, head, body } = http(
+        addr.parse()?,
+        method,
+        path,
+        Some(token),
+        &body,
+        read_timeout,
     )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP response: {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
     let index = head
         .lines()
         .find_map(|l| {
@@ -1369,7 +1390,7 @@ fn http_api(
         })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let json = serde_json::from_str(body).with_context(|| format!("{path}: {body:?}"))?;
+    let json = serde_json::from_str(&body).with_context(|| format!("{path}: {body:?}"))?;
     Ok((status, index, json))
 }
 
@@ -1840,29 +1861,9 @@ fn l7_intentions_decide_each_http_request() -> Result<()> {
 
 /// The text of `GET /metrics` on meshd's token-free metrics listener (loopback).
 fn scrape_metrics(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP response: {raw:?}"))?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "GET /metrics: {head}");
-    // The listener may answer chunked.
-    Ok(
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)?
-        } else {
-            body.to_owned()
-        },
-    )
+    let a = http(addr, "GET", "/metrics", None, "", Duration::from_secs(10))?;
+    ensure!(a.status == 200, "GET /metrics: {}", a.head);
+    Ok(a.body)
 }
 
 /// consul-k8s's objects for an L7 intention, as users write them.

@@ -4,8 +4,7 @@
 //! connections opened and closed, bytes, TLS handshakes, denials by the proxy and the kernel with
 //! the deciding intention, the kernel's counters and map capacity.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -14,7 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use mesh_kit::{require_root, wait_for};
 use serde_json::Value;
 
-use super::local::{cluster_ip, examples, free_port, get, in_pod, LocalMesh};
+use super::local::{cluster_ip, examples, free_port, get, http, in_pod, LocalMesh};
 
 /// How often Prometheus scrapes meshd.
 const SCRAPE_INTERVAL: &str = "1s";
@@ -131,36 +130,10 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-/// `GET path` with `Connection: close` (and `X-Consul-Token` when given): (status, body).
-/// The servers here answer with a length or close; chunked bodies are not expected.
+/// `GET path` (with `X-Consul-Token` when given): (status, body).
 fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let auth = token
-        .map(|t| format!("X-Consul-Token: {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP response: {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    ensure!(
-        !head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "unexpected chunked answer to {path}"
-    );
-    Ok((status, body.to_owned()))
+    let a = http(addr, "GET", path, token, "", Duration::from_secs(10))?;
+    Ok((a.status, a.body))
 }
 
 /// The ID of the intention `source => destination`, from the API.
