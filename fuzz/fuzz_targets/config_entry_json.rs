@@ -1,37 +1,19 @@
 //! `consul config write x.json` / `PUT /v1/config`: a service-intentions entry in JSON (L7
-//! `Permissions` included). What
-//! parses survives its own JSON form, and applies to a rule set.
+//! `Permissions` included). What parses survives its own JSON form, and applies to a rule set
+//! (`fuzz/common/entry.rs`).
 #![no_main]
 
+#[path = "../common/entry.rs"]
+mod entry;
+
 use libfuzzer_sys::fuzz_target;
-use mesh_core::catalog::Protocol;
-use mesh_core::intentions::{HttpRequest, RuleSet, ServiceDefaultsEntry, ServiceIntentionsEntry};
+use mesh_core::intentions::ServiceIntentionsEntry;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(entry) = ServiceIntentionsEntry::from_json(text) else {
-        return;
-    };
-    let json = entry.to_json();
-    let again = ServiceIntentionsEntry::from_json(&json)
-        .unwrap_or_else(|e| panic!("{text:?} → {json} does not parse back: {e}"));
-    assert_eq!(again, entry, "{text:?} → {json}");
-    let mut rules = RuleSet::new();
-    // Sources with L7 permissions need an http destination.
-    let _ = rules.apply_service_defaults(&ServiceDefaultsEntry::new(
-        entry.destination.clone(),
-        Protocol::Http,
-    ));
-    if rules.apply_entry(&entry).is_ok() {
-        let req = HttpRequest {
-            method: "GET",
-            path: "/admin",
-            headers: &[("x-env", "prod")],
-        };
-        for src in &entry.sources {
-            let _ = rules.check_request(&src.source, &entry.destination, &req);
-        }
+    if let Ok(e) = ServiceIntentionsEntry::from_json(text) {
+        entry::check(text, &e);
     }
 });
