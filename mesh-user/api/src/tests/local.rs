@@ -115,24 +115,7 @@ fn manifests(text: &str, ns: Option<&str>) -> Value {
 
 #[tokio::test]
 async fn local_routes_need_tokens_and_answer_in_kubectls_shapes() {
-    let dir = tempfile::tempdir().unwrap();
-    let hooks = Hooks {
-        local: Some(fake_runner()),
-        ..Hooks::default()
-    };
-    let server = Server::start(config(dir.path(), Action::Deny), hooks)
-        .await
-        .unwrap();
-    let root = server.bootstrap_token().unwrap().to_owned();
-    let h = Harness {
-        dir,
-        server,
-        root,
-        sink: Arc::new(MemorySink::default()),
-        counters: Arc::new(MemoryCounters::default()),
-        status: Arc::new(PublishedStatus::default()),
-        catalog: Arc::new(PublishedCatalog::default()),
-    };
+    let h = start_local(fake_runner()).await;
     let reader = h.token(&["read-only"]).await;
     let writer = h.token(&["intention-write:*"]).await;
 
@@ -297,24 +280,7 @@ spec:
 /// through the API is applied but not synced, with consul-k8s's reason.
 #[tokio::test]
 async fn service_intentions_objects_make_read_only_intentions_that_deleting_removes() {
-    let dir = tempfile::tempdir().unwrap();
-    let hooks = Hooks {
-        local: Some(fake_runner()),
-        ..Hooks::default()
-    };
-    let server = Server::start(config(dir.path(), Action::Deny), hooks)
-        .await
-        .unwrap();
-    let root = server.bootstrap_token().unwrap().to_owned();
-    let h = Harness {
-        dir,
-        server,
-        root,
-        sink: Arc::new(MemorySink::default()),
-        counters: Arc::new(MemoryCounters::default()),
-        status: Arc::new(PublishedStatus::default()),
-        catalog: Arc::new(PublishedCatalog::default()),
-    };
+    let h = start_local(fake_runner()).await;
     let v = h
         .ok(
             "PUT",

@@ -49,6 +49,26 @@ async fn start_with(
     policy: Action,
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> Harness {
+    start_full(dir, policy, None, tweak).await
+}
+
+/// A deny-by-default server that serves `/v1/local/*` from `runner`.
+async fn start_local(runner: crate::local::Handle) -> Harness {
+    start_full(
+        tempfile::tempdir().unwrap(),
+        Action::Deny,
+        Some(runner),
+        |_| {},
+    )
+    .await
+}
+
+async fn start_full(
+    dir: tempfile::TempDir,
+    policy: Action,
+    local: Option<crate::local::Handle>,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> Harness {
     let sink = Arc::new(MemorySink::default());
     let counters = Arc::new(MemoryCounters::default());
     let status = Arc::new(PublishedStatus::default());
@@ -57,7 +77,7 @@ async fn start_with(
         rules: sink.clone(),
         counters: counters.clone(),
         status: status.clone(),
-        local: None,
+        local,
         catalog: catalog.clone(),
         metrics: Some(Arc::new(metrics::Fixed)),
     };
