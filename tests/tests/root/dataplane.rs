@@ -81,6 +81,20 @@ fn open_dataplane(node: &Node) -> Result<Dataplane> {
     Ok(dp)
 }
 
+/// A node with two meshed pods, `web` and `db`, and the service (api-v1's virtual IP, port
+/// 9091) both may reach: (node, web, db, the service's address, the dataplane).
+fn two_meshed_pods() -> Result<(Node, Pod, Pod, SocketAddrV4, Dataplane)> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let db = node.add_pod("db")?;
+    let service = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    mesh_pod(&mut dp, &db, WEB_ID + 10)?;
+    dp.set_service(service, api_value(API_ID, SERVICE_VIP))?;
+    Ok((node, web, db, service, dp))
+}
+
 /// The pod's outbound listener, blocking.
 fn outbound_listener(pod: &Pod) -> Result<TcpListener> {
     let l = pod.netns().listen(v4(Ipv4Addr::LOCALHOST, OUTBOUND_PORT))?;
@@ -1047,14 +1061,7 @@ fn af_inet6_to_a_v4_mapped_vip_is_redirected_like_af_inet_and_denied_with_eperm(
 #[test]
 fn a_million_failed_connects_leave_the_maps_at_their_size_and_every_pods_connections_work(
 ) -> Result<()> {
-    let mut node = Node::new()?;
-    let web = node.add_pod("web")?;
-    let db = node.add_pod("db")?;
-    let service = vip(&node, 10, 9091);
-    let mut dp = open_dataplane(&node)?;
-    mesh_pod(&mut dp, &web, WEB_ID)?;
-    mesh_pod(&mut dp, &db, WEB_ID + 10)?;
-    dp.set_service(service, api_value(API_ID, SERVICE_VIP))?;
+    let (mut node, web, db, service, dp) = two_meshed_pods()?;
     let stop = Arc::new(AtomicBool::new(false));
     let web_proxy = answer(outbound_listener(&web)?, "web-proxy", stop.clone());
     let db_proxy = answer(outbound_listener(&db)?, "db-proxy", stop.clone());
@@ -1172,14 +1179,7 @@ fn bogus_sock_keys(n: u32) -> impl Iterator<Item = SockKey> {
 
 #[test]
 fn full_per_connection_maps_fail_no_connection_and_count_what_they_cost() -> Result<()> {
-    let mut node = Node::new()?;
-    let web = node.add_pod("web")?;
-    let db = node.add_pod("db")?;
-    let service = vip(&node, 10, 9091);
-    let mut dp = open_dataplane(&node)?;
-    mesh_pod(&mut dp, &web, WEB_ID)?;
-    mesh_pod(&mut dp, &db, WEB_ID + 10)?;
-    dp.set_service(service, api_value(API_ID, SERVICE_VIP))?;
+    let (mut node, web, db, service, dp) = two_meshed_pods()?;
     let stop = Arc::new(AtomicBool::new(false));
     let proxies = [
         answer_original_dst(&web, stop.clone())?,
