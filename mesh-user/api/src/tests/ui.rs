@@ -108,6 +108,16 @@ async fn raw(
     )
 }
 
+/// `GET path` (a blocking query) with the root token, waiting in a task of its own.
+fn blocked(h: &Harness, path: String) -> tokio::task::JoinHandle<crate::client::Response> {
+    let addr = h.server.http_addr().unwrap();
+    let root = h.root.clone();
+    tokio::spawn(async move {
+        let c = Client::new(Address::Tcp(addr.to_string()), Some(root));
+        c.request("GET", &path, None).await.unwrap()
+    })
+}
+
 /// The `X-Consul-Index` of a response head.
 fn index_of(head: &str) -> u64 {
     head.lines()
@@ -598,20 +608,10 @@ async fn blocking_queries_return_after_a_change_or_after_wait() {
     let (head, _) = get(&h, "/v1/health/service/api-v1").await;
     let index = index_of(&head);
     let started = Instant::now();
-    let waiting = {
-        let addr = h.server.http_addr().unwrap();
-        let root = h.root.clone();
-        tokio::spawn(async move {
-            let c = Client::new(Address::Tcp(addr.to_string()), Some(root));
-            c.request(
-                "GET",
-                &format!("/v1/health/service/api-v1?index={index}&wait=30s"),
-                None,
-            )
-            .await
-            .unwrap()
-        })
-    };
+    let waiting = blocked(
+        &h,
+        format!("/v1/health/service/api-v1?index={index}&wait=30s"),
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiting.is_finished(), "answered before any change");
     let mut snap = tutorial();
@@ -627,20 +627,10 @@ async fn blocking_queries_return_after_a_change_or_after_wait() {
     // An intention change wakes a waiting topology read.
     let (head, _) = get(&h, "/v1/internal/ui/service-topology/web?kind=").await;
     let index = index_of(&head);
-    let waiting = {
-        let addr = h.server.http_addr().unwrap();
-        let root = h.root.clone();
-        tokio::spawn(async move {
-            let c = Client::new(Address::Tcp(addr.to_string()), Some(root));
-            c.request(
-                "GET",
-                &format!("/v1/internal/ui/service-topology/web?kind=&index={index}&wait=30s"),
-                None,
-            )
-            .await
-            .unwrap()
-        })
-    };
+    let waiting = blocked(
+        &h,
+        format!("/v1/internal/ui/service-topology/web?kind=&index={index}&wait=30s"),
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiting.is_finished());
     h.ok(
@@ -656,20 +646,7 @@ async fn blocking_queries_return_after_a_change_or_after_wait() {
     // And the existing lists block on their own index.
     let (head, _) = get(&h, "/v1/connect/intentions").await;
     let index = index_of(&head);
-    let waiting = {
-        let addr = h.server.http_addr().unwrap();
-        let root = h.root.clone();
-        tokio::spawn(async move {
-            let c = Client::new(Address::Tcp(addr.to_string()), Some(root));
-            c.request(
-                "GET",
-                &format!("/v1/connect/intentions?index={index}&wait=30s"),
-                None,
-            )
-            .await
-            .unwrap()
-        })
-    };
+    let waiting = blocked(&h, format!("/v1/connect/intentions?index={index}&wait=30s"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiting.is_finished());
     h.ok(
