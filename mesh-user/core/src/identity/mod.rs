@@ -8,6 +8,8 @@
 //! - [`LeafStore`]: the current leaf of one service, swapped atomically on renewal; it is the
 //!   rustls certificate resolver on both sides, so a renewal never touches established
 //!   connections. [`renewal_instant`] picks when to renew.
+//! - [`LeafRequest`] / [`CertificateAuthority::sign_request`]: a leaf signed by a remote CA
+//!   (`meshd ca`) over a PKCS#10 request, the key staying with the node agent.
 //! - [`TrustBundle`]: the trusted roots (several during a root rotation).
 //! - [`client_config`] / [`server_config`] / [`ClientConfigCache`]: TLS 1.3-only rustls configs
 //!   (crypto provider `ring`) whose verifiers chain peers to the bundle and check SPIFFE IDs;
@@ -16,6 +18,7 @@
 
 mod ca;
 mod leaf;
+mod request;
 mod spiffe;
 mod tls;
 mod trust;
@@ -27,6 +30,7 @@ use std::path::PathBuf;
 
 pub use ca::{CertificateAuthority, RootCert, DEFAULT_ROOT_TTL};
 pub use leaf::{renewal_instant, LeafCert, LeafStore, DEFAULT_LEAF_TTL};
+pub use request::{certificate_from_pem, certificate_to_pem, LeafRequest};
 pub use spiffe::{
     new_trust_domain, trust_domain_uri, validate_trust_domain, SpiffeId, SpiffeIdReason,
     DEFAULT_PARTITION,

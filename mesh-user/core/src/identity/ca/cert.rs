@@ -41,7 +41,7 @@ pub(super) fn self_signed_root(trust_domain: &str, key: &KeyPair) -> Result<Root
     RootCert::from_der(cert.der().clone())
 }
 
-pub(super) fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     rand::rng().fill(&mut bytes[..]);
     // Positive and exactly 16 bytes long.

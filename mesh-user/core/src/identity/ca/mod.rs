@@ -11,10 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
-};
+use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::CertificateDer;
 
 use super::leaf::LeafCert;
@@ -26,7 +23,8 @@ mod cert;
 #[cfg(test)]
 mod tests;
 
-use cert::{cert_matches_key, random_serial, self_signed_root};
+pub(crate) use cert::random_serial;
+use cert::{cert_matches_key, self_signed_root};
 pub(crate) use cert::{parse_cert, to_offset, uris, validity};
 
 /// How long a new root certificate is valid (10 years, as Consul's default).
@@ -84,6 +82,16 @@ impl RootCert {
             not_before,
             not_after,
         })
+    }
+
+    /// Parses a root certificate from PEM (one `CERTIFICATE` block), as [`from_der`](Self::from_der).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadCertificate`] for text that is not one PEM certificate, and the errors of
+    /// [`from_der`](Self::from_der).
+    pub fn from_pem(text: &str) -> Result<Self, Error> {
+        parse_root_pem(text)
     }
 
     /// The certificate, DER-encoded.
@@ -306,6 +314,18 @@ impl CertificateAuthority {
     /// [`CertificateAuthority::issue_leaf_with_validity`] (a TTL reaching past the root's
     /// expiry included).
     pub fn issue_leaf(&self, id: &SpiffeId, ttl: Duration) -> Result<LeafCert, Error> {
+        let (not_before, not_after) = self.leaf_validity(id, ttl)?;
+        self.issue_leaf_with_validity(id, not_before, not_after)
+    }
+
+    /// The validity of a leaf for `id` issued now for `ttl` (back-dated for clock skew),
+    /// after checking `id`'s trust domain and the TTL.
+    pub(super) fn leaf_validity(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(SystemTime, SystemTime), Error> {
+        self.check_leaf(id)?;
         if ttl.is_zero() {
             return Err(Error::InvalidValidity("TTL must not be zero".into()));
         }
@@ -313,7 +333,38 @@ impl CertificateAuthority {
         let not_after = now
             .checked_add(ttl)
             .ok_or_else(|| Error::InvalidValidity(format!("TTL {ttl:?} is out of range")))?;
-        self.issue_leaf_with_validity(id, now.checked_sub(BACKDATE).unwrap_or(now), not_after)
+        let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
+        self.check_validity(not_before, not_after)?;
+        Ok((not_before, not_after))
+    }
+
+    fn check_leaf(&self, id: &SpiffeId) -> Result<(), Error> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(Error::TrustDomainMismatch {
+                expected: self.trust_domain.clone(),
+                got: id.trust_domain().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_validity(&self, not_before: SystemTime, not_after: SystemTime) -> Result<(), Error> {
+        if not_after <= not_before {
+            return Err(Error::InvalidValidity(
+                "not_after must be later than not_before".into(),
+            ));
+        }
+        if not_after > self.root.not_after() {
+            return Err(Error::InvalidValidity(
+                "a leaf cannot outlive its root".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The signer of the active root.
+    pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
     }
 
     /// Issues a leaf for `id` with an explicit validity period, which must lie within the
@@ -331,38 +382,9 @@ impl CertificateAuthority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<LeafCert, Error> {
-        if id.trust_domain() != self.trust_domain {
-            return Err(Error::TrustDomainMismatch {
-                expected: self.trust_domain.clone(),
-                got: id.trust_domain().to_owned(),
-            });
-        }
-        if not_after <= not_before {
-            return Err(Error::InvalidValidity(
-                "not_after must be later than not_before".into(),
-            ));
-        }
-        if not_after > self.root.not_after() {
-            return Err(Error::InvalidValidity(
-                "a leaf cannot outlive its root".into(),
-            ));
-        }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        // A common name is at most 64 characters; the identity is in the URI SAN anyway.
-        let cn: String = id.service().chars().take(64).collect();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = to_offset(not_before)?;
-        params.not_after = to_offset(not_after)?;
+        self.check_leaf(id)?;
+        self.check_validity(not_before, not_after)?;
+        let params = super::request::leaf_params(id, not_before, not_after)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         LeafCert::new(id.clone(), cert.der().clone(), key.serialize_der())
@@ -375,7 +397,7 @@ impl CertificateAuthority {
     /// make certificates the CA would never issue.
     pub(crate) fn sign_unchecked(
         &self,
-        params: &CertificateParams,
+        params: &rcgen::CertificateParams,
         key: &KeyPair,
     ) -> Result<CertificateDer<'static>, Error> {
         Ok(params.signed_by(key, &self.issuer)?.der().clone())
