@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod authorizer;
+pub mod ca;
 pub mod dialer;
 pub mod directory;
 pub mod hooks;
@@ -30,7 +31,7 @@ use tracing::{info, warn};
 
 use mesh_core::catalog::{Catalog, Diff, ServiceRef, Update, Workload};
 use mesh_core::identity::{
-    CertificateAuthority, ClientConfigCache, LeafStore, TrustBundle, DEFAULT_LEAF_TTL,
+    CertificateAuthority, ClientConfigCache, LeafCert, LeafStore, TrustBundle, DEFAULT_LEAF_TTL,
 };
 use mesh_core::intentions::{Action, Interner, RuleSet};
 use mesh_dataplane::netns::{NetNs, SocketFactory};
@@ -57,6 +58,9 @@ pub enum Error {
     /// The CA, a leaf certificate or a SPIFFE ID.
     #[error(transparent)]
     Identity(#[from] mesh_core::identity::Error),
+    /// Asking `meshd ca` for a leaf, or reading its root file.
+    #[error(transparent)]
+    Ca(#[from] ca::client::ClientError),
     /// Interning names or compiling the intentions.
     #[error(transparent)]
     Intentions(#[from] mesh_core::intentions::Error),
@@ -219,6 +223,25 @@ impl Agent {
         rules: RuleSet,
         metrics: Arc<metrics::Metrics>,
     ) -> Result<Self, Error> {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        let identity = Identity::load(&cfg.state_dir)?;
+        Self::start_with_identity(cfg, catalog, rules, metrics, identity).await
+    }
+
+    /// [`Agent::start_with_metrics`] with the workload certificates of `identity` (e.g.
+    /// [`Identity::remote`], leaves from `meshd ca`) instead of the CA in the state directory.
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::start`].
+    pub async fn start_with_identity(
+        cfg: AgentConfig,
+        catalog: Catalog,
+        rules: RuleSet,
+        metrics: Arc<metrics::Metrics>,
+        identity: Arc<Identity>,
+    ) -> Result<Self, Error> {
         catalog.validate()?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
@@ -262,7 +285,6 @@ impl Agent {
             );
         }
         let names = Names::load(&cfg.state_dir.join(NAMES_FILE))?;
-        let identity = Identity::load(&cfg.state_dir)?;
         let directory = Arc::new(directory::MeshDirectory::default());
         let rules = Arc::new(rules);
         let authorizer = Arc::new(authorizer::IntentionAuthorizer::new(rules.clone()));
@@ -562,6 +584,9 @@ impl Agent {
     }
 
     async fn start_pod(&mut self, w: &Workload) -> Result<Pod, Error> {
+        // The leaf first (from `meshd ca`, a network round trip): a pod whose identity the CA
+        // refuses is left out before anything of it is set up.
+        self.identity.prepare(&w.service_ref()).await?;
         let netns = NetNs::open(&w.netns)?;
         let cgroup_id = mesh_dataplane::bpf::CgroupId(mesh_dataplane::cgroup::id(&w.cgroup)?);
         let netns_cookie = mesh_dataplane::bpf::NetnsCookie(netns.cookie()?);
