@@ -6,6 +6,15 @@
 //! | `MESH_STATE_DIR` | `--state-dir` | `/var/lib/mesh` | CA, intentions, tokens, applied manifests |
 //! | `MESH_HTTP_ADDR` | | `127.0.0.1:8500` | the API (`host:port`, `http://host:port`, `unix:///path`), as Consul's `CONSUL_HTTP_ADDR` |
 //! | `MESH_METRICS_ADDR` | `--metrics-addr` | `127.0.0.1:20200` | the token-free `/metrics` listener for Prometheus (`ip:port`, or `off`); consul-k8s's merged metrics port |
+//! | `MESH_CA_URL` | `--ca-url` | (none: the local CA) | `meshd ca` to get leaves from (`https://host:port`) |
+//! | `MESH_CA_TOKEN_FILE` | `--ca-token-file` | `/var/run/secrets/meshd-ca/token` | the agent's projected ServiceAccount token for the CA |
+//! | `MESH_CA_ROOT_FILE` | `--ca-root-file` | `/etc/meshd-ca/root-cert.pem` | the mesh root(s), PEM, that the CA's serving certificate chains to |
+//! | `MESH_CA_ROOT_DIR` | `--root-dir` | `/var/lib/meshd-ca` | `meshd ca`: `root-key.pem` + `root-cert.pem` (a mounted Secret, or created on first start) |
+//! | `MESH_CA_ADDR` | `--addr` | `0.0.0.0:8443` | `meshd ca`: the HTTPS listener |
+//! | `MESH_CA_NAMESPACE` | `--namespace` | `mesh-system` | `meshd ca`: its namespace (the Service's names, the agents' ServiceAccount) |
+//! | `MESH_CA_AUDIENCE` | `--audience` | `meshd-ca` | `meshd ca`: the token audience checked by the TokenReview |
+//! | `MESH_CA_AGENT_SERVICE_ACCOUNTS` | `--agent-service-account` | `system:serviceaccount:<namespace>:meshd` | `meshd ca`: the node agents' users (comma-separated) |
+//! | `MESH_DATACENTER` | `--datacenter` | `dc1` | `meshd ca`: the datacenter of the identities it signs |
 //!
 //! `meshctl` reads `MESH_HTTP_ADDR`, `MESH_HTTP_TOKEN` and `MESH_HTTP_TOKEN_FILE`; their names
 //! live with the API client ([`mesh_api::client`]) that both binaries share. The proxy's limits
@@ -57,6 +66,134 @@ impl std::str::FromStr for MetricsAddr {
         s.parse().map(Self::Listen).map_err(|_| {
             format!("metrics address {s:?}: expected ip:port (e.g. 127.0.0.1:20200) or off")
         })
+    }
+}
+
+/// The variable of `--ca-url`.
+pub const CA_URL_ENV: &str = "MESH_CA_URL";
+/// The variable of `--ca-token-file`.
+pub const CA_TOKEN_FILE_ENV: &str = "MESH_CA_TOKEN_FILE";
+/// The variable of `--ca-root-file`.
+pub const CA_ROOT_FILE_ENV: &str = "MESH_CA_ROOT_FILE";
+/// The variable of `meshd ca --root-dir`.
+pub const CA_ROOT_DIR_ENV: &str = "MESH_CA_ROOT_DIR";
+/// The default root directory of `meshd ca`.
+pub const DEFAULT_CA_ROOT_DIR: &str = "/var/lib/meshd-ca";
+/// The variable of `meshd ca --addr`.
+pub const CA_ADDR_ENV: &str = "MESH_CA_ADDR";
+/// The default listener of `meshd ca` (the Service's `targetPort`).
+pub const DEFAULT_CA_ADDR: &str = "0.0.0.0:8443";
+/// The variable of `meshd ca --namespace`.
+pub const CA_NAMESPACE_ENV: &str = "MESH_CA_NAMESPACE";
+/// The default namespace of the mesh's Kubernetes objects (`deploy/`).
+pub const DEFAULT_NAMESPACE: &str = "mesh-system";
+/// The variable of `meshd ca --audience`.
+pub const CA_AUDIENCE_ENV: &str = "MESH_CA_AUDIENCE";
+/// The variable of `meshd ca --agent-service-account`.
+pub const CA_AGENTS_ENV: &str = "MESH_CA_AGENT_SERVICE_ACCOUNTS";
+/// The variable of `meshd ca --datacenter`.
+pub const DATACENTER_ENV: &str = "MESH_DATACENTER";
+/// The default Consul datacenter.
+pub const DEFAULT_DATACENTER: &str = "dc1";
+
+/// Where a node agent gets its leaves: the local CA in the state directory unless `--ca-url`
+/// names `meshd ca`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CaClientArgs {
+    /// `meshd ca` to get each leaf from (`https://host:port`); without it the agent signs with
+    /// the CA in its state directory.
+    #[arg(long, env = CA_URL_ENV)]
+    pub ca_url: Option<String>,
+    /// The projected ServiceAccount token the agent authenticates to the CA with (re-read for
+    /// every request).
+    #[arg(long, env = CA_TOKEN_FILE_ENV, default_value = mesh_agent::ca::client::DEFAULT_TOKEN_FILE)]
+    pub ca_token_file: std::path::PathBuf,
+    /// The mesh's root certificate(s), PEM: the CA's serving certificate must chain to it.
+    #[arg(long, env = CA_ROOT_FILE_ENV, default_value = mesh_agent::ca::client::DEFAULT_ROOT_FILE)]
+    pub ca_root_file: std::path::PathBuf,
+}
+
+impl CaClientArgs {
+    /// The CA client these flags name, `None` for the local CA.
+    ///
+    /// # Errors
+    /// When `--ca-url` is not `https://host[:port]`.
+    pub fn client(&self) -> Result<Option<mesh_agent::ca::client::CaClient>> {
+        let Some(url) = &self.ca_url else {
+            return Ok(None);
+        };
+        let mut cfg = mesh_agent::ca::client::CaClientConfig::new(url.clone());
+        cfg.token_file = self.ca_token_file.clone();
+        cfg.root_file = self.ca_root_file.clone();
+        Ok(Some(mesh_agent::ca::client::CaClient::new(cfg)?))
+    }
+}
+
+/// `meshd ca`'s flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CaArgs {
+    /// The root's directory: `root-key.pem` (mode 0400/0600) and `root-cert.pem`, a mounted
+    /// Secret (read-only) or a directory where the root is created on first start.
+    #[arg(long, env = CA_ROOT_DIR_ENV, default_value = DEFAULT_CA_ROOT_DIR)]
+    pub root_dir: std::path::PathBuf,
+    /// The trust domain of a new root (default: `<uuid>.consul`); must match an existing one.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Create (or check) the root in --root-dir, print its certificate and exit.
+    #[arg(long)]
+    pub init: bool,
+    /// The HTTPS listener.
+    #[arg(long, env = CA_ADDR_ENV, default_value = DEFAULT_CA_ADDR)]
+    pub addr: std::net::SocketAddr,
+    /// The CA's namespace: its Service's DNS names and the agents' ServiceAccount.
+    #[arg(long, env = CA_NAMESPACE_ENV, default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// The token audience the TokenReview checks.
+    #[arg(long, env = CA_AUDIENCE_ENV, default_value = mesh_agent::ca::DEFAULT_AUDIENCE)]
+    pub audience: String,
+    /// A node agent's user, `system:serviceaccount:<ns>:<name>` (repeat, or comma-separated);
+    /// default the `meshd` ServiceAccount of --namespace.
+    #[arg(long = "agent-service-account", env = CA_AGENTS_ENV, value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// The datacenter of the identities it signs.
+    #[arg(long, env = DATACENTER_ENV, default_value = DEFAULT_DATACENTER)]
+    pub datacenter: String,
+    /// A DNS name or IP address of the serving certificate (repeat); default the names of
+    /// Service `meshd-ca` in --namespace.
+    #[arg(long = "serving-name")]
+    pub serving_names: Vec<String>,
+}
+
+impl CaArgs {
+    /// The server configuration these flags give.
+    ///
+    /// # Errors
+    /// For an agent user that is not `system:serviceaccount:<namespace>:<name>`.
+    pub fn server_config(&self) -> Result<mesh_agent::ca::server::CaConfig> {
+        let mut cfg = mesh_agent::ca::server::CaConfig::new(&self.namespace);
+        cfg.audience = self.audience.clone();
+        cfg.datacenter = self.datacenter.clone();
+        if !self.agents.is_empty() {
+            for a in &self.agents {
+                let parts: Vec<&str> = a.split(':').collect();
+                if parts.len() != 4
+                    || parts[0] != "system"
+                    || parts[1] != "serviceaccount"
+                    || parts[2].is_empty()
+                    || parts[3].is_empty()
+                {
+                    anyhow::bail!(
+                        "--agent-service-account {a:?}: expected \
+                         system:serviceaccount:<namespace>:<name>"
+                    );
+                }
+            }
+            cfg.agents = self.agents.clone();
+        }
+        if !self.serving_names.is_empty() {
+            cfg.serving_names = self.serving_names.clone();
+        }
+        Ok(cfg)
     }
 }
 
@@ -158,6 +295,27 @@ mod tests {
         let err = "localhost:20200".parse::<MetricsAddr>().unwrap_err();
         assert!(
             err.contains("\"localhost:20200\"") && err.contains("ip:port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ca_flags_default_to_the_deploy_manifests_and_check_agent_users() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            ca: CaArgs,
+        }
+        let cli = Cli::try_parse_from(["meshd-ca", "--namespace", "mesh"]).unwrap();
+        let cfg = cli.ca.server_config().unwrap();
+        assert_eq!(cfg.agents, ["system:serviceaccount:mesh:meshd"]);
+        assert_eq!(cfg.audience, "meshd-ca");
+        assert!(cfg.serving_names.contains(&"meshd-ca.mesh.svc".to_owned()));
+        let cli = Cli::try_parse_from(["meshd-ca", "--agent-service-account", "meshd"]).unwrap();
+        let err = cli.ca.server_config().unwrap_err().to_string();
+        assert!(
+            err.contains("\"meshd\"") && err.contains("system:serviceaccount"),
             "{err}"
         );
     }

@@ -4,6 +4,7 @@
 //! meshd run --catalog FILE [--redirect auto|ebpf|iptables] ...   serve the pods of a catalog
 //! meshd uninstall [--catalog FILE]                               remove programs, pins, chains
 //! meshd local [--reset]                                          a single-node mesh for manifests
+//! meshd ca [--root-dir DIR] [--init]                             the mesh root; signs agents' leaves
 //! ```
 //!
 //! `run` re-reads the catalog on SIGHUP; SIGINT/SIGTERM stop the agent and leave the kernel
@@ -93,7 +94,13 @@ enum Cmd {
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
+        #[command(flatten)]
+        ca: config::CaClientArgs,
     },
+    /// The mesh's certificate authority on Kubernetes: holds the root and signs node agents'
+    /// leaves over HTTPS, each agent authenticated by its projected ServiceAccount token
+    /// (TokenReview) and allowed only the services with pods on its node.
+    Ca(config::CaArgs),
     /// A single-node mesh on this machine: Kubernetes manifests applied with `meshctl apply`
     /// run as local pods (network namespace + cgroup each) served by the agent. The applied
     /// manifests are kept in the state directory and come back on the next start. Ctrl-C
@@ -208,7 +215,9 @@ fn main() -> Result<()> {
             idle_timeout,
             no_tls_resumption,
             metrics_addr,
+            ca,
         } => {
+            let ca = ca.client()?;
             let nofile = limits::raise_nofile()?;
             let mesh_cgroup = match mesh_cgroup {
                 Some(p) => p,
@@ -238,7 +247,16 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(cfg, catalog, metrics_addr))
+                .block_on(run(cfg, catalog, metrics_addr, ca))
+        }
+        Cmd::Ca(args) => {
+            if args.init {
+                return ca_init(&args);
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(ca_serve(args))
         }
         Cmd::Local {
             state_dir,
@@ -401,10 +419,60 @@ async fn start_api(
     Ok((server, hooks, status, catalog, rules, changes))
 }
 
+/// `meshd ca --init`: creates (or checks) the root and prints its certificate, for the
+/// `meshd-ca` Secret and the agents' `meshd-ca-root` ConfigMap.
+fn ca_init(args: &config::CaArgs) -> Result<()> {
+    let ca = mesh_core::identity::CertificateAuthority::load_or_create(
+        &args.root_dir,
+        args.trust_domain.as_deref(),
+    )
+    .with_context(|| format!("the CA root in {}", args.root_dir.display()))?;
+    eprintln!(
+        "root of trust domain {} (sha256 {}) in {}",
+        ca.trust_domain(),
+        ca.root().fingerprint(),
+        args.root_dir.display()
+    );
+    print!("{}", ca.root().pem());
+    Ok(())
+}
+
+/// `meshd ca`: serves the signing endpoint until SIGTERM/SIGINT.
+async fn ca_serve(args: config::CaArgs) -> Result<()> {
+    let cfg = args.server_config()?;
+    let ca = mesh_core::identity::CertificateAuthority::load_or_create(
+        &args.root_dir,
+        args.trust_domain.as_deref(),
+    )
+    .with_context(|| format!("the CA root in {}", args.root_dir.display()))?;
+    info!(
+        trust_domain = ca.trust_domain(),
+        root = ca.root().fingerprint(),
+        "mesh root loaded"
+    );
+    let view = mesh_agent::ca::kube::KubeView::infer()
+        .await
+        .context("the Kubernetes API client (in-cluster ServiceAccount or kubeconfig)")?;
+    let server = mesh_agent::ca::server::CaServer::new(ca, cfg, view)?;
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("listening on {}", args.addr))?;
+    info!(addr = %args.addr, "meshd ca ready");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        r = server.serve(listener) => r?,
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
 async fn run(
     cfg: AgentConfig,
     catalog_path: PathBuf,
     metrics_addr: config::MetricsAddr,
+    ca: Option<mesh_agent::ca::client::CaClient>,
 ) -> Result<()> {
     let catalog = read_catalog(&catalog_path)?;
     let node = cfg.instance.clone();
@@ -413,7 +481,13 @@ async fn run(
         start_api(&cfg.state_dir, cfg.default_policy, None, &metrics).await?;
     let metrics_server = start_metrics(metrics_addr, &metrics).await?;
     let count = rules.len();
-    let mut agent = Agent::start_with_metrics(cfg, catalog, rules, metrics).await?;
+    let mut agent = match ca {
+        Some(client) => {
+            let identity = mesh_agent::Identity::remote(client)?;
+            Agent::start_with_identity(cfg, catalog, rules, metrics, identity).await?
+        }
+        None => Agent::start_with_metrics(cfg, catalog, rules, metrics).await?,
+    };
     publish_status(&agent, &status, count);
     published.publish(catalog_snapshot(&agent, &node));
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
