@@ -13,11 +13,13 @@
 //!    partition, and a pod of that service must run (not `Succeeded`/`Failed`, not deleted) on
 //!    that node in the ID's namespace (Consul namespaces mirror Kubernetes ones).
 //!
-//! A pod's service, as consul-k8s names it: the `consul.hashicorp.com/connect-service`
-//! annotation (a comma-separated list for multi-port pods); else the Services of its namespace
-//! whose selector matches its labels (only the one named by
-//! `consul.hashicorp.com/kubernetes-service` when that is set); else, as `meshd local` does,
-//! the pod's ServiceAccount name.
+//! A pod's service, as consul-k8s names it with ACLs on (the rules `meshd kubernetes` applies):
+//! the `consul.hashicorp.com/connect-service` annotation (a comma-separated list for multi-port
+//! pods); else the Services of its namespace whose selector matches its labels (only the one
+//! named by `consul.hashicorp.com/kubernetes-service` when that is set; Services labelled
+//! `consul.hashicorp.com/service-ignore: "true"` left out). As consul-k8s's connect-init does
+//! with ACLs, the pod's ServiceAccount must carry the service's name: a pod may only be the
+//! service its account is for.
 
 use std::collections::BTreeMap;
 
@@ -35,6 +37,8 @@ pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 pub const ANNOTATION_SERVICE: &str = mesh_core::k8s::ANNOTATION_SERVICE;
 /// consul-k8s's annotation picking which selecting Service names the pod.
 pub const ANNOTATION_KUBERNETES_SERVICE: &str = "consul.hashicorp.com/kubernetes-service";
+/// consul-k8s's Service label that keeps a Service out of the mesh.
+pub const LABEL_SERVICE_IGNORE: &str = "consul.hashicorp.com/service-ignore";
 
 /// Why a caller is refused; [`Refusal::status`] is the HTTP status.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -228,8 +232,8 @@ pub fn is_live(pod: &Pod) -> bool {
     )
 }
 
-/// The service names a pod runs as (see the module's rules); `services` are the Services of
-/// the pod's namespace.
+/// The service names a pod runs as (see the module's rules), before the ServiceAccount
+/// check; `services` are the Services of the pod's namespace.
 pub fn pod_services(pod: &Pod, services: &[Service]) -> Vec<String> {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     if let Some(names) = annotations.get(ANNOTATION_SERVICE) {
@@ -242,21 +246,29 @@ pub fn pod_services(pod: &Pod, services: &[Service]) -> Vec<String> {
     }
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let only = annotations.get(ANNOTATION_KUBERNETES_SERVICE);
-    let selecting: Vec<String> = services
+    services
         .iter()
+        .filter(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_IGNORE))
+                .map(String::as_str)
+                != Some("true")
+        })
         .filter(|s| selects(s, &labels))
         .filter_map(|s| s.metadata.name.clone())
         .filter(|n| only.is_none_or(|o| o == n))
-        .collect();
-    if !selecting.is_empty() {
-        return selecting;
-    }
-    let sa = pod
-        .spec
+        .collect()
+}
+
+/// The pod's ServiceAccount (`default` when unset).
+pub fn pod_service_account(pod: &Pod) -> String {
+    pod.spec
         .as_ref()
         .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".to_owned());
-    vec![sa]
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
 }
 
 fn selects(service: &Service, labels: &BTreeMap<String, String>) -> bool {
@@ -269,7 +281,8 @@ fn selects(service: &Service, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Rule 4's second half: a live pod of `id`'s service runs on `node` in `id`'s namespace.
+/// Rule 4's second half: a live pod of `id`'s service, running as the ServiceAccount of that
+/// name, is on `node` in `id`'s namespace.
 /// `pods` are the pods the API server lists with `spec.nodeName=<node>`; `services` are the
 /// Services of `id`'s namespace.
 ///
@@ -288,7 +301,10 @@ pub fn check_node_runs(
         .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .filter(|p| is_live(p))
-        .any(|p| pod_services(p, services).iter().any(|s| s == id.service()));
+        .any(|p| {
+            pod_service_account(p) == id.service()
+                && pod_services(p, services).iter().any(|s| s == id.service())
+        });
     if runs {
         return Ok(());
     }

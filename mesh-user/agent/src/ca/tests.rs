@@ -201,7 +201,15 @@ fn a_pods_service_follows_consul_k8s() {
     let web = service("default", "web", json!({"app": "web"}));
     let web_admin = service("default", "web-admin", json!({"app": "web"}));
     let manual = service("default", "manual", json!(null));
-    // The Service selecting the pod.
+    let mut ignored = service("default", "web-metrics", json!({"app": "web"}));
+    ignored.metadata.labels = Some(
+        [(
+            "consul.hashicorp.com/service-ignore".to_owned(),
+            "true".to_owned(),
+        )]
+        .into(),
+    );
+    // The Service selecting the pod (a selector-less or ignored Service selects nothing).
     let p = pod(
         "default",
         "web-7d9",
@@ -210,7 +218,7 @@ fn a_pods_service_follows_consul_k8s() {
         json!({}),
     );
     assert_eq!(
-        authorize::pod_services(&p, &[web.clone(), manual.clone()]),
+        authorize::pod_services(&p, &[web.clone(), manual.clone(), ignored]),
         ["web"]
     );
     // kubernetes-service picks one of several.
@@ -237,7 +245,7 @@ fn a_pods_service_follows_consul_k8s() {
         authorize::pod_services(&p, &[web]),
         ["frontend", "frontend-admin"]
     );
-    // Nothing selects it: its ServiceAccount, as `meshd local` names it.
+    // Nothing selects it: no service (consul-k8s never registers such a pod).
     let p = pod(
         "default",
         "api-v1-5c4",
@@ -245,7 +253,29 @@ fn a_pods_service_follows_consul_k8s() {
         json!({"app": "api"}),
         json!({}),
     );
-    assert_eq!(authorize::pod_services(&p, &[manual]), ["api"]);
+    assert!(authorize::pod_services(&p, &[manual]).is_empty());
+}
+
+#[test]
+fn a_pod_may_only_be_the_service_its_service_account_is_for() {
+    // web's pod runs as ServiceAccount "web" (the test pods' accounts are their prefix).
+    let services = [
+        service("default", "web", json!({"app": "web"})),
+        service("default", "admin", json!({"app": "web"})),
+    ];
+    let web = pod(
+        "default",
+        "web-7d9",
+        "node-1",
+        json!({"app": "web"}),
+        json!({}),
+    );
+    assert_eq!(authorize::pod_service_account(&web), "web");
+    authorize::check_node_runs(&id("default", "web"), "node-1", &[web.clone()], &services).unwrap();
+    // Selected by "admin" too, but its account is not admin's: no admin leaf for this node.
+    let r = authorize::check_node_runs(&id("default", "admin"), "node-1", &[web], &services)
+        .unwrap_err();
+    assert_eq!(r.status(), 403);
 }
 
 #[test]
