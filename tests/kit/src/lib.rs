@@ -7,6 +7,8 @@
 //! Every resource a [`Node`] creates is removed when it drops, also when the test panics. A root
 //! test that cannot get what it needs fails with the reason; it never skips.
 
+pub mod apiserver;
+
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
