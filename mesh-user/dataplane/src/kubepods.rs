@@ -70,7 +70,9 @@ pub enum Error {
     #[error("pod {0}: no pod IP to check its network namespace against")]
     NoIp(String),
     /// None of the network namespaces of the pod's processes holds one of its IPs.
-    #[error("pod {uid}: none of the {namespaces} network namespace(s) of its processes holds {ips}")]
+    #[error(
+        "pod {uid}: none of the {namespaces} network namespace(s) of its processes holds {ips}"
+    )]
     NoNetnsWithIp {
         /// The pod UID.
         uid: String,
@@ -155,9 +157,10 @@ impl QosClass {
 /// `qos` and the pod `uid` (checked with [`check_uid`] by the callers).
 pub fn pod_cgroup_path(driver: CgroupDriver, qos: QosClass, uid: &str) -> PathBuf {
     match (driver, qos.word()) {
-        (CgroupDriver::Systemd, None) => {
-            PathBuf::from(format!("kubepods.slice/kubepods-pod{}.slice", systemd_uid(uid)))
-        }
+        (CgroupDriver::Systemd, None) => PathBuf::from(format!(
+            "kubepods.slice/kubepods-pod{}.slice",
+            systemd_uid(uid)
+        )),
         (CgroupDriver::Systemd, Some(q)) => PathBuf::from(format!(
             "kubepods.slice/kubepods-{q}.slice/kubepods-{q}-pod{}.slice",
             systemd_uid(uid)
@@ -298,9 +301,11 @@ impl Locator {
         for driver in [CgroupDriver::Systemd, CgroupDriver::Cgroupfs] {
             for qos in QosClass::ALL {
                 let (parent, prefix, suffix) = match (driver, qos.word()) {
-                    (CgroupDriver::Systemd, None) => {
-                        ("kubepods.slice".to_string(), "kubepods-pod".to_string(), ".slice")
-                    }
+                    (CgroupDriver::Systemd, None) => (
+                        "kubepods.slice".to_string(),
+                        "kubepods-pod".to_string(),
+                        ".slice",
+                    ),
                     (CgroupDriver::Systemd, Some(q)) => (
                         format!("kubepods.slice/kubepods-{q}.slice"),
                         format!("kubepods-{q}-pod"),
@@ -553,7 +558,10 @@ mod tests {
         match loc.pod_cgroup(UID) {
             Err(Error::NoCgroup { looked, .. }) => {
                 assert!(looked.contains("kubepods/besteffort/pod"), "{looked}");
-                assert!(looked.contains("kubepods-burstable-pod0c4d6e4a_"), "{looked}");
+                assert!(
+                    looked.contains("kubepods-burstable-pod0c4d6e4a_"),
+                    "{looked}"
+                );
             }
             other => panic!("expected NoCgroup, got {other:?}"),
         }
@@ -592,23 +600,29 @@ mod tests {
     fn a_pod_under_two_layouts_is_an_error() {
         let root = tempfile::tempdir().unwrap();
         for driver in [CgroupDriver::Systemd, CgroupDriver::Cgroupfs] {
-            fs::create_dir_all(root.path().join(pod_cgroup_path(
-                driver,
-                QosClass::Burstable,
-                UID,
-            )))
+            fs::create_dir_all(
+                root.path()
+                    .join(pod_cgroup_path(driver, QosClass::Burstable, UID)),
+            )
             .unwrap();
         }
-        let err = Locator::new(root.path(), "/proc").pod_cgroup(UID).unwrap_err();
-        assert!(matches!(err, Error::SeveralCgroups { ref paths, .. } if paths.len() == 2), "{err}");
+        let err = Locator::new(root.path(), "/proc")
+            .pod_cgroup(UID)
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::SeveralCgroups { ref paths, .. } if paths.len() == 2),
+            "{err}"
+        );
     }
 
     #[test]
     fn an_empty_pod_cgroup_has_no_process_and_no_ip_is_refused() {
         let root = tempfile::tempdir().unwrap();
-        let path = root
-            .path()
-            .join(pod_cgroup_path(CgroupDriver::Cgroupfs, QosClass::BestEffort, UID));
+        let path = root.path().join(pod_cgroup_path(
+            CgroupDriver::Cgroupfs,
+            QosClass::BestEffort,
+            UID,
+        ));
         fs::create_dir_all(path.join("c1")).unwrap();
         // A plain directory stands in for a cgroup: empty cgroup.procs files.
         fs::write(path.join("cgroup.procs"), "").unwrap();
