@@ -9,6 +9,7 @@ pub mod cni;
 pub mod dialer;
 pub mod directory;
 pub mod hooks;
+pub mod host;
 mod identity;
 pub mod metrics;
 mod names;

@@ -43,7 +43,7 @@ pub const DEFAULT_INSTANCE: &str = "default";
 /// The variable naming the state directory; `--state-dir`.
 pub const STATE_DIR_ENV: &str = "MESH_STATE_DIR";
 /// The default state directory.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/mesh";
+pub const DEFAULT_STATE_DIR: &str = mesh_agent::host::DEFAULT_STATE_DIR;
 /// The variable of the metrics listener's address; `--metrics-addr`.
 pub const METRICS_ADDR_ENV: &str = "MESH_METRICS_ADDR";
 /// The default metrics listener: loopback only (scrapers on the node, or a port-forward), on
