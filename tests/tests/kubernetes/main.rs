@@ -3,3 +3,4 @@
 //! Run with `cargo test -p mesh-tests --test kubernetes`.
 
 mod ca;
+mod deploy;
