@@ -11,6 +11,7 @@
 
 mod bench;
 mod build;
+mod image;
 mod run;
 mod setup;
 mod test;
@@ -37,7 +38,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install everything the build and the tests need (idempotent).
-    Setup,
+    Setup {
+        /// Only what `cargo xtask build` needs (the image's build stage): LLVM, nightly with
+        /// rust-src, bpf-linker.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the kernel programs and the agent.
     Build {
         #[arg(long)]
@@ -57,6 +63,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the container image from the Dockerfile (docker, podman or buildah).
+    Image {
+        /// The image's name and tag (what deploy/ runs).
+        #[arg(long, default_value = image::DEFAULT_TAG)]
+        tag: String,
+        /// docker, podman or buildah; default the first found in PATH.
+        #[arg(long)]
+        engine: Option<String>,
+    },
     /// Measure the mesh against its baselines.
     Bench {
         /// Which benchmark (`redirect`, `intentions`, `e2e`); all when omitted.
@@ -70,9 +85,12 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup(true),
+        Cmd::Setup { build_only: false } => setup(true),
+        Cmd::Setup { build_only: true } => setup::setup_build(),
+        Cmd::Image { tag, engine } => image::image(&tag, engine.as_deref()),
         Cmd::Build { release } => {
-            setup(false)?;
+            // Only what the build needs: the image's build stage has no test tools.
+            setup::setup_build()?;
             build(release)
         }
         Cmd::Test { filter, no_lint } => {

@@ -40,8 +40,20 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
+/// The packages of [`PACKAGES`] that `cargo xtask build` needs (bpf-linker links against them).
+const BUILD_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+
 fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+    missing(PACKAGES)
+}
+
+fn missing(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -131,21 +143,7 @@ pub fn setup(verbose: bool) -> Result<()> {
         status(c)?;
     }
     if !linker {
-        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
-        let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
-        let mut c = Command::new("cargo");
-        c.args([
-            "install",
-            "bpf-linker",
-            "--locked",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ])
-        .env("PATH", path);
-        status(c)?;
+        install_bpf_linker()?;
     }
     if !fuzz {
         eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
@@ -160,4 +158,63 @@ pub fn setup(verbose: bool) -> Result<()> {
         status(c)?;
     }
     Ok(())
+}
+
+/// Installs only what `cargo xtask build` needs: [`BUILD_PACKAGES`], nightly with rust-src, and
+/// bpf-linker (the image's build stage, which has no use for the test tools).
+pub fn setup_build() -> Result<()> {
+    let packages = missing(BUILD_PACKAGES);
+    if !packages.is_empty() {
+        if !is_root() {
+            bail!("setup needs root to install {}", packages.join(" "));
+        }
+        let mut update = Command::new("apt-get");
+        update
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(update)?;
+        let mut install = Command::new("apt-get");
+        install
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(install)?;
+    }
+    if !has_nightly_rust_src() {
+        let mut c = Command::new("rustup");
+        c.args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+            "--component",
+            "clippy",
+        ]);
+        status(c)?;
+    }
+    if !bpf_linker_ok() {
+        install_bpf_linker()?;
+    }
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    let mut c = Command::new("cargo");
+    c.args([
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ])
+    .env("PATH", path);
+    status(c)
 }
