@@ -510,3 +510,32 @@ fn consul_k8s_objects_apply_to_the_crds() {
         );
     }
 }
+
+#[test]
+fn the_k3s_overlay_patches_volumes_the_daemonset_has() {
+    let path = deploy_dir().join("../vagrant/k3s/kustomization.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let k: Value = serde_norway::from_str(&text).unwrap();
+    assert_eq!(k["resources"], json!(["../deploy"]));
+    let objects = objects();
+    let ds = pod_spec(find(&objects, "DaemonSet", "meshd"));
+    for p in k["patches"].as_array().unwrap() {
+        let patch: Value = serde_norway::from_str(p["patch"].as_str().unwrap()).unwrap();
+        assert_eq!(patch["kind"], "DaemonSet");
+        assert_eq!(patch["metadata"]["name"], "meshd");
+        for v in patch["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+        {
+            let name = v["name"].as_str().unwrap();
+            let base = ds.volumes.iter().flatten().find(|b| b.name == name);
+            let base = base.unwrap_or_else(|| {
+                panic!("the overlay patches volume {name}, which deploy/ lacks")
+            });
+            assert!(
+                base.host_path.is_some() && v["hostPath"]["path"].is_string(),
+                "{name}"
+            );
+        }
+    }
+}
