@@ -610,3 +610,52 @@ async fn a_rotated_root_reaches_the_clients_bundle() {
     assert_eq!(bundle.signer_of(&leaf), Some(new));
     task.abort();
 }
+
+#[tokio::test]
+async fn the_agents_identity_gets_renews_and_keeps_leaves_from_the_ca() {
+    use crate::{Error, Identity};
+    use mesh_core::catalog::ServiceRef;
+    let r = start(two_node_table()).await;
+    let (c, _t) = client(&r, "node-1-agent");
+    let identity = Identity::remote(c).unwrap();
+    assert!(identity.is_remote());
+    assert_eq!(identity.trust_domain(), TD);
+    let web = ServiceRef::new("web", "default", "dc1");
+    // Before the CA answered there is no leaf to serve.
+    let e = identity.leaf(&web).unwrap_err();
+    assert!(
+        matches!(e, Error::Ca(_)) && e.to_string().contains("no leaf of"),
+        "{e}"
+    );
+    let store = identity.prepare(&web).await.unwrap();
+    assert!(std::sync::Arc::ptr_eq(
+        &store,
+        &identity.leaf(&web).unwrap()
+    ));
+    let first = store.current();
+    assert_eq!(
+        identity.bundle.signer_of(&first).as_ref(),
+        Some(&r.bundle_root)
+    );
+    // A refused identity is an error naming the CA's reason; nothing is stored.
+    let api = ServiceRef::new("api", "default", "dc1");
+    let e = identity.prepare(&api).await.unwrap_err();
+    assert!(
+        e.to_string().contains("no pod of service default/api"),
+        "{e}"
+    );
+    assert!(identity.leaf(&api).is_err());
+    // Renewal replaces the leaf; established connections keep theirs.
+    identity.renew(&web).await.unwrap();
+    let second = store.current();
+    assert_ne!(first.cert_der(), second.cert_der());
+    // The CA goes away: renewal fails, and the last good leaf is still the one served.
+    r.task.abort();
+    let _ = r.task.await;
+    let e = identity.renew(&web).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Ca(ClientError::Unreachable { .. })),
+        "{e}"
+    );
+    assert_eq!(store.current().cert_der(), second.cert_der());
+}
