@@ -155,7 +155,10 @@ mod tests {
         let a = dir_with(&["podman"]);
         let b = dir_with(&["docker", "buildah"]);
         let path = std::env::join_paths([a.path(), b.path()]).unwrap();
-        assert_eq!(choose(&path, None).unwrap(), ("docker", b.path().join("docker")));
+        assert_eq!(
+            choose(&path, None).unwrap(),
+            ("docker", b.path().join("docker"))
+        );
         let only_a = std::env::join_paths([a.path()]).unwrap();
         assert_eq!(choose(&only_a, None).unwrap().0, "podman");
         assert_eq!(

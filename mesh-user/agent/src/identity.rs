@@ -7,7 +7,7 @@ use crate::ca::client::CaClient;
 /// Who signs the leaves.
 enum Signer {
     /// The CA in `<state_dir>/ca`, in this process.
-    Local(Mutex<CertificateAuthority>),
+    Local(Box<Mutex<CertificateAuthority>>),
     /// `meshd ca`, asked over HTTPS.
     Remote(CaClient),
 }
@@ -45,7 +45,10 @@ impl Identity {
     pub fn load(state_dir: &Path) -> Result<Arc<Self>, Error> {
         let ca = CertificateAuthority::load_or_create(&state_dir.join(CA_DIR), None)?;
         let bundle = Arc::new(TrustBundle::new(ca.root().clone())?);
-        Ok(Self::with_signer(Signer::Local(Mutex::new(ca)), bundle))
+        Ok(Self::with_signer(
+            Signer::Local(Box::new(Mutex::new(ca))),
+            bundle,
+        ))
     }
 
     /// Leaves from `meshd ca` through `client`: the trust bundle starts from its root file and

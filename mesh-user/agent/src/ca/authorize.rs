@@ -119,7 +119,7 @@ pub fn check_review(
     }
     let user = status.user.clone().unwrap_or_default();
     let username = user.username.unwrap_or_default();
-    if !agents.iter().any(|a| *a == username) {
+    if !agents.contains(&username) {
         return Err(Refusal::Forbidden(format!(
             "{username:?} is not the node agent's ServiceAccount ({})",
             agents.join(", ")

@@ -271,7 +271,13 @@ fn a_pod_may_only_be_the_service_its_service_account_is_for() {
         json!({}),
     );
     assert_eq!(authorize::pod_service_account(&web), "web");
-    authorize::check_node_runs(&id("default", "web"), "node-1", &[web.clone()], &services).unwrap();
+    authorize::check_node_runs(
+        &id("default", "web"),
+        "node-1",
+        std::slice::from_ref(&web),
+        &services,
+    )
+    .unwrap();
     // Selected by "admin" too, but its account is not admin's: no admin leaf for this node.
     let r = authorize::check_node_runs(&id("default", "admin"), "node-1", &[web], &services)
         .unwrap_err();
@@ -289,26 +295,44 @@ fn only_a_live_pod_of_the_service_on_the_node_allows_its_id() {
         json!({}),
     );
     assert_eq!(
-        authorize::check_node_runs(&id("default", "web"), "node-1", &[web.clone()], &services),
+        authorize::check_node_runs(
+            &id("default", "web"),
+            "node-1",
+            std::slice::from_ref(&web),
+            &services
+        ),
         Ok(())
     );
     // api runs on node 2 only.
-    let r = authorize::check_node_runs(&id("default", "api"), "node-1", &[web.clone()], &services)
-        .unwrap_err();
+    let r = authorize::check_node_runs(
+        &id("default", "api"),
+        "node-1",
+        std::slice::from_ref(&web),
+        &services,
+    )
+    .unwrap_err();
     assert_eq!(r.status(), 403);
     assert_eq!(
         r.to_string(),
         "forbidden: no pod of service default/api runs on node \"node-1\""
     );
     // The same name in another namespace is another service.
-    let r = authorize::check_node_runs(&id("prod", "web"), "node-1", &[web.clone()], &services)
-        .unwrap_err();
+    let r = authorize::check_node_runs(
+        &id("prod", "web"),
+        "node-1",
+        std::slice::from_ref(&web),
+        &services,
+    )
+    .unwrap_err();
     assert!(r.to_string().contains("prod/web"), "{r}");
     // A pod listed for another node (a stale list) does not count.
-    assert!(
-        authorize::check_node_runs(&id("default", "web"), "node-2", &[web.clone()], &services)
-            .is_err()
-    );
+    assert!(authorize::check_node_runs(
+        &id("default", "web"),
+        "node-2",
+        std::slice::from_ref(&web),
+        &services
+    )
+    .is_err());
     // Finished and terminating pods do not count.
     let mut done = web.clone();
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
