@@ -3,6 +3,7 @@
 //! (`--test-threads=1`: they move the test process between cgroups). Without root they fail
 //! loudly; they never skip. `cargo xtask test [FILTER]` builds what they need and runs them.
 
+mod ca;
 mod chaos;
 mod cni;
 mod cross_node;
