@@ -131,7 +131,13 @@ impl Cni {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         };
-        eprintln!("{command} {plugin} for {}: {run:?}", pod.name);
+        eprintln!(
+            "{command} {plugin} for {}: exit {}, stdout {}, stderr {}",
+            pod.name,
+            run.code,
+            run.stdout,
+            run.stderr.trim()
+        );
         Ok(run)
     }
 

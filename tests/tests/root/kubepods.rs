@@ -52,8 +52,6 @@ pub struct KubePod {
     pub qos: QosClass,
     /// The pod cgroup.
     pub cgroup: PathBuf,
-    /// The app container's cgroup.
-    pub app_cgroup: PathBuf,
     /// The network side (namespace, IP on the node bridge) from the fixture node.
     pub net: Pod,
 }
@@ -152,7 +150,6 @@ pub fn lay_out(
         driver,
         qos,
         cgroup: pod_cg,
-        app_cgroup: app_cg,
         net,
     })
 }
