@@ -353,7 +353,7 @@ impl Locator {
                 }
             }
         }
-        pods.sort();
+        pods.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(pods)
     }
 
@@ -592,7 +592,7 @@ mod tests {
         // QoS parents and unrelated slices are not pods.
         fs::create_dir_all(root.path().join("kubepods.slice/system.slice")).unwrap();
         fs::create_dir_all(root.path().join("kubepods/burstable/not-a-pod")).unwrap();
-        want.sort();
+        want.sort_by(|a, b| a.path.cmp(&b.path));
         assert_eq!(loc.scan().unwrap(), want);
     }
 

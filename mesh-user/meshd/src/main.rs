@@ -504,7 +504,6 @@ async fn run(
     };
     publish_status(&agent, &status, count);
     published.publish(catalog_snapshot(&agent, &node));
-    info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
     // Served once the agent is up: until then mesh-cni says meshd is not running.
     let (_cni_server, mut cni_requests, mut cni) = match cni_socket {
         Some((path, wait)) => {
@@ -513,6 +512,7 @@ async fn run(
         }
         None => (None, None, cni::CatalogCni::new(Duration::ZERO)),
     };
+    info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
     let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
