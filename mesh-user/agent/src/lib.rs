@@ -267,16 +267,20 @@ impl Agent {
         let rules = Arc::new(rules);
         let authorizer = Arc::new(authorizer::IntentionAuthorizer::new(rules.clone()));
         let dialer = Arc::new(dialer::NetnsDialer::default());
-        let proxy = mesh_proxy::Proxy::builder(
+        let mut builder = mesh_proxy::Proxy::builder(
             identity.bundle.clone(),
             directory.clone(),
             authorizer.clone(),
         )
         .config(cfg.proxy.clone())
         .dialer(dialer.clone())
-        .metrics(metrics.proxy().clone())
-        .build()
-        .map_err(|source| Error::Proxy {
+        .metrics(metrics.proxy().clone());
+        if let Steering::Ebpf(dp) = &steering {
+            if cfg.proxy.same_node_splice && cfg.msg_redirect {
+                builder = builder.splicer(Arc::new(dp.splices()?));
+            }
+        }
+        let proxy = builder.build().map_err(|source| Error::Proxy {
             pod: String::new(),
             source,
         })?;
