@@ -630,7 +630,10 @@ impl Agent {
         };
         let mut proxy = self
             .proxy
-            .add_pod(mesh_proxy::PodSpec::new(w.id(), leaf, w.app_ports.clone()))
+            .add_pod(mesh_proxy::PodSpec {
+                ips: vec![std::net::IpAddr::V4(w.ip)],
+                ..mesh_proxy::PodSpec::new(w.id(), leaf, w.app_ports.clone())
+            })
             .map_err(proxy_err)?;
         proxy
             .listen(mesh_proxy::ListenerKind::Transparent, outbound)

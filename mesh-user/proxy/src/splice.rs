@@ -190,7 +190,7 @@ pub(crate) async fn serve(
     // One connection, reported by both ends as any mesh connection is.
     let mut source_meter = shared.metrics.open(source_labels);
     let mut destination_meter = shared.metrics.open(destination_labels);
-    let (transferred, result) = relay(
+    let (forwarded, transferred, result) = relay(
         app,
         server,
         shared.config.buffer_size,
@@ -205,7 +205,8 @@ pub(crate) async fn serve(
     source_meter.sent.inc_by(transferred.to_app);
     destination_meter.received.inc_by(transferred.from_app);
     destination_meter.sent.inc_by(transferred.to_app);
-    count_bytes(pod, &target, &transferred);
+    // The pods' counters count what the proxy wrote; the kernel's `bytes_spliced` the rest.
+    count_bytes(pod, &target, &forwarded);
     source_meter.ended(&result);
     destination_meter.ended(&result);
     drop((source_meter, destination_meter));
@@ -270,8 +271,9 @@ type Paired<'a> = (&'a dyn Splicer, (SockKey, SockKey));
 /// Copies what reaches the proxy's two sockets (bytes from before the splice, or sent back to
 /// the proxy's path by the kernel) both ways, reports each forwarded byte to the kernel, passes
 /// ends of stream on, and returns when both directions have ended, on an error, on `stop`, or
-/// after `idle` with no byte moving on either path. The byte counts include what the kernel
-/// spliced.
+/// after `idle` with no byte moving on either path. Returns the bytes the proxy forwarded, then
+/// the bytes that went through in all (spliced ones included, as far as the kernel's counts
+/// were read before the app sockets closed).
 async fn relay<S>(
     mut app: TcpStream,
     mut server: TcpStream,
@@ -279,7 +281,7 @@ async fn relay<S>(
     idle: Duration,
     paired: Option<Paired<'_>>,
     stop: S,
-) -> (Transferred, Result<(), Error>)
+) -> (Transferred, Transferred, Result<(), Error>)
 where
     S: std::future::Future<Output = Error>,
 {
@@ -351,15 +353,15 @@ where
         app.arm_reset();
         server.arm_reset();
     }
-    let up = forwarded_up.load(Relaxed).max(sent.client.load(Relaxed));
-    let down = forwarded_down.load(Relaxed).max(sent.server.load(Relaxed));
-    (
-        Transferred {
-            to_app: down,
-            from_app: up,
-        },
-        result,
-    )
+    let forwarded = Transferred {
+        to_app: forwarded_down.load(Relaxed),
+        from_app: forwarded_up.load(Relaxed),
+    };
+    let total = Transferred {
+        to_app: forwarded.to_app.max(sent.server.load(Relaxed)),
+        from_app: forwarded.from_app.max(sent.client.load(Relaxed)),
+    };
+    (forwarded, total, result)
 }
 
 /// One direction: read, write all, report the running total, until an end of stream (passed

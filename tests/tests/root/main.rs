@@ -10,4 +10,5 @@ mod local;
 mod mesh;
 mod metrics;
 mod restart;
+mod splice;
 mod ui;

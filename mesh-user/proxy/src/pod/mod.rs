@@ -81,6 +81,10 @@ pub struct PodSpec {
     /// The pod's outbound connection budget (transparent and upstream listeners together);
     /// `None` uses [`ProxyConfig::max_outbound_connections_per_pod`].
     pub max_outbound_connections: Option<usize>,
+    /// The pod's addresses: an endpoint at one of them, on the port of the pod's inbound
+    /// listener, is this pod (the same-node splice, [`ProxyConfig::same_node_splice`]). An
+    /// inbound listener bound to a specific address counts with that address too.
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl PodSpec {
@@ -92,6 +96,7 @@ impl PodSpec {
             app_ports,
             max_inbound_connections: None,
             max_outbound_connections: None,
+            ips: Vec::new(),
         }
     }
 }
@@ -170,6 +175,7 @@ pub(crate) struct PodState {
     pub(crate) logs: LogLimiter,
     pub(crate) stats: Arc<PodStats>,
     pub(crate) inbound: InboundRegistry,
+    ips: Vec<std::net::IpAddr>,
 }
 
 impl PodState {
@@ -373,6 +379,7 @@ impl Proxy {
             ),
             stats: Arc::new(PodStats::default()),
             inbound: InboundRegistry::default(),
+            ips: spec.ips,
         };
         Ok(PodProxy {
             shared: Arc::clone(&self.shared),
@@ -460,11 +467,20 @@ impl PodProxy {
     ) -> Result<ListenerId, Error> {
         let addr = listener.local_addr().map_err(Error::Listener)?;
         if kind.is_inbound() {
-            self.shared
+            let mut local = self
+                .shared
                 .local_pods
                 .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(addr, Arc::downgrade(&self.pod));
+                .unwrap_or_else(|e| e.into_inner());
+            let specific = (!addr.ip().is_unspecified()).then_some(addr);
+            let pod_addrs = self
+                .pod
+                .ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, addr.port()));
+            for a in specific.into_iter().chain(pod_addrs) {
+                local.insert(a, Arc::downgrade(&self.pod));
+            }
         }
         let id = ListenerId(self.next_id);
         self.next_id += 1;
