@@ -311,19 +311,52 @@ impl SockKey {
     }
 }
 
-/// Per-socket state of a socket in the sockhash.
+/// Per-socket state of a socket in the sockhash. Written only by the kernel programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockState {
     /// The kernel address of the socket (`struct sock *`), through which a sender reads how many
     /// redirected bytes this socket holds unread (`sk_user_data` → `sk_psock.msg_tot_len`).
     pub sk: u64,
+    /// Bytes this socket has sent through sk_msg since it joined the sockhash (at its
+    /// `ESTABLISHED` callback, before it could send anything), whichever way they went. A
+    /// spliced socket's sender compares it with [`SpliceValue::forwarded`].
+    pub sent: u64,
     /// Set while this socket's writes take the TCP path because its peer fell behind. Cleared
     /// only when the peer has read every byte sent over TCP (its `copied_seq` equals our
     /// `write_seq`) and its redirect queue is short again, so bytes are never reordered.
     pub fallback: u32,
-    /// Always 0.
-    pub _pad: u32,
+    /// 1 while this app socket's messages go straight into its splice peer (see
+    /// [`SpliceValue`]); 0 while they go to the proxy's socket, as before the splice.
+    pub spliced: u32,
+}
+
+/// The source address of the proxy's connections to a destination app on the same node that
+/// it means to splice (`127.0.0.6`, network byte order in a `u32`, the address Istio's inbound
+/// passthrough uses). sockops puts such a loopback pair into the sockhash as it does the
+/// app⇄outbound-proxy pairs; nothing is spliced until the agent writes [`MAP_SPLICES`].
+pub const SPLICE_SOURCE_IP4: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+
+/// One app socket of a same-node connection the agent spliced: whose receive queue its bytes
+/// go to, and how many of its bytes the proxy forwarded before (or instead of) the splice.
+///
+/// The two app sockets (the client's, in its pod; the server app's accepted one, in its pod)
+/// each get an entry, written by the agent once it has authorized the connection and connected
+/// to the server app. sk_msg then sends a message of the app socket straight into `peer`'s
+/// receive queue once nothing the app sent earlier can still be on the way through the proxy:
+/// the app's [`SockState::sent`] equals `forwarded` (the proxy holds none of its bytes) and the
+/// server side of the proxy has had every byte it wrote read by `peer` (its `write_seq` equals
+/// `peer`'s `copied_seq`). Until then, and whenever the backlog bound or memory pressure sends
+/// it back, the app's bytes take the proxy's path. Entries are removed by sockops when either
+/// app socket closes, and by the agent when it ends the connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpliceValue {
+    /// The other app socket, keyed as it keys itself.
+    pub peer: SockKey,
+    /// Bytes of this app socket the proxy has read and written on towards `peer` (updated by the
+    /// agent after each write completes).
+    pub forwarded: u64,
 }
 
 /// A port in a pod's network namespace whose loopback connections are redirected by sk_msg.
@@ -502,6 +535,11 @@ pub const MAP_ORIG_HANDOFF: &str = "ORIG_HANDOFF";
 pub const MAP_SOCKS: &str = "SOCKS";
 /// [`SockKey`] → [`SockState`] of each socket in [`MAP_SOCKS`].
 pub const MAP_SOCK_STATE: &str = "SOCK_STATE";
+/// [`SockKey`] of an app socket → [`SpliceValue`]: same-node connections spliced app to app.
+pub const MAP_SPLICES: &str = "SPLICES";
+/// Capacity of [`MAP_SPLICES`]: two entries per spliced connection. A full map leaves the
+/// connection on the proxy's path.
+pub const MAX_SPLICES: u32 = 131_072;
 /// [`LocalPortKey`] → kind ([`LOCAL_PORT_PROXY`]): ports whose loopback pairs sk_msg redirects.
 pub const MAP_LOCAL_PORTS: &str = "LOCAL_PORTS";
 /// [`InboundAddrKey`] → [`PodAddrValue`]: meshed pod addresses by (network namespace, address)
@@ -586,10 +624,18 @@ pub enum Counter {
     /// Redirected app⇄proxy sockets left on the TCP path because the sockhash (or its state
     /// map) is full: the connection still works, through the proxy, without the sk_msg shortcut.
     SockhashFull = 17,
+    /// Directions of spliced connections that went from the proxy's path to the splice (once
+    /// per direction, and again after each fallback).
+    SplicesOpened = 18,
+    /// sk_msg messages delivered from an app socket straight into its splice peer's receive
+    /// queue.
+    MsgsSpliced = 19,
+    /// Bytes of those messages.
+    BytesSpliced = 20,
 }
 
 /// Number of [`Counter`]s: the size of [`MAP_COUNTERS`] and of [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 18;
+pub const COUNTER_COUNT: u32 = 21;
 
 /// Every counter with its name (the metric and JSON name user space shows), in index order: the
 /// one list user space iterates.
@@ -612,6 +658,9 @@ pub const COUNTERS: [(Counter, &str); COUNTER_COUNT as usize] = [
     (Counter::Native6Denied, "native6_denied"),
     (Counter::ProxyDecided, "proxy_decided"),
     (Counter::SockhashFull, "sockhash_full"),
+    (Counter::SplicesOpened, "splices_opened"),
+    (Counter::MsgsSpliced, "msgs_spliced"),
+    (Counter::BytesSpliced, "bytes_spliced"),
 ];
 
 // `aya::Pod` is an `unsafe` trait (aya copies map keys and values as raw bytes), so this module
@@ -649,9 +698,12 @@ mod pod_impls {
     // SAFETY: `#[repr(C)]` integers, a `u64`, two `u32`s, two `u16`s and an explicit `u32` pad: 24
     // bytes, no implicit padding (see above).
     unsafe impl aya::Pod for SockKey {}
-    // SAFETY: `#[repr(C)]` integers, a `u64`, a `u32` and an explicit `u32` pad: 16 bytes, no
-    // implicit padding (see above).
+    // SAFETY: `#[repr(C)]` integers, two `u64`s and two `u32`s: 24 bytes, no implicit padding
+    // (see above).
     unsafe impl aya::Pod for SockState {}
+    // SAFETY: `#[repr(C)]` integers, a `SockKey` (24 bytes, no padding) and a `u64`: 32 bytes,
+    // no implicit padding (see above).
+    unsafe impl aya::Pod for SpliceValue {}
     // SAFETY: `#[repr(C)]` integers, a `u64`, a `u16` and an explicit `[u16; 3]` pad: 16 bytes, no
     // implicit padding (see above).
     unsafe impl aya::Pod for LocalPortKey {}
@@ -685,7 +737,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<OrigDst>(), 8);
         assert_eq!(size_of::<SockKey>(), 24);
-        assert_eq!(size_of::<SockState>(), 16);
+        assert_eq!(size_of::<SockState>(), 24);
+        assert_eq!(size_of::<SpliceValue>(), 32);
         assert_eq!(size_of::<LocalPortKey>(), 16);
         assert_eq!(size_of::<PodAddrKey>(), 16);
         assert_eq!(size_of::<PodAddrValue>(), 16);

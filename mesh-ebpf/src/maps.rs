@@ -25,6 +25,7 @@ pub(crate) const AF_INET: u32 = 2;
 pub(crate) const AF_INET6: u32 = 10;
 pub(crate) const IPPROTO_TCP: u32 = 6;
 pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
+const O_NONBLOCK: u32 = 0o4000;
 /// `BPF_SK_STORAGE_GET_F_CREATE`.
 const SK_STORAGE_CREATE: u64 = 1;
 /// libbpf's `LIBBPF_PIN_BY_NAME`.
@@ -55,6 +56,11 @@ pub(crate) static ORIG_HANDOFF: LruHashMap<SockKey, OrigDst> = LruHashMap::pinne
 pub(crate) static SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_SOCKETS, 0);
 #[map]
 pub(crate) static SOCK_STATE: HashMap<SockKey, SockState> = HashMap::pinned(MAX_SOCKETS, 0);
+/// Written by the agent for the two app sockets of a spliced same-node connection; removed by
+/// sockops' close callback of either socket (armed when the socket joined the sockhash) and by
+/// the agent when the connection ends.
+#[map]
+pub(crate) static SPLICES: HashMap<SockKey, SpliceValue> = HashMap::pinned(MAX_SPLICES, 0);
 #[map]
 pub(crate) static LOCAL_PORTS: HashMap<LocalPortKey, u32> = HashMap::pinned(MAX_LOCAL_PORTS, 0);
 // Map names are the statics' names, spelled as `mesh_common::MAP_INBOUND_ADDRS`,
@@ -227,4 +233,29 @@ pub(crate) unsafe fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
     // SAFETY: `bpf_probe_read_kernel` copies through the kernel's fault-checked read: an unmapped
     // address gives an error, never a fault; callers read integers, valid for any bits.
     unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.ok()
+}
+
+/// Whether the socket's file is O_NONBLOCK (`sk->sk_socket->file->f_flags`). False when the
+/// socket has no file yet (an accepted socket before `accept`) or a read fails.
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
+#[inline(always)]
+pub(crate) unsafe fn is_nonblocking(sk: u64, cfg: &Config) -> bool {
+    let o = &cfg.offsets;
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
+    let Some(socket) = (unsafe { read_kernel::<u64>(sk, o.sk_socket) }) else {
+        return false;
+    };
+    // SAFETY: as above.
+    let Some(file) = (unsafe { read_kernel::<u64>(socket, o.socket_file) }) else {
+        return false;
+    };
+    // SAFETY: as above.
+    match unsafe { read_kernel::<u32>(file, o.file_f_flags) } {
+        Some(flags) => flags & O_NONBLOCK != 0,
+        None => false,
+    }
 }

@@ -1,6 +1,8 @@
 //! `sk_msg` (attached to the sockhash): a message of a redirected app⇄proxy socket goes straight
 //! into the peer's receive queue, bounded by how much the peer has left unread; otherwise it
-//! takes the TCP path (kernel ≥ 5.10).
+//! takes the TCP path (kernel ≥ 5.10). A message of a spliced app socket (see
+//! `mesh_common::SpliceValue`) goes straight into the other app's receive queue once nothing
+//! it sent earlier is still on the way through the proxy.
 
 use core::ffi::c_void;
 
@@ -63,6 +65,30 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         count(Counter::LookupsMissed, 1);
         return;
     };
+    let size = md.size;
+    // SAFETY: `own_state` is this socket's `SOCK_STATE` value, kept alive by the kernel until the
+    // program returns; sk_msg runs with the sending socket locked, so no other run writes it.
+    let sent_before = unsafe { (*own_state).sent };
+    // SAFETY: as above.
+    unsafe { (*own_state).sent = sent_before + u64::from(size) };
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is
+    // plain integers, copied here.
+    if let Some(splice) = unsafe { SPLICES.get(own) } {
+        let splice = *splice;
+        // SAFETY: `ctx` is this run's context and `own_state` its socket's state (above).
+        match unsafe { splice_msg(ctx, &cfg, own_state, &splice, sent_before, size) } {
+            Splice::Done => return,
+            Splice::Tcp => {
+                // Through the proxy over TCP, whose flow control holds the app back until the
+                // proxy has caught up and the splice can open. Bytes redirected to the proxy's
+                // socket later come only after it has read these (`fallback`).
+                // SAFETY: this socket's state, written only by runs that hold its lock.
+                unsafe { (*own_state).fallback = 1 };
+                return;
+            }
+            Splice::Regular => {}
+        }
+    }
     let mut peer = own.peer();
     // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
     // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
@@ -79,7 +105,6 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         count(Counter::LookupsMissed, 1);
         return;
     };
-    let size = md.size;
     // SAFETY: `own_state` is the `SOCK_STATE` value looked up above, valid until the program
     // returns; `tcp_memory_pressure` reads the kernel only through `bpf_probe_read_kernel`.
     if unsafe { tcp_memory_pressure(own_state_sk(own_state), &cfg) } {
@@ -130,6 +155,107 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     }
     count(Counter::MsgsRedirected, 1);
     count(Counter::BytesRedirected, u64::from(size));
+}
+
+/// What became of a spliced app socket's message.
+enum Splice {
+    /// Redirected into the other app's receive queue.
+    Done,
+    /// Not yet (or no longer) spliceable: it goes to the proxy over TCP.
+    Tcp,
+    /// The pair is not complete in the maps: the proxy's path as for any redirected socket.
+    Regular,
+}
+
+/// Sends the message of a spliced app socket straight into the other app's receive queue, if
+/// that keeps the byte stream in order and within the backlog bound. Otherwise the message goes
+/// to the proxy's socket (the app's own peer).
+///
+/// The first splice of a direction (and the return after a fallback) waits until every byte the
+/// app sent earlier has gone through the proxy (`forwarded == sent_before`) and been read by the
+/// other app (the proxy's socket's `write_seq` equals the other app's `copied_seq`): bytes
+/// redirected into a receive queue are read before bytes that came over TCP, so nothing may be
+/// left behind them.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program and `own_state` the sending socket's
+/// `SOCK_STATE` value looked up in this run.
+#[inline(always)]
+unsafe fn splice_msg(
+    ctx: &SkMsgContext,
+    cfg: &Config,
+    own_state: *mut SockState,
+    splice: &SpliceValue,
+    sent_before: u64,
+    size: u32,
+) -> Splice {
+    let mut peer = splice.peer;
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
+    // integers, copied here.
+    let Some(peer_state) = (unsafe { SOCK_STATE.get(peer) }) else {
+        return Splice::Regular;
+    };
+    let peer_sk = peer_state.sk;
+    // SAFETY: `psock_of` and `read_kernel` read kernel memory only through
+    // `bpf_probe_read_kernel`, which faults on nothing.
+    let Some(queued) =
+        (unsafe { read_kernel::<u32>(psock_of(peer_sk, cfg), cfg.offsets.psock_msg_tot_len) })
+    else {
+        return Splice::Regular;
+    };
+    // SAFETY: `own_state` is valid until the program returns (the caller's contract);
+    // `tcp_memory_pressure` reads the kernel only through `bpf_probe_read_kernel`.
+    if unsafe { tcp_memory_pressure(own_state_sk(own_state), cfg) } {
+        // SAFETY: this socket's state, written only by runs that hold the socket's lock.
+        unsafe { (*own_state).spliced = 0 };
+        count(Counter::PressurePassed, 1);
+        return Splice::Tcp;
+    }
+    // SAFETY: as above.
+    if unsafe { (*own_state).spliced } == 0 {
+        if splice.forwarded != sent_before || queued > cfg.backlog_limit / 2 {
+            return Splice::Tcp;
+        }
+        // The proxy's socket connected to the other app: `peer`'s own peer.
+        // SAFETY: as for `peer_state`.
+        let Some(relay) = (unsafe { SOCK_STATE.get(peer.peer()) }) else {
+            return Splice::Regular;
+        };
+        // SAFETY: fault-checked probe reads of plain integers.
+        let written = unsafe { read_kernel::<u32>(relay.sk, cfg.offsets.tcp_write_seq) };
+        // SAFETY: as above.
+        let read = unsafe { read_kernel::<u32>(peer_sk, cfg.offsets.tcp_copied_seq) };
+        match (written, read) {
+            (Some(w), Some(r)) if w == r => {}
+            _ => return Splice::Tcp,
+        }
+        // The other app's socket reads through the sockmap's receive path: only non-blocking
+        // readers expect what it may return (see `mesh_sockops`).
+        // SAFETY: fault-checked probe reads.
+        if !unsafe { is_nonblocking(peer_sk, cfg) } {
+            return Splice::Tcp;
+        }
+        // SAFETY: this socket's state, written only by runs that hold the socket's lock.
+        unsafe { (*own_state).spliced = 1 };
+        count(Counter::SplicesOpened, 1);
+    } else if queued.saturating_add(size) > cfg.backlog_limit {
+        // The other app is behind: back to the proxy's path, whose TCP hops have flow control,
+        // until it has caught up (the gate above).
+        // SAFETY: this socket's state, written only by runs that hold the socket's lock.
+        unsafe { (*own_state).spliced = 0 };
+        count(Counter::BacklogFallbacks, 1);
+        return Splice::Tcp;
+    }
+    if SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
+        // SAFETY: this socket's state, written only by runs that hold the socket's lock.
+        unsafe { (*own_state).spliced = 0 };
+        count(Counter::LookupsMissed, 1);
+        return Splice::Tcp;
+    }
+    count(Counter::MsgsSpliced, 1);
+    count(Counter::BytesSpliced, u64::from(size));
+    Splice::Done
 }
 
 /// The kernel address of the socket a `SOCK_STATE` value describes.

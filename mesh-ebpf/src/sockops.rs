@@ -27,8 +27,6 @@ use mesh_common::*;
 
 use crate::maps::*;
 
-const O_NONBLOCK: u32 = 0o4000;
-
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: the context pointer is valid for the whole program run.
@@ -133,6 +131,10 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
                 // SAFETY: only whether the entry exists is used; the value is not read.
                 if unsafe { LOCAL_PORTS.get(port) }.is_some() {
                     add_socket(ctx, key, true);
+                } else if key.local_ip == SPLICE_SOURCE_IP4 {
+                    // The proxy's connection to an app it means to splice (its own socket, non-
+                    // blocking): the app's accepted side joins below.
+                    add_socket(ctx, key, false);
                 }
             }
         }
@@ -160,8 +162,10 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             // whole or not at all.
             if is_loopback(key.local_ip)
                 && is_loopback(key.remote_ip)
-                // SAFETY: only whether the entry exists is used; the value is not read.
-                && unsafe { LOCAL_PORTS.get(LocalPortKey::new(netns, key.local_port)) }.is_some()
+                && (key.remote_ip == SPLICE_SOURCE_IP4
+                    // SAFETY: only whether the entry exists is used; the value is not read.
+                    || unsafe { LOCAL_PORTS.get(LocalPortKey::new(netns, key.local_port)) }
+                        .is_some())
                 // SAFETY: only whether the entry exists is used; the value is not read.
                 && unsafe { SOCK_STATE.get(key.peer()) }.is_some()
             {
@@ -176,6 +180,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             // itself; the rest is ours.
             let _ = ORIG_HANDOFF.remove(key.peer());
             let _ = SOCK_STATE.remove(key);
+            let _ = SPLICES.remove(key);
         }
     }
 }
@@ -187,32 +192,6 @@ fn sock_ptr(ctx: &SockOpsContext) -> u64 {
     unsafe { (*ctx.ops).__bindgen_anon_2.sk as u64 }
 }
 
-/// Whether the socket's file is O_NONBLOCK (`sk->sk_socket->file->f_flags`).
-///
-/// # Safety
-///
-/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
-#[inline(always)]
-unsafe fn is_nonblocking(sk: u64, cfg: &Config) -> bool {
-    let o = &cfg.offsets;
-    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
-    // unknown or unmapped address instead of faulting; the value is a plain integer.
-    let Some(socket) = (unsafe { read_kernel::<u64>(sk, o.sk_socket) }) else {
-        return false;
-    };
-    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
-    // unknown or unmapped address instead of faulting; the value is a plain integer.
-    let Some(file) = (unsafe { read_kernel::<u64>(socket, o.socket_file) }) else {
-        return false;
-    };
-    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
-    // unknown or unmapped address instead of faulting; the value is a plain integer.
-    match unsafe { read_kernel::<u32>(file, o.file_f_flags) } {
-        Some(flags) => flags & O_NONBLOCK != 0,
-        None => false,
-    }
-}
-
 /// Puts the socket in the sockhash with its state. With `app_side`, only if it is non-blocking:
 /// a socket in a sockmap reads through tcp_bpf_recvmsg, which returns EAGAIN to a *blocking*
 /// reader woken without data (an ACK, a state change), so only sockets whose callers expect
@@ -221,8 +200,9 @@ unsafe fn is_nonblocking(sk: u64, cfg: &Config) -> bool {
 fn add_socket(ctx: &SockOpsContext, mut key: SockKey, app_side: bool) {
     let state = SockState {
         sk: sock_ptr(ctx),
+        sent: 0,
         fallback: 0,
-        _pad: 0,
+        spliced: 0,
     };
     if SOCK_STATE.insert(key, state, 0).is_err() {
         count(Counter::SockhashFull, 1);

@@ -36,7 +36,7 @@ impl NetnsDialer {
 }
 
 impl Dialer for NetnsDialer {
-    fn connect<'a>(&'a self, pod: &'a str, _kind: DialKind, addr: SocketAddr) -> DialFuture<'a> {
+    fn connect<'a>(&'a self, pod: &'a str, kind: DialKind, addr: SocketAddr) -> DialFuture<'a> {
         let factory = self
             .pods
             .read()
@@ -45,6 +45,14 @@ impl Dialer for NetnsDialer {
             .cloned();
         Box::pin(async move {
             match factory {
+                Some(f) if kind == DialKind::Splice => {
+                    let socket = f.tcp_socket().await?;
+                    socket.bind(&SocketAddr::from((mesh_proxy::SPLICE_SOURCE, 0)).into())?;
+                    let stream: std::net::TcpStream = socket.into();
+                    tokio::net::TcpSocket::from_std_stream(stream)
+                        .connect(addr)
+                        .await
+                }
                 Some(f) => f.connect(addr).await,
                 None => Err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,

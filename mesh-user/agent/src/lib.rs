@@ -291,16 +291,20 @@ impl Agent {
         let rules = Arc::new(rules);
         let authorizer = Arc::new(authorizer::IntentionAuthorizer::new(rules.clone()));
         let dialer = Arc::new(dialer::NetnsDialer::default());
-        let proxy = mesh_proxy::Proxy::builder(
+        let mut builder = mesh_proxy::Proxy::builder(
             identity.bundle.clone(),
             directory.clone(),
             authorizer.clone(),
         )
         .config(cfg.proxy.clone())
         .dialer(dialer.clone())
-        .metrics(metrics.proxy().clone())
-        .build()
-        .map_err(|source| Error::Proxy {
+        .metrics(metrics.proxy().clone());
+        if let Steering::Ebpf(dp) = &steering {
+            if cfg.proxy.same_node_splice && cfg.msg_redirect {
+                builder = builder.splicer(Arc::new(dp.splices()?));
+            }
+        }
+        let proxy = builder.build().map_err(|source| Error::Proxy {
             pod: String::new(),
             source,
         })?;
@@ -691,7 +695,10 @@ impl Agent {
         };
         let mut proxy = self
             .proxy
-            .add_pod(mesh_proxy::PodSpec::new(w.id(), leaf, w.app_ports.clone()))
+            .add_pod(mesh_proxy::PodSpec {
+                ips: vec![std::net::IpAddr::V4(w.ip)],
+                ..mesh_proxy::PodSpec::new(w.id(), leaf, w.app_ports.clone())
+            })
             .map_err(proxy_err)?;
         proxy
             .listen(mesh_proxy::ListenerKind::Transparent, outbound)

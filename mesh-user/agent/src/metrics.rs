@@ -87,6 +87,15 @@ fn help(counter: KernelCounter) -> &'static str {
         KernelCounter::SockhashFull => {
             "Redirected sockets left on the TCP path because the sockhash or its state map is full"
         }
+        KernelCounter::SplicesOpened => {
+            "Directions of same-node connections that went from the proxy's path to the app-to-app splice"
+        }
+        KernelCounter::MsgsSpliced => {
+            "sk_msg messages delivered from an app socket straight into the other app's socket"
+        }
+        KernelCounter::BytesSpliced => {
+            "Bytes of the messages sk_msg delivered from an app socket straight into the other app's socket"
+        }
     }
 }
 

@@ -93,6 +93,11 @@ enum Cmd {
         /// tickets, no session cache).
         #[arg(long)]
         no_tls_resumption: bool,
+        /// Splice connections between two pods of this node app to app in the kernel, after
+        /// the destination's intention decision (`false`: mTLS through the destination's inbound
+        /// listener, as between nodes).
+        #[arg(long, env = config::SAME_NODE_SPLICE_ENV, default_value_t = config::DEFAULT_SAME_NODE_SPLICE, action = clap::ArgAction::Set)]
+        same_node_splice: bool,
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
@@ -133,6 +138,11 @@ enum Cmd {
         /// Make a full mTLS handshake for every connection between proxies.
         #[arg(long)]
         no_tls_resumption: bool,
+        /// Splice connections between two pods of this node app to app in the kernel, after
+        /// the destination's intention decision (`false`: mTLS through the destination's inbound
+        /// listener, as between nodes).
+        #[arg(long, env = config::SAME_NODE_SPLICE_ENV, default_value_t = config::DEFAULT_SAME_NODE_SPLICE, action = clap::ArgAction::Set)]
+        same_node_splice: bool,
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
@@ -224,6 +234,7 @@ fn main() -> Result<()> {
             max_pending_handshakes_per_source,
             idle_timeout,
             no_tls_resumption,
+            same_node_splice,
             metrics_addr,
             cni_socket,
             cni_catalog_wait,
@@ -245,6 +256,7 @@ fn main() -> Result<()> {
                 max_pending_handshakes_per_source,
                 idle_timeout: Duration::from_secs(idle_timeout),
                 tls_resumption: !no_tls_resumption,
+                same_node_splice,
                 ..mesh_proxy::ProxyConfig::default()
             };
             limits::clamp(nofile, &mut proxy);
@@ -278,6 +290,7 @@ fn main() -> Result<()> {
             default_intention_policy,
             reset,
             no_tls_resumption,
+            same_node_splice,
             metrics_addr,
         } => {
             if reset {
@@ -286,6 +299,7 @@ fn main() -> Result<()> {
             let nofile = limits::raise_nofile()?;
             let mut proxy = mesh_proxy::ProxyConfig {
                 tls_resumption: !no_tls_resumption,
+                same_node_splice,
                 ..mesh_proxy::ProxyConfig::default()
             };
             limits::clamp(nofile, &mut proxy);

@@ -20,7 +20,16 @@ pub enum DialKind {
     Endpoint,
     /// Outbound: to a destination outside the mesh, as the pod's app dialled it (plain TCP).
     Passthrough,
+    /// Outbound, to a pod on the same node whose app the proxy splices to the caller: to the
+    /// destination pod's app on `127.0.0.1:<port>` inside its network namespace, like
+    /// [`DialKind::App`], but from [`SPLICE_SOURCE`], the address by which the kernel programs
+    /// know the pair is to be spliced.
+    Splice,
 }
+
+/// The source address of [`DialKind::Splice`] connections (`127.0.0.6`,
+/// [`mesh_common::SPLICE_SOURCE_IP4`]).
+pub const SPLICE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 
 /// Opens TCP connections for a pod.
 ///
@@ -39,8 +48,16 @@ pub trait Dialer: Send + Sync + 'static {
 pub struct PlainDialer;
 
 impl Dialer for PlainDialer {
-    fn connect<'a>(&'a self, _pod: &'a str, _kind: DialKind, addr: SocketAddr) -> DialFuture<'a> {
-        Box::pin(TcpStream::connect(addr))
+    fn connect<'a>(&'a self, _pod: &'a str, kind: DialKind, addr: SocketAddr) -> DialFuture<'a> {
+        Box::pin(async move {
+            if kind == DialKind::Splice {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::from((SPLICE_SOURCE, 0)))?;
+                socket.connect(addr).await
+            } else {
+                TcpStream::connect(addr).await
+            }
+        })
     }
 }
 

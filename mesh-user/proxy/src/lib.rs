@@ -73,6 +73,7 @@ mod outbound;
 mod pod;
 mod ratelimit;
 mod sni;
+mod splice;
 mod stats;
 
 #[cfg(test)]
@@ -85,11 +86,14 @@ use std::time::Duration;
 use mesh_core::identity::{self, SpiffeId};
 
 pub use authz::{AllowAll, Authorizer, Decision};
-pub use dial::{DialFuture, DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst};
+pub use dial::{
+    DialFuture, DialKind, Dialer, OriginalDst, PlainDialer, SockOptOriginalDst, SPLICE_SOURCE,
+};
 pub use directory::{Destination, Directory};
 pub use metrics::Metrics;
 pub use pod::{ListenerId, ListenerKind, PodProxy, PodSpec, Proxy, ProxyBuilder};
 pub use sni::{parse_server_name, server_name, SNI_SUFFIX};
+pub use splice::Splicer;
 pub use stats::{PodStats, PodStatsSnapshot};
 
 #[doc(no_inline)]
@@ -145,6 +149,11 @@ pub struct ProxyConfig {
     pub refusal_log_interval: Duration,
     /// Lines of one kind per pod written per [`ProxyConfig::refusal_log_interval`] (at least 1).
     pub refusal_log_burst: u32,
+    /// Same node: when the destination endpoint is a pod this proxy serves, decide as its
+    /// inbound side would and splice the two apps' sockets in the kernel (needs a
+    /// [`Splicer`], [`ProxyBuilder::splicer`]) instead of mTLS through the inbound listener.
+    /// Off, every hop keeps TLS (`--same-node-splice=false`).
+    pub same_node_splice: bool,
 }
 
 /// Default [`ProxyConfig::handshake_timeout`].
@@ -187,6 +196,7 @@ impl Default for ProxyConfig {
             tls_resumption: true,
             refusal_log_interval: DEFAULT_REFUSAL_LOG_INTERVAL,
             refusal_log_burst: DEFAULT_REFUSAL_LOG_BURST,
+            same_node_splice: true,
         }
     }
 }

@@ -13,6 +13,7 @@ use super::directory::Destination;
 use super::metrics::{Handshake, Reporter, TcpLabels};
 use super::pod::{reset, ConnInfo, PodState, Shared};
 use super::sni::server_name;
+use super::splice::SameNode;
 use super::stats::PodStats;
 use super::Error;
 use mesh_core::intentions::ServiceName;
@@ -105,6 +106,11 @@ async fn mesh(
 ) -> Result<(), Error> {
     info.service = Some(destination.id.clone());
     info.port = Some(destination.port);
+    // Same node: the one branch point between the kernel splice and the mTLS path.
+    let app = match super::splice::serve(shared, pod, app, &destination, info).await {
+        SameNode::Served(result) => return result,
+        SameNode::Elsewhere(app) => app,
+    };
     let setup = (|| {
         let config = shared.client_configs.get(&pod.leaf, &destination.id)?;
         let name = server_name(&destination.id, destination.port)?;

@@ -29,6 +29,7 @@ pub struct PodStats {
     pub(crate) errors: AtomicU64,
     pub(crate) http_requests: AtomicU64,
     pub(crate) http_denied: AtomicU64,
+    pub(crate) spliced: AtomicU64,
 }
 
 /// A copy of a pod's counters at one instant. Connection counts include both directions.
@@ -88,6 +89,9 @@ pub struct PodStatsSnapshot {
     pub http_requests: u64,
     /// Of those, the requests denied with `403 RBAC: access denied`.
     pub http_requests_denied: u64,
+    /// Outbound connections to a pod on the same node whose two app sockets the kernel spliced
+    /// (the proxy only forwards what reached it before the splice took over).
+    pub spliced_connections: u64,
 }
 
 impl PodStats {
@@ -120,6 +124,7 @@ impl PodStats {
             errors: self.errors.load(Relaxed),
             http_requests: self.http_requests.load(Relaxed),
             http_requests_denied: self.http_denied.load(Relaxed),
+            spliced_connections: self.spliced.load(Relaxed),
         }
     }
 

@@ -5,7 +5,10 @@
 //! 2. `mesh-iptables`: the agent with `--redirect iptables` (Consul's chains);
 //! 3. `mesh-ebpf`: the agent with the kernel dataplane;
 //! 4. `mesh-ebpf-no-skmsg`: the same with the sk_msg redirect off (connect4 only);
-//! 5. `haproxy-sidecars`: HAProxy as a pair of mTLS sidecars (see `e2e_haproxy.rs`).
+//! 5. `haproxy-sidecars`: HAProxy as a pair of mTLS sidecars (see `e2e_haproxy.rs`);
+//! 6. `mesh-ebpf-tls`: `mesh-ebpf` with `--same-node-splice=false` (mTLS between the two pods,
+//!    as between nodes). `mesh-ebpf` itself splices the two apps in the kernel (same node);
+//!    `mesh-iptables` and `mesh-ebpf-no-skmsg` cannot splice and keep mTLS.
 //!
 //! ```text
 //! mesh-bench e2e [--quick] [--rounds N] [--cpu N] [--pinning both|pinned|unpinned]
@@ -257,6 +260,8 @@ struct AgentPlan {
     state_dir: PathBuf,
     catalog: Catalog,
     msg_redirect: bool,
+    /// The same-node splice (off: mTLS between the two pods, `--same-node-splice=false`).
+    same_node_splice: bool,
     /// Whether the turn also measures connections without TLS session resumption.
     no_resumption_run: bool,
 }
@@ -313,6 +318,7 @@ impl RunningAgent {
             catalog: &plan.catalog,
             msg_redirect: plan.msg_redirect,
             tls_resumption,
+            same_node_splice: plan.same_node_splice,
         };
         let (proc, child) = AgentProc::start(&b.exe, &spec)
             .with_context(|| format!("starting the {:?} agent", plan.redirect))?;
@@ -547,6 +553,7 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
     let mut pods = Vec::new();
     for name in [
         "web-d", "api-d", "web-i", "api-i", "web-e", "api-e", "web-n", "api-n", "web-h", "api-h",
+        "web-t", "api-t",
     ] {
         let pod = node.add_pod(name)?;
         // Thousands of short connections a second from one address to one port, on the app
@@ -571,10 +578,12 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
         }
         pods.push(pod);
     }
-    let [web_d, api_d, web_i, api_i, web_e, api_e, web_n, api_n, web_h, api_h]: [Pod; 10] =
-        pods.try_into().map_err(|_| anyhow::anyhow!("ten pods"))?;
+    let [web_d, api_d, web_i, api_i, web_e, api_e, web_n, api_n, web_h, api_h, web_t, api_t]: [Pod;
+        12] = pods
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("twelve pods"))?;
     let mut servers = Vec::new();
-    for api in [&api_d, &api_i, &api_e, &api_n, &api_h] {
+    for api in [&api_d, &api_i, &api_e, &api_n, &api_h, &api_t] {
         servers.push(start_servers(node, &exe, api, setup.server_threads)?);
     }
 
@@ -600,6 +609,7 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
     let vip_i = Ipv4Addr::new(10, 96, node.subnet, 20);
     let vip_e = Ipv4Addr::new(10, 96, node.subnet, 21);
     let vip_n = Ipv4Addr::new(10, 96, node.subnet, 22);
+    let vip_t = Ipv4Addr::new(10, 96, node.subnet, 23);
     let state_ipt = tempfile::tempdir()?;
     let state_ebpf = tempfile::tempdir()?;
     if mesh_dataplane::bpf::kernel_offsets().is_none_or(|o| o.sk_user_data == 0) {
@@ -615,12 +625,13 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
             local(port)
         }
     };
-    let ebpf_plan = |web: &Pod, api: &Pod, vip, msg_redirect| AgentPlan {
+    let ebpf_plan = |web: &Pod, api: &Pod, vip, msg_redirect, same_node_splice| AgentPlan {
         redirect: Redirect::Ebpf,
         instance: node.instance(),
         state_dir: state_ebpf.path().to_path_buf(),
         catalog: catalog(web, api, vip),
         msg_redirect,
+        same_node_splice,
         no_resumption_run: msg_redirect,
     };
     let mut servers = servers.into_iter();
@@ -645,6 +656,7 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
                 state_dir: state_ipt.path().to_path_buf(),
                 catalog: catalog(&web_i, &api_i, vip_i),
                 msg_redirect: true,
+                same_node_splice: true,
                 no_resumption_run: true,
             }),
             web: web_i,
@@ -655,7 +667,7 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
             name: "mesh-ebpf",
             dial_http: mesh_dial(vip_e, APP_PORT),
             dial_iperf: mesh_dial(vip_e, IPERF_PORT),
-            proxies: Proxies::Agent(ebpf_plan(&web_e, &api_e, vip_e, true)),
+            proxies: Proxies::Agent(ebpf_plan(&web_e, &api_e, vip_e, true, true)),
             web: web_e,
             api: api_e,
             server_pids: next_servers()?,
@@ -664,7 +676,7 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
             name: "mesh-ebpf-no-skmsg",
             dial_http: mesh_dial(vip_n, APP_PORT),
             dial_iperf: mesh_dial(vip_n, IPERF_PORT),
-            proxies: Proxies::Agent(ebpf_plan(&web_n, &api_n, vip_n, false)),
+            proxies: Proxies::Agent(ebpf_plan(&web_n, &api_n, vip_n, false, true)),
             web: web_n,
             api: api_n,
             server_pids: next_servers()?,
@@ -677,6 +689,15 @@ fn build(node: &mut Node, setup: Setup, all_cpus: CpuSet) -> Result<Bench> {
             api: api_h,
             server_pids: next_servers()?,
             proxies: Proxies::Haproxy(hap_pids),
+        },
+        Config {
+            name: "mesh-ebpf-tls",
+            dial_http: mesh_dial(vip_t, APP_PORT),
+            dial_iperf: mesh_dial(vip_t, IPERF_PORT),
+            proxies: Proxies::Agent(ebpf_plan(&web_t, &api_t, vip_t, true, false)),
+            web: web_t,
+            api: api_t,
+            server_pids: next_servers()?,
         },
     ];
     debug_assert!(configs.iter().map(|c| c.name).eq(CONFIGS));

@@ -38,6 +38,8 @@ pub struct Spec<'a> {
     pub msg_redirect: bool,
     /// TLS session resumption between the proxies.
     pub tls_resumption: bool,
+    /// The same-node splice (`--same-node-splice`; eBPF mode with the sk_msg redirect).
+    pub same_node_splice: bool,
 }
 
 /// `mesh-bench agent SPEC`: runs until `quit` or the end of stdin.
@@ -69,6 +71,9 @@ pub fn agent_main(args: &[String]) -> Result<()> {
             tls_resumption: spec["tls_resumption"]
                 .as_bool()
                 .context("spec.tls_resumption")?,
+            same_node_splice: spec["same_node_splice"]
+                .as_bool()
+                .context("spec.same_node_splice")?,
             ..mesh_proxy::ProxyConfig::default()
         },
     };
@@ -170,6 +175,7 @@ impl AgentProc {
             "catalog": spec.catalog,
             "msg_redirect": spec.msg_redirect,
             "tls_resumption": spec.tls_resumption,
+            "same_node_splice": spec.same_node_splice,
         });
         let mut child = Command::new(exe)
             .arg("agent")

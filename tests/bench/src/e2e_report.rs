@@ -13,12 +13,13 @@ pub use crate::report::{ratio, Cell, PINNINGS};
 
 /// The configurations, in table order: the first is the baseline of the first ratio, the second
 /// the baseline of the second.
-pub const CONFIGS: [&str; 5] = [
+pub const CONFIGS: [&str; 6] = [
     "direct",
     "mesh-iptables",
     "mesh-ebpf",
     "mesh-ebpf-no-skmsg",
     "haproxy-sidecars",
+    "mesh-ebpf-tls",
 ];
 
 const DIRECT: &str = CONFIGS[0];
@@ -456,6 +457,24 @@ pub fn targets(records: &[Record], pinning: &str) -> Vec<Target> {
             goal: Goal::AtLeast(1.15),
         });
     }
+    // Issue #15, same node: the spliced mesh against no mesh at all.
+    for (wl, c) in [("http-1", 1), ("http-16", 16), ("http-64", 64)] {
+        t.push(Target {
+            label: format!("same node: mesh-ebpf (spliced) ÷ direct, requests/s at {c} conn(s)"),
+            value: vs(wl, "req_per_s", DIRECT),
+            goal: Goal::AtLeast(1.0),
+        });
+        t.push(Target {
+            label: format!("same node: mesh-ebpf (spliced) ÷ direct, p50 at {c} conn(s)"),
+            value: vs(wl, "p50_us", DIRECT),
+            goal: Goal::AtMost(1.0),
+        });
+    }
+    t.push(Target {
+        label: "same node: mesh-ebpf (spliced) ÷ direct, one request per connection".into(),
+        value: vs("connect", "conns_per_s", DIRECT),
+        goal: Goal::AtLeast(0.5),
+    });
     for (wl, c) in [("http-16", 16), ("http-64", 64)] {
         // CPU s per 10,000 requests / 10 = vCPU per 1,000 requests/s.
         t.push(Target {
@@ -765,10 +784,11 @@ pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String 
         let _ = writeln!(md, "### {}\n", pinning_title(pinning, setup.cpu));
         let _ = writeln!(
             md,
-            "| | direct | mesh-iptables (÷direct) | mesh-ebpf (÷direct, ÷iptables) | \
-             mesh-ebpf-no-skmsg (÷direct, ÷iptables) | haproxy-sidecars (÷direct, ÷iptables) |"
+            "| | direct | mesh-iptables (÷direct) | mesh-ebpf, spliced (÷direct, ÷iptables) | \
+             mesh-ebpf-no-skmsg (÷direct, ÷iptables) | haproxy-sidecars (÷direct, ÷iptables) | \
+             mesh-ebpf-tls (÷direct, ÷iptables) |"
         );
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
         for row in &ROWS {
             let label = row.label.trim_start();
             let label = if row.label.starts_with(' ') {
@@ -842,9 +862,9 @@ mod tests {
     fn three_rounds(workload: &'static str) -> Vec<Record> {
         let mut records = Vec::new();
         for (round, vals) in [
-            [100.0, 40.0, 60.0, 50.0, 20.0],
-            [120.0, 50.0, 80.0, 55.0, 25.0],
-            [110.0, 45.0, 70.0, 52.0, 30.0],
+            [100.0, 40.0, 60.0, 50.0, 20.0, 35.0],
+            [120.0, 50.0, 80.0, 55.0, 25.0, 45.0],
+            [110.0, 45.0, 70.0, 52.0, 30.0, 40.0],
         ]
         .into_iter()
         .enumerate()
@@ -859,8 +879,9 @@ mod tests {
     #[test]
     fn cells_take_medians_and_ratios_to_both_baselines() {
         let mut records = three_rounds("http-1");
-        let [d, i, e, n, h]: [String; 5] =
+        let [d, i, e, n, h, t]: [String; 6] =
             row_cells(&records, "pinned", &ROWS[0]).try_into().unwrap();
+        assert_eq!(t, "40 (0.36x, 0.89x)");
         assert_eq!(d, "110");
         assert_eq!(i, "45 (0.41x)");
         assert_eq!(e, "70 (0.64x, 1.56x)");
@@ -975,7 +996,7 @@ mod tests {
         };
         let v = to_json(&records, &machine, &setup);
         let recs = v["records"].as_array().unwrap();
-        assert_eq!(recs.len(), 15);
+        assert_eq!(recs.len(), 3 * CONFIGS.len());
         for r in recs {
             for k in ["config", "workload", "round", "pinning", "valid", "metrics"] {
                 assert!(!r[k].is_null(), "{k} in {r}");

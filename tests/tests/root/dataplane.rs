@@ -1238,8 +1238,9 @@ fn full_per_connection_maps_fail_no_connection_and_count_what_they_cost() -> Res
     let mut state = pinned_hash::<SockKey, SockState>(&node, MAP_SOCK_STATE)?;
     let stale = SockState {
         sk: 0,
+        sent: 0,
         fallback: 0,
-        _pad: 0,
+        spliced: 0,
     };
     let mut inserted = 0u32;
     for key in bogus_sock_keys(MAX_SOCKETS) {

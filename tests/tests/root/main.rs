@@ -14,4 +14,5 @@ mod local;
 mod mesh;
 mod metrics;
 mod restart;
+mod splice;
 mod ui;

@@ -14,22 +14,39 @@ use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service, ServiceRef, Upstr
 use mesh_core::intentions::{Action, RuleSet};
 use mesh_kit::{pattern, reach, reach_sending, wait_limit, workload, Node, Pod};
 
-const APP_PORT: u16 = 9091;
-const SEED: u64 = 500;
+pub(crate) const APP_PORT: u16 = 9091;
+pub(crate) const SEED: u64 = 500;
 
-struct Mesh {
-    node: Node,
-    web: Pod,
-    api: Pod,
-    vip: SocketAddrV4,
-    rt: tokio::runtime::Runtime,
-    agent: Option<Agent>,
+pub(crate) struct Mesh {
+    pub(crate) node: Node,
+    pub(crate) web: Pod,
+    pub(crate) api: Pod,
+    pub(crate) vip: SocketAddrV4,
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) agent: Option<Agent>,
     _state: tempfile::TempDir,
 }
 
 /// `web` (upstream api on 127.0.0.1:9091) and `api` (app on 9091, an exchange server of
-/// `len` bytes), meshed by an in-process agent in `mode`.
+/// `len` bytes), meshed by an in-process agent in `mode`, with mTLS between the two pods (no
+/// same-node splice: these tests are about the proxies' TLS path; `splice.rs` has the splice's).
 fn mesh(redirect: Redirect, len: u64) -> Result<Mesh> {
+    mesh_with(
+        redirect,
+        len,
+        mesh_proxy::ProxyConfig {
+            same_node_splice: false,
+            ..mesh_proxy::ProxyConfig::default()
+        },
+    )
+}
+
+/// [`mesh`] with the proxy configured by `proxy`.
+pub(crate) fn mesh_with(
+    redirect: Redirect,
+    len: u64,
+    proxy: mesh_proxy::ProxyConfig,
+) -> Result<Mesh> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -103,7 +120,7 @@ fn mesh(redirect: Redirect, len: u64) -> Result<Mesh> {
         redirect,
         default_policy: Action::Allow,
         msg_redirect: true,
-        proxy: mesh_proxy::ProxyConfig::default(),
+        proxy,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -135,12 +152,12 @@ fn mesh(redirect: Redirect, len: u64) -> Result<Mesh> {
 }
 
 impl Mesh {
-    fn agent(&self) -> &Agent {
+    pub(crate) fn agent(&self) -> &Agent {
         self.agent.as_ref().expect("agent")
     }
 
     /// Runs an exchange of `len` bytes each way from the web app to `addr`.
-    fn exchange(&mut self, addr: SocketAddr, len: u64) -> Result<()> {
+    pub(crate) fn exchange(&mut self, addr: SocketAddr, len: u64) -> Result<()> {
         let out = self.node.probe_in(
             &self.web.clone(),
             &[
@@ -173,7 +190,7 @@ impl Drop for Mesh {
     }
 }
 
-fn upstream() -> SocketAddr {
+pub(crate) fn upstream() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, APP_PORT))
 }
 
@@ -487,7 +504,11 @@ fn every_port_of_a_meshed_pod_v4_and_v6_goes_to_the_proxy_unless_excluded() -> R
     Ok(())
 }
 
-fn intention(src: &str, dst: &str, action: Action) -> Result<mesh_core::intentions::IntentionSpec> {
+pub(crate) fn intention(
+    src: &str,
+    dst: &str,
+    action: Action,
+) -> Result<mesh_core::intentions::IntentionSpec> {
     Ok(mesh_core::intentions::IntentionSpec::new(
         &mesh_core::intentions::ServiceName::parse(src)?,
         &mesh_core::intentions::ServiceName::parse(dst)?,

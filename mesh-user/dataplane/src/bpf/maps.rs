@@ -8,9 +8,10 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash, SockMa
 use aya::Ebpf;
 use mesh_common::{
     Config, Counter, ExcludeKey, InboundAddrKey, LocalPortKey, OrigDst, PodAddrKey, PodAddrValue,
-    PodValue, ServiceKey, ServiceValue, SockKey, SockState, COUNTERS, COUNTER_COUNT, MAP_CONFIG,
-    MAP_COUNTERS, MAP_INBOUND_ADDRS, MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS, MAP_LOCAL_PORTS,
-    MAP_MESHED_ADDRS, MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES, MAP_SOCKS, MAP_SOCK_STATE,
+    PodValue, ServiceKey, ServiceValue, SockKey, SockState, SpliceValue, COUNTERS, COUNTER_COUNT,
+    MAP_CONFIG, MAP_COUNTERS, MAP_INBOUND_ADDRS, MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS,
+    MAP_LOCAL_PORTS, MAP_MESHED_ADDRS, MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES, MAP_SOCKS,
+    MAP_SOCK_STATE, MAP_SPLICES,
 };
 
 use super::{CgroupId, Dataplane, Error, ListenerSlot, NetnsCookie};
@@ -68,6 +69,8 @@ pub struct ConnMapSizes {
     pub sockets: usize,
     /// Entries of `SOCK_STATE`: per-socket redirect state of sk_msg.
     pub sock_state: usize,
+    /// Entries of `SPLICES`: app sockets of spliced same-node connections.
+    pub splices: usize,
 }
 
 impl Dataplane {
@@ -440,6 +443,7 @@ impl Dataplane {
             orig_handoff: count::<SockKey, OrigDst>(&self.ebpf, MAP_ORIG_HANDOFF)?,
             sockets: socks.keys().filter(|k| k.is_ok()).count(),
             sock_state: count::<SockKey, SockState>(&self.ebpf, MAP_SOCK_STATE)?,
+            splices: count::<SockKey, SpliceValue>(&self.ebpf, MAP_SPLICES)?,
         })
     }
 

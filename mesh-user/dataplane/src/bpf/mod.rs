@@ -19,10 +19,12 @@ mod ids;
 mod intentions;
 mod maps;
 mod pins;
+mod splice;
 
 pub use ids::{CgroupId, ListenerSlot, NetnsCookie};
 pub use maps::{ConnMapSizes, Counters};
 pub use pins::{instances, pinned_link_ids, uninstall};
+pub use splice::{SpliceError, Splices};
 
 use std::fs;
 use std::io;

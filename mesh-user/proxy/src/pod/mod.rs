@@ -22,7 +22,7 @@ use super::directory::{Balancer, Directory};
 use super::metrics::Metrics;
 use super::ratelimit::{LogLimiter, PendingHandshakes};
 use super::stats::{PodStats, PodStatsSnapshot};
-use super::{Authorizer, Error, ProxyConfig};
+use super::{Authorizer, Error, ProxyConfig, Splicer};
 use mesh_core::identity::{
     server_config_with, ClientConfigCache, LeafStore, SpiffeId, TrustBundle,
 };
@@ -81,6 +81,10 @@ pub struct PodSpec {
     /// The pod's outbound connection budget (transparent and upstream listeners together);
     /// `None` uses [`ProxyConfig::max_outbound_connections_per_pod`].
     pub max_outbound_connections: Option<usize>,
+    /// The pod's addresses: an endpoint at one of them, on the port of the pod's inbound
+    /// listener, is this pod (the same-node splice, [`ProxyConfig::same_node_splice`]). An
+    /// inbound listener bound to a specific address counts with that address too.
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl PodSpec {
@@ -92,6 +96,7 @@ impl PodSpec {
             app_ports,
             max_inbound_connections: None,
             max_outbound_connections: None,
+            ips: Vec::new(),
         }
     }
 }
@@ -107,11 +112,31 @@ pub(crate) struct Shared {
     pub(crate) original_dst: Arc<dyn OriginalDst>,
     pub(crate) balancer: Balancer,
     pub(crate) metrics: Metrics,
+    /// Pairs app sockets of same-node connections in the kernel, if the agent has one.
+    pub(crate) splicer: Option<Arc<dyn Splicer>>,
+    /// The pods this proxy serves, by the address of their inbound listener.
+    local_pods: std::sync::RwLock<HashMap<SocketAddr, std::sync::Weak<PodState>>>,
     limit: Arc<Semaphore>,
     runtime: Handle,
 }
 
 impl Shared {
+    /// The pod whose inbound listener is `addr`, if this proxy serves it.
+    pub(crate) fn local_pod(&self, addr: SocketAddr) -> Option<Arc<PodState>> {
+        self.local_pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    fn forget_local_pod(&self, pod: &Arc<PodState>) {
+        self.local_pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, p| !std::sync::Weak::ptr_eq(p, &Arc::downgrade(pod)));
+    }
+
     /// Connects through the dialer within the connect timeout.
     pub(crate) async fn dial(
         &self,
@@ -150,6 +175,7 @@ pub(crate) struct PodState {
     pub(crate) logs: LogLimiter,
     pub(crate) stats: Arc<PodStats>,
     pub(crate) inbound: InboundRegistry,
+    ips: Vec<std::net::IpAddr>,
 }
 
 impl PodState {
@@ -171,6 +197,7 @@ pub struct ProxyBuilder {
     dialer: Arc<dyn Dialer>,
     original_dst: Arc<dyn OriginalDst>,
     metrics: Metrics,
+    splicer: Option<Arc<dyn Splicer>>,
     runtime: Option<Handle>,
 }
 
@@ -198,6 +225,14 @@ impl ProxyBuilder {
     /// register them with [`Metrics::register`] to expose them).
     pub fn metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Pairs the app sockets of same-node connections in the kernel (default: none, every
+    /// connection goes through the inbound listener with mTLS). See
+    /// [`ProxyConfig::same_node_splice`].
+    pub fn splicer(mut self, splicer: Arc<dyn Splicer>) -> Self {
+        self.splicer = Some(splicer);
         self
     }
 
@@ -234,6 +269,8 @@ impl ProxyBuilder {
             dialer: self.dialer,
             original_dst: self.original_dst,
             metrics: self.metrics,
+            splicer: self.splicer,
+            local_pods: std::sync::RwLock::new(HashMap::new()),
             runtime,
         };
         Ok(Proxy {
@@ -272,6 +309,7 @@ impl Proxy {
             dialer: Arc::new(PlainDialer),
             original_dst: Arc::new(SockOptOriginalDst),
             metrics: Metrics::new(),
+            splicer: None,
             runtime: None,
         }
     }
@@ -341,6 +379,7 @@ impl Proxy {
             ),
             stats: Arc::new(PodStats::default()),
             inbound: InboundRegistry::default(),
+            ips: spec.ips,
         };
         Ok(PodProxy {
             shared: Arc::clone(&self.shared),
@@ -427,6 +466,22 @@ impl PodProxy {
         listener: TcpListener,
     ) -> Result<ListenerId, Error> {
         let addr = listener.local_addr().map_err(Error::Listener)?;
+        if kind.is_inbound() {
+            let mut local = self
+                .shared
+                .local_pods
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            let specific = (!addr.ip().is_unspecified()).then_some(addr);
+            let pod_addrs = self
+                .pod
+                .ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, addr.port()));
+            for a in specific.into_iter().chain(pod_addrs) {
+                local.insert(a, Arc::downgrade(&self.pod));
+            }
+        }
         let id = ListenerId(self.next_id);
         self.next_id += 1;
         tracing::debug!(pod = %self.pod.name, %addr, ?kind, "listening");
@@ -500,6 +555,7 @@ impl PodProxy {
 
     /// Closes every listener and aborts every connection of the pod (the tasks end soon after).
     pub fn stop(&mut self) {
+        self.shared.forget_local_pod(&self.pod);
         for (_, l) in self.listeners.drain() {
             l.task.abort();
         }
@@ -509,6 +565,7 @@ impl PodProxy {
     /// has ended: when it returns, all the pod's sockets are closed and its connections no longer
     /// count against the limits.
     pub async fn shutdown(mut self) {
+        self.shared.forget_local_pod(&self.pod);
         let listeners: Vec<_> = self.listeners.drain().map(|(_, l)| l).collect();
         let mut tasks = Vec::with_capacity(listeners.len());
         for l in listeners {

@@ -191,6 +191,18 @@ impl Env {
     }
 
     fn with_dialer(config: ProxyConfig, dialer: Arc<dyn Dialer>) -> Self {
+        Self::build(config, dialer, None)
+    }
+
+    fn with_splicer(config: ProxyConfig, splicer: Arc<dyn crate::Splicer>) -> Self {
+        Self::build(config, Arc::new(PlainDialer), Some(splicer))
+    }
+
+    fn build(
+        config: ProxyConfig,
+        dialer: Arc<dyn Dialer>,
+        splicer: Option<Arc<dyn crate::Splicer>>,
+    ) -> Self {
         init_tracing();
         let ca = CertificateAuthority::ephemeral(TD).unwrap();
         let trust = Arc::new(TrustBundle::new(ca.root().clone()).unwrap());
@@ -198,21 +210,25 @@ impl Env {
         let authz = Arc::new(RecordingAuthorizer::default());
         let orig = Arc::new(Mutex::new(None::<SocketAddrV4>));
         let lookup = Arc::clone(&orig);
-        let proxy = Proxy::builder(
+        let mut builder = Proxy::builder(
             Arc::clone(&trust),
             Arc::clone(&dir) as Arc<dyn Directory>,
             Arc::clone(&authz) as Arc<dyn Authorizer>,
-        )
-        .config(config)
-        .dialer(dialer)
-        .original_dst(Arc::new(move |_: &TcpStream| {
-            lookup
-                .lock()
-                .unwrap()
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
-        }))
-        .build()
-        .unwrap();
+        );
+        if let Some(splicer) = splicer {
+            builder = builder.splicer(splicer);
+        }
+        let proxy = builder
+            .config(config)
+            .dialer(dialer)
+            .original_dst(Arc::new(move |_: &TcpStream| {
+                lookup
+                    .lock()
+                    .unwrap()
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+            }))
+            .build()
+            .unwrap();
         Self {
             ca,
             trust,
@@ -415,4 +431,5 @@ mod limits;
 mod metrics;
 mod outbound;
 mod sessions;
+mod splice;
 mod transfer;

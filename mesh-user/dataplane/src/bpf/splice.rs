@@ -1,0 +1,132 @@
+//! The agent's handle on the splice maps: the proxy pairs the two app sockets of a same-node
+//! connection, reports what it forwarded before the splice took over, and reads what each app
+//! sent (see [`mesh_common::SpliceValue`]).
+
+use std::sync::Mutex;
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use mesh_common::{SockKey, SockState, SpliceValue, MAP_SOCK_STATE, MAP_SPLICES};
+
+use super::{Dataplane, Error};
+
+/// `BPF_EXIST`: update an entry only if it is still there.
+const BPF_EXIST: u64 = 2;
+
+/// The `SPLICES` and `SOCK_STATE` maps, opened from their pins with descriptors of their own,
+/// so that connections can use them without the agent's [`Dataplane`] lock. Cheap calls: one
+/// `bpf(2)` each.
+pub struct Splices {
+    splices: Mutex<HashMap<MapData, SockKey, SpliceValue>>,
+    state: HashMap<MapData, SockKey, SockState>,
+}
+
+impl std::fmt::Debug for Splices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Splices").finish_non_exhaustive()
+    }
+}
+
+/// Why a connection could not be spliced; it stays on the proxy's path.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// The kernel refused the entry (the map is full, or another error).
+    #[error("the kernel refused the splice entry: {0}")]
+    Map(#[source] MapError),
+    /// One of the app sockets is not in the sockhash (a blocking app, a full sockhash, or the
+    /// socket closed already): sk_msg never sees its bytes.
+    #[error("the {0} app socket is not in the sockhash")]
+    NotRedirected(&'static str),
+}
+
+impl Dataplane {
+    /// A handle on the splice maps, independent of `self`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Map`] if a pin cannot be opened as its map type.
+    pub fn splices(&self) -> Result<Splices, Error> {
+        fn open<K: aya::Pod, V: aya::Pod>(
+            dir: &std::path::Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>, Error> {
+            let data = MapData::from_pin(dir.join("maps").join(name))
+                .map_err(|source| Error::Map { name, source })?;
+            HashMap::try_from(Map::HashMap(data)).map_err(|source| Error::Map { name, source })
+        }
+        Ok(Splices {
+            splices: Mutex::new(open(&self.dir, MAP_SPLICES)?),
+            state: open(&self.dir, MAP_SOCK_STATE)?,
+        })
+    }
+}
+
+impl Splices {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<MapData, SockKey, SpliceValue>> {
+        self.splices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pairs the client app's socket and the server app's accepted socket (each keyed as it
+    /// keys itself). Both must be in the sockhash, whose close callback removes the entries
+    /// with the sockets; checked after writing, so an entry never outlives its socket.
+    ///
+    /// # Errors
+    ///
+    /// [`SpliceError`]; nothing is left in the map then.
+    pub fn pair(&self, client: SockKey, server: SockKey) -> Result<(), SpliceError> {
+        {
+            let mut map = self.map();
+            for (key, peer) in [(client, server), (server, client)] {
+                if let Err(e) = map.insert(key, SpliceValue { peer, forwarded: 0 }, 0) {
+                    let _ = map.remove(&client);
+                    let _ = map.remove(&server);
+                    return Err(SpliceError::Map(e));
+                }
+            }
+        }
+        for (key, which) in [(client, "client"), (server, "server")] {
+            if self.state.get(&key, 0).is_err() {
+                self.unpair(client, server);
+                return Err(SpliceError::NotRedirected(which));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that the proxy has forwarded `forwarded` bytes of `key`'s app towards `peer`
+    /// (every one of them written to the proxy's socket on the other side). Does nothing once the
+    /// entry is gone (its socket closed).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's error, other than a missing entry.
+    pub fn set_forwarded(
+        &self,
+        key: SockKey,
+        peer: SockKey,
+        forwarded: u64,
+    ) -> Result<(), MapError> {
+        match self
+            .map()
+            .insert(key, SpliceValue { peer, forwarded }, BPF_EXIST)
+        {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Bytes the app socket `key` has sent through sk_msg, whichever way they went; `None` once
+    /// it has left the sockhash.
+    pub fn sent(&self, key: SockKey) -> Option<u64> {
+        self.state.get(&key, 0).ok().map(|s| s.sent)
+    }
+
+    /// Removes both entries of a pair (missing ones are fine).
+    pub fn unpair(&self, client: SockKey, server: SockKey) {
+        let mut map = self.map();
+        let _ = map.remove(&client);
+        let _ = map.remove(&server);
+    }
+}

@@ -1,0 +1,306 @@
+//! Root tests of the same-node splice: two pods on one node, the whole agent in this process,
+//! the client app's socket and the server app's accepted socket spliced by sk_msg once the agent
+//! has authorized the connection (see `mesh-user/proxy/src/splice.rs`).
+
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use mesh_agent::Redirect;
+use mesh_common::Counter;
+use mesh_core::intentions::{Action, RuleSet};
+use mesh_kit::wait_limit;
+
+use crate::mesh::{intention, mesh_with, upstream, Mesh, SEED};
+
+fn spliced(len: u64) -> Result<Mesh> {
+    mesh_with(Redirect::Ebpf, len, mesh_proxy::ProxyConfig::default())
+}
+
+fn counters(m: &Mesh) -> Result<mesh_dataplane::bpf::Counters> {
+    Ok(m.agent()
+        .dataplane()
+        .context("eBPF dataplane")?
+        .counters()?)
+}
+
+fn web_stats(m: &Mesh) -> Result<mesh_proxy::PodStatsSnapshot> {
+    Ok(m.agent()
+        .pod("default.web")
+        .context("web pod")?
+        .proxy
+        .stats())
+}
+
+/// Waits (up to 5 s) until the per-connection maps are back to empty: both app sockets and both
+/// proxy sockets closed, no splice entry left.
+fn maps_drain(m: &Mesh) -> Result<mesh_dataplane::bpf::ConnMapSizes> {
+    let dp = m.agent().dataplane().context("eBPF dataplane")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let sizes = dp.conn_map_sizes()?;
+        if (sizes.sockets, sizes.sock_state, sizes.splices) == (0, 0, 0)
+            || Instant::now() > deadline
+        {
+            return Ok(sizes);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_spliced_pair_carries_64_mib_each_way_with_half_close() -> Result<()> {
+    const LEN: u64 = 64 << 20;
+    let mut m = spliced(LEN)?;
+    for (what, addr) in [
+        ("virtual IP", SocketAddr::V4(m.vip)),
+        ("explicit upstream", upstream()),
+    ] {
+        let before = counters(&m)?;
+        let stats_before = web_stats(&m)?;
+        m.exchange(addr, LEN).context(what)?;
+        let after = counters(&m)?;
+        let stats = web_stats(&m)?;
+        let spliced = after.get(Counter::BytesSpliced) - before.get(Counter::BytesSpliced);
+        let copied = (stats.bytes_from_app - stats_before.bytes_from_app)
+            + (stats.bytes_to_app - stats_before.bytes_to_app);
+        eprintln!("{what}: {spliced} bytes spliced, {copied} copied by the proxy");
+        assert_eq!(
+            stats.spliced_connections - stats_before.spliced_connections,
+            1,
+            "{what}: the connection was spliced"
+        );
+        assert_eq!(
+            spliced + copied,
+            2 * LEN,
+            "{what}: every byte went one way or the other, once ({after:?})"
+        );
+        assert!(
+            spliced >= 2 * LEN * 3 / 4,
+            "{what}: only {spliced} of {} bytes took the splice; the proxy copied {copied}",
+            2 * LEN
+        );
+        assert!(
+            after.get(Counter::SplicesOpened) - before.get(Counter::SplicesOpened) >= 2,
+            "{what}: both directions were spliced"
+        );
+        let sizes = maps_drain(&m)?;
+        assert_eq!(
+            (sizes.sockets, sizes.sock_state, sizes.splices),
+            (0, 0, 0),
+            "{what}: the per-connection maps are back to their size"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_deny_mid_transfer_closes_both_spliced_apps_within_a_second() -> Result<()> {
+    const LEN: u64 = 1 << 40; // never finishes on its own
+    let mut m = spliced(LEN)?;
+    let web = m.web.clone();
+    let before = counters(&m)?;
+    let child = m.node.probe(
+        &web.netns_path,
+        &web.cgroup,
+        &[
+            "exchange",
+            &SocketAddr::V4(m.vip).to_string(),
+            &LEN.to_string(),
+            &SEED.to_string(),
+        ],
+    )?;
+    thread::sleep(Duration::from_millis(1000));
+    let moving = counters(&m)?;
+    ensure!(
+        moving.get(Counter::BytesSpliced) > before.get(Counter::BytesSpliced),
+        "the transfer was spliced before the deny ({moving:?})"
+    );
+    let mut rules = RuleSet::with_default_policy(Action::Allow);
+    rules.create(&intention("web", "api", Action::Deny)?, false)?;
+    let denied_at = Instant::now();
+    let closed = m.agent.as_mut().expect("agent").set_rules(rules)?;
+    assert_eq!(closed, 1, "the spliced connection was revoked");
+    let out = wait_limit(child, Duration::from_secs(1))
+        .context("the client app's connection was not closed within a second of the deny")?;
+    assert!(
+        !out.status.success(),
+        "the client app saw its connection end abnormally"
+    );
+    // The server app's socket is closed too: it left the sockhash (the kernel removes a socket
+    // when it closes), as did every other socket of the connection.
+    let sizes = {
+        let dp = m.agent().dataplane().context("eBPF dataplane")?;
+        loop {
+            let sizes = dp.conn_map_sizes()?;
+            if sizes.sockets == 0 || denied_at.elapsed() > Duration::from_secs(1) {
+                break sizes;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    eprintln!("closed {:?} after the deny", denied_at.elapsed());
+    assert_eq!(
+        (sizes.sockets, sizes.splices),
+        (0, 0),
+        "both apps' sockets closed within a second of the deny"
+    );
+    // And nothing new gets through.
+    let web = m.web.clone();
+    let out = m.node.probe_in(
+        &web,
+        &["connect", &m.vip.to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.trim().starts_with(&format!("error {}", libc::EPERM)),
+        "a new connection after the deny: {text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn intentions_counters_and_metrics_see_spliced_connections() -> Result<()> {
+    const LEN: u64 = 1 << 20;
+    let mut m = spliced(LEN)?;
+    let mut rules = RuleSet::with_default_policy(Action::Deny);
+    rules.create(&intention("web", "api", Action::Allow)?, false)?;
+    m.agent.as_mut().expect("agent").set_rules(rules)?;
+    const N: u64 = 3;
+    let before = counters(&m)?;
+    for _ in 0..N {
+        m.exchange(SocketAddr::V4(m.vip), LEN)?;
+    }
+    let after = counters(&m)?;
+    ensure!(
+        after.get(Counter::BytesSpliced) > before.get(Counter::BytesSpliced),
+        "the connections were spliced ({after:?})"
+    );
+    let counted = m.agent().intention_counters()?;
+    let allow = counted
+        .iter()
+        .find(|c| c.allowed > 0)
+        .context("no intention counted an allowed connection")?;
+    assert_eq!(
+        allow.allowed, N,
+        "each connection counted once: {counted:?}"
+    );
+    let _ = maps_drain(&m)?;
+    let text = m.agent().metrics().encode();
+    for reporter in ["source", "destination"] {
+        for family in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+        ] {
+            let line = text
+                .lines()
+                .find(|l| {
+                    l.starts_with(family)
+                        && l.contains(&format!("reporter=\"{reporter}\""))
+                        && l.contains("source_workload=\"web\"")
+                        && l.contains("destination_service_name=\"api\"")
+                })
+                .with_context(|| format!("no {family} for reporter {reporter}:\n{text}"))?;
+            let value: f64 = line.rsplit(' ').next().unwrap_or("").parse()?;
+            assert_eq!(value, N as f64, "{line}");
+        }
+        for family in [
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            let line = text
+                .lines()
+                .find(|l| {
+                    l.starts_with(family)
+                        && l.contains(&format!("reporter=\"{reporter}\""))
+                        && l.contains("source_workload=\"web\"")
+                })
+                .with_context(|| format!("no {family} for reporter {reporter}"))?;
+            let value: f64 = line.rsplit(' ').next().unwrap_or("").parse()?;
+            assert!(
+                value >= (N * LEN / 2) as f64,
+                "{line}: spliced bytes are counted"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn without_the_splice_same_node_bytes_go_through_tls() -> Result<()> {
+    const LEN: u64 = 4 << 20;
+    let mut m = mesh_with(
+        Redirect::Ebpf,
+        LEN,
+        mesh_proxy::ProxyConfig {
+            same_node_splice: false,
+            ..mesh_proxy::ProxyConfig::default()
+        },
+    )?;
+    let before = counters(&m)?;
+    let stats_before = web_stats(&m)?;
+    m.exchange(SocketAddr::V4(m.vip), LEN)?;
+    let after = counters(&m)?;
+    let stats = web_stats(&m)?;
+    assert_eq!(
+        after.get(Counter::BytesSpliced),
+        before.get(Counter::BytesSpliced),
+        "nothing spliced"
+    );
+    assert_eq!(stats.spliced_connections, 0);
+    assert!(
+        stats.tls_handshakes > stats_before.tls_handshakes,
+        "the connection made a TLS handshake"
+    );
+    assert_eq!(
+        (
+            stats.bytes_from_app - stats_before.bytes_from_app,
+            stats.bytes_to_app - stats_before.bytes_to_app
+        ),
+        (LEN, LEN),
+        "the proxy carried every byte"
+    );
+    Ok(())
+}
+
+/// A pod the intentions deny gets nothing from the destination app, whether it dials the virtual
+/// IP (refused at connect), the app's pod address (steered to the inbound listener, which wants
+/// TLS) or a splice relay address from its own namespace (nothing of another pod is there).
+#[test]
+fn a_denied_pod_on_the_same_node_gets_nothing() -> Result<()> {
+    const LEN: u64 = 1 << 20;
+    let mut m = spliced(LEN)?;
+    let mut rules = RuleSet::with_default_policy(Action::Allow);
+    rules.create(&intention("web", "api", Action::Deny)?, false)?;
+    m.agent.as_mut().expect("agent").set_rules(rules)?;
+    let before = counters(&m)?;
+    let web = m.web.clone();
+    let api_app = SocketAddr::from((m.api.ip, crate::mesh::APP_PORT));
+    for addr in [SocketAddr::V4(m.vip), upstream(), api_app] {
+        let out = m.node.probe_in(
+            &web,
+            &[
+                "exchange",
+                &addr.to_string(),
+                &LEN.to_string(),
+                &SEED.to_string(),
+            ],
+            Duration::from_secs(20),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains(&format!("received={LEN}")),
+            "{addr}: the denied pod got the app's answer: {text}"
+        );
+    }
+    let after = counters(&m)?;
+    assert_eq!(
+        after.get(Counter::BytesSpliced),
+        before.get(Counter::BytesSpliced),
+        "nothing was spliced for a denied pod"
+    );
+    assert_eq!(web_stats(&m)?.spliced_connections, 0);
+    Ok(())
+}
