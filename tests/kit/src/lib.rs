@@ -1,7 +1,8 @@
 //! Support for the root tests and benchmarks: a throwaway node (a bridge namespace, pods as
 //! network namespaces with their own cgroups, the test process as the agent) built by the local
 //! runner's node code (`mesh_local::node`), `mesh-probe` (the app that runs inside a pod), the
-//! catalog [`workload`] of a pod, [`wait_for`], and byte patterns.
+//! catalog [`workload`] of a pod, [`wait_for`], and byte patterns; [`cluster`] is the two-node
+//! fixture.
 //!
 //! Every resource a [`Node`] creates is removed when it drops, also when the test panics. A root
 //! test that cannot get what it needs fails with the reason; it never skips.
@@ -20,6 +21,8 @@ use anyhow::{bail, ensure, Context, Result};
 use mesh_core::catalog::{Upstream, Workload};
 use mesh_dataplane::{cgroup, netns::NetNs};
 use mesh_local::{LocalNode, LocalPod, NodeOptions, PodNet};
+
+pub mod cluster;
 
 /// Root tests move the whole test process between cgroups; one at a time.
 static NODE_LOCK: Mutex<()> = Mutex::new(());

@@ -4,6 +4,7 @@
 //! loudly; they never skip. `cargo xtask test [FILTER]` builds what they need and runs them.
 
 mod chaos;
+mod cross_node;
 mod dataplane;
 mod examples;
 mod local;
