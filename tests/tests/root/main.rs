@@ -7,6 +7,7 @@ mod chaos;
 mod cross_node;
 mod dataplane;
 mod examples;
+mod kubernetes;
 mod local;
 mod mesh;
 mod metrics;
