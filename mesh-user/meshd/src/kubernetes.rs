@@ -215,7 +215,7 @@ where
 /// The status consul-k8s's controllers write: one `Synced` condition (`True`, or `False` with a
 /// reason and message) and, when synced, `lastSyncedTime` (consul-k8s `api/common`
 /// `Status`/`Condition`).
-pub fn synced_status(outcome: &Result<(), (String, String)>, now: &str) -> Value {
+pub fn synced_status(outcome: &SyncResult, now: &str) -> Value {
     match outcome {
         Ok(()) => json!({
             "conditions": [{"type": "Synced", "status": "True", "lastTransitionTime": now}],
@@ -502,6 +502,9 @@ fn report(t: &Translation, metrics: &Metrics) {
         .set(t.pending.len() as i64);
 }
 
+/// A CRD's sync: `Ok`, or consul-k8s's reason and a message.
+type SyncResult = Result<(), (String, String)>;
+
 /// Writes the CRDs' entries to the store and their `Synced` conditions to the API server (a
 /// status is written only when it changes).
 async fn sync_crds(
@@ -540,7 +543,7 @@ async fn sync_crds(
             })
     };
     let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let mut statuses: Vec<(&'static str, CrRef, Result<(), (String, String)>)> = Vec::new();
+    let mut statuses: Vec<(&'static str, CrRef, SyncResult)> = Vec::new();
     for (cr, entry) in &t.intentions {
         let outcome = match entry {
             Err(message) => Err(("ConsulAgentError".to_string(), message.clone())),

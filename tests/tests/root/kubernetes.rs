@@ -209,10 +209,13 @@ fn metric_line(text: &str, prefix: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A TCP payload: source, destination, bytes.
+type Payload = (SocketAddr, SocketAddr, Vec<u8>);
+
 /// Every TCP payload between the two pod CIDRs seen on node 1's interfaces, while running.
 struct Capture {
     stop: Arc<AtomicBool>,
-    payloads: Arc<Mutex<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>>,
+    payloads: Arc<Mutex<Vec<Payload>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -246,7 +249,7 @@ impl Capture {
         })
     }
 
-    fn finish(mut self) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+    fn finish(mut self) -> Vec<Payload> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -256,7 +259,7 @@ impl Capture {
 }
 
 /// The TCP payload of an Ethernet frame between `10.91.1.0/24` and `10.91.2.0/24`, if any.
-fn pod_to_pod_payload(frame: &[u8]) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+fn pod_to_pod_payload(frame: &[u8]) -> Option<Payload> {
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
         return None;
     }
