@@ -17,13 +17,57 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use mesh_common::*;
 
 use crate::maps::*;
+
+/// The deepest cgroup level (the root is 0) at which [`current_pod`] looks for a pod cgroup
+/// above the caller's own. Kubernetes puts a pod's processes in container cgroups below the pod
+/// cgroup (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/
+/// cri-containerd-<id>.scope`: the pod at level 3, or deeper under a kubelet `--cgroup-root`).
+const POD_MAX_LEVEL: i32 = 8;
+
+/// The meshed pod the calling process belongs to: its own cgroup's entry in [`PODS`] (the
+/// local runner's pods, whose processes sit in the pod cgroup itself), or else the entry of the
+/// nearest-to-the-root ancestor that has one (a Kubernetes pod cgroup above the container's).
+/// Pod cgroups never nest, so at most one ancestor is a pod. Needs
+/// `bpf_get_current_ancestor_cgroup_id` in cgroup programs (Linux 5.7). Only connections to a
+/// service address get here, so the walk costs nothing on other connections.
+///
+/// # Safety
+///
+/// Call only from a program run (the helpers read the current task).
+#[inline(always)]
+unsafe fn current_pod() -> Option<&'static PodValue> {
+    // SAFETY: a helper without arguments, available to cgroup programs.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
+    // integers, read (copied) by the caller, so a concurrent update cannot make it invalid.
+    if let Some(pod) = unsafe { PODS.get(own) } {
+        return Some(pod);
+    }
+    let mut level = 1;
+    while level <= POD_MAX_LEVEL {
+        // SAFETY: a helper taking an integer, available to cgroup programs (Linux 5.7); 0 when
+        // the caller's cgroup is shallower than `level`.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == own {
+            return None;
+        }
+        // SAFETY: as the lookup above.
+        if let Some(pod) = unsafe { PODS.get(id) } {
+            return Some(pod);
+        }
+        level += 1;
+    }
+    None
+}
 
 /// `connect()` proceeds (possibly rewritten).
 const PROCEED: i32 = 1;
@@ -144,11 +188,8 @@ unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 
         unsafe { forget_orig(ctx) };
         return PROCEED;
     };
-    // SAFETY: a helper without arguments, available to cgroup programs.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
-    // integers, read (copied) here, so a concurrent update by the agent cannot make it invalid.
-    let Some(pod) = (unsafe { PODS.get(cgroup) }) else {
+    // SAFETY: `current_pod` only calls helpers without pointers and looks up the pod map.
+    let Some(pod) = (unsafe { current_pod() }) else {
         return PROCEED;
     };
     let cfg = config();

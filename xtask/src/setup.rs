@@ -31,6 +31,9 @@ const PACKAGES: &[&str] = &[
     // WebDriver by chromedriver.
     "chromium",
     "chromium-driver",
+    // The CNI root test (`tests/tests/root/cni.rs`) chains mesh-cni after the reference
+    // `bridge` and `host-local` plugins (in /usr/lib/cni), as a node's conflist does.
+    "containernetworking-plugins",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The `cargo fuzz` that `fuzz/run.sh` (run by `cargo xtask test`) drives.

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod authorizer;
+pub mod cni;
 pub mod dialer;
 pub mod directory;
 pub mod hooks;
@@ -455,6 +456,44 @@ impl Agent {
     /// The meshed pod with workload id `id` (`namespace.name`), if it is running.
     pub fn pod(&self, id: &str) -> Option<&Pod> {
         self.pods.get(id)
+    }
+
+    /// What is wrong with a meshed pod's steering, or nothing (CNI `CHECK`): in eBPF mode its
+    /// entry in the pod map and its pinned attachments (see
+    /// [`mesh_dataplane::bpf::Dataplane::pod_link_problems`]), in iptables mode Consul's chains
+    /// and their hooks in its namespace. A pod the agent does not serve is one problem.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bpf`] if the pod map cannot be read or a link checked, [`Error::Iptables`] if
+    /// the nat table cannot be listed.
+    pub fn steering_problems(&self, id: &str) -> Result<Vec<String>, Error> {
+        let Some(pod) = self.pods.get(id) else {
+            let why = self
+                .unmeshed
+                .get(id)
+                .map_or_else(|| "not in the catalog".to_string(), Clone::clone);
+            return Ok(vec![format!("pod {id} is not meshed: {why}")]);
+        };
+        match &self.steering {
+            Steering::Ebpf(dp) => {
+                let mut problems = Vec::new();
+                if !dp.pods()?.iter().any(|(c, _)| *c == pod.kernel.cgroup_id) {
+                    problems.push(format!(
+                        "the pod map has no entry for its cgroup {} (id {})",
+                        pod.workload.cgroup.display(),
+                        pod.kernel.cgroup_id.0
+                    ));
+                }
+                problems.extend(dp.pod_link_problems(
+                    &pod.workload.pin_name(),
+                    &pod.workload.cgroup,
+                    &pod.netns,
+                )?);
+                Ok(problems)
+            }
+            Steering::Iptables => Ok(mesh_dataplane::iptables::problems(&pod.workload.netns)?),
+        }
     }
 
     /// The pods of the catalog the agent could not mesh, by workload id (`namespace.name`),

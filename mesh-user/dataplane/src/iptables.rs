@@ -244,6 +244,31 @@ pub fn list(netns: &Path) -> Result<String, Error> {
     nsenter(netns, &["iptables", "-w", "-t", "nat", "-S"], None)
 }
 
+/// What is missing of the pod's IPv4 steering in the namespace at `netns`, or nothing: each
+/// hook into Consul's chains (`-A PREROUTING -p tcp -j CONSUL_PROXY_INBOUND`, `-A OUTPUT -p
+/// tcp -j CONSUL_PROXY_OUTPUT`) and each chain must be there.
+///
+/// # Errors
+///
+/// As [`list`].
+pub fn problems(netns: &Path) -> Result<Vec<String>, Error> {
+    let table = list(netns)?;
+    let lines: Vec<&str> = table.lines().map(str::trim).collect();
+    let mut out = Vec::new();
+    for (hook, chain) in HOOKS {
+        let rule = format!("-A {hook} -p tcp -j {chain}");
+        if !lines.contains(&rule.as_str()) {
+            out.push(format!("iptables: the nat table has no `{rule}`"));
+        }
+    }
+    for chain in CHAINS {
+        if !lines.contains(&format!("-N {chain}").as_str()) {
+            out.push(format!("iptables: the nat table has no chain {chain}"));
+        }
+    }
+    Ok(out)
+}
+
 /// The IPv6 nat table of the namespace as `ip6tables -S` prints it.
 pub fn list6(netns: &Path) -> Result<String, Error> {
     nsenter(netns, &["ip6tables", "-w", "-t", "nat", "-S"], None)

@@ -5,6 +5,7 @@
 //! - [`iptables`]: the `--redirect iptables` mode, Consul's chains.
 //! - [`netns`]: work inside a pod's network namespace.
 //! - [`cgroup`]: cgroup v2 paths, ids and membership.
+//! - [`kubepods`]: a Kubernetes pod's cgroup and network namespace on this node.
 //! - [`socket`]: the socket options the proxy relies on.
 //! - [`sys`]: the only user-space `unsafe` of the project, thin checked calls.
 #![deny(unsafe_code)]
@@ -13,6 +14,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod iptables;
+pub mod kubepods;
 pub mod netns;
 pub mod socket;
 pub mod sys;

@@ -10,6 +10,8 @@
 //! | `MESH_CGROUP_ROOT` | `meshd kubernetes --cgroup-root` | `/sys/fs/cgroup` | the cgroup v2 root holding the kubelet's pod cgroups |
 //! | `MESH_PROC_ROOT` | `meshd kubernetes --proc-root` | `/proc` | the node's `/proc` (`/host/proc` in the DaemonSet) |
 //! | `MESH_METRICS_ADDR` | `--metrics-addr` | `127.0.0.1:20200` | the token-free `/metrics` listener for Prometheus (`ip:port`, or `off`); consul-k8s's merged metrics port |
+//! | `MESH_CNI_SOCKET` | `--cni-socket` | off (`/var/run/meshd/cni.sock` in the DaemonSet) | where `meshd run` answers `mesh-cni` (mode 0600) |
+//! | | `--cni-catalog-wait` | `3` s | how long a CNI `ADD` waits for its pod to appear in the catalog before it is not in the mesh |
 //!
 //! `meshctl` reads `MESH_HTTP_ADDR`, `MESH_HTTP_TOKEN` and `MESH_HTTP_TOKEN_FILE`; their names
 //! live with the API client ([`mesh_api::client`]) that both binaries share. The proxy's limits
@@ -42,6 +44,14 @@ pub const METRICS_ADDR_ENV: &str = "MESH_METRICS_ADDR";
 /// The default metrics listener: loopback only (scrapers on the node, or a port-forward), on
 /// the port consul-k8s uses for its merged metrics (`20200`).
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:20200";
+
+/// The variable of the CNI socket `meshd run` serves; `--cni-socket`.
+pub const CNI_SOCKET_ENV: &str = "MESH_CNI_SOCKET";
+/// Where `mesh-cni` looks for the agent when its configuration names no `socketPath`.
+pub const DEFAULT_CNI_SOCKET: &str = mesh_cni::wire::DEFAULT_SOCKET;
+/// How long (seconds) `meshd run` holds a CNI `ADD` for a pod that is not (yet) in its catalog,
+/// waiting for a SIGHUP that brings it, before answering that the pod is not in the mesh.
+pub const DEFAULT_CNI_CATALOG_WAIT_SECS: u64 = 3;
 
 /// Where the token-free `/metrics` listener binds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! meshd run --catalog FILE [--redirect auto|ebpf|iptables] ...   serve the pods of a catalog
+//!           [--cni-socket [PATH]]                                 and answer mesh-cni
 //! meshd uninstall [--catalog FILE]                               remove programs, pins, chains
 //! meshd local [--reset]                                          a single-node mesh for manifests
 //! meshd kubernetes --node-name NODE [--kube-api-url URL]        the node agent of a cluster
@@ -10,6 +11,7 @@
 //! `run` re-reads the catalog on SIGHUP; SIGINT/SIGTERM stop the agent and leave the kernel
 //! programs attached (a restarted agent re-adopts them; `uninstall` removes them).
 
+mod cni;
 mod config;
 mod kubernetes;
 mod limits;
@@ -95,6 +97,14 @@ enum Cmd {
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
+        /// Answer the mesh-cni plugin on this Unix socket (mode 0600); given without a path:
+        /// /var/run/meshd/cni.sock.
+        #[arg(long, env = config::CNI_SOCKET_ENV, num_args = 0..=1, default_missing_value = config::DEFAULT_CNI_SOCKET)]
+        cni_socket: Option<PathBuf>,
+        /// Seconds a CNI ADD waits for its pod to appear in the catalog (a SIGHUP) before the
+        /// pod is answered as not in the mesh.
+        #[arg(long, default_value_t = config::DEFAULT_CNI_CATALOG_WAIT_SECS)]
+        cni_catalog_wait: u64,
     },
     /// A single-node mesh on this machine: Kubernetes manifests applied with `meshctl apply`
     /// run as local pods (network namespace + cgroup each) served by the agent. The applied
@@ -240,8 +250,11 @@ fn main() -> Result<()> {
             idle_timeout,
             no_tls_resumption,
             metrics_addr,
+            cni_socket,
+            cni_catalog_wait,
         } => {
             let nofile = limits::raise_nofile()?;
+            let cni = cni_socket.map(|p| (p, Duration::from_secs(cni_catalog_wait)));
             let mesh_cgroup = match mesh_cgroup {
                 Some(p) => p,
                 None => mesh_dataplane::cgroup::v2_root()?,
@@ -270,7 +283,7 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(cfg, catalog, metrics_addr))
+                .block_on(run(cfg, catalog, metrics_addr, cni))
         }
         Cmd::Local {
             state_dir,
@@ -476,6 +489,7 @@ async fn run(
     cfg: AgentConfig,
     catalog_path: PathBuf,
     metrics_addr: config::MetricsAddr,
+    cni_socket: Option<(PathBuf, Duration)>,
 ) -> Result<()> {
     let catalog = read_catalog(&catalog_path)?;
     let node = cfg.instance.clone();
@@ -488,6 +502,15 @@ async fn run(
     publish_status(&agent, &status, count);
     published.publish(catalog_snapshot(&agent, &node));
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), "meshd ready");
+    // Served once the agent is up: until then mesh-cni says meshd is not running.
+    let (_cni_server, mut cni_requests, mut cni) = match cni_socket {
+        Some((path, wait)) => {
+            let (server, rx) = mesh_agent::cni::CniServer::bind(&path).await?;
+            (Some(server), Some(rx), cni::CatalogCni::new(wait))
+        }
+        None => (None, None, cni::CatalogCni::new(Duration::ZERO)),
+    };
+    let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -507,7 +530,10 @@ async fn run(
                     },
                     Err(e) => error!(error = %format!("{e:#}"), "catalog refused; nothing changed"),
                 }
+                cni.retry(&mut agent).await;
             }
+            Some(req) = next_cni(&mut cni_requests) => cni.handle(&mut agent, req).await,
+            _ = cni_tick.tick(), if cni.waiting() => cni.retry(&mut agent).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -518,6 +544,16 @@ async fn run(
     }
     info!("meshd stopping; kernel programs stay attached until `meshd uninstall`");
     Ok(())
+}
+
+/// The next CNI request, or never when no CNI socket is served.
+async fn next_cni(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<mesh_agent::cni::CniRequest>>,
+) -> Option<mesh_agent::cni::CniRequest> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Applies a new rule set and publishes to the API whether the kernel took it.

@@ -4,9 +4,11 @@
 //! loudly; they never skip. `cargo xtask test [FILTER]` builds what they need and runs them.
 
 mod chaos;
+mod cni;
 mod cross_node;
 mod dataplane;
 mod examples;
+mod kubepods;
 mod kubernetes;
 mod local;
 mod mesh;

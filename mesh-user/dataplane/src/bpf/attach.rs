@@ -152,6 +152,37 @@ impl Dataplane {
         Ok(())
     }
 
+    /// What is wrong with the pod's attachments, or nothing: each of its pinned links
+    /// (connect4 and connect6 on `cgroup`, sk_lookup on `netns`) must exist, be a live link of
+    /// the right kind, run the right program and be attached to that very cgroup or namespace.
+    /// Each problem names the pin.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadName`] for an invalid pod name, [`Error::Io`] if the cgroup or namespace
+    /// cannot be stat'ed.
+    pub fn pod_link_problems(
+        &self,
+        pod: &str,
+        cgroup: &Path,
+        netns: &NetNs,
+    ) -> Result<Vec<String>, Error> {
+        check_name(pod)?;
+        let dir = self.dir.join("pods").join(pod);
+        let cg = Target::of_cgroup(cgroup)?;
+        let ns = Target::of_netns(netns)?;
+        Ok([
+            ("connect4", PROG_CONNECT4, cg),
+            ("connect6", PROG_CONNECT6, cg),
+            ("sk_lookup", PROG_SK_LOOKUP, ns),
+        ]
+        .into_iter()
+        .filter_map(|(pin, prog, target)| {
+            pinned_link_problem(&dir.join(pin), prog, target).map(|why| format!("{pin}: {why}"))
+        })
+        .collect())
+    }
+
     /// Detaches the pod's programs (removes its pinned links).
     ///
     /// # Errors

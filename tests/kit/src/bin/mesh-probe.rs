@@ -26,6 +26,7 @@
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
 //!                                     send BYTES of stream SEED+1, half-close; print each result
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
+//!   pause                             print "paused", then sleep forever (a pod's pause process)
 //!   fetch-loop INTERVAL_MS ADDR       until killed: connect (1 s), read to EOF (2 s), print
 //!                                     "fetch <start_ns> <end_ns> got <text>" or
 //!                                     "fetch <start_ns> <end_ns> error <why>" (Unix-epoch ns)
@@ -236,6 +237,14 @@ fn real_main() -> Result<()> {
                     }
                     let _ = std::io::stdout().flush();
                 });
+            }
+        }
+        // A pod sandbox's pause process: holds the pod's namespaces and does nothing.
+        "pause" => {
+            println!("paused");
+            std::io::stdout().flush()?;
+            loop {
+                std::thread::park();
             }
         }
         "serve" => {
