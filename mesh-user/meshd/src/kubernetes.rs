@@ -17,7 +17,7 @@
 //! Pods are found on the node by [`locate`]: one call, the node's pod locator.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -63,61 +63,21 @@ pub struct Options {
     pub proc_root: PathBuf,
 }
 
-/// Finds pod `pod` on this node: its pod-level cgroup (by UID, in the kubelet's systemd or
-/// cgroupfs layout) and the network namespace of a process in it. `None` while it is not
-/// there yet.
-pub fn locate(cgroup_root: &Path, proc_root: &Path, pod: &PodRef) -> Option<Located> {
-    let cgroup = pod_cgroup(cgroup_root, &pod.uid)?;
-    let pid = first_process(&cgroup)?;
-    Some(Located {
-        netns: proc_root.join(pid.to_string()).join("ns/net"),
-        cgroup,
-    })
-}
-
-/// The kubelet's pod cgroup for `uid`: `pod<uid>` (cgroupfs driver) or
-/// `kubepods[-<qos>]-pod<uid with _>.slice` (systemd driver), under `kubepods`/
-/// `kubepods.slice` and its QoS classes.
-fn pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
-    if uid.is_empty() {
-        return None;
-    }
-    let cgroupfs = format!("pod{uid}");
-    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
-    let mut dirs = vec![(root.to_path_buf(), 0)];
-    while let Some((dir, depth)) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            if name == cgroupfs || name.ends_with(&systemd) {
-                return Some(entry.path());
-            }
-            let qos_or_kubepods =
-                name.starts_with("kubepods") || name == "burstable" || name == "besteffort";
-            if depth < 3 && qos_or_kubepods {
-                dirs.push((entry.path(), depth + 1));
-            }
+/// Finds pod `pod` on this node with the node's pod locator
+/// ([`mesh_dataplane::kubepods::Locator`]): its pod-level cgroup (by UID, in the kubelet's
+/// systemd or cgroupfs layout) and the network namespace, among its processes', that holds its
+/// IP. `None` while it is not there yet (the reason is logged at debug level).
+pub fn locate(locator: &mesh_dataplane::kubepods::Locator, pod: &PodRef) -> Option<Located> {
+    match locator.locate(&pod.uid, &[std::net::IpAddr::V4(pod.ip)]) {
+        Ok(found) => Some(Located {
+            netns: found.netns,
+            cgroup: found.cgroup.path,
+        }),
+        Err(e) => {
+            tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "pod not found on the node yet");
+            None
         }
     }
-    None
-}
-
-/// A process in `cgroup` or below (the pod's sandbox or a container).
-fn first_process(cgroup: &Path) -> Option<u32> {
-    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
-    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
-        return Some(pid);
-    }
-    let entries = std::fs::read_dir(cgroup).ok()?;
-    entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .find_map(|e| first_process(&e.path()))
 }
 
 /// The client: an explicit URL, else kubeconfig or the in-cluster service account.
@@ -338,9 +298,8 @@ pub async fn run(opts: Options) -> Result<()> {
     wait("ServiceIntentions", &intentions.store).await?;
     wait("ServiceDefaults", &defaults.store).await?;
 
-    let cgroup_root = opts.cgroup_root.clone();
-    let proc_root = opts.proc_root.clone();
-    let locator = move |p: &PodRef| locate(&cgroup_root, &proc_root, p);
+    let pod_locator = mesh_dataplane::kubepods::Locator::new(&opts.cgroup_root, &opts.proc_root);
+    let locator = move |p: &PodRef| locate(&pod_locator, p);
     let snapshot = || ClusterObjects {
         node_name: opts.node_name.clone(),
         pods: owned(&pods.store),
@@ -623,52 +582,6 @@ pub struct ApiParts {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_kubelets_pod_cgroups_are_found_by_uid() {
-        let root = tempfile::tempdir().unwrap();
-        let uid = "6b1c2f9e-1d2a-4c1e-9f00-0123456789ab";
-        let systemd = root
-            .path()
-            .join("kubepods.slice/kubepods-burstable.slice")
-            .join(format!(
-                "kubepods-burstable-pod{}.slice",
-                uid.replace('-', "_")
-            ));
-        std::fs::create_dir_all(systemd.join("cri-containerd-abc.scope")).unwrap();
-        std::fs::write(systemd.join("cgroup.procs"), "").unwrap();
-        std::fs::write(
-            systemd.join("cri-containerd-abc.scope/cgroup.procs"),
-            "4242\n",
-        )
-        .unwrap();
-        let pod = PodRef {
-            namespace: "default".into(),
-            name: "web".into(),
-            uid: uid.into(),
-            ip: "10.91.1.2".parse().unwrap(),
-        };
-        let found = locate(root.path(), Path::new("/host/proc"), &pod).unwrap();
-        assert_eq!(found.cgroup, systemd);
-        assert_eq!(found.netns, PathBuf::from("/host/proc/4242/ns/net"));
-
-        let other = tempfile::tempdir().unwrap();
-        let cgroupfs = other
-            .path()
-            .join("kubepods/besteffort")
-            .join(format!("pod{uid}"));
-        std::fs::create_dir_all(&cgroupfs).unwrap();
-        std::fs::write(cgroupfs.join("cgroup.procs"), "").unwrap();
-        // No process yet: not located.
-        assert_eq!(locate(other.path(), Path::new("/proc"), &pod), None);
-        std::fs::write(cgroupfs.join("cgroup.procs"), "77\n").unwrap();
-        assert_eq!(
-            locate(other.path(), Path::new("/proc"), &pod)
-                .unwrap()
-                .cgroup,
-            cgroupfs
-        );
-    }
 
     #[test]
     fn statuses_are_consul_k8s_synced_conditions() {

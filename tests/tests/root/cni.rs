@@ -93,7 +93,13 @@ struct Cni {
 impl Cni {
     /// Runs `plugin` (`bridge` or `mesh-cni`) for `command` on `pod` as the runtime does:
     /// inside the node namespace, a clean environment with the CNI variables, `conf` on stdin.
-    fn plugin(&self, plugin: &str, command: &str, pod: &Sandbox, conf: &Value) -> Result<PluginRun> {
+    fn plugin(
+        &self,
+        plugin: &str,
+        command: &str,
+        pod: &Sandbox,
+        conf: &Value,
+    ) -> Result<PluginRun> {
         let dir = if plugin == "mesh-cni" {
             self.mesh_cni_dir.clone()
         } else {
@@ -164,7 +170,10 @@ impl Cni {
     /// DEL through the list in reverse order, each with the cached result; both must succeed.
     fn del(&self, pod: &Sandbox, result: Option<&Value>) -> Result<()> {
         let mesh = self.plugin("mesh-cni", "DEL", pod, &self.conf(1, result))?;
-        ensure!(mesh.code == 0 && mesh.stdout.is_empty(), "mesh-cni DEL: {mesh:?}");
+        ensure!(
+            mesh.code == 0 && mesh.stdout.is_empty(),
+            "mesh-cni DEL: {mesh:?}"
+        );
         let bridge = self.plugin("bridge", "DEL", pod, &self.conf(0, result))?;
         ensure!(bridge.code == 0, "bridge DEL: {bridge:?}");
         Ok(())
@@ -226,7 +235,10 @@ fn as_pod(pod: &Sandbox, ip: Ipv4Addr) -> Pod {
 fn error_object(run: &PluginRun) -> Result<Value> {
     ensure!(run.code != 0, "expected a failure: {run:?}");
     let v = run.json()?;
-    ensure!(v["cniVersion"] == "1.0.0", "error object without cniVersion: {v}");
+    ensure!(
+        v["cniVersion"] == "1.0.0",
+        "error object without cniVersion: {v}"
+    );
     Ok(v)
 }
 
@@ -306,12 +318,21 @@ fn a_chained_mesh_cni_meshes_pods_before_add_returns() -> Result<()> {
 
     // The agent runs before the pods' sandboxes exist, as a DaemonSet does: the catalog's
     // pods wait for their namespaces, and ADD is what meshes them.
-    let _namespaces = [api.create()?, web.create()?, outsider.create()?, bad.create()?];
+    let _namespaces = [
+        api.create()?,
+        web.create()?,
+        outsider.create()?,
+        bad.create()?,
+    ];
     let result = (|| -> Result<()> {
         // ADD: the pod is meshed when mesh-cni returns; its result is bridge's, unchanged.
         let (api_result, run) = cni.add(&api)?;
         ensure!(run.code == 0, "mesh-cni ADD of api: {run:?}");
-        assert_eq!(run.json()?, api_result, "prevResult passes through unchanged");
+        assert_eq!(
+            run.json()?,
+            api_result,
+            "prevResult passes through unchanged"
+        );
         assert_eq!(result_ip(&api_result)?, ip(0));
         // The app starts only now, as the runtime starts containers after ADD.
         let app = spawn_probe(
@@ -325,18 +346,37 @@ fn a_chained_mesh_cni_meshes_pods_before_add_returns() -> Result<()> {
         assert_eq!(result_ip(&web_result)?, ip(1));
         // A pod the agent does not know passes through after the agent's short wait.
         let (outsider_result, run) = cni.add(&outsider)?;
-        ensure!(run.code == 0, "mesh-cni ADD of a pod outside the mesh: {run:?}");
+        ensure!(
+            run.code == 0,
+            "mesh-cni ADD of a pod outside the mesh: {run:?}"
+        );
         assert_eq!(run.json()?, outsider_result);
         let outside = as_pod(&outsider, result_ip(&outsider_result)?);
         // The app is steered from its first moment: plaintext from another pod never gets it,
         // while web reaches it through the mesh.
-        mesh_kit::wait_for("the api app listening", Duration::from_secs(5), Duration::from_millis(50), || {
-            let listening = mesh_kit::run("ip", &["netns", "exec", &api.netns_name, "ss", "-Htln", "sport = :9091"])?;
-            Ok((!listening.trim().is_empty()).then_some(()))
-        })?;
+        mesh_kit::wait_for(
+            "the api app listening",
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || {
+                let listening = mesh_kit::run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &api.netns_name,
+                        "ss",
+                        "-Htln",
+                        "sport = :9091",
+                    ],
+                )?;
+                Ok((!listening.trim().is_empty()).then_some(()))
+            },
+        )?;
         let got = reach(&outside, SocketAddrV4::new(ip(0), 9091).into())?;
         assert!(
-            got.as_deref().map_or(true, |t| !t.contains("api says hello")),
+            got.as_deref()
+                .map_or(true, |t| !t.contains("api says hello")),
             "plaintext reached the app of a pod meshed by CNI ADD: {got:?}"
         );
         let fetch = spawn_probe(
@@ -372,7 +412,10 @@ fn a_chained_mesh_cni_meshes_pods_before_add_returns() -> Result<()> {
         let err = error_object(&run)?;
         assert_eq!(err["code"], 100, "{err}");
         assert!(
-            err["details"].as_str().unwrap_or_default().contains("sk_lookup"),
+            err["details"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("sk_lookup"),
             "{err}"
         );
 

@@ -192,7 +192,11 @@ fn the_locator_finds_every_pod_of_kubelet_containerd_and_crio_layouts() -> Resul
                 &root,
                 n,
                 &name,
-                Layout { driver, qos, runtime },
+                Layout {
+                    driver,
+                    qos,
+                    runtime,
+                },
                 &["serve", "0.0.0.0:9091", "hello"],
             )?;
             pods.push((root.clone(), pod));
@@ -202,7 +206,10 @@ fn the_locator_finds_every_pod_of_kubelet_containerd_and_crio_layouts() -> Resul
         let locator = Locator::new(root, "/proc");
         let found = locator.locate(&pod.uid, &ip(pod))?;
         assert_eq!(found.cgroup.path, pod.cgroup, "pod {}", pod.net.name);
-        assert_eq!((found.cgroup.driver, found.cgroup.qos), (pod.driver, pod.qos));
+        assert_eq!(
+            (found.cgroup.driver, found.cgroup.qos),
+            (pod.driver, pod.qos)
+        );
         assert_eq!(
             found.netns_id,
             netns_id(&pod.net.netns_path)?,
@@ -222,8 +229,10 @@ fn the_locator_finds_every_pod_of_kubelet_containerd_and_crio_layouts() -> Resul
             .map(|(_, p)| (p.uid.clone(), p.cgroup.clone()))
             .collect();
         want.sort_by(|a, b| a.1.cmp(&b.1));
-        let got: Vec<(String, PathBuf)> =
-            scanned.iter().map(|c| (c.uid.clone(), c.path.clone())).collect();
+        let got: Vec<(String, PathBuf)> = scanned
+            .iter()
+            .map(|c| (c.uid.clone(), c.path.clone()))
+            .collect();
         assert_eq!(got, want, "scan of {tag}");
         assert!(scanned.iter().all(|c| c.driver == driver));
     }
@@ -241,15 +250,27 @@ fn the_locator_refuses_pods_it_cannot_pin_down() -> Result<()> {
         .unwrap_err();
     assert!(matches!(err, LocateError::NoCgroup { .. }), "{err}");
     // The sandbox is being created: a pod cgroup, no process yet.
-    let empty = root.join(pod_cgroup_path(CgroupDriver::Systemd, QosClass::Burstable, &uid(91)));
+    let empty = root.join(pod_cgroup_path(
+        CgroupDriver::Systemd,
+        QosClass::Burstable,
+        &uid(91),
+    ));
     cgroup::create(&empty)?;
-    let err = locator.locate(&uid(91), &["10.1.1.1".parse()?]).unwrap_err();
+    let err = locator
+        .locate(&uid(91), &["10.1.1.1".parse()?])
+        .unwrap_err();
     assert!(matches!(err, LocateError::NoProcess { .. }), "{err}");
     // Only CRI-O's conmon so far: a process, in the host's namespace, which lacks the IP.
-    let conmon_only = root.join(pod_cgroup_path(CgroupDriver::Systemd, QosClass::BestEffort, &uid(92)));
+    let conmon_only = root.join(pod_cgroup_path(
+        CgroupDriver::Systemd,
+        QosClass::BestEffort,
+        &uid(92),
+    ));
     cgroup::create(&conmon_only)?;
     conmon(&mut node, &conmon_only, &container_id(92))?;
-    let err = locator.locate(&uid(92), &["10.1.1.1".parse()?]).unwrap_err();
+    let err = locator
+        .locate(&uid(92), &["10.1.1.1".parse()?])
+        .unwrap_err();
     assert!(
         matches!(err, LocateError::NoNetnsWithIp { namespaces: 1, .. }),
         "{err}"
@@ -314,7 +335,10 @@ pub fn start_meshd(node: &Node, catalog: &Path, state: &Path, extra: &[&str]) ->
         .arg(&node.mesh_cgroup)
         .args(extra)
         .env("NO_COLOR", "1")
-        .env("MESH_HTTP_ADDR", format!("unix://{}", state.join("api.sock").display()))
+        .env(
+            "MESH_HTTP_ADDR",
+            format!("unix://{}", state.join("api.sock").display()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -397,7 +421,11 @@ fn meshd_meshes_located_pods_that_were_running_before_it_started() -> Result<()>
             &root,
             n,
             &name,
-            Layout { driver, qos, runtime },
+            Layout {
+                driver,
+                qos,
+                runtime,
+            },
             &["serve", "0.0.0.0:9091", &greeting],
         )?;
         apps.push((root, pod, greeting));
@@ -447,7 +475,9 @@ fn meshd_meshes_located_pods_that_were_running_before_it_started() -> Result<()>
             } else {
                 let vip = Ipv4Addr::new(10, 96, node.subnet, 30 + vips.len() as u8);
                 vips.push((vip, name.clone()));
-                catalog.services.push(service(&service_name, Some(vip), &[ip]));
+                catalog
+                    .services
+                    .push(service(&service_name, Some(vip), &[ip]));
             }
             catalog.workloads.push(located_workload(
                 &name,
@@ -470,14 +500,17 @@ fn meshd_meshes_located_pods_that_were_running_before_it_started() -> Result<()>
             // Plaintext from outside the mesh no longer reaches the app.
             let got = reach(&outsider, SocketAddrV4::new(pod.net.ip, 9091).into())?;
             assert!(
-                got.as_deref().map_or(true, |t| !t.contains(greeting.as_str())),
+                got.as_deref()
+                    .map_or(true, |t| !t.contains(greeting.as_str())),
                 "plaintext reached {} after meshd started: {got:?}",
                 pod.net.name
             );
         }
         // The web app, in its container cgroup below the pod cgroup, reaches each app by its
         // virtual IP through the mesh (steered outbound, mTLS, inbound to the app).
-        let web_app = web.cgroup.join(format!("cri-containerd-{}.scope", container_id(99)));
+        let web_app = web
+            .cgroup
+            .join(format!("cri-containerd-{}.scope", container_id(99)));
         cgroup::create(&web_app)?;
         for (vip, name) in &vips {
             let child = spawn_probe(
