@@ -381,7 +381,7 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         )
     };
 
-    let web_addr = SocketAddr::from((web.ip, 9090));
+    let web_addr = SocketAddr::from(([127, 0, 0, 1], 9090));
     let db_url = SocketAddr::from((DB_VIP.parse::<Ipv4Addr>()?, 80));
     // web → db on node 1: allowed by the CR.
     until(Duration::from_secs(20), || {
