@@ -252,11 +252,12 @@ impl ApiServer {
                             async move { handle(&shared, method, uri, headers, body) }
                         },
                     );
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stopped.await;
-                        })
-                        .await;
+                    // No graceful shutdown: watch clients keep their connections, and a
+                    // dropped stand-in must go at once (as a killed API server does).
+                    tokio::select! {
+                        _ = axum::serve(listener, app) => {}
+                        _ = stopped => {}
+                    }
                 });
                 rt.shutdown_timeout(Duration::from_millis(100));
             })?;
