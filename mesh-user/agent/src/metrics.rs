@@ -34,6 +34,30 @@ pub struct MapLabel {
     pub map: String,
 }
 
+/// The label of `meshd kubernetes`'s watch health gauge.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabel {
+    /// The watched kind (`Pod`, `Service`, `EndpointSlice`, ...).
+    pub kind: String,
+}
+
+/// `meshd kubernetes`'s families: whether each watch is healthy, when the catalog was last
+/// computed from the API's objects, and how many of the node's pods cannot be meshed.
+#[derive(Clone, Debug, Default)]
+pub struct KubernetesMetrics {
+    /// `mesh_kubernetes_watch_healthy{kind}`: 1 while the kind's watch streams, 0 after an
+    /// error until it lists again.
+    pub watch_healthy: Family<KindLabel, Gauge>,
+    /// `mesh_kubernetes_last_sync_timestamp_seconds`: Unix time of the last catalog
+    /// computed from the API's objects and applied.
+    pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `mesh_kubernetes_pods_refused`: pods of this node that cannot be meshed (their CNI
+    /// `ADD` fails; the log says why).
+    pub pods_refused: Gauge,
+    /// `mesh_kubernetes_pods_pending`: meshed pods of this node not yet in the catalog.
+    pub pods_pending: Gauge,
+}
+
 /// What a kernel counter counts, the help text of its family.
 fn help(counter: KernelCounter) -> &'static str {
     match counter {
@@ -110,6 +134,7 @@ pub struct Metrics {
     intention_denied: Family<IntentionLabel, Counter>,
     map_entries: Family<MapLabel, Gauge>,
     map_capacity: Family<MapLabel, Gauge>,
+    kubernetes: KubernetesMetrics,
 }
 
 impl Default for Metrics {
@@ -165,6 +190,27 @@ impl Metrics {
             "Entries a kernel map holds at most",
             map_capacity.clone(),
         );
+        let kubernetes = KubernetesMetrics::default();
+        registry.register(
+            "mesh_kubernetes_watch_healthy",
+            "1 while meshd kubernetes's watch of the kind streams, 0 after an error until it lists again",
+            kubernetes.watch_healthy.clone(),
+        );
+        registry.register(
+            "mesh_kubernetes_last_sync_timestamp_seconds",
+            "Unix time of the last catalog computed from the Kubernetes API's objects and applied",
+            kubernetes.last_sync.clone(),
+        );
+        registry.register(
+            "mesh_kubernetes_pods_refused",
+            "Pods of this node that cannot be meshed",
+            kubernetes.pods_refused.clone(),
+        );
+        registry.register(
+            "mesh_kubernetes_pods_pending",
+            "Meshed pods of this node not yet in the catalog (no IP yet, or not found on the node)",
+            kubernetes.pods_pending.clone(),
+        );
         Self {
             registry,
             proxy,
@@ -173,6 +219,7 @@ impl Metrics {
             intention_denied,
             map_entries,
             map_capacity,
+            kubernetes,
         }
     }
 
@@ -180,6 +227,11 @@ impl Metrics {
     /// HTTP path's [`mesh_proxy::Metrics::record_request`]).
     pub fn proxy(&self) -> &mesh_proxy::Metrics {
         &self.proxy
+    }
+
+    /// `meshd kubernetes`'s families.
+    pub fn kubernetes(&self) -> &KubernetesMetrics {
+        &self.kubernetes
     }
 
     /// Every family in the OpenMetrics text format, ending with `# EOF`.

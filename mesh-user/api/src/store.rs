@@ -295,6 +295,18 @@ impl Store {
 }
 
 impl Store {
+    /// Refuses every intention write through the API from now on (`meshd kubernetes`: the
+    /// `ServiceIntentions` objects are the only source); reads still work. Not stored.
+    ///
+    /// # Errors
+    /// As [`Store::update`].
+    pub fn set_kubernetes_only(&self) -> Result<(), Error> {
+        self.update(|s| {
+            s.rules_mut().set_kubernetes_only(true);
+            Ok(())
+        })
+    }
+
     /// Makes the Kubernetes-managed intentions exactly `entries` and the managed
     /// `service-defaults` entries exactly `defaults` (see `RuleSet::sync_kubernetes_entries`,
     /// `RuleSet::write_kubernetes_defaults`), durably. Blocks on the disk.

@@ -5,6 +5,10 @@
 //! | `MESH_INSTANCE` | `--instance` | `default` | names the kernel pins (`/sys/fs/bpf/mesh/<instance>`) |
 //! | `MESH_STATE_DIR` | `--state-dir` | `/var/lib/mesh` | CA, intentions, tokens, applied manifests |
 //! | `MESH_HTTP_ADDR` | | `127.0.0.1:8500` | the API (`host:port`, `http://host:port`, `unix:///path`), as Consul's `CONSUL_HTTP_ADDR` |
+//! | `NODE_NAME` | `meshd kubernetes --node-name` | (required) | this node's name, the `spec.nodeName` of its pods (the DaemonSet sets it from `spec.nodeName`) |
+//! | `MESH_KUBE_API_URL` | `meshd kubernetes --kube-api-url` | kubeconfig or in-cluster | the Kubernetes API server's URL |
+//! | `MESH_CGROUP_ROOT` | `meshd kubernetes --cgroup-root` | `/sys/fs/cgroup` | the cgroup v2 root holding the kubelet's pod cgroups |
+//! | `MESH_PROC_ROOT` | `meshd kubernetes --proc-root` | `/proc` | the node's `/proc` (`/host/proc` in the DaemonSet) |
 //! | `MESH_METRICS_ADDR` | `--metrics-addr` | `127.0.0.1:20200` | the token-free `/metrics` listener for Prometheus (`ip:port`, or `off`); consul-k8s's merged metrics port |
 //! | `MESH_CNI_SOCKET` | `--cni-socket` | off (`/var/run/meshd/cni.sock` in the DaemonSet) | where `meshd run` answers `mesh-cni` (mode 0600) |
 //! | | `--cni-catalog-wait` | `3` s | how long a CNI `ADD` waits for its pod to appear in the catalog before it is not in the mesh |
@@ -213,6 +217,23 @@ impl CaArgs {
         Ok(cfg)
     }
 }
+
+/// The variable naming this node (`meshd kubernetes --node-name`); the Downward API's
+/// `spec.nodeName` in the DaemonSet.
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+/// The variable of the Kubernetes API server's URL (`meshd kubernetes --kube-api-url`); unset:
+/// kubeconfig or the in-cluster service account (kube's `Config::infer`).
+pub const KUBE_API_URL_ENV: &str = "MESH_KUBE_API_URL";
+/// The variable of the cgroup v2 root with the kubelet's pod cgroups.
+pub const CGROUP_ROOT_ENV: &str = "MESH_CGROUP_ROOT";
+/// The default cgroup v2 root.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The variable of the node's `/proc`.
+pub const PROC_ROOT_ENV: &str = "MESH_PROC_ROOT";
+/// The default `/proc`.
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
+/// What `meshd kubernetes` decides when no intention matches (consul-k8s with ACLs: deny).
+pub const DEFAULT_KUBERNETES_INTENTION_POLICY: &str = "deny";
 
 /// The default node name of `meshd local` (its namespaces are `<node>-*`).
 pub const DEFAULT_LOCAL_NODE: &str = "local";

@@ -6,6 +6,7 @@
 //! meshd uninstall [--catalog FILE]                               remove programs, pins, chains
 //! meshd local [--reset]                                          a single-node mesh for manifests
 //! meshd ca [--root-dir DIR] [--init]                             the mesh root; signs agents' leaves
+//! meshd kubernetes --node-name NODE [--kube-api-url URL]        the node agent of a cluster
 //! ```
 //!
 //! `run` re-reads the catalog on SIGHUP; SIGINT/SIGTERM stop the agent and leave the kernel
@@ -13,6 +14,7 @@
 
 mod cni;
 mod config;
+mod kubernetes;
 mod limits;
 mod sandbox;
 
@@ -143,6 +145,36 @@ enum Cmd {
         /// listener, as between nodes).
         #[arg(long, env = config::SAME_NODE_SPLICE_ENV, default_value_t = config::DEFAULT_SAME_NODE_SPLICE, action = clap::ArgAction::Set)]
         same_node_splice: bool,
+        /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
+        #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
+        metrics_addr: config::MetricsAddr,
+    },
+    /// The node agent of a Kubernetes cluster (a DaemonSet): this node's pods, the Services,
+    /// EndpointSlices, Namespaces, ServiceAccounts and consul-k8s's ServiceIntentions and
+    /// ServiceDefaults, watched from the API server.
+    Kubernetes {
+        #[command(flatten)]
+        common: Common,
+        /// This node's name (`spec.nodeName` of its pods).
+        #[arg(long, env = config::NODE_NAME_ENV)]
+        node_name: String,
+        /// The API server's URL; without it, kubeconfig or the in-cluster service account.
+        #[arg(long, env = config::KUBE_API_URL_ENV)]
+        kube_api_url: Option<String>,
+        /// The cgroup holding the agent and every pod; defaults to the cgroup v2 root.
+        #[arg(long)]
+        mesh_cgroup: Option<PathBuf>,
+        /// The cgroup v2 root with the kubelet's pod cgroups.
+        #[arg(long, env = config::CGROUP_ROOT_ENV, default_value = config::DEFAULT_CGROUP_ROOT)]
+        cgroup_root: PathBuf,
+        /// The node's /proc (`/host/proc` in the DaemonSet).
+        #[arg(long, env = config::PROC_ROOT_ENV, default_value = config::DEFAULT_PROC_ROOT)]
+        proc_root: PathBuf,
+        #[arg(long, default_value = "auto")]
+        redirect: Redirect,
+        /// The decision when no intention matches.
+        #[arg(long, default_value = config::DEFAULT_KUBERNETES_INTENTION_POLICY, value_parser = parse_action)]
+        default_intention_policy: Action,
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
@@ -314,6 +346,45 @@ fn main() -> Result<()> {
                     proxy,
                     metrics_addr,
                 ))
+        }
+        Cmd::Kubernetes {
+            common,
+            node_name,
+            kube_api_url,
+            mesh_cgroup,
+            cgroup_root,
+            proc_root,
+            redirect,
+            default_intention_policy,
+            metrics_addr,
+        } => {
+            let nofile = limits::raise_nofile()?;
+            let mut proxy = mesh_proxy::ProxyConfig::default();
+            limits::clamp(nofile, &mut proxy);
+            let mesh_cgroup = match mesh_cgroup {
+                Some(p) => p,
+                None => mesh_dataplane::cgroup::v2_root()?,
+            };
+            let agent = AgentConfig {
+                instance: common.instance,
+                state_dir: common.state_dir,
+                mesh_cgroup,
+                redirect,
+                default_policy: default_intention_policy,
+                msg_redirect: true,
+                proxy,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(kubernetes::run(kubernetes::Options {
+                    node_name,
+                    kube_api_url,
+                    agent,
+                    metrics_addr,
+                    cgroup_root,
+                    proc_root,
+                }))
         }
         Cmd::Exec {
             cgroup,

@@ -214,6 +214,14 @@ pub struct ApiServer {
 impl ApiServer {
     /// Serves on `127.0.0.1:<ephemeral>` until dropped.
     pub fn start() -> Result<ApiServer> {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("binding the stand-in")?;
+        ApiServer::serve(listener)
+    }
+
+    /// Serves on `listener` (e.g. one bound inside a node's network namespace, so that agents
+    /// in other namespaces reach it) until dropped.
+    pub fn serve(listener: std::net::TcpListener) -> Result<ApiServer> {
         let (changes, _) = broadcast::channel(HISTORY);
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
@@ -223,8 +231,6 @@ impl ApiServer {
             changes,
             epoch: watch::channel(0).0,
         });
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("binding the stand-in")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -246,11 +252,12 @@ impl ApiServer {
                             async move { handle(&shared, method, uri, headers, body) }
                         },
                     );
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stopped.await;
-                        })
-                        .await;
+                    // No graceful shutdown: watch clients keep their connections, and a
+                    // dropped stand-in must go at once (as a killed API server does).
+                    tokio::select! {
+                        _ = axum::serve(listener, app) => {}
+                        _ = stopped => {}
+                    }
                 });
                 rt.shutdown_timeout(Duration::from_millis(100));
             })?;

@@ -10,6 +10,7 @@ mod cross_node;
 mod dataplane;
 mod examples;
 mod kubepods;
+mod kubernetes;
 mod local;
 mod mesh;
 mod metrics;

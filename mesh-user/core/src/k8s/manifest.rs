@@ -103,6 +103,39 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Parses one object as the Kubernetes API returns it (JSON, with `status`,
+    /// `managedFields` and the other server-set fields, which are ignored), through the same
+    /// validation as a manifest's objects: `meshd kubernetes` and `meshd local` read
+    /// annotations, ports and selectors with the same code. Returns the object and the
+    /// warnings it draws.
+    ///
+    /// # Errors
+    ///
+    /// As [`Manifest::parse`] for one document: the object's kind is not modelled
+    /// ([`Error::Document`]), or a field or annotation is wrong ([`Error::Field`],
+    /// [`Error::Object`], [`Error::Upstream`]).
+    pub fn parse_api_object(
+        object: &serde_json::Value,
+        options: &ParseOptions,
+    ) -> Result<(Object, Vec<String>), Error> {
+        let value = serde_norway::to_value(object).map_err(|e| Error::Document {
+            document: 1,
+            message: e.to_string(),
+        })?;
+        let mut manifest = Manifest::default();
+        manifest.add_value(1, value, options)?;
+        match manifest.entries.pop() {
+            Some((_, object)) => Ok((object, manifest.warnings)),
+            None => Err(Error::Document {
+                document: 1,
+                message: format!(
+                    "{} is not a kind the mesh reads",
+                    object["kind"].as_str().unwrap_or("(no kind)")
+                ),
+            }),
+        }
+    }
+
     /// The modelled objects, in document order.
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
         self.entries.iter().map(|(_, o)| o)

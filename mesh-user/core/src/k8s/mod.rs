@@ -54,6 +54,7 @@
 #![forbid(unsafe_code)]
 
 pub mod applied;
+pub mod cluster;
 pub mod crd;
 
 mod manifest;
@@ -71,7 +72,10 @@ pub use objects::{
     Namespace, Object, Pod, PodSpec, PodTemplate, Protocol, SelectorOperator, SelectorRequirement,
     Service, ServiceAccount, ServicePort, TargetPort, MAX_REPLICAS,
 };
-pub use state::{DesiredState, IdentitySource, MeshWorkload, Owner, Workload};
+pub use state::{
+    mesh_identity, mesh_services_selecting, DesiredState, IdentityRules, IdentitySource,
+    MeshWorkload, Owner, Workload,
+};
 pub use upstreams::{
     parse_upstream, parse_upstreams, DestinationType, MeshGatewayMode, Upstream, UpstreamSyntax,
 };

@@ -305,9 +305,7 @@ impl DesiredState {
         namespace: &'a str,
         labels: &'a BTreeMap<String, String>,
     ) -> impl Iterator<Item = &'a Service> + 'a {
-        self.services
-            .iter()
-            .filter(move |s| s.namespace == namespace && !s.mesh_ignored() && s.selects(labels))
+        mesh_services_selecting(&self.services, namespace, labels)
     }
 
     /// The workload (pod) `name` in `namespace`.
@@ -330,92 +328,182 @@ impl DesiredState {
         namespace: &str,
         template: &PodTemplate,
     ) -> Result<Option<MeshWorkload>, Error> {
-        let Some(mesh) = &template.mesh else {
-            return Ok(None);
-        };
-        if SYSTEM_NAMESPACES.contains(&namespace) {
-            self.warnings.push(format!(
-                "{label}: connect-inject is ignored in namespace {namespace}"
-            ));
-            return Ok(None);
-        }
-        let selecting: Vec<String> = self
-            .mesh_services_selecting(namespace, &template.labels)
-            .map(|s| s.name.clone())
-            .collect();
-        let sa = template.spec.service_account.as_deref();
-        let (service, source) = if let Some(name) = &mesh.service {
-            (name.clone(), IdentitySource::Annotation)
-        } else if let Some(k8s_service) = &mesh.kubernetes_service {
-            // consul-k8s registers the pod under the Service it names, which must select it.
-            if !selecting.contains(k8s_service) {
-                return Err(Error::Object {
-                    object: label.to_string(),
-                    message: format!(
-                        "consul.hashicorp.com/kubernetes-service names Service {k8s_service}, \
-                         which does not select this pod in namespace {namespace} (selecting: \
-                         {})",
-                        if selecting.is_empty() {
-                            "none".to_string()
-                        } else {
-                            selecting.join(", ")
-                        }
-                    ),
-                });
-            }
-            (k8s_service.clone(), IdentitySource::Service)
-        } else if selecting.len() > 1 {
+        let selecting: Vec<&Service> =
+            mesh_services_selecting(&self.services, namespace, &template.labels).collect();
+        mesh_identity(
+            label,
+            namespace,
+            template,
+            &selecting,
+            IdentityRules::LOCAL,
+            &mut self.warnings,
+        )
+    }
+}
+
+/// How [`mesh_identity`] picks and checks a pod's service identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityRules {
+    /// When no Service selects the pod, take its service account's name (with a warning)
+    /// instead of refusing it. consul-k8s never registers such a pod; the local runner does,
+    /// so that single pods without Services can be tried.
+    pub service_account_fallback: bool,
+    /// consul-k8s with ACLs on: the pod's service account must be named as its service (else
+    /// connect-init refuses the pod). Off, a mismatch is a warning.
+    pub acls: bool,
+}
+
+impl IdentityRules {
+    /// `meshd local`: service-account fallback, mismatches warned about.
+    pub const LOCAL: IdentityRules = IdentityRules {
+        service_account_fallback: true,
+        acls: false,
+    };
+    /// `meshd kubernetes`: consul-k8s with ACLs, as its tutorials run it.
+    pub const KUBERNETES: IdentityRules = IdentityRules {
+        service_account_fallback: false,
+        acls: true,
+    };
+}
+
+/// The Services of `services` in `namespace` that select pods labelled `labels`
+/// (consul-k8s's view: Services labelled `consul.hashicorp.com/service-ignore: "true"` are left
+/// out). The one rule for which Services a pod belongs to, in `meshd local` and
+/// `meshd kubernetes`.
+pub fn mesh_services_selecting<'a>(
+    services: impl IntoIterator<Item = &'a Service> + 'a,
+    namespace: &'a str,
+    labels: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = &'a Service> + 'a {
+    services
+        .into_iter()
+        .filter(move |s| s.namespace == namespace && !s.mesh_ignored() && s.selects(labels))
+}
+
+/// The mesh side of a pod whose `connect-inject` annotation is on (`Ok(None)` when it is off,
+/// or the pod is in `kube-system`/`kube-public`): its service identity, as consul-k8s picks
+/// it, and its parsed annotations. `selecting` are the mesh Services selecting the pod
+/// ([`mesh_services_selecting`]); `label` names the pod in errors and `warnings`.
+///
+/// consul-k8s's rules: the `consul.hashicorp.com/connect-service` annotation, else the Service
+/// named by `consul.hashicorp.com/kubernetes-service` (which must select the pod), else the one
+/// Service selecting the pod (several are an error). With [`IdentityRules::acls`], the service
+/// account must carry the service's name, as connect-init checks.
+///
+/// # Errors
+///
+/// [`Error::Object`] naming why the pod cannot join the mesh.
+pub fn mesh_identity(
+    label: &str,
+    namespace: &str,
+    template: &PodTemplate,
+    selecting: &[&Service],
+    rules: IdentityRules,
+    warnings: &mut Vec<String>,
+) -> Result<Option<MeshWorkload>, Error> {
+    let Some(mesh) = &template.mesh else {
+        return Ok(None);
+    };
+    if SYSTEM_NAMESPACES.contains(&namespace) {
+        warnings.push(format!(
+            "{label}: connect-inject is ignored in namespace {namespace}"
+        ));
+        return Ok(None);
+    }
+    let selecting: Vec<String> = selecting.iter().map(|s| s.name.clone()).collect();
+    let sa = template.spec.service_account.as_deref();
+    let (service, source) = if let Some(name) = &mesh.service {
+        (name.clone(), IdentitySource::Annotation)
+    } else if let Some(k8s_service) = &mesh.kubernetes_service {
+        // consul-k8s registers the pod under the Service it names, which must select it.
+        if !selecting.contains(k8s_service) {
             return Err(Error::Object {
                 object: label.to_string(),
                 message: format!(
-                    "selected by more than one Service ({}); consul-k8s needs exactly one: label \
-                     the others consul.hashicorp.com/service-ignore: \"true\" or set the \
-                     consul.hashicorp.com/connect-service annotation",
-                    selecting.join(", ")
+                    "consul.hashicorp.com/kubernetes-service names Service {k8s_service}, \
+                     which does not select this pod in namespace {namespace} (selecting: \
+                     {})",
+                    if selecting.is_empty() {
+                        "none".to_string()
+                    } else {
+                        selecting.join(", ")
+                    }
                 ),
             });
-        } else if let Some(name) = selecting.first() {
-            (name.clone(), IdentitySource::Service)
-        } else if let Some(sa) = sa.filter(|sa| *sa != "default") {
-            self.warnings.push(format!(
-                "{label}: no Service selects this pod (consul-k8s would not register it); \
-                 using its service account {sa} as its service identity"
-            ));
-            (sa.to_string(), IdentitySource::ServiceAccount)
-        } else {
+        }
+        (k8s_service.clone(), IdentitySource::Service)
+    } else if selecting.len() > 1 {
+        return Err(Error::Object {
+            object: label.to_string(),
+            message: format!(
+                "selected by more than one Service ({}); consul-k8s needs exactly one: label \
+                 the others consul.hashicorp.com/service-ignore: \"true\" or set the \
+                 consul.hashicorp.com/connect-service annotation",
+                selecting.join(", ")
+            ),
+        });
+    } else if let Some(name) = selecting.first() {
+        (name.clone(), IdentitySource::Service)
+    } else if let Some(sa) = sa.filter(|sa| *sa != "default" && rules.service_account_fallback) {
+        warnings.push(format!(
+            "{label}: no Service selects this pod (consul-k8s would not register it); \
+             using its service account {sa} as its service identity"
+        ));
+        (sa.to_string(), IdentitySource::ServiceAccount)
+    } else if rules.service_account_fallback {
+        return Err(Error::Object {
+            object: label.to_string(),
+            message: "connect-inject is on but no Service selects the pod and it has \
+                      neither a consul.hashicorp.com/connect-service annotation nor a \
+                      service account to name its identity"
+                .into(),
+        });
+    } else {
+        return Err(Error::Object {
+            object: label.to_string(),
+            message: format!(
+                "connect-inject is on but no Service selects the pod in namespace \
+                 {namespace} and it has no consul.hashicorp.com/connect-service annotation \
+                 (consul-k8s registers a pod through the Service that selects it)"
+            ),
+        });
+    };
+    let sa_name = sa.unwrap_or("default");
+    if sa_name != service {
+        if rules.acls {
+            // consul-k8s's connect-init, with ACLs on.
             return Err(Error::Object {
                 object: label.to_string(),
-                message: "connect-inject is on but no Service selects the pod and it has \
-                          neither a consul.hashicorp.com/connect-service annotation nor a \
-                          service account to name its identity"
-                    .into(),
+                message: format!(
+                    "service account name {sa_name} doesn't match Consul service name \
+                     {service}: with ACLs the pod's serviceAccountName must be the service's \
+                     name"
+                ),
             });
-        };
-        if let Some(sa) = sa {
-            if sa != service && sa != "default" {
-                self.warnings.push(format!(
-                    "{label}: service account name {sa} doesn't match Consul service name \
-                     {service} (consul-k8s refuses this pod when ACLs are enabled)"
-                ));
-            }
         }
-        Ok(Some(MeshWorkload {
-            service,
-            identity_source: source,
-            upstreams: mesh.upstreams.clone(),
-            transparent_proxy: mesh.transparent_proxy,
-            exclude_inbound_ports: mesh.exclude_inbound_ports.clone(),
-            service_port: mesh.service_port,
-            tags: mesh.tags.clone(),
-            meta: mesh.meta.clone(),
-        }))
+        if sa.is_some() && sa_name != "default" {
+            warnings.push(format!(
+                "{label}: service account name {sa_name} doesn't match Consul service name \
+                 {service} (consul-k8s refuses this pod when ACLs are enabled)"
+            ));
+        }
     }
+    Ok(Some(MeshWorkload {
+        service,
+        identity_source: source,
+        upstreams: mesh.upstreams.clone(),
+        transparent_proxy: mesh.transparent_proxy,
+        exclude_inbound_ports: mesh.exclude_inbound_ports.clone(),
+        service_port: mesh.service_port,
+        tags: mesh.tags.clone(),
+        meta: mesh.meta.clone(),
+    }))
 }
 
 /// consul-k8s's order: the pod's `consul.hashicorp.com/transparent-proxy` annotation, else its
 /// namespace's label of that name. `"false"` is refused either way (see the pod annotation's
 /// refusal); a label that is not a boolean is an error naming the namespace.
-fn check_namespace_tproxy(
+pub(crate) fn check_namespace_tproxy(
     label: &str,
     namespace: &str,
     mesh: &super::MeshAnnotations,

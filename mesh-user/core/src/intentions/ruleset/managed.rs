@@ -54,6 +54,16 @@ impl RuleSet {
         destination: &ServiceName,
         meta: &BTreeMap<String, String>,
     ) -> Result<()> {
+        if self.kubernetes_only {
+            return Err(Error::ReadOnly {
+                message: format!(
+                    "this agent runs in a Kubernetes cluster (meshd kubernetes), where intentions \
+                     come from ServiceIntentions objects (consul.hashicorp.com/v1alpha1) shared \
+                     by every node; a write here would hold on this node only. Create or change \
+                     the ServiceIntentions object for {destination} with kubectl instead"
+                ),
+            });
+        }
         if self.managed_by_kubernetes(destination) {
             return Err(Error::ReadOnly {
                 message: format!(

@@ -67,6 +67,10 @@ pub struct RuleSet {
     index: u64,
     next_counter: u32,
     service_defaults: BTreeMap<ServiceName, super::ServiceDefaultsEntry>,
+    /// `meshd kubernetes`: intentions come from `ServiceIntentions` objects only; every write
+    /// through the API is refused (it would hold on one node only). Not stored: each start
+    /// sets it.
+    kubernetes_only: bool,
 }
 
 impl Default for RuleSet {
@@ -93,7 +97,14 @@ impl RuleSet {
             index: 0,
             next_counter: 0,
             service_defaults: BTreeMap::new(),
+            kubernetes_only: false,
         }
+    }
+
+    /// Refuses (`true`) every intention write through the API, as `meshd kubernetes` does:
+    /// there the `ServiceIntentions` objects are the only source, shared by every node.
+    pub fn set_kubernetes_only(&mut self, on: bool) {
+        self.kubernetes_only = on;
     }
 
     /// What happens to connections no intention matches.

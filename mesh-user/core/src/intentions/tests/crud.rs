@@ -121,3 +121,24 @@ fn intention_json_shape() {
     assert_eq!(back.normalize().unwrap().source, sn("web"));
     assert_eq!(back.meta, s.meta);
 }
+
+#[test]
+fn kubernetes_only_refuses_every_api_write_and_keeps_reads() {
+    let mut rules = RuleSet::new();
+    let id = create(&mut rules, "web", "db", Action::Allow);
+    rules.set_kubernetes_only(true);
+    let before = snapshot(&rules);
+    let err = rules
+        .create(&spec("web", "api", Action::Allow), false)
+        .unwrap_err();
+    assert!(matches!(err, Error::ReadOnly { .. }));
+    let message = err.to_string();
+    assert!(
+        message.contains("ServiceIntentions") && message.contains("consul.hashicorp.com/v1alpha1"),
+        "{message}"
+    );
+    assert!(rules.delete(&id).is_err());
+    assert_eq!(snapshot(&rules), before);
+    // Reads still work.
+    assert_eq!(rules.get(&id).map(|i| i.action), Some(Action::Allow));
+}

@@ -1,0 +1,603 @@
+//! `meshd kubernetes`: the node agent of a Kubernetes cluster.
+//!
+//! kube-runtime watchers and reflectors keep this node's Pods (field selector
+//! `spec.nodeName=<node>`), the Services, EndpointSlices, Namespaces and ServiceAccounts of
+//! every namespace, and consul-k8s's `ServiceIntentions` and `ServiceDefaults`. Each watcher
+//! re-lists on `410 Gone`, asks for bookmarks, and backs off on errors (kube-runtime's default
+//! back-off); while a watch fails, the last state stays enforced, the error is logged and
+//! `mesh_kubernetes_watch_healthy{kind}` is 0.
+//!
+//! On every change (coalesced over [`SETTLE`]) the objects are translated
+//! ([`mesh_core::k8s::cluster::translate`]) and applied: the catalog to the agent, the CRDs'
+//! entries to the API's store (`Store::sync_kubernetes_entries`, as `meshd local` does), and
+//! each CRD's `status` gets consul-k8s's `Synced` condition. Intention writes through the HTTP
+//! API are refused (they would hold on this node only); reads work, and CRD intentions show
+//! `Meta["external-source"] = "kubernetes"`.
+//!
+//! Pods are found on the node by [`locate`]: one call, the node's pod locator.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use mesh_agent::metrics::{KindLabel, Metrics};
+use mesh_agent::{Agent, AgentConfig};
+use mesh_core::catalog::Update;
+use mesh_core::intentions::SyncOutcome;
+use mesh_core::k8s::cluster::{self, ClusterObjects, CrRef, Located, PodRef, Translation};
+use serde_json::{json, Value};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+/// How long changes are gathered before the catalog is recomputed.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// The CRDs' group and version.
+const CONSUL_GROUP: &str = "consul.hashicorp.com";
+const CONSUL_VERSION: &str = "v1alpha1";
+
+/// What `meshd kubernetes` is told.
+pub struct Options {
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node_name: String,
+    /// The API server's URL; `None`: kubeconfig or in-cluster config (`Config::infer`).
+    pub kube_api_url: Option<String>,
+    /// The agent's configuration (instance, state directory, redirect, policy, proxy).
+    pub agent: AgentConfig,
+    /// The `/metrics` listener.
+    pub metrics_addr: crate::config::MetricsAddr,
+    /// The cgroup v2 root where the kubelet's pod cgroups are (`/sys/fs/cgroup`).
+    pub cgroup_root: PathBuf,
+    /// The `/proc` of the node's PID namespace (`/host/proc` in the DaemonSet).
+    pub proc_root: PathBuf,
+}
+
+/// Finds pod `pod` on this node with the node's pod locator
+/// ([`mesh_dataplane::kubepods::Locator`]): its pod-level cgroup (by UID, in the kubelet's
+/// systemd or cgroupfs layout) and the network namespace, among its processes', that holds its
+/// IP. `None` while it is not there yet (the reason is logged at debug level).
+pub fn locate(locator: &mesh_dataplane::kubepods::Locator, pod: &PodRef) -> Option<Located> {
+    match locator.locate(&pod.uid, &[std::net::IpAddr::V4(pod.ip)]) {
+        Ok(found) => Some(Located {
+            netns: found.netns,
+            cgroup: found.cgroup.path,
+        }),
+        Err(e) => {
+            tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "pod not found on the node yet");
+            None
+        }
+    }
+}
+
+/// The client: an explicit URL, else kubeconfig or the in-cluster service account.
+async fn client(url: Option<&str>) -> Result<Client> {
+    let config = match url {
+        Some(url) => kube::Config::new(
+            url.parse()
+                .with_context(|| format!("--kube-api-url {url:?} is not a URL"))?,
+        ),
+        None => kube::Config::infer().await.context(
+            "no Kubernetes API configuration (kubeconfig, in-cluster, or --kube-api-url)",
+        )?,
+    };
+    Client::try_from(config).context("the Kubernetes client")
+}
+
+/// One watched kind: its reflector's store, and whether its watch is healthy.
+struct Watched<K: kube::Resource + Clone + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store: Store<K>,
+}
+
+/// Starts the reflector of `api` (filtered by `config`) and returns its store. Every event
+/// wakes `changed`; the kind's health goes to `metrics`.
+fn watch<K>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+    changed: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) -> Watched<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Default + Send + Sync,
+{
+    let writer = reflector::store::Writer::new(dyntype);
+    let store = writer.as_reader();
+    let healthy = metrics
+        .kubernetes()
+        .watch_healthy
+        .get_or_create(&KindLabel { kind: kind.into() })
+        .clone();
+    healthy.set(0);
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let was_healthy = AtomicBool::new(false);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    if !was_healthy.swap(true, Ordering::Relaxed) {
+                        info!(kind, "watch healthy");
+                    }
+                    healthy.set(1);
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    if was_healthy.swap(false, Ordering::Relaxed) {
+                        warn!(kind, error = %e, "watch failed; the last state stays enforced, retrying with back-off");
+                    } else {
+                        warn!(kind, error = %e, "watch still failing; retrying with back-off");
+                    }
+                    healthy.set(0);
+                }
+            }
+        }
+    });
+    Watched { store }
+}
+
+fn values(store: &Store<DynamicObject>) -> Vec<Value> {
+    store
+        .state()
+        .iter()
+        .filter_map(|o| serde_json::to_value(&**o).ok())
+        .collect()
+}
+
+fn owned<K: kube::Resource + Clone>(store: &Store<K>) -> Vec<K>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store.state().iter().map(|o| (**o).clone()).collect()
+}
+
+/// The status consul-k8s's controllers write: one `Synced` condition (`True`, or `False` with a
+/// reason and message) and, when synced, `lastSyncedTime` (consul-k8s `api/common`
+/// `Status`/`Condition`).
+pub fn synced_status(outcome: &SyncResult, now: &str) -> Value {
+    match outcome {
+        Ok(()) => json!({
+            "conditions": [{"type": "Synced", "status": "True", "lastTransitionTime": now}],
+            "lastSyncedTime": now,
+        }),
+        Err((reason, message)) => json!({
+            "conditions": [{
+                "type": "Synced", "status": "False", "lastTransitionTime": now,
+                "reason": reason, "message": message,
+            }],
+        }),
+    }
+}
+
+/// `meshd kubernetes`, until SIGINT/SIGTERM.
+pub async fn run(opts: Options) -> Result<()> {
+    let client = client(opts.kube_api_url.as_deref()).await?;
+    let metrics = Arc::new(Metrics::new());
+    let (server, hooks, status, published, rules, changes) = crate::start_api(
+        &opts.agent.state_dir,
+        opts.agent.default_policy,
+        None,
+        &metrics,
+    )
+    .await?;
+    let api = ApiParts {
+        server,
+        hooks,
+        status,
+        published,
+        rules,
+        changes,
+    };
+    let ApiParts {
+        server,
+        hooks,
+        status,
+        published,
+        rules,
+        mut changes,
+    } = api;
+    server
+        .store()
+        .set_kubernetes_only()
+        .context("making the API's intentions read-only")?;
+    let metrics_server = crate::start_metrics(opts.metrics_addr, &metrics).await?;
+
+    let changed = Arc::new(Notify::new());
+    let node_selector = format!("spec.nodeName={}", opts.node_name);
+    let pods = watch(
+        "Pod",
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().fields(&node_selector),
+        (),
+        changed.clone(),
+        metrics.clone(),
+    );
+    let services = watch(
+        "Service",
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        (),
+        changed.clone(),
+        metrics.clone(),
+    );
+    let slices = watch(
+        "EndpointSlice",
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        (),
+        changed.clone(),
+        metrics.clone(),
+    );
+    let namespaces = watch(
+        "Namespace",
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        (),
+        changed.clone(),
+        metrics.clone(),
+    );
+    let accounts = watch(
+        "ServiceAccount",
+        Api::<ServiceAccount>::all(client.clone()),
+        watcher::Config::default(),
+        (),
+        changed.clone(),
+        metrics.clone(),
+    );
+    let crd = |kind: &str, plural: &str| {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(CONSUL_GROUP, CONSUL_VERSION, kind),
+            plural,
+        )
+    };
+    let si_resource = crd("ServiceIntentions", "serviceintentions");
+    let sd_resource = crd("ServiceDefaults", "servicedefaults");
+    let intentions = watch_dynamic(
+        "ServiceIntentions",
+        &client,
+        &si_resource,
+        changed.clone(),
+        metrics.clone(),
+    );
+    let defaults = watch_dynamic(
+        "ServiceDefaults",
+        &client,
+        &sd_resource,
+        changed.clone(),
+        metrics.clone(),
+    );
+
+    // The first catalog waits for every kind's first list: a partial view would remove pods.
+    info!(node = %opts.node_name, "listing the cluster's objects");
+    wait("Pod", &pods.store).await?;
+    wait("Service", &services.store).await?;
+    wait("EndpointSlice", &slices.store).await?;
+    wait("Namespace", &namespaces.store).await?;
+    wait("ServiceAccount", &accounts.store).await?;
+    wait("ServiceIntentions", &intentions.store).await?;
+    wait("ServiceDefaults", &defaults.store).await?;
+
+    let pod_locator = mesh_dataplane::kubepods::Locator::new(&opts.cgroup_root, &opts.proc_root);
+    let locator = move |p: &PodRef| locate(&pod_locator, p);
+    let snapshot = || ClusterObjects {
+        node_name: opts.node_name.clone(),
+        pods: owned(&pods.store),
+        services: owned(&services.store),
+        endpoint_slices: owned(&slices.store),
+        namespaces: owned(&namespaces.store),
+        service_accounts: owned(&accounts.store),
+        service_intentions: values(&intentions.store),
+        service_defaults: values(&defaults.store),
+    };
+    let translation = cluster::translate(&snapshot(), &locator);
+    let mut written: BTreeMap<(&'static str, CrRef), Value> = BTreeMap::new();
+    sync_crds(
+        &server,
+        &client,
+        &si_resource,
+        &sd_resource,
+        &translation,
+        &mut written,
+    )
+    .await;
+    report(&translation, &metrics);
+    // The CRDs' entries reach the rules through `changes`; start with what the store holds now.
+    let rules = changes.try_recv().unwrap_or(rules);
+    let count = rules.len();
+    let node = opts.node_name.clone();
+    let mut agent = Agent::start_with_metrics(
+        opts.agent,
+        translation.catalog.clone(),
+        rules,
+        metrics.clone(),
+    )
+    .await?;
+    crate::publish_status(&agent, &status, count);
+    published.publish(crate::catalog_snapshot(&agent, &node));
+    metrics.kubernetes().last_sync.set(unix_now());
+    info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), services = agent.catalog().services.len(), "meshd kubernetes ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            Some(rules) = changes.recv() => crate::apply_rules(&mut agent, &status, rules),
+            _ = changed.notified() => {
+                tokio::time::sleep(SETTLE).await;
+                let translation = cluster::translate(&snapshot(), &locator);
+                sync_crds(&server, &client, &si_resource, &sd_resource, &translation, &mut written).await;
+                report(&translation, &metrics);
+                if translation.catalog != *agent.catalog() {
+                    match agent.apply(Update::Full(translation.catalog.clone())).await {
+                        Ok(diff) => info!(?diff, "catalog applied"),
+                        Err(e) => error!(error = %e, "catalog refused; the last one stays enforced"),
+                    }
+                }
+                metrics.kubernetes().last_sync.set(unix_now());
+                published.publish(crate::catalog_snapshot(&agent, &node));
+            }
+            _ = tick.tick() => {
+                // Pods whose process appeared since (pending on the locator) are found here.
+                let translation = cluster::translate(&snapshot(), &locator);
+                if translation.catalog != *agent.catalog() {
+                    report(&translation, &metrics);
+                    match agent.apply(Update::Full(translation.catalog.clone())).await {
+                        Ok(diff) => info!(?diff, "catalog applied"),
+                        Err(e) => error!(error = %e, "catalog refused; the last one stays enforced"),
+                    }
+                }
+                crate::publish_counters(&agent, &hooks);
+                published.publish(crate::catalog_snapshot(&agent, &node));
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    server.shutdown().await;
+    if let Some(server) = metrics_server {
+        server.shutdown().await;
+    }
+    info!("meshd stopping; kernel programs stay attached");
+    Ok(())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Waits for the first list of `kind`.
+async fn wait<K: kube::Resource + Clone + 'static>(kind: &str, store: &Store<K>) -> Result<()>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store
+        .wait_until_ready()
+        .await
+        .map_err(|e| anyhow::anyhow!("the first list of {kind}: {e}"))
+}
+
+fn watch_dynamic(
+    kind: &'static str,
+    client: &Client,
+    resource: &ApiResource,
+    changed: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) -> Watched<DynamicObject> {
+    let writer = reflector::store::Writer::new(resource.clone());
+    let store = writer.as_reader();
+    let healthy = metrics
+        .kubernetes()
+        .watch_healthy
+        .get_or_create(&KindLabel { kind: kind.into() })
+        .clone();
+    healthy.set(0);
+    let api = Api::<DynamicObject>::all_with(client.clone(), resource);
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut was_healthy = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    if !was_healthy {
+                        info!(kind, "watch healthy");
+                    }
+                    was_healthy = true;
+                    healthy.set(1);
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    warn!(kind, error = %e, "watch failed; the last state stays enforced, retrying with back-off");
+                    was_healthy = false;
+                    healthy.set(0);
+                }
+            }
+        }
+    });
+    Watched { store }
+}
+
+/// Logs the refused and pending pods and sets their gauges.
+fn report(t: &Translation, metrics: &Metrics) {
+    for r in &t.refused {
+        error!(pod = %format!("{}/{}", r.namespace, r.name), reason = %r.reason, "pod cannot be meshed; it must not run");
+    }
+    for w in &t.warnings {
+        warn!("{w}");
+    }
+    metrics
+        .kubernetes()
+        .pods_refused
+        .set(t.refused.len() as i64);
+    metrics
+        .kubernetes()
+        .pods_pending
+        .set(t.pending.len() as i64);
+}
+
+/// A CRD's sync: `Ok`, or consul-k8s's reason and a message.
+type SyncResult = Result<(), (String, String)>;
+
+/// Writes the CRDs' entries to the store and their `Synced` conditions to the API server (a
+/// status is written only when it changes).
+async fn sync_crds(
+    server: &mesh_api::Server,
+    client: &Client,
+    si_resource: &ApiResource,
+    sd_resource: &ApiResource,
+    t: &Translation,
+    written: &mut BTreeMap<(&'static str, CrRef), Value>,
+) {
+    let store = server.store().clone();
+    let entries = t.intention_entries();
+    let defaults = t.defaults_entries();
+    let sync =
+        tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries, &defaults))
+            .await;
+    let sync = match sync {
+        Ok(Ok(sync)) => Some(sync),
+        Ok(Err(e)) => {
+            error!(error = %e, "storing the CRDs' intentions");
+            None
+        }
+        Err(e) => {
+            error!(error = %e, "storing the CRDs' intentions");
+            None
+        }
+    };
+    let outcome_of = |outcomes: &[(mesh_core::intentions::ServiceName, SyncOutcome)],
+                      name: &mesh_core::intentions::ServiceName| {
+        outcomes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, o)| match o {
+                SyncOutcome::Synced => Ok(()),
+                SyncOutcome::Failed { reason, message } => Err((reason.clone(), message.clone())),
+            })
+    };
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut statuses: Vec<(&'static str, CrRef, SyncResult)> = Vec::new();
+    for (cr, entry) in &t.intentions {
+        let outcome = match entry {
+            Err(message) => Err(("ConsulAgentError".to_string(), message.clone())),
+            Ok(entry) => match &sync {
+                Some(s) => outcome_of(&s.intentions, &entry.destination).unwrap_or(Ok(())),
+                None => Err((
+                    "ConsulAgentError".to_string(),
+                    "the agent could not store the intentions".to_string(),
+                )),
+            },
+        };
+        statuses.push(("ServiceIntentions", cr.clone(), outcome));
+    }
+    for (cr, entry) in &t.defaults {
+        let outcome = match entry {
+            Err(message) => Err(("ConsulAgentError".to_string(), message.clone())),
+            Ok(entry) => match &sync {
+                Some(s) => outcome_of(&s.service_defaults, &entry.service).unwrap_or(Ok(())),
+                None => Err((
+                    "ConsulAgentError".to_string(),
+                    "the agent could not store the service defaults".to_string(),
+                )),
+            },
+        };
+        statuses.push(("ServiceDefaults", cr.clone(), outcome));
+    }
+    let live: Vec<(&'static str, CrRef)> =
+        statuses.iter().map(|(k, c, _)| (*k, c.clone())).collect();
+    written.retain(|k, _| live.contains(k));
+    for (kind, cr, outcome) in statuses {
+        let key = (kind, cr.clone());
+        // Compare without the timestamps: a status is rewritten when its meaning changes.
+        let meaning = synced_status(&outcome, "");
+        if written.get(&key) == Some(&meaning) {
+            continue;
+        }
+        if let Err((reason, message)) = &outcome {
+            error!(kind, object = %format!("{}/{}", cr.namespace, cr.name), %reason, %message, "not synced");
+        }
+        let resource = if kind == "ServiceIntentions" {
+            si_resource
+        } else {
+            sd_resource
+        };
+        let api = Api::<DynamicObject>::namespaced_with(client.clone(), &cr.namespace, resource);
+        let patch = json!({"status": synced_status(&outcome, &now)});
+        match api
+            .patch_status(&cr.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                written.insert(key, meaning);
+            }
+            Err(e) => {
+                warn!(kind, object = %format!("{}/{}", cr.namespace, cr.name), error = %e, "writing the status; retried on the next change")
+            }
+        }
+    }
+}
+
+/// The API server and its channels, as `meshd run` has them.
+pub struct ApiParts {
+    /// The running API.
+    pub server: mesh_api::Server,
+    /// Where counters are published.
+    pub hooks: Arc<mesh_agent::hooks::ApiHooks>,
+    /// The published mesh status.
+    pub status: Arc<mesh_api::PublishedStatus>,
+    /// The published catalog.
+    pub published: Arc<mesh_api::PublishedCatalog>,
+    /// The rules the store holds now.
+    pub rules: mesh_core::intentions::RuleSet,
+    /// Later rule sets.
+    pub changes: tokio::sync::mpsc::UnboundedReceiver<mesh_core::intentions::RuleSet>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_consul_k8s_synced_conditions() {
+        let ok = synced_status(&Ok(()), "2026-11-30T06:00:00Z");
+        assert_eq!(ok["conditions"][0]["type"], "Synced");
+        assert_eq!(ok["conditions"][0]["status"], "True");
+        assert_eq!(ok["lastSyncedTime"], "2026-11-30T06:00:00Z");
+        let refused = synced_status(
+            &Err((
+                "ConsulAgentError".into(),
+                "spec.sources[0].action: bad".into(),
+            )),
+            "t",
+        );
+        assert_eq!(refused["conditions"][0]["status"], "False");
+        assert_eq!(refused["conditions"][0]["reason"], "ConsulAgentError");
+        assert!(refused.get("lastSyncedTime").is_none());
+    }
+}

@@ -1,0 +1,563 @@
+//! `meshd kubernetes` on two nodes (`mesh_kit::cluster`), both watching the API server
+//! stand-in (`mesh_kit::apiserver`), with pods laid out as kubelet + CNI would (a pod netns on
+//! the node's bridge, a pod cgroup `kubepods/besteffort/pod<uid>`, the Pod object with
+//! `spec.nodeName` and `status.podIP`): the tutorial across nodes.
+//!
+//! The stand-in listens inside node 1's network namespace (`0.0.0.0`); the agents reach it at
+//! node 1's link address, so the API's plain HTTP crosses the node link between the link
+//! addresses (`10.91.0.0/30`), never between pod addresses: the capture checks pod-to-pod
+//! bytes only.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_kit::apiserver::ApiServer;
+use mesh_kit::cluster::{Cluster, ClusterNode};
+use mesh_kit::{bin_path, Pod};
+use serde_json::{json, Value};
+
+const WEB_VIP: &str = "10.96.0.10";
+const API_VIP: &str = "10.96.0.20";
+const DB_VIP: &str = "10.96.0.30";
+
+fn namespace_object() -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
+}
+
+fn service(name: &str, vip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip], "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]
+        }
+    })
+}
+
+fn pod_object(name: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": "default", "labels": {"app": name},
+            "annotations": {"consul.hashicorp.com/connect-inject": "true"}
+        },
+        "spec": {
+            "nodeName": node, "serviceAccountName": name,
+            "containers": [{
+                "name": name, "image": "nicholasjackson/fake-service:v0.26.2",
+                "ports": [{"name": "http", "containerPort": 9090, "protocol": "TCP"}]
+            }]
+        },
+        "status": {"phase": "Pending"}
+    })
+}
+
+fn slice(name: &str, ip: Ipv4Addr, node: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{name}-x1"), "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name}
+        },
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [ip.to_string()], "nodeName": node,
+            "conditions": {"ready": true, "serving": true, "terminating": false}
+        }],
+        "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}]
+    })
+}
+
+fn intentions(destination: &str, source: &str) -> Value {
+    json!({
+        "apiVersion": "consul.hashicorp.com/v1alpha1", "kind": "ServiceIntentions",
+        "metadata": {"name": destination, "namespace": "default"},
+        "spec": {"destination": {"name": destination}, "sources": [{"name": source, "action": "allow"}]}
+    })
+}
+
+/// A pod as kubelet + CNI leave it: the Pod object, its cgroup `kubepods/besteffort/pod<uid>`
+/// under the node's cgroup, and fake-service running in its netns and cgroup.
+fn start_pod(
+    api: &ApiServer,
+    node: &ClusterNode,
+    node_name: &str,
+    pod: &Pod,
+    env: &[(&str, String)],
+    logs: &Path,
+) -> Result<(Child, PathBuf)> {
+    let created = api.create(pod_object(&pod.name, node_name))?;
+    let uid = created["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .to_string();
+    let cgroup = node
+        .mesh_cgroup
+        .join("kubepods/besteffort")
+        .join(format!("pod{uid}"));
+    std::fs::create_dir_all(&cgroup)?;
+    let meshd = bin_path("meshd")?;
+    let log = std::fs::File::create(logs.join(format!("{}.log", pod.name)))?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns_path.display()))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            r#"echo $$ > "$0/cgroup.procs" && exec "$@""#,
+        ])
+        .arg(&cgroup)
+        .arg(&meshd)
+        .arg("fake-service")
+        .env("NAME", &pod.name)
+        .env("LISTEN_ADDR", "0.0.0.0:9090")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    api.set_status(
+        "Pod",
+        "default",
+        &pod.name,
+        json!({"phase": "Running", "podIP": pod.ip.to_string(), "podIPs": [{"ip": pod.ip.to_string()}]}),
+    )?;
+    Ok((child, cgroup))
+}
+
+fn start_agent(
+    node: &ClusterNode,
+    node_name: &str,
+    api_url: &str,
+    state: &Path,
+    logs: &Path,
+) -> Result<Child> {
+    let log = std::fs::File::create(logs.join(format!("{node_name}.log")))?;
+    let child = node
+        .agent_command(&bin_path("meshd")?)
+        .args([
+            "kubernetes",
+            "--node-name",
+            node_name,
+            "--kube-api-url",
+            api_url,
+        ])
+        .arg("--instance")
+        .arg(node.instance())
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--mesh-cgroup")
+        .arg(&node.mesh_cgroup)
+        .arg("--cgroup-root")
+        .arg(&node.mesh_cgroup)
+        .env("RUST_LOG", "info")
+        .env_remove("MESH_HTTP_ADDR")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok(child)
+}
+
+fn log_of(logs: &Path, name: &str) -> String {
+    std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// `GET /` of `addr` from a process of the pod (its netns and its pod cgroup, where the
+/// mesh's programs attach): (status, response).
+fn call(pod: &Pod, cgroup: &Path, addr: SocketAddr) -> Result<(u16, String)> {
+    let out = mesh_kit::wait_limit(
+        mesh_kit::spawn_probe(&pod.netns_path, cgroup, &["http-get", &addr.to_string()])?,
+        Duration::from_secs(20),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| {
+            format!(
+                "no HTTP status in {text:?} ({})",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok((status, text))
+}
+
+/// The `/metrics` text of node `node`'s agent.
+fn metrics(node: &ClusterNode) -> Result<String> {
+    Ok(node.netns().run(|| {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], 20200)),
+            Duration::from_secs(2),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        Ok(raw)
+    })?)
+}
+
+fn metric_line(text: &str, prefix: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .map(str::to_string)
+}
+
+/// A TCP payload: source, destination, bytes.
+type Payload = (SocketAddr, SocketAddr, Vec<u8>);
+
+/// Every TCP payload between the two pod CIDRs seen on node 1's interfaces, while running.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    payloads: Arc<Mutex<Vec<Payload>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    fn start(node: &ClusterNode) -> Result<Capture> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let eth_p_all = i32::from((libc::ETH_P_ALL as u16).to_be());
+        let socket = node.netns().run(|| {
+            let s = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(eth_p_all)))?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(s)
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let payloads = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, payloads2) = (stop.clone(), payloads.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok(n) = (&socket).read(&mut buf) else {
+                    continue;
+                };
+                if let Some(p) = pod_to_pod_payload(&buf[..n]) {
+                    payloads2.lock().unwrap().push(p);
+                }
+            }
+        });
+        Ok(Capture {
+            stop,
+            payloads,
+            thread: Some(thread),
+        })
+    }
+
+    fn finish(mut self) -> Vec<Payload> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.payloads.lock().unwrap())
+    }
+}
+
+/// The TCP payload of an Ethernet frame between `10.91.1.0/24` and `10.91.2.0/24`, if any.
+fn pod_to_pod_payload(frame: &[u8]) -> Option<Payload> {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ip[9] != 6 || ip.len() < ihl + 20 || total > ip.len() {
+        return None;
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let pod_net =
+        |a: Ipv4Addr| a.octets()[0] == 10 && a.octets()[1] == 91 && matches!(a.octets()[2], 1 | 2);
+    if !(pod_net(src) && pod_net(dst) && src.octets()[2] != dst.octets()[2]) {
+        return None;
+    }
+    let tcp = &ip[ihl..total];
+    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let offset = usize::from(tcp[12] >> 4) * 4;
+    let payload = tcp.get(offset..)?.to_vec();
+    if payload.is_empty() {
+        return None;
+    }
+    Some((
+        SocketAddr::from((src, sport)),
+        SocketAddr::from((dst, dport)),
+        payload,
+    ))
+}
+
+/// Calls `f` every 100 ms until it answers `Some` or `limit` passes.
+fn until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
+    let logs = tempfile::tempdir()?;
+    let state = tempfile::tempdir()?;
+    let mut cluster = Cluster::new()?;
+    let web = cluster.add_pod(1, "web")?;
+    let db = cluster.add_pod(1, "db")?;
+    let api_pod = cluster.add_pod(2, "api")?;
+    let (n1, n2) = ("node-1", "node-2");
+
+    // The API server stand-in, inside node 1's netns, reached over the link by node 2.
+    let listener = cluster
+        .node(1)
+        .netns()
+        .listen(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let port = listener.local_addr()?.port();
+    let api = ApiServer::serve(listener)?;
+    let api_url = format!("http://{}:{port}", cluster.node(1).link_addr());
+
+    api.create(namespace_object())?;
+    for (name, vip) in [("web", WEB_VIP), ("api", API_VIP), ("db", DB_VIP)] {
+        api.create(service(name, vip))?;
+        api.create(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "default"}}))?;
+    }
+    api.create(slice("web", web.ip, n1))?;
+    api.create(slice("db", db.ip, n1))?;
+    api.create(slice("api", api_pod.ip, n2))?;
+    // web may call db from the start; web → api is denied (default deny).
+    api.create(intentions("db", "web"))?;
+
+    let upstreams = format!("http://{API_VIP}:80");
+    let node1 = cluster.node(1);
+    let node2 = cluster.node(2);
+    let (web_app, web_cg) = start_pod(
+        &api,
+        node1,
+        n1,
+        &web,
+        &[("UPSTREAM_URIS", upstreams)],
+        logs.path(),
+    )?;
+    let (db_app, _) = start_pod(&api, node1, n1, &db, &[], logs.path())?;
+    let (api_app, _) = start_pod(&api, node2, n2, &api_pod, &[], logs.path())?;
+    cluster.keep(web_app);
+    cluster.keep(db_app);
+    cluster.keep(api_app);
+
+    let (s1, s2) = (state.path().join("n1"), state.path().join("n2"));
+    std::fs::create_dir_all(&s1)?;
+    std::fs::create_dir_all(&s2)?;
+    let agent1 = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path())?;
+    cluster.keep(agent1);
+    let ready = |name: &str| -> Result<()> {
+        until(Duration::from_secs(60), || {
+            let log = log_of(logs.path(), name);
+            log.contains("meshd kubernetes ready").then_some(())
+        })
+        .with_context(|| format!("agent {name} never ready: {}", log_of(logs.path(), name)))
+    };
+    ready(n1)?;
+    // One mesh CA for both nodes (as `meshd ca` would be): node 2 uses node 1's.
+    std::os::unix::fs::symlink(s1.join(mesh_agent::CA_DIR), s2.join(mesh_agent::CA_DIR))?;
+    let mut agent2 = start_agent(cluster.node(2), n2, &api_url, &s2, logs.path())?;
+    ready(n2)?;
+    let diag = || {
+        format!(
+            "node 1:\n{}\nnode 2:\n{}",
+            log_of(logs.path(), n1),
+            log_of(logs.path(), n2)
+        )
+    };
+
+    let web_addr = SocketAddr::from(([127, 0, 0, 1], 9090));
+    let db_url = SocketAddr::from((DB_VIP.parse::<Ipv4Addr>()?, 80));
+    // web → db on node 1: allowed by the CR.
+    until(Duration::from_secs(20), || {
+        call(&web, &web_cg, db_url).ok().filter(|(s, _)| *s == 200)
+    })
+    .with_context(|| format!("web → db never 200\n{}", diag()))?;
+    // web → api across nodes under deny-all: web answers 500.
+    let (status, body) = call(&web, &web_cg, web_addr)?;
+    ensure!(
+        status == 500,
+        "web → api under deny-all: {status} {body}\n{}",
+        diag()
+    );
+
+    // Allow web → api with a ServiceIntentions object; capture node 1's interfaces meanwhile.
+    let capture = Capture::start(cluster.node(1))?;
+    api.create(intentions("api", "web"))?;
+    until(Duration::from_secs(20), || {
+        call(&web, &web_cg, web_addr)
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    })
+    .with_context(|| {
+        format!(
+            "web → api never 200 after the ServiceIntentions\n{}",
+            diag()
+        )
+    })?;
+    let payloads = capture.finish();
+    ensure!(
+        payloads
+            .iter()
+            .any(|(_, dst, p)| dst.port() == mesh_common::INBOUND_PORT && p.first() == Some(&0x16)),
+        "no TLS handshake to the inbound port between the nodes in {} payloads",
+        payloads.len()
+    );
+    for (src, dst, p) in &payloads {
+        ensure!(
+            !contains(p, b"HTTP/1.1") && !contains(p, b"GET /") && !contains(p, b"\"name\""),
+            "plaintext between pods on the node link: {src} → {dst}: {:?}",
+            String::from_utf8_lossy(p)
+        );
+    }
+
+    // The CR's status: Synced=True, as consul-k8s writes it.
+    let synced = until(Duration::from_secs(10), || {
+        let cr = api.get("ServiceIntentions", "default", "api")?;
+        let c = &cr["status"]["conditions"][0];
+        (c["type"] == "Synced"
+            && c["status"] == "True"
+            && cr["status"]["lastSyncedTime"].is_string())
+        .then_some(cr)
+    });
+    ensure!(
+        synced.is_some(),
+        "ServiceIntentions default/api never Synced=True: {:?}",
+        api.get("ServiceIntentions", "default", "api")
+    );
+
+    // Deleting the CR takes the allow away again.
+    api.delete("ServiceIntentions", "default", "api")?;
+    until(Duration::from_secs(10), || {
+        call(&web, &web_cg, web_addr)
+            .ok()
+            .filter(|(s, _)| *s == 500)
+    })
+    .with_context(|| {
+        format!(
+            "web → api still allowed after the CR's deletion\n{}",
+            diag()
+        )
+    })?;
+
+    // A watch broken by the API server (410 Gone, then a pause) recovers; meanwhile the last
+    // state stays enforced.
+    api.force_gone(4);
+    api.create(intentions("api", "web"))?;
+    until(Duration::from_secs(30), || {
+        call(&web, &web_cg, web_addr)
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    })
+    .with_context(|| format!("no recovery after 410 Gone\n{}", diag()))?;
+    api.pause(true);
+    let unhealthy = until(Duration::from_secs(20), || {
+        let m = metrics(cluster.node(1)).ok()?;
+        metric_line(
+            &m,
+            "mesh_kubernetes_watch_healthy{kind=\"ServiceIntentions\"} 0",
+        )
+    });
+    ensure!(
+        unhealthy.is_some(),
+        "the paused API never showed in the metrics: {:?}",
+        metrics(cluster.node(1))
+    );
+    let (status, _) = call(&web, &web_cg, web_addr)?;
+    ensure!(
+        status == 200,
+        "the last state is not enforced during the outage: {status}"
+    );
+    api.pause(false);
+    api.delete("ServiceIntentions", "default", "api")?;
+    until(Duration::from_secs(60), || {
+        call(&web, &web_cg, web_addr)
+            .ok()
+            .filter(|(s, _)| *s == 500)
+    })
+    .with_context(|| format!("no recovery after the pause\n{}", diag()))?;
+    let m = metrics(cluster.node(1))?;
+    ensure!(
+        metric_line(
+            &m,
+            "mesh_kubernetes_watch_healthy{kind=\"ServiceIntentions\"} 1"
+        )
+        .is_some(),
+        "{m}"
+    );
+    ensure!(
+        metric_line(&m, "mesh_kubernetes_last_sync_timestamp_seconds").is_some(),
+        "{m}"
+    );
+
+    // API intention writes are refused in this mode, naming the CRD.
+    let refusal = cluster.node(1).netns().run(|| {
+        let token = std::fs::read_to_string(s1.join(mesh_api_token_file()))?;
+        let body = r#"{"SourceName":"web","DestinationName":"api","Action":"allow"}"#;
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], 8500)))?;
+        write!(
+            s,
+            "POST /v1/connect/intentions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Consul-Token: {}\r\nContent-Length: {}\r\n\r\n{body}",
+            token.trim(),
+            body.len()
+        )?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        Ok(raw)
+    })?;
+    ensure!(
+        !refusal.starts_with("HTTP/1.1 200") && refusal.contains("ServiceIntentions"),
+        "an API intention write was not refused: {refusal}"
+    );
+
+    // Node 2's agent dies: node 1's pods keep working; node 2's pod fails closed.
+    let _ = agent2.kill();
+    let _ = agent2.wait();
+    let (status, body) = call(&web, &web_cg, db_url)?;
+    ensure!(
+        status == 200,
+        "web → db on node 1 after node 2's agent died: {status} {body}"
+    );
+    let plain = web.netns().run(|| {
+        Ok(TcpStream::connect_timeout(
+            &SocketAddr::from((api_pod.ip, 9090)),
+            Duration::from_secs(2),
+        )
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw)?;
+            Ok(raw)
+        }))
+    })?;
+    if let Ok(text) = &plain {
+        if text.contains("HTTP/1.1 200") {
+            bail!("node 2's pod answered plaintext after its agent died: {text}");
+        }
+    }
+    Ok(())
+}
+
+/// The API's bootstrap token file in a state directory (`mesh_api::BOOTSTRAP_TOKEN_FILE`).
+fn mesh_api_token_file() -> PathBuf {
+    PathBuf::from("acl-bootstrap-token")
+}
