@@ -310,6 +310,12 @@ impl CompiledRules {
         Ok(changes)
     }
 
+    /// The interner, to intern more names (workloads' and services'): ids are only ever added,
+    /// so the entries stay valid.
+    pub fn interner_mut(&mut self) -> &mut Interner {
+        &mut self.interner
+    }
+
     /// Swaps this form's interner for `interner`, which must hold every name of this form's
     /// entries under the same id (an extension of it, such as the agent's persistent table),
     /// and returns the one it held.

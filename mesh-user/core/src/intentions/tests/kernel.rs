@@ -446,7 +446,10 @@ fn one_change_among_a_hundred_thousand_compiles_one_entry() {
         let took = started.elapsed();
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert_eq!(changes[0].1.map(|v| v.action), Some(action));
-        assert!(simulate_kernel_check(&compiled, &web, &api, Action::Allow).allowed == action.is_allow());
+        assert!(
+            simulate_kernel_check(&compiled, &web, &api, Action::Allow).allowed
+                == action.is_allow()
+        );
         println!("one change among 100,000 compiled in {took:?}");
     }
     let id = rules.get_exact(&web, &api).unwrap().id.clone();
