@@ -299,6 +299,25 @@ pub fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()
     Ok(())
 }
 
+/// Hands the memory the allocator holds free back to the kernel: glibc's `malloc_trim(0)`, which
+/// shrinks the main heap and, since glibc 2.8, releases (`MADV_DONTNEED`) every whole free page
+/// of every arena. Loading the kernel object parses the kernel's BTF (several MiB of short-lived
+/// allocations, in aya's loader); glibc keeps what they freed, which is most of an idle eBPF
+/// agent's resident memory otherwise. Returns whether memory was released; with another C
+/// library (musl returns freed memory by itself) it does nothing and returns `false`.
+pub fn release_free_memory() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: `malloc_trim` takes a padding size and only touches the allocator's own state,
+        // under its locks; any value is valid.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
+
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `BPF_LINK_TYPE_CGROUP` (`enum bpf_link_type`): a link on a cgroup (Linux 5.7).

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
+use crate::e2e_chart::Section as ChartSection;
 use crate::e2e_chart::{self, Panel, Series};
 use crate::report::{self, median, Machine, Section};
 pub use crate::report::{ratio, Cell, PINNINGS};
@@ -25,6 +26,105 @@ const DIRECT: &str = CONFIGS[0];
 const IPTABLES: &str = CONFIGS[1];
 const EBPF: &str = CONFIGS[2];
 const HAPROXY: &str = CONFIGS[4];
+
+/// Where a measured path's two pods run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Both pods on one node.
+    SameNode,
+    /// The client's pod on one node, the server's on another.
+    CrossNode,
+}
+
+impl Topology {
+    /// Every topology, in report order.
+    pub const ALL: [Topology; 2] = [Topology::SameNode, Topology::CrossNode];
+
+    /// The section heading.
+    pub fn title(self) -> &'static str {
+        match self {
+            Topology::SameNode => "Same node",
+            Topology::CrossNode => "Across nodes",
+        }
+    }
+}
+
+/// One path the chart and the report can show: the configuration whose records it draws
+/// ([`Record::config`]), its legend label, and its topology.
+#[derive(Clone, Copy, Debug)]
+pub struct Path {
+    /// Where its pods run.
+    pub topology: Topology,
+    /// The configuration name the records carry.
+    pub config: &'static str,
+    /// The legend's label.
+    pub label: &'static str,
+}
+
+/// Every path, as data: a new configuration or topology is one more row here. A path with no
+/// records in a run is left out of that run's chart (listed as not measured in the notes).
+pub const PATHS: &[Path] = &[
+    Path {
+        topology: Topology::SameNode,
+        config: "direct",
+        label: "direct",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-ebpf",
+        label: "mesh (eBPF, spliced)",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-ebpf-tls",
+        label: "mesh TLS (--same-node-splice=false)",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-ebpf-no-skmsg",
+        label: "mesh (eBPF, no sk_msg)",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-iptables",
+        label: "mesh-iptables",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "haproxy-sidecars",
+        label: "haproxy-sidecars",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "direct-cross-node",
+        label: "direct",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "mesh-ebpf-cross-node",
+        label: "mesh (eBPF, pooled)",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "mesh-iptables-cross-node",
+        label: "mesh-iptables",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "haproxy-sidecars-cross-node",
+        label: "haproxy-sidecars",
+    },
+];
+
+/// The paths of `topology` that have records.
+fn measured_paths(records: &[Record], topology: Topology) -> Vec<Path> {
+    PATHS
+        .iter()
+        .filter(|p| p.topology == topology)
+        .filter(|p| records.iter().any(|r| r.config == p.config))
+        .copied()
+        .collect()
+}
 
 /// The opening marker of the e2e section of `docs/benchmarks.md`.
 pub const BEGIN: &str = "<!-- e2e:begin -->";
@@ -676,32 +776,53 @@ pub fn to_json(records: &[Record], machine: &Machine, setup: &Setup) -> Value {
     })
 }
 
-/// The chart: requests/s and p99 per configuration at each connection count, per placement.
-pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> String {
-    let mut panels = Vec::new();
-    for pinning in PINNINGS {
-        if !records.iter().any(|r| r.pinning == pinning) {
+/// The chart: for each topology with records (a section), requests/s and p99 per path at each
+/// connection count, per placement. Which paths and topologies there are is [`PATHS`].
+///
+/// # Errors
+///
+/// A message if the chart cannot be drawn.
+pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> Result<String, String> {
+    let mut sections = Vec::new();
+    for topology in Topology::ALL {
+        let paths = measured_paths(records, topology);
+        if paths.is_empty() {
             continue;
         }
-        for (metric, what) in [("req_per_s", "requests/s"), ("p99_us", "p99 latency (µs)")] {
-            panels.push(Panel {
-                title: format!("HTTP 1 KiB, {what}, {pinning}"),
-                groups: crate::e2e::HTTP_CONNS
-                    .iter()
-                    .map(|c| format!("{c} conn{}", if *c == 1 { "" } else { "s" }))
-                    .collect(),
-                series: CONFIGS
-                    .iter()
-                    .map(|config| Series {
-                        name: config.to_string(),
-                        values: ["http-1", "http-16", "http-64"]
-                            .iter()
-                            .map(|wl| median_of(records, pinning, config, wl, metric).median)
-                            .collect(),
-                    })
-                    .collect(),
-            });
+        let mut panels = Vec::new();
+        for pinning in PINNINGS {
+            if !records
+                .iter()
+                .any(|r| r.pinning == pinning && paths.iter().any(|p| p.config == r.config))
+            {
+                continue;
+            }
+            for (metric, what) in [("req_per_s", "requests/s"), ("p99_us", "p99 latency (µs)")] {
+                panels.push(Panel {
+                    title: format!("HTTP 1 KiB, {what}, {pinning}"),
+                    groups: crate::e2e::HTTP_CONNS
+                        .iter()
+                        .map(|c| format!("{c} conn{}", if *c == 1 { "" } else { "s" }))
+                        .collect(),
+                    series: paths
+                        .iter()
+                        .map(|path| Series {
+                            name: path.label.to_string(),
+                            values: ["http-1", "http-16", "http-64"]
+                                .iter()
+                                .map(|wl| {
+                                    median_of(records, pinning, path.config, wl, metric).median
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                });
+            }
         }
+        sections.push(ChartSection {
+            title: topology.title().to_string(),
+            panels,
+        });
     }
     e2e_chart::svg(
         "mesh-bench e2e: wrk, HTTP/1.1 keep-alive, 1 KiB responses (medians over rounds)",
@@ -716,7 +837,7 @@ pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> String {
             machine.load_start,
             machine.load_end
         ),
-        &panels,
+        &sections,
         2,
     )
 }
@@ -1003,8 +1124,10 @@ mod tests {
         assert_eq!(v["setup"]["agent_idle_rss_mib"]["mesh-ebpf"], json!(22.0));
         assert!(v["targets"].as_array().unwrap().len() >= 10);
         // The chart and the markdown section come from the same records.
-        let svg = chart(&records, &machine, &setup);
+        let svg = chart(&records, &machine, &setup).unwrap();
         assert!(svg.contains("haproxy-sidecars") && svg.contains("p99"));
+        // Only the same-node paths have records: one section, no cross-node one.
+        assert!(svg.contains("Same node") && !svg.contains("Across nodes"));
         let md = markdown(&records, &machine, &setup);
         assert!(md.starts_with(BEGIN) && md.trim_end().ends_with(END));
         assert!(md.contains("| HTTP 1 KiB, 64 conns: requests/s | 110 | 45 (0.41x) |"));

@@ -245,6 +245,8 @@ impl Dataplane {
             sets,
         };
         dp.attach_mesh(mesh_cgroup)?;
+        // The loader parsed the kernel's BTF; give what it freed back (see the function).
+        crate::sys::release_free_memory();
         Ok(dp)
     }
 
