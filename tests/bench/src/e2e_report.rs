@@ -567,6 +567,36 @@ pub fn targets(records: &[Record], pinning: &str) -> Vec<Target> {
     t
 }
 
+/// The agent's memory targets of issue #15: at rest, the eBPF agent at most 5 MiB above the
+/// iptables agent (both right after start, before any traffic); under load, its peak RSS
+/// (`VmHWM`, the largest of any valid run, pinned or not) below ztunnel's 18 MiB.
+pub fn memory_targets(records: &[Record], setup: &Setup) -> Vec<Target> {
+    let idle = |config: &str| {
+        setup
+            .idle_rss_mib
+            .iter()
+            .find(|(c, _)| *c == config)
+            .map(|(_, v)| *v)
+    };
+    let peak = records
+        .iter()
+        .filter(|r| r.config == EBPF && r.valid)
+        .filter_map(|r| r.metric("proxy_peak_rss_mib"))
+        .reduce(f64::max);
+    vec![
+        Target {
+            label: "mesh-ebpf agent RSS at rest − mesh-iptables agent's (MiB)".into(),
+            value: idle(EBPF).zip(idle(IPTABLES)).map(|(e, i)| e - i),
+            goal: Goal::AtMost(5.0),
+        },
+        Target {
+            label: "mesh-ebpf agent peak RSS under load (MiB)".into(),
+            value: peak,
+            goal: Goal::Below(18.0),
+        },
+    ]
+}
+
 fn pinning_title(pinning: &str, cpu: usize) -> String {
     if pinning == "pinned" {
         format!("Pinned: client, servers and proxies on CPU {cpu} (the whole path's CPU cost)")
@@ -701,6 +731,17 @@ pub fn terminal(records: &[Record], machine: &Machine, setup: &Setup) -> String 
             );
         }
     }
+    let _ = writeln!(out, "\nMemory targets:");
+    for t in memory_targets(records, setup) {
+        let _ = writeln!(
+            out,
+            "  {:<66} {:>8} (target {:>7}): {}",
+            t.label,
+            t.value.map_or("-".to_string(), |v| format!("{v:.1}")),
+            t.goal_text(),
+            t.verdict()
+        );
+    }
     let _ = writeln!(out);
     for note in notes(records, setup) {
         let _ = writeln!(out, "{note}");
@@ -773,6 +814,15 @@ pub fn to_json(records: &[Record], machine: &Machine, setup: &Setup) -> Value {
         "records": records.iter().map(Record::to_json).collect::<Vec<_>>(),
         "summary": summary,
         "targets": all_targets,
+        "memory_targets": memory_targets(records, setup)
+            .iter()
+            .map(|t| json!({
+                "target": t.label,
+                "value": t.value,
+                "goal": t.goal_text(),
+                "met": t.met(),
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -922,6 +972,43 @@ pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String 
         }
         let _ = writeln!(md);
     }
+    let _ = writeln!(md, "Memory targets of issue #15 (agent RSS):\n");
+    let _ = writeln!(md, "| target | measured | goal | |");
+    let _ = writeln!(md, "|---|---:|---|---|");
+    for t in memory_targets(records, setup) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.label,
+            t.value.map_or("-".to_string(), |v| format!("{v:.1}")),
+            t.goal_text(),
+            match t.met() {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "not measured",
+            }
+        );
+    }
+    let _ = writeln!(md);
+    let unmeasured: Vec<String> = PATHS
+        .iter()
+        .filter(|p| !records.iter().any(|r| r.config == p.config))
+        .map(|p| {
+            format!(
+                "{} ({}, `{}`)",
+                p.label,
+                p.topology.title().to_lowercase(),
+                p.config
+            )
+        })
+        .collect();
+    if !unmeasured.is_empty() {
+        let _ = writeln!(
+            md,
+            "- Paths not measured in this run: {}.",
+            unmeasured.join(", ")
+        );
+    }
     for note in notes(records, setup) {
         let _ = writeln!(md, "- {note}");
     }
@@ -1018,6 +1105,37 @@ mod tests {
         let c = median_of(&records, "pinned", "direct", "*", "proxy_peak_rss_mib");
         assert_eq!(c.median, Some(25.0));
         assert_eq!((c.valid, c.total), (2, 2));
+    }
+
+    #[test]
+    fn memory_targets_compare_the_agents_at_rest_and_take_the_largest_peak() {
+        let mut records = vec![
+            rec(EBPF, "http-16", 0, 15.0),
+            rec(EBPF, "bulk", 0, 19.0),
+            rec(IPTABLES, "bulk", 0, 30.0),
+        ];
+        let setup = |idle: Vec<(&'static str, f64)>| Setup {
+            rounds: 1,
+            quick: true,
+            cpu: 0,
+            wrk_secs: 1,
+            iperf_secs: 1,
+            conn_secs: 1.0,
+            server_threads: 1,
+            dial: "vip",
+            idle_rss_mib: idle,
+        };
+        let t = memory_targets(&records, &setup(vec![(IPTABLES, 7.0), (EBPF, 11.5)]));
+        assert_eq!(t[0].value, Some(4.5));
+        assert_eq!(t[0].met(), Some(true));
+        // The eBPF agent's largest peak of a valid run (not the iptables agent's): 19 ≥ 18.
+        assert_eq!(t[1].value, Some(19.0));
+        assert_eq!(t[1].met(), Some(false));
+        records[1].valid = false;
+        let t = memory_targets(&records, &setup(vec![(EBPF, 22.4)]));
+        assert_eq!(t[0].met(), None, "no iptables agent measured");
+        assert_eq!(t[1].value, Some(15.0));
+        assert_eq!(t[1].met(), Some(true));
     }
 
     #[test]
