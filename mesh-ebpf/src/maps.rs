@@ -63,8 +63,7 @@ pub(crate) static LOCAL_PORTS: HashMap<LocalPortKey, u32> = HashMap::pinned(MAX_
 pub(crate) static INBOUND_NSADDRS: HashMap<InboundAddrKey, PodAddrValue> =
     HashMap::pinned(MAX_POD_ADDRS, 0);
 #[map]
-pub(crate) static INBOUND_NSEXCL: HashMap<ExcludeKey, u32> =
-    HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+pub(crate) static INBOUND_NSEXCL: HashMap<ExcludeKey, u32> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
 #[map]
 pub(crate) static MESHED_ADDRS: HashMap<PodAddrKey, u32> = HashMap::pinned(MAX_POD_ADDRS, 0);
 #[map]
@@ -195,10 +194,7 @@ impl IntentionSetsDef {
         // SAFETY: helper call on this map definition (relocated to the pinned map-of-maps) with
         // a pointer to a live u32 key; the kernel returns the inner map or null.
         let inner = unsafe {
-            bpf_map_lookup_elem(
-                self.def.get().cast(),
-                ptr::addr_of!(index).cast::<c_void>(),
-            )
+            bpf_map_lookup_elem(self.def.get().cast(), ptr::addr_of!(index).cast::<c_void>())
         };
         if inner.is_null() {
             None
@@ -221,9 +217,8 @@ impl IntentionSet {
         // SAFETY: `self.map` is the inner map the kernel returned (non-null), `key` a live
         // 16-byte key; the value, if any, is plain integers the kernel keeps alive (RCU) until
         // the program returns, copied here.
-        let value = unsafe {
-            bpf_map_lookup_elem(self.map, (key as *const IntentionKey).cast::<c_void>())
-        };
+        let value =
+            unsafe { bpf_map_lookup_elem(self.map, (key as *const IntentionKey).cast::<c_void>()) };
         if value.is_null() {
             None
         } else {
