@@ -63,7 +63,8 @@ pub(crate) static LOCAL_PORTS: HashMap<LocalPortKey, u32> = HashMap::pinned(MAX_
 pub(crate) static INBOUND_NSADDRS: HashMap<InboundAddrKey, PodAddrValue> =
     HashMap::pinned(MAX_POD_ADDRS, 0);
 #[map]
-pub(crate) static INBOUND_NSEXCL: HashMap<ExcludeKey, u32> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+pub(crate) static INBOUND_NSEXCL: HashMap<ExcludeKey, u32> =
+    HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
 #[map]
 pub(crate) static MESHED_ADDRS: HashMap<PodAddrKey, u32> = HashMap::pinned(MAX_POD_ADDRS, 0);
 #[map]
