@@ -503,7 +503,7 @@ impl Steering {
             names.id(&s.namespace).map_err(kernel)?;
             names.id(&s.name).map_err(kernel)?;
         }
-        let changes = names.compile(rules).map_err(|e| kernel(e))?;
+        let changes = names.compile(rules).map_err(kernel)?;
         let changes: Vec<(IntentionKey, Option<IntentionValue>)> = changes
             .iter()
             .map(|(k, v)| (intention_key(k), v.as_ref().map(intention_value)))

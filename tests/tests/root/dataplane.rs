@@ -603,7 +603,7 @@ fn intention_changes_swap_whole_sets_and_the_sets_survive_a_restart() -> Result<
             started.elapsed() < Duration::from_secs(120),
             "connects hang"
         );
-        let (change, full): (&[IntentionChange], HashMap<_, _>) = if swaps % 2 == 0 {
+        let (change, full): (&[IntentionChange], HashMap<_, _>) = if swaps.is_multiple_of(2) {
             (&set_b, HashMap::from([(any_source, allow(2))]))
         } else {
             (&set_a, HashMap::from([(exact, allow(1))]))
@@ -637,7 +637,7 @@ fn intention_changes_swap_whole_sets_and_the_sets_survive_a_restart() -> Result<
         action: VERDICT_DENY,
         counter: 1,
     };
-    let now_b = swaps % 2 == 1;
+    let now_b = !swaps.is_multiple_of(2);
     let key = if now_b { any_source } else { exact };
     let write = dp.update_intentions(&[(key, Some(deny))], false, &|| {
         HashMap::from([(key, deny)])
