@@ -640,8 +640,8 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
             .map(|(c, v)| format!("{c} {v:.1} MiB"))
             .collect();
         notes.push(format!(
-            "agent RSS right after start, before any traffic: {} (the eBPF agent also holds its \
-             BPF object and the kernel BTF that the loader reads and parses)",
+            "agent RSS right after start, before any traffic: {} (the eBPF agent returns what its \
+             loader freed, the parsed kernel BTF, with malloc_trim)",
             parts.join(", ")
         ));
     }
