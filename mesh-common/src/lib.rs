@@ -126,6 +126,23 @@ pub struct IntentionKey {
     pub dst_name: u32,
 }
 
+impl IntentionKey {
+    /// The key under which an intention set holds its default verdict (every part
+    /// `u32::MAX`, an id the agent's interner never hands out, so no connection's probe is
+    /// this key). connect4/connect6 read it after the nine probes found nothing; a set
+    /// without it makes the proxy decide (see [`INTENTION_SET_PROXY`]).
+    pub const DEFAULT: IntentionKey = IntentionKey {
+        src_ns: u32::MAX,
+        src_name: u32::MAX,
+        dst_ns: u32::MAX,
+        dst_name: u32::MAX,
+    };
+}
+
+/// [`IntentionValue::counter`] of the default verdict's entry ([`IntentionKey::DEFAULT`]):
+/// no intention's counters; such a decision counts in [`Counter::DefaultDecisions`].
+pub const DEFAULT_VERDICT_COUNTER: u32 = u32::MAX;
+
 /// An intention's action and the index of its counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,15 +226,18 @@ pub const INTENTION_SET_PROXY: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`]: the verdict when no verdict entry matches.
+    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`]: the default verdict of the set in force, as the
+    /// agent last wrote it (for reading only: the programs read the default from the set
+    /// itself, [`IntentionKey::DEFAULT`]).
     pub default_verdict: u32,
     /// Bytes a redirected socket may have queued unread before its sender falls back to TCP.
     pub backlog_limit: u32,
     /// 1: sk_msg redirects app⇄proxy messages; 0: it passes everything to the TCP stack.
     pub msg_redirect: u32,
-    /// Which of the two intention maps is in force (0 or 1). The agent fills the other one,
-    /// then flips this: a connection sees the old rules or the new ones, never a mix.
-    /// [`INTENTION_SET_PROXY`]: neither; the kernel decides nothing (see there).
+    /// Which of the two intention sets [`MAP_INTENTION_SETS`] points at (0 or 1), as the agent
+    /// last swapped it (for reading only: the programs follow [`MAP_INTENTION_SETS`]).
+    /// [`INTENTION_SET_PROXY`]: neither is in force; the kernel decides nothing (see there),
+    /// which the programs do read.
     pub intention_set: u32,
     /// Field offsets in the running kernel's structs (see [`KernelOffsets`]).
     pub offsets: KernelOffsets,
@@ -515,10 +535,17 @@ impl ExcludeKey {
 pub const MAP_SERVICES: &str = "SERVICES";
 /// cgroup id → [`PodValue`]: meshed pods, as connect4/connect6 know them.
 pub const MAP_PODS: &str = "PODS";
-/// [`IntentionKey`] → [`IntentionValue`]: intention set 0 (see [`Config::intention_set`]).
+/// [`IntentionKey`] → [`IntentionValue`]: intention set 0, one of the two hash maps
+/// [`MAP_INTENTION_SETS`] can point at. Created and pinned by the agent, not by the loader.
 pub const MAP_INTENTIONS_0: &str = "INTENTIONS_0";
 /// [`IntentionKey`] → [`IntentionValue`]: intention set 1.
 pub const MAP_INTENTIONS_1: &str = "INTENTIONS_1";
+/// `BPF_MAP_TYPE_ARRAY_OF_MAPS`, one element: index 0 → the intention set in force
+/// ([`MAP_INTENTIONS_0`] or [`MAP_INTENTIONS_1`]). connect4/connect6 look the set up through
+/// it, so replacing the pointer swaps the whole set (default verdict included) at once. The
+/// agent creates and pins it before loading the object (the object cannot describe its inner
+/// map to the loader).
+pub const MAP_INTENTION_SETS: &str = "INTENTION_SETS";
 /// Intention counter index → per-CPU [`IntentionCounts`].
 pub const MAP_INTENTION_COUNTS: &str = "INTENTION_COUNTS";
 /// One [`Config`].

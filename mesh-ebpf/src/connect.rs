@@ -194,21 +194,24 @@ unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 
     };
     let cfg = config();
     let allowed = if cfg.intention_set == INTENTION_SET_PROXY {
-        // No kernel rules in force: the proxy decides (the intention maps are not read).
+        // No kernel rules in force: the proxy decides (the intention sets are not read).
         count(Counter::ProxyDecided, 1);
         true
     } else {
-        // SAFETY: `decide` only looks up the intention maps and copies the value it finds; `pod`
-        // and `service` are live map values (above).
-        match unsafe { decide(pod, service, cfg.intention_set) } {
-            Some(v) => {
+        match decide(pod, service) {
+            Decided::Intention(v) => {
                 let allowed = v.action == VERDICT_ALLOW;
                 count_intention(v.counter, allowed);
                 allowed
             }
-            None => {
+            Decided::Default(allowed) => {
                 count(Counter::DefaultDecisions, 1);
-                cfg.default_verdict == VERDICT_ALLOW
+                allowed
+            }
+            Decided::NoSet => {
+                // No set in force, or one without its default: the proxy decides.
+                count(Counter::ProxyDecided, 1);
+                true
             }
         }
     };
@@ -247,19 +250,25 @@ unsafe fn steer(ctx: &SockAddrContext, ip: u32, port: u16, mapped: bool) -> i32 
     PROCEED
 }
 
-/// The intention that decides a connection from `pod` to `service`: at most nine lookups, from
-/// precedence 9 down to 1, whatever the number of intentions.
-///
-/// # Safety
-///
-/// Sound for any arguments (it only looks maps up and copies the value found); `unsafe` because
-/// aya's map lookup is.
+/// What the intention set in force says about a connection.
+enum Decided {
+    /// An intention matched.
+    Intention(IntentionValue),
+    /// None matched: the set's default verdict (allowed or not).
+    Default(bool),
+    /// No set is in force, or it has no default entry: the kernel decides nothing.
+    NoSet,
+}
+
+/// The intention that decides a connection from `pod` to `service`: at most nine lookups in
+/// the set in force, from precedence 9 down to 1, whatever the number of intentions, then the
+/// set's default. The set is looked up once, through [`INTENTION_SETS`]: the agent changes the
+/// rules either by swapping the whole set or by writing a single key of the set in force (see
+/// `docs/dataplane.md`), so the values read here are those of one rule set, old or new.
 #[inline(always)]
-unsafe fn decide(pod: &PodValue, service: &ServiceValue, set: u32) -> Option<IntentionValue> {
-    let map = if set == 0 {
-        &INTENTIONS_0
-    } else {
-        &INTENTIONS_1
+fn decide(pod: &PodValue, service: &ServiceValue) -> Decided {
+    let Some(set) = INTENTION_SETS.current() else {
+        return Decided::NoSet;
     };
     for (src_ns, src_name, dst_ns, dst_name) in INTENTION_PATTERNS {
         let key = IntentionKey {
@@ -268,14 +277,14 @@ unsafe fn decide(pod: &PodValue, service: &ServiceValue, set: u32) -> Option<Int
             dst_ns: if dst_ns { service.ns } else { 0 },
             dst_name: if dst_name { service.name } else { 0 },
         };
-        // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is
-        // plain integers, read (copied) here, so a concurrent update by the agent cannot make it
-        // invalid.
-        if let Some(v) = unsafe { map.get(key) } {
-            return Some(*v);
+        if let Some(v) = set.get(&key) {
+            return Decided::Intention(v);
         }
     }
-    None
+    match set.get(&IntentionKey::DEFAULT) {
+        Some(v) => Decided::Default(v.action == VERDICT_ALLOW),
+        None => Decided::NoSet,
+    }
 }
 
 #[inline(always)]

@@ -14,8 +14,14 @@
 use core::{cell::UnsafeCell, ffi::c_void, marker::PhantomData, mem, ptr};
 
 use aya_ebpf::{
-    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
-    helpers::{bpf_probe_read_kernel, bpf_sk_storage_delete, bpf_sk_storage_get},
+    bindings::{
+        bpf_map_def,
+        bpf_map_type::{BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_SK_STORAGE},
+        BPF_F_NO_PREALLOC,
+    },
+    helpers::{
+        bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_storage_delete, bpf_sk_storage_get,
+    },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash, SockMap},
 };
@@ -35,12 +41,6 @@ const PIN_BY_NAME: u32 = 1;
 pub(crate) static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
 #[map]
 pub(crate) static PODS: HashMap<u64, PodValue> = HashMap::pinned(MAX_PODS, 0);
-#[map]
-pub(crate) static INTENTIONS_0: HashMap<IntentionKey, IntentionValue> =
-    HashMap::pinned(MAX_INTENTIONS, 0);
-#[map]
-pub(crate) static INTENTIONS_1: HashMap<IntentionKey, IntentionValue> =
-    HashMap::pinned(MAX_INTENTIONS, 0);
 #[map]
 pub(crate) static INTENTION_COUNTS: PerCpuHashMap<u32, IntentionCounts> =
     PerCpuHashMap::pinned(MAX_INTENTIONS, 0);
@@ -160,6 +160,85 @@ impl<V> SkStorageDef<V> {
         let _ = unsafe { bpf_sk_storage_delete(self.as_ptr(), sk) };
     }
 }
+
+/// The intention sets' outer map (`BPF_MAP_TYPE_ARRAY_OF_MAPS`, one element: the set in force,
+/// a hash map [`IntentionKey`] → [`IntentionValue`]), pinned by name.
+///
+/// The loader needs an inner-map description for a map-of-maps, which only BTF map definitions
+/// carry and this object cannot (see [`SkStorageDef`]). So the agent creates and pins the real
+/// map-of-maps (with its two sets, `INTENTIONS_0` and `INTENTIONS_1`) before loading the object,
+/// and this definition, which the loader only uses to find that pin by name, is declared as the
+/// plain array of `u32` it has the key and value sizes of. The verifier checks the programs
+/// against the pinned map itself.
+#[repr(transparent)]
+pub(crate) struct IntentionSetsDef {
+    def: UnsafeCell<bpf_map_def>,
+}
+
+// SAFETY: the definition is only read by the loader; programs pass its address to helpers.
+unsafe impl Sync for IntentionSetsDef {}
+
+impl IntentionSetsDef {
+    const fn pinned() -> Self {
+        Self {
+            def: UnsafeCell::new(bpf_map_def {
+                type_: BPF_MAP_TYPE_ARRAY,
+                key_size: 4,
+                value_size: 4,
+                max_entries: 1,
+                map_flags: 0,
+                id: 0,
+                pinning: PIN_BY_NAME,
+            }),
+        }
+    }
+
+    /// The intention set in force; `None` when there is none (the outer map's element is
+    /// empty). A connect looks the set up once and reads every key from that one set.
+    #[inline(always)]
+    pub(crate) fn current(&self) -> Option<IntentionSet> {
+        let index: u32 = 0;
+        // SAFETY: helper call on this map definition (relocated to the pinned map-of-maps) with
+        // a pointer to a live u32 key; the kernel returns the inner map or null.
+        let inner = unsafe {
+            bpf_map_lookup_elem(self.def.get().cast(), ptr::addr_of!(index).cast::<c_void>())
+        };
+        if inner.is_null() {
+            None
+        } else {
+            Some(IntentionSet { map: inner })
+        }
+    }
+}
+
+/// One intention set, as [`IntentionSetsDef::current`] found it: the kernel keeps it alive
+/// (RCU) until the program returns, even if the agent swaps another set in meanwhile.
+pub(crate) struct IntentionSet {
+    map: *mut c_void,
+}
+
+impl IntentionSet {
+    /// The value of `key` in this set.
+    #[inline(always)]
+    pub(crate) fn get(&self, key: &IntentionKey) -> Option<IntentionValue> {
+        // SAFETY: `self.map` is the inner map the kernel returned (non-null), `key` a live
+        // 16-byte key; the value, if any, is plain integers the kernel keeps alive (RCU) until
+        // the program returns, copied here.
+        let value =
+            unsafe { bpf_map_lookup_elem(self.map, (key as *const IntentionKey).cast::<c_void>()) };
+        if value.is_null() {
+            None
+        } else {
+            // SAFETY: as above, a live value of the inner map's value type.
+            Some(unsafe { *(value as *const IntentionValue) })
+        }
+    }
+}
+
+/// The intention sets (see [`IntentionSetsDef`]).
+#[link_section = "maps"]
+#[export_name = "INTENTION_SETS"]
+pub(crate) static INTENTION_SETS: IntentionSetsDef = IntentionSetsDef::pinned();
 
 /// The original destination of a redirected connection, on its app socket (connect4/connect6)
 /// and on the proxy's accepted socket (sockops). Freed by the kernel with the socket.

@@ -6,11 +6,13 @@ use super::*;
 /// Interned namespace and service names: the ids in the kernel's service, pod and intention
 /// maps. Kept stable across restarts (the maps outlive the agent, so a restarted agent must
 /// mean the same name by the same id): the strings are recorded, in id order, in the state
-/// directory.
+/// directory. Holds the intentions' kernel form too, compiled with these ids and brought up to
+/// date change by change ([`Names::compile`]).
 #[derive(Debug)]
 pub struct Names {
     path: PathBuf,
-    interner: Interner,
+    /// The kernel form of the rules last compiled; its interner is the name table.
+    compiled: CompiledRules,
     /// How many names the file holds.
     saved: usize,
 }
@@ -41,7 +43,7 @@ impl Names {
         let saved = interner.len();
         Ok(Self {
             path: path.to_path_buf(),
-            interner,
+            compiled: CompiledRules::new(interner),
             saved,
         })
     }
@@ -53,45 +55,45 @@ impl Names {
     /// [`Error::Intentions`] if the interner is full, [`Error::Io`] if the grown table cannot
     /// be written.
     pub fn id(&mut self, s: &str) -> Result<u32, Error> {
-        if let Some(id) = self.interner.get(s) {
+        if let Some(id) = self.compiled.interner().get(s) {
             return Ok(id);
         }
-        let id = self.interner.intern(s)?;
+        let id = self.compiled.interner_mut().intern(s)?;
         self.save()?;
         Ok(id)
     }
 
     /// The names interned so far, for resolving ids back to strings.
     pub fn interner(&self) -> &Interner {
-        &self.interner
+        self.compiled.interner()
     }
 
-    /// Lends the interner out (to `compile_with`, which extends it); give it back with
-    /// [`Names::extend`].
-    pub fn take_interner(&mut self) -> Interner {
-        self.saved = self.interner.len();
-        std::mem::take(&mut self.interner)
-    }
-
-    /// Takes back an interner that extends this one (as `compile_with` returns it), recording
-    /// it if it grew.
+    /// Brings the intentions' kernel form to `rules` and returns the entries that changed
+    /// (only the pairs `rules`' writes touched since the last call are compiled, see
+    /// [`CompiledRules::update`]), recording any new names.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the grown table cannot be written; the interner is taken back anyway.
-    pub fn extend(&mut self, interner: Interner) -> Result<(), Error> {
-        let grew = interner.len() > self.saved.max(self.interner.len());
-        self.interner = interner;
-        if grew {
+    /// [`Error::Intentions`] if the interner is full (the next call compiles in full),
+    /// [`Error::Io`] if the grown table cannot be written.
+    pub fn compile(&mut self, rules: &RuleSet) -> Result<Vec<KernelChange>, Error> {
+        let changes = self.compiled.update(rules)?;
+        if self.compiled.interner().len() > self.saved {
             self.save()?;
         }
-        Ok(())
+        Ok(changes)
+    }
+
+    /// The intentions' kernel form as last compiled.
+    pub fn compiled(&self) -> &CompiledRules {
+        &self.compiled
     }
 
     fn save(&mut self) -> Result<(), Error> {
-        self.saved = self.interner.len();
-        let strings: Vec<&str> = (0..self.interner.len() as u32)
-            .filter_map(|id| self.interner.resolve(id))
+        let interner = self.compiled.interner();
+        self.saved = interner.len();
+        let strings: Vec<&str> = (0..interner.len() as u32)
+            .filter_map(|id| interner.resolve(id))
             .collect();
         let text = serde_json::to_string(&strings).expect("a list of strings");
         mesh_core::durable::write(&self.path, text.as_bytes(), 0o644)

@@ -10,11 +10,11 @@ use mesh_common::{
     IntentionKey, IntentionValue, PodValue, ServiceValue, LOCAL_PORT_PROXY, OUTBOUND_PORT,
     SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Error, Names};
 use mesh_core::catalog::{Catalog, Workload};
-use mesh_core::intentions::{compile_with, Action, RuleSet};
+use mesh_core::intentions::{Action, KernelKey, KernelValue, RuleSet};
 use mesh_dataplane::bpf::{CgroupId, Dataplane, ListenerSlot, NetnsCookie};
 use mesh_dataplane::iptables;
 
@@ -22,6 +22,28 @@ use mesh_dataplane::iptables;
 /// pod's network namespace (`/proc/thread-self/net/if_inet6` read by a thread inside it:
 /// link-local, global, tentative ones included), except loopback. (`/proc/net` would show the
 /// namespace of the process's main thread.)
+/// The kernel map key of a compiled intention key.
+fn intention_key(k: &KernelKey) -> IntentionKey {
+    IntentionKey {
+        src_ns: k.src_ns,
+        src_name: k.src_name,
+        dst_ns: k.dst_ns,
+        dst_name: k.dst_name,
+    }
+}
+
+/// The kernel map value of a compiled intention value.
+fn intention_value(v: &KernelValue) -> IntentionValue {
+    IntentionValue {
+        action: if v.action == Action::Allow {
+            VERDICT_ALLOW
+        } else {
+            VERDICT_DENY
+        },
+        counter: v.counter_index,
+    }
+}
+
 fn pod_addresses(netns: &mesh_dataplane::netns::NetNs, ip: Ipv4Addr) -> Result<Vec<IpAddr>, Error> {
     let text = netns.run(
         || match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
@@ -481,35 +503,28 @@ impl Steering {
             names.id(&s.namespace).map_err(kernel)?;
             names.id(&s.name).map_err(kernel)?;
         }
-        let compiled =
-            compile_with(rules, names.take_interner()).map_err(|e| kernel(Error::from(e)))?;
-        let entries: HashMap<IntentionKey, IntentionValue> = compiled
-            .entries()
+        let changes = names.compile(rules).map_err(kernel)?;
+        let changes: Vec<(IntentionKey, Option<IntentionValue>)> = changes
             .iter()
-            .map(|(k, v)| {
-                (
-                    IntentionKey {
-                        src_ns: k.src_ns,
-                        src_name: k.src_name,
-                        dst_ns: k.dst_ns,
-                        dst_name: k.dst_name,
-                    },
-                    IntentionValue {
-                        action: if v.action == Action::Allow {
-                            VERDICT_ALLOW
-                        } else {
-                            VERDICT_DENY
-                        },
-                        counter: v.counter_index,
-                    },
-                )
-            })
+            .map(|(k, v)| (intention_key(k), v.as_ref().map(intention_value)))
             .collect();
-        names.extend(compiled.into_interner()).map_err(kernel)?;
-        let count = entries.len();
-        dp.replace_intentions(entries, rules.default_policy() == Action::Allow)
+        let compiled = names.compiled();
+        let full = || {
+            compiled
+                .entries()
+                .iter()
+                .map(|(k, v)| (intention_key(k), intention_value(v)))
+                .collect::<HashMap<_, _>>()
+        };
+        let write = dp
+            .update_intentions(&changes, rules.default_policy() == Action::Allow, &full)
             .map_err(|e| kernel(Error::from(e)))?;
-        info!(intentions = count, "kernel intention map in sync");
+        debug!(
+            intentions = compiled.len(),
+            changes = changes.len(),
+            ?write,
+            "kernel intention set in sync"
+        );
         Ok(())
     }
 

@@ -79,7 +79,8 @@ struct BpfAttr([u8; 128]);
 
 fn bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised buffer of the size passed; the kernel reads (and for
-    // some commands writes) within it.
+    // some commands writes) within it, and through the pointers it holds, which every caller
+    // points at live buffers of the sizes the command implies for the duration of the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -218,6 +219,103 @@ pub fn create_sk_storage(name: &str, value_size: u32) -> io::Result<std::os::fd:
     let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
     // SAFETY: on success BPF_MAP_CREATE returns a new file descriptor that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+/// `BPF_MAP_TYPE_HASH`.
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_ARRAY_OF_MAPS` (Linux 4.12).
+pub const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+/// `BPF_MAP_CREATE` of a map without BTF: `map_type` (`enum bpf_map_type`), key and value
+/// sizes in bytes, `max_entries`, `flags` (`BPF_F_*`), a `name` (at most 15 bytes kept) and,
+/// for a map-of-maps, a map whose type and sizes every inner map must have (`inner`).
+///
+/// # Errors
+///
+/// The `bpf(2)` errno: `EINVAL` for sizes or a type the kernel does not take (or a map-of-maps
+/// without `inner`), `ENOMEM`, `EPERM` without privileges.
+pub fn create_map(
+    name: &str,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+    inner: Option<BorrowedFd<'_>>,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..4].copy_from_slice(&map_type.to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&key_size.to_ne_bytes());
+    attr.0[8..12].copy_from_slice(&value_size.to_ne_bytes());
+    attr.0[12..16].copy_from_slice(&max_entries.to_ne_bytes());
+    attr.0[16..20].copy_from_slice(&flags.to_ne_bytes());
+    if let Some(inner) = inner {
+        attr.0[20..24].copy_from_slice(&(inner.as_raw_fd() as u32).to_ne_bytes());
+    }
+    let n = name.len().min(15);
+    attr.0[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: on success BPF_MAP_CREATE returns a new file descriptor that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` in a map with `u32` keys and values (such as a map-of-maps, whose
+/// values read back as the inner maps' ids); `None` when the key has no value.
+///
+/// # Errors
+///
+/// The `bpf(2)` errno other than `ENOENT`: `EINVAL` for a map of other key or value sizes,
+/// `EBADF` if `fd` is no map.
+pub fn map_lookup_u32(fd: BorrowedFd<'_>, key: u32) -> io::Result<Option<u32>> {
+    let mut value = 0u32;
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(std::ptr::addr_of!(key) as u64).to_ne_bytes());
+    attr.0[16..24].copy_from_slice(&(std::ptr::addr_of_mut!(value) as u64).to_ne_bytes());
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`) in a map with `u32` keys and values; for a map-of-maps,
+/// `value` is the descriptor of the inner map to store. For a map-of-maps the kernel returns
+/// only after an RCU grace period, when no program still runs with the inner map it replaced.
+///
+/// # Errors
+///
+/// The `bpf(2)` errno: `E2BIG` for an index past the end, `EINVAL` for an inner map of another
+/// type or size, `EPERM` for a frozen map.
+pub fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()> {
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(std::ptr::addr_of!(key) as u64).to_ne_bytes());
+    attr.0[16..24].copy_from_slice(&(std::ptr::addr_of!(value) as u64).to_ne_bytes());
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
+    Ok(())
+}
+
+/// Hands the memory the allocator holds free back to the kernel: glibc's `malloc_trim(0)`, which
+/// shrinks the main heap and, since glibc 2.8, releases (`MADV_DONTNEED`) every whole free page
+/// of every arena. Loading the kernel object parses the kernel's BTF (several MiB of short-lived
+/// allocations, in aya's loader); glibc keeps what they freed, which is most of an idle eBPF
+/// agent's resident memory otherwise. Returns whether memory was released; with another C
+/// library (musl returns freed memory by itself) it does nothing and returns `false`.
+pub fn release_free_memory() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: `malloc_trim` takes a padding size and only touches the allocator's own state,
+        // under its locks; any value is valid.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;

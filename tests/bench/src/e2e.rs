@@ -408,8 +408,9 @@ pub fn main(args: &[String]) -> Result<i32> {
         .with_context(|| format!("writing {}", opts.json.display()))?;
     println!("\nrecords: {}", opts.json.display());
     if let Some(chart) = &opts.chart {
-        std::fs::write(chart, rep::chart(&records, &machine, &setup))
-            .with_context(|| format!("writing {}", chart.display()))?;
+        let svg = rep::chart(&records, &machine, &setup)
+            .map_err(|e| anyhow::anyhow!("drawing the chart: {e}"))?;
+        std::fs::write(chart, svg).with_context(|| format!("writing {}", chart.display()))?;
         println!("chart: {}", chart.display());
     }
     if let Some(md) = &opts.markdown {

@@ -1,38 +1,54 @@
-//! The end-to-end benchmark's chart: grouped bar panels as a self-contained SVG (written by
-//! hand: a few rectangles and labels need no plotting library).
+//! The end-to-end benchmark's chart, drawn with `plotters` (SVG backend, no system fonts: text
+//! is laid out with plotters' own size estimate and rendered by the viewer): a title, one
+//! legend for every series, then one block per section (a topology: same node, cross node),
+//! each a grid of grouped-bar panels. What is drawn is data ([`Section`], [`Panel`],
+//! [`Series`]); a new configuration is one more series, a new topology one more section.
 
-use std::fmt::Write as _;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// One bar series: a configuration's value in each group (`None`: not measured or invalid).
 pub struct Series {
+    /// The legend's name of the configuration.
     pub name: String,
+    /// One value per group of the panel, in the panel's group order.
     pub values: Vec<Option<f64>>,
 }
 
 /// One panel: groups along x (e.g. connection counts), one bar per series in each group.
 pub struct Panel {
+    /// The panel's title.
     pub title: String,
+    /// The group labels, left to right.
     pub groups: Vec<String>,
+    /// The bars of each group, in legend order.
     pub series: Vec<Series>,
 }
 
-/// Bar colours, one per series (colour-blind safe, Okabe–Ito).
-const COLOURS: [&str; 8] = [
-    "#999999", "#E69F00", "#0072B2", "#56B4E9", "#D55E00", "#009E73", "#CC79A7", "#F0E442",
+/// A block of panels under a heading (one topology).
+pub struct Section {
+    /// The heading.
+    pub title: String,
+    /// Its panels, laid out in rows of the chart's column count.
+    pub panels: Vec<Panel>,
+}
+
+/// Bar colours, by series name in order of first appearance (colour-blind safe, Okabe–Ito).
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(0x99, 0x99, 0x99),
+    RGBColor(0xE6, 0x9F, 0x00),
+    RGBColor(0x00, 0x72, 0xB2),
+    RGBColor(0x56, 0xB4, 0xE9),
+    RGBColor(0xD5, 0x5E, 0x00),
+    RGBColor(0x00, 0x9E, 0x73),
+    RGBColor(0xCC, 0x79, 0xA7),
+    RGBColor(0xF0, 0xE4, 0x42),
 ];
 
-const PANEL_W: f64 = 460.0;
-const PANEL_H: f64 = 260.0;
-const MARGIN_L: f64 = 64.0;
-const MARGIN_T: f64 = 34.0;
-const MARGIN_B: f64 = 30.0;
-const LEGEND_H: f64 = 28.0;
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
+const PANEL_W: u32 = 460;
+const PANEL_H: u32 = 260;
+const HEADER_H: u32 = 76;
+const SECTION_H: u32 = 26;
 
 /// A "nice" axis maximum at or above `v` (1, 2 or 5 times a power of ten).
 pub fn nice_max(v: f64) -> f64 {
@@ -69,60 +85,127 @@ fn fmt_bar(v: f64) -> String {
     }
 }
 
-/// The SVG: `title` on top, the series legend, then `panels` in rows of `columns`.
-pub fn svg(title: &str, subtitle: &str, panels: &[Panel], columns: usize) -> String {
-    let columns = columns.max(1);
-    let rows = panels.len().div_ceil(columns);
-    let width = PANEL_W * columns as f64 + 20.0;
-    let top = 44.0 + LEGEND_H;
-    let height = top + PANEL_H * rows as f64 + 10.0;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<rect width="{width}" height="{height}" fill="white"/>"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="10" y="18" font-size="14" font-weight="bold">{}</text>"#,
-        escape(title)
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="10" y="34" fill="#555">{}</text>"##,
-        escape(subtitle)
-    );
-    // Legend: the series of the first panel.
-    if let Some(first) = panels.first() {
-        let mut x = 10.0;
-        for (i, series) in first.series.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                r#"<rect x="{x}" y="48" width="12" height="12" fill="{}"/><text x="{}" y="58">{}</text>"#,
-                COLOURS[i % COLOURS.len()],
-                x + 16.0,
-                escape(&series.name)
-            );
-            x += 24.0 + 6.5 * series.name.len() as f64;
+/// Every series name, in order of first appearance: the legend, and each name's colour.
+fn legend(sections: &[Section]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for series in sections
+        .iter()
+        .flat_map(|s| &s.panels)
+        .flat_map(|p| &p.series)
+    {
+        if !names.contains(&series.name) {
+            names.push(series.name.clone());
         }
     }
-    for (k, panel) in panels.iter().enumerate() {
-        let ox = 10.0 + PANEL_W * (k % columns) as f64;
-        let oy = top + PANEL_H * (k / columns) as f64;
-        panel_svg(&mut s, panel, ox, oy);
-    }
-    s.push_str("</svg>\n");
-    s
+    names
 }
 
-fn panel_svg(s: &mut String, panel: &Panel, ox: f64, oy: f64) {
-    let plot_w = PANEL_W - MARGIN_L - 16.0;
-    let plot_h = PANEL_H - MARGIN_T - MARGIN_B;
-    let x0 = ox + MARGIN_L;
-    let y0 = oy + MARGIN_T;
+fn colour(legend: &[String], name: &str) -> RGBColor {
+    let i = legend.iter().position(|n| n == name).unwrap_or(0);
+    COLOURS[i % COLOURS.len()]
+}
+
+type DrawResult<T> = Result<T, String>;
+
+fn err<E: std::fmt::Debug>(e: E) -> String {
+    format!("{e:?}")
+}
+
+/// The SVG: `title` and `subtitle` on top, the legend, then each section's heading and its
+/// panels in rows of `columns`.
+///
+/// # Errors
+///
+/// A message if plotters cannot draw (it draws into a string, so only on a bug here).
+pub fn svg(
+    title: &str,
+    subtitle: &str,
+    sections: &[Section],
+    columns: usize,
+) -> DrawResult<String> {
+    let columns = columns.max(1);
+    let rows: Vec<usize> = sections
+        .iter()
+        .map(|s| s.panels.len().div_ceil(columns))
+        .collect();
+    let width = PANEL_W * columns as u32 + 20;
+    let height = HEADER_H
+        + rows
+            .iter()
+            .map(|r| SECTION_H + PANEL_H * *r as u32)
+            .sum::<u32>()
+        + 10;
+    let names = legend(sections);
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (header, mut body) = root.split_vertically(HEADER_H);
+        header
+            .draw_text(
+                title,
+                &("sans-serif", 15)
+                    .into_font()
+                    .style(FontStyle::Bold)
+                    .color(&BLACK),
+                (10, 8),
+            )
+            .map_err(err)?;
+        header
+            .draw_text(
+                subtitle,
+                &("sans-serif", 11)
+                    .into_font()
+                    .color(&RGBColor(0x55, 0x55, 0x55)),
+                (10, 30),
+            )
+            .map_err(err)?;
+        let mut x = 10;
+        for name in &names {
+            header
+                .draw(&Rectangle::new(
+                    [(x, 50), (x + 12, 62)],
+                    colour(&names, name).filled(),
+                ))
+                .map_err(err)?;
+            header
+                .draw_text(
+                    name,
+                    &("sans-serif", 11).into_font().color(&BLACK),
+                    (x + 16, 50),
+                )
+                .map_err(err)?;
+            x += 28 + 7 * name.chars().count() as i32;
+        }
+        for (section, rows) in sections.iter().zip(rows) {
+            let (block, rest) = body.split_vertically(SECTION_H + PANEL_H * rows as u32);
+            body = rest;
+            let (heading, grid) = block.split_vertically(SECTION_H);
+            heading
+                .draw_text(
+                    &section.title,
+                    &("sans-serif", 13)
+                        .into_font()
+                        .style(FontStyle::Bold)
+                        .color(&BLACK),
+                    (10, 6),
+                )
+                .map_err(err)?;
+            let cells = grid.split_evenly((rows.max(1), columns));
+            for (area, panel) in cells.iter().zip(&section.panels) {
+                draw_panel(area, panel, &names)?;
+            }
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(out)
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    panel: &Panel,
+    names: &[String],
+) -> DrawResult<()> {
     let max = panel
         .series
         .iter()
@@ -130,77 +213,75 @@ fn panel_svg(s: &mut String, panel: &Panel, ox: f64, oy: f64) {
         .copied()
         .fold(0.0, f64::max);
     let top = nice_max(max);
-    let _ = writeln!(
-        s,
-        r#"<text x="{x0}" y="{}" font-size="12" font-weight="bold">{}</text>"#,
-        oy + 20.0,
-        escape(&panel.title)
-    );
-    for t in 0..=4 {
-        let v = top * t as f64 / 4.0;
-        let y = y0 + plot_h - plot_h * t as f64 / 4.0;
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
-            x0 + plot_w,
-            x0 - 4.0,
-            y + 4.0,
-            fmt_tick(v)
-        );
-    }
     let groups = panel.groups.len().max(1);
-    let group_w = plot_w / groups as f64;
-    let n = panel.series.len().max(1);
-    let bar_w = (group_w - 16.0) / n as f64;
-    for (g, label) in panel.groups.iter().enumerate() {
-        let gx = x0 + group_w * g as f64 + 8.0;
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-            gx + (group_w - 16.0) / 2.0,
-            y0 + plot_h + 16.0,
-            escape(label)
-        );
-        for (i, series) in panel.series.iter().enumerate() {
-            let bx = gx + bar_w * i as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            &panel.title,
+            ("sans-serif", 12).into_font().style(FontStyle::Bold),
+        )
+        .margin(6)
+        .x_label_area_size(20)
+        .y_label_area_size(48)
+        // Group `g` is centred on x = g, so that the axis' key points (steps of 1) are the
+        // group centres.
+        .build_cartesian_2d(-0.5f64..groups as f64 - 0.5, 0f64..top)
+        .map_err(err)?;
+    let labels = panel.groups.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups)
+        .y_labels(5)
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .x_label_formatter(&|x| {
+            let g = x.round();
+            if (x - g).abs() < 1e-6 && g >= 0.0 {
+                labels.get(g as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 10))
+        .light_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+        .draw()
+        .map_err(err)?;
+    let n = panel.series.len().max(1) as f64;
+    let bar = 0.84 / n;
+    let small = ("sans-serif", 8).into_font().color(&BLACK);
+    for (i, series) in panel.series.iter().enumerate() {
+        let fill = colour(names, &series.name);
+        for g in 0..groups {
+            let left = g as f64 - 0.42 + bar * i as f64;
+            let centre = left + bar / 2.0;
             match series.values.get(g).copied().flatten() {
                 Some(v) => {
-                    let h = plot_h * v / top;
-                    let _ = writeln!(
-                        s,
-                        r#"<rect x="{bx:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{}: {}</title></rect>"#,
-                        y0 + plot_h - h,
-                        (bar_w - 2.0).max(1.0),
-                        COLOURS[i % COLOURS.len()],
-                        escape(&series.name),
-                        fmt_bar(v)
-                    );
-                    let _ = writeln!(
-                        s,
-                        r#"<text x="{:.1}" y="{:.1}" font-size="8" text-anchor="middle">{}</text>"#,
-                        bx + bar_w / 2.0 - 1.0,
-                        y0 + plot_h - h - 2.0,
-                        fmt_bar(v)
-                    );
+                    chart
+                        .draw_series(std::iter::once(Rectangle::new(
+                            [(left, 0.0), (left + bar * 0.92, v.min(top))],
+                            fill.filled(),
+                        )))
+                        .map_err(err)?;
+                    chart
+                        .draw_series(std::iter::once(Text::new(
+                            fmt_bar(v),
+                            (centre, v.min(top)),
+                            small.pos(Pos::new(HPos::Center, VPos::Bottom)),
+                        )))
+                        .map_err(err)?;
                 }
                 None => {
-                    let _ = writeln!(
-                        s,
-                        r#"<text x="{:.1}" y="{:.1}" font-size="8" text-anchor="middle">n/a</text>"#,
-                        bx + bar_w / 2.0 - 1.0,
-                        y0 + plot_h - 2.0
-                    );
+                    chart
+                        .draw_series(std::iter::once(Text::new(
+                            "n/a",
+                            (centre, 0.0),
+                            small.pos(Pos::new(HPos::Center, VPos::Bottom)),
+                        )))
+                        .map_err(err)?;
                 }
             }
         }
     }
-    let _ = writeln!(
-        s,
-        r##"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##,
-        y0 + plot_h,
-        x0 + plot_w,
-        y0 + plot_h
-    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -217,10 +298,22 @@ mod tests {
         assert_eq!(nice_max(0.3), 0.5);
     }
 
+    /// The `height` of every `<rect>` filled with `colour` (upper-case hex, as plotters writes).
+    fn bar_heights(svg: &str, colour: &str) -> Vec<f64> {
+        svg.split("<rect")
+            .skip(1)
+            .filter(|r| r.contains(&format!("fill=\"{colour}\"")))
+            .filter_map(|r| {
+                let h = r.split("height=\"").nth(1)?.split('"').next()?;
+                h.parse().ok()
+            })
+            .collect()
+    }
+
     #[test]
-    fn bars_are_drawn_to_scale_and_missing_values_marked() {
-        let panel = Panel {
-            title: "requests/s <unpinned>".into(),
+    fn bars_are_drawn_to_scale_per_section_and_missing_values_marked() {
+        let panel = |title: &str, mesh: Vec<Option<f64>>| Panel {
+            title: title.into(),
             groups: vec!["c=1".into(), "c=16".into()],
             series: vec![
                 Series {
@@ -228,19 +321,37 @@ mod tests {
                     values: vec![Some(50.0), Some(100.0)],
                 },
                 Series {
-                    name: "mesh-ebpf".into(),
-                    values: vec![Some(25.0), None],
+                    name: "mesh <tls>".into(),
+                    values: mesh,
                 },
             ],
         };
-        let out = svg("t", "s", &[panel], 2);
+        let sections = [
+            Section {
+                title: "Same node".into(),
+                panels: vec![panel("requests/s", vec![Some(25.0), None])],
+            },
+            Section {
+                title: "Across nodes".into(),
+                panels: vec![panel("requests/s", vec![Some(100.0), Some(100.0)])],
+            },
+        ];
+        let out = svg("t", "s", &sections, 2).unwrap();
         assert!(out.starts_with("<svg") && out.trim_end().ends_with("</svg>"));
-        assert!(out.contains("&lt;unpinned&gt;"), "text is escaped");
-        // Three bars (axis top 100, plot height 196): 98, 196 and 49 units high.
-        assert_eq!(out.matches("<rect x=").count() - 2, 3, "{out}");
-        for h in ["height=\"98.0\"", "height=\"196.0\"", "height=\"49.0\""] {
-            assert!(out.contains(h), "{h} in {out}");
-        }
-        assert_eq!(out.matches(">n/a<").count(), 1);
+        assert!(out.contains("mesh &lt;tls&gt;"), "text is escaped");
+        assert!(out.contains("Same node") && out.contains("Across nodes"));
+        // direct: 50 and 100 in both sections, on one axis scale per panel (top 100).
+        let direct = bar_heights(&out, "#999999");
+        let mesh = bar_heights(&out, "#E69F00");
+        // Legend swatches are 12 high and come first.
+        assert_eq!(direct.len(), 1 + 4, "{out}");
+        assert_eq!(mesh.len(), 1 + 3, "one bar missing: {out}");
+        let full = direct[2];
+        assert!(full > 100.0, "{direct:?}");
+        assert!((direct[1] * 2.0 - full).abs() <= 2.0, "{direct:?}");
+        assert!((mesh[1] * 4.0 - full).abs() <= 4.0, "{mesh:?}");
+        assert!((mesh[2] - full).abs() <= 1.0, "{mesh:?}");
+        // plotters writes text content on a line of its own.
+        assert_eq!(out.matches("\nn/a\n").count(), 1);
     }
 }

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
+use crate::e2e_chart::Section as ChartSection;
 use crate::e2e_chart::{self, Panel, Series};
 use crate::report::{self, median, Machine, Section};
 pub use crate::report::{ratio, Cell, PINNINGS};
@@ -26,6 +27,105 @@ const DIRECT: &str = CONFIGS[0];
 const IPTABLES: &str = CONFIGS[1];
 const EBPF: &str = CONFIGS[2];
 const HAPROXY: &str = CONFIGS[4];
+
+/// Where a measured path's two pods run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Both pods on one node.
+    SameNode,
+    /// The client's pod on one node, the server's on another.
+    CrossNode,
+}
+
+impl Topology {
+    /// Every topology, in report order.
+    pub const ALL: [Topology; 2] = [Topology::SameNode, Topology::CrossNode];
+
+    /// The section heading.
+    pub fn title(self) -> &'static str {
+        match self {
+            Topology::SameNode => "Same node",
+            Topology::CrossNode => "Across nodes",
+        }
+    }
+}
+
+/// One path the chart and the report can show: the configuration whose records it draws
+/// ([`Record::config`]), its legend label, and its topology.
+#[derive(Clone, Copy, Debug)]
+pub struct Path {
+    /// Where its pods run.
+    pub topology: Topology,
+    /// The configuration name the records carry.
+    pub config: &'static str,
+    /// The legend's label.
+    pub label: &'static str,
+}
+
+/// Every path, as data: a new configuration or topology is one more row here. A path with no
+/// records in a run is left out of that run's chart (listed as not measured in the notes).
+pub const PATHS: &[Path] = &[
+    Path {
+        topology: Topology::SameNode,
+        config: "direct",
+        label: "direct",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-ebpf",
+        label: "mesh (eBPF, spliced)",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-ebpf-tls",
+        label: "mesh TLS (--same-node-splice=false)",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-ebpf-no-skmsg",
+        label: "mesh (eBPF, no sk_msg)",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "mesh-iptables",
+        label: "mesh-iptables",
+    },
+    Path {
+        topology: Topology::SameNode,
+        config: "haproxy-sidecars",
+        label: "haproxy-sidecars",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "direct-cross-node",
+        label: "direct",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "mesh-ebpf-cross-node",
+        label: "mesh (eBPF, pooled)",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "mesh-iptables-cross-node",
+        label: "mesh-iptables",
+    },
+    Path {
+        topology: Topology::CrossNode,
+        config: "haproxy-sidecars-cross-node",
+        label: "haproxy-sidecars",
+    },
+];
+
+/// The paths of `topology` that have records.
+fn measured_paths(records: &[Record], topology: Topology) -> Vec<Path> {
+    PATHS
+        .iter()
+        .filter(|p| p.topology == topology)
+        .filter(|p| records.iter().any(|r| r.config == p.config))
+        .copied()
+        .collect()
+}
 
 /// The opening marker of the e2e section of `docs/benchmarks.md`.
 pub const BEGIN: &str = "<!-- e2e:begin -->";
@@ -486,6 +586,36 @@ pub fn targets(records: &[Record], pinning: &str) -> Vec<Target> {
     t
 }
 
+/// The agent's memory targets of issue #15: at rest, the eBPF agent at most 5 MiB above the
+/// iptables agent (both right after start, before any traffic); under load, its peak RSS
+/// (`VmHWM`, the largest of any valid run, pinned or not) below ztunnel's 18 MiB.
+pub fn memory_targets(records: &[Record], setup: &Setup) -> Vec<Target> {
+    let idle = |config: &str| {
+        setup
+            .idle_rss_mib
+            .iter()
+            .find(|(c, _)| *c == config)
+            .map(|(_, v)| *v)
+    };
+    let peak = records
+        .iter()
+        .filter(|r| r.config == EBPF && r.valid)
+        .filter_map(|r| r.metric("proxy_peak_rss_mib"))
+        .reduce(f64::max);
+    vec![
+        Target {
+            label: "mesh-ebpf agent RSS at rest − mesh-iptables agent's (MiB)".into(),
+            value: idle(EBPF).zip(idle(IPTABLES)).map(|(e, i)| e - i),
+            goal: Goal::AtMost(5.0),
+        },
+        Target {
+            label: "mesh-ebpf agent peak RSS under load (MiB)".into(),
+            value: peak,
+            goal: Goal::Below(18.0),
+        },
+    ]
+}
+
 fn pinning_title(pinning: &str, cpu: usize) -> String {
     if pinning == "pinned" {
         format!("Pinned: client, servers and proxies on CPU {cpu} (the whole path's CPU cost)")
@@ -529,8 +659,8 @@ fn notes(records: &[Record], setup: &Setup) -> Vec<String> {
             .map(|(c, v)| format!("{c} {v:.1} MiB"))
             .collect();
         notes.push(format!(
-            "agent RSS right after start, before any traffic: {} (the eBPF agent also holds its \
-             BPF object and the kernel BTF that the loader reads and parses)",
+            "agent RSS right after start, before any traffic: {} (the eBPF agent returns what its \
+             loader freed, the parsed kernel BTF, with malloc_trim)",
             parts.join(", ")
         ));
     }
@@ -620,6 +750,17 @@ pub fn terminal(records: &[Record], machine: &Machine, setup: &Setup) -> String 
             );
         }
     }
+    let _ = writeln!(out, "\nMemory targets:");
+    for t in memory_targets(records, setup) {
+        let _ = writeln!(
+            out,
+            "  {:<66} {:>8} (target {:>7}): {}",
+            t.label,
+            t.value.map_or("-".to_string(), |v| format!("{v:.1}")),
+            t.goal_text(),
+            t.verdict()
+        );
+    }
     let _ = writeln!(out);
     for note in notes(records, setup) {
         let _ = writeln!(out, "{note}");
@@ -692,35 +833,65 @@ pub fn to_json(records: &[Record], machine: &Machine, setup: &Setup) -> Value {
         "records": records.iter().map(Record::to_json).collect::<Vec<_>>(),
         "summary": summary,
         "targets": all_targets,
+        "memory_targets": memory_targets(records, setup)
+            .iter()
+            .map(|t| json!({
+                "target": t.label,
+                "value": t.value,
+                "goal": t.goal_text(),
+                "met": t.met(),
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 
-/// The chart: requests/s and p99 per configuration at each connection count, per placement.
-pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> String {
-    let mut panels = Vec::new();
-    for pinning in PINNINGS {
-        if !records.iter().any(|r| r.pinning == pinning) {
+/// The chart: for each topology with records (a section), requests/s and p99 per path at each
+/// connection count, per placement. Which paths and topologies there are is [`PATHS`].
+///
+/// # Errors
+///
+/// A message if the chart cannot be drawn.
+pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> Result<String, String> {
+    let mut sections = Vec::new();
+    for topology in Topology::ALL {
+        let paths = measured_paths(records, topology);
+        if paths.is_empty() {
             continue;
         }
-        for (metric, what) in [("req_per_s", "requests/s"), ("p99_us", "p99 latency (µs)")] {
-            panels.push(Panel {
-                title: format!("HTTP 1 KiB, {what}, {pinning}"),
-                groups: crate::e2e::HTTP_CONNS
-                    .iter()
-                    .map(|c| format!("{c} conn{}", if *c == 1 { "" } else { "s" }))
-                    .collect(),
-                series: CONFIGS
-                    .iter()
-                    .map(|config| Series {
-                        name: config.to_string(),
-                        values: ["http-1", "http-16", "http-64"]
-                            .iter()
-                            .map(|wl| median_of(records, pinning, config, wl, metric).median)
-                            .collect(),
-                    })
-                    .collect(),
-            });
+        let mut panels = Vec::new();
+        for pinning in PINNINGS {
+            if !records
+                .iter()
+                .any(|r| r.pinning == pinning && paths.iter().any(|p| p.config == r.config))
+            {
+                continue;
+            }
+            for (metric, what) in [("req_per_s", "requests/s"), ("p99_us", "p99 latency (µs)")] {
+                panels.push(Panel {
+                    title: format!("HTTP 1 KiB, {what}, {pinning}"),
+                    groups: crate::e2e::HTTP_CONNS
+                        .iter()
+                        .map(|c| format!("{c} conn{}", if *c == 1 { "" } else { "s" }))
+                        .collect(),
+                    series: paths
+                        .iter()
+                        .map(|path| Series {
+                            name: path.label.to_string(),
+                            values: ["http-1", "http-16", "http-64"]
+                                .iter()
+                                .map(|wl| {
+                                    median_of(records, pinning, path.config, wl, metric).median
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                });
+            }
         }
+        sections.push(ChartSection {
+            title: topology.title().to_string(),
+            panels,
+        });
     }
     e2e_chart::svg(
         "mesh-bench e2e: wrk, HTTP/1.1 keep-alive, 1 KiB responses (medians over rounds)",
@@ -735,7 +906,7 @@ pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> String {
             machine.load_start,
             machine.load_end
         ),
-        &panels,
+        &sections,
         2,
     )
 }
@@ -820,6 +991,43 @@ pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String 
             );
         }
         let _ = writeln!(md);
+    }
+    let _ = writeln!(md, "Memory targets of issue #15 (agent RSS):\n");
+    let _ = writeln!(md, "| target | measured | goal | |");
+    let _ = writeln!(md, "|---|---:|---|---|");
+    for t in memory_targets(records, setup) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.label,
+            t.value.map_or("-".to_string(), |v| format!("{v:.1}")),
+            t.goal_text(),
+            match t.met() {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "not measured",
+            }
+        );
+    }
+    let _ = writeln!(md);
+    let unmeasured: Vec<String> = PATHS
+        .iter()
+        .filter(|p| !records.iter().any(|r| r.config == p.config))
+        .map(|p| {
+            format!(
+                "{} ({}, `{}`)",
+                p.label,
+                p.topology.title().to_lowercase(),
+                p.config
+            )
+        })
+        .collect();
+    if !unmeasured.is_empty() {
+        let _ = writeln!(
+            md,
+            "- Paths not measured in this run: {}.",
+            unmeasured.join(", ")
+        );
     }
     for note in notes(records, setup) {
         let _ = writeln!(md, "- {note}");
@@ -918,6 +1126,37 @@ mod tests {
         let c = median_of(&records, "pinned", "direct", "*", "proxy_peak_rss_mib");
         assert_eq!(c.median, Some(25.0));
         assert_eq!((c.valid, c.total), (2, 2));
+    }
+
+    #[test]
+    fn memory_targets_compare_the_agents_at_rest_and_take_the_largest_peak() {
+        let mut records = vec![
+            rec(EBPF, "http-16", 0, 15.0),
+            rec(EBPF, "bulk", 0, 19.0),
+            rec(IPTABLES, "bulk", 0, 30.0),
+        ];
+        let setup = |idle: Vec<(&'static str, f64)>| Setup {
+            rounds: 1,
+            quick: true,
+            cpu: 0,
+            wrk_secs: 1,
+            iperf_secs: 1,
+            conn_secs: 1.0,
+            server_threads: 1,
+            dial: "vip",
+            idle_rss_mib: idle,
+        };
+        let t = memory_targets(&records, &setup(vec![(IPTABLES, 7.0), (EBPF, 11.5)]));
+        assert_eq!(t[0].value, Some(4.5));
+        assert_eq!(t[0].met(), Some(true));
+        // The eBPF agent's largest peak of a valid run (not the iptables agent's): 19 ≥ 18.
+        assert_eq!(t[1].value, Some(19.0));
+        assert_eq!(t[1].met(), Some(false));
+        records[1].valid = false;
+        let t = memory_targets(&records, &setup(vec![(EBPF, 22.4)]));
+        assert_eq!(t[0].met(), None, "no iptables agent measured");
+        assert_eq!(t[1].value, Some(15.0));
+        assert_eq!(t[1].met(), Some(true));
     }
 
     #[test]
@@ -1024,8 +1263,10 @@ mod tests {
         assert_eq!(v["setup"]["agent_idle_rss_mib"]["mesh-ebpf"], json!(22.0));
         assert!(v["targets"].as_array().unwrap().len() >= 10);
         // The chart and the markdown section come from the same records.
-        let svg = chart(&records, &machine, &setup);
+        let svg = chart(&records, &machine, &setup).unwrap();
         assert!(svg.contains("haproxy-sidecars") && svg.contains("p99"));
+        // Only the same-node paths have records: one section, no cross-node one.
+        assert!(svg.contains("Same node") && !svg.contains("Across nodes"));
         let md = markdown(&records, &machine, &setup);
         assert!(md.starts_with(BEGIN) && md.trim_end().ends_with(END));
         assert!(md.contains("| HTTP 1 KiB, 64 conns: requests/s | 110 | 45 (0.41x) |"));

@@ -16,7 +16,7 @@ use mesh_common::{
     SockState, INBOUND_PORT, LOCAL_PORT_PROXY, MAP_ORIG_HANDOFF, MAP_SOCK_STATE, MAX_SOCKETS,
     OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
-use mesh_dataplane::bpf::Dataplane;
+use mesh_dataplane::bpf::{Dataplane, IntentionChange, SetWrite};
 use mesh_dataplane::{cgroup, iptables, socket::original_dst};
 use mesh_kit::{
     reach, read_pattern, tcp_mem_pages, v4, wait_for, write_pattern, NbStream, Node, Pod,
@@ -544,6 +544,146 @@ fn deny_verdict_fails_connect_with_eperm_before_any_packet() -> Result<()> {
         fetch(&mut node, &web.netns_path, &web.cgroup, api)?,
         "proxy"
     );
+    stop.store(true, Ordering::Relaxed);
+    proxy.join().expect("proxy");
+    Ok(())
+}
+
+/// A rule change reaches the kernel as a whole set or as one key, never half of two sets:
+/// while web connects to api thousands of times, the agent alternates between two rule sets
+/// that allow web by different intentions (each change removes one key and adds another, so it
+/// is swapped in as a whole set). A connect that saw one key of each set would find neither
+/// and fall to the default verdict (deny); none does. A one-key change is written in place and
+/// decides the next connect. The sets are pinned: a reopened dataplane finds the set in force,
+/// default verdict included, and its first change writes only the differences.
+#[test]
+fn intention_changes_swap_whole_sets_and_the_sets_survive_a_restart() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = vip(&node, 10, 9091);
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    dp.set_service(api, api_value(API_ID, SERVICE_VIP))?;
+    let exact = IntentionKey {
+        src_ns: NS,
+        src_name: WEB_ID,
+        dst_ns: NS,
+        dst_name: API_ID,
+    };
+    let any_source = IntentionKey {
+        src_ns: 0,
+        src_name: 0,
+        dst_ns: NS,
+        dst_name: API_ID,
+    };
+    let allow = |counter| IntentionValue {
+        action: VERDICT_ALLOW,
+        counter,
+    };
+    let set_a: [IntentionChange; 2] = [(exact, Some(allow(1))), (any_source, None)];
+    let set_b: [IntentionChange; 2] = [(exact, None), (any_source, Some(allow(2)))];
+    let full_a = || HashMap::from([(exact, allow(1))]);
+    let write = dp.update_intentions(&set_a, false, &full_a)?;
+    assert!(matches!(write, SetWrite::Full { .. }), "{write:?}");
+    assert_eq!(dp.intentions()?, vec![(exact, allow(1))]);
+    assert_eq!(dp.default_verdict()?, Some(false));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy = answer(outbound_listener(&web)?, "proxy", stop.clone());
+    let before = dp.counters()?;
+    let mut child = node.probe(
+        &web.netns_path,
+        &web.cgroup,
+        &["connect-latency", &api.to_string(), "5000"],
+    )?;
+    let mut swaps = 0usize;
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "connects hang"
+        );
+        let (change, full): (&[IntentionChange], HashMap<_, _>) = if swaps.is_multiple_of(2) {
+            (&set_b, HashMap::from([(any_source, allow(2))]))
+        } else {
+            (&set_a, HashMap::from([(exact, allow(1))]))
+        };
+        let write = dp.update_intentions(change, false, &|| full.clone())?;
+        // The first swap also brings the other set up to the first full write.
+        let lag = if swaps == 0 { 3 } else { 2 };
+        assert_eq!(write, SetWrite::Swapped { keys: lag }, "swap {swaps}");
+        swaps += 1;
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("failed=0"), "every connect allowed: {text}");
+    let after = dp.counters()?;
+    assert!(swaps >= 10, "only {swaps} swaps during the connects");
+    for counter in [
+        Counter::DefaultDecisions,
+        Counter::ConnectsDenied,
+        Counter::ProxyDecided,
+    ] {
+        assert_eq!(
+            after.get(counter),
+            before.get(counter),
+            "{counter:?}: a connect saw no intention of either set ({swaps} swaps)"
+        );
+    }
+    assert!(after.get(Counter::Redirects) >= before.get(Counter::Redirects) + 5000);
+
+    // One key: in place, and the next connect sees it.
+    let deny = IntentionValue {
+        action: VERDICT_DENY,
+        counter: 1,
+    };
+    let now_b = !swaps.is_multiple_of(2);
+    let key = if now_b { any_source } else { exact };
+    let write = dp.update_intentions(&[(key, Some(deny))], false, &|| {
+        HashMap::from([(key, deny)])
+    })?;
+    assert_eq!(write, SetWrite::InPlace);
+    let out = node.probe_in(
+        &web,
+        &["connect", &api.to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "denied: {text}"
+    );
+    let live = dp.config()?.intention_set;
+
+    // A restarted agent: the pins hold the set in force and its default verdict.
+    drop(dp);
+    let mut dp = Dataplane::open(&node.instance(), &node.mesh_cgroup)?;
+    assert_eq!(dp.config()?.intention_set, live);
+    assert_eq!(dp.intentions()?, vec![(key, deny)]);
+    assert_eq!(dp.default_verdict()?, Some(false));
+    let out = node.probe_in(
+        &web,
+        &["connect", &api.to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "still denied: {text}"
+    );
+    // Its first change cannot trust what it did not write: the whole set, as differences.
+    let write = dp.update_intentions(&[], true, &|| HashMap::from([(key, deny)]))?;
+    assert!(
+        matches!(write, SetWrite::Full { keys } if keys <= 3),
+        "{write:?}"
+    );
+    assert_ne!(
+        dp.config()?.intention_set,
+        live,
+        "written into the other set"
+    );
+    assert_eq!(dp.intentions()?, vec![(key, deny)]);
+    assert_eq!(dp.default_verdict()?, Some(true));
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
     Ok(())

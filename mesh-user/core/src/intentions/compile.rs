@@ -30,10 +30,20 @@
 //! mentions has no id and gets [`UNKNOWN_ID`], which no key contains. To keep workload ids
 //! stable across recompilations, pass the previous interner (with any workload names interned
 //! into it) to [`compile_with`].
+//!
+//! # Changes
+//!
+//! Because each intention is one entry whose key is its own (source, destination) pair, an
+//! intention added, removed or changed changes exactly one entry: every connection it can
+//! match still finds it (or no longer finds it) by the same probe, and the precedence between
+//! it and the others is the probe order, not something stored with the entries. So
+//! [`CompiledRules::update`] brings a kernel form to a newer rule set by compiling only the
+//! pairs the rule set's writes touched since ([`RuleSet::changes_since`]), and returns the
+//! entries that changed: work in proportion to the change, not to the rules.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::{Action, Error, Result, RuleSet, ServiceName, WILDCARD};
+use super::{Action, Error, Intention, Result, RuleSet, ServiceName, WILDCARD};
 
 /// The id of the wildcard `*`, in every interner.
 pub const WILDCARD_ID: u32 = 0;
@@ -193,15 +203,126 @@ pub fn kernel_lookup_order() -> &'static [KeyPattern; 9] {
     &LOOKUP_ORDER
 }
 
+/// One change of a kernel form: a key's new value, or its removal (`None`).
+pub type KernelChange = (KernelKey, Option<KernelValue>);
+
 /// A rule set in kernel form: one entry per intention, and the interner that made the ids.
 #[derive(Clone, Debug)]
 pub struct CompiledRules {
     interner: Interner,
     entries: HashMap<KernelKey, KernelValue>,
     ids: HashMap<u32, String>,
+    /// The [`RuleSet::version`] compiled; 0 (no version) for none.
+    version: u64,
 }
 
 impl CompiledRules {
+    /// The kernel form of no rule set yet (no entries), with `interner`'s ids: the first
+    /// [`update`](Self::update) compiles in full.
+    pub fn new(interner: Interner) -> Self {
+        CompiledRules {
+            interner,
+            entries: HashMap::new(),
+            ids: HashMap::new(),
+            version: 0,
+        }
+    }
+
+    /// The [`RuleSet::version`] this form was compiled from (0 for none).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Brings this kernel form to `rules` and returns the entries that changed (a key at most
+    /// once). When `rules` descends from the compiled state and still remembers it
+    /// ([`RuleSet::changes_since`]), only the pairs touched since are compiled; otherwise
+    /// `rules` is compiled in full and compared with the entries held.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Exhausted`] if the interner runs out of ids. This form is then no longer that
+    /// of any rule set (its version is reset, so the next update compiles in full), and the
+    /// entries it returned before are not known to be in force: write the whole set next.
+    pub fn update(&mut self, rules: &RuleSet) -> Result<Vec<KernelChange>> {
+        let result = self.try_update(rules);
+        match &result {
+            Ok(_) => self.version = rules.version(),
+            Err(_) => self.version = 0,
+        }
+        result
+    }
+
+    fn try_update(&mut self, rules: &RuleSet) -> Result<Vec<KernelChange>> {
+        let touched = if self.version == 0 {
+            None
+        } else {
+            rules.changes_since(self.version)
+        };
+        let Some((pairs, _default)) = touched else {
+            let fresh = compile_with(rules, std::mem::take(&mut self.interner))?;
+            let mut changes: Vec<KernelChange> = self
+                .entries
+                .keys()
+                .filter(|k| !fresh.entries.contains_key(k))
+                .map(|k| (*k, None))
+                .collect();
+            changes.extend(
+                fresh
+                    .entries
+                    .iter()
+                    .filter(|(k, v)| self.entries.get(k) != Some(v))
+                    .map(|(k, v)| (*k, Some(*v))),
+            );
+            *self = fresh;
+            return Ok(changes);
+        };
+        let mut seen = HashSet::with_capacity(pairs.len());
+        let mut changes = Vec::new();
+        // Counter indexes move with an intention moved to another pair: forget the old owners
+        // of every changed entry before recording the new ones.
+        let mut owners = Vec::new();
+        for (src, dst) in pairs {
+            if !seen.insert((src, dst)) {
+                continue;
+            }
+            let key = key_of(&mut self.interner, src, dst)?;
+            let it = rules.get_exact(src, dst);
+            let new = it.map(value_of);
+            let old = self.entries.get(&key).copied();
+            if new == old {
+                continue;
+            }
+            if let Some(old) = old {
+                self.ids.remove(&old.counter_index);
+            }
+            match (new, it) {
+                (Some(value), Some(it)) => {
+                    self.entries.insert(key, value);
+                    owners.push((value.counter_index, it.id.clone()));
+                }
+                _ => {
+                    self.entries.remove(&key);
+                }
+            }
+            changes.push((key, new));
+        }
+        self.ids.extend(owners);
+        Ok(changes)
+    }
+
+    /// The interner, to intern more names (workloads' and services'): ids are only ever added,
+    /// so the entries stay valid.
+    pub fn interner_mut(&mut self) -> &mut Interner {
+        &mut self.interner
+    }
+
+    /// Swaps this form's interner for `interner`, which must hold every name of this form's
+    /// entries under the same id (an extension of it, such as the agent's persistent table),
+    /// and returns the one it held.
+    pub fn swap_interner(&mut self, interner: Interner) -> Interner {
+        std::mem::replace(&mut self.interner, interner)
+    }
+
     /// The kernel map content.
     pub fn entries(&self) -> &HashMap<KernelKey, KernelValue> {
         &self.entries
@@ -264,32 +385,44 @@ pub fn compile_with(rules: &RuleSet, mut interner: Interner) -> Result<CompiledR
     let mut entries = HashMap::with_capacity(rules.len());
     let mut ids = HashMap::with_capacity(rules.len());
     for it in rules.iter() {
-        let key = KernelKey {
-            src_ns: interner.intern(it.source.namespace())?,
-            src_name: interner.intern(it.source.name())?,
-            dst_ns: interner.intern(it.destination.namespace())?,
-            dst_name: interner.intern(it.destination.name())?,
-        };
-        entries.insert(
-            key,
-            KernelValue {
-                // An L7 intention sends the connection to the proxy, which decides per request.
-                action: if it.has_permissions() {
-                    Action::Allow
-                } else {
-                    it.action
-                },
-                precedence: it.precedence,
-                counter_index: it.counter_index,
-            },
-        );
+        let key = key_of(&mut interner, &it.source, &it.destination)?;
+        entries.insert(key, value_of(it));
         ids.insert(it.counter_index, it.id.clone());
     }
     Ok(CompiledRules {
         interner,
         entries,
         ids,
+        version: rules.version(),
     })
+}
+
+/// The key of an intention from `source` to `destination`, interning its names.
+fn key_of(
+    interner: &mut Interner,
+    source: &ServiceName,
+    destination: &ServiceName,
+) -> Result<KernelKey> {
+    Ok(KernelKey {
+        src_ns: interner.intern(source.namespace())?,
+        src_name: interner.intern(source.name())?,
+        dst_ns: interner.intern(destination.namespace())?,
+        dst_name: interner.intern(destination.name())?,
+    })
+}
+
+/// The kernel value of an intention.
+fn value_of(it: &Intention) -> KernelValue {
+    KernelValue {
+        // An L7 intention sends the connection to the proxy, which decides per request.
+        action: if it.has_permissions() {
+            Action::Allow
+        } else {
+            it.action
+        },
+        precedence: it.precedence,
+        counter_index: it.counter_index,
+    }
 }
 
 /// The kernel's answer for a connection.

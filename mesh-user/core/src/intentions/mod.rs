@@ -63,7 +63,7 @@ use std::fmt;
 
 pub use compile::{
     compile, compile_with, kernel_lookup_order, simulate_kernel_check, CompiledRules, Interner,
-    KernelKey, KernelValue, KernelVerdict, KeyPattern, UNKNOWN_ID, WILDCARD_ID,
+    KernelChange, KernelKey, KernelValue, KernelVerdict, KeyPattern, UNKNOWN_ID, WILDCARD_ID,
 };
 pub use defaults::{ServiceDefaultsEntry, SERVICE_DEFAULTS_KIND};
 pub use entry::{ServiceIntentionsEntry, SourceIntention, SERVICE_INTENTIONS_KIND};

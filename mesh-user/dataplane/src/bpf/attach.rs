@@ -146,6 +146,9 @@ impl Dataplane {
                     name: PROG_SK_LOOKUP,
                     source,
                 })?;
+                drop(ebpf);
+                // This load parsed the kernel's BTF again; give what it freed back.
+                crate::sys::release_free_memory();
                 Ok(NewLink::Aya(link.into()))
             },
         )?;

@@ -9,7 +9,10 @@
 //!
 //! `maps/ORIG_DST_SK` (socket-local storage, [`mesh_common::MAP_ORIG_DST`]) is created and pinned
 //! by [`Dataplane::open`] itself, with hand-written BTF, before the object is loaded: the kernel
-//! creates such a map only with key and value BTF, which the kernel object cannot carry.
+//! creates such a map only with key and value BTF, which the kernel object cannot carry. So are
+//! the intention sets (`maps/INTENTION_SETS`, a map-of-maps, and the two sets it points at,
+//! `maps/INTENTIONS_0` and `maps/INTENTIONS_1`): the loader needs an inner-map description for
+//! a map-of-maps, which only BTF carries.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,6 +25,7 @@ mod pins;
 mod splice;
 
 pub use ids::{CgroupId, ListenerSlot, NetnsCookie};
+pub use intentions::{IntentionChange, SetWrite};
 pub use maps::{ConnMapSizes, Counters};
 pub use pins::{instances, pinned_link_ids, uninstall};
 pub use splice::{SpliceError, Splices};
@@ -35,8 +39,8 @@ use aya::maps::MapError;
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    IntentionKey, IntentionValue, KernelOffsets, OrigDst, MAP_ORIG_DST, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
+    KernelOffsets, OrigDst, MAP_ORIG_DST, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT,
+    PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
 };
 
 /// The kernel object, built by `cargo xtask build` (empty when built with `MESH_SKIP_EBPF=1`).
@@ -165,10 +169,8 @@ pub struct Dataplane {
     adopted: bool,
     /// Struct member offsets of the running kernel the sk_msg program needs.
     offsets: Option<KernelOffsets>,
-    /// When the intention set last flipped.
-    last_flip: Option<std::time::Instant>,
-    /// What each intention set holds, as last written by this agent.
-    shadow: [Option<std::collections::HashMap<IntentionKey, IntentionValue>>; 2],
+    /// The intention sets and what this agent knows they hold.
+    sets: intentions::IntentionSets,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -223,6 +225,8 @@ impl Dataplane {
             crate::sys::obj_pin(map.as_fd(), &storage)
                 .map_err(io_err(format!("pinning {}", storage.display())))?;
         }
+        // The loader finds the intention sets' outer map by its pin (see `intentions`).
+        let sets = intentions::IntentionSets::open(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
@@ -240,10 +244,11 @@ impl Dataplane {
             ebpf,
             adopted,
             offsets,
-            last_flip: None,
-            shadow: [None, None],
+            sets,
         };
         dp.attach_mesh(mesh_cgroup)?;
+        // The loader parsed the kernel's BTF; give what it freed back (see the function).
+        crate::sys::release_free_memory();
         Ok(dp)
     }
 

@@ -12,6 +12,7 @@ use super::intention::{precedence, Normalized};
 use super::{Action, Error, Intention, IntentionSpec, Result, ServiceName};
 
 mod entries;
+mod journal;
 mod l7;
 mod managed;
 mod query;
@@ -71,6 +72,8 @@ pub struct RuleSet {
     /// through the API is refused (it would hold on one node only). Not stored: each start
     /// sets it.
     kubernetes_only: bool,
+    /// The pairs recent writes touched, for compiling only what changed.
+    journal: journal::Journal,
 }
 
 impl Default for RuleSet {
@@ -98,6 +101,7 @@ impl RuleSet {
             next_counter: 0,
             service_defaults: BTreeMap::new(),
             kubernetes_only: false,
+            journal: journal::Journal::new(),
         }
     }
 
@@ -115,6 +119,22 @@ impl RuleSet {
     /// Changes the default policy.
     pub fn set_default_policy(&mut self, policy: Action) {
         self.default_policy = policy;
+        self.journal.touch(None);
+    }
+
+    /// The version of this rule set's current state: unique in the process, so that a kernel
+    /// form compiled from this state can later find what changed since
+    /// ([`RuleSet::changes_since`]). Clones share their history up to the clone.
+    pub fn version(&self) -> u64 {
+        self.journal.version()
+    }
+
+    /// The (source, destination) pairs whose intention writes may have changed since the state
+    /// of `version` ([`RuleSet::version`]), oldest first, repeats kept, and whether the default
+    /// policy was set since. `None` when this rule set does not descend from that state or no
+    /// longer remembers that far back (some thousands of writes): compile it in full then.
+    pub fn changes_since(&self, version: u64) -> Option<(Vec<(&ServiceName, &ServiceName)>, bool)> {
+        self.journal.since(version)
     }
 
     /// Number of intentions.
@@ -162,6 +182,7 @@ impl RuleSet {
             existing.meta = n.meta;
             existing.updated_at = now;
             existing.modify_index = index;
+            self.journal.touch(Some(&key));
         } else {
             let counter_index = self.next_counter_index()?;
             let id = self.fresh_id();
@@ -296,6 +317,7 @@ impl RuleSet {
             src: it.source.clone(),
             dst: it.destination.clone(),
         };
+        self.journal.touch(Some(&key));
         self.ids.insert(it.id.clone(), key.clone());
         self.by_src
             .entry(key.src.clone())
@@ -315,6 +337,7 @@ impl RuleSet {
     fn remove_raw(&mut self, key: &PairKey) -> Option<Intention> {
         let srcs = self.by_dst.get_mut(&key.dst)?;
         let it = srcs.remove(&key.src)?;
+        self.journal.touch(Some(key));
         if srcs.is_empty() {
             self.by_dst.remove(&key.dst);
         }
