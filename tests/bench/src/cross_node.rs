@@ -382,6 +382,9 @@ struct Meshd {
 }
 
 impl Meshd {
+    /// Starts `meshd run` on `node`. Node 2's agent shares node 1's CA; a state directory with a
+    /// CA but no API state starts only with the default policy deny, so node 2 runs with deny
+    /// and an intention allows `web → api`.
     fn start(
         node: &ClusterNode,
         redirect: &str,
@@ -389,6 +392,7 @@ impl Meshd {
         catalog: PathBuf,
         state: PathBuf,
     ) -> Result<Self> {
+        let policy = if node.index == 1 { "allow" } else { "deny" };
         let meshd = mesh_kit::bin_path("meshd")?;
         let http = format!("unix://{}", state.with_extension("sock").display());
         let mut child = node
@@ -398,7 +402,7 @@ impl Meshd {
                 "--redirect",
                 redirect,
                 "--default-intention-policy",
-                "allow",
+                policy,
             ])
             .arg("--catalog")
             .arg(&catalog)
@@ -410,7 +414,7 @@ impl Meshd {
             .arg(&node.mesh_cgroup)
             .args(["--metrics-addr", "off"])
             .env("NO_COLOR", "1")
-            .env("MESH_HTTP_ADDR", http)
+            .env("MESH_HTTP_ADDR", &http)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -438,6 +442,21 @@ impl Meshd {
         };
         rx.recv_timeout(Duration::from_secs(30))
             .with_context(|| format!("meshd {} did not get ready within 30 s", me.instance))?;
+        if node.index == 2 {
+            let token = std::fs::read_to_string(me.state.join("acl-bootstrap-token"))?;
+            let out = Command::new(mesh_kit::bin_path("meshctl")?)
+                .args(["intention", "create", "-allow", "web", "api"])
+                .env("MESH_HTTP_ADDR", &http)
+                .env("MESH_HTTP_TOKEN", token.trim())
+                .stdin(Stdio::null())
+                .output()
+                .context("running meshctl")?;
+            ensure!(
+                out.status.success(),
+                "meshctl intention create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         Ok(me)
     }
 }
