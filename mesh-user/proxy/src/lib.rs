@@ -26,6 +26,18 @@
 //! client connection, up to [`ProxyConfig::connect_attempts`] endpoints), and opens mTLS with
 //! the pod's leaf certificate, requiring the server to present the destination's SPIFFE ID.
 //!
+//! # Across nodes
+//!
+//! When the endpoint picked is on another node ([`Directory::is_remote`]) and
+//! [`ProxyConfig::pooling`] is on, the app connection becomes an HTTP/2 `CONNECT` stream
+//! (`:authority` = the destination pod's address and app port) on a pooled mTLS connection to
+//! that endpoint's inbound listener, negotiated with ALPN `h2`: one pool per (source identity,
+//! destination identity, endpoint), at most [`ProxyConfig::pool_max_streams`] streams per
+//! connection, idle connections closed after [`ProxyConfig::pool_idle_timeout`]. The inbound
+//! side authorizes, counts and revokes each stream as it would a connection. A peer that does
+//! not select `h2` gets a TLS connection per app connection, as before; see
+//! `docs/dataplane.md`.
+//!
 //! # The server name
 //!
 //! The outbound side tells the inbound side which app port the caller wants in the TLS server

@@ -90,7 +90,7 @@ pub(crate) enum Opened {
     Plain(Box<TlsStream<TcpStream>>),
 }
 
-/// A pooled connection as [`Pool::connections`] reports it.
+/// A pooled connection as [`Proxy::pooled_connections`](crate::Proxy::pooled_connections) reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PooledConnection {
     /// The caller's identity.
