@@ -222,8 +222,19 @@ impl Pool {
         };
         let (response, send) = match tokio::time::timeout(limit, answer).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(tunnel(TunnelError::Io(h2_io(e)))),
-            Err(_) => return Err(tunnel(TunnelError::Timeout(limit))),
+            Ok(Err(e)) => {
+                if e.is_io() || e.is_go_away() {
+                    // The connection failed or is closing: no more streams on it. Its other
+                    // streams go on as long as it does.
+                    checkout.conn.closed.store(true, Relaxed);
+                }
+                return Err(tunnel(TunnelError::Io(h2_io(e))));
+            }
+            Err(_) => {
+                // A connection that cannot open a stream in time takes no more.
+                checkout.conn.closed.store(true, Relaxed);
+                return Err(tunnel(TunnelError::Timeout(limit)));
+            }
         };
         let status = response.status();
         if status != http::StatusCode::OK {
@@ -339,7 +350,9 @@ impl Pool {
                     let Some(at) = list.iter().position(|c| c.id == id) else { break None };
                     let c = &list[at];
                     // Checked and removed under the pool's lock, which checkouts take too.
-                    if c.active.load(Relaxed) == 0 && lock(&c.idle_since).elapsed() >= idle {
+                    // A connection that takes no more streams goes once its last one ended.
+                    let done = c.closed.load(Relaxed) || lock(&c.idle_since).elapsed() >= idle;
+                    if c.active.load(Relaxed) == 0 && done {
                         c.closed.store(true, Relaxed);
                         list.remove(at);
                         if list.is_empty() {
