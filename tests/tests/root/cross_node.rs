@@ -157,7 +157,11 @@ impl TwoAgents {
                     let _ = tx.send(());
                 }
                 // Everything but the routine lines; an exit's reason has no level.
-                if !line.contains(" INFO ") && !line.contains(" DEBUG ") || line.contains("ready") {
+                if !line.contains(" INFO ") && !line.contains(" DEBUG ")
+                    || line.contains("ready")
+                    || line.contains("pool")
+                    || line.contains("connection")
+                {
                     eprintln!("meshd[node {k}]: {line}");
                 }
             }

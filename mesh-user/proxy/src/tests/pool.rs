@@ -373,3 +373,25 @@ async fn l7_intentions_get_a_connection_of_their_own_and_decide_each_request() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_both_ways_at_once_arrives_byte_exact() {
+    within(60, async {
+        let r = remote_api().await;
+        let (_web, to_api) = r.client("web");
+        let conn = TcpStream::connect(to_api).await.unwrap();
+        let (mut rd, mut wr) = conn.into_split();
+        let data = pattern(3, 32 * MIB);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&sent).await.unwrap();
+            wr.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "echoed bytes differ");
+    })
+    .await;
+}
