@@ -254,7 +254,8 @@ fn two_agents_carry_cross_node_connections_as_streams_of_one_pooled_mtls_connect
         services: vec![api_service, web_service],
         workloads: vec![workload(&api, "api", vec![API_PORT, SINK_PORT], vec![])],
     };
-    // api's apps: 64 MiB back for every 64 MiB received; a sink that reads until it ends.
+    // api's apps: one sends 64 MiB to every connection (whatever it receives); a sink that
+    // reads until the connection ends and sends nothing.
     const BULK: u64 = 64 << 20;
     for (port, args) in [
         (
@@ -294,6 +295,29 @@ fn two_agents_carry_cross_node_connections_as_streams_of_one_pooled_mtls_connect
     agents.start(&mut cluster, 1, &node1)?;
     agents.start(&mut cluster, 2, &node2)?;
 
+    // A small request first, so that a connection that never gets through and one that
+    // stalls under bulk fail apart.
+    let out = mesh_kit::wait_limit(
+        spawn_probe(
+            &web.netns_path,
+            &web.cgroup,
+            &[
+                "--blocking",
+                "exchange",
+                &v4(api.ip, SINK_PORT).to_string(),
+                "1000",
+                "21",
+            ],
+        )?,
+        Duration::from_secs(10),
+    )?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        said == "sent=1000 received=0 ok=true",
+        "the first small exchange said {said:?}, stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Bulk both ways, byte-exact, across the nodes.
     let out = mesh_kit::wait_limit(
         spawn_probe(
@@ -317,6 +341,9 @@ fn two_agents_carry_cross_node_connections_as_streams_of_one_pooled_mtls_connect
     );
 
     // Many app connections, some at once: one TLS connection between the nodes carries them.
+    // The short ones go to the sink, which answers nothing: the app on API_PORT sends 64 MiB
+    // to every connection, which would make the 50 short connections 3.2 GiB of transfer
+    // competing with the 8 pushes.
     let mut held = Vec::new();
     for _ in 0..8 {
         let mut push = spawn_probe(
@@ -339,7 +366,7 @@ fn two_agents_carry_cross_node_connections_as_streams_of_one_pooled_mtls_connect
             &[
                 "--blocking",
                 "dial-many",
-                &v4(api.ip, API_PORT).to_string(),
+                &v4(api.ip, SINK_PORT).to_string(),
                 "50",
             ],
         )?,
