@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the benchmark binaries (`mesh-bench redirect|e2e`,
+//! `cargo xtask bench`: the benchmark binaries (`mesh-bench redirect|e2e|cross-node`,
 //! `bench-intentions`), built in release, each writing its section of `docs/benchmarks.md`.
 
 use std::process::Command;
@@ -12,7 +12,7 @@ pub fn bench(which: Option<&str>, quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks need root: BPF programs, cgroups and network namespaces");
     }
-    let all = ["redirect", "intentions", "e2e"];
+    let all = ["redirect", "intentions", "e2e", "cross-node"];
     let chosen: Vec<&str> = match which {
         Some(w) if all.contains(&w) => vec![w],
         Some(w) => bail!("unknown benchmark {w:?}; known: {}", all.join(", ")),

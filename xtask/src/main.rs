@@ -5,7 +5,7 @@
 //! - `test`: lint, unit tests, root tests (real programs in real namespaces).
 //! - `run`: `meshd local` with the demo of `examples/` applied behind a deny-all intention, in
 //!   the foreground until Ctrl-C.
-//! - `bench [redirect|intentions|e2e] [--quick]`: side-by-side measurements, written to `docs/benchmarks.md`.
+//! - `bench [redirect|intentions|e2e|cross-node] [--quick]`: side-by-side measurements, written to `docs/benchmarks.md`.
 //!
 //! Every command except `setup` runs the setup first when something it needs is missing.
 
@@ -74,7 +74,7 @@ enum Cmd {
     },
     /// Measure the mesh against its baselines.
     Bench {
-        /// Which benchmark (`redirect`, `intentions`, `e2e`); all when omitted.
+        /// Which benchmark (`redirect`, `intentions`, `e2e`, `cross-node`); all when omitted.
         which: Option<String>,
         /// A short smoke run.
         #[arg(long)]

@@ -2,8 +2,8 @@
 //! address and by each pod's explicit upstreams, swapped whole on every catalog change.
 #![warn(missing_docs)]
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -22,6 +22,9 @@ struct View {
     by_addr: HashMap<SocketAddrV4, Destination>,
     /// (pod id, upstream namespace/name) → destination.
     upstreams: HashMap<(String, ServiceName), Destination>,
+    /// The addresses of this node's pods (the catalog's workloads): every other endpoint is
+    /// on another node.
+    local: HashSet<Ipv4Addr>,
 }
 
 fn destination(s: &Service, port: u16, trust_domain: &str) -> Option<Destination> {
@@ -60,6 +63,7 @@ impl MeshDirectory {
             }
         }
         for w in &catalog.workloads {
+            view.local.insert(w.ip);
             for u in &w.upstreams {
                 let Some(s) = catalog.service(&u.service_ref()) else {
                     continue;
@@ -93,6 +97,17 @@ impl Directory for MeshDirectory {
             .upstreams
             .get(&(pod.to_string(), upstream.clone()))
             .cloned()
+    }
+
+    /// An endpoint is remote when no workload of this node's catalog has its address.
+    fn is_remote(&self, endpoint: SocketAddr) -> bool {
+        match endpoint {
+            SocketAddr::V4(a) => !self.view.load().local.contains(a.ip()),
+            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(ip) => !self.view.load().local.contains(&ip),
+                None => true,
+            },
+        }
     }
 }
 

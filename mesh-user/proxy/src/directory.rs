@@ -31,6 +31,15 @@ pub trait Directory: Send + Sync + 'static {
     /// The mesh service of pod `pod`'s explicit upstream `upstream`. `None` closes the
     /// connection.
     fn by_upstream(&self, pod: &str, upstream: &ServiceName) -> Option<Destination>;
+
+    /// Whether `endpoint` (an inbound listener, `<pod IP>:20000`) belongs to a pod on another
+    /// node: connections to it go as streams of pooled connections
+    /// ([`ProxyConfig::pooling`](crate::ProxyConfig::pooling)). The default, `false`, keeps
+    /// one TLS connection per app connection.
+    fn is_remote(&self, endpoint: SocketAddr) -> bool {
+        let _ = endpoint;
+        false
+    }
 }
 
 /// Round robin over endpoints, skipping those whose connect failed recently. Shared by all pods

@@ -78,6 +78,10 @@ pub(crate) async fn serve(
     let caller = peer_identity(conn)?;
     let labels = TcpLabels::mesh(Reporter::Destination, &caller, pod.id());
     info.caller = Some(caller.clone());
+    if conn.alpn_protocol() == Some(super::tunnel::ALPN_H2) {
+        // A pooled connection: each stream is decided and served on its own.
+        return super::tunnel::server::serve(shared, pod, tls, &caller).await;
+    }
     let port = match conn.server_name() {
         Some(name) => parse_server_name(name, pod.id()),
         None => Err(Error::BadServerName {

@@ -26,6 +26,18 @@
 //! client connection, up to [`ProxyConfig::connect_attempts`] endpoints), and opens mTLS with
 //! the pod's leaf certificate, requiring the server to present the destination's SPIFFE ID.
 //!
+//! # Across nodes
+//!
+//! When the endpoint picked is on another node ([`Directory::is_remote`]) and
+//! [`ProxyConfig::pooling`] is on, the app connection becomes an HTTP/2 `CONNECT` stream
+//! (`:authority` = the destination pod's address and app port) on a pooled mTLS connection to
+//! that endpoint's inbound listener, negotiated with ALPN `h2`: one pool per (source identity,
+//! destination identity, endpoint), at most [`ProxyConfig::pool_max_streams`] streams per
+//! connection, idle connections closed after [`ProxyConfig::pool_idle_timeout`]. The inbound
+//! side authorizes, counts and revokes each stream as it would a connection. A peer that does
+//! not select `h2` gets a TLS connection per app connection, as before; see
+//! `docs/dataplane.md`.
+//!
 //! # The server name
 //!
 //! The outbound side tells the inbound side which app port the caller wants in the TLS server
@@ -75,6 +87,7 @@ mod ratelimit;
 mod sni;
 mod splice;
 mod stats;
+mod tunnel;
 
 #[cfg(test)]
 mod tests;
@@ -95,6 +108,8 @@ pub use pod::{ListenerId, ListenerKind, PodProxy, PodSpec, Proxy, ProxyBuilder};
 pub use sni::{parse_server_name, server_name, SNI_SUFFIX};
 pub use splice::Splicer;
 pub use stats::{PodStats, PodStatsSnapshot};
+pub use tunnel::pool::PooledConnection;
+pub use tunnel::TunnelError;
 
 #[doc(no_inline)]
 pub use mesh_core::identity::ClientConfigCache;
@@ -154,6 +169,16 @@ pub struct ProxyConfig {
     /// [`Splicer`], [`ProxyBuilder::splicer`]) instead of mTLS through the inbound listener.
     /// Off, every hop keeps TLS (`--same-node-splice=false`).
     pub same_node_splice: bool,
+    /// Outbound connections to endpoints on other nodes ([`Directory::is_remote`]) are
+    /// carried as HTTP/2 `CONNECT` streams over pooled mTLS connections (ALPN `h2`); off, each
+    /// gets a TLS connection of its own. The inbound side serves both either way.
+    pub pooling: bool,
+    /// Streams open at once on one pooled connection (at least 1); a stream that finds every
+    /// pooled connection full opens a new one. Also the inbound side's HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub pool_max_streams: usize,
+    /// A pooled connection without a stream for this long is closed.
+    pub pool_idle_timeout: Duration,
 }
 
 /// Default [`ProxyConfig::handshake_timeout`].
@@ -176,6 +201,11 @@ pub const DEFAULT_MAX_OUTBOUND_CONNECTIONS_PER_POD: usize = 5_000;
 pub const DEFAULT_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Default [`ProxyConfig::refusal_log_burst`].
 pub const DEFAULT_REFUSAL_LOG_BURST: u32 = 1;
+/// Default [`ProxyConfig::pool_max_streams`] (ztunnel's `POOL_MAX_STREAMS_PER_CONNECTION` is
+/// 100 as well).
+pub const DEFAULT_POOL_MAX_STREAMS: usize = 100;
+/// Default [`ProxyConfig::pool_idle_timeout`].
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`ProxyConfig::max_connections_per_agent`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 100_000;
 
@@ -197,6 +227,9 @@ impl Default for ProxyConfig {
             refusal_log_interval: DEFAULT_REFUSAL_LOG_INTERVAL,
             refusal_log_burst: DEFAULT_REFUSAL_LOG_BURST,
             same_node_splice: true,
+            pooling: true,
+            pool_max_streams: DEFAULT_POOL_MAX_STREAMS,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
         }
     }
 }
@@ -232,6 +265,7 @@ impl ProxyConfig {
             ("idle_timeout", self.idle_timeout),
             ("endpoint_skip", self.endpoint_skip),
             ("refusal_log_interval", self.refusal_log_interval),
+            ("pool_idle_timeout", self.pool_idle_timeout),
         ] {
             if d.is_zero() || d > MAX_DURATION {
                 return Err(Error::Config(format!(
@@ -244,6 +278,9 @@ impl ProxyConfig {
         }
         if self.max_pending_handshakes_per_source == 0 {
             return bad("max_pending_handshakes_per_source must be at least 1");
+        }
+        if self.pool_max_streams == 0 || self.pool_max_streams > u32::MAX as usize {
+            return bad("pool_max_streams must be between 1 and 4294967295");
         }
         if self.refusal_log_burst == 0 {
             return bad("refusal_log_burst must be at least 1");
@@ -408,4 +445,22 @@ pub enum Error {
     /// Copying failed (a reset, a TLS error, a close without `close_notify`).
     #[error("copy: {0}")]
     Copy(#[source] io::Error),
+    /// A stream of a pooled connection to the pod at `authority` could not be opened.
+    #[error("pooled stream to {authority}: {source}")]
+    Tunnel {
+        /// The destination pod's address and app port (the stream's `:authority`), or the
+        /// peer's inbound listener when the connection itself failed.
+        authority: SocketAddr,
+        /// What went wrong.
+        #[source]
+        source: TunnelError,
+    },
+    /// A `CONNECT` stream on an inbound pooled connection was refused.
+    #[error("pooled stream refused ({status}): {reason}")]
+    StreamRefused {
+        /// The HTTP status sent back.
+        status: u16,
+        /// Why.
+        reason: String,
+    },
 }

@@ -7,7 +7,7 @@ use rustls::HandshakeKind;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::copy::{relay, Meters};
+use super::copy::{relay, Meters, Reset};
 use super::dial::DialKind;
 use super::directory::Destination;
 use super::metrics::{Handshake, Reporter, TcpLabels};
@@ -15,7 +15,9 @@ use super::pod::{reset, ConnInfo, PodState, Shared};
 use super::sni::server_name;
 use super::splice::SameNode;
 use super::stats::PodStats;
+use super::tunnel::pool::Opened;
 use super::Error;
+use super::TunnelError;
 use mesh_core::intentions::ServiceName;
 
 /// Serves one connection accepted on an outbound listener of a pod: an explicit upstream
@@ -116,6 +118,30 @@ async fn mesh(
         let name = server_name(&destination.id, destination.port)?;
         Ok::<_, Error>((config, name))
     })();
+    // One balancer turn per app connection: the pooled path and the path with a TLS connection
+    // of its own share the order.
+    let mut order = None;
+    let app = if shared.config.pooling
+        && destination
+            .endpoints
+            .iter()
+            .any(|e| shared.directory.is_remote(*e))
+    {
+        let turn = shared
+            .balancer
+            .order(&destination.id, &destination.endpoints);
+        if turn.first().is_some_and(|e| shared.directory.is_remote(*e)) {
+            match pooled(shared, pod, app, &destination, turn, info).await {
+                PooledOutcome::Done(result) => return result,
+                PooledOutcome::PerConnection(app) => app,
+            }
+        } else {
+            order = Some(turn);
+            app
+        }
+    } else {
+        app
+    };
     let (config, name) = match setup {
         Ok(setup) => setup,
         Err(e) => {
@@ -123,7 +149,7 @@ async fn mesh(
             return Err(e);
         }
     };
-    let (stream, endpoint) = match connect_endpoint(shared, pod, &destination).await {
+    let (stream, endpoint) = match connect_endpoint(shared, pod, &destination, order).await {
         Ok(connected) => connected,
         Err(e) => {
             reset(app);
@@ -161,12 +187,28 @@ async fn mesh(
         Handshake::Full
     };
     shared.metrics.handshake(Reporter::Source, pod.id(), kind);
+    copy_to(shared, pod, app, tls, &destination, info).await
+}
+
+/// Copies between the app and the mesh side of its connection (a TLS connection of its own
+/// or a pooled stream), counting bytes for the pod and the connection's metrics.
+async fn copy_to<R>(
+    shared: &Shared,
+    pod: &PodState,
+    app: TcpStream,
+    remote: R,
+    destination: &Destination,
+    info: &mut ConnInfo,
+) -> Result<(), Error>
+where
+    R: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Reset,
+{
     // The app is the client: bytes to it are the response (sent), bytes from it the request.
     let labels = TcpLabels::mesh(Reporter::Source, pod.id(), &destination.id);
     let mut meter = shared.metrics.open(labels);
     let (transferred, result) = relay(
         app,
-        tls,
+        remote,
         shared.config.buffer_size,
         shared.config.idle_timeout,
         Meters {
@@ -183,17 +225,101 @@ async fn mesh(
     result
 }
 
-/// Connects to an endpoint of `destination`: round robin over the endpoints not skipped, then
+/// How a pooled attempt ended.
+enum PooledOutcome {
+    /// The connection was served (or failed) through the pool.
+    Done(Result<(), Error>),
+    /// The peer asks for a TLS connection of its own for this app connection (426: its
+    /// intentions decide request by request): the caller goes on without the pool.
+    PerConnection(TcpStream),
+}
+
+/// A destination on another node: the app connection as a stream of a pooled connection to
+/// the endpoint's agent, trying endpoints in balancer order as [`connect_endpoint`] does.
+async fn pooled(
+    shared: &Shared,
+    pod: &PodState,
+    app: TcpStream,
+    destination: &Destination,
+    order: Vec<SocketAddr>,
+    info: &mut ConnInfo,
+) -> PooledOutcome {
+    let mut last: Option<Error> = None;
+    let mut tried = 0;
+    for peer in order.into_iter().take(shared.config.connect_attempts) {
+        tried += 1;
+        let authority = SocketAddr::new(peer.ip(), destination.port);
+        let opened = shared
+            .pool
+            .open(
+                shared,
+                pod,
+                &destination.id,
+                peer,
+                destination.port,
+                authority,
+            )
+            .await;
+        match opened {
+            Ok(Opened::Stream(stream, checkout)) => {
+                info.target = Some(peer);
+                let result = copy_to(shared, pod, app, stream, destination, info).await;
+                drop(checkout);
+                return PooledOutcome::Done(result);
+            }
+            Ok(Opened::Plain(tls)) => {
+                info.target = Some(peer);
+                return PooledOutcome::Done(
+                    copy_to(shared, pod, app, *tls, destination, info).await,
+                );
+            }
+            Err(Error::Tunnel {
+                source: TunnelError::Status(426),
+                ..
+            }) => return PooledOutcome::PerConnection(app),
+            Err(e @ Error::EndpointsFailed { .. }) => {
+                tracing::info!(
+                    pod = %pod.name, service = %destination.id, endpoint = %peer, error = %e,
+                    "endpoint connect failed, skipping it"
+                );
+                last = Some(e);
+            }
+            Err(e) => {
+                reset(app);
+                return PooledOutcome::Done(Err(e));
+            }
+        }
+    }
+    reset(app);
+    PooledOutcome::Done(Err(match last {
+        Some(Error::EndpointsFailed {
+            last_addr, last, ..
+        }) => Error::EndpointsFailed {
+            service: Box::new(destination.id.clone()),
+            tried,
+            last_addr,
+            last,
+        },
+        Some(e) => e,
+        None => Error::NoEndpoints(Box::new(destination.id.clone())),
+    }))
+}
+
+/// Connects to an endpoint of `destination` (in `order` when the caller already took the
+/// balancer's turn): round robin over the endpoints not skipped, then
 /// the skipped ones; a failed connect skips that endpoint for a while and tries the next, up to
 /// `connect_attempts` endpoints.
 async fn connect_endpoint(
     shared: &Shared,
     pod: &PodState,
     destination: &Destination,
+    order: Option<Vec<SocketAddr>>,
 ) -> Result<(TcpStream, SocketAddr), Error> {
-    let order = shared
-        .balancer
-        .order(&destination.id, &destination.endpoints);
+    let order = order.unwrap_or_else(|| {
+        shared
+            .balancer
+            .order(&destination.id, &destination.endpoints)
+    });
     let mut last: Option<(SocketAddr, io::Error)> = None;
     let mut tried = 0;
     for addr in order.into_iter().take(shared.config.connect_attempts) {

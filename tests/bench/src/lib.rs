@@ -8,9 +8,12 @@
 //!   results and outputs, and the app-side workloads;
 //! - [`e2e`] and the `e2e_*` modules: the end-to-end benchmark (`mesh-bench e2e`): the run, the
 //!   agent and app processes, HAProxy, the load tools, the results and the chart;
+//! - [`cross_node`]: the two-node benchmark (`mesh-bench cross-node`): client and server on
+//!   different nodes, the mesh's pooled connections against direct, iptables and HAProxy;
 //! - [`harness`]: stopping cleanly on signals, the target directory, app process limits, CPU
 //!   placement.
 
+pub mod cross_node;
 pub mod e2e;
 pub mod e2e_agent;
 pub mod e2e_app;

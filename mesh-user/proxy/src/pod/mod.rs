@@ -116,8 +116,10 @@ pub(crate) struct Shared {
     pub(crate) splicer: Option<Arc<dyn Splicer>>,
     /// The pods this proxy serves, by the address of their inbound listener.
     local_pods: std::sync::RwLock<HashMap<SocketAddr, std::sync::Weak<PodState>>>,
+    /// Pooled connections to other nodes' agents.
+    pub(crate) pool: Arc<crate::tunnel::pool::Pool>,
     limit: Arc<Semaphore>,
-    runtime: Handle,
+    pub(crate) runtime: Handle,
 }
 
 impl Shared {
@@ -271,6 +273,7 @@ impl ProxyBuilder {
             metrics: self.metrics,
             splicer: self.splicer,
             local_pods: std::sync::RwLock::new(HashMap::new()),
+            pool: Arc::default(),
             runtime,
         };
         Ok(Proxy {
@@ -365,6 +368,11 @@ impl Proxy {
             Arc::clone(&self.shared.trust),
             self.shared.config.tls_options(),
         )?;
+        // Pooled connections select `h2`; a client that offers no ALPN (one TLS connection
+        // per app connection, as agents before pooling) is served as before.
+        let mut server = Arc::unwrap_or_clone(server);
+        server.alpn_protocols = vec![crate::tunnel::ALPN_H2.to_vec()];
+        let server = Arc::new(server);
         let pod = PodState {
             name: spec.name,
             leaf: spec.leaf,
@@ -387,6 +395,11 @@ impl Proxy {
             listeners: HashMap::new(),
             next_id: 0,
         })
+    }
+
+    /// The pooled connections open now (outbound, to other nodes' agents), sorted by peer.
+    pub fn pooled_connections(&self) -> Vec<crate::PooledConnection> {
+        self.shared.pool.connections()
     }
 
     /// Drops the cached client configs (and TLS sessions) of `source`: call it when the last

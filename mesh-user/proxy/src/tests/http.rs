@@ -5,7 +5,7 @@ use super::*;
 
 /// An HTTP/1.1 app that answers every request `200` with its path as the body, keeping
 /// connections alive; counts the connections it accepted.
-async fn http_app() -> (u16, Arc<AtomicUsize>) {
+pub(super) async fn http_app() -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -45,7 +45,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Sends one GET on `conn` and reads one response: (status line, body).
-async fn get(conn: &mut TcpStream, path: &str) -> (String, String) {
+pub(super) async fn get(conn: &mut TcpStream, path: &str) -> (String, String) {
     let req = format!("GET {path} HTTP/1.1\r\nhost: api\r\n\r\n");
     conn.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();

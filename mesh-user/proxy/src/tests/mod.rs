@@ -84,6 +84,8 @@ fn v4(addr: SocketAddr) -> SocketAddrV4 {
 struct TestDirectory {
     upstreams: Mutex<HashMap<ServiceName, Destination>>,
     addresses: Mutex<HashMap<SocketAddrV4, Destination>>,
+    /// Endpoints on "another node": connections to them are pooled.
+    remote: Mutex<HashSet<SocketAddr>>,
 }
 
 impl Directory for TestDirectory {
@@ -93,6 +95,10 @@ impl Directory for TestDirectory {
 
     fn by_upstream(&self, _pod: &str, upstream: &ServiceName) -> Option<Destination> {
         self.upstreams.lock().unwrap().get(upstream).cloned()
+    }
+
+    fn is_remote(&self, endpoint: SocketAddr) -> bool {
+        self.remote.lock().unwrap().contains(&endpoint)
     }
 }
 
@@ -430,6 +436,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod outbound;
+mod pool;
 mod sessions;
 mod splice;
 mod transfer;

@@ -2,7 +2,8 @@
 //! redirect (the real kernel programs) and an iptables REDIRECT hop, side by side in one run.
 //! `mesh-bench e2e ...` is the end-to-end benchmark (two pods: direct, the mesh in both redirect
 //! modes and without sk_msg, and an HAProxy mTLS sidecar pair): see `mesh_bench::e2e` for its
-//! options.
+//! options. `mesh-bench cross-node ...` runs client and server on two nodes (see
+//! `mesh_bench::cross_node`).
 //!
 //! ```text
 //! mesh-bench [redirect] [--quick] [--rounds N] [--cpu N] [--json PATH] [--markdown PATH | --no-markdown]
@@ -56,6 +57,7 @@ fn main() {
         Some("agent") => e2e_agent::agent_main(&args[1..]).map(|()| 0),
         Some("exec") => exec_main(&args[1..]),
         Some("e2e") => e2e::main(&args[1..]),
+        Some("cross-node") => mesh_bench::cross_node::main(&args[1..]),
         _ => bench_main(&args),
     };
     match result {
