@@ -437,9 +437,11 @@ mod tests {
         assert_eq!(value(CNI_SOCKET_ENV).as_deref(), Some(DEFAULT_CNI_SOCKET));
         assert!(value(CA_URL_ENV).is_some_and(|u| u.starts_with("https://")));
         assert_eq!(value(STATE_DIR_ENV).as_deref(), Some(DEFAULT_STATE_DIR));
-        // The whole command line parses as meshd's own.
+        // The whole command line parses as meshd's own (the node's name, which the Downward
+        // API sets, given as its flag).
         let mut argv = vec!["meshd".to_owned()];
         argv.extend(args);
+        argv.extend(["--node-name".to_owned(), "node-1".to_owned()]);
         crate::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     }
 
