@@ -357,7 +357,16 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         logs.path(),
     )?;
     let (db_app, _) = start_pod(&api, node1, n1, &db, &[], logs.path())?;
-    let (api_app, _) = start_pod(&api, node2, n2, &api_pod, &[], logs.path())?;
+    // api keeps connections open between requests (fake-service closes them by default), so
+    // that a connection can be held across the CR's deletion.
+    let (api_app, _) = start_pod(
+        &api,
+        node2,
+        n2,
+        &api_pod,
+        &[("HTTP_SERVER_KEEP_ALIVES", "true".to_string())],
+        logs.path(),
+    )?;
     cluster.keep(web_app);
     cluster.keep(db_app);
     cluster.keep(api_app);
