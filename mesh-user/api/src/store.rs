@@ -301,10 +301,14 @@ impl Store {
     /// # Errors
     /// As [`Store::update`].
     pub fn set_kubernetes_only(&self) -> Result<(), Error> {
-        self.update(|s| {
-            s.rules_mut().set_kubernetes_only(true);
-            Ok(())
-        })
+        // Made current directly: `update` keeps only states whose rules index or ACL index
+        // moved, and this flag moves neither (the flag then carries over to every later state,
+        // each a copy of the current one).
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = (*self.current.load_full()).clone();
+        next.rules_mut().set_kubernetes_only(true);
+        self.current.store(Arc::new(next));
+        Ok(())
     }
 
     /// Makes the Kubernetes-managed intentions exactly `entries` and the managed
