@@ -735,6 +735,32 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_only_holds_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open(dir.path()).unwrap();
+        let api = ServiceName::parse("api").unwrap();
+        let none = std::collections::BTreeMap::new();
+        assert!(store.state().rules().check_writable(&api, &none).is_ok());
+        store.set_kubernetes_only().unwrap();
+        let err = store
+            .state()
+            .rules()
+            .check_writable(&api, &none)
+            .unwrap_err();
+        assert!(err.to_string().contains("ServiceIntentions"), "{err}");
+        // A write through the store is refused too, and nothing changes.
+        let refused = store.update(|s| {
+            s.rules_mut()
+                .create(&spec("web", "api"), false)
+                .map(|_| ())
+                .map_err(Into::into)
+        });
+        assert!(refused.is_err());
+        assert_eq!(store.state().rules().len(), 0);
+        assert!(store.state().rules().check_writable(&api, &none).is_err());
+    }
+
+    #[test]
     fn a_damaged_file_is_an_error_naming_the_file_and_field() {
         let dir = tempfile::tempdir().unwrap();
         drop(open(dir.path()).unwrap());
