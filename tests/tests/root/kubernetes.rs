@@ -567,7 +567,8 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
             "mesh_kubernetes_watch_healthy{kind=\"ServiceIntentions\"} 1"
         )
         .is_some(),
-        "{m}"
+        "the watch is not healthy after the pause:\n{m}\n{}",
+        diag()
     );
     ensure!(
         metric_line(&m, "mesh_kubernetes_last_sync_timestamp_seconds").is_some(),
