@@ -301,10 +301,14 @@ impl Store {
     /// # Errors
     /// As [`Store::update`].
     pub fn set_kubernetes_only(&self) -> Result<(), Error> {
-        self.update(|s| {
-            s.rules_mut().set_kubernetes_only(true);
-            Ok(())
-        })
+        // Made current directly: `update` keeps only states whose rules index or ACL index
+        // moved, and this flag moves neither (the flag then carries over to every later state,
+        // each a copy of the current one).
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = (*self.current.load_full()).clone();
+        next.rules_mut().set_kubernetes_only(true);
+        self.current.store(Arc::new(next));
+        Ok(())
     }
 
     /// Makes the Kubernetes-managed intentions exactly `entries` and the managed
@@ -728,6 +732,32 @@ mod tests {
         assert_eq!(state.tokens().len(), 1);
         assert_eq!(state.tokens()[0].secret_id(), boot);
         assert_eq!(state.tokens()[0].policies, vec![Policy::Operator]);
+    }
+
+    #[test]
+    fn kubernetes_only_holds_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open(dir.path()).unwrap();
+        let api = ServiceName::parse("api").unwrap();
+        let none = std::collections::BTreeMap::new();
+        assert!(store.state().rules().check_writable(&api, &none).is_ok());
+        store.set_kubernetes_only().unwrap();
+        let err = store
+            .state()
+            .rules()
+            .check_writable(&api, &none)
+            .unwrap_err();
+        assert!(err.to_string().contains("ServiceIntentions"), "{err}");
+        // A write through the store is refused too, and nothing changes.
+        let refused = store.update(|s| {
+            s.rules_mut()
+                .create(&spec("web", "api"), false)
+                .map(|_| ())
+                .map_err(Into::into)
+        });
+        assert!(refused.is_err());
+        assert_eq!(store.state().rules().len(), 0);
+        assert!(store.state().rules().check_writable(&api, &none).is_err());
     }
 
     #[test]

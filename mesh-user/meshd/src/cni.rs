@@ -19,7 +19,7 @@ pub struct CatalogCni {
     pending: Vec<(CniRequest, Instant)>,
 }
 
-fn id_of(pod: &CniPod) -> String {
+pub(crate) fn id_of(pod: &CniPod) -> String {
     format!("{}.{}", pod.namespace, pod.name)
 }
 
@@ -89,7 +89,7 @@ impl CatalogCni {
     }
 }
 
-fn log_reply(command: &str, pod: &CniPod, reply: &CniReply) {
+pub(crate) fn log_reply(command: &str, pod: &CniPod, reply: &CniReply) {
     match reply {
         CniReply::Refused { reason } => warn!(pod = %pod.key(), %reason, "CNI {command} refused"),
         other => info!(pod = %pod.key(), reply = ?other, "CNI {command}"),
@@ -142,7 +142,7 @@ fn mismatch(w: &Workload, pod: &CniPod) -> Option<String> {
 }
 
 /// Whether the agent's live pod `id` holds the namespace the CNI names.
-fn serves_cni_netns(agent: &Agent, id: &str, pod: &CniPod) -> bool {
+pub(crate) fn serves_cni_netns(agent: &Agent, id: &str, pod: &CniPod) -> bool {
     use std::os::unix::fs::MetadataExt;
     let (Some(served), Some(cni)) = (agent.pod(id), &pod.netns) else {
         return false;
@@ -199,7 +199,7 @@ fn delta(remove: Vec<String>, upsert: Vec<Workload>) -> Update {
     }
 }
 
-fn check(agent: &Agent, pod: &CniPod) -> CniReply {
+pub(crate) fn check(agent: &Agent, pod: &CniPod) -> CniReply {
     let id = id_of(pod);
     let Some(w) = agent.catalog().workload(&id) else {
         return CniReply::NotInMesh;

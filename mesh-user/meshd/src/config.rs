@@ -5,12 +5,12 @@
 //! | `MESH_INSTANCE` | `--instance` | `default` | names the kernel pins (`/sys/fs/bpf/mesh/<instance>`) |
 //! | `MESH_STATE_DIR` | `--state-dir` | `/var/lib/mesh` | CA, intentions, tokens, applied manifests |
 //! | `MESH_HTTP_ADDR` | | `127.0.0.1:8500` | the API (`host:port`, `http://host:port`, `unix:///path`), as Consul's `CONSUL_HTTP_ADDR` |
-//! | `NODE_NAME` | `meshd kubernetes --node-name` | (required) | this node's name, the `spec.nodeName` of its pods (the DaemonSet sets it from `spec.nodeName`) |
+//! | `MESH_NODE_NAME` | `meshd kubernetes --node-name` | (required) | this node's name, the `spec.nodeName` of its pods (the DaemonSet sets it from `spec.nodeName`) |
 //! | `MESH_KUBE_API_URL` | `meshd kubernetes --kube-api-url` | kubeconfig or in-cluster | the Kubernetes API server's URL |
-//! | `MESH_CGROUP_ROOT` | `meshd kubernetes --cgroup-root` | `/sys/fs/cgroup` | the cgroup v2 root holding the kubelet's pod cgroups |
+//! | `MESH_CGROUP_ROOT` | `meshd kubernetes --cgroup-root` | `/sys/fs/cgroup` | the cgroup v2 root holding the kubelet's pod cgroups (`/host/sys/fs/cgroup` in the DaemonSet); also the mesh cgroup unless `--mesh-cgroup` |
 //! | `MESH_PROC_ROOT` | `meshd kubernetes --proc-root` | `/proc` | the node's `/proc` (`/host/proc` in the DaemonSet) |
 //! | `MESH_METRICS_ADDR` | `--metrics-addr` | `127.0.0.1:20200` | the token-free `/metrics` listener for Prometheus (`ip:port`, or `off`); consul-k8s's merged metrics port |
-//! | `MESH_CNI_SOCKET` | `--cni-socket` | off (`/var/run/meshd/cni.sock` in the DaemonSet) | where `meshd run` answers `mesh-cni` (mode 0600) |
+//! | `MESH_CNI_SOCKET` | `--cni-socket` | off (`/var/run/meshd/cni.sock` in the DaemonSet) | where `meshd run` and `meshd kubernetes` answer `mesh-cni` (mode 0600) |
 //! | | `--cni-catalog-wait` | `3` s | how long a CNI `ADD` waits for its pod to appear in the catalog before it is not in the mesh |
 //! | `MESH_CA_URL` | `--ca-url` | (none: the local CA) | `meshd ca` to get leaves from (`https://host:port`) |
 //! | `MESH_CA_TOKEN_FILE` | `--ca-token-file` | `/var/run/secrets/meshd-ca/token` | the agent's projected ServiceAccount token for the CA |
@@ -220,7 +220,7 @@ impl CaArgs {
 
 /// The variable naming this node (`meshd kubernetes --node-name`); the Downward API's
 /// `spec.nodeName` in the DaemonSet.
-pub const NODE_NAME_ENV: &str = "NODE_NAME";
+pub const NODE_NAME_ENV: &str = "MESH_NODE_NAME";
 /// The variable of the Kubernetes API server's URL (`meshd kubernetes --kube-api-url`); unset:
 /// kubeconfig or the in-cluster service account (kube's `Config::infer`).
 pub const KUBE_API_URL_ENV: &str = "MESH_KUBE_API_URL";
@@ -356,6 +356,93 @@ mod tests {
             err.contains("\"meshd\"") && err.contains("system:serviceaccount"),
             "{err}"
         );
+    }
+
+    /// The DaemonSet's `meshd` container, as `kubectl apply -k deploy/` creates it.
+    fn daemonset_container() -> serde_json::Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/daemonset.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ds: serde_json::Value = serde_norway::from_str(&text).unwrap();
+        ds["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "meshd")
+            .cloned()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_daemonset_runs_meshd_kubernetes_with_flags_and_variables_it_reads() {
+        use clap::{CommandFactory, Parser};
+        let c = daemonset_container();
+        let args: Vec<String> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            args.first().map(String::as_str),
+            Some("kubernetes"),
+            "{args:?}"
+        );
+        let cmd = crate::Cli::command();
+        let kubernetes = cmd.find_subcommand("kubernetes").unwrap();
+        // Every variable the DaemonSet sets is one `meshd kubernetes` reads.
+        let read: Vec<String> = kubernetes
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        let env: Vec<(String, Option<String>)> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_owned(),
+                    e["value"].as_str().map(str::to_owned),
+                )
+            })
+            .collect();
+        for (name, _) in &env {
+            assert!(
+                read.contains(name),
+                "the DaemonSet sets {name}; meshd kubernetes reads {read:?}"
+            );
+        }
+        let value = |name: &str| {
+            env.iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.clone())
+        };
+        // The node's name from the Downward API, the host's /proc and cgroup root where the
+        // DaemonSet mounts them (`mesh_agent::host`), the CNI socket and the CA.
+        let node = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == NODE_NAME_ENV)
+            .unwrap_or_else(|| panic!("the DaemonSet does not set {NODE_NAME_ENV}"));
+        assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+        assert_eq!(
+            value(PROC_ROOT_ENV).as_deref(),
+            Some(mesh_agent::host::HOST_PROC)
+        );
+        assert_eq!(
+            value(CGROUP_ROOT_ENV).as_deref(),
+            Some(mesh_agent::host::HOST_CGROUP_ROOT)
+        );
+        assert_eq!(value(CNI_SOCKET_ENV).as_deref(), Some(DEFAULT_CNI_SOCKET));
+        assert!(value(CA_URL_ENV).is_some_and(|u| u.starts_with("https://")));
+        assert_eq!(value(STATE_DIR_ENV).as_deref(), Some(DEFAULT_STATE_DIR));
+        // The whole command line parses as meshd's own (the node's name, which the Downward
+        // API sets, given as its flag).
+        let mut argv = vec!["meshd".to_owned()];
+        argv.extend(args);
+        argv.extend(["--node-name".to_owned(), "node-1".to_owned()]);
+        crate::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! API are refused (they would hold on this node only); reads work, and CRD intentions show
 //! `Meta["external-source"] = "kubernetes"`.
 //!
-//! Pods are found on the node by [`locate`]: one call, the node's pod locator.
+//! Pods are found on the node by [`locate`]: one call, the node's pod locator. With
+//! `--cni-socket`, `mesh-cni`'s `ADD`s are answered once their pod is meshed
+//! ([`crate::kube_cni`]). With `--ca-url`, leaves come from `meshd ca`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -61,6 +63,10 @@ pub struct Options {
     pub cgroup_root: PathBuf,
     /// The `/proc` of the node's PID namespace (`/host/proc` in the DaemonSet).
     pub proc_root: PathBuf,
+    /// Where `mesh-cni` reaches the agent (mode 0600); `None`: no CNI socket.
+    pub cni_socket: Option<PathBuf>,
+    /// `meshd ca` to get each leaf from; `None`: the CA in the state directory.
+    pub ca: Option<mesh_agent::ca::client::CaClient>,
 }
 
 /// Finds pod `pod` on this node with the node's pod locator
@@ -82,7 +88,7 @@ pub fn locate(locator: &mesh_dataplane::kubepods::Locator, pod: &PodRef) -> Opti
 
 /// The client: an explicit URL, else kubeconfig or the in-cluster service account.
 async fn client(url: Option<&str>) -> Result<Client> {
-    let config = match url {
+    let mut config = match url {
         Some(url) => kube::Config::new(
             url.parse()
                 .with_context(|| format!("--kube-api-url {url:?} is not a URL"))?,
@@ -91,6 +97,12 @@ async fn client(url: Option<&str>) -> Result<Client> {
             "no Kubernetes API configuration (kubeconfig, in-cluster, or --kube-api-url)",
         )?,
     };
+    // kube's client retries 429/503/504 on its own (15 times, exponential back-off from 5 ms):
+    // a watcher would see an unavailable API server only minutes later, and the outage would
+    // show in neither logs nor metrics. The watchers back off themselves
+    // (`WatchStreamExt::default_backoff`) and report each failure; a failed status write is
+    // retried on the next change.
+    config.default_retry = false;
     Client::try_from(config).context("the Kubernetes client")
 }
 
@@ -299,7 +311,7 @@ pub async fn run(opts: Options) -> Result<()> {
     wait("ServiceDefaults", &defaults.store).await?;
 
     let pod_locator = mesh_dataplane::kubepods::Locator::new(&opts.cgroup_root, &opts.proc_root);
-    let locator = move |p: &PodRef| locate(&pod_locator, p);
+    let mut cni = crate::kube_cni::KubeCni::new(crate::kube_cni::ADD_WAIT);
     let snapshot = || ClusterObjects {
         node_name: opts.node_name.clone(),
         pods: owned(&pods.store),
@@ -310,7 +322,7 @@ pub async fn run(opts: Options) -> Result<()> {
         service_intentions: values(&intentions.store),
         service_defaults: values(&defaults.store),
     };
-    let translation = cluster::translate(&snapshot(), &locator);
+    let translation = translate(&mut cni, &pod_locator, snapshot());
     let mut written: BTreeMap<(&'static str, CrRef), Value> = BTreeMap::new();
     sync_crds(
         &server,
@@ -326,54 +338,96 @@ pub async fn run(opts: Options) -> Result<()> {
     let rules = changes.try_recv().unwrap_or(rules);
     let count = rules.len();
     let node = opts.node_name.clone();
-    let mut agent = Agent::start_with_metrics(
-        opts.agent,
-        translation.catalog.clone(),
-        rules,
-        metrics.clone(),
-    )
-    .await?;
+    let mut agent = match opts.ca {
+        Some(client) => {
+            let identity = mesh_agent::Identity::remote(client)?;
+            Agent::start_with_identity(
+                opts.agent,
+                translation.catalog.clone(),
+                rules,
+                metrics.clone(),
+                identity,
+            )
+            .await?
+        }
+        None => {
+            Agent::start_with_metrics(
+                opts.agent,
+                translation.catalog.clone(),
+                rules,
+                metrics.clone(),
+            )
+            .await?
+        }
+    };
     crate::publish_status(&agent, &status, count);
     published.publish(crate::catalog_snapshot(&agent, &node));
     metrics.kubernetes().last_sync.set(unix_now());
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), services = agent.catalog().services.len(), "meshd kubernetes ready");
 
+    // Served once the agent is up: until then mesh-cni says meshd is not running.
+    let (_cni_server, mut cni_requests) = match &opts.cni_socket {
+        Some(path) => {
+            let (server, rx) = mesh_agent::cni::CniServer::bind(path).await?;
+            info!(socket = %path.display(), "answering mesh-cni");
+            (Some(server), Some(rx))
+        }
+        None => (None, None),
+    };
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     loop {
+        // `full`: the watched objects changed (CRD statuses, the sync time); `recheck`: pods
+        // may have appeared on the node, or a CNI ADD waits.
+        let (mut full, mut recheck) = (false, false);
         tokio::select! {
             Some(rules) = changes.recv() => crate::apply_rules(&mut agent, &status, rules),
             _ = changed.notified() => {
                 tokio::time::sleep(SETTLE).await;
-                let translation = cluster::translate(&snapshot(), &locator);
-                sync_crds(&server, &client, &si_resource, &sd_resource, &translation, &mut written).await;
-                report(&translation, &metrics);
-                if translation.catalog != *agent.catalog() {
-                    match agent.apply(Update::Full(translation.catalog.clone())).await {
-                        Ok(diff) => info!(?diff, "catalog applied"),
-                        Err(e) => error!(error = %e, "catalog refused; the last one stays enforced"),
-                    }
-                }
-                metrics.kubernetes().last_sync.set(unix_now());
-                published.publish(crate::catalog_snapshot(&agent, &node));
+                full = true;
             }
+            Some(req) = crate::next_cni(&mut cni_requests) => recheck = cni.handle(&agent, req),
+            _ = cni_tick.tick(), if cni.waiting() => recheck = true,
             _ = tick.tick() => {
                 // Pods whose process appeared since (pending on the locator) are found here.
-                let translation = cluster::translate(&snapshot(), &locator);
-                if translation.catalog != *agent.catalog() {
-                    report(&translation, &metrics);
-                    match agent.apply(Update::Full(translation.catalog.clone())).await {
-                        Ok(diff) => info!(?diff, "catalog applied"),
-                        Err(e) => error!(error = %e, "catalog refused; the last one stays enforced"),
-                    }
-                }
+                recheck = true;
                 crate::publish_counters(&agent, &hooks);
-                published.publish(crate::catalog_snapshot(&agent, &node));
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        if !(full || recheck) {
+            continue;
+        }
+        let translation = translate(&mut cni, &pod_locator, snapshot());
+        if full {
+            sync_crds(
+                &server,
+                &client,
+                &si_resource,
+                &sd_resource,
+                &translation,
+                &mut written,
+            )
+            .await;
+        }
+        if full || translation.catalog != *agent.catalog() {
+            report(&translation, &metrics);
+        }
+        if translation.catalog != *agent.catalog() {
+            match agent.apply(Update::Full(translation.catalog.clone())).await {
+                Ok(diff) => info!(?diff, "catalog applied"),
+                Err(e) => error!(error = %e, "catalog refused; the last one stays enforced"),
+            }
+        }
+        if full {
+            metrics.kubernetes().last_sync.set(unix_now());
+        }
+        published.publish(crate::catalog_snapshot(&agent, &node));
+        cni.answer(&translation, &agent);
     }
     server.shutdown().await;
     if let Some(server) = metrics_server {
@@ -381,6 +435,20 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     info!("meshd stopping; kernel programs stay attached");
     Ok(())
+}
+
+/// Translates `objects` with what `mesh-cni` told about its pods ([`crate::kube_cni`]); other
+/// pods are found by the node's pod locator.
+fn translate(
+    cni: &mut crate::kube_cni::KubeCni,
+    locator: &mesh_dataplane::kubepods::Locator,
+    objects: ClusterObjects,
+) -> Translation {
+    let objects = cni.overlay(objects);
+    let cni = &*cni;
+    cluster::translate(&objects, &|p: &PodRef| {
+        cni.locate(locator, p).or_else(|| locate(locator, p))
+    })
 }
 
 fn unix_now() -> f64 {

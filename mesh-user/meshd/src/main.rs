@@ -14,6 +14,7 @@
 
 mod cni;
 mod config;
+mod kube_cni;
 mod kubernetes;
 mod limits;
 mod sandbox;
@@ -161,7 +162,7 @@ enum Cmd {
         /// The API server's URL; without it, kubeconfig or the in-cluster service account.
         #[arg(long, env = config::KUBE_API_URL_ENV)]
         kube_api_url: Option<String>,
-        /// The cgroup holding the agent and every pod; defaults to the cgroup v2 root.
+        /// The cgroup holding every pod; defaults to --cgroup-root.
         #[arg(long)]
         mesh_cgroup: Option<PathBuf>,
         /// The cgroup v2 root with the kubelet's pod cgroups.
@@ -178,6 +179,12 @@ enum Cmd {
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
+        /// Answer the mesh-cni plugin on this Unix socket (mode 0600): an ADD returns once its
+        /// pod is meshed; given without a path: /var/run/meshd/cni.sock.
+        #[arg(long, env = config::CNI_SOCKET_ENV, num_args = 0..=1, default_missing_value = config::DEFAULT_CNI_SOCKET)]
+        cni_socket: Option<PathBuf>,
+        #[command(flatten)]
+        ca: config::CaClientArgs,
     },
     /// Run a program inside a pod, as one of its processes: join its cgroup and network
     /// namespace, hide the state directory, bpf and cgroup mounts and other pods' namespaces,
@@ -357,14 +364,14 @@ fn main() -> Result<()> {
             redirect,
             default_intention_policy,
             metrics_addr,
+            cni_socket,
+            ca,
         } => {
+            let ca = ca.client()?;
             let nofile = limits::raise_nofile()?;
             let mut proxy = mesh_proxy::ProxyConfig::default();
             limits::clamp(nofile, &mut proxy);
-            let mesh_cgroup = match mesh_cgroup {
-                Some(p) => p,
-                None => mesh_dataplane::cgroup::v2_root()?,
-            };
+            let mesh_cgroup = mesh_cgroup.unwrap_or_else(|| cgroup_root.clone());
             let agent = AgentConfig {
                 instance: common.instance,
                 state_dir: common.state_dir,
@@ -384,6 +391,8 @@ fn main() -> Result<()> {
                     metrics_addr,
                     cgroup_root,
                     proc_root,
+                    cni_socket,
+                    ca,
                 }))
         }
         Cmd::Exec {

@@ -88,9 +88,11 @@ impl ClusterNode {
     /// which leaves the mount namespace alone, so `/sys/fs/bpf` and `/sys/fs/cgroup` stay
     /// visible) and in the node's agent cgroup, which it joins before `exec`, so nothing it
     /// creates ever belongs to another cgroup. Arguments added to the returned command go to
-    /// `program`.
+    /// `program`. The process dies with the test process and inherits no descriptor above
+    /// stderr ([`crate::child::die_with_test`]).
     pub fn agent_command(&self, program: &Path) -> Command {
         let mut cmd = Command::new("nsenter");
+        crate::child::die_with_test(&mut cmd);
         cmd.arg(format!("--net={}", self.netns_path.display()))
             .args([
                 "--",

@@ -8,6 +8,7 @@
 //! test that cannot get what it needs fails with the reason; it never skips.
 
 pub mod apiserver;
+pub mod child;
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};

@@ -105,7 +105,8 @@ fn start_pod(
     std::fs::create_dir_all(&cgroup)?;
     let meshd = bin_path("meshd")?;
     let log = std::fs::File::create(logs.join(format!("{}.log", pod.name)))?;
-    let child = Command::new("nsenter")
+    let mut cmd = Command::new("nsenter");
+    let child = mesh_kit::child::die_with_test(&mut cmd)
         .arg(format!("--net={}", pod.netns_path.display()))
         .args([
             "--",
@@ -157,6 +158,8 @@ fn start_agent(
         .arg(&node.mesh_cgroup)
         .arg("--cgroup-root")
         .arg(&node.mesh_cgroup)
+        .arg("--cni-socket")
+        .arg(state.join("cni.sock"))
         .env("RUST_LOG", "info")
         .env_remove("MESH_HTTP_ADDR")
         .stdin(Stdio::null())
@@ -354,7 +357,16 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         logs.path(),
     )?;
     let (db_app, _) = start_pod(&api, node1, n1, &db, &[], logs.path())?;
-    let (api_app, _) = start_pod(&api, node2, n2, &api_pod, &[], logs.path())?;
+    // api keeps connections open between requests (fake-service closes them by default), so
+    // that a connection can be held across the CR's deletion.
+    let (api_app, _) = start_pod(
+        &api,
+        node2,
+        n2,
+        &api_pod,
+        &[("HTTP_SERVER_KEEP_ALIVES", "true".to_string())],
+        logs.path(),
+    )?;
     cluster.keep(web_app);
     cluster.keep(db_app);
     cluster.keep(api_app);
@@ -444,8 +456,62 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         api.get("ServiceIntentions", "default", "api")
     );
 
-    // Deleting the CR takes the allow away again.
+    // Deleting the CR takes the allow away again, and closes the established connections it
+    // allowed within a second (issue #12): one held from web's pod cgroup to api across nodes.
+    let mut holder = mesh_kit::spawn_probe(
+        &web.netns_path,
+        &web_cg,
+        &[
+            "hold",
+            &SocketAddr::from((API_VIP.parse::<Ipv4Addr>()?, 80)).to_string(),
+        ],
+    )?;
+    let lines = {
+        use std::io::BufRead;
+        let out = holder.stdout.take().context("mesh-probe hold's stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let held = lines.recv_timeout(Duration::from_secs(10));
+    let held_ok = matches!(&held, Ok((_, l)) if l.starts_with("connected ") && l.contains(" 200"));
+    if !held_ok {
+        let _ = holder.kill();
+        let out = holder.wait_with_output()?;
+        bail!(
+            "mesh-probe hold web → api: {held:?} ({})\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            diag()
+        );
+    }
+    // Still open while the CR allows it.
+    if let Ok((_, line)) = lines.recv_timeout(Duration::from_secs(2)) {
+        let _ = holder.kill();
+        bail!("the held connection ended while web → api was allowed: {line}");
+    }
+    let deleted = Instant::now();
     api.delete("ServiceIntentions", "default", "api")?;
+    let closed = lines.recv_timeout(Duration::from_secs(5));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    match &closed {
+        Ok((at, line)) if line.starts_with("closed ") => ensure!(
+            at.duration_since(deleted) <= Duration::from_secs(1),
+            "the held connection closed {:?} after the CR's deletion (limit 1 s): {line}\n{}",
+            at.duration_since(deleted),
+            diag()
+        ),
+        other => bail!(
+            "the held connection was not closed within 5 s of the CR's deletion: {other:?}\n{}",
+            diag()
+        ),
+    }
     until(Duration::from_secs(10), || {
         call(&web, &web_cg, web_addr)
             .ok()
@@ -501,7 +567,8 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
             "mesh_kubernetes_watch_healthy{kind=\"ServiceIntentions\"} 1"
         )
         .is_some(),
-        "{m}"
+        "the watch is not healthy after the pause:\n{m}\n{}",
+        diag()
     );
     ensure!(
         metric_line(&m, "mesh_kubernetes_last_sync_timestamp_seconds").is_some(),
@@ -526,6 +593,75 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     ensure!(
         !refusal.starts_with("HTTP/1.1 200") && refusal.contains("ServiceIntentions"),
         "an API intention write was not refused: {refusal}"
+    );
+
+    // A pod created as kubelet + CNI create it: the Pod object without `status.podIP` (the
+    // kubelet writes it after ADD), its pod cgroup, no process yet; mesh-cni's ADD returns
+    // only once the agent has meshed it, so its first connection is already in the mesh.
+    let late = cluster.add_pod(1, "web-2")?;
+    let mut late_object = pod_object("web-2", n1);
+    late_object["metadata"]["labels"]["app"] = json!("web");
+    late_object["spec"]["serviceAccountName"] = json!("web");
+    let created = api.create(late_object)?;
+    let late_uid = created["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .to_string();
+    let late_cg = cluster
+        .node(1)
+        .mesh_cgroup
+        .join("kubepods/besteffort")
+        .join(format!("pod{late_uid}"));
+    std::fs::create_dir_all(&late_cg)?;
+    let socket = s1.join("cni.sock");
+    let run = mesh_cni("ADD", &late, &late_uid, &socket)?;
+    ensure!(
+        run.code == 0 && run.stdout.contains(&late.ip.to_string()),
+        "mesh-cni ADD of web-2: {run:?}\n{}",
+        diag()
+    );
+    let (status, body) = call(&late, &late_cg, db_url)?;
+    ensure!(
+        status == 200,
+        "web-2 → db right after its CNI ADD: {status} {body}\n{}",
+        diag()
+    );
+    let run = mesh_cni("CHECK", &late, &late_uid, &socket)?;
+    ensure!(run.code == 0, "mesh-cni CHECK of web-2: {run:?}");
+    // A pod outside the mesh passes; an injected pod that cannot be meshed fails its ADD with
+    // the reason.
+    let outsider = cluster.add_pod(1, "outsider")?;
+    let mut object = pod_object("outsider", n1);
+    object["metadata"]["annotations"] = json!({});
+    let uid = api.create(object)?["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .to_string();
+    let run = mesh_cni("ADD", &outsider, &uid, &socket)?;
+    ensure!(
+        run.code == 0,
+        "mesh-cni ADD of a pod outside the mesh: {run:?}"
+    );
+    let bad = cluster.add_pod(1, "bad")?;
+    let mut object = pod_object("bad", n1);
+    object["metadata"]["annotations"]["consul.hashicorp.com/connect-service-upstreams"] =
+        json!("api:not-a-port");
+    let uid = api.create(object)?["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .to_string();
+    std::fs::create_dir_all(
+        cluster
+            .node(1)
+            .mesh_cgroup
+            .join("kubepods/besteffort")
+            .join(format!("pod{uid}")),
+    )?;
+    let run = mesh_cni("ADD", &bad, &uid, &socket)?;
+    ensure!(
+        run.code != 0 && run.stdout.contains("upstream") && run.stdout.contains("not-a-port"),
+        "mesh-cni ADD of a pod that cannot be meshed: {run:?}\n{}",
+        diag()
     );
 
     // Node 2's agent dies: node 1's pods keep working; node 2's pod fails closed.
@@ -555,6 +691,69 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A CNI plugin's run: exit code, stdout, stderr.
+#[derive(Debug)]
+struct PluginRun {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `mesh-cni` `command` for pod `default/<name>` (UID `uid`) as a container runtime does
+/// after the chain's first plugin gave the pod `pod.ip`: the `CNI_*` variables, the
+/// configuration with `prevResult` on stdin, the agent's socket `socket`.
+fn mesh_cni(command: &str, pod: &Pod, uid: &str, socket: &Path) -> Result<PluginRun> {
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "mesh-cni",
+        "socketPath": socket, "timeoutSeconds": 20,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": pod.netns_path}],
+            "ips": [{"address": format!("{}/24", pod.ip), "interface": 0}],
+        },
+    });
+    let mut cmd = Command::new(bin_path("mesh-cni")?);
+    let mut child = mesh_kit::child::die_with_test(&mut cmd)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("sandbox-{}", pod.name))
+        .env("CNI_NETNS", &pod.netns_path)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=sandbox-{};K8S_POD_UID={uid}",
+                pod.name, pod.name
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running mesh-cni")?;
+    child
+        .stdin
+        .take()
+        .context("mesh-cni stdin")?
+        .write_all(serde_json::to_string(&conf)?.as_bytes())?;
+    let out = mesh_kit::wait_limit(child, Duration::from_secs(30))?;
+    let run = PluginRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "{command} mesh-cni for {}: exit {}, stdout {}, stderr {}",
+        pod.name,
+        run.code,
+        run.stdout,
+        run.stderr.trim()
+    );
+    Ok(run)
 }
 
 /// The API's bootstrap token file in a state directory (`mesh_api::BOOTSTRAP_TOKEN_FILE`).

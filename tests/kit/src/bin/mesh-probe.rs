@@ -23,6 +23,10 @@
 //!                                     "failed=N other=M" (summed over threads)
 //!   http-get ADDR                     send a plaintext HTTP request, print what comes back (or
 //!                                     the error)
+//!   hold ADDR                         connect (5 s), send one keep-alive HTTP request, print
+//!                                     "connected <ns> <status line>" once the answer starts,
+//!                                     then keep the connection and read until it is closed;
+//!                                     print "closed <ns> <eof|why>" (Unix-epoch ns)
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
 //!                                     send BYTES of stream SEED+1, half-close; print each result
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
@@ -193,6 +197,31 @@ fn real_main() -> Result<()> {
                 Ok(_) => println!("{}", String::from_utf8_lossy(&text)),
                 Err(e) => println!("error {} {e}", e.raw_os_error().unwrap_or(0)),
             }
+        }
+        "hold" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .with_context(|| format!("connecting to {addr}"))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: keep-alive\r\n\r\n")?;
+            let mut buf = vec![0u8; 16384];
+            let mut announced = false;
+            let why = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break "eof".to_string(),
+                    Ok(n) => {
+                        if !announced {
+                            announced = true;
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            let status = text.lines().next().unwrap_or_default().to_string();
+                            println!("connected {} {status}", unix_ns());
+                            std::io::stdout().flush()?;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => break format!("error {} {e}", e.raw_os_error().unwrap_or(0)),
+                }
+            };
+            println!("closed {} {why}", unix_ns());
         }
         "push" => {
             let addr: SocketAddr = arg(1)?.parse()?;
