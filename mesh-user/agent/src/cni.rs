@@ -139,7 +139,18 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<CniRequest>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve(stream, tx.clone()));
+                // Only root (the container runtime that runs `mesh-cni`) may ask: the socket's
+                // mode says so too, but it is set after `bind`, and a hostPath directory may be
+                // wider than the agent's own.
+                match stream.peer_cred() {
+                    Ok(cred) if cred.uid() == 0 => {
+                        tokio::spawn(serve(stream, tx.clone()));
+                    }
+                    Ok(cred) => {
+                        warn!(uid = cred.uid(), pid = ?cred.pid(), "CNI socket: a caller that is not root, refused");
+                    }
+                    Err(e) => warn!(error = %e, "CNI socket: the caller's credentials"),
+                }
             }
             Err(e) => {
                 warn!(error = %e, "accepting on the CNI socket");
