@@ -1178,7 +1178,27 @@ fn measure(
         let web = &proxy["web"];
         let api = &proxy["api"];
         let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+        // With the same-node splice, web's proxy decides every connection and then the kernel
+        // carries the bytes app to app: api's inbound side sees none of them, and what the
+        // proxy did not copy, the splice counters (`bytes_spliced`, both directions) did.
+        let splicing = matches!(&c.proxies, Proxies::Agent(plan) if plan.same_node_splice);
+        let spliced = n(&counters, "bytes_spliced");
         match exact {
+            Some((connections, sent, received)) if splicing => {
+                if n(web, "outbound_connections") != connections {
+                    problems.push(format!(
+                        "the client made {connections} connection(s); web's proxy decided {}",
+                        n(web, "outbound_connections")
+                    ));
+                }
+                let copied = n(web, "bytes_from_app") + n(web, "bytes_to_app");
+                if copied + spliced != sent + received {
+                    problems.push(format!(
+                        "the client sent {sent} and received {received} bytes; web's proxy \
+                         copied {copied} and the kernel spliced {spliced}"
+                    ));
+                }
+            }
             Some((connections, sent, received)) => {
                 if n(web, "outbound_connections") != connections
                     || n(api, "inbound_connections") != connections
@@ -1197,6 +1217,11 @@ fn measure(
                         n(web, "bytes_from_app"),
                         n(web, "bytes_to_app")
                     ));
+                }
+            }
+            None if splicing => {
+                if n(web, "outbound_connections") == 0 || spliced == 0 {
+                    problems.push("the splice carried nothing of this run".into());
                 }
             }
             None => {
