@@ -4,7 +4,8 @@
 //! bench-intentions [--quick] [--rounds N]
 //! ```
 //!
-//! Two pods (`web` → `api`), the agent in this process with the eBPF dataplane. Measured in
+//! Two pods (`web` → `api`, whose app serves port 9091), the agent in this process with the
+//! eBPF dataplane. Measured in
 //! interleaved rounds with 10 and with 100,000 intentions loaded, none of them matching web →
 //! api, so every connect() makes all nine lookups before the default policy decides (the worst
 //! case): the latency of `connect()` from the web app to api's virtual IP (connect4 runs inside
@@ -90,6 +91,19 @@ fn main() -> Result<()> {
             workload(&api, "api", vec![9091], vec![]),
         ],
     };
+    // api's app, so that a measured connection is served and closed by web only. Without it
+    // the proxy's same-node path finds port 9091 refused and resets the app's connection within
+    // microseconds of accepting it: when that reset lands before the app's connect() has
+    // returned (the app's thread woken but not yet run), connect() itself fails with
+    // ECONNRESET, one connect in thousands on a loaded machine.
+    let mut app = node.probe(&api.netns_path, &api.cgroup, &["serve", "0.0.0.0:9091", "api"])?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(app.stdout.take().context("api app's stdout")?),
+        &mut line,
+    )?;
+    ensure!(line.trim() == "listening", "api's app: {line:?}");
+    node.keep(app);
     let state = tempfile::tempdir()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -12,7 +12,8 @@
 //!   connect ADDR                      print "connected" or "error <errno> <message>"
 //!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
 //!   connect-latency ADDR COUNT        time COUNT connect() calls (each then closed); print
-//!                                     "p50_ns=.. p99_ns=.. failed=.."
+//!                                     "p50_ns=.. p99_ns=.. failed=.. errno=E:N,.." (N failed
+//!                                     connects got errno E)
 //!   fetch ADDR                        connect, read to EOF, print what was read
 //!   fail-connects ADDR LOCAL_PORT COUNT [THREADS]
 //!                                     THREADS threads (1 by default), thread t on local port
@@ -138,6 +139,8 @@ fn real_main() -> Result<()> {
             let count: usize = arg(2)?.parse()?;
             let mut times = Vec::with_capacity(count);
             let mut failed = 0;
+            // errno -> how many connects failed with it
+            let mut errors = std::collections::BTreeMap::<i32, usize>::new();
             for _ in 0..count {
                 let sock =
                     socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -146,7 +149,10 @@ fn real_main() -> Result<()> {
                 let took = start.elapsed();
                 match r {
                     Ok(()) => times.push(took.as_nanos() as u64),
-                    Err(_) => failed += 1,
+                    Err(e) => {
+                        failed += 1;
+                        *errors.entry(e.raw_os_error().unwrap_or(0)).or_default() += 1;
+                    }
                 }
             }
             times.sort_unstable();
@@ -156,7 +162,14 @@ fn real_main() -> Result<()> {
                     .copied()
                     .unwrap_or(0)
             };
-            println!("p50_ns={} p99_ns={} failed={failed}", at(0.5), at(0.99));
+            // "errno=<n>:<count>,..." names the errors of the failed connects (none: "errno=").
+            let errnos: Vec<String> = errors.iter().map(|(e, n)| format!("{e}:{n}")).collect();
+            println!(
+                "p50_ns={} p99_ns={} failed={failed} errno={}",
+                at(0.5),
+                at(0.99),
+                errnos.join(",")
+            );
         }
         "fail-connects" => {
             let addr: SocketAddr = arg(1)?.parse()?;
