@@ -96,7 +96,11 @@ fn main() -> Result<()> {
     // microseconds of accepting it: when that reset lands before the app's connect() has
     // returned (the app's thread woken but not yet run), connect() itself fails with
     // ECONNRESET, one connect in thousands on a loaded machine.
-    let mut app = node.probe(&api.netns_path, &api.cgroup, &["serve", "0.0.0.0:9091", "api"])?;
+    let mut app = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9091", "api"],
+    )?;
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(app.stdout.take().context("api app's stdout")?),
