@@ -22,8 +22,19 @@ pub(super) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// A loopback port nothing listens on now and that this process has not handed out before: two
+/// calls in a row may otherwise get the same port from the kernel (the first listener is closed
+/// by then), and an agent given it for two listeners fails to start.
 pub(super) fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..64 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no loopback port left that this test process has not used")
 }
 
 /// Network namespaces, cgroups and BPF pins on the machine: what the runner must leave as it
