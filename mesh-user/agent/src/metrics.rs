@@ -46,7 +46,7 @@ pub struct KindLabel {
 #[derive(Clone, Debug, Default)]
 pub struct KubernetesMetrics {
     /// `mesh_kubernetes_watch_healthy{kind}`: 1 while the kind's watch streams, 0 after an
-    /// error until it lists again.
+    /// error until the API server accepts its watch (or list) again.
     pub watch_healthy: Family<KindLabel, Gauge>,
     /// `mesh_kubernetes_last_sync_timestamp_seconds`: Unix time of the last catalog
     /// computed from the API's objects and applied.
@@ -193,7 +193,7 @@ impl Metrics {
         let kubernetes = KubernetesMetrics::default();
         registry.register(
             "mesh_kubernetes_watch_healthy",
-            "1 while meshd kubernetes's watch of the kind streams, 0 after an error until it lists again",
+            "1 while meshd kubernetes's watch of the kind streams, 0 after an error until the API server accepts its watch again",
             kubernetes.watch_healthy.clone(),
         );
         registry.register(

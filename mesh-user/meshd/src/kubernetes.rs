@@ -5,7 +5,8 @@
 //! every namespace, and consul-k8s's `ServiceIntentions` and `ServiceDefaults`. Each watcher
 //! re-lists on `410 Gone`, asks for bookmarks, and backs off on errors (kube-runtime's default
 //! back-off); while a watch fails, the last state stays enforced, the error is logged and
-//! `mesh_kubernetes_watch_healthy{kind}` is 0.
+//! `mesh_kubernetes_watch_healthy{kind}` is 0 until the API server accepts the kind's watch
+//! again.
 //!
 //! On every change (coalesced over [`SETTLE`]) the objects are translated
 //! ([`mesh_core::k8s::cluster::translate`]) and applied: the catalog to the agent, the CRDs'
@@ -86,8 +87,9 @@ pub fn locate(locator: &mesh_dataplane::kubepods::Locator, pod: &PodRef) -> Opti
     }
 }
 
-/// The client: an explicit URL, else kubeconfig or the in-cluster service account.
-async fn client(url: Option<&str>) -> Result<Client> {
+/// The client: an explicit URL, else kubeconfig or the in-cluster service account. Its watch
+/// requests report to `metrics` ([`WatchHealthLayer`]).
+async fn client(url: Option<&str>, metrics: &Arc<Metrics>) -> Result<Client> {
     let mut config = match url {
         Some(url) => kube::Config::new(
             url.parse()
@@ -103,7 +105,101 @@ async fn client(url: Option<&str>) -> Result<Client> {
     // (`WatchStreamExt::default_backoff`) and report each failure; a failed status write is
     // retried on the next change.
     config.default_retry = false;
-    Client::try_from(config).context("the Kubernetes client")
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("the Kubernetes client")?
+        .with_layer(&WatchHealthLayer(metrics.clone()))
+        .build())
+}
+
+/// The kind (`mesh_kubernetes_watch_healthy`'s label) of each watched resource, by the plural
+/// name that ends its collection's path (`/api/v1/pods`, `/apis/discovery.k8s.io/v1/endpointslices`).
+const WATCHED: [(&str, &str); 7] = [
+    ("pods", "Pod"),
+    ("services", "Service"),
+    ("endpointslices", "EndpointSlice"),
+    ("namespaces", "Namespace"),
+    ("serviceaccounts", "ServiceAccount"),
+    ("serviceintentions", "ServiceIntentions"),
+    ("servicedefaults", "ServiceDefaults"),
+];
+
+/// The watched kind a request is a watch of (`watch=true` or `watch=1` on a collection of
+/// [`WATCHED`]), if it is one.
+fn watched_kind(uri: &http::Uri) -> Option<&'static str> {
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    if !watch {
+        return None;
+    }
+    let plural = uri.path().trim_end_matches('/').rsplit('/').next()?;
+    WATCHED
+        .iter()
+        .find(|(p, _)| *p == plural)
+        .map(|(_, kind)| *kind)
+}
+
+/// A client layer that sets `mesh_kubernetes_watch_healthy{kind}` from each watch request's
+/// answer: 1 when the API server accepts the watch, 0 when it refuses it or cannot be reached.
+/// kube-runtime's watcher emits no event when it resumes a watch from its last
+/// `resourceVersion`, so after an outage of a kind that did not change meanwhile, the answer to
+/// the watch request is the only sign that it streams again. (A watch that breaks later ends in
+/// an error the watcher reports, see [`watch`].)
+#[derive(Clone)]
+struct WatchHealthLayer(Arc<Metrics>);
+
+impl<S> tower::Layer<S> for WatchHealthLayer {
+    type Service = WatchHealth<S>;
+
+    fn layer(&self, inner: S) -> WatchHealth<S> {
+        WatchHealth {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// See [`WatchHealthLayer`].
+#[derive(Clone)]
+struct WatchHealth<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for WatchHealth<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let gauge = watched_kind(request.uri()).map(|kind| {
+            self.metrics
+                .kubernetes()
+                .watch_healthy
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .clone()
+        });
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            if let Some(gauge) = gauge {
+                let streams = matches!(&answer, Ok(r) if r.status().is_success());
+                gauge.set(i64::from(streams));
+            }
+            answer
+        })
+    }
 }
 
 /// One watched kind: its reflector's store, and whether its watch is healthy.
@@ -204,8 +300,8 @@ pub fn synced_status(outcome: &SyncResult, now: &str) -> Value {
 
 /// `meshd kubernetes`, until SIGINT/SIGTERM.
 pub async fn run(opts: Options) -> Result<()> {
-    let client = client(opts.kube_api_url.as_deref()).await?;
     let metrics = Arc::new(Metrics::new());
+    let client = client(opts.kube_api_url.as_deref(), &metrics).await?;
     let (server, hooks, status, published, rules, changes) = crate::start_api(
         &opts.agent.state_dir,
         opts.agent.default_policy,
@@ -650,6 +746,83 @@ pub struct ApiParts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_kit::apiserver::ApiServer;
+
+    #[test]
+    fn watch_requests_name_their_kind() {
+        let kind = |uri: &str| watched_kind(&uri.parse().expect("uri"));
+        assert_eq!(
+            kind("/api/v1/pods?fieldSelector=spec.nodeName%3Dn1&watch=true&resourceVersion=7"),
+            Some("Pod")
+        );
+        assert_eq!(
+            kind("/apis/discovery.k8s.io/v1/endpointslices?watch=1"),
+            Some("EndpointSlice")
+        );
+        assert_eq!(
+            kind("/apis/consul.hashicorp.com/v1alpha1/serviceintentions?&watch=true"),
+            Some("ServiceIntentions")
+        );
+        // Lists, other resources and a watch parameter that is off are no watches of ours.
+        assert_eq!(kind("/api/v1/pods?limit=500"), None);
+        assert_eq!(kind("/api/v1/configmaps?watch=true"), None);
+        assert_eq!(kind("/api/v1/pods?watch=false"), None);
+        assert_eq!(kind("/api/v1/pods"), None);
+    }
+
+    /// After an outage of a kind that did not change meanwhile, kube-runtime resumes the watch
+    /// without emitting an event: the gauge must come back from the watch request's answer.
+    #[tokio::test]
+    async fn a_watch_resumed_after_an_outage_is_healthy_again_without_any_change() -> Result<()> {
+        let api = ApiServer::start()?;
+        api.create(json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "default"},
+        }))?;
+        let metrics = Arc::new(Metrics::new());
+        let client = client(Some(&api.url()), &metrics).await?;
+        let _watched = watch::<Namespace>(
+            "Namespace",
+            Api::all(client),
+            watcher::Config::default(),
+            (),
+            Arc::new(Notify::new()),
+            metrics.clone(),
+        );
+        let gauge = metrics
+            .kubernetes()
+            .watch_healthy
+            .get_or_create(&KindLabel {
+                kind: "Namespace".into(),
+            })
+            .clone();
+        let becomes = |want: i64, limit: Duration| {
+            let gauge = gauge.clone();
+            async move {
+                tokio::time::timeout(limit, async {
+                    while gauge.get() != want {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await
+                .is_ok()
+            }
+        };
+        assert!(becomes(1, Duration::from_secs(10)).await, "never healthy");
+        api.pause(true);
+        assert!(
+            becomes(0, Duration::from_secs(10)).await,
+            "the outage never showed"
+        );
+        api.pause(false);
+        // kube-runtime's back-off after one or two failures: under 4 s with jitter.
+        assert!(
+            becomes(1, Duration::from_secs(15)).await,
+            "the resumed watch never showed healthy"
+        );
+        Ok(())
+    }
 
     #[test]
     fn statuses_are_consul_k8s_synced_conditions() {

@@ -316,8 +316,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 #[test]
-#[ignore = "unfinished (issue #12): after the stand-in's 20 s pause, mesh_kubernetes_watch_healthy \
-            stays 0 for every kind within 60 s; after `cargo xtask build`, run it with `MESH_EBPF_OBJECT=target/bpfel-unknown-none/release/mesh-ebpf cargo test -p mesh-tests --test root -- --ignored the_tutorial_across_two_nodes`"]
 fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     let logs = tempfile::tempdir()?;
     let state = tempfile::tempdir()?;
@@ -562,16 +560,25 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
             .filter(|(s, _)| *s == 500)
     })
     .with_context(|| format!("no recovery after the pause\n{}", diag()))?;
+    // The 500 above may come from node 2's inbound side alone: each agent's watchers come back
+    // on their own back-off (kube-runtime's, client-go's parameters: 0.8 s doubling to 30 s).
+    for node in [1, 2] {
+        let healthy = until(Duration::from_secs(45), || {
+            let m = metrics(cluster.node(node)).ok()?;
+            let lines: Vec<_> = m
+                .lines()
+                .filter(|l| l.starts_with("mesh_kubernetes_watch_healthy{"))
+                .collect();
+            (lines.len() == 7 && lines.iter().all(|l| l.ends_with(" 1"))).then_some(())
+        });
+        ensure!(
+            healthy.is_some(),
+            "node {node}'s watches are not all healthy 45 s after the pause:\n{:?}\n{}",
+            metrics(cluster.node(node)),
+            diag()
+        );
+    }
     let m = metrics(cluster.node(1))?;
-    ensure!(
-        metric_line(
-            &m,
-            "mesh_kubernetes_watch_healthy{kind=\"ServiceIntentions\"} 1"
-        )
-        .is_some(),
-        "the watch is not healthy after the pause:\n{m}\n{}",
-        diag()
-    );
     ensure!(
         metric_line(&m, "mesh_kubernetes_last_sync_timestamp_seconds").is_some(),
         "{m}"
