@@ -34,6 +34,9 @@ const PACKAGES: &[&str] = &[
     // The CNI root test (`tests/tests/root/cni.rs`) chains mesh-cni after the reference
     // `bridge` and `host-local` plugins (in /usr/lib/cni), as a node's conflist does.
     "containernetworking-plugins",
+    // The DaemonSet's CNI installer (`deploy/image/install-cni.sh`, tested by
+    // `tests/tests/kubernetes/install_cni.rs`) edits the node's conflist with jq.
+    "jq",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The `cargo fuzz` that `fuzz/run.sh` (run by `cargo xtask test`) drives.

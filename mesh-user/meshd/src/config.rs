@@ -48,16 +48,13 @@ pub const DEFAULT_INSTANCE: &str = "default";
 pub const STATE_DIR_ENV: &str = "MESH_STATE_DIR";
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = mesh_agent::host::DEFAULT_STATE_DIR;
-/// The variable of the same-node splice switch; `--same-node-splice`. On, a connection between
-/// two pods of this node is authorized as the destination's inbound side would and then
-/// spliced app socket to app socket in the kernel; off (the default for now), mTLS through the
+/// The variable of the same-node splice switch; `--same-node-splice`. On (the default), a
+/// connection between two pods of this node is authorized as the destination's inbound side
+/// would and then spliced app socket to app socket in the kernel; off, mTLS through the
 /// destination's inbound listener on every hop.
 pub const SAME_NODE_SPLICE_ENV: &str = "MESH_SAME_NODE_SPLICE";
-/// The default of `--same-node-splice`: off until a refused or denied same-node connection
-/// behaves as on the TLS path (with the splice, the proxy's reset can reach an app whose
-/// `connect()` has not returned yet, which then fails with `ECONNRESET` instead of connecting
-/// and reading EOF).
-pub const DEFAULT_SAME_NODE_SPLICE: bool = false;
+/// The default of `--same-node-splice`: on.
+pub const DEFAULT_SAME_NODE_SPLICE: bool = true;
 /// The variable of the metrics listener's address; `--metrics-addr`.
 pub const METRICS_ADDR_ENV: &str = "MESH_METRICS_ADDR";
 /// The default metrics listener: loopback only (scrapers on the node, or a port-forward), on

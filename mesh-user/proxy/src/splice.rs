@@ -29,7 +29,7 @@ use super::copy::{Reset, Transferred};
 use super::dial::DialKind;
 use super::directory::Destination;
 use super::metrics::{Reporter, TcpLabels};
-use super::pod::{reset, ConnInfo, PodState, Shared};
+use super::pod::{ConnInfo, PodState, Shared};
 use super::stats::PodStats;
 use super::Error;
 
@@ -142,21 +142,21 @@ pub(crate) async fn serve(
             .metrics
             .denied(&destination_labels, decision.intention.as_deref(), false);
         PodStats::bump(&target.stats.denied);
-        reset(app);
+        refuse(app);
         return SameNode::Served(Err(Error::Denied {
             reason: decision.reason,
         }));
     }
     let port = destination.port;
     if !target.serves_port(port) {
-        reset(app);
+        refuse(app);
         return SameNode::Served(Err(Error::PortNotServed { port }));
     }
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let server = match shared.dial(&target.name, DialKind::Splice, addr).await {
         Ok(server) => server,
         Err(source) => {
-            reset(app);
+            refuse(app);
             return SameNode::Served(Err(Error::Connect { addr, source }));
         }
     };
@@ -212,6 +212,16 @@ pub(crate) async fn serve(
     drop((source_meter, destination_meter));
     info.transferred = transferred;
     SameNode::Served(result)
+}
+
+/// Ends a connection this branch refuses (denied, port not served, app not listening) with a
+/// FIN, as the app sees a refusal on the TLS path: `connect()` succeeds, then end of stream.
+/// The decision here comes microseconds after the handshake, often before the app's thread has
+/// returned from `connect()`; a reset then would fail the `connect()` itself with `ECONNRESET`.
+/// (Bytes the app already sent and the proxy never read still turn the close into a reset, as
+/// the kernel does for any socket closed with unread data.)
+fn refuse(app: TcpStream) {
+    drop(app);
 }
 
 fn count_bytes(source: &PodState, target: &PodState, t: &Transferred) {

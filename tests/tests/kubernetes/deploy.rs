@@ -539,3 +539,33 @@ fn the_k3s_overlay_patches_volumes_the_daemonset_has() {
         }
     }
 }
+
+#[test]
+fn the_cni_installer_is_a_native_sidecar_that_gates_meshd() {
+    let objects = objects();
+    let spec = pod_spec(find(&objects, "DaemonSet", "meshd"));
+    let init = spec.init_containers.clone().unwrap_or_default();
+    let installer = init
+        .iter()
+        .find(|c| c.name == "install-cni")
+        .expect("an install-cni init container");
+    // Runs for the pod's life (re-chaining mesh-cni), and meshd starts only after its startup
+    // probe passed: the file the script touches once mesh-cni is chained.
+    assert_eq!(installer.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(
+        installer.command.clone().unwrap(),
+        ["/usr/local/bin/install-cni", "--watch"]
+    );
+    let probe = installer
+        .startup_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .expect("a startup probe");
+    let script = std::fs::read_to_string(deploy_dir().join("image/install-cni.sh")).unwrap();
+    let ready = probe.last().unwrap();
+    assert!(
+        script.contains(&format!("CNI_READY_FILE:-{ready}}}")),
+        "the probe checks {ready}, which the script does not touch by default"
+    );
+}

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use mesh_kit::apiserver::ApiServer;
+use mesh_kit::apiserver::{ApiServer, TokenUser};
 use mesh_kit::cluster::{Cluster, ClusterNode};
 use mesh_kit::{bin_path, Pod};
 use serde_json::{json, Value};
@@ -133,13 +133,100 @@ fn start_pod(
     Ok((child, cgroup))
 }
 
+/// A running `meshd ca` and the flags that point an agent at it.
+struct MeshCa {
+    process: Child,
+    flags: Vec<std::ffi::OsString>,
+}
+
+/// Starts `meshd ca` in `node`'s netns on port 8443, with a new root in `dir` and the API
+/// server stand-in `api` (at `api_url`, through a kubeconfig as kube's `Config::infer` reads it)
+/// for its TokenReviews and pod lookups. Each node's agent gets a token bound to its node
+/// (`node-1`, `node-2`), written to `dir/<node>-token`.
+fn start_ca(
+    node: &ClusterNode,
+    api: &ApiServer,
+    api_url: &str,
+    dir: &Path,
+    logs: &Path,
+) -> Result<MeshCa> {
+    let root_dir = dir.join("ca-root");
+    let init = Command::new(bin_path("meshd")?)
+        .args(["ca", "--init", "--root-dir"])
+        .arg(&root_dir)
+        .output()?;
+    ensure!(
+        init.status.success(),
+        "meshd ca --init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let root_file = dir.join("root-cert.pem");
+    std::fs::write(&root_file, &init.stdout)?;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {api_url}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: ca\n\
+             current-context: test\nusers:\n- name: ca\n  user: {{}}\n"
+        ),
+    )?;
+    let mut flags = Vec::new();
+    for name in ["node-1", "node-2"] {
+        let token = format!("{name}-agent-token");
+        api.add_token(
+            &token,
+            TokenUser {
+                username: "system:serviceaccount:mesh-system:meshd".into(),
+                extra: std::collections::BTreeMap::from([(
+                    "authentication.kubernetes.io/node-name".to_owned(),
+                    vec![name.to_owned()],
+                )]),
+                audiences: vec![mesh_agent::ca::DEFAULT_AUDIENCE.into()],
+                ..Default::default()
+            },
+        );
+        std::fs::write(dir.join(format!("{name}-token")), token)?;
+    }
+    let addr = SocketAddr::from((node.link_addr(), 8443));
+    let log = std::fs::File::create(logs.join("meshd-ca.log"))?;
+    let process = node
+        .agent_command(&bin_path("meshd")?)
+        .args(["ca", "--root-dir"])
+        .arg(&root_dir)
+        .args(["--addr", "0.0.0.0:8443", "--serving-name"])
+        .arg(node.link_addr().to_string())
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting meshd ca")?;
+    until(Duration::from_secs(30), || {
+        log_of(logs, "meshd-ca")
+            .contains("meshd ca ready")
+            .then_some(())
+    })
+    .with_context(|| format!("meshd ca never ready: {}", log_of(logs, "meshd-ca")))?;
+    flags.push(format!("--ca-url=https://{addr}").into());
+    flags.push(format!("--ca-root-file={}", root_file.display()).into());
+    Ok(MeshCa { process, flags })
+}
+
 fn start_agent(
     node: &ClusterNode,
     node_name: &str,
     api_url: &str,
     state: &Path,
     logs: &Path,
+    ca_flags: &[std::ffi::OsString],
 ) -> Result<Child> {
+    let token = state
+        .parent()
+        .context("state directory")?
+        .join(format!("{node_name}-token"));
     let log = std::fs::File::create(logs.join(format!("{node_name}.log")))?;
     let child = node
         .agent_command(&bin_path("meshd")?)
@@ -160,6 +247,9 @@ fn start_agent(
         .arg(&node.mesh_cgroup)
         .arg("--cni-socket")
         .arg(state.join("cni.sock"))
+        .args(ca_flags)
+        .arg("--ca-token-file")
+        .arg(&token)
         .env("RUST_LOG", "info")
         .env_remove("MESH_HTTP_ADDR")
         .stdin(Stdio::null())
@@ -374,7 +464,12 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     let (s1, s2) = (state.path().join("n1"), state.path().join("n2"));
     std::fs::create_dir_all(&s1)?;
     std::fs::create_dir_all(&s2)?;
-    let agent1 = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path())?;
+    // One mesh root, in `meshd ca` (in node 1's netns, as its Deployment would run somewhere in
+    // the cluster): both agents authenticate with their node-bound tokens and get their pods'
+    // leaves from it; no node holds a root key.
+    let ca = start_ca(cluster.node(1), &api, &api_url, state.path(), logs.path())?;
+    cluster.keep(ca.process);
+    let agent1 = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &ca.flags)?;
     cluster.keep(agent1);
     let ready = |name: &str| -> Result<()> {
         until(Duration::from_secs(60), || {
@@ -384,10 +479,19 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         .with_context(|| format!("agent {name} never ready: {}", log_of(logs.path(), name)))
     };
     ready(n1)?;
-    // One mesh CA for both nodes (as `meshd ca` would be): node 2 uses node 1's.
-    std::os::unix::fs::symlink(s1.join(mesh_agent::CA_DIR), s2.join(mesh_agent::CA_DIR))?;
-    let mut agent2 = start_agent(cluster.node(2), n2, &api_url, &s2, logs.path())?;
+    let mut agent2 = start_agent(cluster.node(2), n2, &api_url, &s2, logs.path(), &ca.flags)?;
     ready(n2)?;
+    for (name, dir) in [(n1, &s1), (n2, &s2)] {
+        ensure!(
+            !dir.join(mesh_agent::CA_DIR).exists(),
+            "agent {name} made a CA of its own"
+        );
+        ensure!(
+            log_of(logs.path(), name).contains("got the leaf certificate from the CA"),
+            "agent {name} got no leaf from meshd ca: {}",
+            log_of(logs.path(), name)
+        );
+    }
     let diag = || {
         format!(
             "node 1:\n{}\nnode 2:\n{}",

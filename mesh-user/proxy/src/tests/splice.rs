@@ -104,6 +104,15 @@ async fn a_denied_or_l7_or_switched_off_same_node_connection_is_not_spliced() {
             .unwrap()
             .insert(("web".into(), "api".into()));
         expect_refused(up).await;
+        // As on the TLS path, a refusal is an end of stream after connect() succeeded, never a
+        // failed connect() (the decision comes microseconds after the handshake).
+        for _ in 0..200 {
+            let mut s = TcpStream::connect(up)
+                .await
+                .expect("a denied connect() still succeeds");
+            let got = read_until_closed(&mut s).await;
+            assert!(got.is_empty(), "a denied connection answered {got:?}");
+        }
         assert_eq!(app.accepted(), 0);
         assert!(splicer.pairs.lock().unwrap().is_empty());
         env.authz.deny.lock().unwrap().clear();
