@@ -564,7 +564,10 @@ pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_SOCK_STATE: &str = "SOCK_STATE";
 /// [`SockKey`] of an app socket → [`SpliceValue`]: same-node connections spliced app to app.
 pub const MAP_SPLICES: &str = "SPLICES";
-/// Capacity of [`MAP_SPLICES`]: two entries per spliced connection. A full map leaves the
+/// [`SockKey`] of a spliced app socket that closed → its last `SockState.sent` (`u64`), until the
+/// agent has read it (LRU).
+pub const MAP_SPLICE_CLOSED: &str = "SPLICE_CLOSED";
+/// Capacity of [`MAP_SPLICES`] (and [`MAP_SPLICE_CLOSED`]): two entries per spliced connection. A full map leaves the
 /// connection on the proxy's path.
 pub const MAX_SPLICES: u32 = 131_072;
 /// [`LocalPortKey`] → kind ([`LOCAL_PORT_PROXY`]): ports whose loopback pairs sk_msg redirects.

@@ -61,6 +61,11 @@ pub(crate) static SOCK_STATE: HashMap<SockKey, SockState> = HashMap::pinned(MAX_
 /// the agent when the connection ends.
 #[map]
 pub(crate) static SPLICES: HashMap<SockKey, SpliceValue> = HashMap::pinned(MAX_SPLICES, 0);
+/// The last `SockState.sent` of a spliced app socket, written by sockops' close callback (the
+/// socket's `SOCK_STATE` entry goes with it) and removed by the agent when the connection ends;
+/// LRU, so that entries of connections whose agent was killed make room by themselves.
+#[map]
+pub(crate) static SPLICE_CLOSED: LruHashMap<SockKey, u64> = LruHashMap::pinned(MAX_SPLICES, 0);
 #[map]
 pub(crate) static LOCAL_PORTS: HashMap<LocalPortKey, u32> = HashMap::pinned(MAX_LOCAL_PORTS, 0);
 // Map names are the statics' names, spelled as `mesh_common::MAP_INBOUND_ADDRS`,

@@ -179,6 +179,17 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
             // The kernel removes a closing socket from the sockhash and frees its storage
             // itself; the rest is ours.
             let _ = ORIG_HANDOFF.remove(key.peer());
+            // A spliced app socket's byte count outlives it: the agent reports the connection's
+            // bytes when it ends, often after the app socket closed.
+            // SAFETY: only whether the entry exists is used, then the state's plain integer is
+            // copied; the kernel keeps looked-up values alive (RCU) until the program returns.
+            if unsafe { SPLICES.get(key) }.is_some() {
+                // SAFETY: as above.
+                if let Some(state) = unsafe { SOCK_STATE.get(key) } {
+                    let sent = state.sent;
+                    let _ = SPLICE_CLOSED.insert(key, &sent, 0);
+                }
+            }
             let _ = SOCK_STATE.remove(key);
             let _ = SPLICES.remove(key);
         }

@@ -53,7 +53,8 @@ pub trait Splicer: Send + Sync + 'static {
     /// The kernel's error; the direction then stays on the proxy's path.
     fn set_forwarded(&self, key: SockKey, peer: SockKey, forwarded: u64) -> io::Result<()>;
 
-    /// Bytes the app socket `key` has sent in all (spliced or not); `None` once it has closed.
+    /// Bytes the app socket `key` has sent in all (spliced or not), also after it closed while
+    /// paired (the kernel keeps the last count until [`Splicer::unpair`]); `None` if unknown.
     fn sent(&self, key: SockKey) -> Option<u64>;
 
     /// Unpairs the two sockets (missing entries are fine).
@@ -257,8 +258,8 @@ fn key(netns: u64, local: SocketAddrV4, remote: SocketAddrV4) -> SockKey {
     )
 }
 
-/// What the kernel has seen each app send: the largest values read (an app socket leaves the
-/// maps when it closes, so the last read may come before its last bytes went out).
+/// What the kernel has seen each app send: the largest values read (the last read, just before
+/// unpairing, sees every byte: a paired app socket's count outlives it).
 #[derive(Default)]
 struct Sent {
     client: AtomicU64,
@@ -282,8 +283,7 @@ type Paired<'a> = (&'a dyn Splicer, (SockKey, SockKey));
 /// the proxy's path by the kernel) both ways, reports each forwarded byte to the kernel, passes
 /// ends of stream on, and returns when both directions have ended, on an error, on `stop`, or
 /// after `idle` with no byte moving on either path. Returns the bytes the proxy forwarded, then
-/// the bytes that went through in all (spliced ones included, as far as the kernel's counts
-/// were read before the app sockets closed).
+/// the bytes that went through in all (spliced ones included).
 async fn relay<S>(
     mut app: TcpStream,
     mut server: TcpStream,

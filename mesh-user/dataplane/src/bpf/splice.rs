@@ -5,7 +5,9 @@
 use std::sync::Mutex;
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use mesh_common::{SockKey, SockState, SpliceValue, MAP_SOCK_STATE, MAP_SPLICES};
+use mesh_common::{
+    SockKey, SockState, SpliceValue, MAP_SOCK_STATE, MAP_SPLICES, MAP_SPLICE_CLOSED,
+};
 
 use super::{Dataplane, Error};
 
@@ -18,6 +20,7 @@ const BPF_EXIST: u64 = 2;
 pub struct Splices {
     splices: Mutex<HashMap<MapData, SockKey, SpliceValue>>,
     state: HashMap<MapData, SockKey, SockState>,
+    closed: Mutex<HashMap<MapData, SockKey, u64>>,
 }
 
 impl std::fmt::Debug for Splices {
@@ -48,14 +51,16 @@ impl Dataplane {
         fn open<K: aya::Pod, V: aya::Pod>(
             dir: &std::path::Path,
             name: &'static str,
+            kind: fn(MapData) -> Map,
         ) -> Result<HashMap<MapData, K, V>, Error> {
             let data = MapData::from_pin(dir.join("maps").join(name))
                 .map_err(|source| Error::Map { name, source })?;
-            HashMap::try_from(Map::HashMap(data)).map_err(|source| Error::Map { name, source })
+            HashMap::try_from(kind(data)).map_err(|source| Error::Map { name, source })
         }
         Ok(Splices {
-            splices: Mutex::new(open(&self.dir, MAP_SPLICES)?),
-            state: open(&self.dir, MAP_SOCK_STATE)?,
+            splices: Mutex::new(open(&self.dir, MAP_SPLICES, Map::HashMap)?),
+            state: open(&self.dir, MAP_SOCK_STATE, Map::HashMap)?,
+            closed: Mutex::new(open(&self.dir, MAP_SPLICE_CLOSED, Map::LruHashMap)?),
         })
     }
 }
@@ -117,16 +122,31 @@ impl Splices {
         }
     }
 
-    /// Bytes the app socket `key` has sent through sk_msg, whichever way they went; `None` once
-    /// it has left the sockhash.
+    /// Bytes the app socket `key` has sent through sk_msg, whichever way they went: its live
+    /// count, or the last one sockops kept when it closed while paired; `None` for a socket
+    /// that was never paired and has left the sockhash.
     pub fn sent(&self, key: SockKey) -> Option<u64> {
-        self.state.get(&key, 0).ok().map(|s| s.sent)
+        match self.state.get(&key, 0) {
+            Ok(state) => Some(state.sent),
+            Err(_) => self
+                .closed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key, 0)
+                .ok(),
+        }
     }
 
-    /// Removes both entries of a pair (missing ones are fine).
+    /// Removes both entries of a pair and the counts of its closed sockets (missing ones are
+    /// fine).
     pub fn unpair(&self, client: SockKey, server: SockKey) {
-        let mut map = self.map();
-        let _ = map.remove(&client);
-        let _ = map.remove(&server);
+        {
+            let mut map = self.map();
+            let _ = map.remove(&client);
+            let _ = map.remove(&server);
+        }
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = closed.remove(&client);
+        let _ = closed.remove(&server);
     }
 }
