@@ -22,14 +22,14 @@ use mesh_core::intentions::ServiceName;
 /// How long to pause accepting after an accept error (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The permits a connection holds while it is open.
-struct Permits {
+/// The permits a connection (or a pooled stream) holds while it is open.
+pub(crate) struct Permits {
     _agent: OwnedSemaphorePermit,
     _pod: OwnedSemaphorePermit,
 }
 
 /// Takes an agent slot and a slot of the pod's budget for the connection's side.
-fn admit(shared: &Shared, pod: &PodState, inbound: bool) -> Result<Permits, LimitScope> {
+pub(crate) fn admit(shared: &Shared, pod: &PodState, inbound: bool) -> Result<Permits, LimitScope> {
     let agent = Arc::clone(&shared.limit)
         .try_acquire_owned()
         .map_err(|_| LimitScope::Agent)?;

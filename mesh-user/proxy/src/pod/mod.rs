@@ -32,7 +32,7 @@ mod connection;
 mod reauthorize;
 
 use connection::accept_loop;
-pub(crate) use connection::{reset, ConnInfo};
+pub(crate) use connection::{admit, reset, ConnInfo};
 use reauthorize::InboundRegistry;
 
 /// What a listener handed to [`PodProxy::listen`] serves.

@@ -395,3 +395,52 @@ async fn bulk_both_ways_at_once_arrives_byte_exact() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_count_against_the_pods_inbound_limit() {
+    within(30, async {
+        // Five inbound connections for api: the pooled connection holds one, so four app
+        // connections can be streams of it at a time.
+        let env = Env::new(ProxyConfig {
+            max_inbound_connections_per_pod: 5,
+            ..test_config()
+        });
+        let app = App::echo().await;
+        let (api, inbound) = env.server("api", &[app.port]);
+        env.dir.remote.lock().unwrap().insert(inbound);
+        let r = Remote {
+            env,
+            app,
+            api,
+            inbound,
+        };
+        let (_web, to_api) = r.client("web");
+        let mut open = Vec::new();
+        for i in 0..4u64 {
+            let mut c = TcpStream::connect(to_api).await.unwrap();
+            let msg = pattern(i, 1000);
+            assert_eq!(round_trip(&mut c, &msg).await.unwrap(), msg, "stream {i}");
+            open.push(c);
+        }
+        // The fifth is refused by api's budget, however it arrived.
+        let mut fifth = TcpStream::connect(to_api).await.unwrap();
+        let _ = fifth.write_all(b"over the limit").await;
+        let got = read_until_closed(&mut fifth).await;
+        assert!(got.is_empty(), "a stream over the limit answered {got:?}");
+        eventually("the refusal is counted", || {
+            r.api.stats().refused_by_limit_inbound == 1
+        })
+        .await;
+        assert_eq!(r.app.accepted(), 4, "the app saw only the admitted streams");
+        // A stream that ends gives its place back.
+        drop(open.pop());
+        eventually("a place is free again", || {
+            r.env.proxy.pooled_connections()[0].active_streams == 3
+        })
+        .await;
+        let mut again = TcpStream::connect(to_api).await.unwrap();
+        let msg = pattern(9, 1000);
+        assert_eq!(round_trip(&mut again, &msg).await.unwrap(), msg);
+    })
+    .await;
+}

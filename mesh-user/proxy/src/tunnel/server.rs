@@ -14,7 +14,7 @@ use super::{h2_io, H2Io, CONNECTION_WINDOW, MAX_FRAME, SOURCE_HEADER, STREAM_WIN
 use crate::copy::{relay, Meters};
 use crate::dial::DialKind;
 use crate::metrics::{Reporter, TcpLabels};
-use crate::pod::{PodState, Shared};
+use crate::pod::{admit, PodState, Shared};
 use crate::Error;
 use mesh_core::identity::SpiffeId;
 
@@ -135,6 +135,18 @@ async fn serve_stream(
         let reason = format!("{} is not this pod's address ({pod_ip})", addr.ip());
         return Err(refuse(respond, StatusCode::MISDIRECTED_REQUEST, reason));
     }
+    // Each stream is an inbound connection of the pod for its budget and the agent's: a
+    // pooled connection (one permit of its own) must not carry more app connections than the
+    // limits let through one by one.
+    let _permits = match admit(shared, pod, true) {
+        Ok(permits) => permits,
+        Err(scope) => {
+            let error = Error::LimitReached(scope);
+            pod.stats.count_error(&error, true);
+            let _ = refuse(respond, StatusCode::SERVICE_UNAVAILABLE, error.to_string());
+            return Err(error);
+        }
+    };
     let port = addr.port();
     let labels = TcpLabels::mesh(Reporter::Destination, caller, pod.id());
     // Registered before the decision, so that a rule change from here on resets the stream.
