@@ -117,6 +117,63 @@ pub const DATACENTER_ENV: &str = "MESH_DATACENTER";
 /// The default Consul datacenter.
 pub const DEFAULT_DATACENTER: &str = "dc1";
 
+/// The proxy's limits, timeouts and paths, shared by `meshd run` and `meshd kubernetes`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProxyArgs {
+    /// Keep connect4 redirection but let app⇄proxy bytes take the TCP stack.
+    #[arg(long)]
+    pub no_msg_redirect: bool,
+    /// Most inbound connections at once, per pod (a budget separate from outbound; a pooled
+    /// stream counts as one).
+    #[arg(long, default_value_t = DEFAULT_MAX_INBOUND_CONNECTIONS_PER_POD)]
+    pub max_inbound_connections_per_pod: usize,
+    /// Most outbound connections at once, per pod (a budget separate from inbound).
+    #[arg(long, default_value_t = DEFAULT_MAX_OUTBOUND_CONNECTIONS_PER_POD)]
+    pub max_outbound_connections_per_pod: usize,
+    /// Most connections at once, for the whole agent.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_AGENT)]
+    pub max_connections: usize,
+    /// Seconds a TLS handshake may take.
+    #[arg(long, default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
+    pub handshake_timeout: u64,
+    /// Seconds an inbound peer has to send its TLS ClientHello.
+    #[arg(long, default_value_t = DEFAULT_PRE_HANDSHAKE_TIMEOUT.as_secs())]
+    pub pre_handshake_timeout: u64,
+    /// Inbound connections of a pod still in the TLS handshake, per source address.
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE)]
+    pub max_pending_handshakes_per_source: usize,
+    /// Seconds without a byte either way before a connection is closed.
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub idle_timeout: u64,
+    /// Make a full mTLS handshake for every connection between proxies (no session
+    /// tickets, no session cache).
+    #[arg(long)]
+    pub no_tls_resumption: bool,
+    /// Splice connections between two pods of this node app to app in the kernel, after
+    /// the destination's intention decision (`false`: mTLS through the destination's inbound
+    /// listener, as between nodes).
+    #[arg(long, env = SAME_NODE_SPLICE_ENV, default_value_t = DEFAULT_SAME_NODE_SPLICE, action = clap::ArgAction::Set)]
+    pub same_node_splice: bool,
+}
+
+impl ProxyArgs {
+    /// The proxy configuration these flags give (the rest at its defaults).
+    pub fn proxy_config(&self) -> mesh_proxy::ProxyConfig {
+        mesh_proxy::ProxyConfig {
+            max_inbound_connections_per_pod: self.max_inbound_connections_per_pod,
+            max_outbound_connections_per_pod: self.max_outbound_connections_per_pod,
+            max_connections_per_agent: self.max_connections,
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout),
+            pre_handshake_timeout: std::time::Duration::from_secs(self.pre_handshake_timeout),
+            max_pending_handshakes_per_source: self.max_pending_handshakes_per_source,
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            tls_resumption: !self.no_tls_resumption,
+            same_node_splice: self.same_node_splice,
+            ..mesh_proxy::ProxyConfig::default()
+        }
+    }
+}
+
 /// Where a node agent gets its leaves: the local CA in the state directory unless `--ca-url`
 /// names `meshd ca`.
 #[derive(clap::Args, Clone, Debug)]

@@ -68,39 +68,8 @@ enum Cmd {
         /// The decision when no intention matches.
         #[arg(long, default_value = config::DEFAULT_RUN_INTENTION_POLICY, value_parser = parse_action)]
         default_intention_policy: Action,
-        /// Keep connect4 redirection but let app⇄proxy bytes take the TCP stack.
-        #[arg(long)]
-        no_msg_redirect: bool,
-        /// Most inbound connections at once, per pod (a budget separate from outbound).
-        #[arg(long, default_value_t = config::DEFAULT_MAX_INBOUND_CONNECTIONS_PER_POD)]
-        max_inbound_connections_per_pod: usize,
-        /// Most outbound connections at once, per pod (a budget separate from inbound).
-        #[arg(long, default_value_t = config::DEFAULT_MAX_OUTBOUND_CONNECTIONS_PER_POD)]
-        max_outbound_connections_per_pod: usize,
-        /// Most connections at once, for the whole agent.
-        #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_AGENT)]
-        max_connections: usize,
-        /// Seconds a TLS handshake may take.
-        #[arg(long, default_value_t = config::DEFAULT_HANDSHAKE_TIMEOUT.as_secs())]
-        handshake_timeout: u64,
-        /// Seconds an inbound peer has to send its TLS ClientHello.
-        #[arg(long, default_value_t = config::DEFAULT_PRE_HANDSHAKE_TIMEOUT.as_secs())]
-        pre_handshake_timeout: u64,
-        /// Inbound connections of a pod still in the TLS handshake, per source address.
-        #[arg(long, default_value_t = config::DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE)]
-        max_pending_handshakes_per_source: usize,
-        /// Seconds without a byte either way before a connection is closed.
-        #[arg(long, default_value_t = config::DEFAULT_IDLE_TIMEOUT.as_secs())]
-        idle_timeout: u64,
-        /// Make a full mTLS handshake for every connection between proxies (no session
-        /// tickets, no session cache).
-        #[arg(long)]
-        no_tls_resumption: bool,
-        /// Splice connections between two pods of this node app to app in the kernel, after
-        /// the destination's intention decision (`false`: mTLS through the destination's inbound
-        /// listener, as between nodes).
-        #[arg(long, env = config::SAME_NODE_SPLICE_ENV, default_value_t = config::DEFAULT_SAME_NODE_SPLICE, action = clap::ArgAction::Set)]
-        same_node_splice: bool,
+        #[command(flatten)]
+        proxy: config::ProxyArgs,
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
@@ -184,6 +153,8 @@ enum Cmd {
         #[arg(long, env = config::CNI_SOCKET_ENV, num_args = 0..=1, default_missing_value = config::DEFAULT_CNI_SOCKET)]
         cni_socket: Option<PathBuf>,
         #[command(flatten)]
+        proxy: config::ProxyArgs,
+        #[command(flatten)]
         ca: config::CaClientArgs,
     },
     /// Run a program inside a pod, as one of its processes: join its cgroup and network
@@ -264,16 +235,7 @@ fn main() -> Result<()> {
             mesh_cgroup,
             redirect,
             default_intention_policy,
-            no_msg_redirect,
-            max_inbound_connections_per_pod,
-            max_outbound_connections_per_pod,
-            max_connections,
-            handshake_timeout,
-            pre_handshake_timeout,
-            max_pending_handshakes_per_source,
-            idle_timeout,
-            no_tls_resumption,
-            same_node_splice,
+            proxy: proxy_args,
             metrics_addr,
             cni_socket,
             cni_catalog_wait,
@@ -286,18 +248,7 @@ fn main() -> Result<()> {
                 Some(p) => p,
                 None => mesh_dataplane::cgroup::v2_root()?,
             };
-            let mut proxy = mesh_proxy::ProxyConfig {
-                max_inbound_connections_per_pod,
-                max_outbound_connections_per_pod,
-                max_connections_per_agent: max_connections,
-                handshake_timeout: Duration::from_secs(handshake_timeout),
-                pre_handshake_timeout: Duration::from_secs(pre_handshake_timeout),
-                max_pending_handshakes_per_source,
-                idle_timeout: Duration::from_secs(idle_timeout),
-                tls_resumption: !no_tls_resumption,
-                same_node_splice,
-                ..mesh_proxy::ProxyConfig::default()
-            };
+            let mut proxy = proxy_args.proxy_config();
             limits::clamp(nofile, &mut proxy);
             let cfg = AgentConfig {
                 instance: common.instance,
@@ -305,7 +256,7 @@ fn main() -> Result<()> {
                 mesh_cgroup,
                 redirect,
                 default_policy: default_intention_policy,
-                msg_redirect: !no_msg_redirect,
+                msg_redirect: !proxy_args.no_msg_redirect,
                 proxy,
             };
             tokio::runtime::Builder::new_multi_thread()
@@ -365,11 +316,12 @@ fn main() -> Result<()> {
             default_intention_policy,
             metrics_addr,
             cni_socket,
+            proxy: proxy_args,
             ca,
         } => {
             let ca = ca.client()?;
             let nofile = limits::raise_nofile()?;
-            let mut proxy = mesh_proxy::ProxyConfig::default();
+            let mut proxy = proxy_args.proxy_config();
             limits::clamp(nofile, &mut proxy);
             let mesh_cgroup = mesh_cgroup.unwrap_or_else(|| cgroup_root.clone());
             let agent = AgentConfig {
@@ -378,7 +330,7 @@ fn main() -> Result<()> {
                 mesh_cgroup,
                 redirect,
                 default_policy: default_intention_policy,
-                msg_redirect: true,
+                msg_redirect: !proxy_args.no_msg_redirect,
                 proxy,
             };
             tokio::runtime::Builder::new_multi_thread()
@@ -899,4 +851,44 @@ async fn local(
     }
     runner.teardown();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `meshd kubernetes` takes the proxy's flags as `meshd run` does: a DaemonSet user can keep
+    /// TLS on every hop (`--same-node-splice=false`) or set the limits.
+    #[test]
+    fn kubernetes_takes_the_proxy_flags_of_run() {
+        let cli = Cli::try_parse_from([
+            "meshd",
+            "kubernetes",
+            "--node-name",
+            "n1",
+            "--same-node-splice=false",
+            "--max-inbound-connections-per-pod",
+            "7",
+            "--no-msg-redirect",
+        ])
+        .expect("flags parse");
+        let Cmd::Kubernetes { proxy, .. } = cli.cmd else {
+            panic!("not the kubernetes command");
+        };
+        let cfg = proxy.proxy_config();
+        assert!(!cfg.same_node_splice);
+        assert_eq!(cfg.max_inbound_connections_per_pod, 7);
+        assert!(proxy.no_msg_redirect);
+        // And by default: the splice on, the defaults of the proxy.
+        let cli = Cli::try_parse_from(["meshd", "kubernetes", "--node-name", "n1"]).unwrap();
+        let Cmd::Kubernetes { proxy, .. } = cli.cmd else {
+            panic!("not the kubernetes command");
+        };
+        let cfg = proxy.proxy_config();
+        assert!(cfg.same_node_splice);
+        assert_eq!(
+            cfg.max_inbound_connections_per_pod,
+            config::DEFAULT_MAX_INBOUND_CONNECTIONS_PER_POD
+        );
+    }
 }
