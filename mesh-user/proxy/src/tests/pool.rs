@@ -444,3 +444,48 @@ async fn streams_count_against_the_pods_inbound_limit() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_leaf_opens_a_new_pooled_connection_and_the_old_one_drains() {
+    within(30, async {
+        let r = remote_api().await;
+        let web_leaf = r.env.leaf("web");
+        let mut web = r.env.client_with_leaf("web", Arc::clone(&web_leaf), None);
+        let to_api = r
+            .env
+            .upstream(&mut web, "api", "api", r.app.port, vec![r.inbound]);
+        let mut first = TcpStream::connect(to_api).await.unwrap();
+        let msg = pattern(1, 5000);
+        assert_eq!(round_trip(&mut first, &msg).await.unwrap(), msg);
+        assert_eq!(web.stats().tls_handshakes, 1);
+
+        // The caller's leaf is renewed: the pooled connection was authenticated with the old
+        // one, so the next app connection opens a connection with the new leaf.
+        web_leaf
+            .replace(r.env.ca.issue_leaf(&svc("web"), DEFAULT_LEAF_TTL).unwrap())
+            .unwrap();
+        let mut second = TcpStream::connect(to_api).await.unwrap();
+        let msg = pattern(2, 5000);
+        assert_eq!(round_trip(&mut second, &msg).await.unwrap(), msg);
+        assert_eq!(web.stats().tls_handshakes, 2, "{:?}", web.stats());
+        assert_eq!(r.env.proxy.pooled_connections().len(), 2);
+
+        // The old connection still carries its stream, and ends after it.
+        let msg = pattern(3, 5000);
+        assert_eq!(round_trip(&mut first, &msg).await.unwrap(), msg);
+        drop(first);
+        eventually("the old pooled connection ended", || {
+            r.env.proxy.pooled_connections().len() == 1
+        })
+        .await;
+        let mut third = TcpStream::connect(to_api).await.unwrap();
+        let msg = pattern(4, 5000);
+        assert_eq!(round_trip(&mut third, &msg).await.unwrap(), msg);
+        assert_eq!(
+            web.stats().tls_handshakes,
+            2,
+            "the new connection is reused"
+        );
+    })
+    .await;
+}

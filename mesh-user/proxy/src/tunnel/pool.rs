@@ -23,7 +23,7 @@ use crate::pod::{PodState, Shared};
 use crate::sni::server_name;
 use crate::stats::PodStats;
 use crate::Error;
-use mesh_core::identity::SpiffeId;
+use mesh_core::identity::{LeafCert, SpiffeId};
 
 /// Which connections a stream may share: the caller's identity (the client certificate the
 /// peer authenticates each stream by), the identity the peer must present, and the peer's
@@ -39,6 +39,9 @@ pub(crate) struct PoolKey {
 struct Pooled {
     id: u64,
     send: SendRequest<Bytes>,
+    /// The caller's leaf it authenticated with. Once the leaf has been replaced (a renewal), it
+    /// takes no new stream: every stream's caller is vouched for by the leaf in force.
+    leaf: Arc<LeafCert>,
     /// Streams checked out now.
     active: AtomicUsize,
     /// Streams ever opened on it.
@@ -125,10 +128,22 @@ impl Pool {
         all
     }
 
-    /// A pooled connection of `key` with room for one more stream, checked out.
-    fn checkout(&self, key: &PoolKey, max_streams: usize) -> Option<Checkout> {
+    /// A pooled connection of `key` opened with `leaf` (the caller's leaf in force) with room
+    /// for one more stream, checked out. Connections opened with an older leaf take no more
+    /// streams: they end once their last stream has (see [`Pool::drive`]).
+    fn checkout(
+        &self,
+        key: &PoolKey,
+        max_streams: usize,
+        leaf: &Arc<LeafCert>,
+    ) -> Option<Checkout> {
         let conns = lock(&self.conns);
         let list = conns.get(key)?;
+        for c in list {
+            if !Arc::ptr_eq(&c.leaf, leaf) && !c.closed.swap(true, Relaxed) {
+                tracing::debug!(peer = %key.peer, source = %key.source, "pooled connection drains: the caller's leaf was renewed");
+            }
+        }
         let conn = list
             .iter()
             .find(|c| !c.closed.load(Relaxed) && c.active.load(Relaxed) < max_streams)?;
@@ -180,14 +195,16 @@ impl Pool {
             peer,
         };
         let max = shared.config.pool_max_streams;
-        let checkout = match self.checkout(&key, max) {
+        let leaf = pod.leaf.current();
+        let checkout = match self.checkout(&key, max, &leaf) {
             Some(c) => c,
             None => {
                 let gate = Arc::clone(lock(&self.opening).entry(key.clone()).or_default());
                 let _turn = gate.lock().await;
-                match self.checkout(&key, max) {
+                let leaf = pod.leaf.current();
+                match self.checkout(&key, max, &leaf) {
                     Some(c) => c,
-                    None => match self.connect(shared, pod, &key, port).await? {
+                    None => match self.connect(shared, pod, &key, port, leaf).await? {
                         Ok(c) => c,
                         Err(tls) => return Ok(Opened::Plain(tls)),
                     },
@@ -253,6 +270,7 @@ impl Pool {
         pod: &PodState,
         key: &PoolKey,
         port: u16,
+        leaf: Arc<LeafCert>,
     ) -> Result<Result<Checkout, Box<TlsStream<TcpStream>>>, Error> {
         let config = self.client_config(shared, pod, &key.destination)?;
         let name = server_name(&key.destination, port)?;
@@ -313,6 +331,7 @@ impl Pool {
         let conn = Arc::new(Pooled {
             id: self.next_id.fetch_add(1, Relaxed),
             send,
+            leaf,
             active: AtomicUsize::new(1),
             opened: AtomicU64::new(1),
             idle_since: Mutex::new(Instant::now()),
