@@ -187,7 +187,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
                 // SAFETY: as above.
                 if let Some(state) = unsafe { SOCK_STATE.get(key) } {
                     let sent = state.sent;
-                    let _ = SPLICE_CLOSED.insert(key, &sent, 0);
+                    let _ = SPLICE_CLOSED.insert(key, sent, 0);
                 }
             }
             let _ = SOCK_STATE.remove(key);
