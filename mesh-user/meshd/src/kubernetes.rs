@@ -228,7 +228,7 @@ where
         + Send
         + Sync
         + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone + Default + Send + Sync,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
 {
     let writer = reflector::store::Writer::new(dyntype);
     let store = writer.as_reader();
@@ -565,6 +565,7 @@ where
         .map_err(|e| anyhow::anyhow!("the first list of {kind}: {e}"))
 }
 
+/// [`watch`] of a custom resource (consul-k8s's CRDs), as dynamic objects.
 fn watch_dynamic(
     kind: &'static str,
     client: &Client,
@@ -572,39 +573,14 @@ fn watch_dynamic(
     changed: Arc<Notify>,
     metrics: Arc<Metrics>,
 ) -> Watched<DynamicObject> {
-    let writer = reflector::store::Writer::new(resource.clone());
-    let store = writer.as_reader();
-    let healthy = metrics
-        .kubernetes()
-        .watch_healthy
-        .get_or_create(&KindLabel { kind: kind.into() })
-        .clone();
-    healthy.set(0);
-    let api = Api::<DynamicObject>::all_with(client.clone(), resource);
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        let mut was_healthy = false;
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => {
-                    if !was_healthy {
-                        info!(kind, "watch healthy");
-                    }
-                    was_healthy = true;
-                    healthy.set(1);
-                    changed.notify_one();
-                }
-                Err(e) => {
-                    warn!(kind, error = %e, "watch failed; the last state stays enforced, retrying with back-off");
-                    was_healthy = false;
-                    healthy.set(0);
-                }
-            }
-        }
-    });
-    Watched { store }
+    watch(
+        kind,
+        Api::<DynamicObject>::all_with(client.clone(), resource),
+        watcher::Config::default(),
+        resource.clone(),
+        changed,
+        metrics,
+    )
 }
 
 /// Logs the refused and pending pods and sets their gauges.

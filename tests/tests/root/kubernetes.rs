@@ -803,7 +803,48 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
             bail!("node 2's pod answered plaintext after its agent died: {text}");
         }
     }
+
+    // Node 2's agent comes back (a restart, or the DaemonSet's next pod): it adopts the
+    // programs and pins the dead one left, finds api's pod again and serves it.
+    let agent2 = start_agent(cluster.node(2), n2, &api_url, &s2, logs.path(), &ca.flags)?;
+    cluster.keep(agent2);
+    ready(n2)?;
+    let log2 = without_ansi(&log_of(logs.path(), n2));
+    ensure!(
+        log2.contains("adopted=true"),
+        "node 2's restarted agent did not adopt its programs:\n{log2}"
+    );
+    api.create(intentions("api", "web"))?;
+    until(Duration::from_secs(30), || {
+        call(&web, &web_cg, web_addr)
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    })
+    .with_context(|| {
+        format!(
+            "web → api never 200 after node 2's agent came back\n{}",
+            diag()
+        )
+    })?;
     Ok(())
+}
+
+/// `text` without the terminal colour sequences (`ESC [ ... m`) of the agents' logs.
+fn without_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A CNI plugin's run: exit code, stdout, stderr.
