@@ -76,7 +76,7 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
     if let Some(splice) = unsafe { SPLICES.get(own) } {
         let splice = *splice;
         // SAFETY: `ctx` is this run's context and `own_state` its socket's state (above).
-        match unsafe { splice_msg(ctx, &cfg, own_state, &splice, sent_before, size) } {
+        match unsafe { splice_msg(ctx, &cfg, &own, own_state, &splice, sent_before, size) } {
             Splice::Done => return,
             Splice::Tcp => {
                 // Through the proxy over TCP, whose flow control holds the app back until the
@@ -182,15 +182,27 @@ enum Splice {
 /// `ctx` must be the context of the running program and `own_state` the sending socket's
 /// `SOCK_STATE` value looked up in this run.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn splice_msg(
     ctx: &SkMsgContext,
     cfg: &Config,
+    own: &SockKey,
     own_state: *mut SockState,
     splice: &SpliceValue,
     sent_before: u64,
     size: u32,
 ) -> Splice {
     let mut peer = splice.peer;
+    // The other app socket must still be the one paired with this one. One that closed took
+    // its own entry with it; a new socket that got its key (a loopback port reused, possibly
+    // for a connection to another service) has no entry, or one of its own pairing: never
+    // splice into it.
+    // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; only
+    // its plain `peer` key is compared.
+    match unsafe { SPLICES.get(peer) } {
+        Some(back) if back.peer == *own => {}
+        _ => return Splice::Regular,
+    }
     // SAFETY: the kernel keeps a looked-up value alive (RCU) until the program returns; it is plain
     // integers, copied here.
     let Some(peer_state) = (unsafe { SOCK_STATE.get(peer) }) else {

@@ -300,8 +300,20 @@ impl Agent {
         .dialer(dialer.clone())
         .metrics(metrics.proxy().clone());
         if let Steering::Ebpf(dp) = &steering {
+            // Pairs a previous agent left (killed, or restarted by an upgrade) belong to
+            // connections whose proxy is gone: nothing could revoke them any more. Without
+            // their entries, the apps' next bytes go to the dead proxy's sockets and the
+            // connections end (fail closed).
+            let splices = dp.splices()?;
+            let dropped = splices.clear();
+            if dropped > 0 {
+                warn!(
+                    entries = dropped,
+                    "same-node splices of a previous agent removed; their connections end"
+                );
+            }
             if cfg.proxy.same_node_splice && cfg.msg_redirect {
-                builder = builder.splicer(Arc::new(dp.splices()?));
+                builder = builder.splicer(Arc::new(splices));
             }
         }
         let proxy = builder.build().map_err(|source| Error::Proxy {

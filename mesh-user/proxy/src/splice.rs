@@ -89,7 +89,9 @@ pub(crate) enum SameNode {
 }
 
 /// The destination pod on this node to splice to, if splicing is on and an endpoint of
-/// `destination` is the inbound listener of a pod this proxy serves. Endpoints on this node are
+/// `destination` is the inbound listener of a pod this proxy serves **with the destination's
+/// identity** (the TLS path would refuse any other server identity; an endpoint list naming
+/// another service's pod must not hand the connection to it). Endpoints on this node are
 /// preferred: round robin among them.
 fn local_endpoint(
     shared: &Shared,
@@ -102,7 +104,11 @@ fn local_endpoint(
         .endpoints
         .iter()
         .copied()
-        .filter(|addr| shared.local_pod(*addr).is_some())
+        .filter(|addr| {
+            shared
+                .local_pod(*addr)
+                .is_some_and(|pod| pod.id() == &destination.id)
+        })
         .collect();
     if local.is_empty() {
         return None;

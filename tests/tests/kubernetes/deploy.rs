@@ -217,6 +217,13 @@ fn the_daemonset_mounts_every_host_path_the_agent_opens() {
             );
         }
     }
+    // The pod locator reads pod cgroups' `cgroup.procs`, where processes of another pid
+    // namespace show as 0: the agent must share the node's.
+    assert_eq!(
+        spec.host_pid,
+        Some(true),
+        "hostPID: the pod locator needs the node's pids"
+    );
     // The CA client's defaults are where the DaemonSet puts the token and the root.
     let meshd = spec.containers.iter().find(|c| c.name == "meshd").unwrap();
     let mounted_at = |file: &str| {

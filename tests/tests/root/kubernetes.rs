@@ -597,7 +597,10 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     // Still open while the CR allows it.
     if let Ok((_, line)) = lines.recv_timeout(Duration::from_secs(2)) {
         let _ = holder.kill();
-        bail!("the held connection ended while web → api was allowed: {line}");
+        bail!(
+            "the held connection ended while web → api was allowed: {line}\n{}",
+            diag()
+        );
     }
     let deleted = Instant::now();
     api.delete("ServiceIntentions", "default", "api")?;

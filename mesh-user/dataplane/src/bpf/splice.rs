@@ -137,6 +137,22 @@ impl Splices {
         }
     }
 
+    /// Removes every pair and every kept count; returns how many pair entries there were.
+    /// For a starting agent: pairs of a previous one have no proxy left to revoke them.
+    pub fn clear(&self) -> usize {
+        let mut map = self.map();
+        let keys: Vec<SockKey> = map.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            let _ = map.remove(key);
+        }
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        let stale: Vec<SockKey> = closed.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = closed.remove(key);
+        }
+        keys.len()
+    }
+
     /// Removes both entries of a pair and the counts of its closed sockets (missing ones are
     /// fine).
     pub fn unpair(&self, client: SockKey, server: SockKey) {

@@ -151,3 +151,24 @@ async fn a_denied_or_l7_or_switched_off_same_node_connection_is_not_spliced() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_of_another_identity_is_never_spliced_to() {
+    within(30, async {
+        let splicer = Arc::new(RecordingSplicer::default());
+        let env = Env::with_splicer(test_config(), splicer.clone());
+        let app = App::echo().await;
+        // db's pod on this node, listed (wrongly, or by whoever could write the endpoints) as an
+        // endpoint of api: web may call api, but the pod behind that address is not api.
+        let (_db, db_inbound) = env.server("db", &[app.port]);
+        let mut web = env.client("web", None);
+        let up = env.upstream(&mut web, "api", "api", app.port, vec![db_inbound]);
+        expect_refused(up).await;
+        assert!(
+            splicer.pairs.lock().unwrap().is_empty(),
+            "spliced to a pod of another identity"
+        );
+        assert_eq!(app.accepted(), 0, "db's app got api's connection");
+    })
+    .await;
+}
