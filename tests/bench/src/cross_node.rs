@@ -511,25 +511,6 @@ fn pod_command(exe: &Path, pod: &Pod, program: &str) -> Command {
     cmd
 }
 
-fn run_tool(cmd: &mut Command) -> Result<String> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the client process")?;
-    let out = harness::wait_client(child)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "the client failed ({}): {} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim(),
-        stdout.trim()
-    );
-    Ok(stdout)
-}
-
 fn wait_listening(pod: &Pod, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -592,7 +573,7 @@ fn measure(exe: &Path, o: &Options, pair: &Pair, proxies: &[u32], wl: &'static s
         let metrics = match wl {
             "http-16" | "http-64" => {
                 let conns: usize = wl[5..].parse()?;
-                let out = run_tool(pod_command(exe, &pair.web, "wrk").args([
+                let out = harness::run_client(pod_command(exe, &pair.web, "wrk").args([
                     "-t2".to_string(),
                     format!("-c{conns}"),
                     format!("-d{}s", o.wrk_secs),
@@ -622,7 +603,7 @@ fn measure(exe: &Path, o: &Options, pair: &Pair, proxies: &[u32], wl: &'static s
                     .args(["conns", &pair.dial.to_string()])
                     .arg(o.conn_secs.to_string())
                     .arg((o.conn_secs / 10.0).to_string());
-                let v: Value = serde_json::from_str(&run_tool(&mut cmd)?)?;
+                let v: Value = serde_json::from_str(&harness::run_client(&mut cmd)?)?;
                 let rate = v["conns_per_s"].as_f64().context("no conns_per_s")?;
                 let total = v["connections"].as_f64().context("no connections")?;
                 // Let the proxies close what the client closed before reading their CPU time.
@@ -635,7 +616,7 @@ fn measure(exe: &Path, o: &Options, pair: &Pair, proxies: &[u32], wl: &'static s
                 m
             }
             "bulk" => {
-                let out = run_tool(pod_command(exe, &pair.web, "iperf3").args([
+                let out = harness::run_client(pod_command(exe, &pair.web, "iperf3").args([
                     "-c".to_string(),
                     pair.dial_iperf.ip().to_string(),
                     "-p".to_string(),

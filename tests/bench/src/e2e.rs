@@ -729,7 +729,7 @@ fn preflight(b: &Bench) -> Result<()> {
         }
         let mut cmd = client_command(b, c, Pinning::Unpinned);
         cmd.args(["rr", &c.dial_http.to_string(), "1", "0.05", "0"]);
-        run_tool(cmd).with_context(|| format!("preflight of {}", c.name))?;
+        harness::run_client(&mut cmd).with_context(|| format!("preflight of {}", c.name))?;
     }
     Ok(())
 }
@@ -905,26 +905,6 @@ fn client_command(b: &Bench, c: &Config, pinning: Pinning) -> Command {
     cmd
 }
 
-/// Runs a client process to its end; its standard output.
-fn run_tool(mut cmd: Command) -> Result<String> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the client process")?;
-    let out = harness::wait_client(child)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "the client failed ({}): {} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim(),
-        stdout.trim()
-    );
-    Ok(stdout)
-}
-
 /// With `MESH_BENCH_PERF=<dir>` in the environment, each run's proxy processes are profiled
 /// (`perf record -e cpu-clock -g`, user and kernel stacks) into `<dir>/<config>-<workload>-
 /// <pinning>.data`, a file per run (the last round's stays). Dropping it stops perf (SIGINT)
@@ -1002,7 +982,7 @@ fn measure(
         Pinning::Pinned(cpu) => Some(cpu),
         Pinning::Unpinned => None,
     };
-    let cmd = match wl {
+    let mut cmd = match wl {
         Wl::Http(conns) => {
             let mut cmd = pod_command(&b.exe, &c.web, cpu, "wrk");
             cmd.args([
@@ -1074,7 +1054,7 @@ fn measure(
         &format!("{}-{}-{}", c.name, wl.name(), pinning.name()),
     )?;
     let proxy_cpu0 = cpu_of(&proxy_pids)?;
-    let output = run_tool(cmd);
+    let output = harness::run_client(&mut cmd);
     drop(profile);
     let after = agent.map(settle).transpose()?;
     let proxy_cpu = cpu_of(&proxy_pids)? - proxy_cpu0;

@@ -3,11 +3,11 @@
 //! run is placed on the CPUs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{SigSet, Signal};
 
 /// Set by the signal thread on SIGINT/SIGTERM/SIGHUP: stop, clean up, exit.
@@ -73,6 +73,32 @@ pub fn wait_client(mut child: Child) -> Result<Output> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs a client process (stdin closed, output captured) to its end under [`wait_client`]'s
+/// limit; its standard output.
+///
+/// # Errors
+///
+/// When it cannot start, is stopped, or exits unsuccessfully (its status, stderr and stdout in
+/// the message).
+pub fn run_client(cmd: &mut Command) -> Result<String> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the client process")?;
+    let out = wait_client(child)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "the client failed ({}): {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim(),
+        stdout.trim()
+    );
+    Ok(stdout)
 }
 
 /// Pinned runs put the app and the listener on one CPU; unpinned ones let the scheduler choose.
