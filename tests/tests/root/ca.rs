@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use mesh_agent::ca::kube::KubeView;
 use mesh_agent::ca::server::{CaConfig, CaServer};
-use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service};
+use mesh_core::catalog::Catalog;
 use mesh_core::identity::CertificateAuthority;
 use mesh_kit::apiserver::{ApiServer, TokenUser};
 use mesh_kit::{bin_path, workload, Node};
@@ -28,25 +28,8 @@ fn meshd_run_serves_its_pods_with_leaves_from_meshd_ca() -> Result<()> {
     let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 31), 9091);
     let catalog = Catalog {
         services: vec![
-            Service {
-                name: "api".into(),
-                namespace: "default".into(),
-                datacenter: "dc1".into(),
-                vip: Some(*vip.ip()),
-                ports: vec![9091],
-                protocol: Protocol::Tcp,
-                endpoints: vec![Endpoint {
-                    ip: api.ip,
-                    port: mesh_common::INBOUND_PORT,
-                }],
-                ..Default::default()
-            },
-            Service {
-                name: "web".into(),
-                namespace: "default".into(),
-                datacenter: "dc1".into(),
-                ..Default::default()
-            },
+            crate::kubepods::service("api", Some(*vip.ip()), &[api.ip]),
+            crate::kubepods::service("web", None, &[]),
         ],
         workloads: vec![
             workload(&web, "web", vec![], vec![]),

@@ -90,31 +90,8 @@ fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Re
     let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 30), 9091);
     let catalog = Catalog {
         services: vec![
-            Service {
-                name: "api".into(),
-                namespace: "default".into(),
-                datacenter: "dc1".into(),
-                vip: Some(*vip.ip()),
-                ports: vec![9091],
-                protocol: Protocol::Tcp,
-                target_ports: Default::default(),
-                endpoints: vec![Endpoint {
-                    ip: api.ip,
-                    port: mesh_common::INBOUND_PORT,
-                }],
-                ..Default::default()
-            },
-            Service {
-                name: "web".into(),
-                namespace: "default".into(),
-                datacenter: "dc1".into(),
-                vip: None,
-                ports: vec![],
-                protocol: Protocol::Tcp,
-                target_ports: Default::default(),
-                endpoints: vec![],
-                ..Default::default()
-            },
+            crate::kubepods::service("api", Some(*vip.ip()), &[api.ip]),
+            crate::kubepods::service("web", None, &[]),
         ],
         workloads: vec![
             workload(&web, "web", vec![], vec![]),
