@@ -106,7 +106,7 @@ pub use directory::{Destination, Directory};
 pub use metrics::Metrics;
 pub use pod::{ListenerId, ListenerKind, PodProxy, PodSpec, Proxy, ProxyBuilder};
 pub use sni::{parse_server_name, server_name, SNI_SUFFIX};
-pub use splice::Splicer;
+pub use splice::{SplicedPair, Splicer};
 pub use stats::{PodStats, PodStatsSnapshot};
 pub use tunnel::pool::PooledConnection;
 pub use tunnel::TunnelError;

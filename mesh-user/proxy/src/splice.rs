@@ -14,16 +14,26 @@
 //! Not spliced, and served as before (mTLS to the inbound listener): L7 intentions (the
 //! inbound side must see each request), `ProxyConfig::same_node_splice` off, no splicer (the
 //! iptables mode).
+//!
+//! **Handing over.** The kernel carries a spliced connection; the proxy's two sockets only watch
+//! it. An agent that gives way to its successor (a rolling update) hands those sockets over
+//! ([`crate::Proxy::hand_over_splices`]: each relay stops between two writes, so no byte it
+//! read is left behind, and returns its sockets instead of closing them), and the successor
+//! takes them up ([`crate::PodProxy::adopt_splice`]): it asks its own authorizer, registers the
+//! connection for revocation and goes on relaying from the byte counts the kernel holds. The
+//! apps see nothing.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_common::SockKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::copy::{Reset, Transferred};
 use super::dial::DialKind;
@@ -59,6 +69,11 @@ pub trait Splicer: Send + Sync + 'static {
 
     /// Unpairs the two sockets (missing entries are fine).
     fn unpair(&self, client: SockKey, server: SockKey);
+
+    /// Bytes of the app socket `key` the proxy has forwarded so far, as its pair entry holds
+    /// them (a connection handed over from another agent goes on from there); `None` if `key`
+    /// is not paired.
+    fn forwarded(&self, key: SockKey) -> Option<u64>;
 }
 
 impl Splicer for mesh_dataplane::bpf::Splices {
@@ -77,6 +92,128 @@ impl Splicer for mesh_dataplane::bpf::Splices {
 
     fn unpair(&self, client: SockKey, server: SockKey) {
         mesh_dataplane::bpf::Splices::unpair(self, client, server);
+    }
+
+    fn forwarded(&self, key: SockKey) -> Option<u64> {
+        mesh_dataplane::bpf::Splices::pair_of(self, key).map(|v| v.forwarded)
+    }
+}
+
+/// The proxy's two sockets of one same-node connection, as an agent hands them to its
+/// successor (over a Unix socket, `SCM_RIGHTS`). The apps' sockets are not here: they stay
+/// with the apps, and the kernel keeps them paired.
+#[derive(Debug)]
+pub struct SplicedPair {
+    /// The proxy's accepted socket; its peer is the client app's socket, in the client's pod.
+    pub client: std::net::TcpStream,
+    /// The proxy's socket connected to the server app, in the destination pod.
+    pub server: std::net::TcpStream,
+}
+
+impl SplicedPair {
+    /// The keys of the two app sockets in the kernel maps: (client app, server app).
+    ///
+    /// # Errors
+    ///
+    /// A socket whose addresses or network namespace cannot be read (closed meanwhile), or an
+    /// IPv6 one (never spliced).
+    pub fn keys(&self) -> io::Result<(SockKey, SockKey)> {
+        Ok((
+            app_key_of(
+                self.client.as_fd(),
+                self.client.local_addr()?,
+                self.client.peer_addr()?,
+            )?,
+            app_key_of(
+                self.server.as_fd(),
+                self.server.local_addr()?,
+                self.server.peer_addr()?,
+            )?,
+        ))
+    }
+
+    /// The network namespace cookies of the two sockets: (the client's pod, the destination's
+    /// pod).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's, for a socket whose namespace cannot be read.
+    pub fn netns_cookies(&self) -> io::Result<(u64, u64)> {
+        Ok((
+            mesh_dataplane::sys::netns_cookie(self.client.as_fd())?,
+            mesh_dataplane::sys::netns_cookie(self.server.as_fd())?,
+        ))
+    }
+
+    /// Ends the connection: both apps see a reset.
+    pub fn reset(self) {
+        for socket in [&self.client, &self.server] {
+            let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+/// Same-node relays that may be asked to hand their sockets over (see the module).
+pub(crate) struct Handover {
+    requested: watch::Sender<bool>,
+    /// Relays running now.
+    live: AtomicUsize,
+    /// Where handed-over pairs go while a hand-over collects them.
+    collector: Mutex<Option<mpsc::UnboundedSender<SplicedPair>>>,
+}
+
+/// Counts a running relay while it lives.
+struct Live<'a>(&'a Handover);
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, SeqCst);
+    }
+}
+
+impl Handover {
+    pub(crate) fn new() -> Self {
+        Self {
+            requested: watch::Sender::new(false),
+            live: AtomicUsize::new(0),
+            collector: Mutex::new(None),
+        }
+    }
+
+    fn enter(&self) -> (Live<'_>, watch::Receiver<bool>) {
+        self.live.fetch_add(1, SeqCst);
+        (Live(self), self.requested.subscribe())
+    }
+
+    /// Passes a paused relay's sockets to the hand-over collecting them; gives them back if
+    /// none does (any more).
+    fn deliver(&self, pair: SplicedPair) -> Result<(), SplicedPair> {
+        match &*self.collector.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tx) => tx.send(pair).map_err(|e| e.0),
+            None => Err(pair),
+        }
+    }
+
+    /// Asks every same-node relay, running or starting, to stop and give up its sockets, and
+    /// collects them for at most `within`. A relay that cannot stop in time (blocked writing to
+    /// an app that does not read) ends its connection when it does.
+    pub(crate) async fn collect(&self, within: Duration) -> Vec<SplicedPair> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        *self.collector.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.requested.send_replace(true);
+        let deadline = tokio::time::Instant::now() + within;
+        while self.live.load(SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.collector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut pairs = Vec::new();
+        while let Ok(pair) = rx.try_recv() {
+            pairs.push(pair);
+        }
+        pairs
     }
 }
 
@@ -142,7 +279,6 @@ pub(crate) async fn serve(
         return SameNode::Elsewhere(app);
     }
     info.target = Some(endpoint);
-    let source_labels = TcpLabels::mesh(Reporter::Source, &caller, &destination.id);
     let destination_labels = TcpLabels::mesh(Reporter::Destination, &caller, target.id());
     if !decision.allowed {
         shared
@@ -188,37 +324,197 @@ pub(crate) async fn serve(
         },
         None => None,
     };
+    let result = carry(
+        shared,
+        pod,
+        &target,
+        registration,
+        revoked,
+        (app, server),
+        paired,
+        (0, 0),
+    )
+    .await;
+    info.transferred = result.0;
+    SameNode::Served(result.1)
+}
+
+/// Relays an authorized same-node connection until it ends or is handed over, and records
+/// it: one connection reported by both ends (Istio's labels) and the pods' counters. `start`
+/// is what the proxy had already forwarded of each app's bytes (client's, server's), as the
+/// kernel's pair entries hold it.
+#[allow(clippy::too_many_arguments)]
+async fn carry(
+    shared: &Shared,
+    source: &PodState,
+    target: &PodState,
+    registration: super::pod::Registration<'_>,
+    revoked: oneshot::Receiver<String>,
+    (app, server): (TcpStream, TcpStream),
+    paired: Option<(SockKey, SockKey)>,
+    start: (u64, u64),
+) -> (Transferred, Result<(), Error>) {
+    let caller = source.id().clone();
     let stop = async move {
         match revoked.await {
             Ok(reason) => Error::Revoked { reason },
             Err(_) => std::future::pending().await,
         }
     };
+    let (_live, pause) = shared.handover.enter();
     // One connection, reported by both ends as any mesh connection is.
-    let mut source_meter = shared.metrics.open(source_labels);
-    let mut destination_meter = shared.metrics.open(destination_labels);
-    let (forwarded, transferred, result) = relay(
+    let mut source_meter =
+        shared
+            .metrics
+            .open(TcpLabels::mesh(Reporter::Source, &caller, target.id()));
+    let mut destination_meter =
+        shared
+            .metrics
+            .open(TcpLabels::mesh(Reporter::Destination, &caller, target.id()));
+    let splicer = shared.splicer.as_deref();
+    let (forwarded, transferred, relayed) = relay(
         app,
         server,
         shared.config.buffer_size,
         shared.config.idle_timeout,
-        paired.map(|keys| (splicer, keys)),
+        splicer.and_then(|s| paired.map(|keys| (s, keys))),
+        start,
+        pause,
         stop,
     )
     .await;
     drop(registration);
+    // The pods' counters count what the proxy wrote here; the kernel's `bytes_spliced` the rest.
+    let (from_app, to_app) = (forwarded.from_app - start.0, forwarded.to_app - start.1);
+    count_bytes(source, target, &Transferred { to_app, from_app });
+    let result = match relayed {
+        Relayed::Ended(result) => result,
+        Relayed::HandedOver(pair) => {
+            // Goes on in the successor, which records it from there.
+            match shared.handover.deliver(pair) {
+                Ok(()) => {
+                    tracing::debug!(pod = %source.name, destination = %target.name, "same-node connection handed over");
+                    return (transferred, Ok(()));
+                }
+                Err(pair) => {
+                    if let Some((splicer, (client, server))) = splicer.zip(paired) {
+                        splicer.unpair(client, server);
+                    }
+                    pair.reset();
+                    Err(Error::Revoked {
+                        reason: "the agent handed its connections over, too late for this one"
+                            .into(),
+                    })
+                }
+            }
+        }
+    };
     // Requests from the client, responses from the server: as the two proxies would count them.
     source_meter.received.inc_by(transferred.from_app);
     source_meter.sent.inc_by(transferred.to_app);
     destination_meter.received.inc_by(transferred.from_app);
     destination_meter.sent.inc_by(transferred.to_app);
-    // The pods' counters count what the proxy wrote; the kernel's `bytes_spliced` the rest.
-    count_bytes(pod, &target, &forwarded);
     source_meter.ended(&result);
     destination_meter.ended(&result);
-    drop((source_meter, destination_meter));
-    info.transferred = transferred;
-    SameNode::Served(result)
+    (transferred, result)
+}
+
+/// Takes up a same-node connection that another agent handed over: asks the authorizer about
+/// it as a new connection (counted as one), registers it with the destination pod for
+/// revocation and relays it from where the kernel's counts stand. A pair that is no longer
+/// allowed, or that this proxy cannot take (over a limit, a socket gone), is reset.
+pub(crate) async fn adopt(
+    shared: Arc<Shared>,
+    source: Arc<PodState>,
+    target: Arc<PodState>,
+    pair: SplicedPair,
+) -> Result<(), Error> {
+    let keys = pair.keys();
+    let splicer = shared.splicer.as_deref();
+    let unpair = |keys: &io::Result<(SockKey, SockKey)>| {
+        if let (Some(splicer), Ok((client, server))) = (splicer, keys) {
+            splicer.unpair(*client, *server);
+        }
+    };
+    let permits = match super::pod::admit(&shared, &source, false) {
+        Ok(permits) => permits,
+        Err(scope) => {
+            unpair(&keys);
+            pair.reset();
+            return Err(Error::LimitReached(scope));
+        }
+    };
+    let caller = source.id().clone();
+    let (registration, revoked) = target.inbound.register(caller.clone());
+    let decision = shared.authorizer.authorize(&caller, target.id());
+    if !decision.allowed || decision.per_request {
+        let labels = TcpLabels::mesh(Reporter::Destination, &caller, target.id());
+        shared
+            .metrics
+            .denied(&labels, decision.intention.as_deref(), false);
+        PodStats::bump(&target.stats.denied);
+        unpair(&keys);
+        pair.reset();
+        return Err(Error::Denied {
+            reason: if decision.allowed {
+                "L7 intentions apply now; the connection cannot stay spliced".into()
+            } else {
+                decision.reason
+            },
+        });
+    }
+    // Both entries still there: the kernel goes on splicing. Otherwise the connection is
+    // relayed as any unspliced one (what is left of the pair goes).
+    let paired = match (splicer, &keys) {
+        (Some(splicer), Ok((client, server))) => {
+            match (splicer.forwarded(*client), splicer.forwarded(*server)) {
+                (Some(up), Some(down)) => Some(((*client, *server), (up, down))),
+                _ => {
+                    splicer.unpair(*client, *server);
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let streams = (|| {
+        let _enter = shared.runtime.enter();
+        pair.client.set_nonblocking(true)?;
+        pair.server.set_nonblocking(true)?;
+        Ok::<_, io::Error>((
+            TcpStream::from_std(pair.client)?,
+            TcpStream::from_std(pair.server)?,
+        ))
+    })();
+    let streams = match streams {
+        Ok(streams) => streams,
+        Err(source) => {
+            unpair(&keys);
+            return Err(Error::Copy(source));
+        }
+    };
+    tracing::info!(
+        pod = %source.name, destination = %target.name, spliced = paired.is_some(),
+        "same-node connection taken over from the previous agent: {}", decision.reason
+    );
+    PodStats::bump(&source.stats.spliced);
+    let (keys, start) = match paired {
+        Some((keys, start)) => (Some(keys), start),
+        None => (None, (0, 0)),
+    };
+    let (_, result) = carry(
+        &shared,
+        &source,
+        &target,
+        registration,
+        revoked,
+        streams,
+        keys,
+        start,
+    )
+    .await;
+    drop(permits);
+    result
 }
 
 /// Ends a connection this branch refuses (denied, port not served, app not listening) with a
@@ -241,11 +537,16 @@ fn count_bytes(source: &PodState, target: &PodState, t: &Transferred) {
 /// The key the app end of `proxy_side` (one of the proxy's sockets) has in the kernel maps: the
 /// socket's network namespace, then the app's address as local and the proxy's as remote.
 fn app_key(proxy_side: &TcpStream) -> io::Result<SockKey> {
-    use std::os::fd::AsFd;
-    let netns = mesh_dataplane::sys::netns_cookie(proxy_side.as_fd())?;
-    let (SocketAddr::V4(local), SocketAddr::V4(peer)) =
-        (proxy_side.local_addr()?, proxy_side.peer_addr()?)
-    else {
+    app_key_of(
+        proxy_side.as_fd(),
+        proxy_side.local_addr()?,
+        proxy_side.peer_addr()?,
+    )
+}
+
+fn app_key_of(fd: BorrowedFd<'_>, local: SocketAddr, peer: SocketAddr) -> io::Result<SockKey> {
+    let netns = mesh_dataplane::sys::netns_cookie(fd)?;
+    let (SocketAddr::V4(local), SocketAddr::V4(peer)) = (local, peer) else {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "IPv6 connections are not spliced",
@@ -285,25 +586,38 @@ impl Sent {
 
 type Paired<'a> = (&'a dyn Splicer, (SockKey, SockKey));
 
+/// How a relay ended.
+enum Relayed {
+    /// The connection ended (both directions, an error, a revocation, idle).
+    Ended(Result<(), Error>),
+    /// A hand-over asked for the sockets: here they are, open, nothing read and not written.
+    HandedOver(SplicedPair),
+}
+
 /// Copies what reaches the proxy's two sockets (bytes from before the splice, or sent back to
 /// the proxy's path by the kernel) both ways, reports each forwarded byte to the kernel, passes
-/// ends of stream on, and returns when both directions have ended, on an error, on `stop`, or
-/// after `idle` with no byte moving on either path. Returns the bytes the proxy forwarded, then
-/// the bytes that went through in all (spliced ones included).
+/// ends of stream on, and returns when both directions have ended, on an error, on `stop`,
+/// after `idle` with no byte moving on either path, or once `pause` turns true (then with the
+/// sockets, see [`Relayed::HandedOver`]). `start` is what was forwarded before this relay, per
+/// direction (client's bytes, server's). Returns the bytes the proxy forwarded (`start`
+/// included), then the bytes that went through in all (spliced ones included).
+#[allow(clippy::too_many_arguments)]
 async fn relay<S>(
     mut app: TcpStream,
     mut server: TcpStream,
     buffer_size: usize,
     idle: Duration,
     paired: Option<Paired<'_>>,
+    start: (u64, u64),
+    pause: watch::Receiver<bool>,
     stop: S,
-) -> (Transferred, Transferred, Result<(), Error>)
+) -> (Transferred, Transferred, Relayed)
 where
     S: std::future::Future<Output = Error>,
 {
     let sent = Sent::default();
-    let forwarded_up = AtomicU64::new(0);
-    let forwarded_down = AtomicU64::new(0);
+    let forwarded_up = AtomicU64::new(start.0);
+    let forwarded_down = AtomicU64::new(start.1);
     let result = {
         let (app_read, app_write) = app.split();
         let (server_read, server_write) = server.split();
@@ -330,6 +644,7 @@ where
             &forwarded_up,
             |n| report(true, n),
             observe,
+            pause.clone(),
         );
         let down = pump(
             server_read,
@@ -338,6 +653,7 @@ where
             &forwarded_down,
             |n| report(false, n),
             observe,
+            pause,
         );
         let activity = || {
             let kernel = sent.client.load(Relaxed) + sent.server.load(Relaxed);
@@ -356,11 +672,39 @@ where
             }
         };
         tokio::select! {
-            r = async { tokio::try_join!(up, down) } => r.map(|_| ()).map_err(Error::Copy),
+            r = async { tokio::try_join!(up, down) } => match r {
+                Ok((Pumped::Ended, Pumped::Ended)) => Ok(true),
+                Ok(_) => Ok(false),
+                Err(e) => Err(Error::Copy(e)),
+            },
             e = idle_watch => Err(e),
             e = stop => Err(e),
         }
     };
+    let forwarded = |sent: &Sent| {
+        let forwarded = Transferred {
+            to_app: forwarded_down.load(Relaxed),
+            from_app: forwarded_up.load(Relaxed),
+        };
+        let total = Transferred {
+            to_app: forwarded.to_app.max(sent.server.load(Relaxed)),
+            from_app: forwarded.from_app.max(sent.client.load(Relaxed)),
+        };
+        (forwarded, total)
+    };
+    if let Ok(false) = result {
+        // Paused for a hand-over: the pair stays in the kernel, the sockets go on open.
+        if let Some((splicer, (client, server_key))) = paired {
+            sent.observe(splicer, client, server_key);
+        }
+        let (forwarded, total) = forwarded(&sent);
+        let pair = match (app.into_std(), server.into_std()) {
+            (Ok(client), Ok(server)) => Relayed::HandedOver(SplicedPair { client, server }),
+            (Err(e), _) | (_, Err(e)) => Relayed::Ended(Err(Error::Copy(e))),
+        };
+        return (forwarded, total, pair);
+    }
+    let result = result.map(|_| ());
     if let Some((splicer, (client, server_key))) = paired {
         sent.observe(splicer, client, server_key);
         splicer.unpair(client, server_key);
@@ -369,19 +713,20 @@ where
         app.arm_reset();
         server.arm_reset();
     }
-    let forwarded = Transferred {
-        to_app: forwarded_down.load(Relaxed),
-        from_app: forwarded_up.load(Relaxed),
-    };
-    let total = Transferred {
-        to_app: forwarded.to_app.max(sent.server.load(Relaxed)),
-        from_app: forwarded.from_app.max(sent.client.load(Relaxed)),
-    };
-    (forwarded, total, result)
+    let (forwarded, total) = forwarded(&sent);
+    (forwarded, total, Relayed::Ended(result))
+}
+
+/// How one direction of a relay stopped.
+enum Pumped {
+    /// End of stream, passed on.
+    Ended,
+    /// Asked to stop for a hand-over, between two writes.
+    Paused,
 }
 
 /// One direction: read, write all, report the running total, until an end of stream (passed
-/// on as a write shutdown).
+/// on as a write shutdown) or, between two writes, `pause` turning true.
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
@@ -389,18 +734,29 @@ async fn pump<R, W>(
     total: &AtomicU64,
     report: impl Fn(u64),
     observe: impl Fn(),
-) -> io::Result<()>
+    mut pause: watch::Receiver<bool>,
+) -> io::Result<Pumped>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; size];
     loop {
-        let n = from.read(&mut buf).await?;
+        // Reading is cancel-safe: a pause loses no byte.
+        let n = tokio::select! {
+            biased;
+            Ok(_) = pause.wait_for(|paused| *paused) => return Ok(Pumped::Paused),
+            n = from.read(&mut buf) => n?,
+        };
         if n == 0 {
             // The sender's count is final now; read it before its socket can close.
             observe();
-            return to.shutdown().await;
+            match to.shutdown().await {
+                // Passed on already, by the agent that handed this connection over.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                other => other?,
+            }
+            return Ok(Pumped::Ended);
         }
         to.write_all(&buf[..n]).await?;
         let now = total.fetch_add(n as u64, Relaxed) + n as u64;

@@ -137,20 +137,34 @@ impl Splices {
         }
     }
 
-    /// Removes every pair and every kept count; returns how many pair entries there were.
-    /// For a starting agent: pairs of a previous one have no proxy left to revoke them.
-    pub fn clear(&self) -> usize {
+    /// Removes every pair and every kept count except those of the app sockets in `keep`;
+    /// returns how many pair entries went. For a starting agent: pairs of a previous one have
+    /// no proxy left to revoke them, unless it handed them over (`keep`).
+    pub fn retain(&self, keep: &std::collections::HashSet<SockKey>) -> usize {
         let mut map = self.map();
-        let keys: Vec<SockKey> = map.keys().filter_map(Result::ok).collect();
-        for key in &keys {
+        let gone: Vec<SockKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for key in &gone {
             let _ = map.remove(key);
         }
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
-        let stale: Vec<SockKey> = closed.keys().filter_map(Result::ok).collect();
+        let stale: Vec<SockKey> = closed
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
         for key in &stale {
             let _ = closed.remove(key);
         }
-        keys.len()
+        gone.len()
+    }
+
+    /// The pair entry of the app socket `key`, if it is paired.
+    pub fn pair_of(&self, key: SockKey) -> Option<SpliceValue> {
+        self.map().get(&key, 0).ok()
     }
 
     /// Removes both entries of a pair and the counts of its closed sockets (missing ones are

@@ -34,6 +34,7 @@ mod reauthorize;
 use connection::accept_loop;
 pub(crate) use connection::{admit, reset, ConnInfo};
 use reauthorize::InboundRegistry;
+pub(crate) use reauthorize::Registration;
 
 /// What a listener handed to [`PodProxy::listen`] serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +119,8 @@ pub(crate) struct Shared {
     local_pods: std::sync::RwLock<HashMap<SocketAddr, std::sync::Weak<PodState>>>,
     /// Pooled connections to other nodes' agents.
     pub(crate) pool: Arc<crate::tunnel::pool::Pool>,
+    /// The same-node relays, for a hand-over to the next agent.
+    pub(crate) handover: crate::splice::Handover,
     limit: Arc<Semaphore>,
     pub(crate) runtime: Handle,
 }
@@ -274,6 +277,7 @@ impl ProxyBuilder {
             splicer: self.splicer,
             local_pods: std::sync::RwLock::new(HashMap::new()),
             pool: Arc::default(),
+            handover: crate::splice::Handover::new(),
             runtime,
         };
         Ok(Proxy {
@@ -394,12 +398,23 @@ impl Proxy {
             pod: Arc::new(pod),
             listeners: HashMap::new(),
             next_id: 0,
+            adopted: std::sync::Mutex::default(),
         })
     }
 
     /// The pooled connections open now (outbound, to other nodes' agents), sorted by peer.
     pub fn pooled_connections(&self) -> Vec<crate::PooledConnection> {
         self.shared.pool.connections()
+    }
+
+    /// Stops every same-node connection the proxy relays, running or starting, and returns the
+    /// proxy's two sockets of each, open, for the agent that takes over (see
+    /// [`PodProxy::adopt_splice`]). Waits at most `within` for the relays to stop between two
+    /// writes; one that cannot (blocked writing to an app that does not read) ends its
+    /// connection instead. Call it once, when this proxy is about to go: no same-node
+    /// connection is relayed afterwards.
+    pub async fn hand_over_splices(&self, within: std::time::Duration) -> Vec<crate::SplicedPair> {
+        self.shared.handover.collect(within).await
     }
 
     /// Drops the cached client configs (and TLS sessions) of `source`: call it when the last
@@ -425,6 +440,8 @@ pub struct PodProxy {
     pod: Arc<PodState>,
     listeners: HashMap<ListenerId, Listening>,
     next_id: u64,
+    /// Same-node connections of this pod taken over from a previous agent.
+    adopted: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl fmt::Debug for PodProxy {
@@ -566,12 +583,43 @@ impl PodProxy {
         Arc::clone(&self.pod.stats)
     }
 
+    /// Takes up a same-node connection from this pod to `target` that the previous agent
+    /// handed over ([`Proxy::hand_over_splices`]): asks the authorizer about it as about a new
+    /// connection (and counts it as one), registers it with `target` so that a later deny closes
+    /// it, and relays it on from the byte counts the kernel holds. A pair that is denied now,
+    /// over the pod's outbound budget or no longer readable is reset (both apps see a reset).
+    /// The connection belongs to this pod: [`PodProxy::stop`] ends it.
+    pub fn adopt_splice(&self, target: &PodProxy, pair: crate::SplicedPair) {
+        let task = crate::splice::adopt(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.pod),
+            Arc::clone(&target.pod),
+            pair,
+        );
+        let name = self.pod.name.clone();
+        let mut adopted = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished ones go first: the set holds live connections only.
+        while adopted.try_join_next().is_some() {}
+        adopted.spawn_on(
+            async move {
+                if let Err(error) = task.await {
+                    tracing::info!(pod = %name, %error, "taken-over same-node connection ended");
+                }
+            },
+            &self.shared.runtime,
+        );
+    }
+
     /// Closes every listener and aborts every connection of the pod (the tasks end soon after).
     pub fn stop(&mut self) {
         self.shared.forget_local_pod(&self.pod);
         for (_, l) in self.listeners.drain() {
             l.task.abort();
         }
+        self.adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort_all();
     }
 
     /// Like [`PodProxy::stop`], and waits until every listener and connection task of the pod
@@ -589,6 +637,9 @@ impl PodProxy {
         for task in tasks {
             let _ = task.await;
         }
+        let mut adopted =
+            std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|e| e.into_inner()));
+        adopted.shutdown().await;
     }
 }
 

@@ -35,6 +35,12 @@ impl Splicer for RecordingSplicer {
     fn unpair(&self, _client: SockKey, _server: SockKey) {
         self.unpaired.fetch_add(1, SeqCst);
     }
+
+    fn forwarded(&self, key: SockKey) -> Option<u64> {
+        let forwarded = self.forwarded.lock().unwrap();
+        let last = forwarded.iter().rev().find(|(k, _)| *k == key);
+        Some(last.map_or(0, |(_, n)| *n))
+    }
 }
 
 fn ip(addr: [u8; 4]) -> u32 {
@@ -169,6 +175,89 @@ async fn an_endpoint_of_another_identity_is_never_spliced_to() {
             "spliced to a pod of another identity"
         );
         assert_eq!(app.accepted(), 0, "db's app got api's connection");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_same_node_connection_goes_on_in_the_next_proxy_and_is_revoked_there() {
+    within(30, async {
+        let splicer = Arc::new(RecordingSplicer::default());
+        let old = Env::with_splicer(test_config(), splicer.clone());
+        let app = App::echo().await;
+        let (old_api, inbound) = old.server("api", &[app.port]);
+        let mut old_web = old.client("web", None);
+        let up = old.upstream(&mut old_web, "api", "api", app.port, vec![inbound]);
+        let mut client = echo_through(up, b"before").await;
+
+        let pairs = old.proxy.hand_over_splices(Duration::from_secs(5)).await;
+        assert_eq!(pairs.len(), 1, "one same-node connection to hand over");
+        assert_eq!(splicer.unpaired.load(SeqCst), 0, "the kernel pair stays");
+        // The old proxy goes; what the app sends meanwhile waits in the handed sockets.
+        drop((old_web, old_api));
+        drop(old);
+        client.write_all(b" meanwhile").await.unwrap();
+
+        let new = Env::with_splicer(test_config(), splicer.clone());
+        let (api, _) = new.server("api", &[app.port]);
+        let web = new.client("web", None);
+        web.adopt_splice(&api, pairs.into_iter().next().unwrap());
+        let mut got = vec![0u8; b" meanwhile".len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b" meanwhile");
+        // Asked again by the new proxy, counted once there.
+        assert_eq!(new.authz.seen(), vec![(svc("web"), svc("api"))]);
+        assert_eq!(web.stats().spliced_connections, 1);
+        assert_eq!(app.accepted(), 1, "the same app connection, not a new one");
+        // The new relay goes on from the kernel's counts: the client's bytes in all.
+        let (client_key, _) = splicer.pairs.lock().unwrap()[0];
+        let total = (b"before".len() + b" meanwhile".len()) as u64;
+        eventually("the forwarded count goes on", || {
+            splicer.forwarded(client_key) == Some(total)
+        })
+        .await;
+
+        // A deny in the new proxy's rules ends it.
+        new.authz
+            .deny
+            .lock()
+            .unwrap()
+            .insert(("web".into(), "api".into()));
+        assert_eq!(api.reauthorize(), 1);
+        let rest = read_until_closed(&mut client).await;
+        assert!(rest.is_empty(), "{rest:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_connection_that_is_denied_now_is_reset() {
+    within(30, async {
+        let splicer = Arc::new(RecordingSplicer::default());
+        let old = Env::with_splicer(test_config(), splicer.clone());
+        let app = App::echo().await;
+        let (_old_api, inbound) = old.server("api", &[app.port]);
+        let mut old_web = old.client("web", None);
+        let up = old.upstream(&mut old_web, "api", "api", app.port, vec![inbound]);
+        let mut client = echo_through(up, b"before").await;
+        let pairs = old.proxy.hand_over_splices(Duration::from_secs(5)).await;
+        assert_eq!(pairs.len(), 1);
+
+        let new = Env::with_splicer(test_config(), splicer.clone());
+        new.authz
+            .deny
+            .lock()
+            .unwrap()
+            .insert(("web".into(), "api".into()));
+        let (api, _) = new.server("api", &[app.port]);
+        let web = new.client("web", None);
+        web.adopt_splice(&api, pairs.into_iter().next().unwrap());
+        let rest = read_until_closed(&mut client).await;
+        assert!(rest.is_empty(), "{rest:?}");
+        eventually("the pair is undone", || splicer.unpaired.load(SeqCst) == 1).await;
+        assert_eq!(api.stats().denied, 1);
+        // The old proxy holds nothing of it (its connection ended with the hand-over).
+        assert_eq!(old.proxy.active_connections(), 0);
     })
     .await;
 }
