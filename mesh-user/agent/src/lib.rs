@@ -244,6 +244,26 @@ impl Agent {
         metrics: Arc<metrics::Metrics>,
         identity: Arc<Identity>,
     ) -> Result<Self, Error> {
+        Self::start_taking_over(cfg, catalog, rules, metrics, identity, Vec::new()).await
+    }
+
+    /// [`Agent::start_with_identity`], taking up the same-node connections `handed` that the
+    /// previous agent handed over ([`Agent::hand_over_splices`], a rolling update): their
+    /// kernel pairs are kept, and once the pods are meshed each is asked about again and
+    /// relayed on (see [`mesh_proxy::PodProxy::adopt_splice`]). A pair whose pods are not in
+    /// the catalog any more, or that the splice is off for, is reset.
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::start`].
+    pub async fn start_taking_over(
+        cfg: AgentConfig,
+        catalog: Catalog,
+        rules: RuleSet,
+        metrics: Arc<metrics::Metrics>,
+        identity: Arc<Identity>,
+        handed: Vec<mesh_proxy::SplicedPair>,
+    ) -> Result<Self, Error> {
         catalog.validate()?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
@@ -299,21 +319,39 @@ impl Agent {
         .config(cfg.proxy.clone())
         .dialer(dialer.clone())
         .metrics(metrics.proxy().clone());
+        let splicing = cfg.proxy.same_node_splice && cfg.msg_redirect;
+        let mut handed = if splicing {
+            handed
+        } else {
+            for pair in handed {
+                pair.reset();
+            }
+            Vec::new()
+        };
         if let Steering::Ebpf(dp) = &steering {
             // Pairs a previous agent left (killed, or restarted by an upgrade) belong to
             // connections whose proxy is gone: nothing could revoke them any more. Without
             // their entries, the apps' next bytes go to the dead proxy's sockets and the
-            // connections end (fail closed).
+            // connections end (fail closed). Pairs it handed over stay: this agent relays them.
+            let keep: std::collections::HashSet<mesh_common::SockKey> = handed
+                .iter()
+                .filter_map(|pair| pair.keys().ok())
+                .flat_map(|(client, server)| [client, server])
+                .collect();
             let splices = dp.splices()?;
-            let dropped = splices.clear();
+            let dropped = splices.retain(&keep);
             if dropped > 0 {
                 warn!(
                     entries = dropped,
                     "same-node splices of a previous agent removed; their connections end"
                 );
             }
-            if cfg.proxy.same_node_splice && cfg.msg_redirect {
+            if splicing {
                 builder = builder.splicer(Arc::new(splices));
+            }
+        } else {
+            for pair in handed.drain(..) {
+                pair.reset();
             }
         }
         let proxy = builder.build().map_err(|source| Error::Proxy {
@@ -347,7 +385,63 @@ impl Agent {
         agent
             .steering
             .forget_stale_pods(&keep_cgroups, &keep_pods, &keep_netns)?;
+        agent.take_over(handed);
         Ok(agent)
+    }
+
+    /// Hands each pair to the proxy of its client's pod, found by the sockets' network
+    /// namespaces; resets the pairs whose pods this agent does not serve.
+    fn take_over(&self, handed: Vec<mesh_proxy::SplicedPair>) {
+        if handed.is_empty() {
+            return;
+        }
+        let by_netns = |cookie: u64| {
+            self.pods
+                .values()
+                .find(|p| p.kernel.netns_cookie.0 == cookie)
+        };
+        let (mut taken, mut reset) = (0usize, 0usize);
+        for pair in handed {
+            match pair
+                .netns_cookies()
+                .ok()
+                .and_then(|(client, server)| by_netns(client).zip(by_netns(server)))
+            {
+                Some((source, target)) => {
+                    source.proxy.adopt_splice(&target.proxy, pair);
+                    taken += 1;
+                }
+                None => {
+                    pair.reset();
+                    reset += 1;
+                }
+            }
+        }
+        info!(
+            taken,
+            reset, "same-node connections handed over by the previous agent"
+        );
+    }
+
+    /// Stops relaying same-node connections and returns their sockets for the next agent
+    /// ([`Agent::start_taking_over`]); see [`mesh_proxy::Proxy::hand_over_splices`]. Then drop
+    /// the agent (or [`Agent::shutdown`] it): its other connections end, the kernel's pairs
+    /// stay.
+    pub async fn hand_over_splices(
+        &self,
+        within: std::time::Duration,
+    ) -> Vec<mesh_proxy::SplicedPair> {
+        self.proxy.hand_over_splices(within).await
+    }
+
+    /// Closes every pod's listeners and ends its connections, and waits until all those
+    /// sockets are closed (so that a successor can open the same listeners). The kernel
+    /// programs, maps and pins stay.
+    pub async fn shutdown(mut self) {
+        let pods = std::mem::take(&mut self.pods);
+        for (_, pod) in pods {
+            pod.proxy.shutdown().await;
+        }
     }
 
     /// The steering mode the agent settled on (`Auto` resolved).

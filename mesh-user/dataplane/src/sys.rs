@@ -389,3 +389,55 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         target,
     })
 }
+
+/// What [`recv_with_fds`] read.
+#[derive(Debug)]
+pub struct ReceivedFds {
+    /// Bytes of data read into the buffer (0: end of stream).
+    pub bytes: usize,
+    /// The descriptors that came with them (`SCM_RIGHTS`), owned by the caller, close-on-exec.
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    /// The kernel dropped descriptors beyond `max_fds` (`MSG_CTRUNC`; they were closed).
+    pub truncated: bool,
+}
+
+/// One `recvmsg(2)` on the Unix socket `sock`: data into `buf`, and up to `max_fds`
+/// descriptors passed with it (`SCM_RIGHTS`). On a stream socket one call returns the data of
+/// at most one message that carried descriptors (the kernel does not join such messages).
+///
+/// # Errors
+///
+/// The `recvmsg` errno (`EAGAIN`/`EWOULDBLOCK` once a receive timeout expires).
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<ReceivedFds> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+    let mut space = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds.max(1)];
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel has just installed these descriptors in this process for this
+            // message; nothing else refers to them, so each is owned exactly once, here.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(ReceivedFds {
+        bytes: msg.bytes,
+        fds,
+        truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+    })
+}

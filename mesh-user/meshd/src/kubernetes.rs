@@ -300,6 +300,15 @@ pub fn synced_status(outcome: &SyncResult, now: &str) -> Value {
 
 /// `meshd kubernetes`, until SIGINT/SIGTERM.
 pub async fn run(opts: Options) -> Result<()> {
+    // A rolling update: the agent this one replaces hands its same-node connections over and
+    // gives up its listeners (crate::handover). Nothing to take over is the usual case.
+    let handed = match crate::handover::take_over(&opts.agent.state_dir).await {
+        Ok(pairs) => pairs,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "no hand-over from the running agent; its same-node connections end with it");
+            Vec::new()
+        }
+    };
     let metrics = Arc::new(Metrics::new());
     let client = client(opts.kube_api_url.as_deref(), &metrics).await?;
     let (server, hooks, status, published, rules, changes) = crate::start_api(
@@ -434,35 +443,30 @@ pub async fn run(opts: Options) -> Result<()> {
     let rules = changes.try_recv().unwrap_or(rules);
     let count = rules.len();
     let node = opts.node_name.clone();
-    let mut agent = match opts.ca {
-        Some(client) => {
-            let identity = mesh_agent::Identity::remote(client)?;
-            Agent::start_with_identity(
-                opts.agent,
-                translation.catalog.clone(),
-                rules,
-                metrics.clone(),
-                identity,
-            )
-            .await?
-        }
+    let identity = match opts.ca {
+        Some(client) => mesh_agent::Identity::remote(client)?,
         None => {
-            Agent::start_with_metrics(
-                opts.agent,
-                translation.catalog.clone(),
-                rules,
-                metrics.clone(),
-            )
-            .await?
+            std::fs::create_dir_all(&opts.agent.state_dir)?;
+            mesh_agent::Identity::load(&opts.agent.state_dir)?
         }
     };
+    let state_dir = opts.agent.state_dir.clone();
+    let mut agent = Agent::start_taking_over(
+        opts.agent,
+        translation.catalog.clone(),
+        rules,
+        metrics.clone(),
+        identity,
+        handed,
+    )
+    .await?;
     crate::publish_status(&agent, &status, count);
     published.publish(crate::catalog_snapshot(&agent, &node));
     metrics.kubernetes().last_sync.set(unix_now());
     info!(mode = %agent.mode(), pods = agent.catalog().workloads.len(), services = agent.catalog().services.len(), "meshd kubernetes ready");
 
     // Served once the agent is up: until then mesh-cni says meshd is not running.
-    let (_cni_server, mut cni_requests) = match &opts.cni_socket {
+    let (cni_server, mut cni_requests) = match &opts.cni_socket {
         Some(path) => {
             let (server, rx) = mesh_agent::cni::CniServer::bind(path).await?;
             info!(socket = %path.display(), "answering mesh-cni");
@@ -470,6 +474,10 @@ pub async fn run(opts: Options) -> Result<()> {
         }
         None => (None, None),
     };
+
+    let (handover, mut successor) = crate::handover::Listener::bind(&state_dir)?;
+    info!(socket = %handover.path().display(), "a starting agent on this node may ask for a hand-over here");
+    let mut handing_over = None;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -491,6 +499,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 // Pods whose process appeared since (pending on the locator) are found here.
                 recheck = true;
                 crate::publish_counters(&agent, &hooks);
+            }
+            Ok(next) = &mut successor, if handing_over.is_none() => {
+                handing_over = Some(next);
+                break;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -525,13 +537,47 @@ pub async fn run(opts: Options) -> Result<()> {
         published.publish(crate::catalog_snapshot(&agent, &node));
         cni.answer(&translation, &agent);
     }
+    let Some(next) = handing_over else {
+        server.shutdown().await;
+        if let Some(server) = metrics_server {
+            server.shutdown().await;
+        }
+        info!("meshd stopping; kernel programs stay attached");
+        return Ok(());
+    };
+    // Another agent starts on this node (a rolling update): it gets the same-node connections
+    // and everything this agent listens on; this one then waits to be stopped.
+    info!("another agent starts on this node; handing over");
+    let pairs = agent.hand_over_splices(HAND_OVER_WAIT).await;
+    agent.shutdown().await;
+    drop(cni_server);
     server.shutdown().await;
     if let Some(server) = metrics_server {
         server.shutdown().await;
     }
-    info!("meshd stopping; kernel programs stay attached");
+    let count = pairs.len();
+    match tokio::task::spawn_blocking(move || crate::handover::give(next, &pairs)).await {
+        Ok(Ok(())) => info!(
+            connections = count,
+            "handed over to the next agent; idle until stopped"
+        ),
+        Ok(Err(e)) => {
+            error!(error = %format!("{e:#}"), "the hand-over failed; those connections end")
+        }
+        Err(e) => error!(error = %e, "the hand-over task failed; those connections end"),
+    }
+    // The kubelet restarts a container that exits: stay, doing nothing, until the rolling
+    // update deletes this pod.
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("meshd stopping after its hand-over");
     Ok(())
 }
+
+/// How long a hand-over waits for the same-node relays to stop between two writes.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
 
 /// Translates `objects` with what `mesh-cni` told about its pods ([`crate::kube_cni`]); other
 /// pods are found by the node's pod locator.

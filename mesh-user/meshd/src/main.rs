@@ -14,6 +14,7 @@
 
 mod cni;
 mod config;
+mod handover;
 mod kube_cni;
 mod kubernetes;
 mod limits;
