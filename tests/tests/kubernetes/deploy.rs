@@ -576,3 +576,54 @@ fn the_cni_installer_is_a_native_sidecar_that_gates_meshd() {
         "the probe checks {ready}, which the script does not touch by default"
     );
 }
+
+#[test]
+fn a_rolling_update_starts_the_new_agent_beside_the_old_one() {
+    // The hand-over of same-node connections (meshd's `handover`) needs both agents on the
+    // node at once: surge first, never a node without its agent.
+    let objects = objects();
+    let ds: k8s_openapi::api::apps::v1::DaemonSet =
+        typed("daemonset.yaml", find(&objects, "DaemonSet", "meshd"));
+    let strategy = ds.spec.unwrap().update_strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    // A surge pod cannot start beside a pod that holds a host port.
+    let spec = pod_spec(find(&objects, "DaemonSet", "meshd"));
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        for p in c.ports.iter().flatten() {
+            assert_eq!(p.host_port, None, "{} declares host port {:?}", c.name, p);
+        }
+    }
+    // The two agents meet on the state directory's hand-over socket: a hostPath both see.
+    let meshd = spec.containers.iter().find(|c| c.name == "meshd").unwrap();
+    let state = meshd
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "MESH_STATE_DIR")
+        .and_then(|e| e.value.clone())
+        .unwrap();
+    let mount = meshd
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|vm| vm.mount_path == state)
+        .unwrap();
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert!(
+        volume.host_path.is_some(),
+        "the state directory is the node's"
+    );
+}
