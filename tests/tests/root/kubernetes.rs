@@ -832,6 +832,280 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     Ok(())
 }
 
+/// Lines a probe prints, each with when it arrived.
+fn probe_lines(child: &mut Child) -> Result<std::sync::mpsc::Receiver<(Instant, String)>> {
+    use std::io::BufRead;
+    let out = child.stdout.take().context("the probe's stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Waits `span` and checks the conversation went on throughout: answers kept coming, none
+/// more than `gap` after the one before. Returns how many arrived.
+fn keeps_talking(
+    lines: &std::sync::mpsc::Receiver<(Instant, String)>,
+    span: Duration,
+    gap: Duration,
+    what: &str,
+) -> Result<usize> {
+    let end = Instant::now() + span;
+    let mut answers = 0;
+    while Instant::now() < end {
+        match lines.recv_timeout(gap) {
+            Ok((_, line)) if line.starts_with("echo ") => answers += 1,
+            Ok((_, line)) => bail!("{what}: the conversation ended: {line}"),
+            Err(_) => bail!("{what}: no answer for {gap:?}"),
+        }
+    }
+    Ok(answers)
+}
+
+/// A rolling update of the DaemonSet (`maxSurge: 1`): a second `meshd kubernetes` starts on a
+/// node whose agent runs, takes over its same-node connections (the kernel carries them: a
+/// spliced web → db conversation), the old agent idles and is then killed; the conversation
+/// goes on through all of it, and the new agent enforces the rules on it (deleting the CR
+/// closes it). Without a hand-over (the agent killed) such connections end.
+#[test]
+fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them() -> Result<()> {
+    let logs = tempfile::tempdir()?;
+    let state = tempfile::tempdir()?;
+    let mut cluster = Cluster::new()?;
+    let web = cluster.add_pod(1, "web")?;
+    let db = cluster.add_pod(1, "db")?;
+    let n1 = "node-1";
+    let listener = cluster
+        .node(1)
+        .netns()
+        .listen(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let port = listener.local_addr()?.port();
+    let api = ApiServer::serve(listener)?;
+    let api_url = format!("http://{}:{port}", cluster.node(1).link_addr());
+    api.create(namespace_object())?;
+    for (name, vip) in [("web", WEB_VIP), ("db", DB_VIP)] {
+        api.create(service(name, vip))?;
+        api.create(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "default"}}))?;
+    }
+    api.create(slice("web", web.ip, n1))?;
+    api.create(slice("db", db.ip, n1))?;
+    api.create(intentions("db", "web"))?;
+    let (web_app, web_cg) = start_pod(&api, cluster.node(1), n1, &web, &[], logs.path())?;
+    cluster.keep(web_app);
+    // db runs an echo server on its app port.
+    let uid = api.create(pod_object("db", n1))?["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .to_string();
+    let db_cg = cluster
+        .node(1)
+        .mesh_cgroup
+        .join("kubepods/besteffort")
+        .join(format!("pod{uid}"));
+    std::fs::create_dir_all(&db_cg)?;
+    let mut db_app =
+        mesh_kit::spawn_probe(&db.netns_path, &db_cg, &["echo-server", "0.0.0.0:9090"])?;
+    let db_lines = probe_lines(&mut db_app)?;
+    cluster.keep(db_app);
+    ensure!(
+        matches!(db_lines.recv_timeout(Duration::from_secs(10)), Ok((_, l)) if l == "listening"),
+        "db's echo server did not start"
+    );
+    api.set_status(
+        "Pod",
+        "default",
+        "db",
+        json!({"phase": "Running", "podIP": db.ip.to_string(), "podIPs": [{"ip": db.ip.to_string()}]}),
+    )?;
+
+    let s1 = state.path().join("n1");
+    std::fs::create_dir_all(&s1)?;
+    let ready = |name: &str| -> Result<()> {
+        until(Duration::from_secs(60), || {
+            log_of(logs.path(), name)
+                .contains("meshd kubernetes ready")
+                .then_some(())
+        })
+        .with_context(|| format!("agent {name} never ready: {}", log_of(logs.path(), name)))
+    };
+    let mut old = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &[])?;
+    ready(n1)?;
+    let diag = || {
+        format!(
+            "old agent:\n{}\nnew agent:\n{}",
+            log_of(logs.path(), "old"),
+            log_of(logs.path(), n1)
+        )
+    };
+
+    // web talks to db through its VIP: on this node, spliced in the kernel.
+    let db_vip = SocketAddr::from((DB_VIP.parse::<Ipv4Addr>()?, 80)).to_string();
+    let talker = until(Duration::from_secs(20), || {
+        let mut child =
+            mesh_kit::spawn_probe(&web.netns_path, &web_cg, &["converse", &db_vip, "50"]).ok()?;
+        let lines = probe_lines(&mut child).ok()?;
+        match lines.recv_timeout(Duration::from_secs(5)) {
+            Ok((_, l)) if l.starts_with("echo ") => Some((child, lines)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    })
+    .with_context(|| format!("web → db never answered\n{}", diag()))?;
+    cluster.keep(talker.0);
+    let talker = talker.1;
+    keeps_talking(
+        &talker,
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        "before",
+    )?;
+    let spliced = |text: &str| {
+        metric_line(text, "mesh_kernel_bytes_spliced_total")
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+    };
+    let before = until(Duration::from_secs(5), || {
+        spliced(&metrics(cluster.node(1)).ok()?).filter(|n| *n > 0.0)
+    })
+    .with_context(|| format!("web → db is not spliced\n{}", diag()))?;
+
+    // The new agent starts beside the old one (its log is node-1.log from here on).
+    std::fs::rename(
+        logs.path().join(format!("{n1}.log")),
+        logs.path().join("old.log"),
+    )?;
+    let mut new = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &[])?;
+    keeps_talking(
+        &talker,
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        "during the hand-over",
+    )?;
+    ready(n1)?;
+    until(Duration::from_secs(10), || {
+        log_of(logs.path(), "old")
+            .contains("handed over to the next agent")
+            .then_some(())
+    })
+    .with_context(|| format!("the old agent never handed over\n{}", diag()))?;
+    let old_log = without_ansi(&log_of(logs.path(), "old"));
+    ensure!(
+        old_log.contains("connections=1"),
+        "the old agent did not hand over exactly one connection:\n{old_log}"
+    );
+    let new_log = without_ansi(&log_of(logs.path(), n1));
+    ensure!(
+        new_log.contains("adopted=true")
+            && new_log.contains("taken over from the previous agent")
+            && new_log.contains("taken=1"),
+        "the new agent did not take the connection over:\n{new_log}"
+    );
+    keeps_talking(
+        &talker,
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        "after the hand-over",
+    )?;
+
+    // The rolling update deletes the old pod (SIGTERM): the conversation goes on, in the
+    // kernel, and the new agent's metrics see it spliced.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(old.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let exited = until(Duration::from_secs(10), || old.try_wait().ok().flatten());
+    ensure!(
+        exited.is_some_and(|status| status.success()),
+        "the old agent did not stop cleanly on SIGTERM: {exited:?}\n{}",
+        diag()
+    );
+    let answers = keeps_talking(
+        &talker,
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+        "after the old agent died",
+    )?;
+    ensure!(answers >= 10, "only {answers} answers in 2 s");
+    let after = until(Duration::from_secs(10), || {
+        spliced(&metrics(cluster.node(1)).ok()?).filter(|n| *n > before)
+    });
+    ensure!(
+        after.is_some(),
+        "no spliced byte counted after the hand-over (before: {before})\n{}",
+        diag()
+    );
+
+    // The new agent revokes it: deleting the CR closes the conversation within a second.
+    let deleted = Instant::now();
+    api.delete("ServiceIntentions", "default", "db")?;
+    let closed = loop {
+        match talker.recv_timeout(Duration::from_secs(5)) {
+            Ok((_, l)) if l.starts_with("echo ") => continue,
+            other => break other,
+        }
+    };
+    match &closed {
+        Ok((at, line)) if line.starts_with("closed ") => ensure!(
+            at.duration_since(deleted) <= Duration::from_secs(1),
+            "the conversation closed {:?} after the CR's deletion (limit 1 s): {line}\n{}",
+            at.duration_since(deleted),
+            diag()
+        ),
+        other => bail!(
+            "the conversation was not closed within 5 s of the CR's deletion: {other:?}\n{}",
+            diag()
+        ),
+    }
+
+    // Without a hand-over (the agent killed, as `maxUnavailable` updates and crashes do), a
+    // spliced connection does not outlive it: its proxy sockets go with it, and the next
+    // agent removes the pairs it could not revoke. Fail closed.
+    api.create(intentions("db", "web"))?;
+    let (child, talker) = until(Duration::from_secs(20), || {
+        let mut child =
+            mesh_kit::spawn_probe(&web.netns_path, &web_cg, &["converse", &db_vip, "50"]).ok()?;
+        let lines = probe_lines(&mut child).ok()?;
+        match lines.recv_timeout(Duration::from_secs(5)) {
+            Ok((_, l)) if l.starts_with("echo ") => Some((child, lines)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    })
+    .with_context(|| format!("web → db never answered again\n{}", diag()))?;
+    cluster.keep(child);
+    let _ = new.kill();
+    let _ = new.wait();
+    std::fs::rename(
+        logs.path().join(format!("{n1}.log")),
+        logs.path().join("old.log"),
+    )?;
+    let next = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &[])?;
+    cluster.keep(next);
+    ready(n1)?;
+    let ended = loop {
+        match talker.recv_timeout(Duration::from_secs(5)) {
+            Ok((_, l)) if l.starts_with("echo ") => continue,
+            other => break other,
+        }
+    };
+    ensure!(
+        matches!(&ended, Ok((_, l)) if l.starts_with("closed ")),
+        "a spliced connection of a killed agent outlived the next agent's start: {ended:?}\n{}",
+        diag()
+    );
+    Ok(())
+}
+
 /// `text` without the terminal colour sequences (`ESC [ ... m`) of the agents' logs.
 fn without_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

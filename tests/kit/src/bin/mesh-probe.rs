@@ -31,6 +31,11 @@
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
 //!                                     send BYTES of stream SEED+1, half-close; print each result
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
+//!   echo-server ADDR                  accept forever; send back what each connection sends
+//!                                     (non-blocking sockets, as event-loop servers)
+//!   converse ADDR INTERVAL_MS         connect (non-blocking), then every INTERVAL_MS send "ping <n>\n"
+//!                                     and read it back; print "echo <ns> <n>" per answer and
+//!                                     "closed <ns> <eof|mismatch|why>" when it ends
 //!   pause                             print "paused", then sleep forever (a pod's pause process)
 //!   fetch-loop INTERVAL_MS ADDR       until killed: connect (1 s), read to EOF (2 s), print
 //!                                     "fetch <start_ns> <end_ns> got <text>" or
@@ -299,6 +304,50 @@ fn real_main() -> Result<()> {
                 let mut conn = conn?;
                 let _ = conn.write_all(reply.as_bytes());
             }
+        }
+        "echo-server" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let listener = TcpListener::bind(addr)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for conn in listener.incoming() {
+                // Non-blocking, as event-loop servers are (the splice needs it).
+                let mut conn = NbStream::new(conn?)?;
+                std::thread::spawn(move || {
+                    let mut back = conn.try_clone()?;
+                    std::io::copy(&mut conn, &mut back)
+                });
+            }
+        }
+        "converse" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let interval = Duration::from_millis(arg(2)?.parse()?);
+            let s =
+                NbStream::connect(addr, None).with_context(|| format!("connecting to {addr}"))?;
+            let mut reader = std::io::BufReader::new(s.try_clone()?);
+            let mut writer = s;
+            let why = (0u64..)
+                .find_map(|n| {
+                    let ping = format!("ping {n}\n");
+                    if let Err(e) = writer.write_all(ping.as_bytes()) {
+                        return Some(format!("error {} {e}", e.raw_os_error().unwrap_or(0)));
+                    }
+                    let mut line = String::new();
+                    match std::io::BufRead::read_line(&mut reader, &mut line) {
+                        Ok(0) => return Some("eof".to_string()),
+                        Ok(_) if line != ping => return Some(format!("mismatch {line:?}")),
+                        Ok(_) => {}
+                        Err(e) => {
+                            return Some(format!("error {} {e}", e.raw_os_error().unwrap_or(0)))
+                        }
+                    }
+                    println!("echo {} {n}", unix_ns());
+                    let _ = std::io::stdout().flush();
+                    std::thread::sleep(interval);
+                    None
+                })
+                .unwrap_or_default();
+            println!("closed {} {why}", unix_ns());
         }
         "fetch-loop" => {
             let interval = Duration::from_millis(arg(1)?.parse()?);
