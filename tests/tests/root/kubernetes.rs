@@ -83,6 +83,22 @@ fn intentions(destination: &str, source: &str) -> Value {
     })
 }
 
+/// The API server stand-in, listening inside `node`'s network namespace (`0.0.0.0`), and the
+/// URL agents on every node reach it at (the node's link address).
+fn api_server_on(node: &ClusterNode) -> Result<(ApiServer, String)> {
+    let listener = node.netns().listen(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let port = listener.local_addr()?.port();
+    let api = ApiServer::serve(listener)?;
+    Ok((api, format!("http://{}:{port}", node.link_addr())))
+}
+
+/// The pod-level cgroup kubelet gives a BestEffort pod of UID `uid` on `node`.
+fn pod_cgroup(node: &ClusterNode, uid: &str) -> PathBuf {
+    node.mesh_cgroup
+        .join("kubepods/besteffort")
+        .join(format!("pod{uid}"))
+}
+
 /// A pod as kubelet + CNI leave it: the Pod object, its cgroup `kubepods/besteffort/pod<uid>`
 /// under the node's cgroup, and fake-service running in its netns and cgroup.
 fn start_pod(
@@ -98,10 +114,7 @@ fn start_pod(
         .as_str()
         .context("uid")?
         .to_string();
-    let cgroup = node
-        .mesh_cgroup
-        .join("kubepods/besteffort")
-        .join(format!("pod{uid}"));
+    let cgroup = pod_cgroup(node, &uid);
     std::fs::create_dir_all(&cgroup)?;
     let meshd = bin_path("meshd")?;
     let log = std::fs::File::create(logs.join(format!("{}.log", pod.name)))?;
@@ -416,13 +429,7 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     let (n1, n2) = ("node-1", "node-2");
 
     // The API server stand-in, inside node 1's netns, reached over the link by node 2.
-    let listener = cluster
-        .node(1)
-        .netns()
-        .listen(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-    let port = listener.local_addr()?.port();
-    let api = ApiServer::serve(listener)?;
-    let api_url = format!("http://{}:{port}", cluster.node(1).link_addr());
+    let (api, api_url) = api_server_on(cluster.node(1))?;
 
     api.create(namespace_object())?;
     for (name, vip) in [("web", WEB_VIP), ("api", API_VIP), ("db", DB_VIP)] {
@@ -723,11 +730,7 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         .as_str()
         .context("uid")?
         .to_string();
-    let late_cg = cluster
-        .node(1)
-        .mesh_cgroup
-        .join("kubepods/besteffort")
-        .join(format!("pod{late_uid}"));
+    let late_cg = pod_cgroup(cluster.node(1), &late_uid);
     std::fs::create_dir_all(&late_cg)?;
     let socket = s1.join("cni.sock");
     let run = mesh_cni("ADD", &late, &late_uid, &socket)?;
@@ -766,13 +769,7 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
         .as_str()
         .context("uid")?
         .to_string();
-    std::fs::create_dir_all(
-        cluster
-            .node(1)
-            .mesh_cgroup
-            .join("kubepods/besteffort")
-            .join(format!("pod{uid}")),
-    )?;
+    std::fs::create_dir_all(pod_cgroup(cluster.node(1), &uid))?;
     let run = mesh_cni("ADD", &bad, &uid, &socket)?;
     ensure!(
         run.code != 0 && run.stdout.contains("upstream") && run.stdout.contains("not-a-port"),
@@ -833,7 +830,9 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
 }
 
 /// Lines a probe prints, each with when it arrived.
-fn probe_lines(child: &mut Child) -> Result<std::sync::mpsc::Receiver<(Instant, String)>> {
+pub(crate) fn probe_lines(
+    child: &mut Child,
+) -> Result<std::sync::mpsc::Receiver<(Instant, String)>> {
     use std::io::BufRead;
     let out = child.stdout.take().context("the probe's stdout")?;
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
@@ -845,6 +844,29 @@ fn probe_lines(child: &mut Child) -> Result<std::sync::mpsc::Receiver<(Instant, 
         }
     });
     Ok(rx)
+}
+
+/// Starts `mesh-probe converse` (a ping every 50 ms) from `pod` to `addr`, retrying for 20 s
+/// until the first answer; the probe and its lines.
+fn converse(
+    pod: &Pod,
+    cgroup: &Path,
+    addr: &str,
+) -> Result<(Child, std::sync::mpsc::Receiver<(Instant, String)>)> {
+    until(Duration::from_secs(20), || {
+        let mut child =
+            mesh_kit::spawn_probe(&pod.netns_path, cgroup, &["converse", addr, "50"]).ok()?;
+        let lines = probe_lines(&mut child).ok()?;
+        match lines.recv_timeout(Duration::from_secs(5)) {
+            Ok((_, l)) if l.starts_with("echo ") => Some((child, lines)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    })
+    .context("no answer")
 }
 
 /// Waits `span` and checks the conversation went on throughout: answers kept coming, none
@@ -880,13 +902,7 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     let web = cluster.add_pod(1, "web")?;
     let db = cluster.add_pod(1, "db")?;
     let n1 = "node-1";
-    let listener = cluster
-        .node(1)
-        .netns()
-        .listen(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-    let port = listener.local_addr()?.port();
-    let api = ApiServer::serve(listener)?;
-    let api_url = format!("http://{}:{port}", cluster.node(1).link_addr());
+    let (api, api_url) = api_server_on(cluster.node(1))?;
     api.create(namespace_object())?;
     for (name, vip) in [("web", WEB_VIP), ("db", DB_VIP)] {
         api.create(service(name, vip))?;
@@ -902,11 +918,7 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
         .as_str()
         .context("uid")?
         .to_string();
-    let db_cg = cluster
-        .node(1)
-        .mesh_cgroup
-        .join("kubepods/besteffort")
-        .join(format!("pod{uid}"));
+    let db_cg = pod_cgroup(cluster.node(1), &uid);
     std::fs::create_dir_all(&db_cg)?;
     let mut db_app =
         mesh_kit::spawn_probe(&db.netns_path, &db_cg, &["echo-server", "0.0.0.0:9090"])?;
@@ -945,20 +957,8 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
 
     // web talks to db through its VIP: on this node, spliced in the kernel.
     let db_vip = SocketAddr::from((DB_VIP.parse::<Ipv4Addr>()?, 80)).to_string();
-    let talker = until(Duration::from_secs(20), || {
-        let mut child =
-            mesh_kit::spawn_probe(&web.netns_path, &web_cg, &["converse", &db_vip, "50"]).ok()?;
-        let lines = probe_lines(&mut child).ok()?;
-        match lines.recv_timeout(Duration::from_secs(5)) {
-            Ok((_, l)) if l.starts_with("echo ") => Some((child, lines)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                None
-            }
-        }
-    })
-    .with_context(|| format!("web → db never answered\n{}", diag()))?;
+    let talker = converse(&web, &web_cg, &db_vip)
+        .with_context(|| format!("web → db never answered\n{}", diag()))?;
     cluster.keep(talker.0);
     let talker = talker.1;
     keeps_talking(
@@ -1068,20 +1068,8 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     // spliced connection does not outlive it: its proxy sockets go with it, and the next
     // agent removes the pairs it could not revoke. Fail closed.
     api.create(intentions("db", "web"))?;
-    let (child, talker) = until(Duration::from_secs(20), || {
-        let mut child =
-            mesh_kit::spawn_probe(&web.netns_path, &web_cg, &["converse", &db_vip, "50"]).ok()?;
-        let lines = probe_lines(&mut child).ok()?;
-        match lines.recv_timeout(Duration::from_secs(5)) {
-            Ok((_, l)) if l.starts_with("echo ") => Some((child, lines)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                None
-            }
-        }
-    })
-    .with_context(|| format!("web → db never answered again\n{}", diag()))?;
+    let (child, talker) = converse(&web, &web_cg, &db_vip)
+        .with_context(|| format!("web → db never answered again\n{}", diag()))?;
     cluster.keep(child);
     let _ = new.kill();
     let _ = new.wait();

@@ -179,29 +179,55 @@ async fn an_endpoint_of_another_identity_is_never_spliced_to() {
     .await;
 }
 
+/// An old proxy that relayed one same-node web → api connection (`before` echoed) and handed
+/// it over: the old proxy (its pods gone), the app, the client app's socket and the pair.
+struct HandedOver {
+    splicer: Arc<RecordingSplicer>,
+    old: Env,
+    app: App,
+    client: TcpStream,
+    pair: crate::SplicedPair,
+}
+
+async fn handed_over() -> HandedOver {
+    let splicer = Arc::new(RecordingSplicer::default());
+    let old = Env::with_splicer(test_config(), splicer.clone());
+    let app = App::echo().await;
+    let (old_api, inbound) = old.server("api", &[app.port]);
+    let mut old_web = old.client("web", None);
+    let up = old.upstream(&mut old_web, "api", "api", app.port, vec![inbound]);
+    let client = echo_through(up, b"before").await;
+    let mut pairs = old.proxy.hand_over_splices(Duration::from_secs(5)).await;
+    assert_eq!(pairs.len(), 1, "one same-node connection to hand over");
+    assert_eq!(splicer.unpaired.load(SeqCst), 0, "the kernel pair stays");
+    // The old proxy's pods go; the handed connection does not go with them.
+    drop((old_web, old_api));
+    HandedOver {
+        splicer,
+        old,
+        app,
+        client,
+        pair: pairs.pop().unwrap(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handed_over_same_node_connection_goes_on_in_the_next_proxy_and_is_revoked_there() {
     within(30, async {
-        let splicer = Arc::new(RecordingSplicer::default());
-        let old = Env::with_splicer(test_config(), splicer.clone());
-        let app = App::echo().await;
-        let (old_api, inbound) = old.server("api", &[app.port]);
-        let mut old_web = old.client("web", None);
-        let up = old.upstream(&mut old_web, "api", "api", app.port, vec![inbound]);
-        let mut client = echo_through(up, b"before").await;
-
-        let pairs = old.proxy.hand_over_splices(Duration::from_secs(5)).await;
-        assert_eq!(pairs.len(), 1, "one same-node connection to hand over");
-        assert_eq!(splicer.unpaired.load(SeqCst), 0, "the kernel pair stays");
-        // The old proxy goes; what the app sends meanwhile waits in the handed sockets.
-        drop((old_web, old_api));
-        drop(old);
+        let HandedOver {
+            splicer,
+            app,
+            mut client,
+            pair,
+            ..
+        } = handed_over().await;
+        // What the app sends meanwhile waits in the handed sockets.
         client.write_all(b" meanwhile").await.unwrap();
 
         let new = Env::with_splicer(test_config(), splicer.clone());
         let (api, _) = new.server("api", &[app.port]);
         let web = new.client("web", None);
-        web.adopt_splice(&api, pairs.into_iter().next().unwrap());
+        web.adopt_splice(&api, pair);
         let mut got = vec![0u8; b" meanwhile".len()];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b" meanwhile");
@@ -233,16 +259,13 @@ async fn a_handed_over_same_node_connection_goes_on_in_the_next_proxy_and_is_rev
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handed_over_connection_that_is_denied_now_is_reset() {
     within(30, async {
-        let splicer = Arc::new(RecordingSplicer::default());
-        let old = Env::with_splicer(test_config(), splicer.clone());
-        let app = App::echo().await;
-        let (_old_api, inbound) = old.server("api", &[app.port]);
-        let mut old_web = old.client("web", None);
-        let up = old.upstream(&mut old_web, "api", "api", app.port, vec![inbound]);
-        let mut client = echo_through(up, b"before").await;
-        let pairs = old.proxy.hand_over_splices(Duration::from_secs(5)).await;
-        assert_eq!(pairs.len(), 1);
-
+        let HandedOver {
+            splicer,
+            old,
+            app,
+            mut client,
+            pair,
+        } = handed_over().await;
         let new = Env::with_splicer(test_config(), splicer.clone());
         new.authz
             .deny
@@ -251,7 +274,7 @@ async fn a_handed_over_connection_that_is_denied_now_is_reset() {
             .insert(("web".into(), "api".into()));
         let (api, _) = new.server("api", &[app.port]);
         let web = new.client("web", None);
-        web.adopt_splice(&api, pairs.into_iter().next().unwrap());
+        web.adopt_splice(&api, pair);
         let rest = read_until_closed(&mut client).await;
         assert!(rest.is_empty(), "{rest:?}");
         eventually("the pair is undone", || splicer.unpaired.load(SeqCst) == 1).await;
