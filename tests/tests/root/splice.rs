@@ -14,6 +14,51 @@ use mesh_kit::wait_limit;
 
 use crate::mesh::{intention, mesh_with, upstream, Mesh, SEED};
 
+/// Adds a pod of service `name` on this node, with a VIP (`10.96.<subnet>.<host>`) and app
+/// port `port`, running `mesh-probe <app...>`; returns the VIP address and the app's lines.
+fn add_service(
+    m: &mut Mesh,
+    name: &str,
+    host: u8,
+    port: u16,
+    app: &[&str],
+) -> Result<(SocketAddr, std::sync::mpsc::Receiver<(Instant, String)>)> {
+    use mesh_core::catalog::{Endpoint, Protocol, Service};
+    let pod = m.node.add_pod(name)?;
+    let mut child = m.node.probe(&pod.netns_path, &pod.cgroup, app)?;
+    let lines = crate::kubernetes::probe_lines(&mut child)?;
+    m.node.keep(child);
+    ensure!(
+        matches!(lines.recv_timeout(Duration::from_secs(10)), Ok((_, l)) if l == "listening"),
+        "{name}'s app did not start"
+    );
+    let vip = std::net::Ipv4Addr::new(10, 96, m.node.subnet, host);
+    let mut next = m.agent().catalog().clone();
+    next.services.push(Service {
+        name: name.into(),
+        namespace: "default".into(),
+        datacenter: "dc1".into(),
+        vip: Some(vip),
+        ports: vec![port],
+        protocol: Protocol::Tcp,
+        endpoints: vec![Endpoint {
+            ip: pod.ip,
+            port: mesh_common::INBOUND_PORT,
+        }],
+        ..Default::default()
+    });
+    next.workloads
+        .push(mesh_kit::workload(&pod, name, vec![port], vec![]));
+    let agent = m.agent.as_mut().context("agent")?;
+    m.rt.block_on(agent.apply(mesh_core::catalog::Update::Full(next)))?;
+    ensure!(
+        m.agent().unmeshed().is_empty(),
+        "not meshed: {:?}",
+        m.agent().unmeshed()
+    );
+    Ok((SocketAddr::from((vip, port)), lines))
+}
+
 fn spliced(len: u64) -> Result<Mesh> {
     mesh_with(Redirect::Ebpf, len, mesh_proxy::ProxyConfig::default())
 }
@@ -313,5 +358,74 @@ fn a_denied_pod_on_the_same_node_gets_nothing() -> Result<()> {
         "nothing was spliced for a denied pod"
     );
     assert_eq!(web_stats(&m)?.spliced_connections, 0);
+    Ok(())
+}
+
+/// A server app keeps its spliced socket after the client app closed its own, then writes; the
+/// client app meanwhile reuses its loopback port (the same 4-tuple, so the same kernel key) for
+/// a connection to another service. The stale pair entry must not deliver the first server's
+/// bytes into the new connection (found in review: the client's connection to `bank` received
+/// the other server's bytes).
+#[test]
+fn a_reused_client_port_never_receives_bytes_of_its_earlier_spliced_peer() -> Result<()> {
+    let mut m = spliced(1024)?;
+    let dir = tempfile::tempdir()?;
+    let go = dir.path().join("go");
+    let go_arg = go.to_string_lossy().into_owned();
+    let (evil, evil_lines) = add_service(
+        &mut m,
+        "evil",
+        31,
+        9093,
+        &["linger-server", "0.0.0.0:9093", &go_arg],
+    )?;
+    let (bank, _) = add_service(&mut m, "bank", 32, 9094, &["echo-server", "0.0.0.0:9094"])?;
+    let web = m.web.clone();
+    let out = m.node.probe_in(
+        &web,
+        &[
+            "reuse-port-victim",
+            &evil.to_string(),
+            &bank.to_string(),
+            &go_arg,
+        ],
+        Duration::from_secs(30),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(str::to_owned))
+            .with_context(|| {
+                format!(
+                    "no {name:?} in {text:?} ({})",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+    };
+    let first = field("first ")?;
+    let second = field("second ")?;
+    // The attack's preconditions: the first connection reached the server, both were spliced,
+    // the second reused the first's port, and the server did write afterwards.
+    ensure!(first.ends_with("resp1\\n"), "first connection: {first}");
+    ensure!(
+        first.split_whitespace().next() == Some(second.trim()),
+        "the port was not reused: first {first}, second {second}"
+    );
+    ensure!(
+        web_stats(&m)?.spliced_connections >= 2,
+        "both connections spliced: {:?}",
+        web_stats(&m)?
+    );
+    let wrote = evil_lines.recv_timeout(Duration::from_secs(5));
+    ensure!(
+        matches!(&wrote, Ok((_, l)) if l == "sent evil"),
+        "the first server did not write after its peer left: {wrote:?}"
+    );
+    // The second connection got its own answer (bank echoes) and nothing else.
+    ensure!(
+        field("received ")? == "req2\\n",
+        "the connection to bank received: {}",
+        field("received ")?
+    );
     Ok(())
 }

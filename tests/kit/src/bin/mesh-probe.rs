@@ -33,6 +33,16 @@
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
 //!   echo-server ADDR                  accept forever; send back what each connection sends
 //!                                     (non-blocking sockets, as event-loop servers)
+//!   linger-server ADDR GO_FILE        accept; per connection read once, answer "resp1\n", wait
+//!                                     until GO_FILE exists, then write "EVIL\n" into the same
+//!                                     socket (print "sent evil" or "evil failed <why>") and
+//!                                     keep it open: a server that talks after its peer left
+//!   reuse-port-victim FIRST SECOND GO_FILE
+//!                                     connect to FIRST, send "req1\n", read the answer, close;
+//!                                     3 s later connect to SECOND from the same local port
+//!                                     (retrying for 10 s), send "req2\n", create GO_FILE, read
+//!                                     for 4 s; print "first <port> <answer>", "second <port>",
+//!                                     "received <bytes, escaped>"
 //!   converse ADDR INTERVAL_MS         connect (non-blocking), then every INTERVAL_MS send "ping <n>\n"
 //!                                     and read it back; print "echo <ns> <n>" per answer and
 //!                                     "closed <ns> <eof|mismatch|why>" when it ends
@@ -318,6 +328,77 @@ fn real_main() -> Result<()> {
                     std::io::copy(&mut conn, &mut back)
                 });
             }
+        }
+        "linger-server" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let go = std::path::PathBuf::from(arg(2)?);
+            let listener = TcpListener::bind(addr)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for conn in listener.incoming() {
+                let mut conn = NbStream::new(conn?)?;
+                let go = go.clone();
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let mut buf = [0u8; 100];
+                    conn.read(&mut buf)?;
+                    conn.write_all(b"resp1\n")?;
+                    while !go.exists() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                    match conn.write_all(b"EVIL\n") {
+                        Ok(()) => println!("sent evil"),
+                        Err(e) => println!("evil failed {e}"),
+                    }
+                    std::io::stdout().flush()?;
+                    std::thread::sleep(Duration::from_secs(3600));
+                    Ok(())
+                });
+            }
+        }
+        "reuse-port-victim" => {
+            let first: SocketAddr = arg(1)?.parse()?;
+            let second: SocketAddr = arg(2)?.parse()?;
+            let go = std::path::PathBuf::from(arg(3)?);
+            let mut s = NbStream::connect(first, None)?;
+            let port = s.0.local_addr()?.port();
+            s.write_all(b"req1\n")?;
+            let mut buf = [0u8; 100];
+            let n = s.read(&mut buf)?;
+            println!(
+                "first {port} {}",
+                String::from_utf8_lossy(&buf[..n]).escape_debug()
+            );
+            drop(s);
+            std::thread::sleep(Duration::from_secs(3));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut s = loop {
+                match NbStream::connect(second, Some(port)) {
+                    Ok(s) => break s,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e).context("reusing the local port"),
+                }
+            };
+            println!("second {}", s.0.local_addr()?.port());
+            s.write_all(b"req2\n")?;
+            std::fs::write(&go, b"")?;
+            // Still non-blocking (the splice only serves such sockets): poll by hand.
+            let end = std::time::Instant::now() + Duration::from_secs(4);
+            let mut got = Vec::new();
+            while std::time::Instant::now() < end {
+                match s.0.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(_) => break,
+                }
+            }
+            println!("received {}", String::from_utf8_lossy(&got).escape_debug());
         }
         "converse" => {
             let addr: SocketAddr = arg(1)?.parse()?;
