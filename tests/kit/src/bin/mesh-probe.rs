@@ -360,7 +360,9 @@ fn real_main() -> Result<()> {
             let first: SocketAddr = arg(1)?.parse()?;
             let second: SocketAddr = arg(2)?.parse()?;
             let go = std::path::PathBuf::from(arg(3)?);
-            let mut s = NbStream::connect(first, None)?;
+            // SO_REUSEADDR on both sockets (port 0: any), so the second may bind the first's
+            // port while the first lingers in TIME_WAIT.
+            let mut s = NbStream::connect(first, Some(0))?;
             let port = s.0.local_addr()?.port();
             s.write_all(b"req1\n")?;
             let mut buf = [0u8; 100];
