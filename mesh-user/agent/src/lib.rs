@@ -162,6 +162,84 @@ pub enum KernelRules {
     },
 }
 
+/// How long a starting agent has to take up the connections handed over to it
+/// ([`Handed`]): those it has not taken up by then are reset, because until they are, no rule
+/// change reaches them.
+pub const TAKE_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Same-node connections the previous agent handed over, waiting for
+/// [`Agent::start_taking_over`] to take them up. Those still here [`TAKE_UP_WITHIN`] after
+/// [`Handed::new`] are reset (both apps see a reset): an agent slow to start must not leave
+/// connections nobody can revoke.
+pub struct Handed {
+    pairs: Arc<std::sync::Mutex<Vec<mesh_proxy::SplicedPair>>>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Handed {
+    /// Nothing handed over.
+    pub fn none() -> Self {
+        Self {
+            pairs: Arc::default(),
+            watchdog: None,
+        }
+    }
+
+    /// `pairs`, to be taken up within `within` (call it as they arrive, inside the runtime).
+    pub fn new(pairs: Vec<mesh_proxy::SplicedPair>, within: std::time::Duration) -> Self {
+        if pairs.is_empty() {
+            return Self::none();
+        }
+        let pairs = Arc::new(std::sync::Mutex::new(pairs));
+        let left = Arc::clone(&pairs);
+        let watchdog = tokio::spawn(async move {
+            tokio::time::sleep(within).await;
+            let late = std::mem::take(&mut *left.lock().unwrap_or_else(|e| e.into_inner()));
+            if !late.is_empty() {
+                warn!(
+                    connections = late.len(),
+                    "handed-over connections not taken up in {within:?}; reset"
+                );
+                for pair in late {
+                    pair.reset();
+                }
+            }
+        });
+        Self {
+            pairs,
+            watchdog: Some(watchdog),
+        }
+    }
+
+    /// The kernel keys of the app sockets of the pairs still waiting.
+    fn keys(&self) -> std::collections::HashSet<mesh_common::SockKey> {
+        self.pairs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|pair| pair.keys().ok())
+            .flat_map(|(client, server)| [client, server])
+            .collect()
+    }
+
+    /// The pairs still waiting, now taken (the watchdog has nothing left to reset).
+    fn take(self) -> Vec<mesh_proxy::SplicedPair> {
+        std::mem::take(&mut *self.pairs.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Drop for Handed {
+    /// Pairs never taken up (the start failed) are reset at once.
+    fn drop(&mut self) {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+        for pair in std::mem::take(&mut *self.pairs.lock().unwrap_or_else(|e| e.into_inner())) {
+            pair.reset();
+        }
+    }
+}
+
 /// A pod the agent serves.
 pub struct Pod {
     /// The catalog's entry for the pod, as the pod was started with.
@@ -244,14 +322,15 @@ impl Agent {
         metrics: Arc<metrics::Metrics>,
         identity: Arc<Identity>,
     ) -> Result<Self, Error> {
-        Self::start_taking_over(cfg, catalog, rules, metrics, identity, Vec::new()).await
+        Self::start_taking_over(cfg, catalog, rules, metrics, identity, Handed::none()).await
     }
 
     /// [`Agent::start_with_identity`], taking up the same-node connections `handed` that the
     /// previous agent handed over ([`Agent::hand_over_splices`], a rolling update): their
     /// kernel pairs are kept, and once the pods are meshed each is asked about again and
     /// relayed on (see [`mesh_proxy::PodProxy::adopt_splice`]). A pair whose pods are not in
-    /// the catalog any more, or that the splice is off for, is reset.
+    /// the catalog any more, or that the splice is off for, is reset, and so are all of them
+    /// if the start fails or outlasts [`TAKE_UP_WITHIN`].
     ///
     /// # Errors
     ///
@@ -262,7 +341,7 @@ impl Agent {
         rules: RuleSet,
         metrics: Arc<metrics::Metrics>,
         identity: Arc<Identity>,
-        handed: Vec<mesh_proxy::SplicedPair>,
+        handed: Handed,
     ) -> Result<Self, Error> {
         catalog.validate()?;
         std::fs::create_dir_all(&cfg.state_dir)
@@ -320,26 +399,25 @@ impl Agent {
         .dialer(dialer.clone())
         .metrics(metrics.proxy().clone());
         let splicing = cfg.proxy.same_node_splice && cfg.msg_redirect;
-        let mut handed = if splicing {
-            handed
-        } else {
-            for pair in handed {
-                pair.reset();
-            }
-            Vec::new()
+        let splicer = match &steering {
+            Steering::Ebpf(dp) => Some(dp.splices()?),
+            Steering::Iptables => None,
         };
-        if let Steering::Ebpf(dp) = &steering {
+        let handed = match splicer {
+            Some(_) if splicing => handed,
+            _ => {
+                for pair in handed.take() {
+                    pair.reset();
+                }
+                Handed::none()
+            }
+        };
+        if let Some(splices) = splicer {
             // Pairs a previous agent left (killed, or restarted by an upgrade) belong to
             // connections whose proxy is gone: nothing could revoke them any more. Without
             // their entries, the apps' next bytes go to the dead proxy's sockets and the
             // connections end (fail closed). Pairs it handed over stay: this agent relays them.
-            let keep: std::collections::HashSet<mesh_common::SockKey> = handed
-                .iter()
-                .filter_map(|pair| pair.keys().ok())
-                .flat_map(|(client, server)| [client, server])
-                .collect();
-            let splices = dp.splices()?;
-            let dropped = splices.retain(&keep);
+            let dropped = splices.retain(&handed.keys());
             if dropped > 0 {
                 warn!(
                     entries = dropped,
@@ -348,10 +426,6 @@ impl Agent {
             }
             if splicing {
                 builder = builder.splicer(Arc::new(splices));
-            }
-        } else {
-            for pair in handed.drain(..) {
-                pair.reset();
             }
         }
         let proxy = builder.build().map_err(|source| Error::Proxy {
@@ -385,7 +459,7 @@ impl Agent {
         agent
             .steering
             .forget_stale_pods(&keep_cgroups, &keep_pods, &keep_netns)?;
-        agent.take_over(handed);
+        agent.take_over(handed.take());
         Ok(agent)
     }
 

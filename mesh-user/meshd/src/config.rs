@@ -11,6 +11,8 @@
 //! | `MESH_PROC_ROOT` | `meshd kubernetes --proc-root` | `/proc` | the node's `/proc` (`/host/proc` in the DaemonSet) |
 //! | `MESH_METRICS_ADDR` | `--metrics-addr` | `127.0.0.1:20200` | the token-free `/metrics` listener for Prometheus (`ip:port`, or `off`); consul-k8s's merged metrics port |
 //! | `MESH_CNI_SOCKET` | `--cni-socket` | off (`/var/run/meshd/cni.sock` in the DaemonSet) | where `meshd run` and `meshd kubernetes` answer `mesh-cni` (mode 0600) |
+//! | `MESH_POD_UID` | `meshd kubernetes --pod-uid` | (none) | the agent's own pod's UID (the DaemonSet sets it from `metadata.uid`): a pod that handed its node over to a newer agent never takes it back (see `handover`) |
+//! | `MESH_READY_FILE` | `meshd kubernetes --ready-file` | (none; `/tmp/meshd-ready` in the DaemonSet) | created once the agent serves, removed when it hands over or stops: the DaemonSet's readiness probe |
 //! | | `--cni-catalog-wait` | `3` s | how long a CNI `ADD` waits for its pod to appear in the catalog before it is not in the mesh |
 //! | `MESH_CA_URL` | `--ca-url` | (none: the local CA) | `meshd ca` to get leaves from (`https://host:port`) |
 //! | `MESH_CA_TOKEN_FILE` | `--ca-token-file` | `/var/run/secrets/meshd-ca/token` | the agent's projected ServiceAccount token for the CA |
@@ -63,6 +65,10 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:20200";
 
 /// The variable of the CNI socket `meshd run` serves; `--cni-socket`.
 pub const CNI_SOCKET_ENV: &str = "MESH_CNI_SOCKET";
+/// The variable of `meshd kubernetes --pod-uid`: the agent's own pod's UID.
+pub const POD_UID_ENV: &str = "MESH_POD_UID";
+/// The variable of `meshd kubernetes --ready-file`.
+pub const READY_FILE_ENV: &str = "MESH_READY_FILE";
 /// Where `mesh-cni` looks for the agent when its configuration names no `socketPath`.
 pub const DEFAULT_CNI_SOCKET: &str = mesh_cni::wire::DEFAULT_SOCKET;
 /// How long (seconds) `meshd run` holds a CNI `ADD` for a pod that is not (yet) in its catalog,

@@ -3,22 +3,35 @@
 //! carries on its own (spliced app sockets), so that an upgrade does not end them.
 //!
 //! The running agent listens on `<state dir>/handover.sock` (a Unix stream socket, mode 0600;
-//! the state directory is the node's and root's alone). A starting agent connects
-//! and sends [`REQUEST`]. The running one then stops relaying those connections (each relay
+//! the state directory is the node's and root's alone; a peer that is not uid 0 is refused).
+//! A starting agent, once it has listed the cluster's objects, connects and sends
+//! `take-over <its pod UID>\n` ([`REQUEST`]). The running one refuses a pod that already
+//! handed the node over (below). Otherwise it stops relaying those connections (each relay
 //! stops between two writes and gives its two sockets up), closes its pods' listeners, its CNI
 //! socket, API and metrics listeners, and sends the sockets as `SCM_RIGHTS`: messages of an
 //! 8-byte header (pairs in the message, then 1 on the last message, both `u32`
 //! little-endian) with two descriptors per pair, client side first, at most
 //! [`PAIRS_PER_MESSAGE`] pairs each (the kernel passes at most 253 descriptors per message).
-//! It then stays idle until it is stopped, so that the kubelet does not restart it. The new
-//! agent starts as after a restart (it adopts the pinned programs) and takes the connections up
-//! (`Agent::start_taking_over`), asking its own rules about each.
+//! The new agent answers [`ACK`] once it has them all. Only then is the hand-over done: the old
+//! agent records its pod UID in `<state dir>/handover-retired` and stays idle until it is
+//! stopped, without a ready file (the readiness probe fails). Without the answer (the new
+//! agent died, timed out, or was not an agent) the old agent exits with an error, so that the
+//! kubelet restarts it and the node has an agent again.
+//!
+//! A pod whose UID is in `handover-retired` never serves again: when the kubelet restarts its
+//! container (it crashed, or was killed while the rolling update had not yet deleted its pod),
+//! it idles until stopped, and a running agent refuses its request. So the connections never
+//! go back to the older agent, which the update is about to delete.
+//!
+//! The new agent starts as after a restart (it adopts the pinned programs) and takes the
+//! connections up (`Agent::start_taking_over`), asking its own rules about each; those it has
+//! not taken up within [`mesh_agent::TAKE_UP_WITHIN`] are reset.
 //!
 //! Connections through the proxy (TLS between nodes, L7) cannot be handed over: their state is
 //! in the old agent's memory. They end with it, as on a restart.
 
 use std::io::{IoSlice, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -32,8 +45,17 @@ use tracing::{info, warn};
 /// The socket's file name in the state directory.
 pub const SOCKET_FILE: &str = "handover.sock";
 
-/// What a starting agent sends.
-pub const REQUEST: &[u8] = b"take-over\n";
+/// What a starting agent sends, then its pod's UID (empty outside a pod) and a newline.
+pub const REQUEST: &str = "take-over";
+
+/// What the new agent answers once it has every pair.
+pub const ACK: &[u8] = b"taken\n";
+
+/// The state directory's file of pods that handed their node over (one UID per line).
+pub const RETIRED_FILE: &str = "handover-retired";
+
+/// UIDs kept in [`RETIRED_FILE`] (the newest).
+const RETIRED_KEPT: usize = 16;
 
 /// Pairs per message: two descriptors each, within the kernel's `SCM_MAX_FD` (253).
 pub const PAIRS_PER_MESSAGE: usize = 120;
@@ -48,14 +70,15 @@ const WAIT: Duration = Duration::from_secs(30);
 /// # Errors
 ///
 /// The running agent's answer is not the protocol's, or it does not answer within 30 s.
-pub async fn take_over(state_dir: &Path) -> Result<Vec<SplicedPair>> {
+pub async fn take_over(state_dir: &Path, own_uid: Option<&str>) -> Result<Vec<SplicedPair>> {
     let path = state_dir.join(SOCKET_FILE);
-    tokio::task::spawn_blocking(move || request(&path))
+    let uid = own_uid.unwrap_or_default().to_owned();
+    tokio::task::spawn_blocking(move || request(&path, &uid))
         .await
         .context("the hand-over task")?
 }
 
-fn request(path: &Path) -> Result<Vec<SplicedPair>> {
+fn request(path: &Path, own_uid: &str) -> Result<Vec<SplicedPair>> {
     let mut stream = match UnixStream::connect(path) {
         Ok(stream) => stream,
         Err(e)
@@ -70,7 +93,8 @@ fn request(path: &Path) -> Result<Vec<SplicedPair>> {
     };
     info!(socket = %path.display(), "an agent runs on this node; asking it to hand over");
     stream.set_read_timeout(Some(WAIT))?;
-    stream.write_all(REQUEST)?;
+    stream.set_write_timeout(Some(WAIT))?;
+    stream.write_all(format!("{REQUEST} {own_uid}\n").as_bytes())?;
     let mut pairs = Vec::new();
     loop {
         // Exactly one message's 8 bytes: the kernel does not join messages that carry
@@ -81,8 +105,12 @@ fn request(path: &Path) -> Result<Vec<SplicedPair>> {
                 .context("waiting for the running agent's hand-over")?;
         let (bytes, truncated, fds) = (got.bytes, got.truncated, got.fds);
         if bytes == 0 {
-            warn!("the running agent went away during the hand-over");
-            break;
+            if pairs.is_empty() {
+                warn!("the running agent refused the hand-over or went away");
+            } else {
+                warn!("the running agent went away during the hand-over");
+            }
+            return Ok(pairs);
         }
         ensure!(
             !truncated,
@@ -107,6 +135,9 @@ fn request(path: &Path) -> Result<Vec<SplicedPair>> {
             break;
         }
     }
+    stream
+        .write_all(ACK)
+        .context("answering the running agent")?;
     info!(
         connections = pairs.len(),
         "the running agent handed its same-node connections over"
@@ -126,7 +157,7 @@ impl Listener {
     /// # Errors
     ///
     /// The socket cannot be created, bound or given mode 0600.
-    pub fn bind(state_dir: &Path) -> Result<(Self, tokio::sync::oneshot::Receiver<OwnedFd>)> {
+    pub fn bind(state_dir: &Path) -> Result<(Self, tokio::sync::oneshot::Receiver<Successor>)> {
         let path = state_dir.join(SOCKET_FILE);
         // Whoever listened there was asked before this agent started (take_over).
         match std::fs::remove_file(&path) {
@@ -138,13 +169,14 @@ impl Listener {
             UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("handover".into())
-            .spawn(move || {
-                if let Some(successor) = answer(&listener) {
+        std::thread::Builder::new().name("handover".into()).spawn({
+            let state_dir = state_dir.to_owned();
+            move || {
+                if let Some(successor) = answer(&listener, &state_dir) {
                     let _ = tx.send(successor);
                 }
-            })?;
+            }
+        })?;
         Ok((Self { path }, rx))
     }
 
@@ -154,9 +186,18 @@ impl Listener {
     }
 }
 
-/// Accepts until an agent sends [`REQUEST`]; returns its connection. The listening socket
-/// closes with the thread, so a later agent finds nobody here.
-fn answer(listener: &UnixListener) -> Option<OwnedFd> {
+/// An agent that asked for the hand-over: its connection and pod UID (empty outside a pod).
+#[derive(Debug)]
+pub struct Successor {
+    stream: UnixStream,
+    /// Its pod's UID.
+    pub uid: String,
+}
+
+/// Accepts until a root process sends a valid [`REQUEST`] from a pod that has not handed the
+/// node over before; returns it. The listening socket closes with the thread, so a later
+/// agent finds nobody here.
+fn answer(listener: &UnixListener, state_dir: &Path) -> Option<Successor> {
     loop {
         let mut stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -166,26 +207,78 @@ fn answer(listener: &UnixListener) -> Option<OwnedFd> {
                 return None;
             }
         };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut request = [0u8; 64];
-        match stream.read(&mut request) {
-            Ok(n) if &request[..n] == REQUEST => return Some(stream.into()),
-            Ok(n) => warn!(
-                got = %String::from_utf8_lossy(&request[..n]),
-                "hand-over socket: not a hand-over request; ignored"
-            ),
-            Err(e) => warn!(error = %e, "hand-over socket: no request; ignored"),
+        match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(cred) if cred.uid() == 0 => {}
+            other => {
+                warn!(peer = ?other, "hand-over socket: a peer that is not root; ignored");
+                continue;
+            }
         }
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut request = [0u8; 128];
+        let n = match stream.read(&mut request) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "hand-over socket: no request; ignored");
+                continue;
+            }
+        };
+        let text = String::from_utf8_lossy(&request[..n]);
+        let Some(uid) = text
+            .strip_suffix('\n')
+            .and_then(|t| t.strip_prefix(REQUEST))
+            .and_then(|t| t.strip_prefix(' '))
+        else {
+            warn!(got = %text, "hand-over socket: not a hand-over request; ignored");
+            continue;
+        };
+        if !uid.is_empty() && is_retired(state_dir, uid) {
+            warn!(
+                pod_uid = uid,
+                "hand-over refused: that pod handed this node over already"
+            );
+            continue;
+        }
+        return Some(Successor {
+            stream,
+            uid: uid.to_owned(),
+        });
     }
 }
 
-/// Sends `pairs` to the agent taking over (see the module), then closes the connection; the
+/// Whether pod `uid` handed this node over (see the module).
+pub fn is_retired(state_dir: &Path, uid: &str) -> bool {
+    std::fs::read_to_string(state_dir.join(RETIRED_FILE))
+        .map(|text| text.lines().any(|l| l == uid))
+        .unwrap_or(false)
+}
+
+/// Records that pod `uid` handed this node over (durably; the newest UIDs are kept).
+///
+/// # Errors
+///
+/// The file cannot be written.
+pub fn retire(state_dir: &Path, uid: &str) -> Result<()> {
+    let path = state_dir.join(RETIRED_FILE);
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut uids: Vec<&str> = old.lines().filter(|l| !l.is_empty() && *l != uid).collect();
+    uids.push(uid);
+    let keep = &uids[uids.len().saturating_sub(RETIRED_KEPT)..];
+    mesh_core::durable::write(&path, format!("{}\n", keep.join("\n")).as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Sends `pairs` to the agent taking over (see the module) and waits for its answer; the
 /// descriptors travel with the messages, so this agent's copies may close right after.
 ///
 /// # Errors
 ///
-/// The successor went away (its pairs' connections then end with this agent's copies).
-pub fn give(successor: OwnedFd, pairs: &[SplicedPair]) -> Result<()> {
+/// The successor went away, stopped reading, or did not answer within 30 s: the hand-over
+/// failed (its pairs' connections end with the copies).
+pub fn give(successor: Successor, pairs: &[SplicedPair]) -> Result<()> {
+    let mut stream = successor.stream;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(WAIT))?;
     let chunks: Vec<&[SplicedPair]> = if pairs.is_empty() {
         vec![&[]]
     } else {
@@ -206,7 +299,7 @@ pub fn give(successor: OwnedFd, pairs: &[SplicedPair]) -> Result<()> {
             vec![ControlMessage::ScmRights(&fds)]
         };
         let sent = sendmsg::<()>(
-            successor.as_raw_fd(),
+            stream.as_raw_fd(),
             &[IoSlice::new(&header)],
             &cmsgs,
             MsgFlags::MSG_NOSIGNAL,
@@ -217,6 +310,15 @@ pub fn give(successor: OwnedFd, pairs: &[SplicedPair]) -> Result<()> {
             bail!("hand-over message cut short ({sent} of 8 bytes)");
         }
     }
+    let mut answer = [0u8; 16];
+    let got = stream
+        .read(&mut answer)
+        .context("waiting for the new agent's answer")?;
+    ensure!(
+        &answer[..got] == ACK,
+        "the new agent did not confirm the hand-over (got {:?})",
+        String::from_utf8_lossy(&answer[..got])
+    );
     Ok(())
 }
 
@@ -241,11 +343,17 @@ mod tests {
         )
     }
 
+    fn asking(dir: &Path, uid: &str) -> tokio::task::JoinHandle<Result<Vec<SplicedPair>>> {
+        let dir = dir.to_owned();
+        let uid = uid.to_owned();
+        tokio::spawn(async move { take_over(&dir, Some(&uid)).await })
+    }
+
     #[tokio::test]
     async fn sockets_cross_to_the_next_agent_in_order_and_in_several_messages() {
         let dir = tempfile::tempdir().unwrap();
         // Nobody there: nothing to take over.
-        assert!(take_over(dir.path()).await.unwrap().is_empty());
+        assert!(take_over(dir.path(), None).await.unwrap().is_empty());
         let (listener, asked) = Listener::bind(dir.path()).unwrap();
         let mode = std::fs::metadata(listener.path())
             .unwrap()
@@ -260,13 +368,14 @@ mod tests {
             pairs.push(p);
             apps.push((a, c));
         }
-        let taking = tokio::spawn({
-            let dir = dir.path().to_owned();
-            async move { take_over(&dir).await }
-        });
+        let taking = asking(dir.path(), "new-pod");
         let successor = asked.await.unwrap();
-        give(successor, &pairs).unwrap();
-        drop(pairs);
+        assert_eq!(successor.uid, "new-pod");
+        // Returns only once the new agent confirmed.
+        tokio::task::spawn_blocking(move || give(successor, &pairs))
+            .await
+            .unwrap()
+            .unwrap();
         let taken = taking.await.unwrap().unwrap();
         assert_eq!(taken.len(), count);
         // Each handed socket is the same connection: what its app sends arrives there.
@@ -280,21 +389,63 @@ mod tests {
             assert_eq!(&buf[..n], format!("server {i}").as_bytes());
         }
         // The listener answered once: a third agent finds nobody.
-        assert!(take_over(dir.path()).await.unwrap().is_empty());
+        assert!(take_over(dir.path(), Some("third"))
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
-    async fn a_stranger_on_the_socket_is_ignored_and_the_agent_still_answers() {
+    async fn strangers_and_a_pod_that_handed_over_are_refused_and_the_agent_still_answers() {
         let dir = tempfile::tempdir().unwrap();
-        let (listener, asked) = Listener::bind(dir.path()).unwrap();
+        retire(dir.path(), "old-pod").unwrap();
+        assert!(is_retired(dir.path(), "old-pod"));
+        assert!(!is_retired(dir.path(), "new-pod"));
+        let (listener, mut asked) = Listener::bind(dir.path()).unwrap();
         let mut stranger = UnixStream::connect(listener.path()).unwrap();
         stranger.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        let taking = tokio::spawn({
-            let dir = dir.path().to_owned();
-            async move { take_over(&dir).await }
-        });
+        // The pod that handed the node over gets nothing (the connection just closes).
+        assert!(asking(dir.path(), "old-pod")
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty());
+        assert!(asked.try_recv().is_err());
+        let taking = asking(dir.path(), "new-pod");
         let successor = asked.await.unwrap();
-        give(successor, &[]).unwrap();
+        assert_eq!(successor.uid, "new-pod");
+        tokio::task::spawn_blocking(move || give(successor, &[]))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(taking.await.unwrap().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_nobody_confirms_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, asked) = Listener::bind(dir.path()).unwrap();
+        // Asks, then goes away without reading a thing.
+        let mut quitter = UnixStream::connect(listener.path()).unwrap();
+        quitter.write_all(b"take-over quitter\n").unwrap();
+        let successor = asked.await.unwrap();
+        drop(quitter);
+        let (p, _a, _c) = pair();
+        let result = tokio::task::spawn_blocking(move || give(successor, &[p]))
+            .await
+            .unwrap();
+        assert!(result.is_err(), "{result:?}");
+    }
+
+    #[test]
+    fn the_retired_list_keeps_the_newest_uids() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..RETIRED_KEPT + 4 {
+            retire(dir.path(), &format!("pod-{i}")).unwrap();
+        }
+        assert!(!is_retired(dir.path(), "pod-0"));
+        assert!(is_retired(dir.path(), &format!("pod-{}", RETIRED_KEPT + 3)));
+        let text = std::fs::read_to_string(dir.path().join(RETIRED_FILE)).unwrap();
+        assert_eq!(text.lines().count(), RETIRED_KEPT);
     }
 }

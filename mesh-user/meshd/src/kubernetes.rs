@@ -68,6 +68,10 @@ pub struct Options {
     pub cni_socket: Option<PathBuf>,
     /// `meshd ca` to get each leaf from; `None`: the CA in the state directory.
     pub ca: Option<mesh_agent::ca::client::CaClient>,
+    /// This agent's own pod's UID, for the hand-over ([`crate::handover`]); `None` outside a pod.
+    pub pod_uid: Option<String>,
+    /// Created once the agent serves, removed when it hands over or stops.
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Finds pod `pod` on this node with the node's pod locator
@@ -300,46 +304,23 @@ pub fn synced_status(outcome: &SyncResult, now: &str) -> Value {
 
 /// `meshd kubernetes`, until SIGINT/SIGTERM.
 pub async fn run(opts: Options) -> Result<()> {
-    // A rolling update: the agent this one replaces hands its same-node connections over and
-    // gives up its listeners (crate::handover). Nothing to take over is the usual case.
-    let handed = match crate::handover::take_over(&opts.agent.state_dir).await {
-        Ok(pairs) => pairs,
-        Err(e) => {
-            warn!(error = %format!("{e:#}"), "no hand-over from the running agent; its same-node connections end with it");
-            Vec::new()
+    let state_dir = opts.agent.state_dir.clone();
+    if let Some(uid) = &opts.pod_uid {
+        if crate::handover::is_retired(&state_dir, uid) {
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            // The kubelet restarted this container after it handed the node over: the newer
+            // agent serves, and the rolling update is about to delete this pod.
+            info!(pod_uid = %uid, "this pod handed the node over to a newer agent; idle until stopped");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return Ok(());
         }
-    };
+    }
     let metrics = Arc::new(Metrics::new());
     let client = client(opts.kube_api_url.as_deref(), &metrics).await?;
-    let (server, hooks, status, published, rules, changes) = crate::start_api(
-        &opts.agent.state_dir,
-        opts.agent.default_policy,
-        None,
-        &metrics,
-    )
-    .await?;
-    let api = ApiParts {
-        server,
-        hooks,
-        status,
-        published,
-        rules,
-        changes,
-    };
-    let ApiParts {
-        server,
-        hooks,
-        status,
-        published,
-        rules,
-        mut changes,
-    } = api;
-    server
-        .store()
-        .set_kubernetes_only()
-        .context("making the API's intentions read-only")?;
-    let metrics_server = crate::start_metrics(opts.metrics_addr, &metrics).await?;
-
     let changed = Arc::new(Notify::new());
     let node_selector = format!("spec.nodeName={}", opts.node_name);
     let pods = watch(
@@ -415,6 +396,46 @@ pub async fn run(opts: Options) -> Result<()> {
     wait("ServiceIntentions", &intentions.store).await?;
     wait("ServiceDefaults", &defaults.store).await?;
 
+    // A rolling update: the agent this one replaces (if one runs) hands its same-node
+    // connections over and closes what it listens on (crate::handover). Asked only now, with
+    // the cluster listed, so that an agent that cannot list never leaves the node without one.
+    let handed = match crate::handover::take_over(&state_dir, opts.pod_uid.as_deref()).await {
+        Ok(pairs) => pairs,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "no hand-over from the running agent; its same-node connections end with it");
+            Vec::new()
+        }
+    };
+    let handed = mesh_agent::Handed::new(handed, mesh_agent::TAKE_UP_WITHIN);
+    let (server, hooks, status, published, rules, changes) = crate::start_api(
+        &opts.agent.state_dir,
+        opts.agent.default_policy,
+        None,
+        &metrics,
+    )
+    .await?;
+    let api = ApiParts {
+        server,
+        hooks,
+        status,
+        published,
+        rules,
+        changes,
+    };
+    let ApiParts {
+        server,
+        hooks,
+        status,
+        published,
+        rules,
+        mut changes,
+    } = api;
+    server
+        .store()
+        .set_kubernetes_only()
+        .context("making the API's intentions read-only")?;
+    let metrics_server = crate::start_metrics(opts.metrics_addr, &metrics).await?;
+
     let pod_locator = mesh_dataplane::kubepods::Locator::new(&opts.cgroup_root, &opts.proc_root);
     let mut cni = crate::kube_cni::KubeCni::new(crate::kube_cni::ADD_WAIT);
     let snapshot = || ClusterObjects {
@@ -450,7 +471,6 @@ pub async fn run(opts: Options) -> Result<()> {
             mesh_agent::Identity::load(&opts.agent.state_dir)?
         }
     };
-    let state_dir = opts.agent.state_dir.clone();
     let mut agent = Agent::start_taking_over(
         opts.agent,
         translation.catalog.clone(),
@@ -478,7 +498,10 @@ pub async fn run(opts: Options) -> Result<()> {
     let (handover, mut successor) = crate::handover::Listener::bind(&state_dir)?;
     info!(socket = %handover.path().display(), "a starting agent on this node may ask for a hand-over here");
     let mut handing_over = None;
+    let ready = Ready::create(opts.ready_file.clone());
 
+    // Registered only now: until here SIGTERM ends the process at once (a start stuck in the
+    // first lists).
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -537,6 +560,7 @@ pub async fn run(opts: Options) -> Result<()> {
         published.publish(crate::catalog_snapshot(&agent, &node));
         cni.answer(&translation, &agent);
     }
+    drop(ready);
     let Some(next) = handing_over else {
         server.shutdown().await;
         if let Some(server) = metrics_server {
@@ -545,9 +569,10 @@ pub async fn run(opts: Options) -> Result<()> {
         info!("meshd stopping; kernel programs stay attached");
         return Ok(());
     };
-    // Another agent starts on this node (a rolling update): it gets the same-node connections
-    // and everything this agent listens on; this one then waits to be stopped.
-    info!("another agent starts on this node; handing over");
+    // Another agent starts on this node (a rolling update): it gets the same-node connections;
+    // this one closes everything it listens on, so that the new one can open it, and then
+    // waits to be stopped.
+    info!(successor_pod_uid = %next.uid, "another agent starts on this node; handing over");
     let pairs = agent.hand_over_splices(HAND_OVER_WAIT).await;
     agent.shutdown().await;
     drop(cni_server);
@@ -557,15 +582,20 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let count = pairs.len();
     match tokio::task::spawn_blocking(move || crate::handover::give(next, &pairs)).await {
-        Ok(Ok(())) => info!(
-            connections = count,
-            "handed over to the next agent; idle until stopped"
-        ),
-        Ok(Err(e)) => {
-            error!(error = %format!("{e:#}"), "the hand-over failed; those connections end")
-        }
-        Err(e) => error!(error = %e, "the hand-over task failed; those connections end"),
+        Ok(Ok(())) => {}
+        // No agent serves the node now: exit, so that the kubelet starts this one again.
+        Ok(Err(e)) => return Err(e.context("the hand-over failed; its connections ended")),
+        Err(e) => return Err(anyhow::anyhow!("the hand-over task failed: {e}")),
     }
+    if let Some(uid) = &opts.pod_uid {
+        if let Err(e) = crate::handover::retire(&state_dir, uid) {
+            warn!(error = %format!("{e:#}"), "recording the hand-over");
+        }
+    }
+    info!(
+        connections = count,
+        "handed over to the next agent; idle until stopped"
+    );
     // The kubelet restarts a container that exits: stay, doing nothing, until the rolling
     // update deletes this pod.
     tokio::select! {
@@ -574,6 +604,28 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     info!("meshd stopping after its hand-over");
     Ok(())
+}
+
+/// The ready file (`--ready-file`): there while the agent serves.
+struct Ready(Option<PathBuf>);
+
+impl Ready {
+    fn create(path: Option<PathBuf>) -> Self {
+        if let Some(path) = &path {
+            if let Err(e) = std::fs::write(path, b"") {
+                warn!(file = %path.display(), error = %e, "creating the ready file");
+            }
+        }
+        Self(path)
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// How long a hand-over waits for the same-node relays to stop between two writes.

@@ -153,6 +153,14 @@ enum Cmd {
         /// pod is meshed; given without a path: /var/run/meshd/cni.sock.
         #[arg(long, env = config::CNI_SOCKET_ENV, num_args = 0..=1, default_missing_value = config::DEFAULT_CNI_SOCKET)]
         cni_socket: Option<PathBuf>,
+        /// This agent's own pod's UID (the DaemonSet sets it from `metadata.uid`): a pod that
+        /// handed the node over to a newer agent never takes it back.
+        #[arg(long, env = config::POD_UID_ENV)]
+        pod_uid: Option<String>,
+        /// Created once the agent serves, removed when it hands over or stops (the
+        /// DaemonSet's readiness probe tests it).
+        #[arg(long, env = config::READY_FILE_ENV)]
+        ready_file: Option<PathBuf>,
         #[command(flatten)]
         proxy: config::ProxyArgs,
         #[command(flatten)]
@@ -317,6 +325,8 @@ fn main() -> Result<()> {
             default_intention_policy,
             metrics_addr,
             cni_socket,
+            pod_uid,
+            ready_file,
             proxy: proxy_args,
             ca,
         } => {
@@ -346,6 +356,8 @@ fn main() -> Result<()> {
                     proc_root,
                     cni_socket,
                     ca,
+                    pod_uid: pod_uid.filter(|uid| !uid.is_empty()),
+                    ready_file,
                 }))
         }
         Cmd::Exec {

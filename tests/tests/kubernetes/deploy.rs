@@ -580,7 +580,7 @@ fn the_cni_installer_is_a_native_sidecar_that_gates_meshd() {
 #[test]
 fn a_rolling_update_starts_the_new_agent_beside_the_old_one() {
     // The hand-over of same-node connections (meshd's `handover`) needs both agents on the
-    // node at once: surge first, never a node without its agent.
+    // node at once: surge first; the old pod goes once the new one is ready.
     let objects = objects();
     let ds: k8s_openapi::api::apps::v1::DaemonSet =
         typed("daemonset.yaml", find(&objects, "DaemonSet", "meshd"));
@@ -626,4 +626,18 @@ fn a_rolling_update_starts_the_new_agent_beside_the_old_one() {
         volume.host_path.is_some(),
         "the state directory is the node's"
     );
+    // Ready means serving (the agent's ready file), so the old pod is deleted only after the
+    // hand-over; each agent knows its pod, so a pod that handed over never takes back.
+    let env = |name: &str| meshd.env.iter().flatten().find(|e| e.name == name).cloned();
+    let ready_file = env("MESH_READY_FILE").and_then(|e| e.value).unwrap();
+    let probe = meshd.readiness_probe.as_ref().expect("a readiness probe");
+    assert_eq!(
+        probe.exec.as_ref().and_then(|e| e.command.clone()),
+        Some(vec!["test".to_owned(), "-f".to_owned(), ready_file])
+    );
+    let uid = env("MESH_POD_UID")
+        .and_then(|e| e.value_from)
+        .and_then(|v| v.field_ref)
+        .map(|f| f.field_path);
+    assert_eq!(uid.as_deref(), Some("metadata.uid"));
 }
