@@ -236,40 +236,51 @@ fn start_agent(
     logs: &Path,
     ca_flags: &[std::ffi::OsString],
 ) -> Result<Child> {
+    Ok(agent_command(node, node_name, api_url, state, logs, ca_flags, node_name)?.spawn()?)
+}
+
+/// `meshd kubernetes` for `node_name`, logging to `<logs>/<log>.log`.
+fn agent_command(
+    node: &ClusterNode,
+    node_name: &str,
+    api_url: &str,
+    state: &Path,
+    logs: &Path,
+    ca_flags: &[std::ffi::OsString],
+    log: &str,
+) -> Result<Command> {
     let token = state
         .parent()
         .context("state directory")?
         .join(format!("{node_name}-token"));
-    let log = std::fs::File::create(logs.join(format!("{node_name}.log")))?;
-    let child = node
-        .agent_command(&bin_path("meshd")?)
-        .args([
-            "kubernetes",
-            "--node-name",
-            node_name,
-            "--kube-api-url",
-            api_url,
-        ])
-        .arg("--instance")
-        .arg(node.instance())
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--mesh-cgroup")
-        .arg(&node.mesh_cgroup)
-        .arg("--cgroup-root")
-        .arg(&node.mesh_cgroup)
-        .arg("--cni-socket")
-        .arg(state.join("cni.sock"))
-        .args(ca_flags)
-        .arg("--ca-token-file")
-        .arg(&token)
-        .env("RUST_LOG", "info")
-        .env_remove("MESH_HTTP_ADDR")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    Ok(child)
+    let log = std::fs::File::create(logs.join(format!("{log}.log")))?;
+    let mut cmd = node.agent_command(&bin_path("meshd")?);
+    cmd.args([
+        "kubernetes",
+        "--node-name",
+        node_name,
+        "--kube-api-url",
+        api_url,
+    ])
+    .arg("--instance")
+    .arg(node.instance())
+    .arg("--state-dir")
+    .arg(state)
+    .arg("--mesh-cgroup")
+    .arg(&node.mesh_cgroup)
+    .arg("--cgroup-root")
+    .arg(&node.mesh_cgroup)
+    .arg("--cni-socket")
+    .arg(state.join("cni.sock"))
+    .args(ca_flags)
+    .arg("--ca-token-file")
+    .arg(&token)
+    .env("RUST_LOG", "info")
+    .env_remove("MESH_HTTP_ADDR")
+    .stdin(Stdio::null())
+    .stdout(log.try_clone()?)
+    .stderr(log);
+    Ok(cmd)
 }
 
 fn log_of(logs: &Path, name: &str) -> String {
@@ -937,6 +948,16 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
 
     let s1 = state.path().join("n1");
     std::fs::create_dir_all(&s1)?;
+    // Each agent as the DaemonSet runs it: its pod's UID and a ready file.
+    let agent = |log: &str, uid: &str| -> Result<Child> {
+        Ok(
+            agent_command(cluster.node(1), n1, &api_url, &s1, logs.path(), &[], log)?
+                .env("MESH_POD_UID", uid)
+                .env("MESH_READY_FILE", state.path().join(format!("{log}.ready")))
+                .spawn()?,
+        )
+    };
+    let is_ready = |log: &str| state.path().join(format!("{log}.ready")).exists();
     let ready = |name: &str| -> Result<()> {
         until(Duration::from_secs(60), || {
             log_of(logs.path(), name)
@@ -945,28 +966,31 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
         })
         .with_context(|| format!("agent {name} never ready: {}", log_of(logs.path(), name)))
     };
-    let mut old = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &[])?;
-    ready(n1)?;
+    let mut agents = Agents(vec![agent("old", "pod-old")?]);
+    let old = 0;
+    ready("old")?;
+    ensure!(is_ready("old"), "the old agent made no ready file");
     let diag = || {
-        format!(
-            "old agent:\n{}\nnew agent:\n{}",
-            log_of(logs.path(), "old"),
-            log_of(logs.path(), n1)
-        )
+        ["old", "new", "restarted", "next"]
+            .iter()
+            .map(|log| format!("{log} agent:\n{}", log_of(logs.path(), log)))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
 
     // web talks to db through its VIP: on this node, spliced in the kernel.
     let db_vip = SocketAddr::from((DB_VIP.parse::<Ipv4Addr>()?, 80)).to_string();
     let talker = converse(&web, &web_cg, &db_vip)
         .with_context(|| format!("web → db never answered\n{}", diag()))?;
-    cluster.keep(talker.0);
+    agents.0.push(talker.0);
     let talker = talker.1;
     keeps_talking(
         &talker,
         Duration::from_secs(1),
         Duration::from_secs(2),
         "before",
-    )?;
+    )
+    .with_context(diag)?;
     let spliced = |text: &str| {
         metric_line(text, "mesh_kernel_bytes_spliced_total")
             .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
@@ -976,19 +1000,17 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     })
     .with_context(|| format!("web → db is not spliced\n{}", diag()))?;
 
-    // The new agent starts beside the old one (its log is node-1.log from here on).
-    std::fs::rename(
-        logs.path().join(format!("{n1}.log")),
-        logs.path().join("old.log"),
-    )?;
-    let mut new = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &[])?;
+    // The new agent starts beside the old one.
+    let new = agents.0.len();
+    agents.0.push(agent("new", "pod-new")?);
     keeps_talking(
         &talker,
         Duration::from_secs(1),
         Duration::from_secs(2),
         "during the hand-over",
-    )?;
-    ready(n1)?;
+    )
+    .with_context(diag)?;
+    ready("new")?;
     until(Duration::from_secs(10), || {
         log_of(logs.path(), "old")
             .contains("handed over to the next agent")
@@ -997,41 +1019,71 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     .with_context(|| format!("the old agent never handed over\n{}", diag()))?;
     let old_log = without_ansi(&log_of(logs.path(), "old"));
     ensure!(
-        old_log.contains("connections=1"),
-        "the old agent did not hand over exactly one connection:\n{old_log}"
+        old_log.contains("connections=1") && old_log.contains("successor_pod_uid=pod-new"),
+        "the old agent did not hand over exactly one connection to pod-new:\n{old_log}"
     );
-    let new_log = without_ansi(&log_of(logs.path(), n1));
+    let new_log = without_ansi(&log_of(logs.path(), "new"));
     ensure!(
-        new_log.contains("adopted=true")
-            && new_log.contains("taken over from the previous agent")
+        new_log.contains("taken over from the previous agent")
+            && new_log.contains("spliced=true")
             && new_log.contains("taken=1"),
-        "the new agent did not take the connection over:\n{new_log}"
+        "the new agent did not take the connection over, spliced:\n{new_log}"
+    );
+    // The readiness probe's view: the new agent serves, the old one does not.
+    ensure!(
+        is_ready("new") && !is_ready("old"),
+        "ready files: new {}, old {}",
+        is_ready("new"),
+        is_ready("old")
     );
     keeps_talking(
         &talker,
         Duration::from_secs(1),
         Duration::from_secs(2),
         "after the hand-over",
-    )?;
+    )
+    .with_context(diag)?;
 
-    // The rolling update deletes the old pod (SIGTERM): the conversation goes on, in the
-    // kernel, and the new agent's metrics see it spliced.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(old.id())?),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    let exited = until(Duration::from_secs(10), || old.try_wait().ok().flatten());
-    ensure!(
-        exited.is_some_and(|status| status.success()),
-        "the old agent did not stop cleanly on SIGTERM: {exited:?}\n{}",
-        diag()
-    );
+    // The kubelet restarts the old pod's container before the update deletes the pod: it
+    // must not take the node back (it would be deleted next, with the connections).
+    let restarted = agents.0.len();
+    agents.0.push(agent("restarted", "pod-old")?);
+    until(Duration::from_secs(20), || {
+        log_of(logs.path(), "restarted")
+            .contains("handed the node over to a newer agent")
+            .then_some(())
+    })
+    .with_context(|| format!("the restarted old container did not stay idle\n{}", diag()))?;
+    keeps_talking(
+        &talker,
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        "beside the restarted old container",
+    )
+    .with_context(diag)?;
+
+    // The rolling update deletes the old pod (SIGTERM to its processes): the conversation goes
+    // on, in the kernel, and the new agent's metrics see it spliced.
+    for (what, i) in [("old agent", old), ("restarted old container", restarted)] {
+        let child = &mut agents.0[i];
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id())?),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let exited = until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+        ensure!(
+            exited.is_some_and(|status| status.success()),
+            "the {what} did not stop cleanly on SIGTERM: {exited:?}\n{}",
+            diag()
+        );
+    }
     let answers = keeps_talking(
         &talker,
         Duration::from_secs(2),
         Duration::from_secs(2),
         "after the old agent died",
-    )?;
+    )
+    .with_context(diag)?;
     ensure!(answers >= 10, "only {answers} answers in 2 s");
     let after = until(Duration::from_secs(10), || {
         spliced(&metrics(cluster.node(1)).ok()?).filter(|n| *n > before)
@@ -1064,22 +1116,26 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
         ),
     }
 
-    // Without a hand-over (the agent killed, as `maxUnavailable` updates and crashes do), a
-    // spliced connection does not outlive it: its proxy sockets go with it, and the next
-    // agent removes the pairs it could not revoke. Fail closed.
+    // A hand-over nobody completes (the asker goes away: a successor killed mid-way, or any
+    // root process): the agent has already given up the node, so it exits with an error for
+    // the kubelet to start it again, and its spliced connections end with it (fail closed).
     api.create(intentions("db", "web"))?;
     let (child, talker) = converse(&web, &web_cg, &db_vip)
         .with_context(|| format!("web → db never answered again\n{}", diag()))?;
-    cluster.keep(child);
-    let _ = new.kill();
-    let _ = new.wait();
-    std::fs::rename(
-        logs.path().join(format!("{n1}.log")),
-        logs.path().join("old.log"),
-    )?;
-    let next = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &[])?;
-    cluster.keep(next);
-    ready(n1)?;
+    agents.0.push(child);
+    {
+        use std::io::Write as _;
+        let mut asker = std::os::unix::net::UnixStream::connect(s1.join("handover.sock"))?;
+        asker.write_all(b"take-over pod-gone\n")?;
+    }
+    let exited = until(Duration::from_secs(10), || {
+        agents.0[new].try_wait().ok().flatten()
+    });
+    ensure!(
+        exited.is_some_and(|status| !status.success()),
+        "the agent did not exit with an error after a failed hand-over: {exited:?}\n{}",
+        diag()
+    );
     let ended = loop {
         match talker.recv_timeout(Duration::from_secs(5)) {
             Ok((_, l)) if l.starts_with("echo ") => continue,
@@ -1088,10 +1144,28 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     };
     ensure!(
         matches!(&ended, Ok((_, l)) if l.starts_with("closed ")),
-        "a spliced connection of a killed agent outlived the next agent's start: {ended:?}\n{}",
+        "a spliced connection outlived its agent: {ended:?}\n{}",
         diag()
     );
+    // The kubelet starts it again: it serves (nobody to take over from), and web → db works.
+    agents.0.push(agent("next", "pod-new")?);
+    ready("next")?;
+    let (child, _) = converse(&web, &web_cg, &db_vip)
+        .with_context(|| format!("web → db never answered after the restart\n{}", diag()))?;
+    agents.0.push(child);
     Ok(())
+}
+
+/// Agents (and probes) of a test, killed when it ends, whatever happened.
+struct Agents(Vec<Child>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// `text` without the terminal colour sequences (`ESC [ ... m`) of the agents' logs.
