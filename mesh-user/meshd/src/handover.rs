@@ -12,20 +12,25 @@
 //! 8-byte header (pairs in the message, then 1 on the last message, both `u32`
 //! little-endian) with two descriptors per pair, client side first, at most
 //! [`PAIRS_PER_MESSAGE`] pairs each (the kernel passes at most 253 descriptors per message).
-//! The new agent answers [`ACK`] once it has them all. Only then is the hand-over done: the old
-//! agent records its pod UID in `<state dir>/handover-retired` and stays idle until it is
-//! stopped, without a ready file (the readiness probe fails). Without the answer (the new
-//! agent died, timed out, or was not an agent) the old agent exits with an error, so that the
+//! The old agent records its pod UID in `<state dir>/handover-retired` before it sends. The
+//! new agent starts, takes the connections up and, once it serves, answers [`ACK`]
+//! ([`Taken::confirm`]). The old agent keeps its ready file until then (a surge update deletes
+//! an unready old pod at once), then drops it and stays idle until it is stopped. Without the
+//! answer within [`CONFIRM_WAIT`] (the new agent died or hung, or the asker was not an agent)
+//! the old agent takes its UID off the list again and exits with an error, so that the
 //! kubelet restarts it and the node has an agent again.
 //!
-//! A pod whose UID is in `handover-retired` never serves again: when the kubelet restarts its
-//! container (it crashed, or was killed while the rolling update had not yet deleted its pod),
-//! it idles until stopped, and a running agent refuses its request. So the connections never
-//! go back to the older agent, which the update is about to delete.
+//! A pod whose UID is in `handover-retired` does not serve: when the kubelet restarts its
+//! container (it crashed, or was killed before the rolling update deleted its pod), it idles
+//! until stopped, and a running agent refuses its request, so the connections never go back to
+//! the older agent, which the update is about to delete. It idles only while some agent holds
+//! the state directory's lock ([`agent_runs`]); with none for 15 s (the new agent failed, or
+//! the update was rolled back) it takes its UID off the list and exits, to serve again.
 //!
 //! The new agent starts as after a restart (it adopts the pinned programs) and takes the
 //! connections up (`Agent::start_taking_over`), asking its own rules about each; those it has
-//! not taken up within [`mesh_agent::TAKE_UP_WITHIN`] are reset.
+//! not taken up within [`mesh_agent::TAKE_UP_WITHIN`] are reset. Until they are taken up, a
+//! rule change does not reach them (see `docs/dataplane.md`, "Rolling update").
 //!
 //! Connections through the proxy (TLS between nodes, L7) cannot be handed over: their state is
 //! in the old agent's memory. They end with it, as on a restart.
@@ -64,13 +69,17 @@ pub const PAIRS_PER_MESSAGE: usize = 120;
 /// closes its listeners and ends its other connections first).
 const WAIT: Duration = Duration::from_secs(30);
 
+/// How long the old agent waits for the new one to serve (its start: the API, the CRDs'
+/// statuses, a leaf per service from `meshd ca`, meshing every pod).
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(120);
+
 /// Asks the agent running with this state directory, if any, to hand its same-node
 /// connections over, and returns them. No agent (no socket, or nobody listening on it): none.
 ///
 /// # Errors
 ///
 /// The running agent's answer is not the protocol's, or it does not answer within 30 s.
-pub async fn take_over(state_dir: &Path, own_uid: Option<&str>) -> Result<Vec<SplicedPair>> {
+pub async fn take_over(state_dir: &Path, own_uid: Option<&str>) -> Result<Taken> {
     let path = state_dir.join(SOCKET_FILE);
     let uid = own_uid.unwrap_or_default().to_owned();
     tokio::task::spawn_blocking(move || request(&path, &uid))
@@ -78,7 +87,30 @@ pub async fn take_over(state_dir: &Path, own_uid: Option<&str>) -> Result<Vec<Sp
         .context("the hand-over task")?
 }
 
-fn request(path: &Path, own_uid: &str) -> Result<Vec<SplicedPair>> {
+/// What the running agent handed over, and the connection to confirm on.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// The same-node connections.
+    pub pairs: Vec<SplicedPair>,
+    predecessor: Option<UnixStream>,
+}
+
+impl Taken {
+    /// Tells the previous agent that this one serves now ([`ACK`]): it then records that its
+    /// pod handed over and idles until stopped. Call it once this agent serves the node.
+    pub fn confirm(&mut self) {
+        if let Some(mut stream) = self.predecessor.take() {
+            match stream.write_all(ACK) {
+                Ok(()) => info!("confirmed the hand-over to the previous agent"),
+                Err(e) => {
+                    warn!(error = %e, "confirming the hand-over; the previous agent may have gone")
+                }
+            }
+        }
+    }
+}
+
+fn request(path: &Path, own_uid: &str) -> Result<Taken> {
     let mut stream = match UnixStream::connect(path) {
         Ok(stream) => stream,
         Err(e)
@@ -87,7 +119,7 @@ fn request(path: &Path, own_uid: &str) -> Result<Vec<SplicedPair>> {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Ok(Vec::new())
+            return Ok(Taken::default())
         }
         Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
     };
@@ -110,7 +142,10 @@ fn request(path: &Path, own_uid: &str) -> Result<Vec<SplicedPair>> {
             } else {
                 warn!("the running agent went away during the hand-over");
             }
-            return Ok(pairs);
+            return Ok(Taken {
+                pairs,
+                predecessor: None,
+            });
         }
         ensure!(
             !truncated,
@@ -135,14 +170,14 @@ fn request(path: &Path, own_uid: &str) -> Result<Vec<SplicedPair>> {
             break;
         }
     }
-    stream
-        .write_all(ACK)
-        .context("answering the running agent")?;
     info!(
         connections = pairs.len(),
         "the running agent handed its same-node connections over"
     );
-    Ok(pairs)
+    Ok(Taken {
+        pairs,
+        predecessor: Some(stream),
+    })
 }
 
 /// The running agent's end: answers one starting agent.
@@ -253,6 +288,30 @@ pub fn is_retired(state_dir: &Path, uid: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Takes pod `uid` off the list again (its hand-over failed, or it finds no agent serving).
+///
+/// # Errors
+///
+/// The file cannot be written.
+pub fn unretire(state_dir: &Path, uid: &str) -> Result<()> {
+    let path = state_dir.join(RETIRED_FILE);
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let uids: Vec<&str> = old.lines().filter(|l| !l.is_empty() && *l != uid).collect();
+    mesh_core::durable::write(&path, format!("{}\n", uids.join("\n")).as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Whether some agent runs with this state directory: it holds the API's lock
+/// ([`mesh_api::LOCK_FILE`]) from its start to its stop.
+pub fn agent_runs(state_dir: &Path) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let Ok(file) = std::fs::File::open(state_dir.join(mesh_api::LOCK_FILE)) else {
+        return false;
+    };
+    // Taken (and let go at once) only if nobody holds it.
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+}
+
 /// Records that pod `uid` handed this node over (durably; the newest UIDs are kept).
 ///
 /// # Errors
@@ -273,12 +332,12 @@ pub fn retire(state_dir: &Path, uid: &str) -> Result<()> {
 ///
 /// # Errors
 ///
-/// The successor went away, stopped reading, or did not answer within 30 s: the hand-over
-/// failed (its pairs' connections end with the copies).
+/// The successor went away, stopped reading, or did not confirm within [`CONFIRM_WAIT`]
+/// (it confirms once it serves): the hand-over failed (its pairs' connections end with it).
 pub fn give(successor: Successor, pairs: &[SplicedPair]) -> Result<()> {
     let mut stream = successor.stream;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_read_timeout(Some(WAIT))?;
+    stream.set_read_timeout(Some(CONFIRM_WAIT))?;
     let chunks: Vec<&[SplicedPair]> = if pairs.is_empty() {
         vec![&[]]
     } else {
@@ -343,7 +402,7 @@ mod tests {
         )
     }
 
-    fn asking(dir: &Path, uid: &str) -> tokio::task::JoinHandle<Result<Vec<SplicedPair>>> {
+    fn asking(dir: &Path, uid: &str) -> tokio::task::JoinHandle<Result<Taken>> {
         let dir = dir.to_owned();
         let uid = uid.to_owned();
         tokio::spawn(async move { take_over(&dir, Some(&uid)).await })
@@ -353,7 +412,7 @@ mod tests {
     async fn sockets_cross_to_the_next_agent_in_order_and_in_several_messages() {
         let dir = tempfile::tempdir().unwrap();
         // Nobody there: nothing to take over.
-        assert!(take_over(dir.path(), None).await.unwrap().is_empty());
+        assert!(take_over(dir.path(), None).await.unwrap().pairs.is_empty());
         let (listener, asked) = Listener::bind(dir.path()).unwrap();
         let mode = std::fs::metadata(listener.path())
             .unwrap()
@@ -371,13 +430,15 @@ mod tests {
         let taking = asking(dir.path(), "new-pod");
         let successor = asked.await.unwrap();
         assert_eq!(successor.uid, "new-pod");
-        // Returns only once the new agent confirmed.
-        tokio::task::spawn_blocking(move || give(successor, &pairs))
-            .await
-            .unwrap()
-            .unwrap();
-        let taken = taking.await.unwrap().unwrap();
-        assert_eq!(taken.len(), count);
+        let giving = tokio::task::spawn_blocking(move || give(successor, &pairs));
+        let mut taken = taking.await.unwrap().unwrap();
+        assert_eq!(taken.pairs.len(), count);
+        // The old agent waits until the new one says it serves.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!giving.is_finished());
+        taken.confirm();
+        giving.await.unwrap().unwrap();
+        let taken = taken.pairs;
         // Each handed socket is the same connection: what its app sends arrives there.
         for (i, (p, (a, c))) in taken.iter().zip(apps.iter_mut()).enumerate() {
             a.write_all(format!("client {i}").as_bytes()).unwrap();
@@ -392,6 +453,7 @@ mod tests {
         assert!(take_over(dir.path(), Some("third"))
             .await
             .unwrap()
+            .pairs
             .is_empty());
     }
 
@@ -409,16 +471,17 @@ mod tests {
             .await
             .unwrap()
             .unwrap()
+            .pairs
             .is_empty());
         assert!(asked.try_recv().is_err());
         let taking = asking(dir.path(), "new-pod");
         let successor = asked.await.unwrap();
         assert_eq!(successor.uid, "new-pod");
-        tokio::task::spawn_blocking(move || give(successor, &[]))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(taking.await.unwrap().unwrap().is_empty());
+        let giving = tokio::task::spawn_blocking(move || give(successor, &[]));
+        let mut taken = taking.await.unwrap().unwrap();
+        assert!(taken.pairs.is_empty());
+        taken.confirm();
+        giving.await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -438,6 +501,19 @@ mod tests {
     }
 
     #[test]
+    fn a_held_api_lock_means_an_agent_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!agent_runs(dir.path()), "no lock file");
+        let file = std::fs::File::create(dir.path().join(mesh_api::LOCK_FILE)).unwrap();
+        assert!(!agent_runs(dir.path()), "nobody holds it");
+        let held =
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+        assert!(agent_runs(dir.path()));
+        drop(held);
+        assert!(!agent_runs(dir.path()));
+    }
+
+    #[test]
     fn the_retired_list_keeps_the_newest_uids() {
         let dir = tempfile::tempdir().unwrap();
         for i in 0..RETIRED_KEPT + 4 {
@@ -447,5 +523,11 @@ mod tests {
         assert!(is_retired(dir.path(), &format!("pod-{}", RETIRED_KEPT + 3)));
         let text = std::fs::read_to_string(dir.path().join(RETIRED_FILE)).unwrap();
         assert_eq!(text.lines().count(), RETIRED_KEPT);
+        unretire(dir.path(), &format!("pod-{}", RETIRED_KEPT + 3)).unwrap();
+        assert!(!is_retired(
+            dir.path(),
+            &format!("pod-{}", RETIRED_KEPT + 3)
+        ));
+        assert!(is_retired(dir.path(), &format!("pod-{}", RETIRED_KEPT + 2)));
     }
 }

@@ -307,16 +307,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let state_dir = opts.agent.state_dir.clone();
     if let Some(uid) = &opts.pod_uid {
         if crate::handover::is_retired(&state_dir, uid) {
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            // The kubelet restarted this container after it handed the node over: the newer
-            // agent serves, and the rolling update is about to delete this pod.
-            info!(pod_uid = %uid, "this pod handed the node over to a newer agent; idle until stopped");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            return Ok(());
+            return idle_retired(&state_dir, uid).await;
         }
     }
     let metrics = Arc::new(Metrics::new());
@@ -396,17 +387,23 @@ pub async fn run(opts: Options) -> Result<()> {
     wait("ServiceIntentions", &intentions.store).await?;
     wait("ServiceDefaults", &defaults.store).await?;
 
+    // From here on SIGTERM is handled (a stop in the middle of the start still drops the
+    // handed-over connections cleanly); until here it ended the process at once (a start stuck
+    // in the first lists).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     // A rolling update: the agent this one replaces (if one runs) hands its same-node
     // connections over and closes what it listens on (crate::handover). Asked only now, with
     // the cluster listed, so that an agent that cannot list never leaves the node without one.
-    let handed = match crate::handover::take_over(&state_dir, opts.pod_uid.as_deref()).await {
-        Ok(pairs) => pairs,
+    let mut taken = match crate::handover::take_over(&state_dir, opts.pod_uid.as_deref()).await {
+        Ok(taken) => taken,
         Err(e) => {
             warn!(error = %format!("{e:#}"), "no hand-over from the running agent; its same-node connections end with it");
-            Vec::new()
+            crate::handover::Taken::default()
         }
     };
-    let handed = mesh_agent::Handed::new(handed, mesh_agent::TAKE_UP_WITHIN);
+    let handed =
+        mesh_agent::Handed::new(std::mem::take(&mut taken.pairs), mesh_agent::TAKE_UP_WITHIN);
     let (server, hooks, status, published, rules, changes) = crate::start_api(
         &opts.agent.state_dir,
         opts.agent.default_policy,
@@ -450,15 +447,9 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let translation = translate(&mut cni, &pod_locator, snapshot());
     let mut written: BTreeMap<(&'static str, CrRef), Value> = BTreeMap::new();
-    sync_crds(
-        &server,
-        &client,
-        &si_resource,
-        &sd_resource,
-        &translation,
-        &mut written,
-    )
-    .await;
+    // The CRDs' intentions into the store now; their statuses (a request per object) once the
+    // agent serves, so that a hand-over's gap does not grow with the cluster.
+    store_crds(&server, &translation).await;
     report(&translation, &metrics);
     // The CRDs' entries reach the rules through `changes`; start with what the store holds now.
     let rules = changes.try_recv().unwrap_or(rules);
@@ -497,13 +488,20 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let (handover, mut successor) = crate::handover::Listener::bind(&state_dir)?;
     info!(socket = %handover.path().display(), "a starting agent on this node may ask for a hand-over here");
-    let mut handing_over = None;
+    let (mut asked, mut handing_over) = (false, None);
     let ready = Ready::create(opts.ready_file.clone());
+    // Serving: the previous agent (if any) may go now.
+    taken.confirm();
+    sync_crds(
+        &server,
+        &client,
+        &si_resource,
+        &sd_resource,
+        &translation,
+        &mut written,
+    )
+    .await;
 
-    // Registered only now: until here SIGTERM ends the process at once (a start stuck in the
-    // first lists).
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -523,9 +521,16 @@ pub async fn run(opts: Options) -> Result<()> {
                 recheck = true;
                 crate::publish_counters(&agent, &hooks);
             }
-            Ok(next) = &mut successor, if handing_over.is_none() => {
-                handing_over = Some(next);
-                break;
+            // Polled until it answers once (a finished receiver must not be polled again).
+            next = &mut successor, if !asked => {
+                asked = true;
+                match next {
+                    Ok(next) => {
+                        handing_over = Some(next);
+                        break;
+                    }
+                    Err(_) => warn!("the hand-over socket stopped; no hand-over possible"),
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -560,8 +565,8 @@ pub async fn run(opts: Options) -> Result<()> {
         published.publish(crate::catalog_snapshot(&agent, &node));
         cni.answer(&translation, &agent);
     }
-    drop(ready);
     let Some(next) = handing_over else {
+        drop(ready);
         server.shutdown().await;
         if let Some(server) = metrics_server {
             server.shutdown().await;
@@ -570,8 +575,9 @@ pub async fn run(opts: Options) -> Result<()> {
         return Ok(());
     };
     // Another agent starts on this node (a rolling update): it gets the same-node connections;
-    // this one closes everything it listens on, so that the new one can open it, and then
-    // waits to be stopped.
+    // this one closes everything it listens on, so that the new one can open it, and waits
+    // for the new one to serve. The ready file stays until then: a surge update deletes an
+    // unready old pod at once.
     info!(successor_pod_uid = %next.uid, "another agent starts on this node; handing over");
     let pairs = agent.hand_over_splices(HAND_OVER_WAIT).await;
     agent.shutdown().await;
@@ -581,20 +587,26 @@ pub async fn run(opts: Options) -> Result<()> {
         server.shutdown().await;
     }
     let count = pairs.len();
-    match tokio::task::spawn_blocking(move || crate::handover::give(next, &pairs)).await {
-        Ok(Ok(())) => {}
-        // No agent serves the node now: exit, so that the kubelet starts this one again.
-        Ok(Err(e)) => return Err(e.context("the hand-over failed; its connections ended")),
-        Err(e) => return Err(anyhow::anyhow!("the hand-over task failed: {e}")),
-    }
+    // Recorded before the sockets go, so that this pod never serves again once they are gone
+    // (taken back below if the hand-over fails).
     if let Some(uid) = &opts.pod_uid {
-        if let Err(e) = crate::handover::retire(&state_dir, uid) {
-            warn!(error = %format!("{e:#}"), "recording the hand-over");
-        }
+        crate::handover::retire(&state_dir, uid)?;
     }
+    let given = tokio::task::spawn_blocking(move || crate::handover::give(next, &pairs))
+        .await
+        .map_err(|e| anyhow::anyhow!("the hand-over task failed: {e}"))
+        .and_then(|given| given);
+    if let Err(e) = given {
+        // No agent serves the node now: exit, so that the kubelet starts this one again.
+        if let Some(uid) = &opts.pod_uid {
+            crate::handover::unretire(&state_dir, uid)?;
+        }
+        return Err(e.context("the hand-over failed; its connections ended"));
+    }
+    drop(ready);
     info!(
         connections = count,
-        "handed over to the next agent; idle until stopped"
+        "handed over to the next agent, which serves now; idle until stopped"
     );
     // The kubelet restarts a container that exits: stay, doing nothing, until the rolling
     // update deletes this pod.
@@ -604,6 +616,32 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     info!("meshd stopping after its hand-over");
     Ok(())
+}
+
+/// A pod that handed the node over, started again by the kubelet before the update deleted
+/// it: idles until stopped while another agent runs with the state directory. If none does
+/// for 15 s (the new one failed, or the update was rolled back before the new pod served), it
+/// takes the pod off the retired list and exits with an error, so that the kubelet starts it
+/// again to serve the node.
+async fn idle_retired(state_dir: &std::path::Path, uid: &str) -> Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    info!(pod_uid = %uid, "this pod handed the node over to a newer agent; idle until stopped");
+    let mut check = tokio::time::interval(Duration::from_secs(5));
+    let mut missed = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = check.tick() => {
+                missed = if crate::handover::agent_runs(state_dir) { 0 } else { missed + 1 };
+                if missed >= 3 {
+                    crate::handover::unretire(state_dir, uid)?;
+                    anyhow::bail!("no agent serves this node any more; this pod takes it back");
+                }
+            }
+        }
+    }
 }
 
 /// The ready file (`--ready-file`): there while the agent serves.
@@ -704,6 +742,20 @@ type SyncResult = Result<(), (String, String)>;
 
 /// Writes the CRDs' entries to the store and their `Synced` conditions to the API server (a
 /// status is written only when it changes).
+/// Stores the CRDs' intentions and service defaults (no status written).
+async fn store_crds(server: &mesh_api::Server, t: &Translation) {
+    let store = server.store().clone();
+    let entries = t.intention_entries();
+    let defaults = t.defaults_entries();
+    match tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries, &defaults))
+        .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => error!(error = %e, "storing the CRDs' intentions"),
+        Err(e) => error!(error = %e, "storing the CRDs' intentions"),
+    }
+}
+
 async fn sync_crds(
     server: &mesh_api::Server,
     client: &Client,
