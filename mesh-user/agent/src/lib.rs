@@ -164,8 +164,9 @@ pub enum KernelRules {
 
 /// How long a starting agent has to take up the connections handed over to it
 /// ([`Handed`]): those it has not taken up by then are reset, because until they are, no rule
-/// change reaches them.
-pub const TAKE_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// change reaches them. Short on purpose: a slow start ends those connections (as a restart
+/// would) rather than leave a deny unenforced on them for long.
+pub const TAKE_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Same-node connections the previous agent handed over, waiting for
 /// [`Agent::start_taking_over`] to take them up. Those still here [`TAKE_UP_WITHIN`] after
