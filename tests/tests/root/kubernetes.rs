@@ -283,6 +283,25 @@ fn agent_command(
     Ok(cmd)
 }
 
+/// Services `(name, cluster IP)` of namespace `default`, each with its ServiceAccount.
+fn create_services(api: &ApiServer, services: &[(&str, &str)]) -> Result<()> {
+    for (name, vip) in services {
+        api.create(service(name, vip))?;
+        api.create(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "default"}}))?;
+    }
+    Ok(())
+}
+
+/// Waits (60 s) until the agent logging to `<logs>/<name>.log` says it is ready.
+fn agent_ready(logs: &Path, name: &str) -> Result<()> {
+    until(Duration::from_secs(60), || {
+        log_of(logs, name)
+            .contains("meshd kubernetes ready")
+            .then_some(())
+    })
+    .with_context(|| format!("agent {name} never ready: {}", log_of(logs, name)))
+}
+
 fn log_of(logs: &Path, name: &str) -> String {
     std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default()
 }
@@ -443,10 +462,7 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     let (api, api_url) = api_server_on(cluster.node(1))?;
 
     api.create(namespace_object())?;
-    for (name, vip) in [("web", WEB_VIP), ("api", API_VIP), ("db", DB_VIP)] {
-        api.create(service(name, vip))?;
-        api.create(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "default"}}))?;
-    }
+    create_services(&api, &[("web", WEB_VIP), ("api", API_VIP), ("db", DB_VIP)])?;
     api.create(slice("web", web.ip, n1))?;
     api.create(slice("db", db.ip, n1))?;
     api.create(slice("api", api_pod.ip, n2))?;
@@ -489,13 +505,7 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     cluster.keep(ca.process);
     let agent1 = start_agent(cluster.node(1), n1, &api_url, &s1, logs.path(), &ca.flags)?;
     cluster.keep(agent1);
-    let ready = |name: &str| -> Result<()> {
-        until(Duration::from_secs(60), || {
-            let log = log_of(logs.path(), name);
-            log.contains("meshd kubernetes ready").then_some(())
-        })
-        .with_context(|| format!("agent {name} never ready: {}", log_of(logs.path(), name)))
-    };
+    let ready = |name: &str| agent_ready(logs.path(), name);
     ready(n1)?;
     let mut agent2 = start_agent(cluster.node(2), n2, &api_url, &s2, logs.path(), &ca.flags)?;
     ready(n2)?;
@@ -625,18 +635,7 @@ fn the_tutorial_across_two_nodes_from_the_api_server() -> Result<()> {
     let closed = lines.recv_timeout(Duration::from_secs(5));
     let _ = holder.kill();
     let _ = holder.wait();
-    match &closed {
-        Ok((at, line)) if line.starts_with("closed ") => ensure!(
-            at.duration_since(deleted) <= Duration::from_secs(1),
-            "the held connection closed {:?} after the CR's deletion (limit 1 s): {line}\n{}",
-            at.duration_since(deleted),
-            diag()
-        ),
-        other => bail!(
-            "the held connection was not closed within 5 s of the CR's deletion: {other:?}\n{}",
-            diag()
-        ),
-    }
+    closed_within_a_second(&closed, deleted, "the held connection", diag)?;
     until(Duration::from_secs(10), || {
         call(&web, &web_cg, web_addr)
             .ok()
@@ -880,6 +879,42 @@ fn converse(
     .context("no answer")
 }
 
+/// Checks that `closed` (a probe's line, as received) says its connection closed within a
+/// second of `since` (a CR's deletion).
+fn closed_within_a_second(
+    closed: &Result<(Instant, String), std::sync::mpsc::RecvTimeoutError>,
+    since: Instant,
+    what: &str,
+    diag: impl Fn() -> String,
+) -> Result<()> {
+    match closed {
+        Ok((at, line)) if line.starts_with("closed ") => ensure!(
+            at.duration_since(since) <= Duration::from_secs(1),
+            "{what} closed {:?} after the CR's deletion (limit 1 s): {line}\n{}",
+            at.duration_since(since),
+            diag()
+        ),
+        other => bail!(
+            "{what} was not closed within 5 s of the CR's deletion: {other:?}\n{}",
+            diag()
+        ),
+    }
+    Ok(())
+}
+
+/// The first line of a `converse` probe that is not an answer (its end), waiting at most 5 s
+/// for each line.
+fn end_of_conversation(
+    lines: &std::sync::mpsc::Receiver<(Instant, String)>,
+) -> Result<(Instant, String), std::sync::mpsc::RecvTimeoutError> {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(5)) {
+            Ok((_, l)) if l.starts_with("echo ") => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Waits `span` and checks the conversation went on throughout: answers kept coming, none
 /// more than `gap` after the one before. Returns how many arrived.
 fn keeps_talking(
@@ -900,11 +935,12 @@ fn keeps_talking(
     Ok(answers)
 }
 
-/// A rolling update of the DaemonSet (`maxSurge: 1`): a second `meshd kubernetes` starts on a
-/// node whose agent runs, takes over its same-node connections (the kernel carries them: a
-/// spliced web → db conversation), the old agent idles and is then killed; the conversation
-/// goes on through all of it, and the new agent enforces the rules on it (deleting the CR
-/// closes it). Without a hand-over (the agent killed) such connections end.
+/// A rolling update of the DaemonSet (`maxSurge: 1`): a second `meshd kubernetes` (another pod
+/// UID) starts on a node whose agent runs and takes over its same-node connections (the kernel
+/// carries them: a spliced web → db conversation); the old agent idles, its pod's restarted
+/// container too, then both get SIGTERM; the conversation goes on through all of it, and the
+/// new agent enforces the rules on it (deleting the CR closes it). A hand-over nobody
+/// completes makes the agent exit with an error and its connections end (fail closed).
 #[test]
 fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them() -> Result<()> {
     let logs = tempfile::tempdir()?;
@@ -915,10 +951,7 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     let n1 = "node-1";
     let (api, api_url) = api_server_on(cluster.node(1))?;
     api.create(namespace_object())?;
-    for (name, vip) in [("web", WEB_VIP), ("db", DB_VIP)] {
-        api.create(service(name, vip))?;
-        api.create(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "default"}}))?;
-    }
+    create_services(&api, &[("web", WEB_VIP), ("db", DB_VIP)])?;
     api.create(slice("web", web.ip, n1))?;
     api.create(slice("db", db.ip, n1))?;
     api.create(intentions("db", "web"))?;
@@ -958,14 +991,7 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
         )
     };
     let is_ready = |log: &str| state.path().join(format!("{log}.ready")).exists();
-    let ready = |name: &str| -> Result<()> {
-        until(Duration::from_secs(60), || {
-            log_of(logs.path(), name)
-                .contains("meshd kubernetes ready")
-                .then_some(())
-        })
-        .with_context(|| format!("agent {name} never ready: {}", log_of(logs.path(), name)))
-    };
+    let ready = |name: &str| agent_ready(logs.path(), name);
     let mut agents = Agents(vec![agent("old", "pod-old")?]);
     let old = 0;
     ready("old")?;
@@ -1097,24 +1123,8 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     // The new agent revokes it: deleting the CR closes the conversation within a second.
     let deleted = Instant::now();
     api.delete("ServiceIntentions", "default", "db")?;
-    let closed = loop {
-        match talker.recv_timeout(Duration::from_secs(5)) {
-            Ok((_, l)) if l.starts_with("echo ") => continue,
-            other => break other,
-        }
-    };
-    match &closed {
-        Ok((at, line)) if line.starts_with("closed ") => ensure!(
-            at.duration_since(deleted) <= Duration::from_secs(1),
-            "the conversation closed {:?} after the CR's deletion (limit 1 s): {line}\n{}",
-            at.duration_since(deleted),
-            diag()
-        ),
-        other => bail!(
-            "the conversation was not closed within 5 s of the CR's deletion: {other:?}\n{}",
-            diag()
-        ),
-    }
+    let closed = end_of_conversation(&talker);
+    closed_within_a_second(&closed, deleted, "the conversation", diag)?;
 
     // A hand-over nobody completes (the asker goes away: a successor killed mid-way, or any
     // root process): the agent has already given up the node, so it exits with an error for
@@ -1136,12 +1146,7 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
         "the agent did not exit with an error after a failed hand-over: {exited:?}\n{}",
         diag()
     );
-    let ended = loop {
-        match talker.recv_timeout(Duration::from_secs(5)) {
-            Ok((_, l)) if l.starts_with("echo ") => continue,
-            other => break other,
-        }
-    };
+    let ended = end_of_conversation(&talker);
     ensure!(
         matches!(&ended, Ok((_, l)) if l.starts_with("closed ")),
         "a spliced connection outlived its agent: {ended:?}\n{}",
