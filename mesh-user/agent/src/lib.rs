@@ -166,7 +166,7 @@ pub enum KernelRules {
 /// ([`Handed`]): those it has not taken up by then are reset, because until they are, no rule
 /// change reaches them. Short on purpose: a slow start ends those connections (as a restart
 /// would) rather than leave a deny unenforced on them for long.
-pub const TAKE_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+pub const TAKE_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Same-node connections the previous agent handed over, waiting for
 /// [`Agent::start_taking_over`] to take them up. Those still here [`TAKE_UP_WITHIN`] after

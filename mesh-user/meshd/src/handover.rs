@@ -13,7 +13,8 @@
 //! little-endian) with two descriptors per pair, client side first, at most
 //! [`PAIRS_PER_MESSAGE`] pairs each (the kernel passes at most 253 descriptors per message).
 //! The old agent records its pod UID in `<state dir>/handover-retired` before it sends. The
-//! new agent starts, takes the connections up and, once it serves, answers [`ACK`]
+//! new agent starts, takes the connections up and, once it serves (and unless it was told to
+//! stop meanwhile), answers [`ACK`]
 //! ([`Taken::confirm`]). The old agent keeps its ready file until then (a surge update deletes
 //! an unready old pod at once), then drops it and stays idle until it is stopped. Without the
 //! answer within [`CONFIRM_WAIT`] (the new agent died or hung, or the asker was not an agent)
@@ -24,8 +25,9 @@
 //! container (it crashed, or was killed before the rolling update deleted its pod), it idles
 //! until stopped, and a running agent refuses its request, so the connections never go back to
 //! the older agent, which the update is about to delete. It idles only while some agent holds
-//! the state directory's lock ([`agent_runs`]); with none for 15 s (the new agent failed, or
-//! the update was rolled back) it takes its UID off the list and exits, to serve again.
+//! the state directory's lock ([`agent_runs`]); with none for 60 s (the new agent failed, or
+//! the update was rolled back) it takes its UID off the list and exits, to serve again. The
+//! old agent itself waits the same way after a confirmed hand-over.
 //!
 //! The new agent starts as after a restart (it adopts the pinned programs) and takes the
 //! connections up (`Agent::start_taking_over`), asking its own rules about each; those it has

@@ -490,21 +490,34 @@ pub async fn run(opts: Options) -> Result<()> {
     info!(socket = %handover.path().display(), "a starting agent on this node may ask for a hand-over here");
     let (mut asked, mut handing_over) = (false, None);
     let ready = Ready::create(opts.ready_file.clone());
-    // Serving: the previous agent (if any) may go now.
-    taken.confirm();
-    sync_crds(
-        &server,
-        &client,
-        &si_resource,
-        &sd_resource,
-        &translation,
-        &mut written,
-    )
-    .await;
+    // Told to stop while starting (the pod deleted, a rollback): the previous agent must not
+    // let go of the node for an agent that is about to stop; it hears no confirmation and
+    // serves again.
+    use futures_util::FutureExt as _;
+    let stopping = term.recv().now_or_never().is_some() || int.recv().now_or_never().is_some();
+    if stopping {
+        info!("told to stop while starting; the hand-over is not confirmed");
+    } else {
+        // Serving: the previous agent (if any) may go now.
+        taken.confirm();
+        sync_crds(
+            &server,
+            &client,
+            &si_resource,
+            &sd_resource,
+            &translation,
+            &mut written,
+        )
+        .await;
+    }
+    drop(taken);
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     loop {
+        if stopping {
+            break;
+        }
         // `full`: the watched objects changed (CRD statuses, the sync time); `recheck`: pods
         // may have appeared on the node, or a CNI ADD waits.
         let (mut full, mut recheck) = (false, false);
@@ -609,35 +622,54 @@ pub async fn run(opts: Options) -> Result<()> {
         "handed over to the next agent, which serves now; idle until stopped"
     );
     // The kubelet restarts a container that exits: stay, doing nothing, until the rolling
-    // update deletes this pod.
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    // update deletes this pod, or until no agent serves the node any more.
+    idle_while_an_agent_serves(&state_dir, opts.pod_uid.as_deref(), &mut term, &mut int).await?;
     info!("meshd stopping after its hand-over");
     Ok(())
 }
 
 /// A pod that handed the node over, started again by the kubelet before the update deleted
-/// it: idles until stopped while another agent runs with the state directory. If none does
-/// for 15 s (the new one failed, or the update was rolled back before the new pod served), it
-/// takes the pod off the retired list and exits with an error, so that the kubelet starts it
-/// again to serve the node.
+/// it: idles (see [`idle_while_an_agent_serves`]).
 async fn idle_retired(state_dir: &std::path::Path, uid: &str) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     info!(pod_uid = %uid, "this pod handed the node over to a newer agent; idle until stopped");
-    let mut check = tokio::time::interval(Duration::from_secs(5));
-    let mut missed = 0;
+    idle_while_an_agent_serves(state_dir, Some(uid), &mut term, &mut int).await
+}
+
+/// How long an agent that handed the node over waits, with no agent holding the state
+/// directory's lock, before it takes the node back (longer than a new agent's first lists
+/// after a node's reboot, so that it does not take the node from one that is starting).
+const NOBODY_SERVES: Duration = Duration::from_secs(60);
+
+/// Idles until SIGTERM/SIGINT while some agent runs with the state directory (holds its
+/// lock). If none does for [`NOBODY_SERVES`] (the new agent failed or was deleted, or the
+/// update was rolled back before the new pod served), takes pod `uid` off the retired list and
+/// returns an error, so that the process exits and the kubelet starts it again to serve.
+async fn idle_while_an_agent_serves(
+    state_dir: &std::path::Path,
+    uid: Option<&str>,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Result<()> {
+    const EVERY: Duration = Duration::from_secs(5);
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
+    let mut nobody_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = check.tick() => {
-                missed = if crate::handover::agent_runs(state_dir) { 0 } else { missed + 1 };
-                if missed >= 3 {
-                    crate::handover::unretire(state_dir, uid)?;
-                    anyhow::bail!("no agent serves this node any more; this pod takes it back");
+                if crate::handover::agent_runs(state_dir) {
+                    nobody_since = None;
+                    continue;
+                }
+                let since = *nobody_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= NOBODY_SERVES {
+                    if let Some(uid) = uid {
+                        crate::handover::unretire(state_dir, uid)?;
+                    }
+                    anyhow::bail!("no agent has served this node for {NOBODY_SERVES:?}; this pod takes it back");
                 }
             }
         }
