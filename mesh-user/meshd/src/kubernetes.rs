@@ -772,37 +772,18 @@ fn report(t: &Translation, metrics: &Metrics) {
 /// A CRD's sync: `Ok`, or consul-k8s's reason and a message.
 type SyncResult = Result<(), (String, String)>;
 
-/// Writes the CRDs' entries to the store and their `Synced` conditions to the API server (a
-/// status is written only when it changes).
-/// Stores the CRDs' intentions and service defaults (no status written).
-async fn store_crds(server: &mesh_api::Server, t: &Translation) {
+/// Stores the CRDs' intentions and service defaults (no status written); `None` (logged) if
+/// the store refused them.
+async fn store_crds(
+    server: &mesh_api::Server,
+    t: &Translation,
+) -> Option<mesh_api::KubernetesSync> {
     let store = server.store().clone();
     let entries = t.intention_entries();
     let defaults = t.defaults_entries();
     match tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries, &defaults))
         .await
     {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => error!(error = %e, "storing the CRDs' intentions"),
-        Err(e) => error!(error = %e, "storing the CRDs' intentions"),
-    }
-}
-
-async fn sync_crds(
-    server: &mesh_api::Server,
-    client: &Client,
-    si_resource: &ApiResource,
-    sd_resource: &ApiResource,
-    t: &Translation,
-    written: &mut BTreeMap<(&'static str, CrRef), Value>,
-) {
-    let store = server.store().clone();
-    let entries = t.intention_entries();
-    let defaults = t.defaults_entries();
-    let sync =
-        tokio::task::spawn_blocking(move || store.sync_kubernetes_entries(&entries, &defaults))
-            .await;
-    let sync = match sync {
         Ok(Ok(sync)) => Some(sync),
         Ok(Err(e)) => {
             error!(error = %e, "storing the CRDs' intentions");
@@ -812,7 +793,20 @@ async fn sync_crds(
             error!(error = %e, "storing the CRDs' intentions");
             None
         }
-    };
+    }
+}
+
+/// Writes the CRDs' entries to the store and their `Synced` conditions to the API server (a
+/// status is written only when it changes).
+async fn sync_crds(
+    server: &mesh_api::Server,
+    client: &Client,
+    si_resource: &ApiResource,
+    sd_resource: &ApiResource,
+    t: &Translation,
+    written: &mut BTreeMap<(&'static str, CrRef), Value>,
+) {
+    let sync = store_crds(server, t).await;
     let outcome_of = |outcomes: &[(mesh_core::intentions::ServiceName, SyncOutcome)],
                       name: &mesh_core::intentions::ServiceName| {
         outcomes
