@@ -296,11 +296,7 @@ pub fn is_retired(state_dir: &Path, uid: &str) -> bool {
 ///
 /// The file cannot be written.
 pub fn unretire(state_dir: &Path, uid: &str) -> Result<()> {
-    let path = state_dir.join(RETIRED_FILE);
-    let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let uids: Vec<&str> = old.lines().filter(|l| !l.is_empty() && *l != uid).collect();
-    mesh_core::durable::write(&path, format!("{}\n", uids.join("\n")).as_bytes(), 0o600)
-        .with_context(|| format!("writing {}", path.display()))
+    write_retired(state_dir, uid, false)
 }
 
 /// Whether some agent runs with this state directory: it holds the API's lock
@@ -320,10 +316,18 @@ pub fn agent_runs(state_dir: &Path) -> bool {
 ///
 /// The file cannot be written.
 pub fn retire(state_dir: &Path, uid: &str) -> Result<()> {
+    write_retired(state_dir, uid, true)
+}
+
+/// Rewrites [`RETIRED_FILE`] durably with `uid` last (`add`) or without it, keeping the newest
+/// [`RETIRED_KEPT`] UIDs.
+fn write_retired(state_dir: &Path, uid: &str, add: bool) -> Result<()> {
     let path = state_dir.join(RETIRED_FILE);
     let old = std::fs::read_to_string(&path).unwrap_or_default();
     let mut uids: Vec<&str> = old.lines().filter(|l| !l.is_empty() && *l != uid).collect();
-    uids.push(uid);
+    if add {
+        uids.push(uid);
+    }
     let keep = &uids[uids.len().saturating_sub(RETIRED_KEPT)..];
     mesh_core::durable::write(&path, format!("{}\n", keep.join("\n")).as_bytes(), 0o600)
         .with_context(|| format!("writing {}", path.display()))
