@@ -406,10 +406,9 @@ impl Agent {
         };
         let handed = match splicer {
             Some(_) if splicing => handed,
+            // Nothing here could relay them: dropped, they are reset.
             _ => {
-                for pair in handed.take() {
-                    pair.reset();
-                }
+                drop(handed);
                 Handed::none()
             }
         };
