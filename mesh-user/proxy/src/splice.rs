@@ -25,7 +25,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -118,18 +118,7 @@ impl SplicedPair {
     /// A socket whose addresses or network namespace cannot be read (closed meanwhile), or an
     /// IPv6 one (never spliced).
     pub fn keys(&self) -> io::Result<(SockKey, SockKey)> {
-        Ok((
-            app_key_of(
-                self.client.as_fd(),
-                self.client.local_addr()?,
-                self.client.peer_addr()?,
-            )?,
-            app_key_of(
-                self.server.as_fd(),
-                self.server.local_addr()?,
-                self.server.peer_addr()?,
-            )?,
-        ))
+        Ok((app_key(&self.client)?, app_key(&self.server)?))
     }
 
     /// The network namespace cookies of the two sockets: (the client's pod, the destination's
@@ -534,19 +523,16 @@ fn count_bytes(source: &PodState, target: &PodState, t: &Transferred) {
     target.stats.bytes_from_app.fetch_add(t.to_app, Relaxed);
 }
 
-/// The key the app end of `proxy_side` (one of the proxy's sockets) has in the kernel maps: the
-/// socket's network namespace, then the app's address as local and the proxy's as remote.
-fn app_key(proxy_side: &TcpStream) -> io::Result<SockKey> {
-    app_key_of(
-        proxy_side.as_fd(),
-        proxy_side.local_addr()?,
-        proxy_side.peer_addr()?,
-    )
-}
-
-fn app_key_of(fd: BorrowedFd<'_>, local: SocketAddr, peer: SocketAddr) -> io::Result<SockKey> {
-    let netns = mesh_dataplane::sys::netns_cookie(fd)?;
-    let (SocketAddr::V4(local), SocketAddr::V4(peer)) = (local, peer) else {
+/// The key the app end of `proxy_side` (one of the proxy's sockets, std or tokio) has in the
+/// kernel maps: the socket's network namespace, then the app's address as local and the
+/// proxy's as remote.
+fn app_key(proxy_side: &impl AsFd) -> io::Result<SockKey> {
+    let netns = mesh_dataplane::sys::netns_cookie(proxy_side.as_fd())?;
+    let socket = socket2::SockRef::from(proxy_side);
+    let (Some(SocketAddr::V4(local)), Some(SocketAddr::V4(peer))) = (
+        socket.local_addr()?.as_socket(),
+        socket.peer_addr()?.as_socket(),
+    ) else {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "IPv6 connections are not spliced",
@@ -673,8 +659,8 @@ where
         };
         tokio::select! {
             r = async { tokio::try_join!(up, down) } => match r {
-                Ok((Pumped::Ended, Pumped::Ended)) => Ok(true),
-                Ok(_) => Ok(false),
+                Ok((Pumped::Ended, Pumped::Ended)) => Ok(Pumped::Ended),
+                Ok(_) => Ok(Pumped::Paused),
                 Err(e) => Err(Error::Copy(e)),
             },
             e = idle_watch => Err(e),
@@ -692,7 +678,7 @@ where
         };
         (forwarded, total)
     };
-    if let Ok(false) = result {
+    if let Ok(Pumped::Paused) = result {
         // Paused for a hand-over: the pair stays in the kernel, the sockets go on open.
         if let Some((splicer, (client, server_key))) = paired {
             sent.observe(splicer, client, server_key);
