@@ -8,18 +8,23 @@
 //! 4. `haproxy-sidecars`: HAProxy as a pair of mTLS sidecars (`e2e_haproxy`), one per node.
 //!
 //! ```text
-//! mesh-bench cross-node [--quick] [--wrk-secs S] [--iperf-secs S] [--conn-secs S]
+//! mesh-bench cross-node [--quick] [--pinning both|pinned|unpinned] [--cpu N]
+//!                       [--wrk-secs S] [--iperf-secs S] [--conn-secs S]
 //!                       [--json PATH] [--markdown PATH | --no-markdown]
 //! ```
 //!
 //! The topology is `mesh_kit::cluster`: two node network namespaces linked by a veth pair, a
 //! pair of pods (`web-X` on node 1, `api-X` on node 2) per configuration. Each agent is a
 //! `meshd` process in its node's network namespace and agent cgroup; both trust one CA. Every
-//! configuration runs, unpinned: `wrk --latency` at 16 and 64 keep-alive connections
-//! (requests/s, p50, p99), new connections (`mesh-bench client conns`: connect, one 1 KiB
-//! exchange, close, one at a time: connections/s, and the proxies' CPU per 10,000 connections,
-//! both ends together), and one-way bulk (`iperf3`, one stream). The load average is recorded
-//! at start and end: on a shared machine the figures are indicative.
+//! configuration runs, in each placement (`--pinning`: with every process of the path on one
+//! CPU, `--cpu`, 0 by default; and where the scheduler puts them): `wrk --latency` at 16 and
+//! 64 keep-alive connections (requests/s, p50, p99), new connections (`mesh-bench client
+//! conns`: connect, one 1 KiB exchange, close, one at a time: connections/s, and the proxies'
+//! CPU per 10,000 connections, both ends together), and one-way bulk (`iperf3`, one stream).
+//! `--quick` runs the pinned placement only, one second per run. With `MESH_BENCH_PERF=<dir>`
+//! each run's proxy processes are profiled into `<dir>/cross-node-<config>-<workload>-
+//! <placement>.data`. The load average is recorded at start and end: on a shared machine the
+//! figures are indicative.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -32,12 +37,14 @@ use anyhow::{bail, ensure, Context, Result};
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service};
 use mesh_kit::cluster::{Cluster, ClusterNode};
 use mesh_kit::{workload, Pod};
+use nix::sched::CpuSet;
+use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::e2e_haproxy::{self as hap, Forward, Haproxy};
 use crate::e2e_report::{Goal, Target};
 use crate::e2e_tools as tools;
-use crate::harness;
+use crate::harness::{self, Pinning};
 use crate::report::{self, Machine, Section};
 
 /// The server app's port in every api pod.
@@ -67,11 +74,13 @@ pub const SECTION: Section = Section {
     end: "<!-- cross-node:end -->",
 };
 
-const USAGE: &str = "usage: mesh-bench cross-node [--quick] [--wrk-secs S] [--iperf-secs S] \
-                     [--conn-secs S] [--json PATH] [--markdown PATH | --no-markdown]";
+const USAGE: &str = "usage: mesh-bench cross-node [--quick] [--pinning both|pinned|unpinned] \
+                     [--cpu N] [--wrk-secs S] [--iperf-secs S] [--conn-secs S] [--json PATH] \
+                     [--markdown PATH | --no-markdown]";
 
 struct Options {
     quick: bool,
+    pinnings: Vec<Pinning>,
     wrk_secs: u64,
     iperf_secs: u64,
     conn_secs: f64,
@@ -82,12 +91,15 @@ struct Options {
 fn parse_options(args: &[String]) -> Result<Option<Options>> {
     let mut o = Options {
         quick: false,
+        pinnings: vec![],
         wrk_secs: 7,
         iperf_secs: 5,
         conn_secs: 3.0,
         json: None,
         markdown: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md")),
     };
+    let mut pinning = None::<String>;
+    let mut cpu = 0usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
@@ -102,6 +114,8 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
                 o.iperf_secs = 1;
                 o.conn_secs = 1.0;
             }
+            "--pinning" => pinning = Some(value(a)?),
+            "--cpu" => cpu = value(a)?.parse().context("--cpu")?,
             "--wrk-secs" => o.wrk_secs = value(a)?.parse().context("--wrk-secs")?,
             "--iperf-secs" => o.iperf_secs = value(a)?.parse().context("--iperf-secs")?,
             "--conn-secs" => o.conn_secs = value(a)?.parse().context("--conn-secs")?,
@@ -119,6 +133,14 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         o.wrk_secs > 0 && o.iperf_secs > 0 && o.conn_secs > 0.0,
         "run lengths must be positive"
     );
+    // A smoke run measures the pinned placement only, as `mesh-bench e2e --quick` does.
+    let pinning = pinning.unwrap_or_else(|| if o.quick { "pinned" } else { "both" }.into());
+    o.pinnings = match pinning.as_str() {
+        "both" => vec![Pinning::Pinned(cpu), Pinning::Unpinned],
+        "pinned" => vec![Pinning::Pinned(cpu)],
+        "unpinned" => vec![Pinning::Unpinned],
+        other => bail!("--pinning {other:?}: expected both, pinned or unpinned\n{USAGE}"),
+    };
     Ok(Some(o))
 }
 
@@ -130,6 +152,8 @@ struct Pair {
     /// Where wrk and the connection client connect, and iperf3.
     dial: SocketAddr,
     dial_iperf: SocketAddr,
+    /// The server app's and iperf3's processes in `api`.
+    server_pids: Vec<u32>,
 }
 
 /// One measurement.
@@ -139,6 +163,8 @@ pub struct Record {
     pub config: &'static str,
     /// One of [`WORKLOADS`].
     pub workload: &'static str,
+    /// `pinned` or `unpinned` ([`Pinning::name`]).
+    pub pinning: &'static str,
     /// `req_per_s`, `p50_us`, `p99_us`, `conns_per_s`, `gbit_per_s`, `proxy_cpu_per_10k`.
     pub metrics: Vec<(String, f64)>,
     /// What failed, if the run failed.
@@ -158,7 +184,24 @@ fn find(records: &[Record], config: &str, workload: &str, metric: &str) -> Optio
         .and_then(|r| r.metric(metric))
 }
 
-/// The targets of issue #15 across nodes.
+/// The placements `records` measured, pinned first.
+fn placements(records: &[Record]) -> Vec<&'static str> {
+    ["pinned", "unpinned"]
+        .into_iter()
+        .filter(|p| records.iter().any(|r| r.pinning == *p))
+        .collect()
+}
+
+/// The records of one placement.
+fn of_placement(records: &[Record], pinning: &str) -> Vec<Record> {
+    records
+        .iter()
+        .filter(|r| r.pinning == pinning)
+        .cloned()
+        .collect()
+}
+
+/// The targets of issue #15 across nodes, over the records of one placement.
 pub fn targets(records: &[Record]) -> Vec<Target> {
     let vs = |workload: &str, metric: &str, base: &str| match (
         find(records, "mesh", workload, metric),
@@ -248,35 +291,39 @@ const ROWS: [(&str, &str, &str); 9] = [
 pub fn terminal(records: &[Record], machine: &Machine) -> String {
     let mut out = String::new();
     out += &format!("{}\n", machine.terminal_line());
-    out += &format!("{:<40}", "cross-node");
-    for c in CONFIGS {
-        out += &format!(" {c:>17}");
-    }
-    out += "\n";
-    for (wl, metric, heading) in ROWS {
-        out += &format!("{heading:<40}");
+    for placement in placements(records) {
+        let records = of_placement(records, placement);
+        out += &format!("{:<40}", format!("cross-node, {placement}"));
         for c in CONFIGS {
-            out += &format!(" {:>17}", fmt_value(find(records, c, wl, metric)));
+            out += &format!(" {c:>17}");
         }
         out += "\n";
-    }
-    for r in records.iter().filter(|r| r.error.is_some()) {
-        out += &format!(
-            "FAILED {} {}: {}\n",
-            r.config,
-            r.workload,
-            r.error.as_deref().unwrap_or("")
-        );
-    }
-    out += "\nTargets (issue #15, across nodes):\n";
-    for t in targets(records) {
-        out += &format!(
-            "  {:<58} {:>8} (target {:>6}): {}\n",
-            t.label,
-            fmt_value(t.value),
-            goal_text(t.goal),
-            verdict(&t)
-        );
+        for (wl, metric, heading) in ROWS {
+            out += &format!("{heading:<40}");
+            for c in CONFIGS {
+                out += &format!(" {:>17}", fmt_value(find(&records, c, wl, metric)));
+            }
+            out += "\n";
+        }
+        for r in records.iter().filter(|r| r.error.is_some()) {
+            out += &format!(
+                "FAILED {} {}: {}\n",
+                r.config,
+                r.workload,
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+        out += &format!("\nTargets (issue #15, across nodes, {placement}):\n");
+        for t in targets(&records) {
+            out += &format!(
+                "  {:<58} {:>8} (target {:>6}): {}\n",
+                t.label,
+                fmt_value(t.value),
+                goal_text(t.goal),
+                verdict(&t)
+            );
+        }
+        out += "\n";
     }
     out
 }
@@ -287,57 +334,78 @@ pub fn markdown(records: &[Record], machine: &Machine, quick: bool) -> String {
     md += SECTION.begin;
     md += "\n\n## Across nodes\n\n";
     md += &machine.generated_by("cross-node", quick);
-    md += " Client and server on two nodes (`mesh_kit::cluster`), one run each, unpinned. \
-           The mesh carries app connections between the nodes as streams of pooled HTTP/2 \
-           mTLS connections. A shared machine makes these figures indicative.\n\n";
-    md += "| |";
-    for c in CONFIGS {
-        md += &format!(" {c} |");
-    }
-    md += "\n|---|";
-    for _ in CONFIGS {
-        md += "---:|";
-    }
-    md += "\n";
-    for (wl, metric, heading) in ROWS {
-        md += &format!("| {heading} |");
+    md += " Client and server on two nodes (`mesh_kit::cluster`), one run each; pinned: the \
+           client, the server apps and every proxy process of both nodes on one CPU (the whole \
+           path's CPU cost); unpinned: where the scheduler puts them. The mesh carries app \
+           connections between the nodes as streams of pooled HTTP/2 mTLS connections. A \
+           shared machine makes these figures indicative.\n\n";
+    for placement in placements(records) {
+        let records = of_placement(records, placement);
+        md += &format!("### {}\n\n", placement_heading(placement));
+        md += "| |";
         for c in CONFIGS {
-            md += &format!(" {} |", fmt_value(find(records, c, wl, metric)));
+            md += &format!(" {c} |");
+        }
+        md += "\n|---|";
+        for _ in CONFIGS {
+            md += "---:|";
+        }
+        md += "\n";
+        for (wl, metric, heading) in ROWS {
+            md += &format!("| {heading} |");
+            for c in CONFIGS {
+                md += &format!(" {} |", fmt_value(find(&records, c, wl, metric)));
+            }
+            md += "\n";
+        }
+        md += &format!(
+            "\nTargets of issue #15 across nodes, {placement}:\n\n\
+             | target | measured | goal | |\n|---|---:|---:|---|\n"
+        );
+        for t in targets(&records) {
+            md += &format!(
+                "| {} | {} | {} | {} |\n",
+                t.label,
+                fmt_value(t.value),
+                goal_text(t.goal),
+                verdict(&t)
+            );
         }
         md += "\n";
     }
-    md += "\nTargets of issue #15 across nodes:\n\n| target | measured | goal | |\n|---|---:|---:|---|\n";
-    for t in targets(records) {
-        md += &format!(
-            "| {} | {} | {} | {} |\n",
-            t.label,
-            fmt_value(t.value),
-            goal_text(t.goal),
-            verdict(&t)
-        );
-    }
-    md += "\n";
     md += SECTION.end;
     md += "\n";
     md
 }
 
-/// The run as JSON.
+fn placement_heading(placement: &str) -> &'static str {
+    if placement == "pinned" {
+        "Pinned: everything on one CPU (the whole path's CPU cost)"
+    } else {
+        "Unpinned: the scheduler places everything (what users see)"
+    }
+}
+
+/// The run as JSON: every record, and the targets per placement.
 pub fn to_json(records: &[Record], machine: &Machine) -> Value {
     json!({
         "machine": machine.to_json(),
         "records": records.iter().map(|r| json!({
             "config": r.config,
             "workload": r.workload,
+            "pinning": r.pinning,
             "metrics": report::metrics_json(&r.metrics),
             "error": r.error,
         })).collect::<Vec<_>>(),
-        "targets": targets(records).iter().map(|t| json!({
-            "target": t.label,
-            "value": t.value,
-            "goal": goal_text(t.goal),
-            "met": t.met(),
-        })).collect::<Vec<_>>(),
+        "targets": placements(records).into_iter().flat_map(|p| {
+            targets(&of_placement(records, p)).into_iter().map(move |t| json!({
+                "pinning": p,
+                "target": t.label,
+                "value": t.value,
+                "goal": goal_text(t.goal),
+                "met": t.met(),
+            }))
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -499,15 +567,18 @@ fn start_agents(cluster: &Cluster, pair: &Pair, redirect: &str, dir: &Path) -> R
     Ok([a, b])
 }
 
-/// Runs `program` in `pod` through `mesh-bench exec`.
-fn pod_command(exe: &Path, pod: &Pod, program: &str) -> Command {
+/// Runs `program` in `pod` through `mesh-bench exec`, on `cpu` if given.
+fn pod_command(exe: &Path, pod: &Pod, cpu: Option<usize>, program: &str) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("exec")
         .arg("--netns")
         .arg(&pod.netns_path)
         .arg("--cgroup")
-        .arg(&pod.cgroup)
-        .args(["--", program]);
+        .arg(&pod.cgroup);
+    if let Some(cpu) = cpu {
+        cmd.arg("--cpu").arg(cpu.to_string());
+    }
+    cmd.args(["--", program]);
     cmd
 }
 
@@ -527,8 +598,8 @@ fn wait_listening(pod: &Pod, port: u16) -> Result<()> {
     }
 }
 
-/// The server app and iperf3 in `pod`, kept by the cluster.
-fn start_servers(cluster: &mut Cluster, exe: &Path, pod: &Pod) -> Result<()> {
+/// The server app and iperf3 in `pod`, kept by the cluster; their process ids.
+fn start_servers(cluster: &mut Cluster, exe: &Path, pod: &Pod) -> Result<Vec<u32>> {
     let mut child = Command::new(exe)
         .arg("server")
         .arg("--netns")
@@ -543,6 +614,7 @@ fn start_servers(cluster: &mut Cluster, exe: &Path, pod: &Pod) -> Result<()> {
         .spawn()
         .context("starting the server app")?;
     let stdout = child.stdout.take().context("the server's stdout")?;
+    let mut pids = vec![child.id()];
     cluster.keep(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
@@ -551,29 +623,53 @@ fn start_servers(cluster: &mut Cluster, exe: &Path, pod: &Pod) -> Result<()> {
         "the server app in {} did not start",
         pod.name
     );
-    let iperf = pod_command(exe, pod, "iperf3")
+    let iperf = pod_command(exe, pod, None, "iperf3")
         .args(["-s", "-p", &IPERF_PORT.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the iperf3 server")?;
+    pids.push(iperf.id());
     cluster.keep(iperf);
-    wait_listening(pod, IPERF_PORT)
+    wait_listening(pod, IPERF_PORT)?;
+    Ok(pids)
 }
 
-fn cpu_of(pids: &[u32]) -> Result<f64> {
-    pids.iter().map(|&p| tools::process_cpu_seconds(p)).sum()
+/// Where a run goes: its placement, and the CPUs processes get back after a pinned one.
+struct Placement<'a> {
+    pinning: Pinning,
+    all_cpus: &'a CpuSet,
 }
 
-/// One workload of one configuration; `proxies` are the proxy processes of both ends.
-fn measure(exe: &Path, o: &Options, pair: &Pair, proxies: &[u32], wl: &'static str) -> Record {
+/// One workload of one configuration; `proxies` are the proxy processes of both ends. In the
+/// pinned placement the client, the server apps and the proxies run on its CPU.
+fn measure(
+    exe: &Path,
+    o: &Options,
+    pair: &Pair,
+    proxies: &[u32],
+    wl: &'static str,
+    at: &Placement<'_>,
+) -> Record {
+    let cpu = match at.pinning {
+        Pinning::Pinned(cpu) => Some(cpu),
+        Pinning::Unpinned => None,
+    };
     let result = (|| -> Result<Vec<(String, f64)>> {
-        let cpu0 = cpu_of(proxies)?;
+        let mut path = pair.server_pids.clone();
+        path.extend(proxies);
+        let pinned = harness::Pinned::place(at.pinning, &path, at.all_cpus)?;
+        let profile = harness::Profile::start(
+            exe,
+            proxies,
+            &format!("cross-node-{}-{wl}-{}", pair.config, at.pinning.name()),
+        )?;
+        let cpu0 = harness::cpu_of(proxies)?;
         let metrics = match wl {
             "http-16" | "http-64" => {
                 let conns: usize = wl[5..].parse()?;
-                let out = harness::run_client(pod_command(exe, &pair.web, "wrk").args([
+                let out = harness::run_client(pod_command(exe, &pair.web, cpu, "wrk").args([
                     "-t2".to_string(),
                     format!("-c{conns}"),
                     format!("-d{}s", o.wrk_secs),
@@ -599,8 +695,11 @@ fn measure(exe: &Path, o: &Options, pair: &Pair, proxies: &[u32], wl: &'static s
                     .arg("--netns")
                     .arg(&pair.web.netns_path)
                     .arg("--cgroup")
-                    .arg(&pair.web.cgroup)
-                    .args(["conns", &pair.dial.to_string()])
+                    .arg(&pair.web.cgroup);
+                if let Some(cpu) = cpu {
+                    cmd.arg("--cpu").arg(cpu.to_string());
+                }
+                cmd.args(["conns", &pair.dial.to_string()])
                     .arg(o.conn_secs.to_string())
                     .arg((o.conn_secs / 10.0).to_string());
                 let v: Value = serde_json::from_str(&harness::run_client(&mut cmd)?)?;
@@ -610,13 +709,13 @@ fn measure(exe: &Path, o: &Options, pair: &Pair, proxies: &[u32], wl: &'static s
                 std::thread::sleep(Duration::from_millis(300));
                 let mut m = vec![("conns_per_s".to_string(), rate)];
                 if !proxies.is_empty() && total > 0.0 {
-                    let cpu = cpu_of(proxies)? - cpu0;
+                    let cpu = harness::cpu_of(proxies)? - cpu0;
                     m.push(("proxy_cpu_per_10k".to_string(), cpu / total * 10_000.0));
                 }
                 m
             }
             "bulk" => {
-                let out = harness::run_client(pod_command(exe, &pair.web, "iperf3").args([
+                let out = harness::run_client(pod_command(exe, &pair.web, cpu, "iperf3").args([
                     "-c".to_string(),
                     pair.dial_iperf.ip().to_string(),
                     "-p".to_string(),
@@ -632,21 +731,20 @@ fn measure(exe: &Path, o: &Options, pair: &Pair, proxies: &[u32], wl: &'static s
             }
             other => bail!("unknown workload {other}"),
         };
+        drop(profile);
+        drop(pinned);
         Ok(metrics)
     })();
-    match result {
-        Ok(metrics) => Record {
-            config: pair.config,
-            workload: wl,
-            metrics,
-            error: None,
-        },
-        Err(e) => Record {
-            config: pair.config,
-            workload: wl,
-            metrics: vec![],
-            error: Some(format!("{e:#}")),
-        },
+    let (metrics, error) = match result {
+        Ok(metrics) => (metrics, None),
+        Err(e) => (vec![], Some(format!("{e:#}"))),
+    };
+    Record {
+        config: pair.config,
+        workload: wl,
+        pinning: at.pinning.name(),
+        metrics,
+        error,
     }
 }
 
@@ -659,6 +757,15 @@ pub fn main(args: &[String]) -> Result<i32> {
     harness::watch_stop_signals()?;
     let load_start = report::load_average();
     let exe = std::env::current_exe()?;
+    let all_cpus = nix::sched::sched_getaffinity(Pid::from_raw(0))?;
+    for p in &o.pinnings {
+        if let Pinning::Pinned(cpu) = p {
+            ensure!(
+                all_cpus.is_set(*cpu).unwrap_or(false),
+                "--cpu {cpu}: not a CPU this process may run on"
+            );
+        }
+    }
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::new()?;
     let mut pairs = Vec::new();
@@ -689,7 +796,7 @@ pub fn main(args: &[String]) -> Result<i32> {
                 )?;
             }
         }
-        start_servers(&mut cluster, &exe, &api)?;
+        let server_pids = start_servers(&mut cluster, &exe, &api)?;
         let (dial, dial_iperf) = if config == "haproxy-sidecars" {
             (
                 SocketAddr::from((Ipv4Addr::LOCALHOST, APP_PORT)),
@@ -707,6 +814,7 @@ pub fn main(args: &[String]) -> Result<i32> {
             api,
             dial,
             dial_iperf,
+            server_pids,
         });
     }
     let mut records = Vec::new();
@@ -750,19 +858,26 @@ pub fn main(args: &[String]) -> Result<i32> {
             }
             _ => vec![],
         };
-        for wl in WORKLOADS {
-            if harness::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
-                bail!("interrupted");
-            }
-            let r = measure(&exe, &o, pair, &proxies, wl);
-            eprintln!(
-                "  {wl}: {}",
-                match &r.error {
-                    Some(e) => format!("FAILED {e}"),
-                    None => format!("{:?}", r.metrics),
+        for &pinning in &o.pinnings {
+            let at = Placement {
+                pinning,
+                all_cpus: &all_cpus,
+            };
+            for wl in WORKLOADS {
+                if harness::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+                    bail!("interrupted");
                 }
-            );
-            records.push(r);
+                let r = measure(&exe, &o, pair, &proxies, wl, &at);
+                eprintln!(
+                    "  {wl} ({}): {}",
+                    r.pinning,
+                    match &r.error {
+                        Some(e) => format!("FAILED {e}"),
+                        None => format!("{:?}", r.metrics),
+                    }
+                );
+                records.push(r);
+            }
         }
         drop(haproxies);
         drop(agents);
@@ -799,6 +914,7 @@ mod tests {
         Record {
             config,
             workload,
+            pinning: "unpinned",
             metrics: m.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             error: None,
         }
@@ -845,5 +961,49 @@ mod tests {
             md.contains("| mesh ÷ direct, new connections/s | 0.40 | >= 0.5 | MISSED |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn each_placement_gets_its_own_table_and_targets() {
+        let pinned = |mut r: Record| {
+            r.pinning = "pinned";
+            r
+        };
+        let records = vec![
+            rec("mesh", "connect", &[("conns_per_s", 1000.0)]),
+            rec("direct", "connect", &[("conns_per_s", 4000.0)]),
+            pinned(rec("mesh", "connect", &[("conns_per_s", 3000.0)])),
+            pinned(rec("direct", "connect", &[("conns_per_s", 5000.0)])),
+        ];
+        let md = markdown(&records, &Machine::now("0.00".into()), false);
+        let pinned_at = md.find("### Pinned").expect("a pinned section");
+        let unpinned_at = md.find("### Unpinned").expect("an unpinned section");
+        assert!(pinned_at < unpinned_at, "pinned first: {md}");
+        let (pinned_md, unpinned_md) = md.split_at(unpinned_at);
+        assert!(
+            pinned_md.contains("| mesh ÷ direct, new connections/s | 0.60 | >= 0.5 | met |"),
+            "{md}"
+        );
+        assert!(
+            unpinned_md.contains("| mesh ÷ direct, new connections/s | 0.25 | >= 0.5 | MISSED |"),
+            "{md}"
+        );
+        let json = to_json(&records, &Machine::now("0.00".into()));
+        let met: Vec<(String, Value)> = json["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["target"] == "mesh ÷ direct, new connections/s")
+            .map(|t| (t["pinning"].as_str().unwrap().to_string(), t["met"].clone()))
+            .collect();
+        assert_eq!(
+            met,
+            vec![
+                ("pinned".to_string(), json!(true)),
+                ("unpinned".to_string(), json!(false))
+            ]
+        );
+        let only_unpinned = markdown(&records[..2], &Machine::now("0.00".into()), false);
+        assert!(!only_unpinned.contains("### Pinned"), "{only_unpinned}");
     }
 }

@@ -835,38 +835,6 @@ fn progress_line(r: &Record, rounds: usize) -> String {
     line
 }
 
-/// Sets the CPU affinity of every thread of process `pid`.
-fn pin_process(pid: u32, cpus: &CpuSet) -> Result<()> {
-    let dir = format!("/proc/{pid}/task");
-    for entry in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
-        let Ok(tid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        match nix::sched::sched_setaffinity(Pid::from_raw(tid), cpus) {
-            // A thread that ended meanwhile.
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => return Err(e).with_context(|| format!("pinning thread {tid} of {pid}")),
-        }
-    }
-    Ok(())
-}
-
-/// Gives processes back every CPU when dropped, whichever way a pinned measurement ends.
-struct Unpin<'a> {
-    pids: &'a [u32],
-    all: &'a CpuSet,
-}
-
-impl Drop for Unpin<'_> {
-    fn drop(&mut self) {
-        for &pid in self.pids {
-            if let Err(e) = pin_process(pid, self.all) {
-                eprintln!("mesh-bench e2e: unpinning {pid}: {e:#}");
-            }
-        }
-    }
-}
-
 /// Field-wise `after - before` of two flat JSON objects of counters.
 fn delta(before: &Value, after: &Value) -> Value {
     let mut out = serde_json::Map::new();
@@ -903,67 +871,6 @@ fn client_command(b: &Bench, c: &Config, pinning: Pinning) -> Command {
         cmd.arg("--cpu").arg(cpu.to_string());
     }
     cmd
-}
-
-/// With `MESH_BENCH_PERF=<dir>` in the environment, each run's proxy processes are profiled
-/// (`perf record -e cpu-clock -g`, user and kernel stacks) into `<dir>/<config>-<workload>-
-/// <pinning>.data`, a file per run (the last round's stays). Dropping it stops perf (SIGINT)
-/// and waits until the file is written.
-struct Profile(Option<std::process::Child>);
-
-impl Profile {
-    fn start(exe: &Path, pids: &[u32], name: &str) -> Result<Self> {
-        let Some(dir) = std::env::var_os("MESH_BENCH_PERF") else {
-            return Ok(Self(None));
-        };
-        if pids.is_empty() {
-            return Ok(Self(None));
-        }
-        let dir = PathBuf::from(dir);
-        std::fs::create_dir_all(&dir)?;
-        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
-        // Through `mesh-bench exec`, which unblocks the stop signals this process blocks (the
-        // mask is inherited): perf must see the SIGINT that ends it.
-        let child = Command::new(exe)
-            .args([
-                "exec",
-                "--",
-                "perf",
-                "record",
-                "-q",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "1999",
-            ])
-            .args(["-g", "-p"])
-            .arg(list.join(","))
-            .arg("-o")
-            .arg(dir.join(format!("{name}.data")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting perf (linux-perf, installed by `cargo xtask setup`)")?;
-        // perf needs a moment to attach before the load starts.
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Self(Some(child)))
-    }
-}
-
-impl Drop for Profile {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let pid = Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Sum of user + system CPU seconds of `pids`.
-fn cpu_of(pids: &[u32]) -> Result<f64> {
-    pids.iter().map(|&p| tools::process_cpu_seconds(p)).sum()
 }
 
 /// One measurement: the client in the configuration's web pod, the counters and the resource
@@ -1029,35 +936,21 @@ fn measure(
     };
     let mut pids = c.server_pids.clone();
     pids.extend(&proxy_pids);
-    let unpin = match cpu {
-        Some(cpu) => {
-            let mut set = CpuSet::new();
-            set.set(cpu)?;
-            let guard = Unpin {
-                pids: &pids,
-                all: &b.all_cpus,
-            };
-            for &pid in &pids {
-                pin_process(pid, &set)?;
-            }
-            Some(guard)
-        }
-        None => None,
-    };
+    let pinned = harness::Pinned::place(pinning, &pids, &b.all_cpus)?;
     for &pid in &proxy_pids {
         tools::reset_peak_rss(pid)?;
     }
     let before = agent.map(AgentProc::stats).transpose()?;
-    let profile = Profile::start(
+    let profile = harness::Profile::start(
         &b.exe,
         &proxy_pids,
         &format!("{}-{}-{}", c.name, wl.name(), pinning.name()),
     )?;
-    let proxy_cpu0 = cpu_of(&proxy_pids)?;
+    let proxy_cpu0 = harness::cpu_of(&proxy_pids)?;
     let output = harness::run_client(&mut cmd);
     drop(profile);
     let after = agent.map(settle).transpose()?;
-    let proxy_cpu = cpu_of(&proxy_pids)? - proxy_cpu0;
+    let proxy_cpu = harness::cpu_of(&proxy_pids)? - proxy_cpu0;
     let peak: Option<f64> = if proxy_pids.is_empty() {
         None
     } else {
@@ -1068,7 +961,7 @@ fn measure(
                 .sum::<Result<f64>>()?,
         )
     };
-    drop(unpin);
+    drop(pinned);
     let output = output?;
 
     let mut metrics: Vec<(String, f64)> = Vec::new();

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use nix::sched::CpuSet;
 use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::Pid;
 
 /// Set by the signal thread on SIGINT/SIGTERM/SIGHUP: stop, clean up, exit.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -118,4 +120,135 @@ impl Pinning {
             Pinning::Unpinned => "unpinned",
         }
     }
+}
+
+/// Sets the CPU affinity of every thread of process `pid`.
+///
+/// # Errors
+///
+/// When `/proc/<pid>/task` cannot be read or a thread's affinity cannot be set.
+pub fn pin_process(pid: u32, cpus: &CpuSet) -> Result<()> {
+    let dir = format!("/proc/{pid}/task");
+    for entry in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
+        let Ok(tid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        match nix::sched::sched_setaffinity(Pid::from_raw(tid), cpus) {
+            // A thread that ended meanwhile.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => return Err(e).with_context(|| format!("pinning thread {tid} of {pid}")),
+        }
+    }
+    Ok(())
+}
+
+/// Processes pinned to one CPU for a measurement; dropping it gives them every CPU back,
+/// whichever way the measurement ends.
+pub struct Pinned<'a> {
+    pids: &'a [u32],
+    all: &'a CpuSet,
+}
+
+impl<'a> Pinned<'a> {
+    /// Pins every thread of `pids` to `cpu` ([`Pinning::Pinned`]); `None` for
+    /// [`Pinning::Unpinned`], which leaves them where they are. `all` is what they get back.
+    ///
+    /// # Errors
+    ///
+    /// When a process cannot be pinned (those pinned before it are unpinned again).
+    pub fn place(pinning: Pinning, pids: &'a [u32], all: &'a CpuSet) -> Result<Option<Self>> {
+        let Pinning::Pinned(cpu) = pinning else {
+            return Ok(None);
+        };
+        let mut set = CpuSet::new();
+        set.set(cpu)?;
+        let guard = Self { pids, all };
+        for &pid in pids {
+            pin_process(pid, &set)?;
+        }
+        Ok(Some(guard))
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        for &pid in self.pids {
+            if let Err(e) = pin_process(pid, self.all) {
+                eprintln!("mesh-bench: unpinning {pid}: {e:#}");
+            }
+        }
+    }
+}
+
+/// With `MESH_BENCH_PERF=<dir>` in the environment, a run's proxy processes are profiled
+/// (`perf record -e cpu-clock -g`, user and kernel stacks) into `<dir>/<name>.data`, a file per
+/// run (a later run of the same name replaces it). Dropping it stops perf (SIGINT) and waits
+/// until the file is written.
+pub struct Profile(Option<Child>);
+
+impl Profile {
+    /// Starts `perf record` on `pids` through `exe exec` (this binary), or nothing without
+    /// `MESH_BENCH_PERF` or without processes.
+    ///
+    /// # Errors
+    ///
+    /// When the directory cannot be made or perf cannot be started.
+    pub fn start(exe: &Path, pids: &[u32], name: &str) -> Result<Self> {
+        let Some(dir) = std::env::var_os("MESH_BENCH_PERF") else {
+            return Ok(Self(None));
+        };
+        if pids.is_empty() {
+            return Ok(Self(None));
+        }
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir)?;
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        // Through `mesh-bench exec`, which unblocks the stop signals this process blocks (the
+        // mask is inherited): perf must see the SIGINT that ends it.
+        let child = Command::new(exe)
+            .args([
+                "exec",
+                "--",
+                "perf",
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "1999",
+            ])
+            .args(["-g", "-p"])
+            .arg(list.join(","))
+            .arg("-o")
+            .arg(dir.join(format!("{name}.data")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting perf (linux-perf, installed by `cargo xtask setup`)")?;
+        // perf needs a moment to attach before the load starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self(Some(child)))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            let _ = nix::sys::signal::kill(pid, Signal::SIGINT);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sum of user + system CPU seconds of `pids`.
+///
+/// # Errors
+///
+/// When a process's `/proc/<pid>/stat` cannot be read.
+pub fn cpu_of(pids: &[u32]) -> Result<f64> {
+    pids.iter()
+        .map(|&p| crate::e2e_tools::process_cpu_seconds(p))
+        .sum()
 }
