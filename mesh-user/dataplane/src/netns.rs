@@ -13,6 +13,8 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use nix::sched::{setns, CloneFlags};
 
@@ -179,13 +181,63 @@ impl NetNs {
 /// A thread that lives inside one network namespace and creates sockets there on request, so
 /// that the agent can open connections from a pod without entering its namespace each time.
 /// Sockets are created non-blocking; the caller connects them from any thread.
+///
+/// Once asked for a socket, the factory keeps a stock of up to [`SocketFactory::STOCK`] ready
+/// ones: a request takes one from the stock without waking the thread, and the thread makes a
+/// batch whenever the stock runs low, so a busy pod's connections cost one thread hand-off per
+/// batch rather than two context switches each. Stocked sockets are unconnected and unbound
+/// (one descriptor each); they go when the last handle does.
 #[derive(Clone, Debug)]
 pub struct SocketFactory {
     tx: std::sync::mpsc::Sender<Request>,
     path: PathBuf,
+    stock: Arc<Stock>,
 }
 
-type Request = tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>;
+/// Sockets made ahead, and whether a batch is on its way.
+#[derive(Debug, Default)]
+struct Stock {
+    sockets: Mutex<Vec<socket2::Socket>>,
+    refilling: AtomicBool,
+}
+
+impl Stock {
+    /// A stocked socket, if any, and whether the stock is low (a batch should be made).
+    fn take(&self) -> (Option<socket2::Socket>, bool) {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        let socket = sockets.pop();
+        let low = sockets.len() <= SocketFactory::STOCK / 2;
+        (socket, low)
+    }
+
+    /// Fills the stock up to [`SocketFactory::STOCK`]; stops at the first error (the next
+    /// request that finds the stock empty asks for a socket of its own and sees it).
+    fn refill(&self, mark: Option<u32>) {
+        let missing = {
+            let sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+            SocketFactory::STOCK.saturating_sub(sockets.len())
+        };
+        let mut made = Vec::with_capacity(missing);
+        for _ in 0..missing {
+            match new_tcp_socket(mark) {
+                Ok(socket) => made.push(socket),
+                Err(_) => break,
+            }
+        }
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(made);
+        self.refilling.store(false, Ordering::Release);
+    }
+}
+
+enum Request {
+    /// One socket, made now.
+    One(tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>),
+    /// Fill the stock.
+    Refill,
+}
 
 impl SocketFactory {
     /// Starts the factory thread for `netns`. The thread ends when every handle is dropped.
@@ -204,6 +256,10 @@ impl SocketFactory {
             source,
         })?;
         let path = netns.path.clone();
+        let stock = Arc::new(Stock::default());
+        // The thread holds the stock only weakly: the stock goes with the last handle, and the
+        // thread with the channel.
+        let thread_stock = Arc::downgrade(&stock);
         let (tx, rx) = std::sync::mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_path = path.clone();
@@ -220,8 +276,17 @@ impl SocketFactory {
                 if !ok {
                     return;
                 }
-                for reply in rx {
-                    let _ = reply.send(new_tcp_socket(mark));
+                for request in rx {
+                    match request {
+                        Request::One(reply) => {
+                            let _ = reply.send(new_tcp_socket(mark));
+                        }
+                        Request::Refill => {
+                            if let Some(stock) = thread_stock.upgrade() {
+                                stock.refill(mark);
+                            }
+                        }
+                    }
                 }
             })
             .map_err(|source| Error::Io {
@@ -231,10 +296,14 @@ impl SocketFactory {
         ready_rx
             .recv()
             .map_err(|_| Error::Panicked(path.clone()))??;
-        Ok(Self { tx, path })
+        Ok(Self { tx, path, stock })
     }
 
-    /// A new, unconnected, non-blocking IPv4 TCP socket in the namespace.
+    /// How many sockets the factory keeps made ahead (a batch is made when half are used).
+    pub const STOCK: usize = 8;
+
+    /// A new, unconnected, non-blocking IPv4 TCP socket in the namespace: from the stock when
+    /// it has one, else made by the thread now.
     ///
     /// # Errors
     ///
@@ -242,8 +311,18 @@ impl SocketFactory {
     /// creating the socket or setting its options (`EPERM` for the mark without
     /// `CAP_NET_ADMIN`).
     pub async fn tcp_socket(&self) -> io::Result<socket2::Socket> {
+        let (stocked, low) = self.stock.take();
+        if low && !self.stock.refilling.swap(true, Ordering::AcqRel) {
+            // A thread that stopped also fails the request below, or the next one.
+            if self.tx.send(Request::Refill).is_err() {
+                self.stock.refilling.store(false, Ordering::Release);
+            }
+        }
+        if let Some(socket) = stocked {
+            return Ok(socket);
+        }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(reply).map_err(|_| {
+        self.tx.send(Request::One(reply)).map_err(|_| {
             io::Error::other(format!(
                 "socket factory for {} stopped",
                 self.path.display()
