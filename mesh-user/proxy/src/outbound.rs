@@ -4,6 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use rustls::HandshakeKind;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -15,6 +16,7 @@ use super::pod::{reset, ConnInfo, PodState, Shared};
 use super::sni::server_name;
 use super::splice::SameNode;
 use super::stats::PodStats;
+use super::tunnel::peek_early;
 use super::tunnel::pool::Opened;
 use super::Error;
 use super::TunnelError;
@@ -187,11 +189,12 @@ async fn mesh(
         Handshake::Full
     };
     shared.metrics.handshake(Reporter::Source, pod.id(), kind);
-    copy_to(shared, pod, app, tls, &destination, info).await
+    copy_to(shared, pod, app, tls, &destination, info, 0).await
 }
 
 /// Copies between the app and the mesh side of its connection (a TLS connection of its own
-/// or a pooled stream), counting bytes for the pod and the connection's metrics.
+/// or a pooled stream), counting bytes for the pod and the connection's metrics, with `sent`
+/// bytes the app sent that already went to the mesh side (a stream's early data).
 async fn copy_to<R>(
     shared: &Shared,
     pod: &PodState,
@@ -199,6 +202,7 @@ async fn copy_to<R>(
     remote: R,
     destination: &Destination,
     info: &mut ConnInfo,
+    sent: u64,
 ) -> Result<(), Error>
 where
     R: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Reset,
@@ -206,7 +210,13 @@ where
     // The app is the client: bytes to it are the response (sent), bytes from it the request.
     let labels = TcpLabels::mesh(Reporter::Source, pod.id(), &destination.id);
     let mut meter = shared.metrics.open(labels);
-    let (transferred, result) = relay(
+    if sent > 0 {
+        meter.received.inc_by(sent);
+        pod.stats
+            .bytes_from_app
+            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+    }
+    let (mut transferred, result) = relay(
         app,
         remote,
         shared.config.buffer_size,
@@ -221,8 +231,15 @@ where
     )
     .await;
     meter.ended(&result);
+    transferred.from_app += sent;
     info.transferred = transferred;
     result
+}
+
+/// Takes the `n` bytes [`peek_early`] saw (and a stream carried) out of the app's socket.
+async fn take_early(app: &mut TcpStream, n: usize) -> io::Result<()> {
+    let mut sink = vec![0u8; n];
+    app.read_exact(&mut sink).await.map(|_| ())
 }
 
 /// How a pooled attempt ended.
@@ -244,6 +261,8 @@ async fn pooled(
     order: Vec<SocketAddr>,
     info: &mut ConnInfo,
 ) -> PooledOutcome {
+    let mut app = app;
+    let early = peek_early(&app);
     let mut last: Option<Error> = None;
     let mut tried = 0;
     for peer in order.into_iter().take(shared.config.connect_attempts) {
@@ -258,19 +277,27 @@ async fn pooled(
                 peer,
                 destination.port,
                 authority,
+                early.clone(),
             )
             .await;
         match opened {
             Ok(Opened::Stream(stream, checkout)) => {
                 info.target = Some(peer);
-                let result = copy_to(shared, pod, app, stream, destination, info).await;
+                // The peer accepted the stream with the early bytes: they leave the socket now.
+                if let Err(e) = take_early(&mut app, early.len()).await {
+                    stream.arm_reset();
+                    reset(app);
+                    return PooledOutcome::Done(Err(Error::Copy(e)));
+                }
+                let sent = early.len() as u64;
+                let result = copy_to(shared, pod, app, stream, destination, info, sent).await;
                 drop(checkout);
                 return PooledOutcome::Done(result);
             }
             Ok(Opened::Plain(tls)) => {
                 info.target = Some(peer);
                 return PooledOutcome::Done(
-                    copy_to(shared, pod, app, *tls, destination, info).await,
+                    copy_to(shared, pod, app, *tls, destination, info, 0).await,
                 );
             }
             Err(Error::Tunnel {

@@ -48,6 +48,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 pub(super) async fn get(conn: &mut TcpStream, path: &str) -> (String, String) {
     let req = format!("GET {path} HTTP/1.1\r\nhost: api\r\n\r\n");
     conn.write_all(req.as_bytes()).await.unwrap();
+    read_response(conn).await
+}
+
+/// Reads one response with a `content-length`: its status line and body.
+pub(super) async fn read_response(conn: &mut TcpStream) -> (String, String) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {

@@ -6,7 +6,7 @@ use prometheus_client::registry::Registry;
 use super::*;
 
 /// The text exposition of the proxy's families.
-fn scrape(env: &Env) -> String {
+pub(super) fn scrape(env: &Env) -> String {
     let mut registry = Registry::default();
     env.proxy.metrics().register(&mut registry);
     let mut text = String::new();
@@ -15,7 +15,7 @@ fn scrape(env: &Env) -> String {
 }
 
 /// The sum of the samples of `name` whose labels include every pair of `labels`.
-fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(super) fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {

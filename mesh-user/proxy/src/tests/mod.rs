@@ -86,14 +86,34 @@ struct TestDirectory {
     addresses: Mutex<HashMap<SocketAddrV4, Destination>>,
     /// Endpoints on "another node": connections to them are pooled.
     remote: Mutex<HashSet<SocketAddr>>,
+    /// Held by [`TestDirectory::hold_lookups`]: lookups wait for it.
+    hold: Mutex<()>,
+}
+
+impl TestDirectory {
+    /// Makes lookups wait for `d` (from another thread): a connection accepted meanwhile has
+    /// its destination, and so goes on, only once what its app sent has arrived.
+    fn hold_lookups(self: &Arc<Self>, d: Duration) -> std::thread::JoinHandle<()> {
+        let dir = Arc::clone(self);
+        let (held, is_held) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _held = dir.hold.lock().unwrap();
+            held.send(()).unwrap();
+            std::thread::sleep(d);
+        });
+        is_held.recv().unwrap();
+        holder
+    }
 }
 
 impl Directory for TestDirectory {
     fn by_address(&self, _pod: &str, addr: SocketAddrV4) -> Option<Destination> {
+        drop(self.hold.lock().unwrap());
         self.addresses.lock().unwrap().get(&addr).cloned()
     }
 
     fn by_upstream(&self, _pod: &str, upstream: &ServiceName) -> Option<Destination> {
+        drop(self.hold.lock().unwrap());
         self.upstreams.lock().unwrap().get(upstream).cloned()
     }
 

@@ -487,3 +487,108 @@ async fn a_renewed_leaf_opens_a_new_pooled_connection_and_the_old_one_drains() {
     })
     .await;
 }
+
+/// Connects to `addr` while the directory's lookups are held, and writes `request` at once:
+/// the proxy learns the connection's destination only once `request` has arrived, so it goes
+/// as early data with the stream's `CONNECT`.
+async fn connect_with_early_data(env: &Env, addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let held = env.dir.hold_lookups(Duration::from_millis(200));
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    tokio::task::spawn_blocking(move || held.join().unwrap())
+        .await
+        .unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_reaches_the_app_once_and_is_counted_once() {
+    within(30, async {
+        let r = remote_api().await;
+        let (web, to_api) = r.client("web");
+        let request = pattern(11, 3000);
+        let mut conn = connect_with_early_data(&r.env, to_api, &request).await;
+        let mut back = vec![0; request.len()];
+        conn.read_exact(&mut back).await.unwrap();
+        assert!(back == request, "the echo differs from the request");
+        // Later bytes follow the early ones in order, on the same stream.
+        assert_eq!(round_trip(&mut conn, b"second").await.unwrap(), b"second");
+        conn.shutdown().await.unwrap();
+        assert!(
+            read_until_closed(&mut conn).await.is_empty(),
+            "nothing more"
+        );
+        let sent = request.len() as u64 + 6;
+        // The pooled connection stays open on the api side; its stream has ended.
+        eventually("the app connection ended on both sides", || {
+            web.stats().active_connections == 0
+                && r.env.proxy.pooled_connections()[0].active_streams == 0
+        })
+        .await;
+        let (w, a) = (web.stats(), r.api.stats());
+        assert_eq!((w.bytes_from_app, w.bytes_to_app), (sent, sent), "{w:?}");
+        assert_eq!((a.bytes_to_app, a.bytes_from_app), (sent, sent), "{a:?}");
+        let text = super::metrics::scrape(&r.env);
+        for reporter in ["source", "destination"] {
+            let labels = [("reporter", reporter), ("response_flags", "-")];
+            let value = |name| super::metrics::sum(&text, name, &labels);
+            assert_eq!(
+                value("istio_tcp_received_bytes_total"),
+                sent as f64,
+                "{text}"
+            );
+            assert_eq!(value("istio_tcp_sent_bytes_total"), sent as f64, "{text}");
+        }
+        assert_eq!(r.app.accepted(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_of_a_denied_caller_never_reaches_the_app() {
+    within(30, async {
+        let r = remote_api().await;
+        let (_batch, to_api) = r.client("batch");
+        r.env
+            .authz
+            .deny
+            .lock()
+            .unwrap()
+            .insert(("batch".into(), "api".into()));
+        let mut conn = connect_with_early_data(&r.env, to_api, b"DELETE everything").await;
+        assert!(read_until_closed(&mut conn).await.is_empty());
+        assert_eq!(r.app.accepted(), 0, "the denied stream reached the app");
+        assert_eq!(r.api.stats().bytes_to_app, 0);
+        assert!(r.env.authz.seen().contains(&(svc("batch"), svc("api"))));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_answered_426_goes_whole_on_the_connection_of_its_own() {
+    within(30, async {
+        let env = Env::new(test_config());
+        let (port, accepted) = super::http::http_app().await;
+        let (api, inbound) = env.server("api", &[port]);
+        env.dir.remote.lock().unwrap().insert(inbound);
+        env.authz
+            .l7
+            .lock()
+            .unwrap()
+            .insert(("web".into(), "api".into()));
+        let mut web = env.client("web", None);
+        let to_api = env.upstream(&mut web, "api", "api", port, vec![inbound]);
+        let request = b"GET /early HTTP/1.1\r\nhost: api\r\n\r\n";
+        let mut conn = connect_with_early_data(&env, to_api, request).await;
+        let (status, body) = super::http::read_response(&mut conn).await;
+        assert!(status.contains(" 200 "), "{status}");
+        assert_eq!(body, "/early");
+        let (status, body) = super::http::get(&mut conn, "/next").await;
+        assert!(status.contains(" 200 "), "{status}");
+        assert_eq!(body, "/next");
+        assert_eq!(accepted.load(SeqCst), 1);
+        // The stream was answered 426; the request went on a TLS connection of its own.
+        assert_eq!(api.stats().tls_handshakes, 2);
+    })
+    .await;
+}

@@ -17,15 +17,22 @@
 //!   resets that stream only), and copied to the app inside the pod.
 //! - [`H2Io`]: one stream as a byte stream for the copy loop, with per-stream flow control:
 //!   received bytes are released to the peer's window only once they have been handed on.
+//! - Early data: what the app has already sent when its connection is accepted goes out as
+//!   DATA right behind the stream's `CONNECT` ([`peek_early`]), so that the peer has the first
+//!   request once it accepts the stream rather than one round trip between the agents later.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 
+use std::os::fd::AsRawFd;
+
 use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
+use nix::sys::socket::{recv, MsgFlags};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::copy::Reset;
 
@@ -49,6 +56,31 @@ pub(crate) const CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// Largest HTTP/2 DATA frame accepted, in bytes.
 pub(crate) const MAX_FRAME: u32 = 64 << 10;
+
+/// Most bytes of an app connection sent as early data with its `CONNECT`, in bytes (well
+/// within [`STREAM_WINDOW`], so they never wait for flow control).
+pub(crate) const EARLY_DATA_MAX: usize = 16 << 10;
+
+/// What the app has sent on `app` so far, up to [`EARLY_DATA_MAX`] bytes, **left in the
+/// socket** (`recv` with `MSG_PEEK | MSG_DONTWAIT`); empty when nothing has arrived yet (a
+/// protocol where the server speaks first) or the peek fails.
+///
+/// The outbound side sends these bytes right behind the stream's `CONNECT` and takes them out
+/// of the app's socket only once the peer has answered 200. The inbound side reads a stream's
+/// bytes only after it has authorized the stream and connected to the app, so a refused
+/// stream (403, 503, ...) has delivered nothing to the app, and after a 426 (the peer decides
+/// request by request) the bytes are still in the socket for the connection of its own.
+pub(crate) fn peek_early(app: &TcpStream) -> Bytes {
+    let mut buf = vec![0u8; EARLY_DATA_MAX];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recv(app.as_raw_fd(), &mut buf, flags) {
+        Ok(n) => {
+            buf.truncate(n);
+            Bytes::from(buf)
+        }
+        Err(_) => Bytes::new(),
+    }
+}
 
 /// Why a stream of a pooled connection could not be opened ([`crate::Error::Tunnel`]).
 #[derive(Debug, thiserror::Error)]

@@ -179,7 +179,9 @@ impl Pool {
     /// connection of `pod`: on a pooled connection to `peer` with room, else on a new one. A
     /// peer that does not speak `h2` hands back its TLS connection instead
     /// ([`Opened::Plain`]). `port` is the app port (the TLS server name names it, for a peer
-    /// that falls back).
+    /// that falls back). `early` (see [`super::peek_early`]) goes out as the stream's first
+    /// DATA, right behind the `CONNECT`; on a connection of its own it is not sent.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn open(
         self: &Arc<Self>,
         shared: &Shared,
@@ -188,6 +190,7 @@ impl Pool {
         peer: SocketAddr,
         port: u16,
         authority: SocketAddr,
+        early: Bytes,
     ) -> Result<Opened, Error> {
         let key = PoolKey {
             source: pod.id().clone(),
@@ -211,17 +214,20 @@ impl Pool {
                 }
             }
         };
-        let io = self.stream(shared, pod, &checkout, authority).await?;
+        let io = self
+            .stream(shared, pod, &checkout, authority, early)
+            .await?;
         Ok(Opened::Stream(io, checkout))
     }
 
-    /// Sends the `CONNECT` and waits for the answer.
+    /// Sends the `CONNECT`, then `early` as DATA, and waits for the answer.
     async fn stream(
         &self,
         shared: &Shared,
         pod: &PodState,
         checkout: &Checkout,
         authority: SocketAddr,
+        early: Bytes,
     ) -> Result<H2Io, Error> {
         let tunnel = |source: TunnelError| Error::Tunnel { authority, source };
         let request = http::Request::builder()
@@ -233,7 +239,11 @@ impl Pool {
         let limit = shared.config.connect_timeout;
         let answer = async {
             let mut send = checkout.conn.send.clone().ready().await?;
-            let (response, stream) = send.send_request(request, false)?;
+            let (response, mut stream) = send.send_request(request, false)?;
+            if !early.is_empty() {
+                // Within the stream's initial window: h2 writes it behind the HEADERS.
+                stream.send_data(early, false)?;
+            }
             let response = response.await?;
             Ok::<_, h2::Error>((response, stream))
         };
