@@ -192,12 +192,16 @@ where
     // copy_bidirectional_with_sizes panics on a zero size; the config is validated, this is a
     // second guard.
     let size = buffer_size.max(1);
+    // `stop` first, on every poll: a revocation that came before the copy started (between the
+    // authorizer's decision and here) must win over bytes already waiting to be copied, as
+    // a pooled stream's early data is.
     let result = tokio::select! {
+        biased;
+        e = stop => Err(e),
+        () = activity.idle(idle) => Err(Error::Idle(idle)),
         r = tokio::io::copy_bidirectional_with_sizes(&mut app, &mut remote, size, size) => {
             r.map(|_| ()).map_err(Error::Copy)
         }
-        () = activity.idle(idle) => Err(Error::Idle(idle)),
-        e = stop => Err(e),
     };
     if matches!(result, Err(Error::Copy(_) | Error::Revoked { .. })) {
         app.inner.arm_reset();

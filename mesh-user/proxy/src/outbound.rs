@@ -3,6 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use rustls::HandshakeKind;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -189,20 +190,21 @@ async fn mesh(
         Handshake::Full
     };
     shared.metrics.handshake(Reporter::Source, pod.id(), kind);
-    copy_to(shared, pod, app, tls, &destination, info, 0).await
+    copy_to(shared, pod, app, tls, &destination, info, Bytes::new()).await
 }
 
 /// Copies between the app and the mesh side of its connection (a TLS connection of its own
-/// or a pooled stream), counting bytes for the pod and the connection's metrics, with `sent`
-/// bytes the app sent that already went to the mesh side (a stream's early data).
+/// or a pooled stream), counting bytes for the pod and the connection's metrics. `early` is
+/// what the app sent that already went to the mesh side as a stream's early data (the peer
+/// answered 200): counted as sent, then taken out of the app's socket ([`take_early`]).
 async fn copy_to<R>(
     shared: &Shared,
     pod: &PodState,
-    app: TcpStream,
+    mut app: TcpStream,
     remote: R,
     destination: &Destination,
     info: &mut ConnInfo,
-    sent: u64,
+    early: Bytes,
 ) -> Result<(), Error>
 where
     R: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Reset,
@@ -210,12 +212,22 @@ where
     // The app is the client: bytes to it are the response (sent), bytes from it the request.
     let labels = TcpLabels::mesh(Reporter::Source, pod.id(), &destination.id);
     let mut meter = shared.metrics.open(labels);
+    let sent = early.len() as u64;
     if sent > 0 {
         meter.received.inc_by(sent);
         pod.stats
             .bytes_from_app
             .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = take_early(&mut app, &early).await {
+            remote.arm_reset();
+            reset(app);
+            let result = Err(Error::Copy(e));
+            meter.ended(&result);
+            info.transferred.from_app = sent;
+            return result;
+        }
     }
+    drop(early);
     let (mut transferred, result) = relay(
         app,
         remote,
@@ -236,10 +248,24 @@ where
     result
 }
 
-/// Takes the `n` bytes [`peek_early`] saw (and a stream carried) out of the app's socket.
-async fn take_early(app: &mut TcpStream, n: usize) -> io::Result<()> {
-    let mut sink = vec![0u8; n];
-    app.read_exact(&mut sink).await.map(|_| ())
+/// Takes the bytes [`peek_early`] saw (and a stream carried) out of the app's socket, and
+/// checks they are those bytes. They can differ only on a socket whose bytes arrive on two
+/// queues (a read takes the sk_msg redirect's queue before TCP's, a peek saw TCP's): the peer
+/// then holds bytes the app's stream has not reached yet, and the connection must end.
+///
+/// # Errors
+///
+/// The read's error, or `InvalidData` when the bytes differ.
+async fn take_early(app: &mut TcpStream, early: &[u8]) -> io::Result<()> {
+    let mut taken = vec![0u8; early.len()];
+    app.read_exact(&mut taken).await?;
+    if taken != early {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the app's first bytes read differ from those sent as early data",
+        ));
+    }
+    Ok(())
 }
 
 /// How a pooled attempt ended.
@@ -261,7 +287,6 @@ async fn pooled(
     order: Vec<SocketAddr>,
     info: &mut ConnInfo,
 ) -> PooledOutcome {
-    let mut app = app;
     let early = peek_early(&app);
     let mut last: Option<Error> = None;
     let mut tried = 0;
@@ -284,20 +309,14 @@ async fn pooled(
             Ok(Opened::Stream(stream, checkout)) => {
                 info.target = Some(peer);
                 // The peer accepted the stream with the early bytes: they leave the socket now.
-                if let Err(e) = take_early(&mut app, early.len()).await {
-                    stream.arm_reset();
-                    reset(app);
-                    return PooledOutcome::Done(Err(Error::Copy(e)));
-                }
-                let sent = early.len() as u64;
-                let result = copy_to(shared, pod, app, stream, destination, info, sent).await;
+                let result = copy_to(shared, pod, app, stream, destination, info, early).await;
                 drop(checkout);
                 return PooledOutcome::Done(result);
             }
             Ok(Opened::Plain(tls)) => {
                 info.target = Some(peer);
                 return PooledOutcome::Done(
-                    copy_to(shared, pod, app, *tls, destination, info, 0).await,
+                    copy_to(shared, pod, app, *tls, destination, info, Bytes::new()).await,
                 );
             }
             Err(Error::Tunnel {

@@ -30,6 +30,7 @@ pub struct PodStats {
     pub(crate) http_requests: AtomicU64,
     pub(crate) http_denied: AtomicU64,
     pub(crate) spliced: AtomicU64,
+    pub(crate) early_data: AtomicU64,
 }
 
 /// A copy of a pod's counters at one instant. Connection counts include both directions.
@@ -92,6 +93,9 @@ pub struct PodStatsSnapshot {
     /// Outbound connections to a pod on the same node whose two app sockets the kernel spliced
     /// (the proxy only forwards what reached it before the splice took over).
     pub spliced_connections: u64,
+    /// Outbound streams to another node whose `CONNECT` carried the app's first bytes (early
+    /// data, see `docs/dataplane.md`), whatever the answer.
+    pub early_data_streams: u64,
 }
 
 impl PodStats {
@@ -125,6 +129,7 @@ impl PodStats {
             http_requests: self.http_requests.load(Relaxed),
             http_requests_denied: self.http_denied.load(Relaxed),
             spliced_connections: self.spliced.load(Relaxed),
+            early_data_streams: self.early_data.load(Relaxed),
         }
     }
 

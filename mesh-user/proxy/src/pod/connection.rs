@@ -127,9 +127,10 @@ fn refuse_at_accept(
     local: SocketAddr,
     error: &Error,
 ) {
-    reset(stream);
     let inbound = kind.is_inbound();
+    // Counted before the reset: whoever sees the reset sees the count.
     pod.stats.count_error(error, inbound);
+    reset(stream);
     if let Some(suppressed) = may_log(pod, log_kind(error, inbound)) {
         tracing::warn!(
             pod = %pod.name,

@@ -490,15 +490,22 @@ async fn a_renewed_leaf_opens_a_new_pooled_connection_and_the_old_one_drains() {
 
 /// Connects to `addr` while the directory's lookups are held, and writes `request` at once:
 /// the proxy learns the connection's destination only once `request` has arrived, so it goes
-/// as early data with the stream's `CONNECT`.
+/// as early data with the stream's `CONNECT`. The client runs on a thread of its own: the held
+/// lookup blocks a runtime worker, which must not hold up the client's write.
 async fn connect_with_early_data(env: &Env, addr: SocketAddr, request: &[u8]) -> TcpStream {
     let held = env.dir.hold_lookups(Duration::from_millis(200));
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    tokio::task::spawn_blocking(move || held.join().unwrap())
-        .await
-        .unwrap();
-    stream
+    let request = request.to_vec();
+    let stream = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(&request).unwrap();
+        held.join().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        stream
+    })
+    .await
+    .unwrap();
+    TcpStream::from_std(stream).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,6 +547,10 @@ async fn early_data_reaches_the_app_once_and_is_counted_once() {
             assert_eq!(value("istio_tcp_sent_bytes_total"), sent as f64, "{text}");
         }
         assert_eq!(r.app.accepted(), 1);
+        assert_eq!(
+            w.early_data_streams, 1,
+            "the request went as early data: {w:?}"
+        );
     })
     .await;
 }
@@ -548,7 +559,7 @@ async fn early_data_reaches_the_app_once_and_is_counted_once() {
 async fn early_data_of_a_denied_caller_never_reaches_the_app() {
     within(30, async {
         let r = remote_api().await;
-        let (_batch, to_api) = r.client("batch");
+        let (batch, to_api) = r.client("batch");
         r.env
             .authz
             .deny
@@ -557,6 +568,7 @@ async fn early_data_of_a_denied_caller_never_reaches_the_app() {
             .insert(("batch".into(), "api".into()));
         let mut conn = connect_with_early_data(&r.env, to_api, b"DELETE everything").await;
         assert!(read_until_closed(&mut conn).await.is_empty());
+        assert_eq!(batch.stats().early_data_streams, 1);
         assert_eq!(r.app.accepted(), 0, "the denied stream reached the app");
         assert_eq!(r.api.stats().bytes_to_app, 0);
         assert!(r.env.authz.seen().contains(&(svc("batch"), svc("api"))));
@@ -589,6 +601,68 @@ async fn early_data_answered_426_goes_whole_on_the_connection_of_its_own() {
         assert_eq!(accepted.load(SeqCst), 1);
         // The stream was answered 426; the request went on a TLS connection of its own.
         assert_eq!(api.stats().tls_handshakes, 2);
+        assert_eq!(web.stats().early_data_streams, 1);
+    })
+    .await;
+}
+
+/// Dials like [`PlainDialer`], but holds every connection to an app until the test lets it go.
+struct GatedAppDialer {
+    /// Told when an app connection is waiting.
+    waiting: Arc<tokio::sync::Notify>,
+    /// Lets the waiting connection go on.
+    open: Arc<tokio::sync::Notify>,
+}
+
+impl Dialer for GatedAppDialer {
+    fn connect<'a>(&'a self, pod: &'a str, kind: DialKind, addr: SocketAddr) -> DialFuture<'a> {
+        Box::pin(async move {
+            if kind == DialKind::App {
+                self.waiting.notify_one();
+                self.open.notified().await;
+            }
+            PlainDialer.connect(pod, kind, addr).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_revoked_while_its_app_connection_opens_delivers_no_early_data() {
+    within(30, async {
+        let waiting = Arc::new(tokio::sync::Notify::new());
+        let open = Arc::new(tokio::sync::Notify::new());
+        let dialer = GatedAppDialer {
+            waiting: Arc::clone(&waiting),
+            open: Arc::clone(&open),
+        };
+        let env = Env::with_dialer(test_config(), Arc::new(dialer));
+        let app = App::echo().await;
+        let (api, inbound) = env.server("api", &[app.port]);
+        env.dir.remote.lock().unwrap().insert(inbound);
+        let mut web = env.client("web", None);
+        let to_api = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
+        let mut conn = connect_with_early_data(&env, to_api, b"DELETE everything").await;
+        // The stream was allowed and its app connection is being made: now a deny comes.
+        waiting.notified().await;
+        env.authz
+            .deny
+            .lock()
+            .unwrap()
+            .insert(("web".into(), "api".into()));
+        assert_eq!(
+            api.reauthorize(),
+            1,
+            "the stream is registered for revocation"
+        );
+        open.notify_one();
+        assert!(read_until_closed(&mut conn).await.is_empty());
+        eventually("the app connection closed", || app.accepted() == 1).await;
+        assert_eq!(web.stats().early_data_streams, 1);
+        assert_eq!(
+            api.stats().bytes_to_app,
+            0,
+            "the revoked stream's early data reached the app"
+        );
     })
     .await;
 }

@@ -30,6 +30,7 @@ use std::os::fd::AsRawFd;
 
 use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
+use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -63,7 +64,7 @@ pub(crate) const EARLY_DATA_MAX: usize = 16 << 10;
 
 /// What the app has sent on `app` so far, up to [`EARLY_DATA_MAX`] bytes, **left in the
 /// socket** (`recv` with `MSG_PEEK | MSG_DONTWAIT`); empty when nothing has arrived yet (a
-/// protocol where the server speaks first) or the peek fails.
+/// protocol where the server speaks first) or the peek fails (logged at debug level).
 ///
 /// The outbound side sends these bytes right behind the stream's `CONNECT` and takes them out
 /// of the app's socket only once the peer has answered 200. The inbound side reads a stream's
@@ -74,11 +75,13 @@ pub(crate) fn peek_early(app: &TcpStream) -> Bytes {
     let mut buf = vec![0u8; EARLY_DATA_MAX];
     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
     match recv(app.as_raw_fd(), &mut buf, flags) {
-        Ok(n) => {
-            buf.truncate(n);
-            Bytes::from(buf)
+        // A copy of what arrived: the buffer itself would stay allocated for the connection.
+        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+        Err(Errno::EAGAIN) => Bytes::new(),
+        Err(e) => {
+            tracing::debug!(error = %e, "peeking at the app's first bytes failed: no early data");
+            Bytes::new()
         }
-        Err(_) => Bytes::new(),
     }
 }
 

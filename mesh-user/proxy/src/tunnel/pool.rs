@@ -243,6 +243,7 @@ impl Pool {
             if !early.is_empty() {
                 // Within the stream's initial window: h2 writes it behind the HEADERS.
                 stream.send_data(early, false)?;
+                PodStats::bump(&pod.stats.early_data);
             }
             let response = response.await?;
             Ok::<_, h2::Error>((response, stream))
