@@ -5,7 +5,10 @@
 //! listener and a few for the agent itself. The kernel's default soft limit (1024) would end the
 //! advertised 100,000 connections in `EMFILE` near 500, so the agent raises its soft limit to the
 //! hard limit at start and lowers its connection limits to what the result can carry, logging
-//! both.
+//! both. Not counted: each pod that has dialled keeps up to `SocketFactory::STOCK` (8) spare
+//! sockets made ahead (`mesh_dataplane::netns`), which [`RESERVED_FDS`] covers for a few dozen
+//! pods only; nodes with many pods need an open-file limit well above their connection limit
+//! (a container runtime's default, 1,048,576, is).
 
 use anyhow::{Context, Result};
 use mesh_proxy::ProxyConfig;

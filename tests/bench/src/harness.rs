@@ -122,21 +122,33 @@ impl Pinning {
     }
 }
 
-/// Sets the CPU affinity of every thread of process `pid`.
+/// Sets the CPU affinity of every thread of process `pid`, again until a pass finds no thread
+/// it had not set (a thread started meanwhile inherits its creator's old affinity).
 ///
 /// # Errors
 ///
 /// When `/proc/<pid>/task` cannot be read or a thread's affinity cannot be set.
 pub fn pin_process(pid: u32, cpus: &CpuSet) -> Result<()> {
     let dir = format!("/proc/{pid}/task");
-    for entry in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
-        let Ok(tid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        match nix::sched::sched_setaffinity(Pid::from_raw(tid), cpus) {
-            // A thread that ended meanwhile.
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => return Err(e).with_context(|| format!("pinning thread {tid} of {pid}")),
+    let mut done = std::collections::BTreeSet::new();
+    for _pass in 0..10 {
+        let mut new = false;
+        for entry in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
+            let Ok(tid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if !done.insert(tid) {
+                continue;
+            }
+            new = true;
+            match nix::sched::sched_setaffinity(Pid::from_raw(tid), cpus) {
+                // A thread that ended meanwhile.
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(e).with_context(|| format!("pinning thread {tid} of {pid}")),
+            }
+        }
+        if !new {
+            break;
         }
     }
     Ok(())
