@@ -346,20 +346,48 @@ async fn a_pre_pooling_client_is_served_as_before_by_an_h2_capable_inbound() {
     .await;
 }
 
+/// An HTTP app in a pod `api` on "another node" whose intentions from `web` are decided
+/// request by request (L7), and a client pod `web` with an upstream listener to it.
+struct L7Remote {
+    env: Env,
+    /// Connections the app accepted.
+    accepted: Arc<AtomicUsize>,
+    api: PodProxy,
+    web: PodProxy,
+    to_api: SocketAddr,
+}
+
+async fn l7_remote_api() -> L7Remote {
+    let env = Env::new(test_config());
+    let (port, accepted) = super::http::http_app().await;
+    let (api, inbound) = env.server("api", &[port]);
+    env.dir.remote.lock().unwrap().insert(inbound);
+    env.authz
+        .l7
+        .lock()
+        .unwrap()
+        .insert(("web".into(), "api".into()));
+    let mut web = env.client("web", None);
+    let to_api = env.upstream(&mut web, "api", "api", port, vec![inbound]);
+    L7Remote {
+        env,
+        accepted,
+        api,
+        web,
+        to_api,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_intentions_get_a_connection_of_their_own_and_decide_each_request() {
     within(30, async {
-        let env = Env::new(test_config());
-        let (port, accepted) = super::http::http_app().await;
-        let (api, inbound) = env.server("api", &[port]);
-        env.dir.remote.lock().unwrap().insert(inbound);
-        env.authz
-            .l7
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
-        let mut web = env.client("web", None);
-        let to_api = env.upstream(&mut web, "api", "api", port, vec![inbound]);
+        let L7Remote {
+            env,
+            accepted,
+            api,
+            web: _web,
+            to_api,
+        } = l7_remote_api().await;
         let mut conn = TcpStream::connect(to_api).await.unwrap();
         let (status, body) = super::http::get(&mut conn, "/hello").await;
         assert!(status.contains(" 200 "), "{status}");
@@ -579,17 +607,13 @@ async fn early_data_of_a_denied_caller_never_reaches_the_app() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_data_answered_426_goes_whole_on_the_connection_of_its_own() {
     within(30, async {
-        let env = Env::new(test_config());
-        let (port, accepted) = super::http::http_app().await;
-        let (api, inbound) = env.server("api", &[port]);
-        env.dir.remote.lock().unwrap().insert(inbound);
-        env.authz
-            .l7
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
-        let mut web = env.client("web", None);
-        let to_api = env.upstream(&mut web, "api", "api", port, vec![inbound]);
+        let L7Remote {
+            env,
+            accepted,
+            api,
+            web,
+            to_api,
+        } = l7_remote_api().await;
         let request = b"GET /early HTTP/1.1\r\nhost: api\r\n\r\n";
         let mut conn = connect_with_early_data(&env, to_api, request).await;
         let (status, body) = super::http::read_response(&mut conn).await;
