@@ -199,6 +199,8 @@ pub struct SocketFactory {
 struct Stock {
     sockets: Mutex<Vec<socket2::Socket>>,
     refilling: AtomicBool,
+    /// Requests that found the stock empty.
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl Stock {
@@ -279,7 +281,15 @@ impl SocketFactory {
                 for request in rx {
                     match request {
                         Request::One(reply) => {
-                            let _ = reply.send(new_tcp_socket(mark));
+                            // A refill queued before this request may have stocked one.
+                            let stocked = thread_stock.upgrade().and_then(|stock| {
+                                stock
+                                    .sockets
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .pop()
+                            });
+                            let _ = reply.send(stocked.map_or_else(|| new_tcp_socket(mark), Ok));
                         }
                         Request::Refill => {
                             if let Some(stock) = thread_stock.upgrade() {
@@ -302,6 +312,12 @@ impl SocketFactory {
     /// How many sockets the factory keeps made ahead (a batch is made when half are used).
     pub const STOCK: usize = 8;
 
+    /// How many requests for a socket found the stock empty and waited for the thread (the
+    /// first request always does; more mean requests come faster than batches are made).
+    pub fn stock_misses(&self) -> u64 {
+        self.stock.misses.load(Ordering::Relaxed)
+    }
+
     /// A new, unconnected, non-blocking IPv4 TCP socket in the namespace: from the stock when
     /// it has one, else made by the thread now.
     ///
@@ -321,6 +337,7 @@ impl SocketFactory {
         if let Some(socket) = stocked {
             return Ok(socket);
         }
+        self.stock.misses.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.send(Request::One(reply)).map_err(|_| {
             io::Error::other(format!(
