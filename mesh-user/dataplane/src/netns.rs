@@ -13,7 +13,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sched::{setns, CloneFlags};
@@ -200,7 +200,7 @@ struct Stock {
     sockets: Mutex<Vec<socket2::Socket>>,
     refilling: AtomicBool,
     /// Requests that found the stock empty.
-    misses: std::sync::atomic::AtomicU64,
+    misses: AtomicU64,
 }
 
 impl Stock {

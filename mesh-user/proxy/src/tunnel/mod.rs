@@ -22,11 +22,10 @@
 //!   request once it accepts the stream rather than one round trip between the agents later.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
-
-use std::os::fd::AsRawFd;
 
 use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
