@@ -57,11 +57,7 @@ async fn an_authorizer_deny_closes_the_connection_before_the_app() {
         let mut admin = env.client("admin", None);
         let from_web = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
         let from_admin = env.upstream(&mut admin, "api", "api", app.port, vec![inbound]);
-        env.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        env.authz.deny_pair("web", "api");
 
         expect_refused(from_web).await;
         eventually("denial counted", || api.stats().denied == 1).await;
@@ -90,11 +86,7 @@ async fn reauthorize_closes_established_connections_that_are_now_denied() {
         let mut admin_conn = echo_through(from_admin, b"admin before").await;
         assert_eq!(api.reauthorize(), 0, "nothing is denied yet");
 
-        env.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        env.authz.deny_pair("web", "api");
         assert_eq!(api.reauthorize(), 1);
         assert!(read_until_closed(&mut web_conn).await.is_empty());
         eventually("revocation counted", || api.stats().denied == 1).await;

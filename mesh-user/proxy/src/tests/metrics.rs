@@ -94,11 +94,7 @@ async fn tcp_families_count_connections_bytes_handshakes_and_denials() {
         );
 
         // A denied connection is counted with the deciding intention, and not as opened.
-        env.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        env.authz.deny_pair("web", "api");
         expect_refused(to_api).await;
         eventually("the denial counted", || {
             let text = scrape(&env);
@@ -142,11 +138,7 @@ async fn bytes_count_while_a_connection_is_open_and_a_revocation_is_flagged() {
         assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &open), 1000.0);
         assert_eq!(sum(&text, "istio_tcp_sent_bytes_total", &open), 1000.0);
 
-        env.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        env.authz.deny_pair("web", "api");
         assert_eq!(api.reauthorize(), 1);
         read_until_closed(&mut stream).await;
         eventually("the revoked connection closed", || {

@@ -135,6 +135,14 @@ impl RecordingAuthorizer {
     fn seen(&self) -> Vec<(SpiffeId, SpiffeId)> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// Denies `source => destination` (service names) from now on.
+    fn deny_pair(&self, source: &str, destination: &str) {
+        self.deny
+            .lock()
+            .unwrap()
+            .insert((source.into(), destination.into()));
+    }
 }
 
 impl Authorizer for RecordingAuthorizer {

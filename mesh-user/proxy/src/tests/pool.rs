@@ -130,12 +130,7 @@ async fn identity_is_per_source_service_and_a_denied_caller_gets_no_stream() {
         let r = remote_api().await;
         let (_web, web_to_api) = r.client("web");
         let (_batch, batch_to_api) = r.client("batch");
-        r.env
-            .authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("batch".into(), "api".into()));
+        r.env.authz.deny_pair("batch", "api");
         let web_conn = echo_through(web_to_api, b"web").await;
         expect_refused(batch_to_api).await;
         // One pooled connection per source identity: the peer authenticates each caller by
@@ -175,12 +170,7 @@ async fn revocation_resets_the_callers_streams_not_the_pooled_connection() {
             web_conns.push(echo_through(web_to_api, &[i; 10]).await);
         }
         let mut batch_conn = echo_through(batch_to_api, b"batch").await;
-        r.env
-            .authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        r.env.authz.deny_pair("web", "api");
         let started = Instant::now();
         assert_eq!(r.api.reauthorize(), 3, "one revocation per stream");
         for c in &mut web_conns {
@@ -588,12 +578,7 @@ async fn early_data_of_a_denied_caller_never_reaches_the_app() {
     within(30, async {
         let r = remote_api().await;
         let (batch, to_api) = r.client("batch");
-        r.env
-            .authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("batch".into(), "api".into()));
+        r.env.authz.deny_pair("batch", "api");
         let mut conn = connect_with_early_data(&r.env, to_api, b"DELETE everything").await;
         assert!(read_until_closed(&mut conn).await.is_empty());
         assert_eq!(batch.stats().early_data_streams, 1);
@@ -668,11 +653,7 @@ async fn a_stream_revoked_while_its_app_connection_opens_delivers_no_early_data(
         let mut conn = connect_with_early_data(&env, to_api, b"DELETE everything").await;
         // The stream was allowed and its app connection is being made: now a deny comes.
         waiting.notified().await;
-        env.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        env.authz.deny_pair("web", "api");
         assert_eq!(
             api.reauthorize(),
             1,

@@ -104,11 +104,7 @@ async fn a_denied_or_l7_or_switched_off_same_node_connection_is_not_spliced() {
         let up = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
 
         // Denied: refused, the app never dialled, counted as a denial.
-        env.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        env.authz.deny_pair("web", "api");
         expect_refused(up).await;
         // As on the TLS path, a refusal is an end of stream after connect() succeeded, never a
         // failed connect() (the decision comes microseconds after the handshake).
@@ -244,11 +240,7 @@ async fn a_handed_over_same_node_connection_goes_on_in_the_next_proxy_and_is_rev
         .await;
 
         // A deny in the new proxy's rules ends it.
-        new.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        new.authz.deny_pair("web", "api");
         assert_eq!(api.reauthorize(), 1);
         let rest = read_until_closed(&mut client).await;
         assert!(rest.is_empty(), "{rest:?}");
@@ -267,11 +259,7 @@ async fn a_handed_over_connection_that_is_denied_now_is_reset() {
             pair,
         } = handed_over().await;
         let new = Env::with_splicer(test_config(), splicer.clone());
-        new.authz
-            .deny
-            .lock()
-            .unwrap()
-            .insert(("web".into(), "api".into()));
+        new.authz.deny_pair("web", "api");
         let (api, _) = new.server("api", &[app.port]);
         let web = new.client("web", None);
         web.adopt_splice(&api, pair);
