@@ -446,7 +446,12 @@ pub async fn run(opts: Options) -> Result<()> {
         service_defaults: values(&defaults.store),
     };
     let translation = translate(&mut cni, &pod_locator, snapshot());
-    let mut written: BTreeMap<(&'static str, CrRef), Value> = BTreeMap::new();
+    let mut crd_statuses = CrdStatuses {
+        client: client.clone(),
+        si_resource,
+        sd_resource,
+        written: BTreeMap::new(),
+    };
     // The CRDs' intentions into the store now; their statuses (a request per object) once the
     // agent serves, so that a hand-over's gap does not grow with the cluster.
     store_crds(&server, &translation).await;
@@ -500,15 +505,7 @@ pub async fn run(opts: Options) -> Result<()> {
     } else {
         // Serving: the previous agent (if any) may go now.
         taken.confirm();
-        sync_crds(
-            &server,
-            &client,
-            &si_resource,
-            &sd_resource,
-            &translation,
-            &mut written,
-        )
-        .await;
+        sync_crds(&server, &mut crd_statuses, &translation).await;
     }
     drop(taken);
 
@@ -553,15 +550,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
         let translation = translate(&mut cni, &pod_locator, snapshot());
         if full {
-            sync_crds(
-                &server,
-                &client,
-                &si_resource,
-                &sd_resource,
-                &translation,
-                &mut written,
-            )
-            .await;
+            sync_crds(&server, &mut crd_statuses, &translation).await;
         }
         if full || translation.catalog != *agent.catalog() {
             report(&translation, &metrics);
@@ -796,16 +785,24 @@ async fn store_crds(
     }
 }
 
+/// Where the CRDs' statuses go, and the status last written per object (without its
+/// timestamps), so that a status is written only when its meaning changes.
+struct CrdStatuses {
+    client: Client,
+    si_resource: ApiResource,
+    sd_resource: ApiResource,
+    written: BTreeMap<(&'static str, CrRef), Value>,
+}
+
 /// Writes the CRDs' entries to the store and their `Synced` conditions to the API server (a
 /// status is written only when it changes).
-async fn sync_crds(
-    server: &mesh_api::Server,
-    client: &Client,
-    si_resource: &ApiResource,
-    sd_resource: &ApiResource,
-    t: &Translation,
-    written: &mut BTreeMap<(&'static str, CrRef), Value>,
-) {
+async fn sync_crds(server: &mesh_api::Server, statuses: &mut CrdStatuses, t: &Translation) {
+    let CrdStatuses {
+        client,
+        si_resource,
+        sd_resource,
+        written,
+    } = statuses;
     let sync = store_crds(server, t).await;
     let outcome_of = |outcomes: &[(mesh_core::intentions::ServiceName, SyncOutcome)],
                       name: &mesh_core::intentions::ServiceName| {
@@ -818,7 +815,7 @@ async fn sync_crds(
             })
     };
     let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let mut statuses: Vec<(&'static str, CrRef, SyncResult)> = Vec::new();
+    let mut outcomes: Vec<(&'static str, CrRef, SyncResult)> = Vec::new();
     for (cr, entry) in &t.intentions {
         let outcome = match entry {
             Err(message) => Err(("ConsulAgentError".to_string(), message.clone())),
@@ -830,7 +827,7 @@ async fn sync_crds(
                 )),
             },
         };
-        statuses.push(("ServiceIntentions", cr.clone(), outcome));
+        outcomes.push(("ServiceIntentions", cr.clone(), outcome));
     }
     for (cr, entry) in &t.defaults {
         let outcome = match entry {
@@ -843,12 +840,12 @@ async fn sync_crds(
                 )),
             },
         };
-        statuses.push(("ServiceDefaults", cr.clone(), outcome));
+        outcomes.push(("ServiceDefaults", cr.clone(), outcome));
     }
     let live: Vec<(&'static str, CrRef)> =
-        statuses.iter().map(|(k, c, _)| (*k, c.clone())).collect();
+        outcomes.iter().map(|(k, c, _)| (*k, c.clone())).collect();
     written.retain(|k, _| live.contains(k));
-    for (kind, cr, outcome) in statuses {
+    for (kind, cr, outcome) in outcomes {
         let key = (kind, cr.clone());
         // Compare without the timestamps: a status is rewritten when its meaning changes.
         let meaning = synced_status(&outcome, "");
@@ -859,9 +856,9 @@ async fn sync_crds(
             error!(kind, object = %format!("{}/{}", cr.namespace, cr.name), %reason, %message, "not synced");
         }
         let resource = if kind == "ServiceIntentions" {
-            si_resource
+            &*si_resource
         } else {
-            sd_resource
+            &*sd_resource
         };
         let api = Api::<DynamicObject>::namespaced_with(client.clone(), &cr.namespace, resource);
         let patch = json!({"status": synced_status(&outcome, &now)});
