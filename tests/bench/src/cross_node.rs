@@ -184,21 +184,20 @@ fn find(records: &[Record], config: &str, workload: &str, metric: &str) -> Optio
         .and_then(|r| r.metric(metric))
 }
 
-/// The placements `records` measured, pinned first.
-fn placements(records: &[Record]) -> Vec<&'static str> {
-    ["pinned", "unpinned"]
-        .into_iter()
-        .filter(|p| records.iter().any(|r| r.pinning == *p))
-        .collect()
-}
-
-/// The records of one placement.
-fn of_placement(records: &[Record], pinning: &str) -> Vec<Record> {
-    records
-        .iter()
-        .filter(|r| r.pinning == pinning)
-        .cloned()
-        .collect()
+/// The records of each placement `records` measured, pinned first.
+fn by_placement(records: &[Record]) -> Vec<(&'static str, Vec<Record>)> {
+    let mut placed = Vec::new();
+    for placement in ["pinned", "unpinned"] {
+        let of: Vec<Record> = records
+            .iter()
+            .filter(|r| r.pinning == placement)
+            .cloned()
+            .collect();
+        if !of.is_empty() {
+            placed.push((placement, of));
+        }
+    }
+    placed
 }
 
 /// The targets of issue #15 across nodes, over the records of one placement.
@@ -291,8 +290,7 @@ const ROWS: [(&str, &str, &str); 9] = [
 pub fn terminal(records: &[Record], machine: &Machine) -> String {
     let mut out = String::new();
     out += &format!("{}\n", machine.terminal_line());
-    for placement in placements(records) {
-        let records = of_placement(records, placement);
+    for (placement, records) in by_placement(records) {
         out += &format!("{:<40}", format!("cross-node, {placement}"));
         for c in CONFIGS {
             out += &format!(" {c:>17}");
@@ -339,8 +337,7 @@ pub fn markdown(records: &[Record], machine: &Machine, quick: bool) -> String {
            path's CPU cost); unpinned: where the scheduler puts them. The mesh carries app \
            connections between the nodes as streams of pooled HTTP/2 mTLS connections. A \
            shared machine makes these figures indicative.\n\n";
-    for placement in placements(records) {
-        let records = of_placement(records, placement);
+    for (placement, records) in by_placement(records) {
         md += &format!("### {}\n\n", placement_heading(placement));
         md += "| |";
         for c in CONFIGS {
@@ -397,8 +394,8 @@ pub fn to_json(records: &[Record], machine: &Machine) -> Value {
             "metrics": report::metrics_json(&r.metrics),
             "error": r.error,
         })).collect::<Vec<_>>(),
-        "targets": placements(records).into_iter().flat_map(|p| {
-            targets(&of_placement(records, p)).into_iter().map(move |t| json!({
+        "targets": by_placement(records).into_iter().flat_map(|(p, of)| {
+            targets(&of).into_iter().map(move |t| json!({
                 "pinning": p,
                 "target": t.label,
                 "value": t.value,
