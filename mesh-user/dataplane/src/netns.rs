@@ -282,13 +282,7 @@ impl SocketFactory {
                     match request {
                         Request::One(reply) => {
                             // A refill queued before this request may have stocked one.
-                            let stocked = thread_stock.upgrade().and_then(|stock| {
-                                stock
-                                    .sockets
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .pop()
-                            });
+                            let stocked = thread_stock.upgrade().and_then(|stock| stock.take().0);
                             let _ = reply.send(stocked.map_or_else(|| new_tcp_socket(mark), Ok));
                         }
                         Request::Refill => {

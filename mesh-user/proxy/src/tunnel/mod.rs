@@ -71,10 +71,10 @@ pub(crate) const EARLY_DATA_MAX: usize = 16 << 10;
 /// stream (403, 503, ...) has delivered nothing to the app, and after a 426 (the peer decides
 /// request by request) the bytes are still in the socket for the connection of its own.
 pub(crate) fn peek_early(app: &TcpStream) -> Bytes {
-    let mut buf = vec![0u8; EARLY_DATA_MAX];
+    // On the stack (no await here): only what arrived is copied to the heap.
+    let mut buf = [0u8; EARLY_DATA_MAX];
     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
     match recv(app.as_raw_fd(), &mut buf, flags) {
-        // A copy of what arrived: the buffer itself would stay allocated for the connection.
         Ok(n) => Bytes::copy_from_slice(&buf[..n]),
         Err(Errno::EAGAIN) => Bytes::new(),
         Err(e) => {
