@@ -14,7 +14,12 @@ struct Remote {
 }
 
 async fn remote_api() -> Remote {
-    let env = Env::new(test_config());
+    remote_api_dialing_with(Arc::new(PlainDialer)).await
+}
+
+/// [`remote_api`] with the proxy's connections made by `dialer`.
+async fn remote_api_dialing_with(dialer: Arc<dyn Dialer>) -> Remote {
+    let env = Env::with_dialer(test_config(), dialer);
     let app = App::echo().await;
     let (api, inbound) = env.server("api", &[app.port]);
     env.dir.remote.lock().unwrap().insert(inbound);
@@ -644,27 +649,23 @@ async fn a_stream_revoked_while_its_app_connection_opens_delivers_no_early_data(
             waiting: Arc::clone(&waiting),
             open: Arc::clone(&open),
         };
-        let env = Env::with_dialer(test_config(), Arc::new(dialer));
-        let app = App::echo().await;
-        let (api, inbound) = env.server("api", &[app.port]);
-        env.dir.remote.lock().unwrap().insert(inbound);
-        let mut web = env.client("web", None);
-        let to_api = env.upstream(&mut web, "api", "api", app.port, vec![inbound]);
-        let mut conn = connect_with_early_data(&env, to_api, b"DELETE everything").await;
+        let r = remote_api_dialing_with(Arc::new(dialer)).await;
+        let (web, to_api) = r.client("web");
+        let mut conn = connect_with_early_data(&r.env, to_api, b"DELETE everything").await;
         // The stream was allowed and its app connection is being made: now a deny comes.
         waiting.notified().await;
-        env.authz.deny_pair("web", "api");
+        r.env.authz.deny_pair("web", "api");
         assert_eq!(
-            api.reauthorize(),
+            r.api.reauthorize(),
             1,
             "the stream is registered for revocation"
         );
         open.notify_one();
         assert!(read_until_closed(&mut conn).await.is_empty());
-        eventually("the app connection closed", || app.accepted() == 1).await;
+        eventually("the app connection closed", || r.app.accepted() == 1).await;
         assert_eq!(web.stats().early_data_streams, 1);
         assert_eq!(
-            api.stats().bytes_to_app,
+            r.api.stats().bytes_to_app,
             0,
             "the revoked stream's early data reached the app"
         );
