@@ -299,15 +299,32 @@ pub fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()
     Ok(())
 }
 
-/// Hands the memory the allocator holds free back to the kernel: glibc's `malloc_trim(0)`, which
-/// shrinks the main heap and, since glibc 2.8, releases (`MADV_DONTNEED`) every whole free page
-/// of every arena. Loading the kernel object parses the kernel's BTF (several MiB of short-lived
-/// allocations, in aya's loader); glibc keeps what they freed, which is most of an idle eBPF
-/// agent's resident memory otherwise. Returns whether memory was released; with another C
-/// library (musl returns freed memory by itself) it does nothing and returns `false`.
+/// glibc's default `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` (128 KiB, `mallopt(3)`).
+#[cfg(target_env = "gnu")]
+const GLIBC_DEFAULT_THRESHOLD: libc::c_int = 128 * 1024;
+
+/// Hands the memory the allocator holds free back to the kernel, and keeps it from holding on to
+/// more later. Loading the kernel object parses the kernel's BTF (about 25 MiB of short-lived
+/// allocations in aya's loader, some single blocks of several MiB). With glibc, freeing such a
+/// block (allocated with `mmap`) raises the allocator's dynamic thresholds to its size
+/// (`mallopt(3)`, "M_MMAP_THRESHOLD": up to 32 MiB, and the trim threshold to twice that), so
+/// from then on buffers of up to that size come from the heap and the heap is not given back
+/// until twice that is free at its top: under a burst of new connections a freshly started agent
+/// grew by 5–7 MiB and kept it. So this sets both thresholds back to glibc's defaults (which
+/// also turns the dynamic adjustment off, for the later loads of pods' sk_lookup programs) and
+/// then calls `malloc_trim(0)`, which shrinks the main heap and, since glibc 2.8, releases
+/// (`MADV_DONTNEED`) every whole free page of every arena. Returns whether memory was released;
+/// with another C library (musl returns freed memory by itself) it does nothing and returns
+/// `false`.
 pub fn release_free_memory() -> bool {
     #[cfg(target_env = "gnu")]
     {
+        for param in [libc::M_MMAP_THRESHOLD, libc::M_TRIM_THRESHOLD] {
+            // SAFETY: `mallopt` only sets the allocator's own parameters, under its locks; a
+            // threshold of 128 KiB is within the range glibc accepts (it returns 0 otherwise,
+            // leaving the parameter as it was).
+            unsafe { libc::mallopt(param, GLIBC_DEFAULT_THRESHOLD) };
+        }
         // SAFETY: `malloc_trim` takes a padding size and only touches the allocator's own state,
         // under its locks; any value is valid.
         unsafe { libc::malloc_trim(0) != 0 }

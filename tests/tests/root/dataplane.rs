@@ -81,6 +81,38 @@ fn open_dataplane(node: &Node) -> Result<Dataplane> {
     Ok(dp)
 }
 
+/// The resident anonymous memory of this process (`RssAnon` of `/proc/self/status`), in KiB.
+fn rss_anon_kib() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no RssAnon in /proc/self/status")
+}
+
+/// Loading the kernel programs parses the kernel's BTF (blocks of several MiB, freed right
+/// after). An agent that has loaded them must still give a buffer of a few MiB back to the kernel
+/// when it frees it, as before loading: otherwise a burst of connections leaves a freshly started
+/// agent several MiB larger for good (issue #15's peak memory target).
+#[test]
+fn an_agent_gives_freed_buffers_back_to_the_kernel_after_loading() -> Result<()> {
+    let node = Node::new()?;
+    let dp = open_dataplane(&node)?;
+    let before = rss_anon_kib()?;
+    for _ in 0..8 {
+        std::hint::black_box(vec![1u8; 2 << 20]);
+    }
+    let after = rss_anon_kib()?;
+    drop(dp);
+    ensure!(
+        after < before + 1024,
+        "after loading, 2 MiB buffers freed left {} KiB resident ({before} → {after} KiB)",
+        after.saturating_sub(before)
+    );
+    Ok(())
+}
+
 /// A node with two meshed pods, `web` and `db`, and the service (api-v1's virtual IP, port
 /// 9091) both may reach: (node, web, db, the service's address, the dataplane).
 fn two_meshed_pods() -> Result<(Node, Pod, Pod, SocketAddrV4, Dataplane)> {
