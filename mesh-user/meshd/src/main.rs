@@ -268,9 +268,8 @@ fn main() -> Result<()> {
                 msg_redirect: !proxy_args.no_msg_redirect,
                 proxy,
             };
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
+            proxy_args
+                .runtime()?
                 .block_on(run(cfg, catalog, metrics_addr, cni, ca))
         }
         Cmd::Ca(args) => {
@@ -344,9 +343,8 @@ fn main() -> Result<()> {
                 msg_redirect: !proxy_args.no_msg_redirect,
                 proxy,
             };
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
+            proxy_args
+                .runtime()?
                 .block_on(kubernetes::run(kubernetes::Options {
                     node_name,
                     kube_api_url,
