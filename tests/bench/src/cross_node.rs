@@ -75,12 +75,25 @@ pub const SECTION: Section = Section {
 };
 
 const USAGE: &str = "usage: mesh-bench cross-node [--quick] [--pinning both|pinned|unpinned] \
-                     [--cpu N] [--wrk-secs S] [--iperf-secs S] [--conn-secs S] [--json PATH] \
-                     [--markdown PATH | --no-markdown]";
+                     [--cpu N] [--worker-threads N] [--wrk-secs S] [--iperf-secs S] \
+                     [--conn-secs S] [--json PATH] [--markdown PATH | --no-markdown]
+
+  --quick             1-second runs, pinned placement only (a smoke run)
+  --pinning P         placements to measure (default: both; pinned with --quick)
+  --cpu N             the CPU of the pinned placement (default 0; needs a pinned placement)
+  --worker-threads N  each agent's `meshd run --worker-threads N` (default: meshd's, one per CPU)
+  --wrk-secs S        length of each wrk run (default 7)
+  --iperf-secs S      length of each iperf3 run (default 5)
+  --conn-secs S       length of each new-connection run (default 3)
+  --json PATH         also write the records and targets as JSON
+  --markdown PATH     the file whose cross-node section is rewritten (default docs/benchmarks.md)
+  --no-markdown       write no markdown";
 
 struct Options {
     quick: bool,
     pinnings: Vec<Pinning>,
+    /// Each agent's `--worker-threads`; meshd's default without it.
+    worker_threads: Option<u64>,
     wrk_secs: u64,
     iperf_secs: u64,
     conn_secs: f64,
@@ -92,6 +105,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
     let mut o = Options {
         quick: false,
         pinnings: vec![],
+        worker_threads: None,
         wrk_secs: 7,
         iperf_secs: 5,
         conn_secs: 3.0,
@@ -99,7 +113,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         markdown: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md")),
     };
     let mut pinning = None::<String>;
-    let mut cpu = 0usize;
+    let mut cpu = None::<usize>;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
@@ -115,7 +129,12 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
                 o.conn_secs = 1.0;
             }
             "--pinning" => pinning = Some(value(a)?),
-            "--cpu" => cpu = value(a)?.parse().context("--cpu")?,
+            "--cpu" => cpu = Some(value(a)?.parse().context("--cpu")?),
+            "--worker-threads" => {
+                let n: u64 = value(a)?.parse().context("--worker-threads")?;
+                ensure!(n >= 1, "--worker-threads {n}: at least 1");
+                o.worker_threads = Some(n);
+            }
             "--wrk-secs" => o.wrk_secs = value(a)?.parse().context("--wrk-secs")?,
             "--iperf-secs" => o.iperf_secs = value(a)?.parse().context("--iperf-secs")?,
             "--conn-secs" => o.conn_secs = value(a)?.parse().context("--conn-secs")?,
@@ -135,6 +154,11 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
     );
     // A smoke run measures the pinned placement only, as `mesh-bench e2e --quick` does.
     let pinning = pinning.unwrap_or_else(|| if o.quick { "pinned" } else { "both" }.into());
+    ensure!(
+        cpu.is_none() || pinning != "unpinned",
+        "--cpu places the pinned runs; --pinning unpinned has none"
+    );
+    let cpu = cpu.unwrap_or(0);
     o.pinnings = match pinning.as_str() {
         "both" => vec![Pinning::Pinned(cpu), Pinning::Unpinned],
         "pinned" => vec![Pinning::Pinned(cpu)],
@@ -287,9 +311,10 @@ const ROWS: [(&str, &str, &str); 9] = [
 ];
 
 /// The terminal report.
-pub fn terminal(records: &[Record], machine: &Machine) -> String {
+pub fn terminal(records: &[Record], machine: &Machine, workers: Option<u64>) -> String {
     let mut out = String::new();
     out += &format!("{}\n", machine.terminal_line());
+    out += &format!("mesh agents: {}\n", agents_text(workers));
     for (placement, records) in by_placement(records) {
         out += &format!("{:<40}", format!("cross-node, {placement}"));
         for c in CONFIGS {
@@ -327,7 +352,12 @@ pub fn terminal(records: &[Record], machine: &Machine) -> String {
 }
 
 /// The markdown section (markers included).
-pub fn markdown(records: &[Record], machine: &Machine, quick: bool) -> String {
+pub fn markdown(
+    records: &[Record],
+    machine: &Machine,
+    quick: bool,
+    workers: Option<u64>,
+) -> String {
     let mut md = String::new();
     md += SECTION.begin;
     md += "\n\n## Across nodes\n\n";
@@ -336,7 +366,8 @@ pub fn markdown(records: &[Record], machine: &Machine, quick: bool) -> String {
            client, the server apps and every proxy process of both nodes on one CPU (the whole \
            path's CPU cost); unpinned: where the scheduler puts them. The mesh carries app \
            connections between the nodes as streams of pooled HTTP/2 mTLS connections. A \
-           shared machine makes these figures indicative.\n\n";
+           shared machine makes these figures indicative.";
+    md += &format!(" The mesh's agents: {}.\n\n", agents_text(workers));
     for (placement, records) in by_placement(records) {
         md += &format!("### {}\n\n", placement_heading(placement));
         md += "| |";
@@ -375,6 +406,14 @@ pub fn markdown(records: &[Record], machine: &Machine, quick: bool) -> String {
     md
 }
 
+/// How the mesh's agents ran, for the reports.
+fn agents_text(workers: Option<u64>) -> String {
+    match workers {
+        Some(n) => format!("`meshd run --worker-threads {n}` on each node"),
+        None => "`meshd run` on each node, its default worker threads (one per CPU)".into(),
+    }
+}
+
 fn placement_heading(placement: &str) -> &'static str {
     if placement == "pinned" {
         "Pinned: everything on one CPU (the whole path's CPU cost)"
@@ -384,9 +423,10 @@ fn placement_heading(placement: &str) -> &'static str {
 }
 
 /// The run as JSON: every record, and the targets per placement.
-pub fn to_json(records: &[Record], machine: &Machine) -> Value {
+pub fn to_json(records: &[Record], machine: &Machine, workers: Option<u64>) -> Value {
     json!({
         "machine": machine.to_json(),
+        "agent_worker_threads": workers,
         "records": records.iter().map(|r| json!({
             "config": r.config,
             "workload": r.workload,
@@ -456,6 +496,7 @@ impl Meshd {
         instance: String,
         catalog: PathBuf,
         state: PathBuf,
+        worker_threads: Option<u64>,
     ) -> Result<Self> {
         let policy = if node.index == 1 { "allow" } else { "deny" };
         let meshd = mesh_kit::bin_path("meshd")?;
@@ -478,6 +519,7 @@ impl Meshd {
             .arg("--mesh-cgroup")
             .arg(&node.mesh_cgroup)
             .args(["--metrics-addr", "off"])
+            .args(worker_threads.map(|n| format!("--worker-threads={n}")))
             .env("NO_COLOR", "1")
             .env("MESH_HTTP_ADDR", &http)
             .stdin(Stdio::null())
@@ -543,7 +585,13 @@ impl Drop for Meshd {
 }
 
 /// Starts both nodes' agents for `pair`; node 2 shares node 1's CA.
-fn start_agents(cluster: &Cluster, pair: &Pair, redirect: &str, dir: &Path) -> Result<[Meshd; 2]> {
+fn start_agents(
+    cluster: &Cluster,
+    pair: &Pair,
+    redirect: &str,
+    dir: &Path,
+    worker_threads: Option<u64>,
+) -> Result<[Meshd; 2]> {
     let mut agents = Vec::new();
     for k in [1u8, 2] {
         let path = dir.join(format!("{}-catalog{k}.json", pair.config));
@@ -556,7 +604,14 @@ fn start_agents(cluster: &Cluster, pair: &Pair, redirect: &str, dir: &Path) -> R
         }
         let node = cluster.node(k);
         let instance = format!("{}-{}", node.instance(), pair.config);
-        agents.push(Meshd::start(node, redirect, instance, path, state)?);
+        agents.push(Meshd::start(
+            node,
+            redirect,
+            instance,
+            path,
+            state,
+            worker_threads,
+        )?);
     }
     let [a, b]: [Meshd; 2] = agents
         .try_into()
@@ -827,7 +882,7 @@ pub fn main(args: &[String]) -> Result<i32> {
                 } else {
                     "iptables"
                 };
-                let started = start_agents(&cluster, pair, redirect, dir.path())?;
+                let started = start_agents(&cluster, pair, redirect, dir.path(), o.worker_threads)?;
                 let pids = started.iter().map(|a| a.child.id()).collect();
                 agents = Some(started);
                 pids
@@ -881,7 +936,7 @@ pub fn main(args: &[String]) -> Result<i32> {
     }
     drop(cluster);
     let machine = Machine::now(load_start);
-    print!("{}", terminal(&records, &machine));
+    print!("{}", terminal(&records, &machine, o.worker_threads));
     let json_path = match &o.json {
         Some(p) => p.clone(),
         None => harness::target_dir()?.join("bench/cross-node.json"),
@@ -891,10 +946,10 @@ pub fn main(args: &[String]) -> Result<i32> {
     }
     std::fs::write(
         &json_path,
-        serde_json::to_string_pretty(&to_json(&records, &machine))?,
+        serde_json::to_string_pretty(&to_json(&records, &machine, o.worker_threads))?,
     )?;
     if let Some(md) = &o.markdown {
-        SECTION.write(md, &markdown(&records, &machine, o.quick))?;
+        SECTION.write(md, &markdown(&records, &machine, o.quick, o.worker_threads))?;
     }
     Ok(if records.iter().any(|r| r.error.is_some()) {
         2
@@ -952,7 +1007,7 @@ mod tests {
         assert_eq!((cpu.value, cpu.met()), (Some(3.0), Some(false)));
         let bulk = get("mesh ÷ haproxy-sidecars, bulk throughput");
         assert_eq!(bulk.met(), None, "not measured");
-        let md = markdown(&records, &Machine::now("0.00".into()), true);
+        let md = markdown(&records, &Machine::now("0.00".into()), true, None);
         assert!(md.starts_with(SECTION.begin) && md.trim_end().ends_with(SECTION.end));
         assert!(
             md.contains("| mesh ÷ direct, new connections/s | 0.40 | >= 0.5 | MISSED |"),
@@ -972,7 +1027,7 @@ mod tests {
             pinned(rec("mesh", "connect", &[("conns_per_s", 3000.0)])),
             pinned(rec("direct", "connect", &[("conns_per_s", 5000.0)])),
         ];
-        let md = markdown(&records, &Machine::now("0.00".into()), false);
+        let md = markdown(&records, &Machine::now("0.00".into()), false, None);
         let pinned_at = md.find("### Pinned").expect("a pinned section");
         let unpinned_at = md.find("### Unpinned").expect("an unpinned section");
         assert!(pinned_at < unpinned_at, "pinned first: {md}");
@@ -985,7 +1040,7 @@ mod tests {
             unpinned_md.contains("| mesh ÷ direct, new connections/s | 0.25 | >= 0.5 | MISSED |"),
             "{md}"
         );
-        let json = to_json(&records, &Machine::now("0.00".into()));
+        let json = to_json(&records, &Machine::now("0.00".into()), Some(1));
         let met: Vec<(String, Value)> = json["targets"]
             .as_array()
             .unwrap()
@@ -1000,7 +1055,44 @@ mod tests {
                 ("unpinned".to_string(), json!(false))
             ]
         );
-        let only_unpinned = markdown(&records[..2], &Machine::now("0.00".into()), false);
+        let only_unpinned = markdown(&records[..2], &Machine::now("0.00".into()), false, None);
         assert!(!only_unpinned.contains("### Pinned"), "{only_unpinned}");
+    }
+
+    #[test]
+    fn the_agents_worker_threads_are_passed_on_and_reported() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = parse_options(&args(&["--worker-threads", "1"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.worker_threads, Some(1));
+        assert_eq!(
+            parse_options(&args(&[])).unwrap().unwrap().worker_threads,
+            None
+        );
+        for bad in [&["--worker-threads", "0"][..], &["--worker-threads", "x"]] {
+            let err = format!("{:#}", parse_options(&args(bad)).err().unwrap());
+            assert!(err.contains("--worker-threads"), "{err}");
+        }
+        let err = format!(
+            "{:#}",
+            parse_options(&args(&["--pinning", "unpinned", "--cpu", "1"]))
+                .err()
+                .unwrap()
+        );
+        assert!(err.contains("--cpu") && err.contains("unpinned"), "{err}");
+        let records = vec![rec("mesh", "connect", &[("conns_per_s", 1000.0)])];
+        let machine = Machine::now("0.00".into());
+        assert!(markdown(&records, &machine, false, Some(1)).contains("--worker-threads 1"));
+        assert!(markdown(&records, &machine, false, None).contains("default worker threads"));
+        assert!(terminal(&records, &machine, Some(2)).contains("--worker-threads 2"));
+        assert_eq!(
+            to_json(&records, &machine, Some(1))["agent_worker_threads"],
+            1
+        );
+        assert_eq!(
+            to_json(&records, &machine, None)["agent_worker_threads"],
+            Value::Null
+        );
     }
 }
