@@ -71,8 +71,8 @@ pub use intention::{precedence, Action, Intention, IntentionSpec};
 pub use name::{ServiceName, DEFAULT_NAMESPACE, DEFAULT_PARTITION, WILDCARD};
 pub use permission::{normalize_path, HttpRequest, Permission};
 pub use ruleset::{
-    Decision, EntryIndexes, MatchType, Matched, RequestDecision, RuleSet, SyncOutcome,
-    EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE,
+    Decision, EntryIndexes, MatchType, Matched, RequestDecision, RuleSet, RuleSetChanges,
+    SyncOutcome, EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE,
 };
 
 /// The input format a document was read from, for error messages.

@@ -1,8 +1,9 @@
 //! Which (source, destination) pairs recent writes touched, so that the kernel form can be
 //! brought up to date by compiling only those ([`super::super::CompiledRules::update`]).
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use imbl::Vector;
 
 use super::PairKey;
 use crate::intentions::ServiceName;
@@ -24,15 +25,16 @@ fn next_version() -> u64 {
 pub(super) struct Journal {
     /// The version of the state before the oldest remembered touch.
     base: u64,
-    /// (version after the touch, the pair touched; `None` for the default policy).
-    touches: VecDeque<(u64, Option<PairKey>)>,
+    /// (version after the touch, the pair touched; `None` for the default policy). Persistent,
+    /// as the rule set's maps: a clone shares it.
+    touches: Vector<(u64, Option<PairKey>)>,
 }
 
 impl Journal {
     pub(super) fn new() -> Self {
         Journal {
             base: next_version(),
-            touches: VecDeque::new(),
+            touches: Vector::new(),
         }
     }
 
@@ -66,7 +68,7 @@ impl Journal {
         };
         let mut pairs = Vec::new();
         let mut default = false;
-        for (_, pair) in self.touches.range(start..) {
+        for (_, pair) in self.touches.iter().skip(start) {
             match pair {
                 Some(p) => pairs.push((&p.src, &p.dst)),
                 None => default = true,

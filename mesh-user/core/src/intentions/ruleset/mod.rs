@@ -5,8 +5,15 @@
 //! the `service-intentions` config-entry view and the durable restore.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::time::SystemTime;
+
+// Persistent maps: a clone shares every node and a write copies only the path to what it
+// changes, so the copy of a rule set per write (the API's new version, the agent's) is O(1)
+// rather than a copy of every intention (about 0.6 s for 100,000).
+use imbl::{HashMap, OrdMap, OrdSet};
+
+pub use entries::EntryIndexes;
 
 use super::intention::{precedence, Normalized};
 use super::{Action, Error, Intention, IntentionSpec, Result, ServiceName};
@@ -20,7 +27,6 @@ mod query;
 #[cfg(test)]
 mod tests;
 
-pub use entries::EntryIndexes;
 pub use l7::RequestDecision;
 pub use managed::{SyncOutcome, EXTERNAL_SOURCE_KUBERNETES, META_EXTERNAL_SOURCE};
 pub use query::{Decision, MatchType, Matched};
@@ -33,7 +39,7 @@ struct PairKey {
 }
 
 /// Entry-level state for one destination: exists while it has intentions.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct EntryState {
     meta: BTreeMap<String, String>,
     create_index: u64,
@@ -49,6 +55,37 @@ fn precedence_order(a: &Intention, b: &Intention) -> Ordering {
         .then_with(|| a.destination.cmp(&b.destination))
 }
 
+/// What a rule set holds that another does not, from [`RuleSet::changes_from`]: each list in
+/// key order, each key at most once.
+#[derive(Debug, Default)]
+pub struct RuleSetChanges<'a> {
+    /// Intentions that are new or whose any field changed, as they are now.
+    pub intentions_put: Vec<&'a Intention>,
+    /// Intentions gone: (source, destination).
+    pub intentions_removed: Vec<(&'a ServiceName, &'a ServiceName)>,
+    /// `service-intentions` entries (by destination) that are new or whose meta or indexes
+    /// changed, as they are now.
+    pub entries_put: Vec<EntryIndexes>,
+    /// Destinations whose `service-intentions` entry is gone.
+    pub entries_removed: Vec<&'a ServiceName>,
+    /// `service-defaults` entries that are new or changed, as they are now.
+    pub service_defaults_put: Vec<&'a super::ServiceDefaultsEntry>,
+    /// Services whose `service-defaults` entry is gone.
+    pub service_defaults_removed: Vec<&'a ServiceName>,
+}
+
+impl RuleSetChanges<'_> {
+    /// Whether nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.intentions_put.is_empty()
+            && self.intentions_removed.is_empty()
+            && self.entries_put.is_empty()
+            && self.entries_removed.is_empty()
+            && self.service_defaults_put.is_empty()
+            && self.service_defaults_removed.is_empty()
+    }
+}
+
 /// Every intention known to the agent, with a default policy for connections none matches.
 ///
 /// Each write operation either succeeds whole or returns an error and changes nothing; each
@@ -58,16 +95,16 @@ fn precedence_order(a: &Intention, b: &Intention) -> Ordering {
 pub struct RuleSet {
     default_policy: Action,
     /// destination → source → intention: the intentions themselves.
-    by_dst: HashMap<ServiceName, BTreeMap<ServiceName, Intention>>,
+    by_dst: OrdMap<ServiceName, OrdMap<ServiceName, Intention>>,
     /// source → destinations that have an intention from it.
-    by_src: HashMap<ServiceName, BTreeSet<ServiceName>>,
+    by_src: HashMap<ServiceName, OrdSet<ServiceName>>,
     /// ID → (source, destination).
     ids: HashMap<String, PairKey>,
     count: usize,
-    entries: HashMap<ServiceName, EntryState>,
+    entries: OrdMap<ServiceName, EntryState>,
     index: u64,
     next_counter: u32,
-    service_defaults: BTreeMap<ServiceName, super::ServiceDefaultsEntry>,
+    service_defaults: OrdMap<ServiceName, super::ServiceDefaultsEntry>,
     /// `meshd kubernetes`: intentions come from `ServiceIntentions` objects only; every write
     /// through the API is refused (it would hold on one node only). Not stored: each start
     /// sets it.
@@ -92,14 +129,14 @@ impl RuleSet {
     pub fn with_default_policy(default_policy: Action) -> Self {
         RuleSet {
             default_policy,
-            by_dst: HashMap::new(),
+            by_dst: OrdMap::new(),
             by_src: HashMap::new(),
             ids: HashMap::new(),
             count: 0,
-            entries: HashMap::new(),
+            entries: OrdMap::new(),
             index: 0,
             next_counter: 0,
-            service_defaults: BTreeMap::new(),
+            service_defaults: OrdMap::new(),
             kubernetes_only: false,
             journal: journal::Journal::new(),
         }
@@ -282,6 +319,62 @@ impl RuleSet {
         let mut all: Vec<&Intention> = self.by_dst.values().flat_map(|m| m.values()).collect();
         all.sort_by(|a, b| precedence_order(a, b));
         all
+    }
+
+    /// What differs from `old` in what a store keeps (intentions, `service-intentions` entry
+    /// indexes, `service-defaults` entries): for writing a change as a journal record rather
+    /// than the whole set. The write index and counter watermark are [`RuleSet::index`] and
+    /// [`RuleSet::counter_watermark`]. Compares values, whatever operation made the change;
+    /// parts `self` shares with `old` (a clone's, see the maps above) are skipped unvisited,
+    /// so the cost follows the size of the change, not of the set.
+    pub fn changes_from<'a>(&'a self, old: &'a RuleSet) -> RuleSetChanges<'a> {
+        use imbl::ordmap::DiffItem;
+        let mut c = RuleSetChanges::default();
+        for item in old.by_dst.diff(&self.by_dst) {
+            match item {
+                DiffItem::Add(_, new) => c.intentions_put.extend(new.values()),
+                DiffItem::Remove(_, gone) => c
+                    .intentions_removed
+                    .extend(gone.values().map(|it| (&it.source, &it.destination))),
+                DiffItem::Update {
+                    old: (_, before),
+                    new: (_, after),
+                } => {
+                    for item in before.diff(after) {
+                        match item {
+                            DiffItem::Add(_, it) | DiffItem::Update { new: (_, it), .. } => {
+                                c.intentions_put.push(it)
+                            }
+                            DiffItem::Remove(_, it) => {
+                                c.intentions_removed.push((&it.source, &it.destination))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for item in old.entries.diff(&self.entries) {
+            match item {
+                DiffItem::Add(dst, e) | DiffItem::Update { new: (dst, e), .. } => {
+                    c.entries_put.push(EntryIndexes {
+                        destination: dst.clone(),
+                        meta: e.meta.clone(),
+                        create_index: e.create_index,
+                        modify_index: e.modify_index,
+                    })
+                }
+                DiffItem::Remove(dst, _) => c.entries_removed.push(dst),
+            }
+        }
+        for item in old.service_defaults.diff(&self.service_defaults) {
+            match item {
+                DiffItem::Add(_, e) | DiffItem::Update { new: (_, e), .. } => {
+                    c.service_defaults_put.push(e)
+                }
+                DiffItem::Remove(service, _) => c.service_defaults_removed.push(service),
+            }
+        }
+        c
     }
 
     fn next_counter_index(&mut self) -> Result<u32> {

@@ -170,3 +170,90 @@ fn restore_refuses_damaged_state_naming_the_element() {
     stray[0].destination = sn("other");
     assert_eq!(try_restore(intentions, stray).field(), Some("Entries[0]"));
 }
+
+/// The pairs of a change's put and removed intentions, as "source→destination".
+fn pairs(c: &RuleSetChanges<'_>) -> (Vec<String>, Vec<String>) {
+    (
+        c.intentions_put
+            .iter()
+            .map(|it| format!("{}→{}", it.source, it.destination))
+            .collect(),
+        c.intentions_removed
+            .iter()
+            .map(|(s, d)| format!("{s}→{d}"))
+            .collect(),
+    )
+}
+
+#[test]
+fn changes_from_a_copy_name_exactly_what_each_write_changed() {
+    let mut rules = RuleSet::new();
+    for i in 0..2000 {
+        let spec = IntentionSpec::new(
+            &sn(&format!("s{i}")),
+            &sn(&format!("d{}", i % 50)),
+            Action::Allow,
+        );
+        rules.create(&spec, false).unwrap();
+    }
+    let base = rules.clone();
+    assert!(rules.changes_from(&base).is_empty());
+
+    // A new intention, a changed one (its description only), a deleted one.
+    let mut next = base.clone();
+    next.create(
+        &IntentionSpec::new(&sn("web"), &sn("api"), Action::Deny),
+        false,
+    )
+    .unwrap();
+    let id = next.get_exact(&sn("s7"), &sn("d7")).unwrap().id.clone();
+    let mut spec = IntentionSpec::new(&sn("s7"), &sn("d7"), Action::Allow);
+    spec.description = "now described".into();
+    next.update(&id, &spec).unwrap();
+    let gone = next.get_exact(&sn("s8"), &sn("d8")).unwrap().id.clone();
+    next.delete(&gone).unwrap();
+    let c = next.changes_from(&base);
+    let (mut put, removed) = pairs(&c);
+    put.sort();
+    assert_eq!(put, ["default/s7→default/d7", "default/web→default/api"]);
+    assert_eq!(
+        c.intentions_put
+            .iter()
+            .find(|it| it.source == sn("s7"))
+            .unwrap()
+            .description,
+        "now described"
+    );
+    assert_eq!(removed, ["default/s8→default/d8"]);
+    // Every touched destination's entry moved its modify index; api's entry is new.
+    let entries: Vec<String> = c
+        .entries_put
+        .iter()
+        .map(|e| e.destination.to_string())
+        .collect();
+    assert_eq!(entries, ["default/api", "default/d7", "default/d8"]);
+    assert!(c.entries_removed.is_empty());
+
+    // The whole entry of a destination deleted: its intentions and entry are gone.
+    let mut next = base.clone();
+    assert_eq!(next.delete_entry(&sn("d3")), 40);
+    let c = next.changes_from(&base);
+    assert!(c.intentions_put.is_empty());
+    assert_eq!(c.intentions_removed.len(), 40);
+    assert!(c.intentions_removed.iter().all(|(_, d)| **d == sn("d3")));
+    assert_eq!(c.entries_removed, [&sn("d3")]);
+
+    // service-defaults: added, then removed.
+    let mut next = base.clone();
+    let http =
+        crate::intentions::ServiceDefaultsEntry::new(sn("api"), crate::catalog::Protocol::Http);
+    next.apply_service_defaults(&http).unwrap();
+    let c = next.changes_from(&base);
+    assert_eq!(c.service_defaults_put.len(), 1);
+    assert_eq!(c.service_defaults_put[0].service, sn("api"));
+    let mut after = next.clone();
+    after.delete_service_defaults(&sn("api")).unwrap();
+    let c = after.changes_from(&next);
+    assert!(c.service_defaults_put.is_empty());
+    assert_eq!(c.service_defaults_removed, [&sn("api")]);
+}
