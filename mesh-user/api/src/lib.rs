@@ -70,10 +70,14 @@
 //!
 //! # Durability
 //!
-//! Everything lives in one JSON file, `<state dir>/api-state.json`, rewritten with
-//! [`durable::write`](mesh_core::durable::write) after each change while writes are serialized: a
-//! `kill -9` at any moment leaves the state before or after a change, never half of one. A
-//! damaged file is an error at start naming the file and the field, never a silent reset. An
+//! Everything lives in one JSON file, `<state dir>/api-state.json`, and the journal beside it,
+//! `<state dir>/api-state.journal`: each change appends one line naming what it changed (the
+//! intentions, entries and tokens it wrote or removed) and syncs it before it is visible, so a
+//! write among 100,000 intentions costs about a kilobyte, not the whole file. The journal is
+//! folded into the state file (rewritten with [`durable::write`](mesh_core::durable::write))
+//! when it outgrows it and at every start. Writes are serialized: a `kill -9` at any moment
+//! leaves the state before or after a change, never half of one. A damaged file is an error at
+//! start naming the file and the field (or the journal's line), never a silent reset. An
 //! exclusive lock on `<state dir>/api.lock` keeps a second server off the same state.
 //!
 //! # The agent's side
@@ -123,7 +127,7 @@ pub use server::{
     OPENMETRICS_CONTENT_TYPE, REFUSAL_LOG_INTERVAL, SOCKET_FILE,
 };
 #[cfg(feature = "server")]
-pub use store::{KubernetesSync, State, Store, LOCK_FILE, STATE_FILE};
+pub use store::{KubernetesSync, State, Store, JOURNAL_FILE, LOCK_FILE, STATE_FILE};
 
 pub use mesh_core::intentions::ports::{
     CountersSource, IntentionCounters, KernelIntentions, MemoryCounters, MemorySink, MeshStatus,

@@ -161,13 +161,15 @@ impl Harness {
         v["SecretID"].as_str().unwrap().to_owned()
     }
 
-    /// Everything observable: intentions, entries, tokens, the state file.
+    /// Everything observable: intentions, entries, tokens, the state file and its journal.
     async fn snapshot(&self) -> (Value, Value, Value, Vec<u8>) {
+        let mut files = std::fs::read(self.dir.path().join(STATE_FILE)).unwrap();
+        files.extend(std::fs::read(self.dir.path().join(crate::JOURNAL_FILE)).unwrap());
         (
             self.ok("GET", "/v1/connect/intentions", None).await,
             self.ok("GET", "/v1/config/service-intentions", None).await,
             self.ok("GET", "/v1/acl/tokens", None).await,
-            std::fs::read(self.dir.path().join(STATE_FILE)).unwrap(),
+            files,
         )
     }
 }
