@@ -9,18 +9,22 @@
 //! interleaved rounds with 10 and with 100,000 intentions loaded, none of them matching web →
 //! api, so every connect() makes all nine lookups before the default policy decides (the worst
 //! case): the latency of `connect()` from the web app to api's virtual IP (connect4 runs inside
-//! it). Then: the time to compile and load 100,000 intentions, and the time from handing a
-//! one-intention change to the agent to the kernel maps holding it, p50/p99. Results go to
+//! it). Then: the time to compile and load 100,000 intentions, and the time from a
+//! one-intention write through the API's store (durable) to the kernel maps holding it,
+//! p50/p99. Results go to
 //! `target/bench/intentions.json` and to the `intentions` section of `docs/benchmarks.md`.
 //! Targets are reported, not asserted.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use mesh_agent::{Agent, AgentConfig, Redirect};
+use mesh_api::Store;
 use mesh_bench::report::{self, percentile, Section};
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service};
+use mesh_core::intentions::ports::RulesSink;
 use mesh_core::intentions::{Action, IntentionSpec, RuleSet, ServiceName};
 use mesh_kit::{workload, Node};
 use serde_json::json;
@@ -37,6 +41,16 @@ fn spec(src: &str, dst: &str, action: Action) -> Result<IntentionSpec> {
         &ServiceName::parse(dst)?,
         action,
     ))
+}
+
+/// The store's sink: hands each new rule set over, as meshd's hands it to the agent's loop.
+struct ToAgent(Mutex<mpsc::Sender<RuleSet>>);
+
+impl RulesSink for ToAgent {
+    fn rules_changed(&self, rules: &RuleSet) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = tx.send(rules.clone());
+    }
 }
 
 /// `n` intentions between services that web and api are not.
@@ -183,30 +197,56 @@ fn main() -> Result<()> {
         "the kernel holds the 100,000 intentions"
     );
 
-    // A one-intention change among 100,000, from the agent call to the kernel holding it.
-    // The rule set is handed over as a copy (as the API hands each new version to the agent);
-    // the copy is the caller's and is timed apart.
-    let mut rules = large.clone();
+    // A one-intention change among 100,000 as a user makes it: the API's store takes the write
+    // durably (a journal record, synced), hands the new rule set to its sink (meshd's sends it
+    // to the agent's loop), and the agent brings the kernel up to date. Timed whole, and the
+    // agent call apart.
+    let store_dir = tempfile::tempdir()?;
+    let (tx, rx) = mpsc::channel();
+    let (mut store, _) = Store::open(
+        store_dir.path(),
+        Action::Allow,
+        Arc::new(ToAgent(Mutex::new(tx))),
+    )?;
+    store.set_max_intentions(usize::MAX);
+    let specs = (0..100_000)
+        .map(|i| spec(&format!("s{i}"), &format!("d{i}"), Action::Allow))
+        .collect::<Result<Vec<_>>>()?;
+    store.update(|s| {
+        for spec in &specs {
+            s.rules_mut().create(spec, false)?;
+        }
+        Ok(())
+    })?;
+    let populated = rx.try_iter().last().context("the store's rules")?;
+    agent.set_rules(populated)?;
+    let mut write = Vec::new();
     let mut change = Vec::new();
-    let mut handover = Vec::new();
+    let web_api = [
+        spec("web", "api", Action::Deny)?,
+        spec("web", "api", Action::Allow)?,
+    ];
     for i in 0..changes {
-        let action = if i % 2 == 0 {
-            Action::Deny
-        } else {
-            Action::Allow
-        };
-        rules.create(&spec("web", "api", action)?, true)?;
-        let copied = Instant::now();
-        let next = rules.clone();
-        handover.push(copied.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
+        store.update(|s| {
+            s.rules_mut().create(&web_api[i % 2], true)?;
+            Ok(())
+        })?;
+        let next = rx.try_recv().context("the store told its sink")?;
+        let handed = Instant::now();
         agent.set_rules(next)?;
-        change.push(started.elapsed().as_secs_f64() * 1000.0);
+        write.push(handed.duration_since(started).as_secs_f64() * 1000.0);
+        change.push(handed.elapsed().as_secs_f64() * 1000.0);
     }
-    change.sort_by(f64::total_cmp);
-    handover.sort_by(f64::total_cmp);
+    let total: Vec<f64> = write.iter().zip(&change).map(|(w, c)| w + c).collect();
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (write, change, total) = (sorted(write), sorted(change), sorted(total));
+    let (write_p50, write_p99) = (percentile(&write, 0.5), percentile(&write, 0.99));
     let (change_p50, change_p99) = (percentile(&change, 0.5), percentile(&change, 0.99));
-    let handover_p50 = percentile(&handover, 0.5);
+    let (total_p50, total_p99) = (percentile(&total, 0.5), percentile(&total, 0.99));
     let dp = agent.dataplane().context("ebpf dataplane")?;
     let in_kernel = dp.intentions()?;
     ensure!(
@@ -223,8 +263,9 @@ fn main() -> Result<()> {
         "connect_p50_us": {"10": s50, "100000": l50, "ratio": l50 / s50},
         "connect_p99_us": {"10": s99, "100000": l99, "ratio": l99 / s99},
         "load_100000_s": load,
-        "change_to_kernel_ms": {"p50": change_p50, "p99": change_p99, "target": 10.0, "met": change_p99 <= 10.0},
-        "rule_set_copy_ms_p50": handover_p50,
+        "change_to_kernel_ms": {"p50": total_p50, "p99": total_p99, "target": 10.0, "met": total_p99 <= 10.0},
+        "api_write_ms": {"p50": write_p50, "p99": write_p99},
+        "agent_call_ms": {"p50": change_p50, "p99": change_p99},
         "kernel": kernel,
         "cpus": report::cpu_count(),
         "rounds": rounds,
@@ -243,8 +284,8 @@ fn main() -> Result<()> {
         l99 / s99
     );
     println!("  compile and load 100,000 intentions: {load:.2} s");
-    println!("  one change among 100,000 to the kernel: p50 {change_p50:.2} ms, p99 {change_p99:.2} ms (target ≤ 10 ms: {})", met(change_p99 <= 10.0));
-    println!("  (the caller's copy of the 100,000-intention rule set, not included: p50 {handover_p50:.1} ms)");
+    println!("  one change among 100,000, API write to kernel: p50 {total_p50:.2} ms, p99 {total_p99:.2} ms (target ≤ 10 ms: {})", met(total_p99 <= 10.0));
+    println!("    of which the API's durable write: p50 {write_p50:.2} ms, p99 {write_p99:.2} ms; the agent call: p50 {change_p50:.2} ms, p99 {change_p99:.2} ms");
 
     let target = std::env::current_exe()?
         .parent()
@@ -262,17 +303,19 @@ fn main() -> Result<()> {
          matches the measured connection, so connect4 makes all nine lookups (the worst case).\n\n\
          | | 10 intentions | 100,000 intentions | ratio (target ≤ 1.1) |\n|---|---|---|---|\n\
          | connect() p50 | {s50:.1} µs | {l50:.1} µs | {:.2}x ({}) |\n| connect() p99 | {s99:.1} µs | {l99:.1} µs | {:.2}x |\n\n\
-         Compile and load 100,000 intentions: {load:.2} s. One change among 100,000, from the agent \
-         call to the kernel holding it (the touched pair compiled, its one key written in place into \
-         the set in force, see `docs/dataplane.md`): p50 {change_p50:.2} ms, p99 {change_p99:.2} ms \
-         (target ≤ 10 ms: **{}**). Not included: the caller's copy of the rule set it hands over \
-         (p50 {handover_p50:.1} ms here).\n",
+         Compile and load 100,000 intentions: {load:.2} s. One change among 100,000 as a user makes \
+         it, from the API's write to the kernel holding it: p50 {total_p50:.2} ms, p99 {total_p99:.2} ms \
+         (target ≤ 10 ms: **{}**). Of that, the API's store takes the write durably (one journal \
+         record, synced; the rule set's copy is O(1)): p50 {write_p50:.2} ms, p99 {write_p99:.2} ms; \
+         the agent brings the kernel up to date (the touched pair compiled, its one key written in \
+         place into the set in force, see `docs/dataplane.md`): p50 {change_p50:.2} ms, p99 \
+         {change_p99:.2} ms.\n",
         kernel,
         report::cpu_count(),
         l50 / s50,
         met(l50 / s50 <= 1.1),
         l99 / s99,
-        met(change_p99 <= 10.0),
+        met(total_p99 <= 10.0),
     );
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
     SECTION.write(
