@@ -75,10 +75,16 @@
 //! intentions, entries and tokens it wrote or removed) and syncs it before it is visible, so a
 //! write among 100,000 intentions costs about a kilobyte, not the whole file. The journal is
 //! folded into the state file (rewritten with [`durable::write`](mesh_core::durable::write))
-//! when it outgrows it and at every start. Writes are serialized: a `kill -9` at any moment
-//! leaves the state before or after a change, never half of one. A damaged file is an error at
-//! start naming the file and the field (or the journal's line), never a silent reset. An
-//! exclusive lock on `<state dir>/api.lock` keeps a second server off the same state.
+//! when it outgrows it, at every start and at a clean stop. Writes are serialized: a `kill -9`
+//! at any moment leaves the state before or after a change, never half of one. Each record
+//! names the write indexes it continues, so records the state file already holds are skipped
+//! and a journal that does not continue the state file (one restored from a backup alone) stops
+//! the start; back the two files up together, or stop the agent first. A damaged file is an
+//! error at start naming the file and the field (or the journal's line), never a silent reset;
+//! only a last journal line cut short or unreadable (a crash mid-append: never acknowledged) is
+//! left out, with a warning. The state file is version 2; a build that reads only version 1
+//! (no journal) refuses it rather than leave the journal out. An exclusive lock on
+//! `<state dir>/api.lock` keeps a second server off the same state.
 //!
 //! # The agent's side
 //!

@@ -43,8 +43,11 @@ pub const JOURNAL_FILE: &str = "api-state.journal";
 const JOURNAL_MIN_LIMIT: u64 = 1 << 20;
 /// The lock file that keeps a second server off the same state directory.
 pub const LOCK_FILE: &str = "api.lock";
-/// The format version this build writes and reads.
-const VERSION: u32 = 1;
+/// The format version this build writes. Version 2 files have a journal beside them, which a
+/// build that reads only version 1 would silently leave out: it refuses them instead.
+const VERSION: u32 = 2;
+/// The oldest version this build reads (no journal).
+const OLDEST_VERSION: u32 = 1;
 /// The description Consul gives the bootstrap token.
 const BOOTSTRAP_DESCRIPTION: &str = "Bootstrap Token (Global Management)";
 
@@ -362,12 +365,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Folds the journal into the state file once it is larger than `bytes` (or the state
-    /// file), instead of [`JOURNAL_MIN_LIMIT`].
+    /// Folds the journal into the state file once a write would take it past `bytes`,
+    /// whatever the state file's size (0: every write rewrites the state file).
     #[cfg(test)]
     fn set_journal_limit(&self, bytes: u64) {
         let mut journal = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        journal.min_limit = bytes;
+        journal.fixed_limit = Some(bytes);
+    }
+
+    /// Drops the store as a kill would leave it: the journal not folded in.
+    #[cfg(test)]
+    fn drop_as_killed(self) {
+        let mut journal = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        journal.fold_on_drop = false;
+        drop(journal);
+        drop(self);
     }
 }
 
@@ -381,12 +393,37 @@ struct Journal {
     snapshot_len: u64,
     /// See [`JOURNAL_MIN_LIMIT`].
     min_limit: u64,
+    /// Tests: fold when the journal would pass this size, whatever the state file's.
+    fixed_limit: Option<u64>,
+    /// Fold the journal in when the store is dropped (tests turn it off to stand for a kill).
+    fold_on_drop: bool,
     /// A failed append may have left part of a record that could not be cut off: the next
     /// write rewrites the state file and empties the journal.
     damaged: bool,
 }
 
 impl Journal {
+    /// Writes the state file (`bytes`, the whole current state) and empties the journal.
+    fn fold(&mut self, state_path: &Path, bytes: &[u8]) -> Result<(), Error> {
+        durable::write(state_path, bytes, 0o600).map_err(io_err("writing", state_path))?;
+        self.snapshot_len = bytes.len() as u64;
+        // The write is durable now. Records left in the journal if emptying it fails are in
+        // the state file already and a start skips them (see `replay`); the next write
+        // tries again, and records appended meanwhile continue the state file's state.
+        match self.file.set_len(0).and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.len = 0;
+                self.damaged = false;
+            }
+            Err(e) => warn!(
+                journal = %self.path.display(),
+                error = %e,
+                "could not empty the journal after writing the state file"
+            ),
+        }
+        Ok(())
+    }
+
     fn open(path: PathBuf, snapshot_len: u64) -> Result<Self, Error> {
         let file = OpenOptions::new()
             .create(true)
@@ -407,6 +444,8 @@ impl Journal {
             len,
             snapshot_len,
             min_limit: JOURNAL_MIN_LIMIT,
+            fixed_limit: None,
+            fold_on_drop: true,
             damaged: false,
         })
     }
@@ -421,25 +460,11 @@ impl Journal {
         record: &[u8],
         snapshot: impl FnOnce() -> Vec<u8>,
     ) -> Result<(), Error> {
-        let limit = self.min_limit.max(self.snapshot_len);
+        let limit = self
+            .fixed_limit
+            .unwrap_or(self.min_limit.max(self.snapshot_len));
         if self.damaged || self.len + record.len() as u64 > limit {
-            let bytes = snapshot();
-            durable::write(state_path, &bytes, 0o600).map_err(io_err("writing", state_path))?;
-            self.snapshot_len = bytes.len() as u64;
-            // The write is durable now. Records left in the journal are in the state file
-            // already and replay to the same state; the next write tries again.
-            match self.file.set_len(0).and_then(|()| self.file.sync_data()) {
-                Ok(()) => {
-                    self.len = 0;
-                    self.damaged = false;
-                }
-                Err(e) => warn!(
-                    journal = %self.path.display(),
-                    error = %e,
-                    "could not empty the journal after writing the state file"
-                ),
-            }
-            return Ok(());
+            return self.fold(state_path, &snapshot());
         }
         use std::io::Write;
         match self
@@ -507,6 +532,22 @@ impl Store {
                 service_defaults,
             })
         })
+    }
+}
+
+impl Drop for Store {
+    /// Folds the journal into the state file, so that after a clean stop the state file alone
+    /// holds every write (a backup or a downgrade that takes only it loses nothing). Best
+    /// effort: on an error the journal stays and the next start folds it.
+    fn drop(&mut self) {
+        let journal = self.writer.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !journal.fold_on_drop || (journal.len == 0 && !journal.damaged) {
+            return;
+        }
+        let state = self.current.load_full();
+        if let Err(e) = journal.fold(&self.path, &encode(&state)) {
+            warn!(error = %e, "could not fold the journal into the state file at stop");
+        }
     }
 }
 
@@ -643,6 +684,12 @@ struct StoredToken {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JournalRecord {
+    /// The write indexes of the state this write changed (`Index`, `ACLIndex` before it): the
+    /// record continues exactly that state.
+    #[serde(rename = "PrevIndex")]
+    prev_index: u64,
+    #[serde(rename = "PrevACLIndex")]
+    prev_acl_index: u64,
     #[serde(rename = "Index")]
     index: u64,
     #[serde(rename = "CounterWatermark")]
@@ -799,6 +846,8 @@ fn journal_record(old: &State, next: &State) -> std::io::Result<Vec<u8>> {
     let rules = &next.rules;
     let c = rules.changes_from(&old.rules);
     let record = JournalRecord {
+        prev_index: old.rules.index(),
+        prev_acl_index: old.acl_index,
         index: rules.index(),
         counter_watermark: rules.counter_watermark(),
         intentions_put: c
@@ -836,10 +885,16 @@ fn journal_record(old: &State, next: &State) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Applies the journal's records, oldest first, to `file`; returns how many. A last line that
-/// is cut short or unreadable is a write that was never acknowledged (its sync had not
-/// returned) and is left out; any other unreadable line is an error naming the journal and
-/// the line.
+/// Applies the journal's records, oldest first, to `file`; returns how many. Every write moves
+/// `Index` or `ACLIndex` up and neither down, so records at or below both of the state file's
+/// are in it already (written before it was, and left when a crash or an error came before
+/// the journal was emptied) and are skipped; each other record must continue the state the
+/// one before it left (its `PrevIndex`/`PrevACLIndex`), the first one the state file's, or the
+/// journal belongs to another state file (one restored from a backup without its journal) and
+/// the start stops with an error naming both. A last line that is cut short or unreadable is
+/// a write that was never acknowledged (a crash mid-append: its sync had not returned) and is
+/// left out with a warning; any other unreadable line is an error naming the journal and the
+/// line.
 fn replay(journal_path: &Path, journal: &[u8], file: &mut StateFile) -> Result<usize, Error> {
     let corrupt = |message: String| Error::Corrupt {
         path: journal_path.to_owned(),
@@ -866,6 +921,24 @@ fn replay(journal_path: &Path, journal: &[u8], file: &mut StateFile) -> Result<u
             }
             Err(e) => return Err(corrupt(format!("line {}: {e}", i + 1))),
         }
+    }
+    let mut at = (file.index, file.acl_index);
+    records.retain(|r| !(r.index <= at.0 && r.acl_index <= at.1));
+    for (i, r) in records.iter().enumerate() {
+        if (r.prev_index, r.prev_acl_index) != at {
+            return Err(corrupt(format!(
+                "a record continues Index {} and ACLIndex {} but the state {} leaves Index {} \
+                 and ACLIndex {}: this journal does not belong to that state file (restored \
+                 without its journal?); move the journal away to start from the state file \
+                 alone",
+                r.prev_index,
+                r.prev_acl_index,
+                if i == 0 { "file" } else { "before it" },
+                at.0,
+                at.1
+            )));
+        }
+        at = (r.index, r.acl_index);
     }
     if records.is_empty() {
         return Ok(0);
@@ -945,9 +1018,9 @@ fn parse_state_file(path: &Path, bytes: &[u8]) -> Result<StateFile, Error> {
         }
     })?;
     de.end().map_err(|e| corrupt(e.to_string()))?;
-    if file.version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&file.version) {
         return Err(corrupt(format!(
-            "Version: {} is not the version this build reads ({VERSION})",
+            "Version: {} is not a version this build reads ({OLDEST_VERSION} to {VERSION})",
             file.version
         )));
     }
@@ -1170,7 +1243,7 @@ mod tests {
             (String::new(), "EOF"),
             (good[..good.len() / 2].to_owned(), "EOF"),
             (
-                good.replacen("\"Version\": 1", "\"Version\": 7", 1),
+                good.replacen("\"Version\": 2", "\"Version\": 7", 1),
                 "Version",
             ),
             (
@@ -1303,7 +1376,7 @@ mod tests {
                 store.set_journal_limit(limit);
                 write_each_kind(&store, round);
                 let before = encode(&store.state());
-                drop(store);
+                store.drop_as_killed();
                 let (store, boot) = open(dir.path()).unwrap();
                 assert!(boot.is_none());
                 let after = encode(&store.state());
@@ -1323,9 +1396,26 @@ mod tests {
                 assert_eq!(std::fs::read(store.path()).unwrap(), after);
             }
             let (store, _) = open(dir.path()).unwrap();
+            store.set_journal_limit(u64::MAX);
+            write_each_kind(&store, 6);
+            let before = encode(&store.state());
+            // A clean stop folds the journal in: the state file alone holds every write.
+            drop(store);
+            assert_eq!(
+                std::fs::metadata(dir.path().join(JOURNAL_FILE))
+                    .unwrap()
+                    .len(),
+                0
+            );
+            assert!(std::fs::read(dir.path().join(STATE_FILE)).unwrap() == before);
+            let (store, _) = open(dir.path()).unwrap();
             let state = store.state();
-            assert_eq!(state.rules().len(), 6 + 1, "a0..a5 and web → db5");
-            assert_eq!(state.tokens().len(), 1 + 3, "bootstrap and rounds 0, 2, 4");
+            assert_eq!(state.rules().len(), 7 + 1, "a0..a6 and web → db6");
+            assert_eq!(
+                state.tokens().len(),
+                1 + 4,
+                "bootstrap and rounds 0, 2, 4, 6"
+            );
             assert_eq!(state.rules().service_defaults_list().len(), 1);
         }
     }
@@ -1388,7 +1478,7 @@ mod tests {
                 .unwrap();
         }
         let expected = encode(&store.state());
-        drop(store);
+        store.drop_as_killed();
         let good = std::fs::read(&journal).unwrap();
         let lines: Vec<&[u8]> = good.split_inclusive(|b| *b == b'\n').collect();
         assert_eq!(lines.len(), 3);
@@ -1420,6 +1510,97 @@ mod tests {
         assert_eq!(
             std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
             state_file
+        );
+    }
+
+    #[test]
+    fn records_the_state_file_holds_are_skipped_and_a_journal_of_another_state_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join(JOURNAL_FILE);
+        let (store, _) = open(dir.path()).unwrap();
+        store.set_journal_limit(u64::MAX);
+        let token = store
+            .update(|s| s.add_token(TokenRequest::new("to revoke", vec![Policy::Operator])))
+            .unwrap();
+        for i in 0..3 {
+            store
+                .update(|s| {
+                    s.rules_mut()
+                        .create(&spec(&format!("s{i}"), "api"), false)?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let stale = std::fs::read(&journal).unwrap();
+        let old_state_file = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
+        // The next write rewrites the state file; then a kill before the journal is emptied
+        // (or emptying it fails): the journal still holds the four records before it.
+        store.set_journal_limit(0);
+        store
+            .update(|s| s.remove_token(&token.accessor_id))
+            .unwrap();
+        store
+            .update(|s| {
+                let id = s.rules().list()[0].id.clone();
+                s.rules_mut().delete(&id)?;
+                Ok(())
+            })
+            .unwrap();
+        let expected = encode(&store.state());
+        store.drop_as_killed();
+        std::fs::write(&journal, &stale).unwrap();
+        let (store, _) = open(dir.path()).expect("the state loads");
+        let state = store.state();
+        assert!(
+            encode(&state) == expected,
+            "the revoked token or the deleted intention came back, or an index went back"
+        );
+        assert!(state
+            .tokens()
+            .iter()
+            .all(|t| t.accessor_id != token.accessor_id));
+        assert_eq!(state.rules().len(), 2);
+        // Records appended after such stale ones continue the state file's state.
+        store.set_journal_limit(u64::MAX);
+        store
+            .update(|s| {
+                s.rules_mut().create(&spec("late", "api"), false)?;
+                Ok(())
+            })
+            .unwrap();
+        let expected = encode(&store.state());
+        store.drop_as_killed();
+        let mut both = stale.clone();
+        both.extend(std::fs::read(&journal).unwrap());
+        std::fs::write(&journal, &both).unwrap();
+        let (store, _) = open(dir.path()).unwrap();
+        assert!(encode(&store.state()) == expected);
+        drop(store);
+
+        // A state file restored from before those records, with a newer journal whose records
+        // do not continue it: an error naming both, nothing rewritten.
+        let (store, _) = open(dir.path()).unwrap();
+        store.set_journal_limit(u64::MAX);
+        store
+            .update(|s| {
+                s.rules_mut().create(&spec("newer", "api"), false)?;
+                Ok(())
+            })
+            .unwrap();
+        store.drop_as_killed();
+        let newer = std::fs::read(&journal).unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), &old_state_file).unwrap();
+        let err = open(dir.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Corrupt { .. }), "{msg}");
+        assert!(
+            msg.contains(&journal.display().to_string()) && msg.contains("does not belong"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&journal).unwrap(), newer);
+        assert_eq!(
+            std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
+            old_state_file
         );
     }
 
