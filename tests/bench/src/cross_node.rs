@@ -132,7 +132,10 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--cpu" => cpu = Some(value(a)?.parse().context("--cpu")?),
             "--worker-threads" => {
                 let n: u64 = value(a)?.parse().context("--worker-threads")?;
-                ensure!(n >= 1, "--worker-threads {n}: at least 1");
+                ensure!(
+                    (1..=1024).contains(&n),
+                    "--worker-threads {n}: 1 to 1024, as meshd takes"
+                );
                 o.worker_threads = Some(n);
             }
             "--wrk-secs" => o.wrk_secs = value(a)?.parse().context("--wrk-secs")?,
@@ -1070,7 +1073,11 @@ mod tests {
             parse_options(&args(&[])).unwrap().unwrap().worker_threads,
             None
         );
-        for bad in [&["--worker-threads", "0"][..], &["--worker-threads", "x"]] {
+        for bad in [
+            &["--worker-threads", "0"][..],
+            &["--worker-threads", "1025"],
+            &["--worker-threads", "x"],
+        ] {
             let err = format!("{:#}", parse_options(&args(bad)).err().unwrap());
             assert!(err.contains("--worker-threads"), "{err}");
         }
