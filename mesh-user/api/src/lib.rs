@@ -78,12 +78,14 @@
 //! when it outgrows it, at every start and at a clean stop. Writes are serialized: a `kill -9`
 //! at any moment leaves the state before or after a change, never half of one. Each record
 //! names the write indexes it continues, so records the state file already holds are skipped
-//! and a journal that does not continue the state file (one restored from a backup alone) stops
-//! the start; back the two files up together, or stop the agent first. A damaged file is an
-//! error at start naming the file and the field (or the journal's line), never a silent reset;
-//! only a last journal line cut short or unreadable (a crash mid-append: never acknowledged) is
-//! left out, with a warning. The state file is version 2; a build that reads only version 1
-//! (no journal) refuses it rather than leave the journal out. An exclusive lock on
+//! and a journal that does not continue the state file (one restored from a backup alone, or
+//! one of another state directory: both carry the store's `StoreID`) stops the start; back the
+//! two files up together, or stop the agent first (a clean stop folds the journal in). A
+//! damaged file is an error at start naming the file and the field (or the journal's line),
+//! never a silent reset; only a last journal line without its newline (a crash mid-append:
+//! never acknowledged) is left out, with a warning. The state file is version 2; a build that
+//! reads only version 1 (no journal) refuses it rather than leave the journal out, so a
+//! rollback to such a build needs a version 1 file (see `docs/dataplane.md`). An exclusive lock on
 //! `<state dir>/api.lock` keeps a second server off the same state.
 //!
 //! # The agent's side

@@ -57,6 +57,9 @@ pub struct State {
     pub(crate) rules: Arc<RuleSet>,
     pub(crate) tokens: Arc<Vec<Token>>,
     pub(crate) acl_index: u64,
+    /// This store's identity, made at its first start: its state file and every journal record
+    /// carry it, so a journal from another state directory is never replayed here.
+    pub(crate) store_id: Arc<str>,
 }
 
 impl State {
@@ -193,6 +196,7 @@ impl Store {
         let (mut state, bootstrap, snapshot_len) = match std::fs::read(&path) {
             Ok(bytes) => {
                 let mut file = parse_state_file(&path, &bytes)?;
+                let without_id = file.store_id.is_empty();
                 let journal = match std::fs::read(&journal_path) {
                     Ok(journal) => journal,
                     Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
@@ -209,12 +213,12 @@ impl Store {
                     },
                     e => e,
                 })?;
-                if journal.is_empty() {
+                if journal.is_empty() && !without_id {
                     (state, None, bytes.len() as u64)
                 } else {
-                    // Fold the journal in: the state file first, then the journal emptied (a
-                    // crash between the two replays records the state file already holds,
-                    // which gives the same state).
+                    // Fold the journal in (and give a version 1 file its store ID before any
+                    // record names it): the state file first, then the journal emptied (a
+                    // crash between the two leaves records the state file holds: skipped).
                     let folded = encode(&state);
                     durable::write(&path, &folded, 0o600).map_err(io_err("writing", &path))?;
                     info!(
@@ -245,6 +249,7 @@ impl Store {
                     rules: Arc::new(RuleSet::with_default_policy(default_policy)),
                     tokens: Arc::new(Vec::new()),
                     acl_index: 0,
+                    store_id: new_store_id(),
                 };
                 let token = state.add_token(TokenRequest::new(
                     BOOTSTRAP_DESCRIPTION,
@@ -572,6 +577,9 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Err
 struct StateFile {
     #[serde(rename = "Version")]
     version: u32,
+    /// See [`State::store_id`]; absent in version 1 files.
+    #[serde(rename = "StoreID", default)]
+    store_id: String,
     #[serde(rename = "Index")]
     index: u64,
     #[serde(rename = "CounterWatermark")]
@@ -684,6 +692,9 @@ struct StoredToken {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JournalRecord {
+    /// The store this record belongs to ([`State::store_id`]).
+    #[serde(rename = "StoreID")]
+    store_id: String,
     /// The write indexes of the state this write changed (`Index`, `ACLIndex` before it): the
     /// record continues exactly that state.
     #[serde(rename = "PrevIndex")]
@@ -748,6 +759,10 @@ struct StoredName {
     namespace: String,
     #[serde(rename = "Name")]
     name: String,
+}
+
+fn new_store_id() -> Arc<str> {
+    uuid::Uuid::new_v4().to_string().into()
 }
 
 fn stored_intention(it: &Intention) -> StoredIntention {
@@ -819,6 +834,7 @@ fn encode(state: &State) -> Vec<u8> {
     let rules = &state.rules;
     let file = StateFile {
         version: VERSION,
+        store_id: state.store_id.to_string(),
         index: rules.index(),
         counter_watermark: rules.counter_watermark(),
         intentions: rules.list().into_iter().map(stored_intention).collect(),
@@ -846,6 +862,7 @@ fn journal_record(old: &State, next: &State) -> std::io::Result<Vec<u8>> {
     let rules = &next.rules;
     let c = rules.changes_from(&old.rules);
     let record = JournalRecord {
+        store_id: next.store_id.to_string(),
         prev_index: old.rules.index(),
         prev_acl_index: old.acl_index,
         index: rules.index(),
@@ -891,10 +908,10 @@ fn journal_record(old: &State, next: &State) -> std::io::Result<Vec<u8>> {
 /// the journal was emptied) and are skipped; each other record must continue the state the
 /// one before it left (its `PrevIndex`/`PrevACLIndex`), the first one the state file's, or the
 /// journal belongs to another state file (one restored from a backup without its journal) and
-/// the start stops with an error naming both. A last line that is cut short or unreadable is
-/// a write that was never acknowledged (a crash mid-append: its sync had not returned) and is
-/// left out with a warning; any other unreadable line is an error naming the journal and the
-/// line.
+/// the start stops with an error naming both; so does a record of another store
+/// (`StoreID`). A last line without its newline is a write that was never acknowledged (a crash
+/// mid-append: its sync had not returned) and is left out with a warning; any unreadable
+/// complete line is an error naming the journal and the line.
 fn replay(journal_path: &Path, journal: &[u8], file: &mut StateFile) -> Result<usize, Error> {
     let corrupt = |message: String| Error::Corrupt {
         path: journal_path.to_owned(),
@@ -907,20 +924,25 @@ fn replay(journal_path: &Path, journal: &[u8], file: &mut StateFile) -> Result<u
             warn!(journal = %journal_path.display(), bytes = tail.len(), "left out a journal record cut short");
         }
     }
+    // Writes are serialized and each is one append: only the last, unterminated line can be
+    // a write in flight. A complete line was acknowledged: unreadable, it is an error.
     let mut records = Vec::with_capacity(lines.len());
-    let last = lines.len().saturating_sub(1);
     for (i, line) in lines.iter().enumerate() {
         let mut de = serde_json::Deserializer::from_slice(line);
-        let parsed = serde_path_to_error::deserialize::<_, JournalRecord>(&mut de)
+        let r = serde_path_to_error::deserialize::<_, JournalRecord>(&mut de)
             .map_err(|e| format!("{}: {}", e.path(), e.inner()))
-            .and_then(|r| de.end().map(|()| r).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(r) => records.push(r),
-            Err(e) if i == last => {
-                warn!(journal = %journal_path.display(), error = %e, "left out an unreadable last journal record");
-            }
-            Err(e) => return Err(corrupt(format!("line {}: {e}", i + 1))),
+            .and_then(|r| de.end().map(|()| r).map_err(|e| e.to_string()))
+            .map_err(|e| corrupt(format!("line {}: {e}", i + 1)))?;
+        if r.store_id != file.store_id {
+            return Err(corrupt(format!(
+                "line {}: StoreID {:?} is not the state file's ({:?}): this journal belongs to \
+                 another state directory; move it away to start from the state file alone",
+                i + 1,
+                r.store_id,
+                file.store_id
+            )));
         }
+        records.push(r);
     }
     let mut at = (file.index, file.acl_index);
     records.retain(|r| !(r.index <= at.0 && r.acl_index <= at.1));
@@ -1145,6 +1167,12 @@ fn state_from_file(path: &Path, file: StateFile) -> Result<State, Error> {
         rules: Arc::new(rules),
         tokens: Arc::new(tokens),
         acl_index: file.acl_index,
+        // A version 1 file has none (and no journal): it gets one, written before any record.
+        store_id: if file.store_id.is_empty() {
+            new_store_id()
+        } else {
+            file.store_id.into()
+        },
     })
 }
 
@@ -1507,6 +1535,42 @@ mod tests {
             "{msg}"
         );
         assert_eq!(std::fs::read(&journal).unwrap(), damaged);
+        assert_eq!(
+            std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
+            state_file
+        );
+
+        // A complete last record that is unreadable was acknowledged: an error too.
+        let mut damaged_last = lines[0].to_vec();
+        damaged_last.extend_from_slice(lines[1]);
+        damaged_last.extend_from_slice(&lines[2][..lines[2].len() / 2]);
+        damaged_last.push(b'\n');
+        std::fs::write(&journal, &damaged_last).unwrap();
+        let msg = open(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert_eq!(std::fs::read(&journal).unwrap(), damaged_last);
+
+        // A journal of another state directory, even one at the same write indexes: refused.
+        let other = tempfile::tempdir().unwrap();
+        let (store, _) = open(other.path()).unwrap();
+        for i in 0..3 {
+            store
+                .update(|s| {
+                    s.rules_mut()
+                        .create(&spec(&format!("o{i}"), "api"), false)?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        store.drop_as_killed();
+        let foreign = std::fs::read(other.path().join(JOURNAL_FILE)).unwrap();
+        std::fs::write(&journal, &foreign).unwrap();
+        let msg = open(dir.path()).unwrap_err().to_string();
+        assert!(
+            msg.contains("StoreID") && msg.contains("another state directory"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&journal).unwrap(), foreign);
         assert_eq!(
             std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
             state_file

@@ -344,6 +344,7 @@ pub const PRIOR_STATE: &[&str] = &[
     mesh_agent::CA_DIR,
     mesh_agent::NAMES_FILE,
     mesh_api::BOOTSTRAP_TOKEN_FILE,
+    mesh_api::JOURNAL_FILE,
 ];
 
 /// Refuses to start when the API's state file is missing beside other state: the intentions

@@ -703,10 +703,8 @@ fn local_reset(state_dir: &std::path::Path, node: &str) -> Result<()> {
     }
     // The agent's own state too: intentions, tokens, interned names, the CA. A reset node
     // starts as a first start does (deny by default, a new bootstrap token).
-    for f in [&mesh_api::STATE_FILE, &mesh_api::JOURNAL_FILE]
-        .into_iter()
-        .chain(config::PRIOR_STATE)
-    {
+    // PRIOR_STATE has the API's journal.
+    for f in std::iter::once(&mesh_api::STATE_FILE).chain(config::PRIOR_STATE) {
         let path = state_dir.join(f);
         let removed = if path.is_dir() {
             std::fs::remove_dir_all(&path)
