@@ -1313,6 +1313,36 @@ mod tests {
         assert_eq!(files(), before);
     }
 
+    /// Creates the intention `src` → `dst` through `store`.
+    fn create(store: &Store, src: &str, dst: &str) {
+        store
+            .update(|s| {
+                s.rules_mut().create(&spec(src, dst), false)?;
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Asserts that opening `dir` fails as a damaged journal, with an error naming the journal
+    /// and `needle`, and leaves the state file and the journal as they were; returns the error.
+    fn refused_leaving_both(dir: &Path, needle: &str) -> String {
+        let files = || [STATE_FILE, JOURNAL_FILE].map(|f| std::fs::read(dir.join(f)).unwrap());
+        let before = files();
+        let err = open(dir).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Corrupt { .. }), "{msg}");
+        let journal = dir.join(JOURNAL_FILE).display().to_string();
+        assert!(
+            msg.contains(&journal) && msg.contains(needle),
+            "{needle}: {msg}"
+        );
+        assert!(
+            files() == before,
+            "the state file or the journal was rewritten"
+        );
+        msg
+    }
+
     /// One write of each kind the API makes: intentions created, changed and deleted, a
     /// `service-intentions` entry with meta written and deleted, `service-defaults` written and
     /// deleted, tokens added and removed.
@@ -1468,13 +1498,7 @@ mod tests {
         let journal = dir.path().join(JOURNAL_FILE);
         assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
         for i in 0..20 {
-            store
-                .update(|s| {
-                    s.rules_mut()
-                        .create(&spec(&format!("w{i}"), "api"), false)?;
-                    Ok(())
-                })
-                .unwrap();
+            create(&store, &format!("w{i}"), "api");
         }
         let grown = std::fs::metadata(&journal).unwrap().len();
         assert!(
@@ -1497,13 +1521,7 @@ mod tests {
         let journal = dir.path().join(JOURNAL_FILE);
         let (store, _) = open(dir.path()).unwrap();
         for i in 0..3 {
-            store
-                .update(|s| {
-                    s.rules_mut()
-                        .create(&spec(&format!("s{i}"), "api"), false)?;
-                    Ok(())
-                })
-                .unwrap();
+            create(&store, &format!("s{i}"), "api");
         }
         let expected = encode(&store.state());
         store.drop_as_killed();
@@ -1527,18 +1545,7 @@ mod tests {
         damaged.extend_from_slice(b"{\"Index\": \"seven\"}\n");
         damaged.extend_from_slice(lines[2]);
         std::fs::write(&journal, &damaged).unwrap();
-        let err = open(dir.path()).unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Corrupt { .. }), "{msg}");
-        assert!(
-            msg.contains(&journal.display().to_string()) && msg.contains("line 2"),
-            "{msg}"
-        );
-        assert_eq!(std::fs::read(&journal).unwrap(), damaged);
-        assert_eq!(
-            std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
-            state_file
-        );
+        refused_leaving_both(dir.path(), "line 2");
 
         // A complete last record that is unreadable was acknowledged: an error too.
         let mut damaged_last = lines[0].to_vec();
@@ -1546,35 +1553,19 @@ mod tests {
         damaged_last.extend_from_slice(&lines[2][..lines[2].len() / 2]);
         damaged_last.push(b'\n');
         std::fs::write(&journal, &damaged_last).unwrap();
-        let msg = open(dir.path()).unwrap_err().to_string();
-        assert!(msg.contains("line 3"), "{msg}");
-        assert_eq!(std::fs::read(&journal).unwrap(), damaged_last);
+        refused_leaving_both(dir.path(), "line 3");
 
         // A journal of another state directory, even one at the same write indexes: refused.
         let other = tempfile::tempdir().unwrap();
         let (store, _) = open(other.path()).unwrap();
         for i in 0..3 {
-            store
-                .update(|s| {
-                    s.rules_mut()
-                        .create(&spec(&format!("o{i}"), "api"), false)?;
-                    Ok(())
-                })
-                .unwrap();
+            create(&store, &format!("o{i}"), "api");
         }
         store.drop_as_killed();
         let foreign = std::fs::read(other.path().join(JOURNAL_FILE)).unwrap();
         std::fs::write(&journal, &foreign).unwrap();
-        let msg = open(dir.path()).unwrap_err().to_string();
-        assert!(
-            msg.contains("StoreID") && msg.contains("another state directory"),
-            "{msg}"
-        );
-        assert_eq!(std::fs::read(&journal).unwrap(), foreign);
-        assert_eq!(
-            std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
-            state_file
-        );
+        let msg = refused_leaving_both(dir.path(), "another state directory");
+        assert!(msg.contains("StoreID"), "{msg}");
     }
 
     #[test]
@@ -1587,13 +1578,7 @@ mod tests {
             .update(|s| s.add_token(TokenRequest::new("to revoke", vec![Policy::Operator])))
             .unwrap();
         for i in 0..3 {
-            store
-                .update(|s| {
-                    s.rules_mut()
-                        .create(&spec(&format!("s{i}"), "api"), false)?;
-                    Ok(())
-                })
-                .unwrap();
+            create(&store, &format!("s{i}"), "api");
         }
         let stale = std::fs::read(&journal).unwrap();
         let old_state_file = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
@@ -1626,12 +1611,7 @@ mod tests {
         assert_eq!(state.rules().len(), 2);
         // Records appended after such stale ones continue the state file's state.
         store.set_journal_limit(u64::MAX);
-        store
-            .update(|s| {
-                s.rules_mut().create(&spec("late", "api"), false)?;
-                Ok(())
-            })
-            .unwrap();
+        create(&store, "late", "api");
         let expected = encode(&store.state());
         store.drop_as_killed();
         let mut both = stale.clone();
@@ -1645,27 +1625,10 @@ mod tests {
         // do not continue it: an error naming both, nothing rewritten.
         let (store, _) = open(dir.path()).unwrap();
         store.set_journal_limit(u64::MAX);
-        store
-            .update(|s| {
-                s.rules_mut().create(&spec("newer", "api"), false)?;
-                Ok(())
-            })
-            .unwrap();
+        create(&store, "newer", "api");
         store.drop_as_killed();
-        let newer = std::fs::read(&journal).unwrap();
         std::fs::write(dir.path().join(STATE_FILE), &old_state_file).unwrap();
-        let err = open(dir.path()).unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Corrupt { .. }), "{msg}");
-        assert!(
-            msg.contains(&journal.display().to_string()) && msg.contains("does not belong"),
-            "{msg}"
-        );
-        assert_eq!(std::fs::read(&journal).unwrap(), newer);
-        assert_eq!(
-            std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
-            old_state_file
-        );
+        refused_leaving_both(dir.path(), "does not belong");
     }
 
     /// Not a test on its own: the child process of `kill_9_leaves_a_prefix_of_the_writes`,
