@@ -193,7 +193,7 @@ impl Store {
         })?;
         let path = dir.join(STATE_FILE);
         let journal_path = dir.join(JOURNAL_FILE);
-        let (mut state, bootstrap, snapshot_len) = match std::fs::read(&path) {
+        let (mut state, bootstrap, snapshot_len, fold) = match std::fs::read(&path) {
             Ok(bytes) => {
                 let mut file = parse_state_file(&path, &bytes)?;
                 let without_id = file.store_id.is_empty();
@@ -213,29 +213,10 @@ impl Store {
                     },
                     e => e,
                 })?;
-                if journal.is_empty() && !without_id {
-                    (state, None, bytes.len() as u64)
-                } else {
-                    // Fold the journal in (and give a version 1 file its store ID before any
-                    // record names it): the state file first, then the journal emptied (a
-                    // crash between the two leaves records the state file holds: skipped).
-                    let folded = encode(&state);
-                    durable::write(&path, &folded, 0o600).map_err(io_err("writing", &path))?;
-                    info!(
-                        writes = replayed,
-                        journal = %journal_path.display(),
-                        "folded the journal into the state file"
-                    );
-                    let len = folded.len() as u64;
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&journal_path)
-                        .map_err(io_err("opening", &journal_path))?;
-                    f.set_len(0)
-                        .and_then(|()| f.sync_all())
-                        .map_err(io_err("emptying", &journal_path))?;
-                    (state, None, len)
-                }
+                // Fold the journal in, and give a version 1 file its store ID before any
+                // record names it.
+                let fold = (!journal.is_empty() || without_id).then_some(replayed);
+                (state, None, bytes.len() as u64, fold)
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 // A journal without a state file belongs to no state (the state file is
@@ -275,11 +256,22 @@ impl Store {
                     state,
                     Some(token.secret_id().to_owned()),
                     bytes.len() as u64,
+                    None,
                 )
             }
             Err(e) => return Err(io_err("reading", &path)(e)),
         };
-        let journal = Journal::open(journal_path, snapshot_len)?;
+        let mut journal = Journal::open(journal_path, snapshot_len)?;
+        if let Some(replayed) = fold {
+            // The state file first, then the journal emptied (a crash between the two leaves
+            // records the state file holds: skipped).
+            journal.fold(&path, &encode(&state))?;
+            info!(
+                writes = replayed,
+                journal = %journal.path.display(),
+                "folded the journal into the state file"
+            );
+        }
         if state.rules.default_policy() != default_policy {
             state.rules_mut().set_default_policy(default_policy);
         }
@@ -1629,6 +1621,32 @@ mod tests {
         store.drop_as_killed();
         std::fs::write(dir.path().join(STATE_FILE), &old_state_file).unwrap();
         refused_leaving_both(dir.path(), "does not belong");
+    }
+
+    #[test]
+    fn a_version_1_state_file_without_a_journal_is_upgraded_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open(dir.path()).unwrap();
+        create(&store, "web", "api");
+        let before = store.state();
+        drop(store);
+        // As the build before the journal wrote it: version 1, no StoreID, no journal.
+        let path = dir.path().join(STATE_FILE);
+        let mut v1: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v1["Version"] = 1.into();
+        v1.as_object_mut().unwrap().remove("StoreID");
+        std::fs::write(&path, serde_json::to_vec_pretty(&v1).unwrap()).unwrap();
+        std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
+        let (store, boot) = open(dir.path()).expect("a version 1 file loads");
+        assert!(boot.is_none());
+        let after = store.state();
+        assert_eq!(after.rules().len(), before.rules().len());
+        assert_eq!(after.tokens().len(), before.tokens().len());
+        let upgraded: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(upgraded["Version"], VERSION);
+        assert_eq!(upgraded["StoreID"], *after.store_id);
     }
 
     /// Not a test on its own: the child process of `kill_9_leaves_a_prefix_of_the_writes`,
