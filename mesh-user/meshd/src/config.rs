@@ -42,6 +42,13 @@ pub use mesh_proxy::{
     DEFAULT_MAX_PENDING_HANDSHAKES_PER_SOURCE, DEFAULT_PRE_HANDSHAKE_TIMEOUT,
 };
 
+/// What `meshd run`, `local` and `kubernetes --help` say of the API's address, which only the
+/// environment sets (as Consul's `CONSUL_HTTP_ADDR`).
+pub const API_ADDR_HELP: &str =
+    "Environment:\n  MESH_HTTP_ADDR  Where the intentions API listens: \
+     host:port (or http://host:port) moves its TCP listener from 127.0.0.1:8500, \
+     unix:///path serves that socket instead of TCP and <state-dir>/api.sock";
+
 /// The variable naming the agent instance (its pins); `--instance`.
 pub const INSTANCE_ENV: &str = "MESH_INSTANCE";
 /// The default instance name.
@@ -387,8 +394,9 @@ pub fn check_state_dir(state_dir: &Path, policy: Action) -> Result<()> {
     Ok(())
 }
 
-/// The API's configuration: the state directory, `MESH_HTTP_ADDR` when set (else
-/// `127.0.0.1:8500` and `<state_dir>/api.sock`), the default intention policy, and
+/// The API's configuration: the state directory, where it listens (`127.0.0.1:8500` and
+/// `<state_dir>/api.sock`; a `host:port` in `MESH_HTTP_ADDR` replaces the first, a `unix://`
+/// URL both), the default intention policy, and
 /// [`MAX_INTENTIONS`]. The HTTP limits (header and idle timeouts, body size, connection cap)
 /// are [`mesh_api::ServerConfig::new`]'s defaults.
 ///

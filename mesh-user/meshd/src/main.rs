@@ -54,6 +54,7 @@ struct Common {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the pods of a catalog (JSON: services and workloads).
+    #[command(after_help = config::API_ADDR_HELP)]
     Run {
         #[command(flatten)]
         common: Common,
@@ -93,6 +94,7 @@ enum Cmd {
     /// run as local pods (network namespace + cgroup each) served by the agent. The applied
     /// manifests are kept in the state directory and come back on the next start. Ctrl-C
     /// removes every pod, namespace, cgroup and program.
+    #[command(after_help = config::API_ADDR_HELP)]
     Local {
         #[arg(long, env = config::STATE_DIR_ENV, default_value = config::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
@@ -123,6 +125,7 @@ enum Cmd {
     /// The node agent of a Kubernetes cluster (a DaemonSet): this node's pods, the Services,
     /// EndpointSlices, Namespaces, ServiceAccounts and consul-k8s's ServiceIntentions and
     /// ServiceDefaults, watched from the API server.
+    #[command(after_help = config::API_ADDR_HELP)]
     Kubernetes {
         #[command(flatten)]
         common: Common,
@@ -868,6 +871,25 @@ async fn local(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The API's address is set by the environment only: every command that serves the API
+    /// says so in its help.
+    #[test]
+    fn the_help_of_each_agent_command_names_the_api_address_variable() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        for name in ["run", "local", "kubernetes"] {
+            let help = cli
+                .find_subcommand_mut(name)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            assert!(
+                help.contains(config::HTTP_ADDR_ENV) && help.contains("unix:///path"),
+                "meshd {name} --help: {help}"
+            );
+        }
+    }
 
     /// `meshd kubernetes` takes the proxy's flags as `meshd run` does: a DaemonSet user can keep
     /// TLS on every hop (`--same-node-splice=false`) or set the limits.
