@@ -550,10 +550,21 @@ impl Agent {
         let synced = self.sync_kernel();
         // Freeing a large rule set takes as long as copying it (tens of milliseconds for 100,000
         // intentions): on a thread of its own, once the kernel has the new one; inline only if
-        // no thread can be started.
+        // no thread can be started. A set of another history shares nothing with the new one:
+        // its every node is freed, and glibc leaves that many small free blocks for the next
+        // allocations of any thread to sort out. The same thread then has glibc coalesce them
+        // and return their pages (`malloc_trim`): the first API write among 100,000 intentions
+        // after such a swap took 30 ms before, 13 ms after (`cargo xtask bench intentions`).
+        let swapped = rules.changes_since(replaced.version()).is_none();
+        let free = move || {
+            drop(replaced);
+            if swapped {
+                mesh_dataplane::sys::release_free_memory();
+            }
+        };
         if let Err(e) = std::thread::Builder::new()
             .name("rules-free".into())
-            .spawn(move || drop(replaced))
+            .spawn(free)
         {
             warn!(error = %e, "freeing the replaced rules inline");
         }
