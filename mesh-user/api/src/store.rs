@@ -505,7 +505,9 @@ impl Journal {
     }
 
     /// Makes the file hold zeros from `end` to the next [`JOURNAL_STEP`] boundary when a
-    /// record ending at `end` went past what was written ahead.
+    /// record ending at `end` went past what was written ahead. The zeros only make later
+    /// syncs cheaper: when they cannot be written (a full disk), the file ends with the record
+    /// and the write goes on without them.
     fn zero_ahead(&mut self, end: u64) -> std::io::Result<()> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         if end <= self.allocated {
@@ -515,7 +517,16 @@ impl Journal {
         let mut at = end;
         while at < target {
             let n = (target - at).min(ZEROS.len() as u64);
-            self.file.write_all_at(&ZEROS[..n as usize], at)?;
+            if let Err(e) = self.file.write_all_at(&ZEROS[..n as usize], at) {
+                warn!(
+                    journal = %self.path.display(),
+                    error = %e,
+                    "could not write the journal's zeros ahead; its records are appended"
+                );
+                self.file.set_len(end)?;
+                self.allocated = end;
+                return Ok(());
+            }
             at += n;
         }
         self.allocated = target;
@@ -1224,6 +1235,7 @@ mod tests {
     use mesh_core::intentions::IntentionSpec;
 
     const CHILD_ENV: &str = "MESH_API_CRASH_CHILD_DIR";
+    const FULL_DISK_ENV: &str = "MESH_API_FULL_DISK_CHILD_DIR";
     const ACK: &str = "WROTE ";
 
     fn open(dir: &Path) -> Result<(Store, Option<String>), Error> {
@@ -1708,6 +1720,61 @@ mod tests {
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(upgraded["Version"], VERSION);
         assert_eq!(upgraded["StoreID"], *after.store_id);
+    }
+
+    /// Not a test on its own: the child process of
+    /// `a_full_disk_leaves_the_zeros_out_and_the_write_goes_on`, run with `FULL_DISK_ENV` naming
+    /// the state directory. Files may not grow past 64 KiB here (`RLIMIT_FSIZE`, as a full
+    /// disk): one intention write must still succeed.
+    #[test]
+    fn full_disk_child() {
+        let Some(dir) = std::env::var_os(FULL_DISK_ENV) else {
+            return;
+        };
+        let (store, _) = open(Path::new(&dir)).unwrap();
+        // SIGXFSZ blocked on this thread, the one that writes: a write past the limit fails
+        // with EFBIG instead of ending the process.
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+        let mut xfsz = SigSet::empty();
+        xfsz.add(Signal::SIGXFSZ);
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&xfsz), None).unwrap();
+        use nix::sys::resource::{setrlimit, Resource};
+        setrlimit(Resource::RLIMIT_FSIZE, 64 << 10, 64 << 10).unwrap();
+        create(&store, "web", "api");
+        store.drop_as_killed();
+        println!("{ACK}web");
+    }
+
+    #[test]
+    fn a_full_disk_leaves_the_zeros_out_and_the_write_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        let exe = std::env::current_exe().unwrap();
+        let child_test = format!(
+            "{}::full_disk_child",
+            module_path!().split_once("::").map_or("", |(_, path)| path)
+        );
+        let out = Command::new(&exe)
+            .args(["--exact", &child_test, "--nocapture", "--test-threads", "1"])
+            .env(FULL_DISK_ENV, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("{ACK}web")),
+            "the write failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let journal = dir.path().join(JOURNAL_FILE);
+        assert_eq!(
+            std::fs::metadata(&journal).unwrap().len(),
+            records(&journal).len() as u64,
+            "the journal ends with its record"
+        );
+        let (store, _) = open(dir.path()).unwrap();
+        let web = ServiceName::parse("web").unwrap();
+        let api = ServiceName::parse("api").unwrap();
+        assert!(store.state().rules().get_exact(&web, &api).is_some());
     }
 
     /// The journal's records: its bytes up to the zeros written ahead of them.
