@@ -1749,13 +1749,9 @@ mod tests {
     fn a_full_disk_leaves_the_zeros_out_and_the_write_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         drop(open(dir.path()).unwrap());
-        let exe = std::env::current_exe().unwrap();
-        let child_test = format!(
-            "{}::full_disk_child",
-            module_path!().split_once("::").map_or("", |(_, path)| path)
-        );
-        let out = Command::new(&exe)
-            .args(["--exact", &child_test, "--nocapture", "--test-threads", "1"])
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &child_test("full_disk_child"), "--nocapture"])
+            .args(["--test-threads", "1"])
             .env(FULL_DISK_ENV, dir.path())
             .output()
             .unwrap();
@@ -1775,6 +1771,13 @@ mod tests {
         let web = ServiceName::parse("web").unwrap();
         let api = ServiceName::parse("api").unwrap();
         assert!(store.state().rules().get_exact(&web, &api).is_some());
+    }
+
+    /// The name libtest knows the test `name` of this module by (its path without the crate's
+    /// name), to run it alone in a child process.
+    fn child_test(name: &str) -> String {
+        let module = module_path!().split_once("::").map_or("", |(_, path)| path);
+        format!("{module}::{name}")
     }
 
     /// The journal's records: its bytes up to the zeros written ahead of them.
@@ -1827,11 +1830,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(open(dir.path()).unwrap());
         let exe = std::env::current_exe().unwrap();
-        // libtest names tests by their path without the crate's name.
-        let child_test = format!(
-            "{}::crash_child",
-            module_path!().split_once("::").map_or("", |(_, path)| path)
-        );
+        let child_test = child_test("crash_child");
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut acked_total = 0usize;
         let mut rounds = 0;
