@@ -1,5 +1,5 @@
 //! The API's durable state: intentions, entries and tokens in one JSON file (the state file),
-//! and beside it a journal of the writes since that file was written: each write appends one
+//! and beside it a journal of the writes since that file was written: each write adds one
 //! JSON line naming what it changed and syncs it before it is visible, so a write costs its
 //! own size, not the whole set's (with 100,000 intentions the state file is about 60 MB). The
 //! journal is folded into the state file when it outgrows it, and at every start. Writes are
@@ -402,8 +402,9 @@ struct Journal {
     fixed_limit: Option<u64>,
     /// Fold the journal in when the store is dropped (tests turn it off to stand for a kill).
     fold_on_drop: bool,
-    /// A failed append may have left part of a record that could not be cut off: the next
-    /// write rewrites the state file and empties the journal.
+    /// The next write must rewrite the state file and empty the journal instead of writing a
+    /// record: a failed write may have left part of a record that could not be cut off, or
+    /// the journal could not be emptied (its end is then not where `len` says).
     damaged: bool,
 }
 
@@ -413,19 +414,24 @@ impl Journal {
         durable::write(state_path, bytes, 0o600).map_err(io_err("writing", state_path))?;
         self.snapshot_len = bytes.len() as u64;
         // The write is durable now. Records left in the journal if emptying it fails are in
-        // the state file already and a start skips them (see `replay`); the next write
-        // tries again, and records appended meanwhile continue the state file's state.
+        // the state file already and a start skips them (see `replay`). The next write folds
+        // again rather than writing a record: where the journal ends is not known then (its
+        // length may or may not have reached the disk), and a record written after zeros, or
+        // with zeros before it, would be left out.
         match self.file.set_len(0).and_then(|()| self.file.sync_data()) {
             Ok(()) => {
                 self.len = 0;
                 self.allocated = 0;
                 self.damaged = false;
             }
-            Err(e) => warn!(
-                journal = %self.path.display(),
-                error = %e,
-                "could not empty the journal after writing the state file"
-            ),
+            Err(e) => {
+                self.damaged = true;
+                warn!(
+                    journal = %self.path.display(),
+                    error = %e,
+                    "could not empty the journal after writing the state file"
+                );
+            }
         }
         Ok(())
     }
@@ -438,8 +444,8 @@ impl Journal {
             .mode(0o600)
             .open(&path)
             .map_err(io_err("opening", &path))?;
-        // A start folds a journal that holds anything, zeros included, and empties it: records
-        // go at its end only when nothing is there to fold.
+        // A start folds a journal that holds anything, zeros included, and empties it; if that
+        // fails, the journal is `damaged` and the first write folds it.
         let len = file.metadata().map_err(io_err("reading", &path))?.len();
         // The journal's directory entry must last as its records do.
         if let Some(dir) = path.parent() {
@@ -456,7 +462,7 @@ impl Journal {
             min_limit: JOURNAL_MIN_LIMIT,
             fixed_limit: None,
             fold_on_drop: true,
-            damaged: false,
+            damaged: len > 0,
         })
     }
 
@@ -954,12 +960,32 @@ fn replay(journal_path: &Path, journal: &[u8], file: &mut StateFile) -> Result<u
         path: journal_path.to_owned(),
         message,
     };
-    // The records end at the first zero byte (see `JOURNAL_STEP`). Anything after it was
-    // never acknowledged: each record is synced before the next is written after it.
+    // The records end at the first zero byte (see `JOURNAL_STEP`). After it, a crash can
+    // only have left parts of the one write in flight (never acknowledged: each record is
+    // synced before the next is written after it), its first part lost: at most one line
+    // end, its last byte, and never a whole record. Anything else is not a write cut short:
+    // an error, as an unreadable complete line is.
     let journal = match journal.iter().position(|b| *b == 0) {
         Some(end) => {
-            if journal[end..].iter().any(|b| *b != 0) {
-                warn!(journal = %journal_path.display(), "left out bytes after the journal's zero-filled end");
+            let after = &journal[end..];
+            let line_ends = after.iter().filter(|b| **b == b'\n').count();
+            let first = after.iter().position(|b| *b != 0);
+            let last = after.iter().rposition(|b| *b != 0);
+            let whole_record = match (first, last) {
+                (Some(first), Some(last)) => {
+                    serde_json::from_slice::<JournalRecord>(&after[first..=last]).is_ok()
+                }
+                _ => false,
+            };
+            let last = last.map(|i| after[i]);
+            if whole_record || line_ends > 1 || (line_ends == 1 && last != Some(b'\n')) {
+                return Err(corrupt(format!(
+                    "records after a zero byte at offset {end}: only a write cut short can be \
+                     there; this journal is damaged"
+                )));
+            }
+            if last.is_some() {
+                warn!(journal = %journal_path.display(), "left out part of a journal record cut short, after zeros");
             }
             &journal[..end]
         }
@@ -972,8 +998,8 @@ fn replay(journal_path: &Path, journal: &[u8], file: &mut StateFile) -> Result<u
             warn!(journal = %journal_path.display(), bytes = tail.len(), "left out a journal record cut short");
         }
     }
-    // Writes are serialized and each is one append: only the last, unterminated line can be
-    // a write in flight. A complete line was acknowledged: unreadable, it is an error.
+    // Writes are serialized and each record goes after the one before: only the last,
+    // unterminated line can be a write in flight. A complete line was acknowledged: unreadable, it is an error.
     let mut records = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         let mut de = serde_json::Deserializer::from_slice(line);
@@ -1620,6 +1646,18 @@ mod tests {
         std::fs::write(&journal, &damaged_last).unwrap();
         refused_leaving_both(dir.path(), "line 3");
 
+        // Records after zeros are not a write cut short (zeros between records, zeros before
+        // all of them, a zero byte inside a record): refused, nothing rewritten.
+        let zeros = [0u8; 16];
+        let between = [lines[0], lines[1], &zeros, lines[2]].concat();
+        let before_all = [&zeros, good.as_slice()].concat();
+        let mut inside = good.clone();
+        inside[lines[0].len() + 5] = 0;
+        for damaged in [between, before_all, inside] {
+            std::fs::write(&journal, &damaged).unwrap();
+            refused_leaving_both(dir.path(), "after a zero byte");
+        }
+
         // A journal of another state directory, even one at the same write indexes: refused.
         let other = tempfile::tempdir().unwrap();
         let (store, _) = open(other.path()).unwrap();
@@ -1771,6 +1809,40 @@ mod tests {
         let web = ServiceName::parse("web").unwrap();
         let api = ServiceName::parse("api").unwrap();
         assert!(store.state().rules().get_exact(&web, &api).is_some());
+    }
+
+    /// A journal that could not be emptied (at a start, or after a write that rewrote the state
+    /// file) takes no record until it is: its end is not known, and a record written after
+    /// zeros (or with zeros before it) would be left out at the next start.
+    #[test]
+    fn a_journal_that_could_not_be_emptied_takes_no_record_until_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_path = dir.path().join(STATE_FILE);
+        let journal_path = dir.path().join(JOURNAL_FILE);
+        // As a kill leaves it: records, then the zeros written ahead.
+        let mut left = b"{\"a\":1}\n".to_vec();
+        left.resize(JOURNAL_STEP as usize, 0);
+        std::fs::write(&journal_path, &left).unwrap();
+        let mut journal = Journal::open(journal_path.clone(), 0).unwrap();
+        // No fold for size: only the emptying matters here.
+        journal.fixed_limit = Some(u64::MAX);
+        journal
+            .write(&state_path, b"{\"b\":2}\n", || b"state 1".to_vec())
+            .unwrap();
+        assert_eq!(std::fs::read(&state_path).unwrap(), b"state 1");
+        assert_eq!(std::fs::metadata(&journal_path).unwrap().len(), 0);
+
+        // Emptying fails (a descriptor that cannot truncate): the write is in the state file,
+        // and so is the next one, instead of a record behind what could not be emptied.
+        journal
+            .write(&state_path, b"{\"c\":3}\n", || unreachable!())
+            .unwrap();
+        journal.file = File::open(&journal_path).unwrap();
+        journal.fold(&state_path, b"state 2").unwrap();
+        journal
+            .write(&state_path, b"{\"d\":4}\n", || b"state 3".to_vec())
+            .unwrap();
+        assert_eq!(std::fs::read(&state_path).unwrap(), b"state 3");
     }
 
     /// The name libtest knows the test `name` of this module by (its path without the crate's
