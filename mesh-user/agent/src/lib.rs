@@ -554,12 +554,17 @@ impl Agent {
         // its every node is freed, and glibc leaves that many small free blocks for the next
         // allocations of any thread to sort out. The same thread then has glibc coalesce them
         // and return their pages (`malloc_trim`): the first API write among 100,000 intentions
-        // after such a swap took 30 ms before, 13 ms after (`cargo xtask bench intentions`).
+        // after such a swap took 30 ms before, 13-16 ms after (`cargo xtask bench intentions`).
         let swapped = rules.changes_since(replaced.version()).is_none();
         let free = move || {
             drop(replaced);
             if swapped {
+                let started = std::time::Instant::now();
                 mesh_dataplane::sys::release_free_memory();
+                tracing::debug!(
+                    took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "returned the free memory of a replaced rule set"
+                );
             }
         };
         if let Err(e) = std::thread::Builder::new()

@@ -46,8 +46,8 @@ pub use mesh_proxy::{
 /// environment sets (as Consul's `CONSUL_HTTP_ADDR`).
 pub const API_ADDR_HELP: &str =
     "Environment:\n  MESH_HTTP_ADDR  Where the intentions API listens: \
-     host:port (or http://host:port) moves its TCP listener from 127.0.0.1:8500, \
-     unix:///path serves that socket instead of TCP and <state-dir>/api.sock";
+     ip:port (or http://ip:port; localhost for 127.0.0.1) moves its TCP listener from \
+     127.0.0.1:8500, unix:///path serves that socket instead of TCP and <state-dir>/api.sock";
 
 /// The variable naming the agent instance (its pins); `--instance`.
 pub const INSTANCE_ENV: &str = "MESH_INSTANCE";
