@@ -82,8 +82,9 @@
 //! one of another state directory: both carry the store's `StoreID`) stops the start; back the
 //! two files up together, or stop the agent first (a clean stop folds the journal in). A
 //! damaged file is an error at start naming the file and the field (or the journal's line),
-//! never a silent reset; only a last journal line without its newline (a crash mid-append:
-//! never acknowledged) is left out, with a warning. The state file is version 2; a build that
+//! never a silent reset; only what a crash mid-write leaves of the one write in flight (never
+//! acknowledged: a last line without its newline, or its tail behind the journal's zeros) is
+//! left out, with a warning. The state file is version 2; a build that
 //! reads only version 1 (no journal) refuses it rather than leave the journal out, so a
 //! rollback to such a build needs a version 1 file (see `docs/dataplane.md`). An exclusive lock on
 //! `<state dir>/api.lock` keeps a second server off the same state.

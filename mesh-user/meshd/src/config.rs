@@ -395,7 +395,7 @@ pub fn check_state_dir(state_dir: &Path, policy: Action) -> Result<()> {
 }
 
 /// The API's configuration: the state directory, where it listens (`127.0.0.1:8500` and
-/// `<state_dir>/api.sock`; a `host:port` in `MESH_HTTP_ADDR` replaces the first, a `unix://`
+/// `<state_dir>/api.sock`; an `ip:port` in `MESH_HTTP_ADDR` replaces the first, a `unix://`
 /// URL both), the default intention policy, and
 /// [`MAX_INTENTIONS`]. The HTTP limits (header and idle timeouts, body size, connection cap)
 /// are [`mesh_api::ServerConfig::new`]'s defaults.
