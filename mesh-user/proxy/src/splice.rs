@@ -26,7 +26,7 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -551,21 +551,54 @@ fn key(netns: u64, local: SocketAddrV4, remote: SocketAddrV4) -> SockKey {
     )
 }
 
-/// What the kernel has seen each app send: the largest values read (the last read, just before
-/// unpairing, sees every byte: a paired app socket's count outlives it).
+/// What the kernel has seen each app send: the largest values read. An app's count is final
+/// once the proxy has read its end of stream (nothing can follow a FIN; sk_msg counts a message
+/// before the FIN can leave), and is then read no more; a count still open is read again just
+/// before unpairing (a paired app socket's count outlives it, so that read sees every byte).
 #[derive(Default)]
 struct Sent {
     client: AtomicU64,
     server: AtomicU64,
+    client_final: AtomicBool,
+    server_final: AtomicBool,
+}
+
+/// One app of a same-node connection.
+#[derive(Clone, Copy)]
+enum App {
+    /// The caller, whose socket is in the source pod.
+    Client,
+    /// The destination app, whose accepted socket is in the destination pod.
+    Server,
 }
 
 impl Sent {
-    fn observe(&self, splicer: &dyn Splicer, client: SockKey, server: SockKey) {
-        if let Some(n) = splicer.sent(client) {
-            self.client.fetch_max(n, Relaxed);
+    fn slot(&self, app: App) -> (&AtomicU64, &AtomicBool) {
+        match app {
+            App::Client => (&self.client, &self.client_final),
+            App::Server => (&self.server, &self.server_final),
         }
-        if let Some(n) = splicer.sent(server) {
-            self.server.fetch_max(n, Relaxed);
+    }
+
+    /// Reads the counts that are not final yet: one `bpf(2)` lookup each (two for a socket
+    /// that closed).
+    fn observe(&self, splicer: &dyn Splicer, (client, server): (SockKey, SockKey)) {
+        for (app, key) in [(App::Client, client), (App::Server, server)] {
+            let (count, done) = self.slot(app);
+            if !done.load(Relaxed) {
+                if let Some(n) = splicer.sent(key) {
+                    count.fetch_max(n, Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Reads `app`'s count at its end of stream, as its last.
+    fn finish(&self, splicer: &dyn Splicer, app: App, key: SockKey) {
+        let (count, done) = self.slot(app);
+        if let Some(n) = splicer.sent(key) {
+            count.fetch_max(n, Relaxed);
+            done.store(true, Relaxed);
         }
     }
 }
@@ -619,8 +652,18 @@ where
             }
         };
         let observe = || {
+            if let Some((splicer, keys)) = paired {
+                sent.observe(splicer, keys);
+            }
+        };
+        // At an app's end of stream its count is final: read it before its socket can close.
+        let finish = |app: App| {
             if let Some((splicer, (client, server))) = paired {
-                sent.observe(splicer, client, server);
+                let key = match app {
+                    App::Client => client,
+                    App::Server => server,
+                };
+                sent.finish(splicer, app, key);
             }
         };
         let up = pump(
@@ -629,7 +672,7 @@ where
             size,
             &forwarded_up,
             |n| report(true, n),
-            observe,
+            || finish(App::Client),
             pause.clone(),
         );
         let down = pump(
@@ -638,7 +681,7 @@ where
             size,
             &forwarded_down,
             |n| report(false, n),
-            observe,
+            || finish(App::Server),
             pause,
         );
         let activity = || {
@@ -680,8 +723,8 @@ where
     };
     if let Ok(Pumped::Paused) = result {
         // Paused for a hand-over: the pair stays in the kernel, the sockets go on open.
-        if let Some((splicer, (client, server_key))) = paired {
-            sent.observe(splicer, client, server_key);
+        if let Some((splicer, keys)) = paired {
+            sent.observe(splicer, keys);
         }
         let (forwarded, total) = forwarded(&sent);
         let pair = match (app.into_std(), server.into_std()) {
@@ -691,9 +734,9 @@ where
         return (forwarded, total, pair);
     }
     let result = result.map(|_| ());
-    if let Some((splicer, (client, server_key))) = paired {
-        sent.observe(splicer, client, server_key);
-        splicer.unpair(client, server_key);
+    if let Some((splicer, keys)) = paired {
+        sent.observe(splicer, keys);
+        splicer.unpair(keys.0, keys.1);
     }
     if matches!(result, Err(Error::Copy(_) | Error::Revoked { .. })) {
         app.arm_reset();
@@ -711,32 +754,35 @@ enum Pumped {
     Paused,
 }
 
-/// One direction: read, write all, report the running total, until an end of stream (passed
-/// on as a write shutdown) or, between two writes, `pause` turning true.
+/// One direction: read, write all, report the running total, until an end of stream (`at_end`
+/// runs, then it is passed on as a write shutdown) or, between two writes, `pause` turning true.
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
     size: usize,
     total: &AtomicU64,
     report: impl Fn(u64),
-    observe: impl Fn(),
+    at_end: impl Fn(),
     mut pause: watch::Receiver<bool>,
 ) -> io::Result<Pumped>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; size];
+    // Not zeroed: a spliced connection's proxy mostly reads a few bytes from before the splice,
+    // or none, and zeroing the whole buffer cost more than that (`read_buf` fills only the
+    // spare capacity, at most `size` bytes per read since the buffer is emptied after each).
+    let mut buf = Vec::with_capacity(size);
     loop {
+        buf.clear();
         // Reading is cancel-safe: a pause loses no byte.
         let n = tokio::select! {
             biased;
             Ok(_) = pause.wait_for(|paused| *paused) => return Ok(Pumped::Paused),
-            n = from.read(&mut buf) => n?,
+            n = from.read_buf(&mut buf) => n?,
         };
         if n == 0 {
-            // The sender's count is final now; read it before its socket can close.
-            observe();
+            at_end();
             match to.shutdown().await {
                 // Passed on already, by the agent that handed this connection over.
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}

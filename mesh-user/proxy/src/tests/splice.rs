@@ -14,6 +14,8 @@ use crate::Splicer;
 struct RecordingSplicer {
     pairs: Mutex<Vec<(SockKey, SockKey)>>,
     forwarded: Mutex<Vec<(SockKey, u64)>>,
+    /// Each read of an app's count (a `bpf(2)` lookup in the kernel's splicer).
+    counts_read: Mutex<Vec<SockKey>>,
     unpaired: AtomicUsize,
 }
 
@@ -28,8 +30,10 @@ impl Splicer for RecordingSplicer {
         Ok(())
     }
 
-    fn sent(&self, _key: SockKey) -> Option<u64> {
-        None
+    fn sent(&self, key: SockKey) -> Option<u64> {
+        self.counts_read.lock().unwrap().push(key);
+        // Nothing went through the (recorded, never real) splice.
+        Some(0)
     }
 
     fn unpair(&self, _client: SockKey, _server: SockKey) {
@@ -89,6 +93,13 @@ async fn a_destination_pod_of_this_proxy_is_decided_then_spliced_without_tls() {
         let forwarded = splicer.forwarded.lock().unwrap().clone();
         assert!(forwarded.contains(&(c, msg.len() as u64)), "{forwarded:?}");
         assert!(forwarded.contains(&(s, msg.len() as u64)), "{forwarded:?}");
+        // Each app's count is read once, at its end of stream, where it is final; both ended,
+        // so none is read again before unpairing.
+        let mut read = splicer.counts_read.lock().unwrap().clone();
+        read.sort_by_key(|k| k.local_port);
+        let mut expected = vec![c, s];
+        expected.sort_by_key(|k| k.local_port);
+        assert_eq!(read, expected);
     })
     .await;
 }
