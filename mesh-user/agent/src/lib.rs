@@ -14,6 +14,7 @@ mod identity;
 pub mod metrics;
 mod names;
 pub mod steering;
+pub mod workers;
 
 pub use identity::Identity;
 

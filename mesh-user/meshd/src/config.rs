@@ -67,7 +67,7 @@ pub const DEFAULT_SAME_NODE_SPLICE: bool = true;
 /// The variable of `--worker-threads`: the agent runtime's worker threads.
 pub const WORKER_THREADS_ENV: &str = "MESH_WORKER_THREADS";
 /// The most worker threads `--worker-threads` accepts.
-pub const MAX_WORKER_THREADS: u64 = 1024;
+pub const MAX_WORKER_THREADS: u64 = mesh_agent::workers::MAX_WORKER_THREADS as u64;
 /// The variable of the metrics listener's address; `--metrics-addr`.
 pub const METRICS_ADDR_ENV: &str = "MESH_METRICS_ADDR";
 /// The default metrics listener: loopback only (scrapers on the node, or a port-forward), on
@@ -172,9 +172,10 @@ pub struct ProxyArgs {
     #[arg(long, env = SAME_NODE_SPLICE_ENV, default_value_t = DEFAULT_SAME_NODE_SPLICE, action = clap::ArgAction::Set)]
     pub same_node_splice: bool,
     /// Worker threads of the agent's runtime, which carry every proxied connection, 1 to 1024
-    /// (default: one per CPU the agent may run on, its CPU affinity and cgroup quota counted).
-    /// Fewer leave the node's CPUs to its pods and cost less per new connection; more carry
-    /// more TLS bytes at once. Istio's ztunnel runs 2 (`ZTUNNEL_WORKER_THREADS`).
+    /// (default: half the CPUs the agent may run on, at least one; its CPU affinity and cgroup
+    /// quota counted). Fewer leave the node's CPUs to its pods and cost less per new
+    /// connection; more carry more TLS bytes at once. Istio's ztunnel runs 2
+    /// (`ZTUNNEL_WORKER_THREADS`).
     #[arg(long, env = WORKER_THREADS_ENV, value_parser = clap::value_parser!(u64).range(1..=MAX_WORKER_THREADS))]
     pub worker_threads: Option<u64>,
 }
@@ -196,20 +197,32 @@ impl ProxyArgs {
         }
     }
 
-    /// The agent's runtime: multi-threaded, with `--worker-threads` workers (tokio's default,
-    /// one per CPU available to the process, without it).
+    /// The agent's runtime: [`agent_runtime`] with `--worker-threads`.
     ///
     /// # Errors
     ///
-    /// As [`tokio::runtime::Builder::build`]: the I/O driver or a thread could not be made.
+    /// As [`agent_runtime`].
     pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = self.worker_threads {
-            // At most MAX_WORKER_THREADS (clap checked), so this fits.
-            builder.worker_threads(n as usize);
-        }
-        builder.enable_all().build()
+        agent_runtime(self.worker_threads)
     }
+}
+
+/// An agent's runtime: multi-threaded, with `workers` worker threads (kept within 1 to
+/// [`MAX_WORKER_THREADS`], which clap checks `--worker-threads` against), or
+/// [`mesh_agent::workers::default_worker_threads`] without.
+///
+/// # Errors
+///
+/// As [`tokio::runtime::Builder::build`]: the I/O driver or a thread could not be made.
+pub fn agent_runtime(workers: Option<u64>) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = workers.map_or_else(mesh_agent::workers::default_worker_threads, |n| {
+        let max = mesh_agent::workers::MAX_WORKER_THREADS;
+        usize::try_from(n).unwrap_or(max).clamp(1, max)
+    });
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
 }
 
 /// Where a node agent gets its leaves: the local CA in the state directory unless `--ca-url`
@@ -449,11 +462,11 @@ mod tests {
         };
         assert_eq!(workers(&["--worker-threads", "1"]).unwrap(), 1);
         assert_eq!(workers(&["--worker-threads", "3"]).unwrap(), 3);
-        let cpus = std::thread::available_parallelism().unwrap().get();
-        if std::env::var_os(WORKER_THREADS_ENV).is_none()
-            && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
-        {
-            assert_eq!(workers(&[]).unwrap(), cpus);
+        if std::env::var_os(WORKER_THREADS_ENV).is_none() {
+            assert_eq!(
+                workers(&[]).unwrap(),
+                mesh_agent::workers::default_worker_threads()
+            );
         }
         for bad in ["0", "1025", "-1", "two"] {
             let arg = format!("--worker-threads={bad}");

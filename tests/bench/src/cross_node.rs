@@ -81,7 +81,7 @@ const USAGE: &str = "usage: mesh-bench cross-node [--quick] [--pinning both|pinn
   --quick             1-second runs, pinned placement only (a smoke run)
   --pinning P         placements to measure (default: both; pinned with --quick)
   --cpu N             the CPU of the pinned placement (default 0; needs a pinned placement)
-  --worker-threads N  each agent's `meshd run --worker-threads N` (default: meshd's, one per CPU)
+  --worker-threads N  each agent's `meshd run --worker-threads N` (default: meshd's, half the CPUs)
   --wrk-secs S        length of each wrk run (default 7)
   --iperf-secs S      length of each iperf3 run (default 5)
   --conn-secs S       length of each new-connection run (default 3)
@@ -132,9 +132,10 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--cpu" => cpu = Some(value(a)?.parse().context("--cpu")?),
             "--worker-threads" => {
                 let n: u64 = value(a)?.parse().context("--worker-threads")?;
+                let max = mesh_agent::workers::MAX_WORKER_THREADS;
                 ensure!(
-                    (1..=1024).contains(&n),
-                    "--worker-threads {n}: 1 to 1024, as meshd takes"
+                    (1..=max as u64).contains(&n),
+                    "--worker-threads {n}: 1 to {max}, as meshd takes"
                 );
                 o.worker_threads = Some(n);
             }
@@ -413,7 +414,10 @@ pub fn markdown(
 fn agents_text(workers: Option<u64>) -> String {
     match workers {
         Some(n) => format!("`meshd run --worker-threads {n}` on each node"),
-        None => "`meshd run` on each node, its default worker threads (one per CPU)".into(),
+        None => {
+            "`meshd run` on each node, its default worker threads (half the CPUs, at least one)"
+                .into()
+        }
     }
 }
 
