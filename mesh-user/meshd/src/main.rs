@@ -121,6 +121,10 @@ enum Cmd {
         /// The token-free `/metrics` listener for Prometheus (`ip:port`, or `off`).
         #[arg(long, env = config::METRICS_ADDR_ENV, default_value = config::DEFAULT_METRICS_ADDR)]
         metrics_addr: config::MetricsAddr,
+        /// Worker threads of the agent's runtime, 1 to 1024 (default: half the CPUs the agent
+        /// may run on, at least one), as `meshd run --worker-threads`.
+        #[arg(long, env = config::WORKER_THREADS_ENV, value_parser = clap::value_parser!(u64).range(1..=config::MAX_WORKER_THREADS))]
+        worker_threads: Option<u64>,
     },
     /// The node agent of a Kubernetes cluster (a DaemonSet): this node's pods, the Services,
     /// EndpointSlices, Namespaces, ServiceAccounts and consul-k8s's ServiceIntentions and
@@ -293,6 +297,7 @@ fn main() -> Result<()> {
             no_tls_resumption,
             same_node_splice,
             metrics_addr,
+            worker_threads,
         } => {
             if reset {
                 return local_reset(&state_dir, &node);
@@ -304,17 +309,14 @@ fn main() -> Result<()> {
                 ..mesh_proxy::ProxyConfig::default()
             };
             limits::clamp(nofile, &mut proxy);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(local(
-                    state_dir,
-                    node,
-                    redirect,
-                    default_intention_policy,
-                    proxy,
-                    metrics_addr,
-                ))
+            config::agent_runtime(worker_threads)?.block_on(local(
+                state_dir,
+                node,
+                redirect,
+                default_intention_policy,
+                proxy,
+                metrics_addr,
+            ))
         }
         Cmd::Kubernetes {
             common,
@@ -888,6 +890,23 @@ mod tests {
                 help.contains(config::HTTP_ADDR_ENV) && help.contains("unix:///path"),
                 "meshd {name} --help: {help}"
             );
+        }
+    }
+
+    /// `meshd local` takes `--worker-threads` (`MESH_WORKER_THREADS`) as `meshd run` does, with
+    /// the same bounds.
+    #[test]
+    fn local_takes_the_worker_threads_of_run() {
+        let workers = |arg: &str| {
+            Cli::try_parse_from(["meshd", "local", arg]).map(|cli| match cli.cmd {
+                Cmd::Local { worker_threads, .. } => worker_threads,
+                _ => unreachable!("meshd local parses as Cmd::Local"),
+            })
+        };
+        assert_eq!(workers("--worker-threads=3").unwrap(), Some(3));
+        for bad in ["0", "1025", "x"] {
+            let err = workers(&format!("--worker-threads={bad}")).unwrap_err();
+            assert!(err.to_string().contains("--worker-threads"), "{bad}: {err}");
         }
     }
 
