@@ -34,6 +34,9 @@ const PACKAGES: &[&str] = &[
     // The CNI root test (`tests/tests/root/cni.rs`) chains mesh-cni after the reference
     // `bridge` and `host-local` plugins (in /usr/lib/cni), as a node's conflist does.
     "containernetworking-plugins",
+    // The fail-closed root test `chaos::frozen_intention_maps_…` freezes pinned maps from
+    // outside the agent with bpftool.
+    "bpftool",
     // The DaemonSet's CNI installer (`deploy/image/install-cni.sh`, tested by
     // `tests/tests/kubernetes/install_cni.rs`) edits the node's conflist with jq.
     "jq",

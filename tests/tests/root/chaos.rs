@@ -988,7 +988,8 @@ fn frozen_intention_maps_leave_the_proxy_enforcing_the_newest_rules() -> Result<
         mesh_kit::run(
             "bpftool",
             &["map", "freeze", "pinned", &path.to_string_lossy()],
-        )?;
+        )
+        .context("freezing an intention map (bpftool is installed by `cargo xtask setup`)")?;
     }
 
     // A new deny through the API: the proxies take it, the kernel cannot.
