@@ -26,7 +26,7 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -551,16 +551,16 @@ fn key(netns: u64, local: SocketAddrV4, remote: SocketAddrV4) -> SockKey {
     )
 }
 
-/// What the kernel has seen each app send: the largest values read. An app's count is final
-/// once the proxy has read its end of stream (nothing can follow a FIN; sk_msg counts a message
-/// before the FIN can leave), and is then read no more; a count still open is read again just
-/// before unpairing (a paired app socket's count outlives it, so that read sees every byte).
+/// What the kernel has seen each app send: the largest values read. An app's count is read at
+/// its end of stream, in case its kept count is gone by the end (`SPLICE_CLOSED` is an LRU
+/// map), and both are read again just before unpairing: a paired app socket's count outlives
+/// it, and an app may still send after its FIN (`tcp_bpf_sendmsg` does not check that the
+/// socket has shut down sending, so sk_msg counts and splices such bytes), so that last read
+/// sees every byte.
 #[derive(Default)]
 struct Sent {
     client: AtomicU64,
     server: AtomicU64,
-    client_final: AtomicBool,
-    server_final: AtomicBool,
 }
 
 /// One app of a same-node connection.
@@ -573,32 +573,20 @@ enum App {
 }
 
 impl Sent {
-    fn slot(&self, app: App) -> (&AtomicU64, &AtomicBool) {
-        match app {
-            App::Client => (&self.client, &self.client_final),
-            App::Server => (&self.server, &self.server_final),
-        }
-    }
-
-    /// Reads the counts that are not final yet: one `bpf(2)` lookup each (two for a socket
-    /// that closed).
+    /// Reads both apps' counts: one `bpf(2)` lookup each (two for a socket that closed).
     fn observe(&self, splicer: &dyn Splicer, (client, server): (SockKey, SockKey)) {
-        for (app, key) in [(App::Client, client), (App::Server, server)] {
-            let (count, done) = self.slot(app);
-            if !done.load(Relaxed) {
-                if let Some(n) = splicer.sent(key) {
-                    count.fetch_max(n, Relaxed);
-                }
-            }
-        }
+        self.read(splicer, App::Client, client);
+        self.read(splicer, App::Server, server);
     }
 
-    /// Reads `app`'s count at its end of stream, as its last.
-    fn finish(&self, splicer: &dyn Splicer, app: App, key: SockKey) {
-        let (count, done) = self.slot(app);
+    /// Reads `app`'s count (its socket is `key`).
+    fn read(&self, splicer: &dyn Splicer, app: App, key: SockKey) {
+        let count = match app {
+            App::Client => &self.client,
+            App::Server => &self.server,
+        };
         if let Some(n) = splicer.sent(key) {
             count.fetch_max(n, Relaxed);
-            done.store(true, Relaxed);
         }
     }
 }
@@ -656,14 +644,14 @@ where
                 sent.observe(splicer, keys);
             }
         };
-        // At an app's end of stream its count is final: read it before its socket can close.
+        // At an app's end of stream, its count only: the other app may still be sending.
         let finish = |app: App| {
             if let Some((splicer, (client, server))) = paired {
                 let key = match app {
                     App::Client => client,
                     App::Server => server,
                 };
-                sent.finish(splicer, app, key);
+                sent.read(splicer, app, key);
             }
         };
         let up = pump(

@@ -93,11 +93,12 @@ async fn a_destination_pod_of_this_proxy_is_decided_then_spliced_without_tls() {
         let forwarded = splicer.forwarded.lock().unwrap().clone();
         assert!(forwarded.contains(&(c, msg.len() as u64)), "{forwarded:?}");
         assert!(forwarded.contains(&(s, msg.len() as u64)), "{forwarded:?}");
-        // Each app's count is read once, at its end of stream, where it is final; both ended,
-        // so none is read again before unpairing.
+        // Each app's count is read twice: at its own end of stream, and once more before
+        // unpairing (an app may send after its FIN, see `Sent`); never the other app's at an
+        // end of stream.
         let mut read = splicer.counts_read.lock().unwrap().clone();
         read.sort_by_key(|k| k.local_port);
-        let mut expected = vec![c, s];
+        let mut expected = vec![c, c, s, s];
         expected.sort_by_key(|k| k.local_port);
         assert_eq!(read, expected);
     })
