@@ -25,6 +25,25 @@ pub fn worker_threads_for(cpus: usize) -> usize {
     (cpus / 2).clamp(1, MAX_WORKER_THREADS)
 }
 
+/// The agent's runtime: multi-threaded, with `workers` worker threads (kept within 1 to
+/// [`MAX_WORKER_THREADS`]; meshd's clap checks `--worker-threads` against that bound), or
+/// [`default_worker_threads`] without.
+///
+/// # Errors
+///
+/// As [`tokio::runtime::Builder::build`]: the I/O driver or a thread could not be made.
+pub fn runtime(workers: Option<u64>) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = workers.map_or_else(default_worker_threads, |n| {
+        usize::try_from(n)
+            .unwrap_or(MAX_WORKER_THREADS)
+            .clamp(1, MAX_WORKER_THREADS)
+    });
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +64,6 @@ mod tests {
             assert_eq!(worker_threads_for(cpus), workers, "{cpus} CPUs");
         }
         let cpus = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(default_worker_threads(), (cpus / 2).max(1));
+        assert_eq!(default_worker_threads(), worker_threads_for(cpus));
     }
 }

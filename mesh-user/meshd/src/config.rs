@@ -197,32 +197,14 @@ impl ProxyArgs {
         }
     }
 
-    /// The agent's runtime: [`agent_runtime`] with `--worker-threads`.
+    /// The agent's runtime: [`mesh_agent::workers::runtime`] with `--worker-threads`.
     ///
     /// # Errors
     ///
-    /// As [`agent_runtime`].
+    /// As [`mesh_agent::workers::runtime`].
     pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        agent_runtime(self.worker_threads)
+        mesh_agent::workers::runtime(self.worker_threads)
     }
-}
-
-/// An agent's runtime: multi-threaded, with `workers` worker threads (kept within 1 to
-/// [`MAX_WORKER_THREADS`], which clap checks `--worker-threads` against), or
-/// [`mesh_agent::workers::default_worker_threads`] without.
-///
-/// # Errors
-///
-/// As [`tokio::runtime::Builder::build`]: the I/O driver or a thread could not be made.
-pub fn agent_runtime(workers: Option<u64>) -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = workers.map_or_else(mesh_agent::workers::default_worker_threads, |n| {
-        let max = mesh_agent::workers::MAX_WORKER_THREADS;
-        usize::try_from(n).unwrap_or(max).clamp(1, max)
-    });
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
 }
 
 /// Where a node agent gets its leaves: the local CA in the state directory unless `--ca-url`

@@ -309,7 +309,7 @@ fn main() -> Result<()> {
                 ..mesh_proxy::ProxyConfig::default()
             };
             limits::clamp(nofile, &mut proxy);
-            config::agent_runtime(worker_threads)?.block_on(local(
+            mesh_agent::workers::runtime(worker_threads)?.block_on(local(
                 state_dir,
                 node,
                 redirect,

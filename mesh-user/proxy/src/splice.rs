@@ -574,16 +574,16 @@ enum App {
 
 impl Sent {
     /// Reads both apps' counts: one `bpf(2)` lookup each (two for a socket that closed).
-    fn observe(&self, splicer: &dyn Splicer, (client, server): (SockKey, SockKey)) {
-        self.read(splicer, App::Client, client);
-        self.read(splicer, App::Server, server);
+    fn observe(&self, splicer: &dyn Splicer, keys: (SockKey, SockKey)) {
+        self.read(splicer, App::Client, keys);
+        self.read(splicer, App::Server, keys);
     }
 
-    /// Reads `app`'s count (its socket is `key`).
-    fn read(&self, splicer: &dyn Splicer, app: App, key: SockKey) {
-        let count = match app {
-            App::Client => &self.client,
-            App::Server => &self.server,
+    /// Reads `app`'s count; `keys` are the pair's (client, server) sockets.
+    fn read(&self, splicer: &dyn Splicer, app: App, (client, server): (SockKey, SockKey)) {
+        let (count, key) = match app {
+            App::Client => (&self.client, client),
+            App::Server => (&self.server, server),
         };
         if let Some(n) = splicer.sent(key) {
             count.fetch_max(n, Relaxed);
@@ -646,12 +646,8 @@ where
         };
         // At an app's end of stream, its count only: the other app may still be sending.
         let finish = |app: App| {
-            if let Some((splicer, (client, server))) = paired {
-                let key = match app {
-                    App::Client => client,
-                    App::Server => server,
-                };
-                sent.read(splicer, app, key);
+            if let Some((splicer, keys)) = paired {
+                sent.read(splicer, app, keys);
             }
         };
         let up = pump(

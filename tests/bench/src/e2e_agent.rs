@@ -77,11 +77,8 @@ pub fn agent_main(args: &[String]) -> Result<()> {
             ..mesh_proxy::ProxyConfig::default()
         },
     };
-    // As meshd: a multi-threaded runtime with its default worker count.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(mesh_agent::workers::default_worker_threads())
-        .enable_all()
-        .build()?;
+    // As meshd: its runtime with the default worker count.
+    let rt = mesh_agent::workers::runtime(None)?;
     let agent = rt.block_on(Agent::start(
         cfg,
         catalog,
