@@ -210,8 +210,9 @@ pub struct KernelOffsets {
     pub sk_prot: u32,
     /// `struct proto.memory_pressure` (a pointer to the protocol's pressure flag).
     pub proto_memory_pressure: u32,
-    /// Always 0.
-    pub _pad: u32,
+    /// `struct sock.sk_shutdown` (a `u8`: `RCV_SHUTDOWN` 1, `SEND_SHUTDOWN` 2); sk_msg redirects
+    /// nothing a socket sends after `shutdown(SHUT_WR)`, so TCP refuses it (`EPIPE`).
+    pub sk_shutdown: u32,
 }
 
 /// [`Config::intention_set`] when no kernel intention set is in force: connect4/connect6 look
@@ -263,7 +264,7 @@ impl Config {
             file_f_flags: 0,
             sk_prot: 0,
             proto_memory_pressure: 0,
-            _pad: 0,
+            sk_shutdown: 0,
         },
     };
 }
@@ -719,8 +720,7 @@ mod pod_impls {
     // SAFETY: `#[repr(C)]` integers, four `u32`s and a `KernelOffsets` (ten `u32`s): 56 bytes, no
     // implicit padding (see above).
     unsafe impl aya::Pod for Config {}
-    // SAFETY: `#[repr(C)]` integers, ten `u32`s, the last an explicit pad: 40 bytes, no implicit
-    // padding (see above).
+    // SAFETY: `#[repr(C)]` integers, ten `u32`s: 40 bytes, no implicit padding (see above).
     unsafe impl aya::Pod for KernelOffsets {}
     // SAFETY: `#[repr(C)]` integers, a `u32`, a `u16` and an explicit `u16` pad: 8 bytes, no
     // implicit padding (see above).

@@ -65,6 +65,15 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         count(Counter::LookupsMissed, 1);
         return;
     };
+    // SAFETY: `own_state` is this socket's `SOCK_STATE` value, kept alive by the kernel until the
+    // program returns; `send_shut` reads the kernel only through `bpf_probe_read_kernel`.
+    if unsafe { send_shut(own_state_sk(own_state), &cfg) } {
+        // The app sends after `shutdown(SHUT_WR)` (or after a reset). TCP refuses that with
+        // `EPIPE`, but `tcp_bpf_sendmsg` does not check: a redirect would put the bytes in the
+        // peer's receive queue behind the end of stream it has already read. Passed without a
+        // redirect, the message meets TCP's own check. Not counted as sent: it is not.
+        return;
+    }
     let size = md.size;
     // SAFETY: `own_state` is this socket's `SOCK_STATE` value, kept alive by the kernel until the
     // program returns; sk_msg runs with the sending socket locked, so no other run writes it.
@@ -297,6 +306,26 @@ unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
         None => 0,
     }
 }
+
+/// Whether the socket at kernel address `sk` has shut its sending side (`sk->sk_shutdown &
+/// SEND_SHUTDOWN`, set by `shutdown(SHUT_WR)` and when the connection is done). Unknown counts
+/// as shut: never redirect blind.
+///
+/// # Safety
+///
+/// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
+#[inline(always)]
+unsafe fn send_shut(sk: u64, cfg: &Config) -> bool {
+    // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
+    // unknown or unmapped address instead of faulting; the value is a plain integer.
+    match unsafe { read_kernel::<u8>(sk, cfg.offsets.sk_shutdown) } {
+        Some(flags) => flags & SEND_SHUTDOWN != 0,
+        None => true,
+    }
+}
+
+/// `SEND_SHUTDOWN` in `struct sock.sk_shutdown` (include/net/sock.h).
+const SEND_SHUTDOWN: u8 = 2;
 
 /// Whether TCP is under memory pressure on this host (`*sk->sk_prot->memory_pressure`).
 /// Unknown counts as pressure: never redirect blind.

@@ -554,9 +554,9 @@ fn key(netns: u64, local: SocketAddrV4, remote: SocketAddrV4) -> SockKey {
 /// What the kernel has seen each app send: the largest values read. An app's count is read at
 /// its end of stream, in case its kept count is gone by the end (`SPLICE_CLOSED` is an LRU
 /// map), and both are read again just before unpairing: a paired app socket's count outlives
-/// it, and an app may still send after its FIN (`tcp_bpf_sendmsg` does not check that the
-/// socket has shut down sending, so sk_msg counts and splices such bytes), so that last read
-/// sees every byte.
+/// it, and a socket linked under an older sk_msg program (spliced before an upgrade, then handed
+/// over) may still send after its FIN, which that program spliced and counted (the current one
+/// refuses it, see docs/dataplane.md), so that last read sees every byte.
 #[derive(Default)]
 struct Sent {
     client: AtomicU64,

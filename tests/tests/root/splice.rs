@@ -429,3 +429,63 @@ fn a_reused_client_port_never_receives_bytes_of_its_earlier_spliced_peer() -> Re
     );
     Ok(())
 }
+
+/// An app that shut its sending side (`shutdown(SHUT_WR)`) and sends again gets `EPIPE`, as from
+/// any TCP socket, and its peer reads nothing after the end of stream it has read, whether the
+/// connection is spliced or goes through the proxy. sk_msg used to redirect such a send (the
+/// kernel's sockmap send path does not check the shutdown), so the spliced server read 5000 bytes
+/// after its EOF (found in review).
+#[test]
+fn an_app_cannot_send_after_shutting_down_its_side_spliced_or_not() -> Result<()> {
+    const BYTES: u64 = 1000;
+    for splice in [true, false] {
+        let mut m = mesh_with(
+            Redirect::Ebpf,
+            BYTES,
+            mesh_proxy::ProxyConfig {
+                same_node_splice: splice,
+                ..mesh_proxy::ProxyConfig::default()
+            },
+        )?;
+        let (sink, lines) = add_service(
+            &mut m,
+            "sink",
+            33,
+            9095,
+            &["eof-server", "0.0.0.0:9095", "1500"],
+        )?;
+        let stats_before = web_stats(&m)?;
+        let web = m.web.clone();
+        let out = m.node.probe_in(
+            &web,
+            &["send-after-shutdown", &sink.to_string(), &BYTES.to_string()],
+            Duration::from_secs(20),
+        )?;
+        let client = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let served = lines.recv_timeout(Duration::from_secs(10)).map(|(_, l)| l);
+        eprintln!("splice {splice}: client {client:?}, server {served:?}");
+        assert_eq!(
+            web_stats(&m)?.spliced_connections - stats_before.spliced_connections,
+            u64::from(splice),
+            "splice {splice}: the connection took the path under test"
+        );
+        assert_eq!(
+            client,
+            format!("after-shutdown error {} received=4", libc::EPIPE),
+            "splice {splice}: the send after shutdown is refused, the answer arrives ({})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            served.ok().as_deref(),
+            Some(format!("served received={BYTES} after_eof=0").as_str()),
+            "splice {splice}: the server read the bytes before the end of stream, nothing after"
+        );
+        let sizes = maps_drain(&m)?;
+        assert_eq!(
+            (sizes.sockets, sizes.sock_state, sizes.splices),
+            (0, 0, 0),
+            "splice {splice}: the per-connection maps are back to their size"
+        );
+    }
+    Ok(())
+}

@@ -279,7 +279,7 @@ pub fn kernel_offsets() -> Option<KernelOffsets> {
         // `struct sock` starts with its `struct sock_common`.
         sk_prot: off("sock_common", "skc_prot")?,
         proto_memory_pressure: off("proto", "memory_pressure")?,
-        _pad: 0,
+        sk_shutdown: off("sock", "sk_shutdown")?,
     })
 }
 

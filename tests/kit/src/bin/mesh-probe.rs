@@ -9,6 +9,9 @@
 //!   exchange ADDR BYTES SEED [LOCAL_PORT]
 //!                                     send BYTES of stream SEED then half-close, read stream SEED+1
 //!                                     to EOF; print "sent=N received=M ok=BOOL"
+//!   send-after-shutdown ADDR BYTES   send BYTES of stream 0, wait 300 ms, half-close, wait
+//!                                     300 ms, send 5000 bytes more; read to EOF; print
+//!                                     "after-shutdown <sent N|error ERRNO> received=M"
 //!   connect ADDR                      print "connected" or "error <errno> <message>"
 //!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
 //!   connect-latency ADDR COUNT        time COUNT connect() calls (each then closed); print
@@ -30,6 +33,9 @@
 //!                                     print "closed <ns> <eof|why>" (Unix-epoch ns)
 //!   exchange-server ADDR BYTES SEED   accept forever; per connection read stream SEED to EOF and
 //!                                     send BYTES of stream SEED+1, half-close; print each result
+//!   eof-server ADDR WATCH_MS          accept forever; per connection read to EOF, keep reading
+//!                                     WATCH_MS more, write "bye\n" and close; print
+//!                                     "served received=N after_eof=M"
 //!   serve ADDR REPLY                  accept forever; write REPLY to each connection, close
 //!   echo-server ADDR                  accept forever; send back what each connection sends
 //!                                     (non-blocking sockets, as event-loop servers)
@@ -141,6 +147,23 @@ fn real_main() -> Result<()> {
                 exchange(s.try_clone()?, s, bytes, seed)?
             };
             println!("sent={sent} received={received} ok={ok}");
+        }
+        "send-after-shutdown" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let bytes: u64 = arg(2)?.parse()?;
+            let mut s = NbStream::connect(addr, None)?;
+            write_pattern(&mut s, 0, bytes)?;
+            std::thread::sleep(Duration::from_millis(300));
+            s.half_close()?;
+            std::thread::sleep(Duration::from_millis(300));
+            // One write straight to the socket: TCP answers it at once (EPIPE) or takes it.
+            let after = match s.0.write(&[b'x'; 5000]) {
+                Ok(n) => format!("sent {n}"),
+                Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
+            };
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer)?;
+            println!("after-shutdown {after} received={}", answer.len());
         }
         "connect" => {
             let addr: SocketAddr = arg(1)?.parse()?;
@@ -302,6 +325,44 @@ fn real_main() -> Result<()> {
             std::io::stdout().flush()?;
             loop {
                 std::thread::park();
+            }
+        }
+        "eof-server" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let watch = Duration::from_millis(arg(2)?.parse()?);
+            let listener = TcpListener::bind(addr)?;
+            println!("listening");
+            std::io::stdout().flush()?;
+            for conn in listener.incoming() {
+                let mut conn = NbStream::new(conn?)?;
+                std::thread::spawn(move || {
+                    let result = (|| -> std::io::Result<(usize, usize)> {
+                        let mut buf = vec![0; 64 << 10];
+                        let mut received = 0;
+                        loop {
+                            match conn.read(&mut buf)? {
+                                0 => break,
+                                n => received += n,
+                            }
+                        }
+                        // A TCP socket reads nothing after its end of stream, ever.
+                        let mut after_eof = 0;
+                        let until = std::time::Instant::now() + watch;
+                        while std::time::Instant::now() < until {
+                            match conn.read(&mut buf)? {
+                                0 => std::thread::sleep(Duration::from_millis(10)),
+                                n => after_eof += n,
+                            }
+                        }
+                        conn.write_all(b"bye\n")?;
+                        Ok((received, after_eof))
+                    })();
+                    match result {
+                        Ok((n, after)) => println!("served received={n} after_eof={after}"),
+                        Err(e) => println!("served error {e}"),
+                    }
+                    let _ = std::io::stdout().flush();
+                });
             }
         }
         "serve" => {
