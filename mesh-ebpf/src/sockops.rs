@@ -188,6 +188,15 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
                 if let Some(state) = unsafe { SOCK_STATE.get(key) } {
                     let sent = state.sent;
                     let _ = SPLICE_CLOSED.insert(key, sent, 0);
+                    // The agent unpairs by removing the pair entries, then the kept counts. If it
+                    // did both between the check above and the insert, the count would stay for
+                    // LRU eviction to find: look again, and take it back if the pair is gone.
+                    // (Inserted before this look, the count is either seen by the agent's removal
+                    // or followed by a look that sees the pair gone: the bucket lock orders them.)
+                    // SAFETY: only whether the entry exists is used.
+                    if unsafe { SPLICES.get(key) }.is_none() {
+                        let _ = SPLICE_CLOSED.remove(key);
+                    }
                 }
             }
             let _ = SOCK_STATE.remove(key);

@@ -79,13 +79,18 @@ fn web_stats(m: &Mesh) -> Result<mesh_proxy::PodStatsSnapshot> {
 }
 
 /// Waits (up to 5 s) until the per-connection maps are back to empty: both app sockets and both
-/// proxy sockets closed, no splice entry left.
+/// proxy sockets closed, no splice entry and no kept byte count left.
 fn maps_drain(m: &Mesh) -> Result<mesh_dataplane::bpf::ConnMapSizes> {
     let dp = m.agent().dataplane().context("eBPF dataplane")?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let sizes = dp.conn_map_sizes()?;
-        if (sizes.sockets, sizes.sock_state, sizes.splices) == (0, 0, 0)
+        if (
+            sizes.sockets,
+            sizes.sock_state,
+            sizes.splices,
+            sizes.splice_closed,
+        ) == (0, 0, 0, 0)
             || Instant::now() > deadline
         {
             return Ok(sizes);
@@ -144,8 +149,13 @@ fn a_spliced_pair_carries_64_mib_each_way_with_half_close() -> Result<()> {
         );
         let sizes = maps_drain(&m)?;
         assert_eq!(
-            (sizes.sockets, sizes.sock_state, sizes.splices),
-            (0, 0, 0),
+            (
+                sizes.sockets,
+                sizes.sock_state,
+                sizes.splices,
+                sizes.splice_closed
+            ),
+            (0, 0, 0, 0),
             "{what}: the per-connection maps are back to their size"
         );
     }
@@ -361,6 +371,38 @@ fn a_denied_pod_on_the_same_node_gets_nothing() -> Result<()> {
     Ok(())
 }
 
+/// Spliced connections one after another, their apps closing in whichever order they finish: when all have
+/// ended, no per-connection entry is left to LRU eviction, neither a pair nor a closed app's
+/// kept byte count (`SPLICE_CLOSED`, which sockops fills as a paired socket closes while the
+/// agent unpairs).
+#[test]
+fn two_hundred_spliced_connections_leave_no_entry_behind() -> Result<()> {
+    const LEN: u64 = 4096;
+    let mut m = spliced(LEN)?;
+    let stats_before = web_stats(&m)?;
+    for i in 0..200 {
+        m.exchange(SocketAddr::V4(m.vip), LEN)
+            .with_context(|| format!("connection {i}"))?;
+    }
+    assert_eq!(
+        web_stats(&m)?.spliced_connections - stats_before.spliced_connections,
+        200,
+        "every connection was spliced"
+    );
+    let sizes = maps_drain(&m)?;
+    assert_eq!(
+        (
+            sizes.sockets,
+            sizes.sock_state,
+            sizes.splices,
+            sizes.splice_closed
+        ),
+        (0, 0, 0, 0),
+        "the per-connection maps are back to their size"
+    );
+    Ok(())
+}
+
 /// A server app keeps its spliced socket after the client app closed its own, then writes; the
 /// client app meanwhile reuses its loopback port (the same 4-tuple, so the same kernel key) for
 /// a connection to another service. The stale pair entry must not deliver the first server's
@@ -482,8 +524,13 @@ fn an_app_cannot_send_after_shutting_down_its_side_spliced_or_not() -> Result<()
         );
         let sizes = maps_drain(&m)?;
         assert_eq!(
-            (sizes.sockets, sizes.sock_state, sizes.splices),
-            (0, 0, 0),
+            (
+                sizes.sockets,
+                sizes.sock_state,
+                sizes.splices,
+                sizes.splice_closed
+            ),
+            (0, 0, 0, 0),
             "splice {splice}: the per-connection maps are back to their size"
         );
     }

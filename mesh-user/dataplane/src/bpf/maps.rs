@@ -11,7 +11,7 @@ use mesh_common::{
     PodValue, ServiceKey, ServiceValue, SockKey, SockState, SpliceValue, COUNTERS, COUNTER_COUNT,
     MAP_CONFIG, MAP_COUNTERS, MAP_INBOUND_ADDRS, MAP_INBOUND_EXCLUDE, MAP_INBOUND_SOCKS,
     MAP_LOCAL_PORTS, MAP_MESHED_ADDRS, MAP_ORIG_HANDOFF, MAP_PODS, MAP_SERVICES, MAP_SOCKS,
-    MAP_SOCK_STATE, MAP_SPLICES,
+    MAP_SOCK_STATE, MAP_SPLICES, MAP_SPLICE_CLOSED,
 };
 
 use super::{CgroupId, Dataplane, Error, ListenerSlot, NetnsCookie};
@@ -71,6 +71,9 @@ pub struct ConnMapSizes {
     pub sock_state: usize,
     /// Entries of `SPLICES`: app sockets of spliced same-node connections.
     pub splices: usize,
+    /// Entries of `SPLICE_CLOSED`: byte counts of closed app sockets still paired, kept until
+    /// the agent unpairs them.
+    pub splice_closed: usize,
 }
 
 impl Dataplane {
@@ -444,6 +447,7 @@ impl Dataplane {
             sockets: socks.keys().filter(|k| k.is_ok()).count(),
             sock_state: count::<SockKey, SockState>(&self.ebpf, MAP_SOCK_STATE)?,
             splices: count::<SockKey, SpliceValue>(&self.ebpf, MAP_SPLICES)?,
+            splice_closed: count::<SockKey, u64>(&self.ebpf, MAP_SPLICE_CLOSED)?,
         })
     }
 
