@@ -103,7 +103,8 @@ pub const HTTP_CONNS: [usize; 3] = [1, 16, 64];
 
 const USAGE: &str = "usage: mesh-bench e2e [--quick] [--rounds N] [--cpu N] \
                      [--pinning both|pinned|unpinned] [--dial vip|upstream] \
-                     [--server-threads N] [--wrk-secs S] [--iperf-secs S] [--conn-secs S] \
+                     [--server-threads N] [--worker-threads N] [--wrk-secs S] [--iperf-secs S] \
+                     [--conn-secs S] \
                      [--json PATH] [--chart PATH] [--markdown PATH | --no-markdown]";
 
 /// What one measurement runs.
@@ -165,6 +166,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
     let mut pinning = None::<String>;
     let mut dial = "vip";
     let mut server_threads = 2usize;
+    let mut worker_threads = None;
     let (mut wrk_secs, mut iperf_secs, mut conn_secs) = (None, None, None);
     let mut json = harness::target_dir()?.join("bench").join("results.json");
     let mut markdown = Some(docs_dir()?.join("benchmarks.md"));
@@ -192,6 +194,17 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
                 server_threads = value("--server-threads")?
                     .parse()
                     .context("--server-threads")?
+            }
+            "--worker-threads" => {
+                let n: u64 = value("--worker-threads")?
+                    .parse()
+                    .context("--worker-threads")?;
+                let max = mesh_agent::workers::MAX_WORKER_THREADS;
+                ensure!(
+                    (1..=max as u64).contains(&n),
+                    "--worker-threads {n}: 1 to {max}, as meshd takes"
+                );
+                worker_threads = Some(n);
             }
             "--wrk-secs" => wrk_secs = Some(value("--wrk-secs")?.parse().context("--wrk-secs")?),
             "--iperf-secs" => {
@@ -235,6 +248,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         iperf_secs: iperf_secs.unwrap_or(id),
         conn_secs: conn_secs.unwrap_or(cd),
         server_threads,
+        worker_threads,
         dial,
         idle_rss_mib: Vec::new(),
     };
@@ -319,6 +333,7 @@ impl RunningAgent {
             msg_redirect: plan.msg_redirect,
             tls_resumption,
             same_node_splice: plan.same_node_splice,
+            worker_threads: b.setup.worker_threads,
         };
         let (proc, child) = AgentProc::start(&b.exe, &spec)
             .with_context(|| format!("starting the {:?} agent", plan.redirect))?;
@@ -1189,4 +1204,32 @@ fn measure(
         valid: problems.is_empty(),
         note: (!problems.is_empty()).then(|| problems.join("; ")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_agents_worker_threads_are_taken_as_meshd_takes_them() {
+        let o = parse_options(&args(&["--worker-threads", "1", "--no-markdown"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.setup.worker_threads, Some(1));
+        let o = parse_options(&args(&["--no-markdown"])).unwrap().unwrap();
+        assert_eq!(o.setup.worker_threads, None);
+        for bad in [
+            &["--worker-threads", "0"][..],
+            &["--worker-threads", "1025"],
+            &["--worker-threads", "x"],
+            &["--worker-threads"],
+        ] {
+            let err = format!("{:#}", parse_options(&args(bad)).err().unwrap());
+            assert!(err.contains("--worker-threads"), "{bad:?}: {err}");
+        }
+    }
 }

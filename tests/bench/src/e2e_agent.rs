@@ -40,6 +40,8 @@ pub struct Spec<'a> {
     pub tls_resumption: bool,
     /// The same-node splice (`--same-node-splice`; eBPF mode with the sk_msg redirect).
     pub same_node_splice: bool,
+    /// The runtime's worker threads (meshd's `--worker-threads`); `None`: meshd's default.
+    pub worker_threads: Option<u64>,
 }
 
 /// `mesh-bench agent SPEC`: runs until `quit` or the end of stdin.
@@ -77,8 +79,12 @@ pub fn agent_main(args: &[String]) -> Result<()> {
             ..mesh_proxy::ProxyConfig::default()
         },
     };
-    // As meshd: its runtime with the default worker count.
-    let rt = mesh_agent::workers::runtime(None)?;
+    // As meshd: its runtime, with `--worker-threads` or the default worker count.
+    let workers = match &spec["worker_threads"] {
+        Value::Null => None,
+        n => Some(n.as_u64().context("spec.worker_threads")?),
+    };
+    let rt = mesh_agent::workers::runtime(workers)?;
     let agent = rt.block_on(Agent::start(
         cfg,
         catalog,
@@ -174,6 +180,7 @@ impl AgentProc {
             "msg_redirect": spec.msg_redirect,
             "tls_resumption": spec.tls_resumption,
             "same_node_splice": spec.same_node_splice,
+            "worker_threads": spec.worker_threads,
         });
         let mut child = Command::new(exe)
             .arg("agent")

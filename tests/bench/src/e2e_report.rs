@@ -194,6 +194,9 @@ pub struct Setup {
     pub iperf_secs: u64,
     pub conn_secs: f64,
     pub server_threads: usize,
+    /// The mesh agents' worker threads (`--worker-threads`, as meshd takes it); `None`: meshd's
+    /// default, half the CPUs, at least one.
+    pub worker_threads: Option<u64>,
     /// What the mesh clients dial: `vip` (transparent) or `upstream` (127.0.0.1:<port>).
     pub dial: &'static str,
     /// RSS of each configuration's agent right after its first start, before any traffic.
@@ -721,6 +724,11 @@ pub fn terminal(records: &[Record], machine: &Machine, setup: &Setup) -> String 
         setup.rounds
     );
     let _ = writeln!(out, "{}", machine.terminal_line());
+    let _ = writeln!(
+        out,
+        "mesh agents: {}",
+        agent_workers_text(setup.worker_threads)
+    );
     for pinning in PINNINGS {
         if !records.iter().any(|r| r.pinning == pinning) {
             continue;
@@ -822,6 +830,7 @@ pub fn to_json(records: &[Record], machine: &Machine, setup: &Setup) -> Value {
             "iperf3_seconds": setup.iperf_secs,
             "connect_seconds": setup.conn_secs,
             "server_threads": setup.server_threads,
+            "agent_worker_threads": setup.worker_threads,
             "mesh_dial": setup.dial,
             "agent_idle_rss_mib": setup
                 .idle_rss_mib
@@ -912,6 +921,14 @@ pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> Result<Str
 }
 
 /// The markdown section, markers included.
+/// How the agents' worker threads were set, for the report.
+fn agent_workers_text(workers: Option<u64>) -> String {
+    match workers {
+        Some(n) => format!("{n} worker thread(s) each (`--worker-threads {n}`)"),
+        None => "meshd's default worker threads (half the CPUs, at least one)".into(),
+    }
+}
+
 pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "{BEGIN}");
@@ -941,6 +958,11 @@ pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String 
         setup.iperf_secs,
         setup.conn_secs,
         setup.conn_secs / 10.0
+    );
+    let _ = writeln!(
+        md,
+        "- The mesh's agents: {}.",
+        agent_workers_text(setup.worker_threads)
     );
     let _ = writeln!(md, "- {RESUMPTION_NOTE}");
     let _ = writeln!(md, "- {COST_NOTE}\n");
@@ -1143,6 +1165,7 @@ mod tests {
             iperf_secs: 1,
             conn_secs: 1.0,
             server_threads: 1,
+            worker_threads: None,
             dial: "vip",
             idle_rss_mib: idle,
         };
@@ -1230,6 +1253,7 @@ mod tests {
             iperf_secs: 5,
             conn_secs: 2.0,
             server_threads: 2,
+            worker_threads: Some(1),
             dial: "vip",
             idle_rss_mib: vec![("mesh-ebpf", 22.0)],
         };
