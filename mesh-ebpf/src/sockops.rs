@@ -19,7 +19,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_getsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -131,9 +131,11 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
                 // SAFETY: only whether the entry exists is used; the value is not read.
                 if unsafe { LOCAL_PORTS.get(port) }.is_some() {
                     add_socket(ctx, key, true);
-                } else if key.local_ip == SPLICE_SOURCE_IP4 {
+                // SAFETY: `ctx` is this program run's context, all that `agent_socket` needs.
+                } else if key.local_ip == SPLICE_SOURCE_IP4 && unsafe { agent_socket(ctx) } {
                     // The proxy's connection to an app it means to splice (its own socket, non-
-                    // blocking): the app's accepted side joins below.
+                    // blocking): the app's accepted side joins below. An app's own connection
+                    // from this address stays out: it would only take the slots of others.
                     add_socket(ctx, key, false);
                 }
             }
@@ -204,6 +206,36 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
         }
     }
 }
+
+/// Whether the context's socket carries the agent's `SO_MARK` ([`PROXY_MARK`]). Setting a mark
+/// takes `CAP_NET_ADMIN`, which the agent has and apps lack (a pod granted it is trusted as far
+/// as the iptables mode trusts that mark). Read with `bpf_getsockopt`, which answers `SOL_SOCKET`
+/// options to sockops since Linux 6.1 (the README's minimum); an error reads as "not the
+/// agent's": the connection then stays on the proxy's path, unspliced.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
+#[inline(always)]
+unsafe fn agent_socket(ctx: &SockOpsContext) -> bool {
+    let mut mark: u32 = 0;
+    // SAFETY: the helper takes this program's own context and a pointer to `mark`, a stack
+    // variable of the 4 bytes passed as the length; it writes at most that.
+    let r = unsafe {
+        bpf_getsockopt(
+            ctx.ops as *mut c_void,
+            SOL_SOCKET,
+            SO_MARK,
+            &mut mark as *mut u32 as *mut c_void,
+            core::mem::size_of::<u32>() as i32,
+        )
+    };
+    r == 0 && mark == PROXY_MARK
+}
+
+/// `SOL_SOCKET` and `SO_MARK` (include/uapi/asm-generic/socket.h).
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
 
 /// The kernel address of the sockops context's socket.
 #[inline(always)]

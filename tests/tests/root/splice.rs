@@ -536,3 +536,45 @@ fn an_app_cannot_send_after_shutting_down_its_side_spliced_or_not() -> Result<()
     }
     Ok(())
 }
+
+/// A pod's own loopback connections from `127.0.0.6` (the address the agent dials apps from to
+/// splice them) stay out of the node-wide sockhash: only the agent's sockets, which carry its
+/// `SO_MARK`, join it from there. Before, any app could bind `127.0.0.6` and fill the sockhash
+/// with its own pairs, sending every other pod's connections to the TCP path (found in review).
+#[test]
+fn a_pods_own_connections_from_the_splice_source_stay_out_of_the_sockhash() -> Result<()> {
+    const PAIRS: usize = 200;
+    let mut m = spliced(1024)?;
+    let web = m.web.clone();
+    let mut child = m.node.probe(
+        &web.netns_path,
+        &web.cgroup,
+        &["loopback-pairs", "127.0.0.6", &PAIRS.to_string()],
+    )?;
+    let lines = crate::kubernetes::probe_lines(&mut child)?;
+    m.node.keep(child);
+    let held = lines.recv_timeout(Duration::from_secs(20)).map(|(_, l)| l);
+    ensure!(
+        matches!(&held, Ok(l) if *l == format!("holding {PAIRS}")),
+        "the pod's app did not open its connections: {held:?}"
+    );
+    let sizes = m
+        .agent()
+        .dataplane()
+        .context("eBPF dataplane")?
+        .conn_map_sizes()?;
+    assert_eq!(
+        (sizes.sockets, sizes.sock_state),
+        (0, 0),
+        "the pod's {PAIRS} connections from 127.0.0.6 took no sockhash slot"
+    );
+    // The agent's own connections from there still do: the next connection is spliced.
+    let stats_before = web_stats(&m)?;
+    m.exchange(SocketAddr::V4(m.vip), 1024)?;
+    assert_eq!(
+        web_stats(&m)?.spliced_connections - stats_before.spliced_connections,
+        1,
+        "the agent's connection was spliced"
+    );
+    Ok(())
+}

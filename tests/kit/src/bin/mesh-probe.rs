@@ -53,6 +53,9 @@
 //!                                     and read it back; print "echo <ns> <n>" per answer and
 //!                                     "closed <ns> <eof|mismatch|why>" when it ends
 //!   pause                             print "paused", then sleep forever (a pod's pause process)
+//!   loopback-pairs SOURCE COUNT       listen on 127.0.0.1 (any port), connect COUNT times from
+//!                                     SOURCE (port 0) and accept each; print "holding COUNT",
+//!                                     then keep every socket open until killed
 //!   fetch-loop INTERVAL_MS ADDR       until killed: connect (1 s), read to EOF (2 s), print
 //!                                     "fetch <start_ns> <end_ns> got <text>" or
 //!                                     "fetch <start_ns> <end_ns> error <why>" (Unix-epoch ns)
@@ -317,6 +320,28 @@ fn real_main() -> Result<()> {
                     }
                     let _ = std::io::stdout().flush();
                 });
+            }
+        }
+        "loopback-pairs" => {
+            let source: std::net::Ipv4Addr = arg(1)?.parse().context("SOURCE")?;
+            let count: usize = arg(2)?.parse().context("COUNT")?;
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let to = listener.local_addr()?;
+            let mut held = Vec::with_capacity(2 * count);
+            for i in 0..count {
+                let sock =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                sock.bind(&SocketAddr::from((source, 0)).into())
+                    .with_context(|| format!("binding {source}"))?;
+                sock.connect(&to.into())
+                    .with_context(|| format!("connection {i} to {to}"))?;
+                held.push(TcpStream::from(sock));
+                held.push(listener.accept()?.0);
+            }
+            println!("holding {count}");
+            std::io::stdout().flush()?;
+            loop {
+                std::thread::park();
             }
         }
         // A pod sandbox's pause process: holds the pod's namespaces and does nothing.
