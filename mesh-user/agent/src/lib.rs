@@ -556,7 +556,7 @@ impl Agent {
         // allocations of any thread to sort out. The same thread then has glibc coalesce them
         // and return their pages (`malloc_trim`): the first API write among 100,000 intentions
         // after such a swap took 30 ms before, 13-16 ms after (`cargo xtask bench intentions`).
-        let swapped = rules.changes_since(replaced.version()).is_none();
+        let swapped = !rules.descends_from(replaced.version());
         let free = move || {
             drop(replaced);
             if swapped {

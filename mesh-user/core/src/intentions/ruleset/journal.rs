@@ -10,7 +10,7 @@ use crate::intentions::ServiceName;
 
 /// How many touches a rule set remembers. A compiled form more than this many touches behind
 /// is compiled again in full.
-const CAPACITY: usize = 8192;
+pub(super) const CAPACITY: usize = 8192;
 
 /// Versions are unique in the process: every touch of every rule set takes the next one, so a
 /// version found in a rule set's journal names exactly one state of that rule set's history.
@@ -57,15 +57,7 @@ impl Journal {
     /// whether the default policy was touched; `None` when that state is not in this journal
     /// (another rule set's, or too old).
     pub(super) fn since(&self, version: u64) -> Option<(Vec<(&ServiceName, &ServiceName)>, bool)> {
-        let start = if version == self.base {
-            0
-        } else {
-            // Versions increase along the journal.
-            self.touches
-                .binary_search_by_key(&version, |(v, _)| *v)
-                .ok()?
-                + 1
-        };
+        let start = self.after(version)?;
         let mut pairs = Vec::new();
         let mut default = false;
         for (_, pair) in self.touches.iter().skip(start) {
@@ -75,5 +67,23 @@ impl Journal {
             }
         }
         Some((pairs, default))
+    }
+
+    /// Whether the state of version `version` is in this journal.
+    pub(super) fn remembers(&self, version: u64) -> bool {
+        self.after(version).is_some()
+    }
+
+    /// Where the touches after the state of version `version` start; `None` when that state is
+    /// not in this journal.
+    fn after(&self, version: u64) -> Option<usize> {
+        if version == self.base {
+            return Some(0);
+        }
+        // Versions increase along the journal.
+        self.touches
+            .binary_search_by_key(&version, |(v, _)| *v)
+            .ok()
+            .map(|i| i + 1)
     }
 }

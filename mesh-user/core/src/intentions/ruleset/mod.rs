@@ -174,6 +174,13 @@ impl RuleSet {
         self.journal.since(version)
     }
 
+    /// Whether this rule set continues the state of `version` ([`RuleSet::version`]) and still
+    /// remembers it: exactly when [`RuleSet::changes_since`] would be `Some`, without listing
+    /// the changes.
+    pub fn descends_from(&self, version: u64) -> bool {
+        self.journal.remembers(version)
+    }
+
     /// Number of intentions.
     pub fn len(&self) -> usize {
         self.count

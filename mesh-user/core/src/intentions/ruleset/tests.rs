@@ -257,3 +257,41 @@ fn changes_from_a_copy_name_exactly_what_each_write_changed() {
     assert!(c.service_defaults_put.is_empty());
     assert_eq!(c.service_defaults_removed, [&sn("api")]);
 }
+
+#[test]
+fn a_rule_set_descends_from_its_remembered_states_only() {
+    let mut rules = RuleSet::new();
+    let start = rules.version();
+    assert!(rules.descends_from(start));
+    let clone = rules.clone();
+    rules
+        .create(
+            &IntentionSpec::new(&sn("web"), &sn("api"), Action::Deny),
+            false,
+        )
+        .unwrap();
+    let after_one = rules.version();
+    assert!(rules.descends_from(start) && rules.descends_from(after_one));
+    // Another history: a fresh set, and a clone that went its own way.
+    assert!(!rules.descends_from(RuleSet::new().version()));
+    let mut other = clone;
+    other.set_default_policy(Action::Deny);
+    assert!(!rules.descends_from(other.version()));
+    assert!(!other.descends_from(after_one));
+    // Too far back to remember.
+    for i in 0..journal::CAPACITY {
+        rules.set_default_policy(if i % 2 == 0 {
+            Action::Allow
+        } else {
+            Action::Deny
+        });
+    }
+    assert!(!rules.descends_from(start));
+    for v in [start, after_one, other.version(), rules.version()] {
+        assert_eq!(
+            rules.descends_from(v),
+            rules.changes_since(v).is_some(),
+            "version {v}"
+        );
+    }
+}
