@@ -78,6 +78,23 @@ fn web_stats(m: &Mesh) -> Result<mesh_proxy::PodStatsSnapshot> {
         .stats())
 }
 
+/// Asserts that the per-connection maps drain back to empty (see [`maps_drain`]); `what` names
+/// the case in the message.
+fn assert_drained(m: &Mesh, what: impl std::fmt::Display) -> Result<()> {
+    let sizes = maps_drain(m)?;
+    assert_eq!(
+        (
+            sizes.sockets,
+            sizes.sock_state,
+            sizes.splices,
+            sizes.splice_closed
+        ),
+        (0, 0, 0, 0),
+        "{what}: the per-connection maps are back to their size ({sizes:?})"
+    );
+    Ok(())
+}
+
 /// Waits (up to 5 s) until the per-connection maps are back to empty: both app sockets and both
 /// proxy sockets closed, no splice entry and no kept byte count left.
 fn maps_drain(m: &Mesh) -> Result<mesh_dataplane::bpf::ConnMapSizes> {
@@ -147,17 +164,7 @@ fn a_spliced_pair_carries_64_mib_each_way_with_half_close() -> Result<()> {
             after.get(Counter::SplicesOpened) - before.get(Counter::SplicesOpened) >= 2,
             "{what}: both directions were spliced"
         );
-        let sizes = maps_drain(&m)?;
-        assert_eq!(
-            (
-                sizes.sockets,
-                sizes.sock_state,
-                sizes.splices,
-                sizes.splice_closed
-            ),
-            (0, 0, 0, 0),
-            "{what}: the per-connection maps are back to their size"
-        );
+        assert_drained(&m, what)?;
     }
     Ok(())
 }
@@ -389,17 +396,7 @@ fn two_hundred_spliced_connections_leave_no_entry_behind() -> Result<()> {
         200,
         "every connection was spliced"
     );
-    let sizes = maps_drain(&m)?;
-    assert_eq!(
-        (
-            sizes.sockets,
-            sizes.sock_state,
-            sizes.splices,
-            sizes.splice_closed
-        ),
-        (0, 0, 0, 0),
-        "the per-connection maps are back to their size"
-    );
+    assert_drained(&m, "after 200 connections")?;
     Ok(())
 }
 
@@ -522,17 +519,7 @@ fn an_app_cannot_send_after_shutting_down_its_side_spliced_or_not() -> Result<()
             Some(format!("served received={BYTES} after_eof=0").as_str()),
             "splice {splice}: the server read the bytes before the end of stream, nothing after"
         );
-        let sizes = maps_drain(&m)?;
-        assert_eq!(
-            (
-                sizes.sockets,
-                sizes.sock_state,
-                sizes.splices,
-                sizes.splice_closed
-            ),
-            (0, 0, 0, 0),
-            "splice {splice}: the per-connection maps are back to their size"
-        );
+        assert_drained(&m, format!("splice {splice}"))?;
     }
     Ok(())
 }
