@@ -66,8 +66,8 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         return;
     };
     // SAFETY: `own_state` is this socket's `SOCK_STATE` value, kept alive by the kernel until the
-    // program returns; `send_shut` reads the kernel only through `bpf_probe_read_kernel`.
-    if unsafe { send_shut(own_state_sk(own_state), &cfg) } {
+    // program returns; `is_shut` reads the kernel only through `bpf_probe_read_kernel`.
+    if unsafe { is_shut(own_state_sk(own_state), &cfg, SEND_SHUTDOWN) } {
         // The app sends after `shutdown(SHUT_WR)` (or after a reset). TCP refuses that with
         // `EPIPE`, but `tcp_bpf_sendmsg` does not check: a redirect would put the bytes in the
         // peer's receive queue behind the end of stream it has already read. Passed without a
@@ -218,6 +218,17 @@ unsafe fn splice_msg(
         return Splice::Regular;
     };
     let peer_sk = peer_state.sk;
+    // The other app's socket has received its end of stream: from the proxy's socket towards
+    // it, which sends FIN when this app shut its sending side (then this message was refused
+    // above), or when the proxy is gone (a killed agent's sockets close with it) or ends the
+    // connection. Nothing may land behind that FIN: to the proxy's path, closed or closing.
+    // Checked on every message, not only when the direction opens.
+    // SAFETY: `is_shut` reads the kernel only through `bpf_probe_read_kernel`.
+    if unsafe { is_shut(peer_sk, cfg, RCV_SHUTDOWN) } {
+        // SAFETY: this socket's state, written only by runs that hold the socket's lock.
+        unsafe { (*own_state).spliced = 0 };
+        return Splice::Tcp;
+    }
     // SAFETY: `psock_of` and `read_kernel` read kernel memory only through
     // `bpf_probe_read_kernel`, which faults on nothing.
     let Some(queued) =
@@ -307,24 +318,25 @@ unsafe fn psock_of(sk: u64, cfg: &Config) -> u64 {
     }
 }
 
-/// Whether the socket at kernel address `sk` has shut its sending side (`sk->sk_shutdown &
-/// SEND_SHUTDOWN`, set by `shutdown(SHUT_WR)` and when the connection is done). Unknown counts
-/// as shut: never redirect blind.
+/// Whether the socket at kernel address `sk` has `how` in `sk->sk_shutdown`: [`SEND_SHUTDOWN`]
+/// once it shut its sending side (`shutdown(SHUT_WR)`), [`RCV_SHUTDOWN`] once it received its
+/// peer's FIN; both when the connection is done. Unknown counts as shut: never redirect blind.
 ///
 /// # Safety
 ///
 /// Sound for any `sk`: kernel memory is read only through `bpf_probe_read_kernel`.
 #[inline(always)]
-unsafe fn send_shut(sk: u64, cfg: &Config) -> bool {
+unsafe fn is_shut(sk: u64, cfg: &Config, how: u8) -> bool {
     // SAFETY: `read_kernel` goes through `bpf_probe_read_kernel`, which returns an error for an
     // unknown or unmapped address instead of faulting; the value is a plain integer.
     match unsafe { read_kernel::<u8>(sk, cfg.offsets.sk_shutdown) } {
-        Some(flags) => flags & SEND_SHUTDOWN != 0,
+        Some(flags) => flags & how != 0,
         None => true,
     }
 }
 
-/// `SEND_SHUTDOWN` in `struct sock.sk_shutdown` (include/net/sock.h).
+/// `RCV_SHUTDOWN` and `SEND_SHUTDOWN` in `struct sock.sk_shutdown` (include/net/sock.h).
+const RCV_SHUTDOWN: u8 = 1;
 const SEND_SHUTDOWN: u8 = 2;
 
 /// Whether TCP is under memory pressure on this host (`*sk->sk_prot->memory_pressure`).

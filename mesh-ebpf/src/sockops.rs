@@ -1,5 +1,5 @@
 //! `sockops` (attached to the mesh cgroup; kernel ≥ 5.10 for socket storage from sockops with
-//! a null-checked `sk`): app⇄proxy loopback sockets go into the sockhash; the original
+//! a null-checked `sk`, ≥ 6.1 for the `SO_MARK` read of the splice's connections): app⇄proxy loopback sockets go into the sockhash; the original
 //! destination of a redirected connection is handed from the app's socket storage to the
 //! proxy's accepted socket's storage; a socket's map entries are removed when it closes.
 //!
@@ -208,10 +208,11 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
 }
 
 /// Whether the context's socket carries the agent's `SO_MARK` ([`PROXY_MARK`]). Setting a mark
-/// takes `CAP_NET_ADMIN`, which the agent has and apps lack (a pod granted it is trusted as far
-/// as the iptables mode trusts that mark). Read with `bpf_getsockopt`, which answers `SOL_SOCKET`
-/// options to sockops since Linux 6.1 (the README's minimum); an error reads as "not the
-/// agent's": the connection then stays on the proxy's path, unspliced.
+/// takes `CAP_NET_ADMIN` or, on current kernels, `CAP_NET_RAW`: an app without either cannot
+/// forge it; one with `NET_RAW`, which container runtimes grant by default, can
+/// (docs/dataplane.md, "Same-node splice"). Read with `bpf_getsockopt`, which answers
+/// `SOL_SOCKET` options to sockops since Linux 6.1 (the README's minimum); an error reads as
+/// "not the agent's": the connection then stays on the proxy's path, unspliced.
 ///
 /// # Safety
 ///

@@ -236,3 +236,69 @@ fn a_connection_that_reached_the_app_while_no_agent_ran_is_closed_when_it_starts
     meshd.wait()?;
     Ok(())
 }
+
+/// A spliced connection whose agent is SIGKILLed carries nothing more: the killed agent's
+/// sockets close with it, each app receives its end of stream, and sk_msg splices no byte in
+/// behind it (before, the server app read its EOF and then the 5000 bytes the client sent after
+/// the kill, found in review). The client's late bytes meet the dead proxy's socket instead.
+#[test]
+fn a_spliced_connection_carries_nothing_after_its_agent_is_killed() -> Result<()> {
+    let mut node = Node::new()?;
+    let web = node.add_pod("web")?;
+    let api = node.add_pod("api")?;
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 30), 9091);
+    let catalog = Catalog {
+        services: vec![
+            crate::kubepods::service("api", Some(*vip.ip()), &[api.ip]),
+            crate::kubepods::service("web", None, &[]),
+        ],
+        workloads: vec![
+            workload(&web, "web", vec![], vec![]),
+            workload(&api, "api", vec![9091], vec![]),
+        ],
+    };
+    let dir = tempfile::tempdir()?;
+    let catalog_path = dir.path().join("catalog.json");
+    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
+    let state = dir.path().join("state");
+    let mut server = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["eof-server", "0.0.0.0:9091", "3000"],
+    )?;
+    let served = crate::kubernetes::probe_lines(&mut server)?;
+    node.keep(server);
+    ensure!(
+        matches!(served.recv_timeout(Duration::from_secs(10)), Ok((_, l)) if l == "listening"),
+        "the api app did not start"
+    );
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    let go = dir.path().join("go");
+    let mut client = node.probe(
+        &web.netns_path,
+        &web.cgroup,
+        &["send-after-go", &vip.to_string(), &go.to_string_lossy()],
+    )?;
+    let said = crate::kubernetes::probe_lines(&mut client)?;
+    node.keep(client);
+    let first = said.recv_timeout(Duration::from_secs(20)).map(|(_, l)| l);
+    ensure!(
+        matches!(&first, Ok(l) if l == "sent 1000"),
+        "the client did not send: {first:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    meshd.kill()?; // SIGKILL
+    meshd.wait()?;
+    // Both apps have their end of stream by now (the kernel closed the agent's sockets).
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, "")?;
+    let after = said.recv_timeout(Duration::from_secs(20)).map(|(_, l)| l);
+    let server_saw = served.recv_timeout(Duration::from_secs(20)).map(|(_, l)| l);
+    eprintln!("client: {after:?}; server: {server_saw:?}");
+    assert_eq!(
+        server_saw.ok().as_deref(),
+        Some("served received=1000 after_eof=0"),
+        "the server app read what came before its end of stream, and nothing after it"
+    );
+    Ok(())
+}

@@ -12,6 +12,10 @@
 //!   send-after-shutdown ADDR BYTES   send BYTES of stream 0, wait 300 ms, half-close, wait
 //!                                     300 ms, send 5000 bytes more; read to EOF; print
 //!                                     "after-shutdown <sent N|error ERRNO> received=M"
+//!   send-after-go ADDR GO_FILE        send 1000 bytes in ten writes 50 ms apart, print "sent
+//!                                     1000"; once GO_FILE exists, one write of 5000 bytes; read
+//!                                     to EOF or an error (8 s at most); print "after <sent
+//!                                     N|error ERRNO> <eof|error ERRNO|timeout>"
 //!   connect ADDR                      print "connected" or "error <errno> <message>"
 //!   push ADDR BYTES                   blocking writes of 64 KiB; print "pushed N" or "error ..."
 //!   connect-latency ADDR COUNT        time COUNT connect() calls (each then closed); print
@@ -167,6 +171,33 @@ fn real_main() -> Result<()> {
             let mut answer = Vec::new();
             s.read_to_end(&mut answer)?;
             println!("after-shutdown {after} received={}", answer.len());
+        }
+        "send-after-go" => {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            let go = std::path::PathBuf::from(arg(2)?);
+            let mut s = NbStream::connect(addr, None)?;
+            for _ in 0..10 {
+                s.write_all(&[b'a'; 100])?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("sent 1000");
+            std::io::stdout().flush()?;
+            while !go.exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let after = match s.0.write(&[b'x'; 5000]) {
+                Ok(n) => format!("sent {n}"),
+                Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
+            };
+            s.0.set_nonblocking(false)?;
+            s.0.set_read_timeout(Some(Duration::from_secs(8)))?;
+            let mut sink = Vec::new();
+            let end = match s.0.read_to_end(&mut sink) {
+                Ok(_) => "eof".to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => "timeout".to_string(),
+                Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
+            };
+            println!("after {after} {end}");
         }
         "connect" => {
             let addr: SocketAddr = arg(1)?.parse()?;
