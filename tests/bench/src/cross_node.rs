@@ -131,13 +131,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--pinning" => pinning = Some(value(a)?),
             "--cpu" => cpu = Some(value(a)?.parse().context("--cpu")?),
             "--worker-threads" => {
-                let n: u64 = value(a)?.parse().context("--worker-threads")?;
-                let max = mesh_agent::workers::MAX_WORKER_THREADS;
-                ensure!(
-                    (1..=max as u64).contains(&n),
-                    "--worker-threads {n}: 1 to {max}, as meshd takes"
-                );
-                o.worker_threads = Some(n);
+                o.worker_threads = Some(crate::harness::worker_threads_arg(&value(a)?)?)
             }
             "--wrk-secs" => o.wrk_secs = value(a)?.parse().context("--wrk-secs")?,
             "--iperf-secs" => o.iperf_secs = value(a)?.parse().context("--iperf-secs")?,

@@ -196,15 +196,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
                     .context("--server-threads")?
             }
             "--worker-threads" => {
-                let n: u64 = value("--worker-threads")?
-                    .parse()
-                    .context("--worker-threads")?;
-                let max = mesh_agent::workers::MAX_WORKER_THREADS;
-                ensure!(
-                    (1..=max as u64).contains(&n),
-                    "--worker-threads {n}: 1 to {max}, as meshd takes"
-                );
-                worker_threads = Some(n);
+                worker_threads = Some(harness::worker_threads_arg(&value("--worker-threads")?)?)
             }
             "--wrk-secs" => wrk_secs = Some(value("--wrk-secs")?.parse().context("--wrk-secs")?),
             "--iperf-secs" => {

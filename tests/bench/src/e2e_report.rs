@@ -920,7 +920,6 @@ pub fn chart(records: &[Record], machine: &Machine, setup: &Setup) -> Result<Str
     )
 }
 
-/// The markdown section, markers included.
 /// How the agents' worker threads were set, for the report.
 fn agent_workers_text(workers: Option<u64>) -> String {
     match workers {
@@ -929,6 +928,7 @@ fn agent_workers_text(workers: Option<u64>) -> String {
     }
 }
 
+/// The markdown section, markers included.
 pub fn markdown(records: &[Record], machine: &Machine, setup: &Setup) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "{BEGIN}");

@@ -264,3 +264,19 @@ pub fn cpu_of(pids: &[u32]) -> Result<f64> {
         .map(|&p| crate::e2e_tools::process_cpu_seconds(p))
         .sum()
 }
+
+/// The value of a bench's `--worker-threads` option: the agents' worker threads, checked as
+/// meshd checks its own (1 to [`mesh_agent::workers::MAX_WORKER_THREADS`]).
+///
+/// # Errors
+///
+/// Not a number, or out of that range; the message names `--worker-threads`.
+pub fn worker_threads_arg(text: &str) -> Result<u64> {
+    let n: u64 = text.parse().context("--worker-threads")?;
+    let max = mesh_agent::workers::MAX_WORKER_THREADS;
+    ensure!(
+        (1..=max as u64).contains(&n),
+        "--worker-threads {n}: 1 to {max}, as meshd takes"
+    );
+    Ok(n)
+}
