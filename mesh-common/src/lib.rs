@@ -555,6 +555,10 @@ pub const MAP_CONFIG: &str = "CONFIG";
 /// of a redirected connection, on the app's socket (from connect4/connect6) and on the proxy's
 /// accepted socket (from sockops). The kernel frees it with the socket.
 pub const MAP_ORIG_DST: &str = "ORIG_DST_SK";
+/// Socket-local storage the agent writes on each socket it makes in a pod's namespace (a `u64`,
+/// 1): sockops admits a connection from the splice source address (`127.0.0.6`) into the
+/// sockhash only from such a socket. No program and no app can write it.
+pub const MAP_AGENT_SOCKS: &str = "AGENT_SOCKS";
 /// [`SockKey`] of a proxy-side socket still to be accepted → [`OrigDst`]: hands the original
 /// destination from the app's socket to the proxy's. Inserted when the app's connection is
 /// established, removed when the proxy's side is, or when the app's socket closes.

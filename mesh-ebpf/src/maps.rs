@@ -251,6 +251,12 @@ pub(crate) static INTENTION_SETS: IntentionSetsDef = IntentionSetsDef::pinned();
 #[export_name = "ORIG_DST_SK"]
 pub(crate) static ORIG_DST_SK: SkStorageDef<OrigDst> = SkStorageDef::pinned();
 
+/// Set (by the agent, from user space) on each socket the agent makes in a pod's namespace; see
+/// `mesh_common::MAP_AGENT_SOCKS`. Freed by the kernel with the socket.
+#[link_section = "maps"]
+#[export_name = "AGENT_SOCKS"]
+pub(crate) static AGENT_SOCKS: SkStorageDef<u64> = SkStorageDef::pinned();
+
 #[inline(always)]
 pub(crate) fn count(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {

@@ -1,5 +1,5 @@
 //! `sockops` (attached to the mesh cgroup; kernel ≥ 5.10 for socket storage from sockops with
-//! a null-checked `sk`, ≥ 6.1 for the `SO_MARK` read of the splice's connections): app⇄proxy loopback sockets go into the sockhash; the original
+//! a null-checked `sk`): app⇄proxy loopback sockets go into the sockhash; the original
 //! destination of a redirected connection is handed from the app's socket storage to the
 //! proxy's accepted socket's storage; a socket's map entries are removed when it closes.
 //!
@@ -19,7 +19,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_getsockopt},
+    helpers::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -207,36 +207,21 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
     }
 }
 
-/// Whether the context's socket carries the agent's `SO_MARK` ([`PROXY_MARK`]). Setting a mark
-/// takes `CAP_NET_ADMIN` or, on current kernels, `CAP_NET_RAW`: an app without either cannot
-/// forge it; one with `NET_RAW`, which container runtimes grant by default, can
-/// (docs/dataplane.md, "Same-node splice"). Read with `bpf_getsockopt`, which answers
-/// `SOL_SOCKET` options to sockops since Linux 6.1 (the README's minimum); an error reads as
-/// "not the agent's": the connection then stays on the proxy's path, unspliced.
+/// Whether the context's socket is one the agent made: it wrote the socket's [`AGENT_SOCKS`]
+/// storage from user space, which no app and no other program can. (The agent's `SO_MARK` would
+/// not do: `CAP_NET_RAW`, which container runtimes grant by default, lets any app set it.)
 ///
 /// # Safety
 ///
 /// `ctx` must be the context of the running program (its pointer is valid for the whole run).
 #[inline(always)]
 unsafe fn agent_socket(ctx: &SockOpsContext) -> bool {
-    let mut mark: u32 = 0;
-    // SAFETY: the helper takes this program's own context and a pointer to `mark`, a stack
-    // variable of the 4 bytes passed as the length; it writes at most that.
-    let r = unsafe {
-        bpf_getsockopt(
-            ctx.ops as *mut c_void,
-            SOL_SOCKET,
-            SO_MARK,
-            &mut mark as *mut u32 as *mut c_void,
-            core::mem::size_of::<u32>() as i32,
-        )
-    };
-    r == 0 && mark == PROXY_MARK
+    // SAFETY: `ctx` is this program run's context, all that `storage_sock` needs.
+    let sk = unsafe { storage_sock(ctx) };
+    // SAFETY: `sk` is the context's socket, null-checked first, as the socket-storage helper
+    // requires; only whether a value exists is used.
+    !sk.is_null() && unsafe { AGENT_SOCKS.get(sk) }.is_some()
 }
-
-/// `SOL_SOCKET` and `SO_MARK` (include/uapi/asm-generic/socket.h).
-const SOL_SOCKET: i32 = 1;
-const SO_MARK: i32 = 36;
 
 /// The kernel address of the sockops context's socket.
 #[inline(always)]

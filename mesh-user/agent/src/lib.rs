@@ -893,7 +893,12 @@ impl Agent {
         upstreams: Vec<(ServiceRef, std::net::TcpListener)>,
         inbound: std::net::TcpListener,
     ) -> Result<mesh_proxy::PodProxy, Error> {
-        let sockets = SocketFactory::spawn(netns, Some(mesh_common::PROXY_MARK))?;
+        // The eBPF dataplane splices only connections from sockets the agent tagged.
+        let tag = match self.steering.dataplane() {
+            Some(dp) => Some(dp.socket_tag()?),
+            None => None,
+        };
+        let sockets = SocketFactory::spawn(netns, Some(mesh_common::PROXY_MARK), tag)?;
         self.dialer.add(&w.id(), sockets);
         let leaf = self.identity.leaf(&w.service_ref())?;
         let proxy_err = |source: mesh_proxy::Error| Error::Proxy {

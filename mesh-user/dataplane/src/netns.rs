@@ -194,6 +194,26 @@ pub struct SocketFactory {
     stock: Arc<Stock>,
 }
 
+/// Marks sockets as the agent's own in the kernel's eyes: the agent's socket storage map
+/// ([`mesh_common::MAP_AGENT_SOCKS`]), from `bpf::Dataplane::socket_tag`.
+#[derive(Clone, Debug)]
+pub struct SocketTag(Arc<std::os::fd::OwnedFd>);
+
+impl SocketTag {
+    pub(crate) fn new(map: std::os::fd::OwnedFd) -> Self {
+        Self(Arc::new(map))
+    }
+
+    /// Writes `socket`'s value in the map.
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::sys::sk_storage_set`].
+    pub fn put_on(&self, socket: &impl AsFd) -> io::Result<()> {
+        crate::sys::sk_storage_set(self.0.as_fd(), socket.as_fd(), 1)
+    }
+}
+
 /// Sockets made ahead, and whether a batch is on its way.
 #[derive(Debug, Default)]
 struct Stock {
@@ -214,14 +234,14 @@ impl Stock {
 
     /// Fills the stock up to [`SocketFactory::STOCK`]; stops at the first error (the next
     /// request that finds the stock empty asks for a socket of its own and sees it).
-    fn refill(&self, mark: Option<u32>) {
+    fn refill(&self, mark: Option<u32>, tag: Option<&SocketTag>) {
         let missing = {
             let sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
             SocketFactory::STOCK.saturating_sub(sockets.len())
         };
         let mut made = Vec::with_capacity(missing);
         for _ in 0..missing {
-            match new_tcp_socket(mark) {
+            match new_tcp_socket(mark, tag) {
                 Ok(socket) => made.push(socket),
                 Err(_) => break,
             }
@@ -244,7 +264,8 @@ enum Request {
 impl SocketFactory {
     /// Starts the factory thread for `netns`. The thread ends when every handle is dropped.
     /// Every socket it makes carries `mark` as `SO_MARK` when given (setting a mark needs
-    /// `CAP_NET_ADMIN`), and has `TCP_NODELAY` set.
+    /// `CAP_NET_ADMIN`), `tag` when given (the agent's [`SocketTag`]: only sockets with it may
+    /// be spliced), and has `TCP_NODELAY` set.
     ///
     /// Returns once the thread has entered the namespace.
     ///
@@ -252,7 +273,7 @@ impl SocketFactory {
     ///
     /// [`Error::Open`] if the namespace descriptor cannot be duplicated, [`Error::Io`] if the
     /// thread cannot be spawned, [`Error::Enter`] if it cannot enter the namespace.
-    pub fn spawn(netns: &NetNs, mark: Option<u32>) -> Result<Self, Error> {
+    pub fn spawn(netns: &NetNs, mark: Option<u32>, tag: Option<SocketTag>) -> Result<Self, Error> {
         let file = netns.file().try_clone().map_err(|source| Error::Open {
             path: netns.path.clone(),
             source,
@@ -283,11 +304,13 @@ impl SocketFactory {
                         Request::One(reply) => {
                             // A refill queued before this request may have stocked one.
                             let stocked = thread_stock.upgrade().and_then(|stock| stock.take().0);
-                            let _ = reply.send(stocked.map_or_else(|| new_tcp_socket(mark), Ok));
+                            let _ = reply.send(
+                                stocked.map_or_else(|| new_tcp_socket(mark, tag.as_ref()), Ok),
+                            );
                         }
                         Request::Refill => {
                             if let Some(stock) = thread_stock.upgrade() {
-                                stock.refill(mark);
+                                stock.refill(mark, tag.as_ref());
                             }
                         }
                     }
@@ -362,7 +385,7 @@ impl SocketFactory {
     }
 }
 
-fn new_tcp_socket(mark: Option<u32>) -> io::Result<socket2::Socket> {
+fn new_tcp_socket(mark: Option<u32>, tag: Option<&SocketTag>) -> io::Result<socket2::Socket> {
     let sock = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::STREAM.nonblocking().cloexec(),
@@ -372,5 +395,8 @@ fn new_tcp_socket(mark: Option<u32>) -> io::Result<socket2::Socket> {
         sock.set_mark(mark)?;
     }
     sock.set_tcp_nodelay(true)?;
+    if let Some(tag) = tag {
+        tag.put_on(&sock)?;
+    }
     Ok(sock)
 }

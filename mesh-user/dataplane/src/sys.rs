@@ -299,6 +299,24 @@ pub fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()
     Ok(())
 }
 
+/// `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`) of `socket`'s value in the socket storage map `map`
+/// (`BPF_MAP_TYPE_SK_STORAGE`, 8-byte values): user space keys such a map by a socket's
+/// descriptor (kernel ≥ 5.2).
+///
+/// # Errors
+///
+/// The `bpf(2)` errno: `EBADF` if `socket` is no socket, `EINVAL` for a map of another kind,
+/// `ENOMEM`.
+pub fn sk_storage_set(map: BorrowedFd<'_>, socket: BorrowedFd<'_>, value: u64) -> io::Result<()> {
+    let key: i32 = socket.as_raw_fd();
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(std::ptr::addr_of!(key) as u64).to_ne_bytes());
+    attr.0[16..24].copy_from_slice(&(std::ptr::addr_of!(value) as u64).to_ne_bytes());
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
+    Ok(())
+}
+
 /// glibc's default `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` (128 KiB, `mallopt(3)`).
 #[cfg(target_env = "gnu")]
 const GLIBC_DEFAULT_THRESHOLD: libc::c_int = 128 * 1024;

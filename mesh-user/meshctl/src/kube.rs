@@ -462,7 +462,7 @@ pub async fn port_forward(ctx: &Ctx, args: ForwardArgs) -> ExitCode {
                         match f.get(&key) {
                             Some(s) => s.clone(),
                             None => match NetNs::open(&dest.netns)
-                                .and_then(|ns| SocketFactory::spawn(&ns, None))
+                                .and_then(|ns| SocketFactory::spawn(&ns, None, None))
                             {
                                 Ok(s) => {
                                     f.retain(|(path, _), _| *path != dest.netns);

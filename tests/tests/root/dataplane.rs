@@ -1763,7 +1763,7 @@ fn socket_factory_sockets_are_made_in_the_pod_even_from_its_stock() -> Result<()
         Ok(fds)
     };
     let before = open_fds()?;
-    let factory = SocketFactory::spawn(&web.netns(), None)?;
+    let factory = SocketFactory::spawn(&web.netns(), None, None)?;
     rt.block_on(async {
         for i in 0..DIALS {
             let mut stream = factory

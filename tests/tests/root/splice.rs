@@ -525,36 +525,44 @@ fn an_app_cannot_send_after_shutting_down_its_side_spliced_or_not() -> Result<()
 }
 
 /// A pod's own loopback connections from `127.0.0.6` (the address the agent dials apps from to
-/// splice them) stay out of the node-wide sockhash: only the agent's sockets, which carry its
-/// `SO_MARK`, join it from there. Before, any app could bind `127.0.0.6` and fill the sockhash
-/// with its own pairs, sending every other pod's connections to the TCP path (found in review).
+/// splice them) stay out of the node-wide sockhash, even with the agent's `SO_MARK` on them
+/// (any app with `CAP_NET_RAW` can set it): only sockets the agent tagged in its socket storage
+/// join from there. Before, any app could bind `127.0.0.6` and fill the sockhash with its own
+/// pairs, sending every other pod's connections to the TCP path; then, with the mark as the
+/// gate, any app that set it (both found in review).
 #[test]
 fn a_pods_own_connections_from_the_splice_source_stay_out_of_the_sockhash() -> Result<()> {
     const PAIRS: usize = 200;
     let mut m = spliced(1024)?;
     let web = m.web.clone();
-    let mut child = m.node.probe(
-        &web.netns_path,
-        &web.cgroup,
-        &["loopback-pairs", "127.0.0.6", &PAIRS.to_string()],
-    )?;
-    let lines = crate::kubernetes::probe_lines(&mut child)?;
-    m.node.keep(child);
-    let held = lines.recv_timeout(Duration::from_secs(20)).map(|(_, l)| l);
-    ensure!(
-        matches!(&held, Ok(l) if *l == format!("holding {PAIRS}")),
-        "the pod's app did not open its connections: {held:?}"
-    );
-    let sizes = m
-        .agent()
-        .dataplane()
-        .context("eBPF dataplane")?
-        .conn_map_sizes()?;
-    assert_eq!(
-        (sizes.sockets, sizes.sock_state),
-        (0, 0),
-        "the pod's {PAIRS} connections from 127.0.0.6 took no sockhash slot"
-    );
+    let mark = mesh_common::PROXY_MARK.to_string();
+    for (what, args) in [
+        ("unmarked", vec!["loopback-pairs", "127.0.0.6", "200"]),
+        (
+            "with the agent's mark",
+            vec!["loopback-pairs", "127.0.0.6", "200", &mark],
+        ),
+    ] {
+        let mut child = m.node.probe(&web.netns_path, &web.cgroup, &args)?;
+        let lines = crate::kubernetes::probe_lines(&mut child)?;
+        let held = lines.recv_timeout(Duration::from_secs(20)).map(|(_, l)| l);
+        ensure!(
+            matches!(&held, Ok(l) if *l == format!("holding {PAIRS}")),
+            "{what}: the pod's app did not open its connections: {held:?}"
+        );
+        let sizes = m
+            .agent()
+            .dataplane()
+            .context("eBPF dataplane")?
+            .conn_map_sizes()?;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            (sizes.sockets, sizes.sock_state),
+            (0, 0),
+            "{what}: the pod's {PAIRS} connections from 127.0.0.6 took no sockhash slot"
+        );
+    }
     // The agent's own connections from there still do: the next connection is spliced.
     let stats_before = web_stats(&m)?;
     m.exchange(SocketAddr::V4(m.vip), 1024)?;

@@ -7,8 +7,8 @@
 //! crashes; a restarted agent opens the same pins ("re-adopts") instead of attaching again, so
 //! there is never a window with programs detached. [`uninstall`] removes the whole tree.
 //!
-//! `maps/ORIG_DST_SK` (socket-local storage, [`mesh_common::MAP_ORIG_DST`]) is created and pinned
-//! by [`Dataplane::open`] itself, with hand-written BTF, before the object is loaded: the kernel
+//! `maps/ORIG_DST_SK` and `maps/AGENT_SOCKS` (socket-local storage, [`mesh_common::MAP_ORIG_DST`]
+//! and [`mesh_common::MAP_AGENT_SOCKS`]) are created and pinned by [`Dataplane::open`] itself, with hand-written BTF, before the object is loaded: the kernel
 //! creates such a map only with key and value BTF, which the kernel object cannot carry. So are
 //! the intention sets (`maps/INTENTION_SETS`, a map-of-maps, and the two sets it points at,
 //! `maps/INTENTIONS_0` and `maps/INTENTIONS_1`): the loader needs an inner-map description for
@@ -39,8 +39,8 @@ use aya::maps::MapError;
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    KernelOffsets, OrigDst, MAP_ORIG_DST, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT,
-    PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
+    KernelOffsets, OrigDst, MAP_AGENT_SOCKS, MAP_ORIG_DST, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
 };
 
 /// The kernel object, built by `cargo xtask build` (empty when built with `MESH_SKIP_EBPF=1`).
@@ -213,17 +213,19 @@ impl Dataplane {
         }
         let adopted = MESH_LINKS.iter().all(|l| links_dir.join(l).exists());
         let offsets = kernel_offsets();
-        // The loader opens this pin rather than creating the map, which it could not (see
+        // The loader opens these pins rather than creating the maps, which it could not (see
         // `crate::sys::create_sk_storage`).
-        let storage = maps_dir.join(MAP_ORIG_DST);
-        if !storage.exists() {
-            let map =
-                crate::sys::create_sk_storage(MAP_ORIG_DST, std::mem::size_of::<OrigDst>() as u32)
-                    .map_err(io_err(format!(
-                        "creating the socket storage map {MAP_ORIG_DST}"
-                    )))?;
-            crate::sys::obj_pin(map.as_fd(), &storage)
-                .map_err(io_err(format!("pinning {}", storage.display())))?;
+        for (name, value_size) in [
+            (MAP_ORIG_DST, std::mem::size_of::<OrigDst>() as u32),
+            (MAP_AGENT_SOCKS, std::mem::size_of::<u64>() as u32),
+        ] {
+            let storage = maps_dir.join(name);
+            if !storage.exists() {
+                let map = crate::sys::create_sk_storage(name, value_size)
+                    .map_err(io_err(format!("creating the socket storage map {name}")))?;
+                crate::sys::obj_pin(map.as_fd(), &storage)
+                    .map_err(io_err(format!("pinning {}", storage.display())))?;
+            }
         }
         // The loader finds the intention sets' outer map by its pin (see `intentions`).
         let sets = intentions::IntentionSets::open(&maps_dir)?;
@@ -250,6 +252,32 @@ impl Dataplane {
         // The loader parsed the kernel's BTF; give what it freed back (see the function).
         crate::sys::release_free_memory();
         Ok(dp)
+    }
+
+    /// What the agent puts on each socket it makes in a pod's namespace
+    /// ([`crate::netns::SocketFactory::spawn`]), so that sockops knows the splice's connections
+    /// as the agent's ([`mesh_common::MAP_AGENT_SOCKS`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Missing`] for a kernel object without the map, [`Error::Io`] if its descriptor
+    /// cannot be duplicated.
+    pub fn socket_tag(&self) -> Result<crate::netns::SocketTag, Error> {
+        let map = self
+            .ebpf
+            .map(MAP_AGENT_SOCKS)
+            .ok_or(Error::Missing(MAP_AGENT_SOCKS))?;
+        let fd = match map {
+            aya::maps::Map::SkStorage(data) | aya::maps::Map::Unsupported(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err(format!(
+                    "duplicating the {MAP_AGENT_SOCKS} descriptor"
+                )))?,
+            _ => return Err(Error::Missing(MAP_AGENT_SOCKS)),
+        };
+        Ok(crate::netns::SocketTag::new(fd))
     }
 
     /// The instance name, the directory of its pins under [`PIN_ROOT`].

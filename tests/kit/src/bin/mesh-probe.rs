@@ -57,9 +57,11 @@
 //!                                     and read it back; print "echo <ns> <n>" per answer and
 //!                                     "closed <ns> <eof|mismatch|why>" when it ends
 //!   pause                             print "paused", then sleep forever (a pod's pause process)
-//!   loopback-pairs SOURCE COUNT       listen on 127.0.0.1 (any port), connect COUNT times from
-//!                                     SOURCE (port 0) and accept each; print "holding COUNT",
-//!                                     then keep every socket open until killed
+//!   loopback-pairs SOURCE COUNT [MARK]
+//!                                     listen on 127.0.0.1 (any port), connect COUNT times from
+//!                                     SOURCE (port 0; SO_MARK MARK first, if given) and accept
+//!                                     each; print "holding COUNT", then keep every socket open
+//!                                     until killed
 //!   fetch-loop INTERVAL_MS ADDR       until killed: connect (1 s), read to EOF (2 s), print
 //!                                     "fetch <start_ns> <end_ns> got <text>" or
 //!                                     "fetch <start_ns> <end_ns> error <why>" (Unix-epoch ns)
@@ -356,12 +358,16 @@ fn real_main() -> Result<()> {
         "loopback-pairs" => {
             let source: std::net::Ipv4Addr = arg(1)?.parse().context("SOURCE")?;
             let count: usize = arg(2)?.parse().context("COUNT")?;
+            let mark: Option<u32> = args.get(3).map(|m| m.parse()).transpose().context("MARK")?;
             let listener = TcpListener::bind("127.0.0.1:0")?;
             let to = listener.local_addr()?;
             let mut held = Vec::with_capacity(2 * count);
             for i in 0..count {
                 let sock =
                     socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                if let Some(mark) = mark {
+                    sock.set_mark(mark).context("SO_MARK")?;
+                }
                 sock.bind(&SocketAddr::from((source, 0)).into())
                     .with_context(|| format!("binding {source}"))?;
                 sock.connect(&to.into())
