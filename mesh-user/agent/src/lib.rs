@@ -893,9 +893,14 @@ impl Agent {
         upstreams: Vec<(ServiceRef, std::net::TcpListener)>,
         inbound: std::net::TcpListener,
     ) -> Result<mesh_proxy::PodProxy, Error> {
-        // The eBPF dataplane splices only connections from sockets the agent tagged.
-        let tag = match self.steering.dataplane() {
-            Some(dp) => Some(dp.socket_tag()?),
+        // The eBPF dataplane splices only connections from sockets the agent tagged; without
+        // the tag the pod's same-node connections are relayed by the proxy.
+        let tag = match self.steering.dataplane().map(|dp| dp.socket_tag()) {
+            Some(Ok(tag)) => Some(tag),
+            Some(Err(error)) => {
+                warn!(pod = %w.id(), %error, "no socket tag: same-node connections of this pod will not be spliced");
+                None
+            }
             None => None,
         };
         let sockets = SocketFactory::spawn(netns, Some(mesh_common::PROXY_MARK), tag)?;

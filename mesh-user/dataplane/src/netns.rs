@@ -396,7 +396,12 @@ fn new_tcp_socket(mark: Option<u32>, tag: Option<&SocketTag>) -> io::Result<sock
     }
     sock.set_tcp_nodelay(true)?;
     if let Some(tag) = tag {
-        tag.put_on(&sock)?;
+        // Only a splice needs the tag: without it the connection is relayed by the proxy
+        // (`Splices::pair` finds the app's socket missing), so a failure costs speed, not the
+        // connection.
+        if let Err(error) = tag.put_on(&sock) {
+            tracing::warn!(%error, "socket not tagged as the agent's: its connections will not be spliced");
+        }
     }
     Ok(sock)
 }
