@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -12,10 +11,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use mesh_agent::ca::kube::KubeView;
 use mesh_agent::ca::server::{CaConfig, CaServer};
-use mesh_core::catalog::Catalog;
 use mesh_core::identity::CertificateAuthority;
 use mesh_kit::apiserver::{ApiServer, TokenUser};
-use mesh_kit::{bin_path, workload, Node};
+use mesh_kit::{bin_path, Node};
 use serde_json::json;
 
 const TD: &str = "7c1f0d2e-3a4b-4c5d-8e6f-708192a3b4c5.consul";
@@ -23,19 +21,7 @@ const TD: &str = "7c1f0d2e-3a4b-4c5d-8e6f-708192a3b4c5.consul";
 #[test]
 fn meshd_run_serves_its_pods_with_leaves_from_meshd_ca() -> Result<()> {
     let mut node = Node::new()?;
-    let web = node.add_pod("web")?;
-    let api = node.add_pod("api")?;
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 31), 9091);
-    let catalog = Catalog {
-        services: vec![
-            crate::kubepods::service("api", Some(*vip.ip()), &[api.ip]),
-            crate::kubepods::service("web", None, &[]),
-        ],
-        workloads: vec![
-            workload(&web, "web", vec![], vec![]),
-            workload(&api, "api", vec![9091], vec![]),
-        ],
-    };
+    let (web, api, vip, catalog) = crate::restart::web_and_api(&mut node, 31)?;
 
     // The cluster as the API server has it: both pods on this node, each with its Service and
     // ServiceAccount; the agent's projected token bound to this node.

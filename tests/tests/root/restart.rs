@@ -55,6 +55,29 @@ fn start_meshd(node: &Node, catalog: &std::path::Path, state: &std::path::Path) 
     Ok(child)
 }
 
+/// A `web` pod and an `api` pod on `node`, and the catalog that meshes them: the api service
+/// on the virtual IP `10.96.<subnet>.<vip_host>`, port 9091 (returned), served by the api pod's
+/// app on 9091.
+pub(crate) fn web_and_api(
+    node: &mut Node,
+    vip_host: u8,
+) -> Result<(Pod, Pod, SocketAddrV4, Catalog)> {
+    let web = node.add_pod("web")?;
+    let api = node.add_pod("api")?;
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, vip_host), 9091);
+    let catalog = Catalog {
+        services: vec![
+            crate::kubepods::service("api", Some(*vip.ip()), &[api.ip]),
+            crate::kubepods::service("web", None, &[]),
+        ],
+        workloads: vec![
+            workload(&web, "web", vec![], vec![]),
+            workload(&api, "api", vec![9091], vec![]),
+        ],
+    };
+    Ok((web, api, vip, catalog))
+}
+
 fn attached_link_ids() -> Vec<u32> {
     aya::programs::loaded_links()
         .filter_map(|l| l.ok())
@@ -85,19 +108,7 @@ fn fetch(node: &mut Node, web: &Pod, addr: SocketAddrV4) -> Result<String> {
 #[test]
 fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Result<()> {
     let mut node = Node::new()?;
-    let web = node.add_pod("web")?;
-    let api = node.add_pod("api")?;
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 30), 9091);
-    let catalog = Catalog {
-        services: vec![
-            crate::kubepods::service("api", Some(*vip.ip()), &[api.ip]),
-            crate::kubepods::service("web", None, &[]),
-        ],
-        workloads: vec![
-            workload(&web, "web", vec![], vec![]),
-            workload(&api, "api", vec![9091], vec![]),
-        ],
-    };
+    let (web, api, vip, catalog) = web_and_api(&mut node, 30)?;
     let dir = tempfile::tempdir()?;
     let catalog_path = dir.path().join("catalog.json");
     std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
@@ -244,19 +255,7 @@ fn a_connection_that_reached_the_app_while_no_agent_ran_is_closed_when_it_starts
 #[test]
 fn a_spliced_connection_carries_nothing_after_its_agent_is_killed() -> Result<()> {
     let mut node = Node::new()?;
-    let web = node.add_pod("web")?;
-    let api = node.add_pod("api")?;
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, node.subnet, 30), 9091);
-    let catalog = Catalog {
-        services: vec![
-            crate::kubepods::service("api", Some(*vip.ip()), &[api.ip]),
-            crate::kubepods::service("web", None, &[]),
-        ],
-        workloads: vec![
-            workload(&web, "web", vec![], vec![]),
-            workload(&api, "api", vec![9091], vec![]),
-        ],
-    };
+    let (web, api, vip, catalog) = web_and_api(&mut node, 30)?;
     let dir = tempfile::tempdir()?;
     let catalog_path = dir.path().join("catalog.json");
     std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;

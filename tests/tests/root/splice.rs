@@ -60,7 +60,19 @@ fn add_service(
 }
 
 fn spliced(len: u64) -> Result<Mesh> {
-    mesh_with(Redirect::Ebpf, len, mesh_proxy::ProxyConfig::default())
+    splicing(len, true)
+}
+
+/// The eBPF mesh with the same-node splice on or off (`--same-node-splice`).
+fn splicing(len: u64, same_node_splice: bool) -> Result<Mesh> {
+    mesh_with(
+        Redirect::Ebpf,
+        len,
+        mesh_proxy::ProxyConfig {
+            same_node_splice,
+            ..mesh_proxy::ProxyConfig::default()
+        },
+    )
 }
 
 fn counters(m: &Mesh) -> Result<mesh_dataplane::bpf::Counters> {
@@ -304,14 +316,7 @@ fn intentions_counters_and_metrics_see_spliced_connections() -> Result<()> {
 #[test]
 fn without_the_splice_same_node_bytes_go_through_tls() -> Result<()> {
     const LEN: u64 = 4 << 20;
-    let mut m = mesh_with(
-        Redirect::Ebpf,
-        LEN,
-        mesh_proxy::ProxyConfig {
-            same_node_splice: false,
-            ..mesh_proxy::ProxyConfig::default()
-        },
-    )?;
+    let mut m = splicing(LEN, false)?;
     let before = counters(&m)?;
     let stats_before = web_stats(&m)?;
     m.exchange(SocketAddr::V4(m.vip), LEN)?;
@@ -478,14 +483,7 @@ fn a_reused_client_port_never_receives_bytes_of_its_earlier_spliced_peer() -> Re
 fn an_app_cannot_send_after_shutting_down_its_side_spliced_or_not() -> Result<()> {
     const BYTES: u64 = 1000;
     for splice in [true, false] {
-        let mut m = mesh_with(
-            Redirect::Ebpf,
-            BYTES,
-            mesh_proxy::ProxyConfig {
-                same_node_splice: splice,
-                ..mesh_proxy::ProxyConfig::default()
-            },
-        )?;
+        let mut m = splicing(BYTES, splice)?;
         let (sink, lines) = add_service(
             &mut m,
             "sink",

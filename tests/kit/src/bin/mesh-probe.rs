@@ -165,11 +165,7 @@ fn real_main() -> Result<()> {
             std::thread::sleep(Duration::from_millis(300));
             s.half_close()?;
             std::thread::sleep(Duration::from_millis(300));
-            // One write straight to the socket: TCP answers it at once (EPIPE) or takes it.
-            let after = match s.0.write(&[b'x'; 5000]) {
-                Ok(n) => format!("sent {n}"),
-                Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
-            };
+            let after = write_once(&mut s.0, &[b'x'; 5000]);
             let mut answer = Vec::new();
             s.read_to_end(&mut answer)?;
             println!("after-shutdown {after} received={}", answer.len());
@@ -187,10 +183,7 @@ fn real_main() -> Result<()> {
             while !go.exists() {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let after = match s.0.write(&[b'x'; 5000]) {
-                Ok(n) => format!("sent {n}"),
-                Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
-            };
+            let after = write_once(&mut s.0, &[b'x'; 5000]);
             s.0.set_nonblocking(false)?;
             s.0.set_read_timeout(Some(Duration::from_secs(8)))?;
             let mut sink = Vec::new();
@@ -328,9 +321,7 @@ fn real_main() -> Result<()> {
             let addr: SocketAddr = arg(1)?.parse()?;
             let bytes: u64 = arg(2)?.parse()?;
             let seed: u64 = arg(3)?.parse()?;
-            let listener = TcpListener::bind(addr)?;
-            println!("listening");
-            std::io::stdout().flush()?;
+            let listener = listen(addr)?;
             for conn in listener.incoming() {
                 let conn = NbStream::new(conn?)?;
                 std::thread::spawn(move || {
@@ -392,9 +383,7 @@ fn real_main() -> Result<()> {
         "eof-server" => {
             let addr: SocketAddr = arg(1)?.parse()?;
             let watch = Duration::from_millis(arg(2)?.parse()?);
-            let listener = TcpListener::bind(addr)?;
-            println!("listening");
-            std::io::stdout().flush()?;
+            let listener = listen(addr)?;
             for conn in listener.incoming() {
                 let mut conn = NbStream::new(conn?)?;
                 std::thread::spawn(move || {
@@ -430,9 +419,7 @@ fn real_main() -> Result<()> {
         "serve" => {
             let addr: SocketAddr = arg(1)?.parse()?;
             let reply = arg(2)?.to_string();
-            let listener = TcpListener::bind(addr)?;
-            println!("listening");
-            std::io::stdout().flush()?;
+            let listener = listen(addr)?;
             for conn in listener.incoming() {
                 let mut conn = conn?;
                 let _ = conn.write_all(reply.as_bytes());
@@ -440,9 +427,7 @@ fn real_main() -> Result<()> {
         }
         "echo-server" => {
             let addr: SocketAddr = arg(1)?.parse()?;
-            let listener = TcpListener::bind(addr)?;
-            println!("listening");
-            std::io::stdout().flush()?;
+            let listener = listen(addr)?;
             for conn in listener.incoming() {
                 // Non-blocking, as event-loop servers are (the splice needs it).
                 let mut conn = NbStream::new(conn?)?;
@@ -455,9 +440,7 @@ fn real_main() -> Result<()> {
         "linger-server" => {
             let addr: SocketAddr = arg(1)?.parse()?;
             let go = std::path::PathBuf::from(arg(2)?);
-            let listener = TcpListener::bind(addr)?;
-            println!("listening");
-            std::io::stdout().flush()?;
+            let listener = listen(addr)?;
             for conn in listener.incoming() {
                 let mut conn = NbStream::new(conn?)?;
                 let go = go.clone();
@@ -649,6 +632,22 @@ impl HalfClose for TcpStream {
 impl HalfClose for NbStream {
     fn half_close(&self) -> std::io::Result<()> {
         self.0.shutdown(Shutdown::Write)
+    }
+}
+
+/// Binds a server command's listener on `addr` and says "listening" (what the tests wait for).
+fn listen(addr: SocketAddr) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    Ok(listener)
+}
+
+/// One `write` of `bytes`, straight to the socket: "sent N", or "error ERRNO" when TCP refuses it.
+fn write_once(s: &mut TcpStream, bytes: &[u8]) -> String {
+    match s.write(bytes) {
+        Ok(n) => format!("sent {n}"),
+        Err(e) => format!("error {}", e.raw_os_error().unwrap_or(0)),
     }
 }
 
