@@ -211,7 +211,8 @@ pub struct KernelOffsets {
     /// `struct proto.memory_pressure` (a pointer to the protocol's pressure flag).
     pub proto_memory_pressure: u32,
     /// `struct sock.sk_shutdown` (a `u8`: `RCV_SHUTDOWN` 1, `SEND_SHUTDOWN` 2); sk_msg redirects
-    /// nothing a socket sends after `shutdown(SHUT_WR)`, so TCP refuses it (`EPIPE`).
+    /// nothing a socket sends after `shutdown(SHUT_WR)`, so TCP refuses it (`EPIPE`), and splices
+    /// nothing into an app socket that has received its end of stream.
     pub sk_shutdown: u32,
 }
 

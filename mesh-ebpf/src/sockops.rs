@@ -131,8 +131,8 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
                 // SAFETY: only whether the entry exists is used; the value is not read.
                 if unsafe { LOCAL_PORTS.get(port) }.is_some() {
                     add_socket(ctx, key, true);
-                // SAFETY: `ctx` is this program run's context, all that `agent_socket` needs.
-                } else if key.local_ip == SPLICE_SOURCE_IP4 && unsafe { agent_socket(ctx) } {
+                // SAFETY: `sk` is the context's socket (or null), as `agent_socket` needs.
+                } else if key.local_ip == SPLICE_SOURCE_IP4 && unsafe { agent_socket(sk) } {
                     // The proxy's connection to an app it means to splice (its own socket, non-
                     // blocking): the app's accepted side joins below. An app's own connection
                     // from this address stays out: it would only take the slots of others.
@@ -213,11 +213,9 @@ unsafe fn try_sockops(ctx: &SockOpsContext) {
 ///
 /// # Safety
 ///
-/// `ctx` must be the context of the running program (its pointer is valid for the whole run).
+/// `sk` must be the running program's context socket ([`storage_sock`]), possibly null.
 #[inline(always)]
-unsafe fn agent_socket(ctx: &SockOpsContext) -> bool {
-    // SAFETY: `ctx` is this program run's context, all that `storage_sock` needs.
-    let sk = unsafe { storage_sock(ctx) };
+unsafe fn agent_socket(sk: *mut c_void) -> bool {
     // SAFETY: `sk` is the context's socket, null-checked first, as the socket-storage helper
     // requires; only whether a value exists is used.
     !sk.is_null() && unsafe { AGENT_SOCKS.get(sk) }.is_some()

@@ -291,10 +291,16 @@ pub fn map_lookup_u32(fd: BorrowedFd<'_>, key: u32) -> io::Result<Option<u32>> {
 /// The `bpf(2)` errno: `E2BIG` for an index past the end, `EINVAL` for an inner map of another
 /// type or size, `EPERM` for a frozen map.
 pub fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()> {
+    map_update(fd, &key, &value)
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`) of `key` → `value` in the map `fd`; the kernel reads as many
+/// bytes of each as the map's key and value sizes.
+fn map_update<K, V>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
     let mut attr = BpfAttr([0; 128]);
     attr.0[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    attr.0[8..16].copy_from_slice(&(std::ptr::addr_of!(key) as u64).to_ne_bytes());
-    attr.0[16..24].copy_from_slice(&(std::ptr::addr_of!(value) as u64).to_ne_bytes());
+    attr.0[8..16].copy_from_slice(&(key as *const K as u64).to_ne_bytes());
+    attr.0[16..24].copy_from_slice(&(value as *const V as u64).to_ne_bytes());
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
     Ok(())
 }
@@ -309,12 +315,7 @@ pub fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> io::Result<()
 /// `ENOMEM`.
 pub fn sk_storage_set(map: BorrowedFd<'_>, socket: BorrowedFd<'_>, value: u64) -> io::Result<()> {
     let key: i32 = socket.as_raw_fd();
-    let mut attr = BpfAttr([0; 128]);
-    attr.0[0..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
-    attr.0[8..16].copy_from_slice(&(std::ptr::addr_of!(key) as u64).to_ne_bytes());
-    attr.0[16..24].copy_from_slice(&(std::ptr::addr_of!(value) as u64).to_ne_bytes());
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
-    Ok(())
+    map_update(map, &key, &value)
 }
 
 /// glibc's default `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` (128 KiB, `mallopt(3)`).
