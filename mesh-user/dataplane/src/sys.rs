@@ -68,9 +68,19 @@ const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_CGROUP_SOCK_OPS` (`enum bpf_attach_type`), the attach type of sockops programs
+/// (Linux 4.13); an `attach_type` for [`link_create`].
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+/// `BPF_CGROUP_INET4_CONNECT` (`enum bpf_attach_type`), cgroup/connect4 (Linux 4.17).
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+/// `BPF_CGROUP_INET6_CONNECT` (`enum bpf_attach_type`), cgroup/connect6 (Linux 4.17).
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 /// `BPF_CGROUP_GETSOCKOPT` (`enum bpf_attach_type`), the attach type of cgroup/getsockopt
 /// programs (Linux 5.3); pass it as `attach_type` to [`link_create`].
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+/// `BPF_SK_LOOKUP` (`enum bpf_attach_type`), sk_lookup on a network namespace (Linux 5.9).
+pub const BPF_SK_LOOKUP: u32 = 36;
 
 /// `union bpf_attr`, as a zeroed buffer larger than any command we use (the kernel requires the
 /// bytes it does not know to be zero).
@@ -96,13 +106,13 @@ fn bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
     }
 }
 
-/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup) as a bpf_link, for the attach types
-/// whose links aya cannot hand out as pinnable fd links. `attach_type` is a
-/// `enum bpf_attach_type` value such as [`BPF_CGROUP_GETSOCKOPT`]; `flags` is passed to the
-/// kernel as is (0 today). The link lives as long as the returned descriptor or a pin of it.
+/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup, or a network namespace for
+/// [`BPF_SK_LOOKUP`]) as a bpf_link. `attach_type` is a `enum bpf_attach_type` value such as
+/// [`BPF_CGROUP_GETSOCKOPT`]; `flags` is passed to the kernel as is (0 today). The link lives
+/// as long as the returned descriptor or a pin of it.
 ///
 /// Needs Linux 5.7 (cgroup bpf_links) and whatever the attach type itself needs (5.3 for
-/// [`BPF_CGROUP_GETSOCKOPT`]), and the privileges to attach cgroup programs (root).
+/// [`BPF_CGROUP_GETSOCKOPT`], 5.9 for [`BPF_SK_LOOKUP`]), and the privileges to attach (root).
 ///
 /// # Errors
 ///
@@ -123,6 +133,24 @@ pub fn link_create(
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: on success BPF_LINK_CREATE returns a new file descriptor that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE` (Linux 5.7): makes the link `link` run `prog` instead of its program, in
+/// one step: the cgroup or namespace it is attached to never runs without one of the two
+/// (cgroup links since 5.7, netns links since 5.8). No `BPF_F_REPLACE`: whichever program the
+/// link ran is replaced.
+///
+/// # Errors
+///
+/// The `bpf(2)` errno: `EINVAL` if `prog` has another type or attach type than the link's
+/// program, `EOPNOTSUPP` for a link type that cannot be updated, `ENOLINK` for a defunct
+/// link, `EPERM` without privileges, `EBADF` if either descriptor is wrong.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = BpfAttr([0; 128]);
+    attr.0[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    bpf(BPF_LINK_UPDATE, &mut attr)?;
+    Ok(())
 }
 
 /// `BPF_OBJ_PIN` (Linux 4.4): pins a BPF object (here, a link) at `path` on bpffs, so that it

@@ -24,6 +24,7 @@ use mesh_dataplane::{cgroup, netns::NetNs};
 use mesh_local::{LocalNode, LocalPod, NodeOptions, PodNet};
 
 pub mod cluster;
+pub mod stand_in;
 
 /// Root tests move the whole test process between cgroups; one at a time.
 static NODE_LOCK: Mutex<()> = Mutex::new(());

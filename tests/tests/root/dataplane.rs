@@ -14,7 +14,8 @@ use anyhow::{ensure, Context, Result};
 use mesh_common::{
     Config, Counter, IntentionKey, IntentionValue, OrigDst, PodValue, ServiceValue, SockKey,
     SockState, INBOUND_PORT, LOCAL_PORT_PROXY, MAP_ORIG_HANDOFF, MAP_SOCK_STATE, MAX_SOCKETS,
-    OUTBOUND_PORT, SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
+    OUTBOUND_PORT, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SOCKOPS,
+    SERVICE_ENDPOINT, SERVICE_VIP, VERDICT_ALLOW, VERDICT_DENY,
 };
 use mesh_dataplane::bpf::{Dataplane, IntentionChange, SetWrite};
 use mesh_dataplane::{cgroup, iptables, socket::original_dst};
@@ -1676,9 +1677,102 @@ fn adoption_reattaches_links_of_a_pod_whose_cgroup_and_netns_were_recreated() ->
     mesh_pod(&mut dp, &web, WEB_ID)?;
     assert_eq!(dp.link_ids()?, ids, "right links are adopted, not repeated");
 
-    // connect4 steers the recreated cgroup: a deny is EPERM.
-    dp.set_service(other, api_value(API_ID, SERVICE_VIP))?;
-    set_intention(&mut dp, API_ID, false)?;
+    assert_pod_steered(&mut node, &mut dp, &client, &web, other)
+}
+
+/// The kernel's `(program id, program tag)` of the program the link pinned at `pin` runs.
+fn pinned_program(node: &Node, pin: &str) -> Result<(u32, u64)> {
+    let path = mesh_dataplane::bpf::instance_dir(&node.instance()).join(pin);
+    let fd = mesh_dataplane::sys::obj_get(&path).with_context(|| format!("{}", path.display()))?;
+    let info = mesh_dataplane::sys::link_info(std::os::fd::AsFd::as_fd(&fd))?;
+    let prog = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == info.prog_id)
+        .with_context(|| format!("program {} of {pin}", info.prog_id))?;
+    Ok((info.prog_id, prog.tag()))
+}
+
+/// An agent of another build pinned its links, with its code, and stopped; this build's agent
+/// starts on the same node. It must not keep the older code: here that code lets everything
+/// through, as a build with a fail-closed hole would. The new agent adopts the links (same link
+/// ids: they were never detached) and makes each run its own program (`BPF_LINK_UPDATE`), so the
+/// pod is steered again: a denied connect is `EPERM`, plaintext goes to the inbound listener.
+/// A restart of the same build then leaves the programs as they are.
+#[test]
+fn an_upgraded_agent_runs_its_own_programs_on_the_links_it_adopts() -> Result<()> {
+    // enum bpf_prog_type and enum bpf_attach_type.
+    const SOCK_OPS: u32 = 13;
+    const CGROUP_SOCK_ADDR: u32 = 18;
+    const CGROUP_SOCKOPT: u32 = 25;
+    const SK_LOOKUP: u32 = 30;
+    use mesh_dataplane::sys as bpf;
+    use std::os::fd::AsFd;
+
+    let mut node = Node::new()?;
+    let client = node.add_pod("client")?;
+    let web = node.add_pod("web")?;
+    let other = vip(&node, 12, 9091);
+    let pods = format!("pods/{}", web.name);
+    // (pin, program type, attach type, program name, verdict that lets everything through)
+    let pins = [
+        (
+            "links/sockops".to_string(),
+            SOCK_OPS,
+            bpf::BPF_CGROUP_SOCK_OPS,
+            PROG_SOCKOPS,
+            1,
+        ),
+        (
+            "links/getsockopt".to_string(),
+            CGROUP_SOCKOPT,
+            bpf::BPF_CGROUP_GETSOCKOPT,
+            PROG_GETSOCKOPT,
+            1,
+        ),
+        (
+            format!("{pods}/connect4"),
+            CGROUP_SOCK_ADDR,
+            bpf::BPF_CGROUP_INET4_CONNECT,
+            PROG_CONNECT4,
+            1,
+        ),
+        (
+            format!("{pods}/connect6"),
+            CGROUP_SOCK_ADDR,
+            bpf::BPF_CGROUP_INET6_CONNECT,
+            PROG_CONNECT6,
+            1,
+        ),
+        (
+            format!("{pods}/sk_lookup"),
+            SK_LOOKUP,
+            bpf::BPF_SK_LOOKUP,
+            PROG_SK_LOOKUP,
+            1,
+        ),
+    ];
+    let this_build: Vec<u64> = {
+        let mut dp = open_dataplane(&node)?;
+        mesh_pod(&mut dp, &web, WEB_ID)?;
+        pins.iter()
+            .map(|(pin, ..)| Ok(pinned_program(&node, pin)?.1))
+            .collect::<Result<_>>()?
+    };
+    let links: Vec<u32> = pins
+        .iter()
+        .map(|(pin, ..)| Ok(pinned_target(&node, pin)?.0))
+        .collect::<Result<_>>()?;
+
+    // The other build's code, on the same links.
+    for (pin, prog_type, attach_type, name, verdict) in &pins {
+        let prog = mesh_kit::stand_in::return_program(*prog_type, *attach_type, name, *verdict)?;
+        let path = mesh_dataplane::bpf::instance_dir(&node.instance()).join(pin);
+        let link = bpf::obj_get(&path)?;
+        bpf::link_update(link.as_fd(), prog.as_fd()).with_context(|| pin.clone())?;
+        let (_, tag) = pinned_program(&node, pin)?;
+        ensure!(!this_build.contains(&tag), "{pin} runs the stand-in");
+    }
+    // That code steers nothing: a connect to a VIP is not refused.
     let out = node.probe_in(
         &web,
         &["connect", &other.to_string()],
@@ -1686,14 +1780,69 @@ fn adoption_reattaches_links_of_a_pod_whose_cgroup_and_netns_were_recreated() ->
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.starts_with(&format!("error {} ", libc::EPERM)),
-        "denied connect from the recreated pod: {text}"
+        !text.starts_with(&format!("error {} ", libc::EPERM)),
+        "the stand-in connect4 refuses nothing: {text}"
     );
 
-    // sk_lookup steers the recreated netns: plaintext from another pod never reaches the app.
+    let mut dp = open_dataplane(&node)?;
+    assert!(dp.adopted());
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    let mut programs = Vec::new();
+    for (i, (pin, ..)) in pins.iter().enumerate() {
+        assert_eq!(
+            pinned_target(&node, pin)?.0,
+            links[i],
+            "{pin}: the same link, updated in place"
+        );
+        let (id, tag) = pinned_program(&node, pin)?;
+        assert_eq!(tag, this_build[i], "{pin} runs this build's program");
+        programs.push(id);
+    }
+    assert_pod_steered(&mut node, &mut dp, &client, &web, other)?;
+    drop(dp);
+
+    // A restart of the same build adopts the links and their programs as they are.
+    let mut dp = open_dataplane(&node)?;
+    mesh_pod(&mut dp, &web, WEB_ID)?;
+    for (i, (pin, ..)) in pins.iter().enumerate() {
+        assert_eq!(
+            pinned_program(&node, pin)?.0,
+            programs[i],
+            "{pin}: the program is kept"
+        );
+    }
+    Ok(())
+}
+
+/// What the programs of a meshed pod `web` do, tried from outside: connect4 answers a connect
+/// to `denied` (a VIP the test denies) with `EPERM`, and sk_lookup sends plaintext from `client`
+/// to the app's port to the inbound listener, and nowhere once that listener is gone.
+fn assert_pod_steered(
+    node: &mut Node,
+    dp: &mut Dataplane,
+    client: &Pod,
+    web: &Pod,
+    other: SocketAddrV4,
+) -> Result<()> {
+    // connect4 steers the pod's cgroup: a deny is EPERM.
+    dp.set_service(other, api_value(API_ID, SERVICE_VIP))?;
+    set_intention(dp, API_ID, false)?;
+    let out = node.probe_in(
+        web,
+        &["connect", &other.to_string()],
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("error {} ", libc::EPERM)),
+        "denied connect from {}: {text}",
+        web.name
+    );
+
+    // sk_lookup steers the pod's netns: plaintext from another pod never reaches the app.
     serve_in(
-        &mut node,
-        &web,
+        node,
+        web,
         "0.0.0.0:9000",
         "app",
         v4(Ipv4Addr::LOCALHOST, 9000),
@@ -1702,7 +1851,7 @@ fn adoption_reattaches_links_of_a_pod_whose_cgroup_and_netns_were_recreated() ->
     dp.set_inbound(0, &inbound, web.netns().cookie()?, &[web.ip.into()], &[])?;
     let stop = Arc::new(AtomicBool::new(false));
     let proxy = answer(inbound, "inbound", stop.clone());
-    let text = reach(&client, v4(web.ip, 9000))?.context("app port with the listener up")?;
+    let text = reach(client, v4(web.ip, 9000))?.context("app port with the listener up")?;
     assert_eq!(
         text, "inbound",
         "plaintext to the app port went to the proxy"
@@ -1710,9 +1859,9 @@ fn adoption_reattaches_links_of_a_pod_whose_cgroup_and_netns_were_recreated() ->
     stop.store(true, Ordering::Relaxed);
     proxy.join().expect("proxy");
     assert_unreachable(
-        &client,
+        client,
         v4(web.ip, 9000),
-        "plaintext reached the app of a recreated pod",
+        "plaintext reached the app of a pod the mesh steers",
     )?;
     Ok(())
 }

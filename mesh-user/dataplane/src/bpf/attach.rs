@@ -3,13 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
 use aya::maps::{MapData, SockHash};
-use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
-use aya::EbpfLoader;
+use aya::programs::{SkLookup, SkMsg};
+use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
     SockKey, MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG,
     PROG_SOCKOPS, SK_LOOKUP_NETNS,
@@ -55,33 +54,19 @@ impl Dataplane {
         // cgroup links are always multi-attach (the kernel wants no attach flags with a link), so
         // several instances and other tools' programs coexist on the same cgroup.
         let target = Target::of_cgroup(mesh_cgroup)?;
-        let ebpf = &mut self.ebpf;
-        attach_pinned(&links.join("sockops"), PROG_SOCKOPS, target, || {
-            let prog = prog_mut::<SockOps>(ebpf, PROG_SOCKOPS)?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program {
-                    name: PROG_SOCKOPS,
-                    source,
-                })?;
-            take_fd_link(prog.take_link(id), PROG_SOCKOPS)
-        })?;
-        attach_pinned(&links.join("getsockopt"), PROG_GETSOCKOPT, target, || {
-            // aya cannot turn a cgroup-sockopt link into a pinnable fd link; create it directly.
-            let prog = prog_mut::<CgroupSockopt>(ebpf, PROG_GETSOCKOPT)?;
-            let prog_fd = prog.fd().map_err(|source| Error::Program {
-                name: PROG_GETSOCKOPT,
-                source,
-            })?;
-            let link = crate::sys::link_create(
-                prog_fd.as_fd(),
-                cgroup.as_fd(),
+        for (pin, name, attach_type) in [
+            ("sockops", PROG_SOCKOPS, crate::sys::BPF_CGROUP_SOCK_OPS),
+            (
+                "getsockopt",
+                PROG_GETSOCKOPT,
                 crate::sys::BPF_CGROUP_GETSOCKOPT,
-                0,
-            )
-            .map_err(io_err("attaching mesh_getsockopt"))?;
-            Ok(NewLink::Raw(link))
-        })?;
+            ),
+        ] {
+            let program = Program::of(&self.ebpf, name, attach_type)?;
+            attach_pinned(&links.join(pin), &program, target, cgroup.as_fd(), || {
+                program.fd()
+            })?;
+        }
         Ok(())
     }
 
@@ -91,38 +76,50 @@ impl Dataplane {
     ///
     /// Each pinned link is first checked against the live object (kernel link info, Linux 5.8):
     /// a link that is defunct, attached elsewhere or runs another program is replaced (attach
-    /// first, then unpin the old one and pin the new one), with an INFO log.
+    /// first, then unpin the old one and pin the new one), with an INFO log; a good link that
+    /// runs another build's code of the program (another kernel tag) is made to run this
+    /// build's, in place (`BPF_LINK_UPDATE`), also with an INFO log.
     ///
     /// # Errors
     ///
     /// [`Error::BadName`] for an invalid pod name, [`Error::Io`] if the cgroup or namespace
-    /// cannot be opened or stat'ed or a pin written, [`Error::Program`] if the kernel refuses an
-    /// attachment, [`Error::Pin`] / [`Error::Link`] if a link cannot be pinned.
+    /// cannot be opened or stat'ed, a pin written, or the kernel refuses an attachment or its
+    /// update, [`Error::Load`] / [`Error::Program`] if the pod's sk_lookup instance cannot be
+    /// loaded.
     pub fn attach_pod(&mut self, pod: &str, cgroup: &Path, netns: &NetNs) -> Result<(), Error> {
         check_name(pod)?;
         let dir = self.dir.join("pods").join(pod);
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let cg_target = Target::of_cgroup(cgroup)?;
-        for (pin_name, prog_name) in [("connect4", PROG_CONNECT4), ("connect6", PROG_CONNECT6)] {
-            let ebpf = &mut self.ebpf;
-            attach_pinned(&dir.join(pin_name), prog_name, cg_target, || {
-                let cg = File::open(cgroup)
-                    .map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
-                let prog = prog_mut::<CgroupSockAddr>(ebpf, prog_name)?;
-                let id = prog
-                    .attach(&cg, CgroupAttachMode::Single)
-                    .map_err(|source| Error::Program {
-                        name: prog_name,
-                        source,
-                    })?;
-                take_fd_link(prog.take_link(id), prog_name)
+        let cg =
+            File::open(cgroup).map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
+        for (pin, name, attach_type) in [
+            (
+                "connect4",
+                PROG_CONNECT4,
+                crate::sys::BPF_CGROUP_INET4_CONNECT,
+            ),
+            (
+                "connect6",
+                PROG_CONNECT6,
+                crate::sys::BPF_CGROUP_INET6_CONNECT,
+            ),
+        ] {
+            let program = Program::of(&self.ebpf, name, attach_type)?;
+            attach_pinned(&dir.join(pin), &program, cg_target, cg.as_fd(), || {
+                program.fd()
             })?;
         }
+        // The instance loaded with the object has the code every pod's instance runs (the
+        // kernel's tag leaves out map references and so the cookie, which sits in a map).
+        let program = Program::of(&self.ebpf, PROG_SK_LOOKUP, crate::sys::BPF_SK_LOOKUP)?;
         let maps_dir = self.dir.join("maps");
+        let ns_target = Target::of_netns(netns)?;
         attach_pinned(
             &dir.join("sk_lookup"),
-            PROG_SK_LOOKUP,
-            Target::of_netns(netns)?,
+            &program,
+            ns_target,
+            netns.file().as_fd(),
             || {
                 // sk_lookup cannot ask the kernel which namespace it runs in (the verifier
                 // refuses `bpf_get_netns_cookie` there), so each pod gets its own instance of the
@@ -137,19 +134,11 @@ impl Dataplane {
                     .override_global(SK_LOOKUP_NETNS, &cookie, true)
                     .load(OBJECT)?;
                 load_prog::<SkLookup>(&mut ebpf, PROG_SK_LOOKUP, |p| p.load())?;
-                let prog = prog_mut::<SkLookup>(&mut ebpf, PROG_SK_LOOKUP)?;
-                let id = prog.attach(netns.file()).map_err(|source| Error::Program {
-                    name: PROG_SK_LOOKUP,
-                    source,
-                })?;
-                let link = prog.take_link(id).map_err(|source| Error::Program {
-                    name: PROG_SK_LOOKUP,
-                    source,
-                })?;
+                let fd = Program::of(&ebpf, PROG_SK_LOOKUP, crate::sys::BPF_SK_LOOKUP)?.fd();
                 drop(ebpf);
                 // This load parsed the kernel's BTF again; give what it freed back.
                 crate::sys::release_free_memory();
-                Ok(NewLink::Aya(link.into()))
+                fd
             },
         )?;
         Ok(())
@@ -249,118 +238,155 @@ impl Target {
     }
 }
 
+/// A program of the loaded object, as a pinned link must run it.
+struct Program<'a> {
+    name: &'static str,
+    /// The kernel's tag of its code (`bpf_prog_info.tag`: a hash of the instructions with map
+    /// references left out), which tells one build's code from another's.
+    tag: u64,
+    attach_type: u32,
+    fd: BorrowedFd<'a>,
+}
+
+impl<'a> Program<'a> {
+    fn of(ebpf: &'a Ebpf, name: &'static str, attach_type: u32) -> Result<Self, Error> {
+        let prog = ebpf.program(name).ok_or(Error::Missing(name))?;
+        let program_err = |source| Error::Program { name, source };
+        let tag = prog.info().map_err(program_err)?.tag();
+        let fd = prog.fd().map_err(program_err)?.as_fd();
+        Ok(Self {
+            name,
+            tag,
+            attach_type,
+            fd,
+        })
+    }
+
+    /// A descriptor of the program that outlives the object it was loaded with.
+    fn fd(&self) -> Result<OwnedFd, Error> {
+        self.fd
+            .try_clone_to_owned()
+            .map_err(io_err(format!("duplicating the {} descriptor", self.name)))
+    }
+}
+
+/// A pinned link that adoption can keep.
+struct PinnedLink {
+    fd: OwnedFd,
+    id: u32,
+    /// The kernel tag of the program it runs.
+    prog_tag: u64,
+}
+
 /// Why the link pinned at `path` cannot be adopted as the attachment of program `prog` to
-/// `target`, or `None` if it can: it is a link of the right kind, runs a program of that name,
-/// and is attached to that very cgroup or namespace (not to one that was removed, or removed
-/// and recreated under the same path).
+/// `target`, or `None` if it can.
 fn pinned_link_problem(path: &Path, prog: &str, target: Target) -> Option<String> {
-    let fd = match crate::sys::obj_get(path) {
-        Ok(fd) => fd,
-        Err(e) => return Some(format!("the pin cannot be opened ({e})")),
-    };
-    let info = match crate::sys::link_info(fd.as_fd()) {
-        Ok(info) => info,
-        Err(e) => return Some(format!("the pin is not a readable link ({e})")),
-    };
+    pinned_link(path, prog, target).err()
+}
+
+/// The link pinned at `path`, if adoption can keep it as the attachment of program `prog` to
+/// `target`: it is a link of the right kind, runs a program of that name, and is attached to
+/// that very cgroup or namespace (not to one that was removed, or removed and recreated under
+/// the same path). Otherwise why not.
+fn pinned_link(path: &Path, prog: &str, target: Target) -> Result<PinnedLink, String> {
+    let fd = crate::sys::obj_get(path).map_err(|e| format!("the pin cannot be opened ({e})"))?;
+    let info = crate::sys::link_info(fd.as_fd())
+        .map_err(|e| format!("the pin is not a readable link ({e})"))?;
     let (want_type, want, what) = match target {
         Target::Cgroup(id) => (crate::sys::BPF_LINK_TYPE_CGROUP, id, "cgroup id"),
         Target::Netns(ino) => (crate::sys::BPF_LINK_TYPE_NETNS, ino, "netns inode"),
     };
     if info.link_type != want_type {
-        return Some(format!(
+        return Err(format!(
             "link {} has type {}, expected {want_type}",
             info.id, info.link_type
         ));
     }
     if info.target == 0 {
-        return Some(format!(
+        return Err(format!(
             "link {} is defunct: the {what} it was attached to is gone",
             info.id
         ));
     }
     if info.target != want {
-        return Some(format!(
+        return Err(format!(
             "link {} is attached to {what} {}, the live one is {want}",
             info.id, info.target
         ));
     }
     // Program names are kept to 15 bytes by the kernel.
     let short = &prog.as_bytes()[..prog.len().min(15)];
-    let name = aya::programs::loaded_programs()
+    let running = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == info.prog_id)
-        .map(|p| p.name().to_vec());
-    match name {
-        Some(n) if n == short => None,
-        Some(n) => Some(format!(
+        .ok_or_else(|| {
+            format!(
+                "link {} runs program id {} which cannot be found",
+                info.id, info.prog_id
+            )
+        })?;
+    if running.name() != short {
+        return Err(format!(
             "link {} runs program {:?}, not {prog}",
             info.id,
-            String::from_utf8_lossy(&n)
-        )),
-        None => Some(format!(
-            "link {} runs program id {} which cannot be found",
-            info.id, info.prog_id
-        )),
+            String::from_utf8_lossy(running.name())
+        ));
     }
+    Ok(PinnedLink {
+        fd,
+        id: info.id,
+        prog_tag: running.tag(),
+    })
 }
 
-/// A freshly attached link, to be pinned.
-enum NewLink {
-    Aya(FdLink),
-    Raw(std::os::fd::OwnedFd),
-}
-
-/// The one attach → pin sequence: unless the link pinned at `path` is a good attachment of
-/// `prog` to `target` (then it is adopted as is), attaches anew with `attach`, and only then
-/// removes the old pin (which detaches that link) and pins the new one, so the live cgroup or
-/// namespace is never without the program. Returns whether it attached.
+/// The one attach → pin (or adopt) sequence. A good link pinned at `path` (see
+/// [`pinned_link`]) is adopted; if it runs another build's code of the program (an agent of
+/// another version pinned it), it is made to run `program`'s in place, so an upgrade's kernel
+/// fixes apply to running pods without a gap. Otherwise `make` gives the program to attach to
+/// `target_fd`, and only then is the old pin removed (which detaches that link) and the new
+/// link pinned, so the live cgroup or namespace is never without the program.
 fn attach_pinned(
     path: &Path,
-    prog: &'static str,
+    program: &Program<'_>,
     target: Target,
-    attach: impl FnOnce() -> Result<NewLink, Error>,
-) -> Result<bool, Error> {
+    target_fd: BorrowedFd<'_>,
+    make: impl FnOnce() -> Result<OwnedFd, Error>,
+) -> Result<(), Error> {
+    let name = program.name;
     let stale = if path.exists() {
-        match pinned_link_problem(path, prog, target) {
-            None => return Ok(false),
-            Some(why) => Some(why),
+        match pinned_link(path, name, target) {
+            Ok(link) if link.prog_tag == program.tag => return Ok(()),
+            Ok(link) => {
+                let fd = make()?;
+                crate::sys::link_update(link.fd.as_fd(), fd.as_fd()).map_err(io_err(format!(
+                    "updating the program of link {} ({})",
+                    link.id,
+                    path.display()
+                )))?;
+                tracing::info!(
+                    pin = %path.display(),
+                    "link {} on {target:?} ran {name} of another build (tag {:016x}); it now \
+                     runs this build's (tag {:016x})",
+                    link.id,
+                    link.prog_tag,
+                    program.tag
+                );
+                return Ok(());
+            }
+            Err(why) => Some(why),
         }
     } else {
         None
     };
-    let link = attach()?;
+    let fd = make()?;
+    let link = crate::sys::link_create(fd.as_fd(), target_fd, program.attach_type, 0)
+        .map_err(io_err(format!("attaching {name} to {target:?}")))?;
     if let Some(why) = stale {
         tracing::info!(
             pin = %path.display(),
-            "re-attaching {prog} to {target:?} instead of adopting the pinned link: {why}"
+            "re-attaching {name} to {target:?} instead of adopting the pinned link: {why}"
         );
         fs::remove_file(path).map_err(io_err(format!("unpinning {}", path.display())))?;
     }
-    match link {
-        NewLink::Aya(link) => pin(link, path),
-        NewLink::Raw(fd) => crate::sys::obj_pin(fd.as_fd(), path)
-            .map_err(io_err(format!("pinning {}", path.display()))),
-    }?;
-    Ok(true)
-}
-
-/// A cgroup link aya just made, as a pinnable fd link.
-fn take_fd_link<L>(taken: Result<L, ProgramError>, name: &'static str) -> Result<NewLink, Error>
-where
-    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
-{
-    let link = taken.map_err(|source| Error::Program { name, source })?;
-    let link = link.try_into().map_err(|source| Error::Link {
-        path: PathBuf::from(name),
-        source,
-    })?;
-    Ok(NewLink::Aya(link))
-}
-
-fn pin(link: FdLink, path: &Path) -> Result<(), Error> {
-    link.pin(path).map_err(|source| Error::Pin {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(())
+    crate::sys::obj_pin(link.as_fd(), path).map_err(io_err(format!("pinning {}", path.display())))
 }

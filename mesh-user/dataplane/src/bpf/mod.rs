@@ -90,19 +90,10 @@ pub enum Error {
         #[source]
         source: MapError,
     },
-    /// A link could not be pinned.
-    #[error("pinning {path}: {source}")]
-    Pin {
-        /// Where it was to be pinned.
-        path: PathBuf,
-        /// aya's error.
-        #[source]
-        source: aya::pin::PinError,
-    },
-    /// A pinned link could not be opened or read, or a new link not made pinnable.
+    /// A pinned link could not be opened or read.
     #[error("pinned link {path}: {source}")]
     Link {
-        /// The pin (or the program, for a link not pinned yet).
+        /// The pin.
         path: PathBuf,
         /// aya's error.
         #[source]
@@ -196,9 +187,9 @@ impl Dataplane {
     ///
     /// [`Error::BadName`] for an invalid instance name, [`Error::NoObject`] for a build without
     /// the kernel object, [`Error::Io`] if bpffs cannot be mounted or the pin tree, the socket
-    /// storage map or the mesh cgroup cannot be made or opened, [`Error::Load`] /
-    /// [`Error::Program`] if the kernel refuses the object or an attachment, [`Error::Pin`] if a
-    /// link cannot be pinned.
+    /// storage map or the mesh cgroup cannot be made or opened, or the kernel refuses an
+    /// attachment or its update, or a link cannot be pinned, [`Error::Load`] /
+    /// [`Error::Program`] if the kernel refuses the object.
     pub fn open(instance: &str, mesh_cgroup: &Path) -> Result<Self, Error> {
         check_name(instance)?;
         if OBJECT.is_empty() {
