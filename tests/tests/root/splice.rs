@@ -90,6 +90,21 @@ fn web_stats(m: &Mesh) -> Result<mesh_proxy::PodStatsSnapshot> {
         .stats())
 }
 
+/// Reads `read` until `done` holds of what it read or 5 s have passed, and returns the last
+/// read, for the caller to assert on. The proxy counts a write once it returns, which can be
+/// after the app has read the bytes and the probe has ended, so its counts of an exchange may
+/// come in just after the exchange.
+fn settled<T>(mut read: impl FnMut() -> Result<T>, done: impl Fn(&T) -> bool) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = read()?;
+        if done(&value) || Instant::now() > deadline {
+            return Ok(value);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Asserts that the per-connection maps drain back to empty (see [`maps_drain`]); `what` names
 /// the case in the message.
 fn assert_drained(m: &Mesh, what: impl std::fmt::Display) -> Result<()> {
@@ -111,21 +126,17 @@ fn assert_drained(m: &Mesh, what: impl std::fmt::Display) -> Result<()> {
 /// proxy sockets closed, no splice entry and no kept byte count left.
 fn maps_drain(m: &Mesh) -> Result<mesh_dataplane::bpf::ConnMapSizes> {
     let dp = m.agent().dataplane().context("eBPF dataplane")?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let sizes = dp.conn_map_sizes()?;
-        if (
-            sizes.sockets,
-            sizes.sock_state,
-            sizes.splices,
-            sizes.splice_closed,
-        ) == (0, 0, 0, 0)
-            || Instant::now() > deadline
-        {
-            return Ok(sizes);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    settled(
+        || Ok(dp.conn_map_sizes()?),
+        |sizes| {
+            (
+                sizes.sockets,
+                sizes.sock_state,
+                sizes.splices,
+                sizes.splice_closed,
+            ) == (0, 0, 0, 0)
+        },
+    )
 }
 
 #[test]
@@ -139,8 +150,15 @@ fn a_spliced_pair_carries_64_mib_each_way_with_half_close() -> Result<()> {
         let before = counters(&m)?;
         let stats_before = web_stats(&m)?;
         m.exchange(addr, LEN).context(what)?;
-        let after = counters(&m)?;
-        let stats = web_stats(&m)?;
+        let (after, stats) = settled(
+            || Ok((counters(&m)?, web_stats(&m)?)),
+            |(after, stats)| {
+                after.get(Counter::BytesSpliced) - before.get(Counter::BytesSpliced)
+                    + (stats.bytes_from_app - stats_before.bytes_from_app)
+                    + (stats.bytes_to_app - stats_before.bytes_to_app)
+                    >= 2 * LEN
+            },
+        )?;
         let spliced = after.get(Counter::BytesSpliced) - before.get(Counter::BytesSpliced);
         let copied = (stats.bytes_from_app - stats_before.bytes_from_app)
             + (stats.bytes_to_app - stats_before.bytes_to_app);
@@ -321,7 +339,13 @@ fn without_the_splice_same_node_bytes_go_through_tls() -> Result<()> {
     let stats_before = web_stats(&m)?;
     m.exchange(SocketAddr::V4(m.vip), LEN)?;
     let after = counters(&m)?;
-    let stats = web_stats(&m)?;
+    let stats = settled(
+        || web_stats(&m),
+        |stats| {
+            stats.bytes_from_app - stats_before.bytes_from_app >= LEN
+                && stats.bytes_to_app - stats_before.bytes_to_app >= LEN
+        },
+    )?;
     assert_eq!(
         after.get(Counter::BytesSpliced),
         before.get(Counter::BytesSpliced),
