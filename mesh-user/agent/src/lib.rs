@@ -80,6 +80,11 @@ pub enum Error {
     /// why. (`auto` falls back to iptables instead.)
     #[error("the eBPF dataplane was asked for but cannot run here: {0}")]
     NoEbpf(mesh_dataplane::bpf::Error),
+    /// The node's pinned maps were made by a build with another layout
+    /// ([`mesh_dataplane::bpf::Error::PinnedMap`]): the agent does not start, in any redirect
+    /// mode (`auto` does not fall back to iptables beside programs that still steer).
+    #[error("{0}")]
+    PinnedMaps(mesh_dataplane::bpf::Error),
     /// The kernel could not take a rule set; it now lets the proxy decide every connection
     /// (see [`KernelRules::ProxyDecides`]).
     #[error("the kernel cannot hold the intentions ({0}); the proxy decides every connection")]
@@ -287,7 +292,7 @@ impl Agent {
     /// # Errors
     ///
     /// [`Error::Catalog`] for an invalid catalog, [`Error::NoEbpf`] if eBPF was required and
-    /// cannot run, [`Error::Io`] if the state directory cannot be created, and the errors of
+    /// cannot run, [`Error::PinnedMaps`] if the node's pinned maps are of another build, [`Error::Io`] if the state directory cannot be created, and the errors of
     /// loading names and the CA, configuring the proxy and writing the kernel maps.
     pub async fn start(cfg: AgentConfig, catalog: Catalog, rules: RuleSet) -> Result<Self, Error> {
         Self::start_with_metrics(cfg, catalog, rules, Arc::new(metrics::Metrics::new())).await
@@ -351,12 +356,19 @@ impl Agent {
         let steering = match cfg.redirect {
             Redirect::Iptables => Steering::Iptables,
             Redirect::Ebpf => Steering::Ebpf(Box::new(
-                mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup)
-                    .map_err(Error::NoEbpf)?,
+                mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup).map_err(
+                    |e| match e {
+                        e @ mesh_dataplane::bpf::Error::PinnedMap { .. } => Error::PinnedMaps(e),
+                        e => Error::NoEbpf(e),
+                    },
+                )?,
             )),
             Redirect::Auto => {
                 match mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup) {
                     Ok(dp) => Steering::Ebpf(Box::new(dp)),
+                    Err(e @ mesh_dataplane::bpf::Error::PinnedMap { .. }) => {
+                        return Err(Error::PinnedMaps(e));
+                    }
                     Err(e) => {
                         warn!(error = %e, "the eBPF dataplane cannot run here; using iptables");
                         Steering::Iptables

@@ -392,6 +392,12 @@ pub async fn run(opts: Options) -> Result<()> {
     // in the first lists).
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // An agent that cannot run on the node's pinned maps (another build's layout) stops
+    // here, before the running agent hands the node over: that one goes on serving.
+    if opts.agent.redirect != mesh_agent::Redirect::Iptables {
+        mesh_dataplane::bpf::check_pinned_maps(&opts.agent.instance)
+            .context("checking the node's pinned maps before taking the node over")?;
+    }
     // A rolling update: the agent this one replaces (if one runs) hands its same-node
     // connections over and closes what it listens on (crate::handover). Asked only now, with
     // the cluster listed, so that an agent that cannot list never leaves the node without one.

@@ -1814,6 +1814,52 @@ fn an_upgraded_agent_runs_its_own_programs_on_the_links_it_adopts() -> Result<()
     Ok(())
 }
 
+/// A map pinned by a build with another layout, here the counters array of a build with one
+/// counter fewer, is refused at start with an error that names the pin and what differs, before
+/// anything is attached or updated; once `meshd uninstall` removed the pins, the agent starts.
+#[test]
+fn a_pinned_map_of_another_layout_is_refused_at_start() -> Result<()> {
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    use mesh_common::{COUNTER_COUNT, MAP_COUNTERS};
+    use std::os::fd::AsFd;
+    let node = Node::new()?;
+    let dir = mesh_dataplane::bpf::instance_dir(&node.instance());
+    std::fs::create_dir_all(dir.join("maps"))?;
+    let older = mesh_dataplane::sys::create_map(
+        MAP_COUNTERS,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        8,
+        COUNTER_COUNT - 1,
+        0,
+        None,
+    )?;
+    mesh_dataplane::sys::obj_pin(older.as_fd(), &dir.join("maps").join(MAP_COUNTERS))?;
+
+    let err = match open_dataplane(&node) {
+        Ok(_) => anyhow::bail!("the agent started on a counters map of another layout"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(&format!("maps/{MAP_COUNTERS}"))
+            && err.contains(&format!(
+                "max entries {}, this build's {COUNTER_COUNT}",
+                COUNTER_COUNT - 1
+            ))
+            && err.contains("meshd uninstall"),
+        "the error names the pin, what differs and the way out: {err}"
+    );
+    assert!(
+        !dir.join("links/sockops").exists() && !dir.join("links/getsockopt").exists(),
+        "nothing was attached"
+    );
+
+    mesh_dataplane::bpf::uninstall(&node.instance())?;
+    let dp = open_dataplane(&node)?;
+    assert_eq!(dp.counters()?.get(Counter::Redirects), 0);
+    Ok(())
+}
+
 /// What the programs of a meshed pod `web` do, tried from outside: connect4 answers a connect
 /// to `denied` (a VIP the test denies) with `EPERM`, and sk_lookup sends plaintext from `client`
 /// to the app's port to the inbound listener, and nowhere once that listener is gone.

@@ -997,7 +997,7 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     ready("old")?;
     ensure!(is_ready("old"), "the old agent made no ready file");
     let diag = || {
-        ["old", "new", "restarted", "next"]
+        ["old", "mismatched", "new", "restarted", "next"]
             .iter()
             .map(|log| format!("{log} agent:\n{}", log_of(logs.path(), log)))
             .collect::<Vec<_>>()
@@ -1025,6 +1025,60 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
         spliced(&metrics(cluster.node(1)).ok()?).filter(|n| *n > 0.0)
     })
     .with_context(|| format!("web → db is not spliced\n{}", diag()))?;
+
+    // First a new agent of a build whose maps have another layout (here the counters pin is
+    // swapped for the counters array of a build with one counter fewer; the old agent keeps
+    // the map it opened): it stops before asking for the node, and the old agent, never
+    // asked, goes on serving.
+    {
+        use mesh_common::{COUNTER_COUNT, MAP_COUNTERS};
+        use std::os::fd::AsFd;
+        const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+        let pin = mesh_dataplane::bpf::instance_dir(&cluster.node(1).instance())
+            .join("maps")
+            .join(MAP_COUNTERS);
+        let counters = mesh_dataplane::sys::obj_get(&pin)?;
+        let older = mesh_dataplane::sys::create_map(
+            MAP_COUNTERS,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
+            4,
+            8,
+            COUNTER_COUNT - 1,
+            0,
+            None,
+        )?;
+        std::fs::remove_file(&pin)?;
+        mesh_dataplane::sys::obj_pin(older.as_fd(), &pin)?;
+        let mut mismatched = agent("mismatched", "pod-mismatched")?;
+        let status = until(Duration::from_secs(30), || {
+            mismatched.try_wait().ok().flatten()
+        });
+        std::fs::remove_file(&pin)?;
+        mesh_dataplane::sys::obj_pin(counters.as_fd(), &pin)?;
+        let status = status.with_context(|| {
+            let _ = mismatched.kill();
+            format!("the mismatched agent did not stop\n{}", diag())
+        })?;
+        let log = without_ansi(&log_of(logs.path(), "mismatched"));
+        ensure!(
+            !status.success()
+                && log.contains(&format!("maps/{MAP_COUNTERS}"))
+                && log.contains("meshd uninstall"),
+            "the mismatched agent ({status}) did not refuse the pinned map:\n{log}"
+        );
+        let old_log = log_of(logs.path(), "old");
+        ensure!(
+            !old_log.contains("handed over") && is_ready("old"),
+            "the old agent stopped serving for an agent that could not run:\n{old_log}"
+        );
+        keeps_talking(
+            &talker,
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+            "after a mismatched agent stopped",
+        )
+        .with_context(diag)?;
+    }
 
     // The new agent starts beside the old one.
     let new = agents.0.len();

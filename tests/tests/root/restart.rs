@@ -301,3 +301,80 @@ fn a_spliced_connection_carries_nothing_after_its_agent_is_killed() -> Result<()
     );
     Ok(())
 }
+
+/// An agent that finds the node's maps pinned by a build with another layout (here the
+/// counters array of a build with one counter fewer, put in place while no agent ran) does not
+/// start, in the default `--redirect auto` too: it names the pin and the way out, and does not
+/// fall back to iptables beside the pinned programs, which stay attached as they were.
+#[test]
+fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Result<()> {
+    use mesh_common::{COUNTER_COUNT, MAP_COUNTERS};
+    use std::os::fd::AsFd;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let mut node = Node::new()?;
+    let (_web, _api, _vip, catalog) = web_and_api(&mut node, 32)?;
+    let dir = tempfile::tempdir()?;
+    let catalog_path = dir.path().join("catalog.json");
+    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
+    let state = dir.path().join("state");
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    meshd.kill()?;
+    meshd.wait()?;
+    let links = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?;
+
+    let pin = mesh_dataplane::bpf::instance_dir(&node.instance())
+        .join("maps")
+        .join(MAP_COUNTERS);
+    let older = mesh_dataplane::sys::create_map(
+        MAP_COUNTERS,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        8,
+        COUNTER_COUNT - 1,
+        0,
+        None,
+    )?;
+    std::fs::remove_file(&pin)?;
+    mesh_dataplane::sys::obj_pin(older.as_fd(), &pin)?;
+
+    let mut child = Command::new(bin_path("meshd")?)
+        .args(["run", "--redirect", "auto", "--catalog"])
+        .arg(&catalog_path)
+        .arg("--instance")
+        .arg(node.instance())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--mesh-cgroup")
+        .arg(&node.mesh_cgroup)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            bail!("meshd ran on maps of another layout");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().context("stderr")?, &mut stderr)?;
+    assert!(
+        !status.success()
+            && stderr.contains(&format!("maps/{MAP_COUNTERS}"))
+            && stderr.contains("meshd uninstall")
+            && !stderr.contains("using iptables"),
+        "meshd ({status}) did not refuse the pinned map: {stderr}"
+    );
+    assert_eq!(
+        mesh_dataplane::bpf::pinned_link_ids(&node.instance())?,
+        links,
+        "the pinned programs stay attached"
+    );
+    Ok(())
+}

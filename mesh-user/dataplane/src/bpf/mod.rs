@@ -39,8 +39,8 @@ use aya::maps::MapError;
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    KernelOffsets, OrigDst, MAP_AGENT_SOCKS, MAP_ORIG_DST, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
+    KernelOffsets, OrigDst, MAP_AGENT_SOCKS, MAP_INTENTION_SETS, MAP_ORIG_DST, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCKOPS,
 };
 
 /// The kernel object, built by `cargo xtask build` (empty when built with `MESH_SKIP_EBPF=1`).
@@ -68,6 +68,19 @@ pub enum Error {
         /// The error of the call.
         #[source]
         source: io::Error,
+    },
+    /// A map pinned for the instance is not the map this build defines (another type, key or
+    /// value size, capacity or flags): an agent of a build with another layout made it.
+    #[error(
+        "pinned map {pin} was made by a build with another layout ({what}); this agent would \
+         misread it. Move the node's pods off (kubectl drain), run `meshd uninstall`, then \
+         start this agent"
+    )]
+    PinnedMap {
+        /// The pin.
+        pin: PathBuf,
+        /// What differs, pinned against wanted.
+        what: String,
     },
     /// The kernel refused the object (verifier, map creation, BTF).
     #[error("loading the kernel programs: {0}")]
@@ -189,7 +202,9 @@ impl Dataplane {
     /// the kernel object, [`Error::Io`] if bpffs cannot be mounted or the pin tree, the socket
     /// storage map or the mesh cgroup cannot be made or opened, or the kernel refuses an
     /// attachment or its update, or a link cannot be pinned, [`Error::Load`] /
-    /// [`Error::Program`] if the kernel refuses the object.
+    /// [`Error::Program`] if the kernel refuses the object, [`Error::PinnedMap`] before any of
+    /// that if a map pinned for the instance has another layout than this build's
+    /// ([`check_pinned_maps`]).
     pub fn open(instance: &str, mesh_cgroup: &Path) -> Result<Self, Error> {
         check_name(instance)?;
         if OBJECT.is_empty() {
@@ -218,6 +233,7 @@ impl Dataplane {
                     .map_err(io_err(format!("pinning {}", storage.display())))?;
             }
         }
+        check_maps_dir(&maps_dir)?;
         // The loader finds the intention sets' outer map by its pin (see `intentions`).
         let sets = intentions::IntentionSets::open(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
@@ -280,6 +296,73 @@ impl Dataplane {
     pub fn adopted(&self) -> bool {
         self.adopted
     }
+}
+
+/// Checks the maps pinned for `instance`, as [`Dataplane::open`] does first, without loading
+/// or attaching anything: for an agent that must know before it asks the running agent to hand
+/// the node over. Nothing pinned, or a build without the kernel object: `Ok`.
+///
+/// # Errors
+///
+/// [`Error::BadName`] for an invalid instance name, [`Error::PinnedMap`] naming the first map
+/// that differs and how, [`Error::Io`] if the object cannot be parsed or a pin cannot be read.
+pub fn check_pinned_maps(instance: &str) -> Result<(), Error> {
+    check_name(instance)?;
+    if OBJECT.is_empty() {
+        return Ok(());
+    }
+    check_maps_dir(&instance_dir(instance).join("maps"))
+}
+
+/// Checks every map pinned under `maps_dir` against this build's definition of it (type, key
+/// and value size, capacity, flags), before the loader reuses the pins. aya reuses a pinned map
+/// as it finds it; a map of another layout would have this build's programs and user space
+/// misread it (the verifier catches only values that got smaller), and programs that adoption
+/// updates in place would run on it.
+///
+/// # Errors
+///
+/// [`Error::PinnedMap`] naming the first map that differs and how; [`Error::Io`] if the object
+/// cannot be parsed or a pin cannot be read.
+fn check_maps_dir(maps_dir: &Path) -> Result<(), Error> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| Error::Io {
+        what: "parsing the kernel object's map definitions".into(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    let mut names: Vec<&String> = object.maps.keys().collect();
+    names.sort();
+    // The intention sets' outer map is an array of maps that aya cannot define; the object
+    // declares a stand-in, and `IntentionSets::open` makes and checks the real one.
+    for name in names.into_iter().filter(|n| *n != MAP_INTENTION_SETS) {
+        let def = &object.maps[name];
+        let pin = maps_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&pin).map_err(|e| Error::Io {
+            what: format!("reading pinned map {}", pin.display()),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let pinned_type = info.map_type().map_or(u32::MAX, |t| t as u32);
+        let differs = [
+            ("type", pinned_type, def.map_type()),
+            ("key size", info.key_size(), def.key_size()),
+            ("value size", info.value_size(), def.value_size()),
+            ("max entries", info.max_entries(), def.max_entries()),
+            ("flags", info.map_flags(), def.map_flags()),
+        ]
+        .into_iter()
+        .filter(|(_, pinned, wanted)| pinned != wanted)
+        .map(|(what, pinned, wanted)| format!("{what} {pinned}, this build's {wanted}"))
+        .collect::<Vec<_>>();
+        if !differs.is_empty() {
+            return Err(Error::PinnedMap {
+                pin,
+                what: differs.join(", "),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where the fields the sk_msg and sockops programs read sit in the running kernel's structs.
