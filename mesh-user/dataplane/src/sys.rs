@@ -346,6 +346,22 @@ pub fn sk_storage_set(map: BorrowedFd<'_>, socket: BorrowedFd<'_>, value: u64) -
     map_update(map, &key, &value)
 }
 
+/// Whether the operator set the glibc malloc threshold `tunable` (`mmap_threshold`,
+/// `trim_threshold`): by its legacy environment variable (`env_set`) or as
+/// `glibc.malloc.<tunable>` in `GLIBC_TUNABLES` (`tunables`, colon-separated `name=value`
+/// pairs; glibc's "Tunables" manual). [`release_free_memory`] leaves such a threshold as the
+/// operator set it.
+#[cfg(any(target_env = "gnu", test))]
+fn set_by_operator(env_set: bool, tunables: Option<&str>, tunable: &str) -> bool {
+    env_set
+        || tunables.is_some_and(|t| {
+            t.split(':').any(|pair| {
+                pair.split_once('=')
+                    .is_some_and(|(name, _)| name.strip_prefix("glibc.malloc.") == Some(tunable))
+            })
+        })
+}
+
 /// glibc's default `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` (128 KiB, `mallopt(3)`).
 #[cfg(target_env = "gnu")]
 const GLIBC_DEFAULT_THRESHOLD: libc::c_int = 128 * 1024;
@@ -358,15 +374,35 @@ const GLIBC_DEFAULT_THRESHOLD: libc::c_int = 128 * 1024;
 /// from then on buffers of up to that size come from the heap and the heap is not given back
 /// until twice that is free at its top: under a burst of new connections a freshly started agent
 /// grew by 5–7 MiB and kept it. So this sets both thresholds back to glibc's defaults (which
-/// also turns the dynamic adjustment off, for the later loads of pods' sk_lookup programs) and
-/// then calls `malloc_trim(0)`, which shrinks the main heap and, since glibc 2.8, releases
+/// also turns the dynamic adjustment off, for the later loads of pods' sk_lookup programs),
+/// except a threshold the operator set (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or
+/// `GLIBC_TUNABLES`), and then calls `malloc_trim(0)`, which shrinks the main heap and, since glibc 2.8, releases
 /// (`MADV_DONTNEED`) every whole free page of every arena. Returns whether memory was released;
 /// with another C library (musl returns freed memory by itself) it does nothing and returns
 /// `false`.
 pub fn release_free_memory() -> bool {
     #[cfg(target_env = "gnu")]
     {
-        for param in [libc::M_MMAP_THRESHOLD, libc::M_TRIM_THRESHOLD] {
+        let tunables = std::env::var("GLIBC_TUNABLES").ok();
+        let thresholds = [
+            (
+                libc::M_MMAP_THRESHOLD,
+                "MALLOC_MMAP_THRESHOLD_",
+                "mmap_threshold",
+            ),
+            (
+                libc::M_TRIM_THRESHOLD,
+                "MALLOC_TRIM_THRESHOLD_",
+                "trim_threshold",
+            ),
+        ];
+        for (param, _, _) in thresholds.into_iter().filter(|(_, env, tunable)| {
+            !set_by_operator(
+                std::env::var_os(env).is_some(),
+                tunables.as_deref(),
+                tunable,
+            )
+        }) {
             // SAFETY: `mallopt` only sets the allocator's own parameters, under its locks; a
             // threshold of 128 KiB is within the range glibc accepts (it returns 0 otherwise,
             // leaving the parameter as it was).
@@ -504,4 +540,26 @@ pub fn recv_with_fds(
         fds,
         truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_by_operator;
+
+    /// A threshold the operator set, by either of glibc's two ways, is theirs; another
+    /// tunable, or a tunable of another namespace with the same last name, is not.
+    #[test]
+    fn malloc_thresholds_the_operator_set_are_left_alone() {
+        assert!(!set_by_operator(false, None, "mmap_threshold"));
+        assert!(set_by_operator(true, None, "mmap_threshold"));
+        let tunables = "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=1048576";
+        assert!(set_by_operator(false, Some(tunables), "trim_threshold"));
+        assert!(!set_by_operator(false, Some(tunables), "mmap_threshold"));
+        assert!(!set_by_operator(
+            false,
+            Some("glibc.other.mmap_threshold=1"),
+            "mmap_threshold"
+        ));
+        assert!(!set_by_operator(false, Some(""), "trim_threshold"));
+    }
 }
