@@ -668,10 +668,20 @@ pub enum Counter {
     MsgsSpliced = 19,
     /// Bytes of those messages.
     BytesSpliced = 20,
+    /// sk_msg messages of a spliced connection that the splice did not deliver because the
+    /// receiving app had already received its end of stream (from the proxy's socket: its agent
+    /// ended the connection or died); they took the proxy's path, closed or closing.
+    SpliceAfterEof = 21,
 }
 
-/// Number of [`Counter`]s: the size of [`MAP_COUNTERS`] and of [`COUNTERS`].
-pub const COUNTER_COUNT: u32 = 21;
+/// Number of [`Counter`]s: the size of [`COUNTERS`].
+pub const COUNTER_COUNT: u32 = 22;
+
+/// Slots of [`MAP_COUNTERS`], more than [`COUNTER_COUNT`]: room for the counters later builds
+/// add, so that adding one does not change the layout of the pinned map (an agent refuses maps
+/// pinned with another layout at start). Builds before this one had one slot per counter (21).
+pub const COUNTER_SLOTS: u32 = 64;
+const _: () = assert!(COUNTER_COUNT <= COUNTER_SLOTS);
 
 /// Every counter with its name (the metric and JSON name user space shows), in index order: the
 /// one list user space iterates.
@@ -697,6 +707,7 @@ pub const COUNTERS: [(Counter, &str); COUNTER_COUNT as usize] = [
     (Counter::SplicesOpened, "splices_opened"),
     (Counter::MsgsSpliced, "msgs_spliced"),
     (Counter::BytesSpliced, "bytes_spliced"),
+    (Counter::SpliceAfterEof, "splice_after_eof"),
 ];
 
 // `aya::Pod` is an `unsafe` trait (aya copies map keys and values as raw bytes), so this module

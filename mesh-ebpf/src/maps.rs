@@ -81,7 +81,7 @@ pub(crate) static MESHED_ADDRS: HashMap<PodAddrKey, u32> = HashMap::pinned(MAX_P
 #[map]
 pub(crate) static INBOUND_SOCKS: SockMap = SockMap::pinned(MAX_INBOUND_LISTENERS, 0);
 #[map]
-pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// A socket-storage map (`BPF_MAP_TYPE_SK_STORAGE`, key `i32`, value `V`), declared the legacy
 /// way and pinned by name. The kernel creates such a map only with key and value BTF, which this

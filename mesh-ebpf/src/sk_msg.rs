@@ -227,6 +227,7 @@ unsafe fn splice_msg(
     if unsafe { is_shut(peer_sk, cfg, RCV_SHUTDOWN) } {
         // SAFETY: this socket's state, written only by runs that hold the socket's lock.
         unsafe { (*own_state).spliced = 0 };
+        count(Counter::SpliceAfterEof, 1);
         return Splice::Tcp;
     }
     // SAFETY: `psock_of` and `read_kernel` read kernel memory only through

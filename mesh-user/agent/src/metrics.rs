@@ -120,6 +120,9 @@ fn help(counter: KernelCounter) -> &'static str {
         KernelCounter::BytesSpliced => {
             "Bytes of the messages sk_msg delivered from an app socket straight into the other app's socket"
         }
+        KernelCounter::SpliceAfterEof => {
+            "sk_msg messages the splice refused because the receiving app had already received its end of stream"
+        }
     }
 }
 

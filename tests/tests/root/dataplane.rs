@@ -1814,13 +1814,15 @@ fn an_upgraded_agent_runs_its_own_programs_on_the_links_it_adopts() -> Result<()
     Ok(())
 }
 
-/// A map pinned by a build with another layout, here the counters array of a build with one
-/// counter fewer, is refused at start with an error that names the pin and what differs, before
+/// A map pinned by a build with another layout, here the counters array of a build from
+/// before the counters had room to grow, is refused at start with an error that names the pin and what differs, before
 /// anything is attached or updated; once `meshd uninstall` removed the pins, the agent starts.
 #[test]
 fn a_pinned_map_of_another_layout_is_refused_at_start() -> Result<()> {
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-    use mesh_common::{COUNTER_COUNT, MAP_COUNTERS};
+    use mesh_common::{COUNTER_SLOTS, MAP_COUNTERS};
+    /// The counters array of builds before the counters had room to grow: one slot per counter.
+    const OLDER_SLOTS: u32 = 21;
     use std::os::fd::AsFd;
     let node = Node::new()?;
     let dir = mesh_dataplane::bpf::instance_dir(&node.instance());
@@ -1830,7 +1832,7 @@ fn a_pinned_map_of_another_layout_is_refused_at_start() -> Result<()> {
         BPF_MAP_TYPE_PERCPU_ARRAY,
         4,
         8,
-        COUNTER_COUNT - 1,
+        OLDER_SLOTS,
         0,
         None,
     )?;
@@ -1843,8 +1845,7 @@ fn a_pinned_map_of_another_layout_is_refused_at_start() -> Result<()> {
     assert!(
         err.contains(&format!("maps/{MAP_COUNTERS}"))
             && err.contains(&format!(
-                "max entries {}, this build's {COUNTER_COUNT}",
-                COUNTER_COUNT - 1
+                "max entries {OLDER_SLOTS}, this build's {COUNTER_SLOTS}"
             ))
             && err.contains("meshd uninstall"),
         "the error names the pin, what differs and the way out: {err}"

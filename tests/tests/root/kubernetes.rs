@@ -1027,11 +1027,13 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     .with_context(|| format!("web → db is not spliced\n{}", diag()))?;
 
     // First a new agent of a build whose maps have another layout (here the counters pin is
-    // swapped for the counters array of a build with one counter fewer; the old agent keeps
+    // swapped for the counters array of a build from before the counters had room to grow; the old agent keeps
     // the map it opened): it stops before asking for the node, and the old agent, never
     // asked, goes on serving.
     {
-        use mesh_common::{COUNTER_COUNT, MAP_COUNTERS};
+        use mesh_common::MAP_COUNTERS;
+        /// The counters array of builds before the counters had room to grow: one slot per counter.
+        const OLDER_SLOTS: u32 = 21;
         use std::os::fd::AsFd;
         const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
         let pin = mesh_dataplane::bpf::instance_dir(&cluster.node(1).instance())
@@ -1043,7 +1045,7 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
             BPF_MAP_TYPE_PERCPU_ARRAY,
             4,
             8,
-            COUNTER_COUNT - 1,
+            OLDER_SLOTS,
             0,
             None,
         )?;

@@ -299,16 +299,30 @@ fn a_spliced_connection_carries_nothing_after_its_agent_is_killed() -> Result<()
         Some("served received=1000 after_eof=0"),
         "the server app read what came before its end of stream, and nothing after it"
     );
+    // The kernel counted what it refused to splice (the counters stay pinned with no agent).
+    let pin = mesh_dataplane::bpf::instance_dir(&node.instance())
+        .join("maps")
+        .join(mesh_common::MAP_COUNTERS);
+    let counters: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(
+        aya::maps::Map::PerCpuArray(aya::maps::MapData::from_pin(&pin)?),
+    )?;
+    let refused: u64 = counters
+        .get(&(mesh_common::Counter::SpliceAfterEof as u32), 0)?
+        .iter()
+        .sum();
+    assert!(refused > 0, "splice_after_eof counted the refused messages");
     Ok(())
 }
 
 /// An agent that finds the node's maps pinned by a build with another layout (here the
-/// counters array of a build with one counter fewer, put in place while no agent ran) does not
+/// counters array of a build from before the counters had room to grow, put in place while no agent ran) does not
 /// start, in the default `--redirect auto` too: it names the pin and the way out, and does not
 /// fall back to iptables beside the pinned programs, which stay attached as they were.
 #[test]
 fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Result<()> {
-    use mesh_common::{COUNTER_COUNT, MAP_COUNTERS};
+    use mesh_common::MAP_COUNTERS;
+    /// The counters array of builds before the counters had room to grow: one slot per counter.
+    const OLDER_SLOTS: u32 = 21;
     use std::os::fd::AsFd;
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     let mut node = Node::new()?;
@@ -330,7 +344,7 @@ fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Resul
         BPF_MAP_TYPE_PERCPU_ARRAY,
         4,
         8,
-        COUNTER_COUNT - 1,
+        OLDER_SLOTS,
         0,
         None,
     )?;
