@@ -80,11 +80,13 @@ pub enum Error {
     /// why. (`auto` falls back to iptables instead.)
     #[error("the eBPF dataplane was asked for but cannot run here: {0}")]
     NoEbpf(mesh_dataplane::bpf::Error),
-    /// The node's pinned maps were made by a build with another layout
-    /// ([`mesh_dataplane::bpf::Error::PinnedMap`]): the agent does not start, in any redirect
-    /// mode (`auto` does not fall back to iptables beside programs that still steer).
-    #[error("{0}")]
-    PinnedMaps(mesh_dataplane::bpf::Error),
+    /// Kernel programs an agent pinned still steer the node, and this agent cannot take them
+    /// over: maps pinned with another layout ([`mesh_dataplane::bpf::Error::PinnedMap`]), or
+    /// any error of the eBPF dataplane while links are pinned. The agent does not start, in
+    /// any redirect mode: `auto` falls back to iptables only on a node where nothing is
+    /// pinned, never beside programs that still steer.
+    #[error("the kernel programs pinned on this node still steer it, and this agent cannot take them over: {0}")]
+    Pinned(mesh_dataplane::bpf::Error),
     /// The kernel could not take a rule set; it now lets the proxy decide every connection
     /// (see [`KernelRules::ProxyDecides`]).
     #[error("the kernel cannot hold the intentions ({0}); the proxy decides every connection")]
@@ -292,7 +294,7 @@ impl Agent {
     /// # Errors
     ///
     /// [`Error::Catalog`] for an invalid catalog, [`Error::NoEbpf`] if eBPF was required and
-    /// cannot run, [`Error::PinnedMaps`] if the node's pinned maps are of another build, [`Error::Io`] if the state directory cannot be created, and the errors of
+    /// cannot run, [`Error::Pinned`] if programs pinned on the node cannot be taken over, [`Error::Io`] if the state directory cannot be created, and the errors of
     /// loading names and the CA, configuring the proxy and writing the kernel maps.
     pub async fn start(cfg: AgentConfig, catalog: Catalog, rules: RuleSet) -> Result<Self, Error> {
         Self::start_with_metrics(cfg, catalog, rules, Arc::new(metrics::Metrics::new())).await
@@ -358,7 +360,7 @@ impl Agent {
             Redirect::Ebpf => Steering::Ebpf(Box::new(
                 mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup).map_err(
                     |e| match e {
-                        e @ mesh_dataplane::bpf::Error::PinnedMap { .. } => Error::PinnedMaps(e),
+                        e @ mesh_dataplane::bpf::Error::PinnedMap { .. } => Error::Pinned(e),
                         e => Error::NoEbpf(e),
                     },
                 )?,
@@ -366,8 +368,12 @@ impl Agent {
             Redirect::Auto => {
                 match mesh_dataplane::bpf::Dataplane::open(&cfg.instance, &cfg.mesh_cgroup) {
                     Ok(dp) => Steering::Ebpf(Box::new(dp)),
-                    Err(e @ mesh_dataplane::bpf::Error::PinnedMap { .. }) => {
-                        return Err(Error::PinnedMaps(e));
+                    Err(e)
+                        if matches!(e, mesh_dataplane::bpf::Error::PinnedMap { .. })
+                            || mesh_dataplane::bpf::pinned_link_ids(&cfg.instance)
+                                .is_ok_and(|links| !links.is_empty()) =>
+                    {
+                        return Err(Error::Pinned(e));
                     }
                     Err(e) => {
                         warn!(error = %e, "the eBPF dataplane cannot run here; using iptables");
@@ -847,8 +853,11 @@ impl Agent {
     }
 
     async fn start_pod(&mut self, w: &Workload) -> Result<Pod, Error> {
+        // A pod an agent of another build steered runs this build's kernel code from here on,
+        // whatever happens next.
+        self.steering.refresh_pod(w)?;
         // The leaf first (from `meshd ca`, a network round trip): a pod whose identity the CA
-        // refuses is left out before anything of it is set up.
+        // refuses is left out before anything else of it is set up.
         self.identity.prepare(&w.service_ref()).await?;
         let netns = NetNs::open(&w.netns)?;
         let cgroup_id = mesh_dataplane::bpf::CgroupId(mesh_dataplane::cgroup::id(&w.cgroup)?);

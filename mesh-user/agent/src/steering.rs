@@ -291,6 +291,27 @@ impl Steering {
         }
     }
 
+    /// Makes the pinned links of a pod an agent attached before run this build's programs
+    /// ([`mesh_dataplane::bpf::Dataplane::attach_pod`] adopts, updates in place or replaces
+    /// each), first thing in the pod's start: a pod whose start then fails (a CA that does not
+    /// answer) does not stay on another build's kernel code. A pod with nothing pinned is left
+    /// to [`Steering::add_pod`]; iptables steering has nothing to refresh.
+    ///
+    /// # Errors
+    ///
+    /// The dataplane's, and opening the pod's network namespace.
+    pub fn refresh_pod(&mut self, w: &Workload) -> Result<(), Error> {
+        let Steering::Ebpf(dp) = self else {
+            return Ok(());
+        };
+        if !dp.pod_pinned(&w.pin_name())? {
+            return Ok(());
+        }
+        let netns = mesh_dataplane::netns::NetNs::open(&w.netns)?;
+        dp.attach_pod(&w.pin_name(), &w.cgroup, &netns)?;
+        Ok(())
+    }
+
     /// Sets up one pod: attachments and its per-pod map entries, or its iptables chains.
     /// `identity` is the pod's (namespace, service) name ids from [`Names`]. In eBPF mode the
     /// pod map entry goes last, so the pod is steered only once everything else is in place.

@@ -490,6 +490,88 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     })
 }
 
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+
+/// What the kernel says about a loaded program (`struct bpf_prog_info`), the fields adoption
+/// compares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgInfo {
+    /// The program's kernel id.
+    pub id: u32,
+    /// Its name as the kernel keeps it (at most 15 bytes).
+    pub name: Vec<u8>,
+    /// Its tag: a hash of its instructions with the map references left out, so one build's
+    /// code of a program has one tag whatever maps and global data it was loaded with.
+    pub tag: [u8; 8],
+    /// The names of the maps it uses, sorted (the global data sections' maps included).
+    pub map_names: Vec<Vec<u8>>,
+}
+
+/// The program of kernel id `id`: `BPF_PROG_GET_FD_BY_ID` (Linux 4.13), then
+/// `BPF_OBJ_GET_INFO_BY_FD` twice (the second with room for its map ids, 4.15), and the name of
+/// each map by `BPF_MAP_GET_FD_BY_ID`. One lookup, where listing the loaded programs to find
+/// one costs a call per program on the machine.
+///
+/// # Errors
+///
+/// The `bpf(2)` errno: `ENOENT` if no program (or one of its maps) has that id any more,
+/// `EPERM` without privileges.
+pub fn prog_info(id: u32) -> io::Result<ProgInfo> {
+    use std::os::fd::{AsFd, FromRawFd};
+    let by_id = |cmd, id: u32| -> io::Result<std::os::fd::OwnedFd> {
+        let mut attr = BpfAttr([0; 128]);
+        attr.0[0..4].copy_from_slice(&id.to_ne_bytes());
+        let fd = bpf(cmd, &mut attr)?;
+        // SAFETY: on success the GET_FD_BY_ID commands return a new descriptor we now own.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    };
+    // struct bpf_prog_info: type u32 @0, id @4, tag [u8; 8] @8, ..., nr_map_ids u32 @52,
+    // map_ids u64 (a pointer) @56, name [u8; 16] @64; 26 u64 words cover it.
+    let info_of = |fd: BorrowedFd<'_>, info: &mut [u64; 26]| -> io::Result<()> {
+        let mut attr = BpfAttr([0; 128]);
+        attr.0[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(std::mem::size_of_val(info) as u32).to_ne_bytes());
+        attr.0[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        Ok(())
+    };
+    let prog = by_id(BPF_PROG_GET_FD_BY_ID, id)?;
+    let mut info = [0u64; 26];
+    info_of(prog.as_fd(), &mut info)?;
+    let bytes =
+        |info: &[u64; 26]| -> Vec<u8> { info.iter().flat_map(|w| w.to_ne_bytes()).collect() };
+    let first = bytes(&info);
+    let nr_map_ids = u32::from_ne_bytes(first[52..56].try_into().expect("4 bytes"));
+    let mut map_ids = vec![0u32; nr_map_ids as usize];
+    let mut info = [0u64; 26];
+    // Ask again with room for the map ids: nr_map_ids (u32 @52) and the pointer (@56).
+    info[6] = u64::from(nr_map_ids) << 32;
+    info[7] = map_ids.as_mut_ptr() as u64;
+    info_of(prog.as_fd(), &mut info)?;
+    let b = bytes(&info);
+    let name_field = &b[64..80];
+    let name_len = name_field.iter().position(|&c| c == 0).unwrap_or(16);
+    // struct bpf_map_info: ..., name [u8; 16] @24.
+    let mut map_names = Vec::with_capacity(map_ids.len());
+    for map in map_ids {
+        let fd = by_id(BPF_MAP_GET_FD_BY_ID, map)?;
+        let mut info = [0u64; 26];
+        info_of(fd.as_fd(), &mut info)?;
+        let mb = bytes(&info);
+        let name = &mb[24..40];
+        let len = name.iter().position(|&c| c == 0).unwrap_or(16);
+        map_names.push(name[..len].to_vec());
+    }
+    map_names.sort();
+    Ok(ProgInfo {
+        id,
+        name: name_field[..name_len].to_vec(),
+        tag: b[8..16].try_into().expect("8 bytes"),
+        map_names,
+    })
+}
+
 /// What [`recv_with_fds`] read.
 #[derive(Debug)]
 pub struct ReceivedFds {

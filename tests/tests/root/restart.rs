@@ -314,17 +314,23 @@ fn a_spliced_connection_carries_nothing_after_its_agent_is_killed() -> Result<()
     Ok(())
 }
 
-/// An agent that finds the node's maps pinned by a build with another layout (here the
-/// counters array of a build from before the counters had room to grow, put in place while no agent ran) does not
-/// start, in the default `--redirect auto` too: it names the pin and the way out, and does not
-/// fall back to iptables beside the pinned programs, which stay attached as they were.
+/// An agent that finds the node's maps pinned by a build with another layout, put in place
+/// while no agent ran, does not start, in the default `--redirect auto` too: it names the pin
+/// and the command that removes the pins, and does not fall back to iptables beside the pinned
+/// programs, which stay attached as they were. Two maps of another layout, one at a time: the
+/// counters array of the builds before the counters had room to grow (a map the kernel object
+/// defines), and an intention set with a larger value (a map user space makes).
 #[test]
 fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Result<()> {
-    use mesh_common::MAP_COUNTERS;
+    use mesh_common::{
+        IntentionKey, IntentionValue, MAP_COUNTERS, MAP_INTENTIONS_0, MAX_INTENTIONS,
+    };
+    use std::os::fd::AsFd;
+    // enum bpf_map_type
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     /// The counters array of builds before the counters had room to grow: one slot per counter.
     const OLDER_SLOTS: u32 = 21;
-    use std::os::fd::AsFd;
-    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     let mut node = Node::new()?;
     let (_web, _api, _vip, catalog) = web_and_api(&mut node, 32)?;
     let dir = tempfile::tempdir()?;
@@ -335,60 +341,71 @@ fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Resul
     meshd.kill()?;
     meshd.wait()?;
     let links = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?;
+    let maps = mesh_dataplane::bpf::instance_dir(&node.instance()).join("maps");
 
-    let pin = mesh_dataplane::bpf::instance_dir(&node.instance())
-        .join("maps")
-        .join(MAP_COUNTERS);
-    let older = mesh_dataplane::sys::create_map(
-        MAP_COUNTERS,
-        BPF_MAP_TYPE_PERCPU_ARRAY,
-        4,
-        8,
-        OLDER_SLOTS,
-        0,
-        None,
-    )?;
-    std::fs::remove_file(&pin)?;
-    mesh_dataplane::sys::obj_pin(older.as_fd(), &pin)?;
+    let key = std::mem::size_of::<IntentionKey>() as u32;
+    let value = std::mem::size_of::<IntentionValue>() as u32;
+    for (name, map_type, key, value, entries) in [
+        (MAP_COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, OLDER_SLOTS),
+        (
+            MAP_INTENTIONS_0,
+            BPF_MAP_TYPE_HASH,
+            key,
+            value + 4,
+            MAX_INTENTIONS,
+        ),
+    ] {
+        let pin = maps.join(name);
+        let current = mesh_dataplane::sys::obj_get(&pin)?;
+        let other = mesh_dataplane::sys::create_map(name, map_type, key, value, entries, 0, None)?;
+        std::fs::remove_file(&pin)?;
+        mesh_dataplane::sys::obj_pin(other.as_fd(), &pin)?;
 
-    let mut child = Command::new(bin_path("meshd")?)
-        .args(["run", "--redirect", "auto", "--catalog"])
-        .arg(&catalog_path)
-        .arg("--instance")
-        .arg(node.instance())
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--mesh-cgroup")
-        .arg(&node.mesh_cgroup)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            bail!("meshd ran on maps of another layout");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().context("stderr")?, &mut stderr)?;
-    assert!(
-        !status.success()
-            && stderr.contains(&format!("maps/{MAP_COUNTERS}"))
-            && stderr.contains("meshd uninstall")
-            && !stderr.contains("using iptables"),
-        "meshd ({status}) did not refuse the pinned map: {stderr}"
-    );
-    assert_eq!(
-        mesh_dataplane::bpf::pinned_link_ids(&node.instance())?,
-        links,
-        "the pinned programs stay attached"
-    );
+        let mut child = Command::new(bin_path("meshd")?)
+            .args(["run", "--redirect", "auto", "--catalog"])
+            .arg(&catalog_path)
+            .arg("--instance")
+            .arg(node.instance())
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--mesh-cgroup")
+            .arg(&node.mesh_cgroup)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                bail!("meshd ran on a {name} of another layout");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().context("stderr")?, &mut stderr)?;
+        assert!(
+            !status.success()
+                && stderr.contains(&format!("maps/{name}"))
+                && stderr.contains(&format!("meshd uninstall --instance {}", node.instance()))
+                && !stderr.contains("using iptables"),
+            "meshd ({status}) did not refuse the pinned {name}: {stderr}"
+        );
+        assert_eq!(
+            mesh_dataplane::bpf::pinned_link_ids(&node.instance())?,
+            links,
+            "the pinned programs stay attached"
+        );
+        std::fs::remove_file(&pin)?;
+        mesh_dataplane::sys::obj_pin(current.as_fd(), &pin)?;
+    }
+    // With the maps as they were, the agent starts again.
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    meshd.kill()?;
+    meshd.wait()?;
     Ok(())
 }

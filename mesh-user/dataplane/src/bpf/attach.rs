@@ -185,6 +185,22 @@ impl Dataplane {
         remove_pins(&self.dir.join("pods").join(pod))
     }
 
+    /// Whether anything is pinned for `pod` (an agent attached its programs before).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadName`] for an invalid pod name, [`Error::Io`] if its directory exists but
+    /// cannot be read.
+    pub fn pod_pinned(&self, pod: &str) -> Result<bool, Error> {
+        check_name(pod)?;
+        let dir = self.dir.join("pods").join(pod);
+        match fs::read_dir(&dir) {
+            Ok(mut entries) => Ok(entries.next().is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(format!("reading {}", dir.display()))(e)),
+        }
+    }
+
     /// The pods whose programs are pinned under this instance.
     ///
     /// # Errors
@@ -241,9 +257,9 @@ impl Target {
 /// A program of the loaded object, as a pinned link must run it.
 struct Program<'a> {
     name: &'static str,
-    /// The kernel's tag of its code (`bpf_prog_info.tag`: a hash of the instructions with map
-    /// references left out), which tells one build's code from another's.
-    tag: u64,
+    /// What the kernel says of it: its tag (a hash of its code with map references left out)
+    /// and the names of its maps, which together tell one build's program from another's.
+    info: crate::sys::ProgInfo,
     attach_type: u32,
     fd: BorrowedFd<'a>,
 }
@@ -252,14 +268,25 @@ impl<'a> Program<'a> {
     fn of(ebpf: &'a Ebpf, name: &'static str, attach_type: u32) -> Result<Self, Error> {
         let prog = ebpf.program(name).ok_or(Error::Missing(name))?;
         let program_err = |source| Error::Program { name, source };
-        let tag = prog.info().map_err(program_err)?.tag();
+        let id = prog.info().map_err(program_err)?.id();
+        let info = crate::sys::prog_info(id)
+            .map_err(io_err(format!("reading the kernel's info of {name}")))?;
         let fd = prog.fd().map_err(program_err)?.as_fd();
         Ok(Self {
             name,
-            tag,
+            info,
             attach_type,
             fd,
         })
+    }
+
+    /// Whether the program `running` (a pinned link's) is this one's code: the same tag and
+    /// maps of the same names. The tag leaves out which maps the code uses (and so global data,
+    /// which sits in maps: each pod's sk_lookup instance has its own netns cookie and the same
+    /// tag); the map names catch a build that only renamed a map. A build that changed only a
+    /// constant in global data is not told apart.
+    fn is_running(&self, running: &crate::sys::ProgInfo) -> bool {
+        running.tag == self.info.tag && running.map_names == self.info.map_names
     }
 
     /// A descriptor of the program that outlives the object it was loaded with.
@@ -270,12 +297,17 @@ impl<'a> Program<'a> {
     }
 }
 
+/// A tag as the kernel and bpftool print it: 16 hex digits.
+fn hex(tag: &[u8; 8]) -> String {
+    tag.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A pinned link that adoption can keep.
 struct PinnedLink {
     fd: OwnedFd,
     id: u32,
-    /// The kernel tag of the program it runs.
-    prog_tag: u64,
+    /// The program it runs.
+    prog: crate::sys::ProgInfo,
 }
 
 /// Why the link pinned at `path` cannot be adopted as the attachment of program `prog` to
@@ -316,35 +348,33 @@ fn pinned_link(path: &Path, prog: &str, target: Target) -> Result<PinnedLink, St
     }
     // Program names are kept to 15 bytes by the kernel.
     let short = &prog.as_bytes()[..prog.len().min(15)];
-    let running = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == info.prog_id)
-        .ok_or_else(|| {
-            format!(
-                "link {} runs program id {} which cannot be found",
-                info.id, info.prog_id
-            )
-        })?;
-    if running.name() != short {
+    let running = crate::sys::prog_info(info.prog_id).map_err(|e| {
+        format!(
+            "link {} runs program id {} which cannot be read ({e})",
+            info.id, info.prog_id
+        )
+    })?;
+    if running.name != short {
         return Err(format!(
             "link {} runs program {:?}, not {prog}",
             info.id,
-            String::from_utf8_lossy(running.name())
+            String::from_utf8_lossy(&running.name)
         ));
     }
     Ok(PinnedLink {
         fd,
         id: info.id,
-        prog_tag: running.tag(),
+        prog: running,
     })
 }
 
 /// The one attach → pin (or adopt) sequence. A good link pinned at `path` (see
-/// [`pinned_link`]) is adopted; if it runs another build's code of the program (an agent of
-/// another version pinned it), it is made to run `program`'s in place, so an upgrade's kernel
-/// fixes apply to running pods without a gap. Otherwise `make` gives the program to attach to
-/// `target_fd`, and only then is the old pin removed (which detaches that link) and the new
-/// link pinned, so the live cgroup or namespace is never without the program.
+/// [`pinned_link`]) is adopted; if it runs another build's program ([`Program::is_running`]:
+/// an agent of another version pinned it), it is made to run `program` in place, so an
+/// upgrade's kernel fixes apply to running pods without a gap. Otherwise, or if the kernel
+/// refuses that update, `make` gives the program to attach to `target_fd`, and only then is the
+/// old pin removed (which detaches that link) and the new link pinned, so the live cgroup or
+/// namespace is never without the program.
 fn attach_pinned(
     path: &Path,
     program: &Program<'_>,
@@ -353,32 +383,34 @@ fn attach_pinned(
     make: impl FnOnce() -> Result<OwnedFd, Error>,
 ) -> Result<(), Error> {
     let name = program.name;
-    let stale = if path.exists() {
-        match pinned_link(path, name, target) {
-            Ok(link) if link.prog_tag == program.tag => return Ok(()),
-            Ok(link) => {
-                let fd = make()?;
-                crate::sys::link_update(link.fd.as_fd(), fd.as_fd()).map_err(io_err(format!(
-                    "updating the program of link {} ({})",
-                    link.id,
-                    path.display()
-                )))?;
+    let found = path.exists().then(|| pinned_link(path, name, target));
+    if let Some(Ok(link)) = &found {
+        if program.is_running(&link.prog) {
+            return Ok(());
+        }
+    }
+    let fd = make()?;
+    let stale = match found {
+        Some(Ok(link)) => match crate::sys::link_update(link.fd.as_fd(), fd.as_fd()) {
+            Ok(()) => {
                 tracing::info!(
                     pin = %path.display(),
-                    "link {} on {target:?} ran {name} of another build (tag {:016x}); it now \
-                     runs this build's (tag {:016x})",
+                    "link {} on {target:?} ran {name} of another build (tag {}); it now runs \
+                     this build's (tag {})",
                     link.id,
-                    link.prog_tag,
-                    program.tag
+                    hex(&link.prog.tag),
+                    hex(&program.info.tag)
                 );
                 return Ok(());
             }
-            Err(why) => Some(why),
-        }
-    } else {
-        None
+            Err(e) => Some(format!(
+                "link {} runs {name} of another build and the kernel refused to update it ({e})",
+                link.id
+            )),
+        },
+        Some(Err(why)) => Some(why),
+        None => None,
     };
-    let fd = make()?;
     let link = crate::sys::link_create(fd.as_fd(), target_fd, program.attach_type, 0)
         .map_err(io_err(format!("attaching {name} to {target:?}")))?;
     if let Some(why) = stale {

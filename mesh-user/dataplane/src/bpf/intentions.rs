@@ -36,7 +36,18 @@ use super::{io_err, Dataplane, Error};
 use crate::sys;
 
 /// The two sets' pin names, by index.
-const SET_NAMES: [&str; 2] = [MAP_INTENTIONS_0, MAP_INTENTIONS_1];
+pub(super) const SET_NAMES: [&str; 2] = [MAP_INTENTIONS_0, MAP_INTENTIONS_1];
+/// `(type, key size, value size, max entries, flags)` of each intention set, as
+/// [`IntentionSets::open`] makes it.
+pub(super) const SET_LAYOUT: [u32; 5] = [
+    sys::BPF_MAP_TYPE_HASH,
+    std::mem::size_of::<IntentionKey>() as u32,
+    std::mem::size_of::<IntentionValue>() as u32,
+    MAX_INTENTIONS,
+    0,
+];
+/// The same of the outer map, [`MAP_INTENTION_SETS`]: one slot holding a set's id.
+pub(super) const OUTER_LAYOUT: [u32; 5] = [sys::BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, 0];
 
 /// One change of an intention set: the key's new value, or `None` to remove it.
 pub type IntentionChange = (IntentionKey, Option<IntentionValue>);
@@ -105,24 +116,15 @@ impl IntentionSets {
     /// [`Error::Io`] if a map cannot be created, pinned or opened, or a pin of that name is a
     /// map of another type or size (a pin tree of another version: `meshd uninstall` first).
     pub(super) fn open(maps_dir: &Path) -> Result<Self, Error> {
-        let key = std::mem::size_of::<IntentionKey>() as u32;
-        let value = std::mem::size_of::<IntentionValue>() as u32;
+        let [set_type, key, value, capacity, flags] = SET_LAYOUT;
         let mut sets = Vec::with_capacity(2);
         let mut fds = Vec::with_capacity(2);
         let mut ids = [0; 2];
         for (i, name) in SET_NAMES.iter().enumerate() {
             let path = maps_dir.join(name);
             if !path.exists() {
-                let fd = sys::create_map(
-                    name,
-                    sys::BPF_MAP_TYPE_HASH,
-                    key,
-                    value,
-                    MAX_INTENTIONS,
-                    0,
-                    None,
-                )
-                .map_err(io_err(format!("creating the intention set {name}")))?;
+                let fd = sys::create_map(name, set_type, key, value, capacity, flags, None)
+                    .map_err(io_err(format!("creating the intention set {name}")))?;
                 sys::obj_pin(fd.as_fd(), &path)
                     .map_err(io_err(format!("pinning {}", path.display())))?;
             }
@@ -145,13 +147,14 @@ impl IntentionSets {
         if !path.exists() {
             let template = sys::obj_get(&maps_dir.join(MAP_INTENTIONS_0))
                 .map_err(io_err(format!("opening {MAP_INTENTIONS_0}")))?;
+            let [outer_type, key, value, slots, flags] = OUTER_LAYOUT;
             let fd = sys::create_map(
                 MAP_INTENTION_SETS,
-                sys::BPF_MAP_TYPE_ARRAY_OF_MAPS,
-                4,
-                4,
-                1,
-                0,
+                outer_type,
+                key,
+                value,
+                slots,
+                flags,
                 Some(template.as_fd()),
             )
             .map_err(io_err(format!("creating {MAP_INTENTION_SETS}")))?;

@@ -73,14 +73,17 @@ pub enum Error {
     /// value size, capacity or flags): an agent of a build with another layout made it.
     #[error(
         "pinned map {pin} was made by a build with another layout ({what}); this agent would \
-         misread it. Move the node's pods off (kubectl drain), run `meshd uninstall`, then \
-         start this agent"
+         misread it, and does not start. Move the node's pods off (kubectl drain), stop the \
+         agent, run `meshd uninstall --instance {instance}` (in Kubernetes, in the running \
+         agent's pod), then start this agent"
     )]
     PinnedMap {
         /// The pin.
         pin: PathBuf,
         /// What differs, pinned against wanted.
         what: String,
+        /// The instance, for the command that removes its pins.
+        instance: String,
     },
     /// The kernel refused the object (verifier, map creation, BTF).
     #[error("loading the kernel programs: {0}")]
@@ -233,7 +236,7 @@ impl Dataplane {
                     .map_err(io_err(format!("pinning {}", storage.display())))?;
             }
         }
-        check_maps_dir(&maps_dir)?;
+        check_maps_dir(instance, &maps_dir)?;
         // The loader finds the intention sets' outer map by its pin (see `intentions`).
         let sets = intentions::IntentionSets::open(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
@@ -311,12 +314,13 @@ pub fn check_pinned_maps(instance: &str) -> Result<(), Error> {
     if OBJECT.is_empty() {
         return Ok(());
     }
-    check_maps_dir(&instance_dir(instance).join("maps"))
+    check_maps_dir(instance, &instance_dir(instance).join("maps"))
 }
 
 /// Checks every map pinned under `maps_dir` against this build's definition of it (type, key
-/// and value size, capacity, flags), before the loader reuses the pins. aya reuses a pinned map
-/// as it finds it; a map of another layout would have this build's programs and user space
+/// and value size, capacity, flags), before the loader reuses the pins: the maps the object
+/// defines, and the intention sets, which user space makes (`intentions`). aya reuses a pinned
+/// map as it finds it; a map of another layout would have this build's programs and user space
 /// misread it (the verifier catches only values that got smaller), and programs that adoption
 /// updates in place would run on it.
 ///
@@ -324,18 +328,38 @@ pub fn check_pinned_maps(instance: &str) -> Result<(), Error> {
 ///
 /// [`Error::PinnedMap`] naming the first map that differs and how; [`Error::Io`] if the object
 /// cannot be parsed or a pin cannot be read.
-fn check_maps_dir(maps_dir: &Path) -> Result<(), Error> {
+fn check_maps_dir(instance: &str, maps_dir: &Path) -> Result<(), Error> {
     let object = aya_obj::Object::parse(OBJECT).map_err(|e| Error::Io {
         what: "parsing the kernel object's map definitions".into(),
         source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
     })?;
-    let mut names: Vec<&String> = object.maps.keys().collect();
-    names.sort();
-    // The intention sets' outer map is an array of maps that aya cannot define; the object
-    // declares a stand-in, and `IntentionSets::open` makes and checks the real one.
-    for name in names.into_iter().filter(|n| *n != MAP_INTENTION_SETS) {
-        let def = &object.maps[name];
-        let pin = maps_dir.join(name);
+    let set = intentions::SET_LAYOUT;
+    let mut wanted: Vec<(String, [u32; 5])> = object
+        .maps
+        .iter()
+        // The intention sets' outer map is an array of maps that aya cannot define; the object
+        // declares a stand-in. It is made by hand, with the two sets, below.
+        .filter(|(name, _)| name.as_str() != MAP_INTENTION_SETS)
+        .map(|(name, def)| {
+            let layout = [
+                def.map_type(),
+                def.key_size(),
+                def.value_size(),
+                def.max_entries(),
+                def.map_flags(),
+            ];
+            (name.clone(), layout)
+        })
+        .chain(
+            intentions::SET_NAMES
+                .iter()
+                .map(|name| (name.to_string(), set)),
+        )
+        .chain([(MAP_INTENTION_SETS.to_string(), intentions::OUTER_LAYOUT)])
+        .collect();
+    wanted.sort();
+    for (name, want) in wanted {
+        let pin = maps_dir.join(&name);
         if !pin.exists() {
             continue;
         }
@@ -344,25 +368,42 @@ fn check_maps_dir(maps_dir: &Path) -> Result<(), Error> {
             source: io::Error::other(e.to_string()),
         })?;
         let pinned_type = info.map_type().map_or(u32::MAX, |t| t as u32);
-        let differs = [
-            ("type", pinned_type, def.map_type()),
-            ("key size", info.key_size(), def.key_size()),
-            ("value size", info.value_size(), def.value_size()),
-            ("max entries", info.max_entries(), def.max_entries()),
-            ("flags", info.map_flags(), def.map_flags()),
-        ]
-        .into_iter()
-        .filter(|(_, pinned, wanted)| pinned != wanted)
-        .map(|(what, pinned, wanted)| format!("{what} {pinned}, this build's {wanted}"))
-        .collect::<Vec<_>>();
+        let pinned = [
+            pinned_type,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        ];
+        let differs = ["type", "key size", "value size", "max entries", "flags"]
+            .into_iter()
+            .zip(pinned.into_iter().zip(want))
+            .filter(|(_, (pinned, wanted))| pinned != wanted)
+            .map(|(what, (pinned, wanted))| match what {
+                "type" => format!(
+                    "type {}, this build's {}",
+                    map_type_name(pinned),
+                    map_type_name(wanted)
+                ),
+                _ => format!("{what} {pinned}, this build's {wanted}"),
+            })
+            .collect::<Vec<_>>();
         if !differs.is_empty() {
             return Err(Error::PinnedMap {
                 pin,
                 what: differs.join(", "),
+                instance: instance.to_string(),
             });
         }
     }
     Ok(())
+}
+
+/// A map type as the kernel's `enum bpf_map_type` names it (`BPF_MAP_TYPE_HASH`), or its number.
+fn map_type_name(t: u32) -> String {
+    aya_obj::generated::bpf_map_type::try_from(t)
+        .map(|t| format!("{t:?}"))
+        .unwrap_or_else(|_| t.to_string())
 }
 
 /// Where the fields the sk_msg and sockops programs read sit in the running kernel's structs.
