@@ -63,3 +63,39 @@ pub fn return_program(
     // SAFETY: BPF_PROG_LOAD returned a new descriptor, owned by no one else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
+
+/// The counters array as the builds before the counters had room to grow pinned it: a per-CPU
+/// array with one slot for each of their 21 counters, where this build's has
+/// [`mesh_common::COUNTER_SLOTS`]. A map of another layout, for tests of what an agent does
+/// with one.
+///
+/// # Errors
+///
+/// The `bpf(2)` errno of the map's creation.
+pub fn older_counters_map() -> Result<OwnedFd> {
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const OLDER_SLOTS: u32 = 21;
+    Ok(mesh_dataplane::sys::create_map(
+        mesh_common::MAP_COUNTERS,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        8,
+        OLDER_SLOTS,
+        0,
+        None,
+    )?)
+}
+
+/// Pins `map` at `pin` in place of the map pinned there, and returns that one (pin it back with
+/// this function to undo).
+///
+/// # Errors
+///
+/// Opening, unpinning or pinning fails (the errno, with the path).
+pub fn swap_pin(pin: &std::path::Path, map: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd> {
+    use anyhow::Context;
+    let current = mesh_dataplane::sys::obj_get(pin).with_context(|| pin.display().to_string())?;
+    std::fs::remove_file(pin).with_context(|| pin.display().to_string())?;
+    mesh_dataplane::sys::obj_pin(map, pin).with_context(|| pin.display().to_string())?;
+    Ok(current)
+}

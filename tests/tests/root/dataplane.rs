@@ -1819,23 +1819,12 @@ fn an_upgraded_agent_runs_its_own_programs_on_the_links_it_adopts() -> Result<()
 /// anything is attached or updated; once `meshd uninstall` removed the pins, the agent starts.
 #[test]
 fn a_pinned_map_of_another_layout_is_refused_at_start() -> Result<()> {
-    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     use mesh_common::{COUNTER_SLOTS, MAP_COUNTERS};
-    /// The counters array of builds before the counters had room to grow: one slot per counter.
-    const OLDER_SLOTS: u32 = 21;
     use std::os::fd::AsFd;
     let node = Node::new()?;
     let dir = mesh_dataplane::bpf::instance_dir(&node.instance());
     std::fs::create_dir_all(dir.join("maps"))?;
-    let older = mesh_dataplane::sys::create_map(
-        MAP_COUNTERS,
-        BPF_MAP_TYPE_PERCPU_ARRAY,
-        4,
-        8,
-        OLDER_SLOTS,
-        0,
-        None,
-    )?;
+    let older = mesh_kit::stand_in::older_counters_map()?;
     mesh_dataplane::sys::obj_pin(older.as_fd(), &dir.join("maps").join(MAP_COUNTERS))?;
 
     let err = match open_dataplane(&node) {
@@ -1844,9 +1833,7 @@ fn a_pinned_map_of_another_layout_is_refused_at_start() -> Result<()> {
     };
     assert!(
         err.contains(&format!("maps/{MAP_COUNTERS}"))
-            && err.contains(&format!(
-                "max entries {OLDER_SLOTS}, this build's {COUNTER_SLOTS}"
-            ))
+            && err.contains(&format!("max entries 21, this build's {COUNTER_SLOTS}"))
             && err.contains("meshd uninstall"),
         "the error names the pin, what differs and the way out: {err}"
     );

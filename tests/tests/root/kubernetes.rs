@@ -1027,36 +1027,23 @@ fn a_rolling_update_keeps_same_node_connections_and_the_new_agent_revokes_them()
     .with_context(|| format!("web → db is not spliced\n{}", diag()))?;
 
     // First a new agent of a build whose maps have another layout (here the counters pin is
-    // swapped for the counters array of a build from before the counters had room to grow; the old agent keeps
-    // the map it opened): it stops before asking for the node, and the old agent, never
-    // asked, goes on serving.
+    // swapped for the counters array of the builds before the counters had room to grow; the
+    // old agent keeps the map it opened): it stops before asking for the node, and the old
+    // agent, never asked, goes on serving.
     {
         use mesh_common::MAP_COUNTERS;
-        /// The counters array of builds before the counters had room to grow: one slot per counter.
-        const OLDER_SLOTS: u32 = 21;
+        use mesh_kit::stand_in::{older_counters_map, swap_pin};
         use std::os::fd::AsFd;
-        const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
         let pin = mesh_dataplane::bpf::instance_dir(&cluster.node(1).instance())
             .join("maps")
             .join(MAP_COUNTERS);
-        let counters = mesh_dataplane::sys::obj_get(&pin)?;
-        let older = mesh_dataplane::sys::create_map(
-            MAP_COUNTERS,
-            BPF_MAP_TYPE_PERCPU_ARRAY,
-            4,
-            8,
-            OLDER_SLOTS,
-            0,
-            None,
-        )?;
-        std::fs::remove_file(&pin)?;
-        mesh_dataplane::sys::obj_pin(older.as_fd(), &pin)?;
+        let older = older_counters_map()?;
+        let counters = swap_pin(&pin, older.as_fd())?;
         let mut mismatched = agent("mismatched", "pod-mismatched")?;
         let status = until(Duration::from_secs(30), || {
             mismatched.try_wait().ok().flatten()
         });
-        std::fs::remove_file(&pin)?;
-        mesh_dataplane::sys::obj_pin(counters.as_fd(), &pin)?;
+        swap_pin(&pin, counters.as_fd())?;
         let status = status.with_context(|| {
             let _ = mismatched.kill();
             format!("the mismatched agent did not stop\n{}", diag())

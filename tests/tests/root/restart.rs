@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -13,29 +14,46 @@ use anyhow::{bail, ensure, Context, Result};
 use mesh_core::catalog::{Catalog, Endpoint, Protocol, Service};
 use mesh_kit::{bin_path, wait_limit, workload, Node, Pod};
 
+/// `meshd run` for `node` (`--redirect <redirect>`, intentions allowed by default), with its
+/// catalog and state directory, its stderr piped.
+fn meshd_run(node: &Node, catalog: &Path, state: &Path, redirect: &str) -> Result<Command> {
+    let mut cmd = Command::new(bin_path("meshd")?);
+    cmd.args([
+        "run",
+        "--redirect",
+        redirect,
+        "--default-intention-policy",
+        "allow",
+    ])
+    .arg("--catalog")
+    .arg(catalog)
+    .arg("--instance")
+    .arg(node.instance())
+    .arg("--state-dir")
+    .arg(state)
+    .arg("--mesh-cgroup")
+    .arg(&node.mesh_cgroup)
+    .env("NO_COLOR", "1")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    Ok(cmd)
+}
+
+/// The catalog written to a fresh temporary directory, and a state directory beside it:
+/// `(directory, catalog file, state directory)`; the files go with the directory.
+fn catalog_files(catalog: &Catalog) -> Result<(tempfile::TempDir, PathBuf, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let catalog_path = dir.path().join("catalog.json");
+    std::fs::write(&catalog_path, serde_json::to_string_pretty(catalog)?)?;
+    let state = dir.path().join("state");
+    Ok((dir, catalog_path, state))
+}
+
 /// Starts `meshd run` (a child of this process, so in the node's agent cgroup) and waits until
 /// it says it is ready.
-fn start_meshd(node: &Node, catalog: &std::path::Path, state: &std::path::Path) -> Result<Child> {
-    let mut child = Command::new(bin_path("meshd")?)
-        .args([
-            "run",
-            "--redirect",
-            "ebpf",
-            "--default-intention-policy",
-            "allow",
-        ])
-        .arg("--catalog")
-        .arg(catalog)
-        .arg("--instance")
-        .arg(node.instance())
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--mesh-cgroup")
-        .arg(&node.mesh_cgroup)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+fn start_meshd(node: &Node, catalog: &Path, state: &Path) -> Result<Child> {
+    let mut child = meshd_run(node, catalog, state, "ebpf")?
         .spawn()
         .context("starting meshd")?;
     let stderr = child.stderr.take().context("meshd stderr")?;
@@ -109,10 +127,7 @@ fn fetch(node: &mut Node, web: &Pod, addr: SocketAddrV4) -> Result<String> {
 fn kill_9_during_traffic_keeps_programs_attached_and_restart_adopts_them() -> Result<()> {
     let mut node = Node::new()?;
     let (web, api, vip, catalog) = web_and_api(&mut node, 30)?;
-    let dir = tempfile::tempdir()?;
-    let catalog_path = dir.path().join("catalog.json");
-    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
-    let state = dir.path().join("state");
+    let (_dir, catalog_path, state) = catalog_files(&catalog)?;
     let app = node.probe(
         &api.netns_path,
         &api.cgroup,
@@ -210,10 +225,7 @@ fn a_connection_that_reached_the_app_while_no_agent_ran_is_closed_when_it_starts
         }],
         workloads: vec![workload(&api, "api", vec![9000], vec![])],
     };
-    let dir = tempfile::tempdir()?;
-    let catalog_path = dir.path().join("catalog.json");
-    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
-    let state = dir.path().join("state");
+    let (_dir, catalog_path, state) = catalog_files(&catalog)?;
 
     // No agent yet: the app accepts plaintext from another pod directly.
     let app = api
@@ -256,10 +268,7 @@ fn a_connection_that_reached_the_app_while_no_agent_ran_is_closed_when_it_starts
 fn a_spliced_connection_carries_nothing_after_its_agent_is_killed() -> Result<()> {
     let mut node = Node::new()?;
     let (web, api, vip, catalog) = web_and_api(&mut node, 30)?;
-    let dir = tempfile::tempdir()?;
-    let catalog_path = dir.path().join("catalog.json");
-    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
-    let state = dir.path().join("state");
+    let (dir, catalog_path, state) = catalog_files(&catalog)?;
     let mut server = node.probe(
         &api.netns_path,
         &api.cgroup,
@@ -325,56 +334,36 @@ fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Resul
     use mesh_common::{
         IntentionKey, IntentionValue, MAP_COUNTERS, MAP_INTENTIONS_0, MAX_INTENTIONS,
     };
+    use mesh_kit::stand_in::{older_counters_map, swap_pin};
     use std::os::fd::AsFd;
-    // enum bpf_map_type
+    /// `BPF_MAP_TYPE_HASH` (`enum bpf_map_type`).
     const BPF_MAP_TYPE_HASH: u32 = 1;
-    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-    /// The counters array of builds before the counters had room to grow: one slot per counter.
-    const OLDER_SLOTS: u32 = 21;
     let mut node = Node::new()?;
     let (_web, _api, _vip, catalog) = web_and_api(&mut node, 32)?;
-    let dir = tempfile::tempdir()?;
-    let catalog_path = dir.path().join("catalog.json");
-    std::fs::write(&catalog_path, serde_json::to_string_pretty(&catalog)?)?;
-    let state = dir.path().join("state");
+    let (_dir, catalog_path, state) = catalog_files(&catalog)?;
     let mut meshd = start_meshd(&node, &catalog_path, &state)?;
     meshd.kill()?;
     meshd.wait()?;
     let links = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?;
     let maps = mesh_dataplane::bpf::instance_dir(&node.instance()).join("maps");
 
-    let key = std::mem::size_of::<IntentionKey>() as u32;
-    let value = std::mem::size_of::<IntentionValue>() as u32;
-    for (name, map_type, key, value, entries) in [
-        (MAP_COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, OLDER_SLOTS),
-        (
-            MAP_INTENTIONS_0,
-            BPF_MAP_TYPE_HASH,
-            key,
-            value + 4,
-            MAX_INTENTIONS,
-        ),
+    let larger_set = mesh_dataplane::sys::create_map(
+        MAP_INTENTIONS_0,
+        BPF_MAP_TYPE_HASH,
+        std::mem::size_of::<IntentionKey>() as u32,
+        std::mem::size_of::<IntentionValue>() as u32 + 4,
+        MAX_INTENTIONS,
+        0,
+        None,
+    )?;
+    for (name, other) in [
+        (MAP_COUNTERS, older_counters_map()?),
+        (MAP_INTENTIONS_0, larger_set),
     ] {
         let pin = maps.join(name);
-        let current = mesh_dataplane::sys::obj_get(&pin)?;
-        let other = mesh_dataplane::sys::create_map(name, map_type, key, value, entries, 0, None)?;
-        std::fs::remove_file(&pin)?;
-        mesh_dataplane::sys::obj_pin(other.as_fd(), &pin)?;
+        let current = swap_pin(&pin, other.as_fd())?;
 
-        let mut child = Command::new(bin_path("meshd")?)
-            .args(["run", "--redirect", "auto", "--catalog"])
-            .arg(&catalog_path)
-            .arg("--instance")
-            .arg(node.instance())
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--mesh-cgroup")
-            .arg(&node.mesh_cgroup)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let mut child = meshd_run(&node, &catalog_path, &state, "auto")?.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(status) = child.try_wait()? {
@@ -400,8 +389,7 @@ fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Resul
             links,
             "the pinned programs stay attached"
         );
-        std::fs::remove_file(&pin)?;
-        mesh_dataplane::sys::obj_pin(current.as_fd(), &pin)?;
+        swap_pin(&pin, current.as_fd())?;
     }
     // With the maps as they were, the agent starts again.
     let mut meshd = start_meshd(&node, &catalog_path, &state)?;
