@@ -16,7 +16,7 @@ use mesh_kit::apiserver::{ApiServer, TokenUser};
 use mesh_kit::{bin_path, Node};
 use serde_json::json;
 
-const TD: &str = "7c1f0d2e-3a4b-4c5d-8e6f-708192a3b4c5.consul";
+pub(crate) const TD: &str = "7c1f0d2e-3a4b-4c5d-8e6f-708192a3b4c5.consul";
 
 #[test]
 fn meshd_run_serves_its_pods_with_leaves_from_meshd_ca() -> Result<()> {

@@ -397,3 +397,91 @@ fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Resul
     meshd.wait()?;
     Ok(())
 }
+
+/// An upgraded agent whose first start cannot get its pods' certificates (its CA does not
+/// answer) still brings their links to its own programs: each pod's links are updated first
+/// thing in that pod's start, before its certificate is asked for. Here the other build's
+/// connect4 lets everything through; the pod is then left unmeshed, on this build's code.
+#[test]
+fn an_upgraded_agent_whose_ca_does_not_answer_still_runs_its_own_programs() -> Result<()> {
+    use mesh_common::PROG_CONNECT4;
+    use std::os::fd::AsFd;
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` (`enum bpf_prog_type`).
+    const CGROUP_SOCK_ADDR: u32 = 18;
+    let mut node = Node::new()?;
+    let (_web, _api, _vip, catalog) = web_and_api(&mut node, 34)?;
+    let (dir, catalog_path, state) = catalog_files(&catalog)?;
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    meshd.kill()?;
+    meshd.wait()?;
+
+    // The web pod's connect4 link, and the program this build runs on it.
+    let pin = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?
+        .into_keys()
+        .find(|p| p.contains("web") && p.ends_with("/connect4"))
+        .context("web's connect4 pin")?;
+    let pin = mesh_dataplane::bpf::instance_dir(&node.instance()).join(pin);
+    let program = || -> Result<mesh_dataplane::sys::ProgInfo> {
+        let link = mesh_dataplane::sys::obj_get(&pin)?;
+        let info = mesh_dataplane::sys::link_info(link.as_fd())?;
+        Ok(mesh_dataplane::sys::prog_info(info.prog_id)?)
+    };
+    let this_build = program()?;
+    let stand_in = mesh_kit::stand_in::return_program(
+        CGROUP_SOCK_ADDR,
+        mesh_dataplane::sys::BPF_CGROUP_INET4_CONNECT,
+        PROG_CONNECT4,
+        1,
+    )?;
+    let link = mesh_dataplane::sys::obj_get(&pin)?;
+    mesh_dataplane::sys::link_update(link.as_fd(), stand_in.as_fd())?;
+    ensure!(
+        program()?.tag != this_build.tag,
+        "the link runs the stand-in"
+    );
+
+    // The agent starts with a CA on a loopback port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "node-1-agent")?;
+    let root = dir.path().join("root-cert.pem");
+    let ca = mesh_core::identity::CertificateAuthority::ephemeral(crate::ca::TD)?;
+    std::fs::write(&root, ca.root().pem())?;
+    let mut child = meshd_run(&node, &catalog_path, &state, "ebpf")?
+        .args(["--ca-url", &format!("https://{closed}")])
+        .arg("--ca-token-file")
+        .arg(&token)
+        .arg("--ca-root-file")
+        .arg(&root)
+        .spawn()?;
+    let stderr = child.stderr.take().context("meshd stderr")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("meshd: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let refused = (|| -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                if line.contains("pod not meshed") && line.contains("web") {
+                    return Ok(line);
+                }
+            }
+        }
+        bail!("the web pod's start did not fail on the CA within 30 s")
+    })();
+    let now = program();
+    child.kill()?;
+    child.wait()?;
+    let refused = refused?;
+    let now = now?;
+    assert_eq!(
+        (now.tag, now.map_names),
+        (this_build.tag, this_build.map_names),
+        "web's connect4 runs this build's program although its start failed: {refused}"
+    );
+    Ok(())
+}
