@@ -370,8 +370,9 @@ impl Agent {
                     Ok(dp) => Steering::Ebpf(Box::new(dp)),
                     Err(e)
                         if matches!(e, mesh_dataplane::bpf::Error::PinnedMap { .. })
+                            // Pins that cannot even be listed count as pinned.
                             || mesh_dataplane::bpf::pinned_link_ids(&cfg.instance)
-                                .is_ok_and(|links| !links.is_empty()) =>
+                                .map_or(true, |links| !links.is_empty()) =>
                     {
                         return Err(Error::Pinned(e));
                     }
@@ -469,12 +470,33 @@ impl Agent {
             metrics,
         };
         agent.apply(Update::Full(catalog)).await?;
-        let keep_cgroups: BTreeSet<mesh_dataplane::bpf::CgroupId> =
-            agent.pods.values().map(|p| p.kernel.cgroup_id).collect();
-        let keep_pods: BTreeSet<String> =
-            agent.pods.values().map(|p| p.workload.pin_name()).collect();
-        let keep_netns: BTreeSet<mesh_dataplane::bpf::NetnsCookie> =
-            agent.pods.values().map(|p| p.kernel.netns_cookie).collect();
+        // What an earlier agent left for pods no longer in the catalog goes. A pod of the
+        // catalog keeps its steering even if its start failed (a CA that does not answer, a
+        // port taken): with no listener behind it, it drops every connection, where removing it
+        // would let plaintext reach the app.
+        let in_catalog = || agent.catalog.workloads.iter();
+        let keep_cgroups: BTreeSet<mesh_dataplane::bpf::CgroupId> = agent
+            .pods
+            .values()
+            .map(|p| p.kernel.cgroup_id)
+            .chain(in_catalog().filter_map(|w| {
+                mesh_dataplane::cgroup::id(&w.cgroup)
+                    .ok()
+                    .map(mesh_dataplane::bpf::CgroupId)
+            }))
+            .collect();
+        let keep_pods: BTreeSet<String> = in_catalog().map(Workload::pin_name).collect();
+        let keep_netns: BTreeSet<mesh_dataplane::bpf::NetnsCookie> = agent
+            .pods
+            .values()
+            .map(|p| p.kernel.netns_cookie)
+            .chain(in_catalog().filter_map(|w| {
+                NetNs::open(&w.netns)
+                    .and_then(|ns| ns.cookie())
+                    .ok()
+                    .map(mesh_dataplane::bpf::NetnsCookie)
+            }))
+            .collect();
         agent
             .steering
             .forget_stale_pods(&keep_cgroups, &keep_pods, &keep_netns)?;
@@ -855,7 +877,7 @@ impl Agent {
     async fn start_pod(&mut self, w: &Workload) -> Result<Pod, Error> {
         // A pod an agent of another build steered runs this build's kernel code from here on,
         // whatever happens next.
-        self.steering.refresh_pod(w)?;
+        let steered_before = self.steering.refresh_pod(w)?;
         // The leaf first (from `meshd ca`, a network round trip): a pod whose identity the CA
         // refuses is left out before anything else of it is set up.
         self.identity.prepare(&w.service_ref()).await?;
@@ -896,6 +918,14 @@ impl Agent {
                     // A re-mesh: the old steering stays (it drops everything), and so does
                     // this partial one, until a later start replaces both or the pod leaves.
                     held.push((w.clone(), kernel));
+                } else if steered_before {
+                    // A pod an earlier agent steered (this is its first start after a restart
+                    // or an upgrade): its app may be running, so its steering stays, dropping
+                    // everything, until a later start replaces it or the pod leaves.
+                    self.held
+                        .entry(w.id())
+                        .or_default()
+                        .push((w.clone(), kernel));
                 } else if let Err(e) = self.steering.remove_pod(w, &kernel) {
                     // Undone so that a later apply can try again from scratch.
                     warn!(pod = %w.id(), error = %e, "removing the steering of a pod not meshed");

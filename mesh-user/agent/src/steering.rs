@@ -295,21 +295,22 @@ impl Steering {
     /// ([`mesh_dataplane::bpf::Dataplane::attach_pod`] adopts, updates in place or replaces
     /// each), first thing in the pod's start: a pod whose start then fails (a CA that does not
     /// answer) does not stay on another build's kernel code. A pod with nothing pinned is left
-    /// to [`Steering::add_pod`]; iptables steering has nothing to refresh.
+    /// to [`Steering::add_pod`]; iptables steering has nothing to refresh. Returns whether the
+    /// pod had pinned links (an earlier agent steered it).
     ///
     /// # Errors
     ///
     /// The dataplane's, and opening the pod's network namespace.
-    pub fn refresh_pod(&mut self, w: &Workload) -> Result<(), Error> {
+    pub fn refresh_pod(&mut self, w: &Workload) -> Result<bool, Error> {
         let Steering::Ebpf(dp) = self else {
-            return Ok(());
+            return Ok(false);
         };
         if !dp.pod_pinned(&w.pin_name())? {
-            return Ok(());
+            return Ok(false);
         }
         let netns = mesh_dataplane::netns::NetNs::open(&w.netns)?;
         dp.attach_pod(&w.pin_name(), &w.cgroup, &netns)?;
-        Ok(())
+        Ok(true)
     }
 
     /// Sets up one pod: attachments and its per-pod map entries, or its iptables chains.

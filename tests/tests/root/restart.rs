@@ -398,6 +398,57 @@ fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Resul
     Ok(())
 }
 
+/// Plaintext from `outsider` to the app at `target` (a meshed pod's address) gets nothing of the
+/// app: refused, dropped, or the inbound listener's TLS-only answer, never the app's `hello`.
+fn assert_no_plaintext(outsider: &Pod, target: std::net::SocketAddr, when: &str) -> Result<()> {
+    let got = mesh_kit::reach(outsider, target)?;
+    assert!(
+        !matches!(&got, Ok(text) if text.contains("hello")),
+        "{when}: plaintext from another pod reached the app: {got:?}"
+    );
+    Ok(())
+}
+
+/// A pod whose start fails after a restart keeps the steering the earlier agent left it: with
+/// no listener behind it, it drops every connection. Here the pod's own process took the
+/// outbound proxy port (`127.0.0.1:15001`) while no agent ran, so the agent cannot listen
+/// there; plaintext from another pod's namespace still never reaches the app.
+#[test]
+fn a_pod_whose_start_fails_after_a_restart_stays_steered() -> Result<()> {
+    let mut node = Node::new()?;
+    let (_web, api, _vip, catalog) = web_and_api(&mut node, 35)?;
+    let outsider = node.add_pod("outsider")?;
+    let (_dir, catalog_path, state) = catalog_files(&catalog)?;
+    let app = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9091", "api says hello"],
+    )?;
+    node.keep(app);
+    let target = std::net::SocketAddr::from((api.ip, 9091));
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    assert_no_plaintext(&outsider, target, "meshed")?;
+    meshd.kill()?;
+    meshd.wait()?;
+    let links = mesh_dataplane::bpf::pinned_link_ids(&node.instance())?;
+
+    let squat = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "127.0.0.1:15001", "squat"],
+    )?;
+    node.keep(squat);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut meshd = start_meshd(&node, &catalog_path, &state)?;
+    let now = mesh_dataplane::bpf::pinned_link_ids(&node.instance());
+    let plaintext = assert_no_plaintext(&outsider, target, "after a start that failed");
+    meshd.kill()?;
+    meshd.wait()?;
+    plaintext?;
+    assert_eq!(now?, links, "the pod's links stay pinned");
+    Ok(())
+}
+
 /// An upgraded agent whose first start cannot get its pods' certificates (its CA does not
 /// answer) still brings their links to its own programs: each pod's links are updated first
 /// thing in that pod's start, before its certificate is asked for. Here the other build's
@@ -409,8 +460,16 @@ fn an_upgraded_agent_whose_ca_does_not_answer_still_runs_its_own_programs() -> R
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` (`enum bpf_prog_type`).
     const CGROUP_SOCK_ADDR: u32 = 18;
     let mut node = Node::new()?;
-    let (_web, _api, _vip, catalog) = web_and_api(&mut node, 34)?;
+    let (_web, api, _vip, catalog) = web_and_api(&mut node, 34)?;
+    let outsider = node.add_pod("outsider")?;
     let (dir, catalog_path, state) = catalog_files(&catalog)?;
+    let app = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9091", "api says hello"],
+    )?;
+    node.keep(app);
+    let target = std::net::SocketAddr::from((api.ip, 9091));
     let mut meshd = start_meshd(&node, &catalog_path, &state)?;
     meshd.kill()?;
     meshd.wait()?;
@@ -462,22 +521,36 @@ fn an_upgraded_agent_whose_ca_does_not_answer_still_runs_its_own_programs() -> R
             let _ = tx.send(line);
         }
     });
+    // Until the agent has finished its start (its clean-up of what earlier agents left
+    // included), with the web pod's failure on the way.
     let refused = (|| -> Result<String> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut refused = None;
         while Instant::now() < deadline {
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
                 if line.contains("pod not meshed") && line.contains("web") {
-                    return Ok(line);
+                    refused = Some(line);
+                } else if line.contains("meshd ready") {
+                    return refused.context("ready, and the web pod's start did not fail");
                 }
             }
         }
-        bail!("the web pod's start did not fail on the CA within 30 s")
+        bail!("meshd did not get ready within 30 s")
     })();
     let now = program();
+    // Both pods' starts failed; their steering stays, so plaintext gets nothing of the app.
+    let links = mesh_dataplane::bpf::pinned_link_ids(&node.instance());
+    let plaintext = assert_no_plaintext(&outsider, target, "after the CA failed");
     child.kill()?;
     child.wait()?;
     let refused = refused?;
     let now = now?;
+    plaintext?;
+    assert_eq!(
+        links?.len(),
+        8,
+        "sockops, getsockopt and three per pod stay pinned"
+    );
     assert_eq!(
         (now.tag, now.map_names),
         (this_build.tag, this_build.map_names),

@@ -418,7 +418,24 @@ fn attach_pinned(
             pin = %path.display(),
             "re-attaching {name} to {target:?} instead of adopting the pinned link: {why}"
         );
-        fs::remove_file(path).map_err(io_err(format!("unpinning {}", path.display())))?;
     }
-    crate::sys::obj_pin(link.as_fd(), path).map_err(io_err(format!("pinning {}", path.display())))
+    // Pinned beside the path, then renamed over it (bpffs replaces a pin in one step): the old
+    // link is detached only once the new one is pinned, and an agent killed in between leaves
+    // one of the two pinned, never neither. bpffs takes no '.' in names.
+    let fresh = path.with_file_name(format!(
+        "{}-new",
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    ));
+    if fresh.exists() {
+        // What a kill between the pin and the rename left.
+        fs::remove_file(&fresh).map_err(io_err(format!("unpinning {}", fresh.display())))?;
+    }
+    crate::sys::obj_pin(link.as_fd(), &fresh)
+        .map_err(io_err(format!("pinning {}", fresh.display())))?;
+    fs::rename(&fresh, path).map_err(io_err(format!(
+        "renaming {} to {}",
+        fresh.display(),
+        path.display()
+    )))
 }

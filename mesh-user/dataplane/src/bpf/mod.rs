@@ -73,9 +73,10 @@ pub enum Error {
     /// value size, capacity or flags): an agent of a build with another layout made it.
     #[error(
         "pinned map {pin} was made by a build with another layout ({what}); this agent would \
-         misread it, and does not start. Move the node's pods off (kubectl drain), stop the \
-         agent, run `meshd uninstall --instance {instance}` (in Kubernetes, in the running \
-         agent's pod), then start this agent"
+         misread it, and does not start. Move the node's meshed pods off, run `meshd \
+         uninstall --instance {instance}` where the agent that pinned the maps runs (in \
+         Kubernetes: kubectl exec -c meshd in its pod), then start this agent (steps in \
+         docs/dataplane.md, \"Pinning, restart and uninstall\")"
     )]
     PinnedMap {
         /// The pin.
