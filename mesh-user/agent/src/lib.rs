@@ -83,9 +83,12 @@ pub enum Error {
     /// Kernel programs an agent pinned still steer the node, and this agent cannot take them
     /// over: maps pinned with another layout ([`mesh_dataplane::bpf::Error::PinnedMap`]), or
     /// any error of the eBPF dataplane while links are pinned. The agent does not start, in
-    /// any redirect mode: `auto` falls back to iptables only on a node where nothing is
+    /// any redirect mode: `auto` falls back to iptables only on a node where no link is
     /// pinned, never beside programs that still steer.
-    #[error("the kernel programs pinned on this node still steer it, and this agent cannot take them over: {0}")]
+    #[error(
+        "the kernel programs pinned on this node still steer it, and this agent cannot take \
+         them over: {0}"
+    )]
     Pinned(mesh_dataplane::bpf::Error),
     /// The kernel could not take a rule set; it now lets the proxy decide every connection
     /// (see [`KernelRules::ProxyDecides`]).
@@ -294,8 +297,9 @@ impl Agent {
     /// # Errors
     ///
     /// [`Error::Catalog`] for an invalid catalog, [`Error::NoEbpf`] if eBPF was required and
-    /// cannot run, [`Error::Pinned`] if programs pinned on the node cannot be taken over, [`Error::Io`] if the state directory cannot be created, and the errors of
-    /// loading names and the CA, configuring the proxy and writing the kernel maps.
+    /// cannot run, [`Error::Pinned`] if programs pinned on the node cannot be taken over,
+    /// [`Error::Io`] if the state directory cannot be created, and the errors of loading names
+    /// and the CA, configuring the proxy and writing the kernel maps.
     pub async fn start(cfg: AgentConfig, catalog: Catalog, rules: RuleSet) -> Result<Self, Error> {
         Self::start_with_metrics(cfg, catalog, rules, Arc::new(metrics::Metrics::new())).await
     }
