@@ -398,6 +398,24 @@ fn an_agent_refuses_maps_pinned_with_another_layout_even_in_auto_mode() -> Resul
     Ok(())
 }
 
+/// [`web_and_api`] with the api app serving `api says hello` on 9091, and an `outsider` pod the
+/// catalog does not know: `(api, outsider, catalog, the app's address)`.
+fn serving_api_and_outsider(
+    node: &mut Node,
+    vip_host: u8,
+) -> Result<(Pod, Pod, Catalog, std::net::SocketAddr)> {
+    let (_web, api, _vip, catalog) = web_and_api(node, vip_host)?;
+    let outsider = node.add_pod("outsider")?;
+    let app = node.probe(
+        &api.netns_path,
+        &api.cgroup,
+        &["serve", "0.0.0.0:9091", "api says hello"],
+    )?;
+    node.keep(app);
+    let target = std::net::SocketAddr::from((api.ip, 9091));
+    Ok((api, outsider, catalog, target))
+}
+
 /// Plaintext from `outsider` to the app at `target` (a meshed pod's address) gets nothing of the
 /// app: refused, dropped, or the inbound listener's TLS-only answer, never the app's `hello`.
 fn assert_no_plaintext(outsider: &Pod, target: std::net::SocketAddr, when: &str) -> Result<()> {
@@ -416,16 +434,8 @@ fn assert_no_plaintext(outsider: &Pod, target: std::net::SocketAddr, when: &str)
 #[test]
 fn a_pod_whose_start_fails_after_a_restart_stays_steered() -> Result<()> {
     let mut node = Node::new()?;
-    let (_web, api, _vip, catalog) = web_and_api(&mut node, 35)?;
-    let outsider = node.add_pod("outsider")?;
+    let (api, outsider, catalog, target) = serving_api_and_outsider(&mut node, 35)?;
     let (_dir, catalog_path, state) = catalog_files(&catalog)?;
-    let app = node.probe(
-        &api.netns_path,
-        &api.cgroup,
-        &["serve", "0.0.0.0:9091", "api says hello"],
-    )?;
-    node.keep(app);
-    let target = std::net::SocketAddr::from((api.ip, 9091));
     let mut meshd = start_meshd(&node, &catalog_path, &state)?;
     assert_no_plaintext(&outsider, target, "meshed")?;
     meshd.kill()?;
@@ -460,16 +470,8 @@ fn an_upgraded_agent_whose_ca_does_not_answer_still_runs_its_own_programs() -> R
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` (`enum bpf_prog_type`).
     const CGROUP_SOCK_ADDR: u32 = 18;
     let mut node = Node::new()?;
-    let (_web, api, _vip, catalog) = web_and_api(&mut node, 34)?;
-    let outsider = node.add_pod("outsider")?;
+    let (_api, outsider, catalog, target) = serving_api_and_outsider(&mut node, 34)?;
     let (dir, catalog_path, state) = catalog_files(&catalog)?;
-    let app = node.probe(
-        &api.netns_path,
-        &api.cgroup,
-        &["serve", "0.0.0.0:9091", "api says hello"],
-    )?;
-    node.keep(app);
-    let target = std::net::SocketAddr::from((api.ip, 9091));
     let mut meshd = start_meshd(&node, &catalog_path, &state)?;
     meshd.kill()?;
     meshd.wait()?;
